@@ -1,0 +1,172 @@
+"""What the prediction pipeline needs from any model: a description and a predict call.
+
+This is the seam between ``geovae.model`` (which builds, trains, saves and loads models)
+and ``geovae.predict`` (which runs them over scenes). Anything that can be wrapped as a
+:class:`SegmentationModel` can drive ``segment_scene``: a geovae model file or a TorchGeo
+``SemanticSegmentation`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from geovae.device import autocast_dtype, resolve_device
+
+#: A palette for classes that come without colours (tab10-like, readable over imagery).
+DEFAULT_COLORS: list[tuple[int, int, int]] = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]
+
+
+@dataclass
+class ModelInfo:
+    """Everything ``geovae segment`` must know about a model besides its weights.
+
+    Attributes:
+        in_channels: number of input bands the model expects.
+        num_classes: number of output channels (classes).
+        class_ids: value written to the class raster for output channel i.
+        class_names: human name of each class.
+        class_colors: RGB colour of each class for the colour table and quicklook.
+        mean: per-band value subtracted before the model (scene-wide, from training data).
+        std: per-band divisor after subtracting ``mean``.
+        band_names: names of the input bands, when known.
+        tile_size: tile size the model was trained on (the default prediction tile).
+        stride: input height and width must be multiples of this.
+        kind: ``"geovae-vae"`` for geovae's VAE segmenter, ``"torchgeo"`` for a TorchGeo task.
+        arch: architecture hyperparameters needed to rebuild the module.
+        extra: free-form provenance (training data, metrics, geovae version...).
+    """
+
+    in_channels: int
+    num_classes: int
+    class_ids: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    class_colors: list[tuple[int, int, int]] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    band_names: list[str] | None = None
+    tile_size: int = 256
+    stride: int = 1
+    kind: str = "geovae-vae"
+    arch: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        k = self.num_classes
+        if not self.class_ids:
+            self.class_ids = list(range(k))
+        if not self.class_names:
+            self.class_names = [f"class {c}" for c in self.class_ids]
+        if not self.class_colors:
+            self.class_colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)]
+        self.class_colors = [tuple(int(v) for v in c) for c in self.class_colors]  # type: ignore[misc]
+        if not self.mean:
+            self.mean = [0.0] * self.in_channels
+        if not self.std:
+            self.std = [1.0] * self.in_channels
+        if not (len(self.class_ids) == len(self.class_names) == len(self.class_colors) == k):
+            raise ValueError("class_ids, class_names and class_colors must each have num_classes entries")
+        if not (len(self.mean) == len(self.std) == self.in_channels):
+            raise ValueError("mean and std must each have in_channels entries")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        d = asdict(self)
+        d["class_colors"] = [list(c) for c in self.class_colors]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SegmentationModel:
+    """A model ready to predict: module in eval mode on a device, plus its :class:`ModelInfo`.
+
+    ``predict`` takes raw pixel values (as read from the scene, converted to float32) and
+    normalises them with the scene-wide statistics from the model file, never per tile.
+
+    Args:
+        module: maps a normalised (B, C, H, W) batch to (B, K, H, W) logits. If it also has
+            ``sample_logits(x, n) -> (n, B, K, H, W)``, latent samples are available; if it
+            has ``reconstruct(x) -> (B, C, H, W)``, reconstruction error is available.
+        info: the model's description.
+        device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch device.
+        amp: run under autocast on CUDA (bf16 where supported, else fp16).
+    """
+
+    def __init__(self, module: nn.Module, info: ModelInfo, device: str | torch.device = "auto", amp: bool = True):
+        self.info = info
+        self.device = resolve_device(device)
+        self.module = module.to(self.device).eval()
+        self.amp_dtype = autocast_dtype(self.device) if amp else None
+        self._mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    @property
+    def supports_samples(self) -> bool:
+        return hasattr(self.module, "sample_logits")
+
+    @property
+    def supports_reconstruction(self) -> bool:
+        return hasattr(self.module, "reconstruct")
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Raw pixel values -> model input, with the model file's scene-wide statistics."""
+        return (x.to(self.device, torch.float32, non_blocking=True) - self._mean) / self._std
+
+    @torch.inference_mode()
+    def predict(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> dict[str, Tensor]:
+        """Predict one batch of tiles.
+
+        Args:
+            x: (B, C, H, W) raw pixel values, float32, on any device (pinned CPU memory makes
+                the copy asynchronous). Invalid pixels should already be filled with ``info.mean``.
+            samples: number of latent samples; 0 predicts at the latent mean only.
+            reconstruction: also return the per-pixel reconstruction error.
+
+        Returns:
+            ``probs`` (B, K, H, W) float32 class probabilities (the mean over samples when
+            ``samples`` > 0); with samples, ``expected_entropy`` (B, H, W), the mean of each
+            sample's entropy in nats (predictive entropy minus it is the mutual information);
+            with ``reconstruction``, ``reconstruction_error`` (B, H, W), the mean squared error
+            over bands in normalised units. All on ``self.device``.
+        """
+        xn = self.normalise(x)
+        out: dict[str, Tensor] = {}
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if samples > 0 and self.supports_samples:
+                logits = self.module.sample_logits(xn, samples).float()  # type: ignore[operator]
+                p = logits.softmax(dim=2)
+                out["probs"] = p.mean(0)
+                ent = -(p * torch.log(p.clamp_min(1e-12))).sum(2)
+                out["expected_entropy"] = ent.mean(0)
+            else:
+                out["probs"] = self.module(xn).float().softmax(dim=1)
+                if samples > 0:
+                    # A deterministic model: every sample is the same, so no mutual information.
+                    p = out["probs"]
+                    out["expected_entropy"] = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+            if reconstruction:
+                if not self.supports_reconstruction:
+                    raise ValueError("this model has no reconstruction decoder")
+                rec = self.module.reconstruct(xn).float()  # type: ignore[operator]
+                out["reconstruction_error"] = ((rec - xn) ** 2).mean(1)
+        return out
+
+
+def entropy(p: Tensor, dim: int = 1) -> Tensor:
+    """Shannon entropy in nats along ``dim``."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+MAX_ENTROPY = math.log  # MAX_ENTROPY(K) is the entropy of a uniform K-class distribution
