@@ -1,5 +1,15 @@
 """The VAE segmenter, its losses and its self-describing file format."""
 
 from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
+from geovae.model.vae import VAEOutput, VAESegmenter
 
-__all__ = ["ModelInfo", "SegmentationModel"]
+__all__ = [
+    "ModelInfo",
+    "SegmentationModel",
+    "VAEOutput",
+    "VAESegmenter",
+    "kl_warmup",
+    "sample_diversity",
+    "vae_segmentation_loss",
+]

@@ -1,0 +1,356 @@
+"""The VAE segmenter: one encoder, a spatial Gaussian latent, two decoders.
+
+The design combines the Probabilistic U-Net (a Gaussian latent whose samples give spatially
+coherent alternative segmentations, injected next to the output so that extra samples only
+re-run a few 1x1 convolutions) with autoencoder-regularised segmentation (a second decoder
+rebuilds the input bands, which regularises the shared encoder, lets unlabelled pixels train
+it, and gives a per-pixel anomaly score at predict time).
+
+::
+
+    x ─ encoder ─┬─ skips ───────────────► segmentation decoder ─ h ─┐
+                 └─ bottleneck ─ mu, logvar ─ z ─┬─ upsample ───────► head(h, z) ─► logits
+                                                 └─ reconstruction decoder ─────► x̂
+
+Everything is convolutional and the latent is a *map* at the bottleneck resolution (one
+Gaussian per ``stride`` x ``stride`` cell), not a vector pooled over the tile, so a pixel's
+prediction depends only on its neighbourhood: tiled inference with a halo equals an untiled
+pass, with no seams. Normalisation is BatchNorm, which in eval mode is a fixed per-channel
+affine map and so, unlike GroupNorm or InstanceNorm, does not depend on the tile's contents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geovae.errors import ModelMismatchError, OptionError
+
+
+class VAEOutput(NamedTuple):
+    """Everything one training step needs from the model.
+
+    Attributes:
+        logits: (B, K, H, W) class logits for the latent used (a sample or the mean).
+        reconstruction: (B, C, H, W) the input bands rebuilt from the latent alone.
+        mu: (B, L, H / stride, W / stride) latent mean.
+        logvar: (B, L, H / stride, W / stride) latent log-variance.
+    """
+
+    logits: Tensor
+    reconstruction: Tensor
+    mu: Tensor
+    logvar: Tensor
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _widths(base: int, depth: int) -> list[int]:
+    # Widths double once and then stay flat: deep levels are cheap in FLOPs but dominate the
+    # parameter count, and a land-cover segmenter gains little from 256+ deep channels.
+    return [base * min(2**i, 2) for i in range(depth + 1)]
+
+
+class _UNetEncoder(nn.Module):
+    """A plain U-Net encoder: a full-resolution stem, then ``depth`` stride-2 stages."""
+
+    def __init__(self, in_channels: int, base: int, depth: int) -> None:
+        super().__init__()
+        w = _widths(base, depth)
+        self.out_channels = w
+        self.stem = nn.Sequential(_conv_bn_relu(in_channels, w[0]), _conv_bn_relu(w[0], w[0]))
+        self.stages = nn.ModuleList(
+            nn.Sequential(_conv_bn_relu(w[i], w[i + 1], stride=2), _conv_bn_relu(w[i + 1], w[i + 1]))
+            for i in range(depth)
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = [self.stem(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        return feats
+
+
+class _SmpEncoder(nn.Module):
+    """A segmentation_models_pytorch / timm encoder, built without downloading weights."""
+
+    def __init__(self, name: str, in_channels: int, depth: int, weights: None) -> None:
+        super().__init__()
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError as exc:  # pragma: no cover - smp is a dependency
+            raise OptionError("encoder smp:...: segmentation_models_pytorch is not installed; pip install it") from exc
+        try:
+            self.encoder = smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights)
+        except (KeyError, ValueError) as exc:
+            raise OptionError(
+                f"encoder smp:{name}: not a segmentation_models_pytorch encoder; see smp.encoders.get_encoder_names()"
+            ) from exc
+        self.out_channels = list(self.encoder.out_channels)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        # feats[0] is the input itself at full resolution; the decoder uses it as its last skip.
+        return list(self.encoder(x))
+
+
+class _UpBlock(nn.Module):
+    def __init__(self, c_deep: int, c_skip: int, c_out: int) -> None:
+        super().__init__()
+        # A 1x1 mix of the concatenation before the 3x3 keeps two non-linearities per level
+        # at about half the parameters of two 3x3 convolutions.
+        self.conv = nn.Sequential(_conv_bn_relu(c_deep + c_skip, c_out, kernel=1), _conv_bn_relu(c_out, c_out))
+
+    def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
+        up = F.interpolate(deep, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv(torch.cat([up, skip], dim=1))
+
+
+class VAESegmenter(nn.Module):
+    """A variational segmenter with a spatial Gaussian latent and a reconstruction decoder.
+
+    The segmentation decoder is a U-Net decoder over the encoder's skips; the latent sample
+    ``z`` (a map at 1/``stride`` resolution) is upsampled bilinearly to full resolution,
+    concatenated with the decoder's last features and mapped to logits by three 1x1
+    convolutions, so ``n`` extra samples cost ``n`` runs of that small head only. Because ``z``
+    is smooth at the scale of a latent cell, samples differ in spatially coherent regions.
+
+    The reconstruction decoder takes **only** ``z`` (no skip connections): the input must pass
+    through the ``latent_channels``-channel map at 1/``stride`` resolution, a real bottleneck,
+    so pixels unlike the training data (clouds, haze, sensor faults) are rebuilt badly and the
+    reconstruction error is a usable anomaly map. The same property lets :meth:`generate`
+    decode images from latent samples drawn from the N(0, I) prior.
+
+    Args:
+        in_channels: number of input bands (1 to several hundred).
+        num_classes: number of classes (output channels of the logits).
+        base_channels: width of the full-resolution features; deeper levels use 2x that.
+        depth: number of stride-2 stages; tile height and width must be multiples of
+            ``stride = 2**depth``.
+        latent_channels: channels of the Gaussian latent map.
+        encoder: ``"unet"`` (built-in, BatchNorm) or ``"smp:<name>"`` for a
+            segmentation_models_pytorch / timm encoder such as ``"smp:resnet18"``.
+        encoder_weights: must be None: geovae never downloads weights; a model file holds them.
+
+    Raises:
+        OptionError: if an argument is out of range or the encoder is unknown.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        base_channels: int = 32,
+        depth: int = 4,
+        latent_channels: int = 8,
+        encoder: str = "unet",
+        encoder_weights: None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise OptionError(f"in_channels={in_channels}: a model needs at least one input band")
+        if num_classes < 1:
+            raise OptionError(f"num_classes={num_classes}: a model needs at least one class")
+        if not 1 <= depth <= 6:
+            raise OptionError(f"depth={depth}: use 1 to 6 stride-2 stages")
+        if base_channels < 1 or latent_channels < 1:
+            raise OptionError("base_channels and latent_channels must be at least 1")
+        if encoder_weights is not None:
+            raise OptionError("encoder_weights: geovae never downloads weights; use None and load a model file")
+        self._hparams: dict[str, Any] = {
+            "in_channels": int(in_channels),
+            "num_classes": int(num_classes),
+            "base_channels": int(base_channels),
+            "depth": int(depth),
+            "latent_channels": int(latent_channels),
+            "encoder": str(encoder),
+        }
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.latent_channels = latent_channels
+        self.stride = 2**depth
+
+        if encoder == "unet":
+            self.encoder: nn.Module = _UNetEncoder(in_channels, base_channels, depth)
+        elif encoder.startswith("smp:"):
+            self.encoder = _SmpEncoder(encoder[4:], in_channels, depth, encoder_weights)
+        else:
+            raise OptionError(f"encoder={encoder!r}: use 'unet' or 'smp:<name>' (e.g. smp:resnet18)")
+        enc_ch: list[int] = list(self.encoder.out_channels)  # type: ignore[arg-type]
+        if len(enc_ch) != depth + 1:
+            raise OptionError(f"encoder {encoder} gives {len(enc_ch) - 1} stages, expected depth={depth}")
+
+        dec_w = _widths(base_channels, depth)
+        # Segmentation decoder: from the bottleneck up through every skip to full resolution.
+        self.decoder_blocks = nn.ModuleList()
+        c_deep = enc_ch[depth]
+        for i in range(depth - 1, -1, -1):
+            self.decoder_blocks.append(_UpBlock(c_deep, enc_ch[i], dec_w[i]))
+            c_deep = dec_w[i]
+
+        self.to_mu = nn.Conv2d(enc_ch[depth], latent_channels, 1)
+        self.to_logvar = nn.Conv2d(enc_ch[depth], latent_channels, 1)
+        # Start with a small posterior variance so that early training sees informative z.
+        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.constant_(self.to_logvar.bias, -2.0)
+
+        h = dec_w[0]
+        self.head = nn.Sequential(
+            nn.Conv2d(h + latent_channels, h, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(h, h, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(h, num_classes, 1),
+        )
+
+        # Reconstruction decoder: z alone, one conv per level, half the segmentation widths.
+        rw = [max(w // 2, 8) for w in dec_w]
+        layers: list[nn.Module] = [_conv_bn_relu(latent_channels, rw[depth])]
+        for i in range(depth - 1, -1, -1):
+            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_relu(rw[i + 1], rw[i])]
+        layers.append(nn.Conv2d(rw[0], in_channels, 1))
+        self.recon_decoder = nn.Sequential(*layers)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments: ``VAESegmenter(**model.hparams)`` rebuilds the model."""
+        return dict(self._hparams)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check(self, x: Tensor) -> None:
+        if x.ndim != 4:
+            raise ModelMismatchError(f"expected a (batch, bands, height, width) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ModelMismatchError(
+                f"input has {x.shape[1]} bands but the model expects {self.in_channels}; "
+                "use a scene with the model's bands"
+            )
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise ModelMismatchError(
+                f"tile size {h}x{w} is not a multiple of the model stride {self.stride}; "
+                f"use a tile size that is a multiple of {self.stride}"
+            )
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Features for the head, latent mean and log-variance."""
+        self._check(x)
+        feats = self.encoder(x)
+        h = feats[-1]
+        for block, skip in zip(self.decoder_blocks, reversed(feats[:-1])):
+            h = block(h, skip)
+        bottleneck = feats[-1]
+        # Clamping keeps exp(logvar) finite under fp16 autocast and early in training.
+        return h, self.to_mu(bottleneck), self.to_logvar(bottleneck).clamp(-10.0, 10.0)
+
+    def _head(self, h: Tensor, z: Tensor) -> Tensor:
+        zu = F.interpolate(z, size=h.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([h, zu.to(h.dtype)], dim=1))
+
+    @staticmethod
+    def _reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+    # -- public API --------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits at the latent mean: a drop-in TorchGeo / smp segmentation model.
+
+        Args:
+            x: (B, C, H, W) normalised bands; H and W multiples of :attr:`stride`.
+
+        Returns:
+            (B, K, H, W) logits.
+
+        Raises:
+            ModelMismatchError: wrong band count or a tile size not a multiple of the stride.
+        """
+        h, mu, _ = self._encode(x)
+        return self._head(h, mu)
+
+    def forward_all(self, x: Tensor, sample: bool = True) -> VAEOutput:
+        """Logits, reconstruction and the latent distribution, for training.
+
+        Args:
+            x: (B, C, H, W) normalised bands.
+            sample: draw ``z`` from the posterior (training); False uses its mean.
+
+        Returns:
+            A :class:`VAEOutput`; logits and reconstruction both come from the same ``z``.
+        """
+        h, mu, logvar = self._encode(x)
+        z = self._reparameterise(mu, logvar) if sample else mu
+        return VAEOutput(self._head(h, z), self.recon_decoder(z), mu, logvar)
+
+    def sample_logits(self, x: Tensor, n: int) -> Tensor:
+        """Logits for ``n`` latent samples; the encoder and decoder run once.
+
+        Args:
+            x: (B, C, H, W) normalised bands.
+            n: number of samples (at least 1).
+
+        Returns:
+            (n, B, K, H, W) logits.
+        """
+        if n < 1:
+            raise OptionError(f"samples={n}: ask for at least one latent sample")
+        h, mu, logvar = self._encode(x)
+        return torch.stack([self._head(h, self._reparameterise(mu, logvar)) for _ in range(n)])
+
+    def sample(self, x: Tensor, n: int) -> Tensor:
+        """``n`` class-probability maps, one per latent sample.
+
+        Args:
+            x: (B, C, H, W) normalised bands.
+            n: number of samples.
+
+        Returns:
+            (n, B, K, H, W) probabilities (softmax over K).
+        """
+        return self.sample_logits(x, n).softmax(dim=2)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """The input rebuilt from the latent mean (in normalised units).
+
+        Args:
+            x: (B, C, H, W) normalised bands.
+
+        Returns:
+            (B, C, H, W) reconstruction.
+        """
+        self._check(x)
+        feats = self.encoder(x)
+        return self.recon_decoder(self.to_mu(feats[-1]))
+
+    def generate(self, n: int, size: int | tuple[int, int]) -> Tensor:
+        """Images decoded from ``n`` latent maps drawn from the N(0, I) prior.
+
+        Args:
+            n: number of images.
+            size: output height and width (an int for a square), multiples of :attr:`stride`.
+
+        Returns:
+            (n, C, H, W) images in the model's normalised units.
+
+        Raises:
+            ModelMismatchError: if ``size`` is not a multiple of the stride.
+        """
+        hh, ww = (size, size) if isinstance(size, int) else size
+        if hh % self.stride or ww % self.stride or hh < 1 or ww < 1:
+            raise ModelMismatchError(
+                f"size {hh}x{ww} is not a positive multiple of the model stride {self.stride}; "
+                f"use a multiple of {self.stride}"
+            )
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_channels, hh // self.stride, ww // self.stride, device=p.device, dtype=p.dtype)
+        return self.recon_decoder(z)

@@ -1,0 +1,136 @@
+"""The VAE segmenter: shapes, stride checks, samples, reconstruction, smp encoders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geovae.errors import GeovaeError, ModelMismatchError, OptionError
+from geovae.model import VAEOutput, VAESegmenter
+
+
+@pytest.mark.parametrize("bands", [3, 6, 224])
+def test_shapes_for_band_counts(bands: int) -> None:
+    torch.manual_seed(0)
+    m = VAESegmenter(bands, 7).eval()
+    x = torch.randn(2, bands, 32, 48)
+    out = m.forward_all(x)
+    assert isinstance(out, VAEOutput)
+    assert out.logits.shape == (2, 7, 32, 48)
+    assert out.reconstruction.shape == (2, bands, 32, 48)
+    assert out.mu.shape == out.logvar.shape == (2, 8, 32 // m.stride, 48 // m.stride)
+    assert m(x).shape == (2, 7, 32, 48)
+    assert m.sample_logits(x, 3).shape == (3, 2, 7, 32, 48)
+    assert m.reconstruct(x).shape == (2, bands, 32, 48)
+    assert m.generate(2, (16, 32)).shape == (2, bands, 16, 32)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.reconstruction).all()
+
+
+def test_default_model_is_small_and_stride_is_exposed() -> None:
+    m = VAESegmenter(6, 7)
+    assert m.stride == 16
+    n = sum(p.numel() for p in m.parameters())
+    assert 100_000 < n < 1_000_000
+    assert VAESegmenter(6, 7, depth=2).stride == 4
+
+
+@pytest.mark.parametrize("size", [(30, 32), (32, 40), (8, 8)])
+def test_tile_not_multiple_of_stride_is_refused(size: tuple[int, int]) -> None:
+    m = VAESegmenter(3, 2).eval()
+    with pytest.raises(ModelMismatchError, match="multiple of the model stride 16") as ei:
+        m(torch.zeros(1, 3, *size))
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ModelMismatchError):
+        m.generate(1, 20)
+
+
+def test_wrong_band_count_is_refused() -> None:
+    m = VAESegmenter(6, 2).eval()
+    with pytest.raises(ModelMismatchError, match="6"):
+        m(torch.zeros(1, 4, 32, 32))
+
+
+def test_bad_arguments_are_user_errors() -> None:
+    with pytest.raises(OptionError):
+        VAESegmenter(0, 3)
+    with pytest.raises(OptionError):
+        VAESegmenter(3, 3, encoder="vgg")
+    with pytest.raises(OptionError):
+        VAESegmenter(3, 3, encoder_weights="imagenet")  # type: ignore[arg-type]
+    with pytest.raises(GeovaeError):
+        VAESegmenter(3, 3, encoder="smp:no_such_encoder")
+
+
+def test_samples_differ_and_mean_forward_is_deterministic() -> None:
+    torch.manual_seed(1)
+    m = VAESegmenter(6, 5).eval()
+    x = torch.randn(1, 6, 64, 64)
+    with torch.no_grad():
+        p = m.sample(x, 4)
+        assert torch.allclose(p.sum(2), torch.ones(4, 1, 64, 64), atol=1e-5)
+        # Different draws give different maps...
+        for i in range(1, 4):
+            assert (p[0] - p[i]).abs().max() > 1e-3
+        # ...while the mean prediction does not depend on the random state.
+        a = m(x)
+        torch.manual_seed(123)
+        b = m(x)
+        assert torch.equal(a, b)
+        assert torch.equal(m.forward_all(x, sample=False).logits, a)
+        # Samples are spatially coherent: z is upsampled from 1/16, so neighbouring pixels
+        # move together far more than distant ones.
+        d = (p[0] - p[1])[0, 0]
+        near = (d[:, 1:] - d[:, :-1]).abs().mean()
+        assert near < d.abs().mean()
+
+
+def test_hparams_rebuild_an_identical_model() -> None:
+    m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4)
+    assert m.hparams == {
+        "in_channels": 4, "num_classes": 3, "base_channels": 8, "depth": 3, "latent_channels": 4, "encoder": "unet"
+    }
+    m2 = VAESegmenter(**m.hparams)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(1, 4, 16, 16)
+    assert torch.equal(m.eval()(x), m2.eval()(x))
+
+
+def test_prediction_is_local_so_tiles_match_the_untiled_pass() -> None:
+    """Fully convolutional with a spatial latent: a crop's centre equals the full pass there."""
+    torch.manual_seed(2)
+    m = VAESegmenter(3, 4, base_channels=8, depth=3).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        full = m(x)
+        crop = m(x[..., 32:96, 32:96])
+    # Away from the crop edge (a halo of 16 px) the two agree to float precision.
+    assert torch.allclose(full[..., 48:80, 48:80], crop[..., 16:48, 16:48], atol=1e-4)
+
+
+def test_smp_encoder_without_weights() -> None:
+    torch.manual_seed(0)
+    m = VAESegmenter(6, 7, encoder="smp:resnet18").eval()
+    assert m.stride == 16
+    x = torch.randn(1, 6, 64, 64)
+    out = m.forward_all(x)
+    assert out.logits.shape == (1, 7, 64, 64)
+    assert out.reconstruction.shape == (1, 6, 64, 64)
+    assert m.hparams["encoder"] == "smp:resnet18"
+
+
+def test_training_step_reduces_the_loss() -> None:
+    from geovae.model.losses import vae_segmentation_loss
+
+    torch.manual_seed(0)
+    m = VAESegmenter(3, 2, base_channels=8, depth=2, latent_channels=2)
+    x = torch.randn(4, 3, 32, 32)
+    y = (x[:, 0] > 0).long()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = vae_segmentation_loss(m.forward_all(x), x, y)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.6 * first
