@@ -12,11 +12,12 @@ find_python() {
         ok "$PYTHON" && { echo "$PYTHON"; return; }
         echo "setup: PYTHON=$PYTHON is not a Python >= 3.12" >&2; exit 1
     fi
-    for c in python3.14 python3.13 python3.12 python3; do
+    # 3.12 first: it is the version the project is tested on, and wheels exist for it everywhere
+    for c in python3.12 python3.13 python3.14 python3; do
         if command -v "$c" >/dev/null && ok "$c"; then command -v "$c"; return; fi
     done
     # pyenv keeps versions that are not on PATH (its shims refuse them unless selected)
-    for p in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV); do
+    for p in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -V); do
         ok "$p" && { echo "$p"; return; }
     done
     echo "setup: no Python >= 3.12 found; install one, or run with PYTHON=/path/to/python3.12" >&2
