@@ -1,0 +1,810 @@
+"""Many scenes, or one huge scene, on a dask.distributed cluster.
+
+:func:`run_batch` sends one task per scene to a Dask cluster (a ``LocalCluster`` it starts,
+or any running scheduler), writes every scene's outputs under ``OUT/<scene-stem>/`` exactly as
+:func:`geovae.predict.segment_scene` does, and keeps ``OUT/manifest.csv`` up to date as scenes
+finish. The pieces are Dask's own:
+
+* the model is loaded once per worker and reused by every task there, through a worker plugin
+  (:class:`ModelCache`) keyed by the model file's path, size and modification time;
+* a task that raises an unexpected error is retried (``retries=``), and the tasks of a worker
+  that dies are rescheduled elsewhere by the scheduler, so a lost worker does not lose scenes;
+* ``resources=`` maps onto Dask resource annotations (``dask worker --resources GPU=1``).
+
+Resume rests on one rule: a scene folder is done only when its ``_SUCCESS`` marker exists and
+every output it lists still has the size and SHA-256 recorded there. The marker is written
+last, atomically, after the outputs it vouches for, so a crash at any point leaves a folder
+that the next run recognises as unfinished and redoes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError, OutputError
+
+if TYPE_CHECKING:
+    from distributed import Client, Worker
+
+    from geovae.model.base import SegmentationModel
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+MARKER_NAME = "_SUCCESS"
+MANIFEST_COLUMNS = ("scene", "status", "error", "started", "finished", "seconds", "worker", "outputs")
+PLUGIN_NAME = "geovae-model-cache"
+MARKER_VERSION = 1
+
+#: segment_scene options that change what is written, so a marker made with other values
+#: must not be trusted on resume. ``device``, ``batch_size`` and ``progress`` only change how
+#: fast it is written.
+_NOT_IN_FINGERPRINT = frozenset({"device", "batch_size", "progress"})
+
+#: Seconds between two manifest rewrites while scenes stream in; the final write is always made.
+#: Rewriting a 10,000-row file after every scene would cost more than the scenes on a big run.
+_MANIFEST_MIN_INTERVAL = 1.0
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class SceneRow:
+    """One scene's line in the manifest.
+
+    Attributes:
+        scene: the scene path or URL as given.
+        folder: name of its output folder under the batch's output directory.
+        status: ``done``, ``failed``, ``skipped`` (finished by an earlier run) or ``pending``.
+        error: one line saying why it failed; empty otherwise.
+        started: ISO 8601 UTC time the work began (empty when none was done).
+        finished: ISO 8601 UTC time it ended.
+        seconds: wall time of the work on the worker.
+        worker: address of the worker that did it.
+        outputs: output files, relative to the batch's output directory.
+    """
+
+    scene: str
+    folder: str
+    status: str = "pending"
+    error: str = ""
+    started: str = ""
+    finished: str = ""
+    seconds: float = 0.0
+    worker: str = ""
+    outputs: list[str] = field(default_factory=list)
+
+    def to_csv(self) -> dict[str, str]:
+        """The manifest's columns; outputs joined by ``;``."""
+        return {
+            "scene": self.scene,
+            "status": self.status,
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+            "seconds": f"{self.seconds:.3f}" if self.started else "",
+            "worker": self.worker,
+            "outputs": ";".join(self.outputs),
+        }
+
+
+@dataclass
+class BatchResult:
+    """What :func:`run_batch` did.
+
+    Attributes:
+        manifest: path of ``manifest.csv``.
+        done: scenes segmented by this run.
+        failed: scenes that failed (their rows say why).
+        skipped: scenes already complete from an earlier run.
+        rows: one row per scene, in input order.
+        dashboard: the Dask dashboard link, when the cluster has one.
+    """
+
+    manifest: Path
+    done: int
+    failed: int
+    skipped: int
+    rows: list[SceneRow]
+    dashboard: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when no scene failed."""
+        return self.failed == 0
+
+
+# ---------------------------------------------------------------------- small helpers
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def one_line(exc: BaseException) -> str:
+    """A single line describing ``exc``: its message for a geovae error, else ``Type: message``."""
+    text = " ".join(str(exc).split()) or repr(exc)
+    if not isinstance(exc, GeovaeError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _is_url(scene: str) -> bool:
+    # A Windows drive letter parses as a one-letter scheme; only real schemes count.
+    scheme = urlparse(scene).scheme
+    return len(scheme) > 1 or scene.startswith("/vsi")
+
+
+def _stem(scene: str) -> str:
+    name = Path(urlparse(scene).path if _is_url(scene) else scene).name
+    stem = name.split(".")[0] if name.lower().endswith((".tif", ".tiff", ".vrt")) else Path(name).stem
+    return stem or "scene"
+
+
+def scene_folders(scenes: Sequence[str]) -> list[str]:
+    """Output folder name of each scene: its file stem, made unique where stems collide.
+
+    Colliding stems get a short hash of the full path, so a scene keeps the same folder
+    whatever else is in the list and in whatever order: resume depends on it.
+
+    Args:
+        scenes: scene paths or URLs.
+
+    Returns:
+        One folder name per scene, in order.
+    """
+    stems = [_stem(s) for s in scenes]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out = []
+    for scene, stem in zip(scenes, stems, strict=True):
+        if counts[stem] > 1:
+            key = scene if _is_url(scene) else str(Path(scene).resolve())
+            stem = f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        out.append(stem)
+    return out
+
+
+def read_scene_list(path: str | Path) -> list[str]:
+    """Scenes named in a list file: one per line; blank lines and ``#`` comments are ignored.
+
+    Relative paths are taken relative to the list file's folder, so a list travels with its
+    scenes whatever the working directory.
+
+    Raises:
+        OptionError: if the list file cannot be read.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OptionError(f"--list {path}: cannot read it ({e.__class__.__name__}); give a text file with one scene per line") from e
+    scenes = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _is_url(line) and not Path(line).is_absolute():
+            line = str(p.parent / line)
+        scenes.append(line)
+    return scenes
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    # Temp file in the same folder, so os.replace is a rename on one filesystem.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:
+    """Write the manifest CSV atomically (a reader never sees half a file)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r.to_csv())
+    _atomic_write_text(Path(path), buf.getvalue())
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """The manifest's rows as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: str | Path) -> dict[str, Any]:
+    """What identifies a model file version: resolved path, size and modification time."""
+    p = Path(model).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in sorted(v.items())}
+    return v
+
+
+def run_fingerprint(model: str | Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The model version plus the options that change outputs; a marker must match it."""
+    return {
+        "model": model_fingerprint(model),
+        "options": _jsonable({k: v for k, v in options.items() if k not in _NOT_IN_FINGERPRINT}),
+    }
+
+
+# ------------------------------------------------------------------------ the marker
+def write_marker(folder: str | Path, scene: str, outputs: Iterable[str | Path], fingerprint: dict[str, Any]) -> Path:
+    """Vouch for a finished scene: write ``folder/_SUCCESS`` after its outputs exist.
+
+    The marker records each output's size and SHA-256, the scene and the run fingerprint, and
+    is itself written atomically, so its presence means every byte it lists was on disk.
+
+    Args:
+        folder: the scene's output folder.
+        scene: the scene as given.
+        outputs: the output files (inside ``folder``).
+        fingerprint: :func:`run_fingerprint` of the run.
+
+    Returns:
+        The marker's path.
+    """
+    folder = Path(folder)
+    files = {}
+    for o in outputs:
+        p = Path(o)
+        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    doc = {
+        "version": MARKER_VERSION,
+        "scene": scene,
+        "finished": _now(),
+        "fingerprint": fingerprint,
+        "outputs": files,
+    }
+    marker = folder / MARKER_NAME
+    _atomic_write_text(marker, json.dumps(doc, indent=1))
+    return marker
+
+
+def check_marker(folder: str | Path, fingerprint: dict[str, Any] | None = None) -> list[Path] | None:
+    """The outputs of a complete scene folder, or None if it must be (re)done.
+
+    A folder is complete when its marker parses, was made by a run with the same fingerprint
+    (when one is given), and every output it lists exists with the recorded size and SHA-256.
+    """
+    folder = Path(folder)
+    try:
+        doc = json.loads((folder / MARKER_NAME).read_text())
+        if doc.get("version") != MARKER_VERSION:
+            return None
+        if fingerprint is not None and doc.get("fingerprint") != _jsonable(fingerprint):
+            return None
+        outputs = []
+        for name, meta in doc["outputs"].items():
+            p = folder / name
+            if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+                return None
+            outputs.append(p)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return outputs or None
+
+
+# ------------------------------------------------------------------ per-worker model cache
+def _default_loader(path: str, device: str) -> SegmentationModel:
+    from geovae.model.io import load_model
+
+    return load_model(path, device=device)
+
+
+class ModelCache(WorkerPlugin):
+    """Models loaded on one worker, keyed by file path, size, mtime and device.
+
+    Installed on every worker as a Dask worker plugin (see :func:`install_model_cache`), so
+    each worker reads a model file once and every task there reuses it. A new version of the
+    file (other size or mtime) replaces the old one, so a long-lived worker never serves
+    stale weights.
+
+    Attributes:
+        loads: how many times a model file was read on this worker.
+    """
+
+    name = PLUGIN_NAME
+
+    def __init__(self, loader: Callable[[str, str], SegmentationModel] | None = None) -> None:
+        self.loader = loader
+        self.loads = 0
+        self._models: dict[tuple[str, int, int, str], SegmentationModel] = {}
+        self._lock = threading.Lock()
+
+    # Locks do not pickle; the plugin travels to the workers, so it is rebuilt on arrival.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"loader": self.loader, "loads": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["loader"])  # type: ignore[misc]
+
+    def setup(self, worker: Worker) -> None:
+        """Called by Dask when the plugin is installed on a worker."""
+
+    def teardown(self, worker: Worker) -> None:
+        """Called by Dask when the worker closes: release the models (and their GPU memory)."""
+        with self._lock:
+            self._models.clear()
+
+    def get(self, path: str | Path, device: str = "auto") -> SegmentationModel:
+        """The model in ``path`` on ``device``, loaded on the first call only.
+
+        Threads of one worker share the cache; the lock makes concurrent first calls load once.
+        """
+        fp = model_fingerprint(path)
+        key = (fp["path"], fp["size"], fp["mtime_ns"], str(device))
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                loader = self.loader or _default_loader
+                model = loader(fp["path"], str(device))
+                # Drop older versions of this file on this device: their weights are stale.
+                self._models = {k: v for k, v in self._models.items() if (k[0], k[3]) != (key[0], key[3])}
+                self._models[key] = model
+                self.loads += 1
+        return model
+
+
+_LOCAL_CACHE = ModelCache()
+
+
+def worker_model_cache() -> ModelCache:
+    """This worker's model cache (installing one if the plugin is missing), or the process's own.
+
+    Outside a Dask worker (a plain function call) a process-wide cache is used, so the same
+    code path serves tests and single-process runs.
+    """
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return _LOCAL_CACHE
+    cache = worker.plugins.get(PLUGIN_NAME)
+    if cache is None:
+        # A worker that joined without the plugin (or lost it); keep a cache on it anyway.
+        cache = getattr(worker, "_geovae_model_cache", None)
+        if cache is None:
+            cache = ModelCache()
+            worker._geovae_model_cache = cache  # type: ignore[attr-defined]
+    return cache  # type: ignore[no-any-return]
+
+
+def _plugin_loads(dask_worker: Worker) -> int:
+    cache = dask_worker.plugins.get(PLUGIN_NAME) or getattr(dask_worker, "_geovae_model_cache", None)
+    return cache.loads if cache is not None else 0
+
+
+def model_loads(client: Client) -> dict[str, int]:
+    """How many times each worker of ``client``'s cluster has read a model file."""
+    return client.run(_plugin_loads)  # type: ignore[no-any-return]
+
+
+def _plugin_installed(dask_scheduler: Any) -> bool:
+    return PLUGIN_NAME in getattr(dask_scheduler, "worker_plugins", {})
+
+
+def install_model_cache(client: Client, loader: Callable[[str, str], SegmentationModel] | None = None) -> None:
+    """Install :class:`ModelCache` on every worker of ``client``'s cluster, present and future.
+
+    Kept if already installed, so a long-lived cluster keeps its loaded models between batches.
+    """
+    if loader is None and client.run_on_scheduler(_plugin_installed):
+        return
+    client.register_plugin(ModelCache(loader), name=PLUGIN_NAME)
+
+
+# ---------------------------------------------------------------------- the cluster
+def connect(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    connect_timeout: float = 10,
+) -> tuple[Client, Any]:
+    """A client to the given scheduler, or to a new ``LocalCluster`` of worker processes.
+
+    Args:
+        scheduler: ``tcp://host:port`` (any Dask address), a scheduler JSON file written by
+            ``dask scheduler --scheduler-file``, or None for a local cluster.
+        workers: local worker processes; default ``min(2, cores)``.
+        threads_per_worker: tasks each local worker runs at once.
+        connect_timeout: seconds to wait for the scheduler to answer.
+
+    Returns:
+        ``(client, cluster)``; ``cluster`` is the LocalCluster started here (close it after
+        the client), or None when connected to an existing scheduler.
+
+    Raises:
+        ClusterError: if the scheduler does not answer in time or the cluster cannot start.
+        OptionError: for nonsensical worker counts.
+    """
+    from distributed import Client, LocalCluster
+
+    if threads_per_worker < 1:
+        raise OptionError(f"--threads-per-worker {threads_per_worker}: must be at least 1")
+    if scheduler:
+        if workers is not None:
+            raise OptionError("--workers only applies to the local cluster; drop it when giving --scheduler")
+        kw: dict[str, Any] = {"timeout": connect_timeout, "set_as_default": False}
+        where = scheduler
+        try:
+            if scheduler.endswith(".json") and Path(scheduler).is_file():
+                client = Client(scheduler_file=scheduler, **kw)
+            else:
+                client = Client(scheduler, **kw)
+        except Exception as e:  # noqa: BLE001 - any failure to connect is the same user problem
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {where} within {connect_timeout:g} s ({one_line(e)}); "
+                "check the address and that `dask scheduler` is running, or omit --scheduler for a local cluster"
+            ) from e
+        return client, None
+    n = workers if workers is not None else min(2, os.cpu_count() or 1)
+    if n < 1:
+        raise OptionError(f"--workers {n}: must be at least 1")
+    try:
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            # A random port: the default 8787 is often taken by another cluster on the machine.
+            dashboard_address="127.0.0.1:0",
+        )
+    except Exception as e:  # noqa: BLE001
+        raise ClusterError(f"cannot start a local Dask cluster of {n} workers ({one_line(e)}); try fewer --workers") from e
+    try:
+        client = Client(cluster, set_as_default=False, timeout=connect_timeout)
+    except Exception as e:  # noqa: BLE001
+        cluster.close()
+        raise ClusterError(f"cannot connect to the local Dask cluster ({one_line(e)})") from e
+    return client, cluster
+
+
+# -------------------------------------------------------------------- the scene task
+def segment_one(
+    scene: str,
+    model: str,
+    folder: str,
+    options: dict[str, Any],
+    fingerprint: dict[str, Any],
+    out_root: str,
+) -> dict[str, Any]:
+    """Segment one scene into ``folder`` and vouch for it with a marker; runs on a worker.
+
+    A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
+    row rather than raised: it would fail the same way again, so Dask must not retry it.
+    Anything else is raised, so Dask retries the task (on another worker if this one dies).
+
+    Returns:
+        A dict of :class:`SceneRow` fields.
+    """
+    from geovae.predict import segment_scene
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"started": _now(), "worker": _worker_address()}
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Remove an old marker before touching outputs: a crash from here on must not leave a
+        # marker vouching for files that are being rewritten.
+        (out / MARKER_NAME).unlink(missing_ok=True)
+        model_obj = worker_model_cache().get(model, options.get("device", "auto"))
+        result = segment_scene(scene, model_obj, out, **{**options, "progress": False})
+        files = sorted({Path(p) for p in result.outputs.values()})
+        write_marker(out, scene, files, fingerprint)
+        row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
+    except GeovaeError as e:
+        row.update(status="failed", error=one_line(e), outputs=[])
+    row["finished"] = _now()
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return f"local:{socket.gethostname()}:{os.getpid()}"
+
+
+# --------------------------------------------------------------------- validation
+def _check_segment_options(options: dict[str, Any]) -> None:
+    from geovae.predict import segment_scene
+
+    params = inspect.signature(segment_scene).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params) - {"progress"})
+    if unknown:
+        raise OptionError(f"unknown segment option(s) {', '.join(unknown)}; see `geovae segment --help`")
+
+
+def precheck_scene(scene: str, in_channels: int | None, nodata: float | None = None) -> str | None:
+    """A one-line reason the scene cannot be segmented, or None if it looks usable.
+
+    Cheap: opens the file's header only. Remote scenes are left to the worker.
+    """
+    if _is_url(scene):
+        return None
+    p = Path(scene)
+    if not p.exists():
+        return f"{scene}: no such file; check the path"
+    if p.is_dir():
+        return f"{scene}: is a folder, not a raster; give a raster file"
+    try:
+        from geovae.scene import open_scene
+
+        sc = open_scene(scene, nodata=nodata)
+        count = int(sc.count)
+    except GeovaeError as e:
+        return one_line(e)
+    except ImportError:
+        import rasterio
+
+        try:
+            with rasterio.open(scene) as ds:
+                count = ds.count
+        except rasterio.errors.RasterioError:
+            return f"{scene}: not a raster GDAL can read; give a GeoTIFF or another raster file"
+    if in_channels is not None and count != in_channels:
+        return (
+            f"{scene}: has {count} band(s) but the model expects {in_channels}; "
+            "use a model trained on this kind of scene"
+        )
+    return None
+
+
+def _model_channels(model: str | Path) -> int | None:
+    """The model's input band count, read once on the client (also checks the file is usable)."""
+    from geovae.model.io import load_model
+
+    return int(load_model(str(model), device="cpu").info.in_channels)
+
+
+# ------------------------------------------------------------------------ run_batch
+def run_batch(
+    scenes: Sequence[str | Path],
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    scene_list: str | Path | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    resume: bool = True,
+    retries: int = 2,
+    split_scene: bool = False,
+    connect_timeout: float = 10,
+    resources: dict[str, float] | None = None,
+    progress: bool = True,
+    **segment_options: Any,
+) -> BatchResult:
+    """Segment many scenes on a Dask cluster, resumably, one output folder per scene.
+
+    Args:
+        scenes: scene paths or URLs.
+        model: model file; it must be readable at the same path on the workers.
+        out_dir: output root; every scene writes ``out_dir/<stem>/`` and the batch keeps
+            ``out_dir/manifest.csv``. Workers must see it at the same path (a shared disk).
+        scene_list: a file with more scenes, one per line.
+        scheduler: a Dask scheduler address or scheduler file; None starts a LocalCluster.
+        workers: LocalCluster worker processes (default ``min(2, cores)``).
+        threads_per_worker: scenes each LocalCluster worker runs at once.
+        resume: skip scenes whose folder holds a valid marker from a run with the same model
+            and options; False redoes every scene.
+        retries: extra attempts for a scene whose task raised an unexpected error.
+        split_scene: spread each scene's blocks over the workers (for one huge scene).
+        connect_timeout: seconds to wait for the scheduler.
+        resources: Dask resources each scene task needs, e.g. ``{"GPU": 1}`` for workers
+            started with ``--resources GPU=1``.
+        progress: show the dashboard link and a progress bar over scenes.
+        **segment_options: passed to :func:`geovae.predict.segment_scene`.
+
+    Returns:
+        The counts, the rows and the manifest path. Check ``result.failed``.
+
+    Raises:
+        OptionError: no scenes, unknown options, bad counts.
+        OutputError: the output directory cannot be created or written.
+        ModelFileError: the model file is unusable.
+        ClusterError: the scheduler cannot be reached or the cluster cannot start.
+    """
+    all_scenes = [str(s) for s in scenes]
+    if scene_list is not None:
+        all_scenes += read_scene_list(scene_list)
+    if not all_scenes:
+        raise OptionError("no scenes given; pass scene paths or --list FILE")
+    if retries < 0:
+        raise OptionError(f"--retries {retries}: must be 0 or more")
+    if split_scene:
+        raise OptionError("--split-scene is not available yet; run without it")
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file, not a folder; give a folder path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".geovae-write-test-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder") from e
+    out = out.resolve()
+    _check_segment_options(segment_options)
+    model_path = Path(model)
+    if not model_path.is_file():
+        raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
+    in_channels = _model_channels(model_path)
+    fingerprint = run_fingerprint(model_path, segment_options)
+
+    folders = scene_folders(all_scenes)
+    rows = [SceneRow(scene=s, folder=f) for s, f in zip(all_scenes, folders, strict=True)]
+    manifest = out / MANIFEST_NAME
+    todo: list[int] = []
+    for i, row in enumerate(rows):
+        folder = out / row.folder
+        if resume:
+            done = check_marker(folder, fingerprint)
+            if done is not None:
+                row.status = "skipped"
+                row.outputs = [os.path.relpath(p, out) for p in done]
+                continue
+        reason = precheck_scene(row.scene, in_channels, segment_options.get("nodata"))
+        if reason is not None:
+            row.status, row.error, row.finished = "failed", reason, _now()
+            continue
+        todo.append(i)
+    write_manifest(manifest, rows)
+
+    dashboard = None
+    if todo:
+        dashboard = _run_on_cluster(
+            rows, todo, out, str(model_path.resolve()), segment_options, fingerprint, manifest,
+            scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
+            retries=retries, connect_timeout=connect_timeout, resources=resources, progress=progress,
+        )
+    write_manifest(manifest, rows)
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
+    return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard)
+
+
+def _run_on_cluster(
+    rows: list[SceneRow],
+    todo: list[int],
+    out: Path,
+    model: str,
+    options: dict[str, Any],
+    fingerprint: dict[str, Any],
+    manifest: Path,
+    *,
+    scheduler: str | None,
+    workers: int | None,
+    threads_per_worker: int,
+    retries: int,
+    connect_timeout: float,
+    resources: dict[str, float] | None,
+    progress: bool,
+) -> str | None:
+    from distributed import as_completed
+
+    client, cluster = connect(
+        scheduler, workers=workers, threads_per_worker=threads_per_worker, connect_timeout=connect_timeout
+    )
+    dashboard = client.dashboard_link if getattr(client, "dashboard_link", None) else None
+    try:
+        install_model_cache(client)
+        log.info("Dask dashboard: %s", dashboard)
+        run_id = uuid.uuid4().hex[:8]
+        futures = {}
+        for i in todo:
+            row = rows[i]
+            fut = client.submit(
+                segment_one, row.scene, model, str(out / row.folder), options, fingerprint, str(out),
+                key=f"geovae-scene-{row.folder}-{run_id}",
+                retries=retries,
+                resources=resources,
+                pure=False,
+            )
+            futures[fut] = i
+        with _Progress(len(rows), progress, dashboard) as bar:
+            bar.advance(len(rows) - len(todo))
+            last_write = 0.0
+            for fut in as_completed(futures):
+                row = rows[futures[fut]]
+                try:
+                    res = fut.result()
+                    for k, v in res.items():
+                        setattr(row, k, v)
+                except Exception as e:  # noqa: BLE001 - a scene's failure is recorded, not raised
+                    row.status, row.error, row.finished = "failed", one_line(e), _now()
+                bar.advance(1, row)
+                fut.release()
+                if time.monotonic() - last_write >= _MANIFEST_MIN_INTERVAL:
+                    write_manifest(manifest, rows)
+                    last_write = time.monotonic()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return dashboard
+
+
+class _Progress:
+    """A rich progress bar over scenes (or nothing when progress is off)."""
+
+    def __init__(self, total: int, enabled: bool, dashboard: str | None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.dashboard = dashboard
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            console = Console(stderr=True)
+            if self.dashboard:
+                console.print(f"Dask dashboard: {self.dashboard}")
+            self._bar = Progress(
+                TextColumn("scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[last]}"), console=console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("scenes", total=self.total, last="")
+        return self
+
+    def advance(self, n: int, row: SceneRow | None = None) -> None:
+        if self._bar is not None and n:
+            last = f"{row.folder}: {row.status}" if row is not None else ""
+            self._bar.update(self._task, advance=n, last=last)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
