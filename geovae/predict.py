@@ -1,0 +1,500 @@
+"""Segment a scene of any size: lazy tiles -> model -> blended rasters -> polygons.
+
+``segment_scene`` checks everything first (options, output folder, scene, model, band
+count, valid data), then streams: a background thread reads tiles in the stitcher's order
+(block by block), fills nodata with the model's band means and batches them; the main
+thread runs the model and blends the outputs into blocks that are written as soon as they
+are complete (:mod:`geovae.stitch`). Then the class raster is vectorised, a quicklook is
+drawn and a JSON report is written. Every file is written under a temporary name and
+renamed when complete; an error or interruption removes the temporary files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geovae.errors import ModelMismatchError, OptionError, OutputError, SceneError
+from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.scene import Scene, open_scene
+from geovae.stitch import CLASS_NODATA, Stitcher
+from geovae.tiling import Tile, TileGrid, check_options
+
+__all__ = ["SegmentResult", "segment_scene", "FORMATS", "check_output_dir"]
+
+#: Polygon formats and their file suffixes.
+FORMATS = {"geojson": "geojson", "gpkg": "gpkg", "parquet": "parquet"}
+
+
+@dataclass
+class SegmentResult:
+    """What a segmentation run wrote.
+
+    Attributes:
+        outputs: final paths keyed by kind (``classes``, ``confidence``, ``uncertainty``,
+            ``reconstruction_error``, ``geojson``/``gpkg``/``parquet``, ``quicklook``, ``report``).
+        report: the run report (also written as ``<stem>.json``).
+    """
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Create the output folder if needed and prove it can be written.
+
+    Args:
+        out_dir: the folder.
+
+    Returns:
+        Its path.
+
+    Raises:
+        OutputError: if it is a file or cannot be created or written.
+    """
+    p = Path(out_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output {p} is a file, not a folder; pass a folder with --out")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".geovae-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out") from None
+    return p
+
+
+def _load(model: str | Path | SegmentationModel, device: str) -> SegmentationModel:
+    if isinstance(model, SegmentationModel):
+        return model
+    from geovae.model.io import load_model  # the model file format lives with the model
+
+    return load_model(model, device)
+
+
+# -- reading in a background thread -------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    entries: list[tuple[Tile, bool]]  # every tile in stitch order; False = skipped (all nodata)
+    x: torch.Tensor | None  # (n_run, C, T, T) raw values, nodata filled with band means
+    valid: list[np.ndarray]  # one (T, T) mask per run tile
+
+
+class _Reader:
+    """Reads tiles in order in a thread and hands out batches through a bounded queue.
+
+    The queue holds at most ``prefetch`` batches, which bounds memory; on CUDA the batch
+    tensors are in pinned memory so the copy to the device is asynchronous.
+    """
+
+    def __init__(self, scene: Scene, tiles: Sequence[Tile], batch_size: int, mean: np.ndarray,
+                 pin: bool, prefetch: int = 3):
+        self.scene = scene
+        self.tiles = tiles
+        self.batch_size = batch_size
+        self.mean = mean.astype(np.float32)
+        self.pin = pin
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
+        self.read_s = 0.0
+        self.thread = threading.Thread(target=self._run, name="geovae-reader", daemon=True)
+
+    def __enter__(self) -> _Reader:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self.q.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _new_x(self, n: int, c: int, t: int) -> torch.Tensor:
+        return torch.empty((n, c, t, t), dtype=torch.float32, pin_memory=self.pin)
+
+    def _run(self) -> None:
+        try:
+            c = self.scene.count
+            entries: list[tuple[Tile, bool]] = []
+            bufs: list[np.ndarray] = []
+            valids: list[np.ndarray] = []
+            for t in self.tiles:
+                if self.stop.is_set():
+                    return
+                t0 = time.perf_counter()
+                data, valid = self.scene.read(t.window)
+                self.read_s += time.perf_counter() - t0
+                if not valid.any():
+                    entries.append((t, False))
+                    continue
+                # Band means make nodata look like "average ground" to the model, so it does
+                # not pollute the valid neighbours it sees through the receptive field.
+                inv = ~valid
+                if inv.any():
+                    data[:, inv] = self.mean[:, None]
+                entries.append((t, True))
+                bufs.append(data)
+                valids.append(valid)
+                if len(bufs) == self.batch_size:
+                    if not self._emit(entries, bufs, valids, c):
+                        return
+                    entries, bufs, valids = [], [], []
+            if entries and not self._emit(entries, bufs, valids, c):
+                return
+            self._put(None)
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self._put(exc)
+        finally:
+            self.scene.close()
+
+    def _emit(self, entries: list[tuple[Tile, bool]], bufs: list[np.ndarray], valids: list[np.ndarray], c: int) -> bool:
+        x = None
+        if bufs:
+            x = self._new_x(len(bufs), c, bufs[0].shape[-1])
+            x.numpy()[:] = np.stack(bufs)
+        return self._put(_Batch(entries, x, valids))
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+# -- the model call ----------------------------------------------------------------------
+
+
+def _predict(model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool) -> dict[str, torch.Tensor]:
+    """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
+    x = x.to(model.device, non_blocking=True)
+    out = model.predict(x, samples=samples, reconstruction=reconstruction)
+    if tta:
+        for dim in (-1, -2):
+            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction)
+            for k, v in o.items():
+                out[k] = out[k] + v.flip(dim)  # every output has H, W as its last two dims
+        out = {k: v / 3.0 for k, v in out.items()}
+    return out
+
+
+class _Progress:
+    """A rich progress bar with tiles/s, or nothing."""
+
+    def __init__(self, total: int, enabled: bool, label: str):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} tiles/s"), TimeRemainingColumn(), transient=False,
+            )
+            self.task = self.bar.add_task(label, total=total, rate="-")
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- the public entry point ----------------------------------------------------------------
+
+
+def _check_formats(formats: Sequence[str] | None, pixel_coords: bool) -> list[str]:
+    if formats is None:
+        return ["gpkg"] if pixel_coords else ["geojson"]
+    fmts = [f.lower().lstrip(".") for f in formats]
+    for f in fmts:
+        if f not in FORMATS:
+            raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
+    if pixel_coords and "geojson" in fmts:
+        raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
+                          "pixel coordinates; use --formats gpkg or parquet")
+    return list(dict.fromkeys(fmts))
+
+
+def _scene_summary(scene: Scene) -> dict[str, Any]:
+    t = scene.transform
+    epsg = None
+    if scene.crs is not None:
+        try:
+            epsg = scene.crs.to_epsg()
+        except Exception:  # pragma: no cover
+            epsg = None
+    return {
+        "path": scene.name, "width": scene.width, "height": scene.height, "bands": scene.count,
+        "dtypes": scene.dtypes, "crs": None if scene.crs is None else (f"EPSG:{epsg}" if epsg else scene.crs.to_string()),
+        "transform": [t.a, t.b, t.c, t.d, t.e, t.f], "nodata": scene.nodata, "mask": scene.mask_kind,
+        "pixel_coords": scene.crs is None,
+    }
+
+
+def _model_summary(model: SegmentationModel, source: str | None) -> dict[str, Any]:
+    i = model.info
+    return {
+        "source": source, "kind": i.kind, "in_channels": i.in_channels, "num_classes": i.num_classes,
+        "class_ids": i.class_ids, "class_names": i.class_names, "tile_size": i.tile_size, "stride": i.stride,
+        "band_names": i.band_names, "supports_samples": model.supports_samples,
+        "supports_reconstruction": model.supports_reconstruction,
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def segment_scene(
+    scene: str | Path | Scene,
+    model: str | Path | SegmentationModel,
+    out_dir: str | Path,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    samples: int = 0,
+    reconstruction: bool = False,
+    tta: bool = False,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    formats: Sequence[str] | None = None,
+    pixel_coords: bool = False,
+    nodata: float | None = None,
+    block_size: int = 1024,
+    quicklook: bool = True,
+    progress: bool = True,
+) -> SegmentResult:
+    """Segment a scene of any size into class, confidence and uncertainty rasters and polygons.
+
+    Memory stays bounded by tile, batch and block size whatever the scene's size: tiles are
+    read lazily, blended into output blocks, and each block is written once complete.
+
+    Args:
+        scene: a path/URL (opened with :func:`geovae.scene.open_scene`) or an open :class:`Scene`.
+        model: a model file (loaded with ``geovae.model.io.load_model``) or a :class:`SegmentationModel`.
+        out_dir: output folder (created if missing).
+        tile: tile side in pixels; default the model's training tile size (``info.tile_size``).
+        overlap: pixels shared by neighbouring tiles; default ``tile // 4``. Tiles are blended
+            with smooth weights; a model whose receptive-field radius is at most ``overlap // 4``
+            gives the same result as one untiled pass.
+        batch_size: tiles per model call.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` (used when loading
+            a model file; a :class:`SegmentationModel` keeps its device).
+        samples: latent samples per tile; > 0 writes ``<stem>.uncertainty.tif``.
+        reconstruction: also write ``<stem>.reconstruction-error.tif``.
+        tta: average the predictions over horizontal and vertical flips (3x the model time).
+        min_area: drop polygons smaller than this (m^2; pixel units with ``pixel_coords``).
+        simplify: topology-preserving simplification tolerance (metres, or pixels).
+        formats: polygon formats among ``geojson``, ``gpkg``, ``parquet``; default ``geojson``
+            (``gpkg`` in pixel coordinates, where GeoJSON is refused); empty for none.
+        pixel_coords: accept a scene without CRS; outputs carry no CRS and polygons are in pixels.
+        nodata: value marking missing pixels, overriding the scene's nodata tag.
+        block_size: output block side (rounded to a multiple of ``tile - overlap``).
+        quicklook: write ``<stem>.png``.
+        progress: show a progress bar with tiles/s.
+
+    Returns:
+        The :class:`SegmentResult` with output paths and the run report.
+
+    Raises:
+        OptionError: an option is out of range (tile, overlap, batch size, formats...).
+        OutputError: the output folder is a file or cannot be written.
+        SceneError: the scene is missing, unreadable, not georeferenced, or all nodata.
+        CorruptSceneError: a tile of the scene cannot be decoded (raised while streaming;
+            nothing is left under a final name).
+        ModelFileError: the model file cannot be loaded.
+        ModelMismatchError: the scene's band count differs from the model's, or the model lacks
+            an output asked for.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    # -- every check before any work ---------------------------------------------------------
+    if int(samples) != samples or samples < 0:
+        raise OptionError(f"--samples {samples}: must be 0 or more")
+    if int(block_size) != block_size or block_size < 1:
+        raise OptionError(f"--block-size {block_size}: must be 1 or more pixels")
+    if min_area < 0:
+        raise OptionError(f"--min-area {min_area}: must be 0 or more")
+    if simplify < 0:
+        raise OptionError(f"--simplify {simplify}: must be 0 or more")
+    if batch_size < 1 or int(batch_size) != batch_size:
+        raise OptionError(f"--batch-size {batch_size}: must be 1 or more")
+    out = check_output_dir(out_dir)
+    if isinstance(scene, Scene):
+        if nodata is not None and nodata != scene.nodata:
+            kind = "nodata" if scene.mask_kind in ("none", "nodata") else scene.mask_kind
+            scene = dataclasses.replace(scene, nodata=float(nodata), mask_kind=kind)
+        if scene.crs is None and not pixel_coords:
+            raise SceneError(f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
+                             "pass --pixel-coords to segment it in pixel coordinates")
+    else:
+        scene = open_scene(scene, pixel_coords=pixel_coords, nodata=nodata)
+    in_pixels = scene.crs is None
+    fmts = _check_formats(formats, in_pixels)
+    source = None if isinstance(model, SegmentationModel) else str(model)
+    model = _load(model, device)
+    info: ModelInfo = model.info
+    if scene.count != info.in_channels:
+        raise ModelMismatchError(
+            f"scene {scene.name} has {scene.count} bands but the model expects {info.in_channels}; "
+            "pass a scene with the bands the model was trained on (in the same order)"
+        )
+    if reconstruction and not model.supports_reconstruction:
+        raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
+    if any(not 0 <= int(c) < CLASS_NODATA for c in info.class_ids):
+        raise ModelMismatchError(f"model class ids must be 0..{CLASS_NODATA - 1} (255 marks nodata in the class raster)")
+    tile = int(tile if tile is not None else info.tile_size)
+    overlap = int(overlap if overlap is not None else tile // 4)
+    check_options(tile, overlap, batch_size, info.stride)
+    grid = TileGrid(scene.height, scene.width, tile, overlap, stride=info.stride)
+    if not scene.any_valid():
+        raise SceneError(f"scene {scene.name} has no valid pixels (all nodata); check --nodata or the file")
+    timings["validate_s"] = time.perf_counter() - t_start
+
+    stem = scene.stem
+    stitcher = Stitcher(grid, out, stem, info, scene.crs, scene.transform, uncertainty=samples > 0,
+                        reconstruction=reconstruction, block_size=block_size)
+    written: list[Path] = []
+    outputs: dict[str, Path] = {}
+    model_s = 0.0
+    try:
+        t0 = time.perf_counter()
+        pin = model.device.type == "cuda"
+        mean = np.asarray(info.mean, dtype=np.float32)
+        with _Reader(scene, list(stitcher.order()), batch_size, mean, pin) as reader, \
+                _Progress(len(grid), progress, f"segment {stem}") as bar:
+            for batch in reader:
+                res: dict[str, np.ndarray] = {}
+                if batch.x is not None:
+                    tm = time.perf_counter()
+                    o = _predict(model, batch.x, samples, reconstruction, tta)
+                    res = {k: v.float().cpu().numpy() for k, v in o.items()}  # .cpu() syncs the device
+                    model_s += time.perf_counter() - tm
+                n = 0
+                for t, run in batch.entries:
+                    if not run:
+                        stitcher.skip(t)
+                        continue
+                    stitcher.add(
+                        t, batch.valid[n], res["probs"][n],
+                        expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
+                        reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
+                    )
+                    n += 1
+                bar.advance(len(batch.entries))
+            timings["read_s"] = reader.read_s
+        timings["model_s"] = model_s
+        timings["predict_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outputs.update(stitcher.close())
+        written.extend(outputs.values())
+        timings["rasters_close_s"] = time.perf_counter() - t0
+
+        if fmts:
+            t0 = time.perf_counter()
+            from geovae.vectorize import vectorize
+
+            vec_paths = [out / f"{stem}.{FORMATS[f]}" for f in fmts]
+            vectorize(
+                outputs["classes"], vec_paths, confidence=outputs["confidence"],
+                uncertainty=outputs.get("uncertainty"), min_area=min_area, simplify=simplify,
+                class_names=dict(zip(info.class_ids, info.class_names)),
+            )
+            for f, p in zip(fmts, vec_paths):
+                outputs[f] = p
+                written.append(p)
+            timings["vectorize_s"] = time.perf_counter() - t0
+        if quicklook:
+            t0 = time.perf_counter()
+            from geovae.quicklook import write_quicklook
+
+            outputs["quicklook"] = write_quicklook(scene, outputs["classes"], out / f"{stem}.png", info)
+            written.append(outputs["quicklook"])
+            timings["quicklook_s"] = time.perf_counter() - t0
+    except BaseException:
+        stitcher.abort()
+        raise
+    finally:
+        scene.close()
+
+    timings["total_s"] = time.perf_counter() - t_start
+    total_area = float(stitcher.class_area.sum())
+    report: dict[str, Any] = {
+        "geovae_version": _version(),
+        "scene": _scene_summary(scene),
+        "model": _model_summary(model, source),
+        "options": {
+            "tile": tile, "overlap": overlap, "batch_size": batch_size, "device": str(model.device),
+            "amp": str(model.amp_dtype) if model.amp_dtype else None, "samples": samples,
+            "reconstruction": reconstruction, "tta": tta, "min_area": min_area, "simplify": simplify,
+            "formats": fmts, "pixel_coords": in_pixels, "nodata": scene.nodata, "block_size": stitcher.B,
+        },
+        "tiles": stitcher.summary(),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "area_unit": "pixel" if in_pixels else "m2 (geodesic, on the CRS's ellipsoid)",
+        "classes": [
+            {"id": int(c), "name": n, "pixels": int(px), "area": float(a),
+             "fraction": float(a / total_area) if total_area else 0.0}
+            for c, n, px, a in zip(info.class_ids, info.class_names, stitcher.class_pixels, stitcher.class_area)
+        ],
+    }
+    report_path = out / f"{stem}.json"
+    outputs["report"] = report_path
+    report["outputs"] = {k: str(v) for k, v in outputs.items()}
+    _write_json(report_path, report)
+    return SegmentResult(outputs=outputs, report=report)
+
+
+def _version() -> str:
+    try:
+        from geovae._version import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "unknown"

@@ -1,0 +1,577 @@
+"""Open, validate and describe a raster scene; read windows of it with a valid-data mask.
+
+A :class:`Scene` is lazy: opening it reads the header only, and pixels come in windows
+(:meth:`Scene.read`) or through a Dask array over rasterio windows (:meth:`Scene.to_dask`).
+Each thread gets its own rasterio handle, because GDAL dataset handles are not thread-safe
+and the prediction pipeline reads in a background thread while the main thread writes.
+
+Valid data: a pixel is invalid where *every* data band equals the nodata value (the
+``nodata`` override, else the file's nodata tag), where the alpha band is 0, where an
+internal/per-dataset mask is 0, or where any band is NaN. "Every band" follows GDAL's
+dataset mask: real scenes have legitimate zeros in single bands (dark water in the NIR),
+while fill is fill on all bands at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geovae.errors import CorruptSceneError, SceneError
+
+__all__ = ["Scene", "open_scene", "describe_scene", "gdal_path", "SUPPORTED_DTYPES"]
+
+#: Pixel types a scene may have; everything real-valued that fits float32 well enough.
+SUPPORTED_DTYPES = frozenset(
+    {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
+)
+
+# scheme -> (GDAL prefix, keep the scheme in the name)
+_REMOTE_PREFIXES = {
+    "s3://": ("/vsis3/", False),
+    "gs://": ("/vsigs/", False),
+    "az://": ("/vsiaz/", False),
+    "http://": ("/vsicurl/", True),
+    "https://": ("/vsicurl/", True),
+}
+
+
+def gdal_path(path: str | Path) -> str:
+    """Turn a user's path or URL into the name GDAL opens.
+
+    ``s3://b/k`` becomes ``/vsis3/b/k``, ``http(s)://...`` becomes ``/vsicurl/http(s)://...``;
+    ``/vsi...`` names and local paths pass through (local paths made absolute).
+
+    Args:
+        path: local path, URL or GDAL virtual file name.
+
+    Returns:
+        The GDAL dataset name.
+    """
+    s = str(path)
+    for scheme, (vsi, keep) in _REMOTE_PREFIXES.items():
+        if s.lower().startswith(scheme):
+            return vsi + (s if keep else s[len(scheme):])
+    if s.startswith("/vsi"):
+        return s
+    return str(Path(s).expanduser().absolute())
+
+
+def _is_local(name: str) -> bool:
+    return not name.startswith("/vsi")
+
+
+def _check_local_file(name: str, shown: str) -> None:
+    p = Path(name)
+    if not p.exists():
+        raise SceneError(f"scene {shown} does not exist; check the path")
+    if p.is_dir():
+        raise SceneError(f"scene {shown} is a directory, not a raster file; pass the image file inside it")
+    if not os.access(p, os.R_OK):
+        raise SceneError(f"scene {shown} cannot be read (permission denied); check its permissions")
+    if p.stat().st_size == 0:
+        raise SceneError(f"scene {shown} is an empty file; re-download or re-export it")
+
+
+def _gdal_message(exc: BaseException) -> str:
+    """GDAL's own message, on one line and without rasterio's prefixes."""
+    return " ".join(str(exc).split())[:300]
+
+
+def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str) -> None:
+    """Catch a truncated local GeoTIFF: some block lies past the end of the file.
+
+    Reads only the TIFF directory (block offsets and sizes), never pixels.
+    """
+    if ds.driver != "GTiff" or not _is_local(name):
+        return
+    size = Path(name).stat().st_size
+    bh, bw = ds.block_shapes[0]
+    nby, nbx = math.ceil(ds.height / bh), math.ceil(ds.width / bw)
+    # Pixel-interleaved files store one block for all bands; band-interleaved one per band.
+    bands = [1] if ds.interleaving is None or ds.interleaving.name == "PIXEL" else list(ds.indexes)
+    if nby * nbx * len(bands) > 200_000:
+        bands = bands[:1]  # enough to catch a cut-off file without a long scan of a huge one
+    for b in bands:
+        for by in range(nby - 1, -1, -1):  # truncation loses the end: scan from the last rows
+            for bx in range(nbx - 1, -1, -1):
+                off = ds.get_tag_item(f"BLOCK_OFFSET_{bx}_{by}", "TIFF", bidx=b)
+                cnt = ds.get_tag_item(f"BLOCK_SIZE_{bx}_{by}", "TIFF", bidx=b)
+                if off is None or cnt is None:
+                    return
+                if int(off) + int(cnt) > size:
+                    r0, c0 = by * bh, bx * bw
+                    raise SceneError(
+                        f"scene {shown} is truncated: the block at rows {r0}-{min(r0 + bh, ds.height) - 1}, "
+                        f"cols {c0}-{min(c0 + bw, ds.width) - 1} lies past the end of the file "
+                        f"({size} bytes); re-download or re-export it"
+                    )
+
+
+def _open_checked(path: str | Path) -> tuple[rasterio.io.DatasetReader, str, str]:
+    """Open with rasterio, turning every failure into a one-line :class:`SceneError`."""
+    shown = str(path)
+    name = gdal_path(path)
+    if _is_local(name):
+        _check_local_file(name, shown)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(name)
+    except RasterioIOError as exc:
+        msg = _gdal_message(exc)
+        if not _is_local(name):
+            raise SceneError(f"scene {shown} cannot be opened: {msg}; check the URL and your network/credentials") from None
+        if "not recognized as" in msg or "not a supported file format" in msg:
+            raise SceneError(f"scene {shown} is not a raster GDAL can read; pass a GeoTIFF or another GDAL raster") from None
+        raise SceneError(f"scene {shown} is corrupt or unreadable: {msg}; re-download or re-export it") from None
+    except RasterioError as exc:  # pragma: no cover - other GDAL open failures
+        raise SceneError(f"scene {shown} cannot be opened: {_gdal_message(exc)}") from None
+    try:
+        if ds.count == 0:
+            raise SceneError(f"scene {shown} has no raster bands (is it a vector or a container?); pass a raster")
+        _check_tiff_extent(ds, name, shown)
+        # Decode one pixel: catches corrupt headers and codecs that open but cannot read.
+        try:
+            ds.read(1, window=Window(0, 0, 1, 1))
+        except RasterioError as exc:
+            raise SceneError(f"scene {shown} is corrupt: its first block cannot be decoded ({_gdal_message(exc)}); re-download or re-export it") from None
+    except Exception:
+        ds.close()
+        raise
+    return ds, name, shown
+
+
+def _check_transform(t: Affine, shown: str) -> None:
+    if t.b != 0 or t.d != 0:
+        raise SceneError(
+            f"scene {shown} has a rotated or sheared geotransform, which geovae does not support; "
+            "warp it north-up first (gdalwarp SCENE OUT.tif)"
+        )
+    if t.a == 0 or t.e == 0:
+        raise SceneError(f"scene {shown} has a zero pixel size in its geotransform; fix its georeferencing")
+
+
+def _alpha_index(ds: rasterio.io.DatasetReader) -> int | None:
+    for i, ci in enumerate(ds.colorinterp, start=1):
+        if ci == ColorInterp.alpha:
+            return i
+    return None
+
+
+@dataclass
+class Scene:
+    """A validated raster, opened lazily; pixels are read by window.
+
+    Attributes:
+        path: the name GDAL opens (``/vsicurl/...`` for URLs).
+        name: the path as the user gave it.
+        width, height: size in pixels.
+        count: number of data bands (an alpha band is not a data band).
+        bands: 1-based indexes of the data bands in the file.
+        dtypes: data type of each data band.
+        crs: coordinate reference system, or None in pixel-coordinate mode.
+        transform: affine geotransform (north-up).
+        nodata: the nodata value in use (override or tag), or None.
+        alpha: 1-based index of the alpha band, or None.
+        descriptions: band descriptions of the data bands (None where unset).
+        block_shapes: internal (rows, cols) block shape of each data band.
+        mask_kind: how validity is decided: ``"nodata"``, ``"alpha"``, ``"mask"`` or ``"none"``.
+        pixel_coords: True when the scene is used without georeferencing.
+    """
+
+    path: str
+    name: str
+    width: int
+    height: int
+    count: int
+    bands: list[int]
+    dtypes: list[str]
+    crs: rasterio.crs.CRS | None
+    transform: Affine
+    nodata: float | None
+    alpha: int | None
+    descriptions: list[str | None]
+    colorinterp: list[str]
+    block_shapes: list[tuple[int, int]]
+    mask_kind: str
+    pixel_coords: bool = False
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    # -- pickling (Dask workers reopen the file by name) ---------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y), positive."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def bounds(self) -> rasterio.coords.BoundingBox:
+        """(left, bottom, right, top) in the scene's CRS."""
+        return rasterio.coords.BoundingBox(*_bounds(self.transform, self.height, self.width))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def stem(self) -> str:
+        """File name without directory and extension, for naming outputs."""
+        base = self.name.rstrip("/").split("/")[-1].split("?")[0]
+        for ext in (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc"):
+            if base.lower().endswith(ext):
+                return base[: -len(ext)]
+        return base.rsplit(".", 1)[0] if "." in base else base
+
+    # -- reading -------------------------------------------------------------------------
+    def dataset(self) -> rasterio.io.DatasetReader:
+        """This thread's open rasterio handle (opened on first use)."""
+        ds = getattr(self._local, "ds", None)
+        if ds is None or ds.closed:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                ds = rasterio.open(self.path)
+            self._local.ds = ds
+        return ds
+
+    def close(self) -> None:
+        """Close this thread's handle (other threads' handles close when they are collected)."""
+        ds = getattr(self._local, "ds", None)
+        if ds is not None:
+            ds.close()
+            self._local.ds = None
+
+    def __enter__(self) -> Scene:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, window: Window, *, fill: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Read a window of the data bands with its valid-data mask.
+
+        The window may run past the scene (or start before it): the outside is padded with
+        ``fill`` and marked invalid, so tiles at the right and bottom edges keep their size.
+
+        Args:
+            window: the window in pixel coordinates (integer offsets and sizes).
+            fill: value of padded pixels.
+
+        Returns:
+            ``(data, valid)``: float32 (count, h, w) and bool (h, w).
+
+        Raises:
+            CorruptSceneError: if GDAL cannot decode part of the window.
+        """
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        data = np.full((self.count, h, w), fill, dtype=np.float32)
+        valid = np.zeros((h, w), dtype=bool)
+        ir0, ic0 = max(r0, 0), max(c0, 0)
+        ir1, ic1 = min(r0 + h, self.height), min(c0 + w, self.width)
+        if ir1 <= ir0 or ic1 <= ic0:
+            return data, valid
+        inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
+        d, v = self._read_inner(inner)
+        sl = (slice(ir0 - r0, ir1 - r0), slice(ic0 - c0, ic1 - c0))
+        data[(slice(None), *sl)] = d
+        valid[sl] = v
+        return data, valid
+
+    def _read_inner(self, win: Window) -> tuple[np.ndarray, np.ndarray]:
+        ds = self.dataset()
+        try:
+            data = ds.read(self.bands, window=win, out_dtype="float32")
+            if self.mask_kind == "alpha":
+                valid = ds.read(self.alpha, window=win) > 0
+            elif self.mask_kind == "mask":
+                valid = ds.read_masks(self.bands[0], window=win) > 0
+            else:
+                valid = np.ones(data.shape[1:], dtype=bool)
+        except RasterioError as exc:
+            r0, c0 = int(win.row_off), int(win.col_off)
+            raise CorruptSceneError(
+                f"scene {self.name} is corrupt at rows {r0}-{r0 + int(win.height) - 1}, "
+                f"cols {c0}-{c0 + int(win.width) - 1}: {_gdal_message(exc)}; re-download or re-export it"
+            ) from None
+        if self.nodata is not None:
+            nd = self.nodata
+            if isinstance(nd, float) and math.isnan(nd):
+                valid &= ~np.isnan(data).all(axis=0)
+            else:
+                valid &= ~(data == np.float32(nd)).all(axis=0)
+        if np.issubdtype(np.dtype(self.dtypes[0]), np.floating):
+            # A NaN in any band cannot go through the model.
+            bad = ~np.isfinite(data)
+            if bad.any():
+                valid &= ~bad.any(axis=0)
+                data[bad] = 0.0
+        return data, valid
+
+    def read_overview(self, max_size: int, bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A decimated read of the whole scene (uses overviews where the file has them).
+
+        Args:
+            max_size: the longer side of the result, in pixels (the scene's own size if smaller).
+            bands: 1-based data band numbers (of :attr:`bands` order) to read; all when None.
+
+        Returns:
+            ``(data, valid)`` float32 (n, h', w') and bool (h', w'), nearest-neighbour sampled.
+        """
+        scale = max(self.height, self.width) / max_size
+        if scale <= 1:
+            oh, ow = self.height, self.width
+        else:
+            oh, ow = max(1, round(self.height / scale)), max(1, round(self.width / scale))
+        ds = self.dataset()
+        sel = self.bands if bands is None else [self.bands[b - 1] for b in bands]
+        try:
+            data = ds.read(sel, out_shape=(len(sel), oh, ow), out_dtype="float32")
+            allb = data if bands is None else ds.read(self.bands, out_shape=(self.count, oh, ow), out_dtype="float32")
+            if self.mask_kind == "alpha":
+                valid = ds.read(self.alpha, out_shape=(oh, ow)) > 0
+            elif self.mask_kind == "mask":
+                valid = ds.read_masks(self.bands[0], out_shape=(oh, ow)) > 0
+            else:
+                valid = np.ones((oh, ow), dtype=bool)
+        except RasterioError as exc:
+            raise CorruptSceneError(f"scene {self.name} is corrupt: {_gdal_message(exc)}; re-download or re-export it") from None
+        if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
+            valid &= ~(allb == np.float32(self.nodata)).all(axis=0)
+        valid &= np.isfinite(allb).all(axis=0)
+        return data, valid
+
+    def to_dask(self, chunks: int | tuple[int, int] = 1024, *, valid: bool = False) -> Any:
+        """A lazy Dask array over rasterio windows; nothing is read until it is computed.
+
+        Args:
+            chunks: chunk size in pixels (rows, cols), or one number for both.
+            valid: return the valid-data mask (bool (H, W)) instead of the bands.
+
+        Returns:
+            ``dask.array.Array`` float32 (count, H, W), or bool (H, W) with ``valid=True``.
+        """
+        import dask.array as da
+
+        ch, cw = (chunks, chunks) if isinstance(chunks, int) else chunks
+        adapter = _WindowArray(self, valid)
+        chunk_spec = ((ch, cw) if valid else (self.count, ch, cw))
+        return da.from_array(adapter, chunks=chunk_spec, lock=False, asarray=False, fancy=False,
+                             meta=np.empty((0,) * adapter.ndim, dtype=adapter.dtype),
+                             name=f"geovae-scene-{'valid' if valid else 'data'}-{abs(hash((self.path, self.nodata)))}")
+
+    def any_valid(self) -> bool:
+        """Whether the scene has at least one valid pixel, in bounded memory.
+
+        A decimated read answers most scenes at once; only when it sees no valid pixel is
+        the whole mask streamed through the Dask view (a sparse scene may hide its valid
+        pixels between the sampled ones).
+        """
+        _, v = self.read_overview(1024)
+        if v.any():
+            return True
+        return bool(self.to_dask(2048, valid=True).any().compute(scheduler="threads"))
+
+    def iter_windows(self, size: int) -> Iterator[Window]:
+        """Windows of ``size`` pixels covering the scene in raster order."""
+        for r in range(0, self.height, size):
+            for c in range(0, self.width, size):
+                yield Window(c, r, min(size, self.width - c), min(size, self.height - r))
+
+
+def _bounds(t: Affine, height: int, width: int) -> tuple[float, float, float, float]:
+    x0, y0 = t.c, t.f
+    x1, y1 = t * (width, height)
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+class _WindowArray:
+    """Array-like over a scene for ``dask.array.from_array``: slicing reads a window."""
+
+    def __init__(self, scene: Scene, valid: bool):
+        self.scene = scene
+        self.valid = valid
+        self.shape = (scene.height, scene.width) if valid else (scene.count, scene.height, scene.width)
+        self.dtype = np.dtype(bool) if valid else np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        rs, cs = key[-2], key[-1]
+        r0, r1, _ = rs.indices(self.scene.height)
+        c0, c1, _ = cs.indices(self.scene.width)
+        data, valid = self.scene.read(Window(c0, r0, max(c1 - c0, 0), max(r1 - r0, 0)))
+        if self.valid:
+            return valid
+        return data[key[0]] if len(key) == 3 else data
+
+
+def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | None = None) -> Scene:
+    """Open and validate a raster scene without reading its pixels.
+
+    Args:
+        path: local path, ``s3://`` or ``http(s)://`` URL, or GDAL ``/vsi...`` name.
+        pixel_coords: accept a raster without CRS and work in pixel coordinates.
+        nodata: value marking missing pixels, overriding the file's nodata tag (for scenes
+            such as Landsat-8 Level-1 whose fill value 0 is not tagged).
+
+    Returns:
+        The :class:`Scene`.
+
+    Raises:
+        SceneError: missing path, a directory, not a raster, a truncated or corrupt file,
+            no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype.
+    """
+    ds, name, shown = _open_checked(path)
+    try:
+        if ds.crs is None and not pixel_coords:
+            if ds.gcps[0]:
+                raise SceneError(
+                    f"scene {shown} is georeferenced by ground control points only; "
+                    "warp it to a grid first (gdalwarp SCENE OUT.tif) or pass --pixel-coords"
+                )
+            raise SceneError(
+                f"scene {shown} has no CRS; it looks like an image without georeferencing; "
+                "pass --pixel-coords to segment it in pixel coordinates"
+            )
+        _check_transform(ds.transform, shown)
+        alpha = _alpha_index(ds)
+        bands = [i for i in ds.indexes if i != alpha]
+        if not bands:
+            raise SceneError(f"scene {shown} has only an alpha band; pass a raster with data bands")
+        dtypes = [ds.dtypes[i - 1] for i in bands]
+        for dt in dtypes:
+            if dt not in SUPPORTED_DTYPES:
+                raise SceneError(
+                    f"scene {shown} has pixel type {dt}, which geovae does not support; "
+                    f"convert it to one of {', '.join(sorted(SUPPORTED_DTYPES))} (gdal_translate -ot Float32)"
+                )
+        nd = nodata if nodata is not None else ds.nodata
+        flags = ds.mask_flag_enums[bands[0] - 1]
+        if alpha is not None:
+            kind = "alpha"
+        elif MaskFlags.per_dataset in flags and MaskFlags.nodata not in flags:
+            kind = "mask"
+        else:
+            kind = "nodata" if nd is not None else "none"
+        return Scene(
+            path=name,
+            name=shown,
+            width=ds.width,
+            height=ds.height,
+            count=len(bands),
+            bands=bands,
+            dtypes=dtypes,
+            crs=None if pixel_coords and ds.crs is None else ds.crs,
+            transform=ds.transform,
+            nodata=None if nd is None else float(nd),
+            alpha=alpha,
+            descriptions=[ds.descriptions[i - 1] for i in bands],
+            colorinterp=[ds.colorinterp[i - 1].name for i in bands],
+            block_shapes=[tuple(ds.block_shapes[i - 1]) for i in bands],  # type: ignore[misc]
+            mask_kind=kind,
+            pixel_coords=pixel_coords or ds.crs is None,
+        )
+    finally:
+        ds.close()
+
+
+def _mask_flag_names(flags: list[MaskFlags]) -> list[str]:
+    return [f.name for f in flags]
+
+
+def describe_scene(path: str | Path) -> dict[str, Any]:
+    """Everything ``geovae info`` shows about a raster, JSON-serialisable.
+
+    Args:
+        path: local path, URL or GDAL name.
+
+    Returns:
+        A dict with driver, width, height, count (all bands, alpha included), data_count,
+        dtypes, descriptions, crs, epsg, transform (6 numbers a, b, c, d, e, f), res,
+        bounds (native left, bottom, right, top), bounds_wgs84 (None without CRS), nodata,
+        mask_flags (per band), alpha_band, block_shapes, overviews (per band), compression,
+        interleave, is_tiled, colorinterp.
+
+    Raises:
+        SceneError: as :func:`open_scene`, except that a missing CRS is reported, not refused.
+    """
+    ds, name, shown = _open_checked(path)
+    try:
+        _check_transform(ds.transform, shown)
+        t = ds.transform
+        crs = ds.crs
+        bounds = ds.bounds
+        wgs84 = None
+        epsg = None
+        crs_name = None
+        if crs is not None:
+            from rasterio.warp import transform_bounds
+
+            try:
+                epsg = crs.to_epsg()
+            except Exception:  # pragma: no cover - unusual CRS definitions
+                epsg = None
+            try:
+                from pyproj import CRS as PCRS
+
+                crs_name = PCRS.from_wkt(crs.to_wkt()).name
+            except Exception:  # pragma: no cover
+                crs_name = None
+            try:
+                wgs84 = [float(v) for v in transform_bounds(crs, "EPSG:4326", *bounds, densify_pts=21)]
+            except Exception:  # pragma: no cover - CRS PROJ cannot transform
+                wgs84 = None
+        alpha = _alpha_index(ds)
+        return {
+            "path": shown,
+            "gdal_path": name,
+            "driver": ds.driver,
+            "width": ds.width,
+            "height": ds.height,
+            "count": ds.count,
+            "data_count": ds.count - (alpha is not None),
+            "dtypes": list(ds.dtypes),
+            "descriptions": list(ds.descriptions),
+            "colorinterp": [c.name for c in ds.colorinterp],
+            "crs": None if crs is None else (f"EPSG:{epsg}" if epsg else crs.to_string()),
+            "crs_name": crs_name,
+            "crs_wkt": None if crs is None else crs.to_wkt(),
+            "epsg": epsg,
+            "is_geographic": None if crs is None else bool(crs.is_geographic),
+            "transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+            "res": [abs(t.a), abs(t.e)],
+            "bounds": [bounds.left, bounds.bottom, bounds.right, bounds.top],
+            "bounds_wgs84": wgs84,
+            "nodata": ds.nodata,
+            "mask_flags": [_mask_flag_names(f) for f in ds.mask_flag_enums],
+            "alpha_band": alpha,
+            "block_shapes": [list(b) for b in ds.block_shapes],
+            "overviews": [ds.overviews(i) for i in ds.indexes],
+            "compression": ds.compression.name if ds.compression else None,
+            "interleave": ds.interleaving.name if ds.interleaving else None,
+            "is_tiled": bool(ds.profile.get("tiled", False)),
+        }
+    finally:
+        ds.close()

@@ -1,0 +1,461 @@
+"""Streaming accumulation of blended tile outputs into on-disk rasters.
+
+The scene is cut into square output blocks of ``k * step`` pixels (``step = tile - overlap``),
+so tile origins fall on the same grid as block origins. Each block owns the tiles whose
+origin lies inside it; those tiles reach at most ``overlap`` pixels past the block's right
+and bottom edges. Tiles are fed block by block in raster order, so when the last tile of a
+block is in, the block is complete except for what its own tiles spill onward:
+
+* the right spill strip (``overlap`` columns) goes to the next block of the same row;
+* the bottom spill strip (``overlap`` rows) waits for the block below.
+
+Only one block accumulator, one right strip and one row of bottom strips are alive at a
+time: peak memory is ``channels * 4 B * ((B + o)^2 + (B + o) * o + o * W)`` for block side
+``B``, overlap ``o`` and scene width ``W`` (the bottom strips, a few MB per 10k pixels of
+width), and never depends on the scene's height or on its pixel count.
+
+Outputs (all tiled 256 x 256, ZSTD-compressed with a predictor, internal overviews built at
+the end by GDAL in bounded memory, same CRS/transform/shape as the scene, written under a
+``.part`` name and renamed when complete):
+
+* ``<stem>.classes.tif``: uint8 class ids, nodata **255** (so class ids must be 0..254), a
+  colour table, class names as ``CLASS_<id>`` tags and a ``CLASSES`` JSON tag;
+* ``<stem>.confidence.tif``: float32 max blended probability, nodata NaN;
+* ``<stem>.uncertainty.tif`` (with samples): band 1 predictive entropy of the blended mean
+  probabilities (nats), band 2 mutual information (predictive entropy minus the blended
+  expected entropy, clipped at 0), nodata NaN;
+* ``<stem>.reconstruction-error.tif`` (with reconstruction): float32, nodata NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from geovae.model.base import ModelInfo
+from geovae.tiling import Tile, TileGrid
+
+__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "output_paths"]
+
+#: Nodata value of the class raster.
+CLASS_NODATA = 255
+
+_BLOCKSIZE = 256
+
+
+def output_paths(out_dir: Path, stem: str, *, uncertainty: bool, reconstruction: bool) -> dict[str, Path]:
+    """Final paths of the raster outputs, keyed by kind."""
+    out = {
+        "classes": out_dir / f"{stem}.classes.tif",
+        "confidence": out_dir / f"{stem}.confidence.tif",
+    }
+    if uncertainty:
+        out["uncertainty"] = out_dir / f"{stem}.uncertainty.tif"
+    if reconstruction:
+        out["reconstruction_error"] = out_dir / f"{stem}.reconstruction-error.tif"
+    return out
+
+
+def _part(path: Path) -> Path:
+    """The temporary name a file is written under until complete (same folder: rename is atomic)."""
+    return path.with_name(path.name + ".part")
+
+
+class PixelAreas:
+    """Ground area of pixels in square metres, on the ellipsoid (geodesic).
+
+    Projected CRSs distort area (Web Mercator by 1/cos^2(latitude)) and geographic pixels
+    shrink towards the poles, so each block is cut into cells of ``cell`` pixels whose
+    corners are taken to longitude/latitude and measured with :class:`pyproj.Geod`; pixels
+    in a cell share its mean area. Without a CRS, areas are in pixels.
+    """
+
+    def __init__(self, crs: Any, transform: Affine, cell: int = 64):
+        self.transform = transform
+        self.cell = cell
+        self.geographic_units = crs is not None
+        if crs is not None:
+            from pyproj import CRS, Geod, Transformer
+
+            pcrs = CRS.from_user_input(crs.to_wkt())
+            self.to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
+            ell = pcrs.ellipsoid
+            self.geod = Geod(a=ell.semi_major_metre, rf=ell.inverse_flattening) if ell and ell.inverse_flattening else Geod(ellps="WGS84")
+
+    def class_areas(self, classes: np.ndarray, window: Window, nvalues: int) -> np.ndarray:
+        """Area per class value (0..nvalues-1) of a block of class indexes (-1 = nodata).
+
+        Args:
+            classes: (h, w) int array of class indexes, -1 where nodata.
+            window: where the block lies in the scene.
+            nvalues: number of classes.
+
+        Returns:
+            float64 (nvalues,) areas in m^2 (in pixels without a CRS).
+        """
+        h, w = classes.shape
+        if not self.geographic_units:
+            return np.bincount(classes[classes >= 0].ravel(), minlength=nvalues).astype(np.float64)
+        c = self.cell
+        nr, nc = math.ceil(h / c), math.ceil(w / c)
+        cell_id = (np.arange(h)[:, None] // c) * nc + (np.arange(w)[None, :] // c)
+        ok = classes >= 0
+        counts = np.bincount(cell_id[ok] * nvalues + classes[ok], minlength=nr * nc * nvalues)
+        counts = counts.reshape(nr * nc, nvalues)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rows = np.minimum(np.arange(nr + 1) * c, h) + r0
+        cols = np.minimum(np.arange(nc + 1) * c, w) + c0
+        cc, rr = np.meshgrid(cols, rows)
+        xs, ys = self.transform * (cc.astype(np.float64), rr.astype(np.float64))
+        lon, lat = self.to_lonlat.transform(xs, ys)
+        per_pixel = np.zeros(nr * nc)
+        for a in range(nr):
+            for b in range(nc):
+                if not counts[a * nc + b].any():
+                    continue
+                qx = [lon[a, b], lon[a, b + 1], lon[a + 1, b + 1], lon[a + 1, b]]
+                qy = [lat[a, b], lat[a, b + 1], lat[a + 1, b + 1], lat[a + 1, b]]
+                area = abs(self.geod.polygon_area_perimeter(qx, qy)[0])
+                npx = (rows[a + 1] - rows[a]) * (cols[b + 1] - cols[b])
+                per_pixel[a * nc + b] = area / npx
+        return (counts * per_pixel[:, None]).sum(0)
+
+
+@dataclass
+class _Block:
+    bi: int
+    bj: int
+    tiles: list[Tile] = field(default_factory=list)
+
+
+class Stitcher:
+    """Blend tile outputs into output blocks and write each block once it is complete.
+
+    Feed every tile of :meth:`order` in that order, with :meth:`add` (model outputs) or
+    :meth:`skip` (an all-nodata tile), then call :meth:`close`. On error call :meth:`abort`.
+
+    Args:
+        grid: the tile grid.
+        out_dir: folder of the outputs.
+        stem: output name stem.
+        info: the model description (class ids, names, colours).
+        crs: CRS of the outputs (None in pixel-coordinate mode).
+        transform: geotransform of the outputs.
+        uncertainty: write ``<stem>.uncertainty.tif`` (tile outputs carry expected entropy).
+        reconstruction: write ``<stem>.reconstruction-error.tif``.
+        block_size: approximate output block side; rounded to a multiple of the tile step.
+        overviews: build internal overviews when closing.
+    """
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        out_dir: Path,
+        stem: str,
+        info: ModelInfo,
+        crs: Any,
+        transform: Affine,
+        *,
+        uncertainty: bool = False,
+        reconstruction: bool = False,
+        block_size: int = 1024,
+        overviews: bool = True,
+    ):
+        if any(not 0 <= int(c) < CLASS_NODATA for c in info.class_ids):
+            raise ValueError(f"class ids must be 0..{CLASS_NODATA - 1} (255 is the class raster's nodata)")
+        self.grid = grid
+        self.info = info
+        self.K = info.num_classes
+        self.uncertainty = uncertainty
+        self.reconstruction = reconstruction
+        self.overview = overviews
+        self.H, self.W = grid.height, grid.width
+        self.k = max(1, round(block_size / grid.step))
+        self.B = self.k * grid.step
+        self.O = grid.overlap
+        self.E = self.B + self.O
+        self.nbr = math.ceil(self.H / self.B)
+        self.nbc = math.ceil(self.W / self.B)
+        # channel layout of an accumulator: K weighted probabilities, the weight, extras
+        self.c_w = self.K
+        self.c_ent = self.K + 1 if uncertainty else None
+        self.c_rec = self.K + 1 + int(uncertainty) if reconstruction else None
+        self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
+        self.tile_weights = grid.weights()
+        self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
+        self.paths = output_paths(Path(out_dir), stem, uncertainty=uncertainty, reconstruction=reconstruction)
+        self.areas = PixelAreas(crs, transform)
+        self.class_area = np.zeros(self.K, dtype=np.float64)
+        self.class_pixels = np.zeros(self.K, dtype=np.int64)
+        self.tiles_run = 0
+        self.tiles_skipped = 0
+        self.blocks_written = 0
+        self.buffer_bytes = 0
+        self.peak_buffer_bytes = 0
+        self._blocks = self._plan()
+        self._cur = -1  # index of the block being accumulated
+        self._acc: np.ndarray | None = None
+        self._right: np.ndarray | None = None
+        self._bottom: dict[int, np.ndarray] = {}
+        self._pending: list[Tile] = []
+        self._dst: dict[str, Any] = {}
+        self._closed = False
+        self._open_outputs(crs, transform)
+
+    # -- plan ---------------------------------------------------------------------------
+    def _plan(self) -> list[_Block]:
+        blocks = [_Block(bi, bj) for bi in range(self.nbr) for bj in range(self.nbc)]
+        for t in self.grid:
+            b = blocks[(t.row // self.B) * self.nbc + t.col // self.B]
+            b.tiles.append(t)
+        return blocks
+
+    def order(self) -> Iterator[Tile]:
+        """Tiles in the order :meth:`add`/:meth:`skip` must receive them (block by block)."""
+        for b in self._blocks:
+            yield from b.tiles
+
+    def _block_of(self, t: Tile) -> int:
+        return (t.row // self.B) * self.nbc + t.col // self.B
+
+    @property
+    def block_window(self) -> tuple[int, int]:
+        """(block side, accumulator side) in pixels."""
+        return self.B, self.E
+
+    def memory_bound(self) -> int:
+        """Upper bound of the accumulator bytes alive at once (see the module docstring)."""
+        per = self.C * 4
+        return per * (self.E * self.E + self.E * self.O + self.O * self.B * self.nbc)
+
+    # -- outputs ------------------------------------------------------------------------
+    def _open_outputs(self, crs: Any, transform: Affine) -> None:
+        base = dict(
+            driver="GTiff", width=self.W, height=self.H, crs=crs, transform=transform,
+            tiled=True, blockxsize=_BLOCKSIZE, blockysize=_BLOCKSIZE, compress="zstd",
+            BIGTIFF="IF_SAFER", interleave="band",
+        )
+        specs: dict[str, dict[str, Any]] = {
+            "classes": dict(count=1, dtype="uint8", nodata=CLASS_NODATA, predictor=2),
+            "confidence": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
+        }
+        if self.uncertainty:
+            specs["uncertainty"] = dict(count=2, dtype="float32", nodata=float("nan"), predictor=3)
+        if self.reconstruction:
+            specs["reconstruction_error"] = dict(count=1, dtype="float32", nodata=float("nan"), predictor=3)
+        try:
+            for kind, spec in specs.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    self._dst[kind] = rasterio.open(_part(self.paths[kind]), "w", **base, **spec)
+        except Exception:
+            self.abort()
+            raise
+        cls = self._dst["classes"]
+        cls.write_colormap(1, {int(c): (*col, 255) for c, col in zip(self.info.class_ids, self.info.class_colors)})
+        cls.update_tags(**{f"CLASS_{c}": n for c, n in zip(self.info.class_ids, self.info.class_names)})
+        cls.update_tags(CLASSES=json.dumps([
+            {"id": int(c), "name": n, "color": list(col)}
+            for c, n, col in zip(self.info.class_ids, self.info.class_names, self.info.class_colors)
+        ]), NODATA_MEANING=f"{CLASS_NODATA} = no data (invalid input pixel)")
+        cls.set_band_description(1, "class")
+        self._dst["confidence"].set_band_description(1, "confidence (max blended class probability)")
+        if self.uncertainty:
+            u = self._dst["uncertainty"]
+            u.set_band_description(1, "predictive entropy (nats)")
+            u.set_band_description(2, "mutual information (nats)")
+            u.update_tags(UNITS="nats", MAX_ENTROPY=str(math.log(self.K)))
+        if self.reconstruction:
+            self._dst["reconstruction_error"].set_band_description(1, "reconstruction error (MSE, normalised units)")
+
+    # -- streaming ----------------------------------------------------------------------
+    def _track(self) -> None:
+        n = 0
+        if self._acc is not None:
+            n += self._acc.nbytes
+        if self._right is not None:
+            n += self._right.nbytes
+        n += sum(s.nbytes for s in self._bottom.values())
+        self.buffer_bytes = n
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, n)
+
+    def _advance_to(self, b: int) -> None:
+        """Finish every block before ``b`` and start block ``b``."""
+        if b < self._cur:
+            raise ValueError("tiles must be fed in Stitcher.order()")
+        while self._cur < b:
+            if self._cur >= 0:
+                self._finish_block(self._cur)
+            self._cur += 1
+            if self._cur < len(self._blocks):
+                self._start_block(self._cur)
+
+    def _start_block(self, idx: int) -> None:
+        blk = self._blocks[idx]
+        acc = np.zeros((self.C, self.E, self.E), dtype=np.float32)
+        if self.O:
+            if blk.bj > 0 and self._right is not None:
+                acc[:, :, : self.O] += self._right
+            self._right = None
+            below = self._bottom.pop(blk.bj, None)
+            if below is not None:
+                acc[:, : self.O, : self.B] += below
+        self._acc = acc
+        self._track()
+
+    def _finish_block(self, idx: int) -> None:
+        blk = self._blocks[idx]
+        acc = self._acc
+        assert acc is not None
+        if self.O:
+            if blk.bj + 1 < self.nbc:
+                self._right = acc[:, :, self.B:].copy()
+            if blk.bi + 1 < self.nbr:
+                self._bottom[blk.bj] = acc[:, self.B:, : self.B].copy()
+            self._track()
+        r0, c0 = blk.bi * self.B, blk.bj * self.B
+        h, w = min(self.B, self.H - r0), min(self.B, self.W - c0)
+        self._write(acc[:, :h, :w], Window(c0, r0, w, h))
+        self._acc = None
+        self.blocks_written += 1
+        self._track()
+
+    def add(self, tile: Tile, valid: np.ndarray, probs: np.ndarray,
+            expected_entropy: np.ndarray | None = None,
+            reconstruction_error: np.ndarray | None = None) -> None:
+        """Blend one tile's model outputs in.
+
+        Args:
+            tile: the tile (from :meth:`order`).
+            valid: (T, T) bool, the tile's valid-data mask (invalid pixels get weight 0).
+            probs: (K, T, T) float32 class probabilities.
+            expected_entropy: (T, T) mean per-sample entropy, when ``uncertainty``.
+            reconstruction_error: (T, T), when ``reconstruction``.
+        """
+        self._advance_to(self._block_of(tile))
+        acc = self._acc
+        assert acc is not None
+        blk = self._blocks[self._cur]
+        r, c = tile.row - blk.bi * self.B, tile.col - blk.bj * self.B
+        T = tile.size
+        wgt = self.tile_weights * valid
+        view = acc[:, r:r + T, c:c + T]
+        view[: self.K] += probs * wgt
+        view[self.c_w] += wgt
+        if self.c_ent is not None:
+            if expected_entropy is None:
+                raise ValueError("uncertainty output needs expected_entropy for every tile")
+            view[self.c_ent] += expected_entropy * wgt
+        if self.c_rec is not None:
+            if reconstruction_error is None:
+                raise ValueError("reconstruction output needs reconstruction_error for every tile")
+            view[self.c_rec] += reconstruction_error * wgt
+        self.tiles_run += 1
+
+    def skip(self, tile: Tile) -> None:
+        """Record a tile that is entirely nodata (it adds nothing)."""
+        self._advance_to(self._block_of(tile))
+        self.tiles_skipped += 1
+
+    def _write(self, acc: np.ndarray, window: Window) -> None:
+        K = self.K
+        wsum = acc[self.c_w]
+        ok = wsum > 0
+        safe = np.where(ok, wsum, 1.0).astype(np.float32)
+        probs = acc[:K] / safe
+        idx = probs.argmax(0)
+        classes = np.where(ok, self.class_lut[idx], CLASS_NODATA).astype(np.uint8)
+        conf = np.where(ok, probs.max(0), np.nan).astype(np.float32)
+        self._dst["classes"].write(classes, 1, window=window)
+        self._dst["confidence"].write(conf, 1, window=window)
+        cls_idx = np.where(ok, idx, -1)
+        self.class_pixels += np.bincount(idx[ok].ravel(), minlength=K)
+        self.class_area += self.areas.class_areas(cls_idx, window, K)
+        if self.uncertainty:
+            assert self.c_ent is not None
+            pe = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0)
+            mi = np.clip(pe - acc[self.c_ent] / safe, 0.0, None)
+            u = np.stack([np.where(ok, pe, np.nan), np.where(ok, mi, np.nan)]).astype(np.float32)
+            self._dst["uncertainty"].write(u, window=window)
+        if self.reconstruction:
+            assert self.c_rec is not None
+            rec = np.where(ok, acc[self.c_rec] / safe, np.nan).astype(np.float32)
+            self._dst["reconstruction_error"].write(rec, 1, window=window)
+
+    # -- end ----------------------------------------------------------------------------
+    def close(self) -> dict[str, Path]:
+        """Write the remaining blocks, build overviews and move outputs to their final names.
+
+        Returns:
+            Final paths of the rasters written, keyed by kind.
+        """
+        if self._closed:
+            return dict(self.paths)
+        try:
+            self._advance_to(len(self._blocks))
+            for ds in self._dst.values():
+                ds.close()
+            if self.overview:
+                for kind, ds in self._dst.items():
+                    self._build_overviews(_part(self.paths[kind]), kind == "classes")
+            for kind in self._dst:
+                os.replace(_part(self.paths[kind]), self.paths[kind])
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        self._acc = self._right = None
+        self._bottom.clear()
+        return dict(self.paths)
+
+    def _build_overviews(self, path: Path, categorical: bool) -> None:
+        factors = []
+        f = 2
+        while max(self.H, self.W) / f >= _BLOCKSIZE / 2 and f <= 4096:
+            factors.append(f)
+            f *= 2
+        if not factors:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.Env(COMPRESS_OVERVIEW="ZSTD", GDAL_TIFF_OVR_BLOCKSIZE=str(_BLOCKSIZE)):
+                with rasterio.open(path, "r+") as ds:
+                    # mode keeps class ids (an average of ids is meaningless); GDAL skips nodata
+                    ds.build_overviews(factors, Resampling.mode if categorical else Resampling.average)
+
+    def abort(self) -> None:
+        """Close and delete every temporary output (after an error or interruption)."""
+        for kind, ds in list(self._dst.items()):
+            try:
+                ds.close()
+            except Exception:  # pragma: no cover - closing a broken dataset
+                pass
+            _part(self.paths[kind]).unlink(missing_ok=True)
+        self._dst.clear()
+        self._acc = self._right = None
+        self._bottom.clear()
+        self._closed = True
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the run report."""
+        return {
+            "tiles_total": len(self.grid),
+            "tiles_run": self.tiles_run,
+            "tiles_skipped": self.tiles_skipped,
+            "blocks_written": self.blocks_written,
+            "block_size": self.B,
+            "peak_buffer_bytes": int(self.peak_buffer_bytes),
+        }

@@ -1,0 +1,173 @@
+"""The tile grid over a scene and the weights that blend overlapping tiles.
+
+Tiles have origins on a regular grid of step ``S = tile - overlap`` starting at (0, 0). The
+last row and column of tiles run past the scene where it is not a multiple of the step; the
+pipeline pads them (never drops or shifts them), so every pixel is covered, the right and
+bottom edges included, and a scene smaller than one tile is one padded tile. Keeping the
+origins on one regular grid is what lets :mod:`geovae.stitch` stream output blocks.
+
+Blending weights (:func:`blend_weights`) are a separable profile over the tile:
+
+* 1 in the tile's core;
+* a smooth raised-cosine ramp across the middle half of each overlap band, so neighbouring
+  tiles hand over without a visible seam (the two ramps sum to 1);
+* a small positive floor (``EPSILON``) on the outer quarter of each overlap band, where a
+  convolutional model sees the tile border (zero padding) and its output is least like an
+  untiled pass. The floor is never zero: a pixel at the scene border that only one tile sees
+  gets exactly that tile's value, and no pixel is ever left without a prediction.
+
+With a model whose receptive-field radius is at most ``overlap // 4``, the blended output
+therefore equals one untiled forward pass away from the scene border up to ``EPSILON``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from rasterio.windows import Window
+
+from geovae.errors import OptionError
+
+__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "EPSILON"]
+
+#: Weight of the outer quarter of an overlap band: small, but never zero.
+EPSILON = 1e-6
+
+
+def check_options(tile: int, overlap: int, batch_size: int = 1, stride: int = 1) -> None:
+    """Validate tiling options before any work is done.
+
+    Args:
+        tile: tile side in pixels.
+        overlap: overlap between neighbouring tiles in pixels.
+        batch_size: tiles per model call.
+        stride: the model's stride (input sides must be multiples of it).
+
+    Raises:
+        OptionError: if an option is out of range or inconsistent with the model.
+    """
+    stride = max(int(stride), 1)
+    if int(tile) != tile or tile < stride or tile < 1:
+        raise OptionError(f"--tile {tile}: must be at least the model's stride ({stride}) pixels; use a larger tile")
+    if tile % stride:
+        raise OptionError(
+            f"--tile {tile}: must be a multiple of the model's stride {stride}; "
+            f"use {max(stride, tile // stride * stride)} or {(tile // stride + 1) * stride}"
+        )
+    if int(overlap) != overlap or overlap < 0:
+        raise OptionError(f"--overlap {overlap}: must be 0 or more pixels")
+    if overlap >= tile:
+        raise OptionError(f"--overlap {overlap}: must be smaller than --tile {tile}; try {tile // 4}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise OptionError(f"--batch-size {batch_size}: must be 1 or more")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its grid position and its window (which may run past the scene).
+
+    Attributes:
+        i: tile row in the grid.
+        j: tile column in the grid.
+        row: first pixel row (``i * step``).
+        col: first pixel column (``j * step``).
+        size: tile side in pixels.
+    """
+
+    i: int
+    j: int
+    row: int
+    col: int
+    size: int
+
+    @property
+    def window(self) -> Window:
+        return Window(self.col, self.row, self.size, self.size)
+
+
+class TileGrid:
+    """Tiles of ``tile`` x ``tile`` pixels, ``overlap`` pixels apart, covering a scene.
+
+    Args:
+        height: scene height in pixels.
+        width: scene width in pixels.
+        tile: tile side in pixels.
+        overlap: pixels shared by neighbouring tiles (0 <= overlap < tile).
+        stride: the model's stride; ``tile`` must be a multiple of it.
+
+    Raises:
+        OptionError: if the options are out of range.
+    """
+
+    def __init__(self, height: int, width: int, tile: int, overlap: int, stride: int = 1):
+        check_options(tile, overlap, 1, stride)
+        if height < 1 or width < 1:
+            raise OptionError(f"scene of {height}x{width} pixels: nothing to tile")
+        self.height = int(height)
+        self.width = int(width)
+        self.tile = int(tile)
+        self.overlap = int(overlap)
+        self.step = self.tile - self.overlap
+        self.rows = self._count(self.height)
+        self.cols = self._count(self.width)
+
+    def _count(self, n: int) -> int:
+        # The smallest count whose last tile reaches the far edge: (count-1)*step + tile >= n.
+        return max(1, math.ceil((n - self.tile) / self.step) + 1)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def __iter__(self) -> Iterator[Tile]:
+        for i in range(self.rows):
+            for j in range(self.cols):
+                yield self[i, j]
+
+    def __getitem__(self, ij: tuple[int, int]) -> Tile:
+        i, j = ij
+        if not (0 <= i < self.rows and 0 <= j < self.cols):
+            raise IndexError(f"tile {ij} outside a {self.rows}x{self.cols} grid")
+        return Tile(i, j, i * self.step, j * self.step, self.tile)
+
+    def weights(self) -> np.ndarray:
+        """The (tile, tile) float32 blending weights of every tile (see :func:`blend_weights`)."""
+        return blend_weights(self.tile, self.overlap)
+
+    def __repr__(self) -> str:
+        return (f"TileGrid({self.height}x{self.width}, tile={self.tile}, overlap={self.overlap}: "
+                f"{self.rows}x{self.cols} tiles)")
+
+
+def _profile(tile: int, overlap: int) -> np.ndarray:
+    """1-D weights along one tile axis: floor, cosine ramp, 1, ramp, floor."""
+    w = np.ones(tile, dtype=np.float64)
+    if overlap == 0:
+        return w.astype(np.float32)
+    floor = overlap // 4
+    ramp = overlap - 2 * floor
+    # Raised cosine sampled at pixel centres: r[k] + r[ramp-1-k] == 1, so two neighbours'
+    # ramps, which run over the same pixels in opposite directions, sum to exactly 1.
+    k = np.arange(ramp, dtype=np.float64)
+    r = np.sin(0.5 * np.pi * (k + 0.5) / ramp) ** 2
+    r = np.maximum(r, EPSILON)
+    lead = np.concatenate([np.full(floor, EPSILON), r, np.ones(floor)])  # first `overlap` pixels
+    w[:overlap] = lead
+    w[tile - overlap:] = np.minimum(w[tile - overlap:], lead[::-1])
+    return w.astype(np.float32)
+
+
+def blend_weights(tile: int, overlap: int) -> np.ndarray:
+    """Blending weights of one tile, (tile, tile) float32, all > 0.
+
+    Args:
+        tile: tile side in pixels.
+        overlap: overlap between neighbouring tiles in pixels.
+
+    Returns:
+        The separable weight array; see the module docstring for its shape and why.
+    """
+    p = _profile(tile, overlap)
+    return np.outer(p, p)
