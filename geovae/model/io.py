@@ -1,0 +1,341 @@
+"""Self-describing model files: safetensors weights plus JSON metadata, never pickle.
+
+A geovae model file is one safetensors file. Its tensors are the module's ``state_dict``; its
+header metadata (string to string, part of the safetensors format) holds ``format``
+(``"geovae-model"``), ``format_version``, ``geovae_version`` and ``info``, the JSON of a
+:class:`~geovae.model.base.ModelInfo` (architecture, bands, normalisation, classes, tile
+size). Reading it parses JSON and copies raw tensor bytes; no code from the file can run.
+See docs/model-format.md.
+
+:func:`load_model` also reads TorchGeo ``SemanticSegmentation`` Lightning checkpoints, through
+``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and
+plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geovae._version import __version__
+from geovae.errors import GeovaeError, ModelFileError
+from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.model.vae import VAESegmenter
+
+#: The format this geovae writes; it reads this one and every older one.
+FORMAT_VERSION = 1
+FORMAT_NAME = "geovae-model"
+
+# A safetensors header larger than this is not a model description but a broken/foreign file.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _atomic_target(path: Path) -> tuple[int, Path]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    return fd, Path(tmp)
+
+
+def _torchgeo_stride(arch: dict[str, Any]) -> int:
+    # smp encoders reduce by 2**5; TorchGeo's own FCN keeps full resolution.
+    return 1 if arch.get("model") == "fcn" else 32
+
+
+def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, info: ModelInfo) -> Path:
+    """Write a model file that ``geovae segment`` can run with nothing else.
+
+    For a :class:`VAESegmenter`, ``info.arch``, ``info.stride``, ``info.kind``,
+    ``info.in_channels`` and ``info.num_classes`` are taken from the module. Any other module
+    must be rebuildable from ``info.arch`` by its ``info.kind`` (``"torchgeo"``: the
+    ``SemanticSegmentation`` hyperparameters ``model``, ``backbone``, ``in_channels``,
+    ``num_classes``, ``num_filters``). The file appears under its final name only when
+    complete.
+
+    Args:
+        path: destination; ``.safetensors`` is the recommended suffix, any is accepted.
+        module: the trained module (moved to CPU copies; the module itself is not changed).
+        info: the model's description (classes, bands, normalisation, tile size).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ModelFileError: if the module cannot be described or the file cannot be written.
+    """
+    path = Path(path)
+    d = info.to_dict()
+    if isinstance(module, VAESegmenter):
+        d.update(kind="geovae-vae", arch=module.hparams, stride=module.stride,
+                 in_channels=module.in_channels, num_classes=module.num_classes)
+    elif d.get("kind") == "torchgeo":
+        if not d.get("arch") or "model" not in d["arch"]:
+            raise ModelFileError("a TorchGeo model needs info.arch with its SemanticSegmentation hyperparameters")
+    else:
+        raise ModelFileError(
+            f"cannot save a {type(module).__name__}: only VAESegmenter or a TorchGeo model (info.kind='torchgeo')"
+        )
+    d.setdefault("extra", {})
+    d["extra"] = {**d["extra"], "geovae_version": __version__}
+    ModelInfo.from_dict(d)  # validates list lengths before anything is written
+    # Shared storage (views) is not allowed by safetensors: clone every tensor.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "geovae_version": __version__,
+        "info": json.dumps(d, sort_keys=True),
+    }
+    from safetensors.torch import save_file
+
+    if not path.parent.exists():
+        raise ModelFileError(f"{path}: folder {path.parent} does not exist; create it first")
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot write the model file ({exc.strerror or exc}); check the folder") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _sniff(path: Path) -> str:
+    """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or ``"unknown"``."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= min(_MAX_HEADER, size - 8) and head[8:9] == b"{":
+            return "safetensors"
+    if zipfile.is_zipfile(path):
+        return "torch"
+    if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's legacy format
+        return "torch"
+    return "unknown"
+
+
+def _read_safetensors_header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise ModelFileError(f"{path}: corrupt model file ({exc}); re-export or re-download it") from exc
+
+
+def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """The :class:`ModelInfo` of a geovae model file, without reading the weights.
+
+    Args:
+        path: a geovae model file.
+
+    Returns:
+        Its description.
+
+    Raises:
+        ModelFileError: missing, foreign, corrupt or newer-format file.
+    """
+    path = _existing(path)
+    if _sniff(path) != "safetensors":
+        raise ModelFileError(f"{path}: not a geovae model file (no safetensors header); use a file from geovae train")
+    return _info_from_metadata(path, _read_safetensors_header(path))
+
+
+def _existing(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"{p}: model file not found; check the path")
+    if not p.is_file():
+        raise ModelFileError(f"{p}: is not a file; give the path of a model file")
+    return p
+
+
+def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
+    if meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path}: a safetensors file without geovae metadata (foreign weights); "
+            "use a model file written by geovae train"
+        )
+    try:
+        version = int(meta["format_version"])
+    except (KeyError, ValueError):
+        raise ModelFileError(
+            f"{path}: unknown model format version {meta.get('format_version')!r}; use a file from geovae train"
+        ) from None
+    if version > FORMAT_VERSION or version < 1:
+        raise ModelFileError(
+            f"{path}: model format version {version} (written by geovae {meta.get('geovae_version', '?')}) is "
+            f"newer than this geovae {__version__} reads (up to {FORMAT_VERSION}); upgrade geovae"
+        )
+    try:
+        return ModelInfo.from_dict(json.loads(meta["info"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: corrupt model description ({exc}); re-export the model") from exc
+
+
+def _build_torchgeo_model(arch: dict[str, Any]) -> nn.Module:
+    from torchgeo.tasks import SemanticSegmentation
+
+    task = arch.get("task", "multiclass")
+    if task != "multiclass":
+        raise ModelFileError(f"TorchGeo task {task!r} is not supported; geovae runs multiclass segmentation models")
+    kwargs = {k: arch[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters") if k in arch}
+    # weights=None: the checkpoint brings the weights, nothing is downloaded.
+    return SemanticSegmentation(weights=None, task="multiclass", **kwargs).model
+
+
+def _load_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelFileError(f"{path}: weights do not fit the described architecture ({first}); re-export it") from exc
+
+
+def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
+    info = _info_from_metadata(path, _read_safetensors_header(path))
+    try:
+        if info.kind == "geovae-vae":
+            module: nn.Module = VAESegmenter(**info.arch)
+        elif info.kind == "torchgeo":
+            module = _build_torchgeo_model(info.arch)
+        else:
+            raise ModelFileError(f"{path}: unknown model kind {info.kind!r}; upgrade geovae")
+    except GeovaeError as exc:
+        if isinstance(exc, ModelFileError):
+            raise
+        raise ModelFileError(f"{path}: cannot rebuild the model ({exc})") from exc
+    except TypeError as exc:
+        raise ModelFileError(f"{path}: corrupt architecture description ({exc}); re-export the model") from exc
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # truncated or damaged tensor data
+        raise ModelFileError(f"{path}: corrupt model file ({exc}); re-export or re-download it") from exc
+    _load_state(path, module, state)
+    return module, info
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+    try:
+        # weights_only=True: only tensors and plain containers; any other object is refused
+        # before it can be constructed, so a malicious checkpoint cannot run code.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelFileError(
+            f"{path}: holds pickled Python objects, which geovae refuses to load (they can run code); "
+            "export the weights to a geovae model file"
+        ) from exc
+    except Exception as exc:
+        raise ModelFileError(f"{path}: corrupt or unreadable torch file ({type(exc).__name__}); re-export it") from exc
+    if not isinstance(obj, dict):
+        raise ModelFileError(f"{path}: a torch file that is not a TorchGeo checkpoint; use a geovae model file")
+    return obj
+
+
+def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
+    hp = ckpt.get("hyper_parameters")
+    sd = ckpt.get("state_dict")
+    if not isinstance(hp, dict) or not isinstance(sd, dict) or "model" not in hp:
+        raise ModelFileError(
+            f"{path}: a torch file that is neither a geovae model nor a TorchGeo SemanticSegmentation checkpoint"
+        )
+    for key in ("in_channels", "num_classes"):
+        if not isinstance(hp.get(key), int):
+            raise ModelFileError(f"{path}: TorchGeo checkpoint without an integer {key}; it cannot be rebuilt")
+    arch = {k: hp[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters", "task") if k in hp}
+    try:
+        module = _build_torchgeo_model(arch)
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
+    state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    _load_state(path, module, state)
+    labels = hp.get("labels")
+    info = ModelInfo(
+        in_channels=hp["in_channels"],
+        num_classes=hp["num_classes"],
+        class_names=list(labels) if isinstance(labels, (list, tuple)) and len(labels) == hp["num_classes"] else [],
+        stride=_torchgeo_stride(arch),
+        kind="torchgeo",
+        arch=arch,
+        extra={
+            "source": "torchgeo checkpoint",
+            "epoch": ckpt.get("epoch"),
+            "global_step": ckpt.get("global_step"),
+            "geovae_version": __version__,
+        },
+    )
+    return module, info
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "auto",
+    amp: bool = True,
+    *,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    class_ids: list[int] | None = None,
+    class_names: list[str] | None = None,
+) -> SegmentationModel:
+    """Load a model file, ready to predict.
+
+    Reads a geovae model file (safetensors + JSON) or a TorchGeo ``SemanticSegmentation``
+    Lightning checkpoint (``.ckpt``, loaded with ``weights_only=True``). A TorchGeo checkpoint
+    carries no normalisation or class ids: by default pixels go in as read (mean 0, std 1) and
+    output channel i is class i; the keyword arguments override that (and any field of a
+    geovae file).
+
+    Args:
+        path: the model file.
+        device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch device.
+        amp: run under autocast on CUDA.
+        mean: per-band value subtracted before the model.
+        std: per-band divisor.
+        class_ids: raster value of each output channel.
+        class_names: name of each class.
+
+    Returns:
+        A :class:`SegmentationModel` in eval mode on the device.
+
+    Raises:
+        ModelFileError: missing, corrupt, foreign, pickled-object or newer-format file, or
+            overrides of the wrong length.
+    """
+    p = _existing(path)
+    kind = _sniff(p)
+    if kind == "safetensors":
+        module, info = _load_geovae(p)
+    elif kind == "torch":
+        module, info = _load_torchgeo_checkpoint(p, _load_torch(p))
+    else:
+        raise ModelFileError(f"{p}: not a model file (neither geovae safetensors nor a TorchGeo checkpoint)")
+    d = info.to_dict()
+    if class_ids is not None and class_names is None and len(class_ids) == info.num_classes:
+        d["class_names"] = [f"class {c}" for c in class_ids]
+    for key, value in (("mean", mean), ("std", std), ("class_ids", class_ids), ("class_names", class_names)):
+        if value is not None:
+            d[key] = list(value)
+    try:
+        info = ModelInfo.from_dict(d)
+    except ValueError as exc:
+        raise ModelFileError(
+            f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
+        ) from exc
+    return SegmentationModel(module, info, device=device, amp=amp)

@@ -1,0 +1,231 @@
+"""Model files: exact round trips, refusal of unsafe/foreign/newer files, TorchGeo checkpoints."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from geovae.errors import ModelFileError
+from geovae.model import ModelInfo, VAESegmenter
+from geovae.model.io import FORMAT_VERSION, load_model, read_model_info, save_model
+
+
+class Boom:
+    """A pickled object whose unpickling would run code: it must never be constructed."""
+
+    def __reduce__(self) -> tuple:
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['BOOM_FILE']).write_text('pwned')",))
+
+
+def _trained_ish(seed: int = 0) -> VAESegmenter:
+    torch.manual_seed(seed)
+    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=4)
+    # Move BatchNorm statistics away from their defaults so a lost buffer would show.
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m.forward_all(torch.randn(4, 6, 16, 16) * 3 + 1)
+    return m.eval()
+
+
+def _info() -> ModelInfo:
+    return ModelInfo(
+        in_channels=6, num_classes=3, class_ids=[1, 3, 5], class_names=["developed", "water", "forest"],
+        class_colors=[(255, 0, 0), (0, 0, 255), (0, 128, 0)], mean=[10.0] * 6, std=[4.0] * 6,
+        band_names=[f"B{i}" for i in range(1, 7)], tile_size=64, extra={"trained_on": "nc"},
+    )
+
+
+def test_round_trip_reproduces_predictions_exactly(tmp_path: Path) -> None:
+    m = _trained_ish()
+    info = _info()
+    p = save_model(tmp_path / "m.safetensors", m, info)
+    assert p.exists() and not list(tmp_path.glob("*.part"))
+    loaded = load_model(p, device="cpu")
+    assert loaded.info.kind == "geovae-vae"
+    assert loaded.info.arch == m.hparams and loaded.info.stride == m.stride
+    assert loaded.info.class_ids == [1, 3, 5] and loaded.info.class_names[2] == "forest"
+    assert loaded.info.class_colors[1] == (0, 0, 255)
+    assert loaded.info.band_names == info.band_names and loaded.info.tile_size == 64
+    assert loaded.info.extra["trained_on"] == "nc" and loaded.info.extra["geovae_version"]
+    x = torch.rand(2, 6, 32, 32) * 20
+    ref = m.eval()((x - 10.0) / 4.0).softmax(1)
+    got = loaded.predict(x, reconstruction=True)
+    assert torch.equal(got["probs"], ref)
+    assert torch.equal(got["reconstruction_error"], ((m.reconstruct((x - 10) / 4) - (x - 10) / 4) ** 2).mean(1))
+    # Same seed, same samples: the sampling path is reproduced too.
+    torch.manual_seed(5)
+    s1 = loaded.predict(x, samples=3)
+    torch.manual_seed(5)
+    s2 = m.sample((x - 10.0) / 4.0, 3).mean(0)
+    assert torch.equal(s1["probs"], s2)
+    assert read_model_info(p).class_ids == [1, 3, 5]
+
+
+def test_any_suffix_is_accepted(tmp_path: Path) -> None:
+    p = save_model(tmp_path / "model.pt", _trained_ish(), _info())
+    assert load_model(p, device="cpu").info.num_classes == 3
+
+
+def test_smp_encoder_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = VAESegmenter(6, 3, encoder="smp:resnet18", depth=3).eval()
+    p = save_model(tmp_path / "r18.safetensors", m, ModelInfo(in_channels=6, num_classes=3))
+    x = torch.randn(1, 6, 32, 32)
+    assert torch.equal(load_model(p, device="cpu").predict(x)["probs"], m(x).softmax(1))
+
+
+def test_pickled_object_is_refused_without_running_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = tmp_path / "flag.txt"
+    monkeypatch.setenv("BOOM_FILE", str(flag))
+    for name, payload in {
+        "zip.pt": {"state_dict": {}, "hyper_parameters": {"model": "unet"}, "x": Boom()},
+        "obj.ckpt": Boom(),
+    }.items():
+        p = tmp_path / name
+        torch.save(payload, p)
+        with pytest.raises(ModelFileError, match="pickled Python objects") as ei:
+            load_model(p, device="cpu")
+        assert "\n" not in str(ei.value)
+    # A raw (non-torch) pickle is refused as well.
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ModelFileError):
+        load_model(raw, device="cpu")
+    assert not flag.exists()
+
+
+def test_plain_torch_state_dict_is_foreign(tmp_path: Path) -> None:
+    p = tmp_path / "weights.pt"
+    torch.save(_trained_ish().state_dict(), p)
+    with pytest.raises(ModelFileError, match="neither a geovae model nor a TorchGeo"):
+        load_model(p, device="cpu")
+    torch.save([torch.zeros(2)], p)
+    with pytest.raises(ModelFileError, match="not a TorchGeo checkpoint"):
+        load_model(p, device="cpu")
+
+
+def _rewrite_metadata(src: Path, dst: Path, **changes: str) -> None:
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    dst.write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n :])
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    newer = tmp_path / "newer.safetensors"
+    _rewrite_metadata(p, newer, format_version=str(FORMAT_VERSION + 1))
+    with pytest.raises(ModelFileError, match="newer than this geovae .*upgrade geovae"):
+        load_model(newer, device="cpu")
+    odd = tmp_path / "odd.safetensors"
+    _rewrite_metadata(p, odd, format_version="banana")
+    with pytest.raises(ModelFileError, match="unknown model format version"):
+        load_model(odd, device="cpu")
+    foreign = tmp_path / "foreign.safetensors"
+    _rewrite_metadata(p, foreign, format="something-else")
+    with pytest.raises(ModelFileError, match="foreign"):
+        load_model(foreign, device="cpu")
+    bad_info = tmp_path / "bad_info.safetensors"
+    _rewrite_metadata(p, bad_info, info="{not json")
+    with pytest.raises(ModelFileError, match="corrupt model description"):
+        load_model(bad_info, device="cpu")
+
+
+def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, I am not a model\n")
+    with pytest.raises(ModelFileError, match="not a model file"):
+        load_model(text, device="cpu")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "missing.safetensors", device="cpu")
+    with pytest.raises(ModelFileError, match="not a file"):
+        load_model(tmp_path, device="cpu")
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError):
+        load_model(empty, device="cpu")
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ModelFileError, match="corrupt"):
+        load_model(cut, device="cpu")
+    # Weights of another architecture under a valid description.
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    meta = {"format": "geovae-model", "format_version": "1", "info": json.dumps(read_model_info(p).to_dict())}
+    save_file({"w": torch.zeros(3)}, str(other), metadata=meta)
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_model(other, device="cpu")
+
+
+def test_save_refuses_an_undescribable_module(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError):
+        save_model(tmp_path / "x.safetensors", torch.nn.Conv2d(6, 3, 1), ModelInfo(in_channels=6, num_classes=3))
+    with pytest.raises(ModelFileError, match="does not exist"):
+        save_model(tmp_path / "no" / "x.safetensors", _trained_ish(), _info())
+    assert not list(tmp_path.glob("**/*.part"))
+
+
+def test_override_lengths_are_checked(tmp_path: Path) -> None:
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    with pytest.raises(ModelFileError, match="6 bands"):
+        load_model(p, device="cpu", mean=[0.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    import lightning as L
+    from torchgeo.tasks import SemanticSegmentation
+
+    torch.manual_seed(0)
+    task = SemanticSegmentation(model="unet", backbone="resnet18", weights=None, in_channels=6, num_classes=7)
+    batch = [{"image": torch.randn(6, 64, 64), "mask": torch.randint(0, 7, (64, 64))} for _ in range(2)]
+    dl = torch.utils.data.DataLoader(batch, batch_size=2)
+    root = tmp_path_factory.mktemp("tg")
+    trainer = L.Trainer(
+        max_epochs=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )
+    trainer.fit(task, dl, dl)  # the validation pass feeds TorchGeo's ReduceLROnPlateau
+    ckpt = root / "task.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt, task.model.eval()
+
+
+def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoint: tuple[Path, torch.nn.Module]) -> None:
+    ckpt, model = torchgeo_checkpoint
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.info.kind == "torchgeo" and loaded.info.in_channels == 6 and loaded.info.num_classes == 7
+    assert loaded.info.class_ids == list(range(7)) and loaded.info.mean == [0.0] * 6
+    assert loaded.info.stride == 32
+    assert not loaded.supports_samples and not loaded.supports_reconstruction
+    x = torch.rand(2, 6, 64, 64) * 255
+    with torch.no_grad():
+        ref = model(x).softmax(1)
+    assert torch.equal(loaded.predict(x)["probs"], ref)
+    # With the user's normalisation and class ids.
+    named = load_model(ckpt, device="cpu", mean=[100.0] * 6, std=[50.0] * 6, class_ids=[1, 2, 3, 4, 5, 6, 7])
+    assert named.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and named.info.class_names[0] == "class 1"
+    with torch.no_grad():
+        ref2 = model((x - 100) / 50).softmax(1)
+    assert torch.equal(named.predict(x)["probs"], ref2)
+
+
+def test_torchgeo_model_saved_as_geovae_file(torchgeo_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    ckpt, model = torchgeo_checkpoint
+    loaded = load_model(ckpt, device="cpu")
+    p = save_model(tmp_path / "tg.safetensors", loaded.module, loaded.info)
+    again = load_model(p, device="cpu")
+    assert again.info.kind == "torchgeo"
+    x = torch.rand(1, 6, 64, 64)
+    assert torch.equal(again.predict(x)["probs"], loaded.predict(x)["probs"])
