@@ -87,7 +87,9 @@ def _check_local_file(name: str, shown: str) -> None:
 
 
 def _gdal_message(exc: BaseException) -> str:
-    """GDAL's own message, on one line and without rasterio's prefixes."""
+    """GDAL's own message, on one line (rasterio chains it as the cause of a generic one)."""
+    while exc.__cause__ is not None and "see previous exception" in str(exc).lower():
+        exc = exc.__cause__
     return " ".join(str(exc).split())[:300]
 
 
@@ -311,10 +313,11 @@ class Scene:
             else:
                 valid = np.ones(data.shape[1:], dtype=bool)
         except RasterioError as exc:
-            r0, c0 = int(win.row_off), int(win.col_off)
+            bad, err = self._locate_corrupt(win)
+            r0, c0 = int(bad.row_off), int(bad.col_off)
             raise CorruptSceneError(
-                f"scene {self.name} is corrupt at rows {r0}-{r0 + int(win.height) - 1}, "
-                f"cols {c0}-{c0 + int(win.width) - 1}: {_gdal_message(exc)}; re-download or re-export it"
+                f"scene {self.name} is corrupt at rows {r0}-{r0 + int(bad.height) - 1}, "
+                f"cols {c0}-{c0 + int(bad.width) - 1}: {_gdal_message(err or exc)}; re-download or re-export it"
             ) from None
         if self.nodata is not None:
             nd = self.nodata
@@ -329,6 +332,21 @@ class Scene:
                 valid &= ~bad.any(axis=0)
                 data[bad] = 0.0
         return data, valid
+
+    def _locate_corrupt(self, win: Window) -> tuple[Window, BaseException | None]:
+        """The first internal block inside ``win`` that fails to decode (``win`` if none does)."""
+        ds = self.dataset()
+        bh, bw = self.block_shapes[0]
+        r0, c0 = int(win.row_off), int(win.col_off)
+        r1, c1 = r0 + int(win.height), c0 + int(win.width)
+        for br in range(r0 // bh * bh, r1, bh):
+            for bc in range(c0 // bw * bw, c1, bw):
+                blk = Window(bc, br, min(bw, self.width - bc), min(bh, self.height - br))
+                try:
+                    ds.read(self.bands, window=blk)
+                except RasterioError as exc:
+                    return blk, exc
+        return win, None
 
     def read_overview(self, max_size: int, bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A decimated read of the whole scene (uses overviews where the file has them).
