@@ -1,0 +1,636 @@
+"""Class raster -> polygons -> GeoJSON / GeoPackage / GeoParquet, in bounded memory.
+
+The raster is polygonised block by block (``rasterio.features.shapes`` over windows of
+``block_size`` pixels). A piece that touches a block line shared with another block is
+held back; once a whole row of blocks is done, held pieces of the same class that share an
+edge across a block line are joined (an STRtree finds candidate neighbours, connected
+components group them, one union per group), and every joined region that cannot grow any
+further (it does not reach the next row of blocks) is written out. Pieces that touch no
+shared block line are complete the moment they are traced and go straight to a temporary
+GeoPackage. So no polygon is ever cut by a block line, and memory holds one block of pixels,
+the pieces along the open block lines and the output buffer, never the whole raster.
+
+All joining happens in pixel coordinates, where every vertex is an exact integer: pieces
+from two blocks meet on bit-identical coordinates, so unions are exact. The affine transform
+to the raster's CRS is applied once per finished polygon.
+
+Simplification (``simplify`` > 0) is topology-preserving: ``shapely.coverage_simplify``
+simplifies each shared edge once, so neighbours still share it. It needs the whole coverage
+at once, so with ``simplify`` every polygon (densified to one vertex per pixel step, which
+coverage simplification needs to see identical shared edges) is loaded into memory at the
+end: memory then grows with the number of polygon vertices. Without it, memory grows only
+with the open block lines while polygonising; writing GeoJSON or GeoParquet then loads the
+finished polygons (the output itself), a GeoPackage alone is streamed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyogrio
+import pyproj
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from geovae.errors import OptionError, OutputError, SceneError
+
+__all__ = ["VectorizeResult", "vectorize", "FORMATS"]
+
+#: Output suffix -> OGR driver (``.parquet`` is written with geopandas/pyarrow, not OGR).
+FORMATS: dict[str, str] = {".geojson": "GeoJSON", ".gpkg": "GPKG", ".parquet": "Parquet"}
+
+#: Finished polygons are flushed to the temporary GeoPackage in chunks of this many.
+_FLUSH_EVERY = 20_000
+
+_COLUMNS = ["class_id", "class_name", "area_m2", "confidence_mean", "uncertainty_mean"]
+
+
+@dataclass
+class VectorizeResult:
+    """What :func:`vectorize` wrote.
+
+    Attributes:
+        paths: the output files, in the order asked for.
+        n_polygons: number of polygons in each output.
+        class_areas_m2: total polygon area per class id, in square metres (square pixels
+            for a raster without CRS).
+    """
+
+    paths: list[Path]
+    n_polygons: int
+    class_areas_m2: dict[int, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# input checks
+
+
+def _open_raster(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
+    """Open a raster for reading, turning every failure into a one-line :class:`SceneError`."""
+    p = os.fspath(path)
+    remote = "://" in p or p.startswith("/vsi")
+    if not remote and not Path(p).exists():
+        raise SceneError(f"{what} raster not found: {p}; check the path")
+    if not remote and Path(p).is_dir():
+        raise SceneError(f"{what} raster {p} is a folder; pass a raster file such as a GeoTIFF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(p)
+    except (RasterioIOError, OSError) as e:
+        msg = " ".join(str(e).split())
+        raise SceneError(f"cannot read {what} raster {p} ({msg}); pass a GDAL-readable raster such as a GeoTIFF") from e
+
+
+def _check_same_grid(src: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
+    if (other.width, other.height) != (src.width, src.height) or not other.transform.almost_equals(src.transform) or (
+        other.crs != src.crs
+    ):
+        raise OptionError(
+            f"{what} raster {other.name} is on another grid than the class raster {src.name} "
+            f"({other.width}x{other.height} vs {src.width}x{src.height}, or other CRS/transform); "
+            f"pass the {what} raster written together with the classes"
+        )
+
+
+def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    outs = [out] if isinstance(out, (str, os.PathLike)) else list(out)
+    if not outs:
+        raise OptionError("no output file given; pass --out FILE.geojson, .gpkg or .parquet")
+    paths = [Path(o) for o in outs]
+    for p in paths:
+        if p.suffix.lower() not in FORMATS:
+            raise OptionError(
+                f"unknown output format {p.suffix or '(no suffix)'!r} for {p}; use .geojson, .gpkg or .parquet"
+            )
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"output folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"output folder {parent} is not writable; choose another --out")
+    return paths
+
+
+def _class_names_from_tags(src: rasterio.DatasetReader) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for key, value in src.tags().items():
+        if key.upper().startswith("CLASS_"):
+            try:
+                names[int(key[6:])] = value
+            except ValueError:
+                continue
+    return names
+
+
+# --------------------------------------------------------------------------------------
+# units and areas
+
+
+class _Measure:
+    """Areas in square metres and the simplification tolerance in CRS units, for one CRS."""
+
+    def __init__(self, crs: rasterio.crs.CRS | None, bounds: tuple[float, float, float, float]):
+        self.crs = pyproj.CRS.from_wkt(crs.to_wkt()) if crs else None
+        self.geod: pyproj.Geod | None = None
+        self.unit_m = 1.0  # metres per CRS unit (1 for pixel units too: areas stay in pixels)
+        self.metres_per_unit_tol = 1.0
+        if self.crs is not None and self.crs.is_geographic:
+            self.geod = self.crs.get_geod()
+            lon = (bounds[0] + bounds[2]) / 2
+            lat = (bounds[1] + bounds[3]) / 2
+            # A degree of longitude shrinks with latitude; the tolerance uses the mean of
+            # the east-west and north-south lengths of one degree at the raster's centre.
+            _, _, d_lat = self.geod.inv(lon, lat - 0.5, lon, lat + 0.5)
+            _, _, d_lon = self.geod.inv(lon - 0.5, lat, lon + 0.5, lat)
+            self.metres_per_unit_tol = (d_lat + d_lon) / 2
+        elif self.crs is not None:
+            self.unit_m = float(self.crs.axis_info[0].unit_conversion_factor) if self.crs.axis_info else 1.0
+            self.metres_per_unit_tol = self.unit_m
+
+    def areas(self, geoms: np.ndarray) -> np.ndarray:
+        """Areas of world-coordinate polygons in square metres (square pixels without CRS)."""
+        if len(geoms) == 0:
+            return np.zeros(0)
+        if self.geod is None:
+            return shapely.area(geoms) * self.unit_m**2
+        # Geod sums the signed area of every ring: exteriors must run CCW and holes CW, or a
+        # hole would add its area instead of removing it.
+        oriented = shapely.orient_polygons(geoms, exterior_cw=False)
+        return np.array([abs(self.geod.geometry_area_perimeter(g)[0]) for g in oriented], dtype=float)
+
+    def tolerance(self, metres: float) -> float:
+        return metres / self.metres_per_unit_tol
+
+
+# --------------------------------------------------------------------------------------
+# polygonising
+
+
+def _windows(width: int, height: int, block: int) -> Iterator[list[Window]]:
+    """Rows of block windows, top to bottom; the last row and column may be smaller."""
+    for row_off in range(0, height, block):
+        h = min(block, height - row_off)
+        yield [Window(col_off, row_off, min(block, width - col_off), h) for col_off in range(0, width, block)]
+
+
+class _Pieces:
+    """Column store of polygons in pixel coordinates with their class and (sum, count) stats."""
+
+    def __init__(self) -> None:
+        self.geoms: list[np.ndarray] = []
+        self.cls: list[np.ndarray] = []
+        self.stats: list[np.ndarray] = []  # (n, 4): conf sum, conf count, unc sum, unc count
+
+    def add(self, geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray) -> None:
+        if len(geoms):
+            self.geoms.append(geoms)
+            self.cls.append(cls)
+            self.stats.append(stats)
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.geoms:
+            return np.empty(0, dtype=object), np.empty(0, dtype=np.int64), np.empty((0, 4))
+        out = np.concatenate(self.geoms), np.concatenate(self.cls), np.concatenate(self.stats)
+        self.geoms, self.cls, self.stats = [], [], []
+        return out
+
+
+def _block_pieces(
+    classes: np.ndarray,
+    valid: np.ndarray,
+    window: Window,
+    connectivity: int,
+    conf: np.ndarray | None,
+    unc: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Polygonise one block; return pieces in global pixel coordinates, classes and stats."""
+    to_pixels = Affine.translation(window.col_off, window.row_off)
+    geoms: list[Any] = []
+    cls: list[int] = []
+    for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=connectivity, transform=to_pixels):
+        geoms.append(shapely.geometry.shape(geom))
+        cls.append(int(value))
+    garr = np.array(geoms, dtype=object) if geoms else np.empty(0, dtype=object)
+    stats = np.zeros((len(geoms), 4))
+    if len(geoms) and (conf is not None or unc is not None):
+        # Pixel-exact polygons: every pixel centre lies strictly inside exactly one piece,
+        # so rasterising the pieces back gives each pixel its piece id without any ambiguity.
+        ids = rasterio.features.rasterize(
+            zip(geoms, range(1, len(geoms) + 1)),
+            out_shape=classes.shape,
+            transform=to_pixels,
+            fill=0,
+            dtype="int32",
+        )
+        for k, band in ((0, conf), (2, unc)):
+            if band is None:
+                continue
+            ok = np.isfinite(band) & (ids > 0)
+            lab = ids[ok]
+            stats[:, k] = np.bincount(lab, weights=band[ok].astype(np.float64), minlength=len(geoms) + 1)[1:]
+            stats[:, k + 1] = np.bincount(lab, minlength=len(geoms) + 1)[1:]
+    return garr, np.array(cls, dtype=np.int64), stats
+
+
+def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes given undirected edges (i, j)."""
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:  # path compression keeps later look-ups O(1)
+            parent[a], a = root, parent[a]
+        return root
+
+    for a, b in zip(i.tolist(), j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(a) for a in range(n)])
+
+
+def _join(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray, connectivity: int) -> tuple[np.ndarray, ...]:
+    """Join same-class pieces that touch across block lines; returns joined geoms/cls/stats."""
+    if len(geoms) < 2:
+        return geoms, cls, stats
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="touches")
+    keep = (i < j) & (cls[i] == cls[j])
+    i, j = i[keep], j[keep]
+    if connectivity == 4 and len(i):
+        # Pieces of one class that meet only at a corner are separate regions with
+        # 4-connectivity: join only those whose boundaries share a line.
+        shared_edge = shapely.relate_pattern(geoms[i], geoms[j], "F***1****")
+        i, j = i[shared_edge], j[shared_edge]
+    if len(i) == 0:
+        return geoms, cls, stats
+    comp = _components(len(geoms), i, j)
+    order = np.argsort(comp, kind="stable")
+    comp_sorted = comp[order]
+    starts = np.flatnonzero(np.r_[True, comp_sorted[1:] != comp_sorted[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    out_g = np.empty(len(starts), dtype=object)
+    out_c = np.empty(len(starts), dtype=np.int64)
+    out_s = np.empty((len(starts), 4))
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        members = order[s:e]
+        out_g[k] = geoms[members[0]] if e - s == 1 else shapely.union_all(geoms[members])
+        out_c[k] = cls[members[0]]
+        out_s[k] = stats[members].sum(axis=0)
+    return out_g, out_c, out_s
+
+
+def _valid(geoms: np.ndarray) -> np.ndarray:
+    """Repair invalid geometries and keep only their polygonal part."""
+    bad = ~shapely.is_valid(geoms)
+    if bad.any():
+        fixed = shapely.make_valid(geoms[bad])
+        # make_valid can return a collection with stray lines or points: keep area only.
+        fixed = np.array(
+            [g if g.geom_type in ("Polygon", "MultiPolygon") else _polygonal(g) for g in fixed], dtype=object
+        )
+        geoms = geoms.copy()
+        geoms[bad] = fixed
+    return geoms
+
+
+def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
+    parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
+    if not parts:
+        return shapely.Polygon()
+    return shapely.union_all(parts)
+
+
+# --------------------------------------------------------------------------------------
+# writing
+
+
+class _PartsWriter:
+    """Appends finished polygons (scene CRS) to a temporary GeoPackage in chunks."""
+
+    def __init__(self, path: Path, crs: Any, geometry_type: str):
+        self.path = path
+        self.crs = crs
+        self.geometry_type = geometry_type
+        self.buffer: list[dict[str, Any]] = []
+        self.n = 0
+        self.started = False
+
+    def add(self, rows: dict[str, Any]) -> None:
+        if len(rows["geometry"]):
+            self.buffer.append(rows)
+            if sum(len(r["geometry"]) for r in self.buffer) >= _FLUSH_EVERY:
+                self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        import geopandas as gpd
+        import pandas as pd
+
+        if not self.buffer and (self.started or not force):
+            return
+        if self.buffer:
+            df = pd.concat([pd.DataFrame(r) for r in self.buffer], ignore_index=True)
+        else:
+            df = pd.DataFrame({c: [] for c in [*_COLUMNS, "geometry"]})
+        df = _typed(df)
+        gdf = gpd.GeoDataFrame(df, geometry="geometry", crs=self.crs)
+        with warnings.catch_warnings():
+            # Pixel-coordinates mode has no CRS on purpose.
+            warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
+            pyogrio.write_dataframe(
+                gdf,
+                self.path,
+                driver="GPKG",
+                layer="polygons",
+                append=self.started,
+                geometry_type=self.geometry_type,
+                promote_to_multi=self.geometry_type == "MultiPolygon",
+            )
+        self.n += len(gdf)
+        self.started = True
+        self.buffer = []
+
+
+def _typed(df: Any) -> Any:
+    df["class_id"] = df["class_id"].astype("int32")
+    df["class_name"] = df["class_name"].astype(object)
+    for c in ("area_m2", "confidence_mean", "uncertainty_mean"):
+        df[c] = df[c].astype("float64")
+    return df
+
+
+def _tmp_name(path: Path) -> Path:
+    # Hidden, unique, same folder (so the final rename is atomic), same suffix (so GDAL
+    # recognises the format).
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def _write_outputs(
+    gdf: Any, paths: list[Path], tmps: dict[Path, Path], geometry_type: str, layer: str
+) -> None:
+    """Write ``gdf`` to each temp path in the format its final path's suffix names."""
+    multi = geometry_type == "MultiPolygon"
+    for p in paths:
+        tmp = tmps[p]
+        suffix = p.suffix.lower()
+        if suffix == ".geojson":
+            # RFC7946=YES makes GDAL write right-hand (CCW exterior) rings, WGS84 lon/lat
+            # and cut polygons at the antimeridian; we reproject first so GDAL sees 4326.
+            out = gdf.to_crs(4326) if gdf.crs is not None and gdf.crs.to_epsg() != 4326 else gdf
+            pyogrio.write_dataframe(
+                out,
+                tmp,
+                driver="GeoJSON",
+                layer=layer,
+                geometry_type=geometry_type,
+                promote_to_multi=multi,
+                layer_options={"RFC7946": "YES"},
+            )
+        elif suffix == ".gpkg":
+            pyogrio.write_dataframe(
+                gdf, tmp, driver="GPKG", layer="polygons", geometry_type=geometry_type, promote_to_multi=multi
+            )
+        else:
+            gdf.to_parquet(tmp, index=False, schema_version="1.1.0", write_covering_bbox=False)
+
+
+# --------------------------------------------------------------------------------------
+# the public function
+
+
+def vectorize(
+    classes: str | os.PathLike[str],
+    out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    confidence: str | os.PathLike[str] | None = None,
+    uncertainty: str | os.PathLike[str] | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    class_names: dict[int, str] | None = None,
+    block_size: int = 1024,
+    connectivity: int = 4,
+) -> VectorizeResult:
+    """Polygonise a class raster block-wise into GeoJSON, GeoPackage and/or GeoParquet files.
+
+    Every connected region of one class (nodata excluded) becomes one polygon, whatever the
+    block size: pieces cut by block lines are joined before anything is written.
+
+    Args:
+        classes: class raster (integer class ids in band 1; nodata from its tag, alpha band
+            or internal mask).
+        out: output path, or a list of them; the suffix picks the format: ``.geojson``
+            (RFC 7946, EPSG:4326), ``.gpkg`` or ``.parquet`` (GeoParquet), both in the
+            raster's CRS. One polygonisation serves all outputs.
+        confidence: optional raster on the same grid whose band 1 is averaged per polygon
+            (``confidence_mean``); NaN pixels are left out of the mean.
+        uncertainty: optional raster on the same grid whose band 1 (predictive entropy) is
+            averaged per polygon (``uncertainty_mean``).
+        min_area: polygons smaller than this many square metres (after joining) are dropped.
+        simplify: topology-preserving simplification tolerance in metres (0: none).
+        class_names: class id -> name; default from the raster's ``CLASS_<id>`` tags, else
+            ``"class <id>"``.
+        block_size: side of the square windows polygonised at a time, in pixels.
+        connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours) form a region.
+
+    Returns:
+        The written paths, the polygon count and the total area per class.
+
+    Raises:
+        SceneError: the class raster is missing or not a readable raster, or its band 1 is
+            not integer.
+        OptionError: unknown output suffix, GeoJSON asked for a raster without CRS, a
+            confidence/uncertainty raster on another grid, or an option out of range.
+        OutputError: an output folder is missing or not writable.
+    """
+    paths = _output_paths(out)
+    if not isinstance(block_size, int) or block_size < 1:
+        raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
+    if connectivity not in (4, 8):
+        raise OptionError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    for name, value in (("min-area", min_area), ("simplify", simplify)):
+        if not math.isfinite(value) or value < 0:
+            raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
+
+    src = _open_raster(classes, "class")
+    extra: list[rasterio.DatasetReader] = []
+    try:
+        if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+            raise SceneError(
+                f"class raster {src.name} has dtype {src.dtypes[0]}; class ids must be integers (e.g. uint8)"
+            )
+        crs = src.crs
+        if crs is None and any(p.suffix.lower() == ".geojson" for p in paths):
+            raise OptionError(f"GeoJSON needs a CRS and {src.name} has none; use .gpkg or .parquet")
+        conf_src = unc_src = None
+        if confidence is not None:
+            conf_src = _open_raster(confidence, "confidence")
+            extra.append(conf_src)
+            _check_same_grid(src, conf_src, "confidence")
+        if uncertainty is not None:
+            unc_src = _open_raster(uncertainty, "uncertainty")
+            extra.append(unc_src)
+            _check_same_grid(src, unc_src, "uncertainty")
+
+        names = _class_names_from_tags(src)
+        if class_names:
+            names.update({int(k): str(v) for k, v in class_names.items()})
+        # Without a CRS the polygons stay in pixel units (column, row), y down.
+        to_world = src.transform if crs is not None else Affine.identity()
+        measure = _Measure(crs, src.bounds)
+        return _run(src, conf_src, unc_src, paths, names, to_world, measure, min_area, simplify, block_size, connectivity)
+    finally:
+        for ds in extra:
+            ds.close()
+        src.close()
+
+
+def _run(
+    src: rasterio.DatasetReader,
+    conf_src: rasterio.DatasetReader | None,
+    unc_src: rasterio.DatasetReader | None,
+    paths: list[Path],
+    names: dict[int, str],
+    to_world: Affine,
+    measure: _Measure,
+    min_area: float,
+    simplify: float,
+    block_size: int,
+    connectivity: int,
+) -> VectorizeResult:
+    width, height = src.width, src.height
+    dtype = np.dtype(src.dtypes[0])
+    # rasterio.features.shapes takes (u)int8/16 and int32; wider integers are narrowed.
+    shapes_dtype = dtype if dtype in (np.uint8, np.uint16, np.int16, np.int32) else np.dtype(np.int32)
+    geometry_type = "Polygon" if connectivity == 4 else "MultiPolygon"
+    a, b, c, d, e, f = to_world.a, to_world.b, to_world.c, to_world.d, to_world.e, to_world.f
+
+    def world(geoms: np.ndarray) -> np.ndarray:
+        if simplify > 0:
+            # Coverage simplification needs neighbours to carry identical vertices along a
+            # shared edge; one vertex per pixel step (exact integers here) guarantees it.
+            geoms = shapely.segmentize(geoms, 1.0)
+        return shapely.transform(geoms, lambda xy: np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f)))
+
+    tmps = {p: _tmp_name(p) for p in paths}
+    gpkg_direct = simplify == 0 and any(p.suffix.lower() == ".gpkg" for p in paths)
+    parts_path = (
+        tmps[next(p for p in paths if p.suffix.lower() == ".gpkg")]
+        if gpkg_direct
+        else _tmp_name(paths[0].with_name(paths[0].stem + ".parts.gpkg"))
+    )
+    parts = _PartsWriter(parts_path, src.crs, geometry_type)
+    class_areas: dict[int, float] = {}
+    have_conf, have_unc = conf_src is not None, unc_src is not None
+
+    def emit(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray) -> None:
+        if len(geoms) == 0:
+            return
+        g = _valid(world(geoms))
+        area = measure.areas(g)
+        # Pixel-exact areas decide min_area, before any simplification.
+        keep = (area >= min_area) & ~shapely.is_empty(g)
+        g, cls, stats, area = g[keep], cls[keep], stats[keep], area[keep]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            conf = np.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1], np.nan) if have_conf else np.full(len(g), np.nan)
+            unc = np.where(stats[:, 3] > 0, stats[:, 2] / stats[:, 3], np.nan) if have_unc else np.full(len(g), np.nan)
+        parts.add(
+            {
+                "class_id": cls,
+                "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
+                "area_m2": area,
+                "confidence_mean": conf,
+                "uncertainty_mean": unc,
+                "geometry": g,
+            }
+        )
+        if simplify == 0:
+            for k, v in zip(*_group_sum(cls, area)):
+                class_areas[k] = class_areas.get(k, 0.0) + v
+
+    try:
+        open_pieces = _Pieces()
+        for row in _windows(width, height, block_size):
+            for win in row:
+                data = src.read(1, window=win)
+                valid = src.read_masks(1, window=win) > 0
+                if not valid.any():
+                    continue
+                if data.dtype != shapes_dtype:
+                    data = data.astype(shapes_dtype)
+                conf = conf_src.read(1, window=win, masked=False).astype(np.float32) if conf_src else None
+                unc = unc_src.read(1, window=win, masked=False).astype(np.float32) if unc_src else None
+                if conf_src is not None and conf_src.nodata is not None and not np.isnan(conf_src.nodata):
+                    conf = np.where(conf == conf_src.nodata, np.nan, conf)
+                if unc_src is not None and unc_src.nodata is not None and not np.isnan(unc_src.nodata):
+                    unc = np.where(unc == unc_src.nodata, np.nan, unc)
+                geoms, cls, stats = _block_pieces(data, valid, win, connectivity, conf, unc)
+                if len(geoms) == 0:
+                    continue
+                x0, y0, x1, y1 = shapely.bounds(geoms).T
+                c0, r0 = win.col_off, win.row_off
+                c1, r1 = c0 + win.width, r0 + win.height
+                # A piece is complete unless it reaches a block line shared with another block.
+                on_line = (
+                    ((x0 <= c0) & (c0 > 0)) | ((x1 >= c1) & (c1 < width)) | ((y0 <= r0) & (r0 > 0)) | ((y1 >= r1) & (r1 < height))
+                )
+                emit(geoms[~on_line], cls[~on_line], stats[~on_line])
+                open_pieces.add(geoms[on_line], cls[on_line], stats[on_line])
+            # A row of blocks is done: join what meets across its lines, and write out every
+            # region that does not reach the next row (nothing below can extend it).
+            geoms, cls, stats = _join(*open_pieces.take(), connectivity)
+            if len(geoms):
+                row_end = row[0].row_off + row[0].height
+                done = shapely.bounds(geoms)[:, 3] < row_end if row_end < height else np.ones(len(geoms), bool)
+                emit(geoms[done], cls[done], stats[done])
+                open_pieces.add(geoms[~done], cls[~done], stats[~done])
+        parts.flush(force=True)
+
+        if simplify == 0 and gpkg_direct:
+            others = [p for p in paths if tmps[p] != parts_path]
+            n = parts.n
+            if others:
+                gdf = _read(parts_path)
+                _write_outputs(gdf, others, tmps, geometry_type, paths[0].stem)
+        else:
+            gdf = _read(parts_path)
+            if simplify > 0 and len(gdf):
+                tol = measure.tolerance(simplify)
+                geoms = shapely.coverage_simplify(gdf.geometry.values, tol)
+                geoms = _valid(np.asarray(geoms, dtype=object))
+                gdf = gdf.set_geometry(geoms)
+                gdf = gdf[~shapely.is_empty(geoms)].reset_index(drop=True)
+                gdf["area_m2"] = measure.areas(gdf.geometry.values)
+                for k, v in zip(*_group_sum(gdf["class_id"].to_numpy(), gdf["area_m2"].to_numpy())):
+                    class_areas[k] = v
+            n = len(gdf)
+            _write_outputs(gdf, paths, tmps, geometry_type, paths[0].stem)
+        for p in paths:
+            os.replace(tmps[p], p)
+    finally:
+        for tmp in [*tmps.values(), parts_path]:
+            if tmp.exists():
+                tmp.unlink()
+    return VectorizeResult(paths=paths, n_polygons=n, class_areas_m2=dict(sorted(class_areas.items())))
+
+
+def _read(path: Path) -> Any:
+    return pyogrio.read_dataframe(path, layer="polygons")
+
+
+def _group_sum(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float]]:
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return [int(k) for k in uniq], np.bincount(inv, weights=values, minlength=len(uniq)).tolist()

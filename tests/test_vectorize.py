@@ -1,0 +1,371 @@
+"""geovae.vectorize: block-wise polygons that tile the class raster, on the real rasters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import rasterio.warp
+import shapely
+from affine import Affine
+
+from geovae.errors import GeovaeError, OptionError, SceneError
+from geovae.vectorize import VectorizeResult, vectorize
+
+from conftest import data_path
+
+NC_PIXEL_M2 = 28.5 * 28.5
+
+
+def _read(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(1), src.profile
+
+
+def _write(path: Path, array: np.ndarray, profile: dict, **tags: str) -> Path:
+    prof = dict(profile, dtype=array.dtype.name, count=1)
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(array, 1)
+        if tags:
+            dst.update_tags(**tags)
+    return path
+
+
+@pytest.fixture
+def pipeline_classes(nc_labels: Path, tmp_path: Path) -> Path:
+    """The NC map as geovae's pipeline writes classes: ids 0..6, nodata 255, CLASS_ tags."""
+    labels, profile = _read(nc_labels)
+    classes = np.where(labels == 0, 255, labels - 1).astype(np.uint8)
+    names = ["developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"]
+    profile.update(nodata=255)
+    return _write(tmp_path / "nc.classes.tif", classes, profile, **{f"CLASS_{i}": n for i, n in enumerate(names)})
+
+
+def _assert_areas_match_pixels(result: VectorizeResult, labels: np.ndarray, nodata: int, pixel_m2: float) -> None:
+    ids, counts = np.unique(labels[labels != nodata], return_counts=True)
+    assert set(result.class_areas_m2) == set(ids.tolist())
+    for k, n in zip(ids.tolist(), counts.tolist()):
+        assert result.class_areas_m2[k] == pytest.approx(n * pixel_m2, rel=0.005), f"class {k}"
+
+
+# --------------------------------------------------------------------------------------
+# polygons tile the raster
+
+
+def test_polygons_tile_nc_label_map(nc_labels: Path, tmp_path: Path) -> None:
+    labels, _ = _read(nc_labels)
+    out = tmp_path / "nc.gpkg"
+    result = vectorize(nc_labels, out, block_size=100)
+    assert result.paths == [out] and out.exists()
+    _assert_areas_match_pixels(result, labels, 0, NC_PIXEL_M2)
+    gdf = gpd.read_file(out)
+    assert len(gdf) == result.n_polygons
+    assert 0 not in set(gdf.class_id)  # nodata never becomes a polygon
+    assert gdf.is_valid.all() and (gdf.geom_type == "Polygon").all()
+    # The file's own areas agree with the geometry and with the per-class sums.
+    assert np.allclose(gdf.area_m2, gdf.area, rtol=1e-9)
+    for k, v in gdf.groupby("class_id").area_m2.sum().items():
+        assert v == pytest.approx((labels == k).sum() * NC_PIXEL_M2, rel=0.005)
+    # Without a confidence raster the means are null, not zero.
+    assert gdf.confidence_mean.isna().all() and gdf.uncertainty_mean.isna().all()
+    # No two polygons overlap: the union's area is the sum of the areas.
+    assert shapely.union_all(gdf.geometry.values).area == pytest.approx(gdf.area.sum(), rel=1e-9)
+
+
+def test_polygons_tile_pipeline_style_raster(pipeline_classes: Path, tmp_path: Path) -> None:
+    classes, _ = _read(pipeline_classes)
+    result = vectorize(pipeline_classes, tmp_path / "p.parquet", block_size=128)
+    _assert_areas_match_pixels(result, classes, 255, NC_PIXEL_M2)
+    gdf = gpd.read_parquet(tmp_path / "p.parquet")
+    assert 255 not in set(gdf.class_id) and 0 in set(gdf.class_id)  # class 0 is a real class here
+    # Class names come from the raster's CLASS_<id> tags.
+    assert dict(zip(gdf.class_id, gdf.class_name))[4] == "forest"
+    assert dict(zip(gdf.class_id, gdf.class_name))[0] == "developed"
+
+
+def test_class_names_fallback_and_override(nc_labels: Path, tmp_path: Path) -> None:
+    vectorize(nc_labels, tmp_path / "a.gpkg", class_names={6: "water"})
+    names = dict(zip(*[gpd.read_file(tmp_path / "a.gpkg")[c] for c in ("class_id", "class_name")]))
+    assert names[6] == "water" and names[5] == "class 5"
+
+
+# --------------------------------------------------------------------------------------
+# no polygon is cut by a block line
+
+
+def _canonical(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    key = gdf.geometry.representative_point()
+    return gdf.assign(_x=key.x, _y=key.y).sort_values(["class_id", "_x", "_y"]).reset_index(drop=True)
+
+
+def test_block_size_does_not_change_polygons(pipeline_classes: Path, tmp_path: Path) -> None:
+    whole = vectorize(pipeline_classes, tmp_path / "whole.gpkg", block_size=4096)
+    small = vectorize(pipeline_classes, tmp_path / "small.gpkg", block_size=64)
+    odd = vectorize(pipeline_classes, tmp_path / "odd.gpkg", block_size=37)
+    assert whole.n_polygons == small.n_polygons == odd.n_polygons > 1000
+    a = _canonical(gpd.read_file(tmp_path / "whole.gpkg"))
+    for name in ("small.gpkg", "odd.gpkg"):
+        b = _canonical(gpd.read_file(tmp_path / name))
+        assert (a.class_id.to_numpy() == b.class_id.to_numpy()).all()
+        # Same regions, geometrically identical (vertex order may differ).
+        assert shapely.equals(a.geometry.values, b.geometry.values).all()
+        assert np.allclose(a.area_m2, b.area_m2)
+
+
+def test_region_spanning_many_blocks_is_one_polygon(pipeline_classes: Path, tmp_path: Path) -> None:
+    block = 64
+    vectorize(pipeline_classes, tmp_path / "b.gpkg", block_size=block)
+    gdf = gpd.read_file(tmp_path / "b.gpkg")
+    with rasterio.open(pipeline_classes) as src:
+        inv = ~src.transform
+        classes = src.read(1)
+    # Pixel extent of each polygon: how many block lines it crosses.
+    b = gdf.bounds.to_numpy()
+    c0, r0 = inv @ (b[:, 0], b[:, 3])
+    c1, r1 = inv @ (b[:, 2], b[:, 1])
+    crossed = (np.floor((np.asarray(c1) - 1e-6) / block) - np.floor(np.asarray(c0) / block)) + (
+        np.floor((np.asarray(r1) - 1e-6) / block) - np.floor(np.asarray(r0) / block)
+    )
+    assert crossed.max() >= 6  # a region that runs through many blocks...
+    big = gdf.iloc[int(np.argmax(crossed))]
+    # ...is one polygon holding every pixel of its connected region.
+    assert big.geometry.geom_type == "Polygon"
+    inside = rasterio.features.geometry_mask([big.geometry], classes.shape, src.transform, invert=True)
+    assert (classes[inside] == big.class_id).all()
+    assert inside.sum() * NC_PIXEL_M2 == pytest.approx(big.area_m2, rel=1e-9)
+    # No other polygon of that class touches it along an edge (it would be the same region).
+    same = gdf[(gdf.class_id == big.class_id) & (gdf.index != big.name)].geometry.values
+    assert not shapely.relate_pattern(same, big.geometry, "F***1****").any()
+
+
+# --------------------------------------------------------------------------------------
+# round trip on real building footprints
+
+
+def test_round_trip_spacenet_buildings(atlanta_mask: Path, tmp_path: Path) -> None:
+    footprints = gpd.read_file(data_path("spacenet_solaris", "original", "geotiff_labels.geojson"))
+    assert len(footprints) == 43
+    vectorize(atlanta_mask, tmp_path / "b.gpkg", block_size=128)  # 900 px: blocks cut many roofs
+    polys = gpd.read_file(tmp_path / "b.gpkg")
+    polys = polys[polys.class_id == 1]
+    footprints = footprints.to_crs(polys.crs)
+    tree = shapely.STRtree(polys.geometry.values)
+    ious = []
+    for fp in footprints.geometry.values:
+        cand = polys.geometry.values[tree.query(fp, predicate="intersects")]
+        inter = shapely.area(shapely.intersection(fp, cand))
+        union = shapely.area(shapely.union(fp, cand))
+        ious.append(float((inter / union).max()) if len(cand) else 0.0)
+    ious_a = np.array(ious)
+    assert (ious_a >= 0.9).sum() >= 41
+    assert np.median(ious_a) >= 0.95
+
+
+# --------------------------------------------------------------------------------------
+# formats
+
+
+def _ring_coords(geom: dict) -> list[list[list[float]]]:
+    polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+    return [ring for poly in polys for ring in poly]
+
+
+def test_geojson_is_rfc7946_and_other_formats_keep_crs(nc_labels: Path, tmp_path: Path) -> None:
+    outs = [tmp_path / "nc.geojson", tmp_path / "nc.gpkg", tmp_path / "nc.parquet"]
+    result = vectorize(nc_labels, outs, block_size=200)
+    assert result.paths == outs and all(p.exists() for p in outs)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+    doc = json.loads(outs[0].read_text())
+    assert doc["type"] == "FeatureCollection" and "crs" not in doc  # RFC 7946 has no crs member
+    assert len(doc["features"]) == result.n_polygons
+    coords = np.array([xy for f in doc["features"] for ring in _ring_coords(f["geometry"]) for xy in ring])
+    # Raleigh, NC in lon/lat order.
+    assert (-79.5 < coords[:, 0]).all() and (coords[:, 0] < -78).all()
+    assert (35 < coords[:, 1]).all() and (coords[:, 1] < 36.5).all()
+    gj = gpd.read_file(outs[0])
+    assert gj.crs.to_epsg() == 4326 and gj.is_valid.all()
+    polys = shapely.get_parts(gj.geometry.values)
+    assert shapely.is_ccw(shapely.get_exterior_ring(polys)).all()  # right-hand rule: exteriors CCW
+    holes = [shapely.get_interior_ring(p, i) for p in polys for i in range(shapely.get_num_interior_rings(p))]
+    assert holes and not shapely.is_ccw(holes).any()  # ...and holes clockwise
+
+    with rasterio.open(nc_labels) as src:
+        crs = src.crs
+    for path, reader in ((outs[1], gpd.read_file), (outs[2], gpd.read_parquet)):
+        gdf = reader(path)
+        assert gdf.crs == crs
+        assert {"class_id", "class_name", "area_m2", "confidence_mean", "uncertainty_mean"} <= set(gdf.columns)
+        assert len(gdf) == result.n_polygons
+        assert gdf.area_m2.sum() == pytest.approx(sum(result.class_areas_m2.values()))
+    # The same polygons in every file: the GeoJSON, back in the scene CRS, covers the same area.
+    assert gj.to_crs(crs).area.sum() == pytest.approx(gdf.area.sum(), rel=1e-4)
+
+
+def test_geographic_input_areas_in_square_metres(nc_labels: Path, tmp_path: Path) -> None:
+    labels, profile = _read(nc_labels)
+    labels = labels[100:300, 150:350]  # a 200 x 200 px crop keeps the test quick
+    transform = profile["transform"] @ Affine.translation(150, 100)
+    dst_transform, w, h = rasterio.warp.calculate_default_transform(
+        profile["crs"], "EPSG:4326", 200, 200, *rasterio.transform.array_bounds(200, 200, transform)
+    )
+    warped = np.zeros((h, w), np.uint8)
+    rasterio.warp.reproject(
+        labels, warped, src_transform=transform, src_crs=profile["crs"], dst_transform=dst_transform,
+        dst_crs="EPSG:4326", resampling=rasterio.warp.Resampling.nearest, src_nodata=0, dst_nodata=0,
+    )
+    prof = dict(profile, crs="EPSG:4326", transform=dst_transform, width=w, height=h, nodata=0)
+    geo = _write(tmp_path / "geo.tif", warped, prof)
+    result = vectorize(geo, [tmp_path / "geo.gpkg", tmp_path / "geo.geojson"], block_size=64)
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    for k, n in zip(ids.tolist(), counts.tolist()):
+        if n >= 1000:  # nearest resampling moves small classes' edges by up to a pixel
+            assert result.class_areas_m2[k] == pytest.approx(n * NC_PIXEL_M2, rel=0.02), f"class {k}"
+    total = counts.sum() * NC_PIXEL_M2
+    assert sum(result.class_areas_m2.values()) == pytest.approx(total, rel=0.01)
+    # Simplifying a geographic raster takes its tolerance in metres too.
+    simp = vectorize(geo, tmp_path / "geo_s.gpkg", simplify=40.0, block_size=64)
+    assert sum(simp.class_areas_m2.values()) == pytest.approx(sum(result.class_areas_m2.values()), rel=0.005)
+
+
+# --------------------------------------------------------------------------------------
+# simplify, min_area, confidence
+
+
+def test_simplify_keeps_shared_edges(pipeline_classes: Path, tmp_path: Path) -> None:
+    exact = vectorize(pipeline_classes, tmp_path / "e.gpkg", block_size=128)
+    simp = vectorize(pipeline_classes, tmp_path / "s.gpkg", simplify=60.0, block_size=128)
+    e, s = gpd.read_file(tmp_path / "e.gpkg"), gpd.read_file(tmp_path / "s.gpkg")
+    assert simp.n_polygons == exact.n_polygons and s.is_valid.all()
+    assert shapely.get_num_coordinates(s.geometry.values).sum() < 0.6 * shapely.get_num_coordinates(e.geometry.values).sum()
+    geoms = s.geometry.values
+    assert shapely.coverage_is_valid(geoms)
+    # No overlaps: pairwise intersections of neighbours have no area...
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    keep = i < j
+    overlap = shapely.area(shapely.intersection(geoms[i[keep]], geoms[j[keep]]))
+    assert overlap.sum() < 1e-6 * s.area.sum()
+    # ...and no gaps: the union covers what the exact polygons covered.
+    union = shapely.union_all(geoms)
+    assert union.area == pytest.approx(s.area.sum(), rel=1e-9)
+    assert union.area == pytest.approx(e.area.sum(), rel=0.005)
+    assert shapely.symmetric_difference(union, shapely.union_all(e.geometry.values)).area < 0.01 * union.area
+    assert s.area_m2.to_numpy() == pytest.approx(s.area.to_numpy())  # areas describe what is written
+
+
+def test_min_area_drops_small_polygons(nc_labels: Path, tmp_path: Path) -> None:
+    full = gpd.read_file(vectorize(nc_labels, tmp_path / "f.gpkg", block_size=64).paths[0])
+    threshold = 10 * NC_PIXEL_M2
+    result = vectorize(nc_labels, tmp_path / "m.gpkg", min_area=threshold, block_size=64)
+    kept = gpd.read_file(tmp_path / "m.gpkg")
+    assert (kept.area_m2 >= threshold).all()
+    # Decided after joining: a region cut into small pieces by block lines is still kept.
+    assert len(kept) == result.n_polygons == (full.area_m2 >= threshold).sum() < len(full)
+    assert kept.area_m2.sum() == pytest.approx(full.area_m2[full.area_m2 >= threshold].sum())
+
+
+def test_confidence_and_uncertainty_means(nc_labels: Path, tmp_path: Path) -> None:
+    labels, profile = _read(nc_labels)
+    prof = dict(profile, dtype="float32", nodata=float("nan"))
+    # Confidence is a known function of the class, with a NaN hole: means must ignore NaN.
+    conf = (labels.astype(np.float32) / 10).astype(np.float32)
+    conf[200:260, 100:400] = np.nan
+    rows = np.broadcast_to(np.arange(labels.shape[0], dtype=np.float32)[:, None], labels.shape)
+    unc = np.stack([rows, np.full_like(rows, 7.0)])  # band 1 (entropy) is the row index
+    _write(tmp_path / "conf.tif", conf, prof)
+    with rasterio.open(tmp_path / "unc.tif", "w", **dict(prof, count=2)) as dst:
+        dst.write(unc)
+    out = tmp_path / "c.gpkg"
+    vectorize(nc_labels, out, confidence=tmp_path / "conf.tif", uncertainty=tmp_path / "unc.tif", block_size=64)
+    gdf = gpd.read_file(out)
+    finite = gdf.confidence_mean.notna()
+    assert np.allclose(gdf.confidence_mean[finite], gdf.class_id[finite] / 10, atol=1e-6)
+    # Polygons entirely inside the NaN hole have no confidence, and there are some.
+    assert (~finite).sum() > 0
+    # Entropy mean per polygon = mean row index of its pixels, checked on the biggest polygons.
+    for _, row in gdf.nlargest(5, "area_m2").iterrows():
+        inside = rasterio.features.geometry_mask([row.geometry], labels.shape, profile["transform"], invert=True)
+        assert row.uncertainty_mean == pytest.approx(rows[inside].mean(), rel=1e-6)
+    # Pixel-weighted, the means add back up to the raster's totals.
+    npx = gdf.area_m2 / NC_PIXEL_M2
+    assert (gdf.uncertainty_mean * npx).sum() == pytest.approx(rows[labels != 0].sum(), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# pixel coordinates and bad input
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_raster_without_crs_gives_pixel_polygons(nc_labels: Path, tmp_path: Path) -> None:
+    labels, profile = _read(nc_labels)
+    prof = dict(profile)
+    prof.pop("crs")
+    prof["transform"] = Affine.identity()
+    plain = _write(tmp_path / "plain.tif", labels[:100, :150], dict(prof, width=150, height=100))
+    result = vectorize(plain, tmp_path / "plain.gpkg", block_size=32)
+    gdf = gpd.read_file(tmp_path / "plain.gpkg")
+    assert gdf.crs is None
+    xmin, ymin, xmax, ymax = gdf.total_bounds
+    assert (xmin, ymin, xmax, ymax) == (0, 0, 150, 100)
+    ids, counts = np.unique(labels[:100, :150][labels[:100, :150] != 0], return_counts=True)
+    assert result.class_areas_m2 == {int(k): float(n) for k, n in zip(ids, counts)}  # square pixels
+    with pytest.raises(OptionError, match="GeoJSON needs a CRS"):
+        vectorize(plain, tmp_path / "plain.geojson")
+    assert not (tmp_path / "plain.geojson").exists()
+
+
+def _one_line(err: GeovaeError) -> str:
+    msg = str(err)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_bad_input(nc_labels: Path, tmp_path: Path) -> None:
+    with pytest.raises(SceneError) as e:
+        vectorize(tmp_path / "missing.tif", tmp_path / "x.gpkg")
+    assert "not found" in _one_line(e.value)
+    (tmp_path / "notes.tif").write_text("not a raster\n")
+    with pytest.raises(SceneError) as e:
+        vectorize(tmp_path / "notes.tif", tmp_path / "x.gpkg")
+    _one_line(e.value)
+    with pytest.raises(OptionError) as e:
+        vectorize(nc_labels, tmp_path / "x.shp")
+    assert ".geojson, .gpkg or .parquet" in _one_line(e.value)
+    with pytest.raises(OptionError):
+        vectorize(nc_labels, tmp_path / "x.gpkg", min_area=-1)
+    with pytest.raises(OptionError):
+        vectorize(nc_labels, tmp_path / "x.gpkg", connectivity=6)
+    # A confidence raster on another grid.
+    labels, profile = _read(nc_labels)
+    small = _write(tmp_path / "small.tif", labels[:50, :50].astype(np.float32), dict(profile, width=50, height=50))
+    with pytest.raises(OptionError) as e:
+        vectorize(nc_labels, tmp_path / "x.gpkg", confidence=small)
+    assert "another grid" in _one_line(e.value)
+    # Class ids must be integers.
+    floats = _write(tmp_path / "f.tif", labels.astype(np.float32), profile)
+    with pytest.raises(SceneError):
+        vectorize(floats, tmp_path / "x.gpkg")
+    assert not (tmp_path / "x.gpkg").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_connectivity_8_joins_diagonal_neighbours(tmp_path: Path) -> None:
+    # Edge case real data lacks in a controlled form: a diagonal staircase across a block line.
+    a = np.zeros((8, 8), np.uint8)
+    for i in range(8):
+        a[i, i] = 1
+    prof = {"driver": "GTiff", "width": 8, "height": 8, "count": 1, "dtype": "uint8",
+            "crs": "EPSG:32616", "transform": Affine(1, 0, 0, 0, -1, 8)}
+    path = _write(tmp_path / "diag.tif", a, prof)
+    r4 = vectorize(path, tmp_path / "d4.gpkg", block_size=3)
+    r8 = vectorize(path, tmp_path / "d8.gpkg", block_size=3, connectivity=8)
+    d4, d8 = gpd.read_file(tmp_path / "d4.gpkg"), gpd.read_file(tmp_path / "d8.gpkg")
+    assert (d4.class_id == 1).sum() == 8  # eight separate pixels with 4-connectivity
+    assert (d8.class_id == 1).sum() == 1  # one diagonal region with 8-connectivity
+    assert r4.class_areas_m2[1] == r8.class_areas_m2[1] == 8.0
+    assert d8.is_valid.all()
