@@ -217,18 +217,32 @@ def _block_pieces(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Polygonise one block; return pieces in global pixel coordinates, classes and stats."""
     to_pixels = Affine.translation(window.col_off, window.row_off)
-    geoms: list[Any] = []
+    # Building shapely objects one GeoJSON dict at a time dominates the run time; gathering
+    # all rings' vertices first and building every polygon in one vectorised call does not.
+    points: list[tuple[float, float]] = []
+    ring_ends: list[int] = [0]
+    poly_ends: list[int] = [0]
     cls: list[int] = []
     for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=connectivity, transform=to_pixels):
-        geoms.append(shapely.geometry.shape(geom))
+        for ring in geom["coordinates"]:
+            points.extend(ring)
+            ring_ends.append(len(points))
+        poly_ends.append(len(ring_ends) - 1)
         cls.append(int(value))
-    garr = np.array(geoms, dtype=object) if geoms else np.empty(0, dtype=object)
-    stats = np.zeros((len(geoms), 4))
-    if len(geoms) and (conf is not None or unc is not None):
+    if cls:
+        garr = shapely.from_ragged_array(
+            shapely.GeometryType.POLYGON,
+            np.asarray(points, dtype=np.float64),
+            (np.asarray(ring_ends, dtype=np.int64), np.asarray(poly_ends, dtype=np.int64)),
+        )
+    else:
+        garr = np.empty(0, dtype=object)
+    stats = np.zeros((len(garr), 4))
+    if len(garr) and (conf is not None or unc is not None):
         # Pixel-exact polygons: every pixel centre lies strictly inside exactly one piece,
         # so rasterising the pieces back gives each pixel its piece id without any ambiguity.
         ids = rasterio.features.rasterize(
-            zip(geoms, range(1, len(geoms) + 1)),
+            zip(garr, range(1, len(garr) + 1)),
             out_shape=classes.shape,
             transform=to_pixels,
             fill=0,
@@ -239,8 +253,8 @@ def _block_pieces(
                 continue
             ok = np.isfinite(band) & (ids > 0)
             lab = ids[ok]
-            stats[:, k] = np.bincount(lab, weights=band[ok].astype(np.float64), minlength=len(geoms) + 1)[1:]
-            stats[:, k + 1] = np.bincount(lab, minlength=len(geoms) + 1)[1:]
+            stats[:, k] = np.bincount(lab, weights=band[ok].astype(np.float64), minlength=len(garr) + 1)[1:]
+            stats[:, k + 1] = np.bincount(lab, minlength=len(garr) + 1)[1:]
     return garr, np.array(cls, dtype=np.int64), stats
 
 
@@ -267,15 +281,19 @@ def _join(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray, connectivity: i
     """Join same-class pieces that touch across block lines; returns joined geoms/cls/stats."""
     if len(geoms) < 2:
         return geoms, cls, stats
-    tree = shapely.STRtree(geoms)
-    i, j = tree.query(geoms, predicate="touches")
+    # Boxes first, then the exact test only on pairs of the same class: most touching
+    # neighbours are of another class, and the exact predicates are the costly part.
+    i, j = shapely.STRtree(geoms).query(geoms)
     keep = (i < j) & (cls[i] == cls[j])
     i, j = i[keep], j[keep]
-    if connectivity == 4 and len(i):
-        # Pieces of one class that meet only at a corner are separate regions with
-        # 4-connectivity: join only those whose boundaries share a line.
-        shared_edge = shapely.relate_pattern(geoms[i], geoms[j], "F***1****")
-        i, j = i[shared_edge], j[shared_edge]
+    if len(i):
+        if connectivity == 4:
+            # Pieces of one class that meet only at a corner are separate regions with
+            # 4-connectivity: join only those whose boundaries share a line.
+            joined = shapely.relate_pattern(geoms[i], geoms[j], "F***1****")
+        else:
+            joined = shapely.intersects(geoms[i], geoms[j])
+        i, j = i[joined], j[joined]
     if len(i) == 0:
         return geoms, cls, stats
     comp = _components(len(geoms), i, j)
