@@ -1,0 +1,316 @@
+"""Accuracy, calibration and uncertainty quality of a predicted class raster against labels.
+
+Everything streams: the rasters are read in strips of rows, and only a confusion table, a
+confidence histogram (for the expected calibration error) and an uncertainty histogram split
+by right/wrong pixels (for the AUROC) are kept, so memory does not grow with the scene.
+A pixel counts only where every raster given is valid (its nodata tag or mask, and a finite
+value for the float rasters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geovae.errors import LabelsError, SceneError
+
+#: Bins of the uncertainty histogram behind the streamed AUROC; ties inside a bin count half,
+#: so the AUROC is exact up to score differences smaller than range / 4096.
+AUROC_BINS = 4096
+# Pixels per strip: a few MB per raster, whatever the scene's size.
+_STRIP_PIXELS = 1 << 21
+
+
+def _open(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
+    p = Path(path)
+    if not p.exists():
+        raise SceneError(f"{what} {p}: file not found; check the path")
+    try:
+        return rasterio.open(p)
+    except RasterioIOError as exc:
+        raise SceneError(f"{what} {p}: not a readable raster ({str(exc).splitlines()[0]}); check the file") from exc
+
+
+def _check_grid(ref: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
+    problems = []
+    if (other.height, other.width) != (ref.height, ref.width):
+        problems.append(f"shape {other.height}x{other.width} vs {ref.height}x{ref.width}")
+    if other.crs != ref.crs:
+        problems.append(f"CRS {other.crs} vs {ref.crs}")
+    if not other.transform.almost_equals(ref.transform, precision=1e-9):
+        problems.append(f"transform {tuple(other.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+    if problems:
+        raise LabelsError(
+            f"{what} {other.name} is not on the prediction's grid ({'; '.join(problems)}); "
+            "resample it to the prediction's grid (e.g. gdalwarp -te/-tr/-t_srs) first"
+        )
+
+
+def _strips(height: int, width: int) -> Iterator[Window]:
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for r in range(0, height, rows):
+        yield Window(0, r, width, min(rows, height - r))
+
+
+def _valid(ds: rasterio.DatasetReader, window: Window, data: np.ndarray) -> np.ndarray:
+    ok = ds.read_masks(1, window=window) > 0
+    if np.issubdtype(data.dtype, np.floating):
+        ok &= np.isfinite(data)
+    return ok
+
+
+def _class_names(pred: rasterio.DatasetReader) -> dict[int, str]:
+    tags = pred.tags()
+    try:
+        return {int(c["id"]): str(c["name"]) for c in json.loads(tags["CLASSES"])}
+    except (KeyError, TypeError, ValueError):
+        return {int(k[6:]): v for k, v in tags.items() if k.startswith("CLASS_") and k[6:].isdigit()}
+
+
+def _confidence_scale(ds: rasterio.DatasetReader) -> float:
+    # A float raster holds probabilities; an 8-bit one the common 0..255 quantisation.
+    dt = np.dtype(ds.dtypes[0])
+    if np.issubdtype(dt, np.floating):
+        return 1.0
+    return 255.0 if dt == np.uint8 else float(np.iinfo(dt).max)
+
+
+def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """AUROC of a score for positives over negatives from binned counts (ties count half)."""
+    p, n = pos.sum(), neg.sum()
+    if p == 0 or n == 0:
+        return None
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
+
+
+def evaluate(
+    prediction: str | os.PathLike[str],
+    labels: str | os.PathLike[str],
+    *,
+    confidence: str | os.PathLike[str] | None = None,
+    uncertainty: str | os.PathLike[str] | None = None,
+    num_bins: int = 15,
+) -> dict[str, Any]:
+    """Compare a predicted class raster with a label raster on the same grid.
+
+    Args:
+        prediction: ``<stem>.classes.tif`` (class ids; its nodata tag, 255 from geovae).
+        labels: a class raster of the same ids on the same grid, with its own nodata tag
+            (the NC land-class map uses 0).
+        confidence: ``<stem>.confidence.tif`` (max class probability) for the expected
+            calibration error; float in [0, 1], or uint8 scaled 0..255.
+        uncertainty: ``<stem>.uncertainty.tif``; band 1 (predictive entropy) is the score
+            whose AUROC for finding misclassified pixels is reported. Without it,
+            ``1 - confidence`` is used when ``confidence`` is given.
+        num_bins: equal-width confidence bins of the ECE.
+
+    Returns:
+        A JSON-serialisable dict: ``pixels`` (evaluated), ``overall_accuracy``, ``miou``
+        (mean IoU over the classes present in the labels), ``per_class_iou`` {id: IoU},
+        ``classes`` (per class: id, name, iou, label_pixels, predicted_pixels,
+        present_in_labels), ``class_ids`` and ``confusion_matrix`` (rows labels, columns
+        predictions), ``ece`` and ``reliability`` (per-bin count, accuracy, confidence) when
+        a confidence raster is given, ``auroc_uncertainty`` and ``uncertainty_source``
+        (None where nothing can be computed), ``num_bins``.
+
+    Raises:
+        SceneError: a raster is missing or unreadable.
+        LabelsError: a raster is on another grid, a class raster is not integer, or no
+            pixel is valid in all of them.
+    """
+    if num_bins < 1:
+        raise LabelsError(f"num_bins={num_bins}: use at least one calibration bin")
+    pred = _open(prediction, "prediction")
+    opened = [pred]
+    try:
+        lab = _open(labels, "labels")
+        opened.append(lab)
+        _check_grid(pred, lab, "labels")
+        for ds, what in ((pred, "prediction"), (lab, "labels")):
+            if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+                raise LabelsError(f"{what} {ds.name} has {ds.dtypes[0]} values; give an integer class raster")
+        conf = unc = None
+        if confidence is not None:
+            conf = _open(confidence, "confidence")
+            opened.append(conf)
+            _check_grid(pred, conf, "confidence raster")
+        if uncertainty is not None:
+            unc = _open(uncertainty, "uncertainty")
+            opened.append(unc)
+            _check_grid(pred, unc, "uncertainty raster")
+        return _accumulate(pred, lab, conf, unc, num_bins)
+    finally:
+        for ds in opened:
+            ds.close()
+
+
+def _score_range(unc: rasterio.DatasetReader) -> tuple[float, float]:
+    tag = unc.tags().get("MAX_ENTROPY")
+    if tag is not None:
+        try:
+            return 0.0, float(tag)
+        except ValueError:
+            pass
+    lo, hi = math.inf, -math.inf
+    for w in _strips(unc.height, unc.width):
+        u = unc.read(1, window=w)
+        ok = _valid(unc, w, u)
+        if ok.any():
+            lo, hi = min(lo, float(u[ok].min())), max(hi, float(u[ok].max()))
+    return (0.0, 1.0) if lo > hi else (lo, hi)
+
+
+def _accumulate(
+    pred: rasterio.DatasetReader,
+    lab: rasterio.DatasetReader,
+    conf: rasterio.DatasetReader | None,
+    unc: rasterio.DatasetReader | None,
+    num_bins: int,
+) -> dict[str, Any]:
+    pairs: Counter[tuple[int, int]] = Counter()
+    ece_n = np.zeros(num_bins, np.int64)
+    ece_conf = np.zeros(num_bins, np.float64)
+    ece_acc = np.zeros(num_bins, np.int64)
+    hist_err = np.zeros(AUROC_BINS, np.int64)
+    hist_ok = np.zeros(AUROC_BINS, np.int64)
+    if unc is not None:
+        lo, hi = _score_range(unc)
+        source = "entropy (uncertainty band 1)"
+    elif conf is not None:
+        lo, hi = 0.0, 1.0
+        source = "1 - confidence"
+    else:
+        lo, hi, source = 0.0, 1.0, None
+    span = hi - lo if hi > lo else 1.0
+    cscale = _confidence_scale(conf) if conf is not None else 1.0
+
+    for w in _strips(pred.height, pred.width):
+        p = pred.read(1, window=w)
+        y = lab.read(1, window=w)
+        ok = _valid(pred, w, p) & _valid(lab, w, y)
+        c = u = None
+        if conf is not None:
+            c = conf.read(1, window=w).astype(np.float64) / cscale
+            ok &= _valid(conf, w, c)
+        if unc is not None:
+            u = unc.read(1, window=w).astype(np.float64)
+            ok &= _valid(unc, w, u)
+        if not ok.any():
+            continue
+        pv, yv = p[ok].astype(np.int64), y[ok].astype(np.int64)
+        # One int64 key per (label, prediction) pair; ids of any integer dtype fit in 32 bits.
+        keys, counts = np.unique((yv << 32) + (pv & 0xFFFFFFFF), return_counts=True)
+        for k, n in zip(keys.tolist(), counts.tolist()):
+            pairs[(k >> 32, (k & 0xFFFFFFFF) - ((k & 0x80000000) << 1))] += n
+        correct = pv == yv
+        if c is not None:
+            cv = np.clip(c[ok], 0.0, 1.0)
+            b = np.minimum((cv * num_bins).astype(np.int64), num_bins - 1)
+            ece_n += np.bincount(b, minlength=num_bins)
+            ece_conf += np.bincount(b, weights=cv, minlength=num_bins)
+            ece_acc += np.bincount(b, weights=correct, minlength=num_bins).astype(np.int64)
+        score = u[ok] if u is not None else (1.0 - np.clip(c[ok], 0.0, 1.0) if c is not None else None)
+        if score is not None:
+            sb = np.clip(((score - lo) / span * AUROC_BINS).astype(np.int64), 0, AUROC_BINS - 1)
+            hist_err += np.bincount(sb[~correct], minlength=AUROC_BINS)
+            hist_ok += np.bincount(sb[correct], minlength=AUROC_BINS)
+
+    total = sum(pairs.values())
+    if total == 0:
+        raise LabelsError(
+            f"no pixel is valid in both {pred.name} and {lab.name}; check the labels' nodata tag and extent"
+        )
+    ids = sorted({a for a, _ in pairs} | {b for _, b in pairs})
+    index = {c: i for i, c in enumerate(ids)}
+    cm = np.zeros((len(ids), len(ids)), np.int64)
+    for (a, b), n in pairs.items():
+        cm[index[a], index[b]] = n
+    tp = np.diag(cm)
+    label_px = cm.sum(1)
+    pred_px = cm.sum(0)
+    union = label_px + pred_px - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), 0.0)
+    present = label_px > 0
+    names = _class_names(pred)
+    classes = [
+        {
+            "id": int(c),
+            "name": names.get(int(c), f"class {c}"),
+            "iou": float(iou[i]),
+            "label_pixels": int(label_px[i]),
+            "predicted_pixels": int(pred_px[i]),
+            "present_in_labels": bool(present[i]),
+        }
+        for i, c in enumerate(ids)
+    ]
+    result: dict[str, Any] = {
+        "pixels": int(total),
+        "overall_accuracy": float(tp.sum() / total),
+        "miou": float(iou[present].mean()),
+        "per_class_iou": {int(c): float(iou[i]) for i, c in enumerate(ids) if present[i]},
+        "classes": classes,
+        "class_ids": [int(c) for c in ids],
+        "confusion_matrix": cm.tolist(),
+        "num_bins": num_bins,
+        "ece": None,
+        "reliability": None,
+        "auroc_uncertainty": None,
+        "uncertainty_source": source,
+    }
+    if conf is not None:
+        n = ece_n.sum()
+        nz = ece_n > 0
+        acc_b = np.where(nz, ece_acc / np.maximum(ece_n, 1), 0.0)
+        conf_b = np.where(nz, ece_conf / np.maximum(ece_n, 1), 0.0)
+        result["ece"] = float((ece_n / n * np.abs(acc_b - conf_b)).sum())
+        result["reliability"] = [
+            {"lower": i / num_bins, "upper": (i + 1) / num_bins, "count": int(ece_n[i]),
+             "accuracy": float(acc_b[i]) if nz[i] else None, "confidence": float(conf_b[i]) if nz[i] else None}
+            for i in range(num_bins)
+        ]
+    if source is not None:
+        result["auroc_uncertainty"] = _auroc_from_histograms(hist_err, hist_ok)
+    return result
+
+
+def format_report(d: dict[str, Any]) -> str:
+    """A readable plain-text table of :func:`evaluate`'s result, for the CLI.
+
+    Args:
+        d: the dict returned by :func:`evaluate`.
+
+    Returns:
+        Multi-line text: one row per class, then the summary metrics.
+    """
+
+    def num(v: float | None, fmt: str = "{:.4f}") -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    width = max([len("class")] + [len(c["name"]) for c in d["classes"]])
+    lines = [f"{'id':>4}  {'class':<{width}}  {'IoU':>7}  {'label px':>10}  {'predicted px':>12}"]
+    lines.append("-" * len(lines[0]))
+    for c in d["classes"]:
+        mark = "" if c["present_in_labels"] else "  (not in labels; not in mIoU)"
+        lines.append(
+            f"{c['id']:>4}  {c['name']:<{width}}  {num(c['iou']):>7}  {c['label_pixels']:>10,}  "
+            f"{c['predicted_pixels']:>12,}{mark}"
+        )
+    lines.append("")
+    lines.append(f"pixels evaluated   {d['pixels']:,}")
+    lines.append(f"mIoU               {num(d['miou'])}")
+    lines.append(f"overall accuracy   {num(d['overall_accuracy'])}")
+    lines.append(f"ECE ({d['num_bins']} bins)      {num(d['ece'])}")
+    src = f" ({d['uncertainty_source']})" if d.get("uncertainty_source") else ""
+    lines.append(f"AUROC of errors    {num(d['auroc_uncertainty'])}{src}")
+    return "\n".join(lines)
