@@ -86,11 +86,11 @@ class PixelAreas:
     def __init__(self, crs: Any, transform: Affine, cell: int = 64):
         self.transform = transform
         self.cell = cell
-        self.geographic_units = crs is not None
+        self.geographic_units = crs is not None  # False: areas are counted in pixels
         if crs is not None:
             from pyproj import CRS, Geod, Transformer
 
-            pcrs = CRS.from_user_input(crs.to_wkt())
+            pcrs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
             self.to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
             ell = pcrs.ellipsoid
             self.geod = Geod(a=ell.semi_major_metre, rf=ell.inverse_flattening) if ell and ell.inverse_flattening else Geod(ellps="WGS84")
@@ -119,7 +119,7 @@ class PixelAreas:
         rows = np.minimum(np.arange(nr + 1) * c, h) + r0
         cols = np.minimum(np.arange(nc + 1) * c, w) + c0
         cc, rr = np.meshgrid(cols, rows)
-        xs, ys = self.transform * (cc.astype(np.float64), rr.astype(np.float64))
+        xs, ys = self.transform @ (cc.astype(np.float64), rr.astype(np.float64))
         lon, lat = self.to_lonlat.transform(xs, ys)
         per_pixel = np.zeros(nr * nc)
         for a in range(nr):

@@ -1,0 +1,146 @@
+"""Streaming stitching: exact blending, output file properties, bounded memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from torch import nn
+
+from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.predict import segment_scene
+from geovae.stitch import CLASS_NODATA, Stitcher
+from geovae.tiling import TileGrid
+
+CRS = "EPSG:32621"
+TRANSFORM = from_origin(717345.0, -2776995.0, 30.0, 30.0)
+
+
+def _info(k: int = 3) -> ModelInfo:
+    return ModelInfo(in_channels=3, num_classes=k, class_ids=[1, 5, 9][:k], class_names=["water", "forest", "crop"][:k],
+                     class_colors=[(0, 0, 255), (0, 128, 0), (255, 255, 0)][:k])
+
+
+def _feed_constant(st: Stitcher, valid_fn=None) -> dict[tuple[int, int], np.ndarray]:
+    """Each tile predicts one random distribution everywhere; returns them by tile."""
+    rng = np.random.default_rng(0)
+    given = {}
+    for t in st.order():
+        p = rng.dirichlet(np.ones(st.K)).astype(np.float32)
+        given[(t.i, t.j)] = p
+        valid = np.ones((t.size, t.size), bool) if valid_fn is None else valid_fn(t)
+        if not valid.any():
+            st.skip(t)
+            continue
+        st.add(t, valid, np.broadcast_to(p[:, None, None], (st.K, t.size, t.size)).copy(),
+               expected_entropy=np.full((t.size, t.size), 0.25, np.float32) if st.uncertainty else None)
+    return given
+
+
+def test_blending_matches_the_formula_and_files_are_right(tmp_path: Path) -> None:
+    h, w, tile, overlap = 300, 410, 64, 16
+    grid = TileGrid(h, w, tile, overlap)
+    st = Stitcher(grid, tmp_path, "scene", _info(), CRS, TRANSFORM, uncertainty=True, block_size=96)
+    assert st.B == 96 and st.nbr > 1 and st.nbc > 1  # several blocks, so spill strips are exercised
+    given = _feed_constant(st)
+    paths = st.close()
+    # reference: the same weighted mean computed over the whole scene at once
+    num = np.zeros((3, h + tile, w + tile))
+    den = np.zeros((h + tile, w + tile))
+    for t in grid:
+        wt = grid.weights()
+        num[:, t.row:t.row + tile, t.col:t.col + tile] += given[(t.i, t.j)][:, None, None] * wt
+        den[t.row:t.row + tile, t.col:t.col + tile] += wt
+    ref = num[:, :h, :w] / den[:h, :w]
+    with rasterio.open(paths["confidence"]) as ds:
+        conf = ds.read(1)
+        assert ds.profile["compress"] == "zstd" and ds.block_shapes[0] == (256, 256) and ds.overviews(1) == [2]
+    np.testing.assert_allclose(conf, ref.max(0), atol=1e-5)
+    # the scene corner is seen by one tile only: exactly that tile's value
+    assert conf[0, 0] == pytest.approx(given[(0, 0)].max(), abs=1e-7)
+    with rasterio.open(paths["classes"]) as ds:
+        cls = ds.read(1)
+        assert ds.nodata == CLASS_NODATA and ds.crs.to_epsg() == 32621 and ds.transform == TRANSFORM
+        assert ds.colormap(1)[5][:3] == (0, 128, 0)
+        assert ds.tags()["CLASS_9"] == "crop" and json.loads(ds.tags()["CLASSES"])[0]["name"] == "water"
+    np.testing.assert_array_equal(cls, np.array([1, 5, 9], np.uint8)[ref.argmax(0)])
+    with rasterio.open(paths["uncertainty"]) as ds:
+        u = ds.read()
+        assert ds.descriptions == ("predictive entropy (nats)", "mutual information (nats)")
+    pe = -(ref * np.log(ref)).sum(0)
+    np.testing.assert_allclose(u[0], pe, atol=1e-4)
+    np.testing.assert_allclose(u[1], np.clip(pe - 0.25, 0, None), atol=1e-4)
+    assert not list(tmp_path.glob("*.part"))
+    assert st.tiles_run == len(grid) and st.blocks_written == st.nbr * st.nbc
+
+
+def test_invalid_pixels_are_nodata_everywhere(tmp_path: Path) -> None:
+    h, w, tile, overlap = 200, 200, 64, 16
+    grid = TileGrid(h, w, tile, overlap)
+    yy, xx = np.mgrid[: h + tile, : w + tile]
+    scene_valid = (xx + yy > 150) & (yy < h) & (xx < w)  # a nodata triangle in the corner
+    st = Stitcher(grid, tmp_path, "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=64)
+    _feed_constant(st, lambda t: scene_valid[t.row:t.row + t.size, t.col:t.col + t.size])
+    paths = st.close()
+    assert st.tiles_skipped >= 1  # the tile at the corner is entirely nodata
+    v = scene_valid[:h, :w]
+    with rasterio.open(paths["classes"]) as ds:
+        assert ((ds.read(1) == CLASS_NODATA) == ~v).all()
+    for kind in ("confidence", "uncertainty"):
+        with rasterio.open(paths[kind]) as ds:
+            assert (np.isnan(ds.read()) == ~v).all()
+
+
+def test_abort_leaves_nothing(tmp_path: Path) -> None:
+    st = Stitcher(TileGrid(100, 100, 32, 8), tmp_path, "s", _info(), CRS, TRANSFORM)
+    assert list(tmp_path.glob("*.part"))
+    st.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def _vrt_mosaic(src: Path, out: Path, ny: int, nx: int, size: int = 256) -> Path:
+    """A VRT that tiles a ``size`` x ``size`` crop of ``src`` ny x nx times."""
+    with rasterio.open(src) as ds:
+        count, dtype = ds.count, ds.dtypes[0]
+        t = ds.transform
+    gdal_type = {"uint16": "UInt16", "uint8": "Byte"}[dtype]
+    bands = []
+    for b in range(1, count + 1):
+        srcs = "".join(
+            f"<SimpleSource><SourceFilename relativeToVRT=\"0\">{src}</SourceFilename><SourceBand>{b}</SourceBand>"
+            f"<SrcRect xOff=\"600\" yOff=\"600\" xSize=\"{size}\" ySize=\"{size}\"/>"
+            f"<DstRect xOff=\"{j * size}\" yOff=\"{i * size}\" xSize=\"{size}\" ySize=\"{size}\"/></SimpleSource>"
+            for i in range(ny) for j in range(nx))
+        bands.append(f"<VRTRasterBand dataType=\"{gdal_type}\" band=\"{b}\">{srcs}</VRTRasterBand>")
+    with rasterio.open(src) as ds:
+        wkt = ds.crs.to_wkt()
+    gt = f"{t.c}, {t.a}, 0, {t.f}, 0, {t.e}"
+    out.write_text(f"<VRTDataset rasterXSize=\"{nx * size}\" rasterYSize=\"{ny * size}\"><SRS>{wkt}</SRS>"
+                   f"<GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>")
+    return out
+
+
+def test_memory_does_not_grow_with_scene_height(tmp_path: Path, parana: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    info = ModelInfo(in_channels=3, num_classes=4, mean=[9000.0] * 3, std=[1500.0] * 3, tile_size=64)
+    model = SegmentationModel(net, info, "cpu")
+    peaks = {}
+    for ny in (1, 4):
+        vrt = _vrt_mosaic(parana, tmp_path / f"mosaic{ny}.vrt", ny, 2)
+        r = segment_scene(vrt, model, tmp_path / f"out{ny}", tile=64, overlap=16, block_size=96,
+                          formats=(), quicklook=False, progress=False)
+        peaks[ny] = r.report["tiles"]["peak_buffer_bytes"]
+        with rasterio.open(r.outputs["classes"]) as ds:
+            assert ds.shape == (256 * ny, 512)
+    # 4x the pixels, the same live accumulator bytes: memory is set by tile/block size
+    assert peaks[1] == peaks[4] > 0
+    st = Stitcher(TileGrid(1024, 512, 64, 16), tmp_path, "b", info, CRS, TRANSFORM, block_size=96)
+    full_scene_buffer = 1024 * 512 * st.C * 4
+    assert peaks[4] <= st.memory_bound() < full_scene_buffer / 10
+    st.abort()
