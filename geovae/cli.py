@@ -80,14 +80,18 @@ def info(scene: str, as_json: bool) -> None:
 
 
 def _format_info(d: dict[str, Any]) -> str:
-    """Key: value lines, in the order describe_scene gives them; long lists stay on one line."""
+    """Key: value lines, in the order describe_scene gives them; long lists stay on one line.
+
+    The WKT is left to ``--json``: one 600-character line helps nobody reading a terminal.
+    """
+    d = {k: v for k, v in d.items() if k != "crs_wkt"}
     width = max(len(k) for k in d) if d else 0
     lines = []
     for k, v in d.items():
         if isinstance(v, float):
-            v = f"{v:g}"
+            v = f"{v:.12g}"  # coordinates need all their digits; %g would round 2826915 to 2.82692e+06
         elif isinstance(v, (list, tuple)):
-            items = [f"{x:g}" if isinstance(x, float) else str(x) for x in v]
+            items = [f"{x:.12g}" if isinstance(x, float) else str(x) for x in v]
             v = ", ".join(items) if len(items) <= 12 else ", ".join(items[:12]) + f", ... ({len(items)} in all)"
         elif v is None:
             v = "-"
