@@ -306,10 +306,26 @@ def _join(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray, connectivity: i
     out_s = np.empty((len(starts), 4))
     for k, (s, e) in enumerate(zip(starts, ends)):
         members = order[s:e]
-        out_g[k] = geoms[members[0]] if e - s == 1 else shapely.union_all(geoms[members])
+        out_g[k] = geoms[members[0]] if e - s == 1 else _union_pieces(geoms[members])
         out_c[k] = cls[members[0]]
         out_s[k] = stats[members].sum(axis=0)
     return out_g, out_c, out_s
+
+
+def _union_pieces(pieces: np.ndarray) -> shapely.Geometry:
+    """Union of same-class pieces of one region, which meet only along block lines.
+
+    A piece's holes lie inside its own block and hold other classes, so joining never
+    touches them: uniting only the outer rings and putting the old holes back gives the
+    same polygon as a full overlay, several times faster for regions with many holes.
+    """
+    if not (shapely.get_type_id(pieces) == shapely.GeometryType.POLYGON).all():
+        return shapely.union_all(pieces)  # 8-connected regions can be multi-part: full overlay
+    merged = shapely.union_all(shapely.polygons(shapely.get_exterior_ring(pieces)))
+    if merged.geom_type != "Polygon":
+        return shapely.union_all(pieces)
+    holes = [ring for piece in pieces for ring in piece.interiors]
+    return shapely.Polygon(merged.exterior, [*merged.interiors, *holes])
 
 
 def _valid(geoms: np.ndarray) -> np.ndarray:

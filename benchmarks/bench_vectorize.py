@@ -1,0 +1,160 @@
+"""Vectorising speed and memory: geovae's block-wise vectoriser vs the whole-array recipe.
+
+The class raster is derived from the real Landsat-8 Parana scene (B2-B4 brightness in five
+quantile classes, split again where red exceeds green, sieved to 8 px, fill = nodata 255),
+tiled N x N times to make larger scenes. Each method runs in its own subprocess (so peak RSS
+is its own), the runs are interleaved (A B A B ...) so machine noise hits both alike, and
+the report gives medians and ratios, never absolute targets.
+
+The baseline is the recipe from rasterio's documentation: read the whole band, call
+``rasterio.features.shapes`` on it, build shapely polygons, compute areas and write a
+GeoPackage with pyogrio. geovae does the same job block by block and writes the same
+GeoPackage (same attributes except the means, which need a confidence raster).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_vectorize.py [--tiles 1 2] [--repeats 3] [--block-size 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
+PARANA = DATA / "landsat8_parana" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+
+
+def make_class_raster(path: Path, tiles: int) -> tuple[int, int]:
+    """Write the Parana-derived class raster, tiled ``tiles`` x ``tiles``; return (w, h)."""
+    import numpy as np
+    import rasterio
+    import rasterio.features
+
+    with rasterio.open(PARANA) as src:
+        bands = src.read().astype(np.float32)
+        profile = src.profile
+    valid = bands[0] > 0  # 0 is Landsat fill (the file has no nodata tag)
+    b2, b3, b4 = bands
+    bright = (b2 + b3 + b4) / 3
+    classes = np.digitize(bright, np.quantile(bright[valid], [0.2, 0.4, 0.6, 0.8])).astype(np.uint8)
+    classes = np.where(b4 > 1.05 * b3, classes + 5, classes).astype(np.uint8)
+    classes = rasterio.features.sieve(classes, 8, mask=valid)
+    classes[~valid] = 255
+    # Mirror alternate copies so regions continue across the seams like a real mosaic would.
+    row = np.concatenate([classes if i % 2 == 0 else classes[:, ::-1] for i in range(tiles)], axis=1)
+    mosaic = np.concatenate([row if i % 2 == 0 else row[::-1] for i in range(tiles)], axis=0)
+    h, w = mosaic.shape
+    profile.update(count=1, dtype="uint8", nodata=255, width=w, height=h, compress="deflate", tiled=True,
+                   blockxsize=512, blockysize=512)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(mosaic, 1)
+    return w, h
+
+
+def run_geovae(raster: Path, out: Path, block_size: int) -> int:
+    from geovae.vectorize import vectorize
+
+    return vectorize(raster, out, block_size=block_size).n_polygons
+
+
+def run_baseline(raster: Path, out: Path, block_size: int) -> int:
+    import geopandas as gpd
+    import numpy as np
+    import pyogrio
+    import rasterio
+    import rasterio.features
+    import shapely.geometry
+
+    with rasterio.open(raster) as src:
+        classes = src.read(1)
+        valid = src.read_masks(1) > 0
+        transform, crs = src.transform, src.crs
+    geoms, values = [], []
+    for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=4, transform=transform):
+        geoms.append(shapely.geometry.shape(geom))
+        values.append(int(value))
+    gdf = gpd.GeoDataFrame({"class_id": np.array(values, np.int32)}, geometry=geoms, crs=crs)
+    gdf["area_m2"] = gdf.area
+    pyogrio.write_dataframe(gdf, out, driver="GPKG", layer="polygons")
+    return len(gdf)
+
+
+def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
+    """Run one method in this process; print one JSON line with time, count and peak RSS."""
+    # Import what both methods use before timing, so neither pays import time.
+    import geopandas  # noqa: F401
+    import pyogrio  # noqa: F401
+    import rasterio  # noqa: F401
+    import shapely  # noqa: F401
+
+    import geovae.vectorize  # noqa: F401
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    n = (run_geovae if method == "geovae" else run_baseline)(raster, out, block_size)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    print(json.dumps({"method": method, "seconds": seconds, "n_polygons": n, "peak_rss_mb": peak,
+                      "rss_after_imports_mb": rss0}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[1, 2], help="mosaic sizes (N x N scenes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "RASTER", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, raster, out = args.worker
+        worker(method, Path(raster), Path(out), args.block_size)
+        return
+    if not PARANA.exists():
+        sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
+
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}")
+    with tempfile.TemporaryDirectory(prefix="bench_vectorize_") as tmp:
+        for tiles in args.tiles:
+            raster = Path(tmp) / f"parana_classes_{tiles}x{tiles}.tif"
+            w, h = make_class_raster(raster, tiles)
+            mpx = w * h / 1e6
+            runs: dict[str, list[dict]] = {"geovae": [], "baseline": []}
+            for r in range(args.repeats):
+                for method in ("geovae", "baseline") if r % 2 == 0 else ("baseline", "geovae"):
+                    out = Path(tmp) / f"{method}_{tiles}_{r}.gpkg"
+                    cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--worker", method,
+                           str(raster), str(out)]
+                    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                    out.unlink(missing_ok=True)
+            print(f"\nscene {tiles}x{tiles} Parana mosaic: {w} x {h} px = {mpx:.1f} MP")
+            summary = {}
+            for method, rs in runs.items():
+                sec = statistics.median(x["seconds"] for x in rs)
+                n = rs[0]["n_polygons"]
+                rss = max(x["peak_rss_mb"] for x in rs)
+                base = statistics.median(x["rss_after_imports_mb"] for x in rs)
+                summary[method] = (sec, n, rss, base)
+                print(f"  {method:8s} {sec:7.2f} s  {mpx / sec:6.2f} MP/s  {n / sec:8.0f} polygons/s  "
+                      f"{n:7d} polygons  peak RSS {rss:7.0f} MiB (after imports {base:.0f} MiB)")
+            (gs, gn, grss, gbase), (bs, bn, brss, bbase) = summary["geovae"], summary["baseline"]
+            print(f"  ratio geovae/baseline: speed x{bs / gs:.2f}, peak RSS x{grss / brss:.2f}, "
+                  f"RSS above imports x{(grss - gbase) / max(brss - bbase, 1e-9):.2f}")
+            if gn != bn:
+                print(f"  WARNING: polygon counts differ (geovae {gn}, baseline {bn}): block joining is wrong")
+            else:
+                print("  same polygon count: no region is cut by a block line")
+
+
+if __name__ == "__main__":
+    main()
