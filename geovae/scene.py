@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -375,7 +376,14 @@ class Scene:
             else:
                 valid = np.ones((oh, ow), dtype=bool)
         except RasterioError as exc:
-            raise CorruptSceneError(f"scene {self.name} is corrupt: {_gdal_message(exc)}; re-download or re-export it") from None
+            msg = _gdal_message(exc)
+            where = ""
+            m = re.search(r"X offset (\d+), Y offset (\d+)", msg)
+            if m:  # GDAL names the internal block it failed on
+                bh, bw = self.block_shapes[0]
+                r0, c0 = int(m.group(2)) * bh, int(m.group(1)) * bw
+                where = f" at rows {r0}-{min(r0 + bh, self.height) - 1}, cols {c0}-{min(c0 + bw, self.width) - 1}"
+            raise CorruptSceneError(f"scene {self.name} is corrupt{where}: {msg}; re-download or re-export it") from None
         if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
             valid &= ~(allb == np.float32(self.nodata)).all(axis=0)
         valid &= np.isfinite(allb).all(axis=0)

@@ -1,0 +1,402 @@
+"""segment_scene end to end on the real rasters: georeferencing, seamless tiling, nodata,
+errors before any work, remote reading."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from rasterio.features import rasterize
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+from torch import nn
+
+from geovae.errors import CorruptSceneError, ModelMismatchError, OptionError, OutputError, SceneError
+from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.predict import _predict, segment_scene
+from geovae.scene import Scene, open_scene
+from geovae.stitch import CLASS_NODATA
+
+QUIET = dict(progress=False, quicklook=False, formats=())
+
+
+# -- models --------------------------------------------------------------------------------
+
+def _stats(path: Path) -> tuple[list[float], list[float]]:
+    s = open_scene(path)
+    d, v = s.read(Window(0, 0, s.width, s.height))
+    return d[:, v].mean(1).tolist(), d[:, v].std(1).tolist()
+
+
+def conv_model(path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile: int = 64, seed: int = 0) -> SegmentationModel:
+    """A random fully convolutional net; receptive-field radius ``layers * dilation``."""
+    mean, std = _stats(path)
+    c = len(mean)
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods.append(nn.Conv2d(c if i == 0 else 16, k if i == layers - 1 else 16, 3, padding=dilation, dilation=dilation))
+        if i < layers - 1:
+            mods.append(nn.ReLU())
+    info = ModelInfo(in_channels=c, num_classes=k, mean=mean, std=std, tile_size=tile)
+    return SegmentationModel(nn.Sequential(*mods), info, "cpu")
+
+
+def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8) -> SegmentationModel:
+    """geovae's VAE segmenter, random weights, BatchNorm statistics taken from the scene."""
+    from geovae.model.vae import VAESegmenter
+
+    mean, std = _stats(path)
+    c = len(mean)
+    torch.manual_seed(0)
+    net = VAESegmenter(c, k, base_channels=base, depth=depth)
+    s = open_scene(path)
+    d, _ = s.read(Window(0, 0, s.width // 2 ** depth * 2 ** depth, s.height // 2 ** depth * 2 ** depth))
+    x = (torch.from_numpy(d) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        net(x[None])
+        net.eval()
+        # centre each class's logit on its scene median so the random head uses several classes
+        logits = net(x[None])
+        net.head[-1].bias -= logits.flatten(2).median(-1).values[0]
+    info = ModelInfo(in_channels=c, num_classes=k, mean=mean, std=std, tile_size=tile, stride=2 ** depth,
+                     class_ids=list(range(1, k + 1)), class_names=[f"c{i}" for i in range(1, k + 1)])
+    return SegmentationModel(net, info, "cpu")
+
+
+def untiled(model: SegmentationModel, path: Path) -> np.ndarray:
+    """One forward pass over the whole scene (nodata filled with the band means, as the pipeline does)."""
+    s = open_scene(path)
+    d, v = s.read(Window(0, 0, s.width, s.height))
+    d[:, ~v] = np.asarray(model.info.mean, np.float32)[:, None]
+    st = model.info.stride
+    x = nn.functional.pad(torch.from_numpy(d)[None], (0, (-s.width) % st, 0, (-s.height) % st))
+    return model.predict(x)["probs"][0, :, : s.height, : s.width].numpy()
+
+
+def read(path: Path, band: int | None = 1) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(band)
+
+
+def _valid(path: Path, nodata: float | None = None) -> np.ndarray:
+    s = open_scene(path, nodata=nodata)
+    return s.read(Window(0, 0, s.width, s.height))[1]
+
+
+def _away_from_border(v: np.ndarray, r: int) -> np.ndarray:
+    inner = np.zeros_like(v)
+    inner[r:-r, r:-r] = True
+    return inner & v
+
+
+# -- georeferencing, nodata, all outputs -----------------------------------------------------
+
+def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -> None:
+    model = vae_model(rgb_byte, k=4, depth=2, tile=256, base=4)
+    r = segment_scene(rgb_byte, model, tmp_path, samples=2, reconstruction=True, formats=("gpkg", "geojson"),
+                      progress=False)
+    out = r.outputs
+    assert {"classes", "confidence", "uncertainty", "reconstruction_error", "gpkg", "geojson", "quicklook",
+            "report"} <= set(out)
+    valid = _valid(rgb_byte)
+    with rasterio.open(rgb_byte) as src:
+        for kind in ("classes", "confidence", "uncertainty", "reconstruction_error"):
+            with rasterio.open(out[kind]) as ds:
+                assert ds.crs == src.crs and ds.transform == src.transform and ds.shape == src.shape, kind
+                data = ds.read()
+                nod = data == CLASS_NODATA if kind == "classes" else np.isnan(data)
+                for band in nod:
+                    np.testing.assert_array_equal(band, ~valid)  # nodata exactly where the input is
+                assert ds.overviews(1) and ds.block_shapes[0] == (256, 256)
+    cls = read(out["classes"])
+    assert len(np.unique(cls[valid])) >= 2
+    unc = read(out["uncertainty"], None)
+    assert np.nanmax(unc[0]) <= np.log(4) + 1e-4 and np.nanmin(unc[1]) >= 0
+    # polygons never cover the nodata frame
+    gdf = gpd.read_file(out["gpkg"])
+    burned = rasterize(((g, 1) for g in gdf.geometry), out_shape=valid.shape, transform=Affine(*r.report["scene"]["transform"]), fill=0, dtype="uint8")
+    assert not burned[~valid].any() and burned[valid].mean() > 0.999
+    gj = gpd.read_file(out["geojson"])
+    assert gj.crs.to_epsg() == 4326 and len(gj) == len(gdf)
+    # the report: class areas add up to the valid area (300 m pixels, geodesic within 0.5 %)
+    rep = json.loads(Path(out["report"]).read_text())
+    assert sum(c["pixels"] for c in rep["classes"]) == int(valid.sum())
+    px_area = abs(Affine(*rep["scene"]["transform"]).determinant)
+    assert sum(c["area"] for c in rep["classes"]) == pytest.approx(valid.sum() * px_area, rel=5e-3)
+    assert rep["tiles"]["tiles_run"] + rep["tiles"]["tiles_skipped"] == rep["tiles"]["tiles_total"]
+    assert rep["options"]["tile"] == 256 and rep["options"]["overlap"] == 64  # model tile, tile // 4
+    from PIL import Image
+
+    with Image.open(out["quicklook"]) as im:
+        assert max(im.size) <= 1500 + 250 and im.size[0] > valid.shape[1]
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_parana_nodata_override(tmp_path: Path, parana: Path) -> None:
+    """Landsat-8 fill (0, untagged) is nodata in the outputs when --nodata 0 is given."""
+    model = conv_model(parana, k=3, layers=1, tile=256)
+    r = segment_scene(parana, model, tmp_path, nodata=0, block_size=512, **QUIET)
+    v = _valid(parana, nodata=0)
+    assert (~v).sum() > 100_000  # the scene's fill corners
+    np.testing.assert_array_equal(read(r.outputs["classes"]) == CLASS_NODATA, ~v)
+    assert r.report["tiles"]["tiles_skipped"] > 0 and r.report["options"]["nodata"] == 0
+
+
+# -- tiling is invisible ---------------------------------------------------------------------
+
+def _tile_lines(n: int, tile: int, overlap: int) -> np.ndarray:
+    step = tile - overlap
+    lines = set()
+    for o in range(0, n, step):
+        lines.update({o, o + tile - 1})
+    return np.array(sorted(x for x in lines if 0 < x < n - 1))
+
+
+def test_tiled_equals_untiled_conv_net(tmp_path: Path, nc_stack: Path) -> None:
+    """Receptive-field radius 3 <= overlap // 4: the tiled result is one untiled pass."""
+    model = conv_model(nc_stack, layers=3)
+    ref = untiled(model, nc_stack)
+    v = _valid(nc_stack)
+    sel = _away_from_border(v, 3)
+    classes = {}
+    for tile, overlap in ((64, 16), (96, 40)):
+        r = segment_scene(nc_stack, model, tmp_path / f"t{tile}", tile=tile, overlap=overlap, **QUIET)
+        cls = read(r.outputs["classes"])
+        conf = read(r.outputs["confidence"])
+        assert (cls[sel] == ref.argmax(0)[sel]).mean() >= 0.9999
+        assert np.abs(conf[sel] - ref.max(0)[sel]).max() < 1e-4
+        classes[tile] = cls
+    assert (classes[64][v] == classes[96][v]).mean() >= 0.9999
+    assert len(np.unique(classes[64][v])) >= 3
+
+
+def test_smooth_blending_without_seams(tmp_path: Path, nc_stack: Path) -> None:
+    """Receptive-field radius 12 > overlap // 4 (8 and 10): not exact, but the tiles still do not show."""
+    model = conv_model(nc_stack, layers=4, dilation=3, seed=1)
+    v = _valid(nc_stack)
+    res = {}
+    for tile, overlap in ((96, 32), (128, 40)):
+        r = segment_scene(nc_stack, model, tmp_path / f"t{tile}", tile=tile, overlap=overlap, **QUIET)
+        res[tile] = (read(r.outputs["classes"]), read(r.outputs["confidence"]))
+    a, b = res[96][0], res[128][0]
+    agree = (a[v] == b[v]).mean()
+    assert agree >= 0.995
+    # no straight seam: along no tile line of either grid is the disagreement concentrated
+    diff = (a != b) & v
+    for tile, overlap in ((96, 32), (128, 40)):
+        for axis, n in ((1, v.shape[1]), (0, v.shape[0])):
+            lines = _tile_lines(n, tile, overlap)
+            per_line = diff.take(lines, axis=axis).mean(axis=1 - axis) if len(lines) else np.zeros(1)
+            assert per_line.max() < 0.05, (tile, axis, per_line.max())
+    # and the confidence does not jump across tile lines more than between other neighbours
+    conf = res[96][1]
+    jumps = np.abs(np.diff(conf, axis=1))
+    lines = _tile_lines(v.shape[1], 96, 32)
+    assert np.nanmean(jumps[:, lines]) < 1.5 * np.nanmean(jumps)
+
+
+@pytest.mark.slow
+def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
+    """geovae's VAE segmenter, two tilings and one untiled pass, agree away from the border."""
+    model = vae_model(nc_stack, k=4, depth=2)
+    ref = untiled(model, nc_stack).argmax(0) + 1
+    v = _valid(nc_stack)
+    sel = _away_from_border(v, 16)
+    out = {}
+    for tile, overlap in ((256, 128), (128, 64)):
+        r = segment_scene(nc_stack, model, tmp_path / f"t{tile}", tile=tile, overlap=overlap, batch_size=4, **QUIET)
+        out[tile] = read(r.outputs["classes"])
+        assert (out[tile][sel] == ref[sel]).mean() >= 0.9999
+    assert (out[256][v] == out[128][v]).mean() >= 0.995
+    counts = np.bincount(out[128][v], minlength=5)
+    assert (counts > 0.005 * v.sum()).sum() >= 2  # not a one-class map
+
+
+def test_scene_smaller_than_one_tile(tmp_path: Path, nc_stack: Path) -> None:
+    with rasterio.open(nc_stack) as src:
+        prof = src.profile | dict(width=40, height=30, transform=src.window_transform(Window(200, 200, 40, 30)),
+                                  tiled=False)
+        prof.pop("blockxsize"), prof.pop("blockysize")
+        small = tmp_path / "small.tif"
+        with rasterio.open(small, "w", **prof) as dst:
+            dst.write(src.read(window=Window(200, 200, 40, 30)))
+    model = conv_model(nc_stack, layers=3)
+    r = segment_scene(small, model, tmp_path / "out", tile=256, overlap=64, **QUIET)
+    cls = read(r.outputs["classes"])
+    assert cls.shape == (30, 40) and r.report["tiles"]["tiles_total"] == 1
+    ref = untiled(model, small).argmax(0)
+    assert (cls[3:-3, 3:-3] == ref[3:-3, 3:-3]).all()
+
+
+def test_tta_is_the_mean_over_flips(nc_stack: Path) -> None:
+    model = conv_model(nc_stack)
+    x = torch.rand(2, 6, 32, 32) * 100
+    got = _predict(model, x, 0, False, True)["probs"]
+    p = model.predict(x)["probs"]
+    ref = (p + model.predict(x.flip(-1))["probs"].flip(-1) + model.predict(x.flip(-2))["probs"].flip(-2)) / 3
+    torch.testing.assert_close(got, ref)
+    assert not torch.allclose(got, p)
+
+
+# -- bad input fails before any work ---------------------------------------------------------
+
+def _write(path: Path, data: np.ndarray, **kw: object) -> Path:
+    prof = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype,
+                crs="EPSG:32618", transform=from_origin(100000, 2800000, 300, 300))
+    prof.update(kw)
+    with rasterio.open(path, "w", **prof) as ds:
+        ds.write(data)
+    return path
+
+
+def test_bad_input_fails_before_any_output(tmp_path: Path, rgb_byte: Path, nc_stack: Path) -> None:
+    model = conv_model(rgb_byte, k=3)
+    out = tmp_path / "out"
+    cases = [
+        (dict(scene=nc_stack), ModelMismatchError, "has 6 bands but the model expects 3"),
+        (dict(scene=_write(tmp_path / "empty.tif", np.zeros((3, 50, 50), np.uint8), nodata=0)), SceneError, "no valid pixels"),
+        (dict(tile=30, overlap=30), OptionError, "--overlap 30"),
+        (dict(batch_size=0), OptionError, "--batch-size 0"),
+        (dict(formats=("shp",)), OptionError, "--formats shp"),
+        (dict(samples=-1), OptionError, "--samples -1"),
+        (dict(scene=tmp_path / "missing.tif"), SceneError, "does not exist"),
+        (dict(scene=_write(tmp_path / "photo.tif", np.ones((3, 20, 20), np.uint8), crs=None, transform=Affine.identity())),
+         SceneError, "pass --pixel-coords"),
+        (dict(scene=_write(tmp_path / "rot.tif", np.ones((3, 20, 20), np.uint8),
+                           transform=Affine.translation(0, 0) @ Affine.rotation(10) @ Affine.scale(30, -30))),
+         SceneError, "rotated or sheared"),
+    ]
+    for kw, exc, text in cases:
+        scene = kw.pop("scene", rgb_byte)
+        with pytest.raises(exc, match=text.replace("-", r"\-")) as e:
+            segment_scene(scene, model, out, **{**QUIET, **kw})
+        assert "\n" not in str(e.value)
+        assert not out.exists() or not any(out.iterdir()), kw
+    vae = vae_model(rgb_byte, k=3, depth=2)
+    with pytest.raises(OptionError, match="multiple of the model's stride 4"):
+        segment_scene(rgb_byte, vae, out, tile=30, overlap=4, **QUIET)
+    with pytest.raises(ModelMismatchError, match="no reconstruction decoder"):
+        segment_scene(rgb_byte, model, out, reconstruction=True, **QUIET)
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        segment_scene(rgb_byte, model, afile, **QUIET)
+    assert not any(out.iterdir())
+
+
+def test_pixel_coords(tmp_path: Path, nc_stack: Path) -> None:
+    data = read(nc_stack, None)[:, :100, :120]
+    p = _write(tmp_path / "photo.tif", data, crs=None, transform=Affine.identity())
+    model = conv_model(nc_stack)
+    with pytest.raises(OptionError, match="pixel coordinates"):
+        segment_scene(p, model, tmp_path / "o", pixel_coords=True, formats=("geojson",), progress=False)
+    r = segment_scene(p, model, tmp_path / "o", pixel_coords=True, progress=False, quicklook=False)
+    assert "gpkg" in r.outputs and "geojson" not in r.outputs
+    with rasterio.open(r.outputs["classes"]) as ds:
+        assert ds.crs is None and ds.shape == (100, 120)
+    assert r.report["area_unit"] == "pixel"
+    assert sum(c["area"] for c in r.report["classes"]) == 100 * 120
+
+
+def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = read(nc_stack, None)
+    with rasterio.open(nc_stack) as ds:
+        crs, transform = ds.crs, ds.transform
+    p = _write(tmp_path / "bad.tif", src, crs=crs, transform=transform, tiled=True, blockxsize=128, blockysize=128,
+               compress="deflate", nodata=0)
+    with rasterio.open(p) as ds:
+        off = int(ds.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
+        n = int(ds.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
+    raw = bytearray(p.read_bytes())
+    raw[off + 8: off + n - 8] = bytes(np.random.default_rng(0).integers(0, 256, n - 16, dtype=np.uint8))
+    p.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    model = conv_model(nc_stack)
+    # the up-front check (a decimated read of this small scene) already trips on it
+    with pytest.raises(CorruptSceneError, match="is corrupt at rows 256-383, cols 256-383"):
+        segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
+    assert not any(out.iterdir())
+    # on a large scene the decimated read skips most blocks: then streaming finds it mid-run
+    monkeypatch.setattr(Scene, "any_valid", lambda self: True)
+    with pytest.raises(CorruptSceneError, match="is corrupt at rows 256-383, cols 256-383"):
+        segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
+    assert not any(out.iterdir())  # neither final names nor temporary files
+
+
+# -- remote reading ----------------------------------------------------------------------------
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with HTTP Range support, which GDAL's /vsicurl/ needs."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            self.send_error(404)
+            return None
+        size = path.stat().st_size
+        rng = self.headers.get("Range")
+        f = open(path, "rb")  # noqa: SIM115 - closed by copyfile's caller
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[6:].partition("-")
+            start, end = int(a), min(int(b) if b else size - 1, size - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.send_header("Content-Length", str(end - start + 1))
+            f.seek(start)
+            self._left = end - start + 1
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self._left = size
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        return f
+
+    def copyfile(self, source, outputfile):  # type: ignore[no-untyped-def]
+        outputfile.write(source.read(self._left))
+
+
+@pytest.fixture
+def http_root(rgb_byte: Path) -> Iterator[str]:
+    handler = lambda *a, **k: _RangeHandler(*a, directory=str(rgb_byte.parent), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    os.environ["GDAL_DISABLE_READDIR_ON_OPEN"] = "EMPTY_DIR"
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        os.environ.pop("GDAL_DISABLE_READDIR_ON_OPEN", None)
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_scene_gives_identical_outputs(tmp_path: Path, rgb_byte: Path, http_root: str) -> None:
+    model = conv_model(rgb_byte, k=3)
+    local = segment_scene(rgb_byte, model, tmp_path / "local", tile=128, overlap=32, **QUIET)
+    remote = segment_scene(f"{http_root}/{rgb_byte.name}", model, tmp_path / "remote", tile=128, overlap=32, **QUIET)
+    assert remote.report["scene"]["path"].startswith("http://127.0.0.1")
+    for kind in ("classes", "confidence"):
+        assert remote.outputs[kind].name == local.outputs[kind].name
+        with rasterio.open(local.outputs[kind]) as a, rasterio.open(remote.outputs[kind]) as b:
+            assert a.crs == b.crs and a.transform == b.transform
+            np.testing.assert_array_equal(a.read(), b.read())
