@@ -525,7 +525,9 @@ def vectorize(
         # Without a CRS the polygons stay in pixel units (column, row), y down.
         to_world = src.transform if crs is not None else Affine.identity()
         measure = _Measure(crs, src.bounds)
-        return _run(src, conf_src, unc_src, paths, names, to_world, measure, min_area, simplify, block_size, connectivity)
+        return _run(
+            src, conf_src, unc_src, paths, names, to_world, measure, min_area, simplify, block_size, connectivity
+        )
     finally:
         for ds in extra:
             ds.close()
@@ -557,7 +559,9 @@ def _run(
             # Coverage simplification needs neighbours to carry identical vertices along a
             # shared edge; one vertex per pixel step (exact integers here) guarantees it.
             geoms = shapely.segmentize(geoms, 1.0)
-        return shapely.transform(geoms, lambda xy: np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f)))
+        return shapely.transform(
+            geoms, lambda xy: np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
+        )
 
     tmps = {p: _tmp_name(p) for p in paths}
     gpkg_direct = simplify == 0 and any(p.suffix.lower() == ".gpkg" for p in paths)
@@ -578,9 +582,8 @@ def _run(
         # Pixel-exact areas decide min_area, before any simplification.
         keep = (area >= min_area) & ~shapely.is_empty(g)
         g, cls, stats, area = g[keep], cls[keep], stats[keep], area[keep]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            conf = np.where(stats[:, 1] > 0, stats[:, 0] / stats[:, 1], np.nan) if have_conf else np.full(len(g), np.nan)
-            unc = np.where(stats[:, 3] > 0, stats[:, 2] / stats[:, 3], np.nan) if have_unc else np.full(len(g), np.nan)
+        conf = _mean(stats[:, 0], stats[:, 1]) if have_conf else np.full(len(g), np.nan)
+        unc = _mean(stats[:, 2], stats[:, 3]) if have_unc else np.full(len(g), np.nan)
         parts.add(
             {
                 "class_id": cls,
@@ -618,9 +621,8 @@ def _run(
                 c0, r0 = win.col_off, win.row_off
                 c1, r1 = c0 + win.width, r0 + win.height
                 # A piece is complete unless it reaches a block line shared with another block.
-                on_line = (
-                    ((x0 <= c0) & (c0 > 0)) | ((x1 >= c1) & (c1 < width)) | ((y0 <= r0) & (r0 > 0)) | ((y1 >= r1) & (r1 < height))
-                )
+                on_line = ((x0 <= c0) & (c0 > 0)) | ((x1 >= c1) & (c1 < width))
+                on_line |= ((y0 <= r0) & (r0 > 0)) | ((y1 >= r1) & (r1 < height))
                 emit(geoms[~on_line], cls[~on_line], stats[~on_line])
                 open_pieces.add(geoms[on_line], cls[on_line], stats[on_line])
             # A row of blocks is done: join what meets across its lines, and write out every
@@ -663,6 +665,13 @@ def _run(
 
 def _read(path: Path) -> Any:
     return pyogrio.read_dataframe(path, layer="polygons")
+
+
+def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """sum / count, NaN (written as null) where a polygon has no valid pixel."""
+    out = np.full(len(sums), np.nan)
+    np.divide(sums, counts, out=out, where=counts > 0)
+    return out
 
 
 def _group_sum(keys: np.ndarray, values: np.ndarray) -> tuple[list[int], list[float]]:
