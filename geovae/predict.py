@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
+from rasterio.env import get_gdal_config
 
 from geovae.errors import ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
@@ -33,6 +35,9 @@ from geovae.stitch import CLASS_NODATA, Stitcher
 from geovae.tiling import Tile, TileGrid, check_options
 
 __all__ = ["SegmentResult", "segment_scene", "FORMATS", "check_output_dir"]
+
+#: Upper bound of GDAL's block cache during a run (bytes).
+GDAL_CACHE_BYTES = 512 * 2**20
 
 #: Polygon formats and their file suffixes.
 FORMATS = {"geojson": "geojson", "gpkg": "gpkg", "parquet": "parquet"}
@@ -398,6 +403,21 @@ def segment_scene(
     timings["validate_s"] = time.perf_counter() - t_start
 
     stem = scene.stem
+    # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
+    # read scene blocks up to that: cap it so memory stays bounded on big machines too.
+    cache = rasterio.Env(GDAL_CACHEMAX=min(int(get_gdal_config("GDAL_CACHEMAX") or GDAL_CACHE_BYTES), GDAL_CACHE_BYTES))
+    with cache:
+        return _run(scene, model, info, grid, out, stem, source, fmts, timings, t_start, batch_size=batch_size,
+                    samples=samples, reconstruction=reconstruction, tta=tta, min_area=min_area, simplify=simplify,
+                    block_size=block_size, quicklook=quicklook, progress=progress)
+
+
+def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid, out: Path, stem: str,
+         source: str | None, fmts: list[str], timings: dict[str, float], t_start: float, *, batch_size: int,
+         samples: int, reconstruction: bool, tta: bool, min_area: float, simplify: float, block_size: int,
+         quicklook: bool, progress: bool) -> SegmentResult:
+    """The streaming part of :func:`segment_scene`, after every check has passed."""
+    tile, overlap, in_pixels = grid.tile, grid.overlap, scene.crs is None
     stitcher = Stitcher(grid, out, stem, info, scene.crs, scene.transform, uncertainty=samples > 0,
                         reconstruction=reconstruction, block_size=block_size)
     written: list[Path] = []

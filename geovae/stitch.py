@@ -74,6 +74,20 @@ def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
+def _block_tiles(block_size: int, step: int) -> int:
+    """Tiles per block side: blocks are whole multiples of the tile step.
+
+    Among the multiples within a factor 2 of ``block_size`` it prefers one that is also a
+    multiple of the 256-pixel output tiling, so every block write covers whole GeoTIFF tiles
+    and GDAL never has to keep (or re-compress) a half-written tile.
+    """
+    want = max(1.0, block_size / step)
+    cands = [k for k in range(max(1, int(want / 2)), int(want * 2) + 1) if (k * step) % _BLOCKSIZE == 0]
+    if cands:
+        return min(cands, key=lambda k: (abs(k * step - block_size), k))
+    return max(1, round(want))
+
+
 class PixelAreas:
     """Ground area of pixels in square metres, on the ellipsoid (geodesic).
 
@@ -183,7 +197,7 @@ class Stitcher:
         self.reconstruction = reconstruction
         self.overview = overviews
         self.H, self.W = grid.height, grid.width
-        self.k = max(1, round(block_size / grid.step))
+        self.k = _block_tiles(block_size, grid.step)
         self.B = self.k * grid.step
         self.O = grid.overlap
         self.E = self.B + self.O
