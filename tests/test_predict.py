@@ -400,3 +400,29 @@ def test_remote_scene_gives_identical_outputs(tmp_path: Path, rgb_byte: Path, ht
         with rasterio.open(local.outputs[kind]) as a, rasterio.open(remote.outputs[kind]) as b:
             assert a.crs == b.crs and a.transform == b.transform
             np.testing.assert_array_equal(a.read(), b.read())
+
+
+# -- class areas are ground areas, whatever the CRS ------------------------------------------
+
+def test_areas_in_square_metres_for_geographic_and_web_mercator(tmp_path: Path, rgb_byte: Path) -> None:
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    # EPSG:4326 input (SpaceNet-3 Las Vegas, ~0.3 m pixels): the whole scene is valid
+    lv = rgb_byte.parents[1] / "spacenet_solaris" / "original" / "road_mask_input.tif"
+    if not lv.exists():
+        pytest.skip(f"real data not found: {lv}")
+    r = segment_scene(lv, conv_model(lv, k=2, layers=1, tile=256), tmp_path / "lv", **QUIET)
+    with rasterio.open(lv) as ds:
+        b = ds.bounds
+    ref = abs(geod.polygon_area_perimeter([b.left, b.right, b.right, b.left], [b.bottom, b.bottom, b.top, b.top])[0])
+    assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(ref, rel=1e-3)
+    assert 1e5 < ref < 2e5  # ~390 m x 390 m: square metres, not square degrees
+    # Web Mercator (shade.tif, 40 N): ground area is the map area times cos^2(latitude)
+    shade = rgb_byte.parent / "shade.tif"
+    r = segment_scene(shade, conv_model(shade, k=2, layers=1, tile=256), tmp_path / "sh", **QUIET)
+    v = _valid(shade)
+    with rasterio.open(shade) as ds:
+        lat = np.degrees(2 * np.arctan(np.exp(((ds.bounds.top + ds.bounds.bottom) / 2) / 6378137.0)) - np.pi / 2)
+        px = abs(ds.transform.a * ds.transform.e)
+    assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(v.sum() * px * np.cos(np.radians(lat)) ** 2, rel=5e-3)
