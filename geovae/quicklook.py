@@ -78,7 +78,7 @@ def _stretch(data: np.ndarray, valid: np.ndarray, lo: float = 2, hi: float = 98)
 
 
 def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path, info: ModelInfo,
-                    *, max_size: int = 1500, alpha: float = 0.45) -> Path:
+                    *, max_size: int = 1280, alpha: float = 0.45) -> Path:
     """Write the quicklook PNG.
 
     Args:
@@ -86,7 +86,8 @@ def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path
         classes_path: its class raster.
         out_path: the PNG to write (written under a temporary name, then renamed).
         info: the model description (class ids, names, colours).
-        max_size: longer side of the image part, in pixels.
+        max_size: longer side of the image part, in pixels (the legend adds 220 px on the
+            right, so the PNG is at most 1500 px wide by default).
         alpha: opacity of the class colours over the scene.
 
     Returns:

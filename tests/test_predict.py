@@ -144,7 +144,7 @@ def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -
     from PIL import Image
 
     with Image.open(out["quicklook"]) as im:
-        assert max(im.size) <= 1500 + 250 and im.size[0] > valid.shape[1]
+        assert max(im.size) <= 1500 and im.size[0] > valid.shape[1]  # the scene at full size plus a legend
     assert not list(tmp_path.glob("*.part"))
 
 
