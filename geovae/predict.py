@@ -249,7 +249,9 @@ class _Progress:
 def _check_formats(formats: Sequence[str] | None, pixel_coords: bool) -> list[str]:
     if formats is None:
         return ["gpkg"] if pixel_coords else ["geojson"]
-    fmts = [f.lower().lstrip(".") for f in formats]
+    if isinstance(formats, str):  # "geojson,gpkg" as typed on a command line
+        formats = [f for f in formats.split(",") if f.strip()]
+    fmts = [f.strip().lower().lstrip(".") for f in formats]
     for f in fmts:
         if f not in FORMATS:
             raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
