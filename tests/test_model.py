@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from geovae.errors import GeovaeError, ModelMismatchError, OptionError
 from geovae.model import VAEOutput, VAESegmenter
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine, two spinning threads per process
+    slow tiny convolutions by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("bands", [3, 6, 224])
@@ -136,18 +148,9 @@ def test_training_step_reduces_the_loss() -> None:
     assert loss.item() < 0.6 * first
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine, two spinning threads per process
-    slow tiny convolutions by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.slow
-def test_reconstruction_error_flags_clouds(gulfcoast, gulfcoast_bqa, tmp_path, one_thread) -> None:
+def test_reconstruction_error_flags_clouds(gulfcoast, gulfcoast_bqa, tmp_path) -> None:
     """Real Landsat-8: a reconstruction branch trained without labels on BQA-clear pixels
     rebuilds clear land far better than high-confidence cloud, end to end through a model file."""
     import numpy as np

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ import torch
 from geovae.errors import ModelFileError
 from geovae.model import ModelInfo, VAESegmenter
 from geovae.model.io import FORMAT_VERSION, load_model, read_model_info, save_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a loaded 2-core machine two spinning threads per process
+    slow small convolutions by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class Boom:
@@ -187,6 +198,8 @@ def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     import lightning as L
     from torchgeo.tasks import SemanticSegmentation
 
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     task = SemanticSegmentation(model="unet", backbone="resnet18", weights=None, in_channels=6, num_classes=7)
     batch = [{"image": torch.randn(6, 64, 64), "mask": torch.randint(0, 7, (64, 64))} for _ in range(2)]
@@ -199,6 +212,7 @@ def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     trainer.fit(task, dl, dl)  # the validation pass feeds TorchGeo's ReduceLROnPlateau
     ckpt = root / "task.ckpt"
     trainer.save_checkpoint(ckpt)
+    torch.set_num_threads(n_threads)
     return ckpt, task.model.eval()
 
 
