@@ -393,8 +393,8 @@ def resolve_classes(
     return ClassSpec(ids=ids, names=list(named.values()), colors=colors)
 
 
-def vector_label_values(path: str, field_name: str | None, crs: CRS) -> tuple[list[Any], tuple[float, float, float, float]]:
-    """Read a vector label file's label values and bounds (in ``crs``).
+def vector_label_values(path: str, field_name: str | None, crs: CRS) -> Any:
+    """Read a vector label file, checked, in ``crs``.
 
     Args:
         path: vector file (GeoPackage, GeoJSON, shapefile, GeoParquet).
@@ -402,7 +402,7 @@ def vector_label_values(path: str, field_name: str | None, crs: CRS) -> tuple[li
         crs: CRS of the image, to compare bounds.
 
     Returns:
-        ``(values, bounds)``.
+        The GeoDataFrame, reprojected to ``crs``.
 
     Raises:
         LabelsError: if the file cannot be read, the field is missing or there are no features.
@@ -424,8 +424,7 @@ def vector_label_values(path: str, field_name: str | None, crs: CRS) -> tuple[li
                           f"{', '.join(c for c in gdf.columns if c != 'geometry')}")
     if gdf.crs is None:
         raise LabelsError(f"vector labels {path}: has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
-    gdf = gdf.to_crs(crs)
-    return list(gdf[field_name]), tuple(float(v) for v in gdf.total_bounds)  # type: ignore[return-value]
+    return gdf.to_crs(crs)
 
 
 # ----------------------------------------------------------------------------- TorchGeo datasets
@@ -700,7 +699,8 @@ class SceneDataModule(GeoDataModule):
             self.classes = resolve_classes(classes, present, where=self.labels_path, colors_from=self.labels_path)
         else:
             assert self.vector_path is not None
-            values, vbounds = vector_label_values(self.vector_path, label_field, f.crs)
+            gdf = vector_label_values(self.vector_path, label_field, f.crs)
+            values, vbounds = list(gdf[label_field]), tuple(float(v) for v in gdf.total_bounds)
             l, b, r, t = f.bounds
             if vbounds[2] <= l or vbounds[0] >= r or vbounds[3] <= b or vbounds[1] >= t:
                 raise LabelsError(f"vector labels {self.vector_path}: do not overlap the image; give the labels of this scene")
@@ -713,6 +713,7 @@ class SceneDataModule(GeoDataModule):
                     raise LabelsError(f"vector labels {self.vector_path}: classes {', '.join(map(repr, unknown[:8]))} "
                                       f"of {label_field!r} are not named in --classes; add them")
                 counts = {name_to_id[v]: values.count(v) for v in set(values)}
+                classes = spec
             else:
                 try:
                     ints = [int(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -721,25 +722,40 @@ class SceneDataModule(GeoDataModule):
                                       f"class ids nor names; choose the class attribute") from None
                 counts = {v: ints.count(v) for v in set(ints)}
             self.classes = resolve_classes(classes, counts, where=self.vector_path)
-            train_counts = counts  # refined below by rasterising the training part
-            val_counts = {}
+            # Pixel counts per class from polygon areas inside each part (for class weights).
+            train_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.train_box)
+            val_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.val_box)
         self.name_to_id = name_to_id
         self.lookup = self.classes.lookup()
-        if self.labels_path:
-            n_train = sum(c for v, c in train_counts.items() if v in self.lookup)
-            n_val = sum(c for v, c in val_counts.items() if v in self.lookup)
-            if n_train == 0:
-                raise LabelsError(f"labels {self.labels_path}: no labelled pixels in the training part of the scene; "
-                                  f"check the labels, --classes, or val_fraction/val_side")
-            self.n_labelled = {"train": n_train, "val": n_val}
-        else:
-            self.n_labelled = {"train": -1, "val": -1}  # counted when rasterised (setup)
+        self.train_class_counts = {cid: int(train_counts.get(cid, 0)) for cid in self.classes.ids}
+        n_train = sum(self.train_class_counts.values())
+        n_val = sum(c for v, c in val_counts.items() if v in self.lookup)
+        if n_train == 0:
+            raise LabelsError(f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
+                              f"of the scene; check the labels, --classes, or val_fraction/val_side")
+        self.n_labelled = {"train": n_train, "val": n_val}
 
         if samples_per_epoch is None:
             tb = self.train_box
             chips = max(1, round((tb[2] - tb[0]) / f.res[0] / tile) * round((tb[3] - tb[1]) / f.res[1] / tile))
             samples_per_epoch = 4 * chips
         self.length = int(math.ceil(samples_per_epoch / batch_size) * batch_size)
+
+    def _vector_pixel_counts(self, gdf: Any, label_field: str, name_to_id: Mapping[str, int],
+                             box: tuple[float, float, float, float] | None) -> dict[int, int]:
+        if box is None:
+            return {}
+        part = gdf.clip(shapely.box(*box))
+        if part.empty:
+            return {}
+        ids = part[label_field].map(lambda v: name_to_id.get(v, 0) if isinstance(v, str) else v)
+        px = part.geometry.area / (self.facts.res[0] * self.facts.res[1])
+        out: dict[int, int] = {}
+        for cid, n in zip(ids, px, strict=True):
+            if cid is None or (isinstance(cid, float) and math.isnan(cid)):
+                continue
+            out[int(cid)] = out.get(int(cid), 0) + int(round(float(n)))
+        return out
 
     # -- datasets ---------------------------------------------------------------------
     def _image_ds(self, paths: str | list[str], transforms: Any = None) -> SceneImage:
@@ -831,7 +847,10 @@ def merge_batches(batch: Any) -> dict[str, Tensor]:
     if isinstance(batch, dict) and "image" not in batch and batch:
         parts = [b for b in batch.values() if isinstance(b, dict) and "image" in b]
         keys = set.intersection(*(set(p) for p in parts))
-        return {k: torch.cat([p[k] for p in parts]) for k in keys if isinstance(parts[0][k], Tensor)}
+        # Only keys of one shape per sample join: an IntersectionDataset's ``bounds`` hold
+        # both datasets' boxes (18 numbers) where an image-only dataset's hold 9.
+        return {k: torch.cat([p[k] for p in parts]) for k in keys
+                if all(isinstance(p[k], Tensor) and p[k].shape[1:] == parts[0][k].shape[1:] for p in parts)}
     return batch
 
 

@@ -79,6 +79,25 @@ def metrics_from_confusion(cm: Tensor, names: Sequence[str] | None = None) -> di
     return out
 
 
+def balanced_class_weights(counts: Mapping[int, int]) -> list[float]:
+    """Cross-entropy weights proportional to 1/sqrt(class frequency).
+
+    Scaled so that the weighted mean over the training pixels is 1 (the loss keeps its
+    scale). A class without training pixels gets the weight of a class with one pixel; it
+    never appears in a training target, so only its documentation value matters.
+
+    Args:
+        counts: ``{class id: labelled training pixels}`` in output-channel order.
+
+    Returns:
+        One weight per class.
+    """
+    freq = torch.tensor([max(int(c), 1) for c in counts.values()], dtype=torch.float64)
+    w = 1.0 / freq.sqrt()
+    w = w * freq.sum() / (w * freq).sum()
+    return [float(v) for v in w]
+
+
 class VAESegmentationTask(BaseTask):
     """The VAE segmenter as a TorchGeo task: loss, warm-up, metrics and collapse monitors.
 
@@ -451,7 +470,7 @@ def train_model(
     kl_warmup_epochs: float = 1.0,
     recon_weight: float = 1.0,
     dice_weight: float = 0.0,
-    class_weighting: str | None = None,
+    class_weighting: str | None = "inverse-sqrt",
     samples_per_epoch: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
@@ -490,8 +509,9 @@ def train_model(
         kl_warmup_epochs: epochs over which the KL weight rises from 0 to ``beta``.
         recon_weight: weight of the reconstruction term.
         dice_weight: weight of a soft-Dice term added to the cross-entropy.
-        class_weighting: None, or ``"inverse-sqrt"`` to weight the cross-entropy by
-            1/sqrt(class frequency) in the training labels (helps rare classes' IoU).
+        class_weighting: ``"inverse-sqrt"`` weights the cross-entropy by 1/sqrt(class
+            frequency) in the training part of the labels (rare classes count more, which
+            mIoU rewards); None for the plain mean over labelled pixels.
         samples_per_epoch: training patches per epoch (default 4x the non-overlapping tiles).
         num_workers: DataLoader worker processes.
         progress: show a progress bar.
@@ -527,17 +547,10 @@ def train_model(
         batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed,
     )
-    from geovae.datasets import band_statistics, label_counts
+    from geovae.datasets import band_statistics
 
     mean, std, _ = band_statistics(dm.image_path)
-    class_weights = None
-    if class_weighting == "inverse-sqrt":
-        if dm.labels_path is None:
-            raise OptionError("class_weighting needs a label raster (vector labels have no pixel counts before rasterising)")
-        counts, _ = label_counts(dm.labels_path, dm.train_box)
-        freq = torch.tensor([max(counts.get(i, 0), 1) for i in dm.classes.ids], dtype=torch.float64)
-        w = 1.0 / freq.sqrt()
-        class_weights = [float(v) for v in (w / (w * freq).sum() * freq.sum())]
+    class_weights = balanced_class_weights(dm.train_class_counts) if class_weighting == "inverse-sqrt" else None
 
     steps_per_epoch = dm.length // batch_size
     task = VAESegmentationTask(
@@ -623,7 +636,13 @@ def _config_parser() -> Any:
                    help="Training tile recorded in the model file (default: data.init_args.tile or patch_size).")
     p.add_argument("--kl_warmup_epochs", type=float | None, default=None,
                    help="Set model.kl_warmup_steps from epochs (needs a SceneDataModule).")
-    p.add_class_arguments(VAESegmentationTask, "model", instantiate=False, fail_untyped=False)
+    p.add_argument("--class_weighting", type=str | None, default="inverse-sqrt",
+                   help="inverse-sqrt (from the training labels) or null; ignored when model.class_weights is set.")
+    p.add_class_arguments(VAESegmentationTask, "model", instantiate=False, fail_untyped=False,
+                          skip={"in_channels", "num_classes"})
+    # None = "take it from the data"; a value is checked against the data.
+    p.add_argument("--model.in_channels", type=int | None, default=None, help="Input bands (default: the image's).")
+    p.add_argument("--model.num_classes", type=int | None, default=None, help="Classes (default: from the labels).")
     p.add_subclass_arguments(LightningDataModule, "data", instantiate=False, required=True)
     p.add_function_arguments(_trainer_section, "trainer")
     return p
@@ -644,14 +663,15 @@ def _normalise_config(raw: dict[str, Any], path: str) -> dict[str, Any]:
         cp = model["class_path"]
         if cp not in ("geovae.train.VAESegmentationTask", "VAESegmentationTask"):
             raise ConfigError(f"{path}: model.class_path {cp!r} is not supported; use geovae.train.VAESegmentationTask")
-        unknown = set(model) - {"class_path", "init_args", "dict_kwargs"}
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) model.{', model.'.join(sorted(unknown))}; "
-                              f"put task arguments under model.init_args")
-        cfg["model"] = dict(model.get("init_args") or {})
+        # Keys beside class_path (as --set model.lr=... writes them) override init_args.
+        cfg["model"] = {**(model.get("init_args") or {}),
+                        **{k: v for k, v in model.items() if k not in ("class_path", "init_args")}}
     data = cfg.get("data")
     if isinstance(data, dict) and "class_path" not in data:
         cfg["data"] = {"class_path": "geovae.datasets.SceneDataModule", "init_args": data}
+    elif isinstance(data, dict):
+        extra = {k: v for k, v in data.items() if k not in ("class_path", "init_args", "dict_kwargs")}
+        cfg["data"] = {"class_path": data["class_path"], "init_args": {**(data.get("init_args") or {}), **extra}}
     data = cfg.get("data")
     if isinstance(data, dict) and data.get("class_path") in ("geovae.datasets.SceneDataModule", "SceneDataModule"):
         data["class_path"] = "geovae.datasets.SceneDataModule"
@@ -717,13 +737,46 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     try:
         return parser.parse_object(cfg)
     except Exception as e:  # jsonargparse raises ArgumentError/TypeError/ValueError with long text
-        msg = _first_line(e)
-        import re
+        raise ConfigError(f"config {p}: {_explain_config_error(_first_line(e), cfg)}") from None
 
-        m = re.search(r"[Uu]nrecognized arguments: (\S+)", msg) or re.search(r"[Kk]ey \"?([\w.]+)\"? .*not", msg)
+
+def _valid_keys(section: str, cfg: Mapping[str, Any]) -> list[str]:
+    import inspect
+
+    if section == "model":
+        return [*inspect.signature(VAESegmentationTask.__init__).parameters][1:]
+    if section == "trainer":
+        return [*inspect.signature(_trainer_section).parameters]
+    if section == "data":
+        return [*inspect.signature(SceneDataModule.__init__).parameters][1:]
+    return ["seed_everything", "out", "tile_size", "kl_warmup_epochs", "class_weighting", "model", "data", "trainer"]
+
+
+def _explain_config_error(msg: str, cfg: Mapping[str, Any]) -> str:
+    """One line naming the offending key, and the closest valid key when there is one."""
+    import difflib
+    import re
+
+    section, key = None, None
+    m = re.search(r"Group '(\w+)' does not accept option '([\w.]+)'", msg)
+    if m:
+        section, key = m.group(1), m.group(2)
+    else:
+        m = re.search(r"Option '([\w.]+)' is not accepted", msg)
         if m:
-            raise ConfigError(f"config {p}: unknown key {m.group(1).lstrip('-')}; see docs/training.md for the keys") from None
-        raise ConfigError(f"config {p}: {msg}") from None
+            key = m.group(1)
+            section = "data" if "class_path" in msg else None
+    if key is not None:
+        if "." in key and section is None:
+            section, key = key.split(".", 1)
+        full = f"{section}.{key}" if section else key
+        close = difflib.get_close_matches(key, _valid_keys(section or "", cfg), n=1)
+        hint = f"did you mean {section + '.' if section else ''}{close[0]}?" if close else "see docs/training.md for the keys"
+        return f"unknown key {full}; {hint}"
+    m = re.search(r'Parser key "([\w.]+)": Expected a (.+?)\. Got value: (.+?)(?: -|$)', msg)
+    if m:
+        return f"{m.group(1)}: expected {m.group(2).replace('<class ', '').replace('>', '')}, got {m.group(3).strip()!r}"
+    return msg
 
 
 def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> TrainResult:
@@ -802,6 +855,10 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
                           std=model_args.get("std") or std, nodata=dm.facts.nodata)
         if cfg.kl_warmup_epochs is not None:
             model_args["kl_warmup_steps"] = int(round(cfg.kl_warmup_epochs * dm.length / dm.batch_size))
+        if cfg.class_weighting not in (None, "inverse-sqrt"):
+            raise ConfigError(f"config {p}: class_weighting {cfg.class_weighting!r}: use inverse-sqrt or null")
+        if cfg.class_weighting == "inverse-sqrt" and model_args.get("class_weights") is None:
+            model_args["class_weights"] = balanced_class_weights(dm.train_class_counts)
         tile = cfg.tile_size or dm.tile
         has_val = dm.val_box is not None and dm.n_labelled["val"] != 0
         provenance = dm.describe()
@@ -842,5 +899,5 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
 
 
 __all__ = ["VAESegmentationTask", "TrainResult", "train_model", "train_from_config", "load_config",
-           "metrics_from_confusion"]
+           "metrics_from_confusion", "balanced_class_weights"]
 

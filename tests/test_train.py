@@ -1,0 +1,385 @@
+"""Training through TorchGeo + Lightning, on the real NC Landsat-7 scene.
+
+Torch runs on one thread here: on a shared 2-core machine two intra-op threads are several
+times slower than one when the other core is busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import rasterio
+import torch
+from torch.utils.data import DataLoader
+from torchgeo.datasets import IntersectionDataset, stack_samples
+from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
+
+from conftest import data_path
+from geovae.datasets import (
+    IGNORE_INDEX,
+    AddIgnoreMask,
+    IgnoreOutside,
+    RemapMask,
+    SceneDataModule,
+    SceneImage,
+    SceneLabels,
+    band_statistics,
+    label_counts,
+    merge_batches,
+    parse_classes,
+    split_regions,
+)
+from geovae.errors import ConfigError, LabelsError, ModelMismatchError, OptionError, OutputError, SceneError
+from geovae.train import (
+    VAESegmentationTask,
+    balanced_class_weights,
+    load_config,
+    metrics_from_confusion,
+    train_from_config,
+    train_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NC_CLASSES = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def nc_polygons() -> Path:
+    return data_path("nc_landsat7_landclass96", "nc_training_polygons_label_uint8.tif")
+
+
+@pytest.fixture
+def nc_polygons_shp() -> Path:
+    return data_path("nc_landsat7_landclass96", "original", "landsat96_polygons.shp")
+
+
+def _one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    return msg
+
+
+def _write_like(src_path: Path, dst: Path, data: np.ndarray, **overrides: object) -> Path:
+    with rasterio.open(src_path) as src:
+        prof = src.profile
+    prof.update(overrides)
+    with rasterio.open(dst, "w", **prof) as d:
+        d.write(data, 1)
+    return dst
+
+
+def _class_miou(pred: np.ndarray, ref: np.ndarray) -> float:
+    ious = []
+    for c in np.unique(ref):
+        inter = np.sum((pred == c) & (ref == c))
+        union = np.sum((pred == c) | (ref == c))
+        ious.append(inter / union)
+    return float(np.mean(ious))
+
+
+# ----------------------------------------------------------------------------- short real run
+def test_short_real_training_beats_chance_and_its_file_predicts(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nc.safetensors"
+    res = train_model(
+        nc_stack, nc_labels, out, classes=NC_CLASSES, epochs=8, tile=64, batch_size=8, samples_per_epoch=64,
+        base_channels=16, depth=3, latent_channels=4, lr=1e-3, val_fraction=0.5, device="cpu", progress=False, seed=0,
+    )
+    assert res.model_path == out and out.is_file()
+    assert not [p for p in tmp_path.iterdir() if p != out], "a temporary file was left behind"
+    assert len(res.history) == 8
+    # The losses the task logs are real numbers, and the latent is alive (not collapsed).
+    last = res.history[-1]
+    for k in ("train_loss", "train_ce", "train_recon", "train_kl", "val_loss", "val_diversity", "val_mIoU"):
+        assert np.isfinite(last[k]), k
+    assert res.history[-1]["train_ce"] < res.history[0]["train_ce"]
+    assert last["val_diversity"] > 0 and last["val_active_latents"] >= 1
+
+    # Chance on the east half, from the labels themselves: the better of always-majority and
+    # guessing by the class frequencies (expected IoU of class k is p/(2-p)).
+    with rasterio.open(nc_labels) as s:
+        lab = s.read(1)
+    with rasterio.open(nc_stack) as s:
+        img = s.read().astype(np.float32)
+    east = slice(lab.shape[1] - round(lab.shape[1] * 0.5), lab.shape[1])
+    ref = lab[:, east]
+    ok = (ref > 0) & (img[:, :, east] != 0).any(0)
+    vals, counts = np.unique(ref[ok], return_counts=True)
+    p = counts / counts.sum()
+    chance = max(p.max() / len(vals), float(np.mean(p / (2 - p))))
+    assert res.metrics["val_mIoU"] > chance + 0.03, (res.metrics["val_mIoU"], chance)
+
+    # The saved file alone predicts the east half as well (read by rasterio, not TorchGeo).
+    from geovae.model.io import load_model
+
+    model = load_model(out, "cpu")
+    info = model.info
+    assert info.class_ids == [1, 2, 3, 4, 5, 6, 7] and info.class_names[4] == "forest"
+    assert info.class_colors[0] == (230, 0, 0)  # from the label raster's colour table
+    mean, std, _ = band_statistics(nc_stack)
+    assert np.allclose(info.mean, mean) and np.allclose(info.std, std)
+    assert info.tile_size == 64 and info.stride == 8 and info.in_channels == 6
+    assert info.extra["data"]["val_box"] is not None
+    x = torch.from_numpy(img)[None]
+    fill = torch.tensor(info.mean).view(1, -1, 1, 1).expand_as(x)
+    x = torch.where(x == 0, fill, x)  # per-band nodata -> mean, as training does
+    h, w = x.shape[-2:]
+    x = torch.nn.functional.pad(x, (0, (-w) % 8, 0, (-h) % 8))
+    probs = model.predict(x)["probs"][0, :, :h, :w]
+    assert torch.allclose(probs.sum(0), torch.ones(h, w), atol=1e-4)
+    pred = np.array(info.class_ids)[probs.argmax(0).numpy()]
+    assert _class_miou(pred[:, east][ok], ref[ok]) > chance + 0.03
+
+
+# ----------------------------------------------------------------------------- the TorchGeo path
+def test_torchgeo_datasets_sampler_and_task_through_a_lightning_trainer(nc_stack: Path, nc_labels: Path) -> None:
+    lookup = {c: c - 1 for c in range(1, 8)}
+    image = SceneImage(paths=str(nc_stack))
+    labels = SceneLabels(paths=str(nc_labels))
+    ds = image & labels
+    assert isinstance(ds, IntersectionDataset)
+    ds.transforms = RemapMask(lookup)
+    sampler = RandomGeoSampler(ds, size=32, length=12, generator=torch.Generator().manual_seed(1))
+    dl = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=stack_samples)
+    batch = next(iter(dl))
+    assert batch["image"].shape == (4, 6, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (4, 32, 32) and batch["mask"].dtype == torch.long
+    assert set(batch["mask"].unique().tolist()) <= {IGNORE_INDEX, *range(7)}
+    # IntersectionDataset concatenates both datasets' bounds: the same box twice.
+    assert batch["bounds"].shape == (4, 18) and torch.equal(batch["bounds"][:, :9], batch["bounds"][:, 9:])
+
+    mean, std, _ = band_statistics(nc_stack)
+    task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4)
+    before = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, train_dataloaders=dl)
+    assert trainer.global_step == 3
+    assert np.isfinite(float(trainer.callback_metrics["train_loss"]))
+    changed = [k for k, v in task.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.startswith("head") for k in changed) and any(k.startswith("recon_decoder") for k in changed)
+
+
+def test_gridded_validation_scores_every_labelled_pixel_of_its_part_once(nc_stack: Path, nc_labels: Path) -> None:
+    dm = SceneDataModule(str(nc_stack), str(nc_labels), classes=NC_CLASSES, tile=64, batch_size=8, val_fraction=0.3)
+    dm.setup("validate")
+    assert isinstance(dm.val_sampler, GriddedPatchSampler)
+    scored = 0
+    for b in dm.val_dataloader():
+        scored += int((b["mask"] != IGNORE_INDEX).sum())
+    # Patches overhang the validation part (and the scene); IgnoreOutside keeps only its pixels.
+    assert scored == dm.n_labelled["val"] > 0
+    counts, _ = label_counts(str(nc_labels), dm.val_box)
+    assert dm.n_labelled["val"] == sum(v for k, v in counts.items() if k != 0)
+
+
+# ----------------------------------------------------------------------------- semi-supervised
+def test_unlabelled_batch_gives_finite_loss_and_trains_reconstruction_and_latent(nc_stack: Path) -> None:
+    ds = SceneImage(paths=str(nc_stack), transforms=AddIgnoreMask())
+    sampler = RandomGeoSampler(ds, size=32, length=4, generator=torch.Generator().manual_seed(0))
+    batch = stack_samples([ds[q] for q in sampler])
+    assert bool((batch["mask"] == IGNORE_INDEX).all())
+    mean, std, _ = band_statistics(nc_stack)
+    task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4,
+                               free_bits=0.0)
+    task.train()
+    xn, mask, valid = task._prepare(batch)
+    out = task.model.forward_all(xn)
+    terms = task._loss(out, xn, mask, valid, beta=1.0)
+    assert torch.isfinite(terms["loss"]) and float(terms["ce"].detach()) == 0.0
+    assert float(terms["recon"].detach()) > 0 and float(terms["kl"].detach()) > 0
+    terms["loss"].backward()
+
+    def grad_norm(prefix: str) -> float:
+        gs = [p.grad for n, p in task.model.named_parameters() if n.startswith(prefix) and p.grad is not None]
+        return float(sum(g.abs().sum() for g in gs)) if gs else 0.0
+
+    assert grad_norm("recon_decoder") > 0
+    assert grad_norm("to_mu") > 0 and grad_norm("to_logvar") > 0
+    assert grad_norm("encoder") > 0
+    assert grad_norm("head") == 0.0  # no label, no segmentation signal
+
+
+def test_unlabeled_scenes_join_every_training_step(nc_stack: Path, nc_polygons: Path) -> None:
+    dm = SceneDataModule(str(nc_stack), str(nc_polygons), classes=NC_CLASSES, unlabeled=[str(nc_stack)], tile=32,
+                         batch_size=4, samples_per_epoch=8, val_fraction=0.5)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    raw = next(iter(loader))
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    assert set(raw) == {"labeled", "unlabeled"}
+    batch = merge_batches(raw)
+    assert batch["image"].shape == (8, 6, 32, 32)
+    assert bool((batch["mask"][4:] == IGNORE_INDEX).all())
+    assert dm.n_labelled["train"] + dm.n_labelled["val"] == 2872  # the 34 polygons' pixels
+
+
+def test_vector_labels_rasterise_like_the_shipped_label_raster(nc_stack: Path, nc_polygons: Path,
+                                                              nc_polygons_shp: Path) -> None:
+    dm = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="label", tile=64,
+                         batch_size=4, samples_per_epoch=4, val_fraction=0.5)
+    # Class names in the attribute become ids in name order; every polygon name is a class.
+    assert dm.classes.names == sorted(dm.classes.names) and "forest" in dm.classes.names
+    assert dm.classes.num_classes == 7
+    # Big patches: TorchGeo re-reads the vector file for every patch.
+    by_id = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="id", classes=NC_CLASSES,
+                            tile=128, batch_size=4, val_fraction=0.5)
+    by_id.setup("validate")
+    ref_ds = SceneLabels(paths=str(nc_polygons))
+    agree = total = 0
+    for b in by_id.val_dataloader():
+        for i in range(b["mask"].shape[0]):
+            bb = b["bounds"][i].tolist()
+            ref = RemapMask(by_id.lookup)({"mask": ref_ds[bb[0]:bb[1], bb[3]:bb[4]]["mask"]})["mask"]
+            ref = IgnoreOutside(tuple(by_id.val_box))({"mask": ref, "bounds": b["bounds"][i]})["mask"]  # type: ignore[arg-type]
+            m = b["mask"][i]
+            # The shipped raster was burnt with all_touched; TorchGeo burns pixel centres, a
+            # subset: every pixel TorchGeo labels must carry the same class there.
+            lab = m != IGNORE_INDEX
+            agree += int(((ref == m) & lab).sum())
+            total += int(lab.sum())
+    assert total > 1000
+    assert agree == total
+
+
+# ----------------------------------------------------------------------------- configs
+def test_shipped_configs_parse() -> None:
+    for name in ("nc_landsat7.yaml", "nc_sparse_semisupervised.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.data.class_path == "geovae.datasets.SceneDataModule"
+        assert cfg.trainer.max_epochs >= 1 and cfg.model.depth == 3
+    cfg = load_config(ROOT / "configs" / "nc_sparse_semisupervised.yaml", ["trainer.max_epochs=2", "model.lr=0.01"])
+    assert cfg.trainer.max_epochs == 2 and cfg.model.lr == 0.01
+    assert len(cfg.data.init_args.unlabeled) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "expect"),
+    [
+        ("model:\n  bogus_key: 3\n", "unknown key model.bogus_key"),
+        ("trainer:\n  max_epoch: 3\n", "unknown key trainer.max_epoch; did you mean trainer.max_epochs?"),
+        ("data:\n  image: a.tif\n  labels: b.tif\n  tiles: 64\n", "unknown key data.tiles; did you mean data.tile?"),
+        ("foo: 1\n", "unknown key foo"),
+        ("model:\n  base_channels: sixteen\n", "model.base_channels"),
+        ("model: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_config_error(tmp_path: Path, body: str, expect: str) -> None:
+    text = body if body.startswith("data:") else body + "data:\n  image: a.tif\n  labels: b.tif\n"
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert expect in _one_line(e)
+
+
+def test_config_band_count_mismatch_and_missing_file(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(f"out: {tmp_path / 'm.safetensors'}\nmodel:\n  in_channels: 7\n"
+                 f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n")
+    with pytest.raises(ModelMismatchError) as e:
+        train_from_config(p)
+    assert "in_channels is 7" in _one_line(e) and "6 bands" in str(e.value)
+    with pytest.raises(ConfigError) as e2:
+        train_from_config(tmp_path / "nope.yaml")
+    assert "no such file" in _one_line(e2)
+
+
+@pytest.mark.slow
+def test_train_from_config_semi_supervised_writes_a_loadable_model(tmp_path: Path) -> None:
+    data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    out = tmp_path / "semi.safetensors"
+    res = train_from_config(ROOT / "configs" / "nc_sparse_semisupervised.yaml", [
+        "trainer.max_epochs=1", "data.init_args.samples_per_epoch=16", "data.init_args.tile=32",
+        "model.init_args.base_channels=8", f"out={out}", "trainer.accelerator=cpu",
+    ])
+    assert res.model_path == out and out.is_file()
+    from geovae.model.io import load_model
+
+    m = load_model(out, "cpu")
+    assert m.info.tile_size == 32 and m.info.class_names[0] == "developed"
+    assert m.info.extra["data"]["unlabeled"] and np.isfinite(res.metrics["train_recon"])
+    assert len(m.info.mean) == 6 and m.info.std[0] > 1  # raw uint8 statistics, not identity
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_labels_on_another_grid_are_refused(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+    with rasterio.open(nc_labels) as s:
+        lab, t = s.read(1), s.transform
+    shifted = _write_like(nc_labels, tmp_path / "shift.tif", lab,
+                          transform=rasterio.Affine(t.a, 0, t.c + t.a / 2, 0, t.e, t.f))
+    with pytest.raises(LabelsError) as e:
+        train_model(nc_stack, shifted, tmp_path / "m.safetensors", epochs=1)
+    assert "fraction of a pixel" in _one_line(e) and "gdalwarp" in str(e.value)
+    other_crs = _write_like(nc_labels, tmp_path / "crs.tif", lab, crs="EPSG:32617")
+    with pytest.raises(LabelsError) as e:
+        train_model(nc_stack, other_crs, tmp_path / "m.safetensors", epochs=1)
+    assert "CRS" in _one_line(e)
+    coarse = _write_like(nc_labels, tmp_path / "res.tif", lab[::2, ::2], width=lab.shape[1] // 2 + 1,
+                         height=lab.shape[0] // 2 + 1, transform=rasterio.Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f))
+    with pytest.raises(LabelsError) as e:
+        train_model(nc_stack, coarse, tmp_path / "m.safetensors", epochs=1)
+    assert "pixel size" in _one_line(e)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_unknown_class_ids_and_no_labelled_pixels(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+    with pytest.raises(LabelsError) as e:
+        train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", classes="1:developed,5:forest", epochs=1)
+    msg = _one_line(e)
+    assert "2 (" in msg and "3 (" in msg and "not named in --classes" in msg
+    empty = _write_like(nc_labels, tmp_path / "empty.tif", np.zeros((443, 489), np.uint8))
+    with pytest.raises(LabelsError) as e:
+        train_model(nc_stack, empty, tmp_path / "m.safetensors", classes=NC_CLASSES, epochs=1)
+    assert "no labelled pixels" in _one_line(e)
+
+
+def test_missing_files_and_bad_options(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+    with pytest.raises(SceneError) as e:
+        train_model(tmp_path / "nope.tif", nc_labels, tmp_path / "m.safetensors")
+    assert "no such file" in _one_line(e)
+    with pytest.raises(SceneError):
+        train_model(nc_stack, tmp_path / "nope_labels.tif", tmp_path / "m.safetensors")
+    with pytest.raises(OptionError) as e:
+        train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", tile=60, depth=4)
+    assert "multiple of the model stride 16" in _one_line(e)
+    with pytest.raises(OptionError):
+        train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", classes="developed,forest")
+    with pytest.raises(LabelsError) as e:
+        SceneDataModule(str(nc_stack), vector_labels=str(nc_stack.parent / "original" / "landsat96_polygons.shp"),
+                        label_field="klass")
+    assert "no attribute 'klass'" in _one_line(e)
+    with pytest.raises(OutputError) as e:
+        train_model(nc_stack, nc_labels, tmp_path / "no_such_dir" / "m.safetensors")
+    assert "does not exist" in _one_line(e)
+
+
+# ----------------------------------------------------------------------------- small pieces
+def test_parse_classes_and_regions_and_weights() -> None:
+    assert parse_classes("1:developed, 5:forest") == {1: "developed", 5: "forest"}
+    assert parse_classes({"5": "forest", 1: "developed"}) == {1: "developed", 5: "forest"}
+    assert parse_classes("3,1") == {1: "class 1", 3: "class 3"}
+    with pytest.raises(OptionError):
+        parse_classes("1:a,1:b")
+    train, val = split_regions((0.0, 0.0, 100.0, 50.0), (1.0, 1.0), 0.25, "east")
+    assert train == (0.0, 0.0, 75.0, 50.0) and val == (75.0, 0.0, 100.0, 50.0)
+    train, val = split_regions((0.0, 0.0, 100.0, 50.0), (1.0, 1.0), 0.0)
+    assert val is None and train == (0.0, 0.0, 100.0, 50.0)
+    w = balanced_class_weights({1: 100, 2: 25, 3: 0})
+    assert w[1] == pytest.approx(2 * w[0]) and w[2] == pytest.approx(10 * w[0])
+    assert (100 * w[0] + 25 * w[1] + 1 * w[2]) / 126 == pytest.approx(1.0)
+    cm = torch.tensor([[3, 1, 0], [0, 0, 0], [1, 0, 5]])
+    m = metrics_from_confusion(cm, ["a", "b", "c"])
+    assert m["IoU_a"] == pytest.approx(3 / 5) and np.isnan(m["IoU_b"]) and m["IoU_c"] == pytest.approx(5 / 6)
+    assert m["mIoU"] == pytest.approx((3 / 5 + 5 / 6) / 2) and m["OA"] == pytest.approx(8 / 10)
