@@ -206,3 +206,34 @@ def test_reconstruction_error_flags_clouds(gulfcoast, gulfcoast_bqa, tmp_path) -
     # The branch really learned the clear scene: far better than predicting the band means
     # (error 1.0 over clear pixels in these normalised units).
     assert err[clear].mean() < 0.6, err[clear].mean()
+
+
+def test_mixed_precision_forward_keeps_shapes_and_is_close() -> None:
+    """The autocast path the pipeline uses on GPUs, exercised with CPU bfloat16."""
+    torch.manual_seed(0)
+    m = VAESegmenter(6, 4, base_channels=8, depth=3).eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        ref = m(x).softmax(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lo = m.sample_logits(x, 2)
+            rec = m.reconstruct(x)
+            mean = m(x)
+    assert lo.shape == (2, 2, 4, 32, 32) and rec.shape == (2, 6, 32, 32)
+    assert (mean.float().softmax(1) - ref).abs().max() < 0.1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_prediction_matches_cpu(tmp_path) -> None:
+    from geovae.model import ModelInfo, SegmentationModel
+
+    torch.manual_seed(0)
+    m = VAESegmenter(6, 4, base_channels=8, depth=3).eval()
+    info = ModelInfo(in_channels=6, num_classes=4)
+    x = torch.randn(2, 6, 64, 64).pin_memory()
+    cpu = SegmentationModel(m, info, device="cpu").predict(x)["probs"]
+    gpu = SegmentationModel(m, info, device="cuda", amp=True).predict(x, samples=4, reconstruction=True)
+    assert gpu["probs"].device.type == "cuda" and gpu["reconstruction_error"].shape == (2, 64, 64)
+    fp = SegmentationModel(m, info, device="cuda", amp=False).predict(x)["probs"].cpu()
+    assert torch.allclose(fp, cpu, atol=1e-4)
