@@ -383,3 +383,65 @@ def test_parse_classes_and_regions_and_weights() -> None:
     m = metrics_from_confusion(cm, ["a", "b", "c"])
     assert m["IoU_a"] == pytest.approx(3 / 5) and np.isnan(m["IoU_b"]) and m["IoU_c"] == pytest.approx(5 / 6)
     assert m["mIoU"] == pytest.approx((3 / 5 + 5 / 6) / 2) and m["OA"] == pytest.approx(8 / 10)
+
+
+TORCHGEO_DM = '''
+import torch
+from torchgeo.datamodules import GeoDataModule
+from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
+from geovae.datasets import RemapMask, SceneImage, SceneLabels
+
+
+class NCData(GeoDataModule):
+    """A TorchGeo data module as a user writes one: it normalises batches by /255."""
+
+    mean = torch.tensor(0.0)
+    std = torch.tensor(255.0)
+
+    def __init__(self, image: str, labels: str, batch_size: int = 4, patch_size: int = 32, length: int = 8) -> None:
+        super().__init__(SceneImage, batch_size=batch_size, patch_size=patch_size, length=length)
+        self.image, self.labels = image, labels
+
+    def setup(self, stage: str) -> None:
+        ds = SceneImage(paths=self.image) & SceneLabels(paths=self.labels)
+        ds.transforms = RemapMask({c: c - 1 for c in range(1, 8)})
+        self.train_dataset = self.val_dataset = ds
+        self.train_sampler = RandomPatchSampler(ds, size=self.patch_size, length=self.length, generator=0)
+        self.val_sampler = GriddedPatchSampler(ds, size=128, stride=128)
+'''
+
+
+def test_config_with_a_torchgeo_datamodule_folds_its_normalisation_into_the_model_file(
+        nc_stack: Path, nc_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "user_dm.py").write_text(TORCHGEO_DM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "tg.yaml"
+    out = tmp_path / "tg.safetensors"
+    cfg.write_text(f"""out: {out}
+model:
+  in_channels: 6
+  num_classes: 7
+  base_channels: 8
+  depth: 3
+  latent_channels: 4
+data:
+  class_path: user_dm.NCData
+  init_args:
+    image: {nc_stack}
+    labels: {nc_labels}
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+""")
+    res = train_from_config(cfg)
+    from geovae.model.io import load_model
+
+    info = load_model(out, "cpu").info
+    # The module divided by 255 before the task (whose own mean/std were the identity).
+    assert info.mean == [0.0] * 6 and info.std == [255.0] * 6
+    assert info.tile_size == 32 and info.extra["data"]["datamodule"] == "user_dm.NCData"
+    assert np.isfinite(res.metrics["train_loss"]) and 0 <= res.metrics["val_mIoU"] <= 1
+    cfg.write_text(cfg.read_text().replace("  num_classes: 7\n", ""))
+    with pytest.raises(ConfigError) as e:
+        train_from_config(cfg)
+    assert "model.num_classes is required" in _one_line(e)
