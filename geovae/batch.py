@@ -45,7 +45,7 @@ from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-    from geovae.model.base import SegmentationModel
+    from geovae.model.base import ModelInfo, SegmentationModel
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,12 @@ def _is_url(scene: str) -> bool:
 
 
 def _stem(scene: str) -> str:
-    name = Path(urlparse(scene).path if _is_url(scene) else scene).name
-    stem = name.split(".")[0] if name.lower().endswith((".tif", ".tiff", ".vrt")) else Path(name).stem
-    return stem or "scene"
+    # The same stem segment_scene gives its outputs (Scene.stem), so OUT/<stem>/<stem>.*.
+    name = (urlparse(scene).path if _is_url(scene) else scene).rstrip("/").split("/")[-1]
+    for ext in (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)] or "scene"
+    return (name.rsplit(".", 1)[0] if "." in name else name) or "scene"
 
 
 def scene_folders(scenes: Sequence[str]) -> list[str]:
@@ -271,7 +274,13 @@ def run_fingerprint(model: str | Path, options: dict[str, Any]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------ the marker
-def write_marker(folder: str | Path, scene: str, outputs: Iterable[str | Path], fingerprint: dict[str, Any]) -> Path:
+def write_marker(
+    folder: str | Path,
+    scene: str,
+    outputs: Iterable[str | Path],
+    fingerprint: dict[str, Any],
+    run: dict[str, Any] | None = None,
+) -> Path:
     """Vouch for a finished scene: write ``folder/_SUCCESS`` after its outputs exist.
 
     The marker records each output's size and SHA-256, the scene and the run fingerprint, and
@@ -282,6 +291,8 @@ def write_marker(folder: str | Path, scene: str, outputs: Iterable[str | Path], 
         scene: the scene as given.
         outputs: the output files (inside ``folder``).
         fingerprint: :func:`run_fingerprint` of the run.
+        run: the batch run's id and this scene's manifest fields, so that a retry of the same
+            task (whose result was lost with a dead worker) can answer without redoing it.
 
     Returns:
         The marker's path.
@@ -297,6 +308,7 @@ def write_marker(folder: str | Path, scene: str, outputs: Iterable[str | Path], 
         "finished": _now(),
         "fingerprint": fingerprint,
         "outputs": files,
+        "run": run or {},
     }
     marker = folder / MARKER_NAME
     _atomic_write_text(marker, json.dumps(doc, indent=1))
@@ -439,7 +451,7 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
 
 # ---------------------------------------------------------------------- the cluster
 def connect(
-    scheduler: str | None = None,
+    scheduler: str | Client | None = None,
     *,
     workers: int | None = None,
     threads_per_worker: int = 1,
@@ -449,7 +461,9 @@ def connect(
 
     Args:
         scheduler: ``tcp://host:port`` (any Dask address), a scheduler JSON file written by
-            ``dask scheduler --scheduler-file``, or None for a local cluster.
+            ``dask scheduler --scheduler-file``, an existing ``distributed.Client`` (used
+            as is, for example one made from a dask-jobqueue cluster), or None for a local
+            cluster.
         workers: local worker processes; default ``min(2, cores)``.
         threads_per_worker: tasks each local worker runs at once.
         connect_timeout: seconds to wait for the scheduler to answer.
@@ -466,6 +480,8 @@ def connect(
 
     if threads_per_worker < 1:
         raise OptionError(f"--threads-per-worker {threads_per_worker}: must be at least 1")
+    if isinstance(scheduler, Client):
+        return scheduler, None
     if scheduler:
         if workers is not None:
             raise OptionError("--workers only applies to the local cluster; drop it when giving --scheduler")
@@ -512,6 +528,7 @@ def segment_one(
     options: dict[str, Any],
     fingerprint: dict[str, Any],
     out_root: str,
+    run_id: str = "",
 ) -> dict[str, Any]:
     """Segment one scene into ``folder`` and vouch for it with a marker; runs on a worker.
 
@@ -524,9 +541,12 @@ def segment_one(
     """
     from geovae.predict import segment_scene
 
+    out = Path(folder)
+    done = _done_by_this_run(out, fingerprint, run_id)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     row: dict[str, Any] = {"started": _now(), "worker": _worker_address()}
-    out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # Remove an old marker before touching outputs: a crash from here on must not leave a
@@ -535,13 +555,33 @@ def segment_one(
         model_obj = worker_model_cache().get(model, options.get("device", "auto"))
         result = segment_scene(scene, model_obj, out, **{**options, "progress": False})
         files = sorted({Path(p) for p in result.outputs.values()})
-        write_marker(out, scene, files, fingerprint)
         row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
+        row["finished"] = _now()
+        row["seconds"] = time.perf_counter() - t0
+        write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
     except GeovaeError as e:
         row.update(status="failed", error=one_line(e), outputs=[])
-    row["finished"] = _now()
-    row["seconds"] = time.perf_counter() - t0
+        row["finished"] = _now()
+        row["seconds"] = time.perf_counter() - t0
     return row
+
+
+def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) -> dict[str, Any] | None:
+    """The row an earlier attempt of this very task recorded, if its outputs are intact.
+
+    When a worker dies after finishing a scene but before the client fetched the result, the
+    scheduler runs the task again; the scene need not be segmented twice.
+    """
+    if not run_id:
+        return None
+    try:
+        doc = json.loads((folder / MARKER_NAME).read_text())
+        if doc["run"]["id"] != run_id:
+            return None
+        row = dict(doc["run"]["row"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return row if check_marker(folder, fingerprint) is not None else None
 
 
 def _worker_address() -> str:
@@ -565,46 +605,45 @@ def _check_segment_options(options: dict[str, Any]) -> None:
         raise OptionError(f"unknown segment option(s) {', '.join(unknown)}; see `geovae segment --help`")
 
 
-def precheck_scene(scene: str, in_channels: int | None, nodata: float | None = None) -> str | None:
+def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None = None,
+                   pixel_coords: bool = False) -> str | None:
     """A one-line reason the scene cannot be segmented, or None if it looks usable.
 
-    Cheap: opens the file's header only. Remote scenes are left to the worker.
-    """
-    if _is_url(scene):
-        return None
-    p = Path(scene)
-    if not p.exists():
-        return f"{scene}: no such file; check the path"
-    if p.is_dir():
-        return f"{scene}: is a folder, not a raster; give a raster file"
-    try:
-        from geovae.scene import open_scene
+    Cheap: reads the file's header only (no pixels), so a list of thousands of scenes is
+    checked in seconds and bad ones never reach a worker.
 
-        sc = open_scene(scene, nodata=nodata)
-        count = int(sc.count)
+    Args:
+        scene: path or URL.
+        in_channels: the model's band count, or None to skip that check.
+        nodata: the ``nodata`` override the run uses.
+        pixel_coords: whether scenes without a CRS are accepted.
+    """
+    from geovae.scene import open_scene
+
+    try:
+        sc = open_scene(scene, nodata=nodata, pixel_coords=pixel_coords)
     except GeovaeError as e:
         return one_line(e)
-    except ImportError:
-        import rasterio
-
-        try:
-            with rasterio.open(scene) as ds:
-                count = ds.count
-        except rasterio.errors.RasterioError:
-            return f"{scene}: not a raster GDAL can read; give a GeoTIFF or another raster file"
-    if in_channels is not None and count != in_channels:
+    if in_channels is not None and sc.count != in_channels:
         return (
-            f"{scene}: has {count} band(s) but the model expects {in_channels}; "
+            f"scene {scene} has {sc.count} band(s) but the model expects {in_channels}; "
             "use a model trained on this kind of scene"
         )
     return None
 
 
-def _model_channels(model: str | Path) -> int | None:
-    """The model's input band count, read once on the client (also checks the file is usable)."""
-    from geovae.model.io import load_model
+def _model_info(model: str | Path) -> ModelInfo:
+    """The model's description, read once on the client (also proves the file is usable).
 
-    return int(load_model(str(model), device="cpu").info.in_channels)
+    A geovae file's header is enough; other formats (a TorchGeo checkpoint) are loaded on
+    the CPU, which also validates them before any worker is bothered.
+    """
+    from geovae.model.io import load_model, read_model_info
+
+    try:
+        return read_model_info(str(model))
+    except ModelFileError:
+        return load_model(str(model), device="cpu").info
 
 
 # ------------------------------------------------------------------------ run_batch
@@ -614,7 +653,7 @@ def run_batch(
     out_dir: str | Path,
     *,
     scene_list: str | Path | None = None,
-    scheduler: str | None = None,
+    scheduler: str | Client | None = None,
     workers: int | None = None,
     threads_per_worker: int = 1,
     resume: bool = True,
@@ -633,7 +672,8 @@ def run_batch(
         out_dir: output root; every scene writes ``out_dir/<stem>/`` and the batch keeps
             ``out_dir/manifest.csv``. Workers must see it at the same path (a shared disk).
         scene_list: a file with more scenes, one per line.
-        scheduler: a Dask scheduler address or scheduler file; None starts a LocalCluster.
+        scheduler: a Dask scheduler address, a scheduler file or a ``distributed.Client``
+            (left open); None starts a LocalCluster for this run.
         workers: LocalCluster worker processes (default ``min(2, cores)``).
         threads_per_worker: scenes each LocalCluster worker runs at once.
         resume: skip scenes whose folder holds a valid marker from a run with the same model
@@ -680,7 +720,8 @@ def run_batch(
     model_path = Path(model)
     if not model_path.is_file():
         raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
-    in_channels = _model_channels(model_path)
+    info = _model_info(model_path)
+    in_channels = info.in_channels
     fingerprint = run_fingerprint(model_path, segment_options)
 
     folders = scene_folders(all_scenes)
@@ -695,7 +736,8 @@ def run_batch(
                 row.status = "skipped"
                 row.outputs = [os.path.relpath(p, out) for p in done]
                 continue
-        reason = precheck_scene(row.scene, in_channels, segment_options.get("nodata"))
+        reason = precheck_scene(row.scene, in_channels, nodata=segment_options.get("nodata"),
+                                pixel_coords=bool(segment_options.get("pixel_coords", False)))
         if reason is not None:
             row.status, row.error, row.finished = "failed", reason, _now()
             continue
@@ -723,7 +765,7 @@ def _run_on_cluster(
     fingerprint: dict[str, Any],
     manifest: Path,
     *,
-    scheduler: str | None,
+    scheduler: str | Client | None,
     workers: int | None,
     threads_per_worker: int,
     retries: int,
@@ -745,7 +787,7 @@ def _run_on_cluster(
         for i in todo:
             row = rows[i]
             fut = client.submit(
-                segment_one, row.scene, model, str(out / row.folder), options, fingerprint, str(out),
+                segment_one, row.scene, model, str(out / row.folder), options, fingerprint, str(out), run_id,
                 key=f"geovae-scene-{row.folder}-{run_id}",
                 retries=retries,
                 resources=resources,
@@ -769,7 +811,8 @@ def _run_on_cluster(
                     write_manifest(manifest, rows)
                     last_write = time.monotonic()
     finally:
-        client.close()
+        if client is not scheduler:  # a Client the caller gave stays theirs
+            client.close()
         if cluster is not None:
             cluster.close()
     return dashboard

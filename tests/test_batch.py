@@ -149,3 +149,232 @@ def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
 def test_no_scenes_is_an_option_error(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="no scenes"):
         batch.run_batch([], tmp_path / "m", tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------ real scenes on a real cluster
+#: Tiling for the tests: small tiles keep the tiny model fast on 2 shared cores.
+SEG = {"tile": 128, "overlap": 32, "batch_size": 4, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3-band VAE segmenter file (random but fixed weights; the tests compare runs)."""
+    import torch
+
+    from geovae.model.base import ModelInfo
+    from geovae.model.io import save_model
+    from geovae.model.vae import VAESegmenter
+
+    torch.manual_seed(0)
+    module = VAESegmenter(3, 3, base_channels=4, depth=2, latent_channels=2).eval()
+    info = ModelInfo(in_channels=3, num_classes=3, mean=[90.0, 90.0, 90.0], std=[40.0, 40.0, 40.0], tile_size=128,
+                     class_names=["dark", "mid", "bright"])
+    return save_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", module, info)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Four real 3-band scenes: RGB, RGBA (alpha is a mask, not a band), Albers int16, Landsat-8."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from conftest import data_path
+
+    parana = data_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
+    # The full Landsat scene takes minutes with 2 cores; a real 512x512 window of it keeps
+    # its uint16 values, fill and georeferencing (written outside the repository).
+    sub = tmp_path_factory.mktemp("scenes") / "parana_window.tif"
+    with rasterio.open(parana) as src:
+        win = Window(900, 700, 512, 512)
+        prof = src.profile | {"width": 512, "height": 512, "transform": src.window_transform(win)}
+        with rasterio.open(sub, "w", **prof) as dst:
+            dst.write(src.read(window=win))
+    return [
+        data_path("rasterio_testdata", "RGB.byte.tif"),
+        data_path("rasterio_testdata", "RGBA.byte.tif"),
+        data_path("spacenet_solaris", "original", "sample_geotiff_custom_proj.tif"),
+        sub,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(scenes: list[Path], tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Single-process outputs of every scene: scene stem -> its folder."""
+    import torch
+
+    from geovae.predict import segment_scene
+
+    root = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on a Dask worker (OMP_NUM_THREADS=1)
+    try:
+        out = {}
+        for s in scenes:
+            res = segment_scene(s, tiny_model, root / s.stem, progress=False, **SEG)
+            out[s.stem] = res.outputs["classes"].parent
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _read(path: Path) -> object:
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs
+
+
+def _assert_same_outputs(folder: Path, ref: Path) -> None:
+    """Rasters equal pixel for pixel with the same grid; polygons equal as geometries."""
+    import geopandas as gpd
+    import numpy as np
+
+    stem = ref.name
+    for kind in ("classes", "confidence"):
+        a, ta, ca = _read(folder / f"{stem}.{kind}.tif")  # type: ignore[misc]
+        b, tb, cb = _read(ref / f"{stem}.{kind}.tif")  # type: ignore[misc]
+        assert ta == tb and ca == cb
+        # Bit for bit: the same tiles in the same order on the same kind of CPU.
+        assert np.array_equal(a, b, equal_nan=True), f"{stem}: {kind} differ at {(a != b).sum()} pixels"
+    ga = gpd.read_file(folder / f"{stem}.geojson")
+    gb = gpd.read_file(ref / f"{stem}.geojson")
+    assert len(ga) == len(gb) > 0
+    assert ga.drop(columns="geometry").equals(gb.drop(columns="geometry"))
+    assert ga.geometry.geom_equals_exact(gb.geometry, tolerance=0).all()
+
+
+class _DaskProcesses:
+    """A `dask scheduler` and `dask worker`s started as subprocesses on 127.0.0.1."""
+
+    def __init__(self, tmp: Path) -> None:
+        import subprocess
+        import sys
+
+        self.tmp = tmp
+        self.dask = str(Path(sys.executable).parent / "dask")
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.scheduler = self._start([self.dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--dashboard-address", f"127.0.0.1:{_free_port()}"], "scheduler")
+        self.workers = [self.start_worker(i) for i in range(2)]
+
+    def _start(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:  # noqa: F821
+        import subprocess
+
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        # Its own session: killing the worker's process group takes its nanny and child
+        # together, like a node that dies.
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        self.procs.append(p)
+        return p
+
+    def start_worker(self, i: int) -> subprocess.Popen[bytes]:  # noqa: F821
+        return self._start([self.dask, "worker", self.address, "--nthreads", "1", "--host", "127.0.0.1",
+                            "--no-dashboard", "--name", f"w{i}", "--memory-limit", "4GiB"], f"worker{i}")
+
+    def kill(self, p: subprocess.Popen[bytes]) -> None:  # noqa: F821
+        import os
+        import signal
+
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # the group this fixture created
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=30)
+
+    def replace_dead(self) -> None:
+        """Start a new worker in place of each killed one (the next test wants two)."""
+        for i, p in enumerate(self.workers):
+            if p.poll() is not None:
+                self.workers[i] = self.start_worker(i)
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            self.kill(p)
+
+
+@pytest.fixture(scope="module")
+def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> object:
+    from distributed import Client
+
+    procs = _DaskProcesses(tmp_path_factory.mktemp("dask"))
+    try:
+        with Client(procs.address, timeout=60) as c:
+            c.wait_for_workers(2, timeout=120)
+        yield procs
+    finally:
+        procs.close()
+
+
+def test_batch_on_cluster_survives_a_killed_worker(
+    dask_processes: _DaskProcesses, scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    from distributed import Client
+
+    from conftest import data_path
+
+    out = tmp_path / "out"
+    bad_text = tmp_path / "notes.tif"
+    bad_text.write_text("this is not a raster\n")
+    wrong_bands = data_path("landsat8_parana", "rgbn.tif")  # 4 bands for a 3-band model
+    missing = tmp_path / "missing.tif"
+    lst = tmp_path / "scenes.txt"
+    lst.write_text("\n".join(str(s) for s in scenes[2:]) + f"\n{missing}\n")
+
+    killed: dict[str, object] = {}
+    # One Client for the batch and the killer: distributed does not support two synchronous
+    # clients of one process gathering through a worker's death.
+    client = Client(dask_processes.address, timeout=30)
+
+    def killer() -> None:
+        # Once the first scene is complete, kill a worker that is busy with another one.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if any((out / s.stem / MARKER_NAME).exists() for s in scenes):
+                busy = {w: ks for w, ks in client.processing().items() if ks}
+                if busy:
+                    addr = next(iter(busy))
+                    names = {w: d["name"] for w, d in client.scheduler_info()["workers"].items()}
+                    killed["address"], killed["keys"] = addr, list(busy[addr])
+                    dask_processes.kill(dask_processes.workers[int(str(names[addr])[1:])])
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        res = batch.run_batch(
+            [str(scenes[0]), str(scenes[1]), str(bad_text), str(wrong_bands)], tiny_model, out,
+            scene_list=lst, scheduler=client, retries=1, progress=False, **SEG,
+        )
+        t.join(timeout=60)
+        assert killed, "no worker was busy after the first scene finished"
+        loads = batch.model_loads(client)
+    finally:
+        client.close()
+        dask_processes.replace_dead()
+
+    assert (res.done, res.failed, res.skipped) == (4, 3, 0)
+    rows = {Path(r["scene"]).name: r for r in read_manifest(res.manifest)}
+    assert "not a raster" in rows["notes.tif"]["error"]
+    assert "4 band(s)" in rows["rgbn.tif"]["error"] and "expects 3" in rows["rgbn.tif"]["error"]
+    assert "does not exist" in rows["missing.tif"]["error"]
+    assert all("\n" not in r["error"] for r in rows.values())
+    for s in scenes:
+        r = rows[s.name]
+        assert r["status"] == "done"
+        outputs = [out / p for p in r["outputs"].split(";")]
+        assert all(p.is_file() for p in outputs) and float(r["seconds"]) > 0
+        assert {p.name for p in outputs} >= {f"{s.stem}.classes.tif", f"{s.stem}.geojson", f"{s.stem}.json"}
+        assert check_marker(out / s.stem) is not None
+        # Every output equals the single-process run, whichever worker made it.
+        _assert_same_outputs(out / s.stem, reference[s.stem])
+    # The scene that was running on the killed worker was finished by the other one.
+    lost = [k for k in killed["keys"]]  # type: ignore[attr-defined]
+    lost_scenes = [s for s in scenes if any(f"-{s.stem}-" in str(k) for k in lost)]
+    assert lost_scenes and all(rows[s.name]["worker"] != killed["address"] for s in lost_scenes)
+    # The model was read once per worker, not once per scene (one worker is left).
+    assert list(loads.values()) == [1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", *(s.stem for s in scenes)])
