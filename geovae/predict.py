@@ -18,7 +18,10 @@ import queue
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,19 +103,23 @@ class _Batch:
 
 
 class _Reader:
-    """Reads tiles in order in a thread and hands out batches through a bounded queue.
+    """Reads tiles in order with a few threads and hands out batches through a bounded queue.
 
-    The queue holds at most ``prefetch`` batches, which bounds memory; on CUDA the batch
-    tensors are in pinned memory so the copy to the device is asynchronous.
+    GDAL releases the GIL while it decodes, so ``workers`` threads (each with its own
+    dataset handle, see :meth:`Scene.dataset`) read in parallel; results are consumed in
+    tile order, at most ``workers * 2`` tiles ahead. The queue holds at most ``prefetch``
+    batches, which bounds memory; on CUDA the batch tensors are in pinned memory so the
+    copy to the device is asynchronous.
     """
 
     def __init__(self, scene: Scene, tiles: Sequence[Tile], batch_size: int, mean: np.ndarray,
-                 pin: bool, prefetch: int = 3):
+                 pin: bool, prefetch: int = 3, workers: int | None = None):
         self.scene = scene
         self.tiles = tiles
         self.batch_size = batch_size
         self.mean = mean.astype(np.float32)
         self.pin = pin
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.read_s = 0.0
@@ -143,18 +150,46 @@ class _Reader:
     def _new_x(self, n: int, c: int, t: int) -> torch.Tensor:
         return torch.empty((n, c, t, t), dtype=torch.float32, pin_memory=self.pin)
 
+    def _read(self, t: Tile) -> tuple[np.ndarray, np.ndarray, float]:
+        t0 = time.perf_counter()
+        data, valid = self.scene.read(t.window)
+        return data, valid, time.perf_counter() - t0
+
+    def _ordered(self) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+        """Tiles read ahead by the pool, yielded in order."""
+        if self.workers == 1:
+            for t in self.tiles:
+                data, valid, dt = self._read(t)
+                self.read_s += dt
+                yield t, data, valid
+            return
+        pending: deque[tuple[Tile, Future[tuple[np.ndarray, np.ndarray, float]]]] = deque()
+        it = iter(self.tiles)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="geovae-read") as pool:
+            try:
+                for t in islice(it, self.workers * 2):
+                    pending.append((t, pool.submit(self._read, t)))
+                while pending:
+                    t, fut = pending.popleft()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(self._read, nxt)))
+                    data, valid, dt = fut.result()
+                    self.read_s += dt
+                    yield t, data, valid
+            finally:
+                for _, f in pending:
+                    f.cancel()
+
     def _run(self) -> None:
         try:
             c = self.scene.count
             entries: list[tuple[Tile, bool]] = []
             bufs: list[np.ndarray] = []
             valids: list[np.ndarray] = []
-            for t in self.tiles:
+            for t, data, valid in self._ordered():
                 if self.stop.is_set():
                     return
-                t0 = time.perf_counter()
-                data, valid = self.scene.read(t.window)
-                self.read_s += time.perf_counter() - t0
                 if not valid.any():
                     entries.append((t, False))
                     continue

@@ -426,3 +426,20 @@ def test_areas_in_square_metres_for_geographic_and_web_mercator(tmp_path: Path, 
         lat = np.degrees(2 * np.arctan(np.exp(((ds.bounds.top + ds.bounds.bottom) / 2) / 6378137.0)) - np.pi / 2)
         px = abs(ds.transform.a * ds.transform.e)
     assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(v.sum() * px * np.cos(np.radians(lat)) ** 2, rel=5e-3)
+
+
+def test_parallel_reader_keeps_tile_order(nc_stack: Path) -> None:
+    """Several reading threads (the default on machines with more cores) give the same batches."""
+    from geovae.predict import _Reader
+    from geovae.tiling import TileGrid
+
+    s = open_scene(nc_stack)
+    tiles = list(TileGrid(s.height, s.width, 64, 16))
+    mean = np.full(6, 50.0, np.float32)
+    got = {}
+    for workers in (1, 3):
+        with _Reader(s, tiles, 5, mean, pin=False, workers=workers) as reader:
+            batches = list(reader)
+        got[workers] = ([e for b in batches for e in b.entries], torch.cat([b.x for b in batches if b.x is not None]))
+    assert got[1][0] == got[3][0] and [t for t, _ in got[1][0]] == tiles
+    torch.testing.assert_close(got[1][1], got[3][1], rtol=0, atol=0)
