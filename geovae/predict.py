@@ -246,6 +246,51 @@ def _predict(model: SegmentationModel, x: torch.Tensor, samples: int, reconstruc
     return out
 
 
+@dataclass
+class _InFlight:
+    batch: _Batch
+    outputs: dict[str, torch.Tensor]  # on the host (possibly still being copied)
+    done: Any  # a CUDA event marking the end of the copy, or None on the CPU
+
+
+def _launch(model: SegmentationModel, batch: _Batch, samples: int, reconstruction: bool, tta: bool) -> _InFlight:
+    """Queue one batch on the device and its copy back to the host; does not wait on CUDA."""
+    if batch.x is None:
+        return _InFlight(batch, {}, None)
+    o = _predict(model, batch.x, samples, reconstruction, tta)
+    if model.device.type != "cuda":
+        return _InFlight(batch, {k: v.float() for k, v in o.items()}, None)
+    host = {}
+    for k, v in o.items():
+        buf = torch.empty(v.shape, dtype=torch.float32, pin_memory=True)
+        buf.copy_(v.float(), non_blocking=True)  # asynchronous into pinned memory
+        host[k] = buf
+    done = torch.cuda.Event()
+    done.record()
+    return _InFlight(batch, host, done)
+
+
+def _blend(f: _InFlight, stitcher: Stitcher) -> float:
+    """Wait for a batch's outputs and blend them; returns the seconds spent waiting on the device."""
+    t0 = time.perf_counter()
+    if f.done is not None:
+        f.done.synchronize()
+    waited = time.perf_counter() - t0
+    res = {k: v.numpy() for k, v in f.outputs.items()}
+    n = 0
+    for t, run in f.batch.entries:
+        if not run:
+            stitcher.skip(t)
+            continue
+        stitcher.add(
+            t, f.batch.valid[n], res["probs"][n],
+            expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
+            reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
+        )
+        n += 1
+    return waited
+
+
 class _Progress:
     """A rich progress bar with tiles/s, or nothing."""
 
@@ -466,25 +511,20 @@ def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid
         mean = np.asarray(info.mean, dtype=np.float32)
         with _Reader(scene, list(stitcher.order()), batch_size, mean, pin) as reader, \
                 _Progress(len(grid), progress, f"segment {stem}") as bar:
+            # One batch in flight: batch n+1 is queued on the device before batch n is
+            # blended, so on CUDA the GPU computes while the CPU blends and writes.
+            pending: _InFlight | None = None
             for batch in reader:
-                res: dict[str, np.ndarray] = {}
-                if batch.x is not None:
-                    tm = time.perf_counter()
-                    o = _predict(model, batch.x, samples, reconstruction, tta)
-                    res = {k: v.float().cpu().numpy() for k, v in o.items()}  # .cpu() syncs the device
-                    model_s += time.perf_counter() - tm
-                n = 0
-                for t, run in batch.entries:
-                    if not run:
-                        stitcher.skip(t)
-                        continue
-                    stitcher.add(
-                        t, batch.valid[n], res["probs"][n],
-                        expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
-                        reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
-                    )
-                    n += 1
-                bar.advance(len(batch.entries))
+                tm = time.perf_counter()
+                launched = _launch(model, batch, samples, reconstruction, tta)
+                model_s += time.perf_counter() - tm
+                if pending is not None:
+                    model_s += _blend(pending, stitcher)
+                    bar.advance(len(pending.batch.entries))
+                pending = launched
+            if pending is not None:
+                model_s += _blend(pending, stitcher)
+                bar.advance(len(pending.batch.entries))
             timings["read_s"] = reader.read_s
         timings["model_s"] = model_s
         timings["predict_s"] = time.perf_counter() - t0

@@ -443,3 +443,17 @@ def test_parallel_reader_keeps_tile_order(nc_stack: Path) -> None:
         got[workers] = ([e for b in batches for e in b.entries], torch.cat([b.x for b in batches if b.x is not None]))
     assert got[1][0] == got[3][0] and [t for t, _ in got[1][0]] == tiles
     torch.testing.assert_close(got[1][1], got[3][1], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path: Path, nc_stack: Path) -> None:
+    """Pinned batches, asynchronous copies and AMP on the GPU give the CPU's classes."""
+    cpu = conv_model(nc_stack)
+    gpu = SegmentationModel(cpu.module, cpu.info, "cuda")
+    a = segment_scene(nc_stack, cpu, tmp_path / "cpu", tile=64, overlap=16, **QUIET)
+    cpu.module.to("cuda")
+    b = segment_scene(nc_stack, gpu, tmp_path / "gpu", tile=64, overlap=16, batch_size=16, **QUIET)
+    assert b.report["options"]["device"].startswith("cuda")
+    v = _valid(nc_stack)
+    assert (read(a.outputs["classes"])[v] == read(b.outputs["classes"])[v]).mean() >= 0.999
