@@ -450,9 +450,10 @@ def test_parallel_reader_keeps_tile_order(nc_stack: Path) -> None:
 def test_cuda_matches_cpu(tmp_path: Path, nc_stack: Path) -> None:
     """Pinned batches, asynchronous copies and AMP on the GPU give the CPU's classes."""
     cpu = conv_model(nc_stack)
-    gpu = SegmentationModel(cpu.module, cpu.info, "cuda")
+    import copy
+
+    gpu = SegmentationModel(copy.deepcopy(cpu.module), cpu.info, "cuda")
     a = segment_scene(nc_stack, cpu, tmp_path / "cpu", tile=64, overlap=16, **QUIET)
-    cpu.module.to("cuda")
     b = segment_scene(nc_stack, gpu, tmp_path / "gpu", tile=64, overlap=16, batch_size=16, **QUIET)
     assert b.report["options"]["device"].startswith("cuda")
     v = _valid(nc_stack)
