@@ -25,6 +25,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -593,6 +594,242 @@ def _worker_address() -> str:
         return f"local:{socket.gethostname()}:{os.getpid()}"
 
 
+# ------------------------------------------------------------------ one huge scene
+def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int, int, int]]:
+    """Horizontal bands of a scene for ``split_scene``: ``(read_start, read_stop, core_start, core_stop)`` rows.
+
+    Each band owns the rows ``core_start:core_stop`` of the outputs. It reads from the output
+    block line at least ``tile - 1`` rows above its core (blocks are ``k * (tile - overlap)``
+    rows, as :class:`geovae.stitch.Stitcher` makes them) to one tile below it. So its tile
+    grid and its block grid are those of the single-process run, every tile that touches a
+    core pixel is read whole, and each core pixel sums the same tile outputs in the same
+    order (what is missing above the band adds only zeros there): the cores equal the
+    single-process run bit for bit. The cost is the halo: up to one block plus one tile of
+    rows read twice per band, so a smaller ``block_size`` wastes less on narrow bands.
+
+    Args:
+        height: scene height in pixels.
+        tile: tile side.
+        overlap: tile overlap.
+        block_size: the ``block_size`` option (rounded like the stitcher rounds it).
+        parts: how many bands to aim for (the cluster's threads).
+
+    Returns:
+        The bands, top to bottom; their cores cover ``0:height`` exactly once.
+    """
+    step = tile - overlap
+    block = max(1, round(block_size / step)) * step
+    above = math.ceil((tile - 1) / block) * block
+    nblocks = math.ceil(height / block)
+    per = math.ceil(nblocks / max(1, min(parts, nblocks)))
+    bands = []
+    for b0 in range(0, nblocks, per):
+        c0, c1 = b0 * block, min(height, (b0 + per) * block)
+        bands.append((max(0, c0 - above), min(height, c1 + tile), c0, c1))
+    return bands
+
+
+def _band_scene(scene: Any, start: int, stop: int) -> Any:
+    """The rows ``start:stop`` of ``scene`` as a Scene of its own (same name, shifted transform)."""
+    import dataclasses
+
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from geovae.scene import Scene
+
+    @dataclasses.dataclass
+    class BandScene(Scene):
+        row_off: int = 0
+
+        def _read_inner(self, win: Window) -> Any:
+            return super()._read_inner(Window(win.col_off, win.row_off + self.row_off, win.width, win.height))
+
+        def any_valid(self) -> bool:
+            # A band may be all nodata where the scene is not; its blocks then stay nodata.
+            return True
+
+    fields = {f.name: getattr(scene, f.name) for f in dataclasses.fields(Scene) if f.name != "_local"}
+    fields.update(height=stop - start, transform=scene.transform * Affine.translation(0, start))
+    return BandScene(**fields, row_off=start)
+
+
+def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: dict[str, Any]) -> dict[str, str]:
+    """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
+
+    Returns:
+        The part rasters, keyed by kind.
+    """
+    from geovae.predict import segment_scene
+    from geovae.scene import open_scene
+
+    base = open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
+    band = _band_scene(base, start, stop)
+    model_obj = worker_model_cache().get(model, options.get("device", "auto"))
+    opts = {**options, "formats": [], "quicklook": False, "progress": False, "nodata": None}
+    res = segment_scene(band, model_obj, part_dir, **opts)
+    return {k: str(v) for k, v in res.outputs.items() if k != "report"}
+
+
+def assemble_split(
+    scene: str,
+    model: str,
+    folder: str,
+    bands: list[tuple[int, int, int, int]],
+    parts: list[dict[str, str]],
+    options: dict[str, Any],
+    fingerprint: dict[str, Any],
+    out_root: str,
+    run_id: str = "",
+) -> dict[str, Any]:
+    """Join the band rasters of one scene into its final outputs, vectorise once, write the marker.
+
+    Runs on a worker after every :func:`segment_band` task of the scene. The rasters are
+    written through :class:`geovae.stitch.Stitcher` (same creation options, colour table,
+    tags and overviews as the single-process run), the polygons, quicklook and report as
+    :func:`geovae.predict.segment_scene` writes them.
+
+    Returns:
+        A dict of :class:`SceneRow` fields.
+    """
+    import shutil
+
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    from geovae import predict
+    from geovae.scene import open_scene
+    from geovae.stitch import CLASS_NODATA, Stitcher
+    from geovae.tiling import TileGrid
+
+    out = Path(folder)
+    done = _done_by_this_run(out, fingerprint, run_id)
+    if done is not None:
+        return done
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"started": _now(), "worker": _worker_address()}
+    (out / MARKER_NAME).unlink(missing_ok=True)
+    model_obj = worker_model_cache().get(model, options.get("device", "auto"))
+    info = model_obj.info
+    sc = open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
+    tile = int(options.get("tile") or info.tile_size)
+    overlap = int(options["overlap"] if options.get("overlap") is not None else tile // 4)
+    samples = int(options.get("samples", 0))
+    reconstruction = bool(options.get("reconstruction", False))
+    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride)
+    st = Stitcher(grid, out, sc.stem, info, sc.crs, sc.transform, uncertainty=samples > 0,
+                  reconstruction=reconstruction, block_size=int(options.get("block_size", 1024)))
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[np.asarray(info.class_ids, dtype=np.int64)] = np.arange(info.num_classes)
+    lut[CLASS_NODATA] = -1
+    try:
+        for (start, _stop, c0, c1), part in zip(bands, parts, strict=True):
+            for kind, dst in st._dst.items():
+                with rasterio.open(part[kind]) as src:
+                    # Block by block, as the stitcher writes them: bounded memory, same area cells.
+                    for r in range(c0, c1, st.B):
+                        h = min(st.B, c1 - r)
+                        for c in range(0, sc.width, st.B):
+                            w = min(st.B, sc.width - c)
+                            data = src.read(window=Window(c, r - start, w, h))
+                            dst.write(data, window=Window(c, r, w, h))
+                            if kind == "classes":
+                                idx = lut[data[0]]
+                                ok = idx >= 0
+                                st.class_pixels += np.bincount(idx[ok], minlength=st.K)
+                                st.class_area += st.areas.class_areas(idx, Window(c, r, w, h), st.K)
+                                st.blocks_written += 1
+        # Every block is on disk already; close() must not write empty ones over them.
+        st._cur = len(st._blocks)
+        outputs: dict[str, Path] = dict(st.close())
+    except BaseException:
+        st.abort()
+        raise
+    try:
+        fmts = predict._check_formats(options.get("formats"), sc.crs is None)
+        if fmts:
+            from geovae.vectorize import vectorize
+
+            vec = [out / f"{sc.stem}.{predict.FORMATS[f]}" for f in fmts]
+            vectorize(outputs["classes"], vec, confidence=outputs["confidence"], uncertainty=outputs.get("uncertainty"),
+                      min_area=float(options.get("min_area", 0.0)), simplify=float(options.get("simplify", 0.0)),
+                      class_names=dict(zip(info.class_ids, info.class_names, strict=True)))
+            outputs.update(zip(fmts, vec, strict=True))
+        if options.get("quicklook", True):
+            from geovae.quicklook import write_quicklook
+
+            outputs["quicklook"] = write_quicklook(sc, outputs["classes"], out / f"{sc.stem}.png", info)
+        total = float(st.class_area.sum())
+        report: dict[str, Any] = {
+            "geovae_version": predict._version(),
+            "scene": predict._scene_summary(sc),
+            "model": predict._model_summary(model_obj, model),
+            "options": {
+                "tile": tile, "overlap": overlap, "batch_size": options.get("batch_size", 8),
+                "device": str(model_obj.device), "samples": samples, "reconstruction": reconstruction,
+                "tta": bool(options.get("tta", False)), "min_area": options.get("min_area", 0.0),
+                "simplify": options.get("simplify", 0.0), "formats": fmts, "pixel_coords": sc.crs is None,
+                "nodata": sc.nodata, "block_size": st.B,
+            },
+            "split": {"bands": [{"rows": [c0, c1], "read_rows": [a, b]} for a, b, c0, c1 in bands]},
+            "area_unit": "pixel" if sc.crs is None else "m2 (geodesic, on the CRS's ellipsoid)",
+            "classes": [
+                {"id": int(c), "name": n, "pixels": int(px), "area": float(a), "fraction": float(a / total) if total else 0.0}
+                for c, n, px, a in zip(info.class_ids, info.class_names, st.class_pixels, st.class_area, strict=True)
+            ],
+        }
+        outputs["report"] = out / f"{sc.stem}.json"
+        report["outputs"] = {k: str(v) for k, v in outputs.items()}
+        predict._write_json(outputs["report"], report)
+    finally:
+        sc.close()
+    # The band folders live together under OUT/<stem>/.split-<run>/; all are spent now.
+    for root in {Path(v).parent.parent for part in parts for v in part.values()}:
+        shutil.rmtree(root, ignore_errors=True)
+    files = sorted(set(outputs.values()))
+    row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
+    row["finished"] = _now()
+    row["seconds"] = time.perf_counter() - t0
+    write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
+    return row
+
+
+def _submit_split(
+    client: Client,
+    row: SceneRow,
+    model: str,
+    folder: str,
+    options: dict[str, Any],
+    fingerprint: dict[str, Any],
+    out_root: str,
+    run_id: str,
+    info: ModelInfo,
+    parts: int,
+    *,
+    retries: int,
+    resources: dict[str, float] | None,
+) -> Any:
+    """Submit one scene as band tasks plus an assembling task; returns the latter's future."""
+    from geovae.scene import open_scene
+    from geovae.tiling import check_options
+
+    sc = open_scene(row.scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
+    tile = int(options.get("tile") or info.tile_size)
+    overlap = int(options["overlap"] if options.get("overlap") is not None else tile // 4)
+    check_options(tile, overlap, int(options.get("batch_size", 8)), info.stride)
+    bands = split_plan(sc.height, tile, overlap, int(options.get("block_size", 1024)), parts)
+    part_root = Path(folder) / f".split-{run_id}"
+    band_futs = [
+        client.submit(segment_band, row.scene, model, str(part_root / f"band-{k}"), a, b, options,
+                      key=f"geovae-band-{row.folder}-{k}-{run_id}", retries=retries, resources=resources, pure=False)
+        for k, (a, b, _c0, _c1) in enumerate(bands)
+    ]
+    return client.submit(assemble_split, row.scene, model, folder, bands, band_futs, options, fingerprint, out_root,
+                         run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,
+                         pure=False)
+
+
 # --------------------------------------------------------------------- validation
 def _check_segment_options(options: dict[str, Any]) -> None:
     from geovae.predict import segment_scene
@@ -702,8 +939,6 @@ def run_batch(
         raise OptionError("no scenes given; pass scene paths or --list FILE")
     if retries < 0:
         raise OptionError(f"--retries {retries}: must be 0 or more")
-    if split_scene:
-        raise OptionError("--split-scene is not available yet; run without it")
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -748,7 +983,7 @@ def run_batch(
     if todo:
         dashboard = _run_on_cluster(
             rows, todo, out, str(model_path.resolve()), segment_options, fingerprint, manifest,
-            scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
+            split_info=info if split_scene else None, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
             retries=retries, connect_timeout=connect_timeout, resources=resources, progress=progress,
         )
     write_manifest(manifest, rows)
@@ -765,6 +1000,7 @@ def _run_on_cluster(
     fingerprint: dict[str, Any],
     manifest: Path,
     *,
+    split_info: ModelInfo | None,
     scheduler: str | Client | None,
     workers: int | None,
     threads_per_worker: int,
@@ -784,20 +1020,23 @@ def _run_on_cluster(
         log.info("Dask dashboard: %s", dashboard)
         run_id = uuid.uuid4().hex[:8]
         futures = {}
+        parts = sum(client.nthreads().values()) or 1
         for i in todo:
             row = rows[i]
-            fut = client.submit(
-                segment_one, row.scene, model, str(out / row.folder), options, fingerprint, str(out), run_id,
-                key=f"geovae-scene-{row.folder}-{run_id}",
-                retries=retries,
-                resources=resources,
-                pure=False,
-            )
+            folder = str(out / row.folder)
+            if split_info is None:
+                fut = client.submit(
+                    segment_one, row.scene, model, folder, options, fingerprint, str(out), run_id,
+                    key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources, pure=False,
+                )
+            else:
+                fut = _submit_split(client, row, model, folder, options, fingerprint, str(out), run_id,
+                                    split_info, parts, retries=retries, resources=resources)
             futures[fut] = i
         with _Progress(len(rows), progress, dashboard) as bar:
             bar.advance(len(rows) - len(todo))
             last_write = 0.0
-            for fut in as_completed(futures):
+            for fut in as_completed(futures, loop=client.loop):
                 row = rows[futures[fut]]
                 try:
                     res = fut.result()

@@ -153,7 +153,7 @@ def test_no_scenes_is_an_option_error(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ real scenes on a real cluster
 #: Tiling for the tests: small tiles keep the tiny model fast on 2 shared cores.
-SEG = {"tile": 128, "overlap": 32, "batch_size": 4, "device": "cpu"}
+SEG = {"tile": 128, "overlap": 32, "batch_size": 4, "device": "cpu", "block_size": 192}
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +378,21 @@ def test_batch_on_cluster_survives_a_killed_worker(
     # The model was read once per worker, not once per scene (one worker is left).
     assert list(loads.values()) == [1]
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", *(s.stem for s in scenes)])
+
+
+def test_split_scene_equals_single_process(
+    scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    """One scene spread over a LocalCluster's two workers gives the single-process outputs."""
+    scene = scenes[0]  # RGB.byte.tif: 718 rows = 4 output blocks of 192 rows -> 2 bands
+    assert len(batch.split_plan(718, SEG["tile"], SEG["overlap"], SEG["block_size"], 2)) == 2
+    res = batch.run_batch([scene], tiny_model, tmp_path / "out", workers=2, split_scene=True, progress=False, **SEG)
+    assert (res.done, res.failed) == (1, 0), res.rows
+    folder = tmp_path / "out" / scene.stem
+    _assert_same_outputs(folder, reference[scene.stem])
+    got = json.loads((folder / f"{scene.stem}.json").read_text())
+    ref = json.loads((reference[scene.stem] / f"{scene.stem}.json").read_text())
+    assert [c["pixels"] for c in got["classes"]] == [c["pixels"] for c in ref["classes"]]
+    assert len(got["split"]["bands"]) == 2
+    # The band parts are gone; the folder holds exactly the single-process outputs plus the marker.
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*(p.name for p in reference[scene.stem].iterdir()), MARKER_NAME])
