@@ -458,3 +458,15 @@ def test_cuda_matches_cpu(tmp_path: Path, nc_stack: Path) -> None:
     assert b.report["options"]["device"].startswith("cuda")
     v = _valid(nc_stack)
     assert (read(a.outputs["classes"])[v] == read(b.outputs["classes"])[v]).mean() >= 0.999
+
+
+def test_model_file_path_gives_the_same_result(tmp_path: Path, nc_stack: Path) -> None:
+    """segment_scene loads a saved model file itself (no code unpickled) with the same result."""
+    from geovae.model.io import save_model
+
+    model = vae_model(nc_stack, k=3, depth=2, tile=128, base=4)
+    path = save_model(tmp_path / "m.safetensors", model.module, model.info)
+    a = segment_scene(nc_stack, model, tmp_path / "a", **QUIET)
+    b = segment_scene(nc_stack, path, tmp_path / "b", device="cpu", **QUIET)
+    assert b.report["model"]["source"] == str(path) and b.report["model"]["kind"] == "geovae-vae"
+    np.testing.assert_array_equal(read(a.outputs["classes"]), read(b.outputs["classes"]))
