@@ -396,3 +396,39 @@ def test_split_scene_equals_single_process(
     assert len(got["split"]["bands"]) == 2
     # The band parts are gone; the folder holds exactly the single-process outputs plus the marker.
     assert sorted(p.name for p in folder.iterdir()) == sorted([*(p.name for p in reference[scene.stem].iterdir()), MARKER_NAME])
+
+
+def test_resume_skips_finished_and_redoes_partial(
+    dask_processes: _DaskProcesses, scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
+) -> None:
+    """A crash leaves a scene without marker, one with a torn output; a re-run fixes just those."""
+    from distributed import Client
+
+    with Client(dask_processes.address, timeout=60) as c:
+        c.wait_for_workers(2, timeout=120)  # the killed worker's replacement has joined
+    out = tmp_path / "out"
+    first = scenes[:3]
+    res = batch.run_batch(first, tiny_model, out, scheduler=dask_processes.address, progress=False, **SEG)
+    assert (res.done, res.failed, res.skipped) == (3, 0, 0)
+    kept, no_marker, torn = (out / s.stem for s in first)
+    # What a crash leaves: outputs without their marker (killed before it was written), and a
+    # marker whose output was rewritten halfway (same name, other bytes) plus a .part file.
+    (no_marker / MARKER_NAME).unlink()
+    cls = torn / f"{first[2].stem}.classes.tif"
+    cls.write_bytes(cls.read_bytes()[: cls.stat().st_size // 2])
+    (torn / f"{first[2].stem}.confidence.tif.part").write_bytes(b"half")
+    before = {p.name: p.stat().st_mtime_ns for p in kept.iterdir()}
+
+    res = batch.run_batch(scenes, tiny_model, out, scheduler=dask_processes.address, progress=False, **SEG)
+    assert (res.done, res.failed, res.skipped) == (3, 0, 1)
+    status = {Path(r["scene"]).stem: r["status"] for r in read_manifest(res.manifest)}
+    assert status == {first[0].stem: "skipped", first[1].stem: "done", first[2].stem: "done", scenes[3].stem: "done"}
+    assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == before  # untouched
+    for s in scenes:
+        _assert_same_outputs(out / s.stem, reference[s.stem])
+        assert check_marker(out / s.stem) is not None
+
+    # Other options make other outputs: the markers no longer vouch for them.
+    res = batch.run_batch(first[:1], tiny_model, out, scheduler=dask_processes.address, progress=False,
+                          **{**SEG, "min_area": 1e6})
+    assert (res.done, res.skipped) == (1, 0)
