@@ -109,7 +109,7 @@ def _segment_options(f: Any) -> Any:
         click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Latent samples per tile; > 0 writes the uncertainty raster."),
         click.option("--reconstruction", is_flag=True, help="Also write the reconstruction-error (anomaly) raster."),
-        click.option("--tta", is_flag=True, help="Flip test-time augmentation (4x slower)."),
+        click.option("--tta", is_flag=True, help="Flip test-time augmentation (3 passes: about 3x the model time)."),
         click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Drop polygons smaller than this, in m^2."),
         click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True,
