@@ -445,7 +445,11 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
 
     Kept if already installed, so a long-lived cluster keeps its loaded models between batches.
     """
-    if loader is None and client.run_on_scheduler(_plugin_installed):
+    try:
+        installed = loader is None and client.run_on_scheduler(_plugin_installed)
+    except Exception:  # noqa: BLE001 - a scheduler without geovae installed cannot run the check
+        installed = False
+    if installed:
         return
     client.register_plugin(ModelCache(loader), name=PLUGIN_NAME)
 
@@ -479,6 +483,11 @@ def connect(
     """
     from distributed import Client, LocalCluster
 
+    # Importing distributed turns its loggers to INFO; its cluster chatter (workers starting,
+    # closing) is not what a geovae user asked to see unless geovae itself logs at DEBUG.
+    if not logging.getLogger("geovae").isEnabledFor(logging.DEBUG):
+        dlog = logging.getLogger("distributed")
+        dlog.setLevel(max(dlog.getEffectiveLevel(), logging.WARNING))
     if threads_per_worker < 1:
         raise OptionError(f"--threads-per-worker {threads_per_worker}: must be at least 1")
     if isinstance(scheduler, Client):
