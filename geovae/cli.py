@@ -169,14 +169,17 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
 @click.option("--uncertainty", help="Uncertainty raster for the uncertainty_mean attribute.")
 @click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="m^2.")
 @click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True, help="metres.")
-@click.option("--block-size", type=click.IntRange(min=16), default=1024, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Pixels per block; memory grows with it, the polygons do not change.")
+@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
+              help="Pixel neighbourhood of a region (8 joins diagonal pixels).")
 def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
-              min_area: float, simplify: float, block_size: int) -> None:
+              min_area: float, simplify: float, block_size: int, connectivity: str) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
     from geovae.vectorize import vectorize as run
 
     res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,
-              min_area=min_area, simplify=simplify, block_size=block_size)
+              min_area=min_area, simplify=simplify, block_size=block_size, connectivity=int(connectivity))
     click.echo(f"{res.n_polygons} polygons")
     for p in res.paths:
         click.echo(f"  {p}")
@@ -232,13 +235,15 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 @click.option("--labels", required=True, help="Reference label raster on the same grid.")
 @click.option("--confidence", help="Confidence raster, for calibration (ECE).")
 @click.option("--uncertainty", help="Uncertainty raster, for the error-detection AUROC.")
+@click.option("--bins", type=click.IntRange(min=2), default=15, show_default=True, help="Confidence bins for the ECE.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, as_json: bool) -> None:
+def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, bins: int,
+             as_json: bool) -> None:
     """Score a class raster against labels: IoU per class, mIoU, accuracy, ECE, AUROC."""
     from geovae.evaluate import evaluate as run
     from geovae.evaluate import format_report
 
-    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty)
+    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins)
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))
 
 
@@ -254,11 +259,14 @@ def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: 
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip scenes already done.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--split-scene", is_flag=True, help="Spread each scene's blocks over the workers (one huge scene).")
+@click.option("--resources", help='Dask resources each scene task needs, e.g. "GPU=1" (workers started with --resources GPU=1).')
+@click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for --scheduler before giving up.")
 @_segment_options
 @click.pass_context
 def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, model: str, out_dir: str,
           scheduler: str | None, workers: int | None, threads_per_worker: int, resume: bool,
-          retries: int, split_scene: bool, **kw: Any) -> None:
+          retries: int, split_scene: bool, resources: str | None, connect_timeout: float, **kw: Any) -> None:
     """Segment many scenes (or one huge one) on dask.distributed, resumable, with retries."""
     from geovae.batch import run_batch
 
@@ -269,11 +277,27 @@ def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, m
     res = run_batch(
         list(scenes), model, out_dir, scene_list=scene_list, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, resume=resume, retries=retries, split_scene=split_scene,
-        **_segment_kwargs(kw, _quiet(ctx)),
+        resources=_resources(resources), connect_timeout=connect_timeout, **_segment_kwargs(kw, _quiet(ctx)),
     )
     click.echo(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest: {res.manifest}")
     if res.failed:
         raise SystemExit(1)
+
+
+def _resources(value: str | None) -> dict[str, float] | None:
+    if not value:
+        return None
+    out: dict[str, float] = {}
+    for part in value.split(","):
+        name, sep, amount = part.partition("=")
+        try:
+            out[name.strip()] = float(amount)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: write NAME=AMOUNT[,NAME=AMOUNT], e.g. GPU=1",
+                                     param_hint="--resources") from None
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{value!r}: write NAME=AMOUNT, e.g. GPU=1", param_hint="--resources")
+    return out
 
 
 # ----------------------------------------------------------------------------- demo

@@ -220,6 +220,7 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
     trained = train_model(
         scene, west, out / "nc_vae.safetensors", classes=classes, tile=64, batch_size=16,
         epochs=epochs or 1000, max_time=None if epochs else time_budget, device=device, seed=0,
+        val_fraction=0.0,  # the east half is the test set; the west half is all for training
         progress=progress,
     )
     t2 = time.perf_counter()

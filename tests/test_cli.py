@@ -124,3 +124,89 @@ def test_console_entry_point_exit_code(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("geovae: error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-init 3-band VAE segmenter in a model file (the CLI only needs the file)."""
+    import torch
+
+    from geovae.model import ModelInfo
+    from geovae.model.io import save_model
+    from geovae.model.vae import VAESegmenter
+
+    torch.manual_seed(0)
+    module = VAESegmenter(3, 4, base_channels=8, depth=3, latent_channels=4).eval()
+    info = ModelInfo(in_channels=3, num_classes=4, class_ids=[1, 2, 3, 4],
+                     class_names=["water", "forest", "field", "town"], mean=[60.0] * 3, std=[40.0] * 3,
+                     tile_size=64, stride=module.stride, arch=module.hparams)
+    return save_model(tmp_path_factory.mktemp("model") / "rgb.safetensors", module, info)
+
+
+def test_segment_vectorize_evaluate_through_the_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                    rgb_byte: Path, rgb_model: Path) -> None:
+    out = tmp_path / "out"
+    code, text, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(out),
+                          "--tile", "64", "--overlap", "16", "--samples", "2", "--formats", "geojson,gpkg")
+    assert code == 0, err
+    for suffix in ("classes.tif", "confidence.tif", "uncertainty.tif", "geojson", "gpkg", "png", "json"):
+        assert (out / f"RGB.byte.{suffix}").is_file(), suffix
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    with rasterio.open(rgb_byte) as src, rasterio.open(out / "RGB.byte.classes.tif") as cls:
+        assert (cls.crs, cls.transform, cls.shape) == (src.crs, src.transform, src.shape)
+        # the nodata frame of the input stays nodata in the class raster
+        frame = src.dataset_mask() == 0
+        assert frame.any() and (cls.read(1)[frame] == cls.nodata).all()
+
+    code, text, err = run(capsys, "vectorize", str(out / "RGB.byte.classes.tif"), "--out", str(tmp_path / "p.parquet"),
+                          "--confidence", str(out / "RGB.byte.confidence.tif"))
+    assert code == 0, err and (tmp_path / "p.parquet").is_file()
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(tmp_path / "p.parquet")
+    assert len(gdf) > 0 and gdf["confidence_mean"].between(0, 1).all()
+    assert set(gdf["class_name"]) <= {"water", "forest", "field", "town"}
+
+    # scoring a prediction against itself is perfect
+    code, text, err = run(capsys, "evaluate", str(out / "RGB.byte.classes.tif"), "--labels",
+                          str(out / "RGB.byte.classes.tif"), "--json")
+    assert code == 0, err and json.loads(text)["miou"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("opts, expected", [
+    (["--tile", "64", "--overlap", "64"], 2),       # overlap must be smaller than the tile
+    (["--tile", "60"], 2),                           # not a multiple of the model's stride
+    (["--batch-size", "0"], 2),
+])
+def test_segment_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path, rgb_model: Path,
+                             opts: list[str], expected: int) -> None:
+    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(tmp_path / "o"), *opts)
+    assert code == expected and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path,
+                            rgb_byte: Path, rgb_model: Path) -> None:
+    # six bands into a three-band model
+    code, _, err = run(capsys, "segment", str(nc_stack), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
+    assert_one_line_error(code, err, 1, "band")
+    # the output "folder" is a file
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(f))
+    assert code == 2 and "is a file" in err and "Traceback" not in err  # click rejects it as a usage error
+    from geovae.predict import segment_scene
+    from geovae.errors import OutputError
+    with pytest.raises(OutputError):
+        segment_scene(rgb_byte, rgb_model, f, progress=False)
+    # a model file that is not one
+    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(f), "-o", str(tmp_path / "o"))
+    assert_one_line_error(code, err, 1)
+    # an all-nodata scene
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(empty, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32618", transform=from_origin(0, 0, 30, 30)) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    code, _, err = run(capsys, "segment", str(empty), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
+    assert_one_line_error(code, err, 1, "nodata")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
