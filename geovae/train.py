@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -563,7 +564,9 @@ def train_model(
     )
     trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
     if max_time is not None:
-        trainer_kw["max_time"] = {"seconds": float(max_time)}
+        if max_time <= 0:
+            raise OptionError(f"max_time {max_time}: give a positive number of seconds")
+        trainer_kw["max_time"] = timedelta(seconds=float(max_time))
     has_val = dm.val_box is not None and dm.n_labelled["val"] != 0
     if dm.val_box is not None and not has_val:
         log.warning("no labelled pixels in the validation part; training without validation metrics")
