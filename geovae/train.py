@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -444,7 +445,17 @@ def _fit(task: VAESegmentationTask, dm: pl.LightningDataModule, *, trainer_kwarg
     if not has_val:
         kw["limit_val_batches"] = 0
     trainer = pl.Trainer(**kw)
-    trainer.fit(task, datamodule=dm)
+    prev = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(task, datamodule=dm)
+    except SystemExit:
+        # Lightning answers Ctrl-C with sys.exit(1) and leaves SIGINT ignored; a library
+        # caller (and the CLI's exit code 130) needs the KeyboardInterrupt back, and no
+        # model file may be written from an interrupted run.
+        if trainer.interrupted:
+            signal.signal(signal.SIGINT, prev)
+            raise KeyboardInterrupt from None
+        raise
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
     return hist.epochs, final
 

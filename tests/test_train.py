@@ -445,3 +445,22 @@ trainer:
     with pytest.raises(ConfigError) as e:
         train_from_config(cfg)
     assert "model.num_classes is required" in _one_line(e)
+
+
+def test_ctrl_c_during_training_is_a_keyboard_interrupt_and_writes_nothing(nc_stack: Path, nc_labels: Path) -> None:
+    import signal
+
+    from geovae.train import _fit
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_start(self, *args: object) -> None:
+            raise KeyboardInterrupt
+
+    dm = SceneDataModule(str(nc_stack), str(nc_labels), tile=32, batch_size=2, samples_per_epoch=4, val_fraction=0)
+    task = VAESegmentationTask(6, dm.classes.num_classes, base_channels=8, depth=3, latent_channels=4)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(task, dm, trainer_kwargs={"max_epochs": 1, "accelerator": "cpu", "callbacks": [Interrupt()]},
+             has_val=False)
+    # Lightning leaves SIGINT ignored after its graceful shutdown; geovae puts it back.
+    assert signal.getsignal(signal.SIGINT) is before
