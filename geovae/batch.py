@@ -604,88 +604,60 @@ def _worker_address() -> str:
 
 
 # ------------------------------------------------------------------ one huge scene
-def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int, int, int]]:
-    """Horizontal bands of a scene for ``split_scene``: ``(read_start, read_stop, core_start, core_stop)`` rows.
+def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int]]:
+    """Horizontal bands of a scene for ``split_scene``: ``(start, stop)`` output rows of each.
 
-    Each band owns the rows ``core_start:core_stop`` of the outputs. It reads from the output
-    block line at least ``tile - 1`` rows above its core (blocks are ``k * (tile - overlap)``
-    rows, as :class:`geovae.stitch.Stitcher` makes them) to one tile below it. So its tile
-    grid and its block grid are those of the single-process run, every tile that touches a
-    core pixel is read whole, and each core pixel sums the same tile outputs in the same
-    order (what is missing above the band adds only zeros there): the cores equal the
-    single-process run bit for bit. The cost is the halo: up to one block plus one tile of
-    rows read twice per band, so a smaller ``block_size`` wastes less on narrow bands.
+    Bands are whole rows of output blocks (:func:`geovae.stitch.block_side`, the rounding the
+    stitcher uses), so each can be segmented alone with ``segment_scene(..., rows=(start,
+    stop))``: that runs the tiles touching the band on the scene's own tile and block grid,
+    and its rows equal the single-process run bit for bit. The cost is the halo: the tiles
+    that cross a band line (about one tile of rows) run in both bands, so a band should be
+    many tiles tall.
 
     Args:
         height: scene height in pixels.
         tile: tile side.
         overlap: tile overlap.
-        block_size: the ``block_size`` option (rounded like the stitcher rounds it).
+        block_size: the ``block_size`` option.
         parts: how many bands to aim for (the cluster's threads).
 
     Returns:
-        The bands, top to bottom; their cores cover ``0:height`` exactly once.
+        The bands, top to bottom; they cover ``0:height`` exactly once.
     """
-    step = tile - overlap
-    block = max(1, round(block_size / step)) * step
-    above = math.ceil((tile - 1) / block) * block
+    from geovae.stitch import block_side
+
+    block = block_side(block_size, tile - overlap)
     nblocks = math.ceil(height / block)
     per = math.ceil(nblocks / max(1, min(parts, nblocks)))
-    bands = []
-    for b0 in range(0, nblocks, per):
-        c0, c1 = b0 * block, min(height, (b0 + per) * block)
-        bands.append((max(0, c0 - above), min(height, c1 + tile), c0, c1))
-    return bands
+    return [(b0 * block, min(height, (b0 + per) * block)) for b0 in range(0, nblocks, per)]
 
 
-def _band_scene(scene: Any, start: int, stop: int) -> Any:
-    """The rows ``start:stop`` of ``scene`` as a Scene of its own (same name, shifted transform)."""
-    import dataclasses
+def _open(scene: str, options: dict[str, Any]) -> Any:
+    from geovae.scene import open_scene
 
-    from affine import Affine
-    from rasterio.windows import Window
-
-    from geovae.scene import Scene
-
-    @dataclasses.dataclass
-    class BandScene(Scene):
-        row_off: int = 0
-
-        def _read_inner(self, win: Window) -> Any:
-            return super()._read_inner(Window(win.col_off, win.row_off + self.row_off, win.width, win.height))
-
-        def any_valid(self) -> bool:
-            # A band may be all nodata where the scene is not; its blocks then stay nodata.
-            return True
-
-    fields = {f.name: getattr(scene, f.name) for f in dataclasses.fields(Scene) if f.name != "_local"}
-    fields.update(height=stop - start, transform=scene.transform * Affine.translation(0, start))
-    return BandScene(**fields, row_off=start)
+    return open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
 
 
-def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: dict[str, Any]) -> dict[str, str]:
+def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: dict[str, Any]) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
 
     Returns:
-        The part rasters, keyed by kind.
+        ``{"rasters": {kind: path}, "tiles": tile counts}`` of the band.
     """
     from geovae.predict import segment_scene
-    from geovae.scene import open_scene
 
-    base = open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
-    band = _band_scene(base, start, stop)
     model_obj = worker_model_cache().get(model, options.get("device", "auto"))
-    opts = {**options, "formats": [], "quicklook": False, "progress": False, "nodata": None}
-    res = segment_scene(band, model_obj, part_dir, **opts)
-    return {k: str(v) for k, v in res.outputs.items() if k != "report"}
+    opts = {**options, "formats": [], "quicklook": False, "progress": False, "rows": (start, stop)}
+    res = segment_scene(scene, model_obj, part_dir, **opts)
+    return {"rasters": {k: str(v) for k, v in res.outputs.items() if k != "report"}, "tiles": res.report["tiles"]}
 
 
 def assemble_split(
     scene: str,
     model: str,
     folder: str,
-    bands: list[tuple[int, int, int, int]],
-    parts: list[dict[str, str]],
+    bands: list[tuple[int, int]],
+    parts: list[dict[str, Any]],
     options: dict[str, Any],
     fingerprint: dict[str, Any],
     out_root: str,
@@ -693,23 +665,21 @@ def assemble_split(
 ) -> dict[str, Any]:
     """Join the band rasters of one scene into its final outputs, vectorise once, write the marker.
 
-    Runs on a worker after every :func:`segment_band` task of the scene. The rasters are
-    written through :class:`geovae.stitch.Stitcher` (same creation options, colour table,
-    tags and overviews as the single-process run), the polygons, quicklook and report as
-    :func:`geovae.predict.segment_scene` writes them.
+    Runs on a worker after every :func:`segment_band` task of the scene. The band rasters go
+    block by block through :meth:`geovae.stitch.Stitcher.write_block` (same creation options,
+    colour table, tags, overviews and class areas as the single-process run), then
+    :func:`geovae.predict.finish_outputs` writes the polygons, quicklook and report.
 
     Returns:
         A dict of :class:`SceneRow` fields.
     """
     import shutil
 
-    import numpy as np
     import rasterio
     from rasterio.windows import Window
 
-    from geovae import predict
-    from geovae.scene import open_scene
-    from geovae.stitch import CLASS_NODATA, Stitcher
+    from geovae.predict import finish_outputs, tiling
+    from geovae.stitch import Stitcher
     from geovae.tiling import TileGrid
 
     out = Path(folder)
@@ -721,82 +691,45 @@ def assemble_split(
     (out / MARKER_NAME).unlink(missing_ok=True)
     model_obj = worker_model_cache().get(model, options.get("device", "auto"))
     info = model_obj.info
-    sc = open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
-    tile = int(options.get("tile") or info.tile_size)
-    overlap = int(options["overlap"] if options.get("overlap") is not None else tile // 4)
+    sc = _open(scene, options)
+    tile, overlap = tiling(info, options.get("tile"), options.get("overlap"))
     samples = int(options.get("samples", 0))
-    reconstruction = bool(options.get("reconstruction", False))
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride)
-    st = Stitcher(grid, out, sc.stem, info, sc.crs, sc.transform, uncertainty=samples > 0,
-                  reconstruction=reconstruction, block_size=int(options.get("block_size", 1024)))
-    lut = np.full(256, -1, dtype=np.int64)
-    lut[np.asarray(info.class_ids, dtype=np.int64)] = np.arange(info.num_classes)
-    lut[CLASS_NODATA] = -1
+    st = Stitcher(TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride), out, sc.stem, info, sc.crs,
+                  sc.transform, uncertainty=samples > 0, reconstruction=bool(options.get("reconstruction", False)),
+                  block_size=int(options.get("block_size", 1024)))
+    srcs: dict[str, Any] = {}
     try:
-        for (start, _stop, c0, c1), part in zip(bands, parts, strict=True):
-            for kind, dst in st._dst.items():
-                with rasterio.open(part[kind]) as src:
-                    # Block by block, as the stitcher writes them: bounded memory, same area cells.
-                    for r in range(c0, c1, st.B):
-                        h = min(st.B, c1 - r)
-                        for c in range(0, sc.width, st.B):
-                            w = min(st.B, sc.width - c)
-                            data = src.read(window=Window(c, r - start, w, h))
-                            dst.write(data, window=Window(c, r, w, h))
-                            if kind == "classes":
-                                idx = lut[data[0]]
-                                ok = idx >= 0
-                                st.class_pixels += np.bincount(idx[ok], minlength=st.K)
-                                st.class_area += st.areas.class_areas(idx, Window(c, r, w, h), st.K)
-                                st.blocks_written += 1
-        # Every block is on disk already; close() must not write empty ones over them.
-        st._cur = len(st._blocks)
-        outputs: dict[str, Path] = dict(st.close())
+        band = -1
+        for win in st.windows():  # in write order: the class areas add up as in one process
+            r0 = int(win.row_off)
+            if band < 0 or r0 >= bands[band][1]:
+                for ds in srcs.values():
+                    ds.close()
+                band += 1
+                srcs = {k: rasterio.open(p) for k, p in parts[band]["rasters"].items()}
+            part_win = Window(win.col_off, r0 - bands[band][0], win.width, win.height)
+            st.write_block(win, {k: ds.read(window=part_win) for k, ds in srcs.items()})
+        tiles = {k: sum(p["tiles"][k] for p in parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
+        result = finish_outputs(
+            sc, model_obj, st, formats=options.get("formats"), min_area=float(options.get("min_area", 0.0)),
+            simplify=float(options.get("simplify", 0.0)), quicklook=bool(options.get("quicklook", True)),
+            options={"batch_size": options.get("batch_size", 8), "samples": samples,
+                     "reconstruction": bool(options.get("reconstruction", False)), "tta": bool(options.get("tta", False)),
+                     "rows": None},
+            source=model, tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
+            extra={"split": {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}},
+        )
     except BaseException:
         st.abort()
         raise
-    try:
-        fmts = predict._check_formats(options.get("formats"), sc.crs is None)
-        if fmts:
-            from geovae.vectorize import vectorize
-
-            vec = [out / f"{sc.stem}.{predict.FORMATS[f]}" for f in fmts]
-            vectorize(outputs["classes"], vec, confidence=outputs["confidence"], uncertainty=outputs.get("uncertainty"),
-                      min_area=float(options.get("min_area", 0.0)), simplify=float(options.get("simplify", 0.0)),
-                      class_names=dict(zip(info.class_ids, info.class_names, strict=True)))
-            outputs.update(zip(fmts, vec, strict=True))
-        if options.get("quicklook", True):
-            from geovae.quicklook import write_quicklook
-
-            outputs["quicklook"] = write_quicklook(sc, outputs["classes"], out / f"{sc.stem}.png", info)
-        total = float(st.class_area.sum())
-        report: dict[str, Any] = {
-            "geovae_version": predict._version(),
-            "scene": predict._scene_summary(sc),
-            "model": predict._model_summary(model_obj, model),
-            "options": {
-                "tile": tile, "overlap": overlap, "batch_size": options.get("batch_size", 8),
-                "device": str(model_obj.device), "samples": samples, "reconstruction": reconstruction,
-                "tta": bool(options.get("tta", False)), "min_area": options.get("min_area", 0.0),
-                "simplify": options.get("simplify", 0.0), "formats": fmts, "pixel_coords": sc.crs is None,
-                "nodata": sc.nodata, "block_size": st.B,
-            },
-            "split": {"bands": [{"rows": [c0, c1], "read_rows": [a, b]} for a, b, c0, c1 in bands]},
-            "area_unit": "pixel" if sc.crs is None else "m2 (geodesic, on the CRS's ellipsoid)",
-            "classes": [
-                {"id": int(c), "name": n, "pixels": int(px), "area": float(a), "fraction": float(a / total) if total else 0.0}
-                for c, n, px, a in zip(info.class_ids, info.class_names, st.class_pixels, st.class_area, strict=True)
-            ],
-        }
-        outputs["report"] = out / f"{sc.stem}.json"
-        report["outputs"] = {k: str(v) for k, v in outputs.items()}
-        predict._write_json(outputs["report"], report)
     finally:
+        for ds in srcs.values():
+            ds.close()
         sc.close()
     # The band folders live together under OUT/<stem>/.split-<run>/; all are spent now.
-    for root in {Path(v).parent.parent for part in parts for v in part.values()}:
+    for root in {Path(v).parent.parent for part in parts for v in part["rasters"].values()}:
         shutil.rmtree(root, ignore_errors=True)
-    files = sorted(set(outputs.values()))
+    files = sorted(set(result.outputs.values()))
     row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
     row["finished"] = _now()
     row["seconds"] = time.perf_counter() - t0
@@ -820,19 +753,16 @@ def _submit_split(
     resources: dict[str, float] | None,
 ) -> Any:
     """Submit one scene as band tasks plus an assembling task; returns the latter's future."""
-    from geovae.scene import open_scene
-    from geovae.tiling import check_options
+    from geovae.predict import tiling
 
-    sc = open_scene(row.scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
-    tile = int(options.get("tile") or info.tile_size)
-    overlap = int(options["overlap"] if options.get("overlap") is not None else tile // 4)
-    check_options(tile, overlap, int(options.get("batch_size", 8)), info.stride)
+    sc = _open(row.scene, options)
+    tile, overlap = tiling(info, options.get("tile"), options.get("overlap"))
     bands = split_plan(sc.height, tile, overlap, int(options.get("block_size", 1024)), parts)
     part_root = Path(folder) / f".split-{run_id}"
     band_futs = [
         client.submit(segment_band, row.scene, model, str(part_root / f"band-{k}"), a, b, options,
                       key=f"geovae-band-{row.folder}-{k}-{run_id}", retries=retries, resources=resources, pure=False)
-        for k, (a, b, _c0, _c1) in enumerate(bands)
+        for k, (a, b) in enumerate(bands)
     ]
     return client.submit(assemble_split, row.scene, model, folder, bands, band_futs, options, fingerprint, out_root,
                          run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,

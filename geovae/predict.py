@@ -34,10 +34,10 @@ from rasterio.env import get_gdal_config
 from geovae.errors import ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.scene import Scene, open_scene
-from geovae.stitch import CLASS_NODATA, Stitcher
+from geovae.stitch import CLASS_NODATA, Stitcher, block_side, check_rows
 from geovae.tiling import Tile, TileGrid, check_options
 
-__all__ = ["SegmentResult", "segment_scene", "FORMATS", "check_output_dir"]
+__all__ = ["SegmentResult", "segment_scene", "finish_outputs", "tiling", "check_formats", "FORMATS", "check_output_dir"]
 
 #: Upper bound of GDAL's block cache during a run (bytes).
 GDAL_CACHE_BYTES = 512 * 2**20
@@ -326,7 +326,21 @@ class _Progress:
 # -- the public entry point ----------------------------------------------------------------
 
 
-def _check_formats(formats: Sequence[str] | None, pixel_coords: bool) -> list[str]:
+def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> list[str]:
+    """The polygon formats to write, checked.
+
+    Args:
+        formats: names among ``geojson``, ``gpkg``, ``parquet`` (a list, or one comma-separated
+            string as typed on a command line); None for the default (``geojson``, ``gpkg``
+            in pixel coordinates).
+        pixel_coords: whether the outputs are in pixel coordinates (GeoJSON is refused).
+
+    Returns:
+        The formats, lower case, without duplicates.
+
+    Raises:
+        OptionError: an unknown format, or GeoJSON in pixel coordinates.
+    """
     if formats is None:
         return ["gpkg"] if pixel_coords else ["geojson"]
     if isinstance(formats, str):  # "geojson,gpkg" as typed on a command line
@@ -339,6 +353,26 @@ def _check_formats(formats: Sequence[str] | None, pixel_coords: bool) -> list[st
         raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
                           "pixel coordinates; use --formats gpkg or parquet")
     return list(dict.fromkeys(fmts))
+
+
+def tiling(info: ModelInfo, tile: int | None = None, overlap: int | None = None) -> tuple[int, int]:
+    """Tile side and overlap of a run: by default the model's tile size and a quarter of it.
+
+    Args:
+        info: the model description.
+        tile: tile side in pixels, or None.
+        overlap: overlap in pixels, or None.
+
+    Returns:
+        ``(tile, overlap)``, checked against the model's stride.
+
+    Raises:
+        OptionError: if they are out of range.
+    """
+    tile = int(tile if tile is not None else info.tile_size)
+    overlap = int(overlap if overlap is not None else tile // 4)
+    check_options(tile, overlap, 1, info.stride)
+    return tile, overlap
 
 
 def _scene_summary(scene: Scene) -> dict[str, Any]:
@@ -396,6 +430,7 @@ def segment_scene(
     block_size: int = 1024,
     quicklook: bool = True,
     progress: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> SegmentResult:
     """Segment a scene of any size into class, confidence and uncertainty rasters and polygons.
 
@@ -423,8 +458,13 @@ def segment_scene(
         pixel_coords: accept a scene without CRS; outputs carry no CRS and polygons are in pixels.
         nodata: value marking missing pixels, overriding the scene's nodata tag.
         block_size: output block side (rounded to a multiple of ``tile - overlap``).
-        quicklook: write ``<stem>.png``.
+        quicklook: write ``<stem>.png`` (needs the whole scene: not with ``rows``).
         progress: show a progress bar with tiles/s.
+        rows: ``(start, stop)``: segment only these scene rows, which must lie on the output
+            block grid (multiples of :func:`geovae.stitch.block_side`, or the scene's height).
+            The outputs then cover just those rows (transform shifted) and equal the same rows
+            of a whole-scene run bit for bit: the tiles touching them are run on the scene's
+            own tile grid. Used to spread one scene over several machines.
 
     Returns:
         The :class:`SegmentResult` with output paths and the run report.
@@ -463,7 +503,7 @@ def segment_scene(
     else:
         scene = open_scene(scene, pixel_coords=pixel_coords, nodata=nodata)
     in_pixels = scene.crs is None
-    fmts = _check_formats(formats, in_pixels)
+    fmts = check_formats(formats, in_pixels)
     source = None if isinstance(model, SegmentationModel) else str(model)
     model = _load(model, device)
     info: ModelInfo = model.info
@@ -476,10 +516,11 @@ def segment_scene(
         raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
     if any(not 0 <= int(c) < CLASS_NODATA for c in info.class_ids):
         raise ModelMismatchError(f"model class ids must be 0..{CLASS_NODATA - 1} (255 marks nodata in the class raster)")
-    tile = int(tile if tile is not None else info.tile_size)
-    overlap = int(overlap if overlap is not None else tile // 4)
-    check_options(tile, overlap, batch_size, info.stride)
+    tile, overlap = tiling(info, tile, overlap)
     grid = TileGrid(scene.height, scene.width, tile, overlap, stride=info.stride)
+    check_rows(rows, scene.height, block_side(block_size, grid.step))
+    if rows is not None and quicklook:
+        raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
     if not scene.any_valid():
         raise SceneError(f"scene {scene.name} has no valid pixels (all nodata); check --nodata or the file")
     timings["validate_s"] = time.perf_counter() - t_start
@@ -491,26 +532,23 @@ def segment_scene(
     with cache:
         return _run(scene, model, info, grid, out, stem, source, fmts, timings, t_start, batch_size=batch_size,
                     samples=samples, reconstruction=reconstruction, tta=tta, min_area=min_area, simplify=simplify,
-                    block_size=block_size, quicklook=quicklook, progress=progress)
+                    block_size=block_size, quicklook=quicklook, progress=progress, rows=rows)
 
 
 def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid, out: Path, stem: str,
          source: str | None, fmts: list[str], timings: dict[str, float], t_start: float, *, batch_size: int,
          samples: int, reconstruction: bool, tta: bool, min_area: float, simplify: float, block_size: int,
-         quicklook: bool, progress: bool) -> SegmentResult:
+         quicklook: bool, progress: bool, rows: tuple[int, int] | None) -> SegmentResult:
     """The streaming part of :func:`segment_scene`, after every check has passed."""
-    tile, overlap, in_pixels = grid.tile, grid.overlap, scene.crs is None
     stitcher = Stitcher(grid, out, stem, info, scene.crs, scene.transform, uncertainty=samples > 0,
-                        reconstruction=reconstruction, block_size=block_size)
-    written: list[Path] = []
-    outputs: dict[str, Path] = {}
+                        reconstruction=reconstruction, block_size=block_size, rows=rows)
     model_s = 0.0
     try:
         t0 = time.perf_counter()
         pin = model.device.type == "cuda"
         mean = np.asarray(info.mean, dtype=np.float32)
         with _Reader(scene, list(stitcher.order()), batch_size, mean, pin) as reader, \
-                _Progress(len(grid), progress, f"segment {stem}") as bar:
+                _Progress(stitcher.tiles_total, progress, f"segment {stem}") as bar:
             # One batch in flight: batch n+1 is queued on the device before batch n is
             # blended, so on CUDA the GPU computes while the CPU blends and writes.
             pending: _InFlight | None = None
@@ -528,52 +566,104 @@ def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid
             timings["read_s"] = reader.read_s
         timings["model_s"] = model_s
         timings["predict_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        outputs.update(stitcher.close())
-        written.extend(outputs.values())
-        timings["rasters_close_s"] = time.perf_counter() - t0
-
-        if fmts:
-            t0 = time.perf_counter()
-            from geovae.vectorize import vectorize
-
-            vec_paths = [out / f"{stem}.{FORMATS[f]}" for f in fmts]
-            vectorize(
-                outputs["classes"], vec_paths, confidence=outputs["confidence"],
-                uncertainty=outputs.get("uncertainty"), min_area=min_area, simplify=simplify,
-                class_names=dict(zip(info.class_ids, info.class_names)),
-            )
-            for f, p in zip(fmts, vec_paths):
-                outputs[f] = p
-                written.append(p)
-            timings["vectorize_s"] = time.perf_counter() - t0
-        if quicklook:
-            t0 = time.perf_counter()
-            from geovae.quicklook import write_quicklook
-
-            outputs["quicklook"] = write_quicklook(scene, outputs["classes"], out / f"{stem}.png", info)
-            written.append(outputs["quicklook"])
-            timings["quicklook_s"] = time.perf_counter() - t0
+        options = {"batch_size": batch_size, "samples": samples, "reconstruction": reconstruction, "tta": tta,
+                   "rows": None if rows is None else list(stitcher.rows)}
+        return finish_outputs(scene, model, stitcher, formats=fmts, min_area=min_area, simplify=simplify,
+                              quicklook=quicklook, options=options, source=source, timings=timings, t_start=t_start)
     except BaseException:
         stitcher.abort()
         raise
     finally:
         scene.close()
 
-    timings["total_s"] = time.perf_counter() - t_start
+
+def finish_outputs(
+    scene: Scene,
+    model: SegmentationModel,
+    stitcher: Stitcher,
+    *,
+    formats: Sequence[str] | str | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    quicklook: bool = True,
+    options: dict[str, Any] | None = None,
+    source: str | None = None,
+    timings: dict[str, float] | None = None,
+    t_start: float | None = None,
+    tiles: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> SegmentResult:
+    """Close a run's rasters, then write its polygons, quicklook and JSON report.
+
+    The end of :func:`segment_scene`, for a :class:`~geovae.stitch.Stitcher` that has been
+    fed every tile (or given every block with ``write_block``, as :mod:`geovae.batch` does
+    when it assembles one scene from row bands segmented on several workers). The caller
+    aborts the stitcher if this raises.
+
+    Args:
+        scene: the segmented scene.
+        model: the model that segmented it.
+        stitcher: the run's stitcher; closed here (its rasters move to their final names).
+        formats: polygon formats (see :func:`check_formats`); empty for none.
+        min_area: drop polygons smaller than this (m^2; pixel units without CRS).
+        simplify: topology-preserving simplification tolerance (metres, or pixels).
+        quicklook: write ``<stem>.png``.
+        options: run options for the report besides those known here (batch size, samples,
+            reconstruction, tta...).
+        source: the model file, for the report.
+        timings: seconds per stage so far; the stages run here are added.
+        t_start: ``time.perf_counter()`` at the start of the run, for ``total_s``.
+        tiles: tile counts for the report; default the stitcher's own.
+        extra: more top-level report entries.
+
+    Returns:
+        The :class:`SegmentResult`.
+
+    Raises:
+        OptionError: an unknown polygon format.
+    """
+    in_pixels = scene.crs is None
+    fmts = check_formats(formats, in_pixels)
+    timings = dict(timings or {})
+    info = model.info
+    out, stem = stitcher.out_dir, stitcher.stem
+    t0 = time.perf_counter()
+    outputs: dict[str, Path] = dict(stitcher.close())
+    timings["rasters_close_s"] = time.perf_counter() - t0
+    if fmts:
+        t0 = time.perf_counter()
+        from geovae.vectorize import vectorize
+
+        vec_paths = [out / f"{stem}.{FORMATS[f]}" for f in fmts]
+        vectorize(
+            outputs["classes"], vec_paths, confidence=outputs["confidence"],
+            uncertainty=outputs.get("uncertainty"), min_area=min_area, simplify=simplify,
+            class_names=dict(zip(info.class_ids, info.class_names)),
+        )
+        outputs.update(zip(fmts, vec_paths))
+        timings["vectorize_s"] = time.perf_counter() - t0
+    if quicklook:
+        t0 = time.perf_counter()
+        from geovae.quicklook import write_quicklook
+
+        outputs["quicklook"] = write_quicklook(scene, outputs["classes"], out / f"{stem}.png", info)
+        timings["quicklook_s"] = time.perf_counter() - t0
+    if t_start is not None:
+        timings["total_s"] = time.perf_counter() - t_start
     total_area = float(stitcher.class_area.sum())
     report: dict[str, Any] = {
         "geovae_version": _version(),
         "scene": _scene_summary(scene),
         "model": _model_summary(model, source),
         "options": {
-            "tile": tile, "overlap": overlap, "batch_size": batch_size, "device": str(model.device),
-            "amp": str(model.amp_dtype) if model.amp_dtype else None, "samples": samples,
-            "reconstruction": reconstruction, "tta": tta, "min_area": min_area, "simplify": simplify,
-            "formats": fmts, "pixel_coords": in_pixels, "nodata": scene.nodata, "block_size": stitcher.B,
+            "tile": stitcher.grid.tile, "overlap": stitcher.grid.overlap, "device": str(model.device),
+            "amp": str(model.amp_dtype) if model.amp_dtype else None, **(options or {}), "min_area": min_area,
+            "simplify": simplify, "formats": fmts, "pixel_coords": in_pixels, "nodata": scene.nodata,
+            "block_size": stitcher.B,
         },
-        "tiles": stitcher.summary(),
+        "tiles": tiles if tiles is not None else stitcher.summary(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        **(extra or {}),
         "area_unit": "pixel" if in_pixels else "m2 (geodesic, on the CRS's ellipsoid)",
         "classes": [
             {"id": int(c), "name": n, "pixels": int(px), "area": float(a),

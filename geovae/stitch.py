@@ -45,10 +45,11 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.tiling import Tile, TileGrid
 
-__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "output_paths"]
+__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "output_paths", "block_side", "check_rows"]
 
 #: Nodata value of the class raster.
 CLASS_NODATA = 255
@@ -74,18 +75,51 @@ def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
-def _block_tiles(block_size: int, step: int) -> int:
-    """Tiles per block side: blocks are whole multiples of the tile step.
+def block_side(block_size: int, step: int) -> int:
+    """Side in pixels of the output blocks a :class:`Stitcher` makes for ``block_size``.
 
+    Blocks are whole multiples of the tile step, so tile origins fall on the block grid.
     Among the multiples within a factor 2 of ``block_size`` it prefers one that is also a
     multiple of the 256-pixel output tiling, so every block write covers whole GeoTIFF tiles
     and GDAL never has to keep (or re-compress) a half-written tile.
+
+    Args:
+        block_size: the wanted block side in pixels (the ``block_size`` option).
+        step: the tile step, ``tile - overlap``.
+
+    Returns:
+        The block side ``k * step`` (``k >= 1``).
     """
     want = max(1.0, block_size / step)
     cands = [k for k in range(max(1, int(want / 2)), int(want * 2) + 1) if (k * step) % _BLOCKSIZE == 0]
     if cands:
-        return min(cands, key=lambda k: (abs(k * step - block_size), k))
-    return max(1, round(want))
+        return step * min(cands, key=lambda k: (abs(k * step - block_size), k))
+    return step * max(1, round(want))
+
+
+def check_rows(rows: tuple[int, int] | None, height: int, block: int) -> tuple[int, int]:
+    """Validate a row range of the outputs: it must start and end on the block grid.
+
+    Args:
+        rows: ``(start, stop)`` output rows, or None for all of them.
+        height: scene height in pixels.
+        block: the block side (:func:`block_side`).
+
+    Returns:
+        ``(start, stop)``; ``(0, height)`` for None.
+
+    Raises:
+        OptionError: if the range is empty, outside the scene or off the block grid.
+    """
+    if rows is None:
+        return 0, height
+    start, stop = (int(r) for r in rows)
+    if not 0 <= start < stop <= height:
+        raise OptionError(f"rows {start}:{stop}: must be a non-empty range inside the scene's {height} rows")
+    if start % block or (stop % block and stop != height):
+        raise OptionError(f"rows {start}:{stop}: must start and end on the {block}-row output block grid "
+                          "(or end at the scene's last row); see geovae.stitch.block_side")
+    return start, stop
 
 
 class PixelAreas:
@@ -160,6 +194,12 @@ class Stitcher:
 
     Feed every tile of :meth:`order` in that order, with :meth:`add` (model outputs) or
     :meth:`skip` (an all-nodata tile), then call :meth:`close`. On error call :meth:`abort`.
+    Alternatively, give every block's finished values with :meth:`write_block` (outputs
+    computed elsewhere, e.g. row bands of one scene on several machines), then :meth:`close`.
+
+    With ``rows``, the outputs cover only those rows of the scene (their transform shifted
+    to match): :meth:`order` then holds just the tiles that touch them, on the scene's own
+    tile and block grid, so the rows equal the same rows of a whole-scene run bit for bit.
 
     Args:
         grid: the tile grid.
@@ -170,8 +210,10 @@ class Stitcher:
         transform: geotransform of the outputs.
         uncertainty: write ``<stem>.uncertainty.tif`` (tile outputs carry expected entropy).
         reconstruction: write ``<stem>.reconstruction-error.tif``.
-        block_size: approximate output block side; rounded to a multiple of the tile step.
+        block_size: approximate output block side; rounded with :func:`block_side`.
         overviews: build internal overviews when closing.
+        rows: ``(start, stop)`` scene rows to write, on the block grid (:func:`check_rows`);
+            None for the whole scene.
     """
 
     def __init__(
@@ -187,6 +229,7 @@ class Stitcher:
         reconstruction: bool = False,
         block_size: int = 1024,
         overviews: bool = True,
+        rows: tuple[int, int] | None = None,
     ):
         if any(not 0 <= int(c) < CLASS_NODATA for c in info.class_ids):
             raise ValueError(f"class ids must be 0..{CLASS_NODATA - 1} (255 is the class raster's nodata)")
@@ -197,9 +240,10 @@ class Stitcher:
         self.reconstruction = reconstruction
         self.overview = overviews
         self.H, self.W = grid.height, grid.width
-        self.k = _block_tiles(block_size, grid.step)
-        self.B = self.k * grid.step
+        self.B = block_side(block_size, grid.step)
+        self.k = self.B // grid.step
         self.O = grid.overlap
+        self.rows = check_rows(rows, self.H, self.B)
         self.E = self.B + self.O
         self.nbr = math.ceil(self.H / self.B)
         self.nbc = math.ceil(self.W / self.B)
@@ -210,8 +254,12 @@ class Stitcher:
         self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
         self.tile_weights = grid.weights()
         self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
+        # class raster value -> class index, -1 for nodata (and values of no class)
+        self._class_index = np.full(256, -1, dtype=np.int64)
+        self._class_index[self.class_lut] = np.arange(self.K)
+        self.out_dir, self.stem = Path(out_dir), stem
         self.paths = output_paths(Path(out_dir), stem, uncertainty=uncertainty, reconstruction=reconstruction)
-        self.areas = PixelAreas(crs, transform)
+        self.areas = PixelAreas(crs, transform)  # measured on scene coordinates, whatever ``rows``
         self.class_area = np.zeros(self.K, dtype=np.float64)
         self.class_pixels = np.zeros(self.K, dtype=np.int64)
         self.tiles_run = 0
@@ -220,21 +268,29 @@ class Stitcher:
         self.buffer_bytes = 0
         self.peak_buffer_bytes = 0
         self._blocks = self._plan()
+        self.tiles_total = sum(len(b.tiles) for b in self._blocks)
         self._cur = -1  # index of the block being accumulated
+        self._direct: set[int] = set()  # blocks given whole by write_block
         self._acc: np.ndarray | None = None
         self._right: np.ndarray | None = None
         self._bottom: dict[int, np.ndarray] = {}
         self._pending: list[Tile] = []
         self._dst: dict[str, Any] = {}
         self._closed = False
-        self._open_outputs(crs, transform)
+        self._open_outputs(crs, transform @ Affine.translation(0, self.rows[0]))
 
     # -- plan ---------------------------------------------------------------------------
     def _plan(self) -> list[_Block]:
-        blocks = [_Block(bi, bj) for bi in range(self.nbr) for bj in range(self.nbc)]
-        for t in self.grid:
-            b = blocks[(t.row // self.B) * self.nbc + t.col // self.B]
-            b.tiles.append(t)
+        start, stop = self.rows
+        # Only tiles that touch the rows count; their blocks start at the block row of the
+        # first one (whose bottom spill reaches ``start``) and are accumulated, not written,
+        # above ``start``. Tiles that end above ``start`` would add nothing to the rows.
+        tiles = [t for t in self.grid if t.row < stop and t.row + t.size > start]
+        self._bi0 = min(t.row for t in tiles) // self.B
+        last = (stop - 1) // self.B
+        blocks = [_Block(bi, bj) for bi in range(self._bi0, last + 1) for bj in range(self.nbc)]
+        for t in tiles:
+            blocks[self._block_of(t)].tiles.append(t)
         return blocks
 
     def order(self) -> Iterator[Tile]:
@@ -242,8 +298,18 @@ class Stitcher:
         for b in self._blocks:
             yield from b.tiles
 
+    def windows(self) -> Iterator[Window]:
+        """The output blocks in the order they are written, as windows in scene coordinates."""
+        for b in self._blocks:
+            if self._written(b):
+                yield self._window(b)
+
     def _block_of(self, t: Tile) -> int:
-        return (t.row // self.B) * self.nbc + t.col // self.B
+        return (t.row // self.B - self._bi0) * self.nbc + t.col // self.B
+
+    def _written(self, blk: _Block) -> bool:
+        """Whether a block's rows belong to the outputs (blocks above ``rows`` only feed spill)."""
+        return blk.bi * self.B >= self.rows[0]
 
     @property
     def block_window(self) -> tuple[int, int]:
@@ -258,7 +324,7 @@ class Stitcher:
     # -- outputs ------------------------------------------------------------------------
     def _open_outputs(self, crs: Any, transform: Affine) -> None:
         base = dict(
-            driver="GTiff", width=self.W, height=self.H, crs=crs, transform=transform,
+            driver="GTiff", width=self.W, height=self.rows[1] - self.rows[0], crs=crs, transform=transform,
             tiled=True, blockxsize=_BLOCKSIZE, blockysize=_BLOCKSIZE, compress="zstd",
             BIGTIFF="IF_SAFER", interleave="band",
         )
@@ -337,15 +403,19 @@ class Stitcher:
         if self.O:
             if blk.bj + 1 < self.nbc:
                 self._right = acc[:, :, self.B:].copy()
-            if blk.bi + 1 < self.nbr:
+            if idx + self.nbc < len(self._blocks):
                 self._bottom[blk.bj] = acc[:, self.B:, : self.B].copy()
             self._track()
-        r0, c0 = blk.bi * self.B, blk.bj * self.B
-        h, w = min(self.B, self.H - r0), min(self.B, self.W - c0)
-        self._write(acc[:, :h, :w], Window(c0, r0, w, h))
+        if self._written(blk):
+            win = self._window(blk)
+            self._put(win, self._finish(acc[:, : int(win.height), : int(win.width)]))
         self._acc = None
-        self.blocks_written += 1
         self._track()
+
+    def _window(self, blk: _Block) -> Window:
+        """A block's window in scene coordinates."""
+        r0, c0 = blk.bi * self.B, blk.bj * self.B
+        return Window(c0, r0, min(self.B, self.W - c0), min(self.B, self.rows[1] - r0))
 
     def add(self, tile: Tile, valid: np.ndarray, probs: np.ndarray,
             expected_entropy: np.ndarray | None = None,
@@ -359,6 +429,7 @@ class Stitcher:
             expected_entropy: (T, T) mean per-sample entropy, when ``uncertainty``.
             reconstruction_error: (T, T), when ``reconstruction``.
         """
+        self._check_streaming()
         self._advance_to(self._block_of(tile))
         acc = self._acc
         assert acc is not None
@@ -381,33 +452,78 @@ class Stitcher:
 
     def skip(self, tile: Tile) -> None:
         """Record a tile that is entirely nodata (it adds nothing)."""
+        self._check_streaming()
         self._advance_to(self._block_of(tile))
         self.tiles_skipped += 1
 
-    def _write(self, acc: np.ndarray, window: Window) -> None:
+    def _check_streaming(self) -> None:
+        if self._direct:
+            raise ValueError("this Stitcher was given whole blocks with write_block; it takes no tiles")
+
+    def _finish(self, acc: np.ndarray) -> dict[str, np.ndarray]:
+        """The output values of one complete block from its accumulator."""
         K = self.K
         wsum = acc[self.c_w]
         ok = wsum > 0
         safe = np.where(ok, wsum, 1.0).astype(np.float32)
         probs = acc[:K] / safe
         idx = probs.argmax(0)
-        classes = np.where(ok, self.class_lut[idx], CLASS_NODATA).astype(np.uint8)
-        conf = np.where(ok, probs.max(0), np.nan).astype(np.float32)
-        self._dst["classes"].write(classes, 1, window=window)
-        self._dst["confidence"].write(conf, 1, window=window)
-        cls_idx = np.where(ok, idx, -1)
-        self.class_pixels += np.bincount(idx[ok].ravel(), minlength=K)
-        self.class_area += self.areas.class_areas(cls_idx, window, K)
+        out = {
+            "classes": np.where(ok, self.class_lut[idx], CLASS_NODATA).astype(np.uint8)[None],
+            "confidence": np.where(ok, probs.max(0), np.nan).astype(np.float32)[None],
+        }
         if self.uncertainty:
             assert self.c_ent is not None
             pe = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(0)
             mi = np.clip(pe - acc[self.c_ent] / safe, 0.0, None)
-            u = np.stack([np.where(ok, pe, np.nan), np.where(ok, mi, np.nan)]).astype(np.float32)
-            self._dst["uncertainty"].write(u, window=window)
+            out["uncertainty"] = np.stack([np.where(ok, pe, np.nan), np.where(ok, mi, np.nan)]).astype(np.float32)
         if self.reconstruction:
             assert self.c_rec is not None
-            rec = np.where(ok, acc[self.c_rec] / safe, np.nan).astype(np.float32)
-            self._dst["reconstruction_error"].write(rec, 1, window=window)
+            out["reconstruction_error"] = np.where(ok, acc[self.c_rec] / safe, np.nan).astype(np.float32)[None]
+        return out
+
+    def _put(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
+        """Write one block's outputs (window in scene coordinates) and count its classes."""
+        file_win = Window(window.col_off, window.row_off - self.rows[0], window.width, window.height)
+        for kind, ds in self._dst.items():
+            ds.write(outputs[kind], window=file_win)
+        idx = self._class_index[outputs["classes"][0]]
+        ok = idx >= 0
+        self.class_pixels += np.bincount(idx[ok].ravel(), minlength=self.K)
+        self.class_area += self.areas.class_areas(idx, window, self.K)
+        self.blocks_written += 1
+
+    def write_block(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
+        """Write the finished values of one output block, instead of feeding its tiles.
+
+        For outputs computed elsewhere, e.g. the row bands of one scene segmented on several
+        machines (:mod:`geovae.batch`), written here with the same creation options, colour
+        table, tags and overviews, and counted into the class pixels and areas in the same
+        block order as a streamed run. Give every block, then call :meth:`close`.
+
+        Args:
+            window: one block of this stitcher, in scene coordinates (row and column offsets
+                multiples of the block side, size clipped at the scene edge).
+            outputs: the block's values keyed by kind (every output this stitcher writes),
+                each ``(bands, h, w)`` in that output's dtype.
+
+        Raises:
+            ValueError: if tiles were fed, the window is not one of this stitcher's blocks,
+                or an output is missing.
+        """
+        if self._cur >= 0:
+            raise ValueError("write_block cannot follow add/skip: a Stitcher is fed tiles or whole blocks, not both")
+        r0, c0 = int(window.row_off), int(window.col_off)
+        bi, bj = r0 // self.B, c0 // self.B
+        idx = (bi - self._bi0) * self.nbc + bj
+        if r0 % self.B or c0 % self.B or not 0 <= idx < len(self._blocks) or not self._written(self._blocks[idx]) \
+                or Window(c0, r0, int(window.width), int(window.height)) != self._window(self._blocks[idx]):
+            raise ValueError(f"{window} is not an output block of this stitcher (block side {self.B})")
+        missing = set(self._dst) - set(outputs)
+        if missing:
+            raise ValueError(f"write_block needs every output; missing {sorted(missing)}")
+        self._direct.add(idx)
+        self._put(window, outputs)
 
     # -- end ----------------------------------------------------------------------------
     def close(self) -> dict[str, Path]:
@@ -419,7 +535,13 @@ class Stitcher:
         if self._closed:
             return dict(self.paths)
         try:
-            self._advance_to(len(self._blocks))
+            if self._direct:
+                # Blocks given whole: a block never given would silently be left empty.
+                left = [i for i, b in enumerate(self._blocks) if self._written(b) and i not in self._direct]
+                if left:
+                    raise ValueError(f"{len(left)} output blocks were never given to write_block")
+            else:
+                self._advance_to(len(self._blocks))
             for ds in self._dst.values():
                 ds.close()
             if self.overview:
@@ -438,7 +560,7 @@ class Stitcher:
     def _build_overviews(self, path: Path, categorical: bool) -> None:
         factors = []
         f = 2
-        while max(self.H, self.W) / f >= _BLOCKSIZE / 2 and f <= 4096:
+        while max(self.rows[1] - self.rows[0], self.W) / f >= _BLOCKSIZE / 2 and f <= 4096:
             factors.append(f)
             f *= 2
         if not factors:
@@ -466,7 +588,7 @@ class Stitcher:
     def summary(self) -> dict[str, Any]:
         """Counts for the run report."""
         return {
-            "tiles_total": len(self.grid),
+            "tiles_total": self.tiles_total,
             "tiles_run": self.tiles_run,
             "tiles_skipped": self.tiles_skipped,
             "blocks_written": self.blocks_written,

@@ -284,6 +284,8 @@ def test_bad_input_fails_before_any_output(tmp_path: Path, rgb_byte: Path, nc_st
         (dict(batch_size=0), OptionError, "--batch-size 0"),
         (dict(formats=("shp",)), OptionError, "--formats shp"),
         (dict(samples=-1), OptionError, "--samples -1"),
+        (dict(rows=(1, 100)), OptionError, "rows 1:100: must start and end on the 768-row output block grid"),
+        (dict(rows=(0, 718), quicklook=True), OptionError, "quicklook shows the whole scene"),
         (dict(scene=tmp_path / "missing.tif"), SceneError, "does not exist"),
         (dict(scene=_write(tmp_path / "photo.tif", np.ones((3, 20, 20), np.uint8), crs=None, transform=Affine.identity())),
          SceneError, "pass --pixel-coords"),

@@ -145,3 +145,81 @@ def test_memory_does_not_grow_with_scene_height(tmp_path: Path, parana: Path) ->
     full_scene_buffer = 1024 * 512 * st.C * 4
     assert peaks[4] <= st.memory_bound() < full_scene_buffer / 10
     st.abort()
+
+
+def _feed_per_tile(st: Stitcher) -> None:
+    """Per-pixel random outputs seeded by the tile's grid position, so any run of a tile gives the same."""
+    for t in st.order():
+        rng = np.random.default_rng((t.i, t.j))
+        p = rng.random((st.K, t.size, t.size), dtype=np.float32) + 0.01
+        p /= p.sum(0)
+        valid = rng.random((t.size, t.size)) > 0.1
+        st.add(t, valid, p, expected_entropy=rng.random((t.size, t.size), dtype=np.float32) if st.uncertainty else None)
+
+
+def _read_all(paths: dict[str, Path]) -> dict[str, tuple]:
+    out = {}
+    for kind, p in paths.items():
+        with rasterio.open(p) as ds:
+            out[kind] = (ds.read(), ds.transform, ds.crs, ds.colormap(1) if kind == "classes" else None, ds.tags())
+    return out
+
+
+@pytest.mark.parametrize("tile,overlap,block", [(64, 16, 96), (40, 24, 16)])
+def test_row_bands_equal_the_whole_run_and_assemble_to_it(tmp_path: Path, tile: int, overlap: int, block: int) -> None:
+    """Stitchers over row bands give the whole run's rows bit for bit; write_block joins them into its files."""
+    from rasterio.windows import Window
+
+    from geovae.errors import OptionError
+    from geovae.stitch import block_side
+
+    grid = TileGrid(203, 150, tile, overlap)
+    for d in ("full", "band0", "band1", "band2", "asm", "x", "y"):
+        (tmp_path / d).mkdir()
+    full = Stitcher(grid, tmp_path / "full", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    _feed_per_tile(full)
+    ref = _read_all(full.close())
+    B = block_side(block, tile - overlap)
+    assert B == full.B and B % (tile - overlap) == 0
+    cuts = [0, B, 2 * B, 203]  # the last band ends at the scene's edge, off the block grid
+    bands = []
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        st = Stitcher(grid, tmp_path / f"band{k}", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block,
+                      rows=(a, b))
+        assert all(t.row < b and t.row + t.size > a for t in st.order())  # only tiles that touch the band
+        _feed_per_tile(st)
+        got = _read_all(st.close())
+        for kind, (data, transform, crs, _, _) in got.items():
+            assert data.shape[1:] == (b - a, 150) and crs == ref[kind][2]
+            assert transform == TRANSFORM @ TRANSFORM.translation(0, a)
+            np.testing.assert_array_equal(data, ref[kind][0][:, a:b], err_msg=f"{kind} rows {a}:{b}")
+        bands.append((a, b, st.paths))
+    # Assembling the bands block by block gives the whole run's files, class counts and areas.
+    asm = Stitcher(grid, tmp_path / "asm", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    for win in asm.windows():
+        a, _, paths = next(bd for bd in bands if bd[0] <= win.row_off < bd[1])
+        outs = {}
+        for kind, p in paths.items():
+            with rasterio.open(p) as ds:
+                outs[kind] = ds.read(window=Window(win.col_off, win.row_off - a, win.width, win.height))
+        asm.write_block(win, outs)
+    got = _read_all(asm.close())
+    for kind in ref:
+        np.testing.assert_array_equal(got[kind][0], ref[kind][0])
+        assert got[kind][1:] == ref[kind][1:]
+    np.testing.assert_array_equal(asm.class_pixels, full.class_pixels)
+    np.testing.assert_array_equal(asm.class_area, full.class_area)
+    # Misuse is refused: rows off the block grid, tiles and whole blocks mixed, blocks missing.
+    with pytest.raises(OptionError, match="block grid"):
+        Stitcher(grid, tmp_path / "x", "s", _info(), CRS, TRANSFORM, block_size=block, rows=(1, B))
+    st = Stitcher(grid, tmp_path / "y", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    first = next(st.windows())
+    with pytest.raises(ValueError, match="not an output block"):
+        st.write_block(Window(1, 0, first.width, first.height), outs)
+    st.write_block(first, {k: v[:, : first.height, : first.width] for k, v in
+                           {kind: ref[kind][0] for kind in ref}.items()})
+    with pytest.raises(ValueError, match="takes no tiles"):
+        st.skip(next(st.order()))
+    with pytest.raises(ValueError, match="never given"):
+        st.close()
+    assert not list((tmp_path / "y").iterdir())  # the failed close removed its temporary files
