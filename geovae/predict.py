@@ -2,7 +2,8 @@
 
 ``segment_scene`` checks everything first (options, output folder, scene, model, band
 count, valid data), then streams: a background thread reads tiles in the stitcher's order
-(block by block), fills nodata with the model's band means and batches them; the main
+(block by block), fills nodata (invalid pixels, and single bands holding the nodata value)
+with the model's band means and batches them; the main
 thread runs the model and blends the outputs into blocks that are written as soon as they
 are complete (:mod:`geovae.stitch`). Then the class raster is vectorised, a quicklook is
 drawn and a JSON report is written. Every file is written under a temporary name and
@@ -194,10 +195,9 @@ class _Reader:
                     entries.append((t, False))
                     continue
                 # Band means make nodata look like "average ground" to the model, so it does
-                # not pollute the valid neighbours it sees through the receptive field.
-                inv = ~valid
-                if inv.any():
-                    data[:, inv] = self.mean[:, None]
+                # not pollute the valid neighbours it sees through the receptive field; a band
+                # gap at a valid pixel gets its band's mean too, not the raw nodata value.
+                self.scene.fill_missing(data, valid, self.mean)
                 entries.append((t, True))
                 bufs.append(data)
                 valids.append(valid)

@@ -9,7 +9,10 @@ Valid data: a pixel is invalid where *every* data band equals the nodata value (
 ``nodata`` override, else the file's nodata tag), where the alpha band is 0, where an
 internal/per-dataset mask is 0, or where any band is NaN. "Every band" follows GDAL's
 dataset mask: real scenes have legitimate zeros in single bands (dark water in the NIR),
-while fill is fill on all bands at once.
+while fill is fill on all bands at once. A band that holds the nodata value at a valid pixel
+is still missing *in that band* (a gap in one band of a stack, such as the NC Landsat-7
+band 6): :meth:`Scene.fill_missing` gives such values, and invalid pixels, a fill value
+(the model's band means) before they reach a model.
 """
 
 from __future__ import annotations
@@ -302,6 +305,28 @@ class Scene:
         data[(slice(None), *sl)] = d
         valid[sl] = v
         return data, valid
+
+    def fill_missing(self, data: np.ndarray, valid: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Put ``values`` (one per band) wherever a band has no data, in place.
+
+        Missing are every band of an invalid pixel, and, at a valid pixel, each band that
+        holds the nodata value (GDAL's per-band mask): the pixel stays valid because other
+        bands have data, but that band's value is fill, not a measurement.
+
+        Args:
+            data: float32 (count, h, w) from :meth:`read`.
+            valid: bool (h, w) from :meth:`read`.
+            values: float32 (count,) fill per band (the model's band means).
+
+        Returns:
+            ``data``.
+        """
+        missing = np.broadcast_to(~valid, data.shape)
+        nd = self.nodata
+        if nd is not None and not math.isnan(nd):
+            missing = missing | (data == np.float32(nd))
+        np.copyto(data, np.asarray(values, dtype=np.float32)[:, None, None], where=missing)
+        return data
 
     def _read_inner(self, win: Window) -> tuple[np.ndarray, np.ndarray]:
         ds = self.dataset()

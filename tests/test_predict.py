@@ -89,10 +89,10 @@ def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int
 
 
 def untiled(model: SegmentationModel, path: Path) -> np.ndarray:
-    """One forward pass over the whole scene (nodata filled with the band means, as the pipeline does)."""
+    """One forward pass over the whole scene (missing values filled with the band means, as the pipeline does)."""
     s = open_scene(path)
     d, v = s.read(Window(0, 0, s.width, s.height))
-    d[:, ~v] = np.asarray(model.info.mean, np.float32)[:, None]
+    s.fill_missing(d, v, np.asarray(model.info.mean, np.float32))
     st = model.info.stride
     x = nn.functional.pad(torch.from_numpy(d)[None], (0, (-s.width) % st, 0, (-s.height) % st))
     return model.predict(x)["probs"][0, :, : s.height, : s.width].numpy()
@@ -165,6 +165,31 @@ def test_parana_nodata_override(tmp_path: Path, parana: Path) -> None:
     assert (~v).sum() > 100_000  # the scene's fill corners
     np.testing.assert_array_equal(read(r.outputs["classes"]) == CLASS_NODATA, ~v)
     assert r.report["tiles"]["tiles_skipped"] > 0 and r.report["options"]["nodata"] == 0
+
+
+def test_band_gap_at_valid_pixels_gets_the_band_mean(tmp_path: Path, nc_stack: Path) -> None:
+    """NC Landsat-7: band 6 is 0 (the nodata value) in a block where bands 1-5 have data.
+
+    Those pixels stay valid (not every band is nodata), and the model sees band 6's mean
+    there, not the fill value 0; every measured value reaches it unchanged.
+    """
+    model = conv_model(nc_stack, k=3, layers=1, tile=512)  # one tile holds the whole 489 x 443 scene
+    seen: list[torch.Tensor] = []
+    model.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    r = segment_scene(nc_stack, model, tmp_path, **QUIET)
+    raw = read(nc_stack, None).astype(np.float32)
+    v = _valid(nc_stack)
+    gap = v & (raw[5] == 0)
+    assert gap.sum() > 40_000 and (raw[:5, gap] > 0).all()  # a real gap in band 6 only
+    assert not (v & (raw[:5] == 0).any(0)).any()  # bands 1-5 have no such gap
+    (x,) = seen
+    x = x[0, :, : raw.shape[1], : raw.shape[2]].numpy() * np.asarray(model.info.std, np.float32)[:, None, None] \
+        + np.asarray(model.info.mean, np.float32)[:, None, None]  # back to pixel values
+    np.testing.assert_allclose(x[5, gap], model.info.mean[5], rtol=1e-6)
+    np.testing.assert_allclose(x[:, v & ~gap], raw[:, v & ~gap], atol=1e-3)
+    np.testing.assert_allclose(x[:5, gap], raw[:5, gap], atol=1e-3)
+    np.testing.assert_allclose(x[:, ~v], np.broadcast_to(np.asarray(model.info.mean)[:, None], (6, (~v).sum())), rtol=1e-6)
+    assert (read(r.outputs["classes"])[gap] != CLASS_NODATA).all()  # the gap pixels are still classified
 
 
 # -- tiling is invisible ---------------------------------------------------------------------
