@@ -664,7 +664,7 @@ def finish_outputs(
         "tiles": tiles if tiles is not None else stitcher.summary(),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         **(extra or {}),
-        "area_unit": "pixel" if in_pixels else "m2 (geodesic, on the CRS's ellipsoid)",
+        "area_unit": stitcher.areas.measure.unit,
         "classes": [
             {"id": int(c), "name": n, "pixels": int(px), "area": float(a),
              "fraction": float(a / total_area) if total_area else 0.0}

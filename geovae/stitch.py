@@ -40,11 +40,13 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from geovae.areas import AreaMeasure
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.tiling import Tile, TileGrid
@@ -123,25 +125,22 @@ def check_rows(rows: tuple[int, int] | None, height: int, block: int) -> tuple[i
 
 
 class PixelAreas:
-    """Ground area of pixels in square metres, on the ellipsoid (geodesic).
+    """Area of pixels by class, by the convention of the polygons' ``area_m2``.
 
-    Projected CRSs distort area (Web Mercator by 1/cos^2(latitude)) and geographic pixels
-    shrink towards the poles, so each block is cut into cells of ``cell`` pixels whose
-    corners are taken to longitude/latitude and measured with :class:`pyproj.Geod`; pixels
-    in a cell share its mean area. Without a CRS, areas are in pixels.
+    :class:`geovae.areas.AreaMeasure` decides it: planar area in a projected CRS, geodesic
+    area on the ellipsoid in a geographic one, square pixels without a CRS. Geographic pixels
+    shrink towards the poles, so each block is cut into cells of ``cell`` pixels, each cell
+    is measured as one polygon with the same function that measures the polygons, and the
+    pixels of a cell share its mean area.
+
+    Attributes:
+        measure: the :class:`~geovae.areas.AreaMeasure` (its ``unit`` names the convention).
     """
 
     def __init__(self, crs: Any, transform: Affine, cell: int = 64):
         self.transform = transform
         self.cell = cell
-        self.geographic_units = crs is not None  # False: areas are counted in pixels
-        if crs is not None:
-            from pyproj import CRS, Geod, Transformer
-
-            pcrs = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
-            self.to_lonlat = Transformer.from_crs(pcrs, pcrs.geodetic_crs, always_xy=True)
-            ell = pcrs.ellipsoid
-            self.geod = Geod(a=ell.semi_major_metre, rf=ell.inverse_flattening) if ell and ell.inverse_flattening else Geod(ellps="WGS84")
+        self.measure = AreaMeasure(crs)
 
     def class_areas(self, classes: np.ndarray, window: Window, nvalues: int) -> np.ndarray:
         """Area per class value (0..nvalues-1) of a block of class indexes (-1 = nodata).
@@ -155,7 +154,7 @@ class PixelAreas:
             float64 (nvalues,) areas in m^2 (in pixels without a CRS).
         """
         h, w = classes.shape
-        if not self.geographic_units:
+        if self.measure.kind == "pixel":
             return np.bincount(classes[classes >= 0].ravel(), minlength=nvalues).astype(np.float64)
         c = self.cell
         nr, nc = math.ceil(h / c), math.ceil(w / c)
@@ -168,17 +167,13 @@ class PixelAreas:
         cols = np.minimum(np.arange(nc + 1) * c, w) + c0
         cc, rr = np.meshgrid(cols, rows)
         xs, ys = self.transform @ (cc.astype(np.float64), rr.astype(np.float64))
-        lon, lat = self.to_lonlat.transform(xs, ys)
+        used = np.flatnonzero(counts.any(1))  # cells without a valid pixel need no measuring
+        a, b = used // nc, used % nc
+        ring = np.stack([np.stack([xs[a, b], xs[a, b + 1], xs[a + 1, b + 1], xs[a + 1, b]], -1),
+                         np.stack([ys[a, b], ys[a, b + 1], ys[a + 1, b + 1], ys[a + 1, b]], -1)], -1)
         per_pixel = np.zeros(nr * nc)
-        for a in range(nr):
-            for b in range(nc):
-                if not counts[a * nc + b].any():
-                    continue
-                qx = [lon[a, b], lon[a, b + 1], lon[a + 1, b + 1], lon[a + 1, b]]
-                qy = [lat[a, b], lat[a, b + 1], lat[a + 1, b + 1], lat[a + 1, b]]
-                area = abs(self.geod.polygon_area_perimeter(qx, qy)[0])
-                npx = (rows[a + 1] - rows[a]) * (cols[b + 1] - cols[b])
-                per_pixel[a * nc + b] = area / npx
+        npx = (rows[a + 1] - rows[a]) * (cols[b + 1] - cols[b])
+        per_pixel[used] = self.measure.areas(shapely.polygons(ring)) / npx
         return (counts * per_pixel[:, None]).sum(0)
 
 

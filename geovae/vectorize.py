@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import pyogrio
-import pyproj
 import rasterio
 import rasterio.features
 import shapely
@@ -44,6 +43,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
+from geovae.areas import AreaMeasure
 from geovae.errors import OptionError, OutputError, SceneError
 
 __all__ = ["VectorizeResult", "vectorize", "FORMATS"]
@@ -139,36 +139,22 @@ def _class_names_from_tags(src: rasterio.DatasetReader) -> dict[int, str]:
 
 
 class _Measure:
-    """Areas in square metres and the simplification tolerance in CRS units, for one CRS."""
+    """Areas in square metres (:class:`geovae.areas.AreaMeasure`, the convention the run
+    report shares) and the simplification tolerance in CRS units, for one CRS."""
 
     def __init__(self, crs: rasterio.crs.CRS | None, bounds: tuple[float, float, float, float]):
-        self.crs = pyproj.CRS.from_wkt(crs.to_wkt()) if crs else None
-        self.geod: pyproj.Geod | None = None
-        self.unit_m = 1.0  # metres per CRS unit (1 for pixel units too: areas stay in pixels)
-        self.metres_per_unit_tol = 1.0
-        if self.crs is not None and self.crs.is_geographic:
-            self.geod = self.crs.get_geod()
+        self.area = AreaMeasure(crs)
+        self.areas = self.area.areas
+        self.metres_per_unit_tol = self.area.unit_m
+        if self.area.geod is not None:
+            geod = self.area.geod
             lon = (bounds[0] + bounds[2]) / 2
             lat = (bounds[1] + bounds[3]) / 2
             # A degree of longitude shrinks with latitude; the tolerance uses the mean of
             # the east-west and north-south lengths of one degree at the raster's centre.
-            _, _, d_lat = self.geod.inv(lon, lat - 0.5, lon, lat + 0.5)
-            _, _, d_lon = self.geod.inv(lon - 0.5, lat, lon + 0.5, lat)
+            _, _, d_lat = geod.inv(lon, lat - 0.5, lon, lat + 0.5)
+            _, _, d_lon = geod.inv(lon - 0.5, lat, lon + 0.5, lat)
             self.metres_per_unit_tol = (d_lat + d_lon) / 2
-        elif self.crs is not None:
-            self.unit_m = float(self.crs.axis_info[0].unit_conversion_factor) if self.crs.axis_info else 1.0
-            self.metres_per_unit_tol = self.unit_m
-
-    def areas(self, geoms: np.ndarray) -> np.ndarray:
-        """Areas of world-coordinate polygons in square metres (square pixels without CRS)."""
-        if len(geoms) == 0:
-            return np.zeros(0)
-        if self.geod is None:
-            return shapely.area(geoms) * self.unit_m**2
-        # Geod sums the signed area of every ring: exteriors must run CCW and holes CW, or a
-        # hole would add its area instead of removing it.
-        oriented = shapely.orient_polygons(geoms, exterior_cw=False)
-        return np.array([abs(self.geod.geometry_area_perimeter(g)[0]) for g in oriented], dtype=float)
 
     def tolerance(self, metres: float) -> float:
         return metres / self.metres_per_unit_tol

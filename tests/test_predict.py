@@ -143,11 +143,11 @@ def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -
     assert not burned[~valid].any() and burned[valid].mean() > 0.999
     gj = gpd.read_file(out["geojson"])
     assert gj.crs.to_epsg() == 4326 and len(gj) == len(gdf)
-    # the report: class areas add up to the valid area (300 m pixels, geodesic within 0.5 %)
+    # the report: class areas add up to the valid area (UTM: planar, as the polygons' area_m2)
     rep = json.loads(Path(out["report"]).read_text())
     assert sum(c["pixels"] for c in rep["classes"]) == int(valid.sum())
     px_area = abs(Affine(*rep["scene"]["transform"]).determinant)
-    assert sum(c["area"] for c in rep["classes"]) == pytest.approx(valid.sum() * px_area, rel=5e-3)
+    assert sum(c["area"] for c in rep["classes"]) == pytest.approx(valid.sum() * px_area, rel=1e-9)
     assert rep["tiles"]["tiles_run"] + rep["tiles"]["tiles_skipped"] == rep["tiles"]["tiles_total"]
     assert rep["options"]["tile"] == 256 and rep["options"]["overlap"] == 64  # model tile, tile // 4
     from PIL import Image
@@ -438,30 +438,50 @@ def test_remote_scene_gives_identical_outputs(tmp_path: Path, rgb_byte: Path, ht
             np.testing.assert_array_equal(a.read(), b.read())
 
 
-# -- class areas are ground areas, whatever the CRS ------------------------------------------
+# -- class areas: the polygons' convention, whatever the CRS ------------------------------------
 
-def test_areas_in_square_metres_for_geographic_and_web_mercator(tmp_path: Path, rgb_byte: Path) -> None:
+def _assert_report_matches_polygons(r: object, min_classes: int = 2) -> None:
+    """Per class, the report's area equals the summed area_m2 of the class's polygons (0.01 %)."""
+    poly = gpd.read_file(r.outputs["gpkg"]).groupby("class_id")["area_m2"].sum()  # type: ignore[attr-defined]
+    rep = {c["id"]: c["area"] for c in r.report["classes"] if c["pixels"]}  # type: ignore[attr-defined]
+    assert set(rep) == set(poly.index) and len(rep) >= min_classes
+    for cid, area in rep.items():
+        assert area == pytest.approx(poly[cid], rel=1e-4), cid
+
+
+def test_report_areas_use_the_polygons_convention(tmp_path: Path, rgb_byte: Path) -> None:
+    """Planar areas in a projected CRS, geodesic areas in a geographic one: report and polygons agree."""
     from pyproj import Geod
 
-    geod = Geod(ellps="WGS84")
-    # EPSG:4326 input (SpaceNet-3 Las Vegas, ~0.3 m pixels): the whole scene is valid
+    kw = dict(progress=False, quicklook=False, formats=("gpkg",))
+    # UTM 18N (RGB.byte, 300 m pixels): planar, every pixel the same area
+    r = segment_scene(rgb_byte, conv_model(rgb_byte, k=3, layers=1, tile=256), tmp_path / "utm", **kw)
+    assert r.report["area_unit"].startswith("m2 (planar")
+    _assert_report_matches_polygons(r)
+    with rasterio.open(rgb_byte) as ds:
+        px = abs(ds.transform.a * ds.transform.e)
+    assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(_valid(rgb_byte).sum() * px, rel=1e-9)
+    # Web Mercator (shade.tif, 40 N): planar map area too, as a GIS shows the polygons in that CRS
+    # (the ground area is smaller by cos^2(latitude); docs/formats.md says to reproject for it)
+    shade = rgb_byte.parent / "shade.tif"
+    r = segment_scene(shade, conv_model(shade, k=2, layers=1, tile=256), tmp_path / "sh", **kw)
+    _assert_report_matches_polygons(r, min_classes=1)  # a random net on one hillshade band: one class
+    with rasterio.open(shade) as ds:
+        px = abs(ds.transform.a * ds.transform.e)
+    assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(_valid(shade).sum() * px, rel=1e-9)
+    # EPSG:4326 input (SpaceNet-3 Las Vegas, ~0.3 m pixels): geodesic square metres
     lv = rgb_byte.parents[1] / "spacenet_solaris" / "original" / "road_mask_input.tif"
     if not lv.exists():
         pytest.skip(f"real data not found: {lv}")
-    r = segment_scene(lv, conv_model(lv, k=2, layers=1, tile=256), tmp_path / "lv", **QUIET)
+    r = segment_scene(lv, conv_model(lv, k=2, layers=1, tile=256), tmp_path / "lv", **kw)
+    assert r.report["area_unit"].startswith("m2 (geodesic")
+    _assert_report_matches_polygons(r)
     with rasterio.open(lv) as ds:
         b = ds.bounds
+    geod = Geod(ellps="WGS84")
     ref = abs(geod.polygon_area_perimeter([b.left, b.right, b.right, b.left], [b.bottom, b.bottom, b.top, b.top])[0])
     assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(ref, rel=1e-3)
     assert 1e5 < ref < 2e5  # ~390 m x 390 m: square metres, not square degrees
-    # Web Mercator (shade.tif, 40 N): ground area is the map area times cos^2(latitude)
-    shade = rgb_byte.parent / "shade.tif"
-    r = segment_scene(shade, conv_model(shade, k=2, layers=1, tile=256), tmp_path / "sh", **QUIET)
-    v = _valid(shade)
-    with rasterio.open(shade) as ds:
-        lat = np.degrees(2 * np.arctan(np.exp(((ds.bounds.top + ds.bounds.bottom) / 2) / 6378137.0)) - np.pi / 2)
-        px = abs(ds.transform.a * ds.transform.e)
-    assert sum(c["area"] for c in r.report["classes"]) == pytest.approx(v.sum() * px * np.cos(np.radians(lat)) ** 2, rel=5e-3)
 
 
 def test_parallel_reader_keeps_tile_order(nc_stack: Path) -> None:
