@@ -293,6 +293,11 @@ class Stitcher:
         for b in self._blocks:
             yield from b.tiles
 
+    def block_tiles(self) -> Iterator[list[Tile]]:
+        """The tiles of :meth:`order` grouped by output block (row by row within a block)."""
+        for b in self._blocks:
+            yield list(b.tiles)
+
     def windows(self) -> Iterator[Window]:
         """The output blocks in the order they are written, as windows in scene coordinates."""
         for b in self._blocks:

@@ -484,21 +484,28 @@ def test_report_areas_use_the_polygons_convention(tmp_path: Path, rgb_byte: Path
     assert 1e5 < ref < 2e5  # ~390 m x 390 m: square metres, not square degrees
 
 
-def test_parallel_reader_keeps_tile_order(nc_stack: Path) -> None:
-    """Several reading threads (the default on machines with more cores) give the same batches."""
-    from geovae.predict import _Reader
+def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
+    """Tiles cut from shared read windows (several threads, any window size) equal tiles read alone."""
+    from geovae.predict import _Reader, _read_groups
     from geovae.tiling import TileGrid
 
     s = open_scene(nc_stack)
     tiles = list(TileGrid(s.height, s.width, 64, 16))
     mean = np.full(6, 50.0, np.float32)
-    got = {}
-    for workers in (1, 3):
-        with _Reader(s, tiles, 5, mean, pin=False, workers=workers) as reader:
+    ref = []
+    for t in tiles:
+        d, v = s.read(t.window)
+        ref.append(s.fill_missing(d, v, mean)) if v.any() else None
+    ref_x = torch.from_numpy(np.stack(ref))
+    whole, small = 2**24, 6 * 4 * 64 * 112  # one window for the scene; windows of two tiles side by side
+    assert len(_read_groups([tiles], 6, whole)) == 1 and max(len(g) for g in _read_groups([tiles], 6, small)) == 2
+    for workers, budget in ((1, whole), (3, whole), (3, small)):
+        with _Reader(s, [tiles], 5, mean, pin=False, workers=workers, window_bytes=budget) as reader:
             batches = list(reader)
-        got[workers] = ([e for b in batches for e in b.entries], torch.cat([b.x for b in batches if b.x is not None]))
-    assert got[1][0] == got[3][0] and [t for t, _ in got[1][0]] == tiles
-    torch.testing.assert_close(got[1][1], got[3][1], rtol=0, atol=0)
+        entries = [e for b in batches for e in b.entries]
+        assert [t for t, _ in entries] == tiles
+        assert sum(run for _, run in entries) == len(ref)
+        torch.testing.assert_close(torch.cat([b.x for b in batches if b.x is not None]), ref_x, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
