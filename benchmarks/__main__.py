@@ -236,10 +236,15 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     e = r.get("end_to_end")
     if e:
         sp, rr = e["speedup_geovae_over_torchgeo"], e["rss_ratio_geovae_over_torchgeo"]
-        out.append({"target": "end-to-end throughput >= 1.5x the TorchGeo loop", "value": f"x{sp:.2f}", "met": sp >= 1.5})
+        cpu = e.get("cpu_time_ratio_torchgeo_over_geovae")
+        val = f"x{sp:.2f} wall" + (f", x{cpu:.2f} CPU seconds" if cpu else "")
+        out.append({"target": "end-to-end throughput >= 1.5x the TorchGeo loop", "value": val, "met": sp >= 1.5})
         out.append({"target": "lower peak RSS than the TorchGeo loop", "value": f"x{rr:.2f}", "met": rr < 1.0})
-        ov = e["overhead_geovae_over_model"]
-        out.append({"target": "pipeline overhead <= 1.15x model-only time", "value": f"x{ov:.2f}", "met": ov <= 1.15})
+        # Judged on the in-run ratio (both halves under the same load); the ratio of separate
+        # runs is given alongside, as on a shared machine it swings with the neighbours' load.
+        ov, ovx = e["overhead_in_run"], e["overhead_geovae_over_model"]
+        out.append({"target": "pipeline overhead <= 1.15x model-only time",
+                    "value": f"x{ov:.2f} in-run (x{ovx:.2f} from separate interleaved runs)", "met": ov <= 1.15})
     m = r.get("memory_vs_size")
     if m and "geovae_rss_growth" in m:
         rows = [x for x in m["rows"] if "peak_rss_mib" in x.get("geovae", {})]
@@ -288,7 +293,8 @@ def print_table(r: dict[str, Any]) -> None:
             print(f"  CPU seconds TorchGeo/geovae x{e['cpu_time_ratio_torchgeo_over_geovae']:.2f} "
                   "(steadier than wall time on a shared machine)")
         print(f"  geovae/model-only time x{e['overhead_geovae_over_model']:.2f} "
-              f"(per repeat {', '.join(f'{x:.2f}' for x in e['overhead_per_repeat'])})")
+              f"(per repeat {', '.join(f'{x:.2f}' for x in e['overhead_per_repeat'])}); inside the geovae "
+              f"runs, total/model time x{e['overhead_in_run']:.2f}")
     if mm := r.get("memory_vs_size"):
         print("\n3. peak RSS vs scene size (stand-in model; MiB, seconds)")
         for row in mm["rows"]:
