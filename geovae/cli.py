@@ -106,6 +106,8 @@ def _segment_options(f: Any) -> Any:
         click.option("--overlap", type=click.IntRange(min=0), help="Overlap between tiles in pixels [default: tile/4]."),
         click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per forward pass."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX."),
         click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Latent samples per tile; > 0 writes the uncertainty raster."),
         click.option("--reconstruction", is_flag=True, help="Also write the reconstruction-error (anomaly) raster."),
@@ -132,6 +134,7 @@ def _segment_kwargs(kw: dict[str, Any], quiet: bool) -> dict[str, Any]:
         raise OptionError(f"--batch-size {kw['batch_size']}: must be at least 1")
     return dict(
         tile=kw["tile"], overlap=kw["overlap"], batch_size=kw["batch_size"], device=kw["device"],
+        precision=kw["precision"],
         samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
         min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"],
         nodata=kw["nodata"], pixel_coords=kw["pixel_coords"], block_size=kw["block_size"],

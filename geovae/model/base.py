@@ -101,16 +101,29 @@ class SegmentationModel:
             has ``reconstruct(x) -> (B, C, H, W)``, reconstruction error is available.
         info: the model's description.
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch device.
-        amp: run under autocast on CUDA (bf16 where supported, else fp16).
+        amp: allow mixed precision; False forces fp32 whatever ``precision`` says.
+        precision: ``auto`` (bf16/fp16 autocast on CUDA, fp32 on the CPU), ``fp32``, ``bf16``
+            or ``fp16``; see :func:`geovae.device.autocast_dtype`.
     """
 
-    def __init__(self, module: nn.Module, info: ModelInfo, device: str | torch.device = "auto", amp: bool = True):
+    def __init__(self, module: nn.Module, info: ModelInfo, device: str | torch.device = "auto", amp: bool = True,
+                 precision: str = "auto"):
         self.info = info
         self.device = resolve_device(device)
-        self.module = module.to(self.device).eval()
-        self.amp_dtype = autocast_dtype(self.device) if amp else None
+        # channels_last lets oneDNN/cuDNN pick their fastest convolution kernels (1.5x on the
+        # benchmark CPU, same fp32 arithmetic); inputs are converted to match in normalise().
+        self.module = module.to(self.device, memory_format=torch.channels_last).eval()
+        self.amp_dtype = autocast_dtype(self.device, precision) if amp else None
         self._mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def with_precision(self, precision: str) -> SegmentationModel:
+        """A view of this model (same module, same device) that predicts at ``precision``."""
+        import copy
+
+        other = copy.copy(self)
+        other.amp_dtype = autocast_dtype(self.device, precision)
+        return other
 
     @property
     def supports_samples(self) -> bool:
@@ -122,7 +135,8 @@ class SegmentationModel:
 
     def normalise(self, x: Tensor) -> Tensor:
         """Raw pixel values -> model input, with the model file's scene-wide statistics."""
-        return (x.to(self.device, torch.float32, non_blocking=True) - self._mean) / self._std
+        xn = (x.to(self.device, torch.float32, non_blocking=True) - self._mean) / self._std
+        return xn.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def predict(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> dict[str, Tensor]:

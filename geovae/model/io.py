@@ -288,6 +288,7 @@ def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device = "auto",
     amp: bool = True,
+    precision: str = "auto",
     *,
     mean: list[float] | None = None,
     std: list[float] | None = None,
@@ -305,7 +306,8 @@ def load_model(
     Args:
         path: the model file.
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch device.
-        amp: run under autocast on CUDA.
+        amp: allow mixed precision (False forces fp32).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see geovae.device.autocast_dtype).
         mean: per-band value subtracted before the model.
         std: per-band divisor.
         class_ids: raster value of each output channel.
@@ -338,4 +340,4 @@ def load_model(
         raise ModelFileError(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
-    return SegmentationModel(module, info, device=device, amp=amp)
+    return SegmentationModel(module, info, device=device, amp=amp, precision=precision)
