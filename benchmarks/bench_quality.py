@@ -13,7 +13,7 @@ Settings:
 
 (a) ``full``: every west-half pixel of the land-class map is a label.
 (b) ``sparse``: only the 34 hand-drawn training polygons (``nc_training_polygons_label_uint8.tif``,
-    1,418 labelled pixels in the west half). The semi-supervised VAE also gets the whole scene
+    1,428 labelled pixels in the west half). The semi-supervised VAE also gets the whole scene
     as unlabelled data (one unlabelled batch per step); the U-Net sees the labelled stream only.
 
 Models:
