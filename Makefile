@@ -7,7 +7,7 @@ demo: setup
 	.venv/bin/geovae demo --out geovae-demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	.venv/bin/python -m benchmarks

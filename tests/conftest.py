@@ -66,3 +66,11 @@ def gulfcoast_bqa() -> Path:
 @pytest.fixture
 def atlanta_mask() -> Path:
     return data_path("spacenet_solaris", "atlanta_sn4_building_mask_georef.tif")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite's models are small: one intra-op thread per test process is as fast as two on
+    # an idle 2-core machine and many times faster on a busy one, and `-n 2` then uses both cores.
+    import torch
+
+    torch.set_num_threads(1)
