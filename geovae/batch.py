@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import socket
-import tempfile
+
 import threading
 import time
 import uuid
@@ -41,6 +41,7 @@ from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from geovae.atomic import write_text
 from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError, OutputError
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ _NOT_IN_FINGERPRINT = frozenset({"device", "batch_size", "progress"})
 #: Seconds between two manifest rewrites while scenes stream in; the final write is always made.
 #: Rewriting a 10,000-row file after every scene would cost more than the scenes on a big run.
 _MANIFEST_MIN_INTERVAL = 1.0
-
 
 # --------------------------------------------------------------------------- results
 @dataclass
@@ -106,7 +106,6 @@ class SceneRow:
             "outputs": ";".join(self.outputs),
         }
 
-
 @dataclass
 class BatchResult:
     """What :func:`run_batch` did.
@@ -132,11 +131,9 @@ class BatchResult:
         """True when no scene failed."""
         return self.failed == 0
 
-
 # ---------------------------------------------------------------------- small helpers
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
 
 def one_line(exc: BaseException) -> str:
     """A single line describing ``exc``: its message for a geovae error, else ``Type: message``."""
@@ -145,12 +142,10 @@ def one_line(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 500 else text[:497] + "..."
 
-
 def _is_url(scene: str) -> bool:
     # A Windows drive letter parses as a one-letter scheme; only real schemes count.
     scheme = urlparse(scene).scheme
     return len(scheme) > 1 or scene.startswith("/vsi")
-
 
 def _stem(scene: str) -> str:
     # The same stem segment_scene gives its outputs (Scene.stem), so OUT/<stem>/<stem>.*.
@@ -159,7 +154,6 @@ def _stem(scene: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)] or "scene"
     return (name.rsplit(".", 1)[0] if "." in name else name) or "scene"
-
 
 def scene_folders(scenes: Sequence[str]) -> list[str]:
     """Output folder name of each scene: its file stem, made unique where stems collide.
@@ -185,7 +179,6 @@ def scene_folders(scenes: Sequence[str]) -> list[str]:
         out.append(stem)
     return out
 
-
 def read_scene_list(path: str | Path) -> list[str]:
     """Scenes named in a list file: one per line; blank lines and ``#`` comments are ignored.
 
@@ -210,21 +203,6 @@ def read_scene_list(path: str | Path) -> list[str]:
         scenes.append(line)
     return scenes
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # Temp file in the same folder, so os.replace is a rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:
     """Write the manifest CSV atomically (a reader never sees half a file)."""
     buf = io.StringIO()
@@ -232,14 +210,12 @@ def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow(r.to_csv())
-    _atomic_write_text(Path(path), buf.getvalue())
-
+    write_text(Path(path), buf.getvalue())
 
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
     """The manifest's rows as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -248,13 +224,11 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
 def model_fingerprint(model: str | Path) -> dict[str, Any]:
     """What identifies a model file version: resolved path, size and modification time."""
     p = Path(model).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, tuple | list):
@@ -265,14 +239,12 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in sorted(v.items())}
     return v
 
-
 def run_fingerprint(model: str | Path, options: dict[str, Any]) -> dict[str, Any]:
     """The model version plus the options that change outputs; a marker must match it."""
     return {
         "model": model_fingerprint(model),
         "options": _jsonable({k: v for k, v in options.items() if k not in _NOT_IN_FINGERPRINT}),
     }
-
 
 # ------------------------------------------------------------------------ the marker
 def write_marker(
@@ -312,9 +284,8 @@ def write_marker(
         "run": run or {},
     }
     marker = folder / MARKER_NAME
-    _atomic_write_text(marker, json.dumps(doc, indent=1))
+    write_text(marker, json.dumps(doc, indent=1))
     return marker
-
 
 def check_marker(folder: str | Path, fingerprint: dict[str, Any] | None = None) -> list[Path] | None:
     """The outputs of a complete scene folder, or None if it must be (re)done.
@@ -339,13 +310,11 @@ def check_marker(folder: str | Path, fingerprint: dict[str, Any] | None = None) 
         return None
     return outputs or None
 
-
 # ------------------------------------------------------------------ per-worker model cache
 def _default_loader(path: str, device: str) -> SegmentationModel:
     from geovae.model.io import load_model
 
     return load_model(path, device=device)
-
 
 class ModelCache(WorkerPlugin):
     """Models loaded on one worker, keyed by file path, size, mtime and device.
@@ -400,9 +369,7 @@ class ModelCache(WorkerPlugin):
                 self.loads += 1
         return model
 
-
 _LOCAL_CACHE = ModelCache()
-
 
 def worker_model_cache() -> ModelCache:
     """This worker's model cache (installing one if the plugin is missing), or the process's own.
@@ -425,20 +392,16 @@ def worker_model_cache() -> ModelCache:
             worker._geovae_model_cache = cache  # type: ignore[attr-defined]
     return cache  # type: ignore[no-any-return]
 
-
 def _plugin_loads(dask_worker: Worker) -> int:
     cache = dask_worker.plugins.get(PLUGIN_NAME) or getattr(dask_worker, "_geovae_model_cache", None)
     return cache.loads if cache is not None else 0
-
 
 def model_loads(client: Client) -> dict[str, int]:
     """How many times each worker of ``client``'s cluster has read a model file."""
     return client.run(_plugin_loads)  # type: ignore[no-any-return]
 
-
 def _plugin_installed(dask_scheduler: Any) -> bool:
     return PLUGIN_NAME in getattr(dask_scheduler, "worker_plugins", {})
-
 
 def install_model_cache(client: Client, loader: Callable[[str, str], SegmentationModel] | None = None) -> None:
     """Install :class:`ModelCache` on every worker of ``client``'s cluster, present and future.
@@ -452,7 +415,6 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
     if installed:
         return
     client.register_plugin(ModelCache(loader), name=PLUGIN_NAME)
-
 
 # ---------------------------------------------------------------------- the cluster
 def connect(
@@ -529,7 +491,6 @@ def connect(
         raise ClusterError(f"cannot connect to the local Dask cluster ({one_line(e)})") from e
     return client, cluster
 
-
 # -------------------------------------------------------------------- the scene task
 def segment_one(
     scene: str,
@@ -575,7 +536,6 @@ def segment_one(
         row["seconds"] = time.perf_counter() - t0
     return row
 
-
 def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) -> dict[str, Any] | None:
     """The row an earlier attempt of this very task recorded, if its outputs are intact.
 
@@ -593,7 +553,6 @@ def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) ->
         return None
     return row if check_marker(folder, fingerprint) is not None else None
 
-
 def _worker_address() -> str:
     try:
         from distributed import get_worker
@@ -601,7 +560,6 @@ def _worker_address() -> str:
         return str(get_worker().address)
     except (ImportError, ValueError):
         return f"local:{socket.gethostname()}:{os.getpid()}"
-
 
 # ------------------------------------------------------------------ one huge scene
 def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int]]:
@@ -631,12 +589,10 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
     per = math.ceil(nblocks / max(1, min(parts, nblocks)))
     return [(b0 * block, min(height, (b0 + per) * block)) for b0 in range(0, nblocks, per)]
 
-
 def _open(scene: str, options: dict[str, Any]) -> Any:
     from geovae.scene import open_scene
 
     return open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
-
 
 def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: dict[str, Any]) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
@@ -650,7 +606,6 @@ def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, o
     opts = {**options, "formats": [], "quicklook": False, "progress": False, "rows": (start, stop)}
     res = segment_scene(scene, model_obj, part_dir, **opts)
     return {"rasters": {k: str(v) for k, v in res.outputs.items() if k != "report"}, "tiles": res.report["tiles"]}
-
 
 def assemble_split(
     scene: str,
@@ -736,7 +691,6 @@ def assemble_split(
     write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
     return row
 
-
 def _submit_split(
     client: Client,
     row: SceneRow,
@@ -768,7 +722,6 @@ def _submit_split(
                          run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,
                          pure=False)
 
-
 # --------------------------------------------------------------------- validation
 def _check_segment_options(options: dict[str, Any]) -> None:
     from geovae.predict import segment_scene
@@ -779,7 +732,6 @@ def _check_segment_options(options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(params) - {"progress"})
     if unknown:
         raise OptionError(f"unknown segment option(s) {', '.join(unknown)}; see `geovae segment --help`")
-
 
 def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None = None,
                    pixel_coords: bool = False) -> str | None:
@@ -807,7 +759,6 @@ def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None 
         )
     return None
 
-
 def _model_info(model: str | Path) -> ModelInfo:
     """The model's description, read once on the client (also proves the file is usable).
 
@@ -820,7 +771,6 @@ def _model_info(model: str | Path) -> ModelInfo:
         return read_model_info(str(model))
     except ModelFileError:
         return load_model(str(model), device="cpu").info
-
 
 # ------------------------------------------------------------------------ run_batch
 def run_batch(
@@ -929,7 +879,6 @@ def run_batch(
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
     return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard)
 
-
 def _run_on_cluster(
     rows: list[SceneRow],
     todo: list[int],
@@ -994,7 +943,6 @@ def _run_on_cluster(
         if cluster is not None:
             cluster.close()
     return dashboard
-
 
 class _Progress:
     """A rich progress bar over scenes (or nothing when progress is off)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from geovae.atomic import write_text
 from geovae.errors import DataError, OutputError
 
 log = logging.getLogger(__name__)
@@ -242,9 +243,7 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
         "outputs": {k: str(v) for k, v in seg.outputs.items()},
     }
     report_path = out / "demo.json"
-    tmp = report_path.with_name(".demo.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_jsonable))
-    os.replace(tmp, report_path)
+    write_text(report_path, json.dumps(report, indent=2, default=_jsonable))
     outputs = {"model": Path(trained.model_path), **{k: Path(v) for k, v in seg.outputs.items()},
                "demo report": report_path}
     return DemoResult(outputs=outputs, report=report)

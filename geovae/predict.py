@@ -33,6 +33,7 @@ import torch
 from rasterio.env import get_gdal_config
 from rasterio.windows import Window
 
+from geovae.atomic import write_text
 from geovae.errors import ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.scene import Scene, open_scene
@@ -466,12 +467,7 @@ def _model_summary(model: SegmentationModel, source: str | None) -> dict[str, An
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def segment_scene(
