@@ -30,6 +30,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,33 +216,72 @@ def _block_pieces(
             ring_ends.append(len(points))
         poly_ends.append(len(ring_ends) - 1)
         cls.append(int(value))
-    if cls:
-        garr = shapely.from_ragged_array(
-            shapely.GeometryType.POLYGON,
-            np.asarray(points, dtype=np.float64),
-            (np.asarray(ring_ends, dtype=np.int64), np.asarray(poly_ends, dtype=np.int64)),
-        )
-    else:
-        garr = np.empty(0, dtype=object)
+    cls_arr = np.array(cls, dtype=np.int64)
+    if not cls:
+        return np.empty(0, dtype=object), cls_arr, np.zeros((0, 4))
+    # fromiter over the flattened tuples is about twice as fast as np.asarray(points).
+    xy = np.fromiter(chain.from_iterable(points), dtype=np.float64, count=2 * len(points)).reshape(-1, 2)
+    rings = np.asarray(ring_ends, dtype=np.int64)
+    polys = np.asarray(poly_ends, dtype=np.int64)
+    garr = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (rings, polys))
     stats = np.zeros((len(garr), 4))
-    if len(garr) and (conf is not None or unc is not None):
-        # Pixel-exact polygons: every pixel centre lies strictly inside exactly one piece,
-        # so rasterising the pieces back gives each pixel its piece id without any ambiguity.
-        ids = rasterio.features.rasterize(
-            zip(garr, range(1, len(garr) + 1)),
-            out_shape=classes.shape,
-            transform=to_pixels,
-            fill=0,
-            dtype="int32",
-        )
+    if conf is not None or unc is not None:
+        ids = _piece_ids(xy, rings, polys, classes, valid, cls_arr, window)
+        ids_flat = ids.ravel()
         for k, band in ((0, conf), (2, unc)):
             if band is None:
                 continue
-            ok = np.isfinite(band) & (ids > 0)
-            lab = ids[ok]
-            stats[:, k] = np.bincount(lab, weights=band[ok].astype(np.float64), minlength=len(garr) + 1)[1:]
+            ok = np.isfinite(band).ravel() & (ids_flat > 0)
+            lab = ids_flat[ok]
+            stats[:, k] = np.bincount(lab, weights=band.ravel()[ok].astype(np.float64), minlength=len(garr) + 1)[1:]
             stats[:, k + 1] = np.bincount(lab, minlength=len(garr) + 1)[1:]
-    return garr, np.array(cls, dtype=np.int64), stats
+    return garr, cls_arr, stats
+
+
+def _piece_ids(
+    xy: np.ndarray,
+    ring_ends: np.ndarray,
+    poly_ends: np.ndarray,
+    classes: np.ndarray,
+    valid: np.ndarray,
+    cls: np.ndarray,
+    window: Window,
+) -> np.ndarray:
+    """Label image of one block: pixel -> 1 + index of the piece holding it (0: nodata).
+
+    Read off the pieces' own rings instead of rasterising them again: in every row, a run
+    of one piece's pixels starts at a vertical edge of that piece with the piece on its
+    right (pixel (row, x) holds the piece's class; the pixel on the left cannot, or it would
+    be the same region). Marking those run starts and carrying each mark to the right along
+    its row gives every valid pixel its piece, exactly as rasterising the pixel-exact pieces
+    would, at the cost of a few whole-block array passes.
+    """
+    h, w = classes.shape
+    n_rings = len(ring_ends) - 1
+    ring_of_pt = np.repeat(np.arange(n_rings), np.diff(ring_ends))
+    piece_of_ring = np.repeat(np.arange(len(poly_ends) - 1), np.diff(poly_ends))
+    x = xy[:, 0] - window.col_off
+    y = xy[:, 1] - window.row_off
+    # Vertical edges: consecutive vertices of one ring with the same x.
+    seg = np.flatnonzero((ring_of_pt[:-1] == ring_of_pt[1:]) & (x[:-1] == x[1:]) & (y[:-1] != y[1:]))
+    col = x[seg].astype(np.int64)
+    top = np.minimum(y[seg], y[seg + 1]).astype(np.int64)
+    length = np.abs(y[seg + 1] - y[seg]).astype(np.int64)
+    piece = piece_of_ring[ring_of_pt[seg]]
+    # The piece lies on the edge's right along the whole edge, or on its left along all of it.
+    inside = col < w
+    c_in = np.minimum(col, w - 1)
+    starts = inside & valid[top, c_in] & (classes[top, c_in] == cls[piece])
+    col, top, length, piece = col[starts], top[starts], length[starts], piece[starts]
+    # One mark per row of each edge.
+    offsets = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
+    marks = np.zeros((h, w), dtype=np.int32)
+    marks[np.repeat(top, length) + offsets, np.repeat(col, length)] = np.repeat(piece + 1, length)
+    last = np.where(marks > 0, np.arange(w, dtype=np.int32), 0)
+    np.maximum.accumulate(last, axis=1, out=last)
+    ids = np.take_along_axis(marks, last, axis=1)
+    ids[~valid] = 0
+    return ids
 
 
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
