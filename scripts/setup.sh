@@ -32,8 +32,10 @@ fi
 py="$(find_python)"
 echo "setup: making .venv with $py ($("$py" --version 2>&1))" >&2
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+pipi() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+# One retry: an install interrupted elsewhere can leave pip's cache briefly inconsistent.
+pipi --upgrade pip || pipi --upgrade pip
 # torch from the registry is a CUDA build (about 3 GB); the first install takes a few minutes
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+pipi -e ".[dev]" || { echo "setup: install failed, retrying once" >&2; pipi -e ".[dev]"; }
 echo "$want" > "$stamp"
 echo "setup: ready (.venv/bin/geovae)" >&2
