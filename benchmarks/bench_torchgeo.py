@@ -97,7 +97,9 @@ def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int
     t_start = time.perf_counter()
     # The same weights and normalisation as geovae: the user loads the module from the file.
     loaded = load_bench_model(model)
-    module = loaded.module.eval()
+    # geovae runs its modules channels_last; a user's own nn.Module is in PyTorch's default
+    # layout, so the loop gets that (docs/benchmarks.md says how much of the ratio this is).
+    module = loaded.module.eval().to(memory_format=torch.contiguous_format)
     mean = torch.tensor(loaded.info.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(loaded.info.std, dtype=torch.float32).view(1, -1, 1, 1)
     K = loaded.info.num_classes
