@@ -14,6 +14,12 @@ GeoPackage (same attributes except the means, which need a confidence raster).
 Usage::
 
     .venv/bin/python benchmarks/bench_vectorize.py [--tiles 1 2] [--repeats 3] [--block-size 1024]
+        [--json results.json] [--before DIR]
+
+``--json`` writes the runs and the summary as JSON (the printed table keeps its format:
+``python -m benchmarks`` parses it). ``--before DIR`` adds a third method, ``before``:
+geovae imported from another checkout (e.g. ``git worktree add /tmp/old HEAD~3``),
+interleaved with the other two, to measure a change before and after in one run.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     print(json.dumps({"method": method, "seconds": seconds, "n_polygons": n, "peak_rss_mb": peak,
-                      "rss_after_imports_mb": rss0}))
+                      "rss_after_imports_mb": rss0, "geovae": str(Path(geovae.vectorize.__file__).parents[1])}))
 
 
 def main() -> None:
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[1, 2], help="mosaic sizes (N x N scenes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--before", type=Path, metavar="DIR",
+                        help="also run geovae imported from checkout DIR (method 'before'), interleaved")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "RASTER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -122,23 +131,35 @@ def main() -> None:
     if not PARANA.exists():
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
+    if args.before is not None and not (args.before / "geovae" / "vectorize.py").exists():
+        sys.exit(f"--before {args.before}: no geovae/vectorize.py there; pass a checkout of this repository")
+
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}")
+    methods = ["geovae", "baseline"] + (["before"] if args.before else [])
+    report: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "block_size": args.block_size,
+                    "repeats": args.repeats, "load_average": os.getloadavg(),
+                    "before": str(args.before.resolve()) if args.before else None, "scenes": []}
     with tempfile.TemporaryDirectory(prefix="bench_vectorize_") as tmp:
         for tiles in args.tiles:
             raster = Path(tmp) / f"parana_classes_{tiles}x{tiles}.tif"
             w, h = make_class_raster(raster, tiles)
             mpx = w * h / 1e6
-            runs: dict[str, list[dict]] = {"geovae": [], "baseline": []}
+            runs: dict[str, list[dict]] = {m: [] for m in methods}
             for r in range(args.repeats):
-                for method in ("geovae", "baseline") if r % 2 == 0 else ("baseline", "geovae"):
+                for method in methods if r % 2 == 0 else methods[::-1]:
                     out = Path(tmp) / f"{method}_{tiles}_{r}.gpkg"
-                    cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--worker", method,
-                           str(raster), str(out)]
-                    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    env = None
+                    if method == "before":  # the other checkout's geovae comes first on the path
+                        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                            [str(args.before.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]))
+                    cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--worker",
+                           "geovae" if method == "before" else method, str(raster), str(out)]
+                    res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                     runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
                     out.unlink(missing_ok=True)
             print(f"\nscene {tiles}x{tiles} Parana mosaic: {w} x {h} px = {mpx:.1f} MP")
             summary = {}
+            scene: dict = {"tiles": tiles, "width": w, "height": h, "megapixels": mpx, "methods": {}}
             for method, rs in runs.items():
                 sec = statistics.median(x["seconds"] for x in rs)
                 n = rs[0]["n_polygons"]
@@ -147,13 +168,34 @@ def main() -> None:
                 summary[method] = (sec, n, rss, base)
                 print(f"  {method:8s} {sec:7.2f} s  {mpx / sec:6.2f} MP/s  {n / sec:8.0f} polygons/s  "
                       f"{n:7d} polygons  peak RSS {rss:7.0f} MiB (after imports {base:.0f} MiB)")
+                scene["methods"][method] = {
+                    "seconds_median": sec, "seconds": [x["seconds"] for x in rs], "mp_per_s": mpx / sec,
+                    "polygons_per_s": n / sec, "n_polygons": n, "peak_rss_mib": rss,
+                    "rss_after_imports_mib": base, "rss_above_imports_mib": rss - base, "geovae": rs[0]["geovae"]}
             (gs, gn, grss, gbase), (bs, bn, brss, bbase) = summary["geovae"], summary["baseline"]
             print(f"  ratio geovae/baseline: speed x{bs / gs:.2f}, peak RSS x{grss / brss:.2f}, "
                   f"RSS above imports x{(grss - gbase) / max(brss - bbase, 1e-9):.2f}")
+            scene["ratios"] = {"geovae_over_baseline": {
+                "speed": bs / gs, "peak_rss": grss / brss,
+                "rss_above_imports": (grss - gbase) / max(brss - bbase, 1e-9)}}
+            if "before" in summary:
+                ps, _, prss, pbase = summary["before"]
+                print(f"  ratio before/baseline: speed x{bs / ps:.2f}, peak RSS x{prss / brss:.2f}, "
+                      f"RSS above imports x{(prss - pbase) / max(brss - bbase, 1e-9):.2f}; "
+                      f"geovae/before: speed x{ps / gs:.2f}")
+                scene["ratios"]["before_over_baseline"] = {
+                    "speed": bs / ps, "peak_rss": prss / brss,
+                    "rss_above_imports": (prss - pbase) / max(brss - bbase, 1e-9)}
+                scene["ratios"]["geovae_over_before"] = {"speed": ps / gs}
+            scene["same_polygon_count"] = all(v[1] == gn for v in summary.values())
             if gn != bn:
                 print(f"  WARNING: polygon counts differ (geovae {gn}, baseline {bn}): block joining is wrong")
             else:
                 print("  same polygon count: no region is cut by a block line")
+            report["scenes"].append(scene)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
