@@ -8,6 +8,7 @@ killed leaves at most a ``.<name>.*.part`` file, never a half-written file under
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,3 +47,12 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (outputs and downloads can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from geovae.atomic import write_text
+from geovae.atomic import sha256, write_text
 from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError, OutputError
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ _NOT_IN_FINGERPRINT = frozenset({"device", "batch_size", "progress"})
 #: Seconds between two manifest rewrites while scenes stream in; the final write is always made.
 #: Rewriting a 10,000-row file after every scene would cost more than the scenes on a big run.
 _MANIFEST_MIN_INTERVAL = 1.0
+
 
 # --------------------------------------------------------------------------- results
 @dataclass
@@ -106,6 +107,7 @@ class SceneRow:
             "outputs": ";".join(self.outputs),
         }
 
+
 @dataclass
 class BatchResult:
     """What :func:`run_batch` did.
@@ -131,9 +133,11 @@ class BatchResult:
         """True when no scene failed."""
         return self.failed == 0
 
+
 # ---------------------------------------------------------------------- small helpers
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
 
 def one_line(exc: BaseException) -> str:
     """A single line describing ``exc``: its message for a geovae error, else ``Type: message``."""
@@ -142,10 +146,12 @@ def one_line(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 500 else text[:497] + "..."
 
+
 def _is_url(scene: str) -> bool:
     # A Windows drive letter parses as a one-letter scheme; only real schemes count.
     scheme = urlparse(scene).scheme
     return len(scheme) > 1 or scene.startswith("/vsi")
+
 
 def _stem(scene: str) -> str:
     # The same stem segment_scene gives its outputs (Scene.stem), so OUT/<stem>/<stem>.*.
@@ -154,6 +160,7 @@ def _stem(scene: str) -> str:
         if name.lower().endswith(ext):
             return name[: -len(ext)] or "scene"
     return (name.rsplit(".", 1)[0] if "." in name else name) or "scene"
+
 
 def scene_folders(scenes: Sequence[str]) -> list[str]:
     """Output folder name of each scene: its file stem, made unique where stems collide.
@@ -179,6 +186,7 @@ def scene_folders(scenes: Sequence[str]) -> list[str]:
         out.append(stem)
     return out
 
+
 def read_scene_list(path: str | Path) -> list[str]:
     """Scenes named in a list file: one per line; blank lines and ``#`` comments are ignored.
 
@@ -203,6 +211,7 @@ def read_scene_list(path: str | Path) -> list[str]:
         scenes.append(line)
     return scenes
 
+
 def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:
     """Write the manifest CSV atomically (a reader never sees half a file)."""
     buf = io.StringIO()
@@ -212,23 +221,19 @@ def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:
         w.writerow(r.to_csv())
     write_text(Path(path), buf.getvalue())
 
+
 def read_manifest(path: str | Path) -> list[dict[str, str]]:
     """The manifest's rows as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 def model_fingerprint(model: str | Path) -> dict[str, Any]:
     """What identifies a model file version: resolved path, size and modification time."""
     p = Path(model).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, tuple | list):
@@ -239,12 +244,14 @@ def _jsonable(v: Any) -> Any:
         return {str(k): _jsonable(x) for k, x in sorted(v.items())}
     return v
 
+
 def run_fingerprint(model: str | Path, options: dict[str, Any]) -> dict[str, Any]:
     """The model version plus the options that change outputs; a marker must match it."""
     return {
         "model": model_fingerprint(model),
         "options": _jsonable({k: v for k, v in options.items() if k not in _NOT_IN_FINGERPRINT}),
     }
+
 
 # ------------------------------------------------------------------------ the marker
 def write_marker(
@@ -274,7 +281,7 @@ def write_marker(
     files = {}
     for o in outputs:
         p = Path(o)
-        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.name] = {"size": p.stat().st_size, "sha256": sha256(p)}
     doc = {
         "version": MARKER_VERSION,
         "scene": scene,
@@ -286,6 +293,7 @@ def write_marker(
     marker = folder / MARKER_NAME
     write_text(marker, json.dumps(doc, indent=1))
     return marker
+
 
 def check_marker(folder: str | Path, fingerprint: dict[str, Any] | None = None) -> list[Path] | None:
     """The outputs of a complete scene folder, or None if it must be (re)done.
@@ -303,18 +311,20 @@ def check_marker(folder: str | Path, fingerprint: dict[str, Any] | None = None) 
         outputs = []
         for name, meta in doc["outputs"].items():
             p = folder / name
-            if p.stat().st_size != meta["size"] or _sha256(p) != meta["sha256"]:
+            if p.stat().st_size != meta["size"] or sha256(p) != meta["sha256"]:
                 return None
             outputs.append(p)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return outputs or None
 
+
 # ------------------------------------------------------------------ per-worker model cache
 def _default_loader(path: str, device: str) -> SegmentationModel:
     from geovae.model.io import load_model
 
     return load_model(path, device=device)
+
 
 class ModelCache(WorkerPlugin):
     """Models loaded on one worker, keyed by file path, size, mtime and device.
@@ -369,7 +379,9 @@ class ModelCache(WorkerPlugin):
                 self.loads += 1
         return model
 
+
 _LOCAL_CACHE = ModelCache()
+
 
 def worker_model_cache() -> ModelCache:
     """This worker's model cache (installing one if the plugin is missing), or the process's own.
@@ -392,16 +404,20 @@ def worker_model_cache() -> ModelCache:
             worker._geovae_model_cache = cache  # type: ignore[attr-defined]
     return cache  # type: ignore[no-any-return]
 
+
 def _plugin_loads(dask_worker: Worker) -> int:
     cache = dask_worker.plugins.get(PLUGIN_NAME) or getattr(dask_worker, "_geovae_model_cache", None)
     return cache.loads if cache is not None else 0
+
 
 def model_loads(client: Client) -> dict[str, int]:
     """How many times each worker of ``client``'s cluster has read a model file."""
     return client.run(_plugin_loads)  # type: ignore[no-any-return]
 
+
 def _plugin_installed(dask_scheduler: Any) -> bool:
     return PLUGIN_NAME in getattr(dask_scheduler, "worker_plugins", {})
+
 
 def install_model_cache(client: Client, loader: Callable[[str, str], SegmentationModel] | None = None) -> None:
     """Install :class:`ModelCache` on every worker of ``client``'s cluster, present and future.
@@ -415,6 +431,7 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
     if installed:
         return
     client.register_plugin(ModelCache(loader), name=PLUGIN_NAME)
+
 
 # ---------------------------------------------------------------------- the cluster
 def connect(
@@ -491,6 +508,7 @@ def connect(
         raise ClusterError(f"cannot connect to the local Dask cluster ({one_line(e)})") from e
     return client, cluster
 
+
 # -------------------------------------------------------------------- the scene task
 def segment_one(
     scene: str,
@@ -536,6 +554,7 @@ def segment_one(
         row["seconds"] = time.perf_counter() - t0
     return row
 
+
 def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) -> dict[str, Any] | None:
     """The row an earlier attempt of this very task recorded, if its outputs are intact.
 
@@ -553,6 +572,7 @@ def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) ->
         return None
     return row if check_marker(folder, fingerprint) is not None else None
 
+
 def _worker_address() -> str:
     try:
         from distributed import get_worker
@@ -560,6 +580,7 @@ def _worker_address() -> str:
         return str(get_worker().address)
     except (ImportError, ValueError):
         return f"local:{socket.gethostname()}:{os.getpid()}"
+
 
 # ------------------------------------------------------------------ one huge scene
 def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int]]:
@@ -589,10 +610,12 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
     per = math.ceil(nblocks / max(1, min(parts, nblocks)))
     return [(b0 * block, min(height, (b0 + per) * block)) for b0 in range(0, nblocks, per)]
 
+
 def _open(scene: str, options: dict[str, Any]) -> Any:
     from geovae.scene import open_scene
 
     return open_scene(scene, nodata=options.get("nodata"), pixel_coords=bool(options.get("pixel_coords", False)))
+
 
 def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: dict[str, Any]) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
@@ -606,6 +629,7 @@ def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, o
     opts = {**options, "formats": [], "quicklook": False, "progress": False, "rows": (start, stop)}
     res = segment_scene(scene, model_obj, part_dir, **opts)
     return {"rasters": {k: str(v) for k, v in res.outputs.items() if k != "report"}, "tiles": res.report["tiles"]}
+
 
 def assemble_split(
     scene: str,
@@ -691,6 +715,7 @@ def assemble_split(
     write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
     return row
 
+
 def _submit_split(
     client: Client,
     row: SceneRow,
@@ -722,6 +747,7 @@ def _submit_split(
                          run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,
                          pure=False)
 
+
 # --------------------------------------------------------------------- validation
 def _check_segment_options(options: dict[str, Any]) -> None:
     from geovae.predict import segment_scene
@@ -732,6 +758,7 @@ def _check_segment_options(options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(params) - {"progress"})
     if unknown:
         raise OptionError(f"unknown segment option(s) {', '.join(unknown)}; see `geovae segment --help`")
+
 
 def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None = None,
                    pixel_coords: bool = False) -> str | None:
@@ -759,6 +786,7 @@ def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None 
         )
     return None
 
+
 def _model_info(model: str | Path) -> ModelInfo:
     """The model's description, read once on the client (also proves the file is usable).
 
@@ -771,6 +799,7 @@ def _model_info(model: str | Path) -> ModelInfo:
         return read_model_info(str(model))
     except ModelFileError:
         return load_model(str(model), device="cpu").info
+
 
 # ------------------------------------------------------------------------ run_batch
 def run_batch(
@@ -879,6 +908,7 @@ def run_batch(
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
     return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard)
 
+
 def _run_on_cluster(
     rows: list[SceneRow],
     todo: list[int],
@@ -943,6 +973,7 @@ def _run_on_cluster(
         if cluster is not None:
             cluster.close()
     return dashboard
+
 
 class _Progress:
     """A rich progress bar over scenes (or nothing when progress is off)."""

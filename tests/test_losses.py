@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ import torch.nn.functional as F
 
 from geovae.model import VAEOutput, kl_warmup, sample_diversity, vae_segmentation_loss
 from geovae.model.losses import kl_divergence_map, soft_dice_loss
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: tiny tensors gain nothing from two, and lose much under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _out(b: int = 2, k: int = 3, c: int = 4, h: int = 16, w: int = 16, s: int = 4, seed: int = 0) -> tuple[VAEOutput, torch.Tensor]:

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from geovae.errors import GeovaeError, ModelMismatchError, OptionError
 from geovae.model import VAEOutput, VAESegmenter
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine, two spinning threads per process
-    slow tiny convolutions by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("bands", [3, 6, 224])

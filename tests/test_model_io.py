@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +13,6 @@ import torch
 from geovae.errors import ModelFileError
 from geovae.model import ModelInfo, VAESegmenter
 from geovae.model.io import FORMAT_VERSION, load_model, read_model_info, save_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a loaded 2-core machine two spinning threads per process
-    slow small convolutions by an order of magnitude."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Boom:

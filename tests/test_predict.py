@@ -30,15 +30,6 @@ from geovae.stitch import CLASS_NODATA
 QUIET = dict(progress=False, quicklook=False, formats=())
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Small models on a shared 2-core machine: intra-op threads only contend with the reader."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- models --------------------------------------------------------------------------------
 
 def _stats(path: Path) -> tuple[list[float], list[float]]:

@@ -6,7 +6,6 @@ times slower than one when the other core is busy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -45,14 +44,6 @@ from geovae.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NC_CLASSES = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -39,9 +39,11 @@ FORMAT_NAME = "geovae-model"
 # A safetensors header larger than this is not a model description but a broken/foreign file.
 _MAX_HEADER = 100 * 1024 * 1024
 
+
 def _torchgeo_stride(arch: dict[str, Any]) -> int:
     # smp encoders reduce by 2**5; TorchGeo's own FCN keeps full resolution.
     return 1 if arch.get("model") == "fcn" else 32
+
 
 def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, info: ModelInfo) -> Path:
     """Write a model file that ``geovae segment`` can run with nothing else.
@@ -98,6 +100,7 @@ def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, i
         raise ModelFileError(f"{path}: cannot write the model file ({exc.strerror or exc}); check the folder") from exc
     return path
 
+
 def _sniff(path: Path) -> str:
     """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or ``"unknown"``."""
     size = path.stat().st_size
@@ -113,6 +116,7 @@ def _sniff(path: Path) -> str:
         return "torch"
     return "unknown"
 
+
 def _read_safetensors_header(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -121,6 +125,7 @@ def _read_safetensors_header(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise ModelFileError(f"{path}: corrupt model file ({exc}); re-export or re-download it") from exc
+
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """The :class:`ModelInfo` of a geovae model file, without reading the weights.
@@ -139,6 +144,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         raise ModelFileError(f"{path}: not a geovae model file (no safetensors header); use a file from geovae train")
     return _info_from_metadata(path, _read_safetensors_header(path))
 
+
 def _existing(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.exists():
@@ -146,6 +152,7 @@ def _existing(path: str | os.PathLike[str]) -> Path:
     if not p.is_file():
         raise ModelFileError(f"{p}: is not a file; give the path of a model file")
     return p
+
 
 def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     if meta.get("format") != FORMAT_NAME:
@@ -169,6 +176,7 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: corrupt model description ({exc}); re-export the model") from exc
 
+
 def _build_torchgeo_model(arch: dict[str, Any]) -> nn.Module:
     from torchgeo.tasks import SemanticSegmentation
 
@@ -179,12 +187,14 @@ def _build_torchgeo_model(arch: dict[str, Any]) -> nn.Module:
     # weights=None: the checkpoint brings the weights, nothing is downloaded.
     return SemanticSegmentation(weights=None, task="multiclass", **kwargs).model
 
+
 def _load_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelFileError(f"{path}: weights do not fit the described architecture ({first}); re-export it") from exc
+
 
 def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
     info = _info_from_metadata(path, _read_safetensors_header(path))
@@ -210,6 +220,7 @@ def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
     _load_state(path, module, state)
     return module, info
 
+
 def _load_torch(path: Path) -> dict[str, Any]:
     try:
         # weights_only=True: only tensors and plain containers; any other object is refused
@@ -225,6 +236,7 @@ def _load_torch(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ModelFileError(f"{path}: a torch file that is not a TorchGeo checkpoint; use a geovae model file")
     return obj
+
 
 def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
     hp = ckpt.get("hyper_parameters")
@@ -261,6 +273,7 @@ def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         },
     )
     return module, info
+
 
 def load_model(
     path: str | os.PathLike[str],
