@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import socket
-
 import threading
 import time
 import uuid

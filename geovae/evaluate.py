@@ -23,6 +23,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geovae.errors import LabelsError, SceneError
+from geovae.scene import grid_mismatch
 
 #: Bins of the uncertainty histogram behind the streamed AUROC; ties inside a bin count half,
 #: so the AUROC is exact up to score differences smaller than range / 4096.
@@ -42,13 +43,7 @@ def _open(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
 
 
 def _check_grid(ref: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
-    problems = []
-    if (other.height, other.width) != (ref.height, ref.width):
-        problems.append(f"shape {other.height}x{other.width} vs {ref.height}x{ref.width}")
-    if other.crs != ref.crs:
-        problems.append(f"CRS {other.crs} vs {ref.crs}")
-    if not other.transform.almost_equals(ref.transform, precision=1e-9):
-        problems.append(f"transform {tuple(other.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+    problems = grid_mismatch(ref, other)
     if problems:
         raise LabelsError(
             f"{what} {other.name} is not on the prediction's grid ({'; '.join(problems)}); "

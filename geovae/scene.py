@@ -452,6 +452,30 @@ class Scene:
                 yield Window(c, r, min(size, self.width - c), min(size, self.height - r))
 
 
+def grid_mismatch(ref: Any, other: Any, precision: float = 1e-9) -> list[str]:
+    """How raster ``other`` differs from ``ref``'s pixel grid; empty when they share it exactly.
+
+    Rasters written together (classes, confidence, uncertainty) or meant to be compared pixel by
+    pixel (a prediction and its labels) must agree in shape, CRS and transform.
+
+    Args:
+        ref: an open rasterio dataset (the reference grid).
+        other: an open rasterio dataset.
+        precision: tolerance on the transform's coefficients.
+
+    Returns:
+        Human-readable differences, e.g. ``["shape 10x12 vs 10x13"]``.
+    """
+    problems = []
+    if (other.height, other.width) != (ref.height, ref.width):
+        problems.append(f"shape {other.height}x{other.width} vs {ref.height}x{ref.width}")
+    if other.crs != ref.crs:
+        problems.append(f"CRS {other.crs} vs {ref.crs}")
+    if not other.transform.almost_equals(ref.transform, precision=precision):
+        problems.append(f"transform {tuple(other.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+    return problems
+
+
 def _bounds(t: Affine, height: int, width: int) -> tuple[float, float, float, float]:
     x0, y0 = t.c, t.f
     x1, y1 = t * (width, height)

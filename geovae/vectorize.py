@@ -31,8 +31,8 @@ import uuid
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,14 @@ import pyogrio
 import rasterio
 import rasterio.features
 import shapely
-from affine import Affine
+from affine import EPSILON, Affine
 from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.errors import OptionError, OutputError, SceneError
+from geovae.scene import grid_mismatch
 
 __all__ = ["VectorizeResult", "vectorize", "FORMATS"]
 
@@ -102,13 +103,12 @@ def _open_raster(path: str | os.PathLike[str], what: str) -> rasterio.DatasetRea
 
 
 def _check_same_grid(src: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
-    if (other.width, other.height) != (src.width, src.height) or not other.transform.almost_equals(src.transform) or (
-        other.crs != src.crs
-    ):
+    # affine's default tolerance (1e-5): rasters written together by any tool pass
+    problems = grid_mismatch(src, other, precision=EPSILON)
+    if problems:
         raise OptionError(
             f"{what} raster {other.name} is on another grid than the class raster {src.name} "
-            f"({other.width}x{other.height} vs {src.width}x{src.height}, or other CRS/transform); "
-            f"pass the {what} raster written together with the classes"
+            f"({'; '.join(problems)}); pass the {what} raster written together with the classes"
         )
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import struct
-
 import zipfile
 from pathlib import Path
 from typing import Any
