@@ -543,15 +543,16 @@ def segment_one(
         model_obj = worker_model_cache().get(model, options.get("device", "auto"))
         result = segment_scene(scene, model_obj, out, **{**options, "progress": False})
         files = sorted({Path(p) for p in result.outputs.values()})
-        row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
-        row["finished"] = _now()
-        row["seconds"] = time.perf_counter() - t0
+        _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
         write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
     except GeovaeError as e:
-        row.update(status="failed", error=one_line(e), outputs=[])
-        row["finished"] = _now()
-        row["seconds"] = time.perf_counter() - t0
+        _finish_row(row, t0, status="failed", error=one_line(e), outputs=[])
     return row
+
+
+def _finish_row(row: dict[str, Any], t0: float, **fields: Any) -> None:
+    """Close a manifest row: its outcome, when it finished and how long it took."""
+    row.update(fields, finished=_now(), seconds=time.perf_counter() - t0)
 
 
 def _done_by_this_run(folder: Path, fingerprint: dict[str, Any], run_id: str) -> dict[str, Any] | None:
@@ -656,7 +657,7 @@ def assemble_split(
     import rasterio
     from rasterio.windows import Window
 
-    from geovae.predict import finish_outputs, tiling
+    from geovae.predict import finish_outputs, report_options, tiling
     from geovae.stitch import Stitcher
     from geovae.tiling import TileGrid
 
@@ -691,9 +692,11 @@ def assemble_split(
         result = finish_outputs(
             sc, model_obj, st, formats=options.get("formats"), min_area=float(options.get("min_area", 0.0)),
             simplify=float(options.get("simplify", 0.0)), quicklook=bool(options.get("quicklook", True)),
-            options={"batch_size": options.get("batch_size", 8), "samples": samples,
-                     "reconstruction": bool(options.get("reconstruction", False)), "tta": bool(options.get("tta", False)),
-                     "rows": None},
+            options=report_options(
+                model_obj if options.get("precision") is None else model_obj.with_precision(options["precision"]),
+                batch_size=options.get("batch_size", 8), samples=samples,
+                reconstruction=bool(options.get("reconstruction", False)), tta=bool(options.get("tta", False)),
+                rows=None),
             source=model, tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
             extra={"split": {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}},
         )
@@ -708,9 +711,7 @@ def assemble_split(
     for root in {Path(v).parent.parent for part in parts for v in part["rasters"].values()}:
         shutil.rmtree(root, ignore_errors=True)
     files = sorted(set(result.outputs.values()))
-    row.update(status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
-    row["finished"] = _now()
-    row["seconds"] = time.perf_counter() - t0
+    _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
     write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
     return row
 

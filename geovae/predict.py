@@ -40,7 +40,7 @@ from geovae.scene import Scene, open_scene
 from geovae.stitch import CLASS_NODATA, Stitcher, block_side, check_rows
 from geovae.tiling import Tile, TileGrid, check_options
 
-__all__ = ["SegmentResult", "segment_scene", "finish_outputs", "tiling", "check_formats", "FORMATS", "check_output_dir"]
+__all__ = ["SegmentResult", "segment_scene", "finish_outputs", "report_options", "tiling", "check_formats", "FORMATS", "check_output_dir"]
 
 #: Upper bound of GDAL's block cache during a run (bytes).
 GDAL_CACHE_BYTES = 512 * 2**20
@@ -630,9 +630,8 @@ def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid
             timings["read_s"] = reader.read_s
         timings["model_s"] = model_s
         timings["predict_s"] = time.perf_counter() - t0
-        options = {"batch_size": batch_size, "precision": str(model.amp_dtype or "fp32").replace("torch.", ""),
-                   "samples": samples, "reconstruction": reconstruction, "tta": tta,
-                   "rows": None if rows is None else list(stitcher.rows)}
+        options = report_options(model, batch_size=batch_size, samples=samples, reconstruction=reconstruction,
+                                 tta=tta, rows=None if rows is None else list(stitcher.rows))
         return finish_outputs(scene, model, stitcher, formats=fmts, min_area=min_area, simplify=simplify,
                               quicklook=quicklook, options=options, source=source, timings=timings, t_start=t_start)
     except BaseException:
@@ -640,6 +639,13 @@ def _run(scene: Scene, model: SegmentationModel, info: ModelInfo, grid: TileGrid
         raise
     finally:
         scene.close()
+
+
+def report_options(model: SegmentationModel, *, batch_size: int, samples: int, reconstruction: bool, tta: bool,
+                   rows: list[int] | None) -> dict[str, Any]:
+    """The prediction options a report records, the same for a whole-scene and a split run."""
+    return {"batch_size": batch_size, "precision": str(model.amp_dtype or "fp32").replace("torch.", ""),
+            "samples": samples, "reconstruction": reconstruction, "tta": tta, "rows": rows}
 
 
 def finish_outputs(
