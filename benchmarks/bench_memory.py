@@ -1,7 +1,7 @@
 """Peak memory and pipeline overhead of ``segment_scene`` on scenes of increasing size.
 
 The scenes are mosaics of the real Landsat-8 Parana scene (2041 x 1860 x 3 uint16): a VRT
-whose XML this script writes tiles the scene over an N x N canvas, so a 20,000 x 20,000 scene
+(``benchmarks.common.mosaic_vrt``) tiles the scene over an N x N canvas, so a 20,000 x 20,000 scene
 (2.4 GB of pixels) costs no disk. Each size runs in its own subprocess so that its peak RSS
 (``ru_maxrss``) is its own. For each size it prints:
 
@@ -32,33 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 PARANA = DATA / "landsat8_parana" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
-
-
-def write_mosaic(src: Path, size: int, out: Path) -> Path:
-    """A ``size`` x ``size`` VRT tiling ``src`` (cropped at the right and bottom edges)."""
-    import rasterio
-
-    with rasterio.open(src) as ds:
-        w, h, count, t, wkt = ds.width, ds.height, ds.count, ds.transform, ds.crs.to_wkt()
-    bands = []
-    for b in range(1, count + 1):
-        parts = []
-        for y in range(0, size, h):
-            for x in range(0, size, w):
-                cw, ch = min(w, size - x), min(h, size - y)
-                parts.append(
-                    f'<ComplexSource><SourceFilename relativeToVRT="0">{src}</SourceFilename>'
-                    f"<SourceBand>{b}</SourceBand>"
-                    f'<SrcRect xOff="0" yOff="0" xSize="{cw}" ySize="{ch}"/>'
-                    f'<DstRect xOff="{x}" yOff="{y}" xSize="{cw}" ySize="{ch}"/></ComplexSource>'
-                )
-        bands.append(f'<VRTRasterBand dataType="UInt16" band="{b}">{"".join(parts)}</VRTRasterBand>')
-    gt = f"{t.c}, {t.a}, 0, {t.f}, 0, {t.e}"
-    out.write_text(
-        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{wkt}</SRS>'
-        f"<GeoTransform>{gt}</GeoTransform>{''.join(bands)}</VRTDataset>"
-    )
-    return out
 
 
 def build_model(device: str, base: int, depth: int, tile: int, kind: str = "vae"):  # type: ignore[no-untyped-def]
@@ -102,10 +75,12 @@ def pure_model_seconds(model, n_tiles: int, batch: int, tile: int, max_batches: 
 
 
 def child(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))  # run as a script, the benchmarks package is not importable otherwise
+    from benchmarks.common import mosaic_vrt
     from geovae.predict import segment_scene
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        vrt = write_mosaic(PARANA, args.child, Path(tmp) / f"parana_{args.child}.vrt")
+        vrt = mosaic_vrt(args.child, cache=Path(tmp))
         model = build_model(args.device, args.base, args.depth, args.tile, args.model)
         t0 = time.perf_counter()
         r = segment_scene(vrt, model, Path(tmp) / "out", batch_size=args.batch_size, nodata=0, formats=(),
