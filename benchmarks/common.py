@@ -169,6 +169,24 @@ def _pseudo_labels(bands: Any) -> Any:
     return lab
 
 
+def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, steps: int, rng: Any) -> float:
+    """Cross-entropy steps on batches of 8 random crops from the scene's valid centre, where the
+    fill corners cannot dominate a batch; returns the last loss."""
+    import torch
+
+    h, w = y_all.shape
+    for _ in range(steps):
+        rs = rng.integers(h // 6, h - h // 6 - crop, 8)
+        cs = rng.integers(w // 6, w - w // 6 - crop, 8)
+        x = torch.stack([x_all[:, r:r + crop, c:c + crop] for r, c in zip(rs, cs)])
+        y = torch.stack([y_all[r:r + crop, c:c + crop] for r, c in zip(rs, cs)])
+        loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0) -> Path:
     """A VAESegmenter (default size unless told) trained briefly on Parana, saved with save_model.
 
@@ -212,25 +230,15 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     y_all = torch.from_numpy(labels)
-    # Crops from the scene's valid centre, where the fill corners cannot dominate a batch.
-    h, w = labels.shape
     model.train()
-    for _ in range(steps):
-        rs = rng.integers(h // 6, h - h // 6 - 64, 8)
-        cs = rng.integers(w // 6, w - w // 6 - 64, 8)
-        x = torch.stack([x_all[:, r:r + 64, c:c + 64] for r, c in zip(rs, cs)])
-        y = torch.stack([y_all[r:r + 64, c:c + 64] for r, c in zip(rs, cs)])
-        loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    final_loss = _fit_on_crops(model, opt, x_all, y_all, crop=64, steps=steps, rng=rng)
     model.eval()
     names = [f"{b} {v}" for v in ("green-dominant", "red-dominant") for b in ("dark", "mid", "bright")]
     info = ModelInfo(
         in_channels=3, num_classes=NUM_CLASSES, class_names=names, mean=mean, std=std,
         band_names=["B2", "B3", "B4"], tile_size=256,
         extra={"trained_on": "benchmark pseudo-labels of the Landsat-8 Parana scene", "steps": steps,
-               "final_loss": float(loss.detach())},
+               "final_loss": final_loss},
     )
     tmp = path.with_name(path.name + ".tmp.safetensors")
     save_model(tmp, model, info)
@@ -293,19 +301,10 @@ def standin_model(cache: Path = CACHE, *, steps: int = 300, seed: int = 0) -> Pa
     rng = np.random.default_rng(seed)
     model = StandInSegmenter.build(3, NUM_CLASSES)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    h, w = labels.shape
-    for _ in range(steps):
-        rs = rng.integers(h // 6, h - h // 6 - 128, 8)
-        cs = rng.integers(w // 6, w - w // 6 - 128, 8)
-        x = torch.stack([x_all[:, r:r + 128, c:c + 128] for r, c in zip(rs, cs)])
-        y = torch.stack([labels[r:r + 128, c:c + 128] for r, c in zip(rs, cs)])
-        loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=-100)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    final_loss = _fit_on_crops(model, opt, x_all, labels, crop=128, steps=steps, rng=rng)
     info = ModelInfo(in_channels=3, num_classes=NUM_CLASSES, mean=mean, std=std, tile_size=256,
                      stride=StandInSegmenter.POOL, kind="benchmark-standin",
-                     extra={"final_loss": float(loss.detach())})
+                     extra={"final_loss": final_loss})
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"standin": json.dumps(info.to_dict())})
