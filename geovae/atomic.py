@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from geovae.errors import OutputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -56,3 +58,27 @@ def sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Create the output folder if needed and prove it can be written.
+
+    Args:
+        out_dir: the folder.
+
+    Returns:
+        Its path.
+
+    Raises:
+        OutputError: if it is a file or cannot be created or written.
+    """
+    p = Path(out_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"output {p} is a file, not a folder; pass a folder with --out")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".geovae-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out") from None
+    return p

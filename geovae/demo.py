@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from geovae.atomic import sha256, write_text
-from geovae.errors import DataError, OutputError
+from geovae.atomic import check_output_dir, sha256, write_text
+from geovae.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +188,8 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
         DataError: bad ``--data`` folder or the data cannot be fetched.
         OutputError: ``out_dir`` cannot be written.
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: is a file; give a folder")
     data_dir = check_demo_data(data) if data is not None else check_demo_data(fetch_demo_data())
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".geovae-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"--out {out}: cannot write there ({e.strerror}); choose another folder") from None
+    out = check_output_dir(out_dir)
 
     # Imported here so that a bad --data folder is reported before torch loads.
     from geovae.evaluate import evaluate

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections import deque
@@ -33,8 +32,8 @@ import torch
 from rasterio.env import get_gdal_config
 from rasterio.windows import Window
 
-from geovae.atomic import write_text
-from geovae.errors import ModelMismatchError, OptionError, OutputError, SceneError
+from geovae.atomic import check_output_dir, write_text
+from geovae.errors import ModelMismatchError, OptionError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.scene import Scene, open_scene
 from geovae.stitch import CLASS_NODATA, Stitcher, block_side, check_rows
@@ -61,30 +60,6 @@ class SegmentResult:
 
     outputs: dict[str, Path] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def check_output_dir(out_dir: str | Path) -> Path:
-    """Create the output folder if needed and prove it can be written.
-
-    Args:
-        out_dir: the folder.
-
-    Returns:
-        Its path.
-
-    Raises:
-        OutputError: if it is a file or cannot be created or written.
-    """
-    p = Path(out_dir).expanduser()
-    if p.exists() and not p.is_dir():
-        raise OutputError(f"output {p} is a file, not a folder; pass a folder with --out")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".geovae-write-test-"):
-            pass
-    except OSError as exc:
-        raise OutputError(f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out") from None
-    return p
 
 
 def _load(model: str | Path | SegmentationModel, device: str, precision: str | None) -> SegmentationModel:
