@@ -895,10 +895,14 @@ def run_batch(
             row.status, row.error, row.finished = "failed", reason, _now()
             continue
         todo.append(i)
-    write_manifest(manifest, rows)
 
     dashboard = None
-    if todo:
+    if not todo:
+        write_manifest(manifest, rows)
+    else:
+        # The manifest is first written once the cluster answers (in _run_on_cluster): an
+        # unreachable scheduler must not leave a manifest of "pending" rows, or overwrite the
+        # one a previous run left.
         dashboard = _run_on_cluster(
             rows, todo, out, str(model_path.resolve()), segment_options, fingerprint, manifest,
             split_info=info if split_scene else None, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
@@ -934,6 +938,7 @@ def _run_on_cluster(
     )
     dashboard = client.dashboard_link if getattr(client, "dashboard_link", None) else None
     try:
+        write_manifest(manifest, rows)
         install_model_cache(client)
         log.info("Dask dashboard: %s", dashboard)
         run_id = uuid.uuid4().hex[:8]

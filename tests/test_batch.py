@@ -197,6 +197,22 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     ]
 
 
+def test_unreachable_scheduler_leaves_no_manifest(scenes: list[Path], tiny_model: Path, tmp_path: Path) -> None:
+    """Failing to connect writes nothing: no manifest of "pending" rows, and a previous
+    run's manifest is left as it was."""
+    port = _free_port()
+    out = tmp_path / "out"
+    with pytest.raises(ClusterError):
+        batch.run_batch([str(scenes[0])], tiny_model, out, scheduler=f"tcp://127.0.0.1:{port}",
+                        connect_timeout=2, progress=False, **SEG)
+    assert not (out / batch.MANIFEST_NAME).exists()
+    (out / batch.MANIFEST_NAME).write_text("previous run\n")
+    with pytest.raises(ClusterError):
+        batch.run_batch([str(scenes[0])], tiny_model, out, scheduler=f"tcp://127.0.0.1:{port}",
+                        connect_timeout=2, progress=False, **SEG)
+    assert (out / batch.MANIFEST_NAME).read_text() == "previous run\n"
+
+
 @pytest.fixture(scope="module")
 def reference(scenes: list[Path], tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Single-process outputs of every scene: scene stem -> its folder."""
