@@ -60,6 +60,31 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def check_output_file(path: str | os.PathLike[str]) -> Path:
+    """Check that a file can be written at ``path``: not a folder, its folder exists and is writable.
+
+    Nothing is created: a single output file never makes folders the user did not ask for.
+
+    Args:
+        path: the output file.
+
+    Returns:
+        Its path.
+
+    Raises:
+        OutputError: with one line saying what is wrong and what to do.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise OutputError(f"output {p} is a folder; give a file name inside it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable; choose another --out")
+    return p
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
     """Create the output folder if needed and prove it can be written.
 

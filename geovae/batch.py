@@ -40,8 +40,8 @@ from urllib.parse import urlparse
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from geovae.atomic import sha256, write_text
-from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError, OutputError
+from geovae.atomic import check_output_dir, sha256, write_text
+from geovae.errors import ClusterError, GeovaeError, ModelFileError, OptionError
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
@@ -858,17 +858,7 @@ def run_batch(
     if retries < 0:
         raise OptionError(f"--retries {retries}: must be 0 or more")
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: is a file, not a folder; give a folder path")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".geovae-write-test-{uuid.uuid4().hex}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder") from e
-    out = out.resolve()
+    out = check_output_dir(out_dir).resolve()
     _check_segment_options(segment_options)
     model_path = Path(model)
     if not model_path.is_file():

@@ -36,6 +36,7 @@ from torchgeo.tasks import BaseTask
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from geovae._version import __version__
+from geovae.atomic import check_output_file
 from geovae.datasets import IGNORE_INDEX, SceneDataModule, merge_batches
 from geovae.device import resolve_device
 from geovae.errors import ConfigError, GeovaeError, ModelMismatchError, OptionError, OutputError
@@ -413,15 +414,9 @@ def _quiet_lightning() -> None:
 
 
 def _check_out(out: str | os.PathLike[str]) -> Path:
-    p = Path(out)
-    if p.exists() and p.is_dir():
-        raise OutputError(f"--out {p}: is a folder; give a file name such as {p / 'model.safetensors'}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(f"--out {p}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {p}: folder {parent} is not writable; choose another location")
-    return p
+    if Path(out).is_dir():
+        raise OutputError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'model.safetensors'}")
+    return check_output_file(out)
 
 
 def _save(path: Path, task: VAESegmentationTask, info: ModelInfo) -> Path:

@@ -47,7 +47,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
-from geovae.errors import OptionError, OutputError, SceneError
+from geovae.atomic import check_output_file
+from geovae.errors import OptionError, SceneError
 from geovae.scene import grid_mismatch
 
 __all__ = ["VectorizeResult", "vectorize", "FORMATS"]
@@ -122,11 +123,7 @@ def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
             raise OptionError(
                 f"unknown output format {p.suffix or '(no suffix)'!r} for {p}; use .geojson, .gpkg or .parquet"
             )
-        parent = p.parent if str(p.parent) else Path(".")
-        if not parent.is_dir():
-            raise OutputError(f"output folder {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"output folder {parent} is not writable; choose another --out")
+        check_output_file(p)
     return paths
 
 
