@@ -168,7 +168,7 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
             6, 7, labels=dm.classes.names, class_ids=dm.classes.ids, mean=mean, std=std, nodata=0.0,
             base_channels=args.base_channels, depth=args.depth, latent_channels=args.latent_channels, lr=args.lr,
             beta=args.beta, free_bits=args.free_bits, kl_warmup_steps=steps_per_epoch, class_weights=cw,
-            recon_weight=args.recon_weight,
+            recon_weight=args.recon_weight, recon_condition=args.recon_condition,
         )
         net = task.model
     else:
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--free-bits", type=float, default=0.05)
     ap.add_argument("--recon-weight", type=float, default=1.0)
+    ap.add_argument("--recon-condition", default="class", choices=["class", "none"],
+                    help="reconstruction given z and the class (semi-supervised VAE) or z alone")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     ap.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_one(setting, model, seed, args)
                 r["budget"] = budget
                 r["vae_arch"] = {k: getattr(args, k) for k in ("base_channels", "depth", "latent_channels", "beta",
-                                                                "free_bits", "recon_weight")}
+                                                                "free_bits", "recon_weight", "recon_condition")}
                 rows.append(r)
                 e = r["eval"]
                 print(f"{setting:6s} {model:4s} seed {seed}: mIoU {e['mIoU']:.3f} OA {e['OA']:.3f} "

@@ -130,6 +130,8 @@ class VAESegmentationTask(BaseTask):
         depth: see :class:`~geovae.model.vae.VAESegmenter`.
         latent_channels: see :class:`~geovae.model.vae.VAESegmenter`.
         encoder: see :class:`~geovae.model.vae.VAESegmenter`.
+        recon_condition: see :class:`~geovae.model.vae.VAESegmenter` (``"class"``: unlabelled
+            pixels train the classifier through the reconstruction).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         patience: epochs without improvement of ``train_loss`` before the LR is reduced.
@@ -163,6 +165,7 @@ class VAESegmentationTask(BaseTask):
         depth: int = 4,
         latent_channels: int = 8,
         encoder: str = "unet",
+        recon_condition: str = "class",
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         patience: int = 10,
@@ -193,6 +196,7 @@ class VAESegmentationTask(BaseTask):
         self.model = VAESegmenter(
             hp["in_channels"], hp["num_classes"], base_channels=hp["base_channels"], depth=hp["depth"],
             latent_channels=hp["latent_channels"], encoder=hp["encoder"],
+            recon_condition=hp.get("recon_condition", "class"),
         )
         c = hp["in_channels"]
         mean = torch.tensor(hp["mean"] if hp["mean"] is not None else [0.0] * c, dtype=torch.float32)

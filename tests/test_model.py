@@ -88,12 +88,69 @@ def test_samples_differ_and_mean_forward_is_deterministic() -> None:
 def test_hparams_rebuild_an_identical_model() -> None:
     m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4)
     assert m.hparams == {
-        "in_channels": 4, "num_classes": 3, "base_channels": 8, "depth": 3, "latent_channels": 4, "encoder": "unet"
+        "in_channels": 4, "num_classes": 3, "base_channels": 8, "depth": 3, "latent_channels": 4, "encoder": "unet",
+        "recon_condition": "class",
     }
-    m2 = VAESegmenter(**m.hparams)
-    m2.load_state_dict(m.state_dict())
-    x = torch.randn(1, 4, 16, 16)
-    assert torch.equal(m.eval()(x), m2.eval()(x))
+    for cond in ("class", "none"):
+        m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4, recon_condition=cond)
+        m2 = VAESegmenter(**m.hparams)
+        m2.load_state_dict(m.state_dict())
+        x = torch.randn(1, 4, 16, 16)
+        assert torch.equal(m.eval()(x), m2.eval()(x))
+        assert torch.equal(m.reconstruct(x), m2.reconstruct(x))
+    with pytest.raises(OptionError, match="recon_condition"):
+        VAESegmenter(4, 3, recon_condition="label")
+
+
+@pytest.mark.parametrize("bands", [6, 224])
+def test_class_errors_equal_each_class_reconstruction(bands: int) -> None:
+    """The expanded per-class error (memory ~ hidden width, not bands) is the plain MSE."""
+    torch.manual_seed(3)
+    m = VAESegmenter(bands, 4, base_channels=8, depth=2, latent_channels=3).eval()
+    x = torch.randn(2, bands, 16, 24)
+    with torch.no_grad():
+        out = m.forward_all(x, sample=False)
+        a = m.recon_decoder.features(out.mu)
+        for k in range(4):
+            rec = m.recon_decoder.decode(a, torch.full((2, 16, 24), k))
+            assert torch.allclose(out.class_errors[:, k], (rec - x).pow(2).mean(1), rtol=1e-4, atol=1e-4)
+        # The reconstruction returned (and the anomaly map) uses each pixel's predicted class.
+        best = out.logits.argmax(1)
+        assert torch.allclose(out.reconstruction, m.recon_decoder.decode(a, best))
+        assert torch.allclose(m.reconstruct(x), out.reconstruction)
+    # Classes change what is decoded: the class embedding is not ignored.
+    g0 = m.generate(1, 16, classes=0)
+    torch.manual_seed(0)
+    g = [m.generate(1, 16, classes=k) for k in range(4)]
+    assert not torch.allclose(g[0], g[1]) and g0.shape == (1, bands, 16, 16)
+    with pytest.raises(OptionError, match="class index"):
+        m.generate(1, 16, classes=4)
+
+
+def test_unlabelled_pixels_train_the_classifier_through_the_reconstruction() -> None:
+    """Semi-supervised VAE: an unlabelled pixel's reconstruction is the expectation over the
+    predicted classes, so its gradient reaches the segmentation head; a labelled pixel's uses
+    its label (no gradient to the head from reconstruction); without class conditioning the
+    head gets nothing from unlabelled pixels."""
+    from geovae.model.losses import vae_segmentation_loss
+
+    x = torch.randn(2, 6, 32, 32)
+    for cond, expect in (("class", True), ("none", False)):
+        torch.manual_seed(4)
+        m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=2, recon_condition=cond)
+        out = m.forward_all(x)
+        d = vae_segmentation_loss(out, x, None, beta=0.0)
+        assert float(d["ce"].detach()) == 0.0
+        d["loss"].backward()
+        head_grad = sum(float(p.grad.abs().sum()) for p in m.head.parameters() if p.grad is not None)
+        assert (head_grad > 0) is expect, cond
+    # Fully labelled: the error given the label, exactly.
+    torch.manual_seed(4)
+    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=2)
+    out = m.forward_all(x)
+    y = torch.randint(0, 3, (2, 32, 32))
+    d = vae_segmentation_loss(out, x, y, beta=0.0)
+    assert torch.isclose(d["recon"], out.class_errors.gather(1, y[:, None]).mean(), atol=1e-6)
 
 
 def test_prediction_is_local_so_tiles_match_the_untiled_pass() -> None:

@@ -150,6 +150,25 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
         load_model(bad_info, device="cpu")
 
 
+def test_version_1_file_still_loads(tmp_path: Path) -> None:
+    """Files written before class-conditional reconstruction (format 1, no recon_condition
+    in arch) rebuild the z-only decoder they hold and predict exactly as before."""
+    torch.manual_seed(0)
+    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=4, recon_condition="none").eval()
+    p = save_model(tmp_path / "m.safetensors", m, _info())
+    info = read_model_info(p).to_dict()
+    del info["arch"]["recon_condition"]
+    old = tmp_path / "v1.safetensors"
+    _rewrite_metadata(p, old, format_version="1", info=json.dumps(info))
+    loaded = load_model(old, device="cpu")
+    assert loaded.info.arch["recon_condition"] == "none"
+    x = torch.rand(1, 6, 16, 16) * 20
+    xn = _cl((x - 10.0) / 4.0)
+    m = m.to(memory_format=torch.channels_last)
+    got = loaded.predict(x, reconstruction=True)
+    assert torch.equal(got["reconstruction_error"], ((m.reconstruct(xn) - xn) ** 2).mean(1))
+
+
 def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello, I am not a model\n")
@@ -243,3 +262,4 @@ def test_torchgeo_model_saved_as_geovae_file(torchgeo_checkpoint: tuple[Path, to
     assert again.info.kind == "torchgeo"
     x = torch.rand(1, 6, 64, 64)
     assert torch.equal(again.predict(x)["probs"], loaded.predict(x)["probs"])
+

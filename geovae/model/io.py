@@ -31,8 +31,10 @@ from geovae.errors import GeovaeError, ModelFileError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.model.vae import VAESegmenter
 
-#: The format this geovae writes; it reads this one and every older one.
-FORMAT_VERSION = 1
+#: The format this geovae writes; it reads this one and every older one. Version 2 added
+#: ``arch.recon_condition`` (class-conditional reconstruction); version-1 files rebuild
+#: with ``recon_condition="none"``, the only decoder they could hold.
+FORMAT_VERSION = 2
 FORMAT_NAME = "geovae-model"
 
 # A safetensors header larger than this is not a model description but a broken/foreign file.
@@ -171,9 +173,12 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
             f"newer than this geovae {__version__} reads (up to {FORMAT_VERSION}); upgrade geovae"
         )
     try:
-        return ModelInfo.from_dict(json.loads(meta["info"]))
+        info = ModelInfo.from_dict(json.loads(meta["info"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: corrupt model description ({exc}); re-export the model") from exc
+    if version == 1 and info.kind == "geovae-vae":
+        info.arch.setdefault("recon_condition", "none")
+    return info
 
 
 def _build_torchgeo_model(arch: dict[str, Any]) -> nn.Module:
@@ -331,3 +336,4 @@ def load_model(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
     return SegmentationModel(module, info, device=device, amp=amp, precision=precision)
+

@@ -6,7 +6,12 @@ tile size, batch size and network stride:
 - ``ce``: cross-entropy averaged over labelled pixels (nats per labelled pixel);
 - ``dice``: 1 - soft Dice over labelled pixels, averaged over the classes present;
 - ``recon``: squared error of the reconstruction in normalised units, averaged over bands and
-  valid pixels (independent of the band count, so 6 and 224 bands need the same weight);
+  valid pixels (independent of the band count, so 6 and 224 bands need the same weight).
+  With a class-conditional reconstruction decoder (``out.class_errors``), a labelled pixel's
+  error is the one given its label and an unlabelled pixel's is the expectation over the
+  predicted class probabilities, ``sum_k q(k|x) err_k`` (the semi-supervised VAE's bound for
+  unlabelled data, Kingma et al. 2014); that expectation is what lets unlabelled pixels train
+  the classifier;
 - ``kl``: KL(q(z|x) || N(0, I)) **summed** over latent channels and latent positions, divided
   by the number of input pixels, averaged over the batch (nats per input pixel).
 
@@ -175,8 +180,14 @@ def vae_segmentation_loss(
 
     dice = soft_dice_loss(logits, safe_target, labelled)
 
-    rec = out.reconstruction.float()
-    sq = (rec - image.float()).pow(2).mean(dim=1)  # mean over bands: (B, H, W)
+    if out.class_errors is not None:
+        errs = out.class_errors.float()
+        q = logits.softmax(1)
+        given_label = errs.gather(1, safe_target[:, None])[:, 0]
+        sq = torch.where(labelled, given_label, (q * errs).sum(1))
+    else:
+        rec = out.reconstruction.float()
+        sq = (rec - image.float()).pow(2).mean(dim=1)  # mean over bands: (B, H, W)
     vf = valid_px.float()
     recon = (sq * vf).sum() / vf.sum().clamp_min(1.0)
 

@@ -35,15 +35,20 @@ class VAEOutput(NamedTuple):
 
     Attributes:
         logits: (B, K, H, W) class logits for the latent used (a sample or the mean).
-        reconstruction: (B, C, H, W) the input bands rebuilt from the latent alone.
+        reconstruction: (B, C, H, W) the input bands rebuilt from the latent (and, with
+            ``recon_condition="class"``, each pixel's most likely class).
         mu: (B, L, H / stride, W / stride) latent mean.
         logvar: (B, L, H / stride, W / stride) latent log-variance.
+        class_errors: with ``recon_condition="class"``, (B, K, H, W) the squared
+            reconstruction error of each pixel (mean over bands, normalised units) if the
+            pixel were of class k, against the model's own input; None otherwise.
     """
 
     logits: Tensor
     reconstruction: Tensor
     mu: Tensor
     logvar: Tensor
+    class_errors: Tensor | None = None
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -114,6 +119,55 @@ class _UpBlock(nn.Module):
         return self.conv(torch.cat([up, skip], dim=1))
 
 
+class _ClassConditionalDecoder(nn.Module):
+    """Rebuilds the bands from the latent map and a class per pixel.
+
+    ``x̂_k = W relu(a + e_k) + b`` where ``a`` comes from ``z`` through the upsampling trunk
+    and ``e_k`` is a learned vector per class: the semi-supervised VAE's generative model
+    p(x | y, z) (Kingma et al., 2014, "M2"), made per pixel. The class adds only log2(K) bits
+    per pixel, so the decoder stays a bottleneck and its error stays an anomaly score.
+    """
+
+    def __init__(self, trunk: nn.Sequential, width: int, num_classes: int, out_channels: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.mix = nn.Conv2d(width, width, 1)
+        self.embed = nn.Parameter(torch.randn(num_classes, width) * 0.1)
+        self.out = nn.Conv2d(width, out_channels, 1)
+
+    def features(self, z: Tensor) -> Tensor:
+        return self.mix(self.trunk(z))
+
+    def decode(self, a: Tensor, classes: Tensor) -> Tensor:
+        """(B, C, H, W) reconstruction for (B, H, W) class indices."""
+        e = self.embed.to(a.dtype)[classes].permute(0, 3, 1, 2)
+        return self.out(F.relu(a + e))
+
+    def decode_mean(self, a: Tensor) -> Tensor:
+        """The reconstruction averaged over classes with equal weight (no class known)."""
+        return torch.stack([self.out(F.relu(a + e.to(a.dtype).view(1, -1, 1, 1))) for e in self.embed]).mean(0)
+
+    def class_errors(self, a: Tensor, x: Tensor) -> Tensor:
+        """(B, K, H, W) mean squared error over bands of every class's reconstruction.
+
+        Expanded as ``|x - b|^2 - 2 (W^T (x - b)) . h + h^T (W^T W) h`` so that memory grows
+        with the hidden width per class, not with the band count: exact marginalisation
+        over classes stays cheap for hyperspectral inputs.
+        """
+        a = a.float()
+        w = self.out.weight.float().flatten(1)  # (C, R)
+        xb = x.float() - self.out.bias.float().view(1, -1, 1, 1)
+        u = torch.einsum("cr,bchw->brhw", w, xb)
+        gram = w.t() @ w
+        xx = xb.pow(2).sum(1)
+        errs = []
+        for e in self.embed.float():
+            h = F.relu(a + e.view(1, -1, 1, 1))
+            hgh = (h * torch.einsum("rs,bshw->brhw", gram, h)).sum(1)
+            errs.append(xx - 2 * (u * h).sum(1) + hgh)
+        return (torch.stack(errs, 1) / x.shape[1]).clamp_min(0.0)
+
+
 class VAESegmenter(nn.Module):
     """A variational segmenter with a spatial Gaussian latent and a reconstruction decoder.
 
@@ -123,11 +177,18 @@ class VAESegmenter(nn.Module):
     convolutions, so ``n`` extra samples cost ``n`` runs of that small head only. Because ``z``
     is smooth at the scale of a latent cell, samples differ in spatially coherent regions.
 
-    The reconstruction decoder takes **only** ``z`` (no skip connections): the input must pass
+    The reconstruction decoder takes ``z`` and no skip connections: the input must pass
     through the ``latent_channels``-channel map at 1/``stride`` resolution, a real bottleneck,
     so pixels unlike the training data (clouds, haze, sensor faults) are rebuilt badly and the
     reconstruction error is a usable anomaly map. The same property lets :meth:`generate`
     decode images from latent samples drawn from the N(0, I) prior.
+
+    With ``recon_condition="class"`` (the default) the reconstruction decoder also gets each
+    pixel's class, as in the semi-supervised VAE (p(x | y, z)): labelled pixels use their
+    label; for unlabelled pixels the training loss takes the expectation of the error over
+    the segmentation's class probabilities, so unlabelled pixels train the *classifier*
+    (towards classes that explain their bands), not only the encoder. ``"none"`` rebuilds
+    from ``z`` alone (model files written before this option).
 
     Args:
         in_channels: number of input bands (1 to several hundred).
@@ -139,6 +200,8 @@ class VAESegmenter(nn.Module):
         encoder: ``"unet"`` (built-in, BatchNorm) or ``"smp:<name>"`` for a
             segmentation_models_pytorch / timm encoder such as ``"smp:resnet18"``.
         encoder_weights: must be None: geovae never downloads weights; a model file holds them.
+        recon_condition: ``"class"`` (reconstruction given z and the pixel's class) or
+            ``"none"`` (given z alone).
 
     Raises:
         OptionError: if an argument is out of range or the encoder is unknown.
@@ -154,6 +217,7 @@ class VAESegmenter(nn.Module):
         latent_channels: int = 8,
         encoder: str = "unet",
         encoder_weights: None = None,
+        recon_condition: str = "class",
     ) -> None:
         super().__init__()
         if in_channels < 1:
@@ -166,6 +230,8 @@ class VAESegmenter(nn.Module):
             raise OptionError("base_channels and latent_channels must be at least 1")
         if encoder_weights is not None:
             raise OptionError("encoder_weights: geovae never downloads weights; use None and load a model file")
+        if recon_condition not in ("class", "none"):
+            raise OptionError(f"recon_condition={recon_condition!r}: use 'class' or 'none'")
         self._hparams: dict[str, Any] = {
             "in_channels": int(in_channels),
             "num_classes": int(num_classes),
@@ -173,6 +239,7 @@ class VAESegmenter(nn.Module):
             "depth": int(depth),
             "latent_channels": int(latent_channels),
             "encoder": str(encoder),
+            "recon_condition": str(recon_condition),
         }
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -217,8 +284,13 @@ class VAESegmenter(nn.Module):
         layers: list[nn.Module] = [_conv_bn_relu(latent_channels, rw[depth])]
         for i in range(depth - 1, -1, -1):
             layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_relu(rw[i + 1], rw[i])]
-        layers.append(nn.Conv2d(rw[0], in_channels, 1))
-        self.recon_decoder = nn.Sequential(*layers)
+        self.recon_condition = recon_condition
+        if recon_condition == "class":
+            self.recon_decoder: nn.Module = _ClassConditionalDecoder(nn.Sequential(*layers), rw[0], num_classes,
+                                                                     in_channels)
+        else:
+            layers.append(nn.Conv2d(rw[0], in_channels, 1))
+            self.recon_decoder = nn.Sequential(*layers)
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -290,7 +362,13 @@ class VAESegmenter(nn.Module):
         """
         h, mu, logvar = self._encode(x)
         z = self._reparameterise(mu, logvar) if sample else mu
-        return VAEOutput(self._head(h, z), self.recon_decoder(z), mu, logvar)
+        logits = self._head(h, z)
+        if self.recon_condition == "class":
+            dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+            a = dec.features(z)
+            rec = dec.decode(a, logits.detach().argmax(1))
+            return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x))
+        return VAEOutput(logits, self.recon_decoder(z), mu, logvar)
 
     def sample_logits(self, x: Tensor, n: int) -> Tensor:
         """Logits for ``n`` latent samples; the encoder and decoder run once.
@@ -320,7 +398,7 @@ class VAESegmenter(nn.Module):
         return self.sample_logits(x, n).softmax(dim=2)
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        """The input rebuilt from the latent mean (in normalised units).
+        """The input rebuilt from the latent mean (and the predicted classes), normalised units.
 
         Args:
             x: (B, C, H, W) normalised bands.
@@ -328,16 +406,22 @@ class VAESegmenter(nn.Module):
         Returns:
             (B, C, H, W) reconstruction.
         """
+        if self.recon_condition == "class":
+            h, mu, _ = self._encode(x)
+            dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+            return dec.decode(dec.features(mu), self._head(h, mu).argmax(1))
         self._check(x)
         feats = self.encoder(x)
         return self.recon_decoder(self.to_mu(feats[-1]))
 
-    def generate(self, n: int, size: int | tuple[int, int]) -> Tensor:
+    def generate(self, n: int, size: int | tuple[int, int], classes: Tensor | int | None = None) -> Tensor:
         """Images decoded from ``n`` latent maps drawn from the N(0, I) prior.
 
         Args:
             n: number of images.
             size: output height and width (an int for a square), multiples of :attr:`stride`.
+            classes: with ``recon_condition="class"``, the class index of every pixel (an int,
+                or (n, H, W) indices); None averages the decoded images over the classes.
 
         Returns:
             (n, C, H, W) images in the model's normalised units.
@@ -353,4 +437,14 @@ class VAESegmenter(nn.Module):
             )
         p = next(self.parameters())
         z = torch.randn(n, self.latent_channels, hh // self.stride, ww // self.stride, device=p.device, dtype=p.dtype)
-        return self.recon_decoder(z)
+        if self.recon_condition != "class":
+            return self.recon_decoder(z)
+        dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+        a = dec.features(z)
+        if classes is None:
+            return dec.decode_mean(a)
+        if isinstance(classes, int):
+            if not 0 <= classes < self.num_classes:
+                raise OptionError(f"classes={classes}: use a class index 0..{self.num_classes - 1}")
+            classes = torch.full((n, hh, ww), classes, dtype=torch.long, device=p.device)
+        return dec.decode(a, classes.to(p.device).long())
