@@ -249,6 +249,28 @@ def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: 
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))
 
 
+@cli.command("export")
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
+@click.option("--mean", help="Per-band mean subtracted first: one number for all bands or one per band, comma-separated.")
+@click.option("--std", help="Per-band divisor after the mean: one number or one per band.")
+@click.option("--stats-from", type=click.Path(dir_okay=False),
+              help="Compute mean and std scene-wide from this raster (as geovae train does).")
+@click.option("--classes", help='One ID:NAME per output channel in channel order, e.g. "1:developed,5:forest".')
+@click.option("--tile", type=click.IntRange(min=1), help="Default prediction tile size recorded in the file.")
+def export(source: str, out: str, mean: str | None, std: str | None, stats_from: str | None, classes: str | None,
+           tile: int | None) -> None:
+    """Write SOURCE (a TorchGeo checkpoint) as a self-describing geovae model file.
+
+    The file records the band normalisation and class ids/names that a TorchGeo checkpoint
+    lacks, so geovae segment and geovae batch need nothing else.
+    """
+    from geovae.model.io import export_model
+
+    p = export_model(source, out, mean=mean, std=std, stats_from=stats_from, classes=classes, tile_size=tile)
+    click.echo(str(p))
+
+
 # ---------------------------------------------------------------------------- batch
 @cli.command()
 @click.argument("scenes", nargs=-1)

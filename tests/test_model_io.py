@@ -263,3 +263,41 @@ def test_torchgeo_model_saved_as_geovae_file(torchgeo_checkpoint: tuple[Path, to
     x = torch.rand(1, 6, 64, 64)
     assert torch.equal(again.predict(x)["probs"], loaded.predict(x)["probs"])
 
+
+def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
+    torchgeo_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path, nc_stack: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`geovae export` records what a TorchGeo checkpoint lacks; the file then stands alone."""
+    from geovae.cli import main
+    from geovae.datasets import band_statistics
+
+    ckpt, model = torchgeo_checkpoint
+    out = tmp_path / "tg.safetensors"
+    classes = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
+    assert main(["export", str(ckpt), "--out", str(out), "--mean", "100", "--std", "50,50,50,50,50,50",
+                 "--classes", classes, "--tile", "128"]) == 0
+    got = load_model(out, device="cpu")
+    assert got.info.kind == "torchgeo" and got.info.tile_size == 128
+    assert got.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and got.info.class_names[4] == "forest"
+    x = torch.rand(1, 6, 64, 64) * 255
+    with torch.no_grad():
+        ref = model.to(memory_format=torch.channels_last)(_cl((x - 100) / 50)).softmax(1)
+    assert torch.equal(got.predict(x)["probs"], ref)
+    # Scene-wide statistics from a real 6-band scene, as geovae train computes them.
+    out2 = tmp_path / "tg2.safetensors"
+    assert main(["export", str(ckpt), "-o", str(out2), "--stats-from", str(nc_stack)]) == 0
+    mean, std, _ = band_statistics(str(nc_stack))
+    assert read_model_info(out2).mean == pytest.approx(mean) and read_model_info(out2).std == pytest.approx(std)
+    capsys.readouterr()
+    # Bad options: one line, exit 2, nothing written.
+    for args, msg in (
+        (["--mean", "1,2"], "2 values for a model with 6 bands"),
+        (["--std", "0"], "must be positive"),
+        (["--classes", "1:a,2:b"], "7 output channels"),
+        (["--tile", "100"], "multiple of the model stride 32"),
+        (["--stats-from", str(nc_stack), "--mean", "1"], "do not also give"),
+    ):
+        bad = tmp_path / "bad.safetensors"
+        assert main(["export", str(ckpt), "-o", str(bad), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err and not bad.exists(), (args, err)

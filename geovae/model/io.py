@@ -27,7 +27,7 @@ from torch import nn
 
 from geovae._version import __version__
 from geovae.atomic import atomic_path
-from geovae.errors import GeovaeError, ModelFileError
+from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.model.vae import VAESegmenter
 
@@ -337,3 +337,91 @@ def load_model(
         ) from exc
     return SegmentationModel(module, info, device=device, amp=amp, precision=precision)
 
+
+def _per_band(name: str, values: Any, bands: int) -> list[float] | None:
+    if values is None:
+        return None
+    if isinstance(values, str):
+        try:
+            values = [float(v) for v in values.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise OptionError(f"--{name} {values!r}: expected numbers separated by commas, e.g. 0,0,0") from None
+    vals = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    if len(vals) == 1:
+        vals = vals * bands  # one value for every band, as in "divide by 10000"
+    if len(vals) != bands:
+        raise OptionError(f"--{name}: {len(vals)} values for a model with {bands} bands; give one or {bands}")
+    if name == "std" and any(v <= 0 for v in vals):
+        raise OptionError("--std: every value must be positive")
+    return vals
+
+
+def export_model(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    mean: Any = None,
+    std: Any = None,
+    stats_from: str | os.PathLike[str] | None = None,
+    classes: Any = None,
+    tile_size: int | None = None,
+) -> Path:
+    """Write a self-describing geovae model file from a TorchGeo checkpoint (or a model file).
+
+    A TorchGeo ``SemanticSegmentation`` checkpoint carries no band normalisation and no class
+    ids; this records them once so that ``geovae segment`` and ``geovae batch`` need nothing
+    but the exported file. Values not given keep what the source has.
+
+    Args:
+        source: a TorchGeo ``.ckpt`` (read with ``weights_only=True``) or a geovae model file.
+        out: the model file to write (appears only when complete).
+        mean: per-band mean: one number for every band, a list, or ``"a,b,c"``.
+        std: per-band divisor, in the same forms.
+        stats_from: compute ``mean``/``std`` scene-wide from this raster (valid pixels only),
+            as ``geovae train`` does; not together with ``mean``/``std``.
+        classes: ``"1:developed,5:forest"`` or a mapping: output channel ``i`` is the
+            ``i``-th class in ascending id order; there must be one per output channel.
+        tile_size: the default prediction tile recorded in the file.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OptionError: bad values or counts that do not fit the model.
+        ModelFileError: the source cannot be read or the file cannot be written.
+    """
+    from geovae.atomic import check_output_file
+    from geovae.datasets import band_statistics, parse_classes
+
+    out = check_output_file(out)
+    if stats_from is not None and (mean is not None or std is not None):
+        raise OptionError("--stats-from computes mean and std; do not also give --mean or --std")
+    model = load_model(source, device="cpu", amp=False)
+    info = model.info
+    bands = info.in_channels
+    m, sd = _per_band("mean", mean, bands), _per_band("std", std, bands)
+    if stats_from is not None:
+        m, sd, _ = band_statistics(stats_from)
+        if len(m) != bands:
+            raise OptionError(f"--stats-from {stats_from}: has {len(m)} bands but the model takes {bands}")
+    d = info.to_dict()
+    if m is not None:
+        d["mean"] = m
+    if sd is not None:
+        d["std"] = sd
+    if classes is not None:
+        spec = parse_classes(classes)
+        if len(spec) != info.num_classes:
+            raise OptionError(
+                f"--classes names {len(spec)} classes but the model has {info.num_classes} output channels; "
+                "give one ID:NAME per channel, in channel order"
+            )
+        d["class_ids"], d["class_names"] = list(spec), list(spec.values())
+        if any(not 0 <= c <= 254 for c in spec):
+            raise OptionError("--classes: class ids must be 0..254 (255 is the class raster's nodata)")
+    if tile_size is not None:
+        if tile_size < 1 or tile_size % max(info.stride, 1):
+            raise OptionError(f"--tile {tile_size}: must be a positive multiple of the model stride {info.stride}")
+        d["tile_size"] = int(tile_size)
+    d["extra"] = {**d.get("extra", {}), "exported_from": os.path.basename(str(source))}
+    return save_model(out, model.module, ModelInfo.from_dict(d))
