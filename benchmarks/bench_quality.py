@@ -159,7 +159,7 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     unlabeled = [str(IMAGE)] if (setting == "sparse" and model == "vae") else []
     dm = SceneDataModule(str(IMAGE), str(labels), classes=CLASSES, unlabeled=unlabeled, tile=args.tile,
                          batch_size=args.batch_size, val_fraction=0.5, val_side="east",
-                         samples_per_epoch=args.samples_per_epoch, seed=seed)
+                         samples_per_epoch=args.samples_per_epoch, seed=seed, sampler=args.sampler)
     mean, std, _ = band_statistics(str(IMAGE))
     cw = balanced_class_weights(dm.train_class_counts)
     steps_per_epoch = dm.length // dm.batch_size
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-weight", type=float, default=1.0)
     ap.add_argument("--recon-condition", default="class", choices=["class", "none"],
                     help="reconstruction given z and the class (semi-supervised VAE) or z alone")
+    ap.add_argument("--sampler", default="auto", choices=["auto", "random", "labelled"],
+                    help="training patches (both models): auto = around labels when they are sparse")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     ap.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")
@@ -260,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real data not found: {IMAGE} (set GEOVAE_TEST_DATA)", file=sys.stderr)
         return 1
     _setup_torch(args.threads)
-    budget = {k: getattr(args, k) for k in ("epochs", "samples_per_epoch", "tile", "batch_size", "lr", "threads")}
+    budget = {k: getattr(args, k) for k in ("epochs", "samples_per_epoch", "tile", "batch_size", "lr", "threads",
+                                            "sampler")}
     rows = []
     for setting in args.settings:
         for seed in args.seeds:

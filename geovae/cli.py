@@ -202,12 +202,15 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sampler", type=click.Choice(["auto", "random", "labelled"]), default="auto", show_default=True,
+              help="Training patches: around labels (labelled), anywhere (random), or labelled when labels "
+                   "cover under half the training part (auto).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
           vector_labels: str | None, label_field: str | None, classes: str | None,
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
-          device: str, seed: int, overrides: tuple[str, ...]) -> None:
+          device: str, seed: int, sampler: str, overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import train as training
 
@@ -223,7 +226,7 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         result = training.train_model(
             image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
             unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
-            seed=seed, progress=not _quiet(ctx),
+            seed=seed, sampler=sampler, progress=not _quiet(ctx),
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):

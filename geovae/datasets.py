@@ -51,7 +51,7 @@ from torchgeo.datasets import (
     VectorDataset,
     stack_samples,
 )
-from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
+from torchgeo.samplers import GeoSampler, GriddedPatchSampler, RandomGeoSampler, SpatialSampler
 
 from geovae.errors import LabelsError, OptionError, SceneError
 from geovae.model.base import DEFAULT_COLORS
@@ -62,6 +62,10 @@ log = logging.getLogger("geovae.datasets")
 IGNORE_INDEX = -100
 
 VAL_SIDES = ("east", "west", "north", "south")
+SAMPLERS = ("auto", "random", "labelled")
+#: With ``sampler="auto"``, patches are drawn around labels when labels cover less than this
+#: share of the training part (sparse labels: random patches would mostly miss them).
+SPARSE_LABEL_SHARE = 0.5
 
 
 # ----------------------------------------------------------------------------- classes
@@ -338,6 +342,127 @@ def label_counts(path: str, bounds: tuple[float, float, float, float] | None = N
             for v, c in zip(vals.tolist(), cnt.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + c
     return counts, nd
+
+
+def labelled_cells(
+    labels: str | None,
+    box: tuple[float, float, float, float],
+    transform: Any,
+    cell: int,
+    ids: Sequence[int],
+    *,
+    shapes: Any = None,
+) -> np.ndarray:
+    """Boxes of the ``cell`` x ``cell``-pixel cells of ``box`` that hold at least one label.
+
+    Memory is one cell grid plus one strip of label rows, whatever the scene's size.
+
+    Args:
+        labels: a label raster on the image's grid (or None with ``shapes``).
+        box: (left, bottom, right, top) part of the scene, in CRS units.
+        transform: the image's affine transform (north-up).
+        cell: cell side in pixels.
+        ids: class ids that count as labels.
+        shapes: vector labels (shapely geometries in the image's CRS) instead of a raster.
+
+    Returns:
+        (N, 4) float array of (left, bottom, right, top) cell boxes, clipped to ``box``.
+    """
+    col0, row1 = ~transform @ (box[0], box[1])
+    col1, row0 = ~transform @ (box[2], box[3])
+    c0, r0 = int(math.floor(min(col0, col1) + 1e-6)), int(math.floor(min(row0, row1) + 1e-6))
+    c1, r1 = int(math.ceil(max(col0, col1) - 1e-6)), int(math.ceil(max(row0, row1) - 1e-6))
+    ny, nx = -(-(r1 - r0) // cell), -(-(c1 - c0) // cell)
+    occ = np.zeros((ny, nx), bool)
+    if shapes is not None:
+        from rasterio.features import rasterize
+
+        cell_tf = transform @ rasterio.Affine.translation(c0, r0) @ rasterio.Affine.scale(cell)
+        geoms = [g for g in shapes if g is not None and not g.is_empty]
+        if geoms:
+            occ = rasterize(geoms, out_shape=(ny, nx), transform=cell_tf, all_touched=True, dtype="uint8") > 0
+    else:
+        assert labels is not None
+        wanted = np.asarray(sorted(ids))
+        with _open(labels, "labels") as src:
+            strip = max(cell, (4096 // cell) * cell)
+            for top in range(r0, r1, strip):
+                h = min(strip, r1 - top)
+                a = src.read(1, window=rasterio.windows.Window(c0, top, c1 - c0, h), boundless=True, fill_value=0)
+                lab = np.isin(a, wanted)
+                pad = (-h % cell, -(c1 - c0) % cell)
+                lab = np.pad(lab, ((0, pad[0]), (0, pad[1])))
+                cells = lab.reshape(lab.shape[0] // cell, cell, nx, cell).any(axis=(1, 3))
+                occ[(top - r0) // cell : (top - r0) // cell + cells.shape[0]] |= cells
+    rows, cols = np.nonzero(occ)
+    out = []
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+        x0, y0 = transform @ (c0 + c * cell, r0 + r * cell)
+        x1, y1 = transform @ (min(c0 + (c + 1) * cell, c1), min(r0 + (r + 1) * cell, r1))
+        out.append((max(min(x0, x1), box[0]), max(min(y0, y1), box[1]), min(max(x0, x1), box[2]), min(max(y0, y1), box[3])))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 4)
+
+
+class LabelledPatchSampler(SpatialSampler):
+    """Random patches that each hold labelled pixels: for sparse labels (a few polygons).
+
+    A TorchGeo :class:`~torchgeo.samplers.SpatialSampler` (random strategy). TorchGeo's own
+    ``RandomPatchSampler`` with the labelled cells as ``roi`` would not do: it erodes the
+    region by half a patch, which erases cells smaller than a patch.
+
+    Each patch picks one labelled cell (see :func:`labelled_cells`; cells are at most a patch
+    wide) uniformly at random and covers it whole, at a random whole-pixel position inside
+    ``roi``, so every patch holds labelled pixels. Every labelled region is visited about
+    equally often per cell it touches, and most of each patch is the unlabelled context
+    around it.
+
+    Args:
+        dataset: the labelled dataset (image joined with labels).
+        size: patch side in pixels.
+        length: patches per epoch.
+        roi: (left, bottom, right, top) part to sample from (the training part).
+        cells: (N, 4) labelled cell boxes inside ``roi``; N >= 1.
+        generator: torch random generator (seeded for reproducibility).
+    """
+
+    def __init__(self, dataset: GeoDataset, size: int, length: int, roi: tuple[float, float, float, float],
+                 cells: np.ndarray, generator: torch.Generator | None = None) -> None:
+        super().__init__(dataset, roi=shapely.box(*roi))
+        if len(cells) == 0:
+            raise LabelsError("no labelled pixels in the training part; check the labels and --classes")
+        self.rx, self.ry = float(dataset.res[0]), float(dataset.res[1])
+        self.size = int(size)
+        self.length = int(length)
+        self.box = roi
+        self.cells = torch.as_tensor(cells, dtype=torch.float64)
+        self.generator = generator
+
+    @property
+    def strategy(self) -> str:  # type: ignore[override]
+        return "random"
+
+    def __iter__(self) -> Any:
+        left, bottom, right, top = self.box
+        w, h = self.size * self.rx, self.size * self.ry
+        g = self.generator
+
+        def pick(lo: float, hi: float) -> int:
+            # A whole-pixel offset in [lo, hi] (pixel units): reads stay on the image's grid.
+            a, b = math.ceil(lo - 1e-6), math.floor(hi + 1e-6)
+            return a if b <= a else int(torch.randint(a, b + 1, (1,), generator=g))
+
+        for _ in range(self.length):
+            i = int(torch.randint(len(self.cells), (1,), generator=g))
+            cx0, cy0, cx1, cy1 = self.cells[i].tolist()
+            # The patch covers the whole cell (so at least one labelled pixel), at a random
+            # place around it, inside the region.
+            kx = pick((max(cx1 - w, left) - left) / self.rx, (min(cx0, right - w) - left) / self.rx)
+            ky = pick((top - min(cy0 + h, top)) / self.ry, (top - max(cy1, bottom + h)) / self.ry)
+            x0, y1 = left + kx * self.rx, top - ky * self.ry
+            yield slice(x0, x0 + w), slice(y1 - h, y1)
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def label_colors(path: str, ids: Sequence[int]) -> list[tuple[int, int, int]] | None:
@@ -626,6 +751,11 @@ class SceneDataModule(GeoDataModule):
         samples_per_epoch: training patches per epoch (default: 4x the number of
             non-overlapping tiles in the training part, rounded up to whole batches).
         num_workers: DataLoader worker processes.
+        sampler: where training patches come from: ``"random"`` (TorchGeo's
+            ``RandomGeoSampler`` over the training part), ``"labelled"``
+            (:class:`LabelledPatchSampler`: every patch holds labelled pixels) or ``"auto"``
+            (labelled when labels cover less than half of the training part, as hand-drawn
+            polygons do; random otherwise). Unlabelled scenes are always sampled at random.
         seed: seed of the random patch sampler.
         ignore_index: mask value of unlabelled pixels.
 
@@ -649,6 +779,7 @@ class SceneDataModule(GeoDataModule):
         num_workers: int = 0,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
+        sampler: str = "auto",
     ) -> None:
         super().__init__(SceneImage, batch_size=batch_size, patch_size=tile, length=samples_per_epoch,
                          num_workers=num_workers)
@@ -656,6 +787,8 @@ class SceneDataModule(GeoDataModule):
             raise OptionError(f"tile {tile}: too small; use 32 or more")
         if batch_size < 1:
             raise OptionError(f"batch_size {batch_size}: must be at least 1")
+        if sampler not in SAMPLERS:
+            raise OptionError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         if labels and vector_labels:
             raise OptionError("give either labels (a raster) or vector_labels, not both")
         if not labels and not vector_labels:
@@ -722,6 +855,7 @@ class SceneDataModule(GeoDataModule):
                                       f"class ids nor names; choose the class attribute") from None
                 counts = {v: ints.count(v) for v in set(ints)}
             self.classes = resolve_classes(classes, counts, where=self.vector_path)
+            self._label_shapes = list(gdf.geometry)
             # Pixel counts per class from polygon areas inside each part (for class weights).
             train_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.train_box)
             val_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.val_box)
@@ -734,6 +868,12 @@ class SceneDataModule(GeoDataModule):
             raise LabelsError(f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
                               f"of the scene; check the labels, --classes, or val_fraction/val_side")
         self.n_labelled = {"train": n_train, "val": n_val}
+        tb = self.train_box
+        train_px = max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (f.res[0] * f.res[1]))
+        self.labelled_share = min(1.0, n_train / train_px)
+        if sampler == "auto":
+            sampler = "labelled" if self.labelled_share < SPARSE_LABEL_SHARE else "random"
+        self.sampler = sampler
 
         if samples_per_epoch is None:
             tb = self.train_box
@@ -781,8 +921,16 @@ class SceneDataModule(GeoDataModule):
         if stage in ("fit",):
             self.train_dataset = self._labelled_ds(self.train_box)
             gen = torch.Generator().manual_seed(self.seed)
-            self.train_sampler = RandomGeoSampler(self.train_dataset, size=self.tile, length=self.length,
-                                                  roi=shapely.box(*self.train_box), generator=gen)
+            if self.sampler == "labelled":
+                f = self.facts
+                transform = rasterio.Affine(f.res[0], 0.0, f.bounds[0], 0.0, -f.res[1], f.bounds[3])
+                cells = labelled_cells(self.labels_path, self.train_box, transform, max(1, self.tile // 2),
+                                       self.classes.ids, shapes=None if self.labels_path else self._label_shapes)
+                self.train_sampler: GeoSampler = LabelledPatchSampler(
+                    self.train_dataset, self.tile, self.length, self.train_box, cells, generator=gen)
+            else:
+                self.train_sampler = RandomGeoSampler(self.train_dataset, size=self.tile, length=self.length,
+                                                      roi=shapely.box(*self.train_box), generator=gen)
             if self.unlabeled_paths:
                 uds = [self._image_ds(p, transforms=AddIgnoreMask(self.ignore_index)) for p in self.unlabeled_paths]
                 self.unlabeled_dataset: GeoDataset | None = functools.reduce(operator.or_, uds) if len(uds) > 1 else uds[0]
@@ -828,6 +976,7 @@ class SceneDataModule(GeoDataModule):
             "val_box": list(self.val_box) if self.val_box else None,
             "crs": self.facts.crs.to_string(),
             "labelled_pixels": self.n_labelled,
+            "sampler": self.sampler,
         }
 
 

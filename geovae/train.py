@@ -490,6 +490,7 @@ def train_model(
     depth: int = 4,
     latent_channels: int = 8,
     encoder: str = "unet",
+    sampler: str = "auto",
 ) -> TrainResult:
     """Train the VAE segmenter on one labelled scene and write a model file.
 
@@ -531,6 +532,9 @@ def train_model(
         depth: number of stride-2 stages (model stride ``2**depth``).
         latent_channels: channels of the latent map.
         encoder: ``"unet"`` or ``"smp:<name>"``.
+        sampler: training patches: ``"auto"`` (around labels when they cover less than half
+            the training part, else random), ``"random"`` or ``"labelled"``; see
+            :class:`~geovae.datasets.SceneDataModule`.
 
     Returns:
         A :class:`TrainResult`.
@@ -556,7 +560,7 @@ def train_model(
         str(image), str(labels) if labels else None, vector_labels=str(vector_labels) if vector_labels else None,
         label_field=label_field, classes=classes, unlabeled=[str(u) for u in unlabeled], tile=tile,  # type: ignore[arg-type]
         batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
-        num_workers=num_workers, seed=seed,
+        num_workers=num_workers, seed=seed, sampler=sampler,
     )
     from geovae.datasets import band_statistics
 
