@@ -156,7 +156,7 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
     labels = FULL if setting == "full" else SPARSE
-    unlabeled = [str(IMAGE)] if (setting == "sparse" and model == "vae") else []
+    unlabeled = [str(IMAGE)] if (setting == "sparse" and model == "vae" and not args.no_unlabeled) else []
     dm = SceneDataModule(str(IMAGE), str(labels), classes=CLASSES, unlabeled=unlabeled, tile=args.tile,
                          batch_size=args.batch_size, val_fraction=0.5, val_side="east",
                          samples_per_epoch=args.samples_per_epoch, seed=seed, sampler=args.sampler)
@@ -247,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recon-weight", type=float, default=1.0)
     ap.add_argument("--recon-condition", default="class", choices=["class", "none"],
                     help="reconstruction given z and the class (semi-supervised VAE) or z alone")
-    ap.add_argument("--sampler", default="auto", choices=["auto", "random", "labelled"],
-                    help="training patches (both models): auto = around labels when they are sparse")
+    ap.add_argument("--sampler", default="random", choices=["random", "labelled"],
+                    help="training patches (both models): anywhere, or each holding labels")
+    ap.add_argument("--no-unlabeled", action="store_true", help="sparse VAE without the unlabelled scene (ablation)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--json", type=Path, help="append one JSON line per run here")
     ap.add_argument("--table", type=Path, nargs="+", help="only print the table of these JSON-lines files")

@@ -202,9 +202,9 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--sampler", type=click.Choice(["auto", "random", "labelled"]), default="auto", show_default=True,
-              help="Training patches: around labels (labelled), anywhere (random), or labelled when labels "
-                   "cover under half the training part (auto).")
+@click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
+              help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
+                   "for sparse labels without --unlabeled).")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,

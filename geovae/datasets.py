@@ -62,10 +62,7 @@ log = logging.getLogger("geovae.datasets")
 IGNORE_INDEX = -100
 
 VAL_SIDES = ("east", "west", "north", "south")
-SAMPLERS = ("auto", "random", "labelled")
-#: With ``sampler="auto"``, patches are drawn around labels when labels cover less than this
-#: share of the training part (sparse labels: random patches would mostly miss them).
-SPARSE_LABEL_SHARE = 0.5
+SAMPLERS = ("random", "labelled")
 
 
 # ----------------------------------------------------------------------------- classes
@@ -752,10 +749,10 @@ class SceneDataModule(GeoDataModule):
             non-overlapping tiles in the training part, rounded up to whole batches).
         num_workers: DataLoader worker processes.
         sampler: where training patches come from: ``"random"`` (TorchGeo's
-            ``RandomGeoSampler`` over the training part), ``"labelled"``
-            (:class:`LabelledPatchSampler`: every patch holds labelled pixels) or ``"auto"``
-            (labelled when labels cover less than half of the training part, as hand-drawn
-            polygons do; random otherwise). Unlabelled scenes are always sampled at random.
+            ``RandomGeoSampler`` over the training part) or ``"labelled"``
+            (:class:`LabelledPatchSampler`: every patch holds labelled pixels; for sparse
+            labels without unlabelled scenes, see docs/quality.md). Unlabelled scenes are
+            always sampled at random.
         seed: seed of the random patch sampler.
         ignore_index: mask value of unlabelled pixels.
 
@@ -779,7 +776,7 @@ class SceneDataModule(GeoDataModule):
         num_workers: int = 0,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
-        sampler: str = "auto",
+        sampler: str = "random",
     ) -> None:
         super().__init__(SceneImage, batch_size=batch_size, patch_size=tile, length=samples_per_epoch,
                          num_workers=num_workers)
@@ -871,8 +868,6 @@ class SceneDataModule(GeoDataModule):
         tb = self.train_box
         train_px = max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (f.res[0] * f.res[1]))
         self.labelled_share = min(1.0, n_train / train_px)
-        if sampler == "auto":
-            sampler = "labelled" if self.labelled_share < SPARSE_LABEL_SHARE else "random"
         self.sampler = sampler
 
         if samples_per_epoch is None:

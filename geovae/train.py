@@ -490,7 +490,7 @@ def train_model(
     depth: int = 4,
     latent_channels: int = 8,
     encoder: str = "unet",
-    sampler: str = "auto",
+    sampler: str = "random",
 ) -> TrainResult:
     """Train the VAE segmenter on one labelled scene and write a model file.
 
@@ -532,9 +532,8 @@ def train_model(
         depth: number of stride-2 stages (model stride ``2**depth``).
         latent_channels: channels of the latent map.
         encoder: ``"unet"`` or ``"smp:<name>"``.
-        sampler: training patches: ``"auto"`` (around labels when they cover less than half
-            the training part, else random), ``"random"`` or ``"labelled"``; see
-            :class:`~geovae.datasets.SceneDataModule`.
+        sampler: training patches: ``"random"`` or ``"labelled"`` (every patch holds
+            labels); see :class:`~geovae.datasets.SceneDataModule`.
 
     Returns:
         A :class:`TrainResult`.

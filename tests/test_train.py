@@ -218,10 +218,9 @@ def test_unlabeled_scenes_join_every_training_step(nc_stack: Path, nc_polygons: 
     assert dm.n_labelled["train"] + dm.n_labelled["val"] == 2872  # the 34 polygons' pixels
 
 
-def test_sparse_labels_get_patches_that_hold_labels(nc_stack: Path, nc_polygons: Path, nc_polygons_shp: Path,
-                                                    nc_labels: Path) -> None:
-    """34 hand-drawn polygons cover 1.3 % of the training half: random patches miss them about
-    half the time; 'auto' switches to the labelled sampler, whose every patch holds labels."""
+def test_labelled_sampler_gives_every_patch_labels(nc_stack: Path, nc_polygons: Path, nc_polygons_shp: Path) -> None:
+    """34 hand-drawn polygons cover 1.3 % of the training half: random patches miss them
+    about half the time; every patch of the labelled sampler holds labels."""
     from geovae.datasets import LabelledPatchSampler
 
     def labelled_px(dm: SceneDataModule) -> list[int]:
@@ -229,27 +228,26 @@ def test_sparse_labels_get_patches_that_hold_labels(nc_stack: Path, nc_polygons:
         return [int((dm.train_dataset[q]["mask"] != IGNORE_INDEX).sum()) for q in dm.train_sampler]
 
     kw = dict(classes=NC_CLASSES, tile=64, batch_size=8, val_fraction=0.5, samples_per_epoch=48, seed=3)
-    rnd = SceneDataModule(str(nc_stack), str(nc_polygons), sampler="random", **kw)
-    auto = SceneDataModule(str(nc_stack), str(nc_polygons), **kw)
-    assert auto.sampler == "labelled" and auto.labelled_share < 0.05 and auto.describe()["sampler"] == "labelled"
-    r, a = labelled_px(rnd), labelled_px(auto)
-    assert isinstance(auto.train_sampler, LabelledPatchSampler) and len(a) == 48
+    rnd = SceneDataModule(str(nc_stack), str(nc_polygons), **kw)
+    lab = SceneDataModule(str(nc_stack), str(nc_polygons), sampler="labelled", **kw)
+    assert rnd.sampler == "random" and lab.labelled_share < 0.05 and lab.describe()["sampler"] == "labelled"
+    r, a = labelled_px(rnd), labelled_px(lab)
+    assert isinstance(lab.train_sampler, LabelledPatchSampler) and len(a) == 48
     assert min(a) > 0 and sum(x == 0 for x in r) >= 10
     assert sum(a) > sum(r)
     # Patches stay whole, on the pixel grid and inside the training half.
-    for xs, ys in auto.train_sampler:
-        assert xs.start >= auto.train_box[0] - 1e-6 and xs.stop <= auto.train_box[2] + 1e-6
-        assert round((xs.stop - xs.start) / auto.facts.res[0]) == 64
-        assert abs((xs.start - auto.facts.bounds[0]) / auto.facts.res[0] % 1) < 1e-6
+    for xs, ys in lab.train_sampler:
+        assert xs.start >= lab.train_box[0] - 1e-6 and xs.stop <= lab.train_box[2] + 1e-6
+        assert ys.start >= lab.train_box[1] - 1e-6 and ys.stop <= lab.train_box[3] + 1e-6
+        assert round((xs.stop - xs.start) / lab.facts.res[0]) == 64
+        assert abs((xs.start - lab.facts.bounds[0]) / lab.facts.res[0] % 1) < 1e-6
     # The same seed draws the same patches (reproducible training).
-    again = SceneDataModule(str(nc_stack), str(nc_polygons), **kw)
+    again = SceneDataModule(str(nc_stack), str(nc_polygons), sampler="labelled", **kw)
     assert labelled_px(again) == a
     # Vector labels: cells come from the polygons themselves.
     vec = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="id", sampler="labelled",
                           **(kw | {"samples_per_epoch": 8}))
     assert min(labelled_px(vec)) > 0
-    # A full land-cover map keeps TorchGeo's random sampler.
-    assert SceneDataModule(str(nc_stack), str(nc_labels), **kw).sampler == "random"
     with pytest.raises(OptionError, match="sampler"):
         SceneDataModule(str(nc_stack), str(nc_polygons), sampler="balanced", **kw)
 
