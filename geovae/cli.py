@@ -331,10 +331,11 @@ def _resources(value: str | None) -> dict[str, float] | None:
 @cli.command()
 @click.option("-o", "--out", "out_dir", default="geovae-demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(), help="Folder that already holds lsat7_2000_{10..70}.tif and strata.tif.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: a 5-minute budget].")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Training epochs (about 6 s each on 2 CPU cores).")
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
-def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int | None, device: str) -> None:
+def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device: str) -> None:
     """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
     from geovae.demo import run_demo
 

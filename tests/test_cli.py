@@ -119,6 +119,29 @@ def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert_one_line_error(code, err, 1, "lsat7_2000_10.tif")
 
 
+def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The README's first command, shortened to one epoch: real Landsat-7 bands from the shared
+    data in, a trained model file, georeferenced rasters, polygons, a PNG and a score out."""
+    from conftest import data_path
+
+    data = data_path("nc_landsat7_landclass96", "original")
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu")
+    assert code == 0, err
+    assert "mIoU on the east half (held out):" in stdout
+    report = json.loads((out / "demo.json").read_text())
+    assert 0.0 < report["evaluation"]["miou"] <= 1.0
+    with rasterio.open(out / "nc_lsat7_2000.classes.tif") as src, \
+            rasterio.open(data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")) as ref:
+        assert (src.crs, src.transform, src.shape) == (ref.crs, ref.transform, ref.shape)
+        classes = src.read(1)
+    assert set(np.unique(classes)) <= {1, 2, 3, 4, 5, 6, 7, 255} and len(np.unique(classes)) >= 2
+    gj = json.loads((out / "nc_lsat7_2000.geojson").read_text())
+    assert gj["features"] and {"class_id", "area_m2"} <= set(gj["features"][0]["properties"])
+    assert (out / "nc_lsat7_2000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.tmp"))
+
+
 def test_console_entry_point_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "geovae", "info", str(tmp_path / "nope.tif")],
                           capture_output=True, text=True)
