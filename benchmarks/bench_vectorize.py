@@ -14,8 +14,9 @@ GeoPackage (same attributes except the means, which need a confidence raster).
 Usage::
 
     .venv/bin/python benchmarks/bench_vectorize.py [--tiles 1 2] [--repeats 3] [--block-size 1024]
-        [--json results.json] [--before DIR]
+        [--format gpkg|geojson|parquet] [--json results.json] [--before DIR]
 
+``--format geojson|parquet`` writes that format instead of a GeoPackage (every method).
 ``--json`` writes the runs and the summary as JSON (the printed table keeps its format:
 ``python -m benchmarks`` parses it). ``--before DIR`` adds a third method, ``before``:
 geovae imported from another checkout (e.g. ``git worktree add /tmp/old HEAD~3``),
@@ -91,7 +92,12 @@ def run_baseline(raster: Path, out: Path, block_size: int) -> int:
         values.append(int(value))
     gdf = gpd.GeoDataFrame({"class_id": np.array(values, np.int32)}, geometry=geoms, crs=crs)
     gdf["area_m2"] = gdf.area
-    pyogrio.write_dataframe(gdf, out, driver="GPKG", layer="polygons")
+    if out.suffix == ".geojson":
+        pyogrio.write_dataframe(gdf.to_crs(4326), out, driver="GeoJSON", layer_options={"RFC7946": "YES"})
+    elif out.suffix == ".parquet":
+        gdf.to_parquet(out, index=False)
+    else:
+        pyogrio.write_dataframe(gdf, out, driver="GPKG", layer="polygons")
     return len(gdf)
 
 
@@ -122,6 +128,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--before", type=Path, metavar="DIR",
                         help="also run geovae imported from checkout DIR (method 'before'), interleaved")
+    parser.add_argument("--format", choices=["gpkg", "geojson", "parquet"], default="gpkg",
+                        help="polygon output format, the same for every method")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "RASTER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -134,9 +142,11 @@ def main() -> None:
     if args.before is not None and not (args.before / "geovae" / "vectorize.py").exists():
         sys.exit(f"--before {args.before}: no geovae/vectorize.py there; pass a checkout of this repository")
 
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}, "
+          f"output .{args.format}")
     methods = ["geovae", "baseline"] + (["before"] if args.before else [])
     report: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "block_size": args.block_size,
+                    "format": args.format,
                     "repeats": args.repeats, "load_average": os.getloadavg(),
                     "before": str(args.before.resolve()) if args.before else None, "scenes": []}
     with tempfile.TemporaryDirectory(prefix="bench_vectorize_") as tmp:
@@ -147,7 +157,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {m: [] for m in methods}
             for r in range(args.repeats):
                 for method in methods if r % 2 == 0 else methods[::-1]:
-                    out = Path(tmp) / f"{method}_{tiles}_{r}.gpkg"
+                    out = Path(tmp) / f"{method}_{tiles}_{r}.{args.format}"
                     env = None
                     if method == "before":  # the other checkout's geovae comes first on the path
                         env = dict(os.environ, PYTHONPATH=os.pathsep.join(

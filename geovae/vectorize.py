@@ -25,6 +25,7 @@ finished polygons (the output itself), a GeoPackage alone is streamed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -59,6 +60,8 @@ FORMATS: dict[str, str] = {".geojson": "GeoJSON", ".gpkg": "GPKG", ".parquet": "
 #: Finished polygons are flushed to the temporary GeoPackage in chunks of this many
 #: (20,000 held ~45 MiB more at peak for no measurable speed-up).
 _FLUSH_EVERY = 5_000
+#: Polygons per batch when streaming the parts file into GeoJSON / GeoParquet.
+_STREAM_BATCH = 20_000
 
 #: GDAL block cache while vectorising (bytes): blocks are read once, so a small cache.
 _GDAL_CACHE_BYTES = 16 * 2**20
@@ -480,6 +483,64 @@ def _write_outputs(
             gdf.to_parquet(tmp, index=False, schema_version="1.1.0", write_covering_bbox=False)
 
 
+def _batches(parts_path: Path) -> Any:
+    """Record batches (WKB geometry) of the parts GeoPackage, and the geometry column name."""
+    return pyogrio.raw.open_arrow(parts_path, layer="polygons", batch_size=_STREAM_BATCH, use_pyarrow=True)
+
+
+def _stream_output(parts_path: Path, final: Path, tmp: Path, crs: Any, geometry_type: str, layer: str) -> None:
+    """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in batches."""
+    import pyarrow as pa
+    from pyproj import CRS as ProjCRS
+    from pyproj import Transformer
+
+    suffix = final.suffix.lower()
+    proj_crs = ProjCRS.from_wkt(crs.to_wkt()) if crs is not None else None
+    with _batches(parts_path) as (meta, reader):
+        geom_col = meta.get("geometry_name") or "wkb_geometry"
+        if suffix == ".geojson":
+            to_wgs84 = None
+            if proj_crs is not None and proj_crs.to_epsg() != 4326:
+                tr = Transformer.from_crs(proj_crs, 4326, always_xy=True)
+
+                def to_wgs84(xy: np.ndarray) -> np.ndarray:
+                    return np.column_stack(tr.transform(xy[:, 0], xy[:, 1]))
+
+            def wgs84_batches() -> Any:
+                for batch in reader:
+                    if to_wgs84 is not None:
+                        i = batch.schema.get_field_index(geom_col)
+                        g = shapely.transform(shapely.from_wkb(batch.column(i).to_numpy(zero_copy_only=False)), to_wgs84)
+                        batch = batch.set_column(i, batch.schema.field(i), pa.array(shapely.to_wkb(g), pa.binary()))
+                    yield batch
+
+            stream = pa.RecordBatchReader.from_batches(reader.schema, wgs84_batches())
+            # RFC7946=YES makes GDAL write right-hand (CCW exterior) rings and cut polygons at
+            # the antimeridian; it expects lon/lat input, hence the reprojection above.
+            pyogrio.write_arrow(stream, tmp, driver="GeoJSON", layer=layer, geometry_name=geom_col,
+                                geometry_type=geometry_type, crs="EPSG:4326", layer_options={"RFC7946": "YES"})
+        else:
+            import pyarrow.parquet as pq
+
+            schema = reader.schema
+            i = schema.get_field_index(geom_col)
+            schema = schema.set(i, pa.field("geometry", pa.binary()))
+            geo = {
+                "version": "1.1.0",
+                "primary_column": "geometry",
+                "columns": {"geometry": {
+                    "encoding": "WKB",
+                    "geometry_types": [geometry_type],
+                    # PROJJSON, as GeoParquet asks; null means "unknown" (pixel coordinates).
+                    "crs": None if proj_crs is None else json.loads(proj_crs.to_json()),
+                }},
+            }
+            schema = schema.with_metadata({b"geo": json.dumps(geo).encode()})
+            with pq.ParquetWriter(tmp, schema) as w:
+                for batch in reader:
+                    w.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+
+
 # --------------------------------------------------------------------------------------
 # the public function
 
@@ -681,12 +742,13 @@ def _run(
                 open_pieces.add(geoms[~done], cls[~done], stats[~done])
         parts.flush(force=True)
 
-        if simplify == 0 and gpkg_direct:
-            others = [p for p in paths if tmps[p] != parts_path]
+        if simplify == 0:
+            # Stream the finished polygons from the parts file into each other format, one
+            # batch at a time: memory stays flat however many polygons the scene has.
             n = parts.n
-            if others:
-                gdf = _read(parts_path)
-                _write_outputs(gdf, others, tmps, geometry_type, paths[0].stem)
+            for p in paths:
+                if tmps[p] != parts_path:
+                    _stream_output(parts_path, p, tmps[p], src.crs, geometry_type, paths[0].stem)
         else:
             gdf = _read(parts_path)
             if simplify > 0 and len(gdf):
