@@ -492,33 +492,16 @@ def _stream_output(parts_path: Path, final: Path, tmp: Path, crs: Any, geometry_
     """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in batches."""
     import pyarrow as pa
     from pyproj import CRS as ProjCRS
-    from pyproj import Transformer
 
     suffix = final.suffix.lower()
     proj_crs = ProjCRS.from_wkt(crs.to_wkt()) if crs is not None else None
     with _batches(parts_path) as (meta, reader):
         geom_col = meta.get("geometry_name") or "wkb_geometry"
         if suffix == ".geojson":
-            to_wgs84 = None
-            if proj_crs is not None and proj_crs.to_epsg() != 4326:
-                tr = Transformer.from_crs(proj_crs, 4326, always_xy=True)
-
-                def to_wgs84(xy: np.ndarray) -> np.ndarray:
-                    return np.column_stack(tr.transform(xy[:, 0], xy[:, 1]))
-
-            def wgs84_batches() -> Any:
-                for batch in reader:
-                    if to_wgs84 is not None:
-                        i = batch.schema.get_field_index(geom_col)
-                        g = shapely.transform(shapely.from_wkb(batch.column(i).to_numpy(zero_copy_only=False)), to_wgs84)
-                        batch = batch.set_column(i, batch.schema.field(i), pa.array(shapely.to_wkb(g), pa.binary()))
-                    yield batch
-
-            stream = pa.RecordBatchReader.from_batches(reader.schema, wgs84_batches())
-            # RFC7946=YES makes GDAL write right-hand (CCW exterior) rings and cut polygons at
-            # the antimeridian; it expects lon/lat input, hence the reprojection above.
-            pyogrio.write_arrow(stream, tmp, driver="GeoJSON", layer=layer, geometry_name=geom_col,
-                                geometry_type=geometry_type, crs="EPSG:4326", layer_options={"RFC7946": "YES"})
+            # RFC7946=YES makes GDAL reproject to WGS84 lon/lat itself (given the layer's CRS),
+            # write right-hand (CCW exterior) rings and cut polygons at the antimeridian.
+            pyogrio.write_arrow(reader, tmp, driver="GeoJSON", layer=layer, geometry_name=geom_col,
+                                geometry_type=geometry_type, crs=crs.to_wkt(), layer_options={"RFC7946": "YES"})
         else:
             import pyarrow.parquet as pq
 
