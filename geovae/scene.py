@@ -53,6 +53,21 @@ _REMOTE_PREFIXES = {
 }
 
 
+def capped_gdal_cache(limit_bytes: int) -> rasterio.Env:
+    """A ``rasterio.Env`` whose GDAL block cache is at most ``limit_bytes`` (never raised).
+
+    GDAL's block cache defaults to 5 % of RAM and keeps every block read or written until it
+    is full, so a streaming job's memory would grow with the scene up to that size. geovae
+    reads each block about once, so a small cache costs nothing. The cache size is process-wide
+    in GDAL: two runs in threads of one process share the last value set.
+    """
+    from rasterio.env import get_gdal_config
+
+    # rasterio reports the effective size in bytes, whatever form (MB, %) the user set.
+    current = int(get_gdal_config("GDAL_CACHEMAX") or limit_bytes)
+    return rasterio.Env(GDAL_CACHEMAX=min(current, int(limit_bytes)))
+
+
 def gdal_path(path: str | Path) -> str:
     """Turn a user's path or URL into the name GDAL opens.
 

@@ -43,14 +43,13 @@ import rasterio
 import rasterio.features
 import shapely
 from affine import EPSILON, Affine
-from rasterio.env import get_gdal_config
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.atomic import check_output_file
 from geovae.errors import OptionError, SceneError
-from geovae.scene import grid_mismatch
+from geovae.scene import capped_gdal_cache, grid_mismatch
 
 __all__ = ["VectorizeResult", "vectorize", "FORMATS"]
 
@@ -609,8 +608,7 @@ def vectorize(
         measure = _Measure(crs, src.bounds)
         # Every block is read once, so GDAL's block cache (5 % of RAM by default) buys
         # nothing here and would keep every block read, growing memory with the raster.
-        cache = min(int(get_gdal_config("GDAL_CACHEMAX") or _GDAL_CACHE_BYTES), _GDAL_CACHE_BYTES)
-        with rasterio.Env(GDAL_CACHEMAX=cache):
+        with capped_gdal_cache(_GDAL_CACHE_BYTES):
             return _run(
                 src, conf_src, unc_src, paths, names, to_world, measure, min_area, simplify, block_size, connectivity
             )

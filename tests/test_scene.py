@@ -199,3 +199,18 @@ def test_all_nodata_scene_has_no_valid(tmp_path: Path) -> None:
     data[:, 63, 63] = 7  # one valid pixel that a decimated read would miss
     p2 = _write(tmp_path / "sparse.tif", data, nodata=0)
     assert open_scene(p2).any_valid()
+
+
+def test_gdal_block_cache_is_capped_never_raised_and_restored() -> None:
+    """Streaming runs cap GDAL's block cache (it would otherwise keep every block read or
+    written, up to 5 % of RAM) and leave the user's setting as it was."""
+    from rasterio.env import get_gdal_config
+
+    from geovae.scene import capped_gdal_cache
+
+    with rasterio.Env(GDAL_CACHEMAX=512 * 2**20):
+        with capped_gdal_cache(64 * 2**20):
+            assert int(get_gdal_config("GDAL_CACHEMAX")) == 64 * 2**20
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == 512 * 2**20
+    with rasterio.Env(GDAL_CACHEMAX=16 * 2**20), capped_gdal_cache(64 * 2**20):
+        assert int(get_gdal_config("GDAL_CACHEMAX")) == 16 * 2**20  # a smaller user setting stays
