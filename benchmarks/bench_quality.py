@@ -194,6 +194,15 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
             probs = net.sample(xn, 8).mean(0)[0, :, :h, :w]
             out["eval_samples8"] = score(probs.numpy(), ref, valid, east)
             out["final_kl"] = final.get("train_kl")
+            # How much the latent samples differ (a collapse monitor): mean total-variation
+            # distance of each sample to their mean, and the mean mutual information (nats).
+            from geovae.model.base import entropy
+            from geovae.model.losses import sample_diversity
+
+            torch.manual_seed(seed)
+            sp = net.sample(xn, 8)[:, :, :, :h, :w]
+            out["diversity"] = float(sample_diversity(sp))
+            out["mean_mi"] = float((entropy(sp.mean(0), 1) - torch.stack([entropy(q, 1) for q in sp]).mean(0)).mean())
             out["final_recon"] = final.get("train_recon")
     return out
 
