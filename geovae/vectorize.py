@@ -19,8 +19,8 @@ simplifies each shared edge once, so neighbours still share it. It needs the who
 at once, so with ``simplify`` every polygon (densified to one vertex per pixel step, which
 coverage simplification needs to see identical shared edges) is loaded into memory at the
 end: memory then grows with the number of polygon vertices. Without it, memory grows only
-with the open block lines while polygonising; writing GeoJSON or GeoParquet then loads the
-finished polygons (the output itself), a GeoPackage alone is streamed.
+with the open block lines while polygonising, and every format is streamed: GeoJSON and
+GeoParquet are copied from the temporary GeoPackage in Arrow batches.
 """
 
 from __future__ import annotations
@@ -482,28 +482,24 @@ def _write_outputs(
             gdf.to_parquet(tmp, index=False, schema_version="1.1.0", write_covering_bbox=False)
 
 
-def _batches(parts_path: Path) -> Any:
-    """Record batches (WKB geometry) of the parts GeoPackage, and the geometry column name."""
-    return pyogrio.raw.open_arrow(parts_path, layer="polygons", batch_size=_STREAM_BATCH, use_pyarrow=True)
-
-
 def _stream_output(parts_path: Path, final: Path, tmp: Path, crs: Any, geometry_type: str, layer: str) -> None:
-    """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in batches."""
-    import pyarrow as pa
-    from pyproj import CRS as ProjCRS
-
-    suffix = final.suffix.lower()
-    proj_crs = ProjCRS.from_wkt(crs.to_wkt()) if crs is not None else None
-    with _batches(parts_path) as (meta, reader):
+    """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in
+    Arrow record batches (WKB geometry) of ``_STREAM_BATCH`` polygons."""
+    with pyogrio.raw.open_arrow(parts_path, layer="polygons", batch_size=_STREAM_BATCH, use_pyarrow=True) as (
+        meta, reader
+    ):
         geom_col = meta.get("geometry_name") or "wkb_geometry"
-        if suffix == ".geojson":
+        if final.suffix.lower() == ".geojson":
             # RFC7946=YES makes GDAL reproject to WGS84 lon/lat itself (given the layer's CRS),
             # write right-hand (CCW exterior) rings and cut polygons at the antimeridian.
             pyogrio.write_arrow(reader, tmp, driver="GeoJSON", layer=layer, geometry_name=geom_col,
                                 geometry_type=geometry_type, crs=crs.to_wkt(), layer_options={"RFC7946": "YES"})
         else:
+            import pyarrow as pa
             import pyarrow.parquet as pq
+            from pyproj import CRS as ProjCRS
 
+            proj_crs = ProjCRS.from_wkt(crs.to_wkt()) if crs is not None else None
             schema = reader.schema
             i = schema.get_field_index(geom_col)
             schema = schema.set(i, pa.field("geometry", pa.binary()))
