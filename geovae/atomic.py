@@ -60,13 +60,14 @@ def sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def check_output_file(path: str | os.PathLike[str]) -> Path:
+def check_output_file(path: str | os.PathLike[str], example: str | None = None) -> Path:
     """Check that a file can be written at ``path``: not a folder, its folder exists and is writable.
 
     Nothing is created: a single output file never makes folders the user did not ask for.
 
     Args:
         path: the output file.
+        example: a file name to suggest when ``path`` is a folder (``model.safetensors``).
 
     Returns:
         Its path.
@@ -76,7 +77,8 @@ def check_output_file(path: str | os.PathLike[str]) -> Path:
     """
     p = Path(path).expanduser()
     if p.is_dir():
-        raise OutputError(f"output {p} is a folder; give a file name inside it")
+        hint = f" such as {p / example}" if example else " inside it"
+        raise OutputError(f"output {p} is a folder; give a file name{hint}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist; create it first")

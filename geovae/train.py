@@ -39,7 +39,7 @@ from geovae._version import __version__
 from geovae.atomic import check_output_file
 from geovae.datasets import IGNORE_INDEX, SceneDataModule, merge_batches
 from geovae.device import resolve_device
-from geovae.errors import ConfigError, GeovaeError, ModelMismatchError, OptionError, OutputError
+from geovae.errors import ConfigError, GeovaeError, ModelMismatchError, OptionError
 from geovae.model.base import ModelInfo
 from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
 from geovae.model.vae import VAESegmenter
@@ -418,9 +418,7 @@ def _quiet_lightning() -> None:
 
 
 def _check_out(out: str | os.PathLike[str]) -> Path:
-    if Path(out).is_dir():
-        raise OutputError(f"--out {out}: is a folder; give a file name such as {Path(out) / 'model.safetensors'}")
-    return check_output_file(out)
+    return check_output_file(out, example="model.safetensors")
 
 
 def _save(path: Path, task: VAESegmentationTask, info: ModelInfo) -> Path:

@@ -393,7 +393,7 @@ def export_model(
     from geovae.atomic import check_output_file
     from geovae.datasets import band_statistics, parse_classes
 
-    out = check_output_file(out)
+    out = check_output_file(out, example="model.safetensors")
     if stats_from is not None and (mean is not None or std is not None):
         raise OptionError("--stats-from computes mean and std; do not also give --mean or --std")
     model = load_model(source, device="cpu", amp=False)
