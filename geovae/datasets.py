@@ -865,9 +865,6 @@ class SceneDataModule(GeoDataModule):
             raise LabelsError(f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
                               f"of the scene; check the labels, --classes, or val_fraction/val_side")
         self.n_labelled = {"train": n_train, "val": n_val}
-        tb = self.train_box
-        train_px = max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (f.res[0] * f.res[1]))
-        self.labelled_share = min(1.0, n_train / train_px)
         self.sampler = sampler
 
         if samples_per_epoch is None:
@@ -875,6 +872,12 @@ class SceneDataModule(GeoDataModule):
             chips = max(1, round((tb[2] - tb[0]) / f.res[0] / tile) * round((tb[3] - tb[1]) / f.res[1] / tile))
             samples_per_epoch = 4 * chips
         self.length = int(math.ceil(samples_per_epoch / batch_size) * batch_size)
+
+    @property
+    def labelled_share(self) -> float:
+        """Share of the training part's pixels that carry a label (sparse labels: a few %)."""
+        tb, res = self.train_box, self.facts.res
+        return min(1.0, self.n_labelled["train"] / max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (res[0] * res[1])))
 
     def _vector_pixel_counts(self, gdf: Any, label_field: str, name_to_id: Mapping[str, int],
                              box: tuple[float, float, float, float] | None) -> dict[int, int]:
