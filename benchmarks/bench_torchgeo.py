@@ -81,17 +81,14 @@ def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int
     Returns:
         seconds, megapixels, polygons and per-stage timings.
     """
-    import geopandas as gpd
     import numpy as np
     import rasterio
-    import rasterio.features
-    import shapely.geometry
     import torch
     from torch.utils.data import DataLoader
     from torchgeo.datasets import RasterDataset, stack_samples
     from torchgeo.samplers import GriddedPatchSampler
 
-    from benchmarks.common import load_bench_model
+    from benchmarks.common import load_bench_model, whole_array_polygons
 
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -159,12 +156,7 @@ def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int
     timings["rasters_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    geoms, values = [], []
-    for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=4, transform=transform):
-        geoms.append(shapely.geometry.shape(geom))
-        values.append(int(value))
-    gdf = gpd.GeoDataFrame({"class_id": np.asarray(values, np.int32)}, geometry=geoms, crs=crs)
-    gdf["area_m2"] = gdf.area
+    gdf = whole_array_polygons(classes, valid, transform, crs)
     gdf.to_file(out / f"{stem}.gpkg", driver="GPKG", layer="polygons", engine="pyogrio")
     timings["vectorize_s"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start

@@ -75,23 +75,16 @@ def run_geovae(raster: Path, out: Path, block_size: int) -> int:
 
 
 def run_baseline(raster: Path, out: Path, block_size: int) -> int:
-    import geopandas as gpd
-    import numpy as np
     import pyogrio
     import rasterio
-    import rasterio.features
-    import shapely.geometry
+
+    from benchmarks.common import whole_array_polygons
 
     with rasterio.open(raster) as src:
         classes = src.read(1)
         valid = src.read_masks(1) > 0
         transform, crs = src.transform, src.crs
-    geoms, values = [], []
-    for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=4, transform=transform):
-        geoms.append(shapely.geometry.shape(geom))
-        values.append(int(value))
-    gdf = gpd.GeoDataFrame({"class_id": np.array(values, np.int32)}, geometry=geoms, crs=crs)
-    gdf["area_m2"] = gdf.area
+    gdf = whole_array_polygons(classes, valid, transform, crs)
     if out.suffix == ".geojson":
         pyogrio.write_dataframe(gdf.to_crs(4326), out, driver="GeoJSON", layer_options={"RFC7946": "YES"})
     elif out.suffix == ".parquet":
@@ -103,6 +96,8 @@ def run_baseline(raster: Path, out: Path, block_size: int) -> int:
 
 def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     """Run one method in this process; print one JSON line with time, count and peak RSS."""
+    # Run as a script: make ``benchmarks.common`` importable, after any --before checkout.
+    sys.path.append(str(ROOT))
     # Import what both methods use before timing, so neither pays import time.
     import geopandas  # noqa: F401
     import pyogrio  # noqa: F401

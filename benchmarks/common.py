@@ -363,6 +363,27 @@ def run_json(cmd: Sequence[str], timeout: float | None = None, env: dict[str, st
     return out
 
 
+def whole_array_polygons(classes: Any, valid: Any, transform: Any, crs: Any) -> Any:
+    """Polygons of a whole class array at once, the recipe of rasterio's documentation.
+
+    ``rasterio.features.shapes`` over the full array, shapely polygons, a GeoDataFrame with
+    ``class_id`` and ``area_m2``: the baseline that both the TorchGeo loop
+    (``bench_torchgeo``) and the vectoriser benchmark (``bench_vectorize``) compare against.
+    """
+    import geopandas as gpd
+    import numpy as np
+    import rasterio.features
+    import shapely.geometry
+
+    geoms, values = [], []
+    for geom, value in rasterio.features.shapes(classes, mask=valid, connectivity=4, transform=transform):
+        geoms.append(shapely.geometry.shape(geom))
+        values.append(int(value))
+    gdf = gpd.GeoDataFrame({"class_id": np.asarray(values, np.int32)}, geometry=geoms, crs=crs)
+    gdf["area_m2"] = gdf.area
+    return gdf
+
+
 def median(xs: Sequence[float]) -> float:
     """Median of a non-empty sequence (NaN when empty)."""
     return statistics.median(xs) if xs else float("nan")
