@@ -453,35 +453,6 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
-def _write_outputs(
-    gdf: Any, paths: list[Path], tmps: dict[Path, Path], geometry_type: str, layer: str
-) -> None:
-    """Write ``gdf`` to each temp path in the format its final path's suffix names."""
-    multi = geometry_type == "MultiPolygon"
-    for p in paths:
-        tmp = tmps[p]
-        suffix = p.suffix.lower()
-        if suffix == ".geojson":
-            # RFC7946=YES makes GDAL write right-hand (CCW exterior) rings, WGS84 lon/lat
-            # and cut polygons at the antimeridian; we reproject first so GDAL sees 4326.
-            out = gdf.to_crs(4326) if gdf.crs is not None and gdf.crs.to_epsg() != 4326 else gdf
-            pyogrio.write_dataframe(
-                out,
-                tmp,
-                driver="GeoJSON",
-                layer=layer,
-                geometry_type=geometry_type,
-                promote_to_multi=multi,
-                layer_options={"RFC7946": "YES"},
-            )
-        elif suffix == ".gpkg":
-            pyogrio.write_dataframe(
-                gdf, tmp, driver="GPKG", layer="polygons", geometry_type=geometry_type, promote_to_multi=multi
-            )
-        else:
-            gdf.to_parquet(tmp, index=False, schema_version="1.1.0", write_covering_bbox=False)
-
-
 def _stream_output(parts_path: Path, final: Path, tmp: Path, crs: Any, geometry_type: str, layer: str) -> None:
     """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in
     Arrow record batches (WKB geometry) of ``_STREAM_BATCH`` polygons."""
@@ -719,16 +690,10 @@ def _run(
                 open_pieces.add(geoms[~done], cls[~done], stats[~done])
         parts.flush(force=True)
 
-        if simplify == 0:
-            # Stream the finished polygons from the parts file into each other format, one
-            # batch at a time: memory stays flat however many polygons the scene has.
-            n = parts.n
-            for p in paths:
-                if tmps[p] != parts_path:
-                    _stream_output(parts_path, p, tmps[p], src.crs, geometry_type, paths[0].stem)
-        else:
+        n, source = parts.n, parts_path
+        if simplify > 0:
             gdf = _read(parts_path)
-            if simplify > 0 and len(gdf):
+            if len(gdf):
                 tol = measure.tolerance(simplify)
                 geoms = shapely.coverage_simplify(gdf.geometry.values, tol)
                 geoms = _valid(np.asarray(geoms, dtype=object))
@@ -738,7 +703,17 @@ def _run(
                 for k, v in zip(*_group_sum(gdf["class_id"].to_numpy(), gdf["area_m2"].to_numpy())):
                     class_areas[k] = v
             n = len(gdf)
-            _write_outputs(gdf, paths, tmps, geometry_type, paths[0].stem)
+            # The simplified polygons replace the parts file (or become the GeoPackage output)
+            # and every other format is copied from there, as without simplification.
+            source = next((tmps[p] for p in paths if p.suffix.lower() == ".gpkg"), parts_path)
+            source.unlink(missing_ok=True)
+            pyogrio.write_dataframe(gdf, source, driver="GPKG", layer="polygons", geometry_type=geometry_type,
+                                    promote_to_multi=geometry_type == "MultiPolygon")
+        # Stream the finished polygons into each other format, one batch at a time: memory
+        # stays flat however many polygons the scene has.
+        for p in paths:
+            if tmps[p] != source:
+                _stream_output(source, p, tmps[p], src.crs, geometry_type, paths[0].stem)
         for p in paths:
             os.replace(tmps[p], p)
     finally:

@@ -259,6 +259,23 @@ def test_simplify_keeps_shared_edges(pipeline_classes: Path, tmp_path: Path) -> 
     assert s.area_m2.to_numpy() == pytest.approx(s.area.to_numpy())  # areas describe what is written
 
 
+def test_simplified_polygons_are_the_same_in_every_format(nc_labels: Path, tmp_path: Path) -> None:
+    """With --simplify every format is copied from the one simplified GeoPackage."""
+    outs = [tmp_path / "s.geojson", tmp_path / "s.gpkg", tmp_path / "s.parquet"]
+    res = vectorize(nc_labels, outs, simplify=40.0, block_size=200)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    gpkg, pq, gj = gpd.read_file(outs[1]), gpd.read_parquet(outs[2]), gpd.read_file(outs[0])
+    assert len(gpkg) == len(pq) == len(gj) == res.n_polygons
+    assert shapely.equals_exact(gpkg.geometry.values, pq.geometry.values, tolerance=0).all()
+    assert gpkg.crs == pq.crs and gj.crs.to_epsg() == 4326
+    assert gj.to_crs(gpkg.crs).area.sum() == pytest.approx(gpkg.area.sum(), rel=1e-4)
+    assert gpkg.area_m2.sum() == pytest.approx(sum(res.class_areas_m2.values()))
+    # Only the GeoJSON asked for: the simplified polygons still reach it, and no file is left.
+    only = vectorize(nc_labels, tmp_path / "only.geojson", simplify=40.0, block_size=200)
+    assert only.n_polygons == res.n_polygons and len(gpd.read_file(tmp_path / "only.geojson")) == res.n_polygons
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_min_area_drops_small_polygons(nc_labels: Path, tmp_path: Path) -> None:
     full = gpd.read_file(vectorize(nc_labels, tmp_path / "f.gpkg", block_size=64).paths[0])
     threshold = 10 * NC_PIXEL_M2
