@@ -150,7 +150,8 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     import lightning.pytorch as pl
     import torch
 
-    from geovae.datasets import SceneDataModule, band_statistics
+    from geovae.bands import band_statistics
+    from geovae.datasets import SceneDataModule
     from geovae.train import VAESegmentationTask, _fit, _quiet_lightning, balanced_class_weights
 
     _quiet_lightning()
@@ -160,7 +161,8 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     dm = SceneDataModule(str(IMAGE), str(labels), classes=CLASSES, unlabeled=unlabeled, tile=args.tile,
                          batch_size=args.batch_size, val_fraction=0.5, val_side="east",
                          samples_per_epoch=args.samples_per_epoch, seed=seed, sampler=args.sampler)
-    mean, std, _ = band_statistics(str(IMAGE))
+    _stats = band_statistics(str(IMAGE))
+    mean, std = _stats.mean, _stats.std
     cw = balanced_class_weights(dm.train_class_counts)
     steps_per_epoch = dm.length // dm.batch_size
     if model == "vae":

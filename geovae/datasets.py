@@ -54,7 +54,7 @@ from torchgeo.datasets import (
 from torchgeo.samplers import GeoSampler, GriddedPatchSampler, RandomGeoSampler, SpatialSampler
 
 from geovae.errors import LabelsError, OptionError, SceneError
-from geovae.model.base import DEFAULT_COLORS
+from geovae.classes import ClassSpec, parse_classes
 
 log = logging.getLogger("geovae.datasets")
 
@@ -63,74 +63,6 @@ IGNORE_INDEX = -100
 
 VAL_SIDES = ("east", "west", "north", "south")
 SAMPLERS = ("random", "labelled")
-
-
-# ----------------------------------------------------------------------------- classes
-@dataclass
-class ClassSpec:
-    """The classes a model predicts: raster value, name and colour of each output channel.
-
-    Attributes:
-        ids: value in the label raster (and in the predicted class raster) of channel i.
-        names: human name of channel i.
-        colors: RGB colour of channel i.
-    """
-
-    ids: list[int]
-    names: list[str]
-    colors: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.colors:
-            self.colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(len(self.ids))]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.ids)
-
-    def lookup(self) -> dict[int, int]:
-        """Raster value -> output channel index."""
-        return {cid: i for i, cid in enumerate(self.ids)}
-
-
-def parse_classes(classes: str | Mapping[Any, Any]) -> dict[int, str]:
-    """Parse a class specification into ``{raster value: name}``.
-
-    Args:
-        classes: ``"1:developed,5:forest"`` (names may be omitted: ``"1,5"``), or a mapping
-            ``{1: "developed"}`` (keys may be numeric strings, as YAML and JSON give them).
-
-    Returns:
-        Class ids in ascending order with their names.
-
-    Raises:
-        OptionError: if the specification is malformed or names an id twice.
-    """
-    hint = "expected comma-separated ID:NAME pairs such as '1:developed,5:forest'"
-    out: dict[int, str] = {}
-    if isinstance(classes, Mapping):
-        items = [(k, v) for k, v in classes.items()]
-    elif isinstance(classes, str):
-        items = []
-        for part in classes.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            key, _, name = part.partition(":")
-            items.append((key.strip(), name.strip()))
-    else:
-        raise OptionError(f"--classes {classes!r}: {hint}")
-    for key, name in items:
-        try:
-            cid = int(str(key).strip())
-        except ValueError:
-            raise OptionError(f"--classes {classes!r}: {key!r} is not an integer class id; {hint}") from None
-        if cid in out:
-            raise OptionError(f"--classes {classes!r}: class id {cid} is given twice; name each id once")
-        out[cid] = str(name).strip() if name not in (None, "") else f"class {cid}"
-    if not out:
-        raise OptionError(f"--classes {classes!r}: no classes given; {hint}")
-    return dict(sorted(out.items()))
 
 
 def _check_file(path: str | os.PathLike[str], what: str) -> str:
@@ -205,52 +137,6 @@ def describe_image(path: str | os.PathLike[str]) -> SceneFacts:
             bounds=tuple(src.bounds), width=src.width, height=src.height,  # type: ignore[arg-type]
             nodata=src.nodata, band_names=descr if all(descr) else None,
         )
-
-
-def band_statistics(path: str | os.PathLike[str], nodata: float | None = None) -> tuple[list[float], list[float], int]:
-    """Scene-wide per-band mean and standard deviation over valid pixels, block by block.
-
-    Memory stays at one block whatever the scene's size. A pixel is valid where GDAL's
-    dataset mask says so (at least one band differs from nodata, or the alpha/mask band is
-    set); within a valid pixel a band equal to ``nodata`` is left out of that band's sums.
-
-    Args:
-        path: the raster.
-        nodata: override of the raster's nodata value (None: use the file's).
-
-    Returns:
-        ``(mean, std, n_valid_pixels)``; std is at least 1e-6 so that it can divide.
-
-    Raises:
-        SceneError: if the raster has no valid pixel.
-    """
-    p = str(path)
-    with _open(p, "image") as src:
-        nd = src.nodata if nodata is None else nodata
-        c = src.count
-        s = np.zeros(c, np.float64)
-        ss = np.zeros(c, np.float64)
-        n = np.zeros(c, np.float64)
-        n_valid = 0
-        for _, win in src.block_windows(1):
-            data = src.read(window=win).astype(np.float64)
-            valid = src.dataset_mask(window=win) > 0
-            if nd is not None and not math.isnan(nd):
-                band_ok = (data != nd) & valid[None]
-            else:
-                band_ok = np.isfinite(data) & valid[None]
-            n_valid += int(valid.sum())
-            d = np.where(band_ok, data, 0.0)
-            s += d.sum(axis=(1, 2))
-            ss += (d * d).sum(axis=(1, 2))
-            n += band_ok.sum(axis=(1, 2))
-    if n_valid == 0 or (n == 0).any():
-        raise SceneError(f"image {p}: has no valid pixels (all nodata) in some band; check its nodata value")
-    mean = s / n
-    # Sum of squares in float64 is exact enough for 8- to 16-bit imagery at any scene size.
-    var = np.maximum(ss / n - mean * mean, 0.0)
-    std = np.maximum(np.sqrt(var), 1e-6)
-    return [float(v) for v in mean], [float(v) for v in std], n_valid
 
 
 # ----------------------------------------------------------------------------- grids and labels
@@ -1002,9 +888,9 @@ def merge_batches(batch: Any) -> dict[str, Tensor]:
 
 
 __all__ = [
-    "IGNORE_INDEX", "ClassSpec", "SceneFacts", "SceneImage", "SceneLabels", "VectorLabels", "RemapMask",
-    "IgnoreOutside", "AddIgnoreMask", "SceneDataModule", "parse_classes", "resolve_classes", "describe_image",
-    "band_statistics", "check_same_grid", "label_counts", "label_colors", "split_regions", "merge_batches",
+    "IGNORE_INDEX", "SceneFacts", "SceneImage", "SceneLabels", "VectorLabels", "RemapMask",
+    "IgnoreOutside", "AddIgnoreMask", "SceneDataModule", "resolve_classes", "describe_image",
+    "check_same_grid", "label_counts", "label_colors", "split_regions", "merge_batches",
     "vector_label_values",
 ]
 

@@ -4,6 +4,11 @@ Every error raised for bad input is a :class:`GeovaeError` whose message is one 
 says what is wrong and what to do. The CLI prints that line and exits with
 :attr:`GeovaeError.exit_code`; it never shows a traceback for these (``--debug`` does).
 Anything else that escapes is a bug in geovae, not a user error.
+
+Each error also inherits the built-in type a library caller would catch without knowing
+geovae (as rasterio's ``RasterioIOError(RasterioError, OSError)`` does): a scene, model file
+or output problem is an :class:`OSError`, a bad option, label or config a :class:`ValueError`,
+an unreachable cluster a :class:`ConnectionError`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ class GeovaeError(Exception):
     exit_code: int = 1
 
 
-class SceneError(GeovaeError):
+class SceneError(GeovaeError, OSError):
     """The input raster is missing, unreadable, not a raster, or unusable as a scene."""
 
 
@@ -27,37 +32,37 @@ class CorruptSceneError(SceneError):
     """Part of an otherwise readable raster cannot be decoded (a corrupt tile)."""
 
 
-class ModelFileError(GeovaeError):
+class ModelFileError(GeovaeError, OSError):
     """A model file is missing, corrupt, foreign, unsafe or from an unknown format version."""
 
 
-class ModelMismatchError(GeovaeError):
+class ModelMismatchError(GeovaeError, ValueError):
     """The model and the scene do not fit (band count, tile size...)."""
 
 
-class LabelsError(GeovaeError):
+class LabelsError(GeovaeError, ValueError):
     """Labels are unusable: other grid, unknown class ids, no labelled pixels."""
 
 
-class ConfigError(GeovaeError):
+class ConfigError(GeovaeError, ValueError):
     """A training configuration file is invalid (unknown keys, wrong types)."""
 
     exit_code = 2
 
 
-class OptionError(GeovaeError):
+class OptionError(GeovaeError, ValueError):
     """An option value is out of range or inconsistent with the others."""
 
     exit_code = 2
 
 
-class OutputError(GeovaeError):
+class OutputError(GeovaeError, OSError):
     """The output location cannot be written."""
 
 
-class DataError(GeovaeError):
+class DataError(GeovaeError, OSError):
     """Built-in or user-supplied demo data is missing or does not match."""
 
 
-class ClusterError(GeovaeError):
+class ClusterError(GeovaeError, ConnectionError):
     """A Dask scheduler cannot be reached or a cluster cannot be started."""

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from geovae.errors import CorruptSceneError, SceneError
 
-__all__ = ["Scene", "open_scene", "describe_scene", "gdal_path", "SUPPORTED_DTYPES"]
+__all__ = ["Scene", "open_scene", "open_raster", "describe_scene", "gdal_path", "grid_mismatch", "SUPPORTED_DTYPES"]
 
 #: Pixel types a scene may have; everything real-valued that fits float32 well enough.
 SUPPORTED_DTYPES = frozenset(
@@ -93,16 +93,16 @@ def _is_local(name: str) -> bool:
     return not name.startswith("/vsi")
 
 
-def _check_local_file(name: str, shown: str) -> None:
+def _check_local_file(name: str, shown: str, role: str) -> None:
     p = Path(name)
     if not p.exists():
-        raise SceneError(f"scene {shown} does not exist; check the path")
+        raise SceneError(f"{role} {shown} does not exist; check the path")
     if p.is_dir():
-        raise SceneError(f"scene {shown} is a directory, not a raster file; pass the image file inside it")
+        raise SceneError(f"{role} {shown} is a directory, not a raster file; pass the image file inside it")
     if not os.access(p, os.R_OK):
-        raise SceneError(f"scene {shown} cannot be read (permission denied); check its permissions")
+        raise SceneError(f"{role} {shown} cannot be read (permission denied); check its permissions")
     if p.stat().st_size == 0:
-        raise SceneError(f"scene {shown} is an empty file; re-download or re-export it")
+        raise SceneError(f"{role} {shown} is an empty file; re-download or re-export it")
 
 
 def _gdal_message(exc: BaseException) -> str:
@@ -112,7 +112,7 @@ def _gdal_message(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
 
 
-def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str) -> None:
+def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str, role: str) -> None:
     """Catch a truncated local GeoTIFF: some block lies past the end of the file.
 
     Reads only the TIFF directory (block offsets and sizes), never pixels.
@@ -136,18 +136,34 @@ def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str) -> 
                 if int(off) + int(cnt) > size:
                     r0, c0 = by * bh, bx * bw
                     raise SceneError(
-                        f"scene {shown} is truncated: the block at rows {r0}-{min(r0 + bh, ds.height) - 1}, "
+                        f"{role} {shown} is truncated: the block at rows {r0}-{min(r0 + bh, ds.height) - 1}, "
                         f"cols {c0}-{min(c0 + bw, ds.width) - 1} lies past the end of the file "
                         f"({size} bytes); re-download or re-export it"
                     )
 
 
-def _open_checked(path: str | Path) -> tuple[rasterio.io.DatasetReader, str, str]:
-    """Open with rasterio, turning every failure into a one-line :class:`SceneError`."""
+def open_raster(path: str | Path, role: str = "scene") -> rasterio.io.DatasetReader:
+    """Open any raster GDAL reads, local or remote, turning every failure into one line.
+
+    The one way geovae opens a raster it reads (a scene, a class raster, labels, a confidence
+    raster): the same remote paths (``s3://``, ``https://``, ``/vsi...``), the same checks
+    (missing, a folder, empty, truncated GeoTIFF, a first block that cannot be decoded) and
+    the same messages, naming the raster by its ``role``.
+
+    Args:
+        path: local path, URL or GDAL virtual file name (see :func:`gdal_path`).
+        role: what the raster is to the caller, for messages (``"scene"``, ``"labels"``...).
+
+    Returns:
+        The open dataset; the caller closes it.
+
+    Raises:
+        SceneError: with one line saying what is wrong and what to do.
+    """
     shown = str(path)
     name = gdal_path(path)
     if _is_local(name):
-        _check_local_file(name, shown)
+        _check_local_file(name, shown, role)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -155,25 +171,26 @@ def _open_checked(path: str | Path) -> tuple[rasterio.io.DatasetReader, str, str
     except RasterioIOError as exc:
         msg = _gdal_message(exc)
         if not _is_local(name):
-            raise SceneError(f"scene {shown} cannot be opened: {msg}; check the URL and your network/credentials") from None
+            raise SceneError(f"{role} {shown} cannot be opened: {msg}; check the URL and your network/credentials") from None
         if "not recognized as" in msg or "not a supported file format" in msg:
-            raise SceneError(f"scene {shown} is not a raster GDAL can read; pass a GeoTIFF or another GDAL raster") from None
-        raise SceneError(f"scene {shown} is corrupt or unreadable: {msg}; re-download or re-export it") from None
+            raise SceneError(f"{role} {shown} is not a raster GDAL can read; pass a GeoTIFF or another GDAL raster") from None
+        raise SceneError(f"{role} {shown} is corrupt or unreadable: {msg}; re-download or re-export it") from None
     except RasterioError as exc:  # pragma: no cover - other GDAL open failures
-        raise SceneError(f"scene {shown} cannot be opened: {_gdal_message(exc)}") from None
+        raise SceneError(f"{role} {shown} cannot be opened: {_gdal_message(exc)}") from None
     try:
         if ds.count == 0:
-            raise SceneError(f"scene {shown} has no raster bands (is it a vector or a container?); pass a raster")
-        _check_tiff_extent(ds, name, shown)
+            raise SceneError(f"{role} {shown} has no raster bands (is it a vector or a container?); pass a raster")
+        _check_tiff_extent(ds, name, shown, role)
         # Decode one pixel: catches corrupt headers and codecs that open but cannot read.
         try:
             ds.read(1, window=Window(0, 0, 1, 1))
         except RasterioError as exc:
-            raise SceneError(f"scene {shown} is corrupt: its first block cannot be decoded ({_gdal_message(exc)}); re-download or re-export it") from None
+            raise SceneError(f"{role} {shown} is corrupt: its first block cannot be decoded ({_gdal_message(exc)}); "
+                             "re-download or re-export it") from None
     except Exception:
         ds.close()
         raise
-    return ds, name, shown
+    return ds
 
 
 def _check_transform(t: Affine, shown: str) -> None:
@@ -533,7 +550,8 @@ def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | 
         SceneError: missing path, a directory, not a raster, a truncated or corrupt file,
             no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype.
     """
-    ds, name, shown = _open_checked(path)
+    ds = open_raster(path)
+    name, shown = ds.name, str(path)
     try:
         if ds.crs is None and not pixel_coords:
             if ds.gcps[0]:
@@ -607,7 +625,8 @@ def describe_scene(path: str | Path) -> dict[str, Any]:
     Raises:
         SceneError: as :func:`open_scene`, except that a missing CRS is reported, not refused.
     """
-    ds, name, shown = _open_checked(path)
+    ds = open_raster(path)
+    name, shown = ds.name, str(path)
     try:
         _check_transform(ds.transform, shown)
         t = ds.transform

@@ -559,9 +559,9 @@ def train_model(
         batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, sampler=sampler,
     )
-    from geovae.datasets import band_statistics
-
-    mean, std, _ = band_statistics(dm.image_path)
+    from geovae.bands import band_statistics
+    _stats = band_statistics(dm.image_path)
+    mean, std = _stats.mean, _stats.std
     class_weights = balanced_class_weights(dm.train_class_counts) if class_weighting == "inverse-sqrt" else None
 
     steps_per_epoch = dm.length // batch_size
@@ -853,7 +853,7 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
     input_mean = input_std = None
     if issubclass(dm_cls, SceneDataModule):
         dm = dm_cls(**init_args)
-        from geovae.datasets import band_statistics
+        from geovae.bands import band_statistics
 
         given = {k: model_args.get(k) for k in ("in_channels", "num_classes") if model_args.get(k) is not None}
         if "in_channels" in given and given["in_channels"] != dm.facts.count:
@@ -862,7 +862,8 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
         if "num_classes" in given and given["num_classes"] != dm.classes.num_classes:
             raise ConfigError(f"config {p}: model.num_classes is {given['num_classes']} but the data has "
                               f"{dm.classes.num_classes} classes; drop model.num_classes or fix data.classes")
-        mean, std, _ = band_statistics(dm.image_path)
+        _stats = band_statistics(dm.image_path)
+        mean, std = _stats.mean, _stats.std
         model_args.update(in_channels=dm.facts.count, num_classes=dm.classes.num_classes, labels=dm.classes.names,
                           class_ids=dm.classes.ids, class_colors=[list(c) for c in dm.classes.colors],
                           band_names=dm.facts.band_names, mean=model_args.get("mean") or mean,

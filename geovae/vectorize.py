@@ -49,7 +49,7 @@ from rasterio.windows import Window
 from geovae.areas import AreaMeasure
 from geovae.atomic import check_output_file
 from geovae.errors import OptionError, SceneError
-from geovae.scene import capped_gdal_cache, grid_mismatch
+from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
 
 __all__ = ["VectorizeResult", "vectorize", "FORMATS"]
 
@@ -89,20 +89,7 @@ class VectorizeResult:
 
 
 def _open_raster(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
-    """Open a raster for reading, turning every failure into a one-line :class:`SceneError`."""
-    p = os.fspath(path)
-    remote = "://" in p or p.startswith("/vsi")
-    if not remote and not Path(p).exists():
-        raise SceneError(f"{what} raster not found: {p}; check the path")
-    if not remote and Path(p).is_dir():
-        raise SceneError(f"{what} raster {p} is a folder; pass a raster file such as a GeoTIFF")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(p)
-    except (RasterioIOError, OSError) as e:
-        msg = " ".join(str(e).split())
-        raise SceneError(f"cannot read {what} raster {p} ({msg}); pass a GDAL-readable raster such as a GeoTIFF") from e
+    return open_raster(path, f"{what} raster")
 
 
 def _check_same_grid(src: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:

@@ -269,7 +269,7 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
 ) -> None:
     """`geovae export` records what a TorchGeo checkpoint lacks; the file then stands alone."""
     from geovae.cli import main
-    from geovae.datasets import band_statistics
+    from geovae.bands import band_statistics
 
     ckpt, model = torchgeo_checkpoint
     out = tmp_path / "tg.safetensors"
@@ -286,7 +286,8 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
     # Scene-wide statistics from a real 6-band scene, as geovae train computes them.
     out2 = tmp_path / "tg2.safetensors"
     assert main(["export", str(ckpt), "-o", str(out2), "--stats-from", str(nc_stack)]) == 0
-    mean, std, _ = band_statistics(str(nc_stack))
+    _stats = band_statistics(str(nc_stack))
+    mean, std = _stats.mean, _stats.std
     assert read_model_info(out2).mean == pytest.approx(mean) and read_model_info(out2).std == pytest.approx(std)
     capsys.readouterr()
     # Bad options: one line, exit 2, nothing written.

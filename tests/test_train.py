@@ -18,6 +18,8 @@ from torchgeo.datasets import IntersectionDataset, stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
 
 from conftest import data_path
+from geovae.bands import band_statistics
+from geovae.classes import parse_classes
 from geovae.datasets import (
     IGNORE_INDEX,
     AddIgnoreMask,
@@ -26,10 +28,8 @@ from geovae.datasets import (
     SceneDataModule,
     SceneImage,
     SceneLabels,
-    band_statistics,
     label_counts,
     merge_batches,
-    parse_classes,
     split_regions,
 )
 from geovae.errors import ConfigError, LabelsError, ModelMismatchError, OptionError, OutputError, SceneError
@@ -118,7 +118,8 @@ def test_short_real_training_beats_chance_and_its_file_predicts(nc_stack: Path, 
     info = model.info
     assert info.class_ids == [1, 2, 3, 4, 5, 6, 7] and info.class_names[4] == "forest"
     assert info.class_colors[0] == (230, 0, 0)  # from the label raster's colour table
-    mean, std, _ = band_statistics(nc_stack)
+    _stats = band_statistics(nc_stack)
+    mean, std = _stats.mean, _stats.std
     assert np.allclose(info.mean, mean) and np.allclose(info.std, std)
     assert info.tile_size == 64 and info.stride == 8 and info.in_channels == 6
     assert info.extra["data"]["val_box"] is not None
@@ -149,8 +150,8 @@ def test_torchgeo_datasets_sampler_and_task_through_a_lightning_trainer(nc_stack
     assert set(batch["mask"].unique().tolist()) <= {IGNORE_INDEX, *range(7)}
     # IntersectionDataset concatenates both datasets' bounds: the same box twice.
     assert batch["bounds"].shape == (4, 18) and torch.equal(batch["bounds"][:, :9], batch["bounds"][:, 9:])
-
-    mean, std, _ = band_statistics(nc_stack)
+    _stats = band_statistics(nc_stack)
+    mean, std = _stats.mean, _stats.std
     task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4)
     before = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -181,7 +182,8 @@ def test_unlabelled_batch_gives_finite_loss_and_trains_reconstruction_and_latent
     sampler = RandomGeoSampler(ds, size=32, length=4, generator=torch.Generator().manual_seed(0))
     batch = stack_samples([ds[q] for q in sampler])
     assert bool((batch["mask"] == IGNORE_INDEX).all())
-    mean, std, _ = band_statistics(nc_stack)
+    _stats = band_statistics(nc_stack)
+    mean, std = _stats.mean, _stats.std
     task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4,
                                free_bits=0.0)
     task.train()

@@ -346,7 +346,7 @@ def _one_line(err: GeovaeError) -> str:
 def test_bad_input(nc_labels: Path, tmp_path: Path) -> None:
     with pytest.raises(SceneError) as e:
         vectorize(tmp_path / "missing.tif", tmp_path / "x.gpkg")
-    assert "not found" in _one_line(e.value)
+    assert "does not exist" in _one_line(e.value)
     (tmp_path / "notes.tif").write_text("not a raster\n")
     with pytest.raises(SceneError) as e:
         vectorize(tmp_path / "notes.tif", tmp_path / "x.gpkg")

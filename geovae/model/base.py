@@ -15,14 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from geovae.classes import DEFAULT_COLORS
 from geovae.device import autocast_dtype, resolve_device
-
-#: A palette for classes that come without colours (tab10-like, readable over imagery).
-DEFAULT_COLORS: list[tuple[int, int, int]] = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]
-
 
 @dataclass
 class ModelInfo:

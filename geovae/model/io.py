@@ -391,7 +391,8 @@ def export_model(
         ModelFileError: the source cannot be read or the file cannot be written.
     """
     from geovae.atomic import check_output_file
-    from geovae.datasets import band_statistics, parse_classes
+    from geovae.bands import band_statistics
+    from geovae.classes import parse_classes
 
     out = check_output_file(out, example="model.safetensors")
     if stats_from is not None and (mean is not None or std is not None):
@@ -401,7 +402,8 @@ def export_model(
     bands = info.in_channels
     m, sd = _per_band("mean", mean, bands), _per_band("std", std, bands)
     if stats_from is not None:
-        m, sd, _ = band_statistics(stats_from)
+        _stats = band_statistics(stats_from)
+        m, sd = _stats.mean, _stats.std
         if len(m) != bands:
             raise OptionError(f"--stats-from {stats_from}: has {len(m)} bands but the model takes {bands}")
     d = info.to_dict()
