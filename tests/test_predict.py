@@ -35,7 +35,8 @@ QUIET = dict(progress=False, quicklook=False, formats=())
 def _stats(path: Path) -> tuple[list[float], list[float]]:
     s = open_scene(path)
     d, v = s.read(Window(0, 0, s.width, s.height))
-    return d[:, v].mean(1).tolist(), d[:, v].std(1).tolist()
+    # std floored as geovae.bands does: a constant band (the Las Vegas raster) must still divide
+    return d[:, v].mean(1).tolist(), d[:, v].std(1).clip(1e-6).tolist()
 
 
 def conv_model(path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile: int = 64, seed: int = 0) -> SegmentationModel:

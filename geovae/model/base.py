@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from geovae.classes import DEFAULT_COLORS
 from geovae.device import autocast_dtype, resolve_device
 
+
 @dataclass
 class ModelInfo:
     """Everything ``geovae segment`` must know about a model besides its weights.
@@ -36,6 +37,19 @@ class ModelInfo:
         kind: ``"geovae-vae"`` for geovae's VAE segmenter, ``"torchgeo"`` for a TorchGeo task.
         arch: architecture hyperparameters needed to rebuild the module.
         extra: free-form provenance (training data, metrics, geovae version...).
+        training: what the model was trained on, for the trust check
+            (:mod:`geovae.segment.trust`): ``dtype`` (the training image's data type),
+            ``quantiles`` (``{"0.005": [per band], "0.5": [...], "0.995": [...]}`` of the
+            training pixels, as :func:`geovae.bands.band_statistics` gives them) and, for a
+            model with a reconstruction decoder, ``reconstruction_error_quantiles``
+            (``{"0.5": e, "0.9": e, "0.99": e, "0.995": e, "0.999": e}`` of its own per-pixel
+            reconstruction error on training pixels, in the units of
+            :meth:`SegmentationModel.predict`). Empty for older files and TorchGeo checkpoints.
+
+    Raises:
+        ValueError: naming the first field that is inconsistent or holds a number the
+            pipeline cannot use (a non-finite mean, a std that is not positive, a class id
+            outside 0..254 or given twice, a tile size that is not a multiple of the stride).
     """
 
     in_channels: int
@@ -51,6 +65,7 @@ class ModelInfo:
     kind: str = "geovae-vae"
     arch: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = self.num_classes
@@ -69,6 +84,32 @@ class ModelInfo:
             raise ValueError("class_ids, class_names and class_colors must each have num_classes entries")
         if not (len(self.mean) == len(self.std) == self.in_channels):
             raise ValueError("mean and std must each have in_channels entries")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every number the pipeline divides by, indexes with or tiles on must be usable:
+        a std of 0 or a NaN mean turns every pixel into NaN and the map into one class."""
+        for name in ("mean", "std"):
+            for b, v in enumerate(getattr(self, name)):
+                if not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{name}[{b}] is {v!r}; the per-band {name} must be a finite number")
+        for b, v in enumerate(self.std):
+            if v <= 0:
+                raise ValueError(f"std[{b}] is {v!r}; every per-band std must be positive")
+        seen: set[int] = set()
+        for c in self.class_ids:
+            if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 254:
+                raise ValueError(f"class id {c!r} is out of range; class ids must be integers 0..254 "
+                                 "(255 marks nodata in the class raster)")
+            if c in seen:
+                raise ValueError(f"class id {c} is given twice")
+            seen.add(c)
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"stride {self.stride!r} must be a positive integer")
+        if not isinstance(self.tile_size, int) or self.tile_size < 1 or self.tile_size % self.stride:
+            raise ValueError(f"tile_size {self.tile_size!r} must be a positive multiple of the stride {self.stride}")
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise ValueError("in_channels and num_classes must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
