@@ -77,7 +77,7 @@ def pure_model_seconds(model, n_tiles: int, batch: int, tile: int, max_batches: 
 def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))  # run as a script, the benchmarks package is not importable otherwise
     from benchmarks.common import mosaic_vrt
-    from geovae.predict import segment_scene
+    from geovae.segment import segment_scene
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         vrt = mosaic_vrt(args.child, cache=Path(tmp))

@@ -57,7 +57,7 @@ def run_geovae(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, 
         seconds, megapixels, polygons, the run report's timings and tile summary.
     """
     from benchmarks.common import load_bench_model
-    from geovae.predict import segment_scene
+    from geovae.segment import segment_scene
 
     t0 = time.perf_counter()
     res = segment_scene(scene, load_bench_model(model), out, tile=tile, overlap=overlap, batch_size=batch_size, device="cpu",
@@ -228,8 +228,8 @@ def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overl
         import torchgeo.datasets  # noqa: F401
         import torchgeo.samplers  # noqa: F401
     else:
-        import geovae.predict  # noqa: F401
-        import geovae.vectorize  # noqa: F401
+        import geovae.segment  # noqa: F401
+        import geovae.polygons  # noqa: F401
 
     fn = {"geovae": run_geovae, "torchgeo": run_torchgeo, "model": run_model_only}[method]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

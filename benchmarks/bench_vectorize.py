@@ -69,7 +69,7 @@ def make_class_raster(path: Path, tiles: int) -> tuple[int, int]:
 
 
 def run_geovae(raster: Path, out: Path, block_size: int) -> int:
-    from geovae.vectorize import vectorize
+    from geovae.polygons import vectorize
 
     return vectorize(raster, out, block_size=block_size).n_polygons
 
@@ -104,7 +104,7 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     import rasterio  # noqa: F401
     import shapely  # noqa: F401
 
-    import geovae.vectorize  # noqa: F401
+    import geovae.polygons  # noqa: F401
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     print(json.dumps({"method": method, "seconds": seconds, "n_polygons": n, "peak_rss_mb": peak,
-                      "rss_after_imports_mb": rss0, "geovae": str(Path(geovae.vectorize.__file__).parents[1])}))
+                      "rss_after_imports_mb": rss0, "geovae": str(Path(geovae.polygons.__file__).parents[1])}))
 
 
 def main() -> None:

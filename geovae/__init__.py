@@ -14,8 +14,8 @@ __all__ = ["__version__", "describe_scene", "segment_scene", "vectorize", "run_b
 
 _LAZY = {
     "describe_scene": "geovae.scene",
-    "segment_scene": "geovae.predict",
-    "vectorize": "geovae.vectorize",
+    "segment_scene": "geovae.segment",
+    "vectorize": "geovae.polygons",
     "run_batch": "geovae.batch",
     "evaluate": "geovae.evaluate",
     "load_model": "geovae.model.io",

@@ -1,20 +1,48 @@
-"""Files appear under their final name only when complete.
+"""Files appear under their final names only when complete, and a set of them all at once.
 
-Every output geovae writes goes to a hidden temporary name in the same folder (so the final
-``os.replace`` is a rename on one filesystem) and is renamed when complete; a run that is
-killed leaves at most a ``.<name>.*.part`` file, never a half-written file under a final name.
+Two mechanisms, and every writer in geovae uses one of them:
+
+* :func:`atomic_path` for one file (a model file, a manifest, a marker): written under a
+  unique hidden temporary name in the same folder, renamed when complete.
+* :class:`OutputSet` for the files of one run (a scene's rasters, polygons, quicklook, STAC
+  item and report): every file is written into a private staging folder
+  ``OUT/.<stem>.geovae-run-<id>.part/`` under its final name, and :meth:`OutputSet.commit`
+  moves the whole set into place at the end, the report last. A run that fails (an error,
+  a full disk, Ctrl-C, SIGTERM) leaves the previous set untouched; a killed run leaves only
+  its staging folder, which the next run into the same set removes. A run holds an
+  advisory lock on its set (``.<stem>.geovae.lock``), so a second run into the same set is
+  refused with one line instead of mixing files with the first.
+
+The commit is a sequence of renames within one filesystem. Before the first one it writes a
+journal into the staging folder; a run killed in the middle of its commit (a few
+milliseconds) is finished by the next run into the set, which replays the journal under the
+lock. The previous report is removed before anything moves, so no report ever vouches for a
+mixed set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from geovae.errors import OutputError
+
+__all__ = [
+    "atomic_path", "write_text", "sha256", "check_output_file", "check_output_dir", "check_not_inputs",
+    "OutputSet", "disk_full_error",
+]
+
+_JOURNAL = ".commit.json"
+_RUN_TAG = "geovae-run-"
 
 
 def _umask() -> int:
@@ -27,9 +55,10 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
 
-    The file gets the permissions a plain ``open(path, "w")`` would give (``mkstemp`` alone
-    would leave it readable by its owner only). On any exception the temporary file is removed
-    and the exception propagates.
+    The temporary name is unique (two writers of one file never share it). The file gets
+    the permissions a plain ``open(path, "w")`` would give (``mkstemp`` alone would leave it
+    readable by its owner only). On any exception the temporary file is removed and the
+    exception propagates, as an :class:`~geovae.errors.OutputError` when the disk is full.
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -39,6 +68,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except BaseException as exc:
+        full = disk_full_error(exc, path.parent)
+        if full is not None:
+            raise full from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -58,6 +92,9 @@ def sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# -- checks made before any work --------------------------------------------------------
 
 
 def check_output_file(path: str | os.PathLike[str], example: str | None = None) -> Path:
@@ -87,11 +124,14 @@ def check_output_file(path: str | os.PathLike[str], example: str | None = None) 
     return p
 
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """Create the output folder if needed and prove it can be written.
+def check_output_dir(out_dir: str | Path, *, create: bool = True) -> Path:
+    """Check that ``out_dir`` is (or can become) a writable folder.
 
     Args:
         out_dir: the folder.
+        create: make it (and prove it can be written) now; with False nothing is created and
+            the nearest existing ancestor must be writable (:class:`OutputSet` creates the
+            folder only once every check of a run has passed).
 
     Returns:
         Its path.
@@ -102,6 +142,11 @@ def check_output_dir(out_dir: str | Path) -> Path:
     p = Path(out_dir).expanduser()
     if p.exists() and not p.is_dir():
         raise OutputError(f"output {p} is a file, not a folder; pass a folder with --out")
+    if not create:
+        anc = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), Path("/"))
+        if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {p} cannot be written ({anc} is not writable); choose another --out")
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".geovae-write-test-"):
@@ -109,3 +154,290 @@ def check_output_dir(out_dir: str | Path) -> Path:
     except OSError as exc:
         raise OutputError(f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out") from None
     return p
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse a run whose outputs would replace one of its inputs.
+
+    An output that is an existing file is compared with every local input by inode
+    (``os.path.samefile``), so a hard link or a symbolic link to an input is caught as well
+    as the same path spelled another way.
+
+    Raises:
+        OutputError: naming the output and the input, and what to do.
+    """
+    ins = [Path(i) for i in inputs if i is not None and "://" not in str(i) and not str(i).startswith("/vsi")]
+    ins = [i for i in ins if i.exists()]
+    for o in outputs:
+        o = Path(o)
+        if not o.exists():
+            continue
+        for i in ins:
+            if _same_file(o, i):
+                what = "is" if o.absolute() == i.absolute() else f"is the same file as"
+                raise OutputError(f"output {o} {what} the input {i}; writing it would destroy the input; "
+                                  "choose another --out folder")
+
+
+# -- disk full ----------------------------------------------------------------------------
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def disk_full_error(exc: BaseException, folder: str | os.PathLike[str], written: int | None = None) -> OutputError | None:
+    """An :class:`OutputError` saying the disk is full, if that is why ``exc`` happened.
+
+    GDAL reports a full disk as a generic write failure ("Write failed", a TIFF error), so
+    besides ``ENOSPC``/``EDQUOT`` anywhere in the exception's chain, a write error on a
+    filesystem with (almost) no space left counts as a full disk.
+
+    Args:
+        exc: the exception a writer raised.
+        folder: where the run was writing.
+        written: bytes the run had written when it failed, for the message.
+
+    Returns:
+        The error to raise instead, or None when the disk is not full.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain)
+    full = full or any("no space left" in str(x).lower() or "disk space" in str(x).lower() for x in chain)
+    folder = Path(folder)
+    probe = folder if folder.exists() else next((a for a in folder.absolute().parents if a.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    if not full and isinstance(exc, OSError) and free is not None and free < 2**20:
+        full = True  # a write error with under 1 MB left: GDAL's "Write failed" on a full disk
+    if not full or isinstance(exc, OutputError):
+        return None
+    had = f"; the run had written {_mb(written)} when it stopped" if written else ""
+    left = f"{_mb(free)} left" if free is not None else "no space left"
+    return OutputError(f"no space left on the device of {folder} ({left}{had}); free some space or choose "
+                       "another --out; nothing was written under a final name")
+
+
+# -- a set of outputs ---------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class OutputSet:
+    """The files of one run, staged privately and moved into ``folder`` together.
+
+    Use as a context manager: on entry the folder is created, the set's lock taken and the
+    staging folder made; writers write to :meth:`path`; :meth:`commit` moves everything into
+    place; leaving the block with an exception (or without a commit) removes the staging
+    folder, so nothing appears under a final name. A full disk becomes one
+    :class:`OutputError` line.
+
+    Args:
+        folder: where the files go.
+        stem: the set's name (the scene stem): it names the lock and the staging folder.
+        lock: hold ``.<stem>.geovae.lock`` while the set is open, refusing a second run.
+        inputs: the run's input files; no output may replace one (:func:`check_not_inputs`).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], stem: str, *, lock: bool = True,
+                 inputs: Sequence[str | os.PathLike[str] | None] = ()):
+        self.folder = Path(folder).expanduser()
+        self.stem = stem
+        self.lock = lock
+        self.inputs = list(inputs)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.staging = self.folder / f".{stem}.{_RUN_TAG}{self.run_id}.part"
+        self._lock_fd: int | None = None
+        self._open = False
+        self.committed: dict[str, Path] = {}
+
+    # -- life cycle -------------------------------------------------------------------------
+    def __enter__(self) -> OutputSet:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        written = self.staged_bytes() if exc is not None else None
+        self.close()
+        if exc is not None:
+            full = disk_full_error(exc, self.folder, written)
+            if full is not None:
+                raise full from None
+
+    def open(self) -> None:
+        """Create the folder, take the lock, finish or clear what killed runs left, stage."""
+        check_output_dir(self.folder, create=False)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"output folder {self.folder} cannot be created ({exc.strerror or exc}); "
+                              "choose another --out") from None
+        if self.lock:
+            self._take_lock()
+        try:
+            if self.lock:
+                self._recover()
+            self.staging.mkdir()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._open = True
+
+    def close(self) -> None:
+        """Remove the staging folder (whatever was not committed) and release the lock."""
+        if self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._open = False
+        self._release_lock()
+
+    # -- writing ----------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Where to write the file that will be ``folder/name``."""
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"output name {name!r} must be a plain file name")
+        return self.staging / name
+
+    def final(self, name: str) -> Path:
+        """The final path of ``name``."""
+        return self.folder / name
+
+    def staged_bytes(self) -> int:
+        """Bytes written into the staging folder so far."""
+        if not self.staging.exists():
+            return 0
+        return sum(p.stat().st_size for p in self.staging.iterdir() if p.is_file())
+
+    def commit(self, names: Sequence[str], *, last: str | None = None, remove: Iterable[str] = ()) -> dict[str, Path]:
+        """Move the staged files into place: ``names`` in order, then ``last`` (the report).
+
+        GDAL sidecars of a staged file (``.aux.xml``, ``.ovr``, ``.msk``) go with it.
+
+        Args:
+            names: the staged files, in the order they should appear.
+            last: the file that vouches for the set; moved after every other one.
+            remove: files of an earlier set in ``folder`` that this set does not replace
+                (an uncertainty raster a rerun without samples does not write): removed
+                before ``last`` appears, unless one is an input.
+
+        Returns:
+            Final paths by name (sidecars included).
+        """
+        order = list(names)
+        for n in list(order):
+            for side in (".aux.xml", ".ovr", ".msk"):
+                if (self.staging / (n + side)).exists():
+                    order.append(n + side)
+        if last is not None:
+            order.append(last)
+        missing = [n for n in order if not (self.staging / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"not staged: {missing}")
+        finals = [self.folder / n for n in order]
+        check_not_inputs(finals, self.inputs)
+        stale = [n for n in dict.fromkeys(remove) if n not in order]
+        stale = [n for n in stale if not any(_same_file(self.folder / n, Path(i)) for i in self.inputs if i)]
+        journal = {"moves": order, "remove": stale, "last": last}
+        with open(self.staging / _JOURNAL, "w") as f:
+            json.dump(journal, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.staging)
+        self._replay(self.staging, journal)
+        self.committed = {n: self.folder / n for n in order}
+        return dict(self.committed)
+
+    def _replay(self, staging: Path, journal: dict[str, Any]) -> None:
+        last = journal.get("last")
+        if last is not None:
+            # No report may vouch for a set that is half old, half new.
+            (self.folder / last).unlink(missing_ok=True)
+        for n in journal["moves"]:
+            if n == last:
+                continue
+            src = staging / n
+            if src.exists():
+                os.replace(src, self.folder / n)
+        for n in journal["remove"]:
+            (self.folder / n).unlink(missing_ok=True)
+        if last is not None and (staging / last).exists():
+            _fsync_dir(self.folder)
+            os.replace(staging / last, self.folder / last)
+        _fsync_dir(self.folder)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    # -- the lock and what killed runs leave ---------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / f".{self.stem}.geovae.lock"
+
+    def _take_lock(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise OutputError(
+                    f"another geovae run is writing the outputs of {self.stem} in {self.folder}; "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            # The holder before us may have removed the file after we opened it: a lock on a
+            # removed file protects nothing, so start again on the file that is there now.
+            try:
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is None:
+            return
+        # Remove the file while holding the lock: a run that opened it meanwhile sees the
+        # inode change and retries on a fresh file (see _take_lock).
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _recover(self) -> None:
+        """Under the lock: finish a commit a killed run started, remove abandoned staging."""
+        for d in sorted(self.folder.glob(f".{self.stem}.{_RUN_TAG}*.part")):
+            journal = d / _JOURNAL
+            if journal.is_file():
+                try:
+                    doc = json.loads(journal.read_text())
+                except (OSError, ValueError):
+                    doc = None
+                if isinstance(doc, dict) and "moves" in doc:
+                    self._replay(d, doc)
+                    continue
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,14 +1,19 @@
 """The ``geovae`` command. Thin: it parses options and calls the library.
 
 Exit codes: 0 success, 1 runtime error (bad input, failed scene...), 2 usage error (bad
-option, unknown subcommand), 130 interrupted. A :class:`~geovae.errors.GeovaeError` is
+option, unknown subcommand), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, what
+schedulers and ``kill`` send). A :class:`~geovae.errors.GeovaeError` and a usage error are
 printed as one line; ``--debug`` shows the traceback as well.
+
+Process-wide settings (logging, signal handlers) are made here, at the entry point, never
+by the library.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -22,20 +27,71 @@ log = logging.getLogger("geovae")
 FORMATS = ("geojson", "gpkg", "parquet")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so that every writer cleans up as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+class _Formatter(logging.Formatter):
+    """``geovae: warning: ...`` for geovae's own messages, ``name: level: ...`` for others'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "geovae" if record.name.split(".")[0] == "geovae" else record.name
+        return f"{who}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbosity: int) -> None:
+    """-q: errors only; default: warnings; -v: one line per stage; -vv: debug, third parties too."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    root = logging.getLogger()
+    if not any(getattr(h, "_geovae", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Formatter())
+        handler._geovae = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    # Third-party libraries (matplotlib's font manager, Lightning's banners, distributed's
+    # cluster chatter) stay at WARNING unless -vv asks for everything.
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    logging.getLogger("geovae").setLevel(level)
+    for noisy in ("lightning", "lightning.pytorch", "pytorch_lightning", "distributed", "rasterio", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING))
+
+
 class _State:
     debug: bool = False
+    verbosity: int = 0
 
 
 STATE = _State()
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("geovae").setLevel(level)
-    # Lightning and friends print banners at INFO; a user asked for geovae's output, not theirs.
-    for noisy in ("lightning", "lightning.pytorch", "pytorch_lightning", "distributed", "rasterio"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+def _verbosity_params() -> list[click.Option]:
+    """-v/-q/--debug for a subcommand, so they work after it as well as before it."""
+
+    def more(ctx: click.Context, param: click.Parameter, value: int) -> None:
+        if value:
+            STATE.verbosity = max(STATE.verbosity, 0) + value
+            _setup_logging(STATE.verbosity)
+
+    def quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            STATE.verbosity = -1
+            _setup_logging(-1)
+
+    def debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        STATE.debug = STATE.debug or value
+
+    return [
+        click.Option(["-v", "--verbose", "_verbose"], count=True, expose_value=False, callback=more,
+                     help="More log output: one line per stage (-vv for debug, third-party logs too)."),
+        click.Option(["-q", "--quiet", "_quiet"], is_flag=True, expose_value=False, callback=quiet,
+                     help="Only errors; no progress bars."),
+        click.Option(["--debug", "_debug"], is_flag=True, expose_value=False, callback=debug,
+                     help="Show the full traceback of errors."),
+    ]
 
 
 def _formats(value: str) -> tuple[str, ...]:
@@ -47,7 +103,7 @@ def _formats(value: str) -> tuple[str, ...]:
 
 
 def _quiet(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().params.get("quiet"))
+    return STATE.verbosity < 0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,7 +119,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     segments it end to end.
     """
     STATE.debug = debug
-    _setup_logging(-1 if quiet else verbose)
+    STATE.verbosity = -1 if quiet else verbose
+    _setup_logging(STATE.verbosity)
 
 
 # ----------------------------------------------------------------------------- info
@@ -103,41 +160,45 @@ def _segment_options(f: Any) -> Any:
     opts = [
         click.option("--tile", type=click.IntRange(min=1), help="Tile size in pixels [default: the model's training tile]."),
         click.option("--overlap", type=click.IntRange(min=0), help="Overlap between tiles in pixels [default: tile/4]."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Tiles per forward pass."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per forward pass."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
                      help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX."),
         click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Latent samples per tile; > 0 writes the uncertainty raster."),
-        click.option("--reconstruction", is_flag=True, help="Also write the reconstruction-error (anomaly) raster."),
+        click.option("--reconstruction/--no-reconstruction", default=None,
+                     help="Write the reconstruction-error (anomaly) raster [default: when the model records its "
+                          "training error, so unfamiliar pixels are flagged]."),
         click.option("--tta", is_flag=True, help="Flip test-time augmentation (3 passes: about 3x the model time)."),
         click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Drop polygons smaller than this, in m^2."),
+                     help="Drop polygons smaller than this, in m^2 (pixels with --pixel-coords)."),
         click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Topology-preserving simplification tolerance, in metres."),
-        click.option("--formats", default="geojson", show_default=True, callback=lambda c, p, v: _formats(v),
-                     help="Polygon formats: geojson,gpkg,parquet."),
+                     help="Topology-preserving simplification tolerance, in metres (pixels with --pixel-coords)."),
+        click.option("--formats", default=None, callback=lambda c, p, v: None if v is None else _formats(v),
+                     help="Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with "
+                          "--pixel-coords]."),
         click.option("--nodata", type=float, help="Treat this pixel value as nodata (overrides the file's tag)."),
         click.option("--pixel-coords", is_flag=True, help="Accept an image without CRS; outputs in pixel coordinates."),
         click.option("--block-size", type=click.IntRange(min=64), default=1024, show_default=True,
                      help="Output block size in pixels (memory grows with it, not with the scene)."),
         click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
+        click.option("--force", is_flag=True, help="Segment a scene even when it lies far outside the model's "
+                                                   "training data (another sensor or scale); it is then flagged."),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def _segment_kwargs(kw: dict[str, Any], quiet: bool) -> dict[str, Any]:
-    if kw["batch_size"] < 1:
-        raise OptionError(f"--batch-size {kw['batch_size']}: must be at least 1")
-    return dict(
+def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
+    from geovae.segment import SegmentOptions
+
+    return SegmentOptions(
         tile=kw["tile"], overlap=kw["overlap"], batch_size=kw["batch_size"], device=kw["device"],
-        precision=kw["precision"],
-        samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
-        min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"],
-        nodata=kw["nodata"], pixel_coords=kw["pixel_coords"], block_size=kw["block_size"],
-        quicklook=not kw["no_quicklook"], progress=not quiet,
+        precision=kw["precision"], samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
+        min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"], nodata=kw["nodata"],
+        pixel_coords=kw["pixel_coords"], block_size=kw["block_size"], quicklook=not kw["no_quicklook"],
+        progress=not quiet, force=kw["force"],
     )
 
 
@@ -149,11 +210,9 @@ def _segment_kwargs(kw: dict[str, Any], quiet: bool) -> dict[str, Any]:
 @click.pass_context
 def segment(ctx: click.Context, scene: str, model: str, out_dir: str, **kw: Any) -> None:
     """Segment SCENE into class/confidence rasters, polygons, a quicklook and a report."""
-    from geovae.predict import segment_scene
+    from geovae.segment import segment_scene
 
-    if kw["formats"] == ("geojson",) and kw["pixel_coords"]:
-        kw["formats"] = ("gpkg",)  # GeoJSON needs a CRS; the user did not ask for it explicitly
-    result = segment_scene(scene, model, out_dir, **_segment_kwargs(kw, _quiet(ctx)))
+    result = segment_scene(scene, model, out_dir, _segment_options_from(kw, _quiet(ctx)))
     _print_outputs(result.outputs)
 
 
@@ -178,7 +237,7 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
 def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
               min_area: float, simplify: float, block_size: int, connectivity: str) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
-    from geovae.vectorize import vectorize as run
+    from geovae.polygons import vectorize as run
 
     res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,
               min_area=min_area, simplify=simplify, block_size=block_size, connectivity=int(connectivity))
@@ -197,11 +256,12 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--classes", help='Class ids and names, e.g. "1:developed,5:forest".')
 @click.option("--unlabeled", multiple=True, help="Extra unlabelled scenes (semi-supervised). Repeatable.")
 @click.option("-o", "--out", default="model.safetensors", show_default=True, help="Model file to write.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--tile", type=click.IntRange(min=16), default=64, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs.")
+@click.option("--tile", type=click.IntRange(min=16), default=64, show_default=True,
+              help="Training patch size in pixels (a multiple of the model stride); the default prediction tile.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Patches per step.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, sampling and latent noise.")
 @click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
               help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
                    "for sparse labels without --unlabeled).")
@@ -278,13 +338,16 @@ def export(source: str, out: str, mean: str | None, std: str | None, stats_from:
 @cli.command()
 @click.argument("scenes", nargs=-1)
 @click.option("--list", "scene_list", type=click.Path(dir_okay=False), help="File with one scene path per line.")
-@click.option("-m", "--model", required=True)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path())
+@click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt), readable by the workers.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
+              help="Output folder: one sub-folder per scene, plus manifest.csv.")
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786). Default: a LocalCluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="LocalCluster workers [default: min(2, cores)].")
-@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Scenes each local worker segments at once.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip scenes already done.")
-@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Extra attempts for a scene whose task failed unexpectedly (a dead worker, a crash).")
 @click.option("--split-scene", is_flag=True, help="Spread each scene's blocks over the workers (one huge scene).")
 @click.option("--resources", help='Dask resources each scene task needs, e.g. "GPU=1" (workers started with --resources GPU=1).')
 @click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
@@ -304,7 +367,8 @@ def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, m
     res = run_batch(
         list(scenes), model, out_dir, scene_list=scene_list, scheduler=scheduler, workers=workers,
         threads_per_worker=threads_per_worker, resume=resume, retries=retries, split_scene=split_scene,
-        resources=_resources(resources), connect_timeout=connect_timeout, **_segment_kwargs(kw, _quiet(ctx)),
+        resources=_resources(resources), connect_timeout=connect_timeout, progress=not _quiet(ctx),
+        options=_segment_options_from(kw, _quiet(ctx)),
     )
     click.echo(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest: {res.manifest}")
     if res.failed:
@@ -333,7 +397,7 @@ def _resources(value: str | None) -> dict[str, float] | None:
 @click.option("--data", type=click.Path(), help="Folder that already holds lsat7_2000_{10..70}.tif and strata.tif.")
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Training epochs (about 6 s each on 2 CPU cores).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.pass_context
 def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device: str) -> None:
     """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
@@ -346,16 +410,37 @@ def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device
 
 
 # ----------------------------------------------------------------------------- main
+for _cmd in cli.commands.values():
+    _cmd.params.extend(_verbosity_params())
+
+
+def _usage_line(e: click.ClickException) -> str:
+    """A usage error as one line that names the fix: the message and where help is."""
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    where = f"geovae {ctx.command_path.split(' ', 1)[1]} --help" if ctx is not None and " " in ctx.command_path \
+        else "geovae --help"
+    return f"geovae: error: {msg}; see `{where}`"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geovae`` console script; returns the exit code."""
+    STATE.debug, STATE.verbosity = False, 0
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        # SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C: every writer removes
+        # its temporary files on the way out, and the exit status says what happened.
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous = None
     try:
         cli.main(args=argv, prog_name="geovae", standalone_mode=False)
         return 0
     except click.exceptions.Abort:
         click.echo("geovae: interrupted", err=True)
         return 130
-    except click.ClickException as e:  # usage errors: click formats them itself
-        e.show()
+    except click.ClickException as e:  # usage errors: one line, like every other user error
+        click.echo(_usage_line(e), err=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -367,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("geovae: interrupted", err=True)
         return 130
+    except _Terminated:
+        click.echo("geovae: terminated", err=True)
+        return 143
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 1
     except Exception as e:  # a bug, not a user error: say so and how to see more
@@ -374,11 +462,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"geovae: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
         return 1
-
-
-def _entry() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _entry()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

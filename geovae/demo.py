@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from geovae.atomic import check_output_dir, sha256, write_text
-from geovae.errors import DataError
+from geovae.atomic import atomic_path, check_output_dir, sha256, write_text
+from geovae.errors import DataError, SceneError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def check_demo_data(data: str | Path) -> Path:
     Raises:
         DataError: a missing folder, a missing or unreadable file, or files on different grids.
     """
-    import rasterio
+    from geovae.scene import open_raster
 
     data = Path(data).expanduser()
     if not data.is_dir():
@@ -111,10 +111,10 @@ def check_demo_data(data: str | Path) -> Path:
     shapes = set()
     for f in DATA_FILES:
         try:
-            with rasterio.open(data / f) as src:
+            with open_raster(data / f, f"--data {data}: {f}") as src:
                 shapes.add((src.width, src.height, tuple(round(v, 6) for v in src.transform[:6])))
-        except rasterio.errors.RasterioIOError as e:
-            raise DataError(f"--data {data}: {f} is not a readable raster ({str(e).splitlines()[0]})") from None
+        except SceneError as e:
+            raise DataError(str(e)) from None
     if len(shapes) != 1:
         raise DataError(f"--data {data}: the rasters are not all on one grid; use the original GRASS files")
     return data
@@ -145,7 +145,8 @@ def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
     profile = dict(driver="GTiff", width=w, height=h, crs=crs, transform=transform, tiled=True,
                    blockxsize=256, blockysize=256, compress="deflate")
     scene = work / "nc_lsat7_2000.tif"
-    with rasterio.open(scene, "w", count=len(BANDS), dtype="uint8", nodata=0, **profile) as dst:
+    with atomic_path(scene) as tmp, rasterio.open(tmp, "w", count=len(BANDS), dtype="uint8", nodata=0,
+                                                  **profile) as dst:
         dst.write(stack)
         dst.descriptions = BAND_NAMES
     half = w // 2
@@ -154,7 +155,7 @@ def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
         part = np.zeros_like(labels)
         part[:, keep] = labels[:, keep]
         path = work / f"landclass96_{name}.tif"
-        with rasterio.open(path, "w", count=1, dtype="uint8", nodata=0, **profile) as dst:
+        with atomic_path(path) as tmp, rasterio.open(tmp, "w", count=1, dtype="uint8", nodata=0, **profile) as dst:
             dst.write(part, 1)
             dst.write_colormap(1, {0: (0, 0, 0, 0), **{k: _color(k) for k in CLASSES}})
         out.append(path)
@@ -198,7 +199,7 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
 
     # Imported here so that a bad --data folder is reported before torch loads.
     from geovae.evaluate import evaluate
-    from geovae.predict import segment_scene
+    from geovae.segment import segment_scene
     from geovae.train import train_model
 
     t0 = time.perf_counter()

@@ -6,7 +6,6 @@ the class raster, never the whole scene, so it costs the same for any scene size
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rasterio.enums import Resampling
 
 from geovae.model.base import ModelInfo
 from geovae.scene import Scene
-from geovae.stitch import CLASS_NODATA
+from geovae.products import CLASS_NODATA
 
 __all__ = ["choose_rgb_bands", "write_quicklook"]
 
@@ -84,7 +83,7 @@ def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path
     Args:
         scene: the segmented scene.
         classes_path: its class raster.
-        out_path: the PNG to write (written under a temporary name, then renamed).
+        out_path: the PNG to write (in a run, a file of its :class:`~geovae.atomic.OutputSet`).
         info: the model description (class ids, names, colours).
         max_size: longer side of the image part, in pixels (the legend adds 220 px on the
             right, so the PNG is at most 1500 px wide by default).
@@ -93,9 +92,7 @@ def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path
     Returns:
         ``out_path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # The Agg canvas directly: no pyplot, no process-wide backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -128,10 +125,5 @@ def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path
                for cid, name, col in zip(info.class_ids, info.class_names, info.class_colors) if int(cid) in present]
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False, title=scene.stem[:30], title_fontsize=8)
-    tmp = out_path.with_name(out_path.name + ".part")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fig.savefig(out_path, format="png", dpi=dpi)
     return out_path

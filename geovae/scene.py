@@ -22,7 +22,6 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +86,32 @@ def gdal_path(path: str | Path) -> str:
     if s.startswith("/vsi"):
         return s
     return str(Path(s).expanduser().absolute())
+
+
+def is_remote(path: str | Path) -> bool:
+    """Whether ``path`` names a URL or a GDAL virtual file rather than a local file.
+
+    A Windows drive letter parses as a one-letter scheme; only real schemes count.
+    """
+    from urllib.parse import urlparse
+
+    s = str(path)
+    return len(urlparse(s).scheme) > 1 or s.startswith("/vsi")
+
+
+def scene_stem(path: str | Path) -> str:
+    """A scene's file name without folder, query string and extension: the outputs' stem.
+
+    ``/data/LC08.TIF`` -> ``LC08``, ``https://host/a/b.tif?sig=1`` -> ``b``.
+    """
+    from urllib.parse import urlparse
+
+    s = str(path)
+    name = (urlparse(s).path if is_remote(s) and "://" in s else s).rstrip("/").split("/")[-1]
+    for ext in (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)] or "scene"
+    return (name.rsplit(".", 1)[0] if "." in name else name) or "scene"
 
 
 def _is_local(name: str) -> bool:
@@ -276,12 +301,8 @@ class Scene:
 
     @property
     def stem(self) -> str:
-        """File name without directory and extension, for naming outputs."""
-        base = self.name.rstrip("/").split("/")[-1].split("?")[0]
-        for ext in (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc"):
-            if base.lower().endswith(ext):
-                return base[: -len(ext)]
-        return base.rsplit(".", 1)[0] if "." in base else base
+        """File name without directory and extension, for naming outputs (:func:`scene_stem`)."""
+        return scene_stem(self.name)
 
     # -- reading -------------------------------------------------------------------------
     def dataset(self) -> rasterio.io.DatasetReader:
@@ -477,11 +498,43 @@ class Scene:
             return True
         return bool(self.to_dask(2048, valid=True).any().compute(scheduler="threads"))
 
-    def iter_windows(self, size: int) -> Iterator[Window]:
-        """Windows of ``size`` pixels covering the scene in raster order."""
-        for r in range(0, self.height, size):
-            for c in range(0, self.width, size):
-                yield Window(c, r, min(size, self.width - c), min(size, self.height - r))
+    def sample(self, windows: int = 64, size: int = 256) -> np.ndarray:
+        """Valid pixels from ``windows`` windows spread evenly over the scene.
+
+        A cheap look at what the scene holds, whatever its size: about ``windows * size**2``
+        pixels are read (the whole scene when it is that small), on a regular grid of
+        windows aligned to the file's internal blocks where possible, so a remote COG
+        answers with a few dozen range requests.
+
+        Args:
+            windows: how many windows to read.
+            size: their side in pixels.
+
+        Returns:
+            float32 (count, n) values of the valid pixels read.
+        """
+        if self.width * self.height <= windows * size * size:
+            wins = [Window(0, 0, self.width, self.height)]
+        else:
+            ny = max(1, round(math.sqrt(windows * self.height / self.width)))
+            nx = max(1, windows // ny)
+            bh, bw = self.block_shapes[0]
+            wins = []
+            for i in range(ny):
+                for j in range(nx):
+                    r = int((i + 0.5) * self.height / ny - size / 2)
+                    c = int((j + 0.5) * self.width / nx - size / 2)
+                    if bh < self.height and bh <= size:
+                        r = r // bh * bh
+                    if bw < self.width and bw <= size:
+                        c = c // bw * bw
+                    r, c = min(max(r, 0), max(self.height - size, 0)), min(max(c, 0), max(self.width - size, 0))
+                    wins.append(Window(c, r, min(size, self.width - c), min(size, self.height - r)))
+        parts = []
+        for w in wins:
+            data, valid = self.read(w)
+            parts.append(data[:, valid])
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.count, 0), np.float32)
 
 
 def grid_mismatch(ref: Any, other: Any, precision: float = 1e-9) -> list[str]:

@@ -14,9 +14,10 @@ time: peak memory is ``channels * 4 B * ((B + o)^2 + (B + o) * o + o * W)`` for 
 ``B``, overlap ``o`` and scene width ``W`` (the bottom strips, a few MB per 10k pixels of
 width), and never depends on the scene's height or on its pixel count.
 
-Outputs (all tiled 256 x 256, ZSTD-compressed with a predictor, internal overviews built at
-the end by GDAL in bounded memory, same CRS/transform/shape as the scene, written under a
-``.part`` name and renamed when complete):
+Outputs (names, profiles and tags from :mod:`geovae.products`: tiled 256 x 256,
+ZSTD-compressed with a predictor, internal overviews built at the end by GDAL in bounded
+memory, same CRS/transform/shape as the scene, written into an
+:class:`~geovae.atomic.OutputSet` and moved into place with the rest of the run):
 
 * ``<stem>.classes.tif``: uint8 class ids, nodata **255** (so class ids must be 0..254), a
   colour table, class names as ``CLASS_<id>`` tags and a ``CLASSES`` JSON tag;
@@ -29,9 +30,7 @@ the end by GDAL in bounded memory, same CRS/transform/shape as the scene, writte
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,34 +46,21 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
+from geovae.atomic import OutputSet
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
+from geovae.products import (
+    BAND_DESCRIPTIONS,
+    BLOCKSIZE as _BLOCKSIZE,
+    CLASS_NODATA,
+    output_name,
+    raster_profile,
+    uncertainty_tags,
+    write_class_table,
+)
 from geovae.tiling import Tile, TileGrid
 
-__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "output_paths", "block_side", "check_rows"]
-
-#: Nodata value of the class raster.
-CLASS_NODATA = 255
-
-_BLOCKSIZE = 256
-
-
-def output_paths(out_dir: Path, stem: str, *, uncertainty: bool, reconstruction: bool) -> dict[str, Path]:
-    """Final paths of the raster outputs, keyed by kind."""
-    out = {
-        "classes": out_dir / f"{stem}.classes.tif",
-        "confidence": out_dir / f"{stem}.confidence.tif",
-    }
-    if uncertainty:
-        out["uncertainty"] = out_dir / f"{stem}.uncertainty.tif"
-    if reconstruction:
-        out["reconstruction_error"] = out_dir / f"{stem}.reconstruction-error.tif"
-    return out
-
-
-def _part(path: Path) -> Path:
-    """The temporary name a file is written under until complete (same folder: rename is atomic)."""
-    return path.with_name(path.name + ".part")
+__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "block_side", "check_rows"]
 
 
 def block_side(block_size: int, step: int) -> int:
@@ -209,6 +195,12 @@ class Stitcher:
         overviews: build internal overviews when closing.
         rows: ``(start, stop)`` scene rows to write, on the block grid (:func:`check_rows`);
             None for the whole scene.
+        output_set: the run's :class:`~geovae.atomic.OutputSet`: the rasters are written into
+            it and moved into place with the rest of the run. None makes a private set in
+            ``out_dir`` that :meth:`close` commits (the rasters appear together).
+        anomaly_threshold: with ``reconstruction``, count the pixels whose reconstruction
+            error is above this value, per class (:attr:`class_flagged`): the trust check's
+            flagged fraction.
     """
 
     def __init__(
@@ -225,9 +217,9 @@ class Stitcher:
         block_size: int = 1024,
         overviews: bool = True,
         rows: tuple[int, int] | None = None,
+        output_set: OutputSet | None = None,
+        anomaly_threshold: float | None = None,
     ):
-        if any(not 0 <= int(c) < CLASS_NODATA for c in info.class_ids):
-            raise ValueError(f"class ids must be 0..{CLASS_NODATA - 1} (255 is the class raster's nodata)")
         self.grid = grid
         self.info = info
         self.K = info.num_classes
@@ -253,10 +245,18 @@ class Stitcher:
         self._class_index = np.full(256, -1, dtype=np.int64)
         self._class_index[self.class_lut] = np.arange(self.K)
         self.out_dir, self.stem = Path(out_dir), stem
-        self.paths = output_paths(Path(out_dir), stem, uncertainty=uncertainty, reconstruction=reconstruction)
+        kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
+        self.names = {k: output_name(stem, k) for k in kinds}
+        self._own_set = output_set is None
+        self.output_set = output_set if output_set is not None else OutputSet(out_dir, stem, lock=False)
+        if self._own_set:
+            self.output_set.open()
+        self.paths = {k: self.output_set.final(n) for k, n in self.names.items()}
+        self.anomaly_threshold = anomaly_threshold if reconstruction else None
         self.areas = PixelAreas(crs, transform)  # measured on scene coordinates, whatever ``rows``
         self.class_area = np.zeros(self.K, dtype=np.float64)
         self.class_pixels = np.zeros(self.K, dtype=np.int64)
+        self.class_flagged = np.zeros(self.K, dtype=np.int64)
         self.tiles_run = 0
         self.tiles_skipped = 0
         self.blocks_written = 0
@@ -323,43 +323,23 @@ class Stitcher:
 
     # -- outputs ------------------------------------------------------------------------
     def _open_outputs(self, crs: Any, transform: Affine) -> None:
-        base = dict(
-            driver="GTiff", width=self.W, height=self.rows[1] - self.rows[0], crs=crs, transform=transform,
-            tiled=True, blockxsize=_BLOCKSIZE, blockysize=_BLOCKSIZE, compress="zstd",
-            BIGTIFF="IF_SAFER", interleave="band",
-        )
-        specs: dict[str, dict[str, Any]] = {
-            "classes": dict(count=1, dtype="uint8", nodata=CLASS_NODATA, predictor=2),
-            "confidence": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
-        }
-        if self.uncertainty:
-            specs["uncertainty"] = dict(count=2, dtype="float32", nodata=float("nan"), predictor=3)
-        if self.reconstruction:
-            specs["reconstruction_error"] = dict(count=1, dtype="float32", nodata=float("nan"), predictor=3)
+        size = dict(width=self.W, height=self.rows[1] - self.rows[0], crs=crs, transform=transform)
         try:
-            for kind, spec in specs.items():
+            for kind, name in self.names.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    self._dst[kind] = rasterio.open(_part(self.paths[kind]), "w", **base, **spec)
+                    ds = rasterio.open(self.output_set.path(name), "w", **raster_profile(kind, **size))
+                self._dst[kind] = ds
+                for b, text in enumerate(BAND_DESCRIPTIONS[kind], start=1):
+                    ds.set_band_description(b, text)
         except Exception:
             self.abort()
             raise
-        cls = self._dst["classes"]
-        cls.write_colormap(1, {int(c): (*col, 255) for c, col in zip(self.info.class_ids, self.info.class_colors)})
-        cls.update_tags(**{f"CLASS_{c}": n for c, n in zip(self.info.class_ids, self.info.class_names)})
-        cls.update_tags(CLASSES=json.dumps([
-            {"id": int(c), "name": n, "color": list(col)}
-            for c, n, col in zip(self.info.class_ids, self.info.class_names, self.info.class_colors)
-        ]), NODATA_MEANING=f"{CLASS_NODATA} = no data (invalid input pixel)")
-        cls.set_band_description(1, "class")
-        self._dst["confidence"].set_band_description(1, "confidence (max blended class probability)")
+        write_class_table(self._dst["classes"], self.info.class_ids, self.info.class_names, self.info.class_colors)
         if self.uncertainty:
-            u = self._dst["uncertainty"]
-            u.set_band_description(1, "predictive entropy (nats)")
-            u.set_band_description(2, "mutual information (nats)")
-            u.update_tags(UNITS="nats", MAX_ENTROPY=str(math.log(self.K)))
-        if self.reconstruction:
-            self._dst["reconstruction_error"].set_band_description(1, "reconstruction error (MSE, normalised units)")
+            self._dst["uncertainty"].update_tags(**uncertainty_tags(self.K))
+        if self.anomaly_threshold is not None:
+            self._dst["reconstruction_error"].update_tags(ANOMALY_THRESHOLD=repr(float(self.anomaly_threshold)))
 
     # -- streaming ----------------------------------------------------------------------
     def _track(self) -> None:
@@ -490,6 +470,9 @@ class Stitcher:
         idx = self._class_index[outputs["classes"][0]]
         ok = idx >= 0
         self.class_pixels += np.bincount(idx[ok].ravel(), minlength=self.K)
+        if self.anomaly_threshold is not None:
+            flagged = ok & (outputs["reconstruction_error"][0] > self.anomaly_threshold)
+            self.class_flagged += np.bincount(idx[flagged].ravel(), minlength=self.K)
         self.class_area += self.areas.class_areas(idx, window, self.K)
         self.blocks_written += 1
 
@@ -527,10 +510,11 @@ class Stitcher:
 
     # -- end ----------------------------------------------------------------------------
     def close(self) -> dict[str, Path]:
-        """Write the remaining blocks, build overviews and move outputs to their final names.
+        """Write the remaining blocks and build overviews; commit them if the set is private.
 
         Returns:
-            Final paths of the rasters written, keyed by kind.
+            Final paths of the rasters, keyed by kind (in the run's output set, they appear
+            there when the run commits).
         """
         if self._closed:
             return dict(self.paths)
@@ -545,10 +529,11 @@ class Stitcher:
             for ds in self._dst.values():
                 ds.close()
             if self.overview:
-                for kind, ds in self._dst.items():
-                    self._build_overviews(_part(self.paths[kind]), kind == "classes")
-            for kind in self._dst:
-                os.replace(_part(self.paths[kind]), self.paths[kind])
+                for kind in self._dst:
+                    self._build_overviews(self.output_set.path(self.names[kind]), kind == "classes")
+            if self._own_set:
+                self.output_set.commit(list(self.names.values()))
+                self.output_set.close()
         except BaseException:
             self.abort()
             raise
@@ -573,14 +558,17 @@ class Stitcher:
                     ds.build_overviews(factors, Resampling.mode if categorical else Resampling.average)
 
     def abort(self) -> None:
-        """Close and delete every temporary output (after an error or interruption)."""
+        """Close and delete every unfinished output (after an error or interruption)."""
         for kind, ds in list(self._dst.items()):
             try:
                 ds.close()
             except Exception:  # pragma: no cover - closing a broken dataset
                 pass
-            _part(self.paths[kind]).unlink(missing_ok=True)
+            if not self._closed:
+                self.output_set.path(self.names[kind]).unlink(missing_ok=True)
         self._dst.clear()
+        if self._own_set:
+            self.output_set.close()
         self._acc = self._right = None
         self._bottom.clear()
         self._closed = True

@@ -218,7 +218,7 @@ def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     f.write_text("x")
     code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(f))
     assert code == 2 and "is a file" in err and "Traceback" not in err  # click rejects it as a usage error
-    from geovae.predict import segment_scene
+    from geovae.segment import segment_scene
     from geovae.errors import OutputError
     with pytest.raises(OutputError):
         segment_scene(rgb_byte, rgb_model, f, progress=False)

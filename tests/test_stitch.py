@@ -13,7 +13,7 @@ from rasterio.transform import from_origin
 from torch import nn
 
 from geovae.model.base import ModelInfo, SegmentationModel
-from geovae.predict import segment_scene
+from geovae.segment import segment_scene
 from geovae.stitch import CLASS_NODATA, Stitcher
 from geovae.tiling import TileGrid
 

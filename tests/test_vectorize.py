@@ -1,4 +1,4 @@
-"""geovae.vectorize: block-wise polygons that tile the class raster, on the real rasters."""
+"""geovae.polygons: block-wise polygons that tile the class raster, on the real rasters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import shapely
 from affine import Affine
 
 from geovae.errors import GeovaeError, OptionError, SceneError
-from geovae.vectorize import VectorizeResult, vectorize
+from geovae.polygons import VectorizeResult, vectorize
 
 from conftest import data_path
 

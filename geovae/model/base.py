@@ -1,7 +1,7 @@
 """What the prediction pipeline needs from any model: a description and a predict call.
 
 This is the seam between ``geovae.model`` (which builds, trains, saves and loads models)
-and ``geovae.predict`` (which runs them over scenes). Anything that can be wrapped as a
+and ``geovae.segment`` (which runs them over scenes). Anything that can be wrapped as a
 :class:`SegmentationModel` can drive ``segment_scene``: a geovae model file or a TorchGeo
 ``SemanticSegmentation`` checkpoint.
 """

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import warnings
 from array import array
 from collections.abc import Iterator, Sequence
@@ -43,18 +42,15 @@ import rasterio
 import rasterio.features
 import shapely
 from affine import EPSILON, Affine
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.atomic import check_output_file
 from geovae.errors import OptionError, SceneError
+from geovae.products import ATTRIBUTE_COLUMNS, POLYGON_FORMATS, area_column, read_class_table
 from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
 
-__all__ = ["VectorizeResult", "vectorize", "FORMATS"]
-
-#: Output suffix -> OGR driver (``.parquet`` is written with geopandas/pyarrow, not OGR).
-FORMATS: dict[str, str] = {".geojson": "GeoJSON", ".gpkg": "GPKG", ".parquet": "Parquet"}
+__all__ = ["VectorizeResult", "vectorize", "write_polygons", "scene_layer_name"]
 
 #: Finished polygons are flushed to the temporary GeoPackage in chunks of this many
 #: (20,000 held ~45 MiB more at peak for no measurable speed-up).
@@ -65,7 +61,8 @@ _STREAM_BATCH = 20_000
 #: GDAL block cache while vectorising (bytes): blocks are read once, so a small cache.
 _GDAL_CACHE_BYTES = 16 * 2**20
 
-_COLUMNS = ["class_id", "class_name", "area_m2", "confidence_mean", "uncertainty_mean"]
+#: Sum and count of confidence, uncertainty and the anomaly flag per piece.
+_NSTATS = 6
 
 
 @dataclass
@@ -76,20 +73,18 @@ class VectorizeResult:
         paths: the output files, in the order asked for.
         n_polygons: number of polygons in each output.
         class_areas_m2: total polygon area per class id, in square metres (square pixels
-            for a raster without CRS).
+            for a raster without CRS, where ``area_unit`` is ``"px"``).
+        area_unit: ``"m2"``, or ``"px"`` in pixel coordinates.
     """
 
     paths: list[Path]
     n_polygons: int
     class_areas_m2: dict[int, float] = field(default_factory=dict)
+    area_unit: str = "m2"
 
 
 # --------------------------------------------------------------------------------------
 # input checks
-
-
-def _open_raster(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
-    return open_raster(path, f"{what} raster")
 
 
 def _check_same_grid(src: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
@@ -100,31 +95,6 @@ def _check_same_grid(src: rasterio.DatasetReader, other: rasterio.DatasetReader,
             f"{what} raster {other.name} is on another grid than the class raster {src.name} "
             f"({'; '.join(problems)}); pass the {what} raster written together with the classes"
         )
-
-
-def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    outs = [out] if isinstance(out, (str, os.PathLike)) else list(out)
-    if not outs:
-        raise OptionError("no output file given; pass --out FILE.geojson, .gpkg or .parquet")
-    paths = [Path(o) for o in outs]
-    for p in paths:
-        if p.suffix.lower() not in FORMATS:
-            raise OptionError(
-                f"unknown output format {p.suffix or '(no suffix)'!r} for {p}; use .geojson, .gpkg or .parquet"
-            )
-        check_output_file(p)
-    return paths
-
-
-def _class_names_from_tags(src: rasterio.DatasetReader) -> dict[int, str]:
-    names: dict[int, str] = {}
-    for key, value in src.tags().items():
-        if key.upper().startswith("CLASS_"):
-            try:
-                names[int(key[6:])] = value
-            except ValueError:
-                continue
-    return names
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +140,7 @@ class _Pieces:
     def __init__(self) -> None:
         self.geoms: list[np.ndarray] = []
         self.cls: list[np.ndarray] = []
-        self.stats: list[np.ndarray] = []  # (n, 4): conf sum, conf count, unc sum, unc count
+        self.stats: list[np.ndarray] = []  # (n, _NSTATS): sum and count of each averaged band
 
     def add(self, geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray) -> None:
         if len(geoms):
@@ -180,7 +150,7 @@ class _Pieces:
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.geoms:
-            return np.empty(0, dtype=object), np.empty(0, dtype=np.int64), np.empty((0, 4))
+            return np.empty(0, dtype=object), np.empty(0, dtype=np.int64), np.empty((0, _NSTATS))
         out = np.concatenate(self.geoms), np.concatenate(self.cls), np.concatenate(self.stats)
         self.geoms, self.cls, self.stats = [], [], []
         return out
@@ -193,8 +163,14 @@ def _block_pieces(
     connectivity: int,
     conf: np.ndarray | None,
     unc: np.ndarray | None,
+    anom: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Polygonise one block; return pieces in global pixel coordinates, classes and stats."""
+    """Polygonise one block; return pieces in global pixel coordinates, classes and stats.
+
+    ``conf``, ``unc`` and ``anom`` (1 where the reconstruction error is above the model's
+    threshold, 0 below, NaN at nodata) are summed and counted per piece, so that joined
+    pieces' means are exact.
+    """
     to_pixels = Affine.translation(window.col_off, window.row_off)
     # Building shapely objects one GeoJSON dict at a time dominates the run time; gathering
     # all rings' vertices first and building every polygon in one vectorised call does not.
@@ -213,16 +189,16 @@ def _block_pieces(
         cls.append(int(value))
     cls_arr = np.array(cls, dtype=np.int64)
     if not cls:
-        return np.empty(0, dtype=object), cls_arr, np.zeros((0, 4))
+        return np.empty(0, dtype=object), cls_arr, np.zeros((0, _NSTATS))
     xy = np.frombuffer(coords, dtype=np.float64).reshape(-1, 2)
     rings = np.asarray(ring_ends, dtype=np.int64)
     polys = np.asarray(poly_ends, dtype=np.int64)
     garr = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (rings, polys))
-    stats = np.zeros((len(garr), 4))
-    if conf is not None or unc is not None:
+    stats = np.zeros((len(garr), _NSTATS))
+    if conf is not None or unc is not None or anom is not None:
         ids = _piece_ids(xy, rings, polys, classes, valid, cls_arr, window)
         ids_flat = ids.ravel()
-        for k, band in ((0, conf), (2, unc)):
+        for k, band in ((0, conf), (2, unc), (4, anom)):
             if band is None:
                 continue
             ok = np.isfinite(band).ravel() & (ids_flat > 0)
@@ -323,7 +299,7 @@ def _join(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray, connectivity: i
     ends = np.r_[starts[1:], len(order)]
     out_g = np.empty(len(starts), dtype=object)
     out_c = np.empty(len(starts), dtype=np.int64)
-    out_s = np.empty((len(starts), 4))
+    out_s = np.empty((len(starts), _NSTATS))
     for k, (s, e) in enumerate(zip(starts, ends)):
         members = order[s:e]
         out_g[k] = geoms[members[0]] if e - s == 1 else _union_pieces(geoms[members])
@@ -381,12 +357,13 @@ def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
 
 
 class _PartsWriter:
-    """Appends finished polygons (scene CRS) to a temporary GeoPackage in chunks."""
+    """Appends finished polygons (scene CRS) to a private GeoPackage in chunks."""
 
-    def __init__(self, path: Path, crs: Any, geometry_type: str):
+    def __init__(self, path: Path, crs: Any, geometry_type: str, area_col: str):
         self.path = path
         self.crs = crs
         self.geometry_type = geometry_type
+        self.area_col = area_col
         self.buffer: list[dict[str, Any]] = []
         self.n = 0
         self.started = False
@@ -403,129 +380,249 @@ class _PartsWriter:
 
         if not self.buffer and (self.started or not force):
             return
+        cols = _columns(self.area_col)
         if self.buffer:
             df = pd.concat([pd.DataFrame(r) for r in self.buffer], ignore_index=True)
         else:
-            df = pd.DataFrame({c: [] for c in [*_COLUMNS, "geometry"]})
-        df = _typed(df)
+            df = pd.DataFrame({c: [] for c in [*cols, "geometry"]})
+        df = _typed(df[[*cols, "geometry"]], self.area_col)
         gdf = gpd.GeoDataFrame(df, geometry="geometry", crs=self.crs)
         with warnings.catch_warnings():
             # Pixel-coordinates mode has no CRS on purpose.
             warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
-            pyogrio.write_dataframe(
-                gdf,
-                self.path,
-                driver="GPKG",
-                layer="polygons",
-                append=self.started,
-                geometry_type=self.geometry_type,
-                promote_to_multi=self.geometry_type == "MultiPolygon",
-            )
+            pyogrio.write_dataframe(gdf, self.path, driver="GPKG", layer=_PARTS_LAYER, append=self.started,
+                                    geometry_type=self.geometry_type,
+                                    promote_to_multi=self.geometry_type == "MultiPolygon")
         self.n += len(gdf)
         self.started = True
         self.buffer = []
 
 
-def _typed(df: Any) -> Any:
+_PARTS_LAYER = "polygons"
+
+
+def _columns(area_col: str) -> list[str]:
+    return [area_col if c == "area" else c for c in ATTRIBUTE_COLUMNS]
+
+
+def _typed(df: Any, area_col: str) -> Any:
     df["class_id"] = df["class_id"].astype("int32")
     df["class_name"] = df["class_name"].astype(object)
-    for c in ("area_m2", "confidence_mean", "uncertainty_mean"):
+    for c in (area_col, "confidence_mean", "uncertainty_mean", "anomaly_fraction"):
         df[c] = df[c].astype("float64")
     return df
 
 
-def _tmp_name(path: Path) -> Path:
-    # Hidden, unique, same folder (so the final rename is atomic), same suffix (so GDAL
-    # recognises the format).
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+def _geoparquet_schema(schema: Any, geom_col: str, crs: Any, geometry_type: str) -> Any:
+    """``schema`` with its WKB column named ``geometry`` and GeoParquet 1.1 ``geo`` metadata."""
+    import pyarrow as pa
+    from pyproj import CRS as ProjCRS
+
+    i = schema.get_field_index(geom_col)
+    schema = schema.set(i, pa.field("geometry", pa.binary()))
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {"geometry": {
+            "encoding": "WKB",
+            "geometry_types": [geometry_type],
+            # PROJJSON, as GeoParquet asks; null means "unknown" (pixel coordinates).
+            "crs": None if crs is None else json.loads(ProjCRS.from_wkt(crs.to_wkt()).to_json()),
+        }},
+    }
+    return schema.with_metadata({b"geo": json.dumps(geo).encode()})
 
 
-def _stream_output(parts_path: Path, final: Path, tmp: Path, crs: Any, geometry_type: str, layer: str) -> None:
-    """Copy the parts GeoPackage into ``tmp`` in the format ``final``'s suffix names, in
-    Arrow record batches (WKB geometry) of ``_STREAM_BATCH`` polygons."""
-    with pyogrio.raw.open_arrow(parts_path, layer="polygons", batch_size=_STREAM_BATCH, use_pyarrow=True) as (
+def _write_output(parts_path: Path, final: Path, dest: Path, crs: Any, geometry_type: str, layer: str) -> None:
+    """Copy the parts GeoPackage into ``dest`` in the format ``final``'s suffix names, in
+    Arrow record batches (WKB geometry) of ``_STREAM_BATCH`` polygons.
+
+    A GeoPackage that already exists at ``final`` keeps its other layers (a user's basemap,
+    another scene's polygons): it is copied to ``dest`` first and only ``layer`` is
+    replaced in the copy.
+    """
+    import shutil
+
+    suffix = final.suffix.lower()
+    if suffix == ".gpkg" and final.is_file() and final.resolve() != dest.resolve():
+        try:
+            others = [name for name, _ in pyogrio.list_layers(final) if name != layer]
+        except Exception:  # noqa: BLE001 - not a GeoPackage we can read: replaced whole
+            others = []
+        if others:
+            shutil.copyfile(final, dest)
+    with pyogrio.raw.open_arrow(parts_path, layer=_PARTS_LAYER, batch_size=_STREAM_BATCH, use_pyarrow=True) as (
         meta, reader
     ):
         geom_col = meta.get("geometry_name") or "wkb_geometry"
-        if final.suffix.lower() == ".geojson":
+        if suffix == ".geojson":
             # RFC7946=YES makes GDAL reproject to WGS84 lon/lat itself (given the layer's CRS),
             # write right-hand (CCW exterior) rings and cut polygons at the antimeridian.
-            pyogrio.write_arrow(reader, tmp, driver="GeoJSON", layer=layer, geometry_name=geom_col,
+            pyogrio.write_arrow(reader, dest, driver="GeoJSON", layer=layer, geometry_name=geom_col,
                                 geometry_type=geometry_type, crs=crs.to_wkt(), layer_options={"RFC7946": "YES"})
+        elif suffix == ".gpkg":
+            # Into an existing GeoPackage (the copy above) GDAL replaces just this layer.
+            pyogrio.write_arrow(reader, dest, driver="GPKG", layer=layer, geometry_name=geom_col,
+                                geometry_type=geometry_type, crs=None if crs is None else crs.to_wkt())
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
-            from pyproj import CRS as ProjCRS
 
-            proj_crs = ProjCRS.from_wkt(crs.to_wkt()) if crs is not None else None
-            schema = reader.schema
-            i = schema.get_field_index(geom_col)
-            schema = schema.set(i, pa.field("geometry", pa.binary()))
-            geo = {
-                "version": "1.1.0",
-                "primary_column": "geometry",
-                "columns": {"geometry": {
-                    "encoding": "WKB",
-                    "geometry_types": [geometry_type],
-                    # PROJJSON, as GeoParquet asks; null means "unknown" (pixel coordinates).
-                    "crs": None if proj_crs is None else json.loads(proj_crs.to_json()),
-                }},
-            }
-            schema = schema.with_metadata({b"geo": json.dumps(geo).encode()})
-            with pq.ParquetWriter(tmp, schema) as w:
+            schema = _geoparquet_schema(reader.schema, geom_col, crs, geometry_type)
+            with pq.ParquetWriter(dest, schema) as w:
                 for batch in reader:
                     w.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
 
 
+def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    outs = [out] if isinstance(out, (str, os.PathLike)) else list(out)
+    if not outs:
+        raise OptionError("no output file given; pass --out FILE.geojson, .gpkg or .parquet")
+    paths = [Path(o) for o in outs]
+    seen: set[Path] = set()
+    for p in paths:
+        if p.suffix.lower() not in _SUFFIXES:
+            raise OptionError(
+                f"unknown output format {p.suffix or '(no suffix)'!r} for {p}; use .geojson, .gpkg or .parquet"
+            )
+        key = p.expanduser().absolute()
+        if key in seen:
+            raise OptionError(f"output {p} is given twice; give each --out once")
+        seen.add(key)
+        check_output_file(p)
+    return paths
+
+
+_SUFFIXES = {suffix: driver for suffix, driver in POLYGON_FORMATS.values()}
+
+
+def scene_layer_name(classes: str | os.PathLike[str]) -> str:
+    """The polygon layer's name: the scene's stem, read off its class raster's file name."""
+    name = Path(str(classes)).name
+    for suffix in (".classes.tif", ".tif", ".tiff"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or "polygons"
+    return name.rsplit(".", 1)[0] or "polygons"
+
+
 # --------------------------------------------------------------------------------------
-# the public function
+# the public functions
 
 
 def vectorize(
     classes: str | os.PathLike[str],
-    out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     *,
     confidence: str | os.PathLike[str] | None = None,
     uncertainty: str | os.PathLike[str] | None = None,
+    anomaly: tuple[str | os.PathLike[str], float] | None = None,
     min_area: float = 0.0,
     simplify: float = 0.0,
     class_names: dict[int, str] | None = None,
     block_size: int = 1024,
     connectivity: int = 4,
-) -> VectorizeResult:
+    layer: str | None = None,
+) -> Any:
     """Polygonise a class raster block-wise into GeoJSON, GeoPackage and/or GeoParquet files.
 
     Every connected region of one class (nodata excluded) becomes one polygon, whatever the
-    block size: pieces cut by block lines are joined before anything is written.
+    block size: pieces cut by block lines are joined before anything is written. The files
+    appear together when complete (:class:`geovae.atomic.OutputSet`); an existing
+    GeoPackage keeps its other layers and only ``layer`` is replaced.
 
     Args:
         classes: class raster (integer class ids in band 1; nodata from its tag, alpha band
             or internal mask).
         out: output path, or a list of them; the suffix picks the format: ``.geojson``
             (RFC 7946, EPSG:4326), ``.gpkg`` or ``.parquet`` (GeoParquet), both in the
-            raster's CRS. One polygonisation serves all outputs.
+            raster's CRS. One polygonisation serves all outputs. None returns the polygons
+            as a ``geopandas.GeoDataFrame`` (in the raster's CRS) instead of writing files.
         confidence: optional raster on the same grid whose band 1 is averaged per polygon
             (``confidence_mean``); NaN pixels are left out of the mean.
         uncertainty: optional raster on the same grid whose band 1 (predictive entropy) is
             averaged per polygon (``uncertainty_mean``).
-        min_area: polygons smaller than this many square metres (after joining) are dropped.
-        simplify: topology-preserving simplification tolerance in metres (0: none).
-        class_names: class id -> name; default from the raster's ``CLASS_<id>`` tags, else
-            ``"class <id>"``.
+        anomaly: optional ``(reconstruction-error raster, threshold)``: the share of each
+            polygon's pixels whose error is above the threshold (``anomaly_fraction``).
+        min_area: polygons smaller than this (m^2; square pixels for a raster without CRS)
+            are dropped, after joining.
+        simplify: topology-preserving simplification tolerance in metres (pixels without CRS).
+        class_names: class id -> name; default the raster's class table
+            (:func:`geovae.products.read_class_table`), else ``"class <id>"``.
         block_size: side of the square windows polygonised at a time, in pixels.
         connectivity: 4 (edge neighbours) or 8 (edge and corner neighbours) form a region.
+        layer: name of the polygon layer; default the scene's name from the class raster's
+            file name (``nc.classes.tif`` -> ``nc``).
 
     Returns:
-        The written paths, the polygon count and the total area per class.
+        A :class:`VectorizeResult` (the written paths, the polygon count and the total area
+        per class), or a GeoDataFrame when ``out`` is None.
 
     Raises:
         SceneError: the class raster is missing or not a readable raster, or its band 1 is
             not integer.
-        OptionError: unknown output suffix, GeoJSON asked for a raster without CRS, a
-            confidence/uncertainty raster on another grid, or an option out of range.
-        OutputError: an output folder is missing or not writable.
+        OptionError: unknown output suffix, an output given twice, GeoJSON asked for a raster
+            without CRS, a confidence/uncertainty raster on another grid, or an option out of
+            range.
+        OutputError: an output folder is missing or not writable, an output would replace an
+            input raster, or the disk is full.
     """
+    import contextlib
+    import tempfile
+
+    from geovae.atomic import OutputSet, check_not_inputs
+
+    layer = layer or scene_layer_name(classes)
+    if out is None:
+        with tempfile.TemporaryDirectory(prefix="geovae-polygons-") as tmp:
+            path = Path(tmp) / "polygons.gpkg"
+            write_polygons(classes, [(path, path)], confidence=confidence, uncertainty=uncertainty, anomaly=anomaly,
+                           min_area=min_area, simplify=simplify, class_names=class_names, block_size=block_size,
+                           connectivity=connectivity, layer=layer)
+            return pyogrio.read_dataframe(path, layer=layer)
     paths = _output_paths(out)
+    inputs = [classes, confidence, uncertainty, anomaly[0] if anomaly else None]
+    check_not_inputs(paths, inputs)
+    with contextlib.ExitStack() as stack:
+        sets: dict[Path, OutputSet] = {}
+        for p in paths:
+            folder = p.parent.absolute()
+            if folder not in sets:
+                sets[folder] = stack.enter_context(OutputSet(folder, "polygons", lock=False, inputs=inputs))
+        targets = [(p, sets[p.parent.absolute()].path(p.name)) for p in paths]
+        res = write_polygons(classes, targets, confidence=confidence, uncertainty=uncertainty, anomaly=anomaly,
+                             min_area=min_area, simplify=simplify, class_names=class_names, block_size=block_size,
+                             connectivity=connectivity, layer=layer)
+        for folder, oset in sets.items():
+            oset.commit([p.name for p in paths if p.parent.absolute() == folder])
+    return res
+
+
+def write_polygons(
+    classes: str | os.PathLike[str],
+    targets: Sequence[tuple[Path, Path]],
+    *,
+    confidence: str | os.PathLike[str] | None = None,
+    uncertainty: str | os.PathLike[str] | None = None,
+    anomaly: tuple[str | os.PathLike[str], float] | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    class_names: dict[int, str] | None = None,
+    block_size: int = 1024,
+    connectivity: int = 4,
+    layer: str = "polygons",
+    progress: Any = None,
+) -> VectorizeResult:
+    """:func:`vectorize` into given files, for a caller that owns the atomic writing.
+
+    Args:
+        targets: ``(final path, path to write)`` per output: the final path decides the
+            format (and, for a GeoPackage, which file's other layers to keep); the data go to
+            the second (a file in an :class:`~geovae.atomic.OutputSet`'s staging folder).
+        progress: an optional callable ``progress(done_rows, total_rows)`` called after
+            each row of blocks.
+
+    The other arguments and the errors are those of :func:`vectorize`.
+    """
     if not isinstance(block_size, int) or block_size < 1:
         raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
     if connectivity not in (4, 8):
@@ -533,8 +630,9 @@ def vectorize(
     for name, value in (("min-area", min_area), ("simplify", simplify)):
         if not math.isfinite(value) or value < 0:
             raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
+    finals = [Path(f) for f, _ in targets]
 
-    src = _open_raster(classes, "class")
+    src = open_raster(classes, "class raster")
     extra: list[rasterio.DatasetReader] = []
     try:
         if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
@@ -542,19 +640,17 @@ def vectorize(
                 f"class raster {src.name} has dtype {src.dtypes[0]}; class ids must be integers (e.g. uint8)"
             )
         crs = src.crs
-        if crs is None and any(p.suffix.lower() == ".geojson" for p in paths):
+        if crs is None and any(p.suffix.lower() == ".geojson" for p in finals):
             raise OptionError(f"GeoJSON needs a CRS and {src.name} has none; use .gpkg or .parquet")
-        conf_src = unc_src = None
-        if confidence is not None:
-            conf_src = _open_raster(confidence, "confidence")
-            extra.append(conf_src)
-            _check_same_grid(src, conf_src, "confidence")
-        if uncertainty is not None:
-            unc_src = _open_raster(uncertainty, "uncertainty")
-            extra.append(unc_src)
-            _check_same_grid(src, unc_src, "uncertainty")
-
-        names = _class_names_from_tags(src)
+        bands: dict[str, rasterio.DatasetReader] = {}
+        for what, path in (("confidence", confidence), ("uncertainty", uncertainty),
+                           ("reconstruction-error", anomaly[0] if anomaly else None)):
+            if path is not None:
+                ds = open_raster(path, f"{what} raster")
+                extra.append(ds)
+                _check_same_grid(src, ds, what)
+                bands[what] = ds
+        names = {k: v["name"] for k, v in read_class_table(src).items()}
         if class_names:
             names.update({int(k): str(v) for k, v in class_names.items()})
         # Without a CRS the polygons stay in pixel units (column, row), y down.
@@ -563,20 +659,29 @@ def vectorize(
         # Every block is read once, so GDAL's block cache (5 % of RAM by default) buys
         # nothing here and would keep every block read, growing memory with the raster.
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
-            return _run(
-                src, conf_src, unc_src, paths, names, to_world, measure, min_area, simplify, block_size, connectivity
-            )
+            return _run(src, bands, anomaly[1] if anomaly else None, targets, names, to_world, measure, min_area,
+                        simplify, block_size, connectivity, layer, progress)
     finally:
         for ds in extra:
             ds.close()
         src.close()
 
 
+def _read_band(ds: rasterio.DatasetReader | None, win: Window) -> np.ndarray | None:
+    """Band 1 of a float raster as float32 with NaN at nodata."""
+    if ds is None:
+        return None
+    a = ds.read(1, window=win, masked=False).astype(np.float32)
+    if ds.nodata is not None and not np.isnan(ds.nodata):
+        a = np.where(a == ds.nodata, np.nan, a)
+    return a
+
+
 def _run(
     src: rasterio.DatasetReader,
-    conf_src: rasterio.DatasetReader | None,
-    unc_src: rasterio.DatasetReader | None,
-    paths: list[Path],
+    bands: dict[str, rasterio.DatasetReader],
+    threshold: float | None,
+    targets: Sequence[tuple[Path, Path]],
     names: dict[int, str],
     to_world: Affine,
     measure: _Measure,
@@ -584,12 +689,17 @@ def _run(
     simplify: float,
     block_size: int,
     connectivity: int,
+    layer: str,
+    progress: Any,
 ) -> VectorizeResult:
+    import tempfile
+
     width, height = src.width, src.height
     dtype = np.dtype(src.dtypes[0])
     # rasterio.features.shapes takes (u)int8/16 and int32; wider integers are narrowed.
     shapes_dtype = dtype if dtype in (np.uint8, np.uint16, np.int16, np.int32) else np.dtype(np.int32)
     geometry_type = "Polygon" if connectivity == 4 else "MultiPolygon"
+    area_col = area_column(src.crs is None)
     a, b, c, d, e, f = to_world.a, to_world.b, to_world.c, to_world.d, to_world.e, to_world.f
 
     def world(geoms: np.ndarray) -> np.ndarray:
@@ -601,16 +711,13 @@ def _run(
             geoms, lambda xy: np.column_stack((a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f))
         )
 
-    tmps = {p: _tmp_name(p) for p in paths}
-    gpkg_direct = simplify == 0 and any(p.suffix.lower() == ".gpkg" for p in paths)
-    parts_path = (
-        tmps[next(p for p in paths if p.suffix.lower() == ".gpkg")]
-        if gpkg_direct
-        else _tmp_name(paths[0].with_name(paths[0].stem + ".parts.gpkg"))
-    )
-    parts = _PartsWriter(parts_path, src.crs, geometry_type)
+    # The polygons are gathered in a private GeoPackage next to the first output (the same
+    # disk as the outputs, which may be large), then streamed into every format.
+    work = Path(tempfile.mkdtemp(prefix=".geovae-polygons-", dir=Path(targets[0][1]).parent))
+    parts_path = work / "parts.gpkg"
+    parts = _PartsWriter(parts_path, src.crs, geometry_type, area_col)
     class_areas: dict[int, float] = {}
-    have_conf, have_unc = conf_src is not None, unc_src is not None
+    conf_ds, unc_ds, anom_ds = bands.get("confidence"), bands.get("uncertainty"), bands.get("reconstruction-error")
 
     def emit(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray) -> None:
         if len(geoms) == 0:
@@ -624,25 +731,24 @@ def _run(
         # Pixel-exact areas decide min_area, before any simplification.
         keep = (area >= min_area) & ~shapely.is_empty(g)
         g, cls, stats, area = g[keep], cls[keep], stats[keep], area[keep]
-        conf = _mean(stats[:, 0], stats[:, 1]) if have_conf else np.full(len(g), np.nan)
-        unc = _mean(stats[:, 2], stats[:, 3]) if have_unc else np.full(len(g), np.nan)
-        parts.add(
-            {
-                "class_id": cls,
-                "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
-                "area_m2": area,
-                "confidence_mean": conf,
-                "uncertainty_mean": unc,
-                "geometry": g,
-            }
-        )
+        nan = np.full(len(g), np.nan)
+        parts.add({
+            "class_id": cls,
+            "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
+            area_col: area,
+            "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf_ds is not None else nan,
+            "uncertainty_mean": _mean(stats[:, 2], stats[:, 3]) if unc_ds is not None else nan,
+            "anomaly_fraction": _mean(stats[:, 4], stats[:, 5]) if anom_ds is not None else nan,
+            "geometry": g,
+        })
         if simplify == 0:
             for k, v in zip(*_group_sum(cls, area)):
                 class_areas[k] = class_areas.get(k, 0.0) + v
 
     try:
         open_pieces = _Pieces()
-        for row in _windows(width, height, block_size):
+        nrows = math.ceil(height / block_size)
+        for irow, row in enumerate(_windows(width, height, block_size)):
             for win in row:
                 data = src.read(1, window=win)
                 valid = src.read_masks(1, window=win) > 0
@@ -650,13 +756,12 @@ def _run(
                     continue
                 if data.dtype != shapes_dtype:
                     data = data.astype(shapes_dtype)
-                conf = conf_src.read(1, window=win, masked=False).astype(np.float32) if conf_src else None
-                unc = unc_src.read(1, window=win, masked=False).astype(np.float32) if unc_src else None
-                if conf_src is not None and conf_src.nodata is not None and not np.isnan(conf_src.nodata):
-                    conf = np.where(conf == conf_src.nodata, np.nan, conf)
-                if unc_src is not None and unc_src.nodata is not None and not np.isnan(unc_src.nodata):
-                    unc = np.where(unc == unc_src.nodata, np.nan, unc)
-                geoms, cls, stats = _block_pieces(data, valid, win, connectivity, conf, unc)
+                anom = None
+                if anom_ds is not None:
+                    err = _read_band(anom_ds, win)
+                    anom = np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
+                geoms, cls, stats = _block_pieces(data, valid, win, connectivity, _read_band(conf_ds, win),
+                                                  _read_band(unc_ds, win), anom)
                 if len(geoms) == 0:
                     continue
                 x0, y0, x1, y1 = shapely.bounds(geoms).T
@@ -675,43 +780,38 @@ def _run(
                 done = shapely.bounds(geoms)[:, 3] < row_end if row_end < height else np.ones(len(geoms), bool)
                 emit(geoms[done], cls[done], stats[done])
                 open_pieces.add(geoms[~done], cls[~done], stats[~done])
+            if progress is not None:
+                progress(irow + 1, nrows)
         parts.flush(force=True)
 
-        n, source = parts.n, parts_path
+        n = parts.n
         if simplify > 0:
-            gdf = _read(parts_path)
+            gdf = pyogrio.read_dataframe(parts_path, layer=_PARTS_LAYER)
             if len(gdf):
                 tol = measure.tolerance(simplify)
                 geoms = shapely.coverage_simplify(gdf.geometry.values, tol)
                 geoms = _valid(np.asarray(geoms, dtype=object))
                 gdf = gdf.set_geometry(geoms)
                 gdf = gdf[~shapely.is_empty(geoms)].reset_index(drop=True)
-                gdf["area_m2"] = measure.areas(gdf.geometry.values)
-                for k, v in zip(*_group_sum(gdf["class_id"].to_numpy(), gdf["area_m2"].to_numpy())):
+                gdf[area_col] = measure.areas(gdf.geometry.values)
+                for k, v in zip(*_group_sum(gdf["class_id"].to_numpy(), gdf[area_col].to_numpy())):
                     class_areas[k] = v
             n = len(gdf)
-            # The simplified polygons replace the parts file (or become the GeoPackage output)
-            # and every other format is copied from there, as without simplification.
-            source = next((tmps[p] for p in paths if p.suffix.lower() == ".gpkg"), parts_path)
-            source.unlink(missing_ok=True)
-            pyogrio.write_dataframe(gdf, source, driver="GPKG", layer="polygons", geometry_type=geometry_type,
+            # The simplified polygons replace the parts file and every format is copied
+            # from there, as without simplification.
+            parts_path.unlink()
+            pyogrio.write_dataframe(gdf, parts_path, driver="GPKG", layer=_PARTS_LAYER, geometry_type=geometry_type,
                                     promote_to_multi=geometry_type == "MultiPolygon")
-        # Stream the finished polygons into each other format, one batch at a time: memory
-        # stays flat however many polygons the scene has.
-        for p in paths:
-            if tmps[p] != source:
-                _stream_output(source, p, tmps[p], src.crs, geometry_type, paths[0].stem)
-        for p in paths:
-            os.replace(tmps[p], p)
+        # Stream the finished polygons into each format, one batch at a time: memory stays
+        # flat however many polygons the scene has.
+        for final, dest in targets:
+            _write_output(parts_path, Path(final), Path(dest), src.crs, geometry_type, layer)
     finally:
-        for tmp in [*tmps.values(), parts_path]:
-            if tmp.exists():
-                tmp.unlink()
-    return VectorizeResult(paths=paths, n_polygons=n, class_areas_m2=dict(sorted(class_areas.items())))
+        import shutil
 
-
-def _read(path: Path) -> Any:
-    return pyogrio.read_dataframe(path, layer="polygons")
+        shutil.rmtree(work, ignore_errors=True)
+    return VectorizeResult(paths=[Path(f) for f, _ in targets], n_polygons=n,
+                           class_areas_m2=dict(sorted(class_areas.items())), area_unit=area_col[5:])
 
 
 def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -1,0 +1,320 @@
+"""run_batch: check everything on the client, then hand the scenes to the cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from geovae.atomic import check_output_dir
+from geovae.batch.cluster import connect, install_model_cache
+from geovae.batch.manifest import (
+    MANIFEST_NAME,
+    BatchResult,
+    SceneRow,
+    _now,
+    check_marker,
+    one_line,
+    read_scene_list,
+    run_fingerprint,
+    scene_folders,
+    write_manifest,
+)
+from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
+from geovae.errors import GeovaeError, ModelFileError, OptionError
+from geovae.segment.options import SegmentOptions
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from geovae.model.base import ModelInfo
+
+log = logging.getLogger("geovae.batch")
+
+#: Seconds between two manifest rewrites while scenes stream in; the final write is always made.
+#: Rewriting a 10,000-row file after every scene would cost more than the scenes on a big run.
+_MANIFEST_MIN_INTERVAL = 1.0
+
+
+# --------------------------------------------------------------------- validation
+def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None = None,
+                   pixel_coords: bool = False) -> str | None:
+    """A one-line reason the scene cannot be segmented, or None if it looks usable.
+
+    Cheap: reads the file's header only (no pixels), so a list of thousands of scenes is
+    checked in seconds and bad ones never reach a worker.
+
+    Args:
+        scene: path or URL.
+        in_channels: the model's band count, or None to skip that check.
+        nodata: the ``nodata`` override the run uses.
+        pixel_coords: whether scenes without a CRS are accepted.
+    """
+    from geovae.scene import open_scene
+
+    try:
+        sc = open_scene(scene, nodata=nodata, pixel_coords=pixel_coords)
+    except GeovaeError as e:
+        return one_line(e)
+    if in_channels is not None and sc.count != in_channels:
+        return (
+            f"scene {scene} has {sc.count} band(s) but the model expects {in_channels}; "
+            "use a model trained on this kind of scene"
+        )
+    return None
+
+
+def _model_info(model: str | Path) -> ModelInfo:
+    """The model's description, read once on the client (also proves the file is usable).
+
+    A geovae file's header is enough; other formats (a TorchGeo checkpoint) are loaded on
+    the CPU, which also validates them before any worker is bothered.
+    """
+    from geovae.model.io import load_model, read_model_info
+
+    try:
+        return read_model_info(str(model))
+    except ModelFileError:
+        return load_model(str(model), device="cpu").info
+
+
+# ------------------------------------------------------------------------ run_batch
+def run_batch(
+    scenes: Sequence[str | Path],
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    scene_list: str | Path | None = None,
+    scheduler: str | Client | None = None,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    resume: bool = True,
+    retries: int = 2,
+    split_scene: bool = False,
+    connect_timeout: float = 10,
+    resources: dict[str, float] | None = None,
+    progress: bool = True,
+    options: SegmentOptions | None = None,
+    **segment_options: Any,
+) -> BatchResult:
+    """Segment many scenes on a Dask cluster, resumably, one output folder per scene.
+
+    Args:
+        scenes: scene paths or URLs.
+        model: model file; it must be readable at the same path on the workers.
+        out_dir: output root; every scene writes ``out_dir/<stem>/`` and the batch keeps
+            ``out_dir/manifest.csv``. Workers must see it at the same path (a shared disk).
+        scene_list: a file with more scenes, one per line.
+        scheduler: a Dask scheduler address, a scheduler file or a ``distributed.Client``
+            (left open); None starts a LocalCluster for this run.
+        workers: LocalCluster worker processes (default ``min(2, cores)``).
+        threads_per_worker: scenes each LocalCluster worker runs at once.
+        resume: skip scenes whose folder holds a valid marker from a run with the same model
+            and options; False redoes every scene.
+        retries: extra attempts for a scene whose task raised an unexpected error.
+        split_scene: spread each scene's blocks over the workers (for one huge scene).
+        connect_timeout: seconds to wait for the scheduler.
+        resources: Dask resources each scene task needs, e.g. ``{"GPU": 1}`` for workers
+            started with ``--resources GPU=1``.
+        progress: show the dashboard link and a progress bar over scenes.
+        options: the :class:`~geovae.segment.SegmentOptions` of every scene; keyword
+            arguments (the same names) override its fields. Checked here, once.
+        **segment_options: see ``options``.
+
+    Returns:
+        The counts, the rows and the manifest path. Check ``result.failed``.
+
+    Raises:
+        OptionError: no scenes, unknown options, bad counts.
+        OutputError: the output directory cannot be created or written.
+        ModelFileError: the model file is unusable.
+        ClusterError: the scheduler cannot be reached or the cluster cannot start.
+    """
+    all_scenes = [str(s) for s in scenes]
+    if scene_list is not None:
+        all_scenes += read_scene_list(scene_list)
+    if not all_scenes:
+        raise OptionError("no scenes given; pass scene paths or --list FILE")
+    if retries < 0:
+        raise OptionError(f"--retries {retries}: must be 0 or more")
+
+    out = check_output_dir(out_dir).resolve()
+    opts = SegmentOptions.from_kwargs(options, **segment_options)
+    model_path = Path(model)
+    if not model_path.is_file():
+        raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
+    info = _model_info(model_path)
+    in_channels = info.in_channels
+    fingerprints = {s: run_fingerprint(model_path, opts, s) for s in dict.fromkeys(all_scenes)}
+
+    folders = scene_folders(all_scenes)
+    rows = [SceneRow(scene=s, folder=f) for s, f in zip(all_scenes, folders, strict=True)]
+    manifest = out / MANIFEST_NAME
+    todo: list[int] = []
+    for i, row in enumerate(rows):
+        folder = out / row.folder
+        if resume:
+            done = check_marker(folder, fingerprints[row.scene])
+            if done is not None:
+                row.status = "skipped"
+                row.outputs = [os.path.relpath(p, out) for p in done]
+                continue
+        reason = precheck_scene(row.scene, in_channels, nodata=opts.nodata, pixel_coords=opts.pixel_coords)
+        if reason is not None:
+            row.status, row.error, row.finished = "failed", reason, _now()
+            continue
+        todo.append(i)
+
+    dashboard = None
+    if not todo:
+        write_manifest(manifest, rows)
+    else:
+        # The manifest is first written once the cluster answers (in _run_on_cluster): an
+        # unreachable scheduler must not leave a manifest of "pending" rows, or overwrite the
+        # one a previous run left.
+        dashboard = _run_on_cluster(
+            rows, todo, out, str(model_path.resolve()), opts, fingerprints, manifest,
+            split_info=info if split_scene else None, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
+            retries=retries, connect_timeout=connect_timeout, resources=resources, progress=progress,
+        )
+    write_manifest(manifest, rows)
+    counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
+    return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard)
+
+
+def _run_on_cluster(
+    rows: list[SceneRow],
+    todo: list[int],
+    out: Path,
+    model: str,
+    options: SegmentOptions,
+    fingerprints: dict[str, dict[str, Any]],
+    manifest: Path,
+    *,
+    split_info: ModelInfo | None,
+    scheduler: str | Client | None,
+    workers: int | None,
+    threads_per_worker: int,
+    retries: int,
+    connect_timeout: float,
+    resources: dict[str, float] | None,
+    progress: bool,
+) -> str | None:
+    from distributed import as_completed
+
+    client, cluster = connect(
+        scheduler, workers=workers, threads_per_worker=threads_per_worker, connect_timeout=connect_timeout
+    )
+    dashboard = client.dashboard_link if getattr(client, "dashboard_link", None) else None
+    try:
+        write_manifest(manifest, rows)
+        install_model_cache(client)
+        log.info("Dask dashboard: %s", dashboard)
+        run_id = uuid.uuid4().hex[:8]
+        futures = {}
+        parts = sum(client.nthreads().values()) or 1
+        for i in todo:
+            row = rows[i]
+            folder = str(out / row.folder)
+            if split_info is None:
+                fut = client.submit(
+                    segment_one, row.scene, model, folder, options, fingerprints[row.scene], str(out), run_id,
+                    key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources, pure=False,
+                )
+            else:
+                fut = _submit_split(client, row, model, folder, options, fingerprints[row.scene], str(out), run_id,
+                                    split_info, parts, retries=retries, resources=resources)
+            futures[fut] = i
+        with _Progress(len(rows), progress, dashboard) as bar:
+            bar.advance(len(rows) - len(todo))
+            last_write = 0.0
+            for fut in as_completed(futures, loop=client.loop):
+                row = rows[futures[fut]]
+                try:
+                    res = fut.result()
+                    for k, v in res.items():
+                        setattr(row, k, v)
+                except Exception as e:  # noqa: BLE001 - a scene's failure is recorded, not raised
+                    row.status, row.error, row.finished = "failed", one_line(e), _now()
+                bar.advance(1, row)
+                fut.release()
+                if time.monotonic() - last_write >= _MANIFEST_MIN_INTERVAL:
+                    write_manifest(manifest, rows)
+                    last_write = time.monotonic()
+    finally:
+        if client is not scheduler:  # a Client the caller gave stays theirs
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return dashboard
+
+
+def _submit_split(
+    client: Client,
+    row: SceneRow,
+    model: str,
+    folder: str,
+    options: SegmentOptions,
+    fingerprint: dict[str, Any],
+    out_root: str,
+    run_id: str,
+    info: ModelInfo,
+    parts: int,
+    *,
+    retries: int,
+    resources: dict[str, float] | None,
+) -> Any:
+    """Submit one scene as band tasks plus an assembling task; returns the latter's future."""
+    from geovae.scene import open_scene
+
+    sc = open_scene(row.scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
+    tile, overlap = options.tiling(info)
+    bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
+    part_root = Path(folder) / f".split-{run_id}"
+    band_futs = [
+        client.submit(segment_band, row.scene, model, str(part_root / f"band-{k}"), a, b, options,
+                      key=f"geovae-band-{row.folder}-{k}-{run_id}", retries=retries, resources=resources, pure=False)
+        for k, (a, b) in enumerate(bands)
+    ]
+    return client.submit(assemble_split, row.scene, model, folder, bands, band_futs, options, fingerprint, out_root,
+                         run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,
+                         pure=False)
+
+
+class _Progress:
+    """A rich progress bar over scenes (or nothing when progress is off)."""
+
+    def __init__(self, total: int, enabled: bool, dashboard: str | None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.dashboard = dashboard
+        self._bar: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            console = Console(stderr=True)
+            if self.dashboard:
+                console.print(f"Dask dashboard: {self.dashboard}")
+            self._bar = Progress(
+                TextColumn("scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[last]}"), console=console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("scenes", total=self.total, last="")
+        return self
+
+    def advance(self, n: int, row: SceneRow | None = None) -> None:
+        if self._bar is not None and n:
+            last = f"{row.folder}: {row.status}" if row is not None else ""
+            self._bar.update(self._task, advance=n, last=last)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,186 @@
+"""The output contract: what a run writes, under which names, with which profiles and tags.
+
+Every writer (the stitcher, the polygon writer, the quicklook, the report) takes its names,
+GeoTIFF profiles and tags from here, and every reader of geovae's own outputs (vectorize,
+evaluate, the viewer) reads them back through here, so the two sides cannot drift apart.
+
+Names: ``<stem>.<suffix>`` in the output folder, ``stem`` being the scene's file name
+without its extension (:attr:`geovae.scene.Scene.stem`); see :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from geovae.classes import CLASS_NODATA
+from geovae.errors import OptionError
+
+__all__ = [
+    "KINDS", "RASTER_KINDS", "POLYGON_FORMATS", "CLASS_NODATA", "output_name", "check_formats",
+    "raster_profile", "write_class_table", "read_class_table", "uncertainty_tags", "read_max_entropy",
+    "area_column", "ATTRIBUTE_COLUMNS",
+]
+
+#: Every file a segment run may write, in the order a run moves them into place (the
+#: report, which vouches for the rest, last), with its name suffix.
+KINDS: dict[str, str] = {
+    "classes": "classes.tif",
+    "confidence": "confidence.tif",
+    "uncertainty": "uncertainty.tif",
+    "reconstruction_error": "reconstruction-error.tif",
+    "geojson": "geojson",
+    "gpkg": "gpkg",
+    "parquet": "parquet",
+    "quicklook": "png",
+    "report": "json",
+}
+
+#: The raster kinds, in writing order.
+RASTER_KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error")
+
+#: Polygon formats: name -> (suffix, OGR driver). GeoParquet is written through pyarrow.
+POLYGON_FORMATS: dict[str, tuple[str, str]] = {
+    "geojson": (".geojson", "GeoJSON"),
+    "gpkg": (".gpkg", "GPKG"),
+    "parquet": (".parquet", "Parquet"),
+}
+
+#: Internal tiling of every output raster (and of its overviews).
+BLOCKSIZE = 256
+
+
+def output_name(stem: str, kind: str) -> str:
+    """The file name of output ``kind`` of scene ``stem``, e.g. ``nc.classes.tif``."""
+    return f"{stem}.{KINDS[kind]}"
+
+
+def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> list[str]:
+    """The polygon formats to write, checked.
+
+    Args:
+        formats: names among ``geojson``, ``gpkg``, ``parquet`` (a list, or one comma-separated
+            string as typed on a command line); None for the default (``geojson``, ``gpkg``
+            in pixel coordinates).
+        pixel_coords: whether the outputs are in pixel coordinates (GeoJSON is refused).
+
+    Returns:
+        The formats, lower case, without duplicates.
+
+    Raises:
+        OptionError: an unknown format, or GeoJSON in pixel coordinates.
+    """
+    if formats is None:
+        return ["gpkg"] if pixel_coords else ["geojson"]
+    if isinstance(formats, str):  # "geojson,gpkg" as typed on a command line
+        formats = [f for f in formats.split(",") if f.strip()]
+    fmts = [f.strip().lower().lstrip(".") for f in formats]
+    for f in fmts:
+        if f not in POLYGON_FORMATS:
+            raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
+    if pixel_coords and "geojson" in fmts:
+        raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
+                          "pixel coordinates; use --formats gpkg or parquet")
+    return list(dict.fromkeys(fmts))
+
+
+# -- rasters -------------------------------------------------------------------------------
+
+#: Band count, dtype, nodata and predictor of each raster kind.
+_RASTER_SPECS: dict[str, dict[str, Any]] = {
+    "classes": dict(count=1, dtype="uint8", nodata=CLASS_NODATA, predictor=2),
+    "confidence": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
+    "uncertainty": dict(count=2, dtype="float32", nodata=float("nan"), predictor=3),
+    "reconstruction_error": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
+}
+
+#: Band descriptions of each raster kind.
+BAND_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "classes": ("class",),
+    "confidence": ("confidence (max blended class probability)",),
+    "uncertainty": ("predictive entropy (nats)", "mutual information (nats)"),
+    "reconstruction_error": ("reconstruction error (MSE, normalised units)",),
+}
+
+
+def raster_profile(kind: str, *, width: int, height: int, crs: Any, transform: Any) -> dict[str, Any]:
+    """Creation options of output raster ``kind``: tiled 256 x 256, ZSTD with a predictor.
+
+    Args:
+        kind: one of :data:`RASTER_KINDS`.
+        width, height: size in pixels.
+        crs: the scene's CRS (None in pixel coordinates).
+        transform: the output's geotransform.
+
+    Returns:
+        Keyword arguments for ``rasterio.open(path, "w", **profile)``.
+    """
+    return dict(
+        driver="GTiff", width=width, height=height, crs=crs, transform=transform, tiled=True,
+        blockxsize=BLOCKSIZE, blockysize=BLOCKSIZE, compress="zstd", BIGTIFF="IF_SAFER", interleave="band",
+        **_RASTER_SPECS[kind],
+    )
+
+
+def write_class_table(ds: Any, ids: Sequence[int], names: Sequence[str], colors: Sequence[Sequence[int]]) -> None:
+    """Write the class table into an open class raster: colour table, names, ``CLASSES`` JSON."""
+    ds.write_colormap(1, {int(c): (*[int(v) for v in col][:3], 255) for c, col in zip(ids, colors)})
+    ds.update_tags(**{f"CLASS_{c}": n for c, n in zip(ids, names)})
+    ds.update_tags(CLASSES=json.dumps([
+        {"id": int(c), "name": n, "color": [int(v) for v in col][:3]} for c, n, col in zip(ids, names, colors)
+    ]), NODATA_MEANING=f"{CLASS_NODATA} = no data (invalid input pixel)")
+
+
+def read_class_table(ds: Any) -> dict[int, dict[str, Any]]:
+    """The class table of an open class raster: ``{id: {"name": str, "color": [r, g, b] | None}}``.
+
+    Reads what :func:`write_class_table` wrote (the ``CLASSES`` JSON tag), else the
+    ``CLASS_<id>`` tags, else nothing (a class raster from another tool); colours fall back
+    to the colour table.
+    """
+    tags = ds.tags()
+    out: dict[int, dict[str, Any]] = {}
+    try:
+        for c in json.loads(tags["CLASSES"]):
+            out[int(c["id"])] = {"name": str(c["name"]), "color": c.get("color")}
+        return out
+    except (KeyError, TypeError, ValueError):
+        pass
+    for k, v in tags.items():
+        if k.upper().startswith("CLASS_") and k[6:].isdigit():
+            out[int(k[6:])] = {"name": v, "color": None}
+    try:
+        cmap = ds.colormap(1)
+    except ValueError:
+        cmap = {}
+    for cid, entry in out.items():
+        if entry["color"] is None and cid in cmap:
+            entry["color"] = list(cmap[cid][:3])
+    return out
+
+
+def uncertainty_tags(num_classes: int) -> dict[str, str]:
+    """Tags of the uncertainty raster: its units and the largest possible entropy, log K."""
+    return {"UNITS": "nats", "MAX_ENTROPY": str(math.log(num_classes))}
+
+
+def read_max_entropy(ds: Any) -> float | None:
+    """The ``MAX_ENTROPY`` tag of an uncertainty raster, or None when absent or unreadable."""
+    try:
+        return float(ds.tags()["MAX_ENTROPY"])
+    except (KeyError, ValueError):
+        return None
+
+
+# -- polygons ------------------------------------------------------------------------------
+
+
+def area_column(pixel_coords: bool) -> str:
+    """The polygons' (and the report's) area attribute, named by its unit."""
+    return "area_px" if pixel_coords else "area_m2"
+
+
+#: Attribute columns of the polygon outputs, in order; ``area`` is :func:`area_column`.
+ATTRIBUTE_COLUMNS = ("class_id", "class_name", "area", "confidence_mean", "uncertainty_mean", "anomaly_fraction")

@@ -1,0 +1,161 @@
+"""The options of a segmentation run, validated once.
+
+:class:`SegmentOptions` is the one place segment options are checked: the CLI, the Python
+API and :mod:`geovae.batch` all build one (the batch client before any scene reaches a
+worker), and batch's resume fingerprint is computed from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from geovae.device import PRECISIONS
+from geovae.errors import OptionError
+from geovae.model.base import ModelInfo
+from geovae.products import POLYGON_FORMATS
+from geovae.tiling import check_options
+
+__all__ = ["SegmentOptions"]
+
+#: Options that change how fast the outputs are written, not what is written: a batch
+#: marker made with other values is still trusted on resume.
+SPEED_ONLY = frozenset({"device", "batch_size", "progress", "force"})
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """How to segment a scene. Every field is checked when the object is made.
+
+    Attributes:
+        tile: tile side in pixels; None for the model's training tile size.
+        overlap: pixels shared by neighbouring tiles; None for ``tile // 4``.
+        batch_size: tiles per model call.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; None keeps a loaded model's own.
+        samples: latent samples per tile; > 0 writes the uncertainty raster.
+        reconstruction: write the reconstruction-error (anomaly) raster. None (the default)
+            writes it when the model file records its training reconstruction error, so that
+            the run can flag pixels unlike the training data.
+        tta: average predictions over horizontal and vertical flips (3x the model time).
+        min_area: drop polygons smaller than this (m^2; pixels in pixel coordinates).
+        simplify: topology-preserving simplification tolerance (metres, or pixels).
+        formats: polygon formats among ``geojson``, ``gpkg``, ``parquet``; None for the
+            default (``geojson``, ``gpkg`` in pixel coordinates); empty for none.
+        pixel_coords: accept a scene without CRS; outputs in pixel coordinates.
+        nodata: value marking missing pixels, overriding the scene's nodata tag.
+        block_size: output block side (rounded to a multiple of ``tile - overlap``).
+        quicklook: write the PNG quicklook.
+        progress: show progress bars.
+        force: run even when the scene lies far outside the model's training data
+            (:mod:`geovae.segment.trust`); the run then warns and flags those pixels.
+    """
+
+    tile: int | None = None
+    overlap: int | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str | None = None
+    samples: int = 0
+    reconstruction: bool | None = None
+    tta: bool = False
+    min_area: float = 0.0
+    simplify: float = 0.0
+    formats: tuple[str, ...] | None = None
+    pixel_coords: bool = False
+    nodata: float | None = None
+    block_size: int = 1024
+    quicklook: bool = True
+    progress: bool = True
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        def integer(name: str, lo: int, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < lo:
+                flag = name.replace("_", "-")
+                raise OptionError(f"--{flag} {v}: must be a whole number of at least {lo}")
+            object.__setattr__(self, name, int(v))
+
+        integer("tile", 1, allow_none=True)
+        integer("overlap", 0, allow_none=True)
+        integer("batch_size", 1)
+        integer("samples", 0)
+        integer("block_size", 1)
+        for name in ("min_area", "simplify"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise OptionError(f"--{name.replace('_', '-')} {v}: must be a number of 0 or more")
+            object.__setattr__(self, name, float(v))
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise OptionError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
+        if self.nodata is not None:
+            object.__setattr__(self, "nodata", float(self.nodata))
+        if self.formats is not None:
+            fmts = self.formats
+            if isinstance(fmts, str):  # "geojson,gpkg" as typed on a command line
+                fmts = [f for f in fmts.split(",") if f.strip()]
+            norm = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in fmts))
+            for f in norm:
+                if f not in POLYGON_FORMATS:
+                    raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
+            object.__setattr__(self, "formats", norm)
+
+    @classmethod
+    def from_kwargs(cls, options: SegmentOptions | None = None, **kwargs: Any) -> SegmentOptions:
+        """``options`` (or the defaults) with ``kwargs`` replaced; unknown names are refused.
+
+        Raises:
+            OptionError: an unknown option or a value out of range.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise OptionError(f"unknown segment option(s) {', '.join(unknown)}; see `geovae segment --help`")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+    def replace(self, **kwargs: Any) -> SegmentOptions:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **kwargs)
+
+    def tiling(self, info: ModelInfo) -> tuple[int, int]:
+        """Tile side and overlap for a model: by default its training tile and a quarter of it.
+
+        Raises:
+            OptionError: a tile that is not a multiple of the model's stride, an overlap not
+                smaller than the tile.
+        """
+        tile = self.tile if self.tile is not None else info.tile_size
+        overlap = self.overlap if self.overlap is not None else tile // 4
+        check_options(tile, overlap, 1, info.stride)
+        return tile, overlap
+
+    def polygon_formats(self, pixel_coords: bool) -> list[str]:
+        """The polygon formats for a scene with (False) or without (True) real coordinates.
+
+        Raises:
+            OptionError: GeoJSON asked for a scene in pixel coordinates.
+        """
+        if self.formats is None:
+            return ["gpkg"] if pixel_coords else ["geojson"]
+        if pixel_coords and "geojson" in self.formats:
+            raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
+                              "pixel coordinates; use --formats gpkg or parquet")
+        return list(self.formats)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option, JSON-friendly."""
+        d = dataclasses.asdict(self)
+        if d["formats"] is not None:
+            d["formats"] = list(d["formats"])
+        return d
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that change what is written (not :data:`SPEED_ONLY`), for resume."""
+        return {k: v for k, v in sorted(self.to_dict().items()) if k not in SPEED_ONLY}
+

@@ -1,0 +1,536 @@
+"""A segmentation run, assembled in one place: checks, tiles -> model -> blend, products, commit.
+
+:func:`segment_scene` checks everything first (options, scene, model, band count, valid
+data, whether the scene looks like the training data, that no output would replace an
+input), then streams: a background thread reads tiles in the stitcher's order
+(:mod:`geovae.segment.reader`), the main thread runs the model and blends the outputs into
+blocks written as soon as they are complete (:mod:`geovae.stitch`). Then the class raster
+is vectorised, a quicklook drawn and the report written. Every file goes into the run's
+:class:`~geovae.atomic.OutputSet` and the set is moved into place at the end, the report
+last; a failed or interrupted run leaves the previous outputs as they were.
+
+:func:`segment_rows` and :func:`assemble_rows` are the two halves of one huge scene spread
+over several machines (:mod:`geovae.batch`): row bands segmented on the scene's own tile
+grid, then joined block by block into the same outputs a single run writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
+from geovae.errors import ModelMismatchError, OptionError, SceneError
+from geovae.model.base import SegmentationModel
+from geovae.products import RASTER_KINDS, output_name
+from geovae.scene import Scene, capped_gdal_cache, open_scene
+from geovae.segment.options import SegmentOptions
+from geovae.segment.reader import Batch, Reader
+from geovae.segment.report import build_report
+from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, check_scene
+from geovae.stitch import Stitcher, block_side, check_rows
+from geovae.tiling import TileGrid
+
+__all__ = ["SegmentResult", "segment_scene", "segment_rows", "assemble_rows"]
+
+log = logging.getLogger("geovae.segment")
+
+#: Upper bound of GDAL's block cache during a run (bytes). 512 MiB let the cache fill while
+#: overviews were built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
+GDAL_CACHE_BYTES = 64 * 2**20
+
+
+@dataclass
+class SegmentResult:
+    """What a segmentation run wrote.
+
+    Attributes:
+        outputs: final paths keyed by kind (``classes``, ``confidence``, ``uncertainty``,
+            ``reconstruction_error``, ``geojson``/``gpkg``/``parquet``, ``quicklook``, ``report``).
+        report: the run report (also written as ``<stem>.json``).
+    """
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def polygons(self) -> Any:
+        """The run's polygons as a ``geopandas.GeoDataFrame`` (read from its GeoPackage,
+        GeoParquet or GeoJSON output, in that order of preference).
+
+        Raises:
+            OptionError: the run wrote no polygons.
+        """
+        import geopandas as gpd
+
+        for kind in ("gpkg", "parquet", "geojson"):
+            if kind in self.outputs:
+                p = self.outputs[kind]
+                return gpd.read_parquet(p) if kind == "parquet" else gpd.read_file(p, engine="pyogrio")
+        raise OptionError("this run wrote no polygons; run it with formats such as ('gpkg',)")
+
+
+# -- what the checks resolve ---------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    scene: Scene
+    model: SegmentationModel
+    source: str | None
+    options: SegmentOptions
+    grid: TileGrid
+    formats: list[str]
+    reconstruction: bool
+    threshold: float | None
+    trust: dict[str, Any]
+    timings: dict[str, float]
+    t_start: float
+
+    @property
+    def stem(self) -> str:
+        return self.scene.stem
+
+
+_MODEL_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _model_sha256(source: str | None) -> str | None:
+    """The model file's SHA-256, computed once per file version in a process."""
+    if source is None or not Path(source).is_file():
+        return None
+    st = Path(source).stat()
+    key = (str(Path(source).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _MODEL_HASHES:
+        _MODEL_HASHES[key] = sha256(source)
+    return _MODEL_HASHES[key]
+
+
+def _open(scene: Any, opts: SegmentOptions) -> Scene:
+    import rasterio.io
+
+    if isinstance(scene, Scene):
+        if opts.nodata is not None and opts.nodata != scene.nodata:
+            kind = "nodata" if scene.mask_kind in ("none", "nodata") else scene.mask_kind
+            scene = dataclasses.replace(scene, nodata=float(opts.nodata), mask_kind=kind)
+        if scene.crs is None and not opts.pixel_coords:
+            raise SceneError(f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
+                             "pass --pixel-coords to segment it in pixel coordinates")
+        return scene
+    if isinstance(scene, rasterio.io.DatasetReaderBase):
+        # An open dataset (a file, or a MemoryFile's /vsimem/ name): reopened by name, so
+        # the reader threads get handles of their own.
+        scene = scene.name
+    return open_scene(scene, pixel_coords=opts.pixel_coords, nodata=opts.nodata)
+
+
+def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> SegmentationModel:
+    if isinstance(model, SegmentationModel):
+        return model if opts.precision is None else model.with_precision(opts.precision)
+    from geovae.model.io import load_model
+
+    return load_model(model, opts.device, precision=opts.precision or "auto")
+
+
+def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | None = None,
+          check_trust: bool = True) -> _Plan:
+    """Every check of a run, before any output is written."""
+    t_start = time.perf_counter()
+    sc = _open(scene, opts)
+    fmts = opts.polygon_formats(sc.crs is None)
+    source = None if isinstance(model, SegmentationModel) else str(model)
+    m = _load(model, opts)
+    info = m.info
+    if sc.count != info.in_channels:
+        raise ModelMismatchError(
+            f"scene {sc.name} has {sc.count} bands but the model expects {info.in_channels}; "
+            "pass a scene with the bands the model was trained on (in the same order)"
+        )
+    if opts.reconstruction and not m.supports_reconstruction:
+        raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
+    threshold = anomaly_threshold(info) if m.supports_reconstruction else None
+    reconstruction = opts.reconstruction if opts.reconstruction is not None else threshold is not None
+    tile, overlap = opts.tiling(info)
+    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride)
+    check_rows(rows, sc.height, block_side(opts.block_size, grid.step))
+    if rows is not None and opts.quicklook:
+        raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
+    if not sc.any_valid():
+        raise SceneError(f"scene {sc.name} has no valid pixels (all nodata); check --nodata or the file")
+    trust: dict[str, Any] = {"scene": check_scene(sc, info, force=opts.force) if check_trust else {"checked": False}}
+    if reconstruction and threshold is not None:
+        trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
+    timings = {"validate_s": time.perf_counter() - t_start}
+    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start)
+
+
+def _kinds(plan: _Plan) -> list[str]:
+    """The outputs this run writes, in commit order (the report last)."""
+    kinds = ["classes", "confidence"]
+    kinds += ["uncertainty"] * (plan.options.samples > 0) + ["reconstruction_error"] * plan.reconstruction
+    kinds += plan.formats + ["quicklook"] * plan.options.quicklook + ["report"]
+    return kinds
+
+
+def _previous_outputs(folder: Path, stem: str) -> list[str]:
+    """Names of the files an earlier run's report in ``folder`` lists (to remove stale ones)."""
+    try:
+        doc = json.loads((folder / output_name(stem, "report")).read_text())
+        outs = doc["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    names = []
+    for v in outs.values() if isinstance(outs, dict) else []:
+        p = Path(str(v))
+        if p.is_absolute() and p.parent.resolve() != folder.resolve():
+            continue  # not in this folder: not part of this set
+        if p.name.startswith(f"{stem}."):
+            names.append(p.name)
+            names += [p.name + side for side in (".aux.xml", ".ovr", ".msk") if (folder / (p.name + side)).exists()]
+    return names
+
+
+# -- the model loop ------------------------------------------------------------------------
+
+
+def _predict(model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool) -> dict[str, torch.Tensor]:
+    """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
+    x = x.to(model.device, non_blocking=True)
+    out = model.predict(x, samples=samples, reconstruction=reconstruction)
+    if tta:
+        for dim in (-1, -2):
+            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction)
+            for k, v in o.items():
+                out[k] = out[k] + v.flip(dim)  # every output has H, W as its last two dims
+        out = {k: v / 3.0 for k, v in out.items()}
+    return out
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    outputs: dict[str, torch.Tensor]  # on the host (possibly still being copied)
+    done: Any  # a CUDA event marking the end of the copy, or None on the CPU
+
+
+def _launch(model: SegmentationModel, batch: Batch, samples: int, reconstruction: bool, tta: bool) -> _InFlight:
+    """Queue one batch on the device and its copy back to the host; does not wait on CUDA."""
+    if batch.x is None:
+        return _InFlight(batch, {}, None)
+    o = _predict(model, batch.x, samples, reconstruction, tta)
+    if model.device.type != "cuda":
+        return _InFlight(batch, {k: v.float() for k, v in o.items()}, None)
+    host = {}
+    for k, v in o.items():
+        buf = torch.empty(v.shape, dtype=torch.float32, pin_memory=True)
+        buf.copy_(v.float(), non_blocking=True)  # asynchronous into pinned memory
+        host[k] = buf
+    done = torch.cuda.Event()
+    done.record()
+    return _InFlight(batch, host, done)
+
+
+def _blend(f: _InFlight, stitcher: Stitcher) -> float:
+    """Wait for a batch's outputs and blend them; returns the seconds spent waiting on the device."""
+    t0 = time.perf_counter()
+    if f.done is not None:
+        f.done.synchronize()
+    waited = time.perf_counter() - t0
+    res = {k: v.numpy() for k, v in f.outputs.items()}
+    n = 0
+    for t, run in f.batch.entries:
+        if not run:
+            stitcher.skip(t)
+            continue
+        stitcher.add(
+            t, f.batch.valid[n], res["probs"][n],
+            expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
+            reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
+        )
+        n += 1
+    return waited
+
+
+class _Progress:
+    """A rich progress bar with a rate, or nothing."""
+
+    def __init__(self, total: int, enabled: bool, label: str, unit: str = "tiles"):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} " + unit + "/s"), TimeRemainingColumn(), transient=False,
+            )
+            self.task = self.bar.add_task(label, total=total, rate="-")
+        self.t0 = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
+
+    def update(self, done: int, total: int) -> None:
+        """Set the bar to ``done`` of ``total`` (for stages that report their own position)."""
+        self.advance(done - self.done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
+    """Every tile of the stitcher's plan through the model and into the stitcher."""
+    opts, model = plan.options, plan.model
+    t0 = time.perf_counter()
+    model_s = 0.0
+    pin = model.device.type == "cuda"
+    mean = np.asarray(model.info.mean, dtype=np.float32)
+    with Reader(plan.scene, list(stitcher.block_tiles()), opts.batch_size, mean, pin) as reader, \
+            _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar:
+        # One batch in flight: batch n+1 is queued on the device before batch n is
+        # blended, so on CUDA the GPU computes while the CPU blends and writes.
+        pending: _InFlight | None = None
+        for batch in reader:
+            tm = time.perf_counter()
+            launched = _launch(model, batch, opts.samples, plan.reconstruction, opts.tta)
+            model_s += time.perf_counter() - tm
+            if pending is not None:
+                model_s += _blend(pending, stitcher)
+                bar.advance(len(pending.batch.entries))
+            pending = launched
+        if pending is not None:
+            model_s += _blend(pending, stitcher)
+            bar.advance(len(pending.batch.entries))
+        plan.timings["read_s"] = reader.read_s
+    plan.timings["model_s"] = model_s
+    plan.timings["predict_s"] = time.perf_counter() - t0
+    log.info("%s: %d tiles predicted and blended in %.1f s (model %.1f s)", plan.stem, stitcher.tiles_total,
+             plan.timings["predict_s"], model_s)
+
+
+def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None) -> Stitcher:
+    s = plan.scene
+    return Stitcher(plan.grid, oset.folder, s.stem, plan.model.info, s.crs, s.transform,
+                    uncertainty=plan.options.samples > 0, reconstruction=plan.reconstruction,
+                    block_size=plan.options.block_size, rows=rows, output_set=oset,
+                    anomaly_threshold=plan.threshold)
+
+
+def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
+    m = plan.model
+    return {
+        **plan.options.to_dict(), "rows": None if stitcher.rows == (0, plan.scene.height) else list(stitcher.rows),
+        "tile": plan.grid.tile, "overlap": plan.grid.overlap, "device": str(m.device),
+        "precision": str(m.amp_dtype or "fp32").replace("torch.", ""), "reconstruction": plan.reconstruction,
+        "formats": plan.formats, "pixel_coords": plan.scene.crs is None, "nodata": plan.scene.nodata,
+        "block_size": stitcher.B,
+    }
+
+
+def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str, Any] | None = None,
+            extra: dict[str, Any] | None = None) -> SegmentResult:
+    """Close the rasters, write polygons, quicklook and report into the set, commit it."""
+    from geovae.polygons import write_polygons
+
+    opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
+    t0 = time.perf_counter()
+    rasters = stitcher.close()
+    timings["rasters_close_s"] = time.perf_counter() - t0
+    log.info("%s: rasters closed (overviews built) in %.1f s", stem, timings["rasters_close_s"])
+    staged = {k: oset.path(output_name(stem, k)) for k in rasters}
+    polygons: dict[str, int] = {}
+    if plan.formats:
+        t0 = time.perf_counter()
+        targets = [(oset.final(output_name(stem, f)), oset.path(output_name(stem, f))) for f in plan.formats]
+        anomaly = (staged["reconstruction_error"], plan.threshold) if "reconstruction_error" in staged and \
+            plan.threshold is not None else None
+        with _Progress(1, opts.progress, f"polygons {stem}", unit="block rows") as bar:
+            res = write_polygons(staged["classes"], targets, confidence=staged["confidence"],
+                                 uncertainty=staged.get("uncertainty"), anomaly=anomaly, min_area=opts.min_area,
+                                 simplify=opts.simplify, class_names=dict(zip(info.class_ids, info.class_names)),
+                                 layer=stem, progress=lambda done, total: _set_total(bar, done, total))
+        polygons = {f: res.n_polygons for f in plan.formats}
+        timings["vectorize_s"] = time.perf_counter() - t0
+        log.info("%s: %d polygons written in %.1f s", stem, res.n_polygons, timings["vectorize_s"])
+    if opts.quicklook:
+        t0 = time.perf_counter()
+        from geovae.quicklook import write_quicklook
+
+        write_quicklook(plan.scene, staged["classes"], oset.path(output_name(stem, "quicklook")), info)
+        timings["quicklook_s"] = time.perf_counter() - t0
+        log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
+    timings["total_s"] = time.perf_counter() - plan.t_start
+    kinds = _kinds(plan)
+    outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
+    report = build_report(
+        scene=plan.scene, model=plan.model, source=plan.source, model_sha256=_model_sha256(plan.source),
+        options=_report_options(plan, stitcher), tiles=tiles if tiles is not None else stitcher.summary(),
+        timings=timings, class_pixels=stitcher.class_pixels, class_area=stitcher.class_area,
+        class_flagged=stitcher.class_flagged if plan.threshold is not None and plan.reconstruction else None,
+        area_unit=stitcher.areas.measure.unit, trust=plan.trust, outputs=outputs, folder=oset.folder,
+        polygons=polygons, extra=extra,
+    )
+    write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
+    names = [output_name(stem, k) for k in kinds]
+    oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
+    _warn_anomalies(report)
+    return SegmentResult(outputs=outputs, report=report)
+
+
+def _set_total(bar: _Progress, done: int, total: int) -> None:
+    if bar.bar is not None:
+        bar.bar.update(bar.task, total=total)
+    bar.update(done, total)
+
+
+def _warn_anomalies(report: dict[str, Any]) -> None:
+    a = report.get("trust", {}).get("anomaly", {})
+    frac = a.get("fraction")
+    if frac is not None and frac > WARN_FLAGGED:
+        log.warning("%.0f%% of %s's pixels are unlike the model's training data (reconstruction error above the "
+                    "training's 99.5th percentile); the classes there are unreliable, see the reconstruction-error "
+                    "raster and the polygons' anomaly_fraction", 100 * frac, Path(report["scene"]["path"]).name)
+
+
+def _run_set(plan: _Plan, out_dir: str | Path) -> OutputSet:
+    """The run's output set, after checking that no output would replace an input."""
+    folder = check_output_dir(out_dir, create=False)
+    inputs = [plan.scene.path if not plan.scene.path.startswith("/vsi") else None, plan.source]
+    check_not_inputs([folder / output_name(plan.stem, k) for k in _kinds(plan)], inputs)
+    return OutputSet(folder, plan.stem, inputs=inputs)
+
+
+# -- the public entry points ------------------------------------------------------------------
+
+
+def segment_scene(
+    scene: str | Path | Scene | Any,
+    model: str | Path | SegmentationModel,
+    out_dir: str | Path,
+    options: SegmentOptions | None = None,
+    *,
+    rows: tuple[int, int] | None = None,
+    **kwargs: Any,
+) -> SegmentResult:
+    """Segment a scene of any size into class, confidence and uncertainty rasters and polygons.
+
+    Memory stays bounded by tile, batch and block size whatever the scene's size: tiles are
+    read lazily, blended into output blocks, and each block is written once complete. The
+    outputs appear together when the run succeeds; a failed run leaves the folder as it was.
+
+    Args:
+        scene: a path/URL (opened with :func:`geovae.scene.open_scene`), an open
+            :class:`~geovae.scene.Scene`, or an open rasterio dataset.
+        model: a model file (loaded with ``geovae.model.io.load_model``) or a :class:`SegmentationModel`.
+        out_dir: output folder (created once every check has passed).
+        options: a :class:`~geovae.segment.options.SegmentOptions`; keyword arguments
+            (``tile=256, samples=8, ...``, the same names) override its fields.
+        rows: ``(start, stop)``: segment only these scene rows, which must lie on the output
+            block grid (multiples of :func:`geovae.stitch.block_side`, or the scene's height).
+            The outputs then cover just those rows (transform shifted) and equal the same rows
+            of a whole-scene run bit for bit: the tiles touching them run on the scene's own
+            tile grid. Used to spread one scene over several machines (no quicklook then).
+
+    Returns:
+        The :class:`SegmentResult` with output paths and the run report.
+
+    Raises:
+        OptionError: an option is out of range (tile, overlap, batch size, formats...).
+        OutputError: the output folder is a file or cannot be written, an output would
+            replace an input, another run is writing the same outputs, or the disk is full.
+        SceneError: the scene is missing, unreadable, not georeferenced, or all nodata.
+        CorruptSceneError: a tile of the scene cannot be decoded (raised while streaming;
+            nothing is left under a final name).
+        ModelFileError: the model file cannot be loaded.
+        ModelMismatchError: the scene's band count differs from the model's, the model lacks
+            an output asked for, or the scene lies far outside the model's training data.
+    """
+    opts = SegmentOptions.from_kwargs(options, **kwargs)
+    plan = _plan(scene, model, opts, rows=rows)
+    oset = _run_set(plan, out_dir)
+    # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
+    # read scene blocks up to that: cap it so memory stays bounded on big machines too.
+    with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
+        stitcher = _stitcher(plan, oset, rows)
+        try:
+            _predict_tiles(plan, stitcher)
+            return _finish(plan, oset, stitcher)
+        except BaseException:
+            stitcher.abort()
+            raise
+        finally:
+            plan.scene.close()
+
+
+def segment_rows(scene: str, model: str | Path | SegmentationModel, out_dir: str | Path, rows: tuple[int, int],
+                 options: SegmentOptions) -> dict[str, Any]:
+    """Segment rows ``start:stop`` of a scene into rasters in ``out_dir`` (one band of a split run).
+
+    :func:`segment_scene` with ``rows``, without polygons or quicklook.
+
+    Returns:
+        ``{"rasters": {kind: path}, "tiles": tile counts}``.
+    """
+    res = segment_scene(scene, model, out_dir, options.replace(formats=(), quicklook=False, progress=False), rows=rows)
+    return {"rasters": {k: str(v) for k, v in res.outputs.items() if k in RASTER_KINDS}, "tiles": res.report["tiles"]}
+
+
+def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: str | Path,
+                  bands: list[tuple[int, int]], parts: list[dict[str, Any]], options: SegmentOptions) -> SegmentResult:
+    """Join the row bands of :func:`segment_rows` into a scene's final outputs, as one run writes them.
+
+    The band rasters go block by block through :meth:`Stitcher.write_block` (same creation
+    options, tags, overviews and class areas as a single run), then the polygons, quicklook
+    and report are written and the set committed.
+
+    Args:
+        bands: ``(start, stop)`` rows of each band, top to bottom.
+        parts: what :func:`segment_rows` returned for each band.
+    """
+    import rasterio
+
+    plan = _plan(scene, model, options.replace(progress=False), check_trust=False)
+    oset = _run_set(plan, out_dir)
+    with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
+        st = _stitcher(plan, oset)
+        srcs: dict[str, Any] = {}
+        try:
+            band = -1
+            for win in st.windows():  # in write order: the class areas add up as in one process
+                r0 = int(win.row_off)
+                if band < 0 or r0 >= bands[band][1]:
+                    for ds in srcs.values():
+                        ds.close()
+                    band += 1
+                    srcs = {k: rasterio.open(p) for k, p in parts[band]["rasters"].items()}
+                part_win = Window(win.col_off, r0 - bands[band][0], win.width, win.height)
+                st.write_block(win, {k: ds.read(window=part_win) for k, ds in srcs.items()})
+            tiles = {k: sum(p["tiles"][k] for p in parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
+            extra = {"split": {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}}
+            return _finish(plan, oset, st, tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
+                           extra=extra)
+        except BaseException:
+            st.abort()
+            raise
+        finally:
+            for ds in srcs.values():
+                ds.close()
+            plan.scene.close()
+
