@@ -38,7 +38,7 @@ from geovae.errors import OutputError
 
 __all__ = [
     "atomic_path", "write_text", "sha256", "check_output_file", "check_output_dir", "check_not_inputs",
-    "OutputSet", "disk_full_error",
+    "OutputSet", "is_disk_full", "disk_full_error",
 ]
 
 _JOURNAL = ".commit.json"
@@ -69,9 +69,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
-        full = disk_full_error(exc, path.parent)
-        if full is not None:
-            raise full from None
+        full = is_disk_full(exc, path.parent)
+        written = tmp.stat().st_size if tmp.exists() else None
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path.parent, written) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -193,41 +195,49 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def disk_full_error(exc: BaseException, folder: str | os.PathLike[str], written: int | None = None) -> OutputError | None:
-    """An :class:`OutputError` saying the disk is full, if that is why ``exc`` happened.
+def is_disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
+    """Whether ``exc`` happened because the disk of ``folder`` is full.
 
     GDAL reports a full disk as a generic write failure ("Write failed", a TIFF error), so
-    besides ``ENOSPC``/``EDQUOT`` anywhere in the exception's chain, a write error on a
-    filesystem with (almost) no space left counts as a full disk.
-
-    Args:
-        exc: the exception a writer raised.
-        folder: where the run was writing.
-        written: bytes the run had written when it failed, for the message.
-
-    Returns:
-        The error to raise instead, or None when the disk is not full.
+    besides ``ENOSPC``/``EDQUOT`` anywhere in the exception's chain, an ``OSError`` on a
+    filesystem with (almost) no space left counts as a full disk. Call it before removing
+    what the failed writer wrote.
     """
+    if isinstance(exc, OutputError):
+        return False
     chain: list[BaseException] = []
     e: BaseException | None = exc
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
-    full = any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain)
-    full = full or any("no space left" in str(x).lower() or "disk space" in str(x).lower() for x in chain)
+    if any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain):
+        return True
+    if any("no space left" in str(x).lower() or "disk space" in str(x).lower() for x in chain):
+        return True
+    free = _free(folder)
+    return isinstance(exc, OSError) and free is not None and free < 2**20
+
+
+def _free(folder: str | os.PathLike[str]) -> int | None:
     folder = Path(folder)
     probe = folder if folder.exists() else next((a for a in folder.absolute().parents if a.exists()), Path("/"))
     try:
-        free = shutil.disk_usage(probe).free
+        return shutil.disk_usage(probe).free
     except OSError:
-        free = None
-    if not full and isinstance(exc, OSError) and free is not None and free < 2**20:
-        full = True  # a write error with under 1 MB left: GDAL's "Write failed" on a full disk
-    if not full or isinstance(exc, OutputError):
         return None
-    had = f"; the run had written {_mb(written)} when it stopped" if written else ""
-    left = f"{_mb(free)} left" if free is not None else "no space left"
-    return OutputError(f"no space left on the device of {folder} ({left}{had}); free some space or choose "
+
+
+def disk_full_error(folder: str | os.PathLike[str], written: int | None = None) -> OutputError:
+    """The one-line error for a run that filled the disk of ``folder``.
+
+    Args:
+        folder: where the run was writing.
+        written: bytes the run had written when the disk filled.
+    """
+    free = _free(folder)
+    had = f"the run had written {_mb(written)} when the disk filled" if written else "the disk filled"
+    left = f", {_mb(free)} free now that its temporary files are gone" if free is not None else ""
+    return OutputError(f"no space left on the device of {folder}: {had}{left}; free some space or choose "
                        "another --out; nothing was written under a final name")
 
 
@@ -281,12 +291,11 @@ class OutputSet:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        written = self.staged_bytes() if exc is not None else None
+        full = exc is not None and is_disk_full(exc, self.folder)
+        written = self.staged_bytes() if full else None
         self.close()
-        if exc is not None:
-            full = disk_full_error(exc, self.folder, written)
-            if full is not None:
-                raise full from None
+        if full:
+            raise disk_full_error(self.folder, written) from None
 
     def open(self) -> None:
         """Create the folder, take the lock, finish or clear what killed runs left, stage."""
@@ -296,14 +305,16 @@ class OutputSet:
         except OSError as exc:
             raise OutputError(f"output folder {self.folder} cannot be created ({exc.strerror or exc}); "
                               "choose another --out") from None
-        if self.lock:
-            self._take_lock()
         try:
+            if self.lock:
+                self._take_lock()
             if self.lock:
                 self._recover()
             self.staging.mkdir()
-        except BaseException:
+        except BaseException as exc:
             self._release_lock()
+            if is_disk_full(exc, self.folder):
+                raise disk_full_error(self.folder) from None
             raise
         self._open = True
 
@@ -414,7 +425,6 @@ class OutputSet:
             except FileNotFoundError:
                 same = False
             if same:
-                os.write(fd, f"{os.getpid()}\n".encode())
                 self._lock_fd = fd
                 return
             os.close(fd)

@@ -563,7 +563,7 @@ def grid_mismatch(ref: Any, other: Any, precision: float = 1e-9) -> list[str]:
 
 def _bounds(t: Affine, height: int, width: int) -> tuple[float, float, float, float]:
     x0, y0 = t.c, t.f
-    x1, y1 = t * (width, height)
+    x1, y1 = t @ (width, height)
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 

@@ -1,0 +1,293 @@
+"""The output-set contract: no run overwrites an input, mixes its files with another run's,
+or leaves a half-replaced set (issue 11). Each case was reproduced on the previous layout."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from geovae.atomic import OutputSet
+from geovae.cli import main
+from geovae.errors import OutputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def model3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random 3-band VAE file normalised like RGB.byte (so the trust check passes)."""
+    import torch
+
+    from geovae.bands import band_statistics
+    from geovae.model.base import ModelInfo
+    from geovae.model.io import save_model
+    from geovae.model.vae import VAESegmenter
+
+    from conftest import data_path
+
+    st = band_statistics(data_path("rasterio_testdata", "RGB.byte.tif"))
+    torch.manual_seed(0)
+    m = VAESegmenter(3, 3, base_channels=8, depth=3, latent_channels=4).eval()
+    info = ModelInfo(in_channels=3, num_classes=3, class_names=["water", "forest", "town"], mean=st.mean, std=st.std,
+                     tile_size=64, training={"dtype": st.dtype, "quantiles": st.quantiles})
+    return save_model(tmp_path_factory.mktemp("m") / "m3.safetensors", m, info)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_an_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path,
+                                          model3: Path) -> None:
+    # A PNG scene segmented into its own folder: the quicklook is <stem>.png, the scene itself.
+    pngdir = tmp_path / "pngdir"
+    pngdir.mkdir()
+    with rasterio.open(rgb_byte) as src:
+        data = src.read(window=((200, 456), (200, 456)))
+    png = pngdir / "plain.png"
+    with rasterio.open(png, "w", driver="PNG", width=256, height=256, count=3, dtype="uint8") as dst:
+        dst.write(data)
+    before = png.read_bytes()
+    code, err = run(capsys, "segment", str(png), "-m", str(model3), "-o", str(pngdir), "--pixel-coords")
+    assert code == 1 and err.count("\n") == 1 and "would destroy the input" in err, err
+    assert png.read_bytes() == before and sorted(p.name for p in pngdir.iterdir()) == ["plain.png"]
+    # A hard link to the scene under an output's name is the scene too.
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(rgb_byte, out / "RGB.byte.classes.tif")
+    code, err = run(capsys, "segment", str(rgb_byte), "-m", str(model3), "-o", str(out))
+    assert code == 1 and "same file as the input" in err, err
+    # The model file in the output folder under an output's name.
+    (out / "RGB.byte.classes.tif").unlink()
+    os.link(model3, out / "RGB.byte.json")
+    code, err = run(capsys, "segment", str(rgb_byte), "-m", str(model3), "-o", str(out))
+    assert code == 1 and "input" in err and (out / "RGB.byte.json").read_bytes() == model3.read_bytes()
+
+
+def test_two_runs_into_one_set_never_mix(tmp_path: Path, rgb_byte: Path, model3: Path) -> None:
+    """Two `geovae segment` processes into one folder at once: one completes, the other is
+    refused with one line, and the set on disk is one run's, consistent with its report."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for extra in (["--samples", "2"], ["--formats", "gpkg"])]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    codes = sorted(c for c, _ in results)
+    assert codes in ([0, 0], [0, 1]), results
+    for code, err in results:
+        if code:
+            assert err.strip().count("\n") == 0 and "another geovae run is writing" in err, err
+    report = json.loads((out / "RGB.byte.json").read_text())
+    listed = set(report["outputs"].values())
+    assert listed == {p.name for p in out.iterdir()}, "the folder holds exactly the files its report lists"
+    assert ("RGB.byte.uncertainty.tif" in listed) == (report["options"]["samples"] == 2)
+    assert ("RGB.byte.gpkg" in listed) == ("gpkg" in report["options"]["formats"])
+
+
+def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
+    with OutputSet(tmp_path, "scene"):
+        with pytest.raises(OutputError, match="another geovae run is writing the outputs of scene"):
+            OutputSet(tmp_path, "scene").open()
+        with OutputSet(tmp_path, "other"):  # another scene's set is independent
+            pass
+    with OutputSet(tmp_path, "scene"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            rgb_byte: Path, model3: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--formats", "gpkg")
+    assert code == 0, err
+    before = _digest(out)
+    # A full disk while the polygons are written, after every raster (ENOSPC at the writer).
+    import geovae.polygons
+
+    def full(*a: object, **k: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(geovae.polygons, "_write_output", full)
+    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2",
+                    "--formats", "gpkg,geojson")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("geovae: error: no space left on the device of")
+    assert "free some space" in err and _digest(out) == before
+    # Any other failure after the rasters (here an internal error) leaves it as well.
+    monkeypatch.setattr(geovae.polygons, "_write_output", lambda *a, **k: 1 / 0)
+    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2")
+    assert code == 1 and "internal error" in err and _digest(out) == before
+
+
+def test_a_rerun_replaces_the_whole_set(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path,
+                                        model3: Path) -> None:
+    out = tmp_path / "out"
+    assert run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2",
+               "--formats", "gpkg,geojson")[0] == 0
+    assert (out / "RGB.byte.uncertainty.tif").exists() and (out / "RGB.byte.geojson").exists()
+    keep = out / "notes.txt"  # not geovae's: never touched
+    keep.write_text("mine")
+    assert run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--formats", "gpkg",
+               "--no-quicklook")[0] == 0
+    report = json.loads((out / "RGB.byte.json").read_text())
+    assert set(report["outputs"].values()) == {p.name for p in out.iterdir()} - {"notes.txt"}
+    assert not (out / "RGB.byte.uncertainty.tif").exists() and not (out / "RGB.byte.png").exists()
+    assert keep.read_text() == "mine"
+
+
+def test_the_folder_is_created_only_after_every_check(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                      nc_stack: Path, model3: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    code, err = run(capsys, "segment", str(nc_stack), "-m", str(model3), "-o", str(out))
+    assert code == 1 and "bands" in err and not (tmp_path / "deep").exists()
+
+
+def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path) -> None:
+    old = OutputSet(tmp_path, "s")
+    with old:
+        for n in ("s.a", "s.b", "s.json"):
+            old.path(n).write_text("old")
+        old.commit(["s.a", "s.b"], last="s.json")
+    # A run that died after its journal and first rename: the next run into the set (under
+    # the lock) replays it, so the folder never stays half old, half new.
+    new = OutputSet(tmp_path, "s")
+    new.open()
+    for n in ("s.a", "s.b", "s.json"):
+        new.path(n).write_text("new")
+    (new.staging / ".commit.json").write_text(json.dumps({"moves": ["s.a", "s.b", "s.json"], "remove": [],
+                                                          "last": "s.json"}))
+    (tmp_path / "s.json").unlink()
+    os.replace(new.staging / "s.a", tmp_path / "s.a")
+    new._release_lock()  # the process died here
+    with OutputSet(tmp_path, "s"):
+        pass
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"s.a": "new", "s.b": "new", "s.json": "new"}
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, parana: Path, model3: Path) -> None:
+    """SIGTERM mid-run (what schedulers send): exit 143, nothing under a final name, no staging."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(parana), "-m", str(model3), "-o", str(out),
+           "--nodata", "0", "--force", "--tile", "64", "--overlap", "32", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out.glob(".*.part")):
+        time.sleep(0.05)
+    assert any(out.glob(".*.part")), "the run never started writing"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert code == 143 and err.strip() == "geovae: terminated", err
+    assert list(out.iterdir()) == []
+
+
+def test_vectorize_keeps_other_geopackage_layers(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                 nc_labels: Path) -> None:
+    import geopandas as gpd
+    import pyogrio
+    import shapely
+
+    gpkg = tmp_path / "d.gpkg"
+    gpd.GeoDataFrame({"name": ["road"]}, geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:3358").to_file(
+        gpkg, layer="basemap", engine="pyogrio")
+    code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(gpkg))
+    assert code == 0, err
+    layers = dict(pyogrio.list_layers(gpkg))
+    assert set(layers) == {"basemap", "nc_landclass96_label_uint8"}
+    n = len(gpd.read_file(gpkg, layer="nc_landclass96_label_uint8"))
+    code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(gpkg), "--min-area", "100000")
+    assert code == 0 and set(dict(pyogrio.list_layers(gpkg))) == set(layers)
+    assert 0 < len(gpd.read_file(gpkg, layer="nc_landclass96_label_uint8")) < n
+    assert gpd.read_file(gpkg, layer="basemap")["name"].tolist() == ["road"]
+    code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(gpkg), "-o", str(gpkg))
+    assert code == 2 and "given twice" in err and err.count("\n") == 1
+
+
+def test_model_files_with_broken_numbers_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                     rgb_byte: Path, model3: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(model3), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for field, value, said in (("std", [0.0, 1.0, 1.0], "std[0] is 0.0"), ("mean", [float("nan"), 0, 0], "mean[0]"),
+                               ("class_ids", [0, 1, 300], "class id 300"), ("tile_size", 60, "tile_size 60")):
+        info = json.loads(meta["info"])
+        info[field] = value
+        bad = tmp_path / f"bad-{field}.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, "info": json.dumps(info)})
+        code, err = run(capsys, "segment", str(rgb_byte), "-m", str(bad), "-o", str(tmp_path / "o"))
+        assert code == 1 and err.count("\n") == 1 and said in err, (field, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_pixel_coordinates_name_areas_in_pixels(tmp_path: Path, model3: Path, rgb_byte: Path) -> None:
+    import geopandas as gpd
+
+    from geovae.segment import segment_scene
+
+    p = tmp_path / "photo.tif"
+    with rasterio.open(rgb_byte) as src:
+        data = src.read(window=((300, 364), (300, 364)))
+    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as dst:
+        dst.write(data)
+    r = segment_scene(p, model3, tmp_path / "o", pixel_coords=True, formats=("gpkg", "parquet"), progress=False)
+    for kind in ("gpkg", "parquet"):
+        gdf = gpd.read_parquet(r.outputs[kind]) if kind == "parquet" else gpd.read_file(r.outputs[kind])
+        assert "area_px" in gdf.columns and "area_m2" not in gdf.columns
+        assert gdf["area_px"].sum() == 64 * 64
+    assert all("area_px" in c and "area_m2" not in c for c in r.report["classes"])
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for args, said in ((["segment"], "Missing argument"), (["segment", "x.tif"], "--model"),
+                       (["frobnicate"], "No such command"), (["segment", "x", "-m", "m", "-o", "o", "--tile", "0"],
+                                                             "--tile")):
+        code, err = run(capsys, *args)
+        assert code == 2 and err.startswith("geovae: error: ") and err.count("\n") == 1 and said in err, err
+
+
+def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, rgb_byte: Path, model3: Path) -> None:
+    """Two library calls at once writing the same polygon file: each writes its own staging."""
+    from geovae.polygons import vectorize
+    from geovae.segment import segment_scene
+
+    r = segment_scene(rgb_byte, model3, tmp_path / "o", formats=(), quicklook=False, progress=False)
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            vectorize(r.outputs["classes"], tmp_path / "p.gpkg")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    import geopandas as gpd
+
+    assert len(gpd.read_file(tmp_path / "p.gpkg")) > 0
