@@ -311,11 +311,6 @@ class Stitcher:
         """Whether a block's rows belong to the outputs (blocks above ``rows`` only feed spill)."""
         return blk.bi * self.B >= self.rows[0]
 
-    @property
-    def block_window(self) -> tuple[int, int]:
-        """(block side, accumulator side) in pixels."""
-        return self.B, self.E
-
     def memory_bound(self) -> int:
         """Upper bound of the accumulator bytes alive at once (see the module docstring)."""
         per = self.C * 4

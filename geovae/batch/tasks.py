@@ -28,15 +28,25 @@ def segment_one(
 ) -> dict[str, Any]:
     """Segment one scene into ``folder`` and vouch for it with a marker; runs on a worker.
 
-    A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
-    row rather than raised: it would fail the same way again, so Dask must not retry it.
-    Anything else is raised, so Dask retries the task (on another worker if this one dies).
-
     Returns:
-        A dict of :class:`SceneRow` fields.
+        A dict of :class:`SceneRow` fields (see :func:`_scene_task`).
     """
     from geovae.segment import segment_scene
 
+    return _scene_task(scene, model, folder, options, fingerprint, out_root, run_id,
+                       lambda m: segment_scene(scene, m, folder, options.replace(progress=False)))
+
+
+def _scene_task(scene: str, model: str, folder: str, options: SegmentOptions, fingerprint: dict[str, Any],
+                out_root: str, run_id: str, produce: Any) -> dict[str, Any]:
+    """What every scene task does around ``produce(model) -> SegmentResult``.
+
+    A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
+    row rather than raised: it would fail the same way again, so Dask must not retry it.
+    Anything else is raised, so Dask retries the task (on another worker if this one dies).
+    A retry of a task that already finished (its worker died before the result came back)
+    answers from the marker without redoing the scene.
+    """
     out = Path(folder)
     done = _done_by_this_run(out, fingerprint, run_id)
     if done is not None:
@@ -47,8 +57,7 @@ def segment_one(
         # Remove an old marker before touching outputs: a crash from here on must not leave a
         # marker vouching for files that are being rewritten.
         (out / MARKER_NAME).unlink(missing_ok=True)
-        model_obj = worker_model_cache().get(model, options.device)
-        result = segment_scene(scene, model_obj, out, options.replace(progress=False))
+        result = produce(worker_model_cache().get(model, options.device))
         files = sorted({Path(p) for p in result.outputs.values()})
         _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
         write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
@@ -150,19 +159,11 @@ def assemble_split(
     """
     from geovae.segment import assemble_rows
 
-    out = Path(folder)
-    done = _done_by_this_run(out, fingerprint, run_id)
-    if done is not None:
-        return done
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"started": _now(), "worker": _worker_address()}
-    (out / MARKER_NAME).unlink(missing_ok=True)
-    model_obj = worker_model_cache().get(model, options.device)
-    result = assemble_rows(scene, model_obj, out, bands, parts, options)
-    # The band folders live together under OUT/<stem>/.split-<run>/; all are spent now.
-    for root in {Path(v).parent.parent for part in parts for v in part["rasters"].values()}:
-        shutil.rmtree(root, ignore_errors=True)
-    files = sorted(set(result.outputs.values()))
-    _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
-    write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
-    return row
+    def produce(m: Any) -> Any:
+        result = assemble_rows(scene, m, folder, bands, parts, options)
+        # The band folders live together under OUT/<stem>/.split-<run>/; all are spent now.
+        for root in {Path(v).parent.parent for part in parts for v in part["rasters"].values()}:
+            shutil.rmtree(root, ignore_errors=True)
+        return result
+
+    return _scene_task(scene, model, folder, options, fingerprint, out_root, run_id, produce)

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -174,12 +175,13 @@ class SegmentationModel:
         return xn.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def predict(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> dict[str, Tensor]:
+    def predict(self, x: Tensor | Any, samples: int = 0, reconstruction: bool = False) -> dict[str, Any]:
         """Predict one batch of tiles.
 
         Args:
             x: (B, C, H, W) raw pixel values, float32, on any device (pinned CPU memory makes
-                the copy asynchronous). Invalid pixels should already be filled with ``info.mean``.
+                the copy asynchronous), or a numpy array (then the outputs are numpy arrays
+                too). Invalid pixels should already be filled with ``info.mean``.
             samples: number of latent samples; 0 predicts at the latent mean only.
             reconstruction: also return the per-pixel reconstruction error.
 
@@ -188,28 +190,41 @@ class SegmentationModel:
             ``samples`` > 0); with samples, ``expected_entropy`` (B, H, W), the mean of each
             sample's entropy in nats (predictive entropy minus it is the mutual information);
             with ``reconstruction``, ``reconstruction_error`` (B, H, W), the mean squared error
-            over bands in normalised units. All on ``self.device``.
+            over bands in normalised units. On ``self.device`` (numpy in, numpy out).
         """
+        as_numpy = isinstance(x, np.ndarray)
+        if as_numpy:
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if reconstruction and not self.supports_reconstruction:
+            raise ValueError("this model has no reconstruction decoder")
         xn = self.normalise(x)
         out: dict[str, Tensor] = {}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if samples > 0 and self.supports_samples:
-                logits = self.module.sample_logits(xn, samples).float()  # type: ignore[operator]
+            rec = None
+            infer = getattr(self.module, "infer", None)
+            if infer is not None:
+                # One encoder pass for the classes, the samples and the reconstruction.
+                logits, rec = infer(xn, samples=samples, reconstruction=reconstruction)
+            elif samples > 0 and self.supports_samples:
+                logits = self.module.sample_logits(xn, samples)  # type: ignore[operator]
+            else:
+                logits = self.module(xn)
+            if reconstruction and rec is None:
+                rec = self.module.reconstruct(xn)  # type: ignore[operator]
+            logits = logits.float()
+            if logits.ndim == 5:  # (samples, B, K, H, W)
                 p = logits.softmax(dim=2)
                 out["probs"] = p.mean(0)
-                ent = -(p * torch.log(p.clamp_min(1e-12))).sum(2)
-                out["expected_entropy"] = ent.mean(0)
+                out["expected_entropy"] = entropy(p, dim=2).mean(0)
             else:
-                out["probs"] = self.module(xn).float().softmax(dim=1)
+                out["probs"] = logits.softmax(dim=1)
                 if samples > 0:
                     # A deterministic model: every sample is the same, so no mutual information.
-                    p = out["probs"]
-                    out["expected_entropy"] = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
-            if reconstruction:
-                if not self.supports_reconstruction:
-                    raise ValueError("this model has no reconstruction decoder")
-                rec = self.module.reconstruct(xn).float()  # type: ignore[operator]
-                out["reconstruction_error"] = ((rec - xn) ** 2).mean(1)
+                    out["expected_entropy"] = entropy(out["probs"], dim=1)
+            if rec is not None:
+                out["reconstruction_error"] = ((rec.float() - xn) ** 2).mean(1)
+        if as_numpy:
+            return {k: v.cpu().numpy() for k, v in out.items()}
         return out
 
 
@@ -217,5 +232,3 @@ def entropy(p: Tensor, dim: int = 1) -> Tensor:
     """Shannon entropy in nats along ``dim``."""
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
-
-MAX_ENTROPY = math.log  # MAX_ENTROPY(K) is the entropy of a uniform K-class distribution

@@ -370,6 +370,33 @@ class VAESegmenter(nn.Module):
             return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x))
         return VAEOutput(logits, self.recon_decoder(z), mu, logvar)
 
+    def infer(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Everything prediction needs from one encoder pass.
+
+        Args:
+            x: (B, C, H, W) normalised bands.
+            samples: latent samples (0: the latent mean only).
+            reconstruction: also rebuild the input.
+
+        Returns:
+            ``(logits, reconstruction)``: logits (B, K, H, W) at the latent mean, or
+            (samples, B, K, H, W); the reconstruction as :meth:`reconstruct` gives it, or None.
+        """
+        h, mu, logvar = self._encode(x)
+        mean_logits = self._head(h, mu)
+        if samples > 0:
+            logits = torch.stack([self._head(h, self._reparameterise(mu, logvar)) for _ in range(samples)])
+        else:
+            logits = mean_logits
+        rec = None
+        if reconstruction:
+            if self.recon_condition == "class":
+                dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+                rec = dec.decode(dec.features(mu), mean_logits.argmax(1))
+            else:
+                rec = self.recon_decoder(mu)
+        return logits, rec
+
     def sample_logits(self, x: Tensor, n: int) -> Tensor:
         """Logits for ``n`` latent samples; the encoder and decoder run once.
 
