@@ -201,29 +201,29 @@ def test_segment_vectorize_evaluate_through_the_cli(capsys: pytest.CaptureFixtur
     (["--tile", "60"], 2),                           # not a multiple of the model's stride
     (["--batch-size", "0"], 2),
 ])
-def test_segment_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path, rgb_model: Path,
+def test_segment_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_rgb: Path, rgb_model: Path,
                              opts: list[str], expected: int) -> None:
-    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(tmp_path / "o"), *opts)
+    code, _, err = run(capsys, "segment", str(nc_rgb), "-m", str(rgb_model), "-o", str(tmp_path / "o"), *opts)
     assert code == expected and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path,
-                            rgb_byte: Path, rgb_model: Path) -> None:
+                            nc_rgb: Path, rgb_model: Path) -> None:
     # six bands into a three-band model
     code, _, err = run(capsys, "segment", str(nc_stack), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "band")
     # the output "folder" is a file
     f = tmp_path / "file"
     f.write_text("x")
-    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(f))
+    code, _, err = run(capsys, "segment", str(nc_rgb), "-m", str(rgb_model), "-o", str(f))
     assert code == 2 and "is a file" in err and "Traceback" not in err  # click rejects it as a usage error
     from geovae.segment import segment_scene
     from geovae.errors import OutputError
     with pytest.raises(OutputError):
-        segment_scene(rgb_byte, rgb_model, f, progress=False)
+        segment_scene(nc_rgb, rgb_model, f, progress=False)
     # a model file that is not one
-    code, _, err = run(capsys, "segment", str(rgb_byte), "-m", str(f), "-o", str(tmp_path / "o"))
+    code, _, err = run(capsys, "segment", str(nc_rgb), "-m", str(f), "-o", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1)
     # an all-nodata scene
     empty = tmp_path / "empty.tif"

@@ -29,9 +29,19 @@ def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+STEM = "nc_lsat7_2000_6band_uint8"
+
+
 @pytest.fixture(scope="module")
-def model3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random 3-band VAE file normalised like RGB.byte (so the trust check passes)."""
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real NC Landsat-7 scene (rebuilt from the demo's data on a fresh clone)."""
+    from conftest import data_path
+
+    return data_path("nc_landsat7_landclass96", f"{STEM}.tif")
+
+
+def _model_for(image: Path, path: Path) -> Path:
+    """A small random VAE file normalised like ``image`` (so the trust check passes)."""
     import torch
 
     from geovae.bands import band_statistics
@@ -39,14 +49,18 @@ def model3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from geovae.model.io import save_model
     from geovae.model.vae import VAESegmenter
 
-    from conftest import data_path
-
-    st = band_statistics(data_path("rasterio_testdata", "RGB.byte.tif"))
+    st = band_statistics(image)
+    c = len(st.mean)
     torch.manual_seed(0)
-    m = VAESegmenter(3, 3, base_channels=8, depth=3, latent_channels=4).eval()
-    info = ModelInfo(in_channels=3, num_classes=3, class_names=["water", "forest", "town"], mean=st.mean, std=st.std,
+    m = VAESegmenter(c, 3, base_channels=8, depth=3, latent_channels=4).eval()
+    info = ModelInfo(in_channels=c, num_classes=3, class_names=["water", "forest", "town"], mean=st.mean, std=st.std,
                      tile_size=64, training={"dtype": st.dtype, "quantiles": st.quantiles})
-    return save_model(tmp_path_factory.mktemp("m") / "m3.safetensors", m, info)
+    return save_model(path, m, info)
+
+
+@pytest.fixture(scope="module")
+def model(scene: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model_for(scene, tmp_path_factory.mktemp("m") / "m6.safetensors")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -54,38 +68,39 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_outputs_never_overwrite_an_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path,
-                                          model3: Path) -> None:
+def test_outputs_never_overwrite_an_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path,
+                                          model: Path) -> None:
     # A PNG scene segmented into its own folder: the quicklook is <stem>.png, the scene itself.
     pngdir = tmp_path / "pngdir"
     pngdir.mkdir()
-    with rasterio.open(rgb_byte) as src:
-        data = src.read(window=((200, 456), (200, 456)))
+    with rasterio.open(scene) as src:
+        data = src.read([3, 2, 1], window=((100, 356), (100, 356)))
     png = pngdir / "plain.png"
     with rasterio.open(png, "w", driver="PNG", width=256, height=256, count=3, dtype="uint8") as dst:
         dst.write(data)
+    rgb = _model_for(png, tmp_path / "rgb.safetensors")
     before = png.read_bytes()
-    code, err = run(capsys, "segment", str(png), "-m", str(model3), "-o", str(pngdir), "--pixel-coords")
+    code, err = run(capsys, "segment", str(png), "-m", str(rgb), "-o", str(pngdir), "--pixel-coords")
     assert code == 1 and err.count("\n") == 1 and "would destroy the input" in err, err
     assert png.read_bytes() == before and sorted(p.name for p in pngdir.iterdir()) == ["plain.png"]
     # A hard link to the scene under an output's name is the scene too.
     out = tmp_path / "out"
     out.mkdir()
-    os.link(rgb_byte, out / "RGB.byte.classes.tif")
-    code, err = run(capsys, "segment", str(rgb_byte), "-m", str(model3), "-o", str(out))
+    os.link(scene, out / f"{STEM}.classes.tif")
+    code, err = run(capsys, "segment", str(scene), "-m", str(model), "-o", str(out))
     assert code == 1 and "same file as the input" in err, err
     # The model file in the output folder under an output's name.
-    (out / "RGB.byte.classes.tif").unlink()
-    os.link(model3, out / "RGB.byte.json")
-    code, err = run(capsys, "segment", str(rgb_byte), "-m", str(model3), "-o", str(out))
-    assert code == 1 and "input" in err and (out / "RGB.byte.json").read_bytes() == model3.read_bytes()
+    (out / f"{STEM}.classes.tif").unlink()
+    os.link(model, out / f"{STEM}.json")
+    code, err = run(capsys, "segment", str(scene), "-m", str(model), "-o", str(out))
+    assert code == 1 and "input" in err and (out / f"{STEM}.json").read_bytes() == model.read_bytes()
 
 
-def test_two_runs_into_one_set_never_mix(tmp_path: Path, rgb_byte: Path, model3: Path) -> None:
+def test_two_runs_into_one_set_never_mix(tmp_path: Path, scene: Path, model: Path) -> None:
     """Two `geovae segment` processes into one folder at once: one completes, the other is
     refused with one line, and the set on disk is one run's, consistent with its report."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out)]
+    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(scene), "-m", str(model), "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for extra in (["--samples", "2"], ["--formats", "gpkg"])]
@@ -95,11 +110,11 @@ def test_two_runs_into_one_set_never_mix(tmp_path: Path, rgb_byte: Path, model3:
     for code, err in results:
         if code:
             assert err.strip().count("\n") == 0 and "another geovae run is writing" in err, err
-    report = json.loads((out / "RGB.byte.json").read_text())
+    report = json.loads((out / f"{STEM}.json").read_text())
     listed = set(report["outputs"].values())
     assert listed == {p.name for p in out.iterdir()}, "the folder holds exactly the files its report lists"
-    assert ("RGB.byte.uncertainty.tif" in listed) == (report["options"]["samples"] == 2)
-    assert ("RGB.byte.gpkg" in listed) == ("gpkg" in report["options"]["formats"])
+    assert (f"{STEM}.uncertainty.tif" in listed) == (report["options"]["samples"] == 2)
+    assert (f"{STEM}.gpkg" in listed) == ("gpkg" in report["options"]["formats"])
 
 
 def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
@@ -114,10 +129,10 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
 
 
 def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                            rgb_byte: Path, model3: Path,
+                                                            scene: Path, model: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--formats", "gpkg")
+    code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg")
     assert code == 0, err
     before = _digest(out)
     # A full disk while the polygons are written, after every raster (ENOSPC at the writer).
@@ -127,37 +142,44 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.Capt
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(geovae.polygons, "_write_output", full)
-    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2",
+    code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2",
                     "--formats", "gpkg,geojson")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("geovae: error: no space left on the device of")
     assert "free some space" in err and _digest(out) == before
     # Any other failure after the rasters (here an internal error) leaves it as well.
     monkeypatch.setattr(geovae.polygons, "_write_output", lambda *a, **k: 1 / 0)
-    code, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2")
+    code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2")
     assert code == 1 and "internal error" in err and _digest(out) == before
 
 
-def test_a_rerun_replaces_the_whole_set(capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path,
-                                        model3: Path) -> None:
+def test_a_rerun_replaces_the_whole_set(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path,
+                                        model: Path) -> None:
     out = tmp_path / "out"
-    assert run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--samples", "2",
+    assert run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2",
                "--formats", "gpkg,geojson")[0] == 0
-    assert (out / "RGB.byte.uncertainty.tif").exists() and (out / "RGB.byte.geojson").exists()
+    assert (out / f"{STEM}.uncertainty.tif").exists() and (out / f"{STEM}.geojson").exists()
     keep = out / "notes.txt"  # not geovae's: never touched
     keep.write_text("mine")
-    assert run(capsys, "-q", "segment", str(rgb_byte), "-m", str(model3), "-o", str(out), "--formats", "gpkg",
+    assert run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg",
                "--no-quicklook")[0] == 0
-    report = json.loads((out / "RGB.byte.json").read_text())
+    report = json.loads((out / f"{STEM}.json").read_text())
     assert set(report["outputs"].values()) == {p.name for p in out.iterdir()} - {"notes.txt"}
-    assert not (out / "RGB.byte.uncertainty.tif").exists() and not (out / "RGB.byte.png").exists()
+    assert not (out / f"{STEM}.uncertainty.tif").exists() and not (out / f"{STEM}.png").exists()
     assert keep.read_text() == "mine"
 
 
 def test_the_folder_is_created_only_after_every_check(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                      nc_stack: Path, model3: Path) -> None:
+                                                      scene: Path, model: Path) -> None:
     out = tmp_path / "deep" / "out"
-    code, err = run(capsys, "segment", str(nc_stack), "-m", str(model3), "-o", str(out))
+    code, err = run(capsys, "segment", str(scene), "-m", str(model), "-o", str(out), "--tile", "60")
+    assert code == 2 and "--tile" in err and not (tmp_path / "deep").exists()
+    three = tmp_path / "three.tif"
+    with rasterio.open(scene) as src:
+        prof = src.profile | {"count": 3}
+        with rasterio.open(three, "w", **prof) as dst:
+            dst.write(src.read([1, 2, 3]))
+    code, err = run(capsys, "segment", str(three), "-m", str(model), "-o", str(out))
     assert code == 1 and "bands" in err and not (tmp_path / "deep").exists()
 
 
@@ -183,11 +205,12 @@ def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path) -> N
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"s.a": "new", "s.b": "new", "s.json": "new"}
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, parana: Path, model3: Path) -> None:
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, scene: Path, model: Path) -> None:
     """SIGTERM mid-run (what schedulers send): exit 143, nothing under a final name, no staging."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(parana), "-m", str(model3), "-o", str(out),
-           "--nodata", "0", "--force", "--tile", "64", "--overlap", "32", "--batch-size", "1"]
+    # 16-px tiles one at a time with 8 samples: slow enough to be stopped halfway.
+    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(scene), "-m", str(model), "-o", str(out),
+           "--tile", "16", "--overlap", "8", "--batch-size", "1", "--samples", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob(".*.part")):
@@ -224,35 +247,36 @@ def test_vectorize_keeps_other_geopackage_layers(capsys: pytest.CaptureFixture[s
 
 
 def test_model_files_with_broken_numbers_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                     rgb_byte: Path, model3: Path) -> None:
+                                                     scene: Path, model: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(model3), framework="pt") as f:
+    with safe_open(str(model), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for field, value, said in (("std", [0.0, 1.0, 1.0], "std[0] is 0.0"), ("mean", [float("nan"), 0, 0], "mean[0]"),
+    ok = json.loads(meta["info"])["std"]
+    for field, value, said in (("std", [0.0, *ok[1:]], "std[0] is 0.0"), ("mean", [float("nan"), *ok[1:]], "mean[0]"),
                                ("class_ids", [0, 1, 300], "class id 300"), ("tile_size", 60, "tile_size 60")):
         info = json.loads(meta["info"])
         info[field] = value
         bad = tmp_path / f"bad-{field}.safetensors"
         save_file(tensors, str(bad), metadata={**meta, "info": json.dumps(info)})
-        code, err = run(capsys, "segment", str(rgb_byte), "-m", str(bad), "-o", str(tmp_path / "o"))
+        code, err = run(capsys, "segment", str(scene), "-m", str(bad), "-o", str(tmp_path / "o"))
         assert code == 1 and err.count("\n") == 1 and said in err, (field, err)
         assert not (tmp_path / "o").exists()
 
 
-def test_pixel_coordinates_name_areas_in_pixels(tmp_path: Path, model3: Path, rgb_byte: Path) -> None:
+def test_pixel_coordinates_name_areas_in_pixels(tmp_path: Path, model: Path, scene: Path) -> None:
     import geopandas as gpd
 
     from geovae.segment import segment_scene
 
     p = tmp_path / "photo.tif"
-    with rasterio.open(rgb_byte) as src:
-        data = src.read(window=((300, 364), (300, 364)))
-    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8") as dst:
+    with rasterio.open(scene) as src:
+        data = src.read(window=((200, 264), (200, 264)))
+    with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=6, dtype="uint8") as dst:
         dst.write(data)
-    r = segment_scene(p, model3, tmp_path / "o", pixel_coords=True, formats=("gpkg", "parquet"), progress=False)
+    r = segment_scene(p, model, tmp_path / "o", pixel_coords=True, formats=("gpkg", "parquet"), progress=False)
     for kind in ("gpkg", "parquet"):
         gdf = gpd.read_parquet(r.outputs[kind]) if kind == "parquet" else gpd.read_file(r.outputs[kind])
         assert "area_px" in gdf.columns and "area_m2" not in gdf.columns
@@ -268,12 +292,12 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
         assert code == 2 and err.startswith("geovae: error: ") and err.count("\n") == 1 and said in err, err
 
 
-def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, rgb_byte: Path, model3: Path) -> None:
+def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, scene: Path, model: Path) -> None:
     """Two library calls at once writing the same polygon file: each writes its own staging."""
     from geovae.polygons import vectorize
     from geovae.segment import segment_scene
 
-    r = segment_scene(rgb_byte, model3, tmp_path / "o", formats=(), quicklook=False, progress=False)
+    r = segment_scene(scene, model, tmp_path / "o", formats=(), quicklook=False, progress=False)
     errors: list[BaseException] = []
 
     def go() -> None:
