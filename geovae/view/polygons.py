@@ -1,0 +1,297 @@
+"""Polygons for the map: what is in view, simplified for the zoom, and the polygon under a click.
+
+Queries go straight to the GeoPackage's R-tree (SQLite, read-only), so the cost of a view
+depends on how many polygons are in it, not on the file: polygons smaller than a screen
+pixel are skipped, the largest come first, at most :data:`MAX_FEATURES` per view, each
+simplified to a pixel's size and reprojected to longitude/latitude for the page. A GeoJSON
+or GeoParquet file (the outputs without an index) is copied once, in batches, into a
+GeoPackage in a temporary folder the first time its polygons are asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PolygonLayer", "MAX_FEATURES", "metres_per_pixel"]
+
+#: Polygons sent for one view at most; more are left out smallest first (the response says
+#: ``truncated``). A canvas draws this many in well under a second.
+MAX_FEATURES = 4000
+_EARTH_CIRCUMFERENCE = 2 * math.pi * 6378137.0
+#: Envelope bytes after the 8-byte GeoPackage geometry header, by the header's envelope code.
+_ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
+_COPY_BATCH = 20_000
+
+
+def metres_per_pixel(zoom: float, lat: float) -> float:
+    """Ground size of one Web Mercator pixel (256 px tiles) at a latitude."""
+    return _EARTH_CIRCUMFERENCE * math.cos(math.radians(max(-85.0, min(85.0, lat)))) / (256 * 2**zoom)
+
+
+def _wkb(blob: bytes) -> bytes:
+    """The WKB inside a GeoPackage geometry blob (header: magic, version, flags, srs id, envelope)."""
+    flags = blob[3]
+    return bytes(blob[8 + _ENVELOPE_BYTES.get((flags >> 1) & 0b111, 0):])
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _copy_to_gpkg(src: Path, dst: Path) -> None:
+    """Copy a GeoJSON or GeoParquet polygon file into a GeoPackage with a spatial index, in batches."""
+    import pyogrio
+
+    if src.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from pyproj import CRS
+
+        pf = pq.ParquetFile(src)
+        geo = json.loads((pf.schema_arrow.metadata or {}).get(b"geo", b"{}"))
+        col = geo.get("primary_column", "geometry")
+        crs_json = ((geo.get("columns") or {}).get(col) or {}).get("crs", "missing")
+        # GeoParquet: a missing crs means OGC:CRS84; null means unknown
+        crs = "OGC:CRS84" if crs_json == "missing" else (None if crs_json is None else CRS.from_json_dict(crs_json).to_wkt())
+        first = True
+        for batch in pf.iter_batches(batch_size=_COPY_BATCH):
+            pyogrio.write_arrow(pa.Table.from_batches([batch]), dst, layer="polygons", driver="GPKG",
+                                geometry_name=col, geometry_type="Polygon", crs=crs, append=not first)
+            first = False
+        if first:
+            raise ValueError(f"{src.name} holds no polygons")
+        return
+    with pyogrio.raw.open_arrow(src, batch_size=_COPY_BATCH, use_pyarrow=True) as (meta, reader):
+        pyogrio.write_arrow(reader, dst, layer="polygons", driver="GPKG",
+                            geometry_name=meta.get("geometry_name") or "wkb_geometry",
+                            geometry_type=meta.get("geometry_type") or "Polygon", crs=meta.get("crs"))
+
+
+class PolygonLayer:
+    """The polygons of one scene, queried by view and by point.
+
+    Args:
+        path: a GeoPackage (used in place), GeoJSON or GeoParquet (copied on first use).
+
+    Thread-safe: each query takes its own read-only SQLite connection from a small pool.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.source = Path(path)
+        self._lock = threading.Lock()
+        self._ready = False
+        self._tmpdir: str | None = None
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._conns: list[sqlite3.Connection] = []
+        self._proj_lock = threading.Lock()
+
+    # -------------------------------------------------------------- opening
+    def _prepare(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            if self.source.suffix.lower() == ".gpkg":
+                self.gpkg = self.source
+            else:
+                self._tmpdir = tempfile.mkdtemp(prefix="geovae-view-")
+                self.gpkg = Path(self._tmpdir) / "polygons.gpkg"
+                log.info("indexing %s for the viewer", self.source.name)
+                _copy_to_gpkg(self.source, self.gpkg)
+            self._read_layout()
+            self._ready = True
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = self.gpkg.resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        self._prepare()
+        try:
+            conn = self._pool.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            self._pool.put(conn)
+
+    def _read_layout(self) -> None:
+        from pyproj import CRS, Transformer
+
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                "SELECT c.table_name, g.column_name, g.srs_id FROM gpkg_contents c "
+                "JOIN gpkg_geometry_columns g ON g.table_name = c.table_name WHERE c.data_type = 'features'"
+            ).fetchall()
+            if not rows:
+                raise ValueError(f"{self.source.name} has no polygon layer")
+            self.table, self.geom, srs_id = rows[0]
+            rtree = f"rtree_{self.table}_{self.geom}"
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
+                raise ValueError(f"{self.source.name} has no spatial index; rewrite it with one (ogr2ogr -lco SPATIAL_INDEX=YES)")
+            self.rtree = rtree
+            cols = conn.execute(f"PRAGMA table_info({_quote(self.table)})").fetchall()
+            self.fid = next((c[1] for c in cols if c[5]), "fid")
+            self.columns = [c[1] for c in cols if c[1] not in (self.fid, self.geom)]
+            org, code, definition = conn.execute(
+                "SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys WHERE srs_id = ?",
+                (srs_id,)).fetchone() or (None, None, None)
+            bounds = conn.execute(
+                f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(self.rtree)}").fetchone()
+        finally:
+            conn.close()
+            self._conns.remove(conn)
+        if definition and definition.strip().lower() not in ("undefined", ""):
+            crs = CRS.from_user_input(definition)
+        elif org and code and int(code) > 0:
+            crs = CRS.from_authority(org, int(code))
+        else:
+            raise ValueError(f"{self.source.name} has no CRS: a map needs georeferenced polygons")
+        self.crs = crs
+        self.geographic = crs.is_geographic
+        self.unit_metres = 1.0 if crs.is_geographic else float(crs.axis_info[0].unit_conversion_factor or 1.0)
+        self._to_layer = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+        self._to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        self.bounds = tuple(float(v) for v in bounds) if bounds[0] is not None else None
+        log.debug("polygons %s: table %s, %d columns, CRS %s", self.source.name, self.table, len(self.columns), crs)
+
+    def close(self) -> None:
+        """Close the connections and remove the temporary copy, if one was made."""
+        for c in self._conns:
+            c.close()
+        self._conns.clear()
+        self._pool = queue.SimpleQueue()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+        self._ready = False
+
+    # -------------------------------------------------------------- geometry helpers
+    def _tolerance(self, zoom: float, lat: float) -> float:
+        """One screen pixel at this zoom, in the layer's units."""
+        m = metres_per_pixel(zoom, lat)
+        if self.geographic:
+            return m / 111_320.0
+        return m / self.unit_metres
+
+    def _features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float) -> list[str]:
+        """GeoJSON Feature strings (lon/lat, simplified to ``tol``) of the given fids."""
+        import shapely
+
+        if not ids:
+            return []
+        cols = ", ".join(_quote(c) for c in self.columns)
+        sql = (f"SELECT {_quote(self.fid)}, {_quote(self.geom)}{', ' + cols if cols else ''} "
+               f"FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(ids))})")
+        rows = [r for r in conn.execute(sql, list(ids)) if r[1] is not None]
+        if not rows:
+            return []
+        geoms = shapely.from_wkb([_wkb(r[1]) for r in rows])
+        if tol > 0:
+            geoms = shapely.simplify(geoms, tol, preserve_topology=True)
+        with self._proj_lock:  # one Transformer, shared: PROJ objects are not for concurrent use
+            geoms = shapely.transform(geoms, lambda xy: np.column_stack(self._to_lonlat.transform(xy[:, 0], xy[:, 1])))
+        # 7 decimals are about 1 cm, as the GeoJSON output; halves the bytes sent
+        geoms = shapely.set_precision(geoms, 1e-7, mode="pointwise")
+        texts = shapely.to_geojson(geoms)
+        out = []
+        for r, g, text in zip(rows, geoms, texts, strict=True):
+            if g is None or shapely.is_empty(g):
+                continue
+            props = {c: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for c, v in zip(self.columns, r[2:], strict=True) if not isinstance(v, bytes)}
+            out.append(f'{{"type":"Feature","id":{int(r[0])},"geometry":{text},"properties":{json.dumps(props)}}}')
+        return out
+
+    def _view_in_layer(self, west: float, south: float, east: float, north: float) -> tuple[float, ...] | None:
+        """The view's bounds in the layer's CRS, clipped to the layer; None when they miss it."""
+        with self._proj_lock:
+            b = self._to_layer.transform_bounds(west, south, east, north, densify_pts=21)
+        if not all(math.isfinite(v) for v in b):
+            return self.bounds
+        if self.bounds is None:
+            return None
+        lb = self.bounds
+        w, s, e, n = max(b[0], lb[0]), max(b[1], lb[1]), min(b[2], lb[2]), min(b[3], lb[3])
+        return (w, s, e, n) if w <= e and s <= n else None
+
+    # -------------------------------------------------------------- queries
+    def in_view(self, west: float, south: float, east: float, north: float, zoom: float,
+                limit: int = MAX_FEATURES) -> str:
+        """The polygons in a view, as a GeoJSON FeatureCollection string.
+
+        Args:
+            west, south, east, north: the view in degrees.
+            zoom: the map's zoom (sets the simplification and the smallest polygon drawn).
+            limit: most polygons returned; the largest are kept.
+
+        Returns:
+            A FeatureCollection with ``truncated`` (more were in view than sent) and ``tolerance``
+            (the simplification, in the layer's units) members.
+        """
+        self._prepare()
+        west, east = max(west, -180.0), min(east, 180.0)
+        south, north = max(south, -85.06), min(north, 85.06)
+        box = self._view_in_layer(west, south, east, north) if west < east and south < north else None
+        if box is None:
+            return '{"type":"FeatureCollection","features":[],"truncated":false}'
+        tol = self._tolerance(zoom, (south + north) / 2)
+        sql = (f"SELECT id FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ? "
+               "AND (maxx - minx >= ? OR maxy - miny >= ?) ORDER BY (maxx - minx) * (maxy - miny) DESC LIMIT ?")
+        with self._conn() as conn:
+            ids = [r[0] for r in conn.execute(sql, (box[2], box[0], box[3], box[1], tol, tol, limit + 1))]
+            truncated = len(ids) > limit
+            feats = self._features(conn, ids[:limit], tol)
+        return ('{"type":"FeatureCollection","truncated":%s,"tolerance":%s,"features":[%s]}'
+                % ("true" if truncated else "false", json.dumps(tol), ",".join(feats)))
+
+    def at(self, lon: float, lat: float, zoom: float = 20) -> str | None:
+        """The polygon under a point, as a GeoJSON Feature string, or None.
+
+        Args:
+            lon, lat: the point in degrees.
+            zoom: the map's zoom, to simplify the returned outline for drawing.
+        """
+        import shapely
+
+        self._prepare()
+        with self._proj_lock:
+            x, y = self._to_layer.transform(lon, lat)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            return None
+        sql = f"SELECT id FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ?"
+        cols = ", ".join(_quote(c) for c in [self.fid, self.geom])
+        with self._conn() as conn:
+            ids = [r[0] for r in conn.execute(sql, (x, x, y, y))]
+            if not ids:
+                return None
+            rows = conn.execute(f"SELECT {cols} FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN "
+                                f"({','.join('?' * len(ids))})", ids).fetchall()
+            rows = [r for r in rows if r[1] is not None]
+            geoms = shapely.from_wkb([_wkb(r[1]) for r in rows])
+            hit = shapely.intersects_xy(geoms, x, y)
+            if not hit.any():
+                return None
+            # on a shared edge both neighbours match: the smaller one is the more specific answer
+            best = min(np.flatnonzero(hit), key=lambda i: shapely.area(geoms[i]))
+            feats = self._features(conn, [int(rows[best][0])], self._tolerance(zoom, lat) / 2)
+        return feats[0] if feats else None
