@@ -36,6 +36,7 @@ _EARTH_CIRCUMFERENCE = 2 * math.pi * 6378137.0
 #: Envelope bytes after the 8-byte GeoPackage geometry header, by the header's envelope code.
 _ENVELOPE_BYTES = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}
 _COPY_BATCH = 20_000
+_SQL_CHUNK = 10_000  # ids per IN (...): SQLite allows 32,766 parameters at most
 
 
 def metres_per_pixel(zoom: float, lat: float) -> float:
@@ -200,11 +201,16 @@ class PolygonLayer:
         if not ids:
             return []
         cols = ", ".join(_quote(c) for c in self.columns)
-        sql = (f"SELECT {_quote(self.fid)}, {_quote(self.geom)}{', ' + cols if cols else ''} "
-               f"FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(ids))})")
-        rows = [r for r in conn.execute(sql, list(ids)) if r[1] is not None]
+        rows = []
+        for i in range(0, len(ids), _SQL_CHUNK):
+            chunk = list(ids[i:i + _SQL_CHUNK])
+            sql = (f"SELECT {_quote(self.fid)}, {_quote(self.geom)}{', ' + cols if cols else ''} "
+                   f"FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(chunk))})")
+            rows += [r for r in conn.execute(sql, chunk) if r[1] is not None]
         if not rows:
             return []
+        rank = {fid: k for k, fid in enumerate(ids)}
+        rows.sort(key=lambda r: rank[r[0]])  # as asked: the largest first, drawn first
         geoms = shapely.from_wkb([_wkb(r[1]) for r in rows])
         if tol > 0:
             geoms = shapely.simplify(geoms, tol, preserve_topology=True)

@@ -1,7 +1,8 @@
 """Map tiles (Web Mercator, 256 px PNG) of a scene's output rasters, read by rio-tiler.
 
-Each tile is read through a warped window of the GeoTIFF (GDAL picks the overview that fits
-the zoom), so a request costs the same for any raster size and nothing holds a whole raster.
+Each tile is warped from the overview that fits its zoom (the coarsest one still at least as
+fine as the tile), so a request reads about one tile's worth of pixels whatever the raster's
+size, and nothing holds a whole raster.
 How each layer looks:
 
 * ``classes``: the class raster's own colour table; nodata (255) transparent.
@@ -61,7 +62,8 @@ class LayerStyle:
         minzoom: the zoom served by the coarsest overview; tiles more than
             :data:`MAX_LEVELS_BELOW_OVERVIEWS` below it are not drawn.
         bounds: the raster's bounds in Web Mercator, to skip tiles outside it cheaply.
-        mercator_res: the raster's pixel size (x, y) reprojected to Web Mercator.
+        levels: pixel size in Web Mercator metres of the raster (first) and of each of its
+            overviews, finest first.
     """
 
     path: str
@@ -71,7 +73,7 @@ class LayerStyle:
     nodata: float | None
     minzoom: int
     bounds: tuple[float, float, float, float]
-    mercator_res: tuple[float, float]
+    levels: list[float]
 
     def legend(self) -> dict[str, Any]:
         """What the page shows for the layer: its value range and colour ramp (CSS colours)."""
@@ -111,11 +113,12 @@ def _mercator_bounds(ds: Any) -> tuple[float, float, float, float]:
     return transform_bounds("EPSG:4326", _WEB_MERCATOR, w, s, e, n, densify_pts=21)
 
 
-def _mercator_res(ds: Any) -> tuple[float, float]:
+def _levels(ds: Any) -> list[float]:
+    """Pixel size in Web Mercator metres of the raster and of each overview."""
     from rasterio.warp import calculate_default_transform
 
     t, _, _ = calculate_default_transform(ds.crs, _WEB_MERCATOR, ds.width, ds.height, *ds.bounds)
-    return abs(t.a), abs(t.e)
+    return [abs(t.a)] + [abs(t.a) * ds.width / math.ceil(ds.width / f) for f in ds.overviews(1)]
 
 
 def _coarsest_zoom(ds: Any, bounds3857: tuple[float, float, float, float]) -> int:
@@ -150,7 +153,7 @@ def style_for(entry: SceneEntry, kind: str) -> LayerStyle:
     with rasterio.open(path) as ds:
         bounds = _mercator_bounds(ds)
         minzoom = _coarsest_zoom(ds, bounds)
-        res = _mercator_res(ds)
+        res = _levels(ds)
         if kind == "classes":
             return LayerStyle(str(path), [1], None, "table", None, minzoom, bounds, res)
         if kind == "confidence":
@@ -189,7 +192,7 @@ def _scene_style(entry: SceneEntry) -> LayerStyle:
     with rasterio.open(path) as ds:
         bounds = _mercator_bounds(ds)
         minzoom = _coarsest_zoom(ds, bounds)
-        res = _mercator_res(ds)
+        res = _levels(ds)
     return LayerStyle(path, indexes, ranges, None, entry.nodata, minzoom, bounds, res)
 
 
@@ -266,18 +269,17 @@ def render_tile(style: LayerStyle, z: int, x: int, y: int) -> bytes:
     b = style.bounds
     if right <= b[0] or left >= b[2] or top <= b[1] or bottom >= b[3]:
         return empty_tile()
-    # The warped window rio-tiler's Reader.tile would use, from the raster's resolution in
-    # Web Mercator worked out once per layer: Reader.tile recomputes it and reprojects the
-    # tile's bounds on every call, 60 ms a tile for a CRS with a datum shift (NC's
-    # NAD83(HARN)) against 10 ms this way. At the finer of the raster's and the tile's
-    # resolution, then read at 256 px, so GDAL decimates from the overview that fits.
-    out = from_bounds(left, bottom, right, top, TILE_SIZE, TILE_SIZE)
-    xres = min(abs(style.mercator_res[0]), abs(out.a))
-    yres = min(abs(style.mercator_res[1]), abs(out.e))
-    vw, vh = max(1, round((right - left) / xres)), max(1, round((top - bottom) / yres))
-    with capped_gdal_cache(GDAL_CACHE_BYTES), rasterio.open(style.path) as ds:
-        vrt = {"crs": _WEB_MERCATOR, "transform": from_bounds(left, bottom, right, top, vw, vh),
-               "width": vw, "height": vh, "dtype": ds.dtypes[0]}
+    # The coarsest overview still at least as fine as the tile, warped straight to the tile's
+    # 256 x 256 grid. rio-tiler's Reader.tile warps to the raster's own resolution and lets
+    # GDAL decimate; on a warped dataset that builds implicit overviews, each with its own
+    # coordinate transformation: 1.1 s a tile on a 20480^2 raster in NC's NAD83(HARN), which
+    # needs a datum shift, against 40 ms this way (docs/benchmarks.md).
+    out_res = (right - left) / TILE_SIZE
+    level = max((i for i, r in enumerate(style.levels) if r <= out_res * 1.001), default=0)
+    with capped_gdal_cache(GDAL_CACHE_BYTES), \
+            rasterio.open(style.path, **({"OVERVIEW_LEVEL": level - 1} if level else {})) as ds:
+        vrt = {"crs": _WEB_MERCATOR, "transform": from_bounds(left, bottom, right, top, TILE_SIZE, TILE_SIZE),
+               "width": TILE_SIZE, "height": TILE_SIZE, "dtype": ds.dtypes[0]}
         img = read(ds, indexes=style.indexes, width=TILE_SIZE, height=TILE_SIZE, nodata=style.nodata,
                    vrt_options=vrt)
         if style.colormap == "table":
