@@ -2,7 +2,8 @@
 
 Queries go straight to the GeoPackage's R-tree (SQLite, read-only), so the cost of a view
 depends on how many polygons are in it, not on the file: polygons smaller than a screen
-pixel are skipped, the largest come first, at most :data:`MAX_FEATURES` per view, each
+pixels are skipped, the largest come first, at most :data:`MAX_FEATURES` and
+:data:`MAX_VIEW_BYTES` of geometry per view, each
 simplified to a pixel's size and reprojected to longitude/latitude for the page. A GeoJSON
 or GeoParquet file (the outputs without an index) is copied once, in batches, into a
 GeoPackage in a temporary folder the first time its polygons are asked for.
@@ -33,6 +34,11 @@ __all__ = ["PolygonLayer", "MAX_FEATURES", "metres_per_pixel"]
 #: Polygons sent for one view at most; more are left out smallest first (the response says
 #: ``truncated``). A canvas draws this many in well under a second.
 MAX_FEATURES = 3000
+#: Geometry read for one view at most, in WKB bytes (16 a vertex): the time a view takes is
+#: about proportional to its vertices, not its polygons. The 3,000 largest polygons of the
+#: 430k-polygon benchmark mosaic have 6 million pixel-exact vertices; this budget (half a
+#: million) keeps a view near a tenth of a second.
+MAX_VIEW_BYTES = 8 * 2**20
 #: Polygons narrower and lower than this many screen pixels are not drawn: an outline that
 #: small is a dot, and the class raster under it shows the same.
 MIN_PIXELS = 3
@@ -208,11 +214,13 @@ class PolygonLayer:
             return m / 111_320.0
         return m / self.unit_metres
 
-    def _features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float) -> list[str]:
-        """GeoJSON Feature strings (lon/lat, simplified to ``tol``) of the given fids, in order.
+    def _features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float,
+                  clip: tuple[float, float, float, float] | None = None) -> list[str]:
+        """GeoJSON Feature strings (lon/lat outlines, simplified to ``tol``) of the given fids, in order.
 
         Features already made for the same tolerance (the same zoom) come from a cache, so a
-        pan re-sends the big polygons still in view without simplifying them again.
+        pan re-sends the big polygons still in view without simplifying them again. Outlines
+        that reach beyond ``clip`` are cut to it and not cached (they depend on the view).
         """
         key = round(tol, 9)
         with self._cache_lock:
@@ -220,18 +228,25 @@ class PolygonLayer:
             for fid in cached:
                 self._cache.move_to_end((fid, key))
         todo = [fid for fid in ids if fid not in cached]
-        made = dict(zip(todo, self._make_features(conn, todo, tol), strict=True)) if todo else {}
+        made = dict(zip(todo, self._make_features(conn, todo, tol, clip), strict=True)) if todo else {}
         with self._cache_lock:
-            for fid, text in made.items():
-                if text is not None and (fid, key) not in self._cache:
+            for fid, (text, whole) in made.items():
+                if text is not None and whole and (fid, key) not in self._cache:
                     self._cache[(fid, key)] = text
                     self._cache_bytes += len(text)
             while self._cache_bytes > CACHE_BYTES and self._cache:
                 self._cache_bytes -= len(self._cache.popitem(last=False)[1])
-        return [t for fid in ids if (t := cached.get(fid) or made.get(fid)) is not None]
+        out = []
+        for fid in ids:
+            text = cached[fid] if fid in cached else made[fid][0]
+            if text is not None:
+                out.append(text)
+        return out
 
-    def _make_features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float) -> list[str | None]:
-        """One GeoJSON Feature string per fid (None where the geometry is missing or vanishes)."""
+    def _make_features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float,
+                       clip: tuple[float, float, float, float] | None) -> list[tuple[str | None, bool]]:
+        """Per fid: its GeoJSON Feature string (None where the geometry is missing or vanishes)
+        and whether it is whole (not cut to ``clip``)."""
         import shapely
 
         cols = ", ".join(_quote(c) for c in self.columns)
@@ -243,26 +258,36 @@ class PolygonLayer:
             by_fid.update((r[0], r) for r in conn.execute(sql, chunk) if r[1] is not None)
         rows = [by_fid[fid] for fid in ids if fid in by_fid]
         if not rows:
-            return [None] * len(ids)
-        geoms = shapely.from_wkb([_wkb(r[1]) for r in rows])
+            return [(None, True)] * len(ids)
+        # The page draws outlines only, so the rings go as lines: Douglas-Peucker on a polygon
+        # ends in a validity repair (an overlay) that made it 15x slower per vertex than on its
+        # rings (1.5 s against 0.1 s for a view of 1M pixel-exact vertices), and a line can be
+        # cut to the view without drawing a false edge along the cut.
+        lines = shapely.boundary(shapely.from_wkb([_wkb(r[1]) for r in rows]))
+        cut = np.zeros(len(rows), bool)
+        if clip is not None:
+            b = shapely.bounds(lines)
+            cut = (b[:, 0] < clip[0]) | (b[:, 1] < clip[1]) | (b[:, 2] > clip[2]) | (b[:, 3] > clip[3])
+            if cut.any():
+                lines[cut] = shapely.clip_by_rect(lines[cut], *clip)
         if tol > 0:
-            # Douglas-Peucker without the topology check: 4x faster on pixel-exact outlines, and a
-            # self-touching ring a pixel wide does not show in an outline drawn one pixel wide.
-            geoms = shapely.simplify(geoms, tol, preserve_topology=False)
+            lines = shapely.simplify(lines, tol, preserve_topology=False)
         with self._proj_lock:  # one Transformer, shared: PROJ objects are not for concurrent use
-            geoms = shapely.transform(geoms, lambda xy: np.column_stack(self._to_lonlat.transform(xy[:, 0], xy[:, 1])))
+            lines = shapely.transform(lines, lambda xy: np.column_stack(self._to_lonlat.transform(xy[:, 0], xy[:, 1])))
         # 7 decimals are about 1 cm, as the GeoJSON output; halves the bytes sent
-        geoms = shapely.set_precision(geoms, 1e-7, mode="pointwise")
-        texts = shapely.to_geojson(geoms)
-        empty = shapely.is_empty(geoms) | shapely.is_missing(geoms)
-        made: dict[int, str] = {}
-        for r, text, gone in zip(rows, texts, empty, strict=True):
+        lines = shapely.set_precision(lines, 1e-7, mode="pointwise")
+        texts = shapely.to_geojson(lines)
+        empty = shapely.is_empty(lines) | shapely.is_missing(lines)
+        made: dict[int, tuple[str | None, bool]] = {}
+        for r, text, gone, was_cut in zip(rows, texts, empty, cut, strict=True):
             if gone:
+                made[r[0]] = (None, not was_cut)
                 continue
             props = {c: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for c, v in zip(self.columns, r[2:], strict=True) if not isinstance(v, bytes)}
-            made[r[0]] = f'{{"type":"Feature","id":{int(r[0])},"geometry":{text},"properties":{json.dumps(props)}}}'
-        return [made.get(fid) for fid in ids]
+            made[r[0]] = (f'{{"type":"Feature","id":{int(r[0])},"geometry":{text},"properties":{json.dumps(props)}}}',
+                          not bool(was_cut))
+        return [made.get(fid, (None, True)) for fid in ids]
 
     def _view_in_layer(self, west: float, south: float, east: float, north: float) -> tuple[float, ...] | None:
         """The view's bounds in the layer's CRS, clipped to the layer; None when they miss it."""
@@ -278,13 +303,15 @@ class PolygonLayer:
 
     # -------------------------------------------------------------- queries
     def in_view(self, west: float, south: float, east: float, north: float, zoom: float,
-                limit: int = MAX_FEATURES) -> str:
+                limit: int = MAX_FEATURES, max_bytes: int = MAX_VIEW_BYTES) -> str:
         """The polygons in a view, as a GeoJSON FeatureCollection string.
 
         Args:
             west, south, east, north: the view in degrees.
             zoom: the map's zoom (sets the simplification and the smallest polygon drawn).
             limit: most polygons returned; the largest are kept.
+            max_bytes: most geometry (WKB bytes, about 16 a vertex) read for the view: the
+                largest polygons are taken until it is reached.
 
         Returns:
             A FeatureCollection with ``truncated`` (more were in view than sent) and ``tolerance``
@@ -298,12 +325,24 @@ class PolygonLayer:
             return '{"type":"FeatureCollection","features":[],"truncated":false}'
         tol = self._tolerance(zoom)
         smallest = MIN_PIXELS * tol
-        sql = (f"SELECT id FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ? "
-               "AND (maxx - minx >= ? OR maxy - miny >= ?) ORDER BY (maxx - minx) * (maxy - miny) DESC LIMIT ?")
+        # the largest boxes in view, with their geometry's size (read from the record header,
+        # not the geometry itself)
+        sql = (f"SELECT r.id, length(t.{_quote(self.geom)}) FROM (SELECT id, (maxx - minx) * (maxy - miny) AS a "
+               f"FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ? "
+               "AND (maxx - minx >= ? OR maxy - miny >= ?) ORDER BY a DESC LIMIT ?) r "
+               f"JOIN {_quote(self.table)} t ON t.{_quote(self.fid)} = r.id ORDER BY r.a DESC")
         with self._conn() as conn:
-            ids = [r[0] for r in conn.execute(sql, (box[2], box[0], box[3], box[1], smallest, smallest, limit + 1))]
-            truncated = len(ids) > limit
-            feats = self._features(conn, ids[:limit], tol)
+            rows = conn.execute(sql, (box[2], box[0], box[3], box[1], smallest, smallest, limit + 1)).fetchall()
+            ids, total = [], 0
+            for fid, size in rows[:limit]:
+                total += size or 0
+                if total > max_bytes and ids:
+                    break
+                ids.append(fid)
+            truncated = len(ids) < len(rows)
+            # outlines are cut half a view beyond each side: a pan reloads them when it ends
+            dx, dy = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
+            feats = self._features(conn, ids, tol, (box[0] - dx, box[1] - dy, box[2] + dx, box[3] + dy))
         return ('{"type":"FeatureCollection","truncated":%s,"tolerance":%s,"features":[%s]}'
                 % ("true" if truncated else "false", json.dumps(tol), ",".join(feats)))
 
