@@ -141,12 +141,13 @@ class ViewServer(ThreadingHTTPServer):
         """Work out the first scene's layer styles (percentiles, RGB bands) before the page asks.
 
         The RGB layer reads a decimated view of the scene and imports the quicklook's band
-        choice (which loads torch): seconds that would otherwise delay the first tiles.
+        choice (which loads torch): seconds that would otherwise delay its first tiles.
         """
         first = next((e for e in self.catalog.scenes if e.bounds), None)
         if first is None:
             return
-        for kind in ["classes", *[k for k in RASTER_KINDS if k != "classes"], "scene"]:
+        # the RGB layer first: it is the slow one, and the page asks for the rest at once anyway
+        for kind in ["scene", *RASTER_KINDS]:
             self.tiles.style(first.id, kind)
 
     def server_close(self) -> None:
@@ -171,7 +172,16 @@ class ViewServer(ThreadingHTTPServer):
     def scene_json(self, entry: SceneEntry) -> dict[str, Any]:
         layers = []
         if entry.scene and entry.bounds:
-            layers.append({"kind": "scene", "title": "Scene (RGB)"})
+            # The RGB layer's style takes seconds the first time (see warm_up); until it is
+            # ready the page shows the other layers and asks again, rather than letting its
+            # tile requests hold every connection the browser allows to this server.
+            ready = self.tiles.ready(entry.id, "scene")
+            if ready and self.tiles.style(entry.id, "scene") is None:
+                pass  # the scene cannot be read: no RGB layer
+            else:
+                layers.append({"kind": "scene", "title": "Scene (RGB)", "pending": not ready})
+                if not ready:
+                    threading.Thread(target=self.tiles.style, args=(entry.id, "scene"), daemon=True).start()
         for kind, title in RASTER_KINDS.items():
             if kind in entry.rasters and entry.bounds:
                 layer: dict[str, Any] = {"kind": kind, "title": title}
@@ -195,6 +205,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: ViewServer
     protocol_version = "HTTP/1.1"
     server_version = "geovae-view"
+    # headers and body are two writes: with Nagle on, a keep-alive client waits for its delayed
+    # ACK (40 ms) before the body arrives
+    disable_nagle_algorithm = True
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -219,7 +232,8 @@ class _Handler(BaseHTTPRequestHandler):
               extra: dict[str, str] | None = None) -> None:
         if ctype.startswith(("application/json", "text/", "application/javascript", "application/geo+json")) \
                 and len(body) > 1024 and "gzip" in (self.headers.get("Accept-Encoding") or ""):
-            body = gzip.compress(body, compresslevel=5)
+            # level 1: 3x faster than 5 (40 against 116 ms for a 3.7 MB view), 13 % larger
+            body = gzip.compress(body, compresslevel=1)
             extra = {**(extra or {}), "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
         self.send_response(status)
         self.send_header("Content-Type", ctype)

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import rasterio
+from rasterio.transform import from_bounds
+from rio_tiler.colormap import cmap
+from rio_tiler.reader import read
+from rio_tiler.utils import render
 
+from geovae.scene import capped_gdal_cache
 from geovae.view.catalog import SceneEntry
 
 log = logging.getLogger(__name__)
@@ -81,8 +87,6 @@ class LayerStyle:
         if self.ranges and len(self.ranges) == 1:
             out["range"] = [float(self.ranges[0][0]), float(self.ranges[0][1])]
         if self.colormap and self.colormap != "table":
-            from rio_tiler.colormap import cmap
-
             cm = cmap.get(self.colormap)
             out["ramp"] = ["#%02x%02x%02x" % tuple(cm[i][:3]) for i in range(0, 256, 32)] + [
                 "#%02x%02x%02x" % tuple(cm[255][:3])]
@@ -143,8 +147,6 @@ def style_for(entry: SceneEntry, kind: str) -> LayerStyle:
     Raises:
         KeyError: the scene has no such layer.
     """
-    import rasterio
-
     if kind == "scene":
         if entry.scene is None:
             raise KeyError(kind)
@@ -172,8 +174,8 @@ def style_for(entry: SceneEntry, kind: str) -> LayerStyle:
 
 def _scene_style(entry: SceneEntry) -> LayerStyle:
     """The quicklook's RGB bands and stretch, for tiles of the input scene."""
-    import rasterio
-
+    # geovae.quicklook imports torch (through the model's class table): 3 to 5 s, paid once,
+    # in the viewer's warm-up thread, for the one definition of the quicklook's bands
     from geovae.quicklook import choose_rgb_bands
     from geovae.scene import open_scene
 
@@ -203,8 +205,6 @@ def empty_tile() -> bytes:
     """A transparent 256 px PNG, for tiles with nothing to draw."""
     global _EMPTY
     if _EMPTY is None:
-        from rio_tiler.utils import render
-
         _EMPTY = render(np.zeros((1, TILE_SIZE, TILE_SIZE), np.uint8), np.zeros((TILE_SIZE, TILE_SIZE), np.uint8),
                         img_format="PNG")
     return _EMPTY
@@ -218,6 +218,10 @@ class TileRenderer:
         self._styles: dict[tuple[str, str], LayerStyle | None] = {}
         self._lock = threading.Lock()
         self._style_locks: dict[tuple[str, str], threading.Lock] = {}
+
+    def ready(self, sid: str, kind: str) -> bool:
+        """Whether the layer's style is worked out (its tiles then come without delay)."""
+        return (sid, kind) in self._styles
 
     def style(self, sid: str, kind: str) -> LayerStyle | None:
         """The layer's style, or None when the scene or layer does not exist or cannot be read."""
@@ -256,12 +260,6 @@ def render_tile(style: LayerStyle, z: int, x: int, y: int) -> bytes:
     Returns:
         PNG bytes (transparent where there is no data or the tile is outside the raster).
     """
-    import rasterio
-    from rasterio.transform import from_bounds
-    from rio_tiler.reader import read
-
-    from geovae.scene import capped_gdal_cache
-
     n = 2**z
     if not (0 <= x < n and 0 <= y < n) or z < style.minzoom - MAX_LEVELS_BELOW_OVERVIEWS:
         return empty_tile()
@@ -291,8 +289,6 @@ def render_tile(style: LayerStyle, z: int, x: int, y: int) -> bytes:
     assert style.ranges is not None
     img = img.rescale(in_range=style.ranges)
     if style.colormap:
-        from rio_tiler.colormap import cmap
-
         return img.render(img_format="PNG", colormap=cmap.get(style.colormap), ZLEVEL=1)
     return img.render(img_format="PNG", ZLEVEL=1)
 

@@ -90,7 +90,8 @@
     state.visible[kind] = on;
     const box = document.querySelector('input[data-layer="' + kind + '"]');
     if (box) box.checked = on;
-    if (on && !map.hasLayer(t)) t.addTo(map);
+    const pending = state.scene && state.scene.layers.some((l) => l.kind === kind && l.pending);
+    if (on && !pending && !map.hasLayer(t)) t.addTo(map);
     if (!on && map.hasLayer(t)) { map.removeLayer(t); markDone("tiles:" + kind); }
   }
 
@@ -253,9 +254,37 @@
     files(info);
     if (!info.bounds) { document.body.dataset.ready = "1"; return; }
     if (fit !== false) map.fitBounds(boundsOf(info.bounds), { animate: false });
-    for (const layer of info.layers) if (state.visible[layer.kind]) state.tiles[layer.kind].addTo(map);
+    for (const layer of info.layers) {
+      if (layer.pending) continue;
+      if (state.visible[layer.kind]) state.tiles[layer.kind].addTo(map);
+    }
     refreshPolygons();
+    if (info.layers.some((l) => l.pending)) waitForPending(info);
     if (state.loading.size === 0) document.body.dataset.ready = "1";
+  }
+
+  // A layer the server is still preparing (the RGB scene on first use): ask again until it is
+  // ready, then draw it; the page counts as busy meanwhile.
+  async function waitForPending(info) {
+    markBusy("pending");
+    while (state.scene === info) {
+      await new Promise((r) => setTimeout(r, 700));
+      let again;
+      try { again = await getJSON("api/" + info.id + "/scene"); } catch (err) { break; }
+      if (state.scene !== info) return;
+      const still = new Set(again.layers.filter((l) => l.pending).map((l) => l.kind));
+      for (const layer of info.layers) {
+        if (!layer.pending || still.has(layer.kind)) continue;
+        layer.pending = false;
+        if (!again.layers.some((l) => l.kind === layer.kind)) {  // it could not be read after all
+          const row = document.querySelector('input[data-layer="' + layer.kind + '"]');
+          if (row) row.closest(".layer").remove();
+          delete state.tiles[layer.kind];
+        } else if (state.visible[layer.kind]) state.tiles[layer.kind].addTo(map);
+      }
+      if (still.size === 0) break;
+    }
+    markDone("pending");
   }
 
   function sceneList(catalog) {
