@@ -209,7 +209,8 @@ def _entry_from_report(sid: str, report_path: Path, root: Path, name: str | None
     entry.polygons = next((found[k] for k in POLYGON_KINDS if k in found), None)
     entry.files = {k: p.relative_to(root).as_posix() for k, p in found.items()}
     entry.area_unit = str(report.get("area_unit", ""))
-    scene = (report.get("scene") or {}).get("path")
+    scene = report.get("scene")
+    scene = scene.get("path") if isinstance(scene, dict) else scene  # the demo's report names it directly
     if isinstance(scene, str) and scene and not _is_remote(scene) and Path(scene).is_file():
         entry.scene = scene
     if not entry.rasters:
@@ -331,4 +332,21 @@ def load_catalog(path: str | Path) -> Catalog:
     if not reports:
         raise ViewError(f"{path} holds no geovae run report (<stem>.json), manifest.csv or STAC collection; "
                         "give the folder `geovae segment --out` or `geovae batch --out` wrote")
-    return Catalog(root, "segment", [_entry_from_report(f"s{i}", r, root) for i, r in enumerate(reports)])
+    entries = _one_per_run([_entry_from_report(f"s{i}", r, root) for i, r in enumerate(reports)], root)
+    for i, e in enumerate(entries):
+        e.id = f"s{i}"
+    return Catalog(root, "segment", entries)
+
+
+def _one_per_run(entries: list[SceneEntry], root: Path) -> list[SceneEntry]:
+    """One entry per class raster: a report that wraps a run (the demo's ``demo.json`` lists
+    the segment run's outputs, its report among them) gives way to the run's own report."""
+    def key(e: SceneEntry) -> Path | str:
+        return e.rasters.get("classes") or str(e.report_path)
+
+    keep: dict[Path | str, SceneEntry] = {}
+    for e in entries:
+        own = "report" in e.files and (root / e.files["report"]).resolve() == e.report_path
+        if key(e) not in keep or own:
+            keep[key(e)] = e
+    return [e for e in entries if keep[key(e)] is e]
