@@ -117,7 +117,8 @@ class PolygonLayer:
         self._cache_lock = threading.Lock()
 
     # -------------------------------------------------------------- opening
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Open the GeoPackage (copying a GeoJSON or GeoParquet file into one first); idempotent."""
         with self._lock:
             if self._ready:
                 return
@@ -139,7 +140,7 @@ class PolygonLayer:
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
-        self._prepare()
+        self.prepare()
         try:
             conn = self._pool.get_nowait()
         except queue.Empty:
@@ -317,7 +318,7 @@ class PolygonLayer:
             A FeatureCollection with ``truncated`` (more were in view than sent) and ``tolerance``
             (the simplification, in the layer's units) members.
         """
-        self._prepare()
+        self.prepare()
         west, east = max(west, -180.0), min(east, 180.0)
         south, north = max(south, -85.06), min(north, 85.06)
         box = self._view_in_layer(west, south, east, north) if west < east and south < north else None
@@ -355,7 +356,7 @@ class PolygonLayer:
         """
         import shapely
 
-        self._prepare()
+        self.prepare()
         with self._proj_lock:
             x, y = self._to_layer.transform(lon, lat)
         if not (math.isfinite(x) and math.isfinite(y)):
