@@ -148,7 +148,8 @@ def view(path: str | Path, *, host: str | None = None, port: int = 0, basemap: s
     catalog = load_catalog(path)
     bind = host if host is not None else "127.0.0.1"
     try:
-        server = ViewServer(catalog, bind, port, basemap=basemap, host_given=host is not None)
+        # serving to the network: requests name this machine however the network reaches it
+        server = ViewServer(catalog, bind, port, basemap=basemap, any_host=bind not in ("127.0.0.1", "localhost", "::1"))
     except OSError as e:
         raise OptionError(f"cannot listen on {bind}:{port} ({e.strerror or e}); choose another --port or 0 for a free one") from e
     if host is not None and bind not in ("127.0.0.1", "localhost", "::1"):

@@ -82,19 +82,20 @@ class ViewServer(ThreadingHTTPServer):
         host: address to listen on.
         port: port, 0 for a free one.
         basemap: an XYZ tile URL template drawn under the layers, or None.
-        host_given: True when the user chose the host: then any ``Host`` header is accepted.
+        any_host: accept any ``Host`` header (the server listens beyond loopback, where
+            clients name it by whatever address reaches it); else only loopback names.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, catalog: Catalog, host: str = "127.0.0.1", port: int = 0, *, basemap: str | None = None,
-                 host_given: bool = False) -> None:
+                 any_host: bool = False) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.catalog = catalog
         self.basemap = basemap
-        self.host_given = host_given
+        self.any_host = any_host
         self.entries = {e.id: e for e in catalog.scenes}
         self.tiles = TileRenderer(self.entries)
         self.polygons: dict[str, PolygonLayer] = {}
@@ -119,7 +120,7 @@ class ViewServer(ThreadingHTTPServer):
 
     def allowed_host(self, header: str | None) -> bool:
         """DNS-rebinding guard: the Host header must name this server on loopback."""
-        if self.host_given:
+        if self.any_host:
             return True
         if not header:
             return False
@@ -183,13 +184,11 @@ class ViewServer(ThreadingHTTPServer):
             # The RGB layer's style takes seconds the first time (see warm_up); until it is
             # ready the page shows the other layers and asks again, rather than letting its
             # tile requests hold every connection the browser allows to this server.
-            ready = self.tiles.ready(entry.id, "scene")
-            if ready and self.tiles.style(entry.id, "scene") is None:
-                pass  # the scene cannot be read: no RGB layer
-            else:
-                layers.append({"kind": "scene", "title": "Scene (RGB)", "pending": not ready})
-                if not ready:
-                    threading.Thread(target=self.tiles.style, args=(entry.id, "scene"), daemon=True).start()
+            if not self.tiles.ready(entry.id, "scene"):
+                self.tiles.prepare_in_background(entry.id, "scene")
+                layers.append({"kind": "scene", "title": "Scene (RGB)", "pending": True})
+            elif self.tiles.style(entry.id, "scene") is not None:  # None: the scene cannot be read
+                layers.append({"kind": "scene", "title": "Scene (RGB)", "pending": False})
         for kind, title in RASTER_KINDS.items():
             if kind in entry.rasters and entry.bounds:
                 layer: dict[str, Any] = {"kind": kind, "title": title}

@@ -218,6 +218,16 @@ class TileRenderer:
         self._styles: dict[tuple[str, str], LayerStyle | None] = {}
         self._lock = threading.Lock()
         self._style_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._started: set[tuple[str, str]] = set()
+
+    def prepare_in_background(self, sid: str, kind: str) -> None:
+        """Start working out a layer's style in a thread of its own (once)."""
+        with self._lock:
+            if (sid, kind) in self._started:
+                return
+            self._started.add((sid, kind))
+        threading.Thread(target=self.style, args=(sid, kind), name=f"geovae-view-style-{sid}-{kind}",
+                         daemon=True).start()
 
     def ready(self, sid: str, kind: str) -> bool:
         """Whether the layer's style is worked out (its tiles then come without delay)."""
