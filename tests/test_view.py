@@ -650,6 +650,7 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
 def test_page_on_a_batch_output(browser: object, batch_out: Path) -> None:
     """The scenes are listed (a failed one with its status); choosing one zooms to it."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     d = browser
     cat = load_catalog(batch_out)
@@ -661,8 +662,8 @@ def test_page_on_a_batch_output(browser: object, batch_out: Path) -> None:
         assert "failed" in items[2].get_attribute("class")
         for k in (1, 0):
             items[k].click()
+            WebDriverWait(d, 30).until(lambda d: d.find_element(By.ID, "subtitle").text == cat.scenes[k].name)
             _wait_ready(d)
-            assert d.find_element(By.ID, "subtitle").text == cat.scenes[k].name
             w, s, e, n = cat.scenes[k].bounds
             lon, lat = d.execute_script("const c = geovae.map.getCenter(); return [c.lng, c.lat];")
             assert w < lon < e and s < lat < n

@@ -226,6 +226,7 @@
   }
 
   async function selectScene(id, fit) {
+    document.body.dataset.ready = "0";
     const info = await getJSON("api/" + id + "/scene");
     for (const t of Object.values(state.tiles)) map.removeLayer(t);
     if (state.polygons) { map.removeLayer(state.polygons); state.polygons = null; }
