@@ -10,7 +10,7 @@ from typing import Any
 
 from geovae._version import __version__
 
-__all__ = ["__version__", "describe_scene", "segment_scene", "vectorize", "run_batch", "evaluate", "load_model"]
+__all__ = ["__version__", "describe_scene", "segment_scene", "vectorize", "run_batch", "evaluate", "load_model", "view"]
 
 _LAZY = {
     "describe_scene": "geovae.scene",
@@ -19,6 +19,7 @@ _LAZY = {
     "run_batch": "geovae.batch",
     "evaluate": "geovae.evaluate",
     "load_model": "geovae.model.io",
+    "view": "geovae.view",
 }
 
 
@@ -26,5 +27,8 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY[name])
+        # geovae.view is a callable module (geovae.view(path) and geovae.view.show(result)):
+        # importing it binds it here, so hand out the module itself, as later lookups get it
+        return module if module.__name__ == f"geovae.{name}" else getattr(module, name)
     raise AttributeError(f"module 'geovae' has no attribute {name!r}")

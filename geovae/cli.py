@@ -409,6 +409,28 @@ def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device
     _print_outputs(res.outputs)
 
 
+# ----------------------------------------------------------------------------- view
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--host", help="Address to listen on [default: 127.0.0.1, this machine only]. Another "
+                             "(0.0.0.0...) shows the outputs to anyone who can reach it.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--no-browser", is_flag=True, help="Only print the address; do not open a browser.")
+@click.option("--basemap", help="XYZ tile URL template drawn under the layers, e.g. "
+                                "https://tile.openstreetmap.org/{z}/{x}/{y}.png [default: none; the page loads "
+                                "nothing from outside this machine].")
+def view(path: str, host: str | None, port: int, no_browser: bool, basemap: str | None) -> None:
+    """Look at a segment or batch output folder (or one report .json) in the browser.
+
+    Serves the folder read-only on a local address until Ctrl-C: the scene, classes with
+    their legend and areas, confidence, uncertainty and reconstruction error, and the
+    polygons (click one for its attributes).
+    """
+    from geovae.view import serve
+
+    serve(path, host=host, port=port, basemap=basemap, open_browser=not no_browser, echo=click.echo)
+
+
 # ----------------------------------------------------------------------------- main
 for _cmd in cli.commands.values():
     _cmd.params.extend(_verbosity_params())

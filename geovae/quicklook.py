@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from geovae.model.base import ModelInfo
 from geovae.scene import Scene
 from geovae.products import CLASS_NODATA
 
