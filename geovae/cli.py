@@ -245,8 +245,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, bins: int,
              as_json: bool) -> None:
     """Score a class raster against labels: IoU per class, mIoU, accuracy, ECE, AUROC."""
-    from geovae.evaluate import evaluate as run
-    from geovae.evaluate import format_report
+    from geovae.metrics import evaluate as run
+    from geovae.metrics import format_report
 
     d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins)
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))

@@ -40,6 +40,7 @@ from geovae.atomic import check_output_file
 from geovae.datasets import IGNORE_INDEX, SceneDataModule, merge_batches
 from geovae.device import resolve_device
 from geovae.errors import ConfigError, GeovaeError, ModelMismatchError, OptionError
+from geovae.metrics import metrics_from_confusion
 from geovae.model.base import ModelInfo
 from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
 from geovae.model.vae import VAESegmenter
@@ -48,38 +49,6 @@ log = logging.getLogger("geovae.train")
 
 #: A latent channel whose KL (nats per latent cell) stays below this carries no information.
 ACTIVE_KL = 0.01
-
-
-def metrics_from_confusion(cm: Tensor, names: Sequence[str] | None = None) -> dict[str, float]:
-    """Per-class IoU, mIoU and overall accuracy from a confusion matrix.
-
-    mIoU is the mean IoU over the classes present in the reference (rows with support);
-    a class that is never in the reference but predicted lowers the other classes' IoU
-    through its false positives but is not itself averaged.
-
-    Args:
-        cm: (K, K) confusion matrix, rows = reference, columns = prediction.
-        names: class names for the per-class keys (default ``0..K-1``).
-
-    Returns:
-        ``mIoU``, ``OA`` and ``IoU_<name>`` for each class present (NaN when no support).
-    """
-    cm = cm.double()
-    tp = cm.diag()
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    union = support + predicted - tp
-    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
-    present = support > 0
-    total = cm.sum()
-    out: dict[str, float] = {
-        "mIoU": float(iou[present].mean()) if bool(present.any()) else float("nan"),
-        "OA": float(tp.sum() / total) if total > 0 else float("nan"),
-    }
-    names = list(names) if names else [str(i) for i in range(cm.shape[0])]
-    for i, n in enumerate(names):
-        out[f"IoU_{n}"] = float(iou[i]) if bool(present[i]) else float("nan")
-    return out
 
 
 def balanced_class_weights(counts: Mapping[int, int]) -> list[float]:
