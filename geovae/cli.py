@@ -212,7 +212,7 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
           device: str, seed: int, sampler: str, overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
-    from geovae import train as training
+    from geovae import training
 
     if config:
         if image or labels or vector_labels:

@@ -199,7 +199,7 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
     # Imported here so that a bad --data folder is reported before torch loads.
     from geovae.metrics import evaluate
     from geovae.predict import segment_scene
-    from geovae.train import train_model
+    from geovae.training import train_model
 
     t0 = time.perf_counter()
     scene, west, east = prepare_scene(data_dir, out / "data")
