@@ -169,6 +169,27 @@ def test_version_1_file_still_loads(tmp_path: Path) -> None:
     assert torch.equal(got["reconstruction_error"], ((m.reconstruct(xn) - xn) ** 2).mean(1))
 
 
+def test_training_facts_round_trip_and_older_files_without_them_still_load(tmp_path: Path) -> None:
+    """ModelInfo.training (what the model was trained on) is kept; files from before it load
+    with an empty one and predict as before."""
+    m = _trained_ish()
+    info = _info()
+    info.training = {"dtype": "uint8", "quantiles": {"0.005": [1.0] * 6, "0.5": [50.0] * 6, "0.995": [200.0] * 6},
+                     "reconstruction_error_quantiles": {"0.5": 0.4, "0.9": 1.5, "0.99": 8.0, "0.995": 13.0,
+                                                        "0.999": 39.0}}
+    p = save_model(tmp_path / "m.safetensors", m, info)
+    assert load_model(p, device="cpu").info.training == info.training
+    older = read_model_info(p).to_dict()
+    del older["training"]
+    old = tmp_path / "old.safetensors"
+    _rewrite_metadata(p, old, info=json.dumps(older))
+    assert '"training"' not in old.read_bytes()[:4096].decode(errors="ignore")
+    loaded = load_model(old, device="cpu")
+    assert loaded.info.training == {}
+    x = torch.rand(1, 6, 16, 16) * 20
+    assert torch.equal(loaded.predict(x)["probs"], load_model(p, device="cpu").predict(x)["probs"])
+
+
 def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello, I am not a model\n")

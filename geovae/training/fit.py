@@ -1,12 +1,14 @@
 """Fitting: one chain from a data module to a model file, shared by every way in.
 
-data module -> statistics (the data module computed them) -> task -> fit -> model file. :func:`train_model` enters it with an image and
+data module -> statistics (the data module computed them) -> task -> fit -> what the model
+saw (:func:`training_facts`) -> model file. :func:`train_model` enters it with an image and
 its labels, :func:`geovae.training.train_from_config` with a YAML config; both end in
 :func:`fit_and_save`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -20,19 +22,31 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from rasterio.windows import Window
 from torch import Tensor
 
 from geovae.atomic import check_output_file
 from geovae.device import resolve_device
 from geovae.errors import OptionError
-from geovae.model.base import ModelInfo
+from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments
 
-__all__ = ["TrainResult", "train_model", "fit_and_save", "scene_task_arguments"]
+__all__ = ["TrainResult", "train_model", "fit_and_save", "scene_task_arguments", "training_facts",
+           "RECONSTRUCTION_QUANTILES"]
 
 log = logging.getLogger("geovae.training")
+
+#: Quantiles of the trained model's own reconstruction error on training pixels that the
+#: model file records (``ModelInfo.training``), for the trust check at prediction.
+RECONSTRUCTION_QUANTILES = ("0.5", "0.9", "0.99", "0.995", "0.999")
+
+#: At most this many training tiles are scored for those quantiles (evenly spread over the
+#: training part, so the same model gives the same numbers), and at most this many pixels.
+_FACT_TILES = 64
+_FACT_PIXELS = 64 * 128 * 128
 
 # Library use with few batches per epoch: these hints are noise to a geovae user.
 _QUIET = (".*does not have many workers.*", ".*number of training batches.*", ".*GPU available but not used.*",
@@ -192,11 +206,65 @@ def fit_and_save(
     extra = {"data": dm.describe() if scene else {}, "metrics": metrics, "epochs": len(history),
              "seconds": round(seconds, 2), **dict(provenance or {})}
     info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
+    if scene:
+        info.training = training_facts(task.model, info, dm)
     from geovae.model import io as model_io
 
     # save_model writes to a temporary name in the same folder and renames it when complete.
     path = Path(model_io.save_model(out, task.model, info))
     return TrainResult(model_path=path, metrics=metrics, history=history, info=info)
+
+
+def training_facts(module: torch.nn.Module, info: ModelInfo, dm: SceneDataModule) -> dict[str, Any]:
+    """What the model was trained on, for the trust check (``ModelInfo.training``).
+
+    ``dtype`` and per-band ``quantiles`` of the training image come from its band
+    statistics; ``reconstruction_error_quantiles`` is the trained model's own per-pixel
+    reconstruction error over the valid pixels of up to 64 training tiles (evenly spread
+    over the training part, so the numbers are reproducible), measured exactly as
+    :meth:`~geovae.model.base.SegmentationModel.predict` measures it at prediction (mean
+    squared error over bands, normalised units, fp32 on the CPU).
+
+    Args:
+        module: the trained model (not changed: a copy is scored).
+        info: its description (normalisation, tile size).
+        dm: the data module it was trained with.
+
+    Returns:
+        ``{"dtype", "quantiles", "reconstruction_error_quantiles"}``; the last is left out
+        when the model has no reconstruction decoder or the image has an alpha band.
+    """
+    facts: dict[str, Any] = {"dtype": dm.stats.dtype, "quantiles": dm.stats.quantiles}
+    scene = dm.facts
+    if not hasattr(module, "reconstruct") or scene.count != info.in_channels:
+        return facts
+    model = SegmentationModel(copy.deepcopy(module), info, "cpu", amp=False)
+    tile = info.tile_size
+    left, bottom, right, top = dm.train_box
+    bounds, (rx, ry) = scene.bounds, scene.res
+    c0, r0 = round((left - bounds.left) / rx), round((bounds.top - top) / ry)
+    w, h = round((right - left) / rx), round((top - bottom) / ry)
+    origins = [(r, c) for r in range(r0, r0 + h - tile + 1, tile) for c in range(c0, c0 + w - tile + 1, tile)]
+    n = max(1, min(_FACT_TILES, _FACT_PIXELS // (tile * tile), len(origins)))
+    picked = [origins[i] for i in np.linspace(0, len(origins) - 1, n).round().astype(int)] if origins else []
+    fill = np.asarray(info.mean, dtype=np.float32)
+    errors: list[np.ndarray] = []
+    try:
+        for start in range(0, len(picked), 8):
+            batch, valid = [], []
+            for r, c in picked[start:start + 8]:
+                data, ok = scene.read(Window(c, r, tile, tile))
+                batch.append(scene.fill_missing(data, ok, fill))
+                valid.append(ok)
+            err = model.predict(torch.from_numpy(np.stack(batch)), reconstruction=True)["reconstruction_error"]
+            errors.append(err.cpu().numpy()[np.stack(valid)])
+    finally:
+        scene.close()
+    values = np.concatenate(errors) if errors else np.zeros(0)
+    if values.size:
+        q = np.quantile(values.astype(np.float64), [float(k) for k in RECONSTRUCTION_QUANTILES])
+        facts["reconstruction_error_quantiles"] = {k: float(v) for k, v in zip(RECONSTRUCTION_QUANTILES, q, strict=True)}
+    return facts
 
 
 # ----------------------------------------------------------------------------- train_model
