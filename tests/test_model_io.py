@@ -190,6 +190,32 @@ def test_training_facts_round_trip_and_older_files_without_them_still_load(tmp_p
     assert torch.equal(loaded.predict(x)["probs"], load_model(p, device="cpu").predict(x)["probs"])
 
 
+def test_vae_task_checkpoint_rebuilds_from_hyperparameters_or_says_why_not(tmp_path: Path) -> None:
+    """A VAESegmentationTask checkpoint (as torchgeo fit writes it) is rebuilt from its
+    hyperparameters alone: architecture, normalisation and classes; one saved before the task
+    knew its band count is refused with one line."""
+    m = _trained_ish()
+    hp = {"_class_path": "geovae.training.VAESegmentationTask", "in_channels": 6, "num_classes": 3,
+          "labels": ["developed", "water", "forest"], "class_ids": [1, 3, 5], "class_colors": None,
+          "band_names": None, "mean": [10.0] * 6, "std": [4.0] * 6, "nodata": 0.0, "base_channels": 8, "depth": 2,
+          "latent_channels": 4, "encoder": "unet", "recon_condition": "class"}
+    sd = {f"model.{k}": v for k, v in m.state_dict().items()}
+    sd.update(band_mean=torch.full((1, 6, 1, 1), 10.0), band_std=torch.full((1, 6, 1, 1), 4.0))
+    ckpt = tmp_path / "task.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": sd, "epoch": 3, "geovae": {"tile_size": 32}}, ckpt)
+    loaded = load_model(ckpt, device="cpu")
+    info = loaded.info
+    assert info.kind == "geovae-vae" and info.class_ids == [1, 3, 5] and info.class_names[2] == "forest"
+    assert info.mean == [10.0] * 6 and info.std == [4.0] * 6 and info.tile_size == 32 and info.extra["epoch"] == 3
+    x = torch.rand(1, 6, 16, 16) * 20
+    want = load_model(save_model(tmp_path / "m.safetensors", m, _info()), device="cpu").predict(x)["probs"]
+    assert torch.equal(loaded.predict(x)["probs"], want)
+    torch.save({"hyper_parameters": {**hp, "in_channels": None}, "state_dict": sd}, ckpt)
+    with pytest.raises(ModelFileError, match="without an integer in_channels") as e:
+        load_model(ckpt, device="cpu")
+    assert "\n" not in str(e.value)
+
+
 def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello, I am not a model\n")

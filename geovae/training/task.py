@@ -254,6 +254,22 @@ class VAESegmentationTask(BaseTask):
         self.configure_models()
         self.configure_metrics()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what a geovae model file holds besides the hyperparameters: the training tile,
+        the training data's facts for the trust check, and provenance (plain values only, so
+        the checkpoint still loads with ``torch.load(weights_only=True)``)."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        extra: dict[str, Any] = {"geovae_version": __version__}
+        ps = getattr(dm, "patch_size", None)
+        if ps is not None:
+            extra["tile_size"] = int(ps if isinstance(ps, int) else ps[0])
+        stats = getattr(dm, "stats", None)
+        if stats is not None:
+            extra["training"] = {"dtype": stats.dtype, "quantiles": stats.quantiles}
+        if hasattr(dm, "describe"):
+            extra["data"] = dm.describe()
+        checkpoint["geovae"] = extra
+
     # -- data preparation --------------------------------------------------------------
     def normalise(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """Raw bands -> model input, and the valid-pixel map.
