@@ -6,8 +6,6 @@ times slower than one when the other core is busy.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -120,40 +118,6 @@ def test_short_real_training_beats_chance_and_its_file_predicts(nc_stack: Path, 
     assert torch.allclose(probs.sum(0), torch.ones(h, w), atol=1e-4)
     pred = np.array(info.class_ids)[probs.argmax(0).numpy()]
     assert _class_miou(pred[:, east][ok], ref[ok]) > chance + 0.03
-
-
-def test_model_file_records_what_the_model_was_trained_on(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
-    """ModelInfo.training: the image's dtype and band quantiles, and the trained model's own
-    reconstruction error on training pixels, as SegmentationModel.predict measures it."""
-    out = tmp_path / "facts.safetensors"
-    res = train_model(nc_stack, nc_labels, out, classes=NC_CLASSES, epochs=1, tile=64, batch_size=8,
-                      samples_per_epoch=16, base_channels=8, depth=3, latent_channels=4, val_fraction=0.5,
-                      device="cpu", progress=False, seed=0)
-    from geovae.model.io import load_model
-
-    model = load_model(out, "cpu")
-    t = model.info.training
-    assert t == res.info.training
-    assert t["dtype"] == "uint8" and t["quantiles"] == band_statistics(nc_stack).quantiles
-    q = t["reconstruction_error_quantiles"]
-    assert list(q) == ["0.5", "0.9", "0.99", "0.995", "0.999"]
-    assert 0 < q["0.5"] < q["0.9"] < q["0.99"] <= q["0.995"] <= q["0.999"]
-    # Independently: every whole 64-px tile of the west (training) half, read with rasterio,
-    # per-band nodata filled with the mean as prediction fills it, valid pixels only.
-    with rasterio.open(nc_stack) as s:
-        img = s.read().astype(np.float32)
-    width = img.shape[2] - round(img.shape[2] * 0.5)
-    mean = np.asarray(model.info.mean, np.float32)[:, None, None]
-    errors = []
-    for r in range(0, img.shape[1] - 63, 64):
-        for c in range(0, width - 63, 64):
-            x = img[:, r:r + 64, c:c + 64]
-            valid = (x != 0).any(0)
-            x = np.where((x == 0) | ~valid, mean, x)
-            e = model.predict(torch.from_numpy(x)[None], reconstruction=True)["reconstruction_error"][0].numpy()
-            errors.append(e[valid])
-    ref = np.quantile(np.concatenate(errors).astype(np.float64), [0.5, 0.9, 0.99, 0.995, 0.999])
-    assert np.allclose(list(q.values()), ref, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the TorchGeo path
@@ -302,76 +266,6 @@ def test_vector_labels_rasterise_like_the_shipped_label_raster(nc_stack: Path, n
             total += int(lab.sum())
     assert total > 1000
     assert agree == total
-
-
-# ----------------------------------------------------------------------------- remote data
-#: A static file server with the HTTP Range requests GDAL's /vsicurl/ makes, run in its own
-#: process: TorchGeo lists remote files through pyogrio, which holds the GIL while it waits
-#: for the answer, so a server thread in the test process would never answer.
-RANGE_SERVER = r"""
-import http.server, sys
-from pathlib import Path
-
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def send_head(self):
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return None
-        size, rng = path.stat().st_size, self.headers.get("Range", "")
-        start, end = 0, size - 1
-        if rng.startswith("bytes="):
-            a, _, b = rng[6:].partition("-")
-            start, end = int(a), min(int(b) if b else size - 1, size - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(end - start + 1))
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        f = open(path, "rb")
-        f.seek(start)
-        self._left = end - start + 1
-        return f
-
-    def copyfile(self, source, outputfile):
-        outputfile.write(source.read(self._left))
-
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: Handler(*a, directory=sys.argv[1], **k))
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
-
-def test_remote_image_and_labels_train_like_local_ones(nc_stack: Path, nc_labels: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """https:// paths go through the same opener (scene.open_raster) as local ones, and TorchGeo
-    reads them by their GDAL name: the same checks, statistics, classes and patches."""
-    assert nc_stack.parent == nc_labels.parent
-    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(nc_stack.parent)], stdout=subprocess.PIPE,
-                              text=True)
-    monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
-    try:
-        url = f"http://127.0.0.1:{int(server.stdout.readline())}"  # type: ignore[union-attr]
-        kw = dict(classes=NC_CLASSES, tile=64, batch_size=4, samples_per_epoch=4, val_fraction=0.5)
-        remote = SceneDataModule(f"{url}/{nc_stack.name}", f"{url}/{nc_labels.name}", **kw)
-        local = SceneDataModule(str(nc_stack), str(nc_labels), **kw)
-        assert remote.mean == local.mean and remote.classes == local.classes
-        assert remote.n_labelled == local.n_labelled and remote.describe()["image"].startswith("http://")
-        remote.setup("fit")
-        local.setup("fit")
-        got, want = next(iter(remote.train_dataloader())), next(iter(local.train_dataloader()))
-        assert torch.equal(got["image"], want["image"]) and torch.equal(got["mask"], want["mask"])
-        with pytest.raises(SceneError) as e:
-            SceneDataModule(f"{url}/missing.tif", f"{url}/{nc_labels.name}", **kw)
-        assert "check the URL" in _one_line(e)
-    finally:
-        server.kill()
-        server.wait()
 
 
 # ----------------------------------------------------------------------------- configs

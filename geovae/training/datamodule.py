@@ -296,7 +296,7 @@ class SceneDataModule(GeoDataModule):
         if self.labels_path:
             lab: GeoDataset = SceneLabels(paths=gdal_path(self.labels_path), crs=img.crs, res=self.facts.res)
         else:
-            lab = VectorLabels(self.vector_path, crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
+            lab = VectorLabels(gdal_path(self.vector_path), crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
                                label_field=self.label_field or "", name_to_id=self.name_to_id)
         return IntersectionDataset(img, lab, transforms=Compose(remap, outside))
 
