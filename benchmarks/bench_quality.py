@@ -71,7 +71,7 @@ def make_unet_task(mean: list[float], std: list[float], nodata: float, class_wei
     import torch
     from torchgeo.tasks import SemanticSegmentation
 
-    from geovae.datasets import IGNORE_INDEX, merge_batches
+    from geovae.training.transforms import IGNORE_INDEX, merge_batches
 
     class NormalisedUNet(SemanticSegmentation):
         def __init__(self, band_mean: list[float], band_std: list[float], nodata: float, **kw: Any) -> None:
@@ -151,10 +151,10 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     import torch
 
     from geovae.bands import band_statistics
-    from geovae.datasets import SceneDataModule
-    from geovae.train import VAESegmentationTask, _fit, _quiet_lightning, balanced_class_weights
+    from geovae.training import SceneDataModule, VAESegmentationTask
+    from geovae.training.fit import _fit
+    from geovae.training.task import balanced_class_weights
 
-    _quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
     labels = FULL if setting == "full" else SPARSE
     unlabeled = [str(IMAGE)] if (setting == "sparse" and model == "vae" and not args.no_unlabeled) else []
@@ -274,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"real data not found: {IMAGE} (set GEOVAE_TEST_DATA)", file=sys.stderr)
         return 1
     _setup_torch(args.threads)
+    import logging
+
+    # An entry point: Lightning's INFO banners would drown the results table.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     budget = {k: getattr(args, k) for k in ("epochs", "samples_per_epoch", "tile", "batch_size", "lr", "threads",
                                             "sampler")}
     rows = []

@@ -69,7 +69,10 @@ def make_class_raster(path: Path, tiles: int) -> tuple[int, int]:
 
 
 def run_geovae(raster: Path, out: Path, block_size: int) -> int:
-    from geovae.polygons import vectorize
+    try:
+        from geovae.polygons import vectorize
+    except ImportError:  # a --before checkout from before the module was renamed
+        from geovae.vectorize import vectorize  # type: ignore[no-redef]
 
     return vectorize(raster, out, block_size=block_size).n_polygons
 
@@ -104,7 +107,10 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     import rasterio  # noqa: F401
     import shapely  # noqa: F401
 
-    import geovae.polygons  # noqa: F401
+    try:
+        import geovae.polygons as mod
+    except ImportError:  # a --before checkout from before the module was renamed
+        import geovae.vectorize as mod  # type: ignore[no-redef]
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -112,7 +118,7 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
     print(json.dumps({"method": method, "seconds": seconds, "n_polygons": n, "peak_rss_mb": peak,
-                      "rss_after_imports_mb": rss0, "geovae": str(Path(geovae.polygons.__file__).parents[1])}))
+                      "rss_after_imports_mb": rss0, "geovae": str(Path(mod.__file__).parents[1])}))
 
 
 def main() -> None:
@@ -134,8 +140,8 @@ def main() -> None:
     if not PARANA.exists():
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
-    if args.before is not None and not (args.before / "geovae" / "vectorize.py").exists():
-        sys.exit(f"--before {args.before}: no geovae/vectorize.py there; pass a checkout of this repository")
+    if args.before is not None and not any((args.before / "geovae" / f).exists() for f in ("polygons.py", "vectorize.py")):
+        sys.exit(f"--before {args.before}: no geovae/polygons.py there; pass a checkout of this repository")
 
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}, "
           f"output .{args.format}")

@@ -17,7 +17,7 @@ _LAZY = {
     "segment_scene": "geovae.segment",
     "vectorize": "geovae.polygons",
     "run_batch": "geovae.batch",
-    "evaluate": "geovae.evaluate",
+    "evaluate": "geovae.metrics",
     "load_model": "geovae.model.io",
     "view": "geovae.view",
 }

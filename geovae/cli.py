@@ -272,7 +272,7 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
           device: str, seed: int, sampler: str, overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
-    from geovae import train as training
+    from geovae import training
 
     if config:
         if image or labels or vector_labels:
@@ -305,8 +305,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, bins: int,
              as_json: bool) -> None:
     """Score a class raster against labels: IoU per class, mIoU, accuracy, ECE, AUROC."""
-    from geovae.evaluate import evaluate as run
-    from geovae.evaluate import format_report
+    from geovae.metrics import evaluate as run
+    from geovae.metrics import format_report
 
     d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins)
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))

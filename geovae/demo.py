@@ -198,9 +198,9 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
     out = check_output_dir(out_dir)
 
     # Imported here so that a bad --data folder is reported before torch loads.
-    from geovae.evaluate import evaluate
+    from geovae.metrics import evaluate
     from geovae.segment import segment_scene
-    from geovae.train import train_model
+    from geovae.training import train_model
 
     t0 = time.perf_counter()
     scene, west, east = prepare_scene(data_dir, out / "data")

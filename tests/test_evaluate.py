@@ -11,9 +11,9 @@ import torch
 from affine import Affine
 from torchmetrics.functional.classification import binary_auroc
 
-import geovae.evaluate as ev
+import geovae.metrics as ev
 from geovae.errors import LabelsError, SceneError
-from geovae.evaluate import evaluate, format_report
+from geovae.metrics import evaluate, format_report
 
 
 def _as_prediction(labels: Path, out: Path, values: np.ndarray | None = None) -> Path:
@@ -154,13 +154,13 @@ def test_grid_mismatch_and_bad_files(nc_labels: Path, tmp_path: Path) -> None:
     floaty = _float_like(nc_labels, tmp_path / "float.tif", a.astype(float))
     with pytest.raises(LabelsError, match="integer class raster"):
         evaluate(pred, floaty)
-    with pytest.raises(SceneError, match="not found"):
+    with pytest.raises(SceneError, match="does not exist"):
         evaluate(tmp_path / "missing.tif", nc_labels)
-    with pytest.raises(SceneError, match="not found"):
+    with pytest.raises(SceneError, match="does not exist"):
         evaluate(pred, tmp_path / "missing.tif")
     text = tmp_path / "labels.txt"
     text.write_text("not a raster")
-    with pytest.raises(SceneError, match="not a readable raster"):
+    with pytest.raises(SceneError, match="not a raster GDAL can read"):
         evaluate(pred, text)
     empty = _as_prediction(nc_labels, tmp_path / "empty.classes.tif", np.full_like(a, 255))
     with pytest.raises(LabelsError, match="no pixel is valid"):

@@ -169,6 +169,53 @@ def test_version_1_file_still_loads(tmp_path: Path) -> None:
     assert torch.equal(got["reconstruction_error"], ((m.reconstruct(xn) - xn) ** 2).mean(1))
 
 
+def test_training_facts_round_trip_and_older_files_without_them_still_load(tmp_path: Path) -> None:
+    """ModelInfo.training (what the model was trained on) is kept; files from before it load
+    with an empty one and predict as before."""
+    m = _trained_ish()
+    info = _info()
+    info.training = {"dtype": "uint8", "quantiles": {"0.005": [1.0] * 6, "0.5": [50.0] * 6, "0.995": [200.0] * 6},
+                     "reconstruction_error_quantiles": {"0.5": 0.4, "0.9": 1.5, "0.99": 8.0, "0.995": 13.0,
+                                                        "0.999": 39.0}}
+    p = save_model(tmp_path / "m.safetensors", m, info)
+    assert load_model(p, device="cpu").info.training == info.training
+    older = read_model_info(p).to_dict()
+    del older["training"]
+    old = tmp_path / "old.safetensors"
+    _rewrite_metadata(p, old, info=json.dumps(older))
+    assert '"training"' not in old.read_bytes()[:4096].decode(errors="ignore")
+    loaded = load_model(old, device="cpu")
+    assert loaded.info.training == {}
+    x = torch.rand(1, 6, 16, 16) * 20
+    assert torch.equal(loaded.predict(x)["probs"], load_model(p, device="cpu").predict(x)["probs"])
+
+
+def test_vae_task_checkpoint_rebuilds_from_hyperparameters_or_says_why_not(tmp_path: Path) -> None:
+    """A VAESegmentationTask checkpoint (as torchgeo fit writes it) is rebuilt from its
+    hyperparameters alone: architecture, normalisation and classes; one saved before the task
+    knew its band count is refused with one line."""
+    m = _trained_ish()
+    hp = {"_class_path": "geovae.training.VAESegmentationTask", "in_channels": 6, "num_classes": 3,
+          "labels": ["developed", "water", "forest"], "class_ids": [1, 3, 5], "class_colors": None,
+          "band_names": None, "mean": [10.0] * 6, "std": [4.0] * 6, "nodata": 0.0, "base_channels": 8, "depth": 2,
+          "latent_channels": 4, "encoder": "unet", "recon_condition": "class"}
+    sd = {f"model.{k}": v for k, v in m.state_dict().items()}
+    sd.update(band_mean=torch.full((1, 6, 1, 1), 10.0), band_std=torch.full((1, 6, 1, 1), 4.0))
+    ckpt = tmp_path / "task.ckpt"
+    torch.save({"hyper_parameters": hp, "state_dict": sd, "epoch": 3, "geovae": {"tile_size": 32}}, ckpt)
+    loaded = load_model(ckpt, device="cpu")
+    info = loaded.info
+    assert info.kind == "geovae-vae" and info.class_ids == [1, 3, 5] and info.class_names[2] == "forest"
+    assert info.mean == [10.0] * 6 and info.std == [4.0] * 6 and info.tile_size == 32 and info.extra["epoch"] == 3
+    x = torch.rand(1, 6, 16, 16) * 20
+    want = load_model(save_model(tmp_path / "m.safetensors", m, _info()), device="cpu").predict(x)["probs"]
+    assert torch.equal(loaded.predict(x)["probs"], want)
+    torch.save({"hyper_parameters": {**hp, "in_channels": None}, "state_dict": sd}, ckpt)
+    with pytest.raises(ModelFileError, match="without an integer in_channels") as e:
+        load_model(ckpt, device="cpu")
+    assert "\n" not in str(e.value)
+
+
 def test_foreign_corrupt_and_missing_files(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello, I am not a model\n")

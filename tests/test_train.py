@@ -20,27 +20,13 @@ from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
 from conftest import data_path
 from geovae.bands import band_statistics
 from geovae.classes import parse_classes
-from geovae.datasets import (
-    IGNORE_INDEX,
-    AddIgnoreMask,
-    IgnoreOutside,
-    RemapMask,
-    SceneDataModule,
-    SceneImage,
-    SceneLabels,
-    label_counts,
-    merge_batches,
-    split_regions,
-)
 from geovae.errors import ConfigError, LabelsError, ModelMismatchError, OptionError, OutputError, SceneError
-from geovae.train import (
-    VAESegmentationTask,
-    balanced_class_weights,
-    load_config,
-    metrics_from_confusion,
-    train_from_config,
-    train_model,
-)
+from geovae.metrics import metrics_from_confusion
+from geovae.training import SceneDataModule, VAESegmentationTask, load_config, train_from_config, train_model
+from geovae.training.labels import SceneImage, SceneLabels, label_counts
+from geovae.training.samplers import split_regions
+from geovae.training.task import balanced_class_weights
+from geovae.training.transforms import IGNORE_INDEX, AddIgnoreMask, IgnoreOutside, RemapMask, merge_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 NC_CLASSES = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
@@ -223,7 +209,7 @@ def test_unlabeled_scenes_join_every_training_step(nc_stack: Path, nc_polygons: 
 def test_labelled_sampler_gives_every_patch_labels(nc_stack: Path, nc_polygons: Path, nc_polygons_shp: Path) -> None:
     """34 hand-drawn polygons cover 1.3 % of the training half: random patches miss them
     about half the time; every patch of the labelled sampler holds labels."""
-    from geovae.datasets import LabelledPatchSampler
+    from geovae.training import LabelledPatchSampler
 
     def labelled_px(dm: SceneDataModule) -> list[int]:
         dm.setup("fit")
@@ -286,7 +272,7 @@ def test_vector_labels_rasterise_like_the_shipped_label_raster(nc_stack: Path, n
 def test_shipped_configs_parse() -> None:
     for name in ("nc_landsat7.yaml", "nc_sparse_semisupervised.yaml"):
         cfg = load_config(ROOT / "configs" / name)
-        assert cfg.data.class_path == "geovae.datasets.SceneDataModule"
+        assert cfg.data.class_path == "geovae.training.SceneDataModule"
         assert cfg.trainer.max_epochs >= 1 and cfg.model.depth == 3
     cfg = load_config(ROOT / "configs" / "nc_sparse_semisupervised.yaml", ["trainer.max_epochs=2", "model.lr=0.01"])
     assert cfg.trainer.max_epochs == 2 and cfg.model.lr == 0.01
@@ -377,7 +363,7 @@ def test_unknown_class_ids_and_no_labelled_pixels(nc_stack: Path, nc_labels: Pat
 def test_missing_files_and_bad_options(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
     with pytest.raises(SceneError) as e:
         train_model(tmp_path / "nope.tif", nc_labels, tmp_path / "m.safetensors")
-    assert "no such file" in _one_line(e)
+    assert "does not exist" in _one_line(e)
     with pytest.raises(SceneError):
         train_model(nc_stack, tmp_path / "nope_labels.tif", tmp_path / "m.safetensors")
     with pytest.raises(OptionError) as e:
@@ -418,7 +404,8 @@ TORCHGEO_DM = '''
 import torch
 from torchgeo.datamodules import GeoDataModule
 from torchgeo.samplers import GriddedPatchSampler, RandomPatchSampler
-from geovae.datasets import RemapMask, SceneImage, SceneLabels
+from geovae.training.labels import SceneImage, SceneLabels
+from geovae.training.transforms import RemapMask
 
 
 class NCData(GeoDataModule):
@@ -479,7 +466,7 @@ trainer:
 def test_ctrl_c_during_training_is_a_keyboard_interrupt_and_writes_nothing(nc_stack: Path, nc_labels: Path) -> None:
     import signal
 
-    from geovae.train import _fit
+    from geovae.training.fit import _fit
 
     class Interrupt(pl.Callback):
         def on_train_batch_start(self, *args: object) -> None:

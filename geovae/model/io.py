@@ -7,9 +7,11 @@ header metadata (string to string, part of the safetensors format) holds ``forma
 size). Reading it parses JSON and copies raw tensor bytes; no code from the file can run.
 See docs/model-format.md.
 
-:func:`load_model` also reads TorchGeo ``SemanticSegmentation`` Lightning checkpoints, through
-``torch.load(weights_only=True)``, which refuses any pickled object other than tensors and
-plain containers.
+:func:`load_model` also reads Lightning checkpoints, through ``torch.load(weights_only=True)``,
+which refuses any pickled object other than tensors and plain containers: TorchGeo
+``SemanticSegmentation`` checkpoints (no normalisation, no class ids) and checkpoints of
+geovae's own :class:`~geovae.training.VAESegmentationTask` (``torchgeo fit``), whose
+hyperparameters carry the normalisation and the classes.
 """
 
 from __future__ import annotations
@@ -242,8 +244,70 @@ def _load_torch(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _is_vae_task(hp: dict[str, Any]) -> bool:
+    """Hyperparameters of geovae's VAESegmentationTask (``torchgeo fit`` or a plain Lightning fit)."""
+    if str(hp.get("_class_path", "")).rpartition(".")[2] == "VAESegmentationTask":
+        return True
+    return "model" not in hp and {"base_channels", "depth", "latent_channels"} <= hp.keys()
+
+
+def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
+    """A Lightning checkpoint of :class:`geovae.training.VAESegmentationTask`.
+
+    The hyperparameters rebuild the :class:`VAESegmenter` and carry the normalisation and
+    the classes (the task takes them from the data module); ``checkpoint["geovae"]`` adds
+    the training tile and what the model was trained on. Only plain values are read.
+    """
+    hp, sd = ckpt["hyper_parameters"], ckpt.get("state_dict")
+    if not isinstance(sd, dict):
+        raise ModelFileError(f"{path}: a VAESegmentationTask checkpoint without weights (state_dict); re-save it")
+    for key in ("in_channels", "num_classes"):
+        if not isinstance(hp.get(key), int):
+            raise ModelFileError(f"{path}: VAESegmentationTask checkpoint without an integer {key} (the task was never "
+                                 "set up with its data); train with a data module that gives it, or set it")
+    arch = {"in_channels": hp["in_channels"], "num_classes": hp["num_classes"]}
+    for key, default in (("base_channels", 32), ("depth", 4), ("latent_channels", 8), ("encoder", "unet"),
+                         ("recon_condition", "class")):
+        arch[key] = hp.get(key, default)
+    try:
+        module = VAESegmenter(**arch)
+    except (GeovaeError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the VAE segmenter {arch} ({exc})") from exc
+    _load_state(path, module, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    c = hp["in_channels"]
+    # The task's normalisation: its hyperparameters, else its buffers (identical when both exist).
+    mean, std = hp.get("mean"), hp.get("std")
+    if mean is None:
+        mean = sd["band_mean"].flatten().tolist() if "band_mean" in sd else [0.0] * c
+    if std is None:
+        std = sd["band_std"].flatten().tolist() if "band_std" in sd else [1.0] * c
+    geo = ckpt.get("geovae") if isinstance(ckpt.get("geovae"), dict) else {}
+    tile = geo.get("tile_size")
+    stride = module.stride
+    tile = tile if isinstance(tile, int) and tile > 0 and tile % stride == 0 else max(stride, 256 // stride * stride)
+    try:
+        info = ModelInfo(
+            in_channels=c, num_classes=hp["num_classes"], class_ids=list(hp.get("class_ids") or []),
+            class_names=list(hp.get("labels") or []), class_colors=[tuple(v) for v in hp.get("class_colors") or []],
+            mean=[float(v) for v in mean], std=[float(v) for v in std],
+            band_names=list(hp["band_names"]) if hp.get("band_names") else None, tile_size=int(tile),
+            stride=stride, kind="geovae-vae", arch=module.hparams,
+            training=dict(geo.get("training") or {}),
+            extra={"source": "geovae VAESegmentationTask checkpoint", "epoch": ckpt.get("epoch"),
+                   "global_step": ckpt.get("global_step"), "data": geo.get("data"),
+                   "trainer": "geovae.training.VAESegmentationTask", "geovae_version": __version__,
+                   "loss": {k: hp.get(k) for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight",
+                                                    "dice_weight")}},
+        )
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: VAESegmentationTask checkpoint with unusable values ({exc}); re-train it") from exc
+    return module, info
+
+
 def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
     hp = ckpt.get("hyper_parameters")
+    if isinstance(hp, dict) and _is_vae_task(hp):
+        return _load_vae_task_checkpoint(path, ckpt)
     sd = ckpt.get("state_dict")
     if not isinstance(hp, dict) or not isinstance(sd, dict) or "model" not in hp:
         raise ModelFileError(
@@ -292,11 +356,12 @@ def load_model(
 ) -> SegmentationModel:
     """Load a model file, ready to predict.
 
-    Reads a geovae model file (safetensors + JSON) or a TorchGeo ``SemanticSegmentation``
-    Lightning checkpoint (``.ckpt``, loaded with ``weights_only=True``). A TorchGeo checkpoint
-    carries no normalisation or class ids: by default pixels go in as read (mean 0, std 1) and
-    output channel i is class i; the keyword arguments override that (and any field of a
-    geovae file).
+    Reads a geovae model file (safetensors + JSON) or a Lightning checkpoint (``.ckpt``,
+    loaded with ``weights_only=True``) of a TorchGeo ``SemanticSegmentation`` task or of
+    geovae's :class:`~geovae.training.VAESegmentationTask`. A TorchGeo checkpoint carries no
+    normalisation or class ids: by default pixels go in as read (mean 0, std 1) and output
+    channel i is class i; a VAESegmentationTask checkpoint carries both in its
+    hyperparameters. The keyword arguments override them (and any field of a geovae file).
 
     Args:
         path: the model file.

@@ -1,10 +1,18 @@
-"""Accuracy, calibration and uncertainty quality of a predicted class raster against labels.
+"""Metrics shared by training and evaluation: IoU, accuracy, calibration, error detection.
 
-Everything streams: the rasters are read in strips of rows, and only a confusion table, a
-confidence histogram (for the expected calibration error) and an uncertainty histogram split
-by right/wrong pixels (for the AUROC) are kept, so memory does not grow with the scene.
-A pixel counts only where every raster given is valid (its nodata tag or mask, and a finite
-value for the float rasters).
+One confusion-matrix convention serves both: :func:`metrics_from_confusion` scores the
+confusion matrices the training task accumulates (torchmetrics), and :func:`evaluate`
+scores a predicted class raster against labels with the same IoU / mIoU / accuracy rules
+(:func:`confusion_scores`), plus the expected calibration error
+(:func:`expected_calibration_error`) and the AUROC of the uncertainty for finding
+misclassified pixels (:func:`auroc_from_histograms`).
+
+:func:`evaluate` streams: the rasters are read in strips of rows, and only a confusion table,
+a confidence histogram (for the ECE) and an uncertainty histogram split by right/wrong
+pixels (for the AUROC) are kept, so memory does not grow with the scene. A pixel counts
+only where every raster given is valid (its nodata tag or mask, and a finite value for the
+float rasters). Only numpy and rasterio are imported here, so ``geovae evaluate`` does not
+pay for torch.
 """
 
 from __future__ import annotations
@@ -13,17 +21,18 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from geovae.errors import LabelsError, SceneError
-from geovae.scene import grid_mismatch
+from geovae.errors import LabelsError
+from geovae.scene import grid_mismatch, open_raster
+
+__all__ = ["metrics_from_confusion", "confusion_scores", "expected_calibration_error", "auroc_from_histograms",
+           "evaluate", "format_report", "AUROC_BINS"]
 
 #: Bins of the uncertainty histogram behind the streamed AUROC; ties inside a bin count half,
 #: so the AUROC is exact up to score differences smaller than range / 4096.
@@ -32,16 +41,107 @@ AUROC_BINS = 4096
 _STRIP_PIXELS = 1 << 21
 
 
-def _open(path: str | os.PathLike[str], what: str) -> rasterio.DatasetReader:
-    p = Path(path)
-    if not p.exists():
-        raise SceneError(f"{what} {p}: file not found; check the path")
-    try:
-        return rasterio.open(p)
-    except RasterioIOError as exc:
-        raise SceneError(f"{what} {p}: not a readable raster ({str(exc).splitlines()[0]}); check the file") from exc
+# ----------------------------------------------------------------------------- confusion matrices
+def confusion_scores(cm: Any) -> dict[str, np.ndarray | float]:
+    """IoU per class, support, predictions and overall accuracy of a confusion matrix.
+
+    The one IoU rule of geovae: IoU = TP / (TP + FP + FN) per class, NaN where a class is
+    neither in the reference nor predicted; mIoU averages the classes present in the
+    reference (rows with support), so a class that is only predicted lowers the others'
+    IoU through its false positives but is not itself averaged.
+
+    Args:
+        cm: (K, K) confusion matrix (numpy array or torch tensor), rows = reference,
+            columns = prediction.
+
+    Returns:
+        ``iou`` (K,) float64, ``support`` (K,) reference pixels, ``predicted`` (K,),
+        ``present`` (K,) bool, ``mIoU`` and ``OA`` (NaN when undefined).
+    """
+    if hasattr(cm, "detach"):
+        cm = cm.detach().cpu().numpy()
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    union = support + predicted - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    present = support > 0
+    total = cm.sum()
+    return {
+        "iou": iou, "support": support, "predicted": predicted, "present": present,
+        "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
+        "OA": float(tp.sum() / total) if total > 0 else float("nan"),
+    }
 
 
+def metrics_from_confusion(cm: Any, names: Sequence[str] | None = None) -> dict[str, float]:
+    """Per-class IoU, mIoU and overall accuracy from a confusion matrix (see :func:`confusion_scores`).
+
+    Args:
+        cm: (K, K) confusion matrix, rows = reference, columns = prediction.
+        names: class names for the per-class keys (default ``0..K-1``).
+
+    Returns:
+        ``mIoU``, ``OA`` and ``IoU_<name>`` for each class (NaN when it has no support).
+    """
+    s = confusion_scores(cm)
+    iou, present = s["iou"], s["present"]
+    out: dict[str, float] = {"mIoU": s["mIoU"], "OA": s["OA"]}  # type: ignore[dict-item]
+    names = list(names) if names else [str(i) for i in range(len(iou))]  # type: ignore[arg-type]
+    for i, n in enumerate(names):
+        out[f"IoU_{n}"] = float(iou[i]) if bool(present[i]) else float("nan")  # type: ignore[index]
+    return out
+
+
+# ----------------------------------------------------------------------------- calibration, error detection
+def expected_calibration_error(count: np.ndarray, confidence_sum: np.ndarray,
+                               correct: np.ndarray) -> tuple[float, list[dict[str, Any]]]:
+    """Expected calibration error from per-bin counts of equal-width confidence bins.
+
+    Args:
+        count: pixels per bin.
+        confidence_sum: sum of the confidences in each bin.
+        correct: correctly classified pixels per bin.
+
+    Returns:
+        ``(ece, reliability)``: the ECE (bin-size-weighted mean of |accuracy - confidence|)
+        and per bin ``lower``, ``upper``, ``count``, ``accuracy`` and ``confidence`` (None
+        for an empty bin).
+    """
+    num_bins = len(count)
+    n = count.sum()
+    nz = count > 0
+    acc_b = np.where(nz, correct / np.maximum(count, 1), 0.0)
+    conf_b = np.where(nz, confidence_sum / np.maximum(count, 1), 0.0)
+    ece = float((count / max(n, 1) * np.abs(acc_b - conf_b)).sum())
+    reliability = [
+        {"lower": i / num_bins, "upper": (i + 1) / num_bins, "count": int(count[i]),
+         "accuracy": float(acc_b[i]) if nz[i] else None, "confidence": float(conf_b[i]) if nz[i] else None}
+        for i in range(num_bins)
+    ]
+    return ece, reliability
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """AUROC of a score for positives over negatives from binned counts (ties count half).
+
+    Args:
+        pos: counts of positives (e.g. misclassified pixels) per score bin, ascending score.
+        neg: counts of negatives per score bin.
+
+    Returns:
+        The AUROC, or None when either class is empty.
+    """
+    p, n = pos.sum(), neg.sum()
+    if p == 0 or n == 0:
+        return None
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
+
+
+# ----------------------------------------------------------------------------- rasters
 def _check_grid(ref: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
     problems = grid_mismatch(ref, other)
     if problems:
@@ -78,15 +178,6 @@ def _confidence_scale(ds: rasterio.DatasetReader) -> float:
     if np.issubdtype(dt, np.floating):
         return 1.0
     return 255.0 if dt == np.uint8 else float(np.iinfo(dt).max)
-
-
-def _auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """AUROC of a score for positives over negatives from binned counts (ties count half)."""
-    p, n = pos.sum(), neg.sum()
-    if p == 0 or n == 0:
-        return None
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
 
 
 def evaluate(
@@ -126,10 +217,10 @@ def evaluate(
     """
     if num_bins < 1:
         raise LabelsError(f"num_bins={num_bins}: use at least one calibration bin")
-    pred = _open(prediction, "prediction")
+    pred = open_raster(prediction, "prediction")
     opened = [pred]
     try:
-        lab = _open(labels, "labels")
+        lab = open_raster(labels, "labels")
         opened.append(lab)
         _check_grid(pred, lab, "labels")
         for ds, what in ((pred, "prediction"), (lab, "labels")):
@@ -137,11 +228,11 @@ def evaluate(
                 raise LabelsError(f"{what} {ds.name} has {ds.dtypes[0]} values; give an integer class raster")
         conf = unc = None
         if confidence is not None:
-            conf = _open(confidence, "confidence")
+            conf = open_raster(confidence, "confidence")
             opened.append(conf)
             _check_grid(pred, conf, "confidence raster")
         if uncertainty is not None:
-            unc = _open(uncertainty, "uncertainty")
+            unc = open_raster(uncertainty, "uncertainty")
             opened.append(unc)
             _check_grid(pred, unc, "uncertainty raster")
         return _accumulate(pred, lab, conf, unc, num_bins)
@@ -231,12 +322,10 @@ def _accumulate(
     cm = np.zeros((len(ids), len(ids)), np.int64)
     for (a, b), n in pairs.items():
         cm[index[a], index[b]] = n
-    tp = np.diag(cm)
-    label_px = cm.sum(1)
-    pred_px = cm.sum(0)
-    union = label_px + pred_px - tp
-    iou = np.where(union > 0, tp / np.maximum(union, 1), 0.0)
-    present = label_px > 0
+    scores = confusion_scores(cm)
+    # Every id here is in the labels or the predictions, so no union is empty.
+    iou = np.nan_to_num(scores["iou"], nan=0.0)  # type: ignore[arg-type]
+    label_px, pred_px, present = scores["support"], scores["predicted"], scores["present"]
     names = _class_names(pred)
     classes = [
         {
@@ -251,8 +340,8 @@ def _accumulate(
     ]
     result: dict[str, Any] = {
         "pixels": int(total),
-        "overall_accuracy": float(tp.sum() / total),
-        "miou": float(iou[present].mean()),
+        "overall_accuracy": scores["OA"],
+        "miou": scores["mIoU"],
         "per_class_iou": {int(c): float(iou[i]) for i, c in enumerate(ids) if present[i]},
         "classes": classes,
         "class_ids": [int(c) for c in ids],
@@ -264,18 +353,9 @@ def _accumulate(
         "uncertainty_source": source,
     }
     if conf is not None:
-        n = ece_n.sum()
-        nz = ece_n > 0
-        acc_b = np.where(nz, ece_acc / np.maximum(ece_n, 1), 0.0)
-        conf_b = np.where(nz, ece_conf / np.maximum(ece_n, 1), 0.0)
-        result["ece"] = float((ece_n / n * np.abs(acc_b - conf_b)).sum())
-        result["reliability"] = [
-            {"lower": i / num_bins, "upper": (i + 1) / num_bins, "count": int(ece_n[i]),
-             "accuracy": float(acc_b[i]) if nz[i] else None, "confidence": float(conf_b[i]) if nz[i] else None}
-            for i in range(num_bins)
-        ]
+        result["ece"], result["reliability"] = expected_calibration_error(ece_n, ece_conf, ece_acc)
     if source is not None:
-        result["auroc_uncertainty"] = _auroc_from_histograms(hist_err, hist_ok)
+        result["auroc_uncertainty"] = auroc_from_histograms(hist_err, hist_ok)
     return result
 
 

@@ -1,0 +1,383 @@
+"""Fitting: one chain from a data module to a model file, shared by every way in.
+
+data module -> statistics (the data module computed them) -> task -> fit -> what the model
+saw (:func:`training_facts`) -> model file. :func:`train_model` enters it with an image and
+its labels, :func:`geovae.training.train_from_config` with a YAML config; both end in
+:func:`fit_and_save`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torch import Tensor
+
+from geovae.atomic import check_output_file
+from geovae.device import resolve_device
+from geovae.errors import OptionError
+from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.training.datamodule import SceneDataModule
+from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments
+
+__all__ = ["TrainResult", "train_model", "fit_and_save", "scene_task_arguments", "training_facts",
+           "RECONSTRUCTION_QUANTILES"]
+
+log = logging.getLogger("geovae.training")
+
+#: Quantiles of the trained model's own reconstruction error on training pixels that the
+#: model file records (``ModelInfo.training``), for the trust check at prediction.
+RECONSTRUCTION_QUANTILES = ("0.5", "0.9", "0.99", "0.995", "0.999")
+
+#: At most this many training tiles are scored for those quantiles (evenly spread over the
+#: training part, so the same model gives the same numbers), and at most this many pixels.
+_FACT_TILES = 64
+_FACT_PIXELS = 64 * 128 * 128
+
+# Library use with few batches per epoch: these hints are noise to a geovae user.
+_QUIET = (".*does not have many workers.*", ".*number of training batches.*", ".*GPU available but not used.*",
+          ".*Deprecated.*", ".*get_random_bounding_box.*", ".*LeafSpec.*", ".*treespec.*")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        model_path: the model file written.
+        metrics: final metrics (validation metrics of the last epoch, training loss terms).
+        history: one dict of logged metrics per epoch.
+        info: the description saved in the model file.
+    """
+
+    model_path: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    info: ModelInfo | None = None
+
+
+class _History(pl.Callback):
+    """Keeps every epoch's logged scalars (Lightning's loggers are off in library use)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        row = {"epoch": float(trainer.current_epoch), "seconds": time.perf_counter() - self._t0}
+        for k, v in trainer.callback_metrics.items():
+            if isinstance(v, Tensor) and v.numel() == 1:
+                row[k] = float(v)
+        self.epochs.append(row)
+
+
+def _trainer_kwargs(device: str, progress: bool) -> dict[str, Any]:
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        prec = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return {"accelerator": "gpu", "devices": [dev.index or 0], "precision": prec}
+    return {"accelerator": "cpu", "devices": 1, "precision": "32-true", "enable_progress_bar": progress}
+
+
+def _check_out(out: str | os.PathLike[str]) -> Path:
+    return check_output_file(out, example="model.safetensors")
+
+
+def _fit(task: pl.LightningModule, dm: pl.LightningDataModule, *, trainer_kwargs: dict[str, Any],
+         has_val: bool) -> tuple[list[dict[str, float]], dict[str, float]]:
+    hist = _History()
+    kw = dict(trainer_kwargs)
+    kw.setdefault("enable_progress_bar", False)
+    kw.setdefault("enable_model_summary", False)
+    kw.setdefault("num_sanity_val_steps", 0)
+    kw.setdefault("log_every_n_steps", 1)
+    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist]
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    if not has_val:
+        kw["limit_val_batches"] = 0
+    prev = signal.getsignal(signal.SIGINT)
+    # The warning filters hold for this fit only; the caller's are restored afterwards.
+    with warnings.catch_warnings():
+        for msg in _QUIET:
+            warnings.filterwarnings("ignore", message=msg)
+        trainer = pl.Trainer(**kw)
+        try:
+            trainer.fit(task, datamodule=dm)
+        except SystemExit:
+            # Lightning answers Ctrl-C with sys.exit(1) and leaves SIGINT ignored; a library
+            # caller (and the CLI's exit code 130) needs the KeyboardInterrupt back, and no
+            # model file may be written from an interrupted run.
+            if trainer.interrupted:
+                signal.signal(signal.SIGINT, prev)
+                raise KeyboardInterrupt from None
+            raise
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
+    return hist.epochs, final
+
+
+# ----------------------------------------------------------------------------- the chain
+def scene_task_arguments(
+    dm: SceneDataModule,
+    given: Mapping[str, Any] | None = None,
+    *,
+    class_weighting: str | None = "inverse-sqrt",
+    kl_warmup_epochs: float | None = None,
+) -> dict[str, Any]:
+    """Task arguments for training on a :class:`SceneDataModule`: the given ones, completed.
+
+    Args:
+        dm: the data module (band statistics, classes and label counts come from it).
+        given: the user's task arguments (a config's ``model`` section, or train_model's).
+        class_weighting: ``"inverse-sqrt"`` sets ``class_weights`` from the training labels
+            (unless given); None leaves the plain mean over labelled pixels.
+        kl_warmup_epochs: set ``kl_warmup_steps`` from the data's steps per epoch.
+
+    Returns:
+        Keyword arguments of :class:`VAESegmentationTask`.
+
+    Raises:
+        ModelMismatchError, ConfigError: given counts that differ from the data's.
+        OptionError: an unknown ``class_weighting``.
+    """
+    if class_weighting not in (None, "inverse-sqrt"):
+        raise OptionError(f"class_weighting {class_weighting!r}: use inverse-sqrt or null (None)")
+    args = data_arguments(dm, given)
+    if kl_warmup_epochs is not None:
+        args["kl_warmup_steps"] = int(round(kl_warmup_epochs * dm.length / dm.batch_size))
+    if class_weighting == "inverse-sqrt" and args.get("class_weights") is None:
+        args["class_weights"] = balanced_class_weights(dm.train_class_counts)
+    return args
+
+
+def fit_and_save(
+    dm: pl.LightningDataModule,
+    task_args: Mapping[str, Any],
+    out: Path,
+    *,
+    trainer_kwargs: dict[str, Any],
+    tile_size: int,
+    provenance: Mapping[str, Any] | None = None,
+    input_mean: Sequence[float] | None = None,
+    input_std: Sequence[float] | None = None,
+) -> TrainResult:
+    """Build the task, fit it, describe it and write the model file (atomically).
+
+    Args:
+        dm: the data module; a :class:`SceneDataModule` also gives validation availability,
+            provenance and the training facts.
+        task_args: keyword arguments of :class:`VAESegmentationTask`.
+        out: the model file (already checked with :func:`geovae.atomic.check_output_file`).
+        trainer_kwargs: :class:`lightning.pytorch.Trainer` arguments.
+        tile_size: the training tile recorded in the model file.
+        provenance: extra provenance for the model file (seed, config...).
+        input_mean: per-band mean a foreign data module subtracted before the task.
+        input_std: per-band divisor a foreign data module applied before the task.
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    scene = isinstance(dm, SceneDataModule)
+    has_val = True
+    if scene:
+        has_val = dm.val_box is not None and dm.n_labelled["val"] != 0
+        if dm.val_box is not None and not has_val:
+            log.warning("no labelled pixels in the validation part; training without validation metrics")
+    args = {k: v for k, v in task_args.items() if v is not None}
+    task = VAESegmentationTask(**args)
+    t0 = time.perf_counter()
+    history, final = _fit(task, dm, trainer_kwargs=trainer_kwargs, has_val=has_val)
+    seconds = time.perf_counter() - t0
+    metrics = {k: v for k, v in final.items() if not math.isnan(v)}
+    extra = {"data": dm.describe() if scene else {}, "metrics": metrics, "epochs": len(history),
+             "seconds": round(seconds, 2), **dict(provenance or {})}
+    info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
+    if scene:
+        info.training = training_facts(task.model, info, dm)
+    from geovae.model import io as model_io
+
+    # save_model writes to a temporary name in the same folder and renames it when complete.
+    path = Path(model_io.save_model(out, task.model, info))
+    return TrainResult(model_path=path, metrics=metrics, history=history, info=info)
+
+
+def training_facts(module: torch.nn.Module, info: ModelInfo, dm: SceneDataModule) -> dict[str, Any]:
+    """What the model was trained on, for the trust check (``ModelInfo.training``).
+
+    ``dtype`` and per-band ``quantiles`` of the training image come from its band
+    statistics; ``reconstruction_error_quantiles`` is the trained model's own per-pixel
+    reconstruction error over the valid pixels of up to 64 training tiles (evenly spread
+    over the training part, so the numbers are reproducible), measured exactly as
+    :meth:`~geovae.model.base.SegmentationModel.predict` measures it at prediction (mean
+    squared error over bands, normalised units, fp32 on the CPU).
+
+    Args:
+        module: the trained model (not changed: a copy is scored).
+        info: its description (normalisation, tile size).
+        dm: the data module it was trained with.
+
+    Returns:
+        ``{"dtype", "quantiles", "reconstruction_error_quantiles"}``; the last is left out
+        when the model has no reconstruction decoder or the image has an alpha band.
+    """
+    facts: dict[str, Any] = {"dtype": dm.stats.dtype, "quantiles": dm.stats.quantiles}
+    scene = dm.facts
+    if not hasattr(module, "reconstruct") or scene.count != info.in_channels:
+        return facts
+    model = SegmentationModel(copy.deepcopy(module), info, "cpu", amp=False)
+    tile = info.tile_size
+    left, bottom, right, top = dm.train_box
+    bounds, (rx, ry) = scene.bounds, scene.res
+    c0, r0 = round((left - bounds.left) / rx), round((bounds.top - top) / ry)
+    w, h = round((right - left) / rx), round((top - bottom) / ry)
+    origins = [(r, c) for r in range(r0, r0 + h - tile + 1, tile) for c in range(c0, c0 + w - tile + 1, tile)]
+    n = max(1, min(_FACT_TILES, _FACT_PIXELS // (tile * tile), len(origins)))
+    picked = [origins[i] for i in np.linspace(0, len(origins) - 1, n).round().astype(int)] if origins else []
+    fill = np.asarray(info.mean, dtype=np.float32)
+    errors: list[np.ndarray] = []
+    try:
+        for start in range(0, len(picked), 8):
+            batch, valid = [], []
+            for r, c in picked[start:start + 8]:
+                data, ok = scene.read(Window(c, r, tile, tile))
+                batch.append(scene.fill_missing(data, ok, fill))
+                valid.append(ok)
+            err = model.predict(torch.from_numpy(np.stack(batch)), reconstruction=True)["reconstruction_error"]
+            errors.append(err.cpu().numpy()[np.stack(valid)])
+    finally:
+        scene.close()
+    values = np.concatenate(errors) if errors else np.zeros(0)
+    if values.size:
+        q = np.quantile(values.astype(np.float64), [float(k) for k in RECONSTRUCTION_QUANTILES])
+        facts["reconstruction_error_quantiles"] = {k: float(v) for k, v in zip(RECONSTRUCTION_QUANTILES, q, strict=True)}
+    return facts
+
+
+# ----------------------------------------------------------------------------- train_model
+def train_model(
+    image: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] = "model.safetensors",
+    *,
+    classes: str | Mapping[Any, Any] | None = None,
+    vector_labels: str | os.PathLike[str] | None = None,
+    label_field: str | None = None,
+    unlabeled: Sequence[str | os.PathLike[str]] = (),
+    epochs: int = 10,
+    tile: int = 64,
+    batch_size: int = 16,
+    device: str = "auto",
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    val_side: str = "east",
+    lr: float = 1e-3,
+    beta: float = 1.0,
+    free_bits: float = 0.05,
+    kl_warmup_epochs: float = 1.0,
+    recon_weight: float = 1.0,
+    dice_weight: float = 0.0,
+    class_weighting: str | None = "inverse-sqrt",
+    samples_per_epoch: int | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    max_time: float | None = None,
+    base_channels: int = 32,
+    depth: int = 4,
+    latent_channels: int = 8,
+    encoder: str = "unet",
+    sampler: str = "random",
+) -> TrainResult:
+    """Train the VAE segmenter on one labelled scene and write a model file.
+
+    Data flows through TorchGeo (:class:`~geovae.training.SceneDataModule`): random training
+    patches from the training part of the scene, gridded validation patches from the part
+    held out on ``val_side`` (``val_fraction`` of its width or height), unlabelled scenes as
+    extra all-ignore batches. The model file is written atomically to ``out``.
+
+    Args:
+        image: the training image (any GDAL raster, local or remote).
+        labels: label raster on the image's grid (value 0 or its nodata = unlabelled).
+        out: model file to write (``.safetensors``).
+        classes: ``"1:developed,5:forest"`` or ``{1: "developed"}``; None for every label
+            id present. Colours come from the label raster's colour table when it has one.
+        vector_labels: vector labels (GPKG, GeoJSON, shapefile) instead of ``labels``.
+        label_field: attribute of ``vector_labels`` holding the class id or class name.
+        unlabeled: extra scenes without labels (semi-supervised: reconstruction + KL only).
+        epochs: training epochs.
+        tile: patch size in pixels (a multiple of ``2**depth``).
+        batch_size: patches per step.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; CUDA trains in mixed precision.
+        seed: seed of weights, sampling and latent noise.
+        val_fraction: share of the scene held out for validation (0 for none).
+        val_side: side held out: east, west, north or south.
+        lr: learning rate (AdamW).
+        beta: final KL weight (the losses' per-pixel convention: 1 is the ELBO balance).
+        free_bits: nats per latent channel and cell the KL does not penalise.
+        kl_warmup_epochs: epochs over which the KL weight rises from 0 to ``beta``.
+        recon_weight: weight of the reconstruction term.
+        dice_weight: weight of a soft-Dice term added to the cross-entropy.
+        class_weighting: ``"inverse-sqrt"`` weights the cross-entropy by 1/sqrt(class
+            frequency) in the training part of the labels (rare classes count more, which
+            mIoU rewards); None for the plain mean over labelled pixels.
+        samples_per_epoch: training patches per epoch (default 4x the non-overlapping tiles).
+        num_workers: DataLoader worker processes.
+        progress: show a progress bar.
+        max_time: stop after this many seconds of training (the last weights are saved).
+        base_channels: model width.
+        depth: number of stride-2 stages (model stride ``2**depth``).
+        latent_channels: channels of the latent map.
+        encoder: ``"unet"`` or ``"smp:<name>"``.
+        sampler: training patches: ``"random"`` or ``"labelled"`` (every patch holds
+            labels); see :class:`~geovae.training.SceneDataModule`.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        SceneError, LabelsError, OptionError, ModelMismatchError, OutputError: bad input,
+            each with a one-line message; raised before any training.
+    """
+    out_path = _check_out(out)
+    if epochs < 1:
+        raise OptionError(f"--epochs {epochs}: train for at least one epoch")
+    stride = 2**depth
+    if tile % stride:
+        raise OptionError(f"--tile {tile}: must be a multiple of the model stride {stride} (depth {depth}); "
+                          f"try {max(stride, round(tile / stride) * stride)}")
+    if class_weighting not in (None, "inverse-sqrt"):
+        raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
+    if max_time is not None and max_time <= 0:
+        raise OptionError(f"max_time {max_time}: give a positive number of seconds")
+    trainer_kw = _trainer_kwargs(device, progress)
+    trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
+    if max_time is not None:
+        trainer_kw["max_time"] = timedelta(seconds=float(max_time))
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+    dm = SceneDataModule(
+        str(image), str(labels) if labels else None, vector_labels=str(vector_labels) if vector_labels else None,
+        label_field=label_field, classes=classes, unlabeled=[str(u) for u in unlabeled], tile=tile,  # type: ignore[arg-type]
+        batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
+        num_workers=num_workers, seed=seed, sampler=sampler,
+    )
+    model_args = {"base_channels": base_channels, "depth": depth, "latent_channels": latent_channels,
+                  "encoder": encoder, "lr": lr, "beta": beta, "free_bits": free_bits, "recon_weight": recon_weight,
+                  "dice_weight": dice_weight}
+    task_args = scene_task_arguments(dm, model_args, class_weighting=class_weighting,
+                                     kl_warmup_epochs=kl_warmup_epochs)
+    return fit_and_save(dm, task_args, out_path, trainer_kwargs=trainer_kw, tile_size=tile,
+                        provenance={"seed": seed, "batch_size": batch_size, "samples_per_epoch": dm.length})

@@ -1,0 +1,435 @@
+"""The VAE segmenter as a TorchGeo task (a LightningModule): loss, warm-up, metrics, monitors.
+
+:class:`VAESegmentationTask` consumes TorchGeo batches (``image``, ``mask``) from any TorchGeo
+data module. With :class:`~geovae.training.SceneDataModule` it needs no band or class counts:
+built without them (as ``torchgeo fit`` builds it from a YAML), it takes them, the scene's
+normalisation and the classes from the data module when the trainer sets it up
+(:meth:`VAESegmentationTask.setup`), and records them in its hyperparameters, so that its
+checkpoint rebuilds the model with nothing else (:func:`geovae.model.io.load_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchgeo.tasks import BaseTask
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from geovae._version import __version__
+from geovae.errors import ConfigError, ModelMismatchError, OptionError
+from geovae.metrics import metrics_from_confusion
+from geovae.model.base import ModelInfo
+from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
+from geovae.model.vae import VAESegmenter
+from geovae.training.transforms import IGNORE_INDEX, merge_batches
+
+__all__ = ["VAESegmentationTask", "balanced_class_weights", "data_arguments", "DATA_ARGUMENTS", "ACTIVE_KL"]
+
+#: A latent channel whose KL (nats per latent cell) stays below this carries no information.
+ACTIVE_KL = 0.01
+
+#: Task arguments that describe the data rather than the model; a data module such as
+#: :class:`~geovae.training.SceneDataModule` determines them (see :func:`data_arguments`).
+DATA_ARGUMENTS = ("in_channels", "num_classes", "labels", "class_ids", "class_colors", "band_names", "mean", "std",
+                  "nodata")
+
+
+def data_arguments(datamodule: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The task arguments ``given`` completed from a data module: one rule for every way in.
+
+    The data module provides ``in_channels``, ``num_classes``, ``mean``, ``std``, ``nodata``,
+    ``band_names`` and ``classes`` (a :class:`~geovae.classes.ClassSpec`), as
+    :class:`~geovae.training.SceneDataModule` does. The data's values replace the given
+    ones, except a given ``mean`` or ``std`` (a user's own normalisation); a given
+    ``in_channels`` or ``num_classes`` must equal the data's.
+
+    Args:
+        datamodule: the data module.
+        given: task arguments given so far (a config's ``model`` section).
+
+    Returns:
+        ``given`` with every key of :data:`DATA_ARGUMENTS` set.
+
+    Raises:
+        ModelMismatchError: ``in_channels`` differs from the image's bands.
+        ConfigError: ``num_classes`` differs from the data's classes, or the data module
+            does not describe its data.
+    """
+    out = dict(given or {})
+    bands, k = getattr(datamodule, "in_channels", None), getattr(datamodule, "num_classes", None)
+    if not isinstance(bands, int) or not isinstance(k, int):
+        raise ConfigError(f"data module {type(datamodule).__name__} does not give in_channels and num_classes; "
+                          f"set model in_channels and num_classes (or use geovae.training.SceneDataModule)")
+    where = getattr(datamodule, "image_path", "the data")
+    if out.get("in_channels") is not None and out["in_channels"] != bands:
+        raise ModelMismatchError(f"model.in_channels is {out['in_channels']} but image {where} has {bands} bands; "
+                                 f"fix the config or the image")
+    if out.get("num_classes") is not None and out["num_classes"] != k:
+        raise ConfigError(f"model.num_classes is {out['num_classes']} but the data has {k} classes; "
+                          f"drop model.num_classes or fix data.classes")
+    classes = getattr(datamodule, "classes", None)
+    data = {"in_channels": bands, "num_classes": k, "band_names": getattr(datamodule, "band_names", None),
+            "mean": getattr(datamodule, "mean", None), "std": getattr(datamodule, "std", None),
+            "nodata": getattr(datamodule, "nodata", None), "labels": None, "class_ids": None, "class_colors": None}
+    if classes is not None:
+        data.update(labels=list(classes.names), class_ids=list(classes.ids),
+                    class_colors=[list(c) for c in classes.colors] or None)
+    for key in DATA_ARGUMENTS:
+        if key in ("mean", "std") and out.get(key) is not None:
+            continue
+        out[key] = data[key]
+    for key in ("mean", "std"):
+        if out[key] is not None:
+            out[key] = [float(v) for v in out[key]]
+    return out
+
+
+def balanced_class_weights(counts: Mapping[int, int]) -> list[float]:
+    """Cross-entropy weights proportional to 1/sqrt(class frequency).
+
+    Scaled so that the weighted mean over the training pixels is 1 (the loss keeps its
+    scale). A class without training pixels gets the weight of a class with one pixel; it
+    never appears in a training target, so only its documentation value matters.
+
+    Args:
+        counts: ``{class id: labelled training pixels}`` in output-channel order.
+
+    Returns:
+        One weight per class.
+    """
+    freq = torch.tensor([max(int(c), 1) for c in counts.values()], dtype=torch.float64)
+    w = 1.0 / freq.sqrt()
+    w = w * freq.sum() / (w * freq).sum()
+    return [float(v) for v in w]
+
+
+class VAESegmentationTask(BaseTask):
+    """The VAE segmenter as a TorchGeo task: loss, warm-up, metrics and collapse monitors.
+
+    Batches are TorchGeo samples stacked by :func:`~torchgeo.datasets.stack_samples`:
+    ``image`` (B, C, H, W) raw pixel values and ``mask`` (B, H, W) class indices 0..K-1 with
+    ``ignore_index`` for unlabelled pixels (a batch without ``mask`` is wholly unlabelled). A
+    batch may also be ``{"labeled": batch, "unlabeled": batch}`` from a CombinedLoader.
+    Pixels where every band equals ``nodata`` are invalid: never scored, never reconstructed.
+
+    Logged each step/epoch: ``train_loss``, ``train_ce``, ``train_recon``, ``train_kl``,
+    ``train_beta``, ``train_active_latents``; each validation epoch: ``val_loss``, ``val_ce``,
+    ``val_recon``, ``val_kl``, ``val_diversity`` (mean total-variation distance between
+    latent samples: near 0 means the latent collapsed), ``val_active_latents``, ``val_mIoU``,
+    ``val_OA`` and ``val_IoU_<class>``.
+
+    Without ``in_channels`` and ``num_classes`` the model is built when a trainer sets the
+    task up, from the data module (:meth:`setup`): then every argument of
+    :data:`DATA_ARGUMENTS` left at None comes from the data, the scene's mean and standard
+    deviation included, so ``torchgeo fit`` trains on normalised input like ``geovae train``.
+
+    Args:
+        in_channels: number of input bands (None: from the data module).
+        num_classes: number of classes (None: from the data module).
+        labels: class names (TorchGeo's name for them).
+        class_ids: raster value of each class (default 0..K-1).
+        class_colors: RGB of each class.
+        band_names: names of the input bands.
+        mean: per-band mean subtracted before the model (default 0).
+        std: per-band divisor (default 1).
+        nodata: raw value marking missing data in a band (None: every pixel valid).
+        base_channels: see :class:`~geovae.model.vae.VAESegmenter`.
+        depth: see :class:`~geovae.model.vae.VAESegmenter`.
+        latent_channels: see :class:`~geovae.model.vae.VAESegmenter`.
+        encoder: see :class:`~geovae.model.vae.VAESegmenter`.
+        recon_condition: see :class:`~geovae.model.vae.VAESegmenter` (``"class"``: unlabelled
+            pixels train the classifier through the reconstruction).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        patience: epochs without improvement of ``train_loss`` before the LR is reduced.
+        beta: final KL weight.
+        free_bits: nats per latent channel and cell that are not penalised.
+        kl_warmup_steps: optimisation steps over which beta rises linearly from 0.
+        recon_weight: weight of the reconstruction term.
+        dice_weight: weight of the soft-Dice term.
+        class_weights: per-class cross-entropy weights.
+        ignore_index: mask value of unlabelled pixels.
+        diversity_samples: latent samples drawn per validation batch for ``val_diversity``.
+    """
+
+    #: Monitored by the LR scheduler: always available, with or without validation.
+    monitor = "train_loss"
+    ignore = None
+
+    def __init__(
+        self,
+        in_channels: int | None = None,
+        num_classes: int | None = None,
+        *,
+        labels: list[str] | None = None,
+        class_ids: list[int] | None = None,
+        class_colors: list[list[int]] | None = None,
+        band_names: list[str] | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        nodata: float | None = None,
+        base_channels: int = 32,
+        depth: int = 4,
+        latent_channels: int = 8,
+        encoder: str = "unet",
+        recon_condition: str = "class",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        patience: int = 10,
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+        kl_warmup_steps: int = 0,
+        recon_weight: float = 1.0,
+        dice_weight: float = 0.0,
+        class_weights: list[float] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        diversity_samples: int = 2,
+    ) -> None:
+        _check_arguments(locals())
+        super().__init__()
+
+    @property
+    def _described(self) -> bool:
+        return self.hparams["in_channels"] is not None and self.hparams["num_classes"] is not None
+
+    # -- BaseTask hooks ---------------------------------------------------------------
+    def configure_models(self) -> None:
+        """Build the :class:`~geovae.model.vae.VAESegmenter` and the normalisation buffers
+        (deferred to :meth:`setup` while the band or class count is unknown)."""
+        hp = self.hparams
+        if not self._described:
+            return
+        self.model = VAESegmenter(
+            hp["in_channels"], hp["num_classes"], base_channels=hp["base_channels"], depth=hp["depth"],
+            latent_channels=hp["latent_channels"], encoder=hp["encoder"],
+            recon_condition=hp.get("recon_condition", "class"),
+        )
+        c = hp["in_channels"]
+        mean = torch.tensor(hp["mean"] if hp["mean"] is not None else [0.0] * c, dtype=torch.float32)
+        std = torch.tensor(hp["std"] if hp["std"] is not None else [1.0] * c, dtype=torch.float32)
+        self.register_buffer("band_mean", mean.view(1, c, 1, 1))
+        self.register_buffer("band_std", std.view(1, c, 1, 1))
+        cw = hp["class_weights"]
+        self.register_buffer("class_weight", torch.tensor(cw, dtype=torch.float32) if cw is not None else None)
+
+    def configure_metrics(self) -> None:
+        """Confusion matrices (torchmetrics) from which IoU per class, mIoU and OA follow."""
+        if not self._described:
+            return
+        k, ii = self.hparams["num_classes"], self.hparams["ignore_index"]
+        self.train_cm = MulticlassConfusionMatrix(k, ignore_index=ii)
+        self.val_cm = MulticlassConfusionMatrix(k, ignore_index=ii)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW with ReduceLROnPlateau on the epoch's training loss."""
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=self.hparams["patience"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
+
+    def setup(self, stage: str) -> None:
+        """Complete the task from the trainer's data module when it was built without data.
+
+        ``torchgeo fit`` builds the task from the YAML before the data module exists to it;
+        here the data module (e.g. :class:`~geovae.training.SceneDataModule`) gives the band
+        and class counts, the scene's normalisation and the classes (see
+        :func:`data_arguments`). They go into the hyperparameters, so a checkpoint rebuilds
+        the model alone.
+
+        Raises:
+            ConfigError: the counts were not given and the data module does not give them.
+        """
+        if self._described:
+            return
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None:
+            raise ConfigError("VAESegmentationTask without in_channels and num_classes needs a data module that "
+                              "gives them (geovae.training.SceneDataModule); or set both")
+        given = {k: self.hparams[k] for k in DATA_ARGUMENTS}
+        self.hparams.update(data_arguments(dm, given))
+        _check_arguments(dict(self.hparams))
+        self.configure_models()
+        self.configure_metrics()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what a geovae model file holds besides the hyperparameters: the training tile,
+        the training data's facts for the trust check, and provenance (plain values only, so
+        the checkpoint still loads with ``torch.load(weights_only=True)``)."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        extra: dict[str, Any] = {"geovae_version": __version__}
+        ps = getattr(dm, "patch_size", None)
+        if ps is not None:
+            extra["tile_size"] = int(ps if isinstance(ps, int) else ps[0])
+        stats = getattr(dm, "stats", None)
+        if stats is not None:
+            extra["training"] = {"dtype": stats.dtype, "quantiles": stats.quantiles}
+        if hasattr(dm, "describe"):
+            extra["data"] = dm.describe()
+        checkpoint["geovae"] = extra
+
+    # -- data preparation --------------------------------------------------------------
+    def normalise(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw bands -> model input, and the valid-pixel map.
+
+        A band equal to ``nodata`` is set to the band mean (0 after normalisation), the same
+        fill prediction uses for missing data, so the model never sees the nodata value.
+
+        Args:
+            image: (B, C, H, W) raw pixel values.
+
+        Returns:
+            ``(normalised image, valid)`` with valid (B, H, W) bool.
+        """
+        x = image.float()
+        nd = self.hparams["nodata"]
+        if nd is not None and not math.isnan(nd):
+            band_missing = x == nd
+        else:
+            band_missing = ~torch.isfinite(x)
+        valid = ~band_missing.all(dim=1)
+        xn = (x - self.band_mean) / self.band_std
+        xn = torch.where(band_missing, torch.zeros_like(xn), xn)
+        return xn, valid
+
+    def _prepare(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        batch = merge_batches(batch)
+        xn, valid = self.normalise(batch["image"])
+        ii = self.hparams["ignore_index"]
+        mask = batch.get("mask")
+        if mask is None:
+            mask = torch.full(valid.shape, ii, dtype=torch.long, device=valid.device)
+        else:
+            if mask.ndim == 4:
+                mask = mask[:, 0]
+            mask = mask.long()
+            # Labels under nodata pixels say nothing about what the model sees there.
+            mask = torch.where(valid, mask, torch.full_like(mask, ii))
+        return xn, mask, valid
+
+    def _beta(self) -> float:
+        return kl_warmup(int(self.global_step), int(self.hparams["kl_warmup_steps"]), float(self.hparams["beta"]))
+
+    def _loss(self, out: Any, xn: Tensor, mask: Tensor, valid: Tensor, beta: float) -> dict[str, Tensor]:
+        hp = self.hparams
+        return vae_segmentation_loss(
+            out, xn, mask, valid=valid, ignore_index=hp["ignore_index"], beta=beta, free_bits=hp["free_bits"],
+            recon_weight=hp["recon_weight"], dice_weight=hp["dice_weight"], class_weights=self.class_weight,
+        )
+
+    # -- steps ---------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """One optimisation step on a (possibly partly unlabelled) batch."""
+        xn, mask, valid = self._prepare(batch)
+        out = self.model.forward_all(xn, sample=True)
+        beta = self._beta()
+        terms = self._loss(out, xn, mask, valid, beta)
+        bs = xn.shape[0]
+        for k in ("loss", "ce", "recon", "kl"):
+            self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True,
+                     prog_bar=k == "loss")
+        self.log("train_beta", beta, batch_size=bs, on_step=False, on_epoch=True)
+        self.log("train_active_latents", (terms["kl_per_channel"] > ACTIVE_KL).sum().float(), batch_size=bs,
+                 on_step=False, on_epoch=True)
+        labelled = mask != self.hparams["ignore_index"]
+        if bool(labelled.any()):
+            self.train_cm.update(out.logits.detach().argmax(1), mask)
+        return terms["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Loss at the latent mean, metrics, and the diversity of latent samples."""
+        xn, mask, valid = self._prepare(batch)
+        out = self.model.forward_all(xn, sample=False)
+        terms = self._loss(out, xn, mask, valid, float(self.hparams["beta"]))
+        bs = xn.shape[0]
+        for k in ("loss", "ce", "recon", "kl"):
+            self.log(f"val_{k}", terms[k], batch_size=bs, on_step=False, on_epoch=True)
+        self.log("val_active_latents", (terms["kl_per_channel"] > ACTIVE_KL).sum().float(), batch_size=bs,
+                 on_step=False, on_epoch=True)
+        n = int(self.hparams["diversity_samples"])
+        if n >= 2 and bool(valid.any()):
+            probs = self.model.sample(xn, n)
+            # Diversity over valid pixels only: nodata padding would dilute it.
+            probs = probs * valid[None, :, None].to(probs.dtype)
+            div = sample_diversity(probs) * valid.numel() / valid.sum().clamp_min(1)
+            self.log("val_diversity", div, batch_size=bs, on_step=False, on_epoch=True)
+        self.val_cm.update(out.logits.argmax(1), mask)
+
+    def on_train_epoch_end(self) -> None:
+        """Log training mIoU / OA from the epoch's confusion matrix."""
+        m = metrics_from_confusion(self.train_cm.compute())
+        self.log("train_mIoU", m["mIoU"])
+        self.log("train_OA", m["OA"])
+        self.train_cm.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log validation mIoU, OA and per-class IoU."""
+        cm = self.val_cm.compute()
+        if cm.sum() > 0:
+            names = self.hparams["labels"] or [str(i) for i in range(self.hparams["num_classes"])]
+            for k, v in metrics_from_confusion(cm, names).items():
+                if not math.isnan(v):
+                    self.log(f"val_{k}", v)
+        self.val_cm.reset()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor | None]:
+        """Class probabilities at the latent mean, as TorchGeo's tasks return them."""
+        xn, _, _ = self._prepare(batch)
+        return {"probabilities": self.model(xn).softmax(1), "bounds": batch.get("bounds"),
+                "transform": batch.get("transform")}
+
+    # -- the model file -------------------------------------------------------------------
+    def model_info(self, *, tile_size: int, extra: Mapping[str, Any] | None = None,
+                   input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> ModelInfo:
+        """The :class:`~geovae.model.base.ModelInfo` describing this task's model.
+
+        Args:
+            tile_size: the training tile size (the default prediction tile).
+            extra: provenance to store (training data, metrics...).
+            input_mean: per-band mean a data module subtracted before the task (folded in).
+            input_std: per-band divisor a data module applied before the task (folded in).
+
+        Returns:
+            The description that goes into the model file.
+        """
+        hp = self.hparams
+        c = hp["in_channels"]
+        mean = self.band_mean.flatten().double().cpu()
+        std = self.band_std.flatten().double().cpu()
+        if input_mean is not None or input_std is not None:
+            # (x - m1) / s1 then (. - m2) / s2  ==  (x - (m1 + s1 m2)) / (s1 s2)
+            m1 = torch.as_tensor(input_mean if input_mean is not None else 0.0, dtype=torch.float64).flatten()
+            s1 = torch.as_tensor(input_std if input_std is not None else 1.0, dtype=torch.float64).flatten()
+            m1, s1 = m1.expand(c) if m1.numel() == 1 else m1, s1.expand(c) if s1.numel() == 1 else s1
+            mean, std = m1 + s1 * mean, s1 * std
+        ex = {"geovae_version": __version__, "trainer": "geovae.training.VAESegmentationTask",
+              "loss": {k: hp[k] for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")}}
+        ex.update(extra or {})
+        return ModelInfo(
+            in_channels=c, num_classes=hp["num_classes"],
+            class_ids=list(hp["class_ids"] or range(hp["num_classes"])),
+            class_names=list(hp["labels"] or []),
+            class_colors=[tuple(int(v) for v in col) for col in (hp["class_colors"] or [])],  # type: ignore[misc]
+            mean=[float(v) for v in mean], std=[float(v) for v in std],
+            band_names=list(hp["band_names"]) if hp["band_names"] else None,
+            tile_size=int(tile_size), stride=int(self.model.stride), kind="geovae-vae",
+            arch=self.model.hparams, extra=ex,
+        )
+
+
+def _check_arguments(args: Mapping[str, Any]) -> None:
+    """Per-band and per-class lists must match the counts (where the counts are known)."""
+    c, k = args.get("in_channels"), args.get("num_classes")
+    for name in ("mean", "std", "band_names"):
+        v = args.get(name)
+        if v is not None and c is not None and len(v) != c:
+            raise ModelMismatchError(f"{name} has {len(v)} values but in_channels is {c}; give one per band")
+    for name in ("labels", "class_ids", "class_colors", "class_weights"):
+        v = args.get(name)
+        if v is not None and k is not None and len(v) != k:
+            raise ModelMismatchError(f"{name} has {len(v)} values but num_classes is {k}; give one per class")
+    std = args.get("std")
+    if std is not None and any(s <= 0 for s in std):
+        raise OptionError("std: every band's standard deviation must be positive")
