@@ -80,6 +80,8 @@ class BatchResult:
         skipped: scenes already complete from an earlier run.
         rows: one row per scene, in input order.
         dashboard: the Dask dashboard link, when the cluster has one.
+        catalog: ``catalog.json``, the STAC Catalog over the batch (None when no scene is done).
+        collection: ``collection.json``, the STAC Collection of the scenes' Items.
     """
 
     manifest: Path
@@ -88,6 +90,8 @@ class BatchResult:
     skipped: int
     rows: list[SceneRow]
     dashboard: str | None = None
+    catalog: Path | None = None
+    collection: Path | None = None
 
     @property
     def ok(self) -> bool:
