@@ -72,6 +72,7 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
     from geovae.scene import capped_gdal_cache
     from geovae.stitch import write_cog
 
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     vrt = mosaic_vrt(size)
     out = Path(tempfile.mkdtemp(dir=workdir))
     write_s = finish_s = 0.0
@@ -111,7 +112,8 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
         p.unlink()
     out.rmdir()
     return {"side": side, "size": size, "write_s": write_s, "finish_s": finish_s, "raster_s": write_s + finish_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "bytes": nbytes,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_imports_mib": rss_imports,
+            "bytes": nbytes,
             "cog_valid": valid}
 
 
@@ -143,12 +145,16 @@ def main() -> None:
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 results.append(res)
                 print(f"{size:>6} px {side:>5}: raster stage {res['raster_s']:6.1f} s (writes {res['write_s']:5.1f} s, "
-                      f"overviews/COG {res['finish_s']:5.1f} s), peak RSS {res['peak_rss_mib']:5.0f} MiB, "
+                      f"overviews/COG {res['finish_s']:5.1f} s), peak RSS {res['peak_rss_mib']:5.0f} MiB "
+                      f"({res['peak_rss_mib'] - res['rss_imports_mib']:4.0f} above imports), "
                       f"{res['bytes'] / 2**20:7.1f} MiB, COG valid: {res['cog_valid']}", flush=True)
         med = {s: {k: statistics.median(r[k] for r in results if r["side"] == s and r["size"] == size)
-                   for k in ("raster_s", "write_s", "finish_s", "peak_rss_mib", "bytes")} for s in ("plain", "cog")}
+                   for k in ("raster_s", "write_s", "finish_s", "peak_rss_mib", "rss_imports_mib", "bytes")}
+               for s in ("plain", "cog")}
+        above = {s: med[s]["peak_rss_mib"] - med[s]["rss_imports_mib"] for s in med}
         print(f"{size:>6} px  cog/plain: time x{med['cog']['raster_s'] / med['plain']['raster_s']:.2f}, "
-              f"peak RSS x{med['cog']['peak_rss_mib'] / med['plain']['peak_rss_mib']:.2f}, "
+              f"peak RSS x{med['cog']['peak_rss_mib'] / med['plain']['peak_rss_mib']:.2f} "
+              f"(above imports {above['cog']:.0f} vs {above['plain']:.0f} MiB), "
               f"size x{med['cog']['bytes'] / med['plain']['bytes']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

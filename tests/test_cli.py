@@ -262,4 +262,4 @@ def test_segment_a_folder_runs_the_local_batch(capsys: pytest.CaptureFixture[str
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(capsys, "segment", str(empty), "-m", str(model), "-o", str(out))
-    assert_one_line_error(code, err, 1, "holds no scene")
+    assert_one_line_error(code, err, 2, "holds no scene")  # a usage error, like every OptionError
