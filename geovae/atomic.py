@@ -332,6 +332,12 @@ class OutputSet:
             raise ValueError(f"output name {name!r} must be a plain file name")
         return self.staging / name
 
+    def scratch(self, name: str) -> Path:
+        """A private working file of the run for ``name`` (a raster streamed before its COG
+        copy): in the staging folder under a hidden name, never committed, removed with the
+        staging folder."""
+        return self.path(name).with_name(f".{name}.scratch")
+
     def final(self, name: str) -> Path:
         """The final path of ``name``."""
         return self.folder / name
@@ -360,7 +366,7 @@ class OutputSet:
         order = list(names)
         for n in list(order):
             for side in (".aux.xml", ".ovr", ".msk"):
-                if (self.staging / (n + side)).exists():
+                if (self.staging / (n + side)).exists() and n + side not in order:
                     order.append(n + side)
         if last is not None:
             order.append(last)

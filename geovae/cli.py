@@ -203,17 +203,40 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
 
 
 @cli.command()
-@click.argument("scene")
+@click.argument("scenes", nargs=-1, required=True)
 @click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_segment_options
 @click.pass_context
-def segment(ctx: click.Context, scene: str, model: str, out_dir: str, **kw: Any) -> None:
-    """Segment SCENE into class/confidence rasters, polygons, a quicklook and a report."""
-    from geovae.segment import segment_scene
+def segment(ctx: click.Context, scenes: tuple[str, ...], model: str, out_dir: str, **kw: Any) -> None:
+    """Segment SCENES into class/confidence rasters, polygons, a quicklook and a report.
 
-    result = segment_scene(scene, model, out_dir, _segment_options_from(kw, _quiet(ctx)))
-    _print_outputs(result.outputs)
+    One scene writes into OUT. Several scenes, or a folder of them, go to the local batch
+    runner (as `geovae batch` does): one sub-folder of OUT per scene, a manifest and a STAC
+    catalog.
+    """
+    from geovae.batch import expand_scenes
+
+    options = _segment_options_from(kw, _quiet(ctx))
+    paths = expand_scenes(scenes)
+    if len(paths) == 1 and paths == list(scenes):
+        from geovae.segment import segment_scene
+
+        result = segment_scene(paths[0], model, out_dir, options)
+        _print_outputs(result.outputs)
+        return
+    from geovae.batch import run_batch
+
+    res = run_batch(paths, model, out_dir, options=options, progress=not _quiet(ctx))
+    _print_batch(res)
+
+
+def _print_batch(res: Any) -> None:
+    click.echo(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest: {res.manifest}")
+    if res.catalog is not None:
+        click.echo(f"STAC catalog: {res.catalog}")
+    if res.failed:
+        raise SystemExit(1)
 
 
 def _print_outputs(outputs: dict[str, Any]) -> None:
@@ -370,9 +393,7 @@ def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, m
         resources=_resources(resources), connect_timeout=connect_timeout, progress=not _quiet(ctx),
         options=_segment_options_from(kw, _quiet(ctx)),
     )
-    click.echo(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest: {res.manifest}")
-    if res.failed:
-        raise SystemExit(1)
+    _print_batch(res)
 
 
 def _resources(value: str | None) -> dict[str, float] | None:

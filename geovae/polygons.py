@@ -659,12 +659,32 @@ def write_polygons(
         # Every block is read once, so GDAL's block cache (5 % of RAM by default) buys
         # nothing here and would keep every block read, growing memory with the raster.
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
-            return _run(src, bands, anomaly[1] if anomaly else None, targets, names, to_world, measure, min_area,
-                        simplify, block_size, connectivity, layer, progress)
+            res = _run(src, bands, anomaly[1] if anomaly else None, targets, names, to_world, measure, min_area,
+                       simplify, block_size, connectivity, layer, progress)
+        _style_geopackages(targets, layer, src, names)
+        return res
     finally:
         for ds in extra:
             ds.close()
         src.close()
+
+
+def _style_geopackages(targets: Sequence[tuple[Path, Path]], layer: str, src: rasterio.DatasetReader,
+                       names: dict[int, str]) -> None:
+    """Give every GeoPackage written QGIS's default style for ``layer`` (``layer_styles``):
+    categorised on ``class_name``, in the class raster's colours (a default palette where it
+    has none)."""
+    from geovae.classes import DEFAULT_COLORS
+    from geovae.styles import write_layer_style
+
+    table = read_class_table(src)
+    ids = sorted(set(table) | set(names))
+    colors = [table.get(c, {}).get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i, c in enumerate(ids)]
+    labels = [names.get(c) or table.get(c, {}).get("name") or f"class {c}" for c in ids]
+    for final, dest in targets:
+        if Path(final).suffix.lower() == ".gpkg" and ids:
+            geom = pyogrio.read_info(dest, layer=layer).get("geometry_name") or "geom"
+            write_layer_style(dest, layer, geom, labels, colors)
 
 
 def _read_band(ds: rasterio.DatasetReader | None, win: Window) -> np.ndarray | None:

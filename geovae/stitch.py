@@ -14,10 +14,16 @@ time: peak memory is ``channels * 4 B * ((B + o)^2 + (B + o) * o + o * W)`` for 
 ``B``, overlap ``o`` and scene width ``W`` (the bottom strips, a few MB per 10k pixels of
 width), and never depends on the scene's height or on its pixel count.
 
-Outputs (names, profiles and tags from :mod:`geovae.products`: tiled 256 x 256,
-ZSTD-compressed with a predictor, internal overviews built at the end by GDAL in bounded
-memory, same CRS/transform/shape as the scene, written into an
-:class:`~geovae.atomic.OutputSet` and moved into place with the rest of the run):
+Outputs (names, profiles and tags from :mod:`geovae.products`) are Cloud Optimized
+GeoTIFFs: 256 x 256 tiles, ZSTD with a predictor, overviews, same CRS/transform/shape as the
+scene. A COG keeps its overviews' tiles before the full-resolution ones, which a file
+written block by block cannot: so the blocks stream into a tiled GeoTIFF in the run's
+staging folder (:meth:`~geovae.atomic.OutputSet.scratch`, fast ZSTD level), and
+:meth:`Stitcher.close` has GDAL's COG driver copy it into the output, building the overviews
+on the way (mode for classes, average for the rest), block by block in GDAL's capped cache,
+so memory stays flat with the scene's size. The scratch file is removed after the copy. Every
+output is written into an :class:`~geovae.atomic.OutputSet` and moved into place with the
+rest of the run:
 
 * ``<stem>.classes.tif``: uint8 class ids, nodata **255** (so class ids must be 0..254), a
   colour table, class names as ``CLASS_<id>`` tags and a ``CLASSES`` JSON tag;
@@ -31,6 +37,7 @@ memory, same CRS/transform/shape as the scene, written into an
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,9 +46,9 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 import shapely
 from affine import Affine
-from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
@@ -53,14 +60,16 @@ from geovae.products import (
     BAND_DESCRIPTIONS,
     BLOCKSIZE as _BLOCKSIZE,
     CLASS_NODATA,
+    cog_options,
     output_name,
     raster_profile,
     uncertainty_tags,
     write_class_table,
 )
+from geovae.styles import write_class_aux
 from geovae.tiling import Tile, TileGrid
 
-__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "block_side", "check_rows"]
+__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "block_side", "check_rows", "write_cog"]
 
 
 def block_side(block_size: int, step: int) -> int:
@@ -108,6 +117,63 @@ def check_rows(rows: tuple[int, int] | None, height: int, block: int) -> tuple[i
         raise OptionError(f"rows {start}:{stop}: must start and end on the {block}-row output block grid "
                           "(or end at the scene's last row); see geovae.stitch.block_side")
     return start, stop
+
+
+def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = True) -> Path:
+    """Copy a tiled GeoTIFF into a Cloud Optimized GeoTIFF of output raster ``kind``.
+
+    GDAL's COG driver builds the overviews (:func:`geovae.products.overview_resampling`) into
+    a temporary file next to ``dst`` and writes the COG block by block, all through GDAL's
+    block cache (capped during a run), so memory does not grow with the raster. The colour
+    table, nodata, tags and band descriptions are copied.
+
+    Args:
+        src: the tiled GeoTIFF (a run's scratch file).
+        dst: the COG to write.
+        kind: one of :data:`geovae.products.RASTER_KINDS`.
+        overviews: give the COG overviews.
+
+    Returns:
+        ``dst``.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        rasterio.shutil.copy(str(src), str(dst), driver="COG", **cog_options(kind, overviews=overviews))
+    return Path(dst)
+
+
+class _Watch:
+    """Report the bytes a GDAL copy into ``dst`` has written so far, from a thread, about
+    twice a second; does nothing without ``report``."""
+
+    def __init__(self, dst: Path, report: Any, every: float = 0.5):
+        self.files = [dst, dst.with_name(dst.name + ".ovr.tmp")]
+        self.report, self.every = report, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _size(self) -> int:
+        n = 0
+        for f in self.files:
+            try:
+                n += f.stat().st_size
+            except OSError:
+                pass
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.report(self._size())
+
+    def __enter__(self) -> _Watch:
+        if self.report is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 class PixelAreas:
@@ -163,6 +229,41 @@ class PixelAreas:
         return (counts * per_pixel[:, None]).sum(0)
 
 
+class _BandStats:
+    """Running minimum, maximum, sum, sum of squares and counts of each band of one output."""
+
+    def __init__(self, bands: int):
+        self.lo = np.full(bands, np.inf)
+        self.hi = np.full(bands, -np.inf)
+        self.sum = np.zeros(bands)
+        self.sq = np.zeros(bands)
+        self.n = np.zeros(bands, dtype=np.int64)
+        self.total = 0
+
+    def add(self, values: np.ndarray, nodata: int | None) -> None:
+        self.total += values[0].size
+        for b, v in enumerate(values):
+            ok = v != nodata if nodata is not None else ~np.isnan(v)
+            x = v[ok].astype(np.float64)
+            if x.size:
+                self.lo[b] = min(self.lo[b], x.min())
+                self.hi[b] = max(self.hi[b], x.max())
+                self.sum[b] += x.sum()
+                self.sq[b] += np.dot(x, x)
+                self.n[b] += x.size
+
+    def result(self) -> list[dict[str, float | None]]:
+        out = []
+        for b in range(len(self.n)):
+            n = int(self.n[b])
+            mean = self.sum[b] / n if n else None
+            std = math.sqrt(max(self.sq[b] / n - mean * mean, 0.0)) if mean is not None else None
+            out.append({"minimum": float(self.lo[b]) if n else None, "maximum": float(self.hi[b]) if n else None,
+                        "mean": mean, "stddev": std,
+                        "valid_percent": 100.0 * n / self.total if self.total else 0.0})
+        return out
+
+
 @dataclass
 class _Block:
     bi: int
@@ -192,7 +293,7 @@ class Stitcher:
         uncertainty: write ``<stem>.uncertainty.tif`` (tile outputs carry expected entropy).
         reconstruction: write ``<stem>.reconstruction-error.tif``.
         block_size: approximate output block side; rounded with :func:`block_side`.
-        overviews: build internal overviews when closing.
+        overviews: give the COG outputs overviews.
         rows: ``(start, stop)`` scene rows to write, on the block grid (:func:`check_rows`);
             None for the whole scene.
         output_set: the run's :class:`~geovae.atomic.OutputSet`: the rasters are written into
@@ -260,6 +361,7 @@ class Stitcher:
         self.tiles_run = 0
         self.tiles_skipped = 0
         self.blocks_written = 0
+        self._stats: dict[str, _BandStats] = {}
         self.buffer_bytes = 0
         self.peak_buffer_bytes = 0
         self._blocks = self._plan()
@@ -323,7 +425,8 @@ class Stitcher:
             for kind, name in self.names.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    ds = rasterio.open(self.output_set.path(name), "w", **raster_profile(kind, **size))
+                    ds = rasterio.open(self.output_set.scratch(name), "w",
+                                       **raster_profile(kind, **size, stream=True))
                 self._dst[kind] = ds
                 for b, text in enumerate(BAND_DESCRIPTIONS[kind], start=1):
                     ds.set_band_description(b, text)
@@ -462,6 +565,8 @@ class Stitcher:
         file_win = Window(window.col_off, window.row_off - self.rows[0], window.width, window.height)
         for kind, ds in self._dst.items():
             ds.write(outputs[kind], window=file_win)
+        for kind, vals in outputs.items():
+            self._stats.setdefault(kind, _BandStats(vals.shape[0])).add(vals, CLASS_NODATA if kind == "classes" else None)
         idx = self._class_index[outputs["classes"][0]]
         ok = idx >= 0
         self.class_pixels += np.bincount(idx[ok].ravel(), minlength=self.K)
@@ -504,8 +609,13 @@ class Stitcher:
         self._put(window, outputs)
 
     # -- end ----------------------------------------------------------------------------
-    def close(self) -> dict[str, Path]:
-        """Write the remaining blocks and build overviews; commit them if the set is private.
+    def close(self, progress: Any = None) -> dict[str, Path]:
+        """Write the remaining blocks and copy each raster into a COG; commit them if the set is private.
+
+        Args:
+            progress: an optional callable ``progress(done, total)`` called about twice a
+                second while the COGs are written, in bytes (an estimate from the files'
+                sizes: rasterio passes no progress callback to GDAL's copy).
 
         Returns:
             Final paths of the rasters, keyed by kind (in the run's output set, they appear
@@ -523,9 +633,7 @@ class Stitcher:
                 self._advance_to(len(self._blocks))
             for ds in self._dst.values():
                 ds.close()
-            if self.overview:
-                for kind in self._dst:
-                    self._build_overviews(self.output_set.path(self.names[kind]), kind == "classes")
+            self._write_cogs(progress)
             if self._own_set:
                 self.output_set.commit(list(self.names.values()))
                 self.output_set.close()
@@ -537,20 +645,28 @@ class Stitcher:
         self._bottom.clear()
         return dict(self.paths)
 
-    def _build_overviews(self, path: Path, categorical: bool) -> None:
-        factors = []
-        f = 2
-        while max(self.rows[1] - self.rows[0], self.W) / f >= _BLOCKSIZE / 2 and f <= 4096:
-            factors.append(f)
-            f *= 2
-        if not factors:
-            return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.Env(COMPRESS_OVERVIEW="ZSTD", GDAL_TIFF_OVR_BLOCKSIZE=str(_BLOCKSIZE)):
-                with rasterio.open(path, "r+") as ds:
-                    # mode keeps class ids (an average of ids is meaningless); GDAL skips nodata
-                    ds.build_overviews(factors, Resampling.mode if categorical else Resampling.average)
+    def _write_cogs(self, progress: Any) -> None:
+        scratch = {k: self.output_set.scratch(self.names[k]) for k in self._dst}
+        # What one copy writes, roughly: the overviews' temporary file (a third of the image)
+        # and the COG (the image and its overviews): 5/3 of the scratch file.
+        expect = {k: max(1, p.stat().st_size * 5 // 3) for k, p in scratch.items()}
+        total, done = sum(expect.values()), 0
+        for kind, src in scratch.items():
+            dst = self.output_set.path(self.names[kind])
+            report = None
+            if progress is not None:
+                report = (lambda n, d=done, e=expect[kind]: progress(d + min(n, e), total))
+            with _Watch(dst, report):
+                write_cog(src, dst, kind, overviews=self.overview)
+            src.unlink()
+            if kind == "classes":
+                # Category names, attribute table and the exact colour table, in GDAL's sidecar
+                # (geovae.styles): rasterio cannot write them into the GeoTIFF.
+                write_class_aux(dst, self.info.class_ids, self.info.class_names, self.info.class_colors,
+                                self.class_pixels.tolist())
+            done += expect[kind]
+            if progress is not None:
+                progress(done, total)
 
     def abort(self) -> None:
         """Close and delete every unfinished output (after an error or interruption)."""
@@ -561,12 +677,23 @@ class Stitcher:
                 pass
             if not self._closed:
                 self.output_set.path(self.names[kind]).unlink(missing_ok=True)
+                self.output_set.scratch(self.names[kind]).unlink(missing_ok=True)
         self._dst.clear()
         if self._own_set:
             self.output_set.close()
         self._acc = self._right = None
         self._bottom.clear()
         self._closed = True
+
+    def statistics(self) -> dict[str, list[dict[str, float | None]]]:
+        """Exact statistics of every output band, gathered block by block as they were written.
+
+        Returns:
+            Per kind, one dict per band: ``minimum``, ``maximum``, ``mean``, ``stddev``
+            (None where a band has no valid pixel) and ``valid_percent`` (0..100), as the STAC
+            raster extension names them.
+        """
+        return {k: st.result() for k, st in self._stats.items()}
 
     def summary(self) -> dict[str, Any]:
         """Counts for the run report."""

@@ -400,7 +400,8 @@ def test_batch_on_cluster_survives_a_killed_worker(
     assert lost_scenes and all(rows[s.name]["worker"] != killed["address"] for s in lost_scenes)  # type: ignore[attr-defined]
     # The model was read once per worker, not once per scene (one worker is left).
     assert list(loads.values()) == [1]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", *(s.stem for s in scenes)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", "catalog.json", "collection.json",
+                                                            *(s.stem for s in scenes)])
 
 
 def test_split_scene_equals_single_process(
@@ -450,8 +451,35 @@ def test_resume_skips_finished_and_redoes_partial(
     for s in scenes:
         _assert_same_outputs(out / s.stem, reference[s.stem])
         assert check_marker(out / s.stem) is not None
+    _assert_stac_collection(res, out, scenes)
 
     # Other options make other outputs: the markers no longer vouch for them.
     res = batch.run_batch(first[:1], tiny_model, out, scheduler=dask_processes.address, progress=False,
                           **{**SEG, "min_area": 1e6})
     assert (res.done, res.skipped) == (1, 0)
+
+
+def _assert_stac_collection(res: batch.BatchResult, out: Path, scenes: list[Path]) -> None:
+    """The batch's STAC Catalog and Collection validate (core schemas, offline) and link every
+    finished scene's Item, skipped ones included; the Items themselves are not rewritten."""
+    import pystac
+
+    from test_products import _OfflineValidator
+
+    assert res.catalog == out / "catalog.json" and res.collection == out / "collection.json"
+    cat = pystac.Catalog.from_file(str(res.catalog))
+    coll = pystac.Collection.from_file(str(res.collection))
+    for obj in (cat, coll):
+        obj.validate(validator=_OfflineValidator())
+    assert [ln.href for ln in cat.links if ln.rel == "child"] == ["./collection.json"]
+    hrefs = sorted(ln.href for ln in coll.links if ln.rel == "item")
+    assert hrefs == sorted(f"./{s.stem}/{s.stem}.stac.json" for s in scenes)
+    boxes = []
+    for h in hrefs:
+        item = pystac.Item.from_file(str(out / h))
+        item.validate(validator=_OfflineValidator())
+        assert item.get_single_link("collection") is None  # untouched: its marker's checksum holds
+        boxes.append(item.bbox)
+    (w, s_, e, n), = coll.extent.spatial.bboxes
+    assert w == min(b[0] for b in boxes) and n == max(b[3] for b in boxes)
+    assert check_marker(out / scenes[0].stem) is not None

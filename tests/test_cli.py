@@ -233,3 +233,33 @@ def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     code, _, err = run(capsys, "segment", str(empty), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "nodata")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_segment_a_folder_runs_the_local_batch(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Several scenes, or a folder, go to the local batch runner: one sub-folder per scene,
+    a manifest and a STAC catalog; a folder of no scene is one line."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from batch_dask import halves
+    finally:
+        sys.path.pop(0)
+    from conftest import data_path
+    from test_outputs import _model_for
+
+    scene = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    folder = tmp_path / "scenes"
+    parts = halves(scene, folder)
+    model = _model_for(scene, tmp_path / "m.safetensors")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "-q", "segment", str(folder), "-m", str(model), "-o", str(out), "--tile", "128",
+                            "--formats", "gpkg", "--no-quicklook")
+    assert code == 0, err
+    assert "done 2, skipped 0, failed 0" in stdout and "catalog.json" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", "catalog.json", "collection.json",
+                                                            *(p.stem for p in parts)])
+    for p in parts:
+        assert (out / p.stem / f"{p.stem}.classes.tif").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run(capsys, "segment", str(empty), "-m", str(model), "-o", str(out))
+    assert_one_line_error(code, err, 2, "holds no scene")  # a usage error, like every OptionError

@@ -87,8 +87,13 @@ def seg_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _report_path(folder: Path) -> Path:
+    """The run report (``<stem>.json``; ``<stem>.stac.json`` is the STAC Item beside it)."""
+    return next(p for p in folder.glob("*.json") if not p.name.endswith(".stac.json") and not p.is_symlink())
+
+
 def _report(folder: Path) -> dict:
-    return json.loads(next(folder.glob("*.json")).read_text())
+    return json.loads(_report_path(folder).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +152,7 @@ def test_catalog_accepts_relative_paths_and_a_moved_folder(seg_out: Path, tmp_pa
     shutil.copytree(seg_out, moved)
     stale = load_catalog(moved).scenes[0]  # the report's absolute paths point at the old folder
     assert all(p.parent == moved.resolve() for p in stale.rasters.values())
-    report_path = next(moved.glob("*.json"))
+    report_path = _report_path(moved)
     report = json.loads(report_path.read_text())
     report["outputs"] = {k: Path(v).name for k, v in report["outputs"].items()}
     report_path.write_text(json.dumps(report))
@@ -205,7 +210,7 @@ def test_catalog_of_a_batch_folder(batch_out: Path) -> None:
 def test_catalog_of_a_stac_collection(seg_out: Path, tmp_path: Path) -> None:
     folder = tmp_path / "stac"
     shutil.copytree(seg_out, folder / "item1")
-    report = next((folder / "item1").glob("*.json"))
+    report = _report_path(folder / "item1")
     (folder / "item1" / "item.json").write_text(json.dumps({
         "type": "Feature", "stac_version": "1.0.0", "id": "nc-2000",
         "assets": {"report": {"href": report.name, "type": "application/json"}}}))
@@ -395,7 +400,7 @@ def test_traversal_refused_and_read_only(seg_out: Path, tmp_path: Path) -> None:
         for path in ("/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/files/%252e%252e%252fetc"):
             assert is_traversal(path), path
         # what is listed is served
-        report = next(p for p in folder.glob("*.json") if not p.is_symlink())
+        report = _report_path(folder)
         status, body, _ = _get(v.url, f"/files/{report.name}")
         assert status == 200 and json.loads(body)["outputs"]
         assert _get(v.url, "/files/secret-link.json")[0] == 404
@@ -417,9 +422,9 @@ def test_viewer_api_for_notebooks(seg_out: Path) -> None:
         html = v._repr_html_()
         assert "<iframe" in html and v.url in html
         cat = _get_json(v.url + "api/catalog")
-        assert [s["name"] for s in cat["scenes"]] == [next(seg_out.glob("*.json")).stem]
+        assert [s["name"] for s in cat["scenes"]] == [_report_path(seg_out).stem]
         # show() takes a SegmentResult-like object and reuses a running viewer for the same folder
-        result = type("SegmentResult", (), {"outputs": {"report": next(seg_out.glob("*.json"))}})()
+        result = type("SegmentResult", (), {"outputs": {"report": _report_path(seg_out)}})()
         v2 = show(result)
         assert v2.url != v.url and show(result) is v2
         v2.stop()

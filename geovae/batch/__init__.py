@@ -31,7 +31,9 @@ from geovae.batch.manifest import (
     MARKER_VERSION,
     BatchResult,
     SceneRow,
+    SCENE_SUFFIXES,
     check_marker,
+    expand_scenes,
     model_fingerprint,
     one_line,
     read_manifest,
@@ -48,7 +50,7 @@ from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_
 __all__ = [
     "run_batch", "BatchResult", "SceneRow", "MANIFEST_NAME", "MANIFEST_COLUMNS", "MARKER_NAME", "MARKER_VERSION",
     "PLUGIN_NAME", "ModelCache", "connect", "install_model_cache", "model_loads", "worker_model_cache",
-    "check_marker", "write_marker", "model_fingerprint", "scene_fingerprint", "run_fingerprint", "one_line",
+    "check_marker", "write_marker", "expand_scenes", "SCENE_SUFFIXES", "model_fingerprint", "scene_fingerprint", "run_fingerprint", "one_line",
     "read_manifest", "write_manifest", "read_scene_list", "scene_folders", "precheck_scene", "segment_one",
     "segment_band", "assemble_split", "split_plan",
 ]

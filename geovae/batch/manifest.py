@@ -80,6 +80,8 @@ class BatchResult:
         skipped: scenes already complete from an earlier run.
         rows: one row per scene, in input order.
         dashboard: the Dask dashboard link, when the cluster has one.
+        catalog: ``catalog.json``, the STAC Catalog over the batch (None when no scene is done).
+        collection: ``collection.json``, the STAC Collection of the scenes' Items.
     """
 
     manifest: Path
@@ -88,6 +90,8 @@ class BatchResult:
     skipped: int
     rows: list[SceneRow]
     dashboard: str | None = None
+    catalog: Path | None = None
+    collection: Path | None = None
 
     @property
     def ok(self) -> bool:
@@ -156,6 +160,38 @@ def read_scene_list(path: str | Path) -> list[str]:
             line = str(p.parent / line)
         scenes.append(line)
     return scenes
+
+
+#: File suffixes taken as scenes when a folder is given (GeoTIFF, VRT, JPEG 2000, ERDAS IMAGINE).
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+
+def expand_scenes(paths: Iterable[str | Path]) -> list[str]:
+    """Scenes from paths, URLs and folders: a folder stands for the rasters directly in it.
+
+    A folder contributes its files whose suffix is one of :data:`SCENE_SUFFIXES`, sorted by
+    name, leaving out geovae's own outputs (``*.classes.tif`` and the other rasters a run
+    writes), so a folder segmented into itself is not segmented again.
+
+    Raises:
+        OptionError: a folder holds no scene.
+    """
+    from geovae.products import KINDS, RASTER_KINDS
+
+    outputs = tuple(f".{KINDS[k]}" for k in RASTER_KINDS)
+    out: list[str] = []
+    for p in paths:
+        s = str(p)
+        if not is_remote(s) and Path(s).is_dir():
+            found = sorted(str(f) for f in Path(s).iterdir() if f.is_file() and f.suffix.lower() in SCENE_SUFFIXES
+                           and not f.name.endswith(outputs))
+            if not found:
+                raise OptionError(f"folder {s} holds no scene ({', '.join(SCENE_SUFFIXES)}); give scene files or a "
+                                  "folder of them")
+            out += found
+        else:
+            out.append(s)
+    return out
 
 
 def write_manifest(path: str | Path, rows: Iterable[SceneRow]) -> None:

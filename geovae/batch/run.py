@@ -183,7 +183,23 @@ def run_batch(
         )
     write_manifest(manifest, rows)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
-    return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard)
+    catalog, collection = _write_stac(out, rows)
+    return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard,
+                       catalog=catalog, collection=collection)
+
+
+def _write_stac(out: Path, rows: list[SceneRow]) -> tuple[Path | None, Path | None]:
+    """A STAC Catalog and Collection over the STAC Items of every finished scene (done now or
+    earlier), in ``out`` (see :func:`geovae.stac.write_batch_catalog`)."""
+    from geovae.stac import write_batch_catalog
+
+    items = []
+    for row in rows:
+        if row.status in ("done", "skipped"):
+            items += [out / p for p in row.outputs if str(p).endswith(".stac.json") and (out / p).is_file()]
+    if not items:
+        return None, None
+    return write_batch_catalog(out, items)
 
 
 def _run_on_cluster(

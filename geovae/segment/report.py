@@ -66,6 +66,7 @@ def model_summary(model: SegmentationModel, source: str | None, sha256: str | No
     return {
         "source": source, "sha256": sha256, "kind": i.kind, "in_channels": i.in_channels,
         "num_classes": i.num_classes, "class_ids": i.class_ids, "class_names": i.class_names,
+        "class_colors": [[int(v) for v in c][:3] for c in i.class_colors],
         "tile_size": i.tile_size, "stride": i.stride, "band_names": i.band_names,
         "supports_samples": model.supports_samples, "supports_reconstruction": model.supports_reconstruction,
     }

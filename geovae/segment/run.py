@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
 from geovae.errors import ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, output_name
+from geovae.products import RASTER_KINDS, RASTER_STYLES, output_name, run_kinds
 from geovae.scene import Scene, capped_gdal_cache, open_scene
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
@@ -73,9 +73,50 @@ class SegmentResult:
 
         for kind in ("gpkg", "parquet", "geojson"):
             if kind in self.outputs:
-                p = self.outputs[kind]
-                return gpd.read_parquet(p) if kind == "parquet" else gpd.read_file(p, engine="pyogrio")
+                p = Path(self.outputs[kind])
+                if kind == "parquet":
+                    return gpd.read_parquet(p)
+                # the GeoPackage also holds QGIS's layer_styles table: read the polygon layer
+                layer = p.name[: -len(".gpkg")] if kind == "gpkg" else None
+                return gpd.read_file(p, engine="pyogrio", layer=layer)
         raise OptionError("this run wrote no polygons; run it with formats such as ('gpkg',)")
+
+    def to_xarray(self, chunks: Any = True) -> Any:
+        """The run's rasters as one lazy ``xarray.Dataset`` (rioxarray over the COGs).
+
+        Variables on the scene's ``y``/``x`` grid (with its CRS as ``spatial_ref``):
+        ``classes`` (uint8, nodata 255; CF ``flag_values``/``flag_meanings`` name the
+        classes), ``confidence``, and where the run wrote them ``uncertainty`` (predictive
+        entropy, band 1), ``mutual_information`` (band 2) and ``reconstruction_error``. Nothing
+        is read until computed: each variable is a dask array.
+
+        Args:
+            chunks: passed to ``rioxarray.open_rasterio`` (True: dask's automatic chunks, aligned on
+                the files' 256 x 256 blocks).
+
+        Returns:
+            The ``xarray.Dataset``.
+        """
+        import rioxarray
+        import xarray as xr
+
+        names = {"classes": ["classes"], "confidence": ["confidence"],
+                 "uncertainty": ["uncertainty", "mutual_information"], "reconstruction_error": ["reconstruction_error"]}
+        variables = {}
+        for kind, vnames in names.items():
+            if kind not in self.outputs:
+                continue
+            da = rioxarray.open_rasterio(self.outputs[kind], chunks=chunks, masked=False, lock=False)
+            for b, vname in enumerate(vnames):
+                v = da.isel(band=b, drop=True)
+                v.name = vname
+                variables[vname] = v
+        if "classes" in variables:
+            model = self.report.get("model", {})
+            variables["classes"].attrs.update(
+                flag_values=list(model.get("class_ids", [])),
+                flag_meanings=" ".join(n.strip().replace(" ", "_") for n in model.get("class_names", [])))
+        return xr.Dataset(variables)
 
 
 # -- what the checks resolve ---------------------------------------------------------------
@@ -174,10 +215,9 @@ def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | 
 
 def _kinds(plan: _Plan) -> list[str]:
     """The outputs this run writes, in commit order (the report last)."""
-    kinds = ["classes", "confidence"]
-    kinds += ["uncertainty"] * (plan.options.samples > 0) + ["reconstruction_error"] * plan.reconstruction
-    kinds += plan.formats + ["quicklook"] * plan.options.quicklook + ["report"]
-    return kinds
+    rasters = ["classes", "confidence"]
+    rasters += ["uncertainty"] * (plan.options.samples > 0) + ["reconstruction_error"] * plan.reconstruction
+    return run_kinds(rasters, plan.formats, quicklook=plan.options.quicklook)
 
 
 def _previous_outputs(folder: Path, stem: str) -> list[str]:
@@ -351,9 +391,11 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
 
     opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
     t0 = time.perf_counter()
-    rasters = stitcher.close()
+    # The COG copies (overviews included) take a minute or more on a 20k scene: a bar in MiB.
+    with _Progress(1, opts.progress, f"COGs {stem}", unit="MiB") as bar:
+        rasters = stitcher.close(progress=lambda done, total: _set_total(bar, done >> 20, max(1, total >> 20)))
     timings["rasters_close_s"] = time.perf_counter() - t0
-    log.info("%s: rasters closed (overviews built) in %.1f s", stem, timings["rasters_close_s"])
+    log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, timings["rasters_close_s"])
     staged = {k: oset.path(output_name(stem, k)) for k in rasters}
     polygons: dict[str, int] = {}
     if plan.formats:
@@ -376,6 +418,7 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
         write_quicklook(plan.scene, staged["classes"], oset.path(output_name(stem, "quicklook")), info)
         timings["quicklook_s"] = time.perf_counter() - t0
         log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
+    _write_styles(plan, oset, stitcher)
     timings["total_s"] = time.perf_counter() - plan.t_start
     kinds = _kinds(plan)
     outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
@@ -388,10 +431,48 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
         polygons=polygons, extra=extra,
     )
     write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
+    t0 = time.perf_counter()
+    _write_stac(plan, oset, stitcher, report, kinds)
+    log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
     names = [output_name(stem, k) for k in kinds]
     oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
     _warn_anomalies(report)
     return SegmentResult(outputs=outputs, report=report)
+
+
+def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
+    """QGIS styles beside the rasters (and the GeoJSON / GeoParquet polygons): see geovae.styles."""
+    import math
+
+    from geovae.styles import class_raster_qml, polygon_qml, ramp_qml
+
+    info, stem = plan.model.info, plan.stem
+    K = info.num_classes
+    qml = {
+        "classes": class_raster_qml(info.class_ids, info.class_names, info.class_colors),
+        # the largest class probability is at least 1/K
+        "confidence": ramp_qml(1.0 / K if K > 1 else 0.0, 1.0, "viridis"),
+        "uncertainty": ramp_qml(0.0, math.log(K) if K > 1 else 1.0, "inferno"),
+        # the anomaly threshold in the middle of the ramp: bright above it
+        "reconstruction_error": ramp_qml(0.0, 2 * plan.threshold if plan.threshold else 1.0, "inferno",
+                                         label_precision=3),
+    }
+    for kind in stitcher.names:
+        write_text(oset.path(output_name(stem, RASTER_STYLES[kind])), qml[kind])
+    if set(plan.formats) & {"geojson", "parquet"}:
+        write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
+
+
+def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[str, Any], kinds: list[str]) -> None:
+    """The run's STAC Item (geovae.stac), from the staged files, committed before the report."""
+    from geovae.stac import build_item, write_item
+
+    stem = plan.stem
+    files = {k: oset.path(output_name(stem, k)) for k in kinds if k != "stac"}
+    finals = {k: oset.final(output_name(stem, k)) for k in kinds}
+    item = build_item(stem=stem, scene=plan.scene, report=report, files=files, finals=finals,
+                      statistics=stitcher.statistics(), model_path=plan.source)
+    write_item(item, oset.path(output_name(stem, "stac")))
 
 
 def _set_total(bar: _Progress, done: int, total: int) -> None:

@@ -1,0 +1,320 @@
+"""STAC metadata of the outputs: one Item per segmented scene, a Collection and a Catalog per batch.
+
+Every ``segment`` run writes ``<stem>.stac.json`` beside its outputs (committed with them,
+before the report): a STAC 1.1 Item whose assets are the run's files, with
+
+* roles and media types (the rasters are ``image/tiff; application=geotiff;
+  profile=cloud-optimized``);
+* the **projection** extension (code, WKT2, shape, transform, native bbox);
+* the **raster** extension per raster asset (nodata, data type, exact statistics gathered
+  while the blocks were written, spatial resolution, unit);
+* the **file** extension (size, and checksum as a multihash: ``1220`` + the SHA-256 hex);
+* the **classification** extension on the class raster (value, machine name, title, colour
+  hint, pixel count; the nodata value flagged);
+* the **processing** extension (software and version, lineage, when);
+* the footprint in WGS84 (the scene's outline, densified and reprojected) as ``geometry``
+  and ``bbox``; the model file as an ``ml-model`` link with its SHA-256, the scene as a
+  ``derived_from`` link.
+
+Asset hrefs are relative to the Item (``./<stem>.classes.tif``), so a folder of outputs can
+be moved or uploaded as it is. :func:`write_batch_catalog` makes ``OUT/catalog.json`` and
+``OUT/collection.json`` over the Items of a batch, without rewriting the Items (a batch's
+markers vouch for their checksums).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from geovae._version import __version__
+from geovae.atomic import sha256, write_text
+from geovae.classes import CLASS_NODATA
+
+__all__ = [
+    "MEDIA_TYPES", "ROLES", "EXTENSIONS", "multihash", "build_item", "write_item", "write_batch_catalog",
+    "COLLECTION_NAME", "CATALOG_NAME",
+]
+
+#: Media type of each output kind.
+MEDIA_TYPES: dict[str, str] = {
+    **{k: "image/tiff; application=geotiff; profile=cloud-optimized"
+       for k in ("classes", "confidence", "uncertainty", "reconstruction_error")},
+    "classes_aux": "application/xml",
+    **{k: "application/xml" for k in ("classes_style", "confidence_style", "uncertainty_style",
+                                      "reconstruction_error_style", "polygons_style")},
+    "geojson": "application/geo+json",
+    "gpkg": "application/geopackage+sqlite3",
+    "parquet": "application/vnd.apache.parquet",
+    "quicklook": "image/png",
+    "report": "application/json",
+}
+
+#: Asset roles of each output kind.
+ROLES: dict[str, list[str]] = {
+    "classes": ["data"], "confidence": ["data", "quality"], "uncertainty": ["data", "quality"],
+    "reconstruction_error": ["data", "quality"], "classes_aux": ["metadata"],
+    "classes_style": ["style"], "confidence_style": ["style"], "uncertainty_style": ["style"],
+    "reconstruction_error_style": ["style"], "polygons_style": ["style"],
+    "geojson": ["data"], "gpkg": ["data"], "parquet": ["data"], "quicklook": ["overview", "visual"],
+    "report": ["metadata"],
+}
+
+#: Schema URIs of the extensions an Item uses.
+EXTENSIONS: dict[str, str] = {
+    "projection": "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
+    "raster": "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
+    "file": "https://stac-extensions.github.io/file/v2.1.0/schema.json",
+    "classification": "https://stac-extensions.github.io/classification/v2.0.0/schema.json",
+    "processing": "https://stac-extensions.github.io/processing/v1.2.0/schema.json",
+}
+
+_TITLES = {
+    "classes": "Class raster", "confidence": "Confidence (largest class probability)",
+    "uncertainty": "Uncertainty (predictive entropy, mutual information; nats)",
+    "reconstruction_error": "Reconstruction error (anomaly score)", "classes_aux": "GDAL class table sidecar",
+    "classes_style": "QGIS style of the class raster", "confidence_style": "QGIS style of the confidence raster",
+    "uncertainty_style": "QGIS style of the uncertainty raster",
+    "reconstruction_error_style": "QGIS style of the reconstruction-error raster",
+    "polygons_style": "QGIS style of the polygons", "geojson": "Polygons (GeoJSON, WGS84)",
+    "gpkg": "Polygons (GeoPackage)", "parquet": "Polygons (GeoParquet)", "quicklook": "Quicklook",
+    "report": "Run report",
+}
+
+_UNITS = {"uncertainty": "nat"}
+
+COLLECTION_NAME = "collection.json"
+CATALOG_NAME = "catalog.json"
+
+
+def multihash(path: str | Path) -> str:
+    """The file's SHA-256 as a multihash hex string (``12`` sha2-256, ``20`` 32 bytes)."""
+    return "1220" + sha256(path)
+
+
+def _slug(name: str) -> str:
+    """A class name as the classification extension's machine name (letters, digits, - and _)."""
+    return re.sub(r"[^0-9A-Za-z_-]+", "_", name.strip()).strip("_") or "class"
+
+
+def _footprint(scene: Any) -> dict[str, Any] | None:
+    """The scene's outline in WGS84, densified (21 points per edge) so a curved edge stays true."""
+    if scene.crs is None:
+        return None
+    from rasterio.warp import transform_geom
+
+    w, s, e, n = scene.bounds
+    k = 20
+    ring = ([(w + (e - w) * i / k, s) for i in range(k)] + [(e, s + (n - s) * i / k) for i in range(k)]
+            + [(e - (e - w) * i / k, n) for i in range(k)] + [(w, n - (n - s) * i / k) for i in range(k)])
+    ring.append(ring[0])
+    try:
+        return dict(transform_geom(scene.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
+                                   precision=7))
+    except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no footprint, not a failure
+        return None
+
+
+def _bbox(geom: dict[str, Any]) -> list[float]:
+    import shapely.geometry
+
+    return [round(v, 7) for v in shapely.geometry.shape(geom).bounds]
+
+
+def _raster_bands(kind: str, ds: Any, stats: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    import math
+
+    bands = []
+    for b in range(ds.count):
+        nodata = ds.nodata
+        band: dict[str, Any] = {"data_type": ds.dtypes[b],
+                                "nodata": "nan" if nodata is not None and math.isnan(nodata) else nodata}
+        if ds.crs is not None:
+            band["spatial_resolution"] = abs(ds.transform.a)
+        if kind in _UNITS:
+            band["unit"] = _UNITS[kind]
+        if ds.descriptions[b]:
+            band["name"] = ds.descriptions[b]
+        if stats is not None and b < len(stats):
+            st = {k: v for k, v in stats[b].items() if v is not None}
+            if st:
+                band["statistics"] = st
+        bands.append(band)
+    return bands
+
+
+def build_item(
+    *,
+    stem: str,
+    scene: Any,
+    report: dict[str, Any],
+    files: dict[str, Path],
+    finals: dict[str, Path],
+    statistics: dict[str, list[dict[str, Any]]] | None = None,
+    model_path: str | None = None,
+) -> Any:
+    """The STAC Item of one run.
+
+    Args:
+        stem: the scene's stem (the Item's id).
+        scene: the :class:`~geovae.scene.Scene`.
+        report: the run report (classes, model, options, versions, created).
+        files: where each asset's file is now (the staging folder), by kind: sizes and
+            checksums are read from them.
+        finals: where each file will be, by kind (hrefs are relative to the Item's final path).
+        statistics: per raster kind, per band statistics (:meth:`geovae.stitch.Stitcher.statistics`).
+        model_path: the model file, linked as ``ml-model``.
+
+    Returns:
+        A ``pystac.Item`` whose self href is its final path.
+    """
+    import pystac
+    import rasterio
+
+    created = report.get("created") or datetime.now(UTC).isoformat(timespec="seconds")
+    geom = _footprint(scene)
+    when = _scene_datetime(scene) or datetime.fromisoformat(created)
+    item = pystac.Item(id=stem, geometry=geom, bbox=_bbox(geom) if geom else None, datetime=when,
+                       properties={"created": created, "title": f"geovae land cover of {stem}"})
+    item.stac_extensions = [EXTENSIONS[k] for k in ("projection", "raster", "file", "classification", "processing")]
+    if scene.crs is not None:
+        epsg = scene.crs.to_epsg()
+        item.properties["proj:code"] = f"EPSG:{epsg}" if epsg else None
+        if not epsg:
+            item.properties["proj:wkt2"] = scene.crs.to_wkt()
+        item.properties["proj:bbox"] = [float(v) for v in scene.bounds]
+    else:
+        item.properties["proj:code"] = None
+    item.properties["proj:shape"] = [int(scene.height), int(scene.width)]
+    t = scene.transform
+    item.properties["proj:transform"] = [t.a, t.b, t.c, t.d, t.e, t.f]
+    item.properties.update({
+        "processing:software": {"geovae": __version__, **{k: v for k, v in report.get("versions", {}).items()
+                                                           if k != "geovae"}},
+        "processing:lineage": "segmented by geovae's tiled VAE segmenter (model "
+                              f"{report.get('model', {}).get('kind', '?')}), blended, vectorised",
+        "processing:datetime": created,
+        "processing:level": "L4",
+    })
+    self_href = str(finals["stac"])
+    item.set_self_href(self_href)
+    folder = Path(self_href).parent
+    classes = report.get("classes", [])
+    for kind, path in files.items():
+        if kind in ("stac",) or kind not in MEDIA_TYPES:
+            continue
+        rel = "./" + os.path.relpath(finals[kind], folder)
+        extra: dict[str, Any] = {"file:size": Path(path).stat().st_size, "file:checksum": multihash(path)}
+        if kind in ("classes", "confidence", "uncertainty", "reconstruction_error"):
+            with rasterio.open(path) as ds:
+                extra["raster:bands"] = _raster_bands(kind, ds, (statistics or {}).get(kind))
+        if kind == "classes":
+            colors = dict(zip(report.get("model", {}).get("class_ids", []), _colors(report)))
+            extra["classification:classes"] = [
+                {"value": int(c["id"]), "name": _slug(str(c["name"])), "title": str(c["name"]),
+                 **({"color_hint": "{:02X}{:02X}{:02X}".format(*colors[c["id"]])} if c["id"] in colors else {}),
+                 "count": int(c["pixels"])}
+                for c in classes] + [{"value": CLASS_NODATA, "name": "nodata", "title": "no data", "nodata": True}]
+        item.add_asset(kind, pystac.Asset(href=rel, media_type=MEDIA_TYPES[kind], roles=ROLES[kind],
+                                          title=_TITLES.get(kind), extra_fields=extra))
+    model = report.get("model", {})
+    if model_path:
+        link = pystac.Link(rel="ml-model", target=str(Path(model_path).resolve()), media_type="application/octet-stream",
+                           title=f"geovae model ({model.get('kind', '?')})")
+        if model.get("sha256"):
+            link.extra_fields["file:checksum"] = "1220" + model["sha256"]
+        item.add_link(link)
+    src = report.get("scene", {}).get("path")
+    if src:
+        target = src if "://" in src or src.startswith("/vsi") else str(Path(src).resolve())
+        item.add_link(pystac.Link(rel="derived_from", target=target, title="the segmented scene"))
+    return item
+
+
+def _colors(report: dict[str, Any]) -> list[list[int]]:
+    return [list(c) for c in report.get("model", {}).get("class_colors", [])]
+
+
+def _scene_datetime(scene: Any) -> datetime | None:
+    """The acquisition time a scene's tags give (``TIFFTAG_DATETIME``, ``ACQUISITIONDATETIME``...)."""
+    import rasterio
+
+    try:
+        with rasterio.open(scene.path) as ds:
+            tags = ds.tags()
+    except Exception:  # noqa: BLE001 - no tags to read: the Item takes the processing time
+        return None
+    for key in ("ACQUISITIONDATETIME", "ACQUISITION_DATETIME", "DATETIME", "TIFFTAG_DATETIME"):
+        v = tags.get(key)
+        if not v:
+            continue
+        for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+            try:
+                return datetime.strptime(v.strip(), fmt).replace(tzinfo=UTC)
+            except ValueError:
+                continue
+    return None
+
+
+def write_item(item: Any, path: str | Path) -> Path:
+    """Write ``item`` (asset hrefs relative, no self link) as JSON to ``path``."""
+    d = item.to_dict(include_self_link=False, transform_hrefs=False)
+    Path(path).write_text(json.dumps(d, indent=2), encoding="utf-8")
+    return Path(path)
+
+
+def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: str | None = None) -> tuple[Path, Path]:
+    """A STAC Catalog (``OUT/catalog.json``) and Collection (``OUT/collection.json``) over Items.
+
+    The Collection's extent is the union of the Items' bboxes and datetimes; it links each
+    Item by a relative href, and the Items are not rewritten (their checksums stay valid).
+
+    Args:
+        out: the batch output folder.
+        items: the Items' files (``OUT/<scene>/<stem>.stac.json``).
+        title: the Collection's title.
+
+    Returns:
+        The catalog's and the collection's paths.
+    """
+    import pystac
+
+    out = Path(out)
+    loaded = [(Path(p), pystac.Item.from_file(str(p))) for p in items]
+    boxes = [it.bbox for _, it in loaded if it.bbox]
+    bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)] \
+        if boxes else [-180.0, -90.0, 180.0, 90.0]
+    times = [it.datetime for _, it in loaded if it.datetime is not None]
+    interval = [[min(times), max(times)]] if times else [[None, None]]
+    coll = pystac.Collection(
+        id=f"geovae-{out.name or 'batch'}", title=title or f"geovae land cover: {out.name}",
+        description="Land-cover rasters (COG) and polygons segmented by geovae, one Item per scene. The outputs "
+                    "carry the licence of the scenes they were derived from.",
+        extent=pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent(interval)), license="other",
+    )
+    coll.stac_extensions = [EXTENSIONS["processing"]]
+    coll.extra_fields["processing:software"] = {"geovae": __version__}
+    coll.set_self_href(str(out / COLLECTION_NAME))
+    for path, it in loaded:
+        coll.add_link(pystac.Link(rel="item", target="./" + os.path.relpath(path, out), media_type="application/geo+json",
+                                  title=it.id))
+    cat = pystac.Catalog(id=f"geovae-{out.name or 'batch'}-catalog", description="geovae batch outputs",
+                         title=title or f"geovae batch: {out.name}")
+    cat.set_self_href(str(out / CATALOG_NAME))
+    cat.add_link(pystac.Link(rel="child", target="./" + COLLECTION_NAME, media_type="application/json",
+                             title=coll.title))
+    cd = coll.to_dict(include_self_link=False, transform_hrefs=False)
+    cd["links"] = [ln for ln in cd["links"] if ln["rel"] not in ("root", "parent")] + [
+        {"rel": "root", "href": "./" + CATALOG_NAME, "type": "application/json"},
+        {"rel": "parent", "href": "./" + CATALOG_NAME, "type": "application/json"}]
+    catd = cat.to_dict(include_self_link=False, transform_hrefs=False)
+    catd["links"] = [ln for ln in catd["links"] if ln["rel"] != "root"] + [
+        {"rel": "root", "href": "./" + CATALOG_NAME, "type": "application/json"}]
+    write_text(out / COLLECTION_NAME, json.dumps(cd, indent=2))
+    write_text(out / CATALOG_NAME, json.dumps(catd, indent=2))
+    return out / CATALOG_NAME, out / COLLECTION_NAME
