@@ -8,6 +8,7 @@ worker), and batch's resume fingerprint is computed from it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from geovae.device import PRECISIONS
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.products import POLYGON_FORMATS
-from geovae.tiling import check_options
+from geovae.tiling import check_options, default_tiling
 
 __all__ = ["SegmentOptions"]
+
+log = logging.getLogger("geovae.segment")
 
 #: Options that change how fast the outputs are written, not what is written: a batch
 #: marker made with other values is still trusted on resume.
@@ -30,8 +33,10 @@ class SegmentOptions:
     """How to segment a scene. Every field is checked when the object is made.
 
     Attributes:
-        tile: tile side in pixels; None for the model's training tile size.
-        overlap: pixels shared by neighbouring tiles; None for ``tile // 4``.
+        tile: tile side in pixels; None for the model's training tile size, enlarged until
+            the default overlap is at most a quarter of it (:meth:`tiling`).
+        overlap: pixels shared by neighbouring tiles; None for enough to cover the model's
+            halo on both sides (at least ``tile // 4``).
         batch_size: tiles per model call.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; None keeps a loaded model's own.
@@ -124,16 +129,39 @@ class SegmentOptions:
         return dataclasses.replace(self, **kwargs)
 
     def tiling(self, info: ModelInfo) -> tuple[int, int]:
-        """Tile side and overlap for a model: by default its training tile and a quarter of it.
+        """Tile side and overlap for a model.
+
+        By default (:func:`geovae.tiling.default_tiling`) the overlap covers the model's halo
+        on both sides, so blending only uses each tile's trustworthy interior, and the tile is
+        the model's training tile, enlarged until the overlap is at most a quarter of it. An
+        overlap the user gives that is smaller than twice the halo gets one warning line.
 
         Raises:
             OptionError: a tile that is not a multiple of the model's stride, an overlap not
                 smaller than the tile.
         """
-        tile = self.tile if self.tile is not None else info.tile_size
-        overlap = self.overlap if self.overlap is not None else tile // 4
-        check_options(tile, overlap, 1, info.stride)
+        halo, stride = info.halo, info.stride
+        d_tile, d_overlap = default_tiling(info.tile_size, halo, stride)
+        need = 0 if halo is None else 2 * halo + 16
+        if self.tile is None:
+            tile = d_tile if self.overlap is None else max(d_tile, -(-(self.overlap + stride) // stride) * stride)
+        else:
+            tile = self.tile
+        if self.overlap is not None:
+            overlap = self.overlap
+        elif self.tile is None:
+            overlap = d_overlap
+        else:
+            overlap = min(max(tile // 4, need), max(tile - stride, 0))
+        check_options(tile, overlap, 1, stride)
         return tile, overlap
+
+    def warn_seams(self, info: ModelInfo, tiles: int, overlap: int) -> None:
+        """One warning line when more than one tile overlaps by less than twice the model's halo."""
+        if info.halo is not None and tiles > 1 and overlap <= 2 * info.halo:
+            log.warning("tiles overlap by %d px but this model's predictions change up to %d px from a tile's edge: "
+                        "tile seams may show; use --overlap %d or more (a larger --tile keeps the cost down), or "
+                        "leave both to their defaults", overlap, info.halo, 2 * info.halo + 16)
 
     def polygon_formats(self, pixel_coords: bool) -> list[str]:
         """The polygon formats for a scene with (False) or without (True) real coordinates.

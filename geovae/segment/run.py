@@ -200,7 +200,8 @@ def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | 
     threshold = anomaly_threshold(info) if m.supports_reconstruction else None
     reconstruction = opts.reconstruction if opts.reconstruction is not None else threshold is not None
     tile, overlap = opts.tiling(info)
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride)
+    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride, margin=info.halo)
+    opts.warn_seams(info, len(grid), overlap)
     check_rows(rows, sc.height, block_side(opts.block_size, grid.step))
     if rows is not None and opts.quicklook:
         raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
