@@ -33,31 +33,62 @@ from rasterio.windows import Window
 
 from geovae.errors import OptionError
 
-__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "default_tiling", "EPSILON"]
+__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "default_tiling", "default_batch_size", "EPSILON"]
 
 #: Weight of the outer quarter of an overlap band: small, but never zero.
 EPSILON = 1e-6
 
 
-def default_tiling(tile_size: int, halo: int | None, stride: int = 1) -> tuple[int, int]:
-    """The tile and overlap a model runs with when the user gives neither.
+#: Largest tile the defaults choose: a 1024² tile of the default VAE holds a few hundred MB of
+#: activations; larger ones save little more overlap.
+MAX_DEFAULT_TILE = 1024
+#: Pixels per model call the default batch size aims at (8 tiles of 256²).
+BATCH_PIXELS = 8 * 256 * 256
 
-    The overlap covers the halo on both sides plus a ramp of at least 16 pixels (at least a
-    quarter of the tile, as before halos were measured); the tile is the model's training
-    tile, enlarged until the overlap is at most a quarter of it, so that no more than about
-    (4/3)^2 = 1.8x of the scene's pixels are predicted.
+
+def default_tiling(tile_size: int, halo: int | None, stride: int = 1, height: int | None = None,
+                   width: int | None = None, tile: int | None = None) -> tuple[int, int]:
+    """The tile and overlap a model runs with when the user does not give them.
+
+    With a known halo the overlap covers it on both sides plus a 16-pixel ramp, and the tile is
+    the one (a multiple of the stride, from the model's training tile up to
+    :data:`MAX_DEFAULT_TILE`) that predicts the fewest pixels for this scene: large tiles waste
+    less on overlap, but a tile much larger than the scene wastes more on padding. A model
+    without a known halo keeps the old rule: its training tile and a quarter of it.
 
     Args:
         tile_size: the model's training tile.
         halo: the model's halo, or None when unknown.
         stride: the model's stride.
+        height, width: the scene's size (None: as if it were very large).
+        tile: a tile the user chose (then only the overlap is chosen).
 
     Returns:
         ``(tile, overlap)``.
     """
-    need = 0 if halo is None else 2 * int(halo) + 16
-    tile = max(int(tile_size), -(-4 * need // stride) * stride)
-    return tile, max(tile // 4, need)
+    if halo is None:
+        t = int(tile if tile is not None else tile_size)
+        return t, t // 4
+    overlap = 2 * int(halo) + 16
+    if tile is not None:
+        return int(tile), min(overlap, max(int(tile) - stride, 0))
+    lo = max(int(tile_size), -(-(2 * overlap + stride) // stride) * stride)
+    hi = max(lo, MAX_DEFAULT_TILE // stride * stride)
+    if height is None or width is None:
+        return hi, overlap
+    best = None
+    for t in range(lo, hi + 1, stride):
+        grid = TileGrid(height, width, t, overlap, stride=stride, margin=halo)
+        cost = len(grid) * t * t
+        if best is None or cost < best[0]:
+            best = (cost, t)
+    assert best is not None
+    return best[1], overlap
+
+
+def default_batch_size(tile: int) -> int:
+    """Tiles per model call: about :data:`BATCH_PIXELS` pixels, at least one tile."""
+    return max(1, BATCH_PIXELS // (tile * tile))
 
 
 def check_options(tile: int, overlap: int, batch_size: int = 1, stride: int = 1) -> None:
@@ -129,7 +160,9 @@ class TileGrid:
 
     def __init__(self, height: int, width: int, tile: int, overlap: int, stride: int = 1, margin: int | None = None):
         check_options(tile, overlap, 1, stride)
-        self.margin = margin
+        # An overlap too small for the halo still blends (with a warning from the caller): the
+        # margin left out then shrinks so that the ramp keeps at least one pixel.
+        self.margin = None if margin is None else min(int(margin), max((int(overlap) - 1) // 2, 0))
         if height < 1 or width < 1:
             raise OptionError(f"scene of {height}x{width} pixels: nothing to tile")
         self.height = int(height)

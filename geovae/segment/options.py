@@ -17,7 +17,7 @@ from geovae.device import PRECISIONS
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.products import POLYGON_FORMATS
-from geovae.tiling import check_options, default_tiling
+from geovae.tiling import check_options, default_batch_size, default_tiling
 
 __all__ = ["SegmentOptions"]
 
@@ -37,7 +37,8 @@ class SegmentOptions:
             the default overlap is at most a quarter of it (:meth:`tiling`).
         overlap: pixels shared by neighbouring tiles; None for enough to cover the model's
             halo on both sides (at least ``tile // 4``).
-        batch_size: tiles per model call.
+        batch_size: tiles per model call; None (the default) for about half a megapixel of
+            tiles (8 tiles of 256², 2 of 512², 1 of 1024²).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; None keeps a loaded model's own.
         samples: latent samples per tile; > 0 writes the uncertainty raster.
@@ -60,7 +61,7 @@ class SegmentOptions:
 
     tile: int | None = None
     overlap: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     device: str = "auto"
     precision: str | None = None
     samples: int = 0
@@ -88,7 +89,7 @@ class SegmentOptions:
 
         integer("tile", 1, allow_none=True)
         integer("overlap", 0, allow_none=True)
-        integer("batch_size", 1)
+        integer("batch_size", 1, allow_none=True)
         integer("samples", 0)
         integer("block_size", 1)
         for name in ("min_area", "simplify"):
@@ -128,33 +129,31 @@ class SegmentOptions:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **kwargs)
 
-    def tiling(self, info: ModelInfo) -> tuple[int, int]:
-        """Tile side and overlap for a model.
+    def tiling(self, info: ModelInfo, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Tile side and overlap for a model (and a scene of ``height`` x ``width``).
 
         By default (:func:`geovae.tiling.default_tiling`) the overlap covers the model's halo
         on both sides, so blending only uses each tile's trustworthy interior, and the tile is
-        the model's training tile, enlarged until the overlap is at most a quarter of it. An
-        overlap the user gives that is smaller than twice the halo gets one warning line.
+        the one that predicts the fewest pixels for the scene. A user overlap smaller than
+        twice the halo gets one warning line (:meth:`warn_seams`).
 
         Raises:
             OptionError: a tile that is not a multiple of the model's stride, an overlap not
                 smaller than the tile.
         """
-        halo, stride = info.halo, info.stride
-        d_tile, d_overlap = default_tiling(info.tile_size, halo, stride)
-        need = 0 if halo is None else 2 * halo + 16
-        if self.tile is None:
-            tile = d_tile if self.overlap is None else max(d_tile, -(-(self.overlap + stride) // stride) * stride)
+        stride = info.stride
+        if self.overlap is None:
+            tile, overlap = default_tiling(info.tile_size, info.halo, stride, height, width, self.tile)
         else:
-            tile = self.tile
-        if self.overlap is not None:
             overlap = self.overlap
-        elif self.tile is None:
-            overlap = d_overlap
-        else:
-            overlap = min(max(tile // 4, need), max(tile - stride, 0))
+            tile = self.tile if self.tile is not None else \
+                max(info.tile_size, -(-(self.overlap + stride) // stride) * stride)
         check_options(tile, overlap, 1, stride)
         return tile, overlap
+
+    def batch(self, tile: int) -> int:
+        """Tiles per model call: ``batch_size``, or about half a megapixel of tiles by default."""
+        return self.batch_size if self.batch_size is not None else default_batch_size(tile)
 
     def warn_seams(self, info: ModelInfo, tiles: int, overlap: int) -> None:
         """One warning line when more than one tile overlaps by less than twice the model's halo."""
