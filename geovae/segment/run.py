@@ -394,7 +394,14 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
     t0 = time.perf_counter()
     # The COG copies (overviews included) take a minute or more on a 20k scene: a bar in MiB.
     with _Progress(1, opts.progress, f"COGs {stem}", unit="MiB") as bar:
-        rasters = stitcher.close(progress=lambda done, total: _set_total(bar, done >> 20, max(1, total >> 20)))
+        seen = [1]
+
+        def cog_progress(done: int, total: int) -> None:
+            seen[0] = max(1, -(-total >> 20))  # MiB, rounded up: a small scene still ends at 1/1
+            _set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
+
+        rasters = stitcher.close(progress=cog_progress)
+        _set_total(bar, seen[0], seen[0])
     timings["rasters_close_s"] = time.perf_counter() - t0
     log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, timings["rasters_close_s"])
     staged = {k: oset.path(output_name(stem, k)) for k in rasters}
