@@ -2,8 +2,9 @@
 
 Usage::
 
-    .venv/bin/python -m benchmarks                       # full run, about 20 min on 2 CPU cores
-    .venv/bin/python -m benchmarks --quick               # smoke run, a few minutes
+    .venv/bin/python -m benchmarks                       # full run, about 1 h on 2 CPU cores
+    .venv/bin/python -m benchmarks --quick               # smoke run, about 15 minutes
+    .venv/bin/python -m benchmarks --only fcn,tiling,vaespeed,vaememory   # issue 14 only
     .venv/bin/python -m benchmarks --sizes 2048,8192,20480 --json results.json
 
 Sections (issue 6):
@@ -17,6 +18,17 @@ Sections (issue 6):
    helper's ``bench_memory.py`` with its 1x1-convolution model.
 4. Vectorisation: ``bench_vectorize.py`` (geovae's vectoriser vs whole-array shapes).
 5. Distributed scaling: ``bench_distributed.py`` (1 vs 2 workers), when present.
+
+Sections (issue 14; pieces in ``bench_speed.py``):
+
+- ``fcn``: sections 1-2 again on the issue's setting: a TorchGeo FCN checkpoint (exported with
+  the scene's band statistics), a 61-MP mosaic, tile 512, overlap 64, batch 8.
+- ``tiling``: the default VAE on a real 1024^2 crop, untiled, with its defaults, at tile 320
+  with the default overlap, and at the user choices 256/64 and 128/32; class agreement.
+- ``vaespeed``: the default VAE with geovae's default tile, overlap and batch against the
+  issue's baseline (base 32, depth 4, tile 256, overlap 64, batch 8), interleaved.
+- ``vaememory``: peak RSS of the default VAE at 2048^2 and 20480 x 2048, and of the stand-in
+  on a 100,096 x 1024 scene.
 
 Every measurement is a subprocess of its own (peak RSS is its own); ratios come from runs
 interleaved within this invocation. Nothing is written into the repository except the JSON
@@ -36,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import bench_speed, common
 from benchmarks.common import interleaved, median, run_json
 
 HERE = Path(__file__).resolve().parent
@@ -72,15 +84,20 @@ def _run_worker(method: str, scene: Path, model: Path, work: Path, a: argparse.N
 # -- sections 1 and 2 -------------------------------------------------------------------------
 
 
-def end_to_end(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """geovae, the TorchGeo loop and the model alone, interleaved, on one scene."""
-    scene = common.mosaic_vrt(a.e2e_size)
-    model = common.benchmark_model()
+def end_to_end(a: argparse.Namespace, work: Path, *, model: Path | None = None, size: int | None = None,
+               tag: str = "e2e", note: str | None = None) -> dict[str, Any]:
+    """geovae, the TorchGeo loop and the model alone, interleaved, on one scene.
+
+    ``a`` carries tile, overlap, batch size and threads (the same on every side)."""
+    size = size or a.e2e_size
+    scene = common.mosaic_vrt(size)
+    model = model or common.benchmark_model()
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in ("geovae", "torchgeo", "model")}
     order = interleaved(["geovae", "torchgeo", "model"], a.repeats)
-    _log(f"end to end on a {a.e2e_size}^2 mosaic, default VAESegmenter, order {' '.join(order)}")
+    _log(f"{tag}: end to end on a {size}^2 mosaic, {model.name}, tile {a.tile} overlap {a.overlap} "
+         f"batch {a.batch_size}, order {' '.join(order)}")
     for i, m in enumerate(order):
-        runs[m].append(_run_worker(m, scene, model, work, a, f"e2e#{i}"))
+        runs[m].append(_run_worker(m, scene, model, work, a, f"{tag}#{i}"))
     g, t, mo = runs["geovae"], runs["torchgeo"], runs["model"]
     mpx = g[0]["megapixels"]
     # Ratios per repeat (each repeat holds one run of each side, close together in time).
@@ -90,9 +107,10 @@ def end_to_end(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     # tiles; the CPU-time cross-check is therefore given for geovae vs TorchGeo only.
     cpu_speed = [tt["cpu_s"] / gg["cpu_s"] for gg, tt in zip(g, t) if "cpu_s" in gg and "cpu_s" in tt]
     res = {
-        "scene": scene.name, "size": a.e2e_size, "megapixels": mpx, "model": model.name,
-        "model_note": "VAESegmenter default size (base 32, depth 4, latent 8), 6 classes, trained briefly "
-                      "(40 Adam steps) on pseudo-labels of the Parana scene; saved with save_model",
+        "scene": scene.name, "size": size, "megapixels": mpx, "model": model.name,
+        "tile": a.tile, "overlap": a.overlap, "batch_size": a.batch_size,
+        "model_note": note or "VAESegmenter base 32, depth 4, latent 8, 6 classes, trained briefly "
+                              "(40 Adam steps) on pseudo-labels of the Parana scene; saved with save_model",
         "order": order, "runs": runs,
         "geovae": _summary(g), "torchgeo": _summary(t), "model_only": _summary(mo),
         "speedup_geovae_over_torchgeo": median(speed), "speedup_per_repeat": speed,
@@ -227,6 +245,97 @@ def distributed_bench(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return res
 
 
+# -- issue 14 --------------------------------------------------------------------------------
+
+
+def fcn_end_to_end(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Target 1 on the issue's setting: a TorchGeo FCN checkpoint, tile 512, overlap 64, batch 8."""
+    b = argparse.Namespace(**{**vars(a), "tile": 512, "overlap": 64, "batch_size": 8})
+    return end_to_end(b, work, model=bench_speed.torchgeo_fcn(), size=a.fcn_size, tag="fcn",
+                      note="TorchGeo SemanticSegmentationTask(model='fcn', num_filters=64), 6 classes, 40 Adam "
+                           "steps on the Parana pseudo-labels, exported with the scene's band statistics")
+
+
+def _segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], a: argparse.Namespace, tag: str) -> dict[str, Any]:
+    rec = run_json(bench_speed.segment_cmd(scene, model, out, opts, a.threads), timeout=a.worker_timeout)
+    o = rec["options"]
+    _log(f"  {tag:22s} {rec['seconds']:7.1f} s  {rec['megapixels'] / rec['seconds']:6.3f} MP/s  "
+         f"peak RSS {rec['peak_rss_mib']:6.0f} MiB  tile {o['tile']} overlap {o['overlap']} batch {o['batch_size']}")
+    return rec
+
+
+def tiling(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Target 2: the default VAE on a real 1024^2 crop, untiled and tiled several ways."""
+    scene = bench_speed.crop_tif()
+    model = common.benchmark_model(arch={})
+    runs = {
+        "untiled": {"tile": 1024, "overlap": 0},
+        "default": {},
+        "tile 320, default overlap": {"tile": 320},
+        "tile 256, overlap 64": {"tile": 256, "overlap": 64},
+        "tile 128, overlap 32": {"tile": 128, "overlap": 32},
+    }
+    _log(f"tiling: {model.name} on {scene.name}")
+    recs = {}
+    for name, opts in runs.items():
+        recs[name] = _segment(scene, model, work / f"tiling_{len(recs)}", opts | {"formats": [], "reconstruction": False},
+                              a, f"tiling {name}")
+    cls = {k: Path(r["outputs"]["classes"]) for k, r in recs.items()}
+    res: dict[str, Any] = {"scene": scene.name, "model": model.name,
+                           "options": {k: r["options"] for k, r in recs.items()}}
+    res["vs_untiled"] = {k: bench_speed.agreement(cls[k], cls["untiled"]) for k in runs if k != "untiled"}
+    res["default_vs_tile320"] = bench_speed.agreement(cls["default"], cls["tile 320, default overlap"], border=0)
+    res["t128_vs_t256"] = bench_speed.agreement(cls["tile 128, overlap 32"], cls["tile 256, overlap 64"], border=0)
+    for r in recs.values():
+        shutil.rmtree(Path(r["outputs"]["classes"]).parent, ignore_errors=True)
+    return res
+
+
+def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Target 3: the default VAE with geovae's defaults vs the issue's baseline (base 32, depth 4,
+    tile 256, overlap 64, batch 8), interleaved, on one mosaic."""
+    scene = common.mosaic_vrt(a.vae_size)
+    before = common.benchmark_model(arch={"base_channels": 32, "depth": 4})
+    now = common.benchmark_model(arch={})
+    sides = {"before": (before, {"tile": 256, "overlap": 64, "batch_size": 8}), "now": (now, {})}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
+    order = interleaved(list(sides), a.repeats)
+    _log(f"VAE speed on a {a.vae_size}^2 mosaic: before {before.name}, now {now.name}, order {' '.join(order)}")
+    for i, k in enumerate(order):
+        m, opts = sides[k]
+        runs[k].append(_segment(scene, m, work / f"vae_{k}_{i}", opts | {"formats": []}, a, f"vae {k}#{i}"))
+    res: dict[str, Any] = {"size": a.vae_size, "before_model": before.name, "now_model": now.name,
+                           "same_weights": before == now, "runs": runs}
+    res["speedup_per_repeat"] = [b["seconds"] / n["seconds"] for b, n in zip(runs["before"], runs["now"])]
+    res["speedup"] = median(res["speedup_per_repeat"])
+    res["cpu_speedup"] = median([b["cpu_s"] / n["cpu_s"] for b, n in zip(runs["before"], runs["now"])])
+    res["mp_per_s"] = {k: median([r["megapixels"] / r["seconds"] for r in v]) for k, v in runs.items()}
+    if res["same_weights"]:  # the same model: the answers must agree too
+        res["agreement"] = bench_speed.agreement(Path(runs["before"][-1]["outputs"]["classes"]),
+                                                 Path(runs["now"][-1]["outputs"]["classes"]))
+    for v in runs.values():
+        for r in v:
+            shutil.rmtree(Path(r["outputs"]["classes"]).parent, ignore_errors=True)
+    return res
+
+
+def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Target 4: peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
+    row band, the only part that grows, depends on width only), and a very wide scene with the
+    stand-in (0.2 MP/s would take hours for 100 MP of the VAE)."""
+    vae = common.benchmark_model(arch={})
+    rows = []
+    for w, h, model, label in ((a.vae_memory_sizes[0], a.vae_memory_sizes[0], vae, "default VAE"),
+                               (a.vae_memory_sizes[1], a.vae_memory_sizes[0], vae, "default VAE"),
+                               (a.wide, 1024, common.standin_model(), "stand-in")):
+        scene = common.mosaic_vrt(h, width=w)
+        rec = _segment(scene, model, work / f"mem_{w}x{h}", {"formats": ["gpkg"]}, a, f"memory {w}x{h}")
+        shutil.rmtree(Path(rec["outputs"]["classes"]).parent, ignore_errors=True)
+        rows.append({"width": w, "height": h, "model": label, **{k: rec[k] for k in
+                     ("seconds", "megapixels", "peak_rss_mib", "rss_after_imports_mib", "options")}})
+    return {"rows": rows, "growth": rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -271,6 +380,45 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
             q = last["rss_above_imports_ratio"]
             out.append({"target": "vectoriser without the whole-array memory growth",
                         "value": f"RSS above imports x{q:.2f} of baseline at {last['width']}^2", "met": q < 1.0})
+    return out + targets_issue14(r)
+
+
+def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 14 with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+    if f := r.get("fcn_end_to_end"):
+        ov, ovx = f["overhead_in_run"], f["overhead_geovae_over_model"]
+        out.append({"target": "14.1 end to end <= 1.05x the model's own forward time (TorchGeo FCN)",
+                    "value": f"x{ov:.2f} in-run (x{ovx:.2f} from separate interleaved runs)", "met": ov <= 1.05})
+        sp, cpu = f["speedup_geovae_over_torchgeo"], f.get("cpu_time_ratio_torchgeo_over_geovae")
+        out.append({"target": "14.1 >= 2x the TorchGeo loop's throughput",
+                    "value": f"x{sp:.2f} wall" + (f", x{cpu:.2f} CPU seconds" if cpu else ""), "met": sp >= 2.0})
+        rr = f["rss_ratio_geovae_over_torchgeo"]
+        out.append({"target": "14.1 < 0.5x the TorchGeo loop's peak RSS", "value": f"x{rr:.2f}", "met": rr < 0.5})
+    if t := r.get("tiling"):
+        two, un = t["default_vs_tile320"], min(t["vs_untiled"]["default"], t["vs_untiled"]["tile 320, default overlap"])
+        out.append({"target": "14.2 two default-overlap tilings agree >= 99.9 %", "value": f"{two * 100:.3f} %",
+                    "met": two >= 0.999})
+        out.append({"target": "14.2 tiled == untiled >= 99.99 %", "value": f"{un * 100:.4f} % (worst of two tilings)",
+                    "met": un >= 0.9999})
+    if v := r.get("vae_speed"):
+        val = f"x{v['speedup']:.2f} wall, x{v['cpu_speedup']:.2f} CPU seconds"
+        met = v["speedup"] >= 3.0
+        if "agreement" in v:
+            val += f", agreement {v['agreement'] * 100:.2f} %"
+            met = met and v["agreement"] >= 0.995
+        else:
+            val += " (a different architecture: quality from bench_quality.py, docs/quality.md)"
+        out.append({"target": "14.3 default VAE >= 3x the MP/s of base32/depth4 at 256/64", "value": val, "met": met})
+    if m := r.get("vae_memory"):
+        r0, r1, wide = m["rows"]
+        out.append({"target": f"14.4 default VAE peak RSS flat within 20 % ({r0['width']}^2 -> {r1['width']} wide)",
+                    "value": f"x{m['growth']:.2f}", "met": m["growth"] <= 1.2})
+        peak = wide["peak_rss_mib"] * 2**20
+        out.append({"target": f"14.4 peak RSS < 3 GB at {wide['width']} px wide", "value": f"{peak / GB:.2f} GB",
+                    "met": peak < 3 * GB})
+    if r.get("fcn_end_to_end") or r.get("tiling"):
+        out.append({"target": "14.5 GPU numbers (benchmarks/gpu.sh)", "value": "run it on a GPU machine", "met": None})
     return out
 
 
@@ -335,7 +483,30 @@ def print_table(r: dict[str, Any]) -> None:
             print("  " + "\n  ".join(d.get("stdout", "").strip().splitlines()[-8:]))
             if "error" in d:
                 print(f"  error: {d['error'][-300:]}")
-    print("\ntargets (issue 6)")
+    if f := r.get("fcn_end_to_end"):
+        print(f"\n14.1 TorchGeo FCN checkpoint end to end, {f['size']}^2 mosaic ({f['megapixels']:.1f} MP), "
+              f"tile {f['tile']}, overlap {f['overlap']}, batch {f['batch_size']}")
+        for k in ("geovae", "torchgeo", "model_only"):
+            x = f[k]
+            print(f"  {k:10s} {x['seconds_median']:8.1f} s {x['mp_per_s']:7.3f} MP/s  peak RSS {x['peak_rss_mib']:6.0f} MiB")
+        tm = f["geovae"]["timings_s_first_run"] or {}
+        print("  geovae stages (first run): " + ", ".join(f"{k} {v:.1f}" for k, v in tm.items() if isinstance(v, (int, float))))
+    if t := r.get("tiling"):
+        print(f"\n14.2 tilings of {t['scene']} with {t['model']}")
+        for k, v in t["vs_untiled"].items():
+            o = t["options"][k]
+            print(f"  {k:26s} (tile {o['tile']}, overlap {o['overlap']}) == untiled on {v * 100:8.4f} %")
+        print(f"  default vs tile 320: {t['default_vs_tile320'] * 100:.4f} %; 128/32 vs 256/64: {t['t128_vs_t256'] * 100:.3f} %")
+    if v := r.get("vae_speed"):
+        print(f"\n14.3 VAE speed on a {v['size']}^2 mosaic: before {v['mp_per_s']['before']:.3f} MP/s "
+              f"({v['before_model']}, 256/64/8), now {v['mp_per_s']['now']:.3f} MP/s ({v['now_model']}, defaults "
+              f"{v['runs']['now'][0]['options']})")
+    if m := r.get("vae_memory"):
+        print("\n14.4 peak RSS by shape")
+        for x in m["rows"]:
+            print(f"  {x['width']:>6} x {x['height']:<6} {x['model']:12s} {x['peak_rss_mib']:6.0f} MiB "
+                  f"(after imports {x['rss_after_imports_mib']:.0f})  {x['seconds']:7.1f} s")
+    print("\ntargets (issue 6, then issue 14)")
     for t in r["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         print(f"  [{mark:6s}] {t['target']}: {t['value']}")
@@ -353,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on every side")
-    p.add_argument("--only", default="e2e,memory,memscript,vectorize,distributed",
-                   help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed)")
+    p.add_argument("--only", default="e2e,memory,memscript,vectorize,distributed,fcn,tiling,vaespeed,vaememory",
+                   help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed; issue 14: "
+                        "fcn,tiling,vaespeed,vaememory)")
+    p.add_argument("--fcn-size", type=int, help="side of the TorchGeo FCN mosaic (default 7808, 61 MP; quick 2048)")
+    p.add_argument("--vae-size", type=int, help="side of the VAE speed mosaic (default 2048; quick 1024)")
+    p.add_argument("--wide", type=int, help="width of the very wide scene, 1024 rows (default 100096; quick 20480)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--worker-timeout", type=float, default=1200.0, help="seconds before one run is abandoned")
     p.add_argument("--script-timeout", type=float, default=900.0, help="seconds for each other helper's script")
@@ -362,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     default_sizes = "512,1024" if a.quick else "2048,8192"
     a.sizes = sorted(int(s) for s in (a.sizes or default_sizes).split(","))
     a.e2e_size = a.e2e_size or a.sizes[0]
+    a.fcn_size = a.fcn_size or (2048 if a.quick else 7808)
+    a.vae_size = a.vae_size or (1024 if a.quick else 2048)
+    a.wide = a.wide or (20480 if a.quick else 100096)
+    a.vae_memory_sizes = (1024, 4096) if a.quick else (2048, 20480)
     only = set(a.only.split(","))
     common.require_data()
 
@@ -385,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
             r["vectorize"] = vectorize_bench(a)
         if "distributed" in only:
             r["distributed"] = distributed_bench(a, work)
+        if "fcn" in only:
+            r["fcn_end_to_end"] = fcn_end_to_end(a, work)
+        if "tiling" in only:
+            r["tiling"] = tiling(a, work)
+        if "vaespeed" in only:
+            r["vae_speed"] = vae_speed(a, work)
+        if "vaememory" in only:
+            r["vae_memory"] = vae_memory(a, work)
     r["targets"] = targets(r)
     r["total_s"] = time.perf_counter() - t0
     print_table(r)

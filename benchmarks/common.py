@@ -86,8 +86,9 @@ def require_data() -> None:
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
 
-def mosaic_vrt(size: int, cache: Path = CACHE) -> Path:
-    """A ``size`` x ``size`` VRT that repeats the Parana scene on a grid, cropped to size.
+def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> Path:
+    """A ``size`` x ``size`` VRT (``width`` x ``size`` when ``width`` is given) that repeats the
+    Parana scene on a grid, cropped to size.
 
     The mosaic keeps the scene's CRS and pixel size and continues its grid to the right and
     down, so every copy is georeferenced where it lies. VRT sources cannot be mirrored, so
@@ -95,8 +96,9 @@ def mosaic_vrt(size: int, cache: Path = CACHE) -> Path:
     at every copy's edge. No nodata is tagged, as in the original file: pass ``nodata=0``.
 
     Args:
-        size: side in pixels.
+        size: side (height) in pixels.
         cache: folder for the VRT (created if missing).
+        width: width in pixels, when it differs from the height (very wide scenes).
 
     Returns:
         Path of the VRT (written once, reused afterwards).
@@ -105,7 +107,8 @@ def mosaic_vrt(size: int, cache: Path = CACHE) -> Path:
 
     require_data()
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"parana_mosaic_{size}.vrt"
+    height, width = size, width or size
+    path = cache / (f"parana_mosaic_{size}.vrt" if width == height else f"parana_mosaic_{width}x{height}.vrt")
     if path.exists():
         return path
     with rasterio.open(PARANA) as src:
@@ -118,9 +121,9 @@ def mosaic_vrt(size: int, cache: Path = CACHE) -> Path:
     bands = []
     for b in range(1, count + 1):
         sources = []
-        for r0 in range(0, size, h):
-            for c0 in range(0, size, w):
-                sw, sh = min(w, size - c0), min(h, size - r0)
+        for r0 in range(0, height, h):
+            for c0 in range(0, width, w):
+                sw, sh = min(w, width - c0), min(h, height - r0)
                 sources.append(
                     f"""    <SimpleSource>
       <SourceFilename relativeToVRT="0">{PARANA}</SourceFilename>
@@ -133,7 +136,7 @@ def mosaic_vrt(size: int, cache: Path = CACHE) -> Path:
         bands.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">\n' + "\n".join(sources) + "\n  </VRTRasterBand>")
     gt = f"{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
     xml = (
-        f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}">\n'
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
         f"  <SRS>{_xml_escape(crs_wkt)}</SRS>\n  <GeoTransform>{gt}</GeoTransform>\n"
         + "\n".join(bands)
         + "\n</VRTDataset>\n"
@@ -187,7 +190,8 @@ def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, st
     return float(loss.detach())
 
 
-def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0) -> Path:
+def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0,
+                    arch: dict[str, Any] | None = None) -> Path:
     """A VAESegmenter (default size unless told) trained briefly on Parana, saved with save_model.
 
     Training: ``steps`` Adam steps of cross-entropy on batches of 8 random 64 x 64 crops against the
@@ -197,9 +201,11 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
 
     Args:
         cache: folder for the model file (reused when its recipe is unchanged).
-        base_channels: width of the full-resolution features (32 is the default model).
+        base_channels: width of the full-resolution features (32 was the first default model).
         steps: optimiser steps.
         seed: random seed.
+        arch: VAESegmenter keyword arguments instead of ``base_channels`` (``{}``: the
+            current defaults, whatever they are; the file name records the resolved ones).
 
     Returns:
         Path of the ``.safetensors`` model file.
@@ -214,8 +220,15 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
 
     require_data()
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(f"v2-b8-{base_channels}-{steps}-{seed}-{NUM_CLASSES}".encode()).hexdigest()[:10]
-    path = cache / f"parana_vae_b{base_channels}_{key}.safetensors"
+    if arch is None:
+        key = hashlib.sha1(f"v2-b8-{base_channels}-{steps}-{seed}-{NUM_CLASSES}".encode()).hexdigest()[:10]
+        path = cache / f"parana_vae_b{base_channels}_{key}.safetensors"
+        arch = {"base_channels": base_channels}
+    else:
+        # Resolve the defaults now, so a changed default is a different cached file.
+        hp = VAESegmenter(3, NUM_CLASSES, **arch)._hparams
+        key = hashlib.sha1(f"v3-{sorted(hp.items())}-{steps}-{seed}".encode()).hexdigest()[:10]
+        path = cache / f"parana_vae_b{hp['base_channels']}d{hp['depth']}_{key}.safetensors"
     if path.exists():
         return path
     with rasterio.open(PARANA) as src:
@@ -226,7 +239,7 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
     std = [float(b[valid].std()) for b in bands]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = VAESegmenter(3, NUM_CLASSES, base_channels=base_channels)
+    model = VAESegmenter(3, NUM_CLASSES, **arch)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     y_all = torch.from_numpy(labels)
