@@ -288,18 +288,26 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
               help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
                    "for sparse labels without --unlabeled).")
+@click.option("--boundary-width", type=click.IntRange(min=1),
+              help="Object labels: train a 'boundary' class this many pixels wide along every polygon's outline "
+                   "(and a 'background' class), so `segment --objects` keeps touching objects apart.")
+@click.option("--background", help="With --boundary-width, where pixels outside every polygon are background: "
+                                   "extent (the labels' bounding box; default), none, or a vector file of the area "
+                                   "the labels cover. Elsewhere they are unlabelled.")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
           vector_labels: str | None, label_field: str | None, classes: str | None,
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
-          device: str, seed: int, sampler: str, overrides: tuple[str, ...]) -> None:
+          device: str, seed: int, sampler: str, boundary_width: int | None, background: str | None,
+          overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
     if config:
-        if image or labels or vector_labels:
-            raise OptionError("--config and --image/--labels are exclusive; put the data paths in the config")
+        if image or labels or vector_labels or boundary_width or background:
+            raise OptionError("--config and --image/--labels/--boundary-width are exclusive; put them in the config "
+                              "(data.boundary_width, data.background)")
         result = training.train_from_config(config, overrides=overrides)
     else:
         if not image or not (labels or vector_labels):
@@ -309,7 +317,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         result = training.train_model(
             image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
             unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
-            seed=seed, sampler=sampler, progress=not _quiet(ctx),
+            seed=seed, sampler=sampler, progress=not _quiet(ctx), boundary_width=boundary_width,
+            background=background,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):

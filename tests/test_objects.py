@@ -1,0 +1,154 @@
+"""Objects kept apart (issue 16): boundary labels for training, objects from a watershed along the
+boundary class, block-wise and exact across block lines, object metrics.
+
+Real data: the Amsterdam NDVI scene with the Dutch crop-parcel register (many parcels share an
+edge or lie 1-2 px apart) and the SpaceNet Atlanta building footprints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from scipy import ndimage as ndi
+
+from conftest import data_path
+from geovae.errors import LabelsError, ModelMismatchError, OptionError
+
+PARCELS = ("ndvi_parcels_amsterdam", "parcels_brp2020.gpkg")
+NDVI = ("ndvi_parcels_amsterdam", "NDVI.tif")
+CROSS = ndi.generate_binary_structure(2, 1)
+
+
+@pytest.fixture
+def ndvi() -> Path:
+    return data_path(*NDVI)
+
+
+@pytest.fixture
+def parcels() -> gpd.GeoDataFrame:
+    return gpd.read_file(data_path(*PARCELS))
+
+
+def _write(gdf: gpd.GeoDataFrame, path: Path) -> Path:
+    gdf.to_file(path, layer="parcels")
+    return path
+
+
+# ----------------------------------------------------------------------------- training labels
+def test_object_mask_puts_a_boundary_on_both_sides_of_a_shared_edge() -> None:
+    from geovae.training.labels import UNLABELLED, object_mask
+
+    ids = np.zeros((6, 9), np.int64)
+    ids[1:5, 1:4] = 1  # two objects of class 7 sharing the edge between columns 3 and 4
+    ids[1:5, 4:7] = 2
+    ids[1:5, 7] = 3  # a one-pixel-wide object of class 0 (no class): unlabelled, still an outline
+    bg = np.ones(ids.shape, bool)
+    bg[:, 8] = False  # outside the labelled area
+    m = object_mask(ids, np.array([0, 7, 7, 0]), 1, 9, bg, 0)
+    expect = np.array([
+        [0, 0, 0, 0, 0, 0, 0, 0, -1],
+        [0, 9, 9, 9, 9, 9, 9, 9, -1],
+        [0, 9, 7, 9, 9, 7, 9, 9, -1],
+        [0, 9, 7, 9, 9, 7, 9, 9, -1],
+        [0, 9, 9, 9, 9, 9, 9, 9, -1],
+        [0, 0, 0, 0, 0, 0, 0, 0, -1],
+    ])
+    assert UNLABELLED == -1
+    np.testing.assert_array_equal(m, expect)
+    # Two pixels wide: the interiors shrink by two on every side.
+    m2 = object_mask(ids, np.array([0, 7, 7, 0]), 2, 9, None, None)
+    assert not (m2 == 7).any() and (m2[ids > 0] == 9).all() and (m2[ids == 0] == UNLABELLED).all()
+
+
+def test_touching_parcels_are_rasterised_with_a_boundary_between_them(ndvi: Path, parcels: gpd.GeoDataFrame,
+                                                                     tmp_path: Path) -> None:
+    from geovae.training import SceneDataModule
+    from geovae.training.labels import object_mask
+
+    # The register's parcels in the north-west of the scene, one class: the labels cover only
+    # part of the image, so "background" must stop at their extent.
+    box = shapely.box(629000, 5810000, 632000, 5814000)
+    sub = parcels[parcels.geometry.within(box)].reset_index(drop=True)
+    sub["kind"] = "parcel"
+    path = _write(sub[["kind", "geometry"]], tmp_path / "parcels.gpkg")
+    dm = SceneDataModule(str(ndvi), vector_labels=str(path), label_field="kind", boundary_width=1, tile=64,
+                         val_fraction=0.25, val_side="south")
+    assert dm.classes.names == ["background", "parcel", "boundary"] and dm.classes.ids == [0, 1, 2]
+    assert dm.objects == {"boundary_class": 2, "background_class": 0, "object_classes": [1], "boundary_width": 1,
+                          "background": "extent"}
+    assert dm.describe()["objects"] == dm.objects
+    counts = dm.train_class_counts
+    assert all(counts[c] > 1000 for c in (0, 1, 2))
+
+    # Two parcels that share an edge.
+    geoms = sub.geometry.values
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="touches")
+    shared = [(a, b) for a, b in zip(i, j) if a < b and shapely.length(shapely.intersection(geoms[a], geoms[b])) > 50]
+    assert shared, "the register has parcels that share an edge"
+    a, b = shared[0]
+    left, bottom, right, top = shapely.union(geoms[a], geoms[b]).bounds
+    # A window on the image's pixel grid around both, 10 px of margin.
+    x0, y1 = np.floor(left / 10) * 10 - 100, np.ceil(top / 10) * 10 + 100
+    x1, y0 = np.ceil(right / 10) * 10 + 100, np.floor(bottom / 10) * 10 - 100
+    dm.setup("fit")
+    sample = dm.train_dataset[x0:x1, y0:y1, :]  # type: ignore[misc]
+    mask = sample["mask"].numpy()
+    h, w = mask.shape
+    t = rasterio.transform.from_origin(x0, y1, 10, 10)
+    ids = rasterio.features.rasterize([(g, k + 1) for k, g in enumerate(geoms)], out_shape=(h, w), transform=t,
+                                      dtype="int32")
+    # Channel indices: background 0, parcel 1, boundary 2, ignore -100.
+    pa, pb = (ids == a + 1), (ids == b + 1)
+    assert pa.sum() > 20 and pb.sum() > 20
+    touching = pa & ndi.binary_dilation(pb, CROSS)
+    assert touching.sum() >= 3 and (mask[touching] == 2).all()  # A's side of the shared edge
+    assert (mask[pb & ndi.binary_dilation(pa, CROSS)] == 2).all()  # and B's
+    interior = mask == 1
+    lab, _ = ndi.label(interior, CROSS)
+    la, lb = set(np.unique(lab[pa & interior])) - {0}, set(np.unique(lab[pb & interior])) - {0}
+    assert la and lb and not la & lb  # the two interiors are not connected
+    assert (mask[ids == 0] == 0).all()  # inside the labels' extent, outside every parcel: background
+    # The same classes as rasterising the whole window at once (the patch edge is no outline).
+    full = object_mask(ids.astype(np.int64), np.array([0] + [1] * len(geoms)), 1, 2, np.ones((h, w), bool), 0)
+    inner = (slice(1, -1), slice(1, -1))
+    np.testing.assert_array_equal(mask[inner], full[inner])
+
+    # Outside the labels' extent nothing is background: unlabelled. A patch across its east edge:
+    ex1 = sub.total_bounds[2]
+    xs = np.floor(ex1 / 10) * 10 - 320
+    edge = dm.train_dataset[xs:xs + 640, 5811000:5811640, :]  # type: ignore[misc]
+    m = edge["mask"].numpy()
+    centres = xs + 5 + 10 * np.arange(m.shape[1])
+    assert (m[:, centres > ex1] == -100).all() and (m[:, centres < ex1 - 10] != -100).all()
+
+
+def test_object_label_options_are_checked(ndvi: Path, parcels: gpd.GeoDataFrame, tmp_path: Path) -> None:
+    from geovae.training import SceneDataModule
+
+    sub = parcels.iloc[:50].copy()
+    path = _write(sub, tmp_path / "p.gpkg")
+    with pytest.raises(OptionError, match="--boundary-width .* whole number"):
+        SceneDataModule(str(ndvi), vector_labels=str(path), label_field="category", boundary_width=0)
+    with pytest.raises(OptionError, match="--background applies to object labels"):
+        SceneDataModule(str(ndvi), vector_labels=str(path), label_field="category", background="none")
+    with pytest.raises(OptionError, match="needs object polygons"):
+        SceneDataModule(str(ndvi), labels=str(ndvi), boundary_width=1)
+    sub["kind"] = "boundary"
+    path2 = _write(sub, tmp_path / "q.gpkg")
+    with pytest.raises(LabelsError, match="named 'boundary'"):
+        SceneDataModule(str(ndvi), vector_labels=str(path2), label_field="kind", boundary_width=1)
+    # background "none": no background class; a vector file: the area it covers.
+    dm = SceneDataModule(str(ndvi), vector_labels=str(path), label_field="category", boundary_width=2,
+                         background="none", val_fraction=0)
+    assert "background" not in dm.classes.names and dm.objects["background_class"] is None
+    area = gpd.GeoDataFrame(geometry=[shapely.box(*sub.total_bounds).buffer(-200)], crs=sub.crs)
+    area.to_file(tmp_path / "area.gpkg")
+    dm = SceneDataModule(str(ndvi), vector_labels=str(path), label_field="category", boundary_width=1,
+                         background=str(tmp_path / "area.gpkg"), val_fraction=0)
+    assert dm.classes.names[0] == "background" and dm.objects["background"] == str(tmp_path / "area.gpkg")
