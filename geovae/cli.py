@@ -184,6 +184,13 @@ def _segment_options(f: Any) -> Any:
         click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
         click.option("--force", is_flag=True, help="Segment a scene even when it lies far outside the model's "
                                                    "training data (another sensor or scale); it is then flagged."),
+        click.option("--objects", help="Also write one polygon per object of these classes (names or ids, "
+                                       "comma-separated) as <stem>.objects.<format>, split along the model's boundary "
+                                       "class (train it with --boundary-width)."),
+        click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
+                     help="Pixels around each block the object split sees; objects up to this size are exact."),
+        click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5,
+                     show_default=True, help="Interior probability at which a pixel seeds an object."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -198,7 +205,8 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
         precision=kw["precision"], samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
         min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"], nodata=kw["nodata"],
         pixel_coords=kw["pixel_coords"], block_size=kw["block_size"], quicklook=not kw["no_quicklook"],
-        progress=not quiet, force=kw["force"],
+        progress=not quiet, force=kw["force"], objects=kw["objects"], object_halo=kw["object_halo"],
+        object_seed=kw["object_seed"],
     )
 
 
@@ -257,9 +265,32 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
               help="Pixels per block; memory grows with it, the polygons do not change.")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="Pixel neighbourhood of a region (8 joins diagonal pixels).")
+@click.option("--objects", help="One polygon per object of these classes (names or ids, comma-separated) instead "
+                                "of one per class region.")
+@click.option("--probabilities", help="With --objects: the run's <stem>.object-probability.tif (seeds and the "
+                                      "boundary to split along); without it, objects are split by distance.")
+@click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
+              help="With --objects: pixels around each block the split sees; objects up to this size are exact.")
+@click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="With --objects: interior probability at which a pixel seeds an object.")
 def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
-              min_area: float, simplify: float, block_size: int, connectivity: str) -> None:
+              min_area: float, simplify: float, block_size: int, connectivity: str, objects: str | None,
+              probabilities: str | None, object_halo: int, object_seed: float) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
+    if objects:
+        from geovae.objects import vectorize_objects
+
+        if uncertainty or connectivity != "4":
+            raise OptionError("--objects takes neither --uncertainty nor --connectivity 8 (objects are 4-connected)")
+        ores = vectorize_objects(classes, list(outs), objects=objects, probabilities=probabilities,
+                                 confidence=confidence, min_area=min_area, simplify=simplify, block_size=block_size,
+                                 halo=object_halo, seed=object_seed)
+        click.echo(f"{ores.n_objects} objects")
+        for p in ores.paths:
+            click.echo(f"  {p}")
+        return
+    if probabilities:
+        raise OptionError("--probabilities applies to --objects; name the object classes with --objects")
     from geovae.polygons import vectorize as run
 
     res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,

@@ -152,3 +152,70 @@ def test_object_label_options_are_checked(ndvi: Path, parcels: gpd.GeoDataFrame,
     dm = SceneDataModule(str(ndvi), vector_labels=str(path), label_field="category", boundary_width=1,
                          background=str(tmp_path / "area.gpkg"), val_fraction=0)
     assert dm.classes.names[0] == "background" and dm.objects["background"] == str(tmp_path / "area.gpkg")
+
+
+# ----------------------------------------------------------------------------- objects, block-wise
+@pytest.fixture
+def register_rasters(ndvi: Path, parcels: gpd.GeoDataFrame, tmp_path: Path) -> tuple[Path, Path]:
+    """A class raster and an object-probability raster made from the parcel register itself
+    (a perfect prediction: background 0, parcel 1, boundary 2 one pixel wide)."""
+    from geovae.objects import probability_tags
+    from geovae.products import write_class_table
+    from geovae.training.labels import object_mask
+
+    with rasterio.open(ndvi) as src:
+        profile = src.profile
+    ids = rasterio.features.rasterize([(g, k + 1) for k, g in enumerate(parcels.geometry)], out_shape=(1000, 1000),
+                                      transform=profile["transform"], dtype="int32").astype(np.int64)
+    cls = object_mask(ids, np.array([0] + [1] * len(parcels)), 1, 2, np.ones(ids.shape, bool), 0).astype(np.uint8)
+    profile.update(dtype="uint8", nodata=255, tiled=True, blockxsize=256, blockysize=256)
+    classes = tmp_path / "register.classes.tif"
+    with rasterio.open(classes, "w", **profile) as dst:
+        dst.write(cls, 1)
+        write_class_table(dst, [0, 1, 2], ["background", "parcel", "boundary"], [(200, 200, 200), (0, 150, 0), (0, 0, 0)])
+    profile.update(dtype="float32", nodata=float("nan"), count=2)
+    probs = tmp_path / "register.object-probability.tif"
+    with rasterio.open(probs, "w", **profile) as dst:
+        dst.write(np.stack([cls == 1, cls == 2]).astype("float32"))
+        dst.update_tags(**probability_tags([1], ["parcel"], 2))
+    return classes, probs
+
+
+def test_objects_are_the_same_whatever_the_block_size(register_rasters: tuple[Path, Path], tmp_path: Path) -> None:
+    from geovae.objects import vectorize_objects
+
+    classes, probs = register_rasters
+    runs = {}
+    for block in (1000, 128, 48):
+        out = tmp_path / f"o{block}.gpkg"
+        res = vectorize_objects(classes, out, objects="parcel", probabilities=probs, block_size=block, halo=128)
+        assert res.beyond_halo == 0
+        runs[block] = gpd.read_file(out, layer="register_objects").set_index("object_id").sort_index()
+    ref = runs[1000]
+    assert len(ref) > 2500 and ref.index.is_unique
+    for block in (128, 48):
+        g = runs[block]
+        assert list(g.index) == list(ref.index)  # the same objects, named alike, none twice
+        assert shapely.equals(g.geometry.values, ref.geometry.values).all()  # never cut at a block line
+        np.testing.assert_allclose(g["score"], ref["score"], rtol=1e-9)
+    # Objects that span several 48-pixel blocks came out whole, once.
+    x0, y0, x1, y1 = shapely.bounds(ref.geometry.values).T
+    spans = (np.floor((x1 - 629000 - 1e-6) / 480) != np.floor((x0 - 629000) / 480))
+    assert spans.sum() > 300
+    # Objects tile the parcel and boundary pixels they cover: no overlaps.
+    union = shapely.union_all(ref.geometry.values)
+    assert union.area == pytest.approx(ref.geometry.area.sum(), rel=1e-9)
+    assert (ref.class_name == "parcel").all() and (ref.score > 0).all() and ref.confidence_mean.isna().all()
+
+
+def test_an_object_larger_than_the_halo_is_reported(register_rasters: tuple[Path, Path], tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from geovae.objects import vectorize_objects
+
+    classes, probs = register_rasters
+    with caplog.at_level("WARNING", logger="geovae"):
+        res = vectorize_objects(classes, tmp_path / "o.gpkg", objects="1", probabilities=probs, block_size=64, halo=4)
+    assert res.beyond_halo > 10
+    assert any("beyond the 4-pixel object halo" in r.getMessage() and "--object-halo" in r.getMessage()
+               for r in caplog.records)
+
