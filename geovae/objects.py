@@ -7,10 +7,12 @@ edge come out as one polygon. A model trained with a *boundary* class
 this module turns that into objects:
 
 1. **Seeds** from the interior probability: the pixels of object class ``c`` whose
-   probability of ``c`` is at least ``seed`` (0.5 by default), in 4-connected pieces; pieces
-   smaller than :data:`MIN_SEED_PIXELS` are left out (they come from pinched interiors and
-   would cut one object into several). Without probabilities (a class raster only), the
-   pixels of class ``c`` at least :data:`SEED_DISTANCE` pixels from any other pixel.
+   probability of ``c`` minus that of the boundary class is at least ``seed``, without
+   their narrow necks (the pixels at least :data:`SEED_DISTANCE` from the seed's edge; a
+   seed too thin for that stays whole), in 4-connected pieces; pieces smaller than
+   :data:`MIN_SEED_PIXELS` are left out (they come from pinched interiors and would cut one
+   object into several). Without probabilities (a class raster only), the pixels of class
+   ``c``, necks cut the same way.
 2. A **watershed** (``skimage.segmentation.watershed``, 4-connected) floods the object
    area, the pixels of the object classes and of the boundary class, from the seeds over
    the boundary probability (without a boundary class: one minus the object classes'
@@ -31,9 +33,12 @@ object the same name, so the pieces of an object in several blocks are joined ac
 lines exactly as class regions are, never cut, never duplicated. That holds when every
 object fits within the halo (the watershed near a block's edge then sees every seed that
 competes for a pixel); an object that reaches the edge of a window is counted and reported
-(:attr:`ObjectResult.beyond_halo`, a warning), with the advice to raise the halo. Ties
-between equal elevations are broken by a fixed function of the pixel's scene position, so
-the flooding order, and with it the result, does not depend on where the window lies.
+(:attr:`ObjectResult.beyond_halo`, a warning), with the advice to raise the halo. Nor does
+the flooding order depend on where the window lies: equal elevations (a plateau, such as a
+saturated boundary) are ordered by the distance to the nearest seed, so a plateau is split
+half way between the seeds, then by a fixed function of the pixel's scene position. (The
+watershed's own tie-break, first in first out, depends on everything the window holds: two
+block sizes gave objects that differed by a few pixels.)
 Memory holds one window of ``(block + 2 * halo)^2`` pixels (a few arrays of it), never the
 scene.
 """
@@ -58,8 +63,11 @@ log = logging.getLogger("geovae.objects")
 #: 1-pixel boundary (a perfect prediction): 1 px gives object F1 0.80 (interiors pinched by
 #: the boundary split an object into several), 2 px 0.86, 3 px 0.88, 5 px 0.89, 8 px 0.89.
 MIN_SEED_PIXELS = 4
-#: Without probabilities, seeds are the pixels at least this far (pixels, Euclidean) from
-#: every pixel outside their class.
+#: Seeds keep only their pixels at least this far (pixels, Euclidean) from the seed's edge,
+#: which cuts necks of up to 2-3 pixels (a broken boundary); a seed too thin for that stays
+#: whole. On the Amsterdam parcels predicted by a trained model it raised object F1 from
+#: 0.19 to 0.28 (seeds at interior probability 0.5) and from 0.32 to 0.33 (interior minus
+#: boundary 0.65).
 SEED_DISTANCE = 2.0
 #: Default halo in pixels: objects up to this size (in rows and columns) are exact.
 DEFAULT_HALO = 256
@@ -78,7 +86,8 @@ class ObjectSpec:
         classes: class ids turned into objects (in the class raster).
         names: their names, for the polygons' ``class_name``.
         boundary: class id of the boundary class, or None.
-        seed: seed threshold on the interior probability (0..1).
+        seed: seeds are the pixels whose interior probability minus boundary probability is
+            at least this (0..1).
         halo: pixels added on every side of a block; objects up to this size are exact.
         min_seed: seeds of fewer pixels are left out.
     """
@@ -150,13 +159,26 @@ def resolve_object_classes(wanted: Sequence[str | int], class_ids: Sequence[int]
 
 
 # ----------------------------------------------------------------------------- one window
-def _tiebreak(shape: tuple[int, int], row_off: int, col_off: int, width: int) -> np.ndarray:
-    """A fixed value in [0, 1) per scene pixel (a multiplicative hash of its position), so
-    that equal elevations flood in the same order whichever window holds them."""
+def _cut_necks(core: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """Seeds without their narrow necks: the pixels at least :data:`SEED_DISTANCE` from the
+    seed's edge, so two interiors that a broken boundary joins by a neck of a pixel or two
+    seed two objects; a piece too thin to hold such pixels (a narrow field) stays whole."""
+    from scipy import ndimage as ndi
+
+    if not core.any():
+        return core
+    deep = ndi.distance_transform_edt(core) >= SEED_DISTANCE
+    pieces, n = ndi.label(core, structure=cross)
+    has_deep = np.zeros(n + 1, bool)
+    has_deep[pieces[deep]] = True
+    return deep | (core & ~has_deep[pieces])
+
+
+def _position_hash(shape: tuple[int, int], row_off: int, col_off: int, width: int) -> np.ndarray:
+    """A fixed value in [0, 1) per scene pixel (Fibonacci hashing of its index)."""
     r = np.arange(row_off, row_off + shape[0], dtype=np.uint64)[:, None]
     c = np.arange(col_off, col_off + shape[1], dtype=np.uint64)[None, :]
-    idx = r * np.uint64(width) + c
-    h = (idx * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)  # Fibonacci hashing, 24 bits
+    h = ((r * np.uint64(width) + c) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
     return h.astype(np.float64) / float(1 << 24)
 
 
@@ -210,15 +232,18 @@ def label_objects(
     seeds = np.zeros((h, w), np.int32)
     seed_class: list[int] = []
     n = 0
-    dist_all = None
     for k, c in enumerate(spec.classes):
         mine = (classes == c) & valid
         if not mine.any():
             continue
         if probabilities is not None:
-            core = mine & (probabilities[k] >= spec.seed)
+            # Interior minus boundary: a weak boundary (not the most probable class, yet
+            # well above the interior's) still cuts a seed in two.
+            margin = probabilities[k] - (probabilities[len(spec.classes)] if spec.boundary is not None else 0.0)
+            core = mine & (margin >= spec.seed)
         else:
-            core = ndi.distance_transform_edt(mine) >= SEED_DISTANCE
+            core = mine
+        core = _cut_necks(core, cross)
         lab, m = ndi.label(core, structure=cross)
         if m == 0:
             continue
@@ -266,10 +291,13 @@ def label_objects(
             elevation = 1.0 - probabilities[: len(spec.classes)].sum(0, dtype=np.float64)
         elevation = np.where(np.isfinite(elevation), elevation, 1.0)
     else:
-        dist_all = ndi.distance_transform_edt(is_obj)
-        elevation = -dist_all
-    # A tie-break far below float32 resolution of probabilities (~6e-8 at 1).
-    elevation = elevation + 1e-9 * _tiebreak((h, w), r0, c0, W)
+        elevation = -ndi.distance_transform_edt(is_obj)
+    # Ties (a plateau, e.g. a saturated boundary) go to the nearest seed, then by a fixed
+    # function of the scene position: both depend on the pixel, not on the window, so the
+    # flooding order is the same in every window that holds the object's neighbourhood (the
+    # watershed's own tie-break, first in first out, depends on the whole window).
+    near = ndi.distance_transform_edt(seeds == 0)
+    elevation = elevation + 1e-9 * near + 1e-13 * _position_hash((h, w), r0, c0, W)
     labels = watershed(elevation, seeds, mask=area, connectivity=1).astype(np.int32)
 
     flat = seeds.ravel()

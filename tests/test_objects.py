@@ -154,6 +154,70 @@ def test_object_label_options_are_checked(ndvi: Path, parcels: gpd.GeoDataFrame,
     assert dm.classes.names[0] == "background" and dm.objects["background"] == str(tmp_path / "area.gpkg")
 
 
+# ----------------------------------------------------------------------------- the split
+def _touching_pair(parcels: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two register parcels that share a long edge, rasterised on the NDVI grid around them:
+    (object ids, pixels of A, pixels of B)."""
+    from geovae.training.labels import object_mask
+
+    geoms = parcels.geometry.values
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="touches")
+    keep = i < j
+    i, j = i[keep], j[keep]
+    lengths = shapely.length(shapely.intersection(geoms[i], geoms[j]))
+    for k in np.argsort(-lengths):  # the longest shared edge between two parcels with interiors
+        a, b = i[k], j[k]
+        left, bottom, right, top = shapely.union(geoms[a], geoms[b]).bounds
+        x0, y1 = np.floor(left / 10) * 10 - 100, np.ceil(top / 10) * 10 + 100
+        w, h = int((np.ceil(right / 10) * 10 + 100 - x0) / 10), int((y1 - np.floor(bottom / 10) * 10 + 100) / 10)
+        if w * h > 200 * 200:
+            continue
+        t = rasterio.transform.from_origin(x0, y1, 10, 10)
+        ids = rasterio.features.rasterize([(geoms[a], 1), (geoms[b], 2)], out_shape=(h, w), transform=t,
+                                          dtype="int32")
+        cls = object_mask(ids.astype(np.int64), np.array([0, 1, 1]), 1, 2, np.ones((h, w), bool), 0)
+        inner = cls == 1
+        if (inner & (ids == 1)).sum() >= 40 and (inner & (ids == 2)).sum() >= 40:
+            return cls, ids == 1, ids == 2
+    raise AssertionError("no two parcels with interiors share an edge")
+
+
+@pytest.mark.parametrize("gap", ["weak", "broken"])
+def test_watershed_splits_two_parcels_joined_by_a_broken_boundary(parcels: gpd.GeoDataFrame, gap: str) -> None:
+    """Two real parcels that share an edge, predicted perfectly except around the middle of
+    their shared boundary: there it is weak (boundary probability 0.35, below the parcel's
+    0.6) or missing altogether. Class regions merge the two; objects split them again along
+    the ridge, boundary pixels given back, as they do with the boundary intact."""
+    from geovae.objects import ObjectSpec, label_objects
+
+    cls, pa, pb = _touching_pair(parcels)
+    spec = ObjectSpec((1,), ("parcel",), 2)
+    valid = np.ones(cls.shape, bool)
+    probs = np.stack([(cls == 1), (cls == 2)]).astype(np.float32)
+    intact, _, _ = label_objects(cls, valid, spec, probs)
+    edge = (pa & ndi.binary_dilation(pb, CROSS)) | (pb & ndi.binary_dilation(pa, CROSS))
+    rows, cols = np.nonzero(edge)
+    k = np.argmin(np.hypot(rows - rows.mean(), cols - cols.mean()))  # the edge pixel nearest its middle
+    radius = 3 if gap == "weak" else 2
+    rr, cc = np.indices(cls.shape)
+    hole = edge & (np.hypot(rr - rows[k], cc - cols[k]) <= radius)
+    assert hole.sum() >= 3
+    cls, probs = cls.copy(), probs.copy()
+    cls[hole] = 1  # the gap is "parcel" to the class raster
+    probs[0, hole], probs[1, hole] = (0.6, 0.35) if gap == "weak" else (1.0, 0.0)
+    interior = cls == 1
+    lab, _ = ndi.label(interior, CROSS)
+    assert len(set(np.unique(lab[pa & interior])) & set(np.unique(lab[pb & interior])) - {0}) == 1  # regions merge
+    labels, _, label_class = label_objects(cls, valid, spec, probs)
+    assert (label_class == 1).all()
+    for truth in (pa, pb):
+        obj, ref = labels == np.bincount(labels[truth]).argmax(), intact == np.bincount(intact[truth]).argmax()
+        assert (obj & ref).sum() / (obj | ref).sum() >= 0.95  # the same object as with the boundary intact
+        assert (ref & truth).sum() / (ref | truth).sum() >= 0.85  # ...which is the parcel
+    assert np.bincount(labels[pa]).argmax() != np.bincount(labels[pb]).argmax()
+    assert (labels[pa | pb] > 0).all()  # boundary pixels given back
+
+
 # ----------------------------------------------------------------------------- objects, block-wise
 @pytest.fixture
 def register_rasters(ndvi: Path, parcels: gpd.GeoDataFrame, tmp_path: Path) -> tuple[Path, Path]:
@@ -285,3 +349,48 @@ def test_evaluate_objects_of_the_spacenet_footprints(atlanta_mask: Path, tmp_pat
     assert json.loads(r.output)["objects"]["f1"] == pytest.approx(o["f1"])
     r = CliRunner().invoke(cli, ["evaluate", str(atlanta_mask)])
     assert r.exit_code != 0 and "--labels" in r.output
+
+
+# ----------------------------------------------------------------------------- end to end
+def _crop(src_path: Path, out: Path, col0: int, col1: int) -> Path:
+    with rasterio.open(src_path) as src:
+        win = rasterio.windows.Window(col0, 0, col1 - col0, src.height)
+        profile = src.profile | {"width": col1 - col0, "transform": src.window_transform(win), "tiled": True,
+                                 "blockxsize": 256, "blockysize": 256}
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(src.read(window=win))
+    return out
+
+
+@pytest.mark.slow
+def test_short_training_on_parcels_objects_beat_class_regions(ndvi: Path, parcels: gpd.GeoDataFrame,
+                                                               tmp_path: Path) -> None:
+    """Train a few epochs on the west half with object labels, segment the east half with
+    --objects, and score both the objects and the plain class-region polygons against the
+    register: the objects keep neighbouring parcels apart where class regions merge them."""
+    from geovae.metrics import evaluate
+    from geovae.model.io import read_model_info
+    from geovae.objects import boundary_class
+    from geovae.segment import segment_scene
+    from geovae.training import train_model
+
+    west, east = _crop(ndvi, tmp_path / "west.tif", 0, 500), _crop(ndvi, tmp_path / "east.tif", 500, 1000)
+    labels = parcels.assign(kind="parcel")[["kind", "geometry"]]
+    path = _write(labels, tmp_path / "parcels.gpkg")
+    res = train_model(west, vector_labels=path, label_field="kind", boundary_width=1, out=tmp_path / "m.safetensors",
+                      epochs=3, tile=64, batch_size=16, samples_per_epoch=256, val_fraction=0, device="cpu",
+                      progress=False)
+    info = read_model_info(res.model_path)
+    assert info.class_names == ["background", "parcel", "boundary"] and boundary_class(info) == 2
+    assert info.extra["objects"]["boundary_class"] == 2
+    out = segment_scene(east, res.model_path, tmp_path / "out", objects=("parcel",), formats=("gpkg",),
+                        quicklook=False, progress=False, device="cpu")
+    assert {"objects_gpkg", "object_probability"} <= set(out.outputs)
+    assert out.report["objects"]["count"] > 100 and out.report["objects"]["beyond_halo"] == 0
+    with rasterio.open(out.outputs["object_probability"]) as ds:
+        assert ds.count == 2 and ds.descriptions == ("probability of parcel", "probability of boundary")
+    objs = evaluate(out.outputs["classes"], objects=data_path(*PARCELS))["objects"]
+    regions = evaluate(out.outputs["classes"], objects=data_path(*PARCELS), predicted_objects=out.outputs["gpkg"],
+                       object_classes=["parcel"])["objects"]
+    assert objs["reference"] == regions["reference"] > 1900
+    assert objs["f1"] > 2 * regions["f1"] and objs["f1"] > 0.2, (objs, regions)
