@@ -262,6 +262,8 @@ def _evaluate_objects(prediction: Any, reference: Any, predicted: Any, iou: floa
 
     with open_raster(prediction, "prediction") as pred:
         bounds, crs = tuple(pred.bounds), pred.crs
+    if isinstance(reference, (str, os.PathLike)) and "://" not in str(reference) and not os.path.exists(reference):
+        raise LabelsError(f"reference objects {reference}: no such file; check the path")
     if predicted is None:
         name = Path(str(prediction)).name
         stem = name[: -len(".classes.tif")] if name.endswith(".classes.tif") else Path(name).stem

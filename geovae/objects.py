@@ -650,4 +650,7 @@ def vectorize_objects(
         res = write_objects(classes, targets, spec, **kw)
         for folder, oset in sets.items():
             oset.commit([p.name for p in paths if p.parent.absolute() == folder])
+    if res.n_objects == 0:
+        log.warning("no objects of class %s in %s: no pixel of %s, or none above --min-area",
+                    ",".join(map(str, cls)), classes, "it" if len(cls) == 1 else "them")
     return res

@@ -325,14 +325,15 @@ def test_object_scores_on_a_known_pair_of_polygon_sets(tmp_path: Path) -> None:
         object_scores(pred, ref, iou_threshold=0)
 
 
-def test_evaluate_objects_of_the_spacenet_footprints(atlanta_mask: Path, tmp_path: Path) -> None:
+def test_evaluate_objects_of_the_spacenet_footprints(atlanta_mask: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Building footprints as objects from the reference mask alone (no probabilities: seeds
     by distance), scored one to one against the 43 SpaceNet footprints through the CLI."""
     import json
 
     from click.testing import CliRunner
 
-    from geovae.cli import cli
+    from geovae.cli import cli, main
     from geovae.metrics import evaluate
 
     footprints = data_path("spacenet_solaris", "original", "geotiff_labels.geojson")
@@ -349,6 +350,19 @@ def test_evaluate_objects_of_the_spacenet_footprints(atlanta_mask: Path, tmp_pat
     assert json.loads(r.output)["objects"]["f1"] == pytest.approx(o["f1"])
     r = CliRunner().invoke(cli, ["evaluate", str(atlanta_mask)])
     assert r.exit_code != 0 and "--labels" in r.output
+    # Bad input is one line naming what is wrong, never a traceback; the reference is checked
+    # before the predicted objects are looked for.
+    for args, says in ((["evaluate", str(atlanta_mask), "--objects", str(tmp_path / "nope.gpkg")],
+                        "reference objects"),
+                       (["evaluate", str(atlanta_mask), "--objects", str(atlanta_mask), "--predicted-objects", str(out)],
+                        "cannot be read"),
+                       (["vectorize", str(atlanta_mask), "-o", str(tmp_path / "x.gpkg"), "--objects", "1",
+                         "--probabilities", str(tmp_path / "nope.tif")], "does not exist")):
+        capsys.readouterr()
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("geovae: error: ") and says in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x.gpkg").exists()
 
 
 # ----------------------------------------------------------------------------- end to end
