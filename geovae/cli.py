@@ -201,6 +201,13 @@ def _segment_options(f: Any) -> Any:
         click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
         click.option("--force", is_flag=True, help="Segment a scene even when it lies far outside the model's "
                                                    "training data (another sensor or scale); it is then flagged."),
+        click.option("--objects", help="Also write one polygon per object of these classes (names or ids, "
+                                       "comma-separated) as <stem>.objects.<format>, split along the model's boundary "
+                                       "class (train it with --boundary-width)."),
+        click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
+                     help="Pixels around each block the object split sees; objects up to this size are exact."),
+        click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5,
+                     show_default=True, help="Interior probability at which a pixel seeds an object."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -215,7 +222,8 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
         precision=kw["precision"], samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
         min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"], nodata=kw["nodata"],
         pixel_coords=kw["pixel_coords"], block_size=kw["block_size"], quicklook=not kw["no_quicklook"],
-        progress=not quiet, force=kw["force"],
+        progress=not quiet, force=kw["force"], objects=kw["objects"], object_halo=kw["object_halo"],
+        object_seed=kw["object_seed"],
     )
 
 
@@ -274,9 +282,32 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
               help="Pixels per block; memory grows with it, the polygons do not change.")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="Pixel neighbourhood of a region (8 joins diagonal pixels).")
+@click.option("--objects", help="One polygon per object of these classes (names or ids, comma-separated) instead "
+                                "of one per class region.")
+@click.option("--probabilities", help="With --objects: the run's <stem>.object-probability.tif (seeds and the "
+                                      "boundary to split along); without it, objects are split by distance.")
+@click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
+              help="With --objects: pixels around each block the split sees; objects up to this size are exact.")
+@click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="With --objects: interior probability at which a pixel seeds an object.")
 def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
-              min_area: float, simplify: float, block_size: int, connectivity: str) -> None:
+              min_area: float, simplify: float, block_size: int, connectivity: str, objects: str | None,
+              probabilities: str | None, object_halo: int, object_seed: float) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
+    if objects:
+        from geovae.objects import vectorize_objects
+
+        if uncertainty or connectivity != "4":
+            raise OptionError("--objects takes neither --uncertainty nor --connectivity 8 (objects are 4-connected)")
+        ores = vectorize_objects(classes, list(outs), objects=objects, probabilities=probabilities,
+                                 confidence=confidence, min_area=min_area, simplify=simplify, block_size=block_size,
+                                 halo=object_halo, seed=object_seed)
+        click.echo(f"{ores.n_objects} objects")
+        for p in ores.paths:
+            click.echo(f"  {p}")
+        return
+    if probabilities:
+        raise OptionError("--probabilities applies to --objects; name the object classes with --objects")
     from geovae.polygons import vectorize as run
 
     res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,
@@ -305,18 +336,26 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
               help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
                    "for sparse labels without --unlabeled).")
+@click.option("--boundary-width", type=click.IntRange(min=1),
+              help="Object labels: train a 'boundary' class this many pixels wide along every polygon's outline "
+                   "(and a 'background' class), so `segment --objects` keeps touching objects apart.")
+@click.option("--background", help="With --boundary-width, where pixels outside every polygon are background: "
+                                   "extent (the labels' bounding box; default), none, or a vector file of the area "
+                                   "the labels cover. Elsewhere they are unlabelled.")
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
           vector_labels: str | None, label_field: str | None, classes: str | None,
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
-          device: str, seed: int, sampler: str, overrides: tuple[str, ...]) -> None:
+          device: str, seed: int, sampler: str, boundary_width: int | None, background: str | None,
+          overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
     if config:
-        if image or labels or vector_labels:
-            raise OptionError("--config and --image/--labels are exclusive; put the data paths in the config")
+        if image or labels or vector_labels or boundary_width or background:
+            raise OptionError("--config and --image/--labels/--boundary-width are exclusive; put them in the config "
+                              "(data.boundary_width, data.background)")
         result = training.train_from_config(config, overrides=overrides)
     else:
         if not image or not (labels or vector_labels):
@@ -326,7 +365,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         result = training.train_model(
             image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
             unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
-            seed=seed, sampler=sampler, progress=not _quiet(ctx),
+            seed=seed, sampler=sampler, progress=not _quiet(ctx), boundary_width=boundary_width,
+            background=background,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):
@@ -337,18 +377,34 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 # ------------------------------------------------------------------------- evaluate
 @cli.command()
 @click.argument("prediction")
-@click.option("--labels", required=True, help="Reference label raster on the same grid.")
+@click.option("--labels", help="Reference label raster on the same grid.")
 @click.option("--confidence", help="Confidence raster, for calibration (ECE).")
 @click.option("--uncertainty", help="Uncertainty raster, for the error-detection AUROC.")
 @click.option("--bins", type=click.IntRange(min=2), default=15, show_default=True, help="Confidence bins for the ECE.")
+@click.option("--objects", "reference_objects",
+              help="Reference object polygons (GPKG, GeoJSON, GeoParquet): object precision, recall and F1 at "
+                   "IoU >= --object-iou, one to one, and the mean IoU of matched objects.")
+@click.option("--predicted-objects", help="Predicted object polygons [default: <stem>.objects.gpkg next to "
+                                          "PREDICTION]; a class-polygon file scores class regions as objects.")
+@click.option("--object-iou", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
+              help="IoU at which two objects match.")
+@click.option("--object-classes", help="Only predicted polygons of these classes (names or ids, comma-separated).")
+@click.option("--object-min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Leave out objects smaller than this (m^2, after clipping to the prediction) on both sides.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def evaluate(prediction: str, labels: str, confidence: str | None, uncertainty: str | None, bins: int,
-             as_json: bool) -> None:
-    """Score a class raster against labels: IoU per class, mIoU, accuracy, ECE, AUROC."""
+def evaluate(prediction: str, labels: str | None, confidence: str | None, uncertainty: str | None, bins: int,
+             reference_objects: str | None, predicted_objects: str | None, object_iou: float,
+             object_classes: str | None, object_min_area: float, as_json: bool) -> None:
+    """Score a class raster against labels (IoU per class, mIoU, accuracy, ECE, AUROC) and objects."""
     from geovae.metrics import evaluate as run
     from geovae.metrics import format_report
 
-    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins)
+    if labels is None and reference_objects is None:
+        raise click.UsageError("give --labels (a label raster) and/or --objects (reference polygons)")
+    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins,
+            objects=reference_objects, predicted_objects=predicted_objects, object_iou=object_iou,
+            object_classes=[c for c in object_classes.split(",") if c.strip()] if object_classes else None,
+            object_min_area=object_min_area)
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))
 
 

@@ -28,11 +28,17 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from geovae.errors import LabelsError
+from geovae.errors import LabelsError, OptionError
 from geovae.scene import grid_mismatch, open_raster
 
 __all__ = ["metrics_from_confusion", "confusion_scores", "expected_calibration_error", "auroc_from_histograms",
-           "evaluate", "format_report", "AUROC_BINS"]
+           "evaluate", "format_report", "object_scores", "match_objects", "AUROC_BINS", "OBJECT_IOU"]
+
+#: Objects match when their IoU is at least this (one to one), the common convention of
+#: instance and field-delineation benchmarks (COCO's AP50, Fields of the World's object F1).
+OBJECT_IOU = 0.5
+#: Predicted polygons read per batch when scoring objects.
+_OBJECT_BATCH = 20_000
 
 #: Bins of the uncertainty histogram behind the streamed AUROC; ties inside a bin count half,
 #: so the AUROC is exact up to score differences smaller than range / 4096.
@@ -182,18 +188,34 @@ def _confidence_scale(ds: rasterio.DatasetReader) -> float:
 
 def evaluate(
     prediction: str | os.PathLike[str],
-    labels: str | os.PathLike[str],
+    labels: str | os.PathLike[str] | None = None,
     *,
     confidence: str | os.PathLike[str] | None = None,
     uncertainty: str | os.PathLike[str] | None = None,
     num_bins: int = 15,
+    objects: str | os.PathLike[str] | None = None,
+    predicted_objects: str | os.PathLike[str] | None = None,
+    object_iou: float = OBJECT_IOU,
+    object_classes: Sequence[str | int] | None = None,
+    object_min_area: float = 0.0,
 ) -> dict[str, Any]:
-    """Compare a predicted class raster with a label raster on the same grid.
+    """Compare a predicted class raster with a label raster on the same grid, and objects.
 
     Args:
         prediction: ``<stem>.classes.tif`` (class ids; its nodata tag, 255 from geovae).
         labels: a class raster of the same ids on the same grid, with its own nodata tag
-            (the NC land-class map uses 0).
+            (the NC land-class map uses 0); None scores objects only.
+        objects: reference object polygons (e.g. a parcel register): adds ``objects``, the
+            object precision, recall, F1 and mean IoU of :func:`object_scores`, both sets
+            clipped to the prediction's bounds.
+        predicted_objects: the predicted object polygons; default the run's
+            ``<stem>.objects.gpkg`` (``.parquet``, ``.geojson``) next to ``prediction``. A
+            class-polygon file (``<stem>.gpkg``) scores class regions as objects (pass
+            ``object_classes``).
+        object_iou: IoU at which two objects match.
+        object_classes: only predicted polygons of these classes (names or ids) count.
+        object_min_area: objects smaller than this (m^2, after clipping) are left out of
+            both sets.
         confidence: ``<stem>.confidence.tif`` (max class probability) for the expected
             calibration error; float in [0, 1], or uint8 scaled 0..255.
         uncertainty: ``<stem>.uncertainty.tif``; band 1 (predictive entropy) is the score
@@ -209,14 +231,54 @@ def evaluate(
         predictions), ``ece`` and ``reliability`` (per-bin count, accuracy, confidence) when
         a confidence raster is given, ``auroc_uncertainty`` and ``uncertainty_source``
         (None where nothing can be computed), ``num_bins``.
+        With ``objects``: ``objects``, :func:`object_scores`' result with
+        ``predicted_objects`` and ``reference_objects`` (the files); without ``labels``
+        only that.
 
     Raises:
         SceneError: a raster is missing or unreadable.
         LabelsError: a raster is on another grid, a class raster is not integer, or no
-            pixel is valid in all of them.
+            pixel is valid in all of them; an object file is unreadable or has no CRS.
+        OptionError: neither labels nor objects, or no predicted objects found.
     """
     if num_bins < 1:
         raise LabelsError(f"num_bins={num_bins}: use at least one calibration bin")
+    if labels is None and objects is None:
+        raise OptionError("nothing to score against: give --labels (a label raster) and/or --objects (reference polygons)")
+    result: dict[str, Any] = {}
+    if objects is not None:
+        result["objects"] = _evaluate_objects(prediction, objects, predicted_objects, object_iou, object_classes,
+                                              object_min_area)
+    if labels is None:
+        return result
+    return {**_evaluate_pixels(prediction, labels, confidence, uncertainty, num_bins), **result}
+
+
+def _evaluate_objects(prediction: Any, reference: Any, predicted: Any, iou: float, classes: Any,
+                      min_area: float) -> dict[str, Any]:
+    from pathlib import Path
+
+    from geovae.products import POLYGON_FORMATS
+
+    with open_raster(prediction, "prediction") as pred:
+        bounds, crs = tuple(pred.bounds), pred.crs
+    if isinstance(reference, (str, os.PathLike)) and "://" not in str(reference) and not os.path.exists(reference):
+        raise LabelsError(f"reference objects {reference}: no such file; check the path")
+    if predicted is None:
+        name = Path(str(prediction)).name
+        stem = name[: -len(".classes.tif")] if name.endswith(".classes.tif") else Path(name).stem
+        found = [Path(str(prediction)).with_name(f"{stem}.objects{sfx}") for sfx, _ in POLYGON_FORMATS.values()]
+        found = [p for p in found if p.exists()]
+        if not found:
+            raise OptionError(f"no object polygons next to {prediction} ({stem}.objects.gpkg/.parquet/.geojson); "
+                              "segment with --objects, or pass --predicted-objects")
+        predicted = next((p for p in found if p.suffix == ".gpkg"), found[0])
+    scores = object_scores(predicted, reference, iou_threshold=iou, region=bounds, region_crs=crs, classes=classes,
+                           min_area=min_area)
+    return {"predicted_objects": str(predicted), "reference_objects": str(reference), **scores}
+
+
+def _evaluate_pixels(prediction: Any, labels: Any, confidence: Any, uncertainty: Any, num_bins: int) -> dict[str, Any]:
     pred = open_raster(prediction, "prediction")
     opened = [pred]
     try:
@@ -359,6 +421,176 @@ def _accumulate(
     return result
 
 
+# ----------------------------------------------------------------------------- objects
+def match_objects(pairs: Sequence[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
+    """One-to-one matches from candidate ``(iou, reference, predicted)`` pairs: greedily by
+    descending IoU (ties by the indices), each object used at most once.
+
+    Above an IoU of 0.5 an object can overlap more than half of at most one object of a set
+    whose objects do not overlap, so there the greedy matching is the only one; it also
+    stays one to one for sets that do overlap.
+    """
+    used_r: set[int] = set()
+    used_p: set[int] = set()
+    out = []
+    for iou, r, p in sorted(pairs, key=lambda t: (-t[0], t[1], t[2])):
+        if r in used_r or p in used_p:
+            continue
+        used_r.add(r)
+        used_p.add(p)
+        out.append((iou, r, p))
+    return out
+
+
+def _read_objects(source: Any, what: str, batch: int | None = None) -> Iterator[Any]:
+    """A polygon file (any format geovae writes or GDAL reads) as GeoDataFrames, in batches."""
+    import geopandas as gpd
+    import pyogrio
+
+    if isinstance(source, gpd.GeoDataFrame):
+        yield source
+        return
+    path = str(source)
+    if "://" not in path and not os.path.exists(path):
+        raise LabelsError(f"{what} {path}: no such file; check the path")
+    try:
+        if path.lower().endswith(".parquet"):
+            yield gpd.read_parquet(path)
+            return
+        layers = [name for name, _ in pyogrio.list_layers(path)]
+        layer = next((n for n in layers if n != "layer_styles"), None)
+        n = pyogrio.read_info(path, layer=layer)["features"]
+        step = batch or max(n, 1)
+        for start in range(0, max(n, 1), step):
+            yield pyogrio.read_dataframe(path, layer=layer, skip_features=start, max_features=step)
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as e:
+        raise LabelsError(f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or "
+                          "GeoParquet file of polygons") from None
+
+
+def _class_filter(gdf: Any, classes: Sequence[str | int] | None) -> Any:
+    if not classes:
+        return gdf
+    keep = np.zeros(len(gdf), bool)
+    for c in classes:
+        key = str(c).strip()
+        if "class_name" in gdf.columns:
+            keep |= gdf["class_name"].astype(str).str.strip().str.lower().to_numpy() == key.lower()
+        if "class_id" in gdf.columns and key.lstrip("-").isdigit():
+            keep |= gdf["class_id"].to_numpy() == int(key)
+    return gdf[keep]
+
+
+def object_scores(
+    predicted: Any,
+    reference: Any,
+    *,
+    iou_threshold: float = OBJECT_IOU,
+    region: Any = None,
+    classes: Sequence[str | int] | None = None,
+    min_area: float = 0.0,
+    region_crs: Any = None,
+) -> dict[str, Any]:
+    """Object precision, recall and F1 at an IoU threshold, with one-to-one matching.
+
+    Every reference object is matched to at most one predicted object and the reverse; a
+    pair matches when the IoU of their areas is at least ``iou_threshold``
+    (:func:`match_objects`). The reference is loaded whole (an STRtree over it); predicted
+    polygons are read in batches of 20,000, so a scene's objects are never all in memory.
+
+    Args:
+        predicted: predicted polygons: ``<stem>.objects.gpkg`` (or ``.parquet``,
+            ``.geojson``), class-region polygons (``<stem>.gpkg``, then pass ``classes``),
+            or a GeoDataFrame.
+        reference: reference polygons (a file or a GeoDataFrame), e.g. a parcel register.
+        iou_threshold: IoU at which two objects match (0.5).
+        region: a shapely geometry, or ``(left, bottom, right, top)``, in ``region_crs``:
+            both sets are clipped to it first, so a reference that extends past
+            the predicted area is not counted against it (objects cut by its edge are
+            compared cut). None: the predicted polygons' extent is not used; every reference
+            object counts.
+        classes: keep only predicted polygons of these classes (names or ids; ``class_name``
+            / ``class_id`` columns); None keeps all.
+        min_area: leave out objects (of both sets, after clipping) smaller than this, in
+            square metres (the units of a projected CRS).
+        region_crs: the CRS of ``region`` (default: the reference's).
+
+    Returns:
+        ``{"iou_threshold", "reference", "predicted", "matched", "precision", "recall",
+        "f1", "mean_iou"}`` (``mean_iou`` over matched pairs; None where undefined) and
+        ``crs`` (the CRS areas were measured in).
+
+    Raises:
+        LabelsError: an unreadable file, or polygons without a CRS.
+        OptionError: an IoU threshold outside (0, 1].
+    """
+    import shapely
+
+    if not 0.0 < float(iou_threshold) <= 1.0:
+        raise OptionError(f"object IoU threshold {iou_threshold}: must be in (0, 1]")
+    ref = next(iter(_read_objects(reference, "reference objects")))
+    ref_crs = ref.crs
+    box = None
+    if region is not None:
+        box = shapely.box(*region) if isinstance(region, (tuple, list)) else region
+    crs = None
+    tree = ref_geoms = ref_area = None
+    n_pred = 0
+    pairs: list[tuple[float, int, int]] = []
+
+    def prepare(gdf: Any) -> np.ndarray:
+        g = np.asarray(gdf.geometry.values, dtype=object)
+        g = g[~shapely.is_empty(g) & ~shapely.is_missing(g)]
+        bad = ~shapely.is_valid(g)
+        if bad.any():  # e.g. a self-touching ring in a register: repaired, not dropped
+            g = g.copy()
+            g[bad] = shapely.make_valid(g[bad])
+        if box is not None:
+            g = shapely.intersection(g, box)
+            g = g[~shapely.is_empty(g)]
+        return g[shapely.area(g) >= min_area] if min_area > 0 else g[shapely.area(g) > 0]
+
+    for batch in _read_objects(predicted, "predicted objects", _OBJECT_BATCH):
+        if crs is None:
+            crs = batch.crs
+            if crs is None or ref_crs is None:
+                raise LabelsError("predicted or reference objects have no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
+            if crs.is_geographic:
+                # Areas in degrees are not areas: measure both in the local UTM zone.
+                crs = batch.estimate_utm_crs() if len(batch) else ref.estimate_utm_crs()
+            if box is not None:
+                import geopandas as gpd
+
+                box = gpd.GeoSeries([box], crs=region_crs or ref_crs).to_crs(crs).iloc[0]
+            ref_geoms = prepare(ref.to_crs(crs))
+            ref_area = shapely.area(ref_geoms)
+            tree = shapely.STRtree(ref_geoms)
+        batch = _class_filter(batch, classes)
+        g = prepare(batch.to_crs(crs))
+        if len(g) == 0:
+            continue
+        pi, ri = tree.query(g, predicate="intersects")
+        if len(pi):
+            inter = shapely.area(shapely.intersection(g[pi], ref_geoms[ri]))
+            iou = inter / (shapely.area(g[pi]) + ref_area[ri] - inter)
+            ok = iou >= iou_threshold - 1e-12
+            pairs += list(zip(iou[ok].tolist(), ri[ok].tolist(), (pi[ok] + n_pred).tolist()))
+        n_pred += len(g)
+    if ref_geoms is None:  # no predicted batch at all
+        ref_geoms = prepare(ref)
+    matched = match_objects(pairs)
+    m, n_ref = len(matched), len(ref_geoms)
+    precision = m / n_pred if n_pred else None
+    recall = m / n_ref if n_ref else None
+    f1 = 2 * m / (n_pred + n_ref) if n_pred + n_ref else None
+    return {
+        "iou_threshold": float(iou_threshold), "reference": n_ref, "predicted": n_pred, "matched": m,
+        "precision": precision, "recall": recall, "f1": f1,
+        "mean_iou": float(np.mean([t[0] for t in matched])) if matched else None,
+        "crs": None if crs is None else crs.to_string(),
+    }
+
+
 def format_report(d: dict[str, Any]) -> str:
     """A readable plain-text table of :func:`evaluate`'s result, for the CLI.
 
@@ -372,6 +604,21 @@ def format_report(d: dict[str, Any]) -> str:
     def num(v: float | None, fmt: str = "{:.4f}") -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
+    lines = _format_pixels(d, num) if "classes" in d else []
+    o = d.get("objects")
+    if o:
+        if lines:
+            lines.append("")
+        lines.append(f"objects (IoU >= {o['iou_threshold']:g}, one to one): {o['matched']:,} matched of "
+                     f"{o['predicted']:,} predicted and {o['reference']:,} reference")
+        lines.append(f"object precision   {num(o['precision'])}")
+        lines.append(f"object recall      {num(o['recall'])}")
+        lines.append(f"object F1          {num(o['f1'])}")
+        lines.append(f"mean IoU (matched) {num(o['mean_iou'])}")
+    return "\n".join(lines)
+
+
+def _format_pixels(d: dict[str, Any], num: Any) -> list[str]:
     width = max([len("class")] + [len(c["name"]) for c in d["classes"]])
     lines = [f"{'id':>4}  {'class':<{width}}  {'IoU':>7}  {'label px':>10}  {'predicted px':>12}"]
     lines.append("-" * len(lines[0]))
@@ -388,4 +635,4 @@ def format_report(d: dict[str, Any]) -> str:
     lines.append(f"ECE ({d['num_bins']} bins)      {num(d['ece'])}")
     src = f" ({d['uncertainty_source']})" if d.get("uncertainty_source") else ""
     lines.append(f"AUROC of errors    {num(d['auroc_uncertainty'])}{src}")
-    return "\n".join(lines)
+    return lines

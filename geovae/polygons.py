@@ -359,11 +359,12 @@ def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
 class _PartsWriter:
     """Appends finished polygons (scene CRS) to a private GeoPackage in chunks."""
 
-    def __init__(self, path: Path, crs: Any, geometry_type: str, area_col: str):
+    def __init__(self, path: Path, crs: Any, geometry_type: str, columns: list[str], dtypes: dict[str, Any]):
         self.path = path
         self.crs = crs
         self.geometry_type = geometry_type
-        self.area_col = area_col
+        self.columns = columns
+        self.dtypes = dtypes
         self.buffer: list[dict[str, Any]] = []
         self.n = 0
         self.started = False
@@ -380,12 +381,14 @@ class _PartsWriter:
 
         if not self.buffer and (self.started or not force):
             return
-        cols = _columns(self.area_col)
+        cols = self.columns
         if self.buffer:
             df = pd.concat([pd.DataFrame(r) for r in self.buffer], ignore_index=True)
         else:
             df = pd.DataFrame({c: [] for c in [*cols, "geometry"]})
-        df = _typed(df[[*cols, "geometry"]], self.area_col)
+        df = df[[*cols, "geometry"]]
+        for col in cols:
+            df[col] = df[col].astype(self.dtypes[col])
         gdf = gpd.GeoDataFrame(df, geometry="geometry", crs=self.crs)
         with warnings.catch_warnings():
             # Pixel-coordinates mode has no CRS on purpose.
@@ -403,14 +406,6 @@ _PARTS_LAYER = "polygons"
 
 def _columns(area_col: str) -> list[str]:
     return [area_col if c == "area" else c for c in ATTRIBUTE_COLUMNS]
-
-
-def _typed(df: Any, area_col: str) -> Any:
-    df["class_id"] = df["class_id"].astype("int32")
-    df["class_name"] = df["class_name"].astype(object)
-    for c in (area_col, "confidence_mean", "uncertainty_mean", "anomaly_fraction"):
-        df[c] = df[c].astype("float64")
-    return df
 
 
 def _geoparquet_schema(schema: Any, geom_col: str, crs: Any, geometry_type: str) -> Any:
@@ -697,6 +692,26 @@ def _read_band(ds: rasterio.DatasetReader | None, win: Window) -> np.ndarray | N
     return a
 
 
+@dataclass
+class _Layer:
+    """What one polygon layer is made of, for :func:`_run_layer`.
+
+    Attributes:
+        pieces: ``pieces(window) -> (geoms, keys, stats)``: the polygons of one block in
+            pixel coordinates (``_block_pieces``), a key per piece (pieces of one region
+            share it: a class id, or an object's name) and its ``_NSTATS`` sums and counts.
+        attributes: ``attributes(keys, stats, area) -> {column: values}``, every column of
+            ``columns`` but the geometry; ``class_id`` among them.
+        columns: attribute columns in order (the area column named for the CRS).
+        dtypes: the pandas dtype of each column.
+    """
+
+    pieces: Any
+    attributes: Any
+    columns: list[str]
+    dtypes: dict[str, str]
+
+
 def _run(
     src: rasterio.DatasetReader,
     bands: dict[str, rasterio.DatasetReader],
@@ -712,14 +727,67 @@ def _run(
     layer: str,
     progress: Any,
 ) -> VectorizeResult:
-    import tempfile
-
-    width, height = src.width, src.height
     dtype = np.dtype(src.dtypes[0])
     # rasterio.features.shapes takes (u)int8/16 and int32; wider integers are narrowed.
     shapes_dtype = dtype if dtype in (np.uint8, np.uint16, np.int16, np.int32) else np.dtype(np.int32)
-    geometry_type = "Polygon" if connectivity == 4 else "MultiPolygon"
     area_col = area_column(src.crs is None)
+    conf_ds, unc_ds, anom_ds = bands.get("confidence"), bands.get("uncertainty"), bands.get("reconstruction-error")
+
+    def pieces(win: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        data = src.read(1, window=win)
+        valid = src.read_masks(1, window=win) > 0
+        if not valid.any():
+            return None
+        if data.dtype != shapes_dtype:
+            data = data.astype(shapes_dtype)
+        anom = None
+        if anom_ds is not None:
+            err = _read_band(anom_ds, win)
+            anom = np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
+        return _block_pieces(data, valid, win, connectivity, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
+
+    def attributes(cls: np.ndarray, stats: np.ndarray, area: np.ndarray) -> dict[str, Any]:
+        nan = np.full(len(cls), np.nan)
+        return {
+            "class_id": cls,
+            "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
+            area_col: area,
+            "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf_ds is not None else nan,
+            "uncertainty_mean": _mean(stats[:, 2], stats[:, 3]) if unc_ds is not None else nan,
+            "anomaly_fraction": _mean(stats[:, 4], stats[:, 5]) if anom_ds is not None else nan,
+        }
+
+    cols = _columns(area_col)
+    types = {c: ("int32" if c == "class_id" else object if c == "class_name" else "float64") for c in cols}
+    return _run_layer(_Layer(pieces, attributes, cols, types), src.width, src.height, src.crs, targets, to_world,
+                      measure, min_area, simplify, block_size, connectivity, layer, progress)
+
+
+def _run_layer(
+    spec: _Layer,
+    width: int,
+    height: int,
+    crs: Any,
+    targets: Sequence[tuple[Path, Path]],
+    to_world: Affine,
+    measure: _Measure,
+    min_area: float,
+    simplify: float,
+    block_size: int,
+    connectivity: int,
+    layer: str,
+    progress: Any,
+) -> VectorizeResult:
+    """Trace a layer block by block, join pieces across block lines, write every format.
+
+    The engine shared by class regions and objects: pieces of one key that meet across a
+    block line are joined once the row of blocks is done, and every joined polygon that
+    cannot grow any further is written out (see the module docstring).
+    """
+    import tempfile
+
+    geometry_type = "Polygon" if connectivity == 4 else "MultiPolygon"
+    area_col = area_column(crs is None)
     a, b, c, d, e, f = to_world.a, to_world.b, to_world.c, to_world.d, to_world.e, to_world.f
 
     def world(geoms: np.ndarray) -> np.ndarray:
@@ -735,11 +803,10 @@ def _run(
     # disk as the outputs, which may be large), then streamed into every format.
     work = Path(tempfile.mkdtemp(prefix=".geovae-polygons-", dir=Path(targets[0][1]).parent))
     parts_path = work / "parts.gpkg"
-    parts = _PartsWriter(parts_path, src.crs, geometry_type, area_col)
+    parts = _PartsWriter(parts_path, crs, geometry_type, spec.columns, spec.dtypes)
     class_areas: dict[int, float] = {}
-    conf_ds, unc_ds, anom_ds = bands.get("confidence"), bands.get("uncertainty"), bands.get("reconstruction-error")
 
-    def emit(geoms: np.ndarray, cls: np.ndarray, stats: np.ndarray) -> None:
+    def emit(geoms: np.ndarray, keys: np.ndarray, stats: np.ndarray) -> None:
         if len(geoms) == 0:
             return
         g = world(geoms)
@@ -750,19 +817,11 @@ def _run(
         area = measure.areas(g)
         # Pixel-exact areas decide min_area, before any simplification.
         keep = (area >= min_area) & ~shapely.is_empty(g)
-        g, cls, stats, area = g[keep], cls[keep], stats[keep], area[keep]
-        nan = np.full(len(g), np.nan)
-        parts.add({
-            "class_id": cls,
-            "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
-            area_col: area,
-            "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf_ds is not None else nan,
-            "uncertainty_mean": _mean(stats[:, 2], stats[:, 3]) if unc_ds is not None else nan,
-            "anomaly_fraction": _mean(stats[:, 4], stats[:, 5]) if anom_ds is not None else nan,
-            "geometry": g,
-        })
+        g, keys, stats, area = g[keep], keys[keep], stats[keep], area[keep]
+        rows = spec.attributes(keys, stats, area)
+        parts.add({**rows, "geometry": g})
         if simplify == 0:
-            for k, v in zip(*_group_sum(cls, area)):
+            for k, v in zip(*_group_sum(np.asarray(rows["class_id"]), area)):
                 class_areas[k] = class_areas.get(k, 0.0) + v
 
     try:
@@ -770,36 +829,26 @@ def _run(
         nrows = math.ceil(height / block_size)
         for irow, row in enumerate(_windows(width, height, block_size)):
             for win in row:
-                data = src.read(1, window=win)
-                valid = src.read_masks(1, window=win) > 0
-                if not valid.any():
+                traced = spec.pieces(win)
+                if traced is None or len(traced[0]) == 0:
                     continue
-                if data.dtype != shapes_dtype:
-                    data = data.astype(shapes_dtype)
-                anom = None
-                if anom_ds is not None:
-                    err = _read_band(anom_ds, win)
-                    anom = np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
-                geoms, cls, stats = _block_pieces(data, valid, win, connectivity, _read_band(conf_ds, win),
-                                                  _read_band(unc_ds, win), anom)
-                if len(geoms) == 0:
-                    continue
+                geoms, keys, stats = traced
                 x0, y0, x1, y1 = shapely.bounds(geoms).T
                 c0, r0 = win.col_off, win.row_off
                 c1, r1 = c0 + win.width, r0 + win.height
                 # A piece is complete unless it reaches a block line shared with another block.
                 on_line = ((x0 <= c0) & (c0 > 0)) | ((x1 >= c1) & (c1 < width))
                 on_line |= ((y0 <= r0) & (r0 > 0)) | ((y1 >= r1) & (r1 < height))
-                emit(geoms[~on_line], cls[~on_line], stats[~on_line])
-                open_pieces.add(geoms[on_line], cls[on_line], stats[on_line])
+                emit(geoms[~on_line], keys[~on_line], stats[~on_line])
+                open_pieces.add(geoms[on_line], keys[on_line], stats[on_line])
             # A row of blocks is done: join what meets across its lines, and write out every
             # region that does not reach the next row (nothing below can extend it).
-            geoms, cls, stats = _join(*open_pieces.take(), connectivity)
+            geoms, keys, stats = _join(*open_pieces.take(), connectivity)
             if len(geoms):
                 row_end = row[0].row_off + row[0].height
                 done = shapely.bounds(geoms)[:, 3] < row_end if row_end < height else np.ones(len(geoms), bool)
-                emit(geoms[done], cls[done], stats[done])
-                open_pieces.add(geoms[~done], cls[~done], stats[~done])
+                emit(geoms[done], keys[done], stats[done])
+                open_pieces.add(geoms[~done], keys[~done], stats[~done])
             if progress is not None:
                 progress(irow + 1, nrows)
         parts.flush(force=True)
@@ -825,7 +874,7 @@ def _run(
         # Stream the finished polygons into each format, one batch at a time: memory stays
         # flat however many polygons the scene has.
         for final, dest in targets:
-            _write_output(parts_path, Path(final), Path(dest), src.crs, geometry_type, layer)
+            _write_output(parts_path, Path(final), Path(dest), crs, geometry_type, layer)
     finally:
         import shutil
 

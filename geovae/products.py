@@ -19,9 +19,9 @@ from geovae.classes import CLASS_NODATA
 from geovae.errors import OptionError
 
 __all__ = [
-    "KINDS", "RASTER_KINDS", "RASTER_STYLES", "run_kinds", "POLYGON_FORMATS", "CLASS_NODATA", "output_name", "check_formats",
+    "KINDS", "RASTER_KINDS", "RASTER_STYLES", "run_kinds", "object_kind", "POLYGON_FORMATS", "CLASS_NODATA", "output_name", "check_formats",
     "raster_profile", "cog_options", "overview_resampling", "write_class_table", "read_class_table", "uncertainty_tags", "read_max_entropy",
-    "area_column", "ATTRIBUTE_COLUMNS",
+    "area_column", "ATTRIBUTE_COLUMNS", "OBJECT_COLUMNS",
 ]
 
 #: Every file a segment run may write, in the order a run moves them into place (the
@@ -35,14 +35,20 @@ KINDS: dict[str, str] = {
     "confidence": "confidence.tif",
     "uncertainty": "uncertainty.tif",
     "reconstruction_error": "reconstruction-error.tif",
+    "object_probability": "object-probability.tif",
     "classes_style": "classes.qml",
     "confidence_style": "confidence.qml",
     "uncertainty_style": "uncertainty.qml",
     "reconstruction_error_style": "reconstruction-error.qml",
+    "object_probability_style": "object-probability.qml",
     "geojson": "geojson",
     "gpkg": "gpkg",
     "parquet": "parquet",
+    "objects_geojson": "objects.geojson",
+    "objects_gpkg": "objects.gpkg",
+    "objects_parquet": "objects.parquet",
     "polygons_style": "qml",
+    "objects_style": "objects.qml",
     "quicklook": "png",
     "stac": "stac.json",
     "report": "json",
@@ -50,10 +56,15 @@ KINDS: dict[str, str] = {
 
 #: The QGIS style of each raster kind.
 RASTER_STYLES: dict[str, str] = {k: f"{k}_style" for k in ("classes", "confidence", "uncertainty",
-                                                              "reconstruction_error")}
+                                                              "reconstruction_error", "object_probability")}
 
 #: The raster kinds, in writing order.
-RASTER_KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error")
+RASTER_KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability")
+
+
+def object_kind(fmt: str) -> str:
+    """The kind of the object polygons (``--objects``) in polygon format ``fmt``: ``objects_gpkg``..."""
+    return f"objects_{fmt}"
 
 #: Polygon formats: name -> (suffix, OGR driver). GeoParquet is written through pyarrow.
 POLYGON_FORMATS: dict[str, tuple[str, str]] = {
@@ -66,7 +77,8 @@ POLYGON_FORMATS: dict[str, tuple[str, str]] = {
 BLOCKSIZE = 256
 
 
-def run_kinds(rasters: Sequence[str], formats: Sequence[str], *, quicklook: bool, stac: bool = True) -> list[str]:
+def run_kinds(rasters: Sequence[str], formats: Sequence[str], *, quicklook: bool, stac: bool = True,
+              objects: bool = False) -> list[str]:
     """The kinds one run writes, in commit order (:data:`KINDS`' order, the report last).
 
     Args:
@@ -74,12 +86,17 @@ def run_kinds(rasters: Sequence[str], formats: Sequence[str], *, quicklook: bool
         formats: the polygon formats written.
         quicklook: whether a quicklook is drawn.
         stac: whether a STAC Item is written.
+        objects: whether object polygons are written (``--objects``), in every format.
     """
     want = set(rasters) | {RASTER_STYLES[k] for k in rasters} | set(formats) | {"report"}
     if "classes" in rasters:
         want.add("classes_aux")
     if set(formats) & {"geojson", "parquet"}:
         want.add("polygons_style")  # QGIS reads <stem>.qml for <stem>.geojson / .parquet
+    if objects:
+        want |= {object_kind(f) for f in formats}
+        if set(formats) & {"geojson", "parquet"}:
+            want.add("objects_style")
     if quicklook:
         want.add("quicklook")
     if stac:
@@ -129,6 +146,8 @@ _RASTER_SPECS: dict[str, dict[str, Any]] = {
     "confidence": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
     "uncertainty": dict(count=2, dtype="float32", nodata=float("nan"), predictor=3),
     "reconstruction_error": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
+    # one band per object class, then the boundary class (``count`` given by the writer)
+    "object_probability": dict(count=1, dtype="float32", nodata=float("nan"), predictor=3),
 }
 
 #: Band descriptions of each raster kind.
@@ -137,6 +156,7 @@ BAND_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
     "confidence": ("confidence (max blended class probability)",),
     "uncertainty": ("predictive entropy (nats)", "mutual information (nats)"),
     "reconstruction_error": ("reconstruction error (MSE, normalised units)",),
+    "object_probability": (),  # "probability of <class>", one per band, named by the writer
 }
 
 
@@ -148,7 +168,7 @@ STREAM_ZSTD_LEVEL = 1
 
 
 def raster_profile(kind: str, *, width: int, height: int, crs: Any, transform: Any,
-                   stream: bool = False) -> dict[str, Any]:
+                   stream: bool = False, count: int | None = None) -> dict[str, Any]:
     """Creation options of output raster ``kind``: tiled 256 x 256, ZSTD with a predictor.
 
     Args:
@@ -158,15 +178,20 @@ def raster_profile(kind: str, *, width: int, height: int, crs: Any, transform: A
         transform: the output's geotransform.
         stream: the profile of the temporary GeoTIFF a run streams its blocks into before
             :func:`cog_options` makes the output (fast ZSTD level, same tiling and predictor).
+        count: the band count of a kind whose bands vary (``object_probability``: one per
+            object class and the boundary class).
 
     Returns:
         Keyword arguments for ``rasterio.open(path, "w", **profile)``.
     """
     extra = {"zstd_level": STREAM_ZSTD_LEVEL} if stream else {}
+    spec = dict(_RASTER_SPECS[kind])
+    if count is not None:
+        spec["count"] = int(count)
     return dict(
         driver="GTiff", width=width, height=height, crs=crs, transform=transform, tiled=True,
         blockxsize=BLOCKSIZE, blockysize=BLOCKSIZE, compress="zstd", BIGTIFF="IF_SAFER", interleave="band",
-        **_RASTER_SPECS[kind], **extra,
+        **spec, **extra,
     )
 
 
@@ -259,3 +284,6 @@ def area_column(pixel_coords: bool) -> str:
 
 #: Attribute columns of the polygon outputs, in order; ``area`` is :func:`area_column`.
 ATTRIBUTE_COLUMNS = ("class_id", "class_name", "area", "confidence_mean", "uncertainty_mean", "anomaly_fraction")
+
+#: Attribute columns of the object polygons (``--objects``), in order; ``area`` is :func:`area_column`.
+OBJECT_COLUMNS = ("object_id", "class_id", "class_name", "area", "confidence_mean", "score")

@@ -44,13 +44,17 @@ __all__ = [
 #: Media type of each output kind.
 MEDIA_TYPES: dict[str, str] = {
     **{k: "image/tiff; application=geotiff; profile=cloud-optimized"
-       for k in ("classes", "confidence", "uncertainty", "reconstruction_error")},
+       for k in ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability")},
     "classes_aux": "application/xml",
     **{k: "application/xml" for k in ("classes_style", "confidence_style", "uncertainty_style",
-                                      "reconstruction_error_style", "polygons_style")},
+                                      "reconstruction_error_style", "object_probability_style", "polygons_style",
+                                      "objects_style")},
     "geojson": "application/geo+json",
     "gpkg": "application/geopackage+sqlite3",
     "parquet": "application/vnd.apache.parquet",
+    "objects_geojson": "application/geo+json",
+    "objects_gpkg": "application/geopackage+sqlite3",
+    "objects_parquet": "application/vnd.apache.parquet",
     "quicklook": "image/png",
     "report": "application/json",
 }
@@ -61,6 +65,8 @@ ROLES: dict[str, list[str]] = {
     "reconstruction_error": ["data", "quality"], "classes_aux": ["metadata"],
     "classes_style": ["style"], "confidence_style": ["style"], "uncertainty_style": ["style"],
     "reconstruction_error_style": ["style"], "polygons_style": ["style"],
+    "object_probability": ["data"], "object_probability_style": ["style"], "objects_style": ["style"],
+    "objects_geojson": ["data"], "objects_gpkg": ["data"], "objects_parquet": ["data"],
     "geojson": ["data"], "gpkg": ["data"], "parquet": ["data"], "quicklook": ["overview", "visual"],
     "report": ["metadata"],
 }
@@ -83,6 +89,10 @@ _TITLES = {
     "reconstruction_error_style": "QGIS style of the reconstruction-error raster",
     "polygons_style": "QGIS style of the polygons", "geojson": "Polygons (GeoJSON, WGS84)",
     "gpkg": "Polygons (GeoPackage)", "parquet": "Polygons (GeoParquet)", "quicklook": "Quicklook",
+    "object_probability": "Probabilities of the object classes and the boundary class",
+    "object_probability_style": "QGIS style of the object-probability raster",
+    "objects_geojson": "Objects (GeoJSON, WGS84)", "objects_gpkg": "Objects (GeoPackage)",
+    "objects_parquet": "Objects (GeoParquet)", "objects_style": "QGIS style of the objects",
     "report": "Run report",
 }
 
@@ -210,7 +220,7 @@ def build_item(
             continue
         rel = "./" + os.path.relpath(finals[kind], folder)
         extra: dict[str, Any] = {"file:size": Path(path).stat().st_size, "file:checksum": multihash(path)}
-        if kind in ("classes", "confidence", "uncertainty", "reconstruction_error"):
+        if kind in ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability"):
             with rasterio.open(path) as ds:
                 extra["raster:bands"] = _raster_bands(kind, ds, (statistics or {}).get(kind))
         if kind == "classes":

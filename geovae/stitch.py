@@ -302,6 +302,10 @@ class Stitcher:
         anomaly_threshold: with ``reconstruction``, count the pixels whose reconstruction
             error is above this value, per class (:attr:`class_flagged`): the trust check's
             flagged fraction.
+        probabilities: channel indices whose blended probabilities are written as
+            ``<stem>.object-probability.tif``, one band each (what ``--objects`` splits
+            objects with); None writes none.
+        probability_tags: tags of that raster (:func:`geovae.objects.probability_tags`).
     """
 
     def __init__(
@@ -320,8 +324,12 @@ class Stitcher:
         rows: tuple[int, int] | None = None,
         output_set: OutputSet | None = None,
         anomaly_threshold: float | None = None,
+        probabilities: list[int] | None = None,
+        probability_tags: dict[str, str] | None = None,
     ):
         self.grid = grid
+        self.prob_channels = list(probabilities) if probabilities else []
+        self.prob_tags = dict(probability_tags or {})
         self.info = info
         self.K = info.num_classes
         self.uncertainty = uncertainty
@@ -347,6 +355,7 @@ class Stitcher:
         self._class_index[self.class_lut] = np.arange(self.K)
         self.out_dir, self.stem = Path(out_dir), stem
         kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
+        kinds += ["object_probability"] * bool(self.prob_channels)
         self.names = {k: output_name(stem, k) for k in kinds}
         self._own_set = output_set is None
         self.output_set = output_set if output_set is not None else OutputSet(out_dir, stem, lock=False)
@@ -425,10 +434,15 @@ class Stitcher:
             for kind, name in self.names.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    count = len(self.prob_channels) if kind == "object_probability" else None
                     ds = rasterio.open(self.output_set.scratch(name), "w",
-                                       **raster_profile(kind, **size, stream=True))
+                                       **raster_profile(kind, **size, stream=True, count=count))
                 self._dst[kind] = ds
-                for b, text in enumerate(BAND_DESCRIPTIONS[kind], start=1):
+                texts = BAND_DESCRIPTIONS[kind]
+                if kind == "object_probability":
+                    texts = tuple(f"probability of {self.info.class_names[c]}" for c in self.prob_channels)
+                    ds.update_tags(**self.prob_tags)
+                for b, text in enumerate(texts, start=1):
                     ds.set_band_description(b, text)
         except Exception:
             self.abort()
@@ -558,6 +572,8 @@ class Stitcher:
         if self.reconstruction:
             assert self.c_rec is not None
             out["reconstruction_error"] = np.where(ok, acc[self.c_rec] / safe, np.nan).astype(np.float32)[None]
+        if self.prob_channels:
+            out["object_probability"] = np.where(ok, probs[self.prob_channels], np.nan).astype(np.float32)
         return out
 
     def _put(self, window: Window, outputs: dict[str, np.ndarray]) -> None:

@@ -57,6 +57,13 @@ class SegmentOptions:
         progress: show progress bars.
         force: run even when the scene lies far outside the model's training data
             (:mod:`geovae.segment.trust`); the run then warns and flags those pixels.
+        objects: class names or ids to turn into one polygon per object
+            (:mod:`geovae.objects`; ``"parcel,field"`` as typed on a command line), written
+            as ``<stem>.objects.<format>`` besides the class polygons, with the
+            ``<stem>.object-probability.tif`` raster they are split with; None for none.
+        object_halo: pixels around each block the object split sees; objects up to this
+            size are exact (larger ones are reported).
+        object_seed: interior probability at which a pixel seeds an object.
     """
 
     tile: int | None = None
@@ -76,6 +83,9 @@ class SegmentOptions:
     quicklook: bool = True
     progress: bool = True
     force: bool = False
+    objects: tuple[str, ...] | None = None
+    object_halo: int = 256
+    object_seed: float = 0.5
 
     def __post_init__(self) -> None:
         def integer(name: str, lo: int, allow_none: bool = False) -> None:
@@ -97,6 +107,19 @@ class SegmentOptions:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise OptionError(f"--{name.replace('_', '-')} {v}: must be a number of 0 or more")
             object.__setattr__(self, name, float(v))
+        integer("object_halo", 0)
+        seed = self.object_seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, float)) or not 0.0 < seed <= 1.0:
+            raise OptionError(f"--object-seed {seed}: must be a probability in (0, 1]")
+        object.__setattr__(self, "object_seed", float(seed))
+        if self.objects is not None:
+            objs = self.objects
+            if isinstance(objs, (str, int)):  # "parcel,field" as typed on a command line
+                objs = str(objs).split(",")
+            norm = tuple(dict.fromkeys(str(o).strip() for o in objs if str(o).strip()))
+            if not norm:
+                raise OptionError("--objects: name at least one class (a name or id of the model's classes)")
+            object.__setattr__(self, "objects", norm)
         if self.precision is not None and self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
         if self.nodata is not None:
@@ -178,11 +201,18 @@ class SegmentOptions:
     def to_dict(self) -> dict[str, Any]:
         """Every option, JSON-friendly."""
         d = dataclasses.asdict(self)
-        if d["formats"] is not None:
-            d["formats"] = list(d["formats"])
+        for key in ("formats", "objects"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that change what is written (not :data:`SPEED_ONLY`), for resume."""
-        return {k: v for k, v in sorted(self.to_dict().items()) if k not in SPEED_ONLY}
+        fp = {k: v for k, v in sorted(self.to_dict().items()) if k not in SPEED_ONLY}
+        if fp["objects"] is None:
+            # Without --objects the object options change nothing: leave them out, so markers
+            # written before they existed still match.
+            for k in ("objects", "object_halo", "object_seed"):
+                fp.pop(k)
+        return fp
 

@@ -135,6 +135,7 @@ class _Plan:
     trust: dict[str, Any]
     timings: dict[str, float]
     t_start: float
+    objects: Any = None  # the ObjectSpec of --objects (geovae.objects), or None
 
     @property
     def stem(self) -> str:
@@ -210,15 +211,19 @@ def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | 
     trust: dict[str, Any] = {"scene": check_scene(sc, info, force=opts.force) if check_trust else {"checked": False}}
     if reconstruction and threshold is not None:
         trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
+    from geovae.objects import plan_objects
+
+    objects = plan_objects(opts, info, fmts)
     timings = {"validate_s": time.perf_counter() - t_start}
-    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start)
+    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start, objects)
 
 
 def _kinds(plan: _Plan) -> list[str]:
     """The outputs this run writes, in commit order (the report last)."""
     rasters = ["classes", "confidence"]
     rasters += ["uncertainty"] * (plan.options.samples > 0) + ["reconstruction_error"] * plan.reconstruction
-    return run_kinds(rasters, plan.formats, quicklook=plan.options.quicklook)
+    rasters += ["object_probability"] * (plan.objects is not None)
+    return run_kinds(rasters, plan.formats, quicklook=plan.options.quicklook, objects=plan.objects is not None)
 
 
 def _previous_outputs(folder: Path, stem: str) -> list[str]:
@@ -368,10 +373,15 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
 
 def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None) -> Stitcher:
     s = plan.scene
+    channels, tags = None, None
+    if plan.objects is not None:
+        from geovae.objects import stitch_channels
+
+        channels, tags = stitch_channels(plan.objects, plan.model.info)
     return Stitcher(plan.grid, oset.folder, s.stem, plan.model.info, s.crs, s.transform,
                     uncertainty=plan.options.samples > 0, reconstruction=plan.reconstruction,
                     block_size=plan.options.block_size, rows=rows, output_set=oset,
-                    anomaly_threshold=plan.threshold)
+                    anomaly_threshold=plan.threshold, probabilities=channels, probability_tags=tags)
 
 
 def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
@@ -419,6 +429,8 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
         polygons = {f: res.n_polygons for f in plan.formats}
         timings["vectorize_s"] = time.perf_counter() - t0
         log.info("%s: %d polygons written in %.1f s", stem, res.n_polygons, timings["vectorize_s"])
+    if plan.objects is not None:
+        extra = {**(extra or {}), "objects": _write_objects(plan, oset, staged)}
     if opts.quicklook:
         t0 = time.perf_counter()
         from geovae.quicklook import write_quicklook
@@ -448,6 +460,27 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
     return SegmentResult(outputs=outputs, report=report)
 
 
+def _write_objects(plan: _Plan, oset: OutputSet, staged: dict[str, Path]) -> dict[str, Any]:
+    """The object polygons (``--objects``, geovae.objects) into the set; their report entry."""
+    from geovae.objects import write_objects
+    from geovae.products import object_kind
+
+    opts, stem, spec = plan.options, plan.stem, plan.objects
+    t0 = time.perf_counter()
+    targets = [(oset.final(output_name(stem, object_kind(f))), oset.path(output_name(stem, object_kind(f))))
+               for f in plan.formats]
+    with _Progress(1, opts.progress, f"objects {stem}", unit="block rows") as bar:
+        res = write_objects(staged["classes"], targets, spec, probabilities=staged["object_probability"],
+                            confidence=staged["confidence"], min_area=opts.min_area, simplify=opts.simplify,
+                            block_size=opts.block_size, layer=f"{stem}_objects",
+                            progress=lambda done, total: _set_total(bar, done, total))
+    plan.timings["objects_s"] = time.perf_counter() - t0
+    log.info("%s: %d objects written in %.1f s", stem, res.n_objects, plan.timings["objects_s"])
+    return {"classes": list(spec.classes), "boundary_class": spec.boundary, "seed": spec.seed, "halo": spec.halo,
+            "count": res.n_objects, "beyond_halo": res.beyond_halo,
+            "area": {str(k): v for k, v in res.class_areas_m2.items()}}
+
+
 def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
     """QGIS styles beside the rasters (and the GeoJSON / GeoParquet polygons): see geovae.styles."""
     import math
@@ -464,11 +497,16 @@ def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
         # the anomaly threshold in the middle of the ramp: bright above it
         "reconstruction_error": ramp_qml(0.0, 2 * plan.threshold if plan.threshold else 1.0, "inferno",
                                          label_precision=3),
+        "object_probability": ramp_qml(0.0, 1.0, "viridis"),
     }
     for kind in stitcher.names:
         write_text(oset.path(output_name(stem, RASTER_STYLES[kind])), qml[kind])
     if set(plan.formats) & {"geojson", "parquet"}:
         write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
+        if plan.objects is not None:
+            colors = dict(zip(info.class_ids, info.class_colors))
+            write_text(oset.path(output_name(stem, "objects_style")),
+                       polygon_qml(list(plan.objects.names), [colors[c] for c in plan.objects.classes]))
 
 
 def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[str, Any], kinds: list[str]) -> None:

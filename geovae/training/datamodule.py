@@ -41,11 +41,14 @@ from geovae.classes import parse_classes
 from geovae.errors import LabelsError, OptionError, SceneError
 from geovae.scene import Scene, gdal_path, open_scene
 from geovae.training.labels import (
+    ObjectLabels,
     SceneImage,
     SceneLabels,
     VectorLabels,
+    background_area,
     check_same_grid,
     label_counts,
+    object_label_counts,
     resolve_classes,
     vector_label_values,
 )
@@ -129,6 +132,21 @@ class SceneDataModule(GeoDataModule):
             always sampled at random.
         seed: seed of the random patch sampler.
         ignore_index: mask value of unlabelled pixels.
+        boundary_width: with ``vector_labels`` holding *objects* (fields, parcels,
+            buildings): train a ``boundary`` class, the pixels within this many pixels of
+            every polygon's outline (:class:`~geovae.training.labels.ObjectLabels`), so that
+            touching objects of one class are kept apart and ``geovae segment --objects``
+            can split them. None (the default) trains classes only.
+        background: with ``boundary_width``, where pixels outside every polygon are the
+            ``background`` class: ``"extent"`` (default: inside the labels' bounding box),
+            a vector file whose polygons mark the area the labels cover completely, or
+            ``"none"`` (nowhere: they stay unlabelled, and the model has no background
+            class). Outside it they are unlabelled, never background.
+
+    Attributes (object labels):
+        objects: with ``boundary_width``, ``{"boundary_class", "background_class",
+            "object_classes", "boundary_width", "background"}``, recorded in the model file;
+            else None.
 
     Raises:
         SceneError, LabelsError, OptionError: for bad inputs (see the messages).
@@ -151,6 +169,8 @@ class SceneDataModule(GeoDataModule):
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
         sampler: str = "random",
+        boundary_width: int | None = None,
+        background: str | None = None,
     ) -> None:
         super().__init__(SceneImage, batch_size=batch_size, patch_size=tile, length=samples_per_epoch,
                          num_workers=num_workers)
@@ -164,6 +184,16 @@ class SceneDataModule(GeoDataModule):
             raise OptionError("give either labels (a raster) or vector_labels, not both")
         if not labels and not vector_labels:
             raise OptionError("no labels given; pass a label raster or vector_labels with label_field")
+        if boundary_width is not None:
+            if isinstance(boundary_width, bool) or not isinstance(boundary_width, int) or boundary_width < 1:
+                raise OptionError(f"--boundary-width {boundary_width}: must be a whole number of pixels >= 1")
+            if not vector_labels:
+                raise OptionError("--boundary-width needs object polygons: pass --vector-labels (and --label-field), "
+                                  "not a label raster")
+        elif background is not None:
+            raise OptionError("--background applies to object labels; pass --boundary-width too")
+        self.boundary_width = boundary_width
+        self.background = background if background is not None else ("extent" if boundary_width else None)
         self.image_path = str(image)
         self.labels_path = str(labels) if labels else None
         self.vector_path = str(vector_labels) if vector_labels else None
@@ -225,11 +255,18 @@ class SceneDataModule(GeoDataModule):
                     raise LabelsError(f"vector labels {self.vector_path}: {label_field!r} holds values that are neither "
                                       f"class ids nor names; choose the class attribute") from None
                 counts = {v: ints.count(v) for v in set(ints)}
-            self.classes = resolve_classes(classes, counts, where=self.vector_path)
+            self.classes = resolve_classes(classes, counts, where=self.vector_path,
+                                           min_classes=1 if self.boundary_width else 2)
             self._label_shapes = list(gdf.geometry)
-            # Pixel counts per class from polygon areas inside each part (for class weights).
-            train_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.train_box)
-            val_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.val_box)
+            if self.boundary_width:
+                train_counts, val_counts = self._object_classes(gdf, label_field or "", name_to_id)
+            else:
+                # Pixel counts per class from polygon areas inside each part (for class weights).
+                train_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.train_box)
+                val_counts = self._vector_pixel_counts(gdf, label_field or "", name_to_id, self.val_box)
+        if not self.boundary_width:
+            self.objects: dict[str, Any] | None = None
+            self._background_geom = None
         self.name_to_id = name_to_id
         self.lookup = self.classes.lookup()
         self.train_class_counts = {cid: int(train_counts.get(cid, 0)) for cid in self.classes.ids}
@@ -265,6 +302,51 @@ class SceneDataModule(GeoDataModule):
         tb, res = self.train_box, self.facts.res
         return min(1.0, self.n_labelled["train"] / max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (res[0] * res[1])))
 
+    def _object_classes(self, gdf: Any, label_field: str,
+                        name_to_id: Mapping[str, int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Add the background and boundary classes to the labels' classes; count every class.
+
+        The background is class 0 (``background``), the boundary the id after the largest
+        label class (``boundary``). Pixel counts come from the same rasterisation the
+        training patches get (:func:`~geovae.training.labels.object_label_counts`).
+        """
+        from geovae.classes import ClassSpec
+        from geovae.objects import BACKGROUND_NAME, BOUNDARY_NAME
+
+        spec = self.classes
+        for cid, name in zip(spec.ids, spec.names, strict=True):
+            if name.strip().lower() in (BACKGROUND_NAME, BOUNDARY_NAME):
+                raise LabelsError(f"vector labels {self.vector_path}: class {cid} is named {name!r}, a name object "
+                                  f"training gives its own classes; rename it (--classes)")
+        boundary_id = max(spec.ids) + 1
+        if boundary_id > 254:
+            raise LabelsError(f"vector labels {self.vector_path}: class ids up to {max(spec.ids)} leave no id for the "
+                              f"boundary class (class ids are 0..254); renumber the classes (--classes)")
+        self._background_geom = background_area(self.background, self.vector_path or "", self.facts.crs)
+        background_id = 0 if self._background_geom is not None else None
+        colors = list(spec.colors) or []
+        ids = [*([0] * (background_id is not None)), *spec.ids, boundary_id]
+        names = [*([BACKGROUND_NAME] * (background_id is not None)), *spec.names, BOUNDARY_NAME]
+        cols = [*([(200, 200, 200)] * (background_id is not None)), *colors, (20, 20, 20)] if colors else []
+        self.classes = ClassSpec(ids=ids, names=names, colors=cols)
+        self.objects = {"boundary_class": boundary_id, "background_class": background_id,
+                        "object_classes": list(spec.ids), "boundary_width": int(self.boundary_width or 1),
+                        "background": self.background}
+
+        def cid(v: Any) -> int:
+            if isinstance(v, str):
+                return int(name_to_id.get(v, 0))
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                return 0
+            return int(v)
+
+        feature_class = [cid(v) for v in gdf[label_field]]
+        f = self.facts
+        counts = [object_label_counts(gdf, feature_class, f.transform, (f.height, f.width), box,
+                                      int(self.boundary_width or 1), boundary_id, background_id, self._background_geom)
+                  for box in (self.train_box, self.val_box)]
+        return counts[0], counts[1]
+
     def _vector_pixel_counts(self, gdf: Any, label_field: str, name_to_id: Mapping[str, int],
                              box: tuple[float, float, float, float] | None) -> dict[int, int]:
         if box is None:
@@ -295,6 +377,12 @@ class SceneDataModule(GeoDataModule):
         outside = IgnoreOutside(box, self.ignore_index) if box is not None else None
         if self.labels_path:
             lab: GeoDataset = SceneLabels(paths=gdal_path(self.labels_path), crs=img.crs, res=self.facts.res)
+        elif self.boundary_width:
+            assert self.objects is not None
+            lab = ObjectLabels(gdal_path(self.vector_path), crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
+                               label_field=self.label_field or "", name_to_id=self.name_to_id,
+                               boundary_width=self.boundary_width, boundary_id=self.objects["boundary_class"],
+                               background_id=self.objects["background_class"], background=self._background_geom)
         else:
             lab = VectorLabels(gdal_path(self.vector_path), crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
                                label_field=self.label_field or "", name_to_id=self.name_to_id)
@@ -359,4 +447,5 @@ class SceneDataModule(GeoDataModule):
             "crs": self.facts.crs.to_string(),  # type: ignore[union-attr]
             "labelled_pixels": self.n_labelled,
             "sampler": self.sampler,
+            **({"objects": self.objects} if self.objects else {}),
         }

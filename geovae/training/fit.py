@@ -205,6 +205,9 @@ def fit_and_save(
     metrics = {k: v for k, v in final.items() if not math.isnan(v)}
     extra = {"data": dm.describe() if scene else {}, "metrics": metrics, "epochs": len(history),
              "seconds": round(seconds, 2), **dict(provenance or {})}
+    if scene and dm.objects:
+        # Where geovae segment --objects finds the boundary class (geovae.objects.boundary_class).
+        extra["objects"] = dict(dm.objects)
     info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
     if scene:
         info.training = training_facts(task.model, info, dm)
@@ -300,6 +303,8 @@ def train_model(
     latent_channels: int = 8,
     encoder: str = "unet",
     sampler: str = "random",
+    boundary_width: int | None = None,
+    background: str | None = None,
 ) -> TrainResult:
     """Train the VAE segmenter on one labelled scene and write a model file.
 
@@ -343,6 +348,13 @@ def train_model(
         encoder: ``"unet"`` or ``"smp:<name>"``.
         sampler: training patches: ``"random"`` or ``"labelled"`` (every patch holds
             labels); see :class:`~geovae.training.SceneDataModule`.
+        boundary_width: with ``vector_labels`` holding objects (fields, parcels, buildings),
+            also train a ``boundary`` class this many pixels wide along every polygon's
+            outline, and a ``background`` class (see ``background``), so that
+            ``geovae segment --objects`` can keep touching objects apart.
+        background: with ``boundary_width``: ``"extent"`` (default: pixels outside every
+            polygon but inside the labels' bounding box are background), a vector file of
+            the area the labels cover, or ``"none"``.
 
     Returns:
         A :class:`TrainResult`.
@@ -372,7 +384,7 @@ def train_model(
         str(image), str(labels) if labels else None, vector_labels=str(vector_labels) if vector_labels else None,
         label_field=label_field, classes=classes, unlabeled=[str(u) for u in unlabeled], tile=tile,  # type: ignore[arg-type]
         batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
-        num_workers=num_workers, seed=seed, sampler=sampler,
+        num_workers=num_workers, seed=seed, sampler=sampler, boundary_width=boundary_width, background=background,
     )
     model_args = {"base_channels": base_channels, "depth": depth, "latent_channels": latent_channels,
                   "encoder": encoder, "lr": lr, "beta": beta, "free_bits": free_bits, "recon_weight": recon_weight,

@@ -26,8 +26,12 @@ from geovae.classes import ClassSpec, parse_classes
 from geovae.errors import LabelsError, SceneError
 from geovae.scene import Scene, open_raster
 
-__all__ = ["SceneImage", "SceneLabels", "VectorLabels", "check_same_grid", "label_counts", "label_colors",
-           "resolve_classes", "vector_label_values"]
+__all__ = ["SceneImage", "SceneLabels", "VectorLabels", "ObjectLabels", "check_same_grid", "label_counts",
+           "label_colors", "resolve_classes", "vector_label_values", "object_mask", "object_label_counts",
+           "background_area", "UNLABELLED"]
+
+#: Mask value of unlabelled pixels in :class:`ObjectLabels` samples (0 is the background class there).
+UNLABELLED = -1
 
 
 # ----------------------------------------------------------------------------- TorchGeo datasets
@@ -72,6 +76,203 @@ class VectorLabels(VectorDataset):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return 0
         return int(v)
+
+
+class ObjectLabels(VectorLabels):
+    """Object polygons rasterised by TorchGeo into object interiors, a boundary and background.
+
+    TorchGeo rasterises each polygon with an id of its own (the pixel-centre rule, as for
+    :class:`VectorLabels`) on the queried window grown by ``boundary_width`` pixels;
+    :func:`object_mask` then gives every pixel its class: the class of its polygon, the
+    boundary class within ``boundary_width`` pixels (4-neighbour steps) of a pixel that is not
+    of the same polygon (another polygon or none), so two touching polygons of one class
+    are kept apart by a boundary on each side of their shared edge; the background class where
+    no polygon lies inside ``background``; :data:`UNLABELLED` elsewhere. Growing the window
+    first means a patch's edge is never mistaken for an outline.
+
+    Args:
+        paths: the vector file (one).
+        crs: CRS to rasterise in (the image's).
+        res: pixel size (the image's).
+        label_field: attribute holding the class id or name.
+        name_to_id: class name -> id, for string attributes.
+        boundary_width: boundary width in pixels (>= 1).
+        boundary_id: class id of the boundary.
+        background_id: class id of the background, or None when there is none.
+        background: where pixels outside every polygon are background (a shapely geometry
+            in ``crs``), or None (they are unlabelled).
+        transforms: sample transform.
+    """
+
+    def __init__(self, paths: str, crs: Any, res: tuple[float, float], label_field: str,
+                 name_to_id: Mapping[str, int] | None = None, *, boundary_width: int, boundary_id: int,
+                 background_id: int | None, background: Any = None, transforms: Any = None) -> None:
+        import geopandas as gpd
+
+        self.boundary_width = int(boundary_width)
+        self.boundary_id = int(boundary_id)
+        self.background_id = background_id
+        self.background = background
+        super().__init__(paths, crs, res, label_field, name_to_id, transforms)
+        # TorchGeo reads the file again for every patch; a feature is named by its row.
+        gdf = gpd.read_parquet(paths) if str(paths).lower().endswith(".parquet") else gpd.read_file(paths)
+        self.feature_class = np.array([0] + [VectorLabels.get_label(self, row) for _, row in gdf.iterrows()],
+                                      dtype=np.int64)
+
+    def get_label(self, feature: Any) -> int:
+        """The feature's id (its row + 1); its class is :attr:`feature_class` of that id."""
+        return int(feature.name) + 1
+
+    def __getitem__(self, index: Any) -> dict[str, Any]:
+        import shapely
+        import torch
+
+        x, y, t = self._disambiguate_slice(index)
+        px, py = x.step * self.boundary_width, y.step * self.boundary_width
+        grown = (slice(x.start - px, x.stop + px, x.step), slice(y.start - py, y.stop + py, y.step), t)
+        transforms, self.transforms = self.transforms, None
+        try:
+            sample = super().__getitem__(grown)
+        finally:
+            self.transforms = transforms
+        ids = sample["mask"].numpy().astype(np.int64)
+        if ids.ndim == 3:
+            ids = ids[0]
+        bg = None
+        if self.background is not None and self.background_id is not None:
+            h, w = ids.shape
+            xs = x.start - px + (np.arange(w) + 0.5) * x.step
+            ys = y.stop + py - (np.arange(h) + 0.5) * y.step
+            bg = shapely.contains_xy(self.background, xs[None, :], ys[:, None])
+        mask = object_mask(ids, self.feature_class, self.boundary_width, self.boundary_id, bg, self.background_id)
+        b = self.boundary_width
+        sample["mask"] = torch.from_numpy(mask[b:-b, b:-b].copy())
+        sample["bounds"] = self._slice_to_tensor((x, y, t))
+        sample["transform"] = torch.tensor(rasterio.transform.from_origin(x.start, y.stop, x.step, y.step))
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+
+def object_mask(ids: np.ndarray, feature_class: np.ndarray, boundary_width: int, boundary_id: int,
+                background: np.ndarray | None, background_id: int | None) -> np.ndarray:
+    """Class per pixel from per-object ids: interiors, a boundary along every outline, background.
+
+    Args:
+        ids: (h, w) object id per pixel (0: no object), as rasterised.
+        feature_class: class id of each object id (index 0 unused); a class of 0 marks an
+            object without a class: its pixels are unlabelled, its outline still a boundary
+            for its neighbours.
+        boundary_width: pixels (4-neighbour steps) from the outline that are boundary.
+        boundary_id: class id of the boundary.
+        background: (h, w) bool, where pixels without an object are background; None for none.
+        background_id: class id of the background.
+
+    Returns:
+        (h, w) int64 class ids, :data:`UNLABELLED` where no label applies. The window's own
+        edge is not an outline (pixels beyond it are taken to repeat the edge), so grow the
+        window by ``boundary_width`` and crop.
+    """
+    from scipy import ndimage as ndi
+
+    foot = ndi.iterate_structure(ndi.generate_binary_structure(2, 1), max(1, int(boundary_width)))
+    hi = ndi.maximum_filter(ids, footprint=foot, mode="nearest")
+    lo = ndi.minimum_filter(ids, footprint=foot, mode="nearest")
+    inside = ids > 0
+    boundary = inside & ((hi != ids) | (lo != ids))
+    cls = feature_class[ids]
+    out = np.full(ids.shape, UNLABELLED, dtype=np.int64)
+    if background is not None and background_id is not None:
+        out[background & ~inside] = background_id
+    labelled = inside & (cls > 0)
+    out[labelled] = cls[labelled]
+    out[boundary] = boundary_id
+    return out
+
+
+def background_area(spec: str | None, labels_path: str, crs: CRS) -> Any:
+    """Where pixels outside every label polygon are background.
+
+    Args:
+        spec: ``"extent"`` (the bounding box of the labels), ``"none"`` / None (nowhere:
+            unlabelled), or a vector file whose polygons mark the area the labels cover.
+        labels_path: the label polygons (for ``extent``).
+        crs: the image's CRS.
+
+    Returns:
+        A shapely geometry in ``crs``, or None.
+
+    Raises:
+        LabelsError, SceneError: an unreadable area file.
+    """
+    import shapely
+
+    if spec is None or spec == "none":
+        return None
+    if spec == "extent":
+        gdf = vector_label_values(labels_path, None, crs, need_field=False)
+        return shapely.box(*gdf.total_bounds)
+    gdf = vector_label_values(spec, None, crs, need_field=False, what="background area")
+    geom = shapely.union_all(gdf.geometry.values)
+    if geom.is_empty or geom.area == 0:
+        raise LabelsError(f"background area {spec}: holds no polygon area; give polygons of the labelled area")
+    return geom
+
+
+def object_label_counts(gdf: Any, classes: Sequence[int], transform: Any, shape: tuple[int, int],
+                        box: tuple[float, float, float, float] | None, boundary_width: int, boundary_id: int,
+                        background_id: int | None, background: Any, chunk: int = 1024) -> dict[int, int]:
+    """Pixels per class of :class:`ObjectLabels` inside ``box``, counted chunk by chunk.
+
+    The same rasterisation as the dataset's (pixel-centre rule, one id per polygon, then
+    :func:`object_mask`), over windows of ``chunk`` pixels grown by the boundary width, so
+    memory stays at one window whatever the scene's size.
+
+    Args:
+        gdf: the label polygons (in the image's CRS).
+        classes: class id of each row of ``gdf`` (0: no class).
+        transform: the image's geotransform.
+        shape: the image's (height, width).
+        box: (left, bottom, right, top) to count in; None counts nothing.
+        boundary_width, boundary_id, background_id, background: as :class:`ObjectLabels`.
+
+    Returns:
+        ``{class id: pixels}``.
+    """
+    import rasterio.features
+    import shapely
+
+    if box is None:
+        return {}
+    win = rasterio.windows.from_bounds(*box, transform=transform).round_offsets().round_lengths()
+    r0, c0 = max(0, int(win.row_off)), max(0, int(win.col_off))
+    r1, c1 = min(shape[0], int(win.row_off + win.height)), min(shape[1], int(win.col_off + win.width))
+    feature_class = np.array([0, *classes], dtype=np.int64)
+    geoms = np.asarray(gdf.geometry.values, dtype=object)
+    tree = shapely.STRtree(geoms)
+    b = int(boundary_width)
+    counts: dict[int, int] = {}
+    for rr in range(r0, r1, chunk):
+        for cc in range(c0, c1, chunk):
+            h, w = min(chunk, r1 - rr) + 2 * b, min(chunk, c1 - cc) + 2 * b
+            t = transform @ rasterio.Affine.translation(cc - b, rr - b)
+            left, top = t @ (0, 0)
+            right, bottom = t @ (w, h)
+            hits = tree.query(shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
+            ids = np.zeros((h, w), np.int64)
+            if len(hits):
+                ids = rasterio.features.rasterize(((geoms[i], int(i) + 1) for i in sorted(hits)), out_shape=(h, w),
+                                                  transform=t, dtype="int32").astype(np.int64)
+            bg = None
+            if background is not None and background_id is not None:
+                xs, _ = t @ (np.arange(w) + 0.5, np.zeros(w))
+                _, ys = t @ (np.zeros(h), np.arange(h) + 0.5)
+                bg = shapely.contains_xy(background, xs[None, :], ys[:, None])
+            m = object_mask(ids, feature_class, b, boundary_id, bg, background_id)[b:h - b, b:w - b]
+            vals, n = np.unique(m[m != UNLABELLED], return_counts=True)
+            for v, k in zip(vals.tolist(), n.tolist(), strict=True):
+                counts[v] = counts.get(v, 0) + k
+    return counts
 
 
 # ----------------------------------------------------------------------------- label rasters
@@ -180,6 +381,7 @@ def resolve_classes(
     *,
     where: str,
     colors_from: str | None = None,
+    min_classes: int = 2,
 ) -> ClassSpec:
     """Decide the model's classes from the user's specification and the labels' values.
 
@@ -191,6 +393,8 @@ def resolve_classes(
         present: ``{label value: pixel count}`` over the labels (nodata already left out).
         where: the labels' name, for messages.
         colors_from: a label raster whose colour table gives the colours.
+        min_classes: fewest classes allowed (object labels add background and boundary
+            classes of their own, so one is enough there).
 
     Returns:
         The :class:`~geovae.classes.ClassSpec`.
@@ -208,7 +412,7 @@ def resolve_classes(
             shown = ", ".join(f"{v} ({present[v]} px)" for v in unknown[:8])
             raise LabelsError(f"labels {where}: class ids {shown} are not named in --classes; "
                               f"add them (e.g. '{unknown[0]}:name') or set them to 0 (unlabelled)")
-    if len(named) < 2:
+    if len(named) < min_classes:
         raise LabelsError(f"labels {where}: only {len(named)} class(es) found; a segmenter needs at least two classes")
     ids = list(named)
     colors = (label_colors(colors_from, ids) if colors_from else None) or []
@@ -216,13 +420,16 @@ def resolve_classes(
 
 
 # ----------------------------------------------------------------------------- vector labels
-def vector_label_values(path: str, field_name: str | None, crs: CRS) -> Any:
+def vector_label_values(path: str, field_name: str | None, crs: CRS, *, need_field: bool = True,
+                        what: str = "vector labels") -> Any:
     """Read a vector label file, checked, in ``crs``.
 
     Args:
         path: vector file (GeoPackage, GeoJSON, shapefile, GeoParquet), local or a URL.
         field_name: attribute holding the class (id or name).
         crs: CRS of the image, to compare bounds.
+        need_field: whether ``field_name`` is required (not for an area file).
+        what: the file's role, for messages.
 
     Returns:
         The GeoDataFrame, reprojected to ``crs``.
@@ -237,21 +444,21 @@ def vector_label_values(path: str, field_name: str | None, crs: CRS) -> Any:
 
     if "://" not in path and not path.startswith("/vsi"):  # remote files are checked when read
         if not os.path.exists(path):
-            raise SceneError(f"vector labels {path}: no such file; check the path")
+            raise SceneError(f"{what} {path}: no such file; check the path")
         if os.path.isdir(path):
-            raise SceneError(f"vector labels {path}: is a folder; give the vector file itself")
+            raise SceneError(f"{what} {path}: is a folder; give the vector file itself")
     try:
         gdf = gpd.read_parquet(path) if path.lower().endswith(".parquet") else gpd.read_file(path)
     except Exception as e:  # pyogrio raises several types for unreadable files
-        raise LabelsError(f"vector labels {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or shapefile") from None
+        raise LabelsError(f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or shapefile") from None
     if len(gdf) == 0:
-        raise LabelsError(f"vector labels {path}: has no features; give labelled polygons")
-    if not field_name:
-        raise LabelsError(f"vector labels {path}: no --label-field given; name the attribute holding the class "
+        raise LabelsError(f"{what} {path}: has no features; give labelled polygons")
+    if need_field and not field_name:
+        raise LabelsError(f"{what} {path}: no --label-field given; name the attribute holding the class "
                           f"(one of: {', '.join(c for c in gdf.columns if c != 'geometry')})")
-    if field_name not in gdf.columns:
-        raise LabelsError(f"vector labels {path}: has no attribute {field_name!r}; use one of: "
+    if need_field and field_name not in gdf.columns:
+        raise LabelsError(f"{what} {path}: has no attribute {field_name!r}; use one of: "
                           f"{', '.join(c for c in gdf.columns if c != 'geometry')}")
     if gdf.crs is None:
-        raise LabelsError(f"vector labels {path}: has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
+        raise LabelsError(f"{what} {path}: has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
     return gdf.to_crs(crs)

@@ -1,0 +1,158 @@
+"""Objects kept apart (issue 16), measured on real data with the command line a user runs.
+
+``parcels``: the Amsterdam Sentinel-2 NDVI scene (1000 x 1000, 10 m) with the Dutch crop-parcel
+register (BRP 2020, 3,061 parcels, many sharing an edge or 1-2 px apart). The scene is cut in a
+west half (columns 0-499) and an east half (500-999); a model is trained on the west half only
+from the register's polygons with a one-pixel boundary class (``geovae train --vector-labels
+--boundary-width 1``), the east half is segmented with ``--objects parcel``, and both the object
+polygons and the plain class-region polygons of the same run are scored against the register
+(``geovae evaluate --objects``: both sets clipped to the east half, one-to-one matches at IoU >=
+0.5). Then the east half is segmented again with another tile and block size, and the
+objects of the two runs are compared (count, IoU of each object with its counterpart).
+
+``spacenet``: the SpaceNet-4 Atlanta tile's 43 building footprints, as objects from the
+reference-derived building mask (``geovae vectorize --objects``, no probabilities: seeds by
+distance), scored against the footprints.
+
+Every step is a ``geovae`` subprocess (the commands are printed), so the numbers are those of
+the command line. Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_objects.py parcels --epochs 40 --json /tmp/objects.json
+    .venv/bin/python benchmarks/bench_objects.py spacenet --json /tmp/objects.json
+
+Data: Sentinel-2 (Copernicus, "contains modified Copernicus Sentinel data 2020"), BRP parcels
+(CC0), SpaceNet (CC BY-SA 4.0); see ``../shared/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
+NDVI = DATA / "ndvi_parcels_amsterdam" / "NDVI.tif"
+REGISTER = DATA / "ndvi_parcels_amsterdam" / "parcels_brp2020.gpkg"
+ATLANTA_MASK = DATA / "spacenet_solaris" / "atlanta_sn4_building_mask_georef.tif"
+FOOTPRINTS = DATA / "spacenet_solaris" / "original" / "geotiff_labels.geojson"
+
+
+def geovae(*args: Any) -> str:
+    """Run ``python -m geovae ARGS`` (this checkout's package), echo the command, return stdout."""
+    cmd = [sys.executable, "-m", "geovae", *map(str, args)]
+    print("$ geovae " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return out
+
+
+def crop(src_path: Path, out: Path, col0: int, col1: int) -> Path:
+    import rasterio
+
+    with rasterio.open(src_path) as src:
+        win = rasterio.windows.Window(col0, 0, col1 - col0, src.height)
+        profile = src.profile | {"width": col1 - col0, "transform": src.window_transform(win), "tiled": True,
+                                 "blockxsize": 256, "blockysize": 256}
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(src.read(window=win))
+    return out
+
+
+def compare_runs(a: Path, b: Path) -> dict[str, Any]:
+    """Objects of two runs of one scene: counts, and the IoU of each object of ``a`` with the
+    object of ``b`` of the same ``object_id`` (1 - identical)."""
+    import geopandas as gpd
+    import numpy as np
+    import shapely
+
+    ga = gpd.read_file(a, layer=Path(a).name[: -len(".gpkg")].replace(".objects", "_objects")).set_index("object_id")
+    gb = gpd.read_file(b, layer=Path(b).name[: -len(".gpkg")].replace(".objects", "_objects")).set_index("object_id")
+    common = ga.index.intersection(gb.index)
+    x, y = ga.loc[common].geometry.values, gb.loc[common].geometry.values
+    iou = shapely.area(shapely.intersection(x, y)) / shapely.area(shapely.union(x, y))
+    return {"objects_a": len(ga), "objects_b": len(gb), "same_id": len(common),
+            "iou_min": float(iou.min()) if len(iou) else None,
+            "share_iou_ge_0.99": float((iou >= 0.99).mean()) if len(iou) else None,
+            "identical": int(shapely.equals(x, y).sum())}
+
+
+def parcels(args: argparse.Namespace) -> dict[str, Any]:
+    import geopandas as gpd
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="geovae-bench-objects-"))
+    work.mkdir(parents=True, exist_ok=True)
+    west, east = crop(NDVI, work / "west.tif", 0, 500), crop(NDVI, work / "east.tif", 500, 1000)
+    labels = work / "parcels.gpkg"
+    reg = gpd.read_file(REGISTER)
+    reg.assign(kind="parcel")[["kind", "geometry"]].to_file(labels, layer="parcels")
+    model = Path(args.model) if args.model else work / "parcels.safetensors"
+    if not args.model:
+        geovae("-q", "train", "--image", west, "--vector-labels", labels, "--label-field", "kind", "--boundary-width",
+               args.boundary_width, "--epochs", args.epochs, "--tile", 64, "--batch-size", 16, "--seed", args.seed,
+               "--device", "cpu", "--out", model)
+    res: dict[str, Any] = {"model": str(model), "epochs": args.epochs, "boundary_width": args.boundary_width}
+    # Run b: another tile and block size; the overlap stays the default, which covers the
+    # model's halo, so the probabilities are the same and the objects must be too.
+    runs = {"a": [], "b": ["--tile", 128, "--block-size", 256]}
+    for name, extra in runs.items():
+        geovae("-q", "segment", east, "-m", model, "-o", work / f"out-{name}", "--objects", "parcel",
+               "--object-seed", args.seed_threshold, "--formats", "gpkg", "--no-quicklook", "--device", "cpu", *extra)
+    classes = work / "out-a" / "east.classes.tif"
+    res["objects"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--json"))["objects"]
+    res["class_regions"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--predicted-objects",
+                                             work / "out-a" / "east.gpkg", "--object-classes", "parcel",
+                                             "--json"))["objects"]
+    res["tiling"] = compare_runs(work / "out-a" / "east.objects.gpkg", work / "out-b" / "east.objects.gpkg")
+    o, r = res["objects"], res["class_regions"]
+    print(f"objects:       F1 {o['f1']:.3f}  P {o['precision']:.3f}  R {o['recall']:.3f}  mean IoU {o['mean_iou']:.3f}"
+          f"  ({o['matched']} of {o['predicted']} predicted, {o['reference']} reference)")
+    print(f"class regions: F1 {r['f1']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  ({r['predicted']} polygons)")
+    print(f"tiling: {res['tiling']}")
+    return res
+
+
+def spacenet(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work or tempfile.mkdtemp(prefix="geovae-bench-objects-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "atlanta.objects.gpkg"
+    geovae("vectorize", ATLANTA_MASK, "--objects", 1, "-o", out, "--block-size", 128)
+    res = {}
+    for iou in (0.5, 0.75, 0.9):
+        res[f"iou_{iou}"] = json.loads(geovae("evaluate", ATLANTA_MASK, "--objects", FOOTPRINTS,
+                                              "--predicted-objects", out, "--object-iou", iou, "--json"))["objects"]
+        o = res[f"iou_{iou}"]
+        print(f"IoU >= {iou}: F1 {o['f1']:.3f} ({o['matched']} of {o['predicted']} predicted, {o['reference']} "
+              f"reference), mean IoU {o['mean_iou']:.3f}")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["parcels", "spacenet"])
+    ap.add_argument("--work", help="Folder for the crops, model and outputs (default: a new temporary one).")
+    ap.add_argument("--model", help="Skip training: segment with this model file.")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--boundary-width", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed-threshold", type=float, default=0.5, help="--object-seed of the segment runs.")
+    ap.add_argument("--json", help="Append the result as one JSON line to this file.")
+    args = ap.parse_args()
+    res = {"what": args.what, **(parcels(args) if args.what == "parcels" else spacenet(args))}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
