@@ -267,7 +267,7 @@ def _segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], a: argpa
 def tiling(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Target 2: the default VAE on a real 1024^2 crop, untiled and tiled several ways."""
     scene = bench_speed.crop_tif()
-    model = common.benchmark_model(arch={})
+    model = common.benchmark_model(arch=common.default_arch())
     runs = {
         "untiled": {"tile": 1024, "overlap": 0},
         "default": {},
@@ -296,7 +296,7 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     tile 256, overlap 64, batch 8), interleaved, on one mosaic."""
     scene = common.mosaic_vrt(a.vae_size)
     before = common.benchmark_model(arch={"base_channels": 32, "depth": 4})
-    now = common.benchmark_model(arch={})
+    now = common.benchmark_model(arch=common.default_arch())
     sides = {"before": (before, {"tile": 256, "overlap": 64, "batch_size": 8}), "now": (now, {})}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     order = interleaved(list(sides), a.repeats)
@@ -323,7 +323,7 @@ def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Target 4: peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
     row band, the only part that grows, depends on width only), and a very wide scene with the
     stand-in (0.2 MP/s would take hours for 100 MP of the VAE)."""
-    vae = common.benchmark_model(arch={})
+    vae = common.benchmark_model(arch=common.default_arch())
     rows = []
     for w, h, model, label in ((a.vae_memory_sizes[0], a.vae_memory_sizes[0], vae, "default VAE"),
                                (a.vae_memory_sizes[1], a.vae_memory_sizes[0], vae, "default VAE"),

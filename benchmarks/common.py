@@ -190,6 +190,17 @@ def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, st
     return float(loss.detach())
 
 
+def default_arch() -> dict[str, Any]:
+    """The architecture ``geovae train`` builds by default (VAESegmentationTask's defaults)."""
+    import inspect
+
+    from geovae.training.task import VAESegmentationTask
+
+    keys = ("base_channels", "depth", "latent_channels", "head", "head_rank")
+    params = inspect.signature(VAESegmentationTask.__init__).parameters
+    return {k: params[k].default for k in keys if k in params}
+
+
 def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0,
                     arch: dict[str, Any] | None = None) -> Path:
     """A VAESegmenter (default size unless told) trained briefly on Parana, saved with save_model.
@@ -204,8 +215,8 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
         base_channels: width of the full-resolution features (32 was the first default model).
         steps: optimiser steps.
         seed: random seed.
-        arch: VAESegmenter keyword arguments instead of ``base_channels`` (``{}``: the
-            current defaults, whatever they are; the file name records the resolved ones).
+        arch: VAESegmenter keyword arguments instead of ``base_channels`` (see
+            :func:`default_arch`); the file name records the resolved ones.
 
     Returns:
         Path of the ``.safetensors`` model file.
