@@ -328,6 +328,35 @@ def test_train_from_config_semi_supervised_writes_a_loadable_model(tmp_path: Pat
     assert len(m.info.mean) == 6 and m.info.std[0] > 1  # raw uint8 statistics, not identity
 
 
+def test_adversarial_training_through_the_cli(nc_stack: Path, nc_labels: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`geovae train --adversarial W` trains the decoder against the PatchGAN critic: the
+    critic's loss and the balanced weight are logged, the critic stays out of the model file,
+    and the YAML key does the same."""
+    from geovae.cli import main
+    from geovae.model.io import load_model
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out: {tmp_path / 'adv.safetensors'}\n"
+                   "model:\n  base_channels: 8\n  latent_channels: 4\n  adversarial_start: 0\n"
+                   f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  classes: \"{NC_CLASSES}\"\n"
+                   "  tile: 32\n  batch_size: 4\n  samples_per_epoch: 12\n  val_fraction: 0\n"
+                   "trainer:\n  max_epochs: 1\n  accelerator: cpu\n")
+    code = main(["train", "--config", str(cfg), "--adversarial", "0.5", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    metrics = {ln.split(":")[0].strip(): float(ln.split(":")[1]) for ln in out.splitlines() if ln.startswith("  ")}
+    assert metrics["train_d_loss"] > 0 and metrics["train_adv_weight"] > 0
+    m = load_model(tmp_path / "adv.safetensors", "cpu")
+    assert not any("discriminator" in k for k in m.module.state_dict())
+    # --adversarial 0 (and the default) trains no critic.
+    code = main(["train", "--config", str(cfg), "--adversarial", "0", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "train_d_loss" not in out, err
+    with pytest.raises(OptionError, match="adversarial"):
+        train_model(nc_stack, nc_labels, tmp_path / "x.safetensors", classes=NC_CLASSES, adversarial=-1.0)
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_labels_on_another_grid_are_refused(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
     with rasterio.open(nc_labels) as s:

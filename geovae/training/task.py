@@ -154,6 +154,26 @@ class VAESegmentationTask(BaseTask):
         class_weights: per-class cross-entropy weights.
         ignore_index: mask value of unlabelled pixels.
         diversity_samples: latent samples drawn per validation batch for ``val_diversity``.
+        head: see :class:`~geovae.model.vae.VAESegmenter` (``"lowrank"``: logits affine in
+            the latent sample, so that samples are cheap and the mixture loss shapes them).
+        head_rank: see :class:`~geovae.model.vae.VAESegmenter`.
+        train_samples: latent samples per training step; with more than one the
+            cross-entropy is the mixture likelihood of :func:`~geovae.model.losses.mixture_nll`.
+        mixture_region: side in pixels of the regions the mixture likelihood scores jointly
+            (1: per pixel; 0: whole tile).
+        sample_entropy: weight of each latent sample's own entropy (see
+            :func:`~geovae.model.losses.vae_segmentation_loss`): samples that commit.
+        augment: random flips and quarter turns of each training patch (the D4 group).
+        adversarial: weight of the PatchGAN critic's loss on the reconstruction (VAE-GAN;
+            0 turns it off). The critic (:class:`~geovae.model.discriminator.PatchDiscriminator`)
+            trains from the first step on real patches against reconstructions; the decoder
+            gets the adversarial term from ``adversarial_start`` on, scaled by
+            ``adversarial * ||grad recon|| / ||grad adv||`` at the decoder's last layer (the
+            VQGAN rule), so that the two stay balanced whatever their raw scales. The critic
+            is not part of the model file.
+        adversarial_start: optimisation step at which the decoder starts getting the
+            adversarial term (None: after the KL warm-up, ``kl_warmup_steps``).
+        adversarial_lr: the critic's learning rate (None: ``lr``).
     """
 
     #: Monitored by the LR scheduler: always available, with or without validation.
@@ -177,6 +197,8 @@ class VAESegmentationTask(BaseTask):
         latent_channels: int = 8,
         encoder: str = "unet",
         recon_condition: str = "class",
+        head: str = "lowrank",
+        head_rank: int = 2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         patience: int = 10,
@@ -188,6 +210,13 @@ class VAESegmentationTask(BaseTask):
         class_weights: list[float] | None = None,
         ignore_index: int = IGNORE_INDEX,
         diversity_samples: int = 2,
+        train_samples: int = 8,
+        mixture_region: int = 8,
+        sample_entropy: float = 0.0,
+        augment: bool = True,
+        adversarial: float = 0.0,
+        adversarial_start: int | None = None,
+        adversarial_lr: float | None = None,
     ) -> None:
         _check_arguments(locals())
         super().__init__()
@@ -206,7 +235,8 @@ class VAESegmentationTask(BaseTask):
         self.model = VAESegmenter(
             hp["in_channels"], hp["num_classes"], base_channels=hp["base_channels"], depth=hp["depth"],
             latent_channels=hp["latent_channels"], encoder=hp["encoder"],
-            recon_condition=hp.get("recon_condition", "class"),
+            recon_condition=hp.get("recon_condition", "class"), head=hp.get("head", "mlp"),
+            head_rank=hp.get("head_rank", 2),
         )
         c = hp["in_channels"]
         mean = torch.tensor(hp["mean"] if hp["mean"] is not None else [0.0] * c, dtype=torch.float32)
@@ -215,6 +245,10 @@ class VAESegmentationTask(BaseTask):
         self.register_buffer("band_std", std.view(1, c, 1, 1))
         cw = hp["class_weights"]
         self.register_buffer("class_weight", torch.tensor(cw, dtype=torch.float32) if cw is not None else None)
+        if float(hp.get("adversarial") or 0.0) > 0:
+            from geovae.model.discriminator import PatchDiscriminator
+
+            self.discriminator = PatchDiscriminator(c, base_channels=16, n_layers=3)
 
     def configure_metrics(self) -> None:
         """Confusion matrices (torchmetrics) from which IoU per class, mIoU and OA follow."""
@@ -225,8 +259,23 @@ class VAESegmentationTask(BaseTask):
         self.val_cm = MulticlassConfusionMatrix(k, ignore_index=ii)
 
     def configure_optimizers(self) -> Any:
-        """AdamW with ReduceLROnPlateau on the epoch's training loss."""
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        """AdamW with ReduceLROnPlateau on the epoch's training loss.
+
+        With ``adversarial``, the critic is a second parameter group of the same optimiser
+        (its own learning rate, no weight decay, GAN betas): its loss only reaches its own
+        parameters and the decoder's adversarial term only the model's (see
+        :meth:`_adversarial`), so one step is a simultaneous update of both players.
+        """
+        hp = self.hparams
+        critic = getattr(self, "discriminator", None)
+        if critic is None:
+            groups: Any = self.parameters()
+        else:
+            ids = {id(p) for p in critic.parameters()}
+            groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
+                      {"params": list(critic.parameters()), "lr": hp.get("adversarial_lr") or hp["lr"],
+                       "weight_decay": 0.0, "betas": (0.5, 0.9)}]
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=self.hparams["patience"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
 
@@ -317,16 +366,24 @@ class VAESegmentationTask(BaseTask):
         return vae_segmentation_loss(
             out, xn, mask, valid=valid, ignore_index=hp["ignore_index"], beta=beta, free_bits=hp["free_bits"],
             recon_weight=hp["recon_weight"], dice_weight=hp["dice_weight"], class_weights=self.class_weight,
+            mixture_region=int(hp.get("mixture_region", 1)), sample_entropy=float(hp.get("sample_entropy", 0.0)),
         )
 
     # -- steps ---------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """One optimisation step on a (possibly partly unlabelled) batch."""
         xn, mask, valid = self._prepare(batch)
-        out = self.model.forward_all(xn, sample=True)
+        if self.hparams.get("augment", False):
+            xn, mask, valid = augment_d4(xn, mask, valid)
+        out = self.model.forward_all(xn, sample=True, samples=int(self.hparams.get("train_samples", 1)))
         beta = self._beta()
         terms = self._loss(out, xn, mask, valid, beta)
         bs = xn.shape[0]
+        if getattr(self, "discriminator", None) is not None:
+            adv = self._adversarial(out.reconstruction, xn, valid, terms["recon"])
+            terms["loss"] = terms["loss"] + adv["loss"]
+            for k in ("d_loss", "g_loss", "d_accuracy", "adv_weight"):
+                self.log(f"train_{k}", adv[k].detach(), batch_size=bs, on_step=False, on_epoch=True)
         for k in ("loss", "ce", "recon", "kl"):
             self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True,
                      prog_bar=k == "loss")
@@ -337,6 +394,37 @@ class VAESegmentationTask(BaseTask):
         if bool(labelled.any()):
             self.train_cm.update(out.logits.detach().argmax(1), mask)
         return terms["loss"]
+
+    def _adversarial(self, rec: Tensor, xn: Tensor, valid: Tensor, recon: Tensor) -> dict[str, Tensor]:
+        """The critic's hinge loss and, after the warm-up, the decoder's balanced adversarial term.
+
+        Nodata pixels are set to 0 (the band mean) in both the real and the rebuilt patch, so
+        the critic cannot tell them apart by the fill. The decoder's term is computed with
+        the critic's parameters frozen, and the critic's on detached reconstructions, so one
+        backward pass gives each player only its own gradient.
+        """
+        from geovae.model.discriminator import adversarial_losses
+
+        critic = self.discriminator
+        hp = self.hparams
+        v = valid[:, None].to(rec.dtype)
+        real, fake = xn * v, rec * v
+        start = hp.get("adversarial_start")
+        start = int(hp["kl_warmup_steps"]) if start is None else int(start)
+        d = adversarial_losses(critic, real, fake)
+        g_loss = d["g_loss"]
+        weight = torch.zeros((), device=rec.device)
+        if int(self.global_step) >= start and torch.is_grad_enabled():
+            last = self._last_decoder_weight()
+            g_rec = torch.autograd.grad(recon * float(hp["recon_weight"]), last, retain_graph=True)[0]
+            g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+            weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach() * float(hp["adversarial"])
+        return {"loss": d["d_loss"] + weight * g_loss, "d_loss": d["d_loss"], "g_loss": g_loss,
+                "d_accuracy": d["d_accuracy"], "adv_weight": weight}
+
+    def _last_decoder_weight(self) -> Tensor:
+        dec = self.model.recon_decoder
+        return dec.out.weight if hasattr(dec, "out") else dec[-1].weight
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss at the latent mean, metrics, and the diversity of latent samples."""
@@ -417,6 +505,39 @@ class VAESegmentationTask(BaseTask):
             tile_size=int(tile_size), stride=int(self.model.stride), kind="geovae-vae",
             arch=self.model.hparams, extra=ex,
         )
+
+
+def augment_d4(image: Tensor, mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each patch flipped and turned by one of the 8 symmetries of the square, at random.
+
+    Land cover seen from above has no preferred orientation; the same symmetry is applied to
+    the patch's bands, labels and valid map. Square patches only (non-square are returned
+    unchanged).
+
+    Args:
+        image: (B, C, H, W).
+        mask: (B, H, W).
+        valid: (B, H, W).
+
+    Returns:
+        The transformed ``(image, mask, valid)``.
+    """
+    if image.shape[-1] != image.shape[-2]:
+        return image, mask, valid
+    b = image.shape[0]
+    turns = torch.randint(0, 4, (b,)).tolist()
+    flips = torch.randint(0, 2, (b,)).tolist()
+    xs, ms, vs = [], [], []
+    for i in range(b):
+        x, m, v = image[i], mask[i], valid[i]
+        if flips[i]:
+            x, m, v = x.flip(-1), m.flip(-1), v.flip(-1)
+        if turns[i]:
+            x, m, v = (torch.rot90(t, turns[i], (-2, -1)) for t in (x, m, v))
+        xs.append(x)
+        ms.append(m)
+        vs.append(v)
+    return torch.stack(xs), torch.stack(ms), torch.stack(vs)
 
 
 def _check_arguments(args: Mapping[str, Any]) -> None:
