@@ -55,6 +55,12 @@ def kl_divergence_map(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def kl_gaussians(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) at each cell and channel, in nats."""
+    mu_q, logvar_q, mu_p, logvar_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
+
+
 def kl_warmup(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
     """Linear KL warm-up: beta rises from 0 to ``beta_max`` over ``warmup_steps`` steps.
 
@@ -159,6 +165,7 @@ def vae_segmentation_loss(
     class_weights: Tensor | None = None,
     mixture_region: int = 1,
     sample_entropy: float = 0.0,
+    prior_weight: float = 0.1,
 ) -> dict[str, Tensor]:
     """The training loss: ``ce + dice_weight*dice + recon_weight*recon + beta*kl_free_bits``.
 
@@ -196,6 +203,8 @@ def vae_segmentation_loss(
             the mixture likelihood keeps the samples' *mean* calibrated makes each sample
             commit to a class where the mean is unsure, so the samples disagree exactly there
             (their mutual information approaches the predictive entropy).
+        prior_weight: with a label-aware posterior (``out.q_mu``), the weight of
+            KL(p(z | x) || N(0, I)) that keeps the learned prior near the generator's N(0, I).
 
     Returns:
         Scalar tensors ``loss``, ``ce``, ``dice``, ``recon``, ``kl`` (raw, per input pixel),
@@ -249,7 +258,16 @@ def vae_segmentation_loss(
     vf = valid_px.float()
     recon = (sq * vf).sum() / vf.sum().clamp_min(1.0)
 
-    kl_map = kl_divergence_map(out.mu, out.logvar)  # (B, L, h', w')
+    prior_kl = logits.new_zeros(())
+    if out.q_mu is not None and out.q_logvar is not None:
+        # Probabilistic U-Net: z came from q(z | x, y); the KL is to the segmenter's prior
+        # p(z | x), and that prior is held near N(0, I) (so that generation still decodes
+        # N(0, I) samples) by a second KL, per input pixel like the first.
+        kl_map = kl_gaussians(out.q_mu, out.q_logvar, out.mu, out.logvar)
+        pk = kl_divergence_map(out.mu, out.logvar)
+        prior_kl = pk.mean(dim=(0, 2, 3)).sum() * (pk.shape[-2] * pk.shape[-1]) / (h * w)
+    else:
+        kl_map = kl_divergence_map(out.mu, out.logvar)  # (B, L, h', w')
     cells = kl_map.shape[-2] * kl_map.shape[-1]
     pixels_per_cell = (h * w) / cells
     kl_per_channel = kl_map.mean(dim=(0, 2, 3))  # nats per latent cell
@@ -259,7 +277,8 @@ def vae_segmentation_loss(
     else:
         kl_fb = kl
 
-    loss = ce + dice_weight * dice + recon_weight * recon + beta * kl_fb + sample_entropy * s_ent
+    loss = ce + dice_weight * dice + recon_weight * recon + beta * kl_fb + sample_entropy * s_ent + \
+        prior_weight * prior_kl
     return {
         "loss": loss,
         "ce": ce,
@@ -270,6 +289,7 @@ def vae_segmentation_loss(
         "kl_per_channel": kl_per_channel,
         "labelled_fraction": lab_f.mean(),
         "sample_entropy": s_ent,
+        "prior_kl": prior_kl,
     }
 
 

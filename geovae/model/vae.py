@@ -44,6 +44,9 @@ class VAEOutput(NamedTuple):
             pixel were of class k, against the model's own input; None otherwise.
         sample_logits: with ``samples > 1`` in :meth:`VAESegmenter.forward_all`,
             (S, B, K, H, W) logits of S latent samples (``logits`` is the first); None otherwise.
+        q_mu: with a label-aware posterior (:class:`PosteriorNet`), the mean of q(z | x, y)
+            that ``z`` was drawn from (``mu``/``logvar`` are then the prior p(z | x)).
+        q_logvar: its log-variance.
     """
 
     logits: Tensor
@@ -52,6 +55,8 @@ class VAEOutput(NamedTuple):
     logvar: Tensor
     class_errors: Tensor | None = None
     sample_logits: Tensor | None = None
+    q_mu: Tensor | None = None
+    q_logvar: Tensor | None = None
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -231,6 +236,44 @@ class _LowRankHead(nn.Module):
         for i in range(self.rank):
             out = torch.addcmul(out, factor[:, i * k:(i + 1) * k], noise[:, i:i + 1])
         return out
+
+class PosteriorNet(nn.Module):
+    """q(z | x, y): the latent map given the bands *and the labels* (training only).
+
+    The Probabilistic U-Net's posterior (Kohl et al. 2018): a small strided encoder over the
+    bands, the one-hot labels and a labelled-pixel channel, down to the latent grid. Trained
+    with KL(q || p) against the segmenter's own p(z | x), it teaches that prior to spread its
+    samples where the labels are not predictable from the image. Not part of a model file.
+
+    Args:
+        in_channels: bands.
+        num_classes: classes.
+        latent_channels: channels of the latent map.
+        depth: stride-2 stages (the segmenter's; output at 1/2**depth).
+        width: channels of every stage.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, latent_channels: int, depth: int, width: int = 16) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        layers: list[nn.Module] = [_conv_bn_relu(in_channels + num_classes + 1, width)]
+        for _ in range(depth):
+            layers.append(_conv_bn_relu(width, width, stride=2))
+        self.net = nn.Sequential(*layers)
+        self.to_mu = nn.Conv2d(width, latent_channels, 1)
+        self.to_logvar = nn.Conv2d(width, latent_channels, 1)
+        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.constant_(self.to_logvar.bias, -2.0)
+
+    def forward(self, x: Tensor, labels: Tensor, labelled: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, logvar)`` of q(z | x, y) from (B, C, H, W) bands, (B, H, W) class indices and
+        (B, H, W) bool labelled pixels (their labels are ignored elsewhere)."""
+        lab = labelled.to(x.dtype)
+        onehot = F.one_hot(torch.where(labelled, labels, torch.zeros_like(labels)), self.num_classes)
+        onehot = onehot.permute(0, 3, 1, 2).to(x.dtype) * lab[:, None]
+        f = self.net(torch.cat([x, onehot, lab[:, None]], 1))
+        return self.to_mu(f), self.to_logvar(f).clamp(-10.0, 10.0)
+
 
 class VAESegmenter(nn.Module):
     """A variational segmenter with a spatial Gaussian latent and a reconstruction decoder.
@@ -448,7 +491,8 @@ class VAESegmenter(nn.Module):
         h, mu, _ = self._encode(x)
         return self._head(h, mu)
 
-    def forward_all(self, x: Tensor, sample: bool = True, samples: int = 1) -> VAEOutput:
+    def forward_all(self, x: Tensor, sample: bool = True, samples: int = 1,
+                    posterior: tuple[Tensor, Tensor] | None = None) -> VAEOutput:
         """Logits, reconstruction and the latent distribution, for training.
 
         Args:
@@ -456,24 +500,29 @@ class VAESegmenter(nn.Module):
             sample: draw ``z`` from the posterior (training); False uses its mean.
             samples: with ``sample``, the number of latent samples whose logits are returned
                 in ``sample_logits`` (the mixture loss); the reconstruction uses the first.
+            posterior: ``(mu, logvar)`` of a label-aware posterior q(z | x, y) on the latent
+                grid (:class:`PosteriorNet`) to draw ``z`` from instead of the encoder's
+                p(z | x) (the Probabilistic U-Net's training pass).
 
         Returns:
             A :class:`VAEOutput`; ``logits`` and the reconstruction come from the same ``z``.
         """
         h, mu, logvar = self._encode(x)
+        zmu, zlv = posterior if posterior is not None else (mu, logvar)
         many = None
         if sample and samples > 1:
-            zs, many = self._head_samples(h, mu, logvar, samples)
+            zs, many = self._head_samples(h, zmu, zlv, samples)
             z, logits = zs[0], many[0]
         else:
-            z = self._reparameterise(mu, logvar) if sample else mu
+            z = self._reparameterise(zmu, zlv) if sample else zmu
             logits = self._head(h, z)
+        qm, ql = posterior if posterior is not None else (None, None)
         if self.recon_condition == "class":
             dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
             a = dec.features(z)
             rec = dec.decode(a, class_argmax(logits.detach()))
-            return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many)
-        return VAEOutput(logits, self.recon_decoder(z), mu, logvar, None, many)
+            return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many, qm, ql)
+        return VAEOutput(logits, self.recon_decoder(z), mu, logvar, None, many, qm, ql)
 
     def infer(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> tuple[Tensor, Tensor | None]:
         """Everything prediction needs from one encoder pass.

@@ -174,6 +174,23 @@ class VAESegmentationTask(BaseTask):
         adversarial_start: optimisation step at which the decoder starts getting the
             adversarial term (None: after the KL warm-up, ``kl_warmup_steps``).
         adversarial_lr: the critic's learning rate (None: ``lr``).
+        pseudo_label: weight of self-training on unlabelled pixels (0: off): after the KL
+            warm-up, an unlabelled pixel whose mean class probability over the latent samples
+            exceeds ``pseudo_threshold`` is trained towards that class.
+        pseudo_threshold: see ``pseudo_label``.
+        ema: decay of an exponential moving average of the model's weights and BatchNorm
+            statistics over the training steps (0: off); the model file gets the average.
+            It acts like an ensemble of the last ``1 / (1 - ema)`` steps' models at the cost
+            of one, which steadies a short training run's result (see docs/quality.md).
+            Lightning checkpoints written during training hold the live weights.
+        posterior: train with a label-aware posterior q(z | x, y)
+            (:class:`~geovae.model.vae.PosteriorNet`, the Probabilistic U-Net's) and
+            KL(q || p) to the segmenter's p(z | x), so that p spreads where labels are not
+            predictable from the image; training only (the posterior is not in the model file).
+        generated_weight: weight of generated training pairs (0: off): after the KL
+            warm-up, each step decodes latent prior samples with the batch's class layout
+            (labels where labelled, the model's classes elsewhere) and trains the segmenter
+            on the labelled pixels of the generated images.
     """
 
     #: Monitored by the LR scheduler: always available, with or without validation.
@@ -217,6 +234,11 @@ class VAESegmentationTask(BaseTask):
         adversarial: float = 0.0,
         adversarial_start: int | None = None,
         adversarial_lr: float | None = None,
+        pseudo_label: float = 0.0,
+        pseudo_threshold: float = 0.9,
+        generated_weight: float = 0.0,
+        ema: float = 0.0,
+        posterior: bool = False,
     ) -> None:
         _check_arguments(locals())
         super().__init__()
@@ -245,6 +267,10 @@ class VAESegmentationTask(BaseTask):
         self.register_buffer("band_std", std.view(1, c, 1, 1))
         cw = hp["class_weights"]
         self.register_buffer("class_weight", torch.tensor(cw, dtype=torch.float32) if cw is not None else None)
+        if hp.get("posterior"):
+            from geovae.model.vae import PosteriorNet
+
+            self.posterior_net = PosteriorNet(c, hp["num_classes"], hp["latent_channels"], hp["depth"])
         if float(hp.get("adversarial") or 0.0) > 0:
             from geovae.model.discriminator import PatchDiscriminator
 
@@ -375,7 +401,10 @@ class VAESegmentationTask(BaseTask):
         xn, mask, valid = self._prepare(batch)
         if self.hparams.get("augment", False):
             xn, mask, valid = augment_d4(xn, mask, valid)
-        out = self.model.forward_all(xn, sample=True, samples=int(self.hparams.get("train_samples", 1)))
+        q = None
+        if getattr(self, "posterior_net", None) is not None:
+            q = self.posterior_net(xn, mask, (mask != self.hparams["ignore_index"]) & valid)
+        out = self.model.forward_all(xn, sample=True, samples=int(self.hparams.get("train_samples", 1)), posterior=q)
         beta = self._beta()
         terms = self._loss(out, xn, mask, valid, beta)
         bs = xn.shape[0]
@@ -384,6 +413,16 @@ class VAESegmentationTask(BaseTask):
             terms["loss"] = terms["loss"] + adv["loss"]
             for k in ("d_loss", "g_loss", "d_accuracy", "adv_weight"):
                 self.log(f"train_{k}", adv[k].detach(), batch_size=bs, on_step=False, on_epoch=True)
+        hp = self.hparams
+        after_warmup = int(self.global_step) >= int(hp["kl_warmup_steps"])
+        if float(hp.get("pseudo_label") or 0.0) > 0 and after_warmup and out.sample_logits is not None:
+            pl_loss = self._pseudo_label(out.sample_logits, mask, valid)
+            terms["loss"] = terms["loss"] + float(hp["pseudo_label"]) * pl_loss
+            self.log("train_pseudo", pl_loss.detach(), batch_size=bs, on_step=False, on_epoch=True)
+        if float(hp.get("generated_weight") or 0.0) > 0 and after_warmup:
+            gen_loss = self._generated_pairs(out, mask, valid)
+            terms["loss"] = terms["loss"] + float(hp["generated_weight"]) * gen_loss
+            self.log("train_generated", gen_loss.detach(), batch_size=bs, on_step=False, on_epoch=True)
         for k in ("loss", "ce", "recon", "kl"):
             self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True,
                      prog_bar=k == "loss")
@@ -394,6 +433,75 @@ class VAESegmentationTask(BaseTask):
         if bool(labelled.any()):
             self.train_cm.update(out.logits.detach().argmax(1), mask)
         return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the moving average of the weights (``ema``)."""
+        decay = float(self.hparams.get("ema") or 0.0)
+        if decay <= 0:
+            return
+        state = self.model.state_dict()
+        avg = getattr(self, "_ema_state", None)
+        if avg is None:
+            self._ema_state = {k: v.detach().clone() for k, v in state.items()}
+            return
+        # The usual warm-up of the decay: early steps are not averaged over a long past.
+        step = int(self.global_step)
+        d = min(decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for k, v in state.items():
+                if v.dtype.is_floating_point:
+                    avg[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+                else:
+                    avg[k].copy_(v)
+
+    def on_train_end(self) -> None:
+        """Put the moving average of the weights into the model (``ema``)."""
+        avg = getattr(self, "_ema_state", None)
+        if avg is not None:
+            self.model.load_state_dict(avg)
+            self._ema_state = None
+
+    def _pseudo_label(self, sample_logits: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+        """Mixture likelihood of confident classes on unlabelled pixels (self-training)."""
+        from geovae.model.losses import mixture_nll
+
+        with torch.no_grad():
+            q = sample_logits.float().softmax(2).mean(0)
+            conf, target = q.max(1)
+            w = ((mask == self.hparams["ignore_index"]) & valid & (conf > float(self.hparams["pseudo_threshold"])))
+        if not bool(w.any()):
+            return sample_logits.sum() * 0.0
+        return mixture_nll(sample_logits.float(), target, w.float(), 1)
+
+    def _generated_pairs(self, out: Any, mask: Tensor, valid: Tensor) -> Tensor:
+        """Cross-entropy of the segmenter on images decoded from the prior with this batch's
+        class layout, over its labelled pixels. The images are data (no gradient reaches the
+        decoder) and do not move BatchNorm's running statistics (they are not scenes)."""
+        from geovae.model.losses import mixture_nll
+        from geovae.model.vae import class_argmax
+
+        model = self.model
+        ii = self.hparams["ignore_index"]
+        labelled = (mask != ii) & valid
+        if model.recon_condition != "class" or not bool(labelled.any()):
+            return out.logits.sum() * 0.0
+        with torch.no_grad():
+            layout = torch.where(labelled, mask, class_argmax(out.logits.detach()))
+            dec = model.recon_decoder
+            xg = dec.decode(dec.features(torch.randn_like(out.mu)), layout)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        try:
+            og = model.forward_all(xg, sample=True, samples=int(self.hparams.get("train_samples", 1)))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+        logits = og.sample_logits if og.sample_logits is not None else og.logits[None]
+        target = torch.where(labelled, mask, torch.zeros_like(mask))
+        cw = self.class_weight[target] if self.class_weight is not None else torch.ones_like(xg[:, 0])
+        return mixture_nll(logits.float(), target, cw * labelled, 1)
 
     def _adversarial(self, rec: Tensor, xn: Tensor, valid: Tensor, recon: Tensor) -> dict[str, Tensor]:
         """The critic's hinge loss and, after the warm-up, the decoder's balanced adversarial term.
