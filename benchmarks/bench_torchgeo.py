@@ -186,7 +186,7 @@ def run_model_only(scene: Path, model: Path, out: Path, *, tile: int, overlap: i
 
     m = load_bench_model(model)
     sc = open_scene(scene, nodata=0)
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=m.info.stride)
+    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=m.info.stride, margin=m.info.halo)
     fill = np.asarray(m.info.mean, dtype=np.float32)[:, None]
     tiles = []
     out.mkdir(parents=True, exist_ok=True)

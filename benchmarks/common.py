@@ -313,14 +313,18 @@ def standin_model(cache: Path = CACHE, *, steps: int = 300, seed: int = 0) -> Pa
 
 
 def load_bench_model(path: Path, device: str = "cpu") -> Any:
-    """A :class:`~geovae.model.base.SegmentationModel` from a geovae model file or a stand-in file."""
+    """A :class:`~geovae.model.base.SegmentationModel` from a geovae model file, a TorchGeo
+    checkpoint or a stand-in file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from geovae.model.base import ModelInfo, SegmentationModel
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - not safetensors: a TorchGeo checkpoint, which load_model reads
+        meta = {}
     if "standin" not in meta:
         from geovae.model.io import load_model
 

@@ -35,6 +35,18 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (a test harness or a notebook may swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _Formatter(logging.Formatter):
     """``geovae: warning: ...`` for geovae's own messages, ``name: level: ...`` for others'."""
 
@@ -48,7 +60,7 @@ def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     root = logging.getLogger()
     if not any(getattr(h, "_geovae", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_Formatter())
         handler._geovae = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -158,9 +170,14 @@ def _format_info(d: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------- segment
 def _segment_options(f: Any) -> Any:
     opts = [
-        click.option("--tile", type=click.IntRange(min=1), help="Tile size in pixels [default: the model's training tile]."),
-        click.option("--overlap", type=click.IntRange(min=0), help="Overlap between tiles in pixels [default: tile/4]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Tiles per forward pass."),
+        click.option("--tile", type=click.IntRange(min=1),
+                     help="Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
+                          "up to 1024, given the overlap]."),
+        click.option("--overlap", type=click.IntRange(min=0),
+                     help="Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
+                          "cannot show; tile/4 for a model whose halo is unknown]."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Tiles per forward pass [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
                      help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX."),

@@ -9,15 +9,17 @@ origins on one regular grid is what lets :mod:`geovae.stitch` stream output bloc
 Blending weights (:func:`blend_weights`) are a separable profile over the tile:
 
 * 1 in the tile's core;
-* a smooth raised-cosine ramp across the middle half of each overlap band, so neighbouring
-  tiles hand over without a visible seam (the two ramps sum to 1);
-* a small positive floor (``EPSILON``) on the outer quarter of each overlap band, where a
-  convolutional model sees the tile border (zero padding) and its output is least like an
-  untiled pass. The floor is never zero: a pixel at the scene border that only one tile sees
-  gets exactly that tile's value, and no pixel is ever left without a prediction.
+* a small positive floor (``EPSILON``) on the outer ``margin`` pixels of each overlap band,
+  where a convolutional model sees the tile border (zero padding) and its output is not
+  like an untiled pass: the model's halo (:mod:`geovae.model.halo`), measured once per model;
+  ``overlap // 4`` for a model whose halo is unknown;
+* a smooth raised-cosine ramp across the rest of the overlap band, so neighbouring tiles
+  hand over without a visible seam (the two ramps sum to 1).
 
-With a model whose receptive-field radius is at most ``overlap // 4``, the blended output
-therefore equals one untiled forward pass away from the scene border up to ``EPSILON``.
+The floor is never zero: a pixel at the scene border that only one tile sees gets exactly that
+tile's value, and no pixel is ever left without a prediction. With ``overlap > 2 * halo`` every
+blended pixel comes from tiles that see it as an untiled pass would (to the halo's tolerance),
+so tiling is invisible by construction away from the scene border.
 """
 
 from __future__ import annotations
@@ -31,10 +33,62 @@ from rasterio.windows import Window
 
 from geovae.errors import OptionError
 
-__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "EPSILON"]
+__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "default_tiling", "default_batch_size", "EPSILON"]
 
 #: Weight of the outer quarter of an overlap band: small, but never zero.
 EPSILON = 1e-6
+
+
+#: Largest tile the defaults choose: a 1024² tile of the default VAE holds a few hundred MB of
+#: activations; larger ones save little more overlap.
+MAX_DEFAULT_TILE = 1024
+#: Pixels per model call the default batch size aims at (8 tiles of 256²).
+BATCH_PIXELS = 8 * 256 * 256
+
+
+def default_tiling(tile_size: int, halo: int | None, stride: int = 1, height: int | None = None,
+                   width: int | None = None, tile: int | None = None) -> tuple[int, int]:
+    """The tile and overlap a model runs with when the user does not give them.
+
+    With a known halo the overlap covers it on both sides plus a 16-pixel ramp, and the tile is
+    the one (a multiple of the stride, from the model's training tile up to
+    :data:`MAX_DEFAULT_TILE`) that predicts the fewest pixels for this scene: large tiles waste
+    less on overlap, but a tile much larger than the scene wastes more on padding. A model
+    without a known halo keeps the old rule: its training tile and a quarter of it.
+
+    Args:
+        tile_size: the model's training tile.
+        halo: the model's halo, or None when unknown.
+        stride: the model's stride.
+        height, width: the scene's size (None: as if it were very large).
+        tile: a tile the user chose (then only the overlap is chosen).
+
+    Returns:
+        ``(tile, overlap)``.
+    """
+    if halo is None:
+        t = int(tile if tile is not None else tile_size)
+        return t, t // 4
+    overlap = 2 * int(halo) + 16
+    if tile is not None:
+        return int(tile), min(overlap, max(int(tile) - stride, 0))
+    lo = max(int(tile_size), -(-(2 * overlap + stride) // stride) * stride)
+    hi = max(lo, MAX_DEFAULT_TILE // stride * stride)
+    if height is None or width is None:
+        return hi, overlap
+    best = None
+    for t in range(lo, hi + 1, stride):
+        grid = TileGrid(height, width, t, overlap, stride=stride, margin=halo)
+        cost = len(grid) * t * t
+        if best is None or cost < best[0]:
+            best = (cost, t)
+    assert best is not None
+    return best[1], overlap
+
+
+def default_batch_size(tile: int) -> int:
+    """Tiles per model call: about :data:`BATCH_PIXELS` pixels, at least one tile."""
+    return max(1, BATCH_PIXELS // (tile * tile))
 
 
 def check_options(tile: int, overlap: int, batch_size: int = 1, stride: int = 1) -> None:
@@ -97,13 +151,18 @@ class TileGrid:
         tile: tile side in pixels.
         overlap: pixels shared by neighbouring tiles (0 <= overlap < tile).
         stride: the model's stride; ``tile`` must be a multiple of it.
+        margin: pixels at a tile's edge the blend leaves out (the model's halo); None for
+            ``overlap // 4``.
 
     Raises:
         OptionError: if the options are out of range.
     """
 
-    def __init__(self, height: int, width: int, tile: int, overlap: int, stride: int = 1):
+    def __init__(self, height: int, width: int, tile: int, overlap: int, stride: int = 1, margin: int | None = None):
         check_options(tile, overlap, 1, stride)
+        # An overlap too small for the halo still blends (with a warning from the caller): the
+        # margin left out then shrinks so that the ramp keeps at least one pixel.
+        self.margin = None if margin is None else min(int(margin), max((int(overlap) - 1) // 2, 0))
         if height < 1 or width < 1:
             raise OptionError(f"scene of {height}x{width} pixels: nothing to tile")
         self.height = int(height)
@@ -115,8 +174,11 @@ class TileGrid:
         self.cols = self._count(self.width)
 
     def _count(self, n: int) -> int:
-        # The smallest count whose last tile reaches the far edge: (count-1)*step + tile >= n.
-        return max(1, math.ceil((n - self.tile) / self.step) + 1)
+        # The smallest count whose last tile reaches the far edge: (count-1)*step + tile >= n,
+        # and with a margin, reaches that far past it: a pixel at the scene's right or bottom
+        # edge then sees band-mean fill out to the halo in every tiling (and at the left and
+        # top, the scene's edge is every tiling's first tile's edge), so tilings agree there too.
+        return max(1, math.ceil((n + (self.margin or 0) - self.tile) / self.step) + 1)
 
     def __len__(self) -> int:
         return self.rows * self.cols
@@ -134,19 +196,20 @@ class TileGrid:
 
     def weights(self) -> np.ndarray:
         """The (tile, tile) float32 blending weights of every tile (see :func:`blend_weights`)."""
-        return blend_weights(self.tile, self.overlap)
+        return blend_weights(self.tile, self.overlap, self.margin)
 
     def __repr__(self) -> str:
         return (f"TileGrid({self.height}x{self.width}, tile={self.tile}, overlap={self.overlap}: "
                 f"{self.rows}x{self.cols} tiles)")
 
 
-def _profile(tile: int, overlap: int) -> np.ndarray:
+def _profile(tile: int, overlap: int, margin: int | None = None) -> np.ndarray:
     """1-D weights along one tile axis: floor, cosine ramp, 1, ramp, floor."""
     w = np.ones(tile, dtype=np.float64)
     if overlap == 0:
         return w.astype(np.float32)
-    floor = overlap // 4
+    # An overlap too small for the halo still blends: the ramp keeps at least one pixel.
+    floor = overlap // 4 if margin is None else min(int(margin), (overlap - 1) // 2)
     ramp = overlap - 2 * floor
     # Raised cosine sampled at pixel centres: r[k] + r[ramp-1-k] == 1, so two neighbours'
     # ramps, which run over the same pixels in opposite directions, sum to exactly 1.
@@ -159,15 +222,17 @@ def _profile(tile: int, overlap: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def blend_weights(tile: int, overlap: int) -> np.ndarray:
+def blend_weights(tile: int, overlap: int, margin: int | None = None) -> np.ndarray:
     """Blending weights of one tile, (tile, tile) float32, all > 0.
 
     Args:
         tile: tile side in pixels.
         overlap: overlap between neighbouring tiles in pixels.
+        margin: pixels at the tile's edge left out of the blend (the model's halo); None
+            for ``overlap // 4``.
 
     Returns:
         The separable weight array; see the module docstring for its shape and why.
     """
-    p = _profile(tile, overlap)
+    p = _profile(tile, overlap, margin)
     return np.outer(p, p)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import rasterio
 
 from geovae import batch
 from geovae.batch import (
@@ -457,6 +458,23 @@ def test_resume_skips_finished_and_redoes_partial(
     res = batch.run_batch(first[:1], tiny_model, out, scheduler=dask_processes.address, progress=False,
                           **{**SEG, "min_area": 1e6})
     assert (res.done, res.skipped) == (1, 0)
+
+    # A scene replaced under the same path is redone: the marker fingerprints the scene too
+    # (size, modification time and its first bytes), not only the model and the options.
+    import shutil
+
+    moving = tmp_path / "incoming" / "scene.tif"
+    moving.parent.mkdir()
+    shutil.copyfile(scenes[0], moving)
+    res = batch.run_batch([moving], tiny_model, out, scheduler=dask_processes.address, progress=False, **SEG)
+    assert (res.done, res.skipped) == (1, 0)
+    res = batch.run_batch([moving], tiny_model, out, scheduler=dask_processes.address, progress=False, **SEG)
+    assert (res.done, res.skipped) == (0, 1)
+    shutil.copyfile(scenes[3], moving)  # another scene's pixels under the same name
+    res = batch.run_batch([moving], tiny_model, out, scheduler=dask_processes.address, progress=False, **SEG)
+    assert (res.done, res.skipped) == (1, 0)
+    with rasterio.open(moving) as src, rasterio.open(out / "scene" / "scene.classes.tif") as cls:
+        assert (cls.width, cls.height, cls.transform) == (src.width, src.height, src.transform)
 
 
 def _assert_stac_collection(res: batch.BatchResult, out: Path, scenes: list[Path]) -> None:

@@ -53,7 +53,8 @@ def conv_model(path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile:
     return SegmentationModel(nn.Sequential(*mods), info, "cpu")
 
 
-def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8) -> SegmentationModel:
+def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8,
+              halo: bool = False) -> SegmentationModel:
     """geovae's VAE segmenter, random weights, BatchNorm statistics taken from the scene."""
     from geovae.model.vae import VAESegmenter
 
@@ -75,8 +76,13 @@ def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int
         # centre each class's logit on its scene median so the random head uses several classes
         logits = net(x[None])
         net.head[-1].bias -= logits.flatten(2).median(-1).values[0]
+    measured = None
+    if halo:
+        from geovae.model.halo import measure_halo
+
+        measured = measure_halo(net.to(memory_format=torch.channels_last), c, 2 ** depth)
     info = ModelInfo(in_channels=c, num_classes=k, mean=mean, std=std, tile_size=tile, stride=2 ** depth,
-                     class_ids=list(range(1, k + 1)), class_names=[f"c{i}" for i in range(1, k + 1)])
+                     class_ids=list(range(1, k + 1)), class_names=[f"c{i}" for i in range(1, k + 1)], halo=measured)
     return SegmentationModel(net, info, "cpu")
 
 
@@ -86,7 +92,12 @@ def untiled(model: SegmentationModel, path: Path) -> np.ndarray:
     d, v = s.read(Window(0, 0, s.width, s.height))
     s.fill_missing(d, v, np.asarray(model.info.mean, np.float32))
     st = model.info.stride
-    x = nn.functional.pad(torch.from_numpy(d)[None], (0, (-s.width) % st, 0, (-s.height) % st))
+    # Padded with the band means, as the pipeline pads tiles past the scene: to the stride,
+    # and by the model's halo, which the tiled run's last tiles reach past the scene too.
+    h = model.info.halo or 0
+    mean = torch.tensor(model.info.mean, dtype=torch.float32)[:, None, None]
+    x = nn.functional.pad(torch.from_numpy(d)[None] - mean,
+                          (0, (-(s.width + h)) % st + h, 0, (-(s.height + h)) % st + h)) + mean
     return model.predict(x)["probs"][0, :, : s.height, : s.width].numpy()
 
 
@@ -252,6 +263,43 @@ def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
     assert (out[256][v] == out[128][v]).mean() >= 0.995
     counts = np.bincount(out[128][v], minlength=5)
     assert (counts > 0.005 * v.sum()).sum() >= 2  # not a one-class map
+
+
+@pytest.mark.slow
+def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None:
+    """The default VAE (base 32, depth 4) with its measured halo: blending only each tile's
+    trustworthy interior, two tilings agree and equal one untiled pass (issue 14 target 2)."""
+    model = vae_model(nc_stack, k=7, depth=4, base=32, halo=True)
+    h = model.info.halo
+    assert h is not None and 0 < h < 128
+    ref = untiled(model, nc_stack).argmax(0) + 1
+    v = _valid(nc_stack)
+    sel = _away_from_border(v, 1)
+    out = {}
+    for tile in (320, 384):  # the overlap defaults to 2 * halo + 16, so several tiles per axis
+        r = segment_scene(nc_stack, model, tmp_path / f"t{tile}", tile=tile, batch_size=4, **QUIET)
+        assert r.report["options"]["overlap"] == 2 * h + 16 and r.report["tiles"]["tiles_total"] > 1
+        out[tile] = read(r.outputs["classes"])
+        assert (out[tile][sel] == ref[sel]).mean() >= 0.9999
+    assert (out[320][v] == out[384][v]).mean() >= 0.999
+    counts = np.bincount(out[320][v], minlength=8)
+    assert (counts > 0.005 * v.sum()).sum() >= 2  # not a one-class map
+
+
+def test_overlap_too_small_for_the_halo_warns_once(tmp_path: Path, nc_stack: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    model = vae_model(nc_stack, k=3, depth=2, halo=True)
+    h = model.info.halo
+    assert h is not None and h > 4
+    with caplog.at_level("WARNING", logger="geovae"):
+        segment_scene(nc_stack, model, tmp_path / "a", tile=64, overlap=4, **QUIET)
+    warned = [r for r in caplog.records if "tile seams may show" in r.getMessage()]
+    assert len(warned) == 1 and f"--overlap {2 * h + 16}" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="geovae"):
+        r = segment_scene(nc_stack, model, tmp_path / "b", **QUIET)  # the defaults cover the halo
+    assert not [r for r in caplog.records if "tile seams" in r.getMessage()]
+    assert r.report["options"]["overlap"] >= 2 * h + 16
 
 
 def test_scene_smaller_than_one_tile(tmp_path: Path, nc_stack: Path) -> None:
@@ -519,10 +567,12 @@ def test_cuda_matches_cpu(tmp_path: Path, nc_stack: Path) -> None:
 
 def test_model_file_path_gives_the_same_result(tmp_path: Path, nc_stack: Path) -> None:
     """segment_scene loads a saved model file itself (no code unpickled) with the same result."""
-    from geovae.model.io import save_model
+    from geovae.model.io import read_model_info, save_model
 
     model = vae_model(nc_stack, k=3, depth=2, tile=128, base=4)
     path = save_model(tmp_path / "m.safetensors", model.module, model.info)
+    model.info.halo = read_model_info(path).halo  # measured when the file was written
+    assert model.info.halo is not None
     a = segment_scene(nc_stack, model, tmp_path / "a", **QUIET)
     b = segment_scene(nc_stack, path, tmp_path / "b", device="cpu", **QUIET)
     assert b.report["model"]["source"] == str(path) and b.report["model"]["kind"] == "geovae-vae"

@@ -288,7 +288,7 @@ def _submit_split(
     from geovae.scene import open_scene
 
     sc = open_scene(row.scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
-    tile, overlap = options.tiling(info)
+    tile, overlap = options.tiling(info, sc.height, sc.width)
     bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
     part_root = Path(folder) / f".split-{run_id}"
     band_futs = [

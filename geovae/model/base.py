@@ -38,6 +38,10 @@ class ModelInfo:
         kind: ``"geovae-vae"`` for geovae's VAE segmenter, ``"torchgeo"`` for a TorchGeo task.
         arch: architecture hyperparameters needed to rebuild the module.
         extra: free-form provenance (training data, metrics, geovae version...).
+        halo: pixels from a tile's edge within which the model's class probabilities differ
+            from one untiled pass by more than 1e-3 (:func:`geovae.model.halo.measure_halo`);
+            blending leaves them out, so tiling is invisible. None: not measured (older files;
+            measured when loaded).
         training: what the model was trained on, for the trust check
             (:mod:`geovae.segment.trust`): ``dtype`` (the training image's data type),
             ``quantiles`` (``{"0.005": [per band], "0.5": [...], "0.995": [...]}`` of the
@@ -66,6 +70,7 @@ class ModelInfo:
     kind: str = "geovae-vae"
     arch: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    halo: int | None = None
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +116,8 @@ class ModelInfo:
             raise ValueError(f"tile_size {self.tile_size!r} must be a positive multiple of the stride {self.stride}")
         if self.in_channels < 1 or self.num_classes < 1:
             raise ValueError("in_channels and num_classes must be positive")
+        if self.halo is not None and (not isinstance(self.halo, int) or isinstance(self.halo, bool) or self.halo < 0):
+            raise ValueError(f"halo {self.halo!r} must be a whole number of pixels, 0 or more")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

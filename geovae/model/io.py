@@ -87,6 +87,8 @@ def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, i
     d.setdefault("extra", {})
     d["extra"] = {**d["extra"], "geovae_version": __version__}
     ModelInfo.from_dict(d)  # validates list lengths before anything is written
+    if d.get("halo") is None:
+        d["halo"] = _halo(module, d)
     # Shared storage (views) is not allowed by safetensors: clone every tensor.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     metadata = {
@@ -398,6 +400,8 @@ def load_model(
     for key, value in (("mean", mean), ("std", std), ("class_ids", class_ids), ("class_names", class_names)):
         if value is not None:
             d[key] = list(value)
+    if d.get("halo") is None:  # an older file or a checkpoint: measured once, here
+        d["halo"] = _halo(module, d)
     try:
         info = ModelInfo.from_dict(d)
     except ValueError as exc:
@@ -405,6 +409,16 @@ def load_model(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
     return SegmentationModel(module, info, device=device, amp=amp, precision=precision)
+
+
+def _halo(module: nn.Module, d: dict[str, Any]) -> int:
+    """The model's halo (geovae.model.halo), measured on a CPU copy in fp32."""
+    import copy
+
+    from geovae.model.halo import measure_halo
+
+    m = copy.deepcopy(module).to("cpu", memory_format=torch.channels_last)
+    return measure_halo(m, int(d["in_channels"]), int(d.get("stride") or 1))
 
 
 def _per_band(name: str, values: Any, bands: int) -> list[float] | None:

@@ -8,6 +8,7 @@ worker), and batch's resume fingerprint is computed from it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from geovae.device import PRECISIONS
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.products import POLYGON_FORMATS
-from geovae.tiling import check_options
+from geovae.tiling import check_options, default_batch_size, default_tiling
 
 __all__ = ["SegmentOptions"]
+
+log = logging.getLogger("geovae.segment")
 
 #: Options that change how fast the outputs are written, not what is written: a batch
 #: marker made with other values is still trusted on resume.
@@ -30,9 +33,12 @@ class SegmentOptions:
     """How to segment a scene. Every field is checked when the object is made.
 
     Attributes:
-        tile: tile side in pixels; None for the model's training tile size.
-        overlap: pixels shared by neighbouring tiles; None for ``tile // 4``.
-        batch_size: tiles per model call.
+        tile: tile side in pixels; None for the model's training tile size, enlarged until
+            the default overlap is at most a quarter of it (:meth:`tiling`).
+        overlap: pixels shared by neighbouring tiles; None for enough to cover the model's
+            halo on both sides (at least ``tile // 4``).
+        batch_size: tiles per model call; None (the default) for about half a megapixel of
+            tiles (8 tiles of 256², 2 of 512², 1 of 1024²).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; None keeps a loaded model's own.
         samples: latent samples per tile; > 0 writes the uncertainty raster.
@@ -55,7 +61,7 @@ class SegmentOptions:
 
     tile: int | None = None
     overlap: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     device: str = "auto"
     precision: str | None = None
     samples: int = 0
@@ -83,7 +89,7 @@ class SegmentOptions:
 
         integer("tile", 1, allow_none=True)
         integer("overlap", 0, allow_none=True)
-        integer("batch_size", 1)
+        integer("batch_size", 1, allow_none=True)
         integer("samples", 0)
         integer("block_size", 1)
         for name in ("min_area", "simplify"):
@@ -123,17 +129,38 @@ class SegmentOptions:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **kwargs)
 
-    def tiling(self, info: ModelInfo) -> tuple[int, int]:
-        """Tile side and overlap for a model: by default its training tile and a quarter of it.
+    def tiling(self, info: ModelInfo, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Tile side and overlap for a model (and a scene of ``height`` x ``width``).
+
+        By default (:func:`geovae.tiling.default_tiling`) the overlap covers the model's halo
+        on both sides, so blending only uses each tile's trustworthy interior, and the tile is
+        the one that predicts the fewest pixels for the scene. A user overlap smaller than
+        twice the halo gets one warning line (:meth:`warn_seams`).
 
         Raises:
             OptionError: a tile that is not a multiple of the model's stride, an overlap not
                 smaller than the tile.
         """
-        tile = self.tile if self.tile is not None else info.tile_size
-        overlap = self.overlap if self.overlap is not None else tile // 4
-        check_options(tile, overlap, 1, info.stride)
+        stride = info.stride
+        if self.overlap is None:
+            tile, overlap = default_tiling(info.tile_size, info.halo, stride, height, width, self.tile)
+        else:
+            overlap = self.overlap
+            tile = self.tile if self.tile is not None else \
+                max(info.tile_size, -(-(self.overlap + stride) // stride) * stride)
+        check_options(tile, overlap, 1, stride)
         return tile, overlap
+
+    def batch(self, tile: int) -> int:
+        """Tiles per model call: ``batch_size``, or about half a megapixel of tiles by default."""
+        return self.batch_size if self.batch_size is not None else default_batch_size(tile)
+
+    def warn_seams(self, info: ModelInfo, tiles: int, overlap: int) -> None:
+        """One warning line when more than one tile overlaps by less than twice the model's halo."""
+        if info.halo is not None and tiles > 1 and overlap <= 2 * info.halo:
+            log.warning("tiles overlap by %d px but this model's predictions change up to %d px from a tile's edge: "
+                        "tile seams may show; use --overlap %d or more (a larger --tile keeps the cost down), or "
+                        "leave both to their defaults", overlap, info.halo, 2 * info.halo + 16)
 
     def polygon_formats(self, pixel_coords: bool) -> list[str]:
         """The polygon formats for a scene with (False) or without (True) real coordinates.

@@ -199,8 +199,9 @@ def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | 
         raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
     threshold = anomaly_threshold(info) if m.supports_reconstruction else None
     reconstruction = opts.reconstruction if opts.reconstruction is not None else threshold is not None
-    tile, overlap = opts.tiling(info)
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride)
+    tile, overlap = opts.tiling(info, sc.height, sc.width)
+    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride, margin=info.halo)
+    opts.warn_seams(info, len(grid), overlap)
     check_rows(rows, sc.height, block_side(opts.block_size, grid.step))
     if rows is not None and opts.quicklook:
         raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
@@ -342,7 +343,7 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
     model_s = 0.0
     pin = model.device.type == "cuda"
     mean = np.asarray(model.info.mean, dtype=np.float32)
-    with Reader(plan.scene, list(stitcher.block_tiles()), opts.batch_size, mean, pin) as reader, \
+    with Reader(plan.scene, list(stitcher.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader, \
             _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar:
         # One batch in flight: batch n+1 is queued on the device before batch n is
         # blended, so on CUDA the GPU computes while the CPU blends and writes.
@@ -377,7 +378,7 @@ def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
     m = plan.model
     return {
         **plan.options.to_dict(), "rows": None if stitcher.rows == (0, plan.scene.height) else list(stitcher.rows),
-        "tile": plan.grid.tile, "overlap": plan.grid.overlap, "device": str(m.device),
+        "tile": plan.grid.tile, "batch_size": plan.options.batch(plan.grid.tile), "overlap": plan.grid.overlap, "device": str(m.device),
         "precision": str(m.amp_dtype or "fp32").replace("torch.", ""), "reconstruction": plan.reconstruction,
         "formats": plan.formats, "pixel_coords": plan.scene.crs is None, "nodata": plan.scene.nodata,
         "block_size": stitcher.B,
@@ -393,7 +394,14 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
     t0 = time.perf_counter()
     # The COG copies (overviews included) take a minute or more on a 20k scene: a bar in MiB.
     with _Progress(1, opts.progress, f"COGs {stem}", unit="MiB") as bar:
-        rasters = stitcher.close(progress=lambda done, total: _set_total(bar, done >> 20, max(1, total >> 20)))
+        seen = [1]
+
+        def cog_progress(done: int, total: int) -> None:
+            seen[0] = max(1, -(-total >> 20))  # MiB, rounded up: a small scene still ends at 1/1
+            _set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
+
+        rasters = stitcher.close(progress=cog_progress)
+        _set_total(bar, seen[0], seen[0])
     timings["rasters_close_s"] = time.perf_counter() - t0
     log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, timings["rasters_close_s"])
     staged = {k: oset.path(output_name(stem, k)) for k in rasters}
