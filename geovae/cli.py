@@ -336,6 +336,10 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
               help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
                    "for sparse labels without --unlabeled).")
+@click.option("--adversarial", type=click.FloatRange(min=0.0), default=None,
+              help="Train the reconstruction decoder against a PatchGAN critic with this weight (VAE-GAN; "
+                   "sharper reconstructions and generated images) [default: 0, off]. With --config it sets "
+                   "model.adversarial.")
 @click.option("--boundary-width", type=click.IntRange(min=1),
               help="Object labels: train a 'boundary' class this many pixels wide along every polygon's outline "
                    "(and a 'background' class), so `segment --objects` keeps touching objects apart.")
@@ -347,8 +351,8 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
           vector_labels: str | None, label_field: str | None, classes: str | None,
           unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
-          device: str, seed: int, sampler: str, boundary_width: int | None, background: str | None,
-          overrides: tuple[str, ...]) -> None:
+          device: str, seed: int, sampler: str, adversarial: float | None, boundary_width: int | None,
+          background: str | None, overrides: tuple[str, ...]) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
@@ -356,6 +360,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         if image or labels or vector_labels or boundary_width or background:
             raise OptionError("--config and --image/--labels/--boundary-width are exclusive; put them in the config "
                               "(data.boundary_width, data.background)")
+        if adversarial is not None:
+            overrides = (*overrides, f"model.adversarial={adversarial}")
         result = training.train_from_config(config, overrides=overrides)
     else:
         if not image or not (labels or vector_labels):
@@ -365,13 +371,38 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         result = training.train_model(
             image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
             unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
-            seed=seed, sampler=sampler, progress=not _quiet(ctx), boundary_width=boundary_width,
-            background=background,
+            seed=seed, sampler=sampler, progress=not _quiet(ctx), adversarial=adversarial or 0.0,
+            boundary_width=boundary_width, background=background,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):
         if isinstance(v, float):
             click.echo(f"  {k}: {v:.4f}")
+
+
+# ------------------------------------------------------------------------- generate
+@cli.command()
+@click.option("--model", "model_path", required=True, help="A geovae model file (VAE segmenter).")
+@click.option("-o", "--out", required=True, help="GeoTIFF to write: N images x the model's bands.")
+@click.option("--n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Images to generate.")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Height and width of each image (a multiple of the model stride); ignored with --classes-from.")
+@click.option("--classes-from", help="Class raster whose layout (and grid) the images follow.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent samples.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def generate(model_path: str, out: str, count: int, size: int, classes_from: str | None, seed: int,
+             device: str) -> None:
+    """Decode latent samples from the model's prior into multi-band image tiles.
+
+    Values are in the model's band units (its training data type when recorded). With
+    --classes-from each image follows that class map and lies on its grid.
+    """
+    from geovae.generate import generate_images
+
+    res = generate_images(model_path, out, n=count, size=size, classes_from=classes_from, seed=seed, device=device)
+    where = "on the class map's grid" if res.georeferenced else "not georeferenced"
+    click.echo(f"{res.path}: {res.count} images of {res.width}x{res.height} px, {res.bands} bands each "
+               f"({res.dtype}, {where})")
 
 
 # ------------------------------------------------------------------------- evaluate
@@ -499,7 +530,11 @@ def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device
 
     res = run_demo(out_dir, data=data, epochs=epochs, device=device, progress=not _quiet(ctx))
     click.echo("")
-    click.echo(f"mIoU on the east half (held out): {res.report['evaluation']['miou']:.3f}")
+    ev = res.report["evaluation"]
+    auroc = ev.get("auroc_uncertainty")
+    click.echo(f"mIoU on the east half (held out): {ev['miou']:.3f}   ECE: {ev['ece']:.3f}   "
+               f"uncertainty AUROC for errors: {'n/a' if auroc is None else format(auroc, '.3f')} "
+               f"({ev.get('uncertainty_source') or 'none'})")
     _print_outputs(res.outputs)
 
 

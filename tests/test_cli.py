@@ -128,9 +128,10 @@ def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], t
     out = tmp_path / "demo"
     code, stdout, err = run(capsys, "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu")
     assert code == 0, err
-    assert "mIoU on the east half (held out):" in stdout
+    assert "mIoU on the east half (held out):" in stdout and "uncertainty AUROC for errors: 0." in stdout
     report = json.loads((out / "demo.json").read_text())
     assert 0.0 < report["evaluation"]["miou"] <= 1.0
+    assert 0.0 < report["evaluation"]["auroc_uncertainty"] < 1.0
     with rasterio.open(out / "nc_lsat7_2000.classes.tif") as src, \
             rasterio.open(data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")) as ref:
         assert (src.crs, src.transform, src.shape) == (ref.crs, ref.transform, ref.shape)

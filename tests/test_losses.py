@@ -166,3 +166,61 @@ def test_patch_discriminator_learns_to_tell_blur_from_texture(mode: str) -> None
     assert fake.grad is not None and fake.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         adversarial_losses(d, fake, fake, mode="wgan")
+
+
+def test_mixture_nll_per_pixel_equals_the_nll_of_the_mean_and_regions_score_jointly() -> None:
+    from geovae.model.losses import mixture_nll
+
+    torch.manual_seed(0)
+    s = torch.randn(4, 2, 3, 8, 8) * 3
+    y = torch.randint(0, 3, (2, 8, 8))
+    w = torch.ones(2, 8, 8)
+    w[0, :2] = 0  # unlabelled rows count nothing
+    per_px = -(s.softmax(2).mean(0).gather(1, y[:, None])[:, 0].log() * w).sum() / w.sum()
+    assert torch.isclose(mixture_nll(s, y, w, 1), per_px, atol=1e-5)
+    # Identical samples: every region size gives the plain cross-entropy.
+    same = s[:1].expand(4, -1, -1, -1, -1)
+    ce = (torch.nn.functional.cross_entropy(s[0], y, reduction="none") * w).sum() / w.sum()
+    for r in (1, 4, 0):
+        assert torch.isclose(mixture_nll(same, y, w, r), ce, atol=1e-5)
+    # Two samples that each get one half of a region right: per pixel the mixture is as good
+    # as can be, jointly over the region it is worse (neither sample explains it all).
+    y2 = torch.zeros(1, 2, 2, dtype=torch.long)
+    y2[0, :, 1] = 1
+    a = torch.tensor([10.0, -10.0]).view(1, 1, 2, 1, 1).expand(1, 1, 2, 2, 2)
+    b = -a
+    two = torch.cat([a, b])
+    w2 = torch.ones(1, 2, 2)
+    assert mixture_nll(two, y2, w2, 1) < mixture_nll(two, y2, w2, 2) - 1.0
+
+
+def test_sample_entropy_term_rewards_samples_that_commit() -> None:
+    from geovae.model.vae import VAEOutput
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 4)
+    mu = torch.zeros(1, 1, 1, 1)
+    soft = torch.zeros(2, 1, 2, 4, 4)  # two samples, both 50/50
+    sharp = torch.stack([torch.tensor([8.0, -8.0]), torch.tensor([-8.0, 8.0])]).view(2, 1, 2, 1, 1).expand(2, 1, 2, 4, 4)
+    y = torch.zeros(1, 4, 4, dtype=torch.long)
+    terms = {}
+    for name, sl in (("soft", soft), ("sharp", sharp)):
+        out = VAEOutput(sl[0], x, mu, mu, None, sl)
+        terms[name] = vae_segmentation_loss(out, x, y, sample_entropy=1.0, recon_weight=0.0)
+    # The same mean prediction (0.5/0.5), so the same mixture likelihood...
+    assert torch.isclose(terms["soft"]["ce"], terms["sharp"]["ce"], atol=1e-4)
+    # ...but only the committed samples escape the entropy penalty.
+    assert terms["soft"]["sample_entropy"] > 0.69 and terms["sharp"]["sample_entropy"] < 1e-3
+    assert terms["sharp"]["loss"] < terms["soft"]["loss"] - 0.6
+
+
+def test_generator_term_does_not_train_the_critic() -> None:
+    from geovae.model.discriminator import PatchDiscriminator, adversarial_losses
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(3, base_channels=8, n_layers=2)
+    fake = torch.randn(2, 3, 32, 32, requires_grad=True)
+    adversarial_losses(d, torch.randn(2, 3, 32, 32), fake)["g_loss"].backward()
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())
+    assert fake.grad is not None and fake.grad.abs().sum() > 0

@@ -89,7 +89,7 @@ def test_hparams_rebuild_an_identical_model() -> None:
     m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4)
     assert m.hparams == {
         "in_channels": 4, "num_classes": 3, "base_channels": 8, "depth": 3, "latent_channels": 4, "encoder": "unet",
-        "recon_condition": "class",
+        "recon_condition": "class", "head": "mlp",
     }
     for cond in ("class", "none"):
         m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4, recon_condition=cond)
@@ -283,3 +283,58 @@ def test_cuda_amp_prediction_matches_cpu(tmp_path) -> None:
     assert gpu["probs"].device.type == "cuda" and gpu["reconstruction_error"].shape == (2, 64, 64)
     fp = SegmentationModel(m, info, device="cuda", amp=False).predict(x)["probs"].cpu()
     assert torch.allclose(fp, cpu, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the low-rank head
+def _lowrank(seed: int = 0, **kw: object) -> VAESegmenter:
+    torch.manual_seed(seed)
+    m = VAESegmenter(6, 5, base_channels=16, depth=3, latent_channels=4, head="lowrank", **kw).eval()
+    with torch.no_grad():  # a posterior and factor wide enough for samples to matter
+        m.to_logvar.bias.fill_(0.0)
+        m.head.out.weight.mul_(6.0)
+    return m
+
+
+def test_lowrank_head_samples_differ_cheaply_and_the_mean_is_deterministic() -> None:
+    m = _lowrank()
+    assert m.hparams["head"] == "lowrank" and m.hparams["head_rank"] == 2
+    x = torch.randn(2, 6, 64, 64)
+    with torch.no_grad():
+        p = m.sample(x, 6)
+        assert p.shape == (6, 2, 5, 64, 64)
+        assert (p[0] - p[1]).abs().max() > 1e-2
+        a = m(x)
+        torch.manual_seed(9)
+        assert torch.equal(a, m(x))
+        logits, rec = m.infer(x, samples=0, reconstruction=True)
+        assert torch.equal(logits, a) and rec.shape == x.shape
+        assert m.infer(x, samples=3)[0].shape == (3, 2, 5, 64, 64)
+        # The noise lives on the latent grid (1/8): neighbouring pixels move together.
+        d = (p[0] - p[1])[0, 0]
+        assert (d[:, 1:] - d[:, :-1]).abs().mean() < 0.5 * d.abs().mean()
+
+
+def test_lowrank_model_is_local_and_rebuilds_from_its_hparams() -> None:
+    m = _lowrank(1)
+    x = torch.randn(1, 6, 128, 128)
+    with torch.no_grad():
+        full = m(x)
+        crop = m(x[..., 32:96, 32:96])
+        assert torch.allclose(full[..., 48:80, 48:80], crop[..., 16:48, 16:48], atol=1e-4)
+        m2 = VAESegmenter(**m.hparams).eval()
+        m2.load_state_dict(m.state_dict())
+        assert torch.equal(m2(x), full)
+    with pytest.raises(OptionError, match="head"):
+        VAESegmenter(6, 5, head="deep")
+    with pytest.raises(OptionError, match="head_rank"):
+        VAESegmenter(6, 5, head="lowrank", head_rank=0)
+
+
+def test_class_argmax_matches_torch_in_both_layouts() -> None:
+    from geovae.model.vae import class_argmax
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 9, 11)
+    logits[0, 3, 0, 0] = logits[0, 5, 0, 0] = 50.0  # a tie: the lower class, as torch.argmax
+    for t in (logits, logits.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(class_argmax(t), logits.argmax(1))

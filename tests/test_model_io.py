@@ -22,9 +22,9 @@ class Boom:
         return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['BOOM_FILE']).write_text('pwned')",))
 
 
-def _trained_ish(seed: int = 0) -> VAESegmenter:
+def _trained_ish(seed: int = 0, head: str = "mlp") -> VAESegmenter:
     torch.manual_seed(seed)
-    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=4)
+    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=4, head=head)
     # Move BatchNorm statistics away from their defaults so a lost buffer would show.
     m.train()
     with torch.no_grad():
@@ -46,8 +46,9 @@ def _cl(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def test_round_trip_reproduces_predictions_exactly(tmp_path: Path) -> None:
-    m = _trained_ish()
+@pytest.mark.parametrize("head", ["mlp", "lowrank"])
+def test_round_trip_reproduces_predictions_exactly(tmp_path: Path, head: str) -> None:
+    m = _trained_ish(head=head)
     info = _info()
     p = save_model(tmp_path / "m.safetensors", m, info)
     assert p.exists() and not list(tmp_path.glob("*.part"))

@@ -54,10 +54,10 @@ def adversarial_losses(
 ) -> dict[str, Tensor]:
     """Discriminator and generator losses for one batch.
 
-    Step the discriminator's optimiser on ``d_loss`` (which sees ``fake`` detached) and add
-    ``weight * g_loss`` to the VAE loss for the generator's step (only the VAE's optimiser
-    steps on it; the discriminator's gradients from it are discarded by zeroing before its
-    own step).
+    ``d_loss`` sees ``fake`` detached, so its gradient reaches only the critic; ``g_loss`` is
+    computed with the critic's parameters frozen, so its gradient reaches only the generator.
+    ``d_loss + weight * g_loss`` can therefore be added to the VAE loss and stepped by one
+    optimiser holding both players' parameters: a simultaneous update of both.
 
     Args:
         discriminator: the critic.
@@ -73,7 +73,14 @@ def adversarial_losses(
     """
     d_real = discriminator(real.detach())
     d_fake = discriminator(fake.detach())
-    g_fake = discriminator(fake)
+    trainable = [p for p in discriminator.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        g_fake = discriminator(fake)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     if mode == "hinge":
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         g_loss = -g_fake.mean()

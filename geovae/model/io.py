@@ -35,7 +35,10 @@ from geovae.model.vae import VAESegmenter
 
 #: The format this geovae writes; it reads this one and every older one. Version 2 added
 #: ``arch.recon_condition`` (class-conditional reconstruction); version-1 files rebuild
-#: with ``recon_condition="none"``, the only decoder they could hold.
+#: with ``recon_condition="none"``, the only decoder they could hold. ``arch.head`` and
+#: ``arch.head_rank`` (the low-rank stochastic head) came later within version 2: a file
+#: without them rebuilds the MLP head it was written with (the constructor's default), and
+#: an older geovae refuses a file with them (unknown architecture key), never misreads it.
 FORMAT_VERSION = 2
 FORMAT_NAME = "geovae-model"
 
@@ -268,8 +271,9 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
             raise ModelFileError(f"{path}: VAESegmentationTask checkpoint without an integer {key} (the task was never "
                                  "set up with its data); train with a data module that gives it, or set it")
     arch = {"in_channels": hp["in_channels"], "num_classes": hp["num_classes"]}
+    # A key missing from an older checkpoint takes the value that rebuilds the older model.
     for key, default in (("base_channels", 32), ("depth", 4), ("latent_channels", 8), ("encoder", "unet"),
-                         ("recon_condition", "class")):
+                         ("recon_condition", "class"), ("head", "mlp"), ("head_rank", 2)):
         arch[key] = hp.get(key, default)
     try:
         module = VAESegmenter(**arch)

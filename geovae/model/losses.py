@@ -28,6 +28,8 @@ so a collapsed channel is visible as a value near 0 in the logs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -51,6 +53,12 @@ def kl_divergence_map(mu: Tensor, logvar: Tensor) -> Tensor:
     mu = mu.float()
     logvar = logvar.float()
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_gaussians(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -> Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))) at each cell and channel, in nats."""
+    mu_q, logvar_q, mu_p, logvar_p = (t.float() for t in (mu_q, logvar_q, mu_p, logvar_p))
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
 
 
 def kl_warmup(step: int, warmup_steps: int, beta_max: float = 1.0) -> float:
@@ -89,6 +97,36 @@ def _valid_map(valid: Tensor | None, like: Tensor) -> Tensor:
     return valid.to(device=like.device, dtype=torch.bool)
 
 
+def mixture_nll(sample_logits: Tensor, target: Tensor, weights: Tensor, region: int = 1) -> Tensor:
+    """Negative log-likelihood of the labels under the mixture of S sampled segmentations.
+
+    ``-sum_r log mean_s exp(sum_{i in r} w_i log p_s(y_i)) / sum_i w_i`` over square regions
+    ``r`` of ``region`` pixels a side (0: the whole tile). With ``region = 1`` this is the
+    per-pixel predictive likelihood of the sample mean; larger regions score the samples'
+    joint labelling of each region.
+
+    Args:
+        sample_logits: (S, B, K, H, W).
+        target: (B, H, W) class indices (any value where ``weights`` is 0).
+        weights: (B, H, W) per-pixel weights, 0 at unlabelled pixels.
+        region: side of the joint regions in pixels (0: whole tile).
+
+    Returns:
+        Scalar, nats per (weighted) labelled pixel; 0 when nothing is labelled.
+    """
+    s, b, k, h, w = sample_logits.shape
+    logp = sample_logits.log_softmax(2).gather(2, target[None, :, None].expand(s, b, 1, h, w))[:, :, 0]
+    ll = logp * weights.unsqueeze(0)  # (S, B, H, W)
+    if region == 0:
+        joint = ll.sum(dim=(2, 3))  # (S, B)
+    elif region == 1:
+        joint = ll
+    else:
+        joint = F.avg_pool2d(ll, region, stride=region, ceil_mode=True) * float(region * region)
+    mix = torch.logsumexp(joint, dim=0) - math.log(s)
+    return -mix.sum() / weights.sum().clamp_min(1e-8)
+
+
 def soft_dice_loss(logits: Tensor, target: Tensor, labelled: Tensor, eps: float = 1.0) -> Tensor:
     """1 - mean soft Dice over the classes present in the labelled pixels.
 
@@ -125,6 +163,9 @@ def vae_segmentation_loss(
     recon_weight: float = 1.0,
     dice_weight: float = 0.0,
     class_weights: Tensor | None = None,
+    mixture_region: int = 1,
+    sample_entropy: float = 0.0,
+    prior_weight: float = 0.1,
 ) -> dict[str, Tensor]:
     """The training loss: ``ce + dice_weight*dice + recon_weight*recon + beta*kl_free_bits``.
 
@@ -150,6 +191,20 @@ def vae_segmentation_loss(
         dice_weight: weight of the soft-Dice term (0 turns it off; it is still reported).
         class_weights: (K,) per-class weights for the cross-entropy; the mean is then
             weighted (sum of weighted losses over the sum of the labelled pixels' weights).
+        mixture_region: with several latent samples (``out.sample_logits``), ``ce`` is the
+            negative log-likelihood of the labels under the *mixture* of the samples, taken
+            jointly over square regions of this many pixels a side: ``-log mean_s
+            prod_{i in region} p_s(y_i)``. 1 is the per-pixel mixture (no reward for samples
+            that differ); larger regions reward samples that commit, each coherently, to a
+            different plausible labelling of the region (a stochastic segmentation network's
+            objective, made local). 0 takes the whole tile as one region.
+        sample_entropy: weight of the mean entropy of each sample's class probabilities over
+            valid pixels (``sample_entropy`` term; needs several samples). Penalising it while
+            the mixture likelihood keeps the samples' *mean* calibrated makes each sample
+            commit to a class where the mean is unsure, so the samples disagree exactly there
+            (their mutual information approaches the predictive entropy).
+        prior_weight: with a label-aware posterior (``out.q_mu``), the weight of
+            KL(p(z | x) || N(0, I)) that keeps the learned prior near the generator's N(0, I).
 
     Returns:
         Scalar tensors ``loss``, ``ce``, ``dice``, ``recon``, ``kl`` (raw, per input pixel),
@@ -170,19 +225,31 @@ def vae_segmentation_loss(
     if bool(labelled.any()) and (int(safe_target.max()) >= k or int(safe_target.min()) < 0):
         raise ValueError(f"mask holds class indices outside 0..{k - 1} (and not ignore_index={ignore_index})")
 
-    per_px = F.cross_entropy(logits, safe_target, reduction="none")  # (B, H, W)
     lab_f = labelled.float()
     if class_weights is not None:
         cw = class_weights.to(logits.device, torch.float32)[safe_target] * lab_f
     else:
         cw = lab_f
-    ce = (per_px * cw).sum() / cw.sum().clamp_min(1e-8)
+    s_ent = logits.new_zeros(())
+    if out.sample_logits is not None and out.sample_logits.shape[0] > 1:
+        sl = out.sample_logits.float()
+        ce = mixture_nll(sl, safe_target, cw, mixture_region)
+        logq = sl.log_softmax(2)
+        qs = logq.exp()
+        q = qs.mean(0)
+        if sample_entropy > 0:
+            ent = -(qs * logq).sum(2).mean(0)  # (B, H, W)
+            s_ent = (ent * valid_px).sum() / valid_px.sum().clamp_min(1)
+    else:
+        per_px = F.cross_entropy(logits, safe_target, reduction="none")  # (B, H, W)
+        ce = (per_px * cw).sum() / cw.sum().clamp_min(1e-8)
+        q = None
 
     dice = soft_dice_loss(logits, safe_target, labelled)
 
     if out.class_errors is not None:
         errs = out.class_errors.float()
-        q = logits.softmax(1)
+        q = logits.softmax(1) if q is None else q
         given_label = errs.gather(1, safe_target[:, None])[:, 0]
         sq = torch.where(labelled, given_label, (q * errs).sum(1))
     else:
@@ -191,7 +258,16 @@ def vae_segmentation_loss(
     vf = valid_px.float()
     recon = (sq * vf).sum() / vf.sum().clamp_min(1.0)
 
-    kl_map = kl_divergence_map(out.mu, out.logvar)  # (B, L, h', w')
+    prior_kl = logits.new_zeros(())
+    if out.q_mu is not None and out.q_logvar is not None:
+        # Probabilistic U-Net: z came from q(z | x, y); the KL is to the segmenter's prior
+        # p(z | x), and that prior is held near N(0, I) (so that generation still decodes
+        # N(0, I) samples) by a second KL, per input pixel like the first.
+        kl_map = kl_gaussians(out.q_mu, out.q_logvar, out.mu, out.logvar)
+        pk = kl_divergence_map(out.mu, out.logvar)
+        prior_kl = pk.mean(dim=(0, 2, 3)).sum() * (pk.shape[-2] * pk.shape[-1]) / (h * w)
+    else:
+        kl_map = kl_divergence_map(out.mu, out.logvar)  # (B, L, h', w')
     cells = kl_map.shape[-2] * kl_map.shape[-1]
     pixels_per_cell = (h * w) / cells
     kl_per_channel = kl_map.mean(dim=(0, 2, 3))  # nats per latent cell
@@ -201,7 +277,8 @@ def vae_segmentation_loss(
     else:
         kl_fb = kl
 
-    loss = ce + dice_weight * dice + recon_weight * recon + beta * kl_fb
+    loss = ce + dice_weight * dice + recon_weight * recon + beta * kl_fb + sample_entropy * s_ent + \
+        prior_weight * prior_kl
     return {
         "loss": loss,
         "ce": ce,
@@ -211,6 +288,8 @@ def vae_segmentation_loss(
         "kl_free_bits": kl_fb,
         "kl_per_channel": kl_per_channel,
         "labelled_fraction": lab_f.mean(),
+        "sample_entropy": s_ent,
+        "prior_kl": prior_kl,
     }
 
 

@@ -298,11 +298,12 @@ def train_model(
     num_workers: int = 0,
     progress: bool = True,
     max_time: float | None = None,
-    base_channels: int = 32,
-    depth: int = 4,
+    base_channels: int = 16,
+    depth: int = 3,
     latent_channels: int = 8,
     encoder: str = "unet",
     sampler: str = "random",
+    adversarial: float = 0.0,
     boundary_width: int | None = None,
     background: str | None = None,
 ) -> TrainResult:
@@ -348,6 +349,8 @@ def train_model(
         encoder: ``"unet"`` or ``"smp:<name>"``.
         sampler: training patches: ``"random"`` or ``"labelled"`` (every patch holds
             labels); see :class:`~geovae.training.SceneDataModule`.
+        adversarial: weight of the PatchGAN critic on the reconstruction (VAE-GAN), 0 for
+            none; see :class:`~geovae.training.VAESegmentationTask`.
         boundary_width: with ``vector_labels`` holding objects (fields, parcels, buildings),
             also train a ``boundary`` class this many pixels wide along every polygon's
             outline, and a ``background`` class (see ``background``), so that
@@ -374,6 +377,8 @@ def train_model(
         raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
     if max_time is not None and max_time <= 0:
         raise OptionError(f"max_time {max_time}: give a positive number of seconds")
+    if adversarial < 0:
+        raise OptionError(f"--adversarial {adversarial}: give a weight of 0 (off) or more")
     trainer_kw = _trainer_kwargs(device, progress)
     trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
     if max_time is not None:
@@ -388,7 +393,7 @@ def train_model(
     )
     model_args = {"base_channels": base_channels, "depth": depth, "latent_channels": latent_channels,
                   "encoder": encoder, "lr": lr, "beta": beta, "free_bits": free_bits, "recon_weight": recon_weight,
-                  "dice_weight": dice_weight}
+                  "dice_weight": dice_weight, "adversarial": adversarial}
     task_args = scene_task_arguments(dm, model_args, class_weighting=class_weighting,
                                      kl_warmup_epochs=kl_warmup_epochs)
     return fit_and_save(dm, task_args, out_path, trainer_kwargs=trainer_kw, tile_size=tile,

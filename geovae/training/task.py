@@ -154,6 +154,43 @@ class VAESegmentationTask(BaseTask):
         class_weights: per-class cross-entropy weights.
         ignore_index: mask value of unlabelled pixels.
         diversity_samples: latent samples drawn per validation batch for ``val_diversity``.
+        head: see :class:`~geovae.model.vae.VAESegmenter` (``"lowrank"``: logits affine in
+            the latent sample, so that samples are cheap and the mixture loss shapes them).
+        head_rank: see :class:`~geovae.model.vae.VAESegmenter`.
+        train_samples: latent samples per training step; with more than one the
+            cross-entropy is the mixture likelihood of :func:`~geovae.model.losses.mixture_nll`.
+        mixture_region: side in pixels of the regions the mixture likelihood scores jointly
+            (1: per pixel; 0: whole tile).
+        sample_entropy: weight of each latent sample's own entropy (see
+            :func:`~geovae.model.losses.vae_segmentation_loss`): samples that commit.
+        augment: random flips and quarter turns of each training patch (the D4 group).
+        adversarial: weight of the PatchGAN critic's loss on the reconstruction (VAE-GAN;
+            0 turns it off). The critic (:class:`~geovae.model.discriminator.PatchDiscriminator`)
+            trains from the first step on real patches against reconstructions; the decoder
+            gets the adversarial term from ``adversarial_start`` on, scaled by
+            ``adversarial * ||grad recon|| / ||grad adv||`` at the decoder's last layer (the
+            VQGAN rule), so that the two stay balanced whatever their raw scales. The critic
+            is not part of the model file.
+        adversarial_start: optimisation step at which the decoder starts getting the
+            adversarial term (None: after the KL warm-up, ``kl_warmup_steps``).
+        adversarial_lr: the critic's learning rate (None: ``lr``).
+        pseudo_label: weight of self-training on unlabelled pixels (0: off): after the KL
+            warm-up, an unlabelled pixel whose mean class probability over the latent samples
+            exceeds ``pseudo_threshold`` is trained towards that class.
+        pseudo_threshold: see ``pseudo_label``.
+        ema: decay of an exponential moving average of the model's weights and BatchNorm
+            statistics over the training steps (0: off); the model file gets the average.
+            It acts like an ensemble of the last ``1 / (1 - ema)`` steps' models at the cost
+            of one, which steadies a short training run's result (see docs/quality.md).
+            Lightning checkpoints written during training hold the live weights.
+        posterior: train with a label-aware posterior q(z | x, y)
+            (:class:`~geovae.model.vae.PosteriorNet`, the Probabilistic U-Net's) and
+            KL(q || p) to the segmenter's p(z | x), so that p spreads where labels are not
+            predictable from the image; training only (the posterior is not in the model file).
+        generated_weight: weight of generated training pairs (0: off): after the KL
+            warm-up, each step decodes latent prior samples with the batch's class layout
+            (labels where labelled, the model's classes elsewhere) and trains the segmenter
+            on the labelled pixels of the generated images.
     """
 
     #: Monitored by the LR scheduler: always available, with or without validation.
@@ -172,11 +209,13 @@ class VAESegmentationTask(BaseTask):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         nodata: float | None = None,
-        base_channels: int = 32,
-        depth: int = 4,
+        base_channels: int = 16,
+        depth: int = 3,
         latent_channels: int = 8,
         encoder: str = "unet",
         recon_condition: str = "class",
+        head: str = "lowrank",
+        head_rank: int = 2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         patience: int = 10,
@@ -188,6 +227,18 @@ class VAESegmentationTask(BaseTask):
         class_weights: list[float] | None = None,
         ignore_index: int = IGNORE_INDEX,
         diversity_samples: int = 2,
+        train_samples: int = 8,
+        mixture_region: int = 8,
+        sample_entropy: float = 0.0,
+        augment: bool = True,
+        adversarial: float = 0.0,
+        adversarial_start: int | None = None,
+        adversarial_lr: float | None = None,
+        pseudo_label: float = 0.0,
+        pseudo_threshold: float = 0.9,
+        generated_weight: float = 0.0,
+        ema: float = 0.0,
+        posterior: bool = False,
     ) -> None:
         _check_arguments(locals())
         super().__init__()
@@ -206,7 +257,8 @@ class VAESegmentationTask(BaseTask):
         self.model = VAESegmenter(
             hp["in_channels"], hp["num_classes"], base_channels=hp["base_channels"], depth=hp["depth"],
             latent_channels=hp["latent_channels"], encoder=hp["encoder"],
-            recon_condition=hp.get("recon_condition", "class"),
+            recon_condition=hp.get("recon_condition", "class"), head=hp.get("head", "mlp"),
+            head_rank=hp.get("head_rank", 2),
         )
         c = hp["in_channels"]
         mean = torch.tensor(hp["mean"] if hp["mean"] is not None else [0.0] * c, dtype=torch.float32)
@@ -215,6 +267,14 @@ class VAESegmentationTask(BaseTask):
         self.register_buffer("band_std", std.view(1, c, 1, 1))
         cw = hp["class_weights"]
         self.register_buffer("class_weight", torch.tensor(cw, dtype=torch.float32) if cw is not None else None)
+        if hp.get("posterior"):
+            from geovae.model.vae import PosteriorNet
+
+            self.posterior_net = PosteriorNet(c, hp["num_classes"], hp["latent_channels"], hp["depth"])
+        if float(hp.get("adversarial") or 0.0) > 0:
+            from geovae.model.discriminator import PatchDiscriminator
+
+            self.discriminator = PatchDiscriminator(c, base_channels=16, n_layers=3)
 
     def configure_metrics(self) -> None:
         """Confusion matrices (torchmetrics) from which IoU per class, mIoU and OA follow."""
@@ -225,8 +285,23 @@ class VAESegmentationTask(BaseTask):
         self.val_cm = MulticlassConfusionMatrix(k, ignore_index=ii)
 
     def configure_optimizers(self) -> Any:
-        """AdamW with ReduceLROnPlateau on the epoch's training loss."""
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
+        """AdamW with ReduceLROnPlateau on the epoch's training loss.
+
+        With ``adversarial``, the critic is a second parameter group of the same optimiser
+        (its own learning rate, no weight decay, GAN betas): its loss only reaches its own
+        parameters and the decoder's adversarial term only the model's (see
+        :meth:`_adversarial`), so one step is a simultaneous update of both players.
+        """
+        hp = self.hparams
+        critic = getattr(self, "discriminator", None)
+        if critic is None:
+            groups: Any = self.parameters()
+        else:
+            ids = {id(p) for p in critic.parameters()}
+            groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
+                      {"params": list(critic.parameters()), "lr": hp.get("adversarial_lr") or hp["lr"],
+                       "weight_decay": 0.0, "betas": (0.5, 0.9)}]
+        opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=self.hparams["patience"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
 
@@ -317,16 +392,37 @@ class VAESegmentationTask(BaseTask):
         return vae_segmentation_loss(
             out, xn, mask, valid=valid, ignore_index=hp["ignore_index"], beta=beta, free_bits=hp["free_bits"],
             recon_weight=hp["recon_weight"], dice_weight=hp["dice_weight"], class_weights=self.class_weight,
+            mixture_region=int(hp.get("mixture_region", 1)), sample_entropy=float(hp.get("sample_entropy", 0.0)),
         )
 
     # -- steps ---------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """One optimisation step on a (possibly partly unlabelled) batch."""
         xn, mask, valid = self._prepare(batch)
-        out = self.model.forward_all(xn, sample=True)
+        if self.hparams.get("augment", False):
+            xn, mask, valid = augment_d4(xn, mask, valid)
+        q = None
+        if getattr(self, "posterior_net", None) is not None:
+            q = self.posterior_net(xn, mask, (mask != self.hparams["ignore_index"]) & valid)
+        out = self.model.forward_all(xn, sample=True, samples=int(self.hparams.get("train_samples", 1)), posterior=q)
         beta = self._beta()
         terms = self._loss(out, xn, mask, valid, beta)
         bs = xn.shape[0]
+        if getattr(self, "discriminator", None) is not None:
+            adv = self._adversarial(out.reconstruction, xn, valid, terms["recon"])
+            terms["loss"] = terms["loss"] + adv["loss"]
+            for k in ("d_loss", "g_loss", "d_accuracy", "adv_weight"):
+                self.log(f"train_{k}", adv[k].detach(), batch_size=bs, on_step=False, on_epoch=True)
+        hp = self.hparams
+        after_warmup = int(self.global_step) >= int(hp["kl_warmup_steps"])
+        if float(hp.get("pseudo_label") or 0.0) > 0 and after_warmup and out.sample_logits is not None:
+            pl_loss = self._pseudo_label(out.sample_logits, mask, valid)
+            terms["loss"] = terms["loss"] + float(hp["pseudo_label"]) * pl_loss
+            self.log("train_pseudo", pl_loss.detach(), batch_size=bs, on_step=False, on_epoch=True)
+        if float(hp.get("generated_weight") or 0.0) > 0 and after_warmup:
+            gen_loss = self._generated_pairs(out, mask, valid)
+            terms["loss"] = terms["loss"] + float(hp["generated_weight"]) * gen_loss
+            self.log("train_generated", gen_loss.detach(), batch_size=bs, on_step=False, on_epoch=True)
         for k in ("loss", "ce", "recon", "kl"):
             self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True,
                      prog_bar=k == "loss")
@@ -337,6 +433,106 @@ class VAESegmentationTask(BaseTask):
         if bool(labelled.any()):
             self.train_cm.update(out.logits.detach().argmax(1), mask)
         return terms["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the moving average of the weights (``ema``)."""
+        decay = float(self.hparams.get("ema") or 0.0)
+        if decay <= 0:
+            return
+        state = self.model.state_dict()
+        avg = getattr(self, "_ema_state", None)
+        if avg is None:
+            self._ema_state = {k: v.detach().clone() for k, v in state.items()}
+            return
+        # The usual warm-up of the decay: early steps are not averaged over a long past.
+        step = int(self.global_step)
+        d = min(decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for k, v in state.items():
+                if v.dtype.is_floating_point:
+                    avg[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+                else:
+                    avg[k].copy_(v)
+
+    def on_train_end(self) -> None:
+        """Put the moving average of the weights into the model (``ema``)."""
+        avg = getattr(self, "_ema_state", None)
+        if avg is not None:
+            self.model.load_state_dict(avg)
+            self._ema_state = None
+
+    def _pseudo_label(self, sample_logits: Tensor, mask: Tensor, valid: Tensor) -> Tensor:
+        """Mixture likelihood of confident classes on unlabelled pixels (self-training)."""
+        from geovae.model.losses import mixture_nll
+
+        with torch.no_grad():
+            q = sample_logits.float().softmax(2).mean(0)
+            conf, target = q.max(1)
+            w = ((mask == self.hparams["ignore_index"]) & valid & (conf > float(self.hparams["pseudo_threshold"])))
+        if not bool(w.any()):
+            return sample_logits.sum() * 0.0
+        return mixture_nll(sample_logits.float(), target, w.float(), 1)
+
+    def _generated_pairs(self, out: Any, mask: Tensor, valid: Tensor) -> Tensor:
+        """Cross-entropy of the segmenter on images decoded from the prior with this batch's
+        class layout, over its labelled pixels. The images are data (no gradient reaches the
+        decoder) and do not move BatchNorm's running statistics (they are not scenes)."""
+        from geovae.model.losses import mixture_nll
+        from geovae.model.vae import class_argmax
+
+        model = self.model
+        ii = self.hparams["ignore_index"]
+        labelled = (mask != ii) & valid
+        if model.recon_condition != "class" or not bool(labelled.any()):
+            return out.logits.sum() * 0.0
+        with torch.no_grad():
+            layout = torch.where(labelled, mask, class_argmax(out.logits.detach()))
+            dec = model.recon_decoder
+            xg = dec.decode(dec.features(torch.randn_like(out.mu)), layout)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        try:
+            og = model.forward_all(xg, sample=True, samples=int(self.hparams.get("train_samples", 1)))
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+        logits = og.sample_logits if og.sample_logits is not None else og.logits[None]
+        target = torch.where(labelled, mask, torch.zeros_like(mask))
+        cw = self.class_weight[target] if self.class_weight is not None else torch.ones_like(xg[:, 0])
+        return mixture_nll(logits.float(), target, cw * labelled, 1)
+
+    def _adversarial(self, rec: Tensor, xn: Tensor, valid: Tensor, recon: Tensor) -> dict[str, Tensor]:
+        """The critic's hinge loss and, after the warm-up, the decoder's balanced adversarial term.
+
+        Nodata pixels are set to 0 (the band mean) in both the real and the rebuilt patch, so
+        the critic cannot tell them apart by the fill. The decoder's term is computed with
+        the critic's parameters frozen, and the critic's on detached reconstructions, so one
+        backward pass gives each player only its own gradient.
+        """
+        from geovae.model.discriminator import adversarial_losses
+
+        critic = self.discriminator
+        hp = self.hparams
+        v = valid[:, None].to(rec.dtype)
+        real, fake = xn * v, rec * v
+        start = hp.get("adversarial_start")
+        start = int(hp["kl_warmup_steps"]) if start is None else int(start)
+        d = adversarial_losses(critic, real, fake)
+        g_loss = d["g_loss"]
+        weight = torch.zeros((), device=rec.device)
+        if int(self.global_step) >= start and torch.is_grad_enabled():
+            last = self._last_decoder_weight()
+            g_rec = torch.autograd.grad(recon * float(hp["recon_weight"]), last, retain_graph=True)[0]
+            g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+            weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach() * float(hp["adversarial"])
+        return {"loss": d["d_loss"] + weight * g_loss, "d_loss": d["d_loss"], "g_loss": g_loss,
+                "d_accuracy": d["d_accuracy"], "adv_weight": weight}
+
+    def _last_decoder_weight(self) -> Tensor:
+        dec = self.model.recon_decoder
+        return dec.out.weight if hasattr(dec, "out") else dec[-1].weight
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Loss at the latent mean, metrics, and the diversity of latent samples."""
@@ -417,6 +613,39 @@ class VAESegmentationTask(BaseTask):
             tile_size=int(tile_size), stride=int(self.model.stride), kind="geovae-vae",
             arch=self.model.hparams, extra=ex,
         )
+
+
+def augment_d4(image: Tensor, mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each patch flipped and turned by one of the 8 symmetries of the square, at random.
+
+    Land cover seen from above has no preferred orientation; the same symmetry is applied to
+    the patch's bands, labels and valid map. Square patches only (non-square are returned
+    unchanged).
+
+    Args:
+        image: (B, C, H, W).
+        mask: (B, H, W).
+        valid: (B, H, W).
+
+    Returns:
+        The transformed ``(image, mask, valid)``.
+    """
+    if image.shape[-1] != image.shape[-2]:
+        return image, mask, valid
+    b = image.shape[0]
+    turns = torch.randint(0, 4, (b,)).tolist()
+    flips = torch.randint(0, 2, (b,)).tolist()
+    xs, ms, vs = [], [], []
+    for i in range(b):
+        x, m, v = image[i], mask[i], valid[i]
+        if flips[i]:
+            x, m, v = x.flip(-1), m.flip(-1), v.flip(-1)
+        if turns[i]:
+            x, m, v = (torch.rot90(t, turns[i], (-2, -1)) for t in (x, m, v))
+        xs.append(x)
+        ms.append(m)
+        vs.append(v)
+    return torch.stack(xs), torch.stack(ms), torch.stack(vs)
 
 
 def _check_arguments(args: Mapping[str, Any]) -> None:
