@@ -122,7 +122,7 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
     from benchmarks.common import load_bench_model
     from geovae.segment import segment_scene
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = common.peak_rss_mib()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     kw = dict(device="cpu", nodata=0, quicklook=False, progress=False, force=True) | opts
@@ -140,7 +140,7 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
         "tiles": rep["tiles"],
         "outputs": {k: str(v) for k, v in res.outputs.items()},
         "rss_after_imports_mib": rss0,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": common.peak_rss_mib(),
         "threads": threads,
     }
 

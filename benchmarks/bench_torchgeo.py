@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import common
+
 WORKERS = ("geovae", "torchgeo", "model")
 
 
@@ -232,7 +234,7 @@ def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overl
         import geovae.polygons  # noqa: F401
 
     fn = {"geovae": run_geovae, "torchgeo": run_torchgeo, "model": run_model_only}[method]
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = common.peak_rss_mib()
     # CPU seconds (all threads) as well as wall seconds: on a shared machine, other jobs stretch
     # wall time far more than the CPU time a run needs, so CPU ratios are the steadier cross-check.
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -251,7 +253,7 @@ def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overl
     rec["cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     rec.update(method=method, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size,
                rss_after_imports_mib=rss0,
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+               peak_rss_mib=common.peak_rss_mib())
     return rec
 
 

@@ -71,10 +71,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process and its waited-for children, in MiB (Linux KiB)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024
+    """Peak resident memory of this process alone, in MiB.
+
+    Linux's ``VmHWM`` (the high-water mark of this process's own address space). Not
+    ``ru_maxrss``: across fork and exec Linux carries the parent's high-water mark into the
+    child's ``ru_maxrss``, so a worker started by a parent holding 1.4 GiB (torch, a model just
+    trained) reports at least 1.4 GiB whatever it uses itself. ``ru_maxrss`` is the fallback
+    where there is no ``/proc``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- scenes --------------------------------------------------------------------------------
