@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -54,14 +55,14 @@ def conv_model(path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile:
 
 
 def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8,
-              halo: bool = False) -> SegmentationModel:
+              halo: bool = False, **arch: Any) -> SegmentationModel:
     """geovae's VAE segmenter, random weights, BatchNorm statistics taken from the scene."""
     from geovae.model.vae import VAESegmenter
 
     mean, std = _stats(path)
     c = len(mean)
     torch.manual_seed(0)
-    net = VAESegmenter(c, k, base_channels=base, depth=depth)
+    net = VAESegmenter(c, k, base_channels=base, depth=depth, **arch)
     s = open_scene(path)
     d, _ = s.read(Window(0, 0, s.width // 2 ** depth * 2 ** depth, s.height // 2 ** depth * 2 ** depth))
     x = (torch.from_numpy(d) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
@@ -75,7 +76,8 @@ def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int
         net.eval()
         # centre each class's logit on its scene median so the random head uses several classes
         logits = net(x[None])
-        net.head[-1].bias -= logits.flatten(2).median(-1).values[0]
+        bias = net.head.out.bias[:k] if arch.get("head") == "lowrank" else net.head[-1].bias
+        bias -= logits.flatten(2).median(-1).values[0]
     measured = None
     if halo:
         from geovae.model.halo import measure_halo
@@ -267,9 +269,17 @@ def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
 
 @pytest.mark.slow
 def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None:
-    """The default VAE (base 32, depth 4) with its measured halo: blending only each tile's
-    trustworthy interior, two tilings agree and equal one untiled pass (issue 14 target 2)."""
-    model = vae_model(nc_stack, k=7, depth=4, base=32, halo=True)
+    """The default VAE (the architecture `geovae train` builds) with its measured halo: blending
+    only each tile's trustworthy interior, two tilings agree and equal one untiled pass (issue 14
+    target 2)."""
+    import inspect
+
+    from geovae.training.task import VAESegmentationTask
+
+    params = inspect.signature(VAESegmentationTask.__init__).parameters
+    arch = {k: params[k].default for k in ("latent_channels", "head", "head_rank")}
+    model = vae_model(nc_stack, k=7, depth=params["depth"].default, base=params["base_channels"].default,
+                      halo=True, **arch)
     h = model.info.halo
     assert h is not None and 0 < h < 128
     ref = untiled(model, nc_stack).argmax(0) + 1
