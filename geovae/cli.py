@@ -72,6 +72,25 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING))
 
 
+def _quiet_lightning() -> None:
+    """Lightning's import sets its loggers to INFO and adds its own console handler, undoing
+    :func:`_setup_logging` (every banner then printed twice, once in each format). Called by
+    the commands that train, after importing Lightning: its records go through geovae's
+    handler only, at the level ``_setup_logging`` chose for third parties."""
+    import lightning  # noqa: F401  (the import is what has to happen first)
+    import lightning.fabric  # noqa: F401
+    import lightning.pytorch  # noqa: F401
+
+    level = logging.DEBUG if STATE.verbosity >= 2 else max(logging.WARNING, logging.getLogger("geovae").level)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:  # Lightning's own console handler
+                lg.removeHandler(h)
+        lg.propagate = True
+
+
 class _State:
     debug: bool = False
     verbosity: int = 0
@@ -356,6 +375,8 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
+    _quiet_lightning()
+
     if config:
         if image or labels or vector_labels or boundary_width or background:
             raise OptionError("--config and --image/--labels/--boundary-width are exclusive; put them in the config "
@@ -527,6 +548,8 @@ def _resources(value: str | None) -> dict[str, float] | None:
 def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device: str) -> None:
     """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
     from geovae.demo import run_demo
+
+    _quiet_lightning()
 
     res = run_demo(out_dir, data=data, epochs=epochs, device=device, progress=not _quiet(ctx))
     click.echo("")
