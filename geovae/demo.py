@@ -213,7 +213,8 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
         progress=progress,
     )
     t2 = time.perf_counter()
-    seg = segment_scene(scene, trained.model_path, out, tile=128, overlap=32, samples=4,
+    # Tile and overlap from the model's halo (the defaults), as a user's run would have them.
+    seg = segment_scene(scene, trained.model_path, out, samples=4,
                         reconstruction=True, device=device, progress=progress)
     t3 = time.perf_counter()
     scores = evaluate(seg.outputs["classes"], east, confidence=seg.outputs.get("confidence"),

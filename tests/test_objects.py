@@ -391,9 +391,12 @@ def test_short_training_on_parcels_objects_beat_class_regions(ndvi: Path, parcel
     west, east = _crop(ndvi, tmp_path / "west.tif", 0, 500), _crop(ndvi, tmp_path / "east.tif", 500, 1000)
     labels = parcels.assign(kind="parcel")[["kind", "geometry"]]
     path = _write(labels, tmp_path / "parcels.gpkg")
+    # The architecture the objects were measured with (docs/quality.md). The leaner default
+    # that issue 15 chose later (base 16, depth 3) scores objects F1 0.005 vs regions 0.007 at
+    # this 3-epoch budget: it has not learnt the boundary class yet, so it would test nothing.
     res = train_model(west, vector_labels=path, label_field="kind", boundary_width=1, out=tmp_path / "m.safetensors",
                       epochs=3, tile=64, batch_size=16, samples_per_epoch=256, val_fraction=0, device="cpu",
-                      progress=False)
+                      progress=False, base_channels=32, depth=4)
     info = read_model_info(res.model_path)
     assert info.class_names == ["background", "parcel", "boundary"] and boundary_class(info) == 2
     assert info.extra["objects"]["boundary_class"] == 2
