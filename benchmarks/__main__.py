@@ -248,6 +248,13 @@ def distributed_bench(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 # -- issue 14 --------------------------------------------------------------------------------
 
 
+def _default_vae() -> Path:
+    """The benchmark model with the architecture ``geovae train`` builds by default."""
+    from geovae.training.task import default_architecture  # torch and Lightning: only when needed
+
+    return common.benchmark_model(arch=default_architecture())
+
+
 def fcn_end_to_end(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Target 1 on the issue's setting: a TorchGeo FCN checkpoint, tile 512, overlap 64, batch 8."""
     b = argparse.Namespace(**{**vars(a), "tile": 512, "overlap": 64, "batch_size": 8})
@@ -267,7 +274,7 @@ def _segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], a: argpa
 def tiling(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Target 2: the default VAE on a real 1024^2 crop, untiled and tiled several ways."""
     scene = bench_speed.crop_tif()
-    model = common.benchmark_model(arch=common.default_arch())
+    model = _default_vae()
     runs = {
         "untiled": {"tile": 1024, "overlap": 0},
         "default": {},
@@ -296,7 +303,7 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     tile 256, overlap 64, batch 8), interleaved, on one mosaic."""
     scene = common.mosaic_vrt(a.vae_size)
     before = common.benchmark_model(arch={"base_channels": 32, "depth": 4})
-    now = common.benchmark_model(arch=common.default_arch())
+    now = _default_vae()
     sides = {"before": (before, {"tile": 256, "overlap": 64, "batch_size": 8}), "now": (now, {})}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     order = interleaved(list(sides), a.repeats)
@@ -323,7 +330,7 @@ def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Target 4: peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
     row band, the only part that grows, depends on width only), and a very wide scene with the
     stand-in (0.2 MP/s would take hours for 100 MP of the VAE)."""
-    vae = common.benchmark_model(arch=common.default_arch())
+    vae = _default_vae()
     rows = []
     for w, h, model, label in ((a.vae_memory_sizes[0], a.vae_memory_sizes[0], vae, "default VAE"),
                                (a.vae_memory_sizes[1], a.vae_memory_sizes[0], vae, "default VAE"),
@@ -512,6 +519,20 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"  [{mark:6s}] {t['target']}: {t['value']}")
 
 
+#: ``--only`` name -> (key in the results, the function that runs the section), in run order.
+SECTIONS: dict[str, tuple[str, Any]] = {
+    "e2e": ("end_to_end", end_to_end),
+    "memory": ("memory_vs_size", memory_vs_size),
+    "memscript": ("memory_script", memory_script),
+    "vectorize": ("vectorize", lambda a, work: vectorize_bench(a)),
+    "distributed": ("distributed", distributed_bench),
+    "fcn": ("fcn_end_to_end", fcn_end_to_end),
+    "tiling": ("tiling", tiling),
+    "vaespeed": ("vae_speed", vae_speed),
+    "vaememory": ("vae_memory", vae_memory),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the sections, print the table, write the JSON."""
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
@@ -524,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on every side")
-    p.add_argument("--only", default="e2e,memory,memscript,vectorize,distributed,fcn,tiling,vaespeed,vaememory",
+    p.add_argument("--only", default=",".join(SECTIONS),
                    help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed; issue 14: "
                         "fcn,tiling,vaespeed,vaememory)")
     p.add_argument("--fcn-size", type=int, help="side of the TorchGeo FCN mosaic (default 7808, 61 MP; quick 2048)")
@@ -554,24 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     common.standin_model()
     with tempfile.TemporaryDirectory(prefix="geovae-bench-") as tmp:
         work = Path(tmp)
-        if "e2e" in only:
-            r["end_to_end"] = end_to_end(a, work)
-        if "memory" in only:
-            r["memory_vs_size"] = memory_vs_size(a, work)
-        if "memscript" in only:
-            r["memory_script"] = memory_script(a, work)
-        if "vectorize" in only:
-            r["vectorize"] = vectorize_bench(a)
-        if "distributed" in only:
-            r["distributed"] = distributed_bench(a, work)
-        if "fcn" in only:
-            r["fcn_end_to_end"] = fcn_end_to_end(a, work)
-        if "tiling" in only:
-            r["tiling"] = tiling(a, work)
-        if "vaespeed" in only:
-            r["vae_speed"] = vae_speed(a, work)
-        if "vaememory" in only:
-            r["vae_memory"] = vae_memory(a, work)
+        for name, (key, run) in SECTIONS.items():
+            if name in only:
+                r[key] = run(a, work)
     r["targets"] = targets(r)
     r["total_s"] = time.perf_counter() - t0
     print_table(r)

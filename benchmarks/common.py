@@ -12,6 +12,7 @@ small XML files) into a cache folder outside the repository, never into it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,21 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def metered() -> Iterator[dict[str, float]]:
+    """Measure the block: yields a dict that holds, once the block ends, ``cpu_s`` (CPU
+    seconds of all threads: on a shared machine other jobs stretch wall time far more than
+    the CPU time a run needs, so CPU ratios are the steadier cross-check),
+    ``rss_after_imports_mib`` (the peak before the block) and ``peak_rss_mib``."""
+    rec: dict[str, float] = {}
+    rss0 = peak_rss_mib()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    yield rec
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    rec.update(cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), rss_after_imports_mib=rss0,
+               peak_rss_mib=peak_rss_mib())
 
 
 # -- scenes --------------------------------------------------------------------------------
@@ -202,17 +218,6 @@ def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, st
     return float(loss.detach())
 
 
-def default_arch() -> dict[str, Any]:
-    """The architecture ``geovae train`` builds by default (VAESegmentationTask's defaults)."""
-    import inspect
-
-    from geovae.training.task import VAESegmentationTask
-
-    keys = ("base_channels", "depth", "latent_channels", "head", "head_rank")
-    params = inspect.signature(VAESegmentationTask.__init__).parameters
-    return {k: params[k].default for k in keys if k in params}
-
-
 def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0,
                     arch: dict[str, Any] | None = None) -> Path:
     """A VAESegmenter (default size unless told) trained briefly on Parana, saved with save_model.
@@ -227,8 +232,9 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
         base_channels: width of the full-resolution features (32 was the first default model).
         steps: optimiser steps.
         seed: random seed.
-        arch: VAESegmenter keyword arguments instead of ``base_channels`` (see
-            :func:`default_arch`); the file name records the resolved ones.
+        arch: VAESegmenter keyword arguments instead of ``base_channels`` (e.g.
+            ``geovae.training.task.default_architecture()``); the file name records the
+            resolved ones.
 
     Returns:
         Path of the ``.safetensors`` model file.

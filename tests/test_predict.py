@@ -272,14 +272,10 @@ def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None
     """The default VAE (the architecture `geovae train` builds) with its measured halo: blending
     only each tile's trustworthy interior, two tilings agree and equal one untiled pass (issue 14
     target 2)."""
-    import inspect
+    from geovae.training.task import default_architecture
 
-    from geovae.training.task import VAESegmentationTask
-
-    params = inspect.signature(VAESegmentationTask.__init__).parameters
-    arch = {k: params[k].default for k in ("latent_channels", "head", "head_rank")}
-    model = vae_model(nc_stack, k=7, depth=params["depth"].default, base=params["base_channels"].default,
-                      halo=True, **arch)
+    arch = default_architecture()
+    model = vae_model(nc_stack, k=7, depth=arch.pop("depth"), base=arch.pop("base_channels"), halo=True, **arch)
     h = model.info.halo
     assert h is not None and 0 < h < 128
     ref = untiled(model, nc_stack).argmax(0) + 1

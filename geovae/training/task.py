@@ -662,3 +662,16 @@ def _check_arguments(args: Mapping[str, Any]) -> None:
     std = args.get("std")
     if std is not None and any(s <= 0 for s in std):
         raise OptionError("std: every band's standard deviation must be positive")
+
+
+#: The keyword arguments of :class:`~geovae.model.vae.VAESegmenter` that set its architecture.
+ARCHITECTURE_KEYS = ("base_channels", "depth", "latent_channels", "head", "head_rank")
+
+
+def default_architecture() -> dict[str, Any]:
+    """The architecture ``geovae train`` builds unless told otherwise: this task's defaults
+    for :data:`ARCHITECTURE_KEYS`, read from its signature so that they cannot drift apart."""
+    import inspect
+
+    params = inspect.signature(VAESegmentationTask.__init__).parameters
+    return {k: params[k].default for k in ARCHITECTURE_KEYS}
