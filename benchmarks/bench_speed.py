@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,12 @@ def torchgeo_fcn(cache: Path = common.CACHE, *, steps: int = 40, seed: int = 0) 
     Returns:
         Path of the exported ``.safetensors`` file (the ``.ckpt`` lies beside it).
     """
+    common.require_data()
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha1(f"fcn64-{steps}-{seed}-{common.NUM_CLASSES}".encode()).hexdigest()[:10]
+    out = cache / f"parana_torchgeo_fcn_{key}.safetensors"
+    if out.exists():  # before the imports: torch and TorchGeo take seconds to load
+        return out
     import numpy as np
     import rasterio
     import torch
@@ -47,12 +52,6 @@ def torchgeo_fcn(cache: Path = common.CACHE, *, steps: int = 40, seed: int = 0) 
 
     from geovae.model.io import export_model
 
-    common.require_data()
-    cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(f"fcn64-{steps}-{seed}-{common.NUM_CLASSES}".encode()).hexdigest()[:10]
-    out = cache / f"parana_torchgeo_fcn_{key}.safetensors"
-    if out.exists():
-        return out
     with rasterio.open(common.PARANA) as src:
         bands = src.read()
     labels = common._pseudo_labels(bands)
@@ -122,25 +121,21 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
     from benchmarks.common import load_bench_model
     from geovae.segment import segment_scene
 
-    rss0 = common.peak_rss_mib()
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
     kw = dict(device="cpu", nodata=0, quicklook=False, progress=False, force=True) | opts
-    res = segment_scene(scene, load_bench_model(model), out, **kw)
-    seconds = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    with common.metered() as meter:
+        t0 = time.perf_counter()
+        res = segment_scene(scene, load_bench_model(model), out, **kw)
+        seconds = time.perf_counter() - t0
     rep = res.report
     return {
+        **meter,
         "seconds": seconds,
-        "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
         "megapixels": rep["scene"]["width"] * rep["scene"]["height"] / 1e6,
         "width": rep["scene"]["width"], "height": rep["scene"]["height"],
         "timings_s": rep["timings_s"],
         "options": {k: rep["options"].get(k) for k in ("tile", "overlap", "batch_size", "block_size")},
         "tiles": rep["tiles"],
         "outputs": {k: str(v) for k, v in res.outputs.items()},
-        "rss_after_imports_mib": rss0,
-        "peak_rss_mib": common.peak_rss_mib(),
         "threads": threads,
     }
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -234,26 +233,19 @@ def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overl
         import geovae.polygons  # noqa: F401
 
     fn = {"geovae": run_geovae, "torchgeo": run_torchgeo, "model": run_model_only}[method]
-    rss0 = common.peak_rss_mib()
-    # CPU seconds (all threads) as well as wall seconds: on a shared machine, other jobs stretch
-    # wall time far more than the CPU time a run needs, so CPU ratios are the steadier cross-check.
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     kw = dict(tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size)
-    if profile is not None:
-        import cProfile
-        import pstats
+    with common.metered() as meter:
+        if profile is not None:
+            import cProfile
+            import pstats
 
-        prof = cProfile.Profile()
-        rec = prof.runcall(fn, scene, model, out, **kw)
-        prof.dump_stats(profile)
-        pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(30)
-    else:
-        rec = fn(scene, model, out, **kw)
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    rec["cpu_s"] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    rec.update(method=method, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size,
-               rss_after_imports_mib=rss0,
-               peak_rss_mib=common.peak_rss_mib())
+            prof = cProfile.Profile()
+            rec = prof.runcall(fn, scene, model, out, **kw)
+            prof.dump_stats(profile)
+            pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(30)
+        else:
+            rec = fn(scene, model, out, **kw)
+    rec.update(meter, method=method, threads=threads, tile=tile, overlap=overlap, batch_size=batch_size)
     return rec
 
 
