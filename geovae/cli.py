@@ -68,7 +68,8 @@ def _setup_logging(verbosity: int) -> None:
     # cluster chatter) stay at WARNING unless -vv asks for everything.
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
     logging.getLogger("geovae").setLevel(level)
-    for noisy in ("lightning", "lightning.pytorch", "pytorch_lightning", "distributed", "rasterio", "matplotlib"):
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "distributed", "rasterio",
+                  "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING))
 
 
@@ -81,14 +82,13 @@ def _quiet_lightning() -> None:
     import lightning.fabric  # noqa: F401
     import lightning.pytorch  # noqa: F401
 
-    level = logging.DEBUG if STATE.verbosity >= 2 else max(logging.WARNING, logging.getLogger("geovae").level)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
-        lg.setLevel(level)
         for h in list(lg.handlers):
             if type(h) is logging.StreamHandler:  # Lightning's own console handler
                 lg.removeHandler(h)
         lg.propagate = True
+    _setup_logging(STATE.verbosity)  # the levels again, now that the import has reset them
 
 
 class _State:
