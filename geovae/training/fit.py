@@ -32,7 +32,7 @@ from geovae.device import resolve_device
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.training.datamodule import SceneDataModule
-from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments
+from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments, default_architecture
 
 __all__ = ["TrainResult", "train_model", "fit_and_save", "scene_task_arguments", "training_facts",
            "RECONSTRUCTION_QUANTILES"]
@@ -298,9 +298,9 @@ def train_model(
     num_workers: int = 0,
     progress: bool = True,
     max_time: float | None = None,
-    base_channels: int = 16,
-    depth: int = 3,
-    latent_channels: int = 8,
+    base_channels: int | None = None,
+    depth: int | None = None,
+    latent_channels: int | None = None,
     encoder: str = "unet",
     sampler: str = "random",
     adversarial: float = 0.0,
@@ -343,7 +343,9 @@ def train_model(
         num_workers: DataLoader worker processes.
         progress: show a progress bar.
         max_time: stop after this many seconds of training (the last weights are saved).
-        base_channels: model width.
+        base_channels: model width; None: the task's default
+            (:func:`~geovae.training.task.default_architecture`, as for ``depth`` and
+            ``latent_channels``).
         depth: number of stride-2 stages (model stride ``2**depth``).
         latent_channels: channels of the latent map.
         encoder: ``"unet"`` or ``"smp:<name>"``.
@@ -367,6 +369,10 @@ def train_model(
             each with a one-line message; raised before any training.
     """
     out_path = _check_out(out)
+    arch = default_architecture()
+    base_channels = arch["base_channels"] if base_channels is None else base_channels
+    depth = arch["depth"] if depth is None else depth
+    latent_channels = arch["latent_channels"] if latent_channels is None else latent_channels
     if epochs < 1:
         raise OptionError(f"--epochs {epochs}: train for at least one epoch")
     stride = 2**depth
