@@ -304,7 +304,10 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     scene = common.mosaic_vrt(a.vae_size)
     before = common.benchmark_model(arch={"base_channels": 32, "depth": 4})
     now = _default_vae()
-    sides = {"before": (before, {"tile": 256, "overlap": 64, "batch_size": 8}), "now": (now, {})}
+    # "before" is the baseline as it ran then (BatchNorm not folded); "now unfolded" is the
+    # default VAE without folding, the fp32 answer the folded one must agree with.
+    sides = {"before": (before, {"tile": 256, "overlap": 64, "batch_size": 8, "fold_batchnorm": False}),
+             "now": (now, {}), "now unfolded": (now, {"fold_batchnorm": False})}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
     order = interleaved(list(sides), a.repeats)
     _log(f"VAE speed on a {a.vae_size}^2 mosaic: before {before.name}, now {now.name}, order {' '.join(order)}")
@@ -316,7 +319,11 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     res["speedup_per_repeat"] = [b["seconds"] / n["seconds"] for b, n in zip(runs["before"], runs["now"])]
     res["speedup"] = median(res["speedup_per_repeat"])
     res["cpu_speedup"] = median([b["cpu_s"] / n["cpu_s"] for b, n in zip(runs["before"], runs["now"])])
+    res["fold_speedup"] = median([u["seconds"] / n["seconds"] for u, n in zip(runs["now unfolded"], runs["now"])])
+    res["fold_cpu_speedup"] = median([u["cpu_s"] / n["cpu_s"] for u, n in zip(runs["now unfolded"], runs["now"])])
     res["mp_per_s"] = {k: median([r["megapixels"] / r["seconds"] for r in v]) for k, v in runs.items()}
+    res["fold_agreement"] = bench_speed.agreement(Path(runs["now unfolded"][-1]["outputs"]["classes"]),
+                                                  Path(runs["now"][-1]["outputs"]["classes"]))
     if res["same_weights"]:  # the same model: the answers must agree too
         res["agreement"] = bench_speed.agreement(Path(runs["before"][-1]["outputs"]["classes"]),
                                                  Path(runs["now"][-1]["outputs"]["classes"]))
@@ -416,6 +423,9 @@ def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
             met = met and v["agreement"] >= 0.995
         else:
             val += " (a different architecture: quality from bench_quality.py, docs/quality.md)"
+        if "fold_agreement" in v:  # the same weights with and without folding: the fp32 answer
+            val += f"; folded vs unfolded classes agree {v['fold_agreement'] * 100:.3f} %"
+            met = met and v["fold_agreement"] >= 0.995
         out.append({"target": "14.3 default VAE >= 3x the MP/s of base32/depth4 at 256/64", "value": val, "met": met})
     if m := r.get("vae_memory"):
         r0, r1, wide = m["rows"]
@@ -508,6 +518,8 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"\n14.3 VAE speed on a {v['size']}^2 mosaic: before {v['mp_per_s']['before']:.3f} MP/s "
               f"({v['before_model']}, 256/64/8), now {v['mp_per_s']['now']:.3f} MP/s ({v['now_model']}, defaults "
               f"{v['runs']['now'][0]['options']})")
+        print(f"  BatchNorm folding alone: x{v['fold_speedup']:.2f} wall, x{v['fold_cpu_speedup']:.2f} CPU seconds "
+              f"({v['mp_per_s']['now unfolded']:.3f} MP/s unfolded); classes agree on {v['fold_agreement'] * 100:.3f} %")
     if m := r.get("vae_memory"):
         print("\n14.4 peak RSS by shape")
         for x in m["rows"]:

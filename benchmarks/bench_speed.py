@@ -121,10 +121,12 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
     from benchmarks.common import load_bench_model
     from geovae.segment import segment_scene
 
+    opts = dict(opts)
+    fold = opts.pop("fold_batchnorm", True)  # a load_model option, not a segment_scene one
     kw = dict(device="cpu", nodata=0, quicklook=False, progress=False, force=True) | opts
     with common.metered() as meter:
         t0 = time.perf_counter()
-        res = segment_scene(scene, load_bench_model(model), out, **kw)
+        res = segment_scene(scene, load_bench_model(model, fold_batchnorm=fold), out, **kw)
         seconds = time.perf_counter() - t0
     rep = res.report
     return {
@@ -133,7 +135,8 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
         "megapixels": rep["scene"]["width"] * rep["scene"]["height"] / 1e6,
         "width": rep["scene"]["width"], "height": rep["scene"]["height"],
         "timings_s": rep["timings_s"],
-        "options": {k: rep["options"].get(k) for k in ("tile", "overlap", "batch_size", "block_size")},
+        "options": {k: rep["options"].get(k) for k in ("tile", "overlap", "batch_size", "block_size")}
+        | {"fold_batchnorm": fold},
         "tiles": rep["tiles"],
         "outputs": {k: str(v) for k, v in res.outputs.items()},
         "threads": threads,

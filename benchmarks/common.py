@@ -354,9 +354,9 @@ def standin_model(cache: Path = CACHE, *, steps: int = 300, seed: int = 0) -> Pa
     return path
 
 
-def load_bench_model(path: Path, device: str = "cpu") -> Any:
+def load_bench_model(path: Path, device: str = "cpu", fold_batchnorm: bool = True) -> Any:
     """A :class:`~geovae.model.base.SegmentationModel` from a geovae model file, a TorchGeo
-    checkpoint or a stand-in file."""
+    checkpoint or a stand-in file (``fold_batchnorm`` as in ``load_model``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -370,7 +370,7 @@ def load_bench_model(path: Path, device: str = "cpu") -> Any:
     if "standin" not in meta:
         from geovae.model.io import load_model
 
-        return load_model(path, device)
+        return load_model(path, device, fold_batchnorm=fold_batchnorm)
     info = ModelInfo.from_dict(json.loads(meta["standin"]))
     module = StandInSegmenter.build(info.in_channels, info.num_classes)
     module.load_state_dict(load_file(str(path)))

@@ -80,7 +80,7 @@ def model_only(model: Any, device: str, precision: str, compiled: bool, tile: in
 
     m = model.with_precision(precision)
     if compiled:
-        m.module = torch.compile(m.module)
+        m.net = torch.compile(m.net)
     x = (torch.randn(batch, 3, tile, tile, device=device) * 300 + 1000).contiguous()
     t0 = time.perf_counter()
     m.predict(x, reconstruction=True)  # warm-up (and compilation)

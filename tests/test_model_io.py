@@ -52,7 +52,8 @@ def test_round_trip_reproduces_predictions_exactly(tmp_path: Path, head: str) ->
     info = _info()
     p = save_model(tmp_path / "m.safetensors", m, info)
     assert p.exists() and not list(tmp_path.glob("*.part"))
-    loaded = load_model(p, device="cpu")
+    # fold_batchnorm=False: the saved arithmetic, bit for bit (the default folds, see below).
+    loaded = load_model(p, device="cpu", fold_batchnorm=False)
     assert loaded.info.kind == "geovae-vae"
     assert loaded.info.arch == m.hparams and loaded.info.stride == m.stride
     assert loaded.info.class_ids == [1, 3, 5] and loaded.info.class_names[2] == "forest"
@@ -77,6 +78,31 @@ def test_round_trip_reproduces_predictions_exactly(tmp_path: Path, head: str) ->
     assert read_model_info(p).class_ids == [1, 3, 5]
 
 
+def test_folded_batchnorm_predicts_the_same_classes(tmp_path: Path) -> None:
+    m = _trained_ish(head="lowrank")
+    p = save_model(tmp_path / "m.safetensors", m, _info())
+    exact = load_model(p, device="cpu", fold_batchnorm=False)
+    folded = load_model(p, device="cpu")
+    n_bn = sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    assert n_bn > 0 and not any(isinstance(x, torch.nn.BatchNorm2d) for x in folded.net.modules())
+    # The module that gets saved or exported keeps its BatchNorms and its weights.
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in folded.module.modules()) == n_bn
+    for k, v in m.state_dict().items():
+        assert torch.equal(folded.module.state_dict()[k], v), k
+    x = torch.rand(2, 6, 64, 64) * 20
+    a, b = exact.predict(x, reconstruction=True), folded.predict(x, reconstruction=True)
+    assert not torch.equal(a["probs"], b["probs"])  # it did fold: the arithmetic changed
+    assert torch.allclose(a["probs"], b["probs"], atol=1e-5)
+    assert torch.equal(a["probs"].argmax(1), b["probs"].argmax(1))
+    assert torch.allclose(a["reconstruction_error"], b["reconstruction_error"], rtol=1e-4, atol=1e-6)
+    torch.manual_seed(3)
+    sa = exact.predict(x, samples=4)
+    torch.manual_seed(3)
+    sb = folded.predict(x, samples=4)
+    assert torch.allclose(sa["probs"], sb["probs"], atol=1e-5)
+    assert torch.allclose(sa["expected_entropy"], sb["expected_entropy"], atol=1e-5)
+
+
 def test_any_suffix_is_accepted(tmp_path: Path) -> None:
     p = save_model(tmp_path / "model.pt", _trained_ish(), _info())
     assert load_model(p, device="cpu").info.num_classes == 3
@@ -88,7 +114,7 @@ def test_smp_encoder_round_trip(tmp_path: Path) -> None:
     p = save_model(tmp_path / "r18.safetensors", m, ModelInfo(in_channels=6, num_classes=3))
     x = torch.randn(1, 6, 32, 32)
     m = m.to(memory_format=torch.channels_last)  # as the loaded model runs
-    assert torch.equal(load_model(p, device="cpu").predict(x)["probs"], m(_cl(x)).softmax(1))
+    assert torch.equal(load_model(p, device="cpu", fold_batchnorm=False).predict(x)["probs"], m(_cl(x)).softmax(1))
 
 
 def test_pickled_object_is_refused_without_running_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -161,7 +187,7 @@ def test_version_1_file_still_loads(tmp_path: Path) -> None:
     del info["arch"]["recon_condition"]
     old = tmp_path / "v1.safetensors"
     _rewrite_metadata(p, old, format_version="1", info=json.dumps(info))
-    loaded = load_model(old, device="cpu")
+    loaded = load_model(old, device="cpu", fold_batchnorm=False)
     assert loaded.info.arch["recon_condition"] == "none"
     x = torch.rand(1, 6, 16, 16) * 20
     xn = _cl((x - 10.0) / 4.0)
@@ -284,7 +310,7 @@ def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoint: tuple[Path, torch.nn.Module]) -> None:
     ckpt, model = torchgeo_checkpoint
-    loaded = load_model(ckpt, device="cpu")
+    loaded = load_model(ckpt, device="cpu", fold_batchnorm=False)
     assert loaded.info.kind == "torchgeo" and loaded.info.in_channels == 6 and loaded.info.num_classes == 7
     assert loaded.info.class_ids == list(range(7)) and loaded.info.mean == [0.0] * 6
     assert loaded.info.stride == 32
@@ -295,7 +321,8 @@ def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoin
         ref = model(_cl(x)).softmax(1)
     assert torch.equal(loaded.predict(x)["probs"], ref)
     # With the user's normalisation and class ids.
-    named = load_model(ckpt, device="cpu", mean=[100.0] * 6, std=[50.0] * 6, class_ids=[1, 2, 3, 4, 5, 6, 7])
+    named = load_model(ckpt, device="cpu", fold_batchnorm=False, mean=[100.0] * 6, std=[50.0] * 6,
+                       class_ids=[1, 2, 3, 4, 5, 6, 7])
     assert named.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and named.info.class_names[0] == "class 1"
     with torch.no_grad():
         ref2 = model(_cl((x - 100) / 50)).softmax(1)
@@ -324,7 +351,7 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
     classes = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
     assert main(["export", str(ckpt), "--out", str(out), "--mean", "100", "--std", "50,50,50,50,50,50",
                  "--classes", classes, "--tile", "128"]) == 0
-    got = load_model(out, device="cpu")
+    got = load_model(out, device="cpu", fold_batchnorm=False)
     assert got.info.kind == "torchgeo" and got.info.tile_size == 128
     assert got.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and got.info.class_names[4] == "forest"
     x = torch.rand(1, 6, 64, 64) * 255

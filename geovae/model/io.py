@@ -359,6 +359,7 @@ def load_model(
     std: list[float] | None = None,
     class_ids: list[int] | None = None,
     class_names: list[str] | None = None,
+    fold_batchnorm: bool = True,
 ) -> SegmentationModel:
     """Load a model file, ready to predict.
 
@@ -378,6 +379,9 @@ def load_model(
         std: per-band divisor.
         class_ids: raster value of each output channel.
         class_names: name of each class.
+        fold_batchnorm: predict with BatchNorm folded into the convolutions (faster; the same
+            classes, probabilities equal to ~1e-6). False reproduces the saved module's
+            arithmetic bit for bit.
 
     Returns:
         A :class:`SegmentationModel` in eval mode on the device.
@@ -408,7 +412,8 @@ def load_model(
         raise ModelFileError(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
-    return SegmentationModel(module, info, device=device, amp=amp, precision=precision)
+    return SegmentationModel(module, info, device=device, amp=amp, precision=precision,
+                             fold_batchnorm=fold_batchnorm)
 
 
 def _halo(module: nn.Module, d: dict[str, Any]) -> int:
