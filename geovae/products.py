@@ -201,7 +201,7 @@ def overview_resampling(kind: str) -> str:
     return "MODE" if kind == "classes" else "AVERAGE"
 
 
-def cog_options(kind: str, *, overviews: bool = True) -> dict[str, str]:
+def cog_options(kind: str, *, overviews: bool = True, threads: int | None = None) -> dict[str, str]:
     """Creation options of GDAL's COG driver for output raster ``kind``.
 
     The outputs are Cloud Optimized GeoTIFFs: 256 x 256 tiles, ZSTD with the kind's
@@ -212,16 +212,21 @@ def cog_options(kind: str, *, overviews: bool = True) -> dict[str, str]:
     Args:
         kind: one of :data:`RASTER_KINDS`.
         overviews: build overviews (``False``: a COG without them).
+        threads: compress with this many threads (GDAL's ``NUM_THREADS``; the bytes written are
+            the same). None leaves it to GDAL's ``GDAL_NUM_THREADS`` setting (one by default).
 
     Returns:
         Keyword arguments for ``rasterio.shutil.copy(src, dst, driver="COG", **options)``.
     """
     spec = _RASTER_SPECS[kind]
-    return {
+    opts = {
         "COMPRESS": "ZSTD", "PREDICTOR": "FLOATING_POINT" if spec["predictor"] == 3 else "STANDARD",
         "BLOCKSIZE": str(BLOCKSIZE), "BIGTIFF": "IF_SAFER", "OVERVIEWS": "AUTO" if overviews else "NONE",
         "OVERVIEW_RESAMPLING": overview_resampling(kind),
     }
+    if threads is not None:
+        opts["NUM_THREADS"] = str(max(1, int(threads)))
+    return opts
 
 
 def write_class_table(ds: Any, ids: Sequence[int], names: Sequence[str], colors: Sequence[Sequence[int]]) -> None:

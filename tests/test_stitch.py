@@ -223,3 +223,32 @@ def test_row_bands_equal_the_whole_run_and_assemble_to_it(tmp_path: Path, tile: 
     with pytest.raises(ValueError, match="never given"):
         st.close()
     assert not list((tmp_path / "y").iterdir())  # the failed close removed its temporary files
+
+
+def test_cog_copy_compresses_with_the_runs_threads_and_writes_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    import geovae.stitch as stitch
+    from geovae.products import cog_options, raster_profile
+
+    torch_threads = torch.get_num_threads()
+    assert stitch.cog_threads() == torch_threads
+    assert cog_options("confidence", threads=2)["NUM_THREADS"] == "2"
+    assert "NUM_THREADS" not in cog_options("confidence")
+    with rasterio.Env(GDAL_NUM_THREADS="1"):  # the user's own GDAL setting wins
+        assert stitch.cog_threads() is None
+    monkeypatch.setenv("GDAL_NUM_THREADS", "3")
+    assert stitch.cog_threads() is None
+    monkeypatch.delenv("GDAL_NUM_THREADS")
+
+    src = tmp_path / "scratch.tif"
+    rng = np.random.default_rng(0)
+    prof = raster_profile("confidence", width=600, height=500, crs=CRS, transform=TRANSFORM, stream=True)
+    with rasterio.open(src, "w", **prof) as ds:
+        ds.write(rng.random((1, 500, 600), dtype=np.float32))
+    digests = []
+    for n in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        dst = stitch.write_cog(src, tmp_path / f"cog{n}.tif", "confidence")
+        digests.append(hashlib.sha256(dst.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
