@@ -292,6 +292,26 @@ def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None
     assert (counts > 0.005 * v.sum()).sum() >= 2  # not a one-class map
 
 
+class _SaturatesOnWhiteNoise(nn.Module):
+    """Class 0 grows with high-frequency energy, class 1 is the mean over a 31 x 31 window:
+    on white noise class 0 wins everywhere by a wide margin, so the window's edge moves no
+    probability; on smooth, image-like input the window decides and reaches 15 px."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hp = x - nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        context = nn.functional.avg_pool2d(x.mean(1, keepdim=True), 31, 1, 15)
+        return torch.cat([40 * hp.abs().mean(1, keepdim=True), 4 * context], 1)
+
+
+def test_halo_is_measured_on_image_like_input_too() -> None:
+    """White noise alone measured a halo of 0 for this model (and 8 px where a real parcel
+    model's was 29-40); smooth noise finds the 15 px its window reaches."""
+    from geovae.model.halo import measure_halo
+
+    assert measure_halo(_SaturatesOnWhiteNoise(), 8, 1) == 15
+    assert measure_halo(_SaturatesOnWhiteNoise(), 8, 4) == 16  # rounded up to the stride
+
+
 def test_overlap_too_small_for_the_halo_warns_once(tmp_path: Path, nc_stack: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     model = vae_model(nc_stack, k=3, depth=2, halo=True)
