@@ -366,7 +366,10 @@ class Stitcher:
         self.c_ent = self.K + 1 if uncertainty else None
         self.c_rec = self.K + 1 + int(uncertainty) if reconstruction else None
         self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
-        self.tile_weights = grid.weights()
+        # By (first row, first column): the tiles along the scene's top and left edges weigh
+        # their edge pixels fully (TileGrid.weights).
+        self.tile_weights = {(a, b): grid.weights(Tile(int(not a), int(not b), 0, 0, grid.tile))
+                             for a in (True, False) for b in (True, False)}
         self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
         # class raster value -> class index, -1 for nodata (and values of no class)
         self._class_index = np.full(256, -1, dtype=np.int64)
@@ -546,7 +549,7 @@ class Stitcher:
         blk = self._blocks[self._cur]
         r, c = tile.row - blk.bi * self.B, tile.col - blk.bj * self.B
         T = tile.size
-        wgt = self.tile_weights * valid
+        wgt = self.tile_weights[tile.i == 0, tile.j == 0] * valid
         view = acc[:, r:r + T, c:c + T]
         view[: self.K] += probs * wgt
         view[self.c_w] += wgt

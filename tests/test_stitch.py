@@ -54,7 +54,7 @@ def test_blending_matches_the_formula_and_files_are_right(tmp_path: Path, tile: 
     num = np.zeros((3, h + tile, w + tile))
     den = np.zeros((h + tile, w + tile))
     for t in grid:
-        wt = grid.weights()
+        wt = grid.weights(t)
         num[:, t.row:t.row + tile, t.col:t.col + tile] += given[(t.i, t.j)][:, None, None] * wt
         den[t.row:t.row + tile, t.col:t.col + tile] += wt
     ref = num[:, :h, :w] / den[:h, :w]
@@ -252,3 +252,29 @@ def test_cog_copy_compresses_with_the_runs_threads_and_writes_the_same_bytes(tmp
         dst = stitch.write_cog(src, tmp_path / f"cog{n}.tif", "confidence")
         digests.append(hashlib.sha256(dst.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("tile,overlap", [(56, 48), (72, 56), (96, 48)])
+def test_scene_edge_pixels_come_from_the_tile_whose_edge_is_the_scenes(tmp_path: Path, tile: int, overlap: int) -> None:
+    """A model is wrong within its halo of a tile edge, except where that edge is the scene's
+    top or left edge (every tiling and an untiled pass see the same edge there). Blended with
+    the halo as margin, no wrong value may reach the output, near the scene's edges included,
+    even when the step is shorter than the halo (the second tile's edge then lies within the
+    first tile's edge zone)."""
+    h, w, halo = 150, 130, 20
+    grid = TileGrid(h, w, tile, overlap, margin=halo)
+    assert grid.margin == halo and (grid.step < halo or tile == 96)
+    st = Stitcher(grid, tmp_path, "scene", _info(2), CRS, TRANSFORM, block_size=64)
+    for t in st.order():
+        r = np.arange(t.size)
+        near = lambda start: ((r < halo) & (start > 0)) | (r >= t.size - halo)  # noqa: E731
+        wrong = near(t.row)[:, None] | near(t.col)[None, :]
+        probs = np.stack([wrong, ~wrong]).astype(np.float32)  # class 2 right, class 1 wrong
+        st.add(t, np.ones((t.size, t.size), bool), probs)
+    paths = st.close()
+    with rasterio.open(paths["classes"]) as ds:
+        cls = ds.read(1)
+    with rasterio.open(paths["confidence"]) as ds:
+        conf = ds.read(1)
+    assert (cls == 5).all(), f"{(cls != 5).sum()} pixels took a value from within a tile's halo"
+

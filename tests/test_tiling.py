@@ -51,10 +51,16 @@ def test_grid_weights_never_zero_over_scene() -> None:
     g = TileGrid(h, w, tile, overlap)
     tot = np.zeros((h + tile, w + tile))
     for t in g:
-        tot[t.row:t.row + tile, t.col:t.col + tile] += g.weights()
+        tot[t.row:t.row + tile, t.col:t.col + tile] += g.weights(t)
     assert (tot[:h, :w] > 0).all()
-    # in the interior every pixel is covered by weights summing to 1 (no bias between tiles)
-    np.testing.assert_allclose(tot[overlap:h - tile, overlap:w - tile], 1.0, atol=1e-5)
+    # every pixel is covered by weights summing to 1 (no bias between tiles), from the top and
+    # left edges, where the first tiles weigh 1 (theirs is the scene's edge), to where the
+    # last tiles run past the scene
+    np.testing.assert_allclose(tot[:h - tile, :w - tile], 1.0, atol=1e-5)
+    first, inner = g.weights(g[0, 0]), g.weights(g[1, 1])
+    assert (first[:overlap, :overlap] == 1).all() and inner[0, 0] == EPSILON * EPSILON
+    np.testing.assert_array_equal(first[-overlap:, -overlap:], inner[-overlap:, -overlap:])
+    np.testing.assert_array_equal(g.weights(), inner)
 
 
 def test_bad_options() -> None:
