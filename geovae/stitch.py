@@ -67,7 +67,7 @@ from geovae.products import (
     write_class_table,
 )
 from geovae.styles import write_class_aux
-from geovae.tiling import Tile, TileGrid
+from geovae.tiling import Tile, TileGrid, blend_weights
 
 __all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "block_side", "check_rows", "write_cog"]
 
@@ -368,8 +368,8 @@ class Stitcher:
         self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
         # By (first row, first column): the tiles along the scene's top and left edges weigh
         # their edge pixels fully (TileGrid.weights).
-        self.tile_weights = {(a, b): grid.weights(Tile(int(not a), int(not b), 0, 0, grid.tile))
-                             for a in (True, False) for b in (True, False)}
+        self.tile_weights = {(r, c): blend_weights(grid.tile, grid.overlap, grid.margin, first_row=r, first_col=c)
+                             for r in (True, False) for c in (True, False)}
         self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
         # class raster value -> class index, -1 for nodata (and values of no class)
         self._class_index = np.full(256, -1, dtype=np.int64)

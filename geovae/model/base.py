@@ -8,6 +8,7 @@ and ``geovae.segment`` (which runs them over scenes). Anything that can be wrapp
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from geovae.classes import DEFAULT_COLORS
 from geovae.device import autocast_dtype, resolve_device
+from geovae.model.fold import fold_batchnorm as _fold_batchnorm
 
 
 @dataclass
@@ -168,12 +170,8 @@ class SegmentationModel:
         self.module = module.to(self.device, memory_format=torch.channels_last).eval()
         self.net = self.module
         if fold_batchnorm and any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
-            import copy
-
-            from geovae.model.fold import fold_batchnorm as _fold
-
             net = copy.deepcopy(self.module)
-            if _fold(net):
+            if _fold_batchnorm(net):
                 self.net = net.to(memory_format=torch.channels_last)
         self.amp_dtype = autocast_dtype(self.device, precision) if amp else None
         self._mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -181,8 +179,6 @@ class SegmentationModel:
 
     def with_precision(self, precision: str) -> SegmentationModel:
         """A view of this model (same module, same device) that predicts at ``precision``."""
-        import copy
-
         other = copy.copy(self)
         other.amp_dtype = autocast_dtype(self.device, precision)
         return other

@@ -356,8 +356,8 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
             _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar:
         # One batch in flight: batch n+1 is queued on the device before batch n is
         # blended, so on CUDA the GPU computes while the CPU blends and writes. (A blending
-        # thread beside the CPU model was tried: on 2 cores it contends with torch's threads
-        # and the run took 1.15x longer.)
+        # thread beside the CPU model was tried: on 2 cores it contends with torch's threads,
+        # used more CPU seconds and gave no clear gain; docs/benchmarks.md, 14.3.)
         pending: _InFlight | None = None
         for batch in reader:
             tm = time.perf_counter()
