@@ -12,6 +12,7 @@ import torch
 
 from geovae.errors import ModelFileError
 from geovae.model import ModelInfo, VAESegmenter
+from geovae.model.halo import HALO_METHOD
 from geovae.model.io import FORMAT_VERSION, load_model, read_model_info, save_model
 
 
@@ -194,6 +195,27 @@ def test_version_1_file_still_loads(tmp_path: Path) -> None:
     m = m.to(memory_format=torch.channels_last)
     got = loaded.predict(x, reconstruction=True)
     assert torch.equal(got["reconstruction_error"], ((m.reconstruct(xn) - xn) ** 2).mean(1))
+
+
+def test_a_halo_from_the_older_measurement_is_measured_again_on_load(tmp_path: Path) -> None:
+    """Halos measured on white noise only could fall short (geovae.model.halo): a file without
+    the current halo_method gets its halo measured again; one the caller gave is kept."""
+    m = _trained_ish()
+    p = save_model(tmp_path / "m.safetensors", m, _info())
+    stored = read_model_info(p)
+    assert stored.extra["halo_method"] == HALO_METHOD and stored.halo is not None
+    assert load_model(p, device="cpu").info.halo == stored.halo
+    old = stored.to_dict()
+    del old["extra"]["halo_method"]
+    old["halo"] = stored.halo + 40  # what the older measurement recorded, say
+    older = tmp_path / "older.safetensors"
+    _rewrite_metadata(p, older, info=json.dumps(old))
+    again = load_model(older, device="cpu")
+    assert again.info.halo == stored.halo and again.info.extra["halo_method"] == HALO_METHOD
+    given = _info()
+    given.halo = 24
+    q = save_model(tmp_path / "given.safetensors", m, given)
+    assert read_model_info(q).extra["halo_method"] == "given" and load_model(q, device="cpu").info.halo == 24
 
 
 def test_training_facts_round_trip_and_older_files_without_them_still_load(tmp_path: Path) -> None:

@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["measure_halo", "HALO_TOLERANCE"]
+__all__ = ["measure_halo", "HALO_TOLERANCE", "HALO_METHOD"]
 
 #: Largest change of a class probability a tile's edge may cause at a blended pixel.
 HALO_TOLERANCE = 1e-3
+#: Which measurement a model file's halo came from (``ModelInfo.extra["halo_method"]``): 2 is
+#: white and smooth noise (this module); files without it were measured on white noise only,
+#: which can fall short, so :func:`geovae.model.io.load_model` measures their halo again.
+HALO_METHOD = 2
 
 
 @torch.inference_mode()

@@ -31,6 +31,7 @@ from geovae._version import __version__
 from geovae.atomic import atomic_path
 from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.model.halo import HALO_METHOD, measure_halo
 from geovae.model.vae import VAESegmenter
 
 #: The format this geovae writes; it reads this one and every older one. Version 2 added
@@ -89,6 +90,9 @@ def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, i
     ModelInfo.from_dict(d)  # validates list lengths before anything is written
     if d.get("halo") is None:
         d["halo"] = _halo(module, d)
+        d["extra"]["halo_method"] = HALO_METHOD
+    else:  # the caller's own figure (or one load_model measured, which says so): kept as is
+        d["extra"].setdefault("halo_method", "given")
     # Shared storage (views) is not allowed by safetensors: clone every tensor.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     metadata = {
@@ -404,8 +408,11 @@ def load_model(
     for key, value in (("mean", mean), ("std", std), ("class_ids", class_ids), ("class_names", class_names)):
         if value is not None:
             d[key] = list(value)
-    if d.get("halo") is None:  # an older file or a checkpoint: measured once, here
+    if d.get("halo") is None or d["extra"].get("halo_method") not in (HALO_METHOD, "given"):
+        # A checkpoint, or a file whose halo was measured on white noise only (or not at all):
+        # measured here, about a second (geovae.model.halo). Re-saving the file keeps it.
         d["halo"] = _halo(module, d)
+        d["extra"] = {**d["extra"], "halo_method": HALO_METHOD}
     try:
         info = ModelInfo.from_dict(d)
     except ValueError as exc:
@@ -419,8 +426,6 @@ def load_model(
 def _halo(module: nn.Module, d: dict[str, Any]) -> int:
     """The model's halo (geovae.model.halo), measured on a CPU copy in fp32."""
     import copy
-
-    from geovae.model.halo import measure_halo
 
     m = copy.deepcopy(module).to("cpu", memory_format=torch.channels_last)
     return measure_halo(m, int(d["in_channels"]), int(d.get("stride") or 1))
