@@ -41,9 +41,11 @@ def torchgeo_fcn(cache: Path = common.CACHE, *, steps: int = 40, seed: int = 0) 
     """
     common.require_data()
     cache.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha1(f"fcn64-{steps}-{seed}-{common.NUM_CLASSES}".encode()).hexdigest()[:10]
+    from geovae.model.halo import HALO_METHOD
+
+    key = hashlib.sha1(f"fcn64-{steps}-{seed}-{common.NUM_CLASSES}-h{HALO_METHOD}".encode()).hexdigest()[:10]
     out = cache / f"parana_torchgeo_fcn_{key}.safetensors"
-    if out.exists():  # before the imports: torch and TorchGeo take seconds to load
+    if out.exists():  # before TorchGeo's import, which takes seconds
         return out
     import numpy as np
     import rasterio
