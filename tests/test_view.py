@@ -435,9 +435,24 @@ def test_viewer_api_for_notebooks(seg_out: Path) -> None:
         _get_json(v.url + "api/catalog")
 
 
+def _viewer_process(folder: Path) -> subprocess.Popen[str]:
+    """`geovae view FOLDER` as a user starts it from a terminal, where Ctrl-C reaches it.
+
+    A test run that is itself a background job of a non-interactive shell (`nohup ... &`, some
+    CI runners) has SIGINT ignored, which a child inherits across exec; a caught handler is
+    reset to the default instead, so the viewer then answers the test's SIGINT as it would a
+    user's Ctrl-C.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "geovae", "view", str(folder), "--no-browser"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_cli_prints_the_address_and_stops_on_ctrl_c(seg_out: Path) -> None:
-    p = subprocess.Popen([sys.executable, "-m", "geovae", "view", str(seg_out), "--no-browser"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = _viewer_process(seg_out)
     try:
         line = p.stdout.readline()
         assert line.startswith("geovae view: http://127.0.0.1:"), line + p.stderr.read()
@@ -489,8 +504,7 @@ def test_tiles_of_a_20k_output_stay_in_bounded_memory(seg_out: Path, tmp_path: P
     """RSS of the server stops growing after the first requests: 20480^2 rasters are read only
     through their overviews and GDAL's cache is capped, however many tiles are asked for."""
     _big_output(tmp_path, next(seg_out.glob("*.classes.tif")))
-    p = subprocess.Popen([sys.executable, "-m", "geovae", "view", str(tmp_path), "--no-browser"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = _viewer_process(tmp_path)
     try:
         url = p.stdout.readline().split()[2]
         b = _get_json(url + "api/catalog")["scenes"][0]["bounds"]
