@@ -599,6 +599,18 @@ def _screenshot(d: object) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(d.get_screenshot_as_png())).convert("RGB")).astype(int)
 
 
+def _settled_map_colours(d: object, classes_tif: Path, want: float, timeout: float = 20) -> float:
+    """:func:`_check_map_colours` once it reaches ``want``, or its last value after ``timeout``
+    seconds: on a loaded machine the page can report ready a moment before the last tiles of a
+    zoom are drawn (a CI run once read 0.87 there), and a share only grows as tiles arrive."""
+    end = time.monotonic() + timeout
+    share = _check_map_colours(d, classes_tif)
+    while share <= want and time.monotonic() < end:
+        time.sleep(0.5)
+        share = _check_map_colours(d, classes_tif)
+    return share
+
+
 def _check_map_colours(d: object, classes_tif: Path) -> float:
     """Share of sampled map pixels (away from class edges) drawn in the class's colour."""
     rect = d.execute_script("const r = geovae.map.getContainer().getBoundingClientRect();"
@@ -643,7 +655,7 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
         d.execute_script("geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
                          "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});")
         _wait_ready(d)
-        assert _check_map_colours(d, classes_tif) > 0.97
+        assert _settled_map_colours(d, classes_tif, 0.97) > 0.97
 
         # click inside a large region: the polygon there is named in the popup and the panel
         e = load_catalog(seg_out).scenes[0]
@@ -690,4 +702,4 @@ def test_page_on_a_batch_output(browser: object, batch_out: Path) -> None:
         d.execute_script("geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
                          "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});")
         _wait_ready(d)
-        assert _check_map_colours(d, cat.scenes[0].rasters["classes"]) > 0.97
+        assert _settled_map_colours(d, cat.scenes[0].rasters["classes"], 0.97) > 0.97
