@@ -156,7 +156,6 @@ def cog_threads() -> int | None:
 
     if os.environ.get("GDAL_NUM_THREADS") or (rasterio.env.hasenv() and "GDAL_NUM_THREADS" in rasterio.env.getenv()):
         return None
-
     return torch.get_num_threads()
 
 

@@ -19,9 +19,10 @@ Blending weights (:func:`blend_weights`) are a separable profile over the tile:
 The floor is never zero: a pixel at the scene border that only one tile sees gets exactly that
 tile's value, and no pixel is ever left without a prediction. The first row and column of
 tiles have no floor or ramp on their top and left sides, which are the scene's edge
-(:meth:`TileGrid.weights`): there every tiling, and an untiled pass, sees the same edge. With ``overlap > 2 * halo`` every
-blended pixel comes from tiles that see it as an untiled pass would (to the halo's tolerance),
-so tiling is invisible by construction away from the scene border.
+(:meth:`TileGrid.weights`): there every tiling, and an untiled pass, sees the same edge. With
+``overlap > 2 * halo`` every blended pixel comes from tiles that see it as an untiled pass would
+(to the halo's tolerance), so tiling is invisible by construction, at the scene's edges too
+(the last tiles run a halo past the right and bottom edges, see ``TileGrid._count``).
 """
 
 from __future__ import annotations

@@ -366,16 +366,6 @@ def test_evaluate_objects_of_the_spacenet_footprints(atlanta_mask: Path, tmp_pat
 
 
 # ----------------------------------------------------------------------------- end to end
-def _crop(src_path: Path, out: Path, col0: int, col1: int) -> Path:
-    with rasterio.open(src_path) as src:
-        win = rasterio.windows.Window(col0, 0, col1 - col0, src.height)
-        profile = src.profile | {"width": col1 - col0, "transform": src.window_transform(win), "tiled": True,
-                                 "blockxsize": 256, "blockysize": 256}
-        with rasterio.open(out, "w", **profile) as dst:
-            dst.write(src.read(window=win))
-    return out
-
-
 @pytest.mark.slow
 def test_short_training_on_parcels_objects_beat_class_regions(ndvi: Path, parcels: gpd.GeoDataFrame,
                                                                tmp_path: Path) -> None:
@@ -388,7 +378,9 @@ def test_short_training_on_parcels_objects_beat_class_regions(ndvi: Path, parcel
     from geovae.segment import segment_scene
     from geovae.training import train_model
 
-    west, east = _crop(ndvi, tmp_path / "west.tif", 0, 500), _crop(ndvi, tmp_path / "east.tif", 500, 1000)
+    from benchmarks.bench_objects import crop  # the benchmark's halves, cut the same way
+
+    west, east = crop(ndvi, tmp_path / "west.tif", 0, 500), crop(ndvi, tmp_path / "east.tif", 500, 1000)
     labels = parcels.assign(kind="parcel")[["kind", "geometry"]]
     path = _write(labels, tmp_path / "parcels.gpkg")
     # The architecture the objects were measured with (docs/quality.md). The leaner default
