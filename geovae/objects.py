@@ -516,7 +516,7 @@ def write_objects(
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
             res = _run_layer(_Layer(pieces, attributes, cols, types), W, H, crs, targets, to_world, measure,
                              min_area, simplify, block_size, 4, layer, progress)
-        _style_geopackages(targets, layer, src, {c: n for c, n in names.items() if c in spec.classes})
+        _style_geopackages(targets, layer, table, {c: n for c, n in names.items() if c in spec.classes})
     finally:
         for ds in extra:
             ds.close()

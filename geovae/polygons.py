@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -40,6 +40,7 @@ import numpy as np
 import pyogrio
 import rasterio
 import rasterio.features
+import rasterio.transform
 import shapely
 from affine import EPSILON, Affine
 from rasterio.windows import Window
@@ -47,10 +48,10 @@ from rasterio.windows import Window
 from geovae.areas import AreaMeasure
 from geovae.atomic import check_output_file
 from geovae.errors import OptionError, SceneError
-from geovae.products import ATTRIBUTE_COLUMNS, POLYGON_FORMATS, area_column, read_class_table
+from geovae.products import ATTRIBUTE_COLUMNS, CLASS_NODATA, POLYGON_FORMATS, area_column, read_class_table
 from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
 
-__all__ = ["VectorizeResult", "vectorize", "write_polygons", "scene_layer_name"]
+__all__ = ["VectorizeResult", "vectorize", "write_polygons", "PolygonStream", "scene_layer_name"]
 
 #: Finished polygons are flushed to the temporary GeoPackage in chunks of this many
 #: (20,000 held ~45 MiB more at peak for no measurable speed-up).
@@ -618,13 +619,7 @@ def write_polygons(
 
     The other arguments and the errors are those of :func:`vectorize`.
     """
-    if not isinstance(block_size, int) or block_size < 1:
-        raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
-    if connectivity not in (4, 8):
-        raise OptionError(f"connectivity must be 4 or 8, got {connectivity!r}")
-    for name, value in (("min-area", min_area), ("simplify", simplify)):
-        if not math.isfinite(value) or value < 0:
-            raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
+    _check_options(block_size, connectivity, min_area, simplify)
     finals = [Path(f) for f, _ in targets]
 
     src = open_raster(classes, "class raster")
@@ -656,7 +651,7 @@ def write_polygons(
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
             res = _run(src, bands, anomaly[1] if anomaly else None, targets, names, to_world, measure, min_area,
                        simplify, block_size, connectivity, layer, progress)
-        _style_geopackages(targets, layer, src, names)
+        _style_geopackages(targets, layer, read_class_table(src), names)
         return res
     finally:
         for ds in extra:
@@ -664,15 +659,203 @@ def write_polygons(
         src.close()
 
 
-def _style_geopackages(targets: Sequence[tuple[Path, Path]], layer: str, src: rasterio.DatasetReader,
+class PolygonStream:
+    """Class polygons traced while the class raster is being written.
+
+    ``segment`` feeds each output block to :meth:`add_block` as the stitcher writes it (the
+    arrays it already holds, nothing read back); a worker thread traces every finished row
+    of blocks with the same engine as :func:`write_polygons`, so the polygons are those of
+    vectorising the finished raster, while the model computes the next rows. On a GPU the
+    CPU is otherwise idle then; on a CPU the model's threads rarely keep every core busy
+    (docs/benchmarks.md, 14.1). At most ``queue_blocks`` blocks wait for the worker, however
+    wide the scene: a slower worker holds the stitcher back rather than letting memory grow.
+
+    Args:
+        targets: ``(final path, path to write)`` per output, as :func:`write_polygons`.
+        width, height, crs, transform: the class raster's grid (``crs`` None: pixel
+            coordinates, as :func:`write_polygons` does for a raster without CRS).
+        block: the side of the stitcher's blocks (the rows' height, for progress).
+        class_names: class id -> name.
+        confidence, uncertainty: whether the blocks carry these bands (averaged per polygon).
+        anomaly_threshold: with a reconstruction-error band, the error above which a pixel
+            counts toward ``anomaly_fraction``; None for none.
+        min_area, simplify, connectivity, layer: as :func:`write_polygons`.
+
+    Raises:
+        OptionError: as :func:`write_polygons`, for its options.
+    """
+
+    def __init__(self, targets: Sequence[tuple[Path, Path]], *, width: int, height: int, crs: Any,
+                 transform: Affine, block: int, class_names: dict[int, str], confidence: bool = True,
+                 uncertainty: bool = False, anomaly_threshold: float | None = None, min_area: float = 0.0,
+                 simplify: float = 0.0, connectivity: int = 4, layer: str = "polygons", queue_blocks: int = 4):
+        import queue
+        import threading
+
+        _check_options(block, connectivity, min_area, simplify)
+        if crs is None and any(Path(f).suffix.lower() == ".geojson" for f, _ in targets):
+            raise OptionError("GeoJSON needs a CRS and this raster has none; use .gpkg or .parquet")
+        self.targets = list(targets)
+        self.width, self.height, self.block = width, height, block
+        self.names = dict(class_names)
+        self.layer = layer
+        self.threshold = anomaly_threshold
+        self.rows_done = 0
+        self.rows_total = math.ceil(height / block)
+        self.result: VectorizeResult | None = None
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._open_row = False  # add_block is inside a row of blocks
+        self._current: _BlockValues | None = None
+        self._queue: Any = queue.Queue(maxsize=queue_blocks)
+        bounds = rasterio.transform.array_bounds(height, width, transform)
+        spec = _class_layer(lambda win: self._current, np.dtype(np.uint8),
+                            self.names, area_column(crs is None), connectivity, confidence, uncertainty,
+                            anomaly_threshold is not None)
+        args = (spec, width, height, crs, self.targets, transform if crs is not None else Affine.identity(),
+                _Measure(crs, (bounds[0], bounds[1], bounds[2], bounds[3])), min_area, simplify, block,
+                connectivity, layer, self._progress, self._rows())
+        self._thread = threading.Thread(target=self._work, args=args, name="geovae-polygons", daemon=True)
+        self._thread.start()
+
+    # -- the stitcher's side -------------------------------------------------------------
+    def add_block(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
+        """Take one written block (scene coordinates, blocks in row-major order) and its
+        outputs as the stitcher wrote them (``classes``, ``confidence``, ``uncertainty``,
+        ``reconstruction_error``: ``(bands, h, w)``).
+
+        Raises:
+            whatever stopped the worker (a full disk, ...), in the caller's thread.
+        """
+        self._raise()
+        classes = outputs["classes"][0]
+        valid = classes != CLASS_NODATA
+        values = None
+        if valid.any():
+            anom = None
+            if self.threshold is not None:
+                err = outputs["reconstruction_error"][0]
+                anom = np.where(np.isnan(err), np.nan, (err > self.threshold).astype(np.float32))
+            unc = outputs.get("uncertainty")
+            values = _BlockValues(classes, valid, outputs["confidence"][0], None if unc is None else unc[0], anom)
+        self._open_row = window.col_off + window.width < self.width
+        self._put((window, values))
+
+    def _put(self, item: Any) -> None:
+        import queue
+
+        while True:
+            self._raise()
+            if not self._thread.is_alive():
+                raise RuntimeError("the polygon worker stopped unexpectedly")
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- the worker's side ---------------------------------------------------------------
+    def _next(self) -> tuple[Window, _BlockValues | None] | None:
+        item = self._queue.get()
+        if self._aborted:
+            raise _Stopped
+        return item
+
+    def _rows(self) -> Iterator[Iterator[Window]]:
+        """Rows of blocks as they arrive; each block's values in ``_current`` while traced."""
+        first = self._next()
+        while first is not None:
+            yield self._row(first)
+            first = self._next()
+
+    def _row(self, first: tuple[Window, _BlockValues | None]) -> Iterator[Window]:
+        item: tuple[Window, _BlockValues | None] | None = first
+        while item is not None:
+            win, self._current = item
+            yield win
+            self._current = None
+            if win.col_off + win.width >= self.width:
+                return
+            item = self._next()
+        raise ValueError("the stream ended inside a row of blocks")
+
+    def _progress(self, done: int, total: int) -> None:
+        self.rows_done = done
+
+    def _work(self, *args: Any) -> None:
+        try:
+            self.result = _run_layer(*args)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self._error = exc
+        finally:
+            self._current = None
+
+    # -- the end -------------------------------------------------------------------------
+    def close(self, table: dict[int, dict[str, Any]], progress: Any = None) -> VectorizeResult:
+        """Wait for the last rows, write every format, style the GeoPackages; the result.
+
+        Args:
+            table: the class table (:func:`~geovae.products.read_class_table`), for the
+                GeoPackages' style.
+            progress: an optional ``progress(done_rows, total_rows)``, called while waiting.
+        """
+        if self._open_row:
+            raise ValueError("the last row of blocks is incomplete")
+        self._put(None)
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+            if progress is not None:
+                progress(self.rows_done, self.rows_total)
+        self._raise()
+        assert self.result is not None
+        _style_geopackages(self.targets, self.layer, table, self.names)
+        return self.result
+
+    def abort(self) -> None:
+        """Stop the worker and wait for it (its temporary files are removed): after an error."""
+        import queue
+
+        self._aborted = True
+        while True:  # make room for the wake-up, whatever the worker is doing
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join()
+
+
+class _Stopped(Exception):
+    """The worker of an aborted :class:`PolygonStream` stops."""
+
+
+def _check_options(block_size: Any, connectivity: Any, min_area: float, simplify: float) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
+    if connectivity not in (4, 8):
+        raise OptionError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    for name, value in (("min-area", min_area), ("simplify", simplify)):
+        if not math.isfinite(value) or value < 0:
+            raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
+
+
+def _style_geopackages(targets: Sequence[tuple[Path, Path]], layer: str, table: dict[int, dict[str, Any]],
                        names: dict[int, str]) -> None:
     """Give every GeoPackage written QGIS's default style for ``layer`` (``layer_styles``):
-    categorised on ``class_name``, in the class raster's colours (a default palette where it
-    has none)."""
+    categorised on ``class_name``, in the colours of the class table ``table``
+    (:func:`~geovae.products.read_class_table`; a default palette where it has none)."""
     from geovae.classes import DEFAULT_COLORS
     from geovae.styles import write_layer_style
 
-    table = read_class_table(src)
     ids = sorted(set(table) | set(names))
     colors = [table.get(c, {}).get("color") or DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i, c in enumerate(ids)]
     labels = [names.get(c) or table.get(c, {}).get("name") or f"class {c}" for c in ids]
@@ -727,24 +910,50 @@ def _run(
     layer: str,
     progress: Any,
 ) -> VectorizeResult:
-    dtype = np.dtype(src.dtypes[0])
-    # rasterio.features.shapes takes (u)int8/16 and int32; wider integers are narrowed.
-    shapes_dtype = dtype if dtype in (np.uint8, np.uint16, np.int16, np.int32) else np.dtype(np.int32)
-    area_col = area_column(src.crs is None)
     conf_ds, unc_ds, anom_ds = bands.get("confidence"), bands.get("uncertainty"), bands.get("reconstruction-error")
 
-    def pieces(win: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        data = src.read(1, window=win)
+    def read(win: Window) -> _BlockValues | None:
         valid = src.read_masks(1, window=win) > 0
         if not valid.any():
             return None
-        if data.dtype != shapes_dtype:
-            data = data.astype(shapes_dtype)
         anom = None
         if anom_ds is not None:
             err = _read_band(anom_ds, win)
             anom = np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
-        return _block_pieces(data, valid, win, connectivity, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
+        return _BlockValues(src.read(1, window=win), valid, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
+
+    spec = _class_layer(read, np.dtype(src.dtypes[0]), names, area_column(src.crs is None), connectivity,
+                        conf_ds is not None, unc_ds is not None, anom_ds is not None)
+    return _run_layer(spec, src.width, src.height, src.crs, targets, to_world, measure, min_area, simplify,
+                      block_size, connectivity, layer, progress)
+
+
+@dataclass
+class _BlockValues:
+    """One block of a class raster and the bands averaged per polygon (float32, NaN at nodata;
+    ``anom`` 1 above the anomaly threshold, 0 below)."""
+
+    classes: np.ndarray
+    valid: np.ndarray
+    conf: np.ndarray | None = None
+    unc: np.ndarray | None = None
+    anom: np.ndarray | None = None
+
+
+def _class_layer(read: Any, dtype: np.dtype, names: dict[int, str], area_col: str, connectivity: int,
+                 conf: bool, unc: bool, anom: bool) -> _Layer:
+    """The class-region layer: ``read(window) -> _BlockValues | None`` (None: all nodata)
+    gives the pixels, from the finished raster (:func:`_run`) or from the stitcher as it
+    writes (:class:`PolygonStream`)."""
+    # rasterio.features.shapes takes (u)int8/16 and int32; wider integers are narrowed.
+    shapes_dtype = dtype if dtype in (np.uint8, np.uint16, np.int16, np.int32) else np.dtype(np.int32)
+
+    def pieces(win: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        v = read(win)
+        if v is None:
+            return None
+        data = v.classes if v.classes.dtype == shapes_dtype else v.classes.astype(shapes_dtype)
+        return _block_pieces(data, v.valid, win, connectivity, v.conf, v.unc, v.anom)
 
     def attributes(cls: np.ndarray, stats: np.ndarray, area: np.ndarray) -> dict[str, Any]:
         nan = np.full(len(cls), np.nan)
@@ -752,15 +961,14 @@ def _run(
             "class_id": cls,
             "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
             area_col: area,
-            "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf_ds is not None else nan,
-            "uncertainty_mean": _mean(stats[:, 2], stats[:, 3]) if unc_ds is not None else nan,
-            "anomaly_fraction": _mean(stats[:, 4], stats[:, 5]) if anom_ds is not None else nan,
+            "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf else nan,
+            "uncertainty_mean": _mean(stats[:, 2], stats[:, 3]) if unc else nan,
+            "anomaly_fraction": _mean(stats[:, 4], stats[:, 5]) if anom else nan,
         }
 
     cols = _columns(area_col)
     types = {c: ("int32" if c == "class_id" else object if c == "class_name" else "float64") for c in cols}
-    return _run_layer(_Layer(pieces, attributes, cols, types), src.width, src.height, src.crs, targets, to_world,
-                      measure, min_area, simplify, block_size, connectivity, layer, progress)
+    return _Layer(pieces, attributes, cols, types)
 
 
 def _run_layer(
@@ -777,12 +985,16 @@ def _run_layer(
     connectivity: int,
     layer: str,
     progress: Any,
+    rows: Iterable[Iterable[Window]] | None = None,
 ) -> VectorizeResult:
     """Trace a layer block by block, join pieces across block lines, write every format.
 
     The engine shared by class regions and objects: pieces of one key that meet across a
     block line are joined once the row of blocks is done, and every joined polygon that
-    cannot grow any further is written out (see the module docstring).
+    cannot grow any further is written out (see the module docstring). ``rows`` gives the
+    rows of block windows, top to bottom, each row left to right (default: squares of
+    ``block_size``; a row may be a generator, so blocks can arrive while it is traced); the
+    polygons do not depend on them.
     """
     import tempfile
 
@@ -827,8 +1039,10 @@ def _run_layer(
     try:
         open_pieces = _Pieces()
         nrows = math.ceil(height / block_size)
-        for irow, row in enumerate(_windows(width, height, block_size)):
+        for irow, row in enumerate(_windows(width, height, block_size) if rows is None else rows):
+            row_end = 0
             for win in row:
+                row_end = win.row_off + win.height
                 traced = spec.pieces(win)
                 if traced is None or len(traced[0]) == 0:
                     continue
@@ -845,7 +1059,6 @@ def _run_layer(
             # region that does not reach the next row (nothing below can extend it).
             geoms, keys, stats = _join(*open_pieces.take(), connectivity)
             if len(geoms):
-                row_end = row[0].row_off + row[0].height
                 done = shapely.bounds(geoms)[:, 3] < row_end if row_end < height else np.ones(len(geoms), bool)
                 emit(geoms[done], keys[done], stats[done])
                 open_pieces.add(geoms[~done], keys[~done], stats[~done])

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,9 @@ class Stitcher:
         self._right: np.ndarray | None = None
         self._bottom: dict[int, np.ndarray] = {}
         self._pending: list[Tile] = []
+        #: Called with (window in scene coordinates, outputs) after each block is written,
+        #: in write order (segment's polygon stream, geovae.polygons.PolygonStream).
+        self.on_block: Callable[[Window, dict[str, np.ndarray]], None] | None = None
         self._dst: dict[str, Any] = {}
         self._closed = False
         self._open_outputs(crs, transform @ Affine.translation(0, self.rows[0]))
@@ -611,6 +614,8 @@ class Stitcher:
             self.class_flagged += np.bincount(idx[flagged].ravel(), minlength=self.K)
         self.class_area += self.areas.class_areas(idx, window, self.K)
         self.blocks_written += 1
+        if self.on_block is not None:
+            self.on_block(window, outputs)
 
     def write_block(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
         """Write the finished values of one output block, instead of feeding its tiles.

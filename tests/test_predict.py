@@ -15,6 +15,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import shapely
 import torch
 from affine import Affine
 from rasterio.features import rasterize
@@ -441,6 +442,81 @@ def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, mon
     with pytest.raises(CorruptSceneError, match="is corrupt at rows 256-383, cols 256-383"):
         segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
     assert not any(out.iterdir())  # neither final names nor temporary files
+
+
+# -- polygons traced while the model runs ------------------------------------------------------
+
+def _by_geometry(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    gdf = gdf.assign(key=shapely.to_wkb(shapely.normalize(gdf.geometry.values)))
+    return gdf.sort_values("key").reset_index(drop=True)
+
+
+def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_stack: Path) -> None:
+    """segment traces polygons from each block as it is written (geovae.polygons.PolygonStream);
+    they must be exactly what vectorising the run's own rasters gives: geometry, class and
+    every mean, over several rows and columns of blocks."""
+    from geovae.polygons import vectorize
+    from geovae.segment.trust import THRESHOLD_QUANTILE
+
+    model = vae_model(nc_stack)
+    first = segment_scene(nc_stack, model, tmp_path / "a", tile=128, overlap=32, samples=2, reconstruction=True,
+                          block_size=96, **QUIET)
+    # A threshold that flags about half of the scene, so anomaly_fraction varies.
+    err = read(first.outputs["reconstruction_error"])
+    model.info.training = {"reconstruction_error_quantiles": {THRESHOLD_QUANTILE: float(np.nanmedian(err))}}
+    r = segment_scene(nc_stack, model, tmp_path / "b", tile=128, overlap=32, samples=2, block_size=96,
+                      progress=False, quicklook=False, formats=("gpkg", "parquet"))
+    assert r.report["tiles"]["blocks_written"] >= 20
+    o = r.outputs
+    ref = vectorize(o["classes"], None, confidence=o["confidence"], uncertainty=o["uncertainty"],
+                    anomaly=(o["reconstruction_error"], r.report["trust"]["anomaly"]["threshold"]),
+                    block_size=r.report["tiles"]["block_size"])  # the same blocks: the same vertices
+    got = gpd.read_parquet(o["parquet"])
+    assert len(got) == len(ref) == r.report["polygons"]["gpkg"] > 100
+    a, b = _by_geometry(got), _by_geometry(ref)
+    assert (a.key == b.key).all()
+    assert (a.class_id == b.class_id).all() and (a.class_name == b.class_name).all()
+    for col in ("area_m2", "confidence_mean", "uncertainty_mean", "anomaly_fraction"):
+        assert np.allclose(a[col], b[col], rtol=1e-9, equal_nan=True), col
+    assert 0.1 < a.anomaly_fraction.mean() < 0.9
+    assert len(gpd.read_file(o["gpkg"], layer="nc_lsat7_2000_6band_uint8")) == len(a)
+    assert not [t for t in threading.enumerate() if t.name == "geovae-polygons"]
+
+
+def test_polygon_worker_failure_fails_the_run_cleanly(tmp_path: Path, nc_stack: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error in the polygon worker (here a full disk on its third block) stops the run with
+    that error, in the caller's thread, and leaves nothing behind; so does an error in the
+    model loop while the worker runs."""
+    import errno
+
+    import geovae.polygons as polygons
+
+    real = polygons._block_pieces
+    calls = [0]
+
+    def failing(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(polygons, "_block_pieces", failing)
+    out = tmp_path / "out"
+    model = conv_model(nc_stack)
+    with pytest.raises(OutputError, match="no space left"):
+        segment_scene(nc_stack, model, out, tile=64, overlap=16, block_size=64, progress=False, quicklook=False)
+    assert not any(out.iterdir())
+    monkeypatch.setattr(polygons, "_block_pieces", real)
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("model exploded")
+
+    monkeypatch.setattr(model, "predict", broken)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        segment_scene(nc_stack, model, out, tile=64, overlap=16, block_size=64, progress=False, quicklook=False)
+    assert not any(out.iterdir())
+    assert not [t for t in threading.enumerate() if t.name == "geovae-polygons"]
 
 
 # -- remote reading ----------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from rasterio.windows import Window
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
 from geovae.errors import ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, RASTER_STYLES, output_name, run_kinds
-from geovae.scene import Scene, capped_gdal_cache, open_scene
+from geovae.products import RASTER_KINDS, RASTER_STYLES, output_name, read_class_table, run_kinds
+from geovae.scene import Scene, capped_gdal_cache, open_raster, open_scene
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
@@ -390,6 +390,27 @@ def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None)
                     anomaly_threshold=plan.threshold, probabilities=channels, probability_tags=tags)
 
 
+def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
+    """The class polygons, traced from each block as the stitcher writes it
+    (:class:`~geovae.polygons.PolygonStream`), attached to ``stitcher``; None without formats."""
+    if not plan.formats:
+        return None
+    from geovae.polygons import PolygonStream
+
+    s, info = plan.scene, plan.model.info
+    if stitcher.rows != (0, s.height):
+        raise ValueError("polygons are written for whole scenes only")
+    stream = PolygonStream(
+        [(oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats],
+        width=s.width, height=s.height, crs=s.crs, transform=s.transform, block=stitcher.B,
+        class_names=dict(zip(info.class_ids, info.class_names)), confidence=True,
+        uncertainty=stitcher.uncertainty, anomaly_threshold=stitcher.anomaly_threshold,
+        min_area=plan.options.min_area, simplify=plan.options.simplify, layer=plan.stem,
+    )
+    stitcher.on_block = stream.add_block
+    return stream
+
+
 def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
     m = plan.model
     return {
@@ -401,11 +422,10 @@ def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
     }
 
 
-def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str, Any] | None = None,
-            extra: dict[str, Any] | None = None) -> SegmentResult:
-    """Close the rasters, write polygons, quicklook and report into the set, commit it."""
-    from geovae.polygons import write_polygons
-
+def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, stream: Any, *, tiles: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None) -> SegmentResult:
+    """Close the rasters, finish the polygons (``stream``, :func:`_polygon_stream`), write
+    quicklook and report into the set, commit it."""
     opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
     t0 = time.perf_counter()
     # The COG copies (overviews included) take a minute or more on a 20k scene: a bar in MiB.
@@ -422,19 +442,17 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, *, tiles: dict[str
     log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, timings["rasters_close_s"])
     staged = {k: oset.path(output_name(stem, k)) for k in rasters}
     polygons: dict[str, int] = {}
-    if plan.formats:
+    if stream is not None:
+        # The polygons were traced while the model ran; what is left is the last rows and
+        # the copies into each format.
         t0 = time.perf_counter()
-        targets = [(oset.final(output_name(stem, f)), oset.path(output_name(stem, f))) for f in plan.formats]
-        anomaly = (staged["reconstruction_error"], plan.threshold) if "reconstruction_error" in staged and \
-            plan.threshold is not None else None
+        with open_raster(staged["classes"], "class raster") as ds:
+            table = read_class_table(ds)
         with _Progress(1, opts.progress, f"polygons {stem}", unit="block rows") as bar:
-            res = write_polygons(staged["classes"], targets, confidence=staged["confidence"],
-                                 uncertainty=staged.get("uncertainty"), anomaly=anomaly, min_area=opts.min_area,
-                                 simplify=opts.simplify, class_names=dict(zip(info.class_ids, info.class_names)),
-                                 layer=stem, progress=lambda done, total: _set_total(bar, done, total))
+            res = stream.close(table, progress=lambda done, total: _set_total(bar, done, total))
         polygons = {f: res.n_polygons for f in plan.formats}
         timings["vectorize_s"] = time.perf_counter() - t0
-        log.info("%s: %d polygons written in %.1f s", stem, res.n_polygons, timings["vectorize_s"])
+        log.info("%s: %d polygons written, %.1f s after the rasters", stem, res.n_polygons, timings["vectorize_s"])
     if plan.objects is not None:
         extra = {**(extra or {}), "objects": _write_objects(plan, oset, staged)}
     if opts.quicklook:
@@ -602,10 +620,14 @@ def segment_scene(
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
         stitcher = _stitcher(plan, oset, rows)
+        stream = None
         try:
+            stream = _polygon_stream(plan, oset, stitcher)
             _predict_tiles(plan, stitcher)
-            return _finish(plan, oset, stitcher)
+            return _finish(plan, oset, stitcher, stream)
         except BaseException:
+            if stream is not None:
+                stream.abort()
             stitcher.abort()
             raise
         finally:
@@ -644,7 +666,9 @@ def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: st
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
         st = _stitcher(plan, oset)
         srcs: dict[str, Any] = {}
+        stream = None
         try:
+            stream = _polygon_stream(plan, oset, st)
             band = -1
             for win in st.windows():  # in write order: the class areas add up as in one process
                 r0 = int(win.row_off)
@@ -657,9 +681,11 @@ def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: st
                 st.write_block(win, {k: ds.read(window=part_win) for k, ds in srcs.items()})
             tiles = {k: sum(p["tiles"][k] for p in parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
             extra = {"split": {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}}
-            return _finish(plan, oset, st, tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
-                           extra=extra)
+            return _finish(plan, oset, st, stream,
+                           tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B}, extra=extra)
         except BaseException:
+            if stream is not None:
+                stream.abort()
             st.abort()
             raise
         finally:
