@@ -338,3 +338,27 @@ def test_class_argmax_matches_torch_in_both_layouts() -> None:
     logits[0, 3, 0, 0] = logits[0, 5, 0, 0] = 50.0  # a tie: the lower class, as torch.argmax
     for t in (logits, logits.contiguous(memory_format=torch.channels_last)):
         assert torch.equal(class_argmax(t), logits.argmax(1))
+
+
+def test_cpu_batches_run_in_chunks_with_the_same_outputs() -> None:
+    """On the CPU a batch larger than cpu_chunk_pixels goes through the model in chunks of
+    whole tiles: the same outputs as one pass (to float rounding), less memory at once."""
+    from geovae.model.base import ModelInfo, SegmentationModel
+
+    torch.manual_seed(0)
+    net = VAESegmenter(3, 4, base_channels=8, depth=2)
+    m = SegmentationModel(net, ModelInfo(in_channels=3, num_classes=4, mean=[0.0] * 3, std=[1.0] * 3), "cpu")
+    seen: list[int] = []
+    first_conv = next(mod for mod in m.net.modules() if isinstance(mod, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    x = torch.rand(5, 3, 64, 64)
+    m.cpu_chunk_pixels = 2 * 64 * 64
+    chunked = m.predict(x, reconstruction=True)
+    assert seen == [2, 2, 1]
+    m.cpu_chunk_pixels = None
+    whole = m.predict(x, reconstruction=True)
+    assert seen[3:] == [5]
+    for k in whole:
+        assert chunked[k].shape == whole[k].shape
+        assert torch.allclose(chunked[k], whole[k], atol=1e-5), k
+    assert (chunked["probs"].argmax(1) == whole["probs"].argmax(1)).float().mean() > 0.999
