@@ -399,3 +399,36 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
         assert main(["export", str(ckpt), "-o", str(bad), *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err and not bad.exists(), (args, err)
+
+
+@pytest.mark.parametrize("arch", [
+    {"model": "fcn", "num_filters": 8},
+    {"model": "unet", "backbone": "resnet18"},
+    {"model": "deeplabv3+", "backbone": "resnet18"},
+])
+def test_torchgeo_networks_built_without_the_task_are_the_task_s(arch: dict) -> None:
+    """geovae rebuilds a TorchGeo network as the task's configure_models does, without importing
+    the task's Lightning stack: the same layers, names and shapes."""
+    from geovae.model.io import _build_torchgeo_model
+
+    arch = {**arch, "in_channels": 4, "num_classes": 5}
+    direct = _build_torchgeo_model(arch).state_dict()
+    task = _build_torchgeo_model(arch, direct=False).state_dict()
+    assert type(_build_torchgeo_model(arch)) is type(_build_torchgeo_model(arch, direct=False))
+    assert {k: v.shape for k, v in direct.items()} == {k: v.shape for k, v in task.items()}
+
+
+def test_torchgeo_network_falls_back_to_the_task(torchgeo_checkpoint: tuple[Path, torch.nn.Module],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the direct build does not fit the weights (a TorchGeo that builds its networks
+    otherwise), the task itself builds it and the checkpoint still loads."""
+    import geovae.model.io as io
+
+    real = io._build_torchgeo_model
+    monkeypatch.setattr(io, "_build_torchgeo_model",
+                        lambda arch, direct=True: torch.nn.Conv2d(1, 1, 1) if direct else real(arch, direct=False))
+    ckpt, model = torchgeo_checkpoint
+    loaded = load_model(ckpt, device="cpu", fold_batchnorm=False)
+    x = torch.rand(1, 6, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.predict(x)["probs"], model.to(memory_format=torch.channels_last)(_cl(x)).softmax(1))

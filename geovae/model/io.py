@@ -192,15 +192,60 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     return info
 
 
-def _build_torchgeo_model(arch: dict[str, Any]) -> nn.Module:
-    from torchgeo.tasks import SemanticSegmentation
+#: TorchGeo's segmentation models that are segmentation_models_pytorch classes, by the
+#: ``model`` name TorchGeo's task gives them.
+_SMP_CLASSES = {"unet": "Unet", "deeplabv3+": "DeepLabV3Plus", "upernet": "UPerNet", "segformer": "Segformer",
+                "dpt": "DPT"}
 
+
+def _build_torchgeo_model(arch: dict[str, Any], direct: bool = True) -> nn.Module:
+    """The network of a TorchGeo ``SemanticSegmentation`` task with ``arch``'s hyperparameters.
+
+    ``direct`` builds it as the task's ``configure_models`` does (the FCN from
+    ``torchgeo.models``, the others from segmentation_models_pytorch) without importing
+    ``torchgeo.tasks``, whose Lightning stack costs every run about 3 s and 100 MiB (the
+    smp models skip torchgeo entirely: about 7 s and 330 MiB); :func:`_torchgeo_module`
+    falls back to the task itself if those weights do not fit.
+    """
     task = arch.get("task", "multiclass")
     if task != "multiclass":
         raise ModelFileError(f"TorchGeo task {task!r} is not supported; geovae runs multiclass segmentation models")
+    model, ins, k = arch.get("model"), arch.get("in_channels"), arch.get("num_classes")
+    if direct and model == "fcn" and "num_filters" in arch:
+        from torchgeo.models import FCN
+
+        return FCN(in_channels=ins, classes=k, num_filters=arch["num_filters"])
+    if direct and model in _SMP_CLASSES and "backbone" in arch:
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, _SMP_CLASSES[model])(encoder_name=arch["backbone"], encoder_weights=None,
+                                                 in_channels=ins, classes=k)
+    from torchgeo.tasks import SemanticSegmentation
+
     kwargs = {k: arch[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters") if k in arch}
     # weights=None: the checkpoint brings the weights, nothing is downloaded.
     return SemanticSegmentation(weights=None, task="multiclass", **kwargs).model
+
+
+def _torchgeo_module(path: Path, arch: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """A TorchGeo network rebuilt from ``arch`` with the weights ``state``."""
+    try:
+        module = _build_torchgeo_model(arch)
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
+    try:
+        module.load_state_dict(state, strict=True)
+        return module
+    except RuntimeError:
+        pass  # built unlike this TorchGeo's task would: build it through the task itself
+    try:
+        module = _build_torchgeo_model(arch, direct=False)
+    except Exception as exc:
+        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
+    _load_state(path, module, state)
+    return module
 
 
 def _load_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -213,25 +258,24 @@ def _load_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor]) -
 
 def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
     info = _info_from_metadata(path, _read_safetensors_header(path))
-    try:
-        if info.kind == "geovae-vae":
-            module: nn.Module = VAESegmenter(**info.arch)
-        elif info.kind == "torchgeo":
-            module = _build_torchgeo_model(info.arch)
-        else:
-            raise ModelFileError(f"{path}: unknown model kind {info.kind!r}; upgrade geovae")
-    except GeovaeError as exc:
-        if isinstance(exc, ModelFileError):
-            raise
-        raise ModelFileError(f"{path}: cannot rebuild the model ({exc})") from exc
-    except TypeError as exc:
-        raise ModelFileError(f"{path}: corrupt architecture description ({exc}); re-export the model") from exc
+    if info.kind not in ("geovae-vae", "torchgeo"):
+        raise ModelFileError(f"{path}: unknown model kind {info.kind!r}; upgrade geovae")
+    module: nn.Module | None = None
+    if info.kind == "geovae-vae":
+        try:
+            module = VAESegmenter(**info.arch)
+        except GeovaeError as exc:
+            raise ModelFileError(f"{path}: cannot rebuild the model ({exc})") from exc
+        except TypeError as exc:
+            raise ModelFileError(f"{path}: corrupt architecture description ({exc}); re-export the model") from exc
     from safetensors.torch import load_file
 
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # truncated or damaged tensor data
         raise ModelFileError(f"{path}: corrupt model file ({exc}); re-export or re-download it") from exc
+    if module is None:
+        return _torchgeo_module(path, info.arch, state), info
     _load_state(path, module, state)
     return module, info
 
@@ -327,14 +371,8 @@ def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         if not isinstance(hp.get(key), int):
             raise ModelFileError(f"{path}: TorchGeo checkpoint without an integer {key}; it cannot be rebuilt")
     arch = {k: hp[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters", "task") if k in hp}
-    try:
-        module = _build_torchgeo_model(arch)
-    except ModelFileError:
-        raise
-    except Exception as exc:
-        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
     state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    _load_state(path, module, state)
+    module = _torchgeo_module(path, arch, state)
     labels = hp.get("labels")
     info = ModelInfo(
         in_channels=hp["in_channels"],
