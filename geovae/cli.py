@@ -196,7 +196,9 @@ def _segment_options(f: Any) -> Any:
                      help="Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
                           "cannot show; tile/4 for a model whose halo is unknown]."),
         click.option("--batch-size", type=click.IntRange(min=1),
-                     help="Tiles per forward pass [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]."),
+                     help="Tiles per batch [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]. "
+                          "On a CPU a larger batch still goes through the model half a megapixel at a time "
+                          "(as fast, less memory); on a GPU it runs whole."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
                      help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX."),

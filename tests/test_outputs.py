@@ -135,20 +135,20 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.Capt
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg")
     assert code == 0, err
     before = _digest(out)
-    # A full disk while the polygons are written, after every raster (ENOSPC at the writer).
+    # A full disk while the polygons are written (ENOSPC in a format writer thread).
     import geovae.polygons
 
     def full(*a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(geovae.polygons, "_write_output", full)
+    monkeypatch.setattr(geovae.polygons, "_write_format", full)
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2",
                     "--formats", "gpkg,geojson")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("geovae: error: no space left on the device of")
     assert "free some space" in err and _digest(out) == before
     # Any other failure after the rasters (here an internal error) leaves it as well.
-    monkeypatch.setattr(geovae.polygons, "_write_output", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(geovae.polygons, "_write_format", lambda *a, **k: 1 / 0)
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2")
     assert code == 1 and "internal error" in err and _digest(out) == before
 
