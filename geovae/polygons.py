@@ -6,8 +6,8 @@ held back; once a whole row of blocks is done, held pieces of the same class tha
 edge across a block line are joined (an STRtree finds candidate neighbours, connected
 components group them, one union per group), and every joined region that cannot grow any
 further (it does not reach the next row of blocks) is written out. Pieces that touch no
-shared block line are complete the moment they are traced and go straight to a temporary
-GeoPackage. So no polygon is ever cut by a block line, and memory holds one block of pixels,
+shared block line are complete the moment they are traced and go straight to the
+output. So no polygon is ever cut by a block line, and memory holds one block of pixels,
 the pieces along the open block lines and the output buffer, never the whole raster.
 
 All joining happens in pixel coordinates, where every vertex is an exact integer: pieces
@@ -18,9 +18,13 @@ Simplification (``simplify`` > 0) is topology-preserving: ``shapely.coverage_sim
 simplifies each shared edge once, so neighbours still share it. It needs the whole coverage
 at once, so with ``simplify`` every polygon (densified to one vertex per pixel step, which
 coverage simplification needs to see identical shared edges) is loaded into memory at the
-end: memory then grows with the number of polygon vertices. Without it, memory grows only
-with the open block lines while polygonising, and every format is streamed: GeoJSON and
-GeoParquet are copied from the temporary GeoPackage in Arrow batches.
+end (gathered in a temporary GeoPackage first): memory then grows with the number of polygon
+vertices. Without it, memory grows only with the open block lines while polygonising, and
+every format is written as the polygons are finished: one thread per format takes Arrow
+batches (WKB geometry) after every block (:class:`_FormatWriters`).
+
+In a ``segment`` run the blocks come from the stitcher as it writes them
+(:class:`PolygonStream`): the polygons are traced and written while the model computes.
 """
 
 from __future__ import annotations
@@ -825,7 +829,7 @@ class PolygonStream:
     def __init__(self, targets: Sequence[tuple[Path, Path]], *, width: int, height: int, crs: Any,
                  transform: Affine, block: int, class_names: dict[int, str], confidence: bool = True,
                  uncertainty: bool = False, anomaly_threshold: float | None = None, min_area: float = 0.0,
-                 simplify: float = 0.0, connectivity: int = 4, layer: str = "polygons", queue_blocks: int = 4):
+                 simplify: float = 0.0, connectivity: int = 4, layer: str = "polygons", queue_blocks: int = 2):
         import queue
         import threading
 
