@@ -565,50 +565,63 @@ class _FormatWriters:
         self.buffer = []
         self.n += len(geoms)
         for q in self.queues:
-            self._put(q, batch)
+            _put_checked(q, batch, self._check)
 
-    def _put(self, q: Any, item: Any) -> None:
-        import queue
-
-        while True:
-            if self.errors:
-                raise self.errors[0]
-            try:
-                q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                if not any(t.is_alive() for t in self.threads):
-                    raise RuntimeError("the polygon writers stopped unexpectedly") from None
+    def _check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+        if not any(t.is_alive() for t in self.threads):
+            raise RuntimeError("the polygon writers stopped unexpectedly")
 
     def close(self) -> None:
         """Write what is buffered, end every stream and wait for the writers."""
         self.flush()
         for q in self.queues:
-            self._put(q, None)
+            _put_checked(q, None, self._check)
         for t in self.threads:
             t.join()
         if self.errors:
             raise self.errors[0]
 
     def abort(self) -> None:
-        import queue
-
         self._stop = True
         for q in self.queues:
-            while True:
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
-            try:
-                q.put_nowait(_ABORT)
-            except queue.Full:
-                pass
+            _wake(q, _ABORT)
         for t in self.threads:
             t.join()
 
 
 _ABORT = object()
+
+
+def _put_checked(q: Any, item: Any, check: Any) -> None:
+    """``q.put(item)``, calling ``check()`` (which raises when the consumer has failed or
+    stopped) before the first try and while the queue stays full."""
+    import queue
+
+    while True:
+        check()
+        try:
+            q.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
+
+
+def _wake(q: Any, item: Any) -> None:
+    """Empty ``q`` and leave ``item`` in it, so its consumer gets ``item`` next, whatever it was
+    waiting for."""
+    import queue
+
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            break
+    try:
+        q.put_nowait(item)
+    except queue.Full:  # refilled meanwhile: the consumer is running and sees the stop flag
+        pass
 
 
 def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -880,20 +893,12 @@ class PolygonStream:
             unc = outputs.get("uncertainty")
             values = _BlockValues(classes, valid, outputs["confidence"][0], None if unc is None else unc[0], anom)
         self._open_row = window.col_off + window.width < self.width
-        self._put((window, values))
+        _put_checked(self._queue, (window, values), self._check)
 
-    def _put(self, item: Any) -> None:
-        import queue
-
-        while True:
-            self._raise()
-            if not self._thread.is_alive():
-                raise RuntimeError("the polygon worker stopped unexpectedly")
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+    def _check(self) -> None:
+        self._raise()
+        if not self._thread.is_alive():
+            raise RuntimeError("the polygon worker stopped unexpectedly")
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -948,7 +953,7 @@ class PolygonStream:
         """
         if self._open_row:
             raise ValueError("the last row of blocks is incomplete")
-        self._put(None)
+        _put_checked(self._queue, None, self._check)
         while self._thread.is_alive():
             self._thread.join(0.2)
             if progress is not None:
@@ -960,18 +965,8 @@ class PolygonStream:
 
     def abort(self) -> None:
         """Stop the worker and wait for it (its temporary files are removed): after an error."""
-        import queue
-
         self._aborted = True
-        while True:  # make room for the wake-up, whatever the worker is doing
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        _wake(self._queue, None)
         self._thread.join()
 
 
