@@ -882,18 +882,26 @@ class PolygonStream:
             whatever stopped the worker (a full disk, ...), in the caller's thread.
         """
         self._raise()
-        classes = outputs["classes"][0]
-        valid = classes != CLASS_NODATA
-        values = None
-        if valid.any():
-            anom = None
-            if self.threshold is not None:
-                err = outputs["reconstruction_error"][0]
-                anom = np.where(np.isnan(err), np.nan, (err > self.threshold).astype(np.float32))
-            unc = outputs.get("uncertainty")
-            values = _BlockValues(classes, valid, outputs["confidence"][0], None if unc is None else unc[0], anom)
+        # Only the bands the polygons use, and the entropy band alone (a view would keep the
+        # mutual-information band alive in the queue too); the rest is the worker's work.
+        bands = {"classes": outputs["classes"][0], "confidence": outputs["confidence"][0]}
+        if "uncertainty" in outputs:
+            bands["uncertainty"] = outputs["uncertainty"][0].copy()
+        if self.threshold is not None:
+            bands["reconstruction_error"] = outputs["reconstruction_error"][0]
         self._open_row = window.col_off + window.width < self.width
-        _put_checked(self._queue, (window, values), self._check)
+        _put_checked(self._queue, (window, bands), self._check)
+
+    def _values(self, bands: dict[str, np.ndarray]) -> _BlockValues | None:
+        classes = bands["classes"]
+        valid = classes != CLASS_NODATA
+        if not valid.any():
+            return None
+        anom = None
+        if self.threshold is not None:
+            err = bands["reconstruction_error"]
+            anom = np.where(np.isnan(err), np.nan, (err > self.threshold).astype(np.float32))
+        return _BlockValues(classes, valid, bands["confidence"], bands.get("uncertainty"), anom)
 
     def _check(self) -> None:
         self._raise()
@@ -905,7 +913,7 @@ class PolygonStream:
             raise self._error
 
     # -- the worker's side ---------------------------------------------------------------
-    def _next(self) -> tuple[Window, _BlockValues | None] | None:
+    def _next(self) -> tuple[Window, dict[str, np.ndarray]] | None:
         item = self._queue.get()
         if self._aborted:
             raise _Stopped
@@ -918,10 +926,11 @@ class PolygonStream:
             yield self._row(first)
             first = self._next()
 
-    def _row(self, first: tuple[Window, _BlockValues | None]) -> Iterator[Window]:
-        item: tuple[Window, _BlockValues | None] | None = first
+    def _row(self, first: tuple[Window, dict[str, np.ndarray]]) -> Iterator[Window]:
+        item: tuple[Window, dict[str, np.ndarray]] | None = first
         while item is not None:
-            win, self._current = item
+            win, bands = item
+            self._current = self._values(bands)
             yield win
             self._current = None
             if win.col_off + win.width >= self.width:
