@@ -1160,10 +1160,13 @@ def _run_layer(
     # finished (_FormatWriters). Simplification needs the whole coverage at once: the
     # polygons are then gathered in a private GeoPackage next to the first output (the same
     # disk as the outputs, which may be large), simplified, then streamed into every format.
-    work = Path(tempfile.mkdtemp(prefix=".geovae-polygons-", dir=Path(targets[0][1]).parent))
-    parts_path = work / "parts.gpkg"
-    parts: Any = _FormatWriters(targets, crs, geometry_type, spec.columns, spec.dtypes, layer) if simplify == 0 \
-        else _PartsWriter(parts_path, crs, geometry_type, spec.columns, spec.dtypes)
+    work: Path | None = None
+    if simplify == 0:
+        parts: Any = _FormatWriters(targets, crs, geometry_type, spec.columns, spec.dtypes, layer)
+    else:
+        work = Path(tempfile.mkdtemp(prefix=".geovae-polygons-", dir=Path(targets[0][1]).parent))
+        parts_path = work / "parts.gpkg"
+        parts = _PartsWriter(parts_path, crs, geometry_type, spec.columns, spec.dtypes)
     class_areas: dict[int, float] = {}
 
     def emit(geoms: np.ndarray, keys: np.ndarray, stats: np.ndarray) -> None:
@@ -1244,7 +1247,8 @@ def _run_layer(
     finally:
         import shutil
 
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return VectorizeResult(paths=[Path(f) for f, _ in targets], n_polygons=n,
                            class_areas_m2=dict(sorted(class_areas.items())), area_unit=area_col[5:])
 
