@@ -539,9 +539,6 @@ class _FormatWriters:
         except BaseException as exc:  # noqa: BLE001 - handed to the tracing thread
             if not self._stop:
                 self.errors.append(exc)
-        finally:
-            while not q.empty():  # a writer that stopped early must not block the others
-                q.get_nowait()
 
     def add(self, rows: dict[str, Any]) -> None:
         if len(rows["geometry"]):
@@ -881,7 +878,6 @@ class PolygonStream:
         Raises:
             whatever stopped the worker (a full disk, ...), in the caller's thread.
         """
-        self._raise()
         # Only the bands the polygons use, and the entropy band alone (a view would keep the
         # mutual-information band alive in the queue too); the rest is the worker's work.
         bands = {"classes": outputs["classes"][0], "confidence": outputs["confidence"][0]}
@@ -897,10 +893,7 @@ class PolygonStream:
         valid = classes != CLASS_NODATA
         if not valid.any():
             return None
-        anom = None
-        if self.threshold is not None:
-            err = bands["reconstruction_error"]
-            anom = np.where(np.isnan(err), np.nan, (err > self.threshold).astype(np.float32))
+        anom = None if self.threshold is None else _anomaly_flags(bands["reconstruction_error"], self.threshold)
         return _BlockValues(classes, valid, bands["confidence"], bands.get("uncertainty"), anom)
 
     def _check(self) -> None:
@@ -1061,16 +1054,18 @@ def _run(
         valid = src.read_masks(1, window=win) > 0
         if not valid.any():
             return None
-        anom = None
-        if anom_ds is not None:
-            err = _read_band(anom_ds, win)
-            anom = np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
+        anom = None if anom_ds is None else _anomaly_flags(_read_band(anom_ds, win), threshold)
         return _BlockValues(src.read(1, window=win), valid, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
 
     spec = _class_layer(read, np.dtype(src.dtypes[0]), names, area_column(src.crs is None), connectivity,
                         conf_ds is not None, unc_ds is not None, anom_ds is not None)
     return _run_layer(spec, src.width, src.height, src.crs, targets, to_world, measure, min_area, simplify,
                       block_size, connectivity, layer, progress)
+
+
+def _anomaly_flags(err: np.ndarray, threshold: float | None) -> np.ndarray:
+    """1 where the reconstruction error is above ``threshold``, 0 below, NaN at nodata."""
+    return np.where(np.isnan(err), np.nan, (err > threshold).astype(np.float32))
 
 
 @dataclass
