@@ -32,6 +32,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import shutil
+import tempfile
+import threading
 import warnings
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,13 +44,18 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pyogrio
 import rasterio
 import rasterio.features
 import rasterio.transform
 import shapely
 from affine import EPSILON, Affine
+from pyproj import CRS as ProjCRS
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
@@ -381,8 +390,6 @@ class _PartsWriter:
                 self.flush()
 
     def flush(self, force: bool = False) -> None:
-        import geopandas as gpd
-        import pandas as pd
 
         if not self.buffer and (self.started or not force):
             return
@@ -415,8 +422,6 @@ def _columns(area_col: str) -> list[str]:
 
 def _geoparquet_schema(schema: Any, geom_col: str, crs: Any, geometry_type: str) -> Any:
     """``schema`` with its WKB column named ``geometry`` and GeoParquet 1.1 ``geo`` metadata."""
-    import pyarrow as pa
-    from pyproj import CRS as ProjCRS
 
     i = schema.get_field_index(geom_col)
     schema = schema.set(i, pa.field("geometry", pa.binary()))
@@ -446,7 +451,6 @@ def _keep_other_layers(final: Path, dest: Path, layer: str) -> None:
     """A GeoPackage that already exists at ``final`` keeps its other layers (a user's basemap,
     another scene's polygons): it is copied to ``dest`` first and only ``layer`` is replaced
     in the copy."""
-    import shutil
 
     if final.suffix.lower() == ".gpkg" and final.is_file() and final.resolve() != dest.resolve():
         try:
@@ -473,13 +477,19 @@ def _write_format(reader: Any, geom_col: str, final: Path, dest: Path, crs: Any,
         pyogrio.write_arrow(reader, dest, driver="GPKG", layer=layer, geometry_name=geom_col,
                             geometry_type=geometry_type, crs=None if crs is None else crs.to_wkt())
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         schema = _geoparquet_schema(reader.schema, geom_col, crs, geometry_type)
         with pq.ParquetWriter(dest, schema) as w:
             for batch in reader:
                 w.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+
+
+def _load_lazy_imports() -> None:
+    """Make, on the calling thread, the conversions whose first use imports modules
+    (``pa.array(..., from_pandas=True)`` imports pyarrow.pandas_compat and what it needs),
+    so the polygon threads never import (see :class:`PolygonStream`). Cheap after the first."""
+    pa.array(np.array([np.nan]), type=pa.float64(), from_pandas=True)
+    pa.array(["x"], type=pa.string(), from_pandas=True)
 
 
 #: The Arrow type of each pandas dtype the layers' columns use.
@@ -498,11 +508,9 @@ class _FormatWriters:
 
     def __init__(self, targets: Sequence[tuple[Path, Path]], crs: Any, geometry_type: str, columns: list[str],
                  dtypes: dict[str, Any], layer: str):
-        import queue
-        import threading
 
-        import pyarrow as pa
 
+        _load_lazy_imports()
         self.columns = columns
         self.multi = geometry_type == "MultiPolygon"
         self.schema = pa.schema([*(pa.field(c, _ARROW_TYPES[dtypes[c]]) for c in columns),
@@ -522,7 +530,6 @@ class _FormatWriters:
             t.start()
 
     def _write(self, q: Any, final: Path, dest: Path, crs: Any, geometry_type: str, layer: str) -> None:
-        import pyarrow as pa
 
         def batches() -> Iterator[Any]:
             while True:
@@ -547,7 +554,6 @@ class _FormatWriters:
                 self.flush()
 
     def flush(self) -> None:
-        import pyarrow as pa
 
         if not self.buffer:
             return
@@ -594,7 +600,6 @@ _ABORT = object()
 def _put_checked(q: Any, item: Any, check: Any) -> None:
     """``q.put(item)``, calling ``check()`` (which raises when the consumer has failed or
     stopped) before the first try and while the queue stays full."""
-    import queue
 
     while True:
         check()
@@ -608,7 +613,6 @@ def _put_checked(q: Any, item: Any, check: Any) -> None:
 def _wake(q: Any, item: Any) -> None:
     """Empty ``q`` and leave ``item`` in it, so its consumer gets ``item`` next, whatever it was
     waiting for."""
-    import queue
 
     while True:
         try:
@@ -714,7 +718,6 @@ def vectorize(
             input raster, or the disk is full.
     """
     import contextlib
-    import tempfile
 
     from geovae.atomic import OutputSet, check_not_inputs
 
@@ -821,6 +824,13 @@ class PolygonStream:
     (docs/benchmarks.md, 14.1). At most ``queue_blocks`` blocks wait for the worker, however
     wide the scene: a slower worker holds the stitcher back rather than letting memory grow.
 
+    The worker and the format writers import nothing once started (every module they use is
+    imported with this one, and pyarrow's lazy imports are made first, `_load_lazy_imports`;
+    with ``simplify`` the worker still calls geopandas, which is not checked): Ctrl-C or SIGTERM raised in the main thread at the wrong moment
+    of an import can leave the interpreter's import lock held, and a thread importing after
+    that waits forever (a run hung so in ``test_sigterm_cleans_up_like_ctrl_c``, its worker
+    stuck importing ``pyarrow.pandas_compat``).
+
     Args:
         targets: ``(final path, path to write)`` per output, as :func:`write_polygons`.
         width, height, crs, transform: the class raster's grid (``crs`` None: pixel
@@ -840,10 +850,9 @@ class PolygonStream:
                  transform: Affine, block: int, class_names: dict[int, str], confidence: bool = True,
                  uncertainty: bool = False, anomaly_threshold: float | None = None, min_area: float = 0.0,
                  simplify: float = 0.0, connectivity: int = 4, layer: str = "polygons", queue_blocks: int = 2):
-        import queue
-        import threading
 
         _check_options(block, connectivity, min_area, simplify)
+        _load_lazy_imports()
         if crs is None and any(Path(f).suffix.lower() == ".geojson" for f, _ in targets):
             raise OptionError("GeoJSON needs a CRS and this raster has none; use .gpkg or .parquet")
         self.targets = list(targets)
@@ -1136,7 +1145,6 @@ def _run_layer(
     ``block_size``; a row may be a generator, so blocks can arrive while it is traced); the
     polygons do not depend on them.
     """
-    import tempfile
 
     geometry_type = "Polygon" if connectivity == 4 else "MultiPolygon"
     area_col = area_column(crs is None)
@@ -1240,7 +1248,6 @@ def _run_layer(
             parts.abort()
         raise
     finally:
-        import shutil
 
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

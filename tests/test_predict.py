@@ -519,6 +519,32 @@ def test_polygon_worker_failure_fails_the_run_cleanly(tmp_path: Path, nc_stack: 
     assert not [t for t in threading.enumerate() if t.name.startswith("geovae-polygon")]  # worker and writers
 
 
+def test_polygon_threads_need_no_import_lock(tmp_path: Path, nc_stack: Path) -> None:
+    """The polygon worker and format writers import nothing once started: a signal raised
+    in the main thread during an import can leave the interpreter's import lock held, and a
+    thread importing after that hangs (how a SIGTERM test once hung). Here the main thread
+    holds the lock on purpose for the whole run, in a fresh process; the run must finish."""
+    import subprocess
+    import sys
+
+    code = f"""
+import _imp
+from geovae.segment import segment_scene
+from tests.test_predict import conv_model
+from pathlib import Path
+model = conv_model(Path({str(nc_stack)!r}))
+_imp.acquire_lock()  # as a leaked lock would be: held by the main thread, reentrant for it alone
+r = segment_scene({str(nc_stack)!r}, model, {str(tmp_path / "o")!r}, tile=64, overlap=16, block_size=64,
+                  progress=False, quicklook=False, formats=("geojson", "gpkg", "parquet"))
+print(r.report["polygons"]["geojson"])
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) > 10
+
+
 # -- remote reading ----------------------------------------------------------------------------
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
