@@ -79,7 +79,9 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
     with capped_gdal_cache(CACHE_BYTES), rasterio.open(vrt) as src:
         size_kw = dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform)
         paths = {k: out / (f".{k}.scratch" if side == "cog" else f"{k}.tif") for k in KINDS}
-        dsts = {k: rasterio.open(p, "w", **raster_profile(k, **size_kw, stream=side == "cog")) for k, p in paths.items()}
+        dsts = {
+            k: rasterio.open(p, "w", **raster_profile(k, **size_kw, stream=side == "cog")) for k, p in paths.items()
+        }
         for r in range(0, src.height, BLOCK):
             for c in range(0, src.width, BLOCK):
                 win = Window(c, r, min(BLOCK, src.width - c), min(BLOCK, src.height - r))
@@ -101,7 +103,10 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
                 while max(src.width, src.height) / f >= 128 and f <= 4096:
                     factors.append(f)
                     f *= 2
-                with rasterio.Env(COMPRESS_OVERVIEW="ZSTD", GDAL_TIFF_OVR_BLOCKSIZE="256"), rasterio.open(p, "r+") as ds:
+                with (
+                    rasterio.Env(COMPRESS_OVERVIEW="ZSTD", GDAL_TIFF_OVR_BLOCKSIZE="256"),
+                    rasterio.open(p, "r+") as ds,
+                ):
                     ds.build_overviews(factors, Resampling.mode if k == "classes" else Resampling.average)
         finish_s = time.perf_counter() - t0
     from rio_cogeo.cogeo import cog_validate
@@ -111,10 +116,17 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
     for p in out.iterdir():
         p.unlink()
     out.rmdir()
-    return {"side": side, "size": size, "write_s": write_s, "finish_s": finish_s, "raster_s": write_s + finish_s,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_imports_mib": rss_imports,
-            "bytes": nbytes,
-            "cog_valid": valid}
+    return {
+        "side": side,
+        "size": size,
+        "write_s": write_s,
+        "finish_s": finish_s,
+        "raster_s": write_s + finish_s,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_imports_mib": rss_imports,
+        "bytes": nbytes,
+        "cog_valid": valid,
+    }
 
 
 def main() -> None:
@@ -136,7 +148,7 @@ def main() -> None:
     results: list[dict[str, float]] = []
     for size in [int(s) for s in args.sizes.split(",")]:
         for rep in range(args.repeats):
-            for side in (("plain", "cog") if rep % 2 == 0 else ("cog", "plain")):
+            for side in ("plain", "cog") if rep % 2 == 0 else ("cog", "plain"):
                 cmd = [sys.executable, __file__, "--child", side, str(size), "--workdir", str(workdir)]
                 env = {**os.environ, "PYTHONPATH": str(ROOT)}
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -144,18 +156,28 @@ def main() -> None:
                     sys.exit(f"{side} {size} failed:\n{p.stderr[-3000:]}")
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 results.append(res)
-                print(f"{size:>6} px {side:>5}: raster stage {res['raster_s']:6.1f} s (writes {res['write_s']:5.1f} s, "
-                      f"overviews/COG {res['finish_s']:5.1f} s), peak RSS {res['peak_rss_mib']:5.0f} MiB "
-                      f"({res['peak_rss_mib'] - res['rss_imports_mib']:4.0f} above imports), "
-                      f"{res['bytes'] / 2**20:7.1f} MiB, COG valid: {res['cog_valid']}", flush=True)
-        med = {s: {k: statistics.median(r[k] for r in results if r["side"] == s and r["size"] == size)
-                   for k in ("raster_s", "write_s", "finish_s", "peak_rss_mib", "rss_imports_mib", "bytes")}
-               for s in ("plain", "cog")}
+                print(
+                    f"{size:>6} px {side:>5}: raster stage {res['raster_s']:6.1f} s (writes {res['write_s']:5.1f} s, "
+                    f"overviews/COG {res['finish_s']:5.1f} s), peak RSS {res['peak_rss_mib']:5.0f} MiB "
+                    f"({res['peak_rss_mib'] - res['rss_imports_mib']:4.0f} above imports), "
+                    f"{res['bytes'] / 2**20:7.1f} MiB, COG valid: {res['cog_valid']}",
+                    flush=True,
+                )
+        med = {
+            s: {
+                k: statistics.median(r[k] for r in results if r["side"] == s and r["size"] == size)
+                for k in ("raster_s", "write_s", "finish_s", "peak_rss_mib", "rss_imports_mib", "bytes")
+            }
+            for s in ("plain", "cog")
+        }
         above = {s: med[s]["peak_rss_mib"] - med[s]["rss_imports_mib"] for s in med}
-        print(f"{size:>6} px  cog/plain: time x{med['cog']['raster_s'] / med['plain']['raster_s']:.2f}, "
-              f"peak RSS x{med['cog']['peak_rss_mib'] / med['plain']['peak_rss_mib']:.2f} "
-              f"(above imports {above['cog']:.0f} vs {above['plain']:.0f} MiB), "
-              f"size x{med['cog']['bytes'] / med['plain']['bytes']:.2f}", flush=True)
+        print(
+            f"{size:>6} px  cog/plain: time x{med['cog']['raster_s'] / med['plain']['raster_s']:.2f}, "
+            f"peak RSS x{med['cog']['peak_rss_mib'] / med['plain']['peak_rss_mib']:.2f} "
+            f"(above imports {above['cog']:.0f} vs {above['plain']:.0f} MiB), "
+            f"size x{med['cog']['bytes'] / med['plain']['bytes']:.2f}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

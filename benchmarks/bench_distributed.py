@@ -44,9 +44,9 @@ def window_vrt(src: Path, dst: Path, col: int, row: int, size: int) -> Path:
         for b in range(1, ds.count + 1):
             bands.append(
                 f'<VRTRasterBand dataType="{ {"uint16": "UInt16", "uint8": "Byte", "int16": "Int16"}[ds.dtypes[b - 1]] }" band="{b}">'
-                f"<SimpleSource><SourceFilename relativeToVRT=\"0\">{common._xml_escape(str(src))}</SourceFilename>"
-                f"<SourceBand>{b}</SourceBand><SrcRect xOff=\"{col}\" yOff=\"{row}\" xSize=\"{size}\" ySize=\"{size}\"/>"
-                f"<DstRect xOff=\"0\" yOff=\"0\" xSize=\"{size}\" ySize=\"{size}\"/></SimpleSource></VRTRasterBand>"
+                f'<SimpleSource><SourceFilename relativeToVRT="0">{common._xml_escape(str(src))}</SourceFilename>'
+                f'<SourceBand>{b}</SourceBand><SrcRect xOff="{col}" yOff="{row}" xSize="{size}" ySize="{size}"/>'
+                f'<DstRect xOff="0" yOff="0" xSize="{size}" ySize="{size}"/></SimpleSource></VRTRasterBand>'
             )
         xml = (
             f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{common._xml_escape(ds.crs.to_wkt())}</SRS>'
@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         "scenes_per_minute": spm,
         "ratio_2_over_1": spm[2] / spm[1],
     }
-    print(f"distributed scaling: {len(scenes)} real scenes, tile {a.tile}, {repeats} repeat(s), "
-          f"{os.cpu_count()} cores")
+    print(f"distributed scaling: {len(scenes)} real scenes, tile {a.tile}, {repeats} repeat(s), {os.cpu_count()} cores")
     for n in (1, 2):
         print(f"  {n} worker(s): {spm[n]:6.1f} scenes/min  (median {med[n]:.1f} s per batch)")
-    print(f"  ratio 2/1 workers: x{result['ratio_2_over_1']:.2f}  (load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores: other jobs take cores from the workers)")
+    print(
+        f"  ratio 2/1 workers: x{result['ratio_2_over_1']:.2f}  (load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores: other jobs take cores from the workers)"
+    )
     if a.json:
         a.json.write_text(json.dumps(result, indent=2, default=str))
     return 0

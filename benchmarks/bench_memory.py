@@ -50,8 +50,7 @@ def build_model(device: str, base: int, depth: int, tile: int, kind: str = "vae"
         depth = 0
     else:
         net = VAESegmenter(3, 6, base_channels=base, depth=depth)
-    info = ModelInfo(in_channels=3, num_classes=6, mean=[9000.0] * 3, std=[2000.0] * 3, tile_size=tile,
-                     stride=2 ** depth)
+    info = ModelInfo(in_channels=3, num_classes=6, mean=[9000.0] * 3, std=[2000.0] * 3, tile_size=tile, stride=2**depth)
     return SegmentationModel(net, info, device)
 
 
@@ -83,15 +82,35 @@ def child(args: argparse.Namespace) -> None:
         vrt = mosaic_vrt(args.child, cache=Path(tmp))
         model = build_model(args.device, args.base, args.depth, args.tile, args.model)
         t0 = time.perf_counter()
-        r = segment_scene(vrt, model, Path(tmp) / "out", batch_size=args.batch_size, nodata=0, formats=(),
-                          quicklook=False, progress=False, block_size=args.block_size)
+        r = segment_scene(
+            vrt,
+            model,
+            Path(tmp) / "out",
+            batch_size=args.batch_size,
+            nodata=0,
+            formats=(),
+            quicklook=False,
+            progress=False,
+            block_size=args.block_size,
+        )
         wall = time.perf_counter() - t0
         pure = pure_model_seconds(model, r.report["tiles"]["tiles_run"], args.batch_size, args.tile)
         sizes = {k: os.path.getsize(v) for k, v in r.outputs.items() if k != "report"}
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"size": args.child, "peak_rss_mb": rss_mb, "wall_s": wall, "pure_model_s": pure,
-                      "timings": r.report["timings_s"], "tiles": r.report["tiles"], "device": str(model.device),
-                      "output_bytes": sizes}))
+    print(
+        json.dumps(
+            {
+                "size": args.child,
+                "peak_rss_mb": rss_mb,
+                "wall_s": wall,
+                "pure_model_s": pure,
+                "timings": r.report["timings_s"],
+                "tiles": r.report["tiles"],
+                "device": str(model.device),
+                "output_bytes": sizes,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -101,8 +120,12 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=1024)
-    ap.add_argument("--model", choices=("vae", "tiny"), default="vae",
-                    help="vae: geovae's VAE segmenter; tiny: a 1x1 convolution (pipeline cost alone)")
+    ap.add_argument(
+        "--model",
+        choices=("vae", "tiny"),
+        default="vae",
+        help="vae: geovae's VAE segmenter; tiny: a 1x1 convolution (pipeline cost alone)",
+    )
     ap.add_argument("--base", type=int, default=16, help="VAE base channels")
     ap.add_argument("--depth", type=int, default=4, help="VAE depth (stride 2**depth)")
     ap.add_argument("--workdir", default=None, help="folder for the temporary outputs")
@@ -116,9 +139,26 @@ def main() -> None:
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA)")
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        cmd = [sys.executable, __file__, "--child", str(size), "--device", args.device, "--tile", str(args.tile),
-               "--batch-size", str(args.batch_size), "--block-size", str(args.block_size), "--base", str(args.base),
-               "--depth", str(args.depth), "--model", args.model] + (["--workdir", args.workdir] if args.workdir else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(size),
+            "--device",
+            args.device,
+            "--tile",
+            str(args.tile),
+            "--batch-size",
+            str(args.batch_size),
+            "--block-size",
+            str(args.block_size),
+            "--base",
+            str(args.base),
+            "--depth",
+            str(args.depth),
+            "--model",
+            args.model,
+        ] + (["--workdir", args.workdir] if args.workdir else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"size {size} failed:\n{out.stderr[-3000:]}")
@@ -126,12 +166,15 @@ def main() -> None:
         results.append(res)
         base = results[0]["peak_rss_mb"]
         t = res["timings"]
-        print(f"{size:>6} px  {size * size * 3 * 2 / 1e9:6.2f} GB pixels  peak RSS {res['peak_rss_mb']:8.0f} MB "
-              f"(x{res['peak_rss_mb'] / base:4.2f} of the smallest)  wall {res['wall_s']:7.1f} s  "
-              f"tiles {res['tiles']['tiles_run']}/{res['tiles']['tiles_total']}  "
-              f"pipeline/pure-model {res['wall_s'] / res['pure_model_s']:5.2f}  "
-              f"(predict loop/pure {t['predict_s'] / res['pure_model_s']:5.2f}, read {t.get('read_s', 0):.1f} s, "
-              f"close+overviews {t['rasters_close_s']:.1f} s) on {res['device']}", flush=True)
+        print(
+            f"{size:>6} px  {size * size * 3 * 2 / 1e9:6.2f} GB pixels  peak RSS {res['peak_rss_mb']:8.0f} MB "
+            f"(x{res['peak_rss_mb'] / base:4.2f} of the smallest)  wall {res['wall_s']:7.1f} s  "
+            f"tiles {res['tiles']['tiles_run']}/{res['tiles']['tiles_total']}  "
+            f"pipeline/pure-model {res['wall_s'] / res['pure_model_s']:5.2f}  "
+            f"(predict loop/pure {t['predict_s'] / res['pure_model_s']:5.2f}, read {t.get('read_s', 0):.1f} s, "
+            f"close+overviews {t['rasters_close_s']:.1f} s) on {res['device']}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -49,8 +49,11 @@ def geovae(*args: Any) -> str:
     """Run ``python -m geovae ARGS`` (this checkout's package), echo the command, return stdout."""
     cmd = [sys.executable, "-m", "geovae", *map(str, args)]
     print("$ geovae " + " ".join(shlex.quote(str(a)) for a in args), flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -62,8 +65,13 @@ def crop(src_path: Path, out: Path, col0: int, col1: int) -> Path:
 
     with rasterio.open(src_path) as src:
         win = rasterio.windows.Window(col0, 0, col1 - col0, src.height)
-        profile = src.profile | {"width": col1 - col0, "transform": src.window_transform(win), "tiled": True,
-                                 "blockxsize": 256, "blockysize": 256}
+        profile = src.profile | {
+            "width": col1 - col0,
+            "transform": src.window_transform(win),
+            "tiled": True,
+            "blockxsize": 256,
+            "blockysize": 256,
+        }
         with rasterio.open(out, "w", **profile) as dst:
             dst.write(src.read(window=win))
     return out
@@ -73,7 +81,6 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     """Objects of two runs of one scene: counts, and the IoU of each object of ``a`` with the
     object of ``b`` of the same ``object_id`` (1 - identical)."""
     import geopandas as gpd
-    import numpy as np
     import shapely
 
     ga = gpd.read_file(a, layer=Path(a).name[: -len(".gpkg")].replace(".objects", "_objects")).set_index("object_id")
@@ -81,10 +88,14 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
     common = ga.index.intersection(gb.index)
     x, y = ga.loc[common].geometry.values, gb.loc[common].geometry.values
     iou = shapely.area(shapely.intersection(x, y)) / shapely.area(shapely.union(x, y))
-    return {"objects_a": len(ga), "objects_b": len(gb), "same_id": len(common),
-            "iou_min": float(iou.min()) if len(iou) else None,
-            "share_iou_ge_0.99": float((iou >= 0.99).mean()) if len(iou) else None,
-            "identical": int(shapely.equals(x, y).sum())}
+    return {
+        "objects_a": len(ga),
+        "objects_b": len(gb),
+        "same_id": len(common),
+        "iou_min": float(iou.min()) if len(iou) else None,
+        "share_iou_ge_0.99": float((iou >= 0.99).mean()) if len(iou) else None,
+        "identical": int(shapely.equals(x, y).sum()),
+    }
 
 
 def parcels(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,25 +109,75 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
     reg.assign(kind="parcel")[["kind", "geometry"]].to_file(labels, layer="parcels")
     model = Path(args.model) if args.model else work / "parcels.safetensors"
     if not args.model:
-        geovae("-q", "train", "--image", west, "--vector-labels", labels, "--label-field", "kind", "--boundary-width",
-               args.boundary_width, "--epochs", args.epochs, "--tile", 64, "--batch-size", 16, "--seed", args.seed,
-               "--device", "cpu", "--out", model)
+        geovae(
+            "-q",
+            "train",
+            "--image",
+            west,
+            "--vector-labels",
+            labels,
+            "--label-field",
+            "kind",
+            "--boundary-width",
+            args.boundary_width,
+            "--epochs",
+            args.epochs,
+            "--tile",
+            64,
+            "--batch-size",
+            16,
+            "--seed",
+            args.seed,
+            "--device",
+            "cpu",
+            "--out",
+            model,
+        )
     res: dict[str, Any] = {"model": str(model), "epochs": args.epochs, "boundary_width": args.boundary_width}
     # Run b: another tile and block size; the overlap stays the default, which covers the
     # model's halo, so the probabilities are the same and the objects must be too.
     runs = {"a": [], "b": ["--tile", 128, "--block-size", 256]}
     for name, extra in runs.items():
-        geovae("-q", "segment", east, "-m", model, "-o", work / f"out-{name}", "--objects", "parcel",
-               "--object-seed", args.seed_threshold, "--formats", "gpkg", "--no-quicklook", "--device", "cpu", *extra)
+        geovae(
+            "-q",
+            "segment",
+            east,
+            "-m",
+            model,
+            "-o",
+            work / f"out-{name}",
+            "--objects",
+            "parcel",
+            "--object-seed",
+            args.seed_threshold,
+            "--formats",
+            "gpkg",
+            "--no-quicklook",
+            "--device",
+            "cpu",
+            *extra,
+        )
     classes = work / "out-a" / "east.classes.tif"
     res["objects"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--json"))["objects"]
-    res["class_regions"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--predicted-objects",
-                                             work / "out-a" / "east.gpkg", "--object-classes", "parcel",
-                                             "--json"))["objects"]
+    res["class_regions"] = json.loads(
+        geovae(
+            "evaluate",
+            classes,
+            "--objects",
+            REGISTER,
+            "--predicted-objects",
+            work / "out-a" / "east.gpkg",
+            "--object-classes",
+            "parcel",
+            "--json",
+        )
+    )["objects"]
     res["tiling"] = compare_runs(work / "out-a" / "east.objects.gpkg", work / "out-b" / "east.objects.gpkg")
     o, r = res["objects"], res["class_regions"]
-    print(f"objects:       F1 {o['f1']:.3f}  P {o['precision']:.3f}  R {o['recall']:.3f}  mean IoU {o['mean_iou']:.3f}"
-          f"  ({o['matched']} of {o['predicted']} predicted, {o['reference']} reference)")
+    print(
+        f"objects:       F1 {o['f1']:.3f}  P {o['precision']:.3f}  R {o['recall']:.3f}  mean IoU {o['mean_iou']:.3f}"
+        f"  ({o['matched']} of {o['predicted']} predicted, {o['reference']} reference)"
+    )
     print(f"class regions: F1 {r['f1']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  ({r['predicted']} polygons)")
     print(f"tiling: {res['tiling']}")
     return res
@@ -129,11 +190,24 @@ def spacenet(args: argparse.Namespace) -> dict[str, Any]:
     geovae("vectorize", ATLANTA_MASK, "--objects", 1, "-o", out, "--block-size", 128)
     res = {}
     for iou in (0.5, 0.75, 0.9):
-        res[f"iou_{iou}"] = json.loads(geovae("evaluate", ATLANTA_MASK, "--objects", FOOTPRINTS,
-                                              "--predicted-objects", out, "--object-iou", iou, "--json"))["objects"]
+        res[f"iou_{iou}"] = json.loads(
+            geovae(
+                "evaluate",
+                ATLANTA_MASK,
+                "--objects",
+                FOOTPRINTS,
+                "--predicted-objects",
+                out,
+                "--object-iou",
+                iou,
+                "--json",
+            )
+        )["objects"]
         o = res[f"iou_{iou}"]
-        print(f"IoU >= {iou}: F1 {o['f1']:.3f} ({o['matched']} of {o['predicted']} predicted, {o['reference']} "
-              f"reference), mean IoU {o['mean_iou']:.3f}")
+        print(
+            f"IoU >= {iou}: F1 {o['f1']:.3f} ({o['matched']} of {o['predicted']} predicted, {o['reference']} "
+            f"reference), mean IoU {o['mean_iou']:.3f}"
+        )
     return res
 
 

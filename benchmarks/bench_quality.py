@@ -100,9 +100,21 @@ def make_unet_task(mean: list[float], std: list[float], nodata: float, class_wei
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=self.hparams["patience"])
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
 
-    return NormalisedUNet(mean, std, nodata, model="unet", backbone="resnet18", weights=None, in_channels=6,
-                          num_classes=7, labels=CLASSES.split(","), ignore_index=IGNORE_INDEX, loss="ce",
-                          class_weights=class_weights, lr=lr)
+    return NormalisedUNet(
+        mean,
+        std,
+        nodata,
+        model="unet",
+        backbone="resnet18",
+        weights=None,
+        in_channels=6,
+        num_classes=7,
+        labels=CLASSES.split(","),
+        ignore_index=IGNORE_INDEX,
+        loss="ce",
+        class_weights=class_weights,
+        lr=lr,
+    )
 
 
 def scene_inputs(mean: list[float], std: list[float]) -> tuple[Any, np.ndarray, np.ndarray, slice]:
@@ -143,8 +155,13 @@ def score(probs: np.ndarray, ref: np.ndarray, valid: np.ndarray, east: slice) ->
         ious[int(c)] = float(inter / union)
     pk = torch.from_numpy(p[:, ok].T.copy())
     ece = MulticlassCalibrationError(num_classes=p.shape[0], n_bins=15, norm="l1")(pk, torch.from_numpy(truth - 1))
-    return {"mIoU": float(np.mean(list(ious.values()))), "OA": float(np.mean(pred == truth)), "ECE": float(ece),
-            "IoU": ious, "pixels": int(ok.sum())}
+    return {
+        "mIoU": float(np.mean(list(ious.values()))),
+        "OA": float(np.mean(pred == truth)),
+        "ECE": float(ece),
+        "IoU": ious,
+        "pixels": int(ok.sum()),
+    }
 
 
 def auroc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -185,8 +202,9 @@ def predict_full(net: Any, xn: Any, samples: int, seed: int, h: int, w: int) -> 
     return {"probs": mean_np, "entropy": ent, "mi": np.clip(mi, 0.0, None), "recon": err.numpy()}
 
 
-def reconstruction_sharpness(net: Any, xn: Any, mean: list[float], std: list[float], valid: np.ndarray,
-                             h: int, w: int) -> dict[str, float]:
+def reconstruction_sharpness(
+    net: Any, xn: Any, mean: list[float], std: list[float], valid: np.ndarray, h: int, w: int
+) -> dict[str, float]:
     """PSNR of the reconstruction (at the latent mean) in the image's 8-bit units, and the ratio of
     its gradient energy (sum of squared neighbour differences) to the input's: 1 is as sharp as
     the input, a blurry reconstruction is well below 1."""
@@ -220,8 +238,9 @@ def score_uncertainty(pr: dict[str, np.ndarray], ref: np.ndarray, valid: np.ndar
     return out
 
 
-def ood_scores(pr: dict[str, np.ndarray], ref: np.ndarray, valid: np.ndarray, east: slice,
-               gulf: dict[str, np.ndarray] | None) -> dict[str, float]:
+def ood_scores(
+    pr: dict[str, np.ndarray], ref: np.ndarray, valid: np.ndarray, east: slice, gulf: dict[str, np.ndarray] | None
+) -> dict[str, float]:
     """Mean MI / entropy / reconstruction error on familiar and unfamiliar pixels."""
     w = ref.shape[1]
     west = slice(0, east.start)
@@ -281,17 +300,35 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
     unlabeled = [str(IMAGE)] if (setting == "sparse" and model == "vae" and not args.no_unlabeled) else []
     if setting == "full" and args.full_unlabeled and model == "vae":
         unlabeled = [str(IMAGE)]
-    dm = SceneDataModule(str(IMAGE), str(labels), classes=CLASSES, unlabeled=unlabeled, tile=args.tile,
-                         batch_size=args.batch_size, val_fraction=0.5, val_side="east",
-                         samples_per_epoch=args.samples_per_epoch, seed=seed, sampler=args.sampler)
+    dm = SceneDataModule(
+        str(IMAGE),
+        str(labels),
+        classes=CLASSES,
+        unlabeled=unlabeled,
+        tile=args.tile,
+        batch_size=args.batch_size,
+        val_fraction=0.5,
+        val_side="east",
+        samples_per_epoch=args.samples_per_epoch,
+        seed=seed,
+        sampler=args.sampler,
+    )
     _stats = band_statistics(str(IMAGE))
     mean, std = _stats.mean, _stats.std
     cw = balanced_class_weights(dm.train_class_counts) if args.class_weighting else None
     steps_per_epoch = dm.length // dm.batch_size
     if model == "vae":
         task: Any = VAESegmentationTask(
-            6, 7, labels=dm.classes.names, class_ids=dm.classes.ids, mean=mean, std=std, nodata=0.0,
-            **vae_arguments(args), kl_warmup_steps=steps_per_epoch, class_weights=cw,
+            6,
+            7,
+            labels=dm.classes.names,
+            class_ids=dm.classes.ids,
+            mean=mean,
+            std=std,
+            nodata=0.0,
+            **vae_arguments(args),
+            kl_warmup_steps=steps_per_epoch,
+            class_weights=cw,
         )
         net = task.model
     else:
@@ -299,16 +336,27 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
         net = task.model
     params = sum(p.numel() for p in net.parameters())
     t0 = time.perf_counter()
-    history, final = _fit(task, dm, trainer_kwargs={"max_epochs": args.epochs, "accelerator": "cpu", "devices": 1,
-                                                    "precision": "32-true"}, has_val=False)
+    _history, final = _fit(
+        task,
+        dm,
+        trainer_kwargs={"max_epochs": args.epochs, "accelerator": "cpu", "devices": 1, "precision": "32-true"},
+        has_val=False,
+    )
     seconds = time.perf_counter() - t0
 
     xn, ref, valid, east = scene_inputs(mean, std)
     h, w = ref.shape
     net.eval()
-    out: dict[str, Any] = {"setting": setting, "model": model, "seed": seed, "params": params, "tag": args.tag,
-                           "train_seconds": round(seconds, 1), "steps": steps_per_epoch * args.epochs,
-                           "final_train_loss": final.get("train_loss")}
+    out: dict[str, Any] = {
+        "setting": setting,
+        "model": model,
+        "seed": seed,
+        "params": params,
+        "tag": args.tag,
+        "train_seconds": round(seconds, 1),
+        "steps": steps_per_epoch * args.epochs,
+        "final_train_loss": final.get("train_loss"),
+    }
     with torch.inference_mode():
         logits = net(xn)[0, :, :h, :w]
         out["eval"] = score(logits.softmax(0).numpy(), ref, valid, east)
@@ -324,10 +372,14 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
             gx, clear, cloud, gh, gw = g
             gulf = predict_full(net, gx, args.eval_samples, seed, gh, gw)
             gulf["mask_clear"], gulf["mask_cloud"] = clear, cloud
-            out["gulf_recon_auroc_cloud"] = auroc(np.concatenate([gulf["recon"][cloud], gulf["recon"][clear]]),
-                                                  np.r_[np.ones(cloud.sum()), np.zeros(clear.sum())])
-            out["gulf_mi_auroc_cloud"] = auroc(np.concatenate([gulf["mi"][cloud], gulf["mi"][clear]]),
-                                               np.r_[np.ones(cloud.sum()), np.zeros(clear.sum())])
+            out["gulf_recon_auroc_cloud"] = auroc(
+                np.concatenate([gulf["recon"][cloud], gulf["recon"][clear]]),
+                np.r_[np.ones(cloud.sum()), np.zeros(clear.sum())],
+            )
+            out["gulf_mi_auroc_cloud"] = auroc(
+                np.concatenate([gulf["mi"][cloud], gulf["mi"][clear]]),
+                np.r_[np.ones(cloud.sum()), np.zeros(clear.sum())],
+            )
         out["ood"] = ood_scores(pr, ref, valid, east, gulf)
         out["reconstruction"] = reconstruction_sharpness(net, xn, mean, std, valid, h, w)
         out["final_kl"] = final.get("train_kl")
@@ -335,11 +387,13 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
         out["mean_mi"] = float(pr["mi"][valid].mean())
         if args.save_probs:
             args.save_probs.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(args.save_probs / f"{args.tag}_{setting}_{model}_s{seed}.npz",
-                                mean=mean_pr["probs"][:, :, east].astype(np.float16),
-                                samples=pr["probs"][:, :, east].astype(np.float16),
-                                recon=pr["recon"][:, east].astype(np.float16),
-                                mi=pr["mi"][:, east].astype(np.float16))
+            np.savez_compressed(
+                args.save_probs / f"{args.tag}_{setting}_{model}_s{seed}.npz",
+                mean=mean_pr["probs"][:, :, east].astype(np.float16),
+                samples=pr["probs"][:, :, east].astype(np.float16),
+                recon=pr["recon"][:, east].astype(np.float16),
+                mi=pr["mi"][:, east].astype(np.float16),
+            )
     else:
         with torch.inference_mode():
             p = net(xn)[0, :, :h, :w].softmax(0).numpy()
@@ -347,20 +401,36 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
         out["eval"] = score_uncertainty(pr, ref, valid, east)
         if args.save_probs:
             args.save_probs.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(args.save_probs / f"{args.tag}_{setting}_{model}_s{seed}.npz",
-                                mean=p[:, :, east].astype(np.float16))
+            np.savez_compressed(
+                args.save_probs / f"{args.tag}_{setting}_{model}_s{seed}.npz", mean=p[:, :, east].astype(np.float16)
+            )
     return out
 
 
 def vae_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The VAESegmentationTask arguments a run's command line selects."""
-    return {"base_channels": args.base_channels, "depth": args.depth, "latent_channels": args.latent_channels,
-            "lr": args.lr, "beta": args.beta, "free_bits": args.free_bits, "recon_weight": args.recon_weight,
-            "recon_condition": args.recon_condition, "head": args.head, "head_rank": args.head_rank,
-            "train_samples": args.train_samples, "mixture_region": args.mixture_region, "augment": args.augment,
-            "sample_entropy": args.sample_entropy, "pseudo_label": args.pseudo_label,
-            "generated_weight": args.generated_weight, "ema": args.ema, "posterior": args.posterior,
-            "adversarial": args.adversarial, "dice_weight": args.dice_weight}
+    return {
+        "base_channels": args.base_channels,
+        "depth": args.depth,
+        "latent_channels": args.latent_channels,
+        "lr": args.lr,
+        "beta": args.beta,
+        "free_bits": args.free_bits,
+        "recon_weight": args.recon_weight,
+        "recon_condition": args.recon_condition,
+        "head": args.head,
+        "head_rank": args.head_rank,
+        "train_samples": args.train_samples,
+        "mixture_region": args.mixture_region,
+        "augment": args.augment,
+        "sample_entropy": args.sample_entropy,
+        "pseudo_label": args.pseudo_label,
+        "generated_weight": args.generated_weight,
+        "ema": args.ema,
+        "posterior": args.posterior,
+        "adversarial": args.adversarial,
+        "dice_weight": args.dice_weight,
+    }
 
 
 def ensemble_rows(files: list[Path], size: int = 3) -> list[dict[str, Any]]:
@@ -407,9 +477,18 @@ def ensemble_rows(files: list[Path], size: int = 3) -> list[dict[str, Any]]:
                 sc["auroc_entropy"] = auroc(ent[ok], wrong)
                 sc["auroc_mi"] = auroc(mi[ok], wrong)
                 sc["auroc_recon"] = float("nan")
-                rows.append({"setting": setting, "model": f"ensemble{size}:{model}:{key}", "tag": tag,
-                             "seed": i, "members": [runs[i + j * n][0] for j in range(size)], "eval": sc,
-                             "params": 0, "train_seconds": 0})
+                rows.append(
+                    {
+                        "setting": setting,
+                        "model": f"ensemble{size}:{model}:{key}",
+                        "tag": tag,
+                        "seed": i,
+                        "members": [runs[i + j * n][0] for j in range(size)],
+                        "eval": sc,
+                        "params": 0,
+                        "train_seconds": 0,
+                    }
+                )
     return rows
 
 
@@ -420,9 +499,11 @@ def _ms(vals: list[float], digits: int = 3) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: mean +- std over seeds per setting, tag and model (and scoring)."""
-    lines = ["| setting | tag | model | params | mIoU | ECE | AUROC entropy | AUROC MI | AUROC recon | "
-             "MI cloud/clear | MI east dev./other | train s | n |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| setting | tag | model | params | mIoU | ECE | AUROC entropy | AUROC MI | AUROC recon | "
+        "MI cloud/clear | MI east dev./other | train s | n |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["setting"], r.get("tag", ""), r["model"]), []).append(r)
@@ -439,15 +520,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         for ek, how in evals:
             e = [r[ek] for r in g]
             name = f"{key[2]} ({how})" if how else key[2]
-            au = {m: _ms([x[f"auroc_{m}"] for x in e]) if all(f"auroc_{m}" in x and
-                                                           math.isfinite(x[f"auroc_{m}"]) for x in e) else ""
-                  for m in ("entropy", "mi", "recon")}
+            au = {
+                m: _ms([x[f"auroc_{m}"] for x in e])
+                if all(f"auroc_{m}" in x and math.isfinite(x[f"auroc_{m}"]) for x in e)
+                else ""
+                for m in ("entropy", "mi", "recon")
+            }
             ood = ek == "eval_samples" or len(evals) == 1
-            lines.append(f"| {key[0]} | {key[1]} | {name} | {g[0]['params']:,} | {_ms([x['mIoU'] for x in e])} | "
-                         f"{_ms([x['ECE'] for x in e])} | {au['entropy']} | {au['mi']} | {au['recon']} | "
-                         f"{ratio(g, 'mi_gulf_cloud', 'mi_gulf_clear') if ood else ''} | "
-                         f"{ratio(g, 'mi_nc_east_developed', 'mi_nc_east_other') if ood else ''} | "
-                         f"{np.mean([r['train_seconds'] for r in g]):.0f} | {len(g)} |")
+            lines.append(
+                f"| {key[0]} | {key[1]} | {name} | {g[0]['params']:,} | {_ms([x['mIoU'] for x in e])} | "
+                f"{_ms([x['ECE'] for x in e])} | {au['entropy']} | {au['mi']} | {au['recon']} | "
+                f"{ratio(g, 'mi_gulf_cloud', 'mi_gulf_clear') if ood else ''} | "
+                f"{ratio(g, 'mi_nc_east_developed', 'mi_nc_east_other') if ood else ''} | "
+                f"{np.mean([r['train_seconds'] for r in g]):.0f} | {len(g)} |"
+            )
     return "\n".join(lines)
 
 
@@ -475,8 +561,10 @@ def speed(configs: list[dict[str, Any]], samples: list[int], threads: int, repea
                 m.predict(x, s, True)
                 times.setdefault((i, s), []).append(time.perf_counter() - t)
     px = 8 * 128 * 128
-    return [{"arch": models[i][0], "samples": s, "mp_s": px / min(v) / 1e6, "median_mp_s": px / float(np.median(v)) / 1e6}
-            for (i, s), v in times.items()]
+    return [
+        {"arch": models[i][0], "samples": s, "mp_s": px / min(v) / 1e6, "median_mp_s": px / float(np.median(v)) / 1e6}
+        for (i, s), v in times.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,8 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--free-bits", type=float, default=0.05)
     ap.add_argument("--recon-weight", type=float, default=1.0)
     ap.add_argument("--dice-weight", type=float, default=0.0)
-    ap.add_argument("--recon-condition", default="class", choices=["class", "none"],
-                    help="reconstruction given z and the class (semi-supervised VAE) or z alone")
+    ap.add_argument(
+        "--recon-condition",
+        default="class",
+        choices=["class", "none"],
+        help="reconstruction given z and the class (semi-supervised VAE) or z alone",
+    )
     ap.add_argument("--head", default="lowrank", choices=["lowrank", "mlp"])
     ap.add_argument("--head-rank", type=int, default=2)
     ap.add_argument("--train-samples", type=int, default=8)
@@ -510,11 +602,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--posterior", action="store_true", help="Probabilistic U-Net posterior q(z|x,y)")
     ap.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--adversarial", type=float, default=0.0)
-    ap.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=True,
-                    help="inverse-sqrt class weights (both models)")
+    ap.add_argument(
+        "--class-weighting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="inverse-sqrt class weights (both models)",
+    )
     ap.add_argument("--eval-samples", type=int, default=8, help="latent samples when scoring the VAE")
-    ap.add_argument("--sampler", default="random", choices=["random", "labelled"],
-                    help="training patches (both models): anywhere, or each holding labels")
+    ap.add_argument(
+        "--sampler",
+        default="random",
+        choices=["random", "labelled"],
+        help="training patches (both models): anywhere, or each holding labels",
+    )
     ap.add_argument("--no-unlabeled", action="store_true", help="sparse VAE without the unlabelled scene (ablation)")
     ap.add_argument("--full-unlabeled", action="store_true", help="full-label VAE also gets the scene unlabelled")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -538,10 +638,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows))
         return 0
     if args.speed:
-        configs = [{"base_channels": 32, "depth": 4},
-                   {"base_channels": 16, "depth": 4, "head": "lowrank"},
-                   {"base_channels": 16, "depth": 3, "head": "lowrank"},
-                   {"base_channels": 16, "depth": 3}]
+        configs = [
+            {"base_channels": 32, "depth": 4},
+            {"base_channels": 16, "depth": 4, "head": "lowrank"},
+            {"base_channels": 16, "depth": 3, "head": "lowrank"},
+            {"base_channels": 16, "depth": 3},
+        ]
         res = speed(configs, [0, 4, 8], args.threads, 10)
         base = next(r["mp_s"] for r in res if r["arch"] == configs[0] and r["samples"] == 0)
         for r in res:
@@ -560,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     # An entry point: Lightning's INFO banners would drown the results table.
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    budget = {k: getattr(args, k) for k in ("epochs", "samples_per_epoch", "tile", "batch_size", "lr", "threads",
-                                            "sampler")}
+    budget = {
+        k: getattr(args, k) for k in ("epochs", "samples_per_epoch", "tile", "batch_size", "lr", "threads", "sampler")
+    }
     rows = []
     for setting in args.settings:
         for seed in args.seeds:
@@ -572,12 +675,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 e = r["eval"]
                 es = r.get("eval_samples", e)
-                print(f"{args.tag} {setting:6s} {model:4s} seed {seed}: mIoU {e['mIoU']:.3f}/{es['mIoU']:.3f} "
-                      f"ECE {e['ECE']:.3f}/{es['ECE']:.3f} AUROC ent {es['auroc_entropy']:.3f} "
-                      f"mi {es['auroc_mi']:.3f} rec {es['auroc_recon']:.3f} "
-                      f"ood {json.dumps({k: round(v, 4) for k, v in r.get('ood', {}).items() if k.startswith('mi_')})} "
-                      f"rec {json.dumps({k: round(v, 3) for k, v in r.get('reconstruction', {}).items()})} "
-                      f"({r['train_seconds']:.0f} s)", flush=True)
+                print(
+                    f"{args.tag} {setting:6s} {model:4s} seed {seed}: mIoU {e['mIoU']:.3f}/{es['mIoU']:.3f} "
+                    f"ECE {e['ECE']:.3f}/{es['ECE']:.3f} AUROC ent {es['auroc_entropy']:.3f} "
+                    f"mi {es['auroc_mi']:.3f} rec {es['auroc_recon']:.3f} "
+                    f"ood {json.dumps({k: round(v, 4) for k, v in r.get('ood', {}).items() if k.startswith('mi_')})} "
+                    f"rec {json.dumps({k: round(v, 3) for k, v in r.get('reconstruction', {}).items()})} "
+                    f"({r['train_seconds']:.0f} s)",
+                    flush=True,
+                )
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(r) + "\n")

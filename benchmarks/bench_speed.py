@@ -61,19 +61,30 @@ def torchgeo_fcn(cache: Path = common.CACHE, *, steps: int = 40, seed: int = 0) 
     mean = [float(b[valid].mean()) for b in bands]
     std = [float(b[valid].std()) for b in bands]
     torch.manual_seed(seed)
-    task = SemanticSegmentationTask(model="fcn", backbone="resnet18", in_channels=3, num_classes=common.NUM_CLASSES,
-                                    num_filters=64, loss="ce", lr=1e-3)
-    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    task = SemanticSegmentationTask(
+        model="fcn",
+        backbone="resnet18",
+        in_channels=3,
+        num_classes=common.NUM_CLASSES,
+        num_filters=64,
+        loss="ce",
+        lr=1e-3,
+    )
+    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
     opt = torch.optim.Adam(task.model.parameters(), lr=2e-3)
     task.model.train()
-    common._fit_on_crops(task.model, opt, x_all, torch.from_numpy(labels), crop=64, steps=steps,
-                         rng=np.random.default_rng(seed))
+    common._fit_on_crops(
+        task.model, opt, x_all, torch.from_numpy(labels), crop=64, steps=steps, rng=np.random.default_rng(seed)
+    )
     task.model.eval()
     # What Lightning's ModelCheckpoint writes, minus the optimizer state a user may not keep.
     ckpt = out.with_suffix(".ckpt")
     tmp = ckpt.with_name(ckpt.name + ".part")
-    torch.save({"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict(), "epoch": 0,
-                "global_step": steps}, tmp)
+    torch.save(
+        {"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict(), "epoch": 0, "global_step": steps}, tmp
+    )
     os.replace(tmp, ckpt)
     tmp = out.with_name(out.stem + ".part.safetensors")
     export_model(ckpt, tmp, mean=mean, std=std)
@@ -135,7 +146,8 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
         **meter,
         "seconds": seconds,
         "megapixels": rep["scene"]["width"] * rep["scene"]["height"] / 1e6,
-        "width": rep["scene"]["width"], "height": rep["scene"]["height"],
+        "width": rep["scene"]["width"],
+        "height": rep["scene"]["height"],
         "timings_s": rep["timings_s"],
         "options": {k: rep["options"].get(k) for k in ("tile", "overlap", "batch_size", "block_size")}
         | {"fold_batchnorm": fold},
@@ -147,8 +159,18 @@ def run_segment(scene: Path, model: Path, out: Path, opts: dict[str, Any], threa
 
 def segment_cmd(scene: Path, model: Path, out: Path, opts: dict[str, Any], threads: int) -> list[str]:
     """The command line of one ``segment`` worker."""
-    return [sys.executable, "-m", "benchmarks.bench_speed", "--segment", str(scene), str(model), str(out),
-            json.dumps(opts), "--threads", str(threads)]
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_speed",
+        "--segment",
+        str(scene),
+        str(model),
+        str(out),
+        json.dumps(opts),
+        "--threads",
+        str(threads),
+    ]
 
 
 def main() -> None:

@@ -50,8 +50,9 @@ def _count_features(path: Path) -> int:
     return int(pyogrio.read_info(path)["features"])
 
 
-def run_geovae(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int,
-               block_size: int = 1024) -> dict[str, Any]:
+def run_geovae(
+    scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int, block_size: int = 1024
+) -> dict[str, Any]:
     """segment_scene from scene to classes, confidence and a GeoPackage of polygons.
 
     Returns:
@@ -61,8 +62,20 @@ def run_geovae(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, 
     from geovae.segment import segment_scene
 
     t0 = time.perf_counter()
-    res = segment_scene(scene, load_bench_model(model), out, tile=tile, overlap=overlap, batch_size=batch_size, device="cpu",
-                        nodata=0, formats=["gpkg"], quicklook=False, progress=False, block_size=block_size)
+    res = segment_scene(
+        scene,
+        load_bench_model(model),
+        out,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        device="cpu",
+        nodata=0,
+        formats=["gpkg"],
+        quicklook=False,
+        progress=False,
+        block_size=block_size,
+    )
     seconds = time.perf_counter() - t0
     rep = res.report
     return {
@@ -74,8 +87,9 @@ def run_geovae(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, 
     }
 
 
-def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int,
-                 block_size: int = 1024) -> dict[str, Any]:
+def run_torchgeo(
+    scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int, block_size: int = 1024
+) -> dict[str, Any]:
     """The TorchGeo recipe: RasterDataset + GriddedPatchSampler + DataLoader, numpy stitch,
     rasterio writes, ``rasterio.features.shapes`` + shapely polygons into a GeoPackage.
 
@@ -147,8 +161,19 @@ def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int
     classes[~valid] = 255
     confidence[~valid] = np.nan
     out.mkdir(parents=True, exist_ok=True)
-    profile = dict(driver="GTiff", width=W, height=H, count=1, crs=crs, transform=transform, tiled=True,
-                   blockxsize=512, blockysize=512, compress="deflate", BIGTIFF="IF_SAFER")
+    profile = dict(
+        driver="GTiff",
+        width=W,
+        height=H,
+        count=1,
+        crs=crs,
+        transform=transform,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        BIGTIFF="IF_SAFER",
+    )
     stem = scene.stem
     with rasterio.open(out / f"{stem}.classes.tif", "w", dtype="uint8", nodata=255, **profile) as dst:
         dst.write(classes, 1)
@@ -162,12 +187,19 @@ def run_torchgeo(scene: Path, model: Path, out: Path, *, tile: int, overlap: int
     timings["vectorize_s"] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start
     timings["total_s"] = seconds
-    return {"seconds": seconds, "megapixels": H * W / 1e6, "n_polygons": len(gdf), "n_tiles": n_tiles,
-            "sampler": "GriddedPatchSampler", "timings_s": {k: round(v, 4) for k, v in timings.items()}}
+    return {
+        "seconds": seconds,
+        "megapixels": H * W / 1e6,
+        "n_polygons": len(gdf),
+        "n_tiles": n_tiles,
+        "sampler": "GriddedPatchSampler",
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+    }
 
 
-def run_model_only(scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int,
-                   block_size: int = 1024) -> dict[str, Any]:
+def run_model_only(
+    scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int, block_size: int = 1024
+) -> dict[str, Any]:
     """The ceiling: forward passes only, on the tiles geovae runs, already in memory.
 
     Tiles come from the same grid in the stitcher's order, all-nodata tiles are skipped and
@@ -202,7 +234,7 @@ def run_model_only(scene: Path, model: Path, out: Path, *, tile: int, overlap: i
         data[:, ~v] = fill
         tiles.append(data)
     sc.close()
-    batches = [torch.from_numpy(np.stack(tiles[i:i + batch_size])) for i in range(0, len(tiles), batch_size)]
+    batches = [torch.from_numpy(np.stack(tiles[i : i + batch_size])) for i in range(0, len(tiles), batch_size)]
     del tiles
     seconds = 0.0
     for x in batches:
@@ -213,8 +245,19 @@ def run_model_only(scene: Path, model: Path, out: Path, *, tile: int, overlap: i
     return {"seconds": seconds, "megapixels": sc.width * sc.height / 1e6, "n_tiles": sum(len(b) for b in batches)}
 
 
-def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overlap: int, batch_size: int,
-           threads: int, block_size: int, profile: Path | None = None) -> dict[str, Any]:
+def worker(
+    method: str,
+    scene: Path,
+    model: Path,
+    out: Path,
+    *,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    threads: int,
+    block_size: int,
+    profile: Path | None = None,
+) -> dict[str, Any]:
     """Run one worker in this process and return its JSON record (with peak RSS)."""
     _threads(threads)
     # Import what each side needs before the clock starts, so none pays import time; each
@@ -223,14 +266,14 @@ def worker(method: str, scene: Path, model: Path, out: Path, *, tile: int, overl
     import pyogrio  # noqa: F401
     import rasterio  # noqa: F401
 
-    import geovae.model.io  # noqa: F401  (both sides load the same model file with it)
+    import geovae.model.io
 
     if method == "torchgeo":
-        import torchgeo.datasets  # noqa: F401
+        import torchgeo.datasets
         import torchgeo.samplers  # noqa: F401
     else:
+        import geovae.polygons
         import geovae.segment  # noqa: F401
-        import geovae.polygons  # noqa: F401
 
     fn = {"geovae": run_geovae, "torchgeo": run_torchgeo, "model": run_model_only}[method]
     kw = dict(tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size)
@@ -265,8 +308,18 @@ def main() -> None:
     method, scene, model, out = a.worker
     if method not in WORKERS:
         p.error(f"METHOD must be one of {', '.join(WORKERS)}")
-    rec = worker(method, Path(scene), Path(model), Path(out), tile=a.tile, overlap=a.overlap,
-                 batch_size=a.batch_size, threads=a.threads, block_size=a.block_size, profile=a.profile)
+    rec = worker(
+        method,
+        Path(scene),
+        Path(model),
+        Path(out),
+        tile=a.tile,
+        overlap=a.overlap,
+        batch_size=a.batch_size,
+        threads=a.threads,
+        block_size=a.block_size,
+        profile=a.profile,
+    )
     print(json.dumps(rec, default=str))
 
 

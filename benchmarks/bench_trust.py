@@ -92,8 +92,9 @@ def one_seed(seed: int, epochs: int, work: Path) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     rec: dict[str, Any] = {"seed": seed}
-    small = dict(epochs=epochs, tile=64, batch_size=16, base_channels=16, depth=3, latent_channels=4,
-                 progress=False, seed=seed)
+    small = dict(
+        epochs=epochs, tile=64, batch_size=16, base_channels=16, depth=3, latent_channels=4, progress=False, seed=seed
+    )
     # -- NC ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     nc_model = train_model(NC, NC_LABELS, work / f"nc_{seed}.safetensors", **small).model_path
@@ -102,9 +103,8 @@ def one_seed(seed: int, epochs: int, work: Path) -> dict[str, Any]:
     rec["nc_flagged_training_scene"] = r.report["trust"]["anomaly"]["fraction"]
     x257 = work / "nc_x257.tif"
     if not x257.exists():
-        with rasterio.open(NC) as s:
-            with rasterio.open(x257, "w", **(s.profile | {"dtype": "uint16"})) as d:
-                d.write(s.read().astype("uint16") * 257)
+        with rasterio.open(NC) as s, rasterio.open(x257, "w", **(s.profile | {"dtype": "uint16"})) as d:
+            d.write(s.read().astype("uint16") * 257)
     for name, scene in (("gulf", GULF), ("nc_x257", x257)):
         try:
             _run(scene, nc_model, work / f"refused_{name}_{seed}")
@@ -116,8 +116,9 @@ def one_seed(seed: int, epochs: int, work: Path) -> dict[str, Any]:
     # -- Gulf coast, trained on its clear pixels ------------------------------------------------------
     image, labels, cloud = _gulf_training_data(work)
     t0 = time.perf_counter()
-    gulf_model = train_model(image, labels, work / f"gulf_{seed}.safetensors", classes="1:land,2:water",
-                             **small).model_path
+    gulf_model = train_model(
+        image, labels, work / f"gulf_{seed}.safetensors", classes="1:land,2:water", **small
+    ).model_path
     rec["gulf_train_s"] = time.perf_counter() - t0
     r = _run(GULF, gulf_model, work / f"gulf_out_{seed}")
     with rasterio.open(r.outputs["reconstruction_error"]) as ds:

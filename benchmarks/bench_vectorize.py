@@ -61,8 +61,17 @@ def make_class_raster(path: Path, tiles: int) -> tuple[int, int]:
     row = np.concatenate([classes if i % 2 == 0 else classes[:, ::-1] for i in range(tiles)], axis=1)
     mosaic = np.concatenate([row if i % 2 == 0 else row[::-1] for i in range(tiles)], axis=0)
     h, w = mosaic.shape
-    profile.update(count=1, dtype="uint8", nodata=255, width=w, height=h, compress="deflate", tiled=True,
-                   blockxsize=512, blockysize=512)
+    profile.update(
+        count=1,
+        dtype="uint8",
+        nodata=255,
+        width=w,
+        height=h,
+        compress="deflate",
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+    )
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(mosaic, 1)
     return w, h
@@ -117,8 +126,18 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     n = (run_geovae if method == "geovae" else run_baseline)(raster, out, block_size)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    print(json.dumps({"method": method, "seconds": seconds, "n_polygons": n, "peak_rss_mb": peak,
-                      "rss_after_imports_mb": rss0, "geovae": str(Path(mod.__file__).parents[1])}))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "seconds": seconds,
+                "n_polygons": n,
+                "peak_rss_mb": peak,
+                "rss_after_imports_mb": rss0,
+                "geovae": str(Path(mod.__file__).parents[1]),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -127,10 +146,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
-    parser.add_argument("--before", type=Path, metavar="DIR",
-                        help="also run geovae imported from checkout DIR (method 'before'), interleaved")
-    parser.add_argument("--format", choices=["gpkg", "geojson", "parquet"], default="gpkg",
-                        help="polygon output format, the same for every method")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="also run geovae imported from checkout DIR (method 'before'), interleaved",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["gpkg", "geojson", "parquet"],
+        default="gpkg",
+        help="polygon output format, the same for every method",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "RASTER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -140,16 +167,25 @@ def main() -> None:
     if not PARANA.exists():
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
-    if args.before is not None and not any((args.before / "geovae" / f).exists() for f in ("polygons.py", "vectorize.py")):
+    if args.before is not None and not any(
+        (args.before / "geovae" / f).exists() for f in ("polygons.py", "vectorize.py")
+    ):
         sys.exit(f"--before {args.before}: no geovae/polygons.py there; pass a checkout of this repository")
 
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}, "
-          f"output .{args.format}")
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}, output .{args.format}"
+    )
     methods = ["geovae", "baseline"] + (["before"] if args.before else [])
-    report: dict = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "block_size": args.block_size,
-                    "format": args.format,
-                    "repeats": args.repeats, "load_average": os.getloadavg(),
-                    "before": str(args.before.resolve()) if args.before else None, "scenes": []}
+    report: dict = {
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "block_size": args.block_size,
+        "format": args.format,
+        "repeats": args.repeats,
+        "load_average": os.getloadavg(),
+        "before": str(args.before.resolve()) if args.before else None,
+        "scenes": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_vectorize_") as tmp:
         for tiles in args.tiles:
             raster = Path(tmp) / f"parana_classes_{tiles}x{tiles}.tif"
@@ -161,10 +197,22 @@ def main() -> None:
                     out = Path(tmp) / f"{method}_{tiles}_{r}.{args.format}"
                     env = None
                     if method == "before":  # the other checkout's geovae comes first on the path
-                        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                            [str(args.before.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]))
-                    cmd = [sys.executable, __file__, "--block-size", str(args.block_size), "--worker",
-                           "geovae" if method == "before" else method, str(raster), str(out)]
+                        env = dict(
+                            os.environ,
+                            PYTHONPATH=os.pathsep.join(
+                                [str(args.before.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]
+                            ),
+                        )
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--block-size",
+                        str(args.block_size),
+                        "--worker",
+                        "geovae" if method == "before" else method,
+                        str(raster),
+                        str(out),
+                    ]
                     res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
                     runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
                     out.unlink(missing_ok=True)
@@ -177,26 +225,45 @@ def main() -> None:
                 rss = max(x["peak_rss_mb"] for x in rs)
                 base = statistics.median(x["rss_after_imports_mb"] for x in rs)
                 summary[method] = (sec, n, rss, base)
-                print(f"  {method:8s} {sec:7.2f} s  {mpx / sec:6.2f} MP/s  {n / sec:8.0f} polygons/s  "
-                      f"{n:7d} polygons  peak RSS {rss:7.0f} MiB (after imports {base:.0f} MiB)")
+                print(
+                    f"  {method:8s} {sec:7.2f} s  {mpx / sec:6.2f} MP/s  {n / sec:8.0f} polygons/s  "
+                    f"{n:7d} polygons  peak RSS {rss:7.0f} MiB (after imports {base:.0f} MiB)"
+                )
                 scene["methods"][method] = {
-                    "seconds_median": sec, "seconds": [x["seconds"] for x in rs], "mp_per_s": mpx / sec,
-                    "polygons_per_s": n / sec, "n_polygons": n, "peak_rss_mib": rss,
-                    "rss_after_imports_mib": base, "rss_above_imports_mib": rss - base, "geovae": rs[0]["geovae"]}
+                    "seconds_median": sec,
+                    "seconds": [x["seconds"] for x in rs],
+                    "mp_per_s": mpx / sec,
+                    "polygons_per_s": n / sec,
+                    "n_polygons": n,
+                    "peak_rss_mib": rss,
+                    "rss_after_imports_mib": base,
+                    "rss_above_imports_mib": rss - base,
+                    "geovae": rs[0]["geovae"],
+                }
             (gs, gn, grss, gbase), (bs, bn, brss, bbase) = summary["geovae"], summary["baseline"]
-            print(f"  ratio geovae/baseline: speed x{bs / gs:.2f}, peak RSS x{grss / brss:.2f}, "
-                  f"RSS above imports x{(grss - gbase) / max(brss - bbase, 1e-9):.2f}")
-            scene["ratios"] = {"geovae_over_baseline": {
-                "speed": bs / gs, "peak_rss": grss / brss,
-                "rss_above_imports": (grss - gbase) / max(brss - bbase, 1e-9)}}
+            print(
+                f"  ratio geovae/baseline: speed x{bs / gs:.2f}, peak RSS x{grss / brss:.2f}, "
+                f"RSS above imports x{(grss - gbase) / max(brss - bbase, 1e-9):.2f}"
+            )
+            scene["ratios"] = {
+                "geovae_over_baseline": {
+                    "speed": bs / gs,
+                    "peak_rss": grss / brss,
+                    "rss_above_imports": (grss - gbase) / max(brss - bbase, 1e-9),
+                }
+            }
             if "before" in summary:
                 ps, _, prss, pbase = summary["before"]
-                print(f"  ratio before/baseline: speed x{bs / ps:.2f}, peak RSS x{prss / brss:.2f}, "
-                      f"RSS above imports x{(prss - pbase) / max(brss - bbase, 1e-9):.2f}; "
-                      f"geovae/before: speed x{ps / gs:.2f}")
+                print(
+                    f"  ratio before/baseline: speed x{bs / ps:.2f}, peak RSS x{prss / brss:.2f}, "
+                    f"RSS above imports x{(prss - pbase) / max(brss - bbase, 1e-9):.2f}; "
+                    f"geovae/before: speed x{ps / gs:.2f}"
+                )
                 scene["ratios"]["before_over_baseline"] = {
-                    "speed": bs / ps, "peak_rss": prss / brss,
-                    "rss_above_imports": (prss - pbase) / max(brss - bbase, 1e-9)}
+                    "speed": bs / ps,
+                    "peak_rss": prss / brss,
+                    "rss_above_imports": (prss - pbase) / max(brss - bbase, 1e-9),
+                }
                 scene["ratios"]["geovae_over_before"] = {"speed": ps / gs}
             scene["same_polygon_count"] = all(v[1] == gn for v in summary.values())
             if gn != bn:

@@ -28,7 +28,6 @@ import gzip
 import http.client
 import json
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -43,8 +42,18 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_vectorize import PARANA, make_class_raster  # noqa: E402
 
-NAMES = ["darkest", "dark", "mid", "bright", "brightest", "darkest, red", "dark, red", "mid, red", "bright, red",
-         "brightest, red"]
+NAMES = [
+    "darkest",
+    "dark",
+    "mid",
+    "bright",
+    "brightest",
+    "darkest, red",
+    "dark, red",
+    "mid, red",
+    "bright, red",
+    "brightest, red",
+]
 
 
 def build(folder: Path, tiles: int) -> dict[str, Any]:
@@ -61,13 +70,26 @@ def build(folder: Path, tiles: int) -> dict[str, Any]:
     gpkg = folder / "mosaic.gpkg"
     t0 = time.perf_counter()
     w, h = make_class_raster(classes, tiles)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    colours = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ]
     with rasterio.open(classes, "r+") as ds:
-        ds.write_colormap(1, {i: c for i, c in enumerate(colours)})
-        ds.update_tags(CLASSES=json.dumps([{"id": i, "name": n, "color": c} for i, (n, c) in
-                                           enumerate(zip(NAMES, colours, strict=True))]),
-                       **{f"CLASS_{i}": n for i, n in enumerate(NAMES)})
+        ds.write_colormap(1, dict(enumerate(colours)))
+        ds.update_tags(
+            CLASSES=json.dumps(
+                [{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(zip(NAMES, colours, strict=True))]
+            ),
+            **{f"CLASS_{i}": n for i, n in enumerate(NAMES)},
+        )
         ds.build_overviews([2, 4, 8, 16, 32], Resampling.nearest)
         prof = ds.profile
         counts = np.zeros(256, np.int64)
@@ -93,14 +115,27 @@ def build(folder: Path, tiles: int) -> dict[str, Any]:
         "scene": {"path": None},
         "model": {"class_ids": list(range(10)), "class_names": NAMES},
         "area_unit": "m2 (planar, in the projected CRS)",
-        "classes": [{"id": i, "name": n, "pixels": int(counts[i]), "area": float(counts[i] * pixel_area),
-                     "fraction": float(counts[i] / total)} for i, n in enumerate(NAMES)],
-        "outputs": {"classes": classes.name, "confidence": confidence.name, "gpkg": gpkg.name,
-                    "report": "mosaic.json"},
+        "classes": [
+            {
+                "id": i,
+                "name": n,
+                "pixels": int(counts[i]),
+                "area": float(counts[i] * pixel_area),
+                "fraction": float(counts[i] / total),
+            }
+            for i, n in enumerate(NAMES)
+        ],
+        "outputs": {"classes": classes.name, "confidence": confidence.name, "gpkg": gpkg.name, "report": "mosaic.json"},
     }
     (folder / "mosaic.json").write_text(json.dumps(report))
-    info = {"width": w, "height": h, "polygons": res.n_polygons, "rasters_s": raster_s, "vectorize_s": vector_s,
-            "gpkg_mib": gpkg.stat().st_size / 2**20}
+    info = {
+        "width": w,
+        "height": h,
+        "polygons": res.n_polygons,
+        "rasters_s": raster_s,
+        "vectorize_s": vector_s,
+        "gpkg_mib": gpkg.stat().st_size / 2**20,
+    }
     (folder / "built.json").write_text(json.dumps(info))
     return info
 
@@ -145,8 +180,13 @@ def measure(folder: Path, requests: int) -> dict[str, Any]:
     """Start the viewer on ``folder`` and time requests against it."""
     import numpy as np
 
-    p = subprocess.Popen([sys.executable, "-m", "geovae", "view", str(folder), "--no-browser"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "geovae", "view", str(folder), "--no-browser"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = p.stdout.readline().split()[2]
         port = int(url.rsplit(":", 1)[1].strip("/"))
@@ -191,8 +231,12 @@ def measure(folder: Path, requests: int) -> dict[str, Any]:
                 feats.append(len(fc["features"]))
                 sizes.append(size / 1024)
                 truncated += bool(fc["truncated"])
-            views[f"z{z}"] = {**_stats(times), "features_median": statistics.median(feats),
-                              "kib_gzip_median": statistics.median(sizes), "truncated": truncated}
+            views[f"z{z}"] = {
+                **_stats(times),
+                "features_median": statistics.median(feats),
+                "kib_gzip_median": statistics.median(sizes),
+                "truncated": truncated,
+            }
         out["polygon_views"] = views
         times = []
         for _ in range(requests):
@@ -227,18 +271,24 @@ def main() -> None:
         else:
             print(f"building a {a.tiles}x{a.tiles} Parana mosaic output in {folder} ...", file=sys.stderr)
             built = build(folder, a.tiles)
-        print(f"output: {built['width']} x {built['height']} px, {built['polygons']:,} polygons, "
-              f"GPKG {built['gpkg_mib']:.0f} MiB (rasters {built['rasters_s']:.0f} s, vectorise {built['vectorize_s']:.0f} s)")
+        print(
+            f"output: {built['width']} x {built['height']} px, {built['polygons']:,} polygons, "
+            f"GPKG {built['gpkg_mib']:.0f} MiB (rasters {built['rasters_s']:.0f} s, vectorise {built['vectorize_s']:.0f} s)"
+        )
         res = measure(folder, a.requests)
-    print(f"server RSS: {res['rss_start_mib']:.0f} MiB after start, {res['rss_after_tiles_mib']:.0f} after tiles, "
-          f"{res['rss_end_mib']:.0f} at the end, peak {res['rss_peak_mib']:.0f}")
+    print(
+        f"server RSS: {res['rss_start_mib']:.0f} MiB after start, {res['rss_after_tiles_mib']:.0f} after tiles, "
+        f"{res['rss_end_mib']:.0f} at the end, peak {res['rss_peak_mib']:.0f}"
+    )
     print("tiles (ms):")
     for k, v in res["tiles"].items():
         print(f"  {k:16s} median {v['median_ms']:6.1f}  p95 {v['p95_ms']:6.1f}  (n={v['n']})")
     print("polygons of a 1280x800 view:")
     for k, v in res["polygon_views"].items():
-        print(f"  {k:4s} median {v['median_ms']:7.1f} ms  p95 {v['p95_ms']:7.1f} ms  {v['features_median']:6.0f} features  "
-              f"{v['kib_gzip_median']:7.1f} KiB gzip  truncated {v['truncated']}/{v['n']}")
+        print(
+            f"  {k:4s} median {v['median_ms']:7.1f} ms  p95 {v['p95_ms']:7.1f} ms  {v['features_median']:6.0f} features  "
+            f"{v['kib_gzip_median']:7.1f} KiB gzip  truncated {v['truncated']}/{v['n']}"
+        )
     v = res["polygon_at"]
     print(f"polygon under a point: median {v['median_ms']:.1f} ms, p95 {v['p95_ms']:.1f} ms")
     if a.json:

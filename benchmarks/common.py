@@ -101,8 +101,11 @@ def metered() -> Iterator[dict[str, float]]:
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     yield rec
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    rec.update(cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), rss_after_imports_mib=rss0,
-               peak_rss_mib=peak_rss_mib())
+    rec.update(
+        cpu_s=(ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+        rss_after_imports_mib=rss0,
+        peak_rss_mib=peak_rss_mib(),
+    )
 
 
 # -- scenes --------------------------------------------------------------------------------
@@ -161,7 +164,9 @@ def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> P
       <DstRect xOff="{c0}" yOff="{r0}" xSize="{sw}" ySize="{sh}"/>
     </SimpleSource>"""
                 )
-        bands.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">\n' + "\n".join(sources) + "\n  </VRTRasterBand>")
+        bands.append(
+            f'  <VRTRasterBand dataType="{gdal_type}" band="{b}">\n' + "\n".join(sources) + "\n  </VRTRasterBand>"
+        )
     gt = f"{t.c!r}, {t.a!r}, {t.b!r}, {t.f!r}, {t.d!r}, {t.e!r}"
     xml = (
         f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
@@ -209,8 +214,8 @@ def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, st
     for _ in range(steps):
         rs = rng.integers(h // 6, h - h // 6 - crop, 8)
         cs = rng.integers(w // 6, w - w // 6 - crop, 8)
-        x = torch.stack([x_all[:, r:r + crop, c:c + crop] for r, c in zip(rs, cs)])
-        y = torch.stack([y_all[r:r + crop, c:c + crop] for r, c in zip(rs, cs)])
+        x = torch.stack([x_all[:, r : r + crop, c : c + crop] for r, c in zip(rs, cs)])
+        y = torch.stack([y_all[r : r + crop, c : c + crop] for r, c in zip(rs, cs)])
         loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=-100)
         opt.zero_grad()
         loss.backward()
@@ -218,8 +223,9 @@ def _fit_on_crops(model: Any, opt: Any, x_all: Any, y_all: Any, *, crop: int, st
     return float(loss.detach())
 
 
-def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0,
-                    arch: dict[str, Any] | None = None) -> Path:
+def benchmark_model(
+    cache: Path = CACHE, *, base_channels: int = 32, steps: int = 40, seed: int = 0, arch: dict[str, Any] | None = None
+) -> Path:
     """A VAESegmenter (default size unless told) trained briefly on Parana, saved with save_model.
 
     Training: ``steps`` Adam steps of cross-entropy on batches of 8 random 64 x 64 crops against the
@@ -254,7 +260,9 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
     # The halo method is in the key: a file with an older one would be measured again at
     # every load, inside the benchmarks' clocks.
     if arch is None:
-        key = hashlib.sha1(f"v2-b8-{base_channels}-{steps}-{seed}-{NUM_CLASSES}-h{HALO_METHOD}".encode()).hexdigest()[:10]
+        key = hashlib.sha1(f"v2-b8-{base_channels}-{steps}-{seed}-{NUM_CLASSES}-h{HALO_METHOD}".encode()).hexdigest()[
+            :10
+        ]
         path = cache / f"parana_vae_b{base_channels}_{key}.safetensors"
         arch = {"base_channels": base_channels}
     else:
@@ -274,17 +282,27 @@ def benchmark_model(cache: Path = CACHE, *, base_channels: int = 32, steps: int 
     rng = np.random.default_rng(seed)
     model = VAESegmenter(3, NUM_CLASSES, **arch)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
     y_all = torch.from_numpy(labels)
     model.train()
     final_loss = _fit_on_crops(model, opt, x_all, y_all, crop=64, steps=steps, rng=rng)
     model.eval()
     names = [f"{b} {v}" for v in ("green-dominant", "red-dominant") for b in ("dark", "mid", "bright")]
     info = ModelInfo(
-        in_channels=3, num_classes=NUM_CLASSES, class_names=names, mean=mean, std=std,
-        band_names=["B2", "B3", "B4"], tile_size=256,
-        extra={"trained_on": "benchmark pseudo-labels of the Landsat-8 Parana scene", "steps": steps,
-               "final_loss": final_loss},
+        in_channels=3,
+        num_classes=NUM_CLASSES,
+        class_names=names,
+        mean=mean,
+        std=std,
+        band_names=["B2", "B3", "B4"],
+        tile_size=256,
+        extra={
+            "trained_on": "benchmark pseudo-labels of the Landsat-8 Parana scene",
+            "steps": steps,
+            "final_loss": final_loss,
+        },
     )
     tmp = path.with_name(path.name + ".tmp.safetensors")
     save_model(tmp, model, info)
@@ -312,7 +330,10 @@ class StandInSegmenter:
 
         p = StandInSegmenter.POOL
         return nn.Sequential(
-            nn.AvgPool2d(p), nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_classes, 1),
+            nn.AvgPool2d(p),
+            nn.Conv2d(in_channels, hidden, 1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, num_classes, 1),
             nn.Upsample(scale_factor=p, mode="bilinear", align_corners=False),
         )
 
@@ -342,18 +363,30 @@ def standin_model(cache: Path = CACHE, *, steps: int = 300, seed: int = 0) -> Pa
     valid = bands[0] > 0
     mean = [float(b[valid].mean()) for b in bands]
     std = [float(b[valid].std()) for b in bands]
-    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    x_all = (torch.from_numpy(bands.astype(np.float32)) - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(
+        3, 1, 1
+    )
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = StandInSegmenter.build(3, NUM_CLASSES)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     final_loss = _fit_on_crops(model, opt, x_all, labels, crop=128, steps=steps, rng=rng)
-    info = ModelInfo(in_channels=3, num_classes=NUM_CLASSES, mean=mean, std=std, tile_size=256,
-                     stride=StandInSegmenter.POOL, kind="benchmark-standin",
-                     extra={"final_loss": final_loss})
+    info = ModelInfo(
+        in_channels=3,
+        num_classes=NUM_CLASSES,
+        mean=mean,
+        std=std,
+        tile_size=256,
+        stride=StandInSegmenter.POOL,
+        kind="benchmark-standin",
+        extra={"final_loss": final_loss},
+    )
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"standin": json.dumps(info.to_dict())})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(tmp),
+        metadata={"standin": json.dumps(info.to_dict())},
+    )
     os.replace(tmp, path)
     return path
 
@@ -369,7 +402,7 @@ def load_bench_model(path: Path, device: str = "cpu", fold_batchnorm: bool = Tru
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-    except Exception:  # noqa: BLE001 - not safetensors: a TorchGeo checkpoint, which load_model reads
+    except Exception:
         meta = {}
     if "standin" not in meta:
         from geovae.model.io import load_model
@@ -399,8 +432,9 @@ def run_json(cmd: Sequence[str], timeout: float | None = None, env: dict[str, st
         RuntimeError: the worker failed; the message carries its stderr's tail.
     """
     t0 = time.perf_counter()
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, **(env or {})})
+    res = subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])

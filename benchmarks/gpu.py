@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -61,8 +60,15 @@ def default_model(device: str) -> Any:
     with torch.no_grad():
         net.train()(torch.randn(4, 3, 256, 256))
     net.eval()
-    info = ModelInfo(in_channels=3, num_classes=7, mean=[1000.0] * 3, std=[300.0] * 3, tile_size=256,
-                     stride=net.stride, arch=net.hparams)
+    info = ModelInfo(
+        in_channels=3,
+        num_classes=7,
+        mean=[1000.0] * 3,
+        std=[300.0] * 3,
+        tile_size=256,
+        stride=net.stride,
+        arch=net.hparams,
+    )
     info.halo = measure_halo(net.eval().to(memory_format=torch.channels_last), 3, net.stride)
     return SegmentationModel(net, info, device)
 
@@ -74,7 +80,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def model_only(model: Any, device: str, precision: str, compiled: bool, tile: int, batch: int, reps: int) -> dict[str, Any]:
+def model_only(
+    model: Any, device: str, precision: str, compiled: bool, tile: int, batch: int, reps: int
+) -> dict[str, Any]:
     """MP/s of ``predict`` on a batch of tiles already on the device (reconstruction included)."""
     import torch
 
@@ -100,8 +108,15 @@ def model_only(model: Any, device: str, precision: str, compiled: bool, tile: in
             m.predict(x, reconstruction=True)
         seconds = time.perf_counter() - t0
     mp = reps * batch * tile * tile / 1e6
-    return {"what": "model_only", "precision": precision, "compiled": compiled, "tile": tile, "batch": batch,
-            "mp_per_s": mp / seconds, "warmup_s": warm}
+    return {
+        "what": "model_only",
+        "precision": precision,
+        "compiled": compiled,
+        "tile": tile,
+        "batch": batch,
+        "mp_per_s": mp / seconds,
+        "warmup_s": warm,
+    }
 
 
 class _Busy:
@@ -119,7 +134,7 @@ class _Busy:
                 index = int(device.split(":")[1]) if ":" in device else 0
                 self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
                 self.nvml = pynvml
-            except Exception:  # noqa: BLE001 - no NVML: fall back to CUDA-event time
+            except Exception:
                 self.handle = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -150,7 +165,7 @@ def scene_file(size: int, folder: Path) -> Path:
 
         if PARANA.exists():
             return mosaic_vrt(size)
-    except Exception:  # noqa: BLE001 - benchmarks.common needs psutil and the data folder
+    except Exception:
         pass
     import numpy as np
     import rasterio
@@ -159,9 +174,21 @@ def scene_file(size: int, folder: Path) -> Path:
     path = folder / f"synthetic_{size}.tif"
     rng = np.random.default_rng(0)
     coarse = rng.normal(1000, 300, (3, size // 64 + 2, size // 64 + 2)).astype(np.float32)
-    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint16",
-                       crs="EPSG:32621", transform=from_origin(700000, 7000000, 30, 30), tiled=True,
-                       blockxsize=256, blockysize=256, compress="deflate") as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=3,
+        dtype="uint16",
+        crs="EPSG:32621",
+        transform=from_origin(700000, 7000000, 30, 30),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+    ) as dst:
         for r in range(0, size, 1024):
             h = min(1024, size - r)
             yy = (np.arange(r, r + h) / 64)[:, None]
@@ -183,18 +210,35 @@ def end_to_end(model: Any, device: str, size: int, folder: Path) -> dict[str, An
         torch.cuda.reset_peak_memory_stats()
     with _Busy(device) as busy:
         t0 = time.perf_counter()
-        res = segment_scene(scene, model, folder / "out", formats=(), quicklook=False, progress=False,
-                            reconstruction=True, nodata=0, force=True)
+        res = segment_scene(
+            scene,
+            model,
+            folder / "out",
+            formats=(),
+            quicklook=False,
+            progress=False,
+            reconstruction=True,
+            nodata=0,
+            force=True,
+        )
         wall = time.perf_counter() - t0
     t = res.report["timings_s"]
     px = res.report["scene"]["width"] * res.report["scene"]["height"]
-    return {"what": "end_to_end", "size": size, "mp_per_s": px / 1e6 / wall, "wall_s": wall,
-            "model_s": t.get("model_s"), "predict_s": t.get("predict_s"),
-            "busy_fraction_nvml": busy.fraction,
-            "model_over_wall": (t.get("model_s") or 0) / wall,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
-            "tile": res.report["options"]["tile"], "overlap": res.report["options"]["overlap"],
-            "batch_size": res.report["options"]["batch_size"], "precision": res.report["options"]["precision"]}
+    return {
+        "what": "end_to_end",
+        "size": size,
+        "mp_per_s": px / 1e6 / wall,
+        "wall_s": wall,
+        "model_s": t.get("model_s"),
+        "predict_s": t.get("predict_s"),
+        "busy_fraction_nvml": busy.fraction,
+        "model_over_wall": (t.get("model_s") or 0) / wall,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
+        "tile": res.report["options"]["tile"],
+        "overlap": res.report["options"]["overlap"],
+        "batch_size": res.report["options"]["batch_size"],
+        "precision": res.report["options"]["precision"],
+    }
 
 
 def cuda_tests(timeout: float) -> dict[str, Any]:
@@ -224,15 +268,23 @@ def main(argv: list[str] | None = None) -> int:
     sink = open(a.json, "a") if a.json else None  # noqa: SIM115
     tile, batch, reps, size = (64, 2, 1, 256) if a.quick else (512, 8, 20, a.size)
     model = default_model(a.device)
-    _emit({"what": "machine", "device": a.device, "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda")
-           else None, "torch": torch.__version__, "halo": model.info.halo}, sink)
+    _emit(
+        {
+            "what": "machine",
+            "device": a.device,
+            "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
+            "torch": torch.__version__,
+            "halo": model.info.halo,
+        },
+        sink,
+    )
     results = []
     for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
         if compiled and a.quick:
             continue  # compiling takes minutes on a CPU; the GPU run does it
         try:
             rec = model_only(model, a.device, precision, compiled, tile, batch, reps)
-        except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others
+        except Exception as e:
             rec = {"what": "model_only", "precision": precision, "compiled": compiled, "error": repr(e)[:300]}
         _emit(rec, sink)
         results.append(rec)
@@ -251,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {r.get('mp_per_s', float('nan')):.2f} | {r.get('error', '')} |")
         elif r["what"] == "end_to_end":
             busy = r["busy_fraction_nvml"]
-            print(f"| end to end ({r['size']}², {r['precision']}) | {r['mp_per_s']:.2f} | GPU busy "
-                  f"{'%.0f %%' % (100 * busy) if busy is not None else 'n/a'} (model/wall {r['model_over_wall']:.2f}), "
-                  f"peak GPU {r['peak_gpu_mib'] or 0:.0f} MiB |")
+            print(
+                f"| end to end ({r['size']}², {r['precision']}) | {r['mp_per_s']:.2f} | GPU busy "
+                f"{'%.0f %%' % (100 * busy) if busy is not None else 'n/a'} (model/wall {r['model_over_wall']:.2f}), "
+                f"peak GPU {r['peak_gpu_mib'] or 0:.0f} MiB |"
+            )
         else:
             print(f"| CUDA tests | | {'passed' if r['ok'] else 'FAILED'}: {r['tail']} |")
     if sink is not None:

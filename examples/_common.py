@@ -21,7 +21,9 @@ NC_CLASSES = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:wate
 
 def data_folder(given: str | None = None) -> Path | None:
     """The real-data folder, if there is one."""
-    p = Path(given or os.environ.get("GEOVAE_DATA") or os.environ.get("GEOVAE_TEST_DATA") or ROOT.parent / "shared" / "data")
+    p = Path(
+        given or os.environ.get("GEOVAE_DATA") or os.environ.get("GEOVAE_TEST_DATA") or ROOT.parent / "shared" / "data"
+    )
     return p if p.is_dir() else None
 
 
@@ -42,8 +44,17 @@ def nc_scene_and_labels(data: str | None = None, work: Path | None = None) -> tu
 def train_settings() -> dict[str, object]:
     """train_model keywords: real ones, or tiny ones under GEOVAE_EXAMPLE_FAST."""
     if FAST:
-        return dict(epochs=1, tile=32, batch_size=4, samples_per_epoch=8, base_channels=4, depth=2,
-                    latent_channels=2, progress=False, device="cpu")
+        return dict(
+            epochs=1,
+            tile=32,
+            batch_size=4,
+            samples_per_epoch=8,
+            base_channels=4,
+            depth=2,
+            latent_channels=2,
+            progress=False,
+            device="cpu",
+        )
     return dict(epochs=20, tile=64, batch_size=16)
 
 

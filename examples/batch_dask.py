@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 
 def halves(scene: Path, folder: Path) -> list[Path]:
@@ -30,7 +30,11 @@ def halves(scene: Path, folder: Path) -> list[Path]:
         w = src.width // 2
         for name, win in (("west", Window(0, 0, w, src.height)), ("east", Window(w, 0, src.width - w, src.height))):
             p = folder / f"{scene.stem}_{name}.tif"
-            prof = src.profile | {"width": int(win.width), "height": int(win.height), "transform": src.window_transform(win)}
+            prof = src.profile | {
+                "width": int(win.width),
+                "height": int(win.height),
+                "transform": src.window_transform(win),
+            }
             with rasterio.open(p, "w", **prof) as dst:
                 dst.write(src.read(window=win))
             out.append(p)
@@ -56,9 +60,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     scene, labels = _common.nc_scene_and_labels(a.data, out / "data")
     scenes = expand_scenes([*a.scenes, *([a.folder] if a.folder else [])]) or halves(scene, out / "scenes")
     model = Path(a.model) if a.model else _common.quick_model(scene, labels, out / "model.safetensors")
-    res = geovae.run_batch(scenes, model, out / "runs", scheduler=a.scheduler,
-                           workers=None if a.scheduler else a.workers, progress=not _common.FAST,
-                           **{k: v for k, v in _common.segment_settings().items() if k != "progress"})
+    res = geovae.run_batch(
+        scenes,
+        model,
+        out / "runs",
+        scheduler=a.scheduler,
+        workers=None if a.scheduler else a.workers,
+        progress=not _common.FAST,
+        **{k: v for k, v in _common.segment_settings().items() if k != "progress"},
+    )
     print(f"done {res.done}, skipped {res.skipped}, failed {res.failed}; manifest {res.manifest}")
     collection = pystac.Collection.from_file(str(res.collection))
     print("STAC collection", collection.id, "items", [ln.href for ln in collection.links if ln.rel == "item"])

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out.parent.mkdir(parents=True, exist_ok=True)
     classes = Path(a.classes) if a.classes else _common.nc_scene_and_labels(a.data, out.parent / "data")[1]
     names = dict(p.split(":") for p in _common.NC_CLASSES.split(",")) if not a.classes else None
-    res = geovae.vectorize(classes, [out, out.with_suffix(".gpkg")], min_area=a.min_area, simplify=a.simplify,
-                           class_names={int(k): v for k, v in names.items()} if names else None)
+    res = geovae.vectorize(
+        classes,
+        [out, out.with_suffix(".gpkg")],
+        min_area=a.min_area,
+        simplify=a.simplify,
+        class_names={int(k): v for k, v in names.items()} if names else None,
+    )
     print(f"{res.n_polygons} polygons -> {', '.join(map(str, res.paths))}")
     gdf = gpd.read_file(out)
     print(gdf.crs, gdf.groupby("class_name")["area_m2"].sum().round(-3))

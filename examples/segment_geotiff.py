@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for kind, path in res.outputs.items():
         print(f"{kind:>28}: {path}")
 
-    ds = res.to_xarray()                   # lazy: classes, confidence, uncertainty... on the scene's grid
+    ds = res.to_xarray()  # lazy: classes, confidence, uncertainty... on the scene's grid
     print(ds)
     print("mean confidence:", float(ds.confidence.mean()))
-    polygons = res.polygons()              # a GeoDataFrame (from the GeoPackage)
+    polygons = res.polygons()  # a GeoDataFrame (from the GeoPackage)
     print(polygons.groupby("class_name")["area_m2"].sum().sort_values(ascending=False))
     item = pystac.Item.from_file(str(res.outputs["stac"]))
     print("STAC item", item.id, "bbox", item.bbox, "assets", sorted(item.assets))

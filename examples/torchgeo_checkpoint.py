@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 
 def make_checkpoint(scene: Path, labels: Path, path: Path, steps: int, num_classes: int = 7) -> Path:
@@ -34,15 +34,30 @@ def make_checkpoint(scene: Path, labels: Path, path: Path, steps: int, num_class
     with rasterio.open(scene) as s, rasterio.open(labels) as lab:
         x, y = s.read().astype(np.float32), lab.read(1).astype(np.int64)
     x = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
-    samples = [{"image": torch.from_numpy(x[:, r:r + 64, c:c + 64].copy()),
-                "mask": torch.from_numpy(np.clip(y[r:r + 64, c:c + 64] - 1, 0, num_classes - 1))}
-               for r in range(0, x.shape[1] - 64, 96) for c in range(0, x.shape[2] - 64, 96)]
+    samples = [
+        {
+            "image": torch.from_numpy(x[:, r : r + 64, c : c + 64].copy()),
+            "mask": torch.from_numpy(np.clip(y[r : r + 64, c : c + 64] - 1, 0, num_classes - 1)),
+        }
+        for r in range(0, x.shape[1] - 64, 96)
+        for c in range(0, x.shape[2] - 64, 96)
+    ]
     dl = torch.utils.data.DataLoader(samples[: max(2, steps * 4)], batch_size=4, shuffle=True)
-    task = SemanticSegmentation(model="unet", backbone="resnet18", weights=None, in_channels=x.shape[0],
-                                num_classes=num_classes)
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=1, num_sanity_val_steps=0,
-                        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=path.parent)
+    task = SemanticSegmentation(
+        model="unet", backbone="resnet18", weights=None, in_channels=x.shape[0], num_classes=num_classes
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=path.parent,
+    )
     trainer.fit(task, dl, dl)
     trainer.save_checkpoint(path)
     return path
@@ -63,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     scene, labels = _common.nc_scene_and_labels(a.data, out / "data")
     scene = Path(a.scene) if a.scene else scene
-    ckpt = Path(a.checkpoint) if a.checkpoint else make_checkpoint(scene, labels, out / "task.ckpt",
-                                                                   steps=2 if _common.FAST else 200)
+    ckpt = (
+        Path(a.checkpoint)
+        if a.checkpoint
+        else make_checkpoint(scene, labels, out / "task.ckpt", steps=2 if _common.FAST else 200)
+    )
     # The checkpoint's task was fed per-scene standardised pixels: the same statistics here.
     model_file = export_model(ckpt, out / "torchgeo.safetensors", stats_from=scene, classes=a.classes)
     res = geovae.segment_scene(scene, model_file, out, formats=("gpkg",), force=True, **_common.segment_settings())

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     ap.add_argument("--data", help="the real-data folder (default $GEOVAE_DATA or ../shared/data)")
     ap.add_argument("--out", default="geovae-example-train")
     a = ap.parse_args(argv)
-    from geovae.training import train_model
-
     import geovae
+    from geovae.training import train_model
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

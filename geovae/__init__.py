@@ -10,7 +10,7 @@ from typing import Any
 
 from geovae._version import __version__
 
-__all__ = ["__version__", "describe_scene", "segment_scene", "vectorize", "run_batch", "evaluate", "load_model", "view"]
+__all__ = ["__version__", "describe_scene", "evaluate", "load_model", "run_batch", "segment_scene", "vectorize", "view"]
 
 _LAZY = {
     "describe_scene": "geovae.scene",

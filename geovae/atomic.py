@@ -37,8 +37,15 @@ from typing import Any
 from geovae.errors import OutputError
 
 __all__ = [
-    "atomic_path", "write_text", "sha256", "check_output_file", "check_output_dir", "check_not_inputs",
-    "OutputSet", "is_disk_full", "disk_full_error",
+    "OutputSet",
+    "atomic_path",
+    "check_not_inputs",
+    "check_output_dir",
+    "check_output_file",
+    "disk_full_error",
+    "is_disk_full",
+    "sha256",
+    "write_text",
 ]
 
 _JOURNAL = ".commit.json"
@@ -154,7 +161,9 @@ def check_output_dir(out_dir: str | Path, *, create: bool = True) -> Path:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".geovae-write-test-"):
             pass
     except OSError as exc:
-        raise OutputError(f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out") from None
+        raise OutputError(
+            f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out"
+        ) from None
     return p
 
 
@@ -165,7 +174,9 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_not_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+def check_not_inputs(
+    outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None]
+) -> None:
     """Refuse a run whose outputs would replace one of its inputs.
 
     An output that is an existing file is compared with every local input by inode
@@ -183,9 +194,10 @@ def check_not_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable
             continue
         for i in ins:
             if _same_file(o, i):
-                what = "is" if o.absolute() == i.absolute() else f"is the same file as"
-                raise OutputError(f"output {o} {what} the input {i}; writing it would destroy the input; "
-                                  "choose another --out folder")
+                what = "is" if o.absolute() == i.absolute() else "is the same file as"
+                raise OutputError(
+                    f"output {o} {what} the input {i}; writing it would destroy the input; choose another --out folder"
+                )
 
 
 # -- disk full ----------------------------------------------------------------------------
@@ -237,8 +249,10 @@ def disk_full_error(folder: str | os.PathLike[str], written: int | None = None) 
     free = _free(folder)
     had = f"the run had written {_mb(written)} when the disk filled" if written else "the disk filled"
     left = f", {_mb(free)} free now that its temporary files are gone" if free is not None else ""
-    return OutputError(f"no space left on the device of {folder}: {had}{left}; free some space or choose "
-                       "another --out; nothing was written under a final name")
+    return OutputError(
+        f"no space left on the device of {folder}: {had}{left}; free some space or choose "
+        "another --out; nothing was written under a final name"
+    )
 
 
 # -- a set of outputs ---------------------------------------------------------------------
@@ -273,8 +287,14 @@ class OutputSet:
         inputs: the run's input files; no output may replace one (:func:`check_not_inputs`).
     """
 
-    def __init__(self, folder: str | os.PathLike[str], stem: str, *, lock: bool = True,
-                 inputs: Sequence[str | os.PathLike[str] | None] = ()):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        stem: str,
+        *,
+        lock: bool = True,
+        inputs: Sequence[str | os.PathLike[str] | None] = (),
+    ):
         self.folder = Path(folder).expanduser()
         self.stem = stem
         self.lock = lock
@@ -303,8 +323,9 @@ class OutputSet:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"output folder {self.folder} cannot be created ({exc.strerror or exc}); "
-                              "choose another --out") from None
+            raise OutputError(
+                f"output folder {self.folder} cannot be created ({exc.strerror or exc}); choose another --out"
+            ) from None
         try:
             if self.lock:
                 self._take_lock()

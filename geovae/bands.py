@@ -17,7 +17,7 @@ import numpy as np
 from geovae.errors import SceneError
 from geovae.scene import open_raster
 
-__all__ = ["BandStats", "band_statistics", "QUANTILES"]
+__all__ = ["QUANTILES", "BandStats", "band_statistics"]
 
 #: Quantiles of the training pixels a model file records, per band: the bulk (0.5 %..99.5 %)
 #: and the median are what the trust check compares a scene with.
@@ -124,5 +124,10 @@ def band_statistics(path: str | os.PathLike[str], nodata: float | None = None) -
     # Sum of squares in float64 is exact enough for 8- to 16-bit imagery at any scene size.
     var = np.maximum(ss / n - mean * mean, 0.0)
     std = np.maximum(np.sqrt(var), 1e-6)
-    return BandStats(mean=[float(v) for v in mean], std=[float(v) for v in std], n_valid=n_valid,
-                     dtype=str(dtype), quantiles=quant.result())
+    return BandStats(
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        n_valid=n_valid,
+        dtype=str(dtype),
+        quantiles=quant.result(),
+    )

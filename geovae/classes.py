@@ -14,15 +14,23 @@ from typing import Any
 
 from geovae.errors import OptionError
 
-__all__ = ["ClassSpec", "parse_classes", "DEFAULT_COLORS", "CLASS_NODATA", "check_class_ids"]
+__all__ = ["CLASS_NODATA", "DEFAULT_COLORS", "ClassSpec", "check_class_ids", "parse_classes"]
 
 #: Nodata value of the class raster, so class ids are 0..254.
 CLASS_NODATA = 255
 
 #: A palette for classes that come without colours (tab10-like, readable over imagery).
 DEFAULT_COLORS: list[tuple[int, int, int]] = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 ]
 
 
@@ -39,8 +47,10 @@ def check_class_ids(ids: Any, where: str) -> None:
     seen: set[int] = set()
     for c in ids:
         if int(c) != c or not 0 <= int(c) < CLASS_NODATA:
-            raise OptionError(f"{where}: class id {c} is out of range; class ids must be 0..{CLASS_NODATA - 1} "
-                              f"({CLASS_NODATA} marks nodata in the class raster)")
+            raise OptionError(
+                f"{where}: class id {c} is out of range; class ids must be 0..{CLASS_NODATA - 1} "
+                f"({CLASS_NODATA} marks nodata in the class raster)"
+            )
         if int(c) in seen:
             raise OptionError(f"{where}: class id {c} is given twice; name each id once")
         seen.add(int(c))

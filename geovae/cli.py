@@ -68,8 +68,15 @@ def _setup_logging(verbosity: int) -> None:
     # cluster chatter) stay at WARNING unless -vv asks for everything.
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
     logging.getLogger("geovae").setLevel(level)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "distributed", "rasterio",
-                  "matplotlib"):
+    for noisy in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "pytorch_lightning",
+        "distributed",
+        "rasterio",
+        "matplotlib",
+    ):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING))
 
 
@@ -78,8 +85,8 @@ def _quiet_lightning() -> None:
     :func:`_setup_logging` (every banner then printed twice, once in each format). Called by
     the commands that train, after importing Lightning: its records go through geovae's
     handler only, at the level ``_setup_logging`` chose for third parties."""
-    import lightning  # noqa: F401  (the import is what has to happen first)
-    import lightning.fabric  # noqa: F401
+    import lightning
+    import lightning.fabric
     import lightning.pytorch  # noqa: F401
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -116,12 +123,27 @@ def _verbosity_params() -> list[click.Option]:
         STATE.debug = STATE.debug or value
 
     return [
-        click.Option(["-v", "--verbose", "_verbose"], count=True, expose_value=False, callback=more,
-                     help="More log output: one line per stage (-vv for debug, third-party logs too)."),
-        click.Option(["-q", "--quiet", "_quiet"], is_flag=True, expose_value=False, callback=quiet,
-                     help="Only errors; no progress bars."),
-        click.Option(["--debug", "_debug"], is_flag=True, expose_value=False, callback=debug,
-                     help="Show the full traceback of errors."),
+        click.Option(
+            ["-v", "--verbose", "_verbose"],
+            count=True,
+            expose_value=False,
+            callback=more,
+            help="More log output: one line per stage (-vv for debug, third-party logs too).",
+        ),
+        click.Option(
+            ["-q", "--quiet", "_quiet"],
+            is_flag=True,
+            expose_value=False,
+            callback=quiet,
+            help="Only errors; no progress bars.",
+        ),
+        click.Option(
+            ["--debug", "_debug"],
+            is_flag=True,
+            expose_value=False,
+            callback=debug,
+            help="Show the full traceback of errors.",
+        ),
     ]
 
 
@@ -189,46 +211,103 @@ def _format_info(d: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------- segment
 def _segment_options(f: Any) -> Any:
     opts = [
-        click.option("--tile", type=click.IntRange(min=1),
-                     help="Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
-                          "up to 1024, given the overlap]."),
-        click.option("--overlap", type=click.IntRange(min=0),
-                     help="Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
-                          "cannot show; tile/4 for a model whose halo is unknown]."),
-        click.option("--batch-size", type=click.IntRange(min=1),
-                     help="Tiles per batch [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]. "
-                          "On a CPU a larger batch still goes through the model half a megapixel at a time "
-                          "(as fast, less memory); on a GPU it runs whole."),
+        click.option(
+            "--tile",
+            type=click.IntRange(min=1),
+            help="Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
+            "up to 1024, given the overlap].",
+        ),
+        click.option(
+            "--overlap",
+            type=click.IntRange(min=0),
+            help="Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
+            "cannot show; tile/4 for a model whose halo is unknown].",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="Tiles per batch [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]. "
+            "On a CPU a larger batch still goes through the model half a megapixel at a time "
+            "(as fast, less memory); on a GPU it runs whole.",
+        ),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX."),
-        click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Latent samples per tile; > 0 writes the uncertainty raster."),
-        click.option("--reconstruction/--no-reconstruction", default=None,
-                     help="Write the reconstruction-error (anomaly) raster [default: when the model records its "
-                          "training error, so unfamiliar pixels are flagged]."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX.",
+        ),
+        click.option(
+            "--samples",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Latent samples per tile; > 0 writes the uncertainty raster.",
+        ),
+        click.option(
+            "--reconstruction/--no-reconstruction",
+            default=None,
+            help="Write the reconstruction-error (anomaly) raster [default: when the model records its "
+            "training error, so unfamiliar pixels are flagged].",
+        ),
         click.option("--tta", is_flag=True, help="Flip test-time augmentation (3 passes: about 3x the model time)."),
-        click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Drop polygons smaller than this, in m^2 (pixels with --pixel-coords)."),
-        click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Topology-preserving simplification tolerance, in metres (pixels with --pixel-coords)."),
-        click.option("--formats", default=None, callback=lambda c, p, v: None if v is None else _formats(v),
-                     help="Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with "
-                          "--pixel-coords]."),
+        click.option(
+            "--min-area",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help="Drop polygons smaller than this, in m^2 (pixels with --pixel-coords).",
+        ),
+        click.option(
+            "--simplify",
+            type=click.FloatRange(min=0),
+            default=0.0,
+            show_default=True,
+            help="Topology-preserving simplification tolerance, in metres (pixels with --pixel-coords).",
+        ),
+        click.option(
+            "--formats",
+            default=None,
+            callback=lambda c, p, v: None if v is None else _formats(v),
+            help="Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with --pixel-coords].",
+        ),
         click.option("--nodata", type=float, help="Treat this pixel value as nodata (overrides the file's tag)."),
         click.option("--pixel-coords", is_flag=True, help="Accept an image without CRS; outputs in pixel coordinates."),
-        click.option("--block-size", type=click.IntRange(min=64), default=1024, show_default=True,
-                     help="Output block size in pixels (memory grows with it, not with the scene)."),
+        click.option(
+            "--block-size",
+            type=click.IntRange(min=64),
+            default=1024,
+            show_default=True,
+            help="Output block size in pixels (memory grows with it, not with the scene).",
+        ),
         click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
-        click.option("--force", is_flag=True, help="Segment a scene even when it lies far outside the model's "
-                                                   "training data (another sensor or scale); it is then flagged."),
-        click.option("--objects", help="Also write one polygon per object of these classes (names or ids, "
-                                       "comma-separated) as <stem>.objects.<format>, split along the model's boundary "
-                                       "class (train it with --boundary-width)."),
-        click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
-                     help="Pixels around each block the object split sees; objects up to this size are exact."),
-        click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5,
-                     show_default=True, help="Interior probability at which a pixel seeds an object."),
+        click.option(
+            "--force",
+            is_flag=True,
+            help="Segment a scene even when it lies far outside the model's "
+            "training data (another sensor or scale); it is then flagged.",
+        ),
+        click.option(
+            "--objects",
+            help="Also write one polygon per object of these classes (names or ids, "
+            "comma-separated) as <stem>.objects.<format>, split along the model's boundary "
+            "class (train it with --boundary-width).",
+        ),
+        click.option(
+            "--object-halo",
+            type=click.IntRange(min=0),
+            default=256,
+            show_default=True,
+            help="Pixels around each block the object split sees; objects up to this size are exact.",
+        ),
+        click.option(
+            "--object-seed",
+            type=click.FloatRange(min=0, max=1, min_open=True),
+            default=0.5,
+            show_default=True,
+            help="Interior probability at which a pixel seeds an object.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -239,11 +318,25 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
     from geovae.segment import SegmentOptions
 
     return SegmentOptions(
-        tile=kw["tile"], overlap=kw["overlap"], batch_size=kw["batch_size"], device=kw["device"],
-        precision=kw["precision"], samples=kw["samples"], reconstruction=kw["reconstruction"], tta=kw["tta"],
-        min_area=kw["min_area"], simplify=kw["simplify"], formats=kw["formats"], nodata=kw["nodata"],
-        pixel_coords=kw["pixel_coords"], block_size=kw["block_size"], quicklook=not kw["no_quicklook"],
-        progress=not quiet, force=kw["force"], objects=kw["objects"], object_halo=kw["object_halo"],
+        tile=kw["tile"],
+        overlap=kw["overlap"],
+        batch_size=kw["batch_size"],
+        device=kw["device"],
+        precision=kw["precision"],
+        samples=kw["samples"],
+        reconstruction=kw["reconstruction"],
+        tta=kw["tta"],
+        min_area=kw["min_area"],
+        simplify=kw["simplify"],
+        formats=kw["formats"],
+        nodata=kw["nodata"],
+        pixel_coords=kw["pixel_coords"],
+        block_size=kw["block_size"],
+        quicklook=not kw["no_quicklook"],
+        progress=not quiet,
+        force=kw["force"],
+        objects=kw["objects"],
+        object_halo=kw["object_halo"],
         object_seed=kw["object_seed"],
     )
 
@@ -293,36 +386,87 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------ vectorize
 @cli.command()
 @click.argument("classes")
-@click.option("-o", "--out", "outs", multiple=True, required=True,
-              help="Output file; the suffix picks the format (.geojson, .gpkg, .parquet). Repeatable.")
+@click.option(
+    "-o",
+    "--out",
+    "outs",
+    multiple=True,
+    required=True,
+    help="Output file; the suffix picks the format (.geojson, .gpkg, .parquet). Repeatable.",
+)
 @click.option("--confidence", help="Confidence raster for the confidence_mean attribute.")
 @click.option("--uncertainty", help="Uncertainty raster for the uncertainty_mean attribute.")
 @click.option("--min-area", type=click.FloatRange(min=0), default=0.0, show_default=True, help="m^2.")
 @click.option("--simplify", type=click.FloatRange(min=0), default=0.0, show_default=True, help="metres.")
-@click.option("--block-size", type=click.IntRange(min=16), default=1024, show_default=True,
-              help="Pixels per block; memory grows with it, the polygons do not change.")
-@click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
-              help="Pixel neighbourhood of a region (8 joins diagonal pixels).")
-@click.option("--objects", help="One polygon per object of these classes (names or ids, comma-separated) instead "
-                                "of one per class region.")
-@click.option("--probabilities", help="With --objects: the run's <stem>.object-probability.tif (seeds and the "
-                                      "boundary to split along); without it, objects are split by distance.")
-@click.option("--object-halo", type=click.IntRange(min=0), default=256, show_default=True,
-              help="With --objects: pixels around each block the split sees; objects up to this size are exact.")
-@click.option("--object-seed", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
-              help="With --objects: interior probability at which a pixel seeds an object.")
-def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncertainty: str | None,
-              min_area: float, simplify: float, block_size: int, connectivity: str, objects: str | None,
-              probabilities: str | None, object_halo: int, object_seed: float) -> None:
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=16),
+    default=1024,
+    show_default=True,
+    help="Pixels per block; memory grows with it, the polygons do not change.",
+)
+@click.option(
+    "--connectivity",
+    type=click.Choice(["4", "8"]),
+    default="4",
+    show_default=True,
+    help="Pixel neighbourhood of a region (8 joins diagonal pixels).",
+)
+@click.option(
+    "--objects",
+    help="One polygon per object of these classes (names or ids, comma-separated) instead of one per class region.",
+)
+@click.option(
+    "--probabilities",
+    help="With --objects: the run's <stem>.object-probability.tif (seeds and the "
+    "boundary to split along); without it, objects are split by distance.",
+)
+@click.option(
+    "--object-halo",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="With --objects: pixels around each block the split sees; objects up to this size are exact.",
+)
+@click.option(
+    "--object-seed",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="With --objects: interior probability at which a pixel seeds an object.",
+)
+def vectorize(
+    classes: str,
+    outs: tuple[str, ...],
+    confidence: str | None,
+    uncertainty: str | None,
+    min_area: float,
+    simplify: float,
+    block_size: int,
+    connectivity: str,
+    objects: str | None,
+    probabilities: str | None,
+    object_halo: int,
+    object_seed: float,
+) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
     if objects:
         from geovae.objects import vectorize_objects
 
         if uncertainty or connectivity != "4":
             raise OptionError("--objects takes neither --uncertainty nor --connectivity 8 (objects are 4-connected)")
-        ores = vectorize_objects(classes, list(outs), objects=objects, probabilities=probabilities,
-                                 confidence=confidence, min_area=min_area, simplify=simplify, block_size=block_size,
-                                 halo=object_halo, seed=object_seed)
+        ores = vectorize_objects(
+            classes,
+            list(outs),
+            objects=objects,
+            probabilities=probabilities,
+            confidence=confidence,
+            min_area=min_area,
+            simplify=simplify,
+            block_size=block_size,
+            halo=object_halo,
+            seed=object_seed,
+        )
         click.echo(f"{ores.n_objects} objects")
         for p in ores.paths:
             click.echo(f"  {p}")
@@ -331,8 +475,16 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
         raise OptionError("--probabilities applies to --objects; name the object classes with --objects")
     from geovae.polygons import vectorize as run
 
-    res = run(classes, list(outs), confidence=confidence, uncertainty=uncertainty,
-              min_area=min_area, simplify=simplify, block_size=block_size, connectivity=int(connectivity))
+    res = run(
+        classes,
+        list(outs),
+        confidence=confidence,
+        uncertainty=uncertainty,
+        min_area=min_area,
+        simplify=simplify,
+        block_size=block_size,
+        connectivity=int(connectivity),
+    )
     click.echo(f"{res.n_polygons} polygons")
     for p in res.paths:
         click.echo(f"  {p}")
@@ -349,31 +501,67 @@ def vectorize(classes: str, outs: tuple[str, ...], confidence: str | None, uncer
 @click.option("--unlabeled", multiple=True, help="Extra unlabelled scenes (semi-supervised). Repeatable.")
 @click.option("-o", "--out", default="model.safetensors", show_default=True, help="Model file to write.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs.")
-@click.option("--tile", type=click.IntRange(min=16), default=64, show_default=True,
-              help="Training patch size in pixels (a multiple of the model stride); the default prediction tile.")
+@click.option(
+    "--tile",
+    type=click.IntRange(min=16),
+    default=64,
+    show_default=True,
+    help="Training patch size in pixels (a multiple of the model stride); the default prediction tile.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Patches per step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, sampling and latent noise.")
-@click.option("--sampler", type=click.Choice(["random", "labelled"]), default="random", show_default=True,
-              help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
-                   "for sparse labels without --unlabeled).")
-@click.option("--adversarial", type=click.FloatRange(min=0.0), default=None,
-              help="Train the reconstruction decoder against a PatchGAN critic with this weight (VAE-GAN; "
-                   "sharper reconstructions and generated images) [default: 0, off]. With --config it sets "
-                   "model.adversarial.")
-@click.option("--boundary-width", type=click.IntRange(min=1),
-              help="Object labels: train a 'boundary' class this many pixels wide along every polygon's outline "
-                   "(and a 'background' class), so `segment --objects` keeps touching objects apart.")
-@click.option("--background", help="With --boundary-width, where pixels outside every polygon are background: "
-                                   "extent (the labels' bounding box; default), none, or a vector file of the area "
-                                   "the labels cover. Elsewhere they are unlabelled.")
+@click.option(
+    "--sampler",
+    type=click.Choice(["random", "labelled"]),
+    default="random",
+    show_default=True,
+    help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
+    "for sparse labels without --unlabeled).",
+)
+@click.option(
+    "--adversarial",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Train the reconstruction decoder against a PatchGAN critic with this weight (VAE-GAN; "
+    "sharper reconstructions and generated images) [default: 0, off]. With --config it sets "
+    "model.adversarial.",
+)
+@click.option(
+    "--boundary-width",
+    type=click.IntRange(min=1),
+    help="Object labels: train a 'boundary' class this many pixels wide along every polygon's outline "
+    "(and a 'background' class), so `segment --objects` keeps touching objects apart.",
+)
+@click.option(
+    "--background",
+    help="With --boundary-width, where pixels outside every polygon are background: "
+    "extent (the labels' bounding box; default), none, or a vector file of the area "
+    "the labels cover. Elsewhere they are unlabelled.",
+)
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
-def train(ctx: click.Context, config: str | None, image: str | None, labels: str | None,
-          vector_labels: str | None, label_field: str | None, classes: str | None,
-          unlabeled: tuple[str, ...], out: str, epochs: int, tile: int, batch_size: int,
-          device: str, seed: int, sampler: str, adversarial: float | None, boundary_width: int | None,
-          background: str | None, overrides: tuple[str, ...]) -> None:
+def train(
+    ctx: click.Context,
+    config: str | None,
+    image: str | None,
+    labels: str | None,
+    vector_labels: str | None,
+    label_field: str | None,
+    classes: str | None,
+    unlabeled: tuple[str, ...],
+    out: str,
+    epochs: int,
+    tile: int,
+    batch_size: int,
+    device: str,
+    seed: int,
+    sampler: str,
+    adversarial: float | None,
+    boundary_width: int | None,
+    background: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
@@ -381,8 +569,10 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 
     if config:
         if image or labels or vector_labels or boundary_width or background:
-            raise OptionError("--config and --image/--labels/--boundary-width are exclusive; put them in the config "
-                              "(data.boundary_width, data.background)")
+            raise OptionError(
+                "--config and --image/--labels/--boundary-width are exclusive; put them in the config "
+                "(data.boundary_width, data.background)"
+            )
         if adversarial is not None:
             overrides = (*overrides, f"model.adversarial={adversarial}")
         result = training.train_from_config(config, overrides=overrides)
@@ -392,10 +582,23 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
         if overrides:
             raise OptionError("--set only applies to --config")
         result = training.train_model(
-            image, labels, out, classes=classes, vector_labels=vector_labels, label_field=label_field,
-            unlabeled=unlabeled, epochs=epochs, tile=tile, batch_size=batch_size, device=device,
-            seed=seed, sampler=sampler, progress=not _quiet(ctx), adversarial=adversarial or 0.0,
-            boundary_width=boundary_width, background=background,
+            image,
+            labels,
+            out,
+            classes=classes,
+            vector_labels=vector_labels,
+            label_field=label_field,
+            unlabeled=unlabeled,
+            epochs=epochs,
+            tile=tile,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            sampler=sampler,
+            progress=not _quiet(ctx),
+            adversarial=adversarial or 0.0,
+            boundary_width=boundary_width,
+            background=background,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):
@@ -408,13 +611,19 @@ def train(ctx: click.Context, config: str | None, image: str | None, labels: str
 @click.option("--model", "model_path", required=True, help="A geovae model file (VAE segmenter).")
 @click.option("-o", "--out", required=True, help="GeoTIFF to write: N images x the model's bands.")
 @click.option("--n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Images to generate.")
-@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Height and width of each image (a multiple of the model stride); ignored with --classes-from.")
+@click.option(
+    "--size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Height and width of each image (a multiple of the model stride); ignored with --classes-from.",
+)
 @click.option("--classes-from", help="Class raster whose layout (and grid) the images follow.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the latent samples.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def generate(model_path: str, out: str, count: int, size: int, classes_from: str | None, seed: int,
-             device: str) -> None:
+def generate(
+    model_path: str, out: str, count: int, size: int, classes_from: str | None, seed: int, device: str
+) -> None:
     """Decode latent samples from the model's prior into multi-band image tiles.
 
     Values are in the model's band units (its training data type when recorded). With
@@ -424,8 +633,9 @@ def generate(model_path: str, out: str, count: int, size: int, classes_from: str
 
     res = generate_images(model_path, out, n=count, size=size, classes_from=classes_from, seed=seed, device=device)
     where = "on the class map's grid" if res.georeferenced else "not georeferenced"
-    click.echo(f"{res.path}: {res.count} images of {res.width}x{res.height} px, {res.bands} bands each "
-               f"({res.dtype}, {where})")
+    click.echo(
+        f"{res.path}: {res.count} images of {res.width}x{res.height} px, {res.bands} bands each ({res.dtype}, {where})"
+    )
 
 
 # ------------------------------------------------------------------------- evaluate
@@ -435,44 +645,90 @@ def generate(model_path: str, out: str, count: int, size: int, classes_from: str
 @click.option("--confidence", help="Confidence raster, for calibration (ECE).")
 @click.option("--uncertainty", help="Uncertainty raster, for the error-detection AUROC.")
 @click.option("--bins", type=click.IntRange(min=2), default=15, show_default=True, help="Confidence bins for the ECE.")
-@click.option("--objects", "reference_objects",
-              help="Reference object polygons (GPKG, GeoJSON, GeoParquet): object precision, recall and F1 at "
-                   "IoU >= --object-iou, one to one, and the mean IoU of matched objects.")
-@click.option("--predicted-objects", help="Predicted object polygons [default: <stem>.objects.gpkg next to "
-                                          "PREDICTION]; a class-polygon file scores class regions as objects.")
-@click.option("--object-iou", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True,
-              help="IoU at which two objects match.")
+@click.option(
+    "--objects",
+    "reference_objects",
+    help="Reference object polygons (GPKG, GeoJSON, GeoParquet): object precision, recall and F1 at "
+    "IoU >= --object-iou, one to one, and the mean IoU of matched objects.",
+)
+@click.option(
+    "--predicted-objects",
+    help="Predicted object polygons [default: <stem>.objects.gpkg next to "
+    "PREDICTION]; a class-polygon file scores class regions as objects.",
+)
+@click.option(
+    "--object-iou",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="IoU at which two objects match.",
+)
 @click.option("--object-classes", help="Only predicted polygons of these classes (names or ids, comma-separated).")
-@click.option("--object-min-area", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Leave out objects smaller than this (m^2, after clipping to the prediction) on both sides.")
+@click.option(
+    "--object-min-area",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Leave out objects smaller than this (m^2, after clipping to the prediction) on both sides.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def evaluate(prediction: str, labels: str | None, confidence: str | None, uncertainty: str | None, bins: int,
-             reference_objects: str | None, predicted_objects: str | None, object_iou: float,
-             object_classes: str | None, object_min_area: float, as_json: bool) -> None:
+def evaluate(
+    prediction: str,
+    labels: str | None,
+    confidence: str | None,
+    uncertainty: str | None,
+    bins: int,
+    reference_objects: str | None,
+    predicted_objects: str | None,
+    object_iou: float,
+    object_classes: str | None,
+    object_min_area: float,
+    as_json: bool,
+) -> None:
     """Score a class raster against labels (IoU per class, mIoU, accuracy, ECE, AUROC) and objects."""
     from geovae.metrics import evaluate as run
     from geovae.metrics import format_report
 
     if labels is None and reference_objects is None:
         raise click.UsageError("give --labels (a label raster) and/or --objects (reference polygons)")
-    d = run(prediction, labels, confidence=confidence, uncertainty=uncertainty, num_bins=bins,
-            objects=reference_objects, predicted_objects=predicted_objects, object_iou=object_iou,
-            object_classes=[c for c in object_classes.split(",") if c.strip()] if object_classes else None,
-            object_min_area=object_min_area)
+    d = run(
+        prediction,
+        labels,
+        confidence=confidence,
+        uncertainty=uncertainty,
+        num_bins=bins,
+        objects=reference_objects,
+        predicted_objects=predicted_objects,
+        object_iou=object_iou,
+        object_classes=[c for c in object_classes.split(",") if c.strip()] if object_classes else None,
+        object_min_area=object_min_area,
+    )
     click.echo(json.dumps(d, indent=2) if as_json else format_report(d))
 
 
 @cli.command("export")
 @click.argument("source")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
-@click.option("--mean", help="Per-band mean subtracted first: one number for all bands or one per band, comma-separated.")
+@click.option(
+    "--mean", help="Per-band mean subtracted first: one number for all bands or one per band, comma-separated."
+)
 @click.option("--std", help="Per-band divisor after the mean: one number or one per band.")
-@click.option("--stats-from", type=click.Path(dir_okay=False),
-              help="Compute mean and std scene-wide from this raster (as geovae train does).")
+@click.option(
+    "--stats-from",
+    type=click.Path(dir_okay=False),
+    help="Compute mean and std scene-wide from this raster (as geovae train does).",
+)
 @click.option("--classes", help='One ID:NAME per output channel in channel order, e.g. "1:developed,5:forest".')
 @click.option("--tile", type=click.IntRange(min=1), help="Default prediction tile size recorded in the file.")
-def export(source: str, out: str, mean: str | None, std: str | None, stats_from: str | None, classes: str | None,
-           tile: int | None) -> None:
+def export(
+    source: str,
+    out: str,
+    mean: str | None,
+    std: str | None,
+    stats_from: str | None,
+    classes: str | None,
+    tile: int | None,
+) -> None:
     """Write SOURCE (a TorchGeo checkpoint) as a self-describing geovae model file.
 
     The file records the band normalisation and class ids/names that a TorchGeo checkpoint
@@ -488,25 +744,63 @@ def export(source: str, out: str, mean: str | None, std: str | None, stats_from:
 @cli.command()
 @click.argument("scenes", nargs=-1)
 @click.option("--list", "scene_list", type=click.Path(dir_okay=False), help="File with one scene path per line.")
-@click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt), readable by the workers.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(),
-              help="Output folder: one sub-folder per scene, plus manifest.csv.")
+@click.option(
+    "-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt), readable by the workers."
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="Output folder: one sub-folder per scene, plus manifest.csv.",
+)
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:8786). Default: a LocalCluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="LocalCluster workers [default: min(2, cores)].")
-@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Scenes each local worker segments at once.")
+@click.option(
+    "--threads-per-worker",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Scenes each local worker segments at once.",
+)
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip scenes already done.")
-@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Extra attempts for a scene whose task failed unexpectedly (a dead worker, a crash).")
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Extra attempts for a scene whose task failed unexpectedly (a dead worker, a crash).",
+)
 @click.option("--split-scene", is_flag=True, help="Spread each scene's blocks over the workers (one huge scene).")
-@click.option("--resources", help='Dask resources each scene task needs, e.g. "GPU=1" (workers started with --resources GPU=1).')
-@click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds to wait for --scheduler before giving up.")
+@click.option(
+    "--resources", help='Dask resources each scene task needs, e.g. "GPU=1" (workers started with --resources GPU=1).'
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for --scheduler before giving up.",
+)
 @_segment_options
 @click.pass_context
-def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, model: str, out_dir: str,
-          scheduler: str | None, workers: int | None, threads_per_worker: int, resume: bool,
-          retries: int, split_scene: bool, resources: str | None, connect_timeout: float, **kw: Any) -> None:
+def batch(
+    ctx: click.Context,
+    scenes: tuple[str, ...],
+    scene_list: str | None,
+    model: str,
+    out_dir: str,
+    scheduler: str | None,
+    workers: int | None,
+    threads_per_worker: int,
+    resume: bool,
+    retries: int,
+    split_scene: bool,
+    resources: str | None,
+    connect_timeout: float,
+    **kw: Any,
+) -> None:
     """Segment many scenes (or one huge one) on dask.distributed, resumable, with retries."""
     from geovae.batch import run_batch
 
@@ -515,9 +809,19 @@ def batch(ctx: click.Context, scenes: tuple[str, ...], scene_list: str | None, m
     if scheduler and workers:
         raise click.UsageError("--workers only applies to the local cluster; drop it with --scheduler")
     res = run_batch(
-        list(scenes), model, out_dir, scene_list=scene_list, scheduler=scheduler, workers=workers,
-        threads_per_worker=threads_per_worker, resume=resume, retries=retries, split_scene=split_scene,
-        resources=_resources(resources), connect_timeout=connect_timeout, progress=not _quiet(ctx),
+        list(scenes),
+        model,
+        out_dir,
+        scene_list=scene_list,
+        scheduler=scheduler,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        resume=resume,
+        retries=retries,
+        split_scene=split_scene,
+        resources=_resources(resources),
+        connect_timeout=connect_timeout,
+        progress=not _quiet(ctx),
         options=_segment_options_from(kw, _quiet(ctx)),
     )
     _print_batch(res)
@@ -532,8 +836,9 @@ def _resources(value: str | None) -> dict[str, float] | None:
         try:
             out[name.strip()] = float(amount)
         except ValueError:
-            raise click.BadParameter(f"{value!r}: write NAME=AMOUNT[,NAME=AMOUNT], e.g. GPU=1",
-                                     param_hint="--resources") from None
+            raise click.BadParameter(
+                f"{value!r}: write NAME=AMOUNT[,NAME=AMOUNT], e.g. GPU=1", param_hint="--resources"
+            ) from None
         if not sep or not name.strip():
             raise click.BadParameter(f"{value!r}: write NAME=AMOUNT, e.g. GPU=1", param_hint="--resources")
     return out
@@ -543,8 +848,13 @@ def _resources(value: str | None) -> dict[str, float] | None:
 @cli.command()
 @click.option("-o", "--out", "out_dir", default="geovae-demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(), help="Folder that already holds lsat7_2000_{10..70}.tif and strata.tif.")
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Training epochs (about 6 s each on 2 CPU cores).")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Training epochs (about 6 s each on 2 CPU cores).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.pass_context
 def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device: str) -> None:
@@ -557,22 +867,30 @@ def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device
     click.echo("")
     ev = res.report["evaluation"]
     auroc = ev.get("auroc_uncertainty")
-    click.echo(f"mIoU on the east half (held out): {ev['miou']:.3f}   ECE: {ev['ece']:.3f}   "
-               f"uncertainty AUROC for errors: {'n/a' if auroc is None else format(auroc, '.3f')} "
-               f"({ev.get('uncertainty_source') or 'none'})")
+    click.echo(
+        f"mIoU on the east half (held out): {ev['miou']:.3f}   ECE: {ev['ece']:.3f}   "
+        f"uncertainty AUROC for errors: {'n/a' if auroc is None else format(auroc, '.3f')} "
+        f"({ev.get('uncertainty_source') or 'none'})"
+    )
     _print_outputs(res.outputs)
 
 
 # ----------------------------------------------------------------------------- view
 @cli.command()
 @click.argument("path", type=click.Path())
-@click.option("--host", help="Address to listen on [default: 127.0.0.1, this machine only]. Another "
-                             "(0.0.0.0...) shows the outputs to anyone who can reach it.")
+@click.option(
+    "--host",
+    help="Address to listen on [default: 127.0.0.1, this machine only]. Another "
+    "(0.0.0.0...) shows the outputs to anyone who can reach it.",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--no-browser", is_flag=True, help="Only print the address; do not open a browser.")
-@click.option("--basemap", help="XYZ tile URL template drawn under the layers, e.g. "
-                                "https://tile.openstreetmap.org/{z}/{x}/{y}.png [default: none; the page loads "
-                                "nothing from outside this machine].")
+@click.option(
+    "--basemap",
+    help="XYZ tile URL template drawn under the layers, e.g. "
+    "https://tile.openstreetmap.org/{z}/{x}/{y}.png [default: none; the page loads "
+    "nothing from outside this machine].",
+)
 def view(path: str, host: str | None, port: int, no_browser: bool, basemap: str | None) -> None:
     """Look at a segment or batch output folder (or one report .json) in the browser.
 
@@ -594,8 +912,11 @@ def _usage_line(e: click.ClickException) -> str:
     """A usage error as one line that names the fix: the message and where help is."""
     msg = " ".join(e.format_message().split()).rstrip(".")
     ctx = getattr(e, "ctx", None)
-    where = f"geovae {ctx.command_path.split(' ', 1)[1]} --help" if ctx is not None and " " in ctx.command_path \
+    where = (
+        f"geovae {ctx.command_path.split(' ', 1)[1]} --help"
+        if ctx is not None and " " in ctx.command_path
         else "geovae --help"
+    )
     return f"geovae: error: {msg}; see `{where}`"
 
 

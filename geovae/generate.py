@@ -28,7 +28,7 @@ import numpy as np
 from geovae.atomic import atomic_path, check_output_file
 from geovae.errors import LabelsError, ModelFileError, OptionError
 
-__all__ = ["generate_images", "GenerateResult", "MAX_PIXELS"]
+__all__ = ["MAX_PIXELS", "GenerateResult", "generate_images"]
 
 #: Largest class map (pixels per generated image) decoded in one piece.
 MAX_PIXELS = 4096 * 4096
@@ -63,11 +63,15 @@ def _class_layout(path: str | os.PathLike[str], class_ids: list[int], stride: in
 
     with open_raster(path, "class map") as ds:
         if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
-            raise LabelsError(f"--classes-from {path}: holds {ds.dtypes[0]} values; give an integer class raster "
-                              "(labels or a geovae classes.tif)")
+            raise LabelsError(
+                f"--classes-from {path}: holds {ds.dtypes[0]} values; give an integer class raster "
+                "(labels or a geovae classes.tif)"
+            )
         if ds.width * ds.height > MAX_PIXELS:
-            raise OptionError(f"--classes-from {path}: {ds.width}x{ds.height} px is more than "
-                              f"{MAX_PIXELS:,} px; crop it first (gdal_translate -srcwin)")
+            raise OptionError(
+                f"--classes-from {path}: {ds.width}x{ds.height} px is more than "
+                f"{MAX_PIXELS:,} px; crop it first (gdal_translate -srcwin)"
+            )
         ids = ds.read(1)
         ok = ds.read_masks(1) > 0
         grid = {"crs": ds.crs, "transform": ds.transform, "height": ds.height, "width": ds.width}
@@ -75,8 +79,10 @@ def _class_layout(path: str | os.PathLike[str], class_ids: list[int], stride: in
     for i, cid in enumerate(class_ids):
         index[ok & (ids == cid)] = i
     if (index < 0).all():
-        raise LabelsError(f"--classes-from {path}: holds none of the model's class ids "
-                          f"({', '.join(map(str, class_ids))}); give a class map of this model's classes")
+        raise LabelsError(
+            f"--classes-from {path}: holds none of the model's class ids "
+            f"({', '.join(map(str, class_ids))}); give a class map of this model's classes"
+        )
     h, w = index.shape
     padded = np.pad(index, ((0, (-h) % stride), (0, (-w) % stride)), constant_values=-1)
     return padded, grid
@@ -137,22 +143,32 @@ def generate_images(
         out_h, out_w = grid["height"], grid["width"]
     else:
         if size < stride or size % stride:
-            raise OptionError(f"--size {size}: must be a positive multiple of the model stride {stride}; "
-                              f"try {max(stride, round(size / stride) * stride)}")
+            raise OptionError(
+                f"--size {size}: must be a positive multiple of the model stride {stride}; "
+                f"try {max(stride, round(size / stride) * stride)}"
+            )
         if size * size > MAX_PIXELS:
-            raise OptionError(f"--size {size}: at most {int(math.isqrt(MAX_PIXELS))} px a side")
+            raise OptionError(f"--size {size}: at most {math.isqrt(MAX_PIXELS)} px a side")
         hh = ww = out_h = out_w = size
     dtype = str(info.training.get("dtype") or "float32")
     np_dtype = np.dtype(dtype)
-    lo, hi = (np.iinfo(np_dtype).min, np.iinfo(np_dtype).max) if np.issubdtype(np_dtype, np.integer) else \
-        (-np.inf, np.inf)
+    lo, hi = (
+        (np.iinfo(np_dtype).min, np.iinfo(np_dtype).max) if np.issubdtype(np_dtype, np.integer) else (-np.inf, np.inf)
+    )
     c = info.in_channels
     names = info.band_names or [f"band {b + 1}" for b in range(c)]
     mean = torch.tensor(info.mean, dtype=torch.float32, device=m.device).view(1, -1, 1, 1)
     std = torch.tensor(info.std, dtype=torch.float32, device=m.device).view(1, -1, 1, 1)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    profile: dict[str, Any] = {"driver": "GTiff", "width": out_w, "height": out_h, "count": n * c, "dtype": dtype,
-                               "compress": "deflate", "interleave": "band"}
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": out_w,
+        "height": out_h,
+        "count": n * c,
+        "dtype": dtype,
+        "compress": "deflate",
+        "interleave": "band",
+    }
     if out_w >= 256 and out_h >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     if grid is not None:
@@ -161,14 +177,53 @@ def generate_images(
     with warnings.catch_warnings():
         # Tiles without a class map have no place on Earth: that is expected, not a warning.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        _write(out_path, profile, module, info, n, c, hh, ww, out_h, out_w, cls_t, gen, mean, std, np_dtype, lo, hi,
-               names, seed, classes_from)
+        _write(
+            out_path,
+            profile,
+            module,
+            info,
+            n,
+            c,
+            hh,
+            ww,
+            out_h,
+            out_w,
+            cls_t,
+            gen,
+            mean,
+            std,
+            np_dtype,
+            lo,
+            hi,
+            names,
+            seed,
+            classes_from,
+        )
     return GenerateResult(out_path, n, c, out_h, out_w, dtype, grid is not None)
 
 
-def _write(out_path: Path, profile: dict[str, Any], module: Any, info: Any, n: int, c: int, hh: int, ww: int,
-           out_h: int, out_w: int, cls_t: Any, gen: Any, mean: Any, std: Any, np_dtype: Any, lo: Any, hi: Any,
-           names: list[str], seed: int, classes_from: Any) -> None:
+def _write(
+    out_path: Path,
+    profile: dict[str, Any],
+    module: Any,
+    info: Any,
+    n: int,
+    c: int,
+    hh: int,
+    ww: int,
+    out_h: int,
+    out_w: int,
+    cls_t: Any,
+    gen: Any,
+    mean: Any,
+    std: Any,
+    np_dtype: Any,
+    lo: Any,
+    hi: Any,
+    names: list[str],
+    seed: int,
+    classes_from: Any,
+) -> None:
     import rasterio
     import torch
 
@@ -187,8 +242,13 @@ def _write(out_path: Path, profile: dict[str, Any], module: Any, info: Any, n: i
             dst.write(img, indexes=list(range(i * c + 1, (i + 1) * c + 1)))
             for b in range(c):
                 dst.set_band_description(i * c + b + 1, f"sample {i + 1}: {names[b]}")
-        dst.update_tags(GEOVAE_GENERATED="latent prior samples", SAMPLES=str(n), BANDS_PER_SAMPLE=str(c), SEED=str(seed),
-                        CLASSES_FROM=str(classes_from) if classes_from is not None else "segmenter's own classes")
+        dst.update_tags(
+            GEOVAE_GENERATED="latent prior samples",
+            SAMPLES=str(n),
+            BANDS_PER_SAMPLE=str(c),
+            SEED=str(seed),
+            CLASSES_FROM=str(classes_from) if classes_from is not None else "segmenter's own classes",
+        )
 
 
 def _decode(module: Any, z: Any, classes: Any, class_argmax: Any) -> Any:

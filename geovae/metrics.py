@@ -31,8 +31,18 @@ from rasterio.windows import Window
 from geovae.errors import LabelsError, OptionError
 from geovae.scene import grid_mismatch, open_raster
 
-__all__ = ["metrics_from_confusion", "confusion_scores", "expected_calibration_error", "auroc_from_histograms",
-           "evaluate", "format_report", "object_scores", "match_objects", "AUROC_BINS", "OBJECT_IOU"]
+__all__ = [
+    "AUROC_BINS",
+    "OBJECT_IOU",
+    "auroc_from_histograms",
+    "confusion_scores",
+    "evaluate",
+    "expected_calibration_error",
+    "format_report",
+    "match_objects",
+    "metrics_from_confusion",
+    "object_scores",
+]
 
 #: Objects match when their IoU is at least this (one to one), the common convention of
 #: instance and field-delineation benchmarks (COCO's AP50, Fields of the World's object F1).
@@ -76,7 +86,10 @@ def confusion_scores(cm: Any) -> dict[str, np.ndarray | float]:
     present = support > 0
     total = cm.sum()
     return {
-        "iou": iou, "support": support, "predicted": predicted, "present": present,
+        "iou": iou,
+        "support": support,
+        "predicted": predicted,
+        "present": present,
         "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
         "OA": float(tp.sum() / total) if total > 0 else float("nan"),
     }
@@ -102,8 +115,9 @@ def metrics_from_confusion(cm: Any, names: Sequence[str] | None = None) -> dict[
 
 
 # ----------------------------------------------------------------------------- calibration, error detection
-def expected_calibration_error(count: np.ndarray, confidence_sum: np.ndarray,
-                               correct: np.ndarray) -> tuple[float, list[dict[str, Any]]]:
+def expected_calibration_error(
+    count: np.ndarray, confidence_sum: np.ndarray, correct: np.ndarray
+) -> tuple[float, list[dict[str, Any]]]:
     """Expected calibration error from per-bin counts of equal-width confidence bins.
 
     Args:
@@ -123,8 +137,13 @@ def expected_calibration_error(count: np.ndarray, confidence_sum: np.ndarray,
     conf_b = np.where(nz, confidence_sum / np.maximum(count, 1), 0.0)
     ece = float((count / max(n, 1) * np.abs(acc_b - conf_b)).sum())
     reliability = [
-        {"lower": i / num_bins, "upper": (i + 1) / num_bins, "count": int(count[i]),
-         "accuracy": float(acc_b[i]) if nz[i] else None, "confidence": float(conf_b[i]) if nz[i] else None}
+        {
+            "lower": i / num_bins,
+            "upper": (i + 1) / num_bins,
+            "count": int(count[i]),
+            "accuracy": float(acc_b[i]) if nz[i] else None,
+            "confidence": float(conf_b[i]) if nz[i] else None,
+        }
         for i in range(num_bins)
     ]
     return ece, reliability
@@ -244,18 +263,22 @@ def evaluate(
     if num_bins < 1:
         raise LabelsError(f"num_bins={num_bins}: use at least one calibration bin")
     if labels is None and objects is None:
-        raise OptionError("nothing to score against: give --labels (a label raster) and/or --objects (reference polygons)")
+        raise OptionError(
+            "nothing to score against: give --labels (a label raster) and/or --objects (reference polygons)"
+        )
     result: dict[str, Any] = {}
     if objects is not None:
-        result["objects"] = _evaluate_objects(prediction, objects, predicted_objects, object_iou, object_classes,
-                                              object_min_area)
+        result["objects"] = _evaluate_objects(
+            prediction, objects, predicted_objects, object_iou, object_classes, object_min_area
+        )
     if labels is None:
         return result
     return {**_evaluate_pixels(prediction, labels, confidence, uncertainty, num_bins), **result}
 
 
-def _evaluate_objects(prediction: Any, reference: Any, predicted: Any, iou: float, classes: Any,
-                      min_area: float) -> dict[str, Any]:
+def _evaluate_objects(
+    prediction: Any, reference: Any, predicted: Any, iou: float, classes: Any, min_area: float
+) -> dict[str, Any]:
     from pathlib import Path
 
     from geovae.products import POLYGON_FORMATS
@@ -270,11 +293,14 @@ def _evaluate_objects(prediction: Any, reference: Any, predicted: Any, iou: floa
         found = [Path(str(prediction)).with_name(f"{stem}.objects{sfx}") for sfx, _ in POLYGON_FORMATS.values()]
         found = [p for p in found if p.exists()]
         if not found:
-            raise OptionError(f"no object polygons next to {prediction} ({stem}.objects.gpkg/.parquet/.geojson); "
-                              "segment with --objects, or pass --predicted-objects")
+            raise OptionError(
+                f"no object polygons next to {prediction} ({stem}.objects.gpkg/.parquet/.geojson); "
+                "segment with --objects, or pass --predicted-objects"
+            )
         predicted = next((p for p in found if p.suffix == ".gpkg"), found[0])
-    scores = object_scores(predicted, reference, iou_threshold=iou, region=bounds, region_crs=crs, classes=classes,
-                           min_area=min_area)
+    scores = object_scores(
+        predicted, reference, iou_threshold=iou, region=bounds, region_crs=crs, classes=classes, min_area=min_area
+    )
     return {"predicted_objects": str(predicted), "reference_objects": str(reference), **scores}
 
 
@@ -464,8 +490,10 @@ def _read_objects(source: Any, what: str, batch: int | None = None) -> Iterator[
         for start in range(0, max(n, 1), step):
             yield pyogrio.read_dataframe(path, layer=layer, skip_features=start, max_features=step)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as e:
-        raise LabelsError(f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or "
-                          "GeoParquet file of polygons") from None
+        raise LabelsError(
+            f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or "
+            "GeoParquet file of polygons"
+        ) from None
 
 
 def _class_filter(gdf: Any, classes: Sequence[str | int] | None) -> Any:
@@ -584,8 +612,13 @@ def object_scores(
     recall = m / n_ref if n_ref else None
     f1 = 2 * m / (n_pred + n_ref) if n_pred + n_ref else None
     return {
-        "iou_threshold": float(iou_threshold), "reference": n_ref, "predicted": n_pred, "matched": m,
-        "precision": precision, "recall": recall, "f1": f1,
+        "iou_threshold": float(iou_threshold),
+        "reference": n_ref,
+        "predicted": n_pred,
+        "matched": m,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
         "mean_iou": float(np.mean([t[0] for t in matched])) if matched else None,
         "crs": None if crs is None else crs.to_string(),
     }
@@ -609,8 +642,10 @@ def format_report(d: dict[str, Any]) -> str:
     if o:
         if lines:
             lines.append("")
-        lines.append(f"objects (IoU >= {o['iou_threshold']:g}, one to one): {o['matched']:,} matched of "
-                     f"{o['predicted']:,} predicted and {o['reference']:,} reference")
+        lines.append(
+            f"objects (IoU >= {o['iou_threshold']:g}, one to one): {o['matched']:,} matched of "
+            f"{o['predicted']:,} predicted and {o['reference']:,} reference"
+        )
         lines.append(f"object precision   {num(o['precision'])}")
         lines.append(f"object recall      {num(o['recall'])}")
         lines.append(f"object F1          {num(o['f1'])}")

@@ -54,8 +54,18 @@ import numpy as np
 
 from geovae.errors import ModelMismatchError, OptionError
 
-__all__ = ["ObjectSpec", "label_objects", "boundary_class", "resolve_object_classes", "MIN_SEED_PIXELS",
-           "SEED_DISTANCE", "DEFAULT_HALO", "DEFAULT_SEED", "BOUNDARY_NAME", "BACKGROUND_NAME"]
+__all__ = [
+    "BACKGROUND_NAME",
+    "BOUNDARY_NAME",
+    "DEFAULT_HALO",
+    "DEFAULT_SEED",
+    "MIN_SEED_PIXELS",
+    "SEED_DISTANCE",
+    "ObjectSpec",
+    "boundary_class",
+    "label_objects",
+    "resolve_object_classes",
+]
 
 log = logging.getLogger("geovae.objects")
 
@@ -121,18 +131,25 @@ def boundary_class(info: Any) -> int | None:
         info: a :class:`~geovae.model.base.ModelInfo`.
     """
     extra = getattr(info, "extra", None) or {}
-    for where in (extra.get("objects"), (extra.get("data") or {}).get("objects") if isinstance(extra.get("data"), dict) else None):
-        if isinstance(where, dict) and isinstance(where.get("boundary_class"), int):
-            if where["boundary_class"] in info.class_ids:
-                return int(where["boundary_class"])
+    for where in (
+        extra.get("objects"),
+        (extra.get("data") or {}).get("objects") if isinstance(extra.get("data"), dict) else None,
+    ):
+        if (
+            isinstance(where, dict)
+            and isinstance(where.get("boundary_class"), int)
+            and where["boundary_class"] in info.class_ids
+        ):
+            return int(where["boundary_class"])
     for cid, name in zip(info.class_ids, info.class_names):
         if str(name).strip().lower() == BOUNDARY_NAME:
             return int(cid)
     return None
 
 
-def resolve_object_classes(wanted: Sequence[str | int], class_ids: Sequence[int], class_names: Sequence[str],
-                           boundary: int | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def resolve_object_classes(
+    wanted: Sequence[str | int], class_ids: Sequence[int], class_names: Sequence[str], boundary: int | None
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Class ids and names of ``--objects`` entries, each a class name or id.
 
     Raises:
@@ -151,8 +168,9 @@ def resolve_object_classes(wanted: Sequence[str | int], class_ids: Sequence[int]
             listed = ", ".join(f"{c}:{n}" for c, n in names.items())
             raise ModelMismatchError(f"--objects {key}: no such class (the classes are {listed}); name object classes")
         if cid == boundary:
-            raise ModelMismatchError(f"--objects {key}: that is the boundary class; name the classes whose objects "
-                                     "it separates")
+            raise ModelMismatchError(
+                f"--objects {key}: that is the boundary class; name the classes whose objects it separates"
+            )
         if cid not in out:
             out.append(cid)
     return tuple(out), tuple(names[c] for c in out)
@@ -277,8 +295,7 @@ def label_objects(
         seeds = np.where(opx, ids[pieces], seeds)
         # The class of an orphan object: the object class most of its pixels have.
         opieces = np.flatnonzero(orphan)
-        counts = np.stack([np.bincount(pieces[opx & (classes == c)], minlength=m + 1)[opieces]
-                           for c in spec.classes])
+        counts = np.stack([np.bincount(pieces[opx & (classes == c)], minlength=m + 1)[opieces] for c in spec.classes])
         seed_class += [spec.classes[i] for i in counts.argmax(0)]
         n += len(opieces)
     if n == 0:
@@ -317,8 +334,11 @@ def probability_tags(classes: Sequence[int], names: Sequence[str], boundary: int
     import json
 
     ids = [*classes, *([boundary] if boundary is not None else [])]
-    return {"CLASS_IDS": json.dumps([int(c) for c in ids]), "BOUNDARY_CLASS": "" if boundary is None else str(boundary),
-            "OBJECT_CLASSES": json.dumps(dict(zip((str(int(c)) for c in classes), (str(n) for n in names))))}
+    return {
+        "CLASS_IDS": json.dumps([int(c) for c in ids]),
+        "BOUNDARY_CLASS": "" if boundary is None else str(boundary),
+        "OBJECT_CLASSES": json.dumps(dict(zip((str(int(c)) for c in classes), (str(n) for n in names)))),
+    }
 
 
 def _probability_bands(ds: Any) -> tuple[list[int], int | None]:
@@ -329,8 +349,10 @@ def _probability_bands(ds: Any) -> tuple[list[int], int | None]:
     try:
         ids = [int(v) for v in json.loads(tags["CLASS_IDS"])]
     except (KeyError, TypeError, ValueError):
-        raise OptionError(f"{ds.name} is not an object-probability raster (no CLASS_IDS tag); pass the "
-                          "<stem>.object-probability.tif a segment run with --objects wrote") from None
+        raise OptionError(
+            f"{ds.name} is not an object-probability raster (no CLASS_IDS tag); pass the "
+            "<stem>.object-probability.tif a segment run with --objects wrote"
+        ) from None
     b = tags.get("BOUNDARY_CLASS", "")
     return ids, int(b) if b.strip().lstrip("-").isdigit() else None
 
@@ -403,8 +425,8 @@ def write_objects(
         _block_pieces,
         _check_same_grid,
         _Layer,
-        _Measure,
         _mean,
+        _Measure,
         _read_band,
         _run_layer,
         _style_geopackages,
@@ -435,8 +457,10 @@ def write_objects(
             want = [*spec.classes, *([spec.boundary] if spec.boundary is not None else [])]
             missing = [c for c in want if c not in ids]
             if missing:
-                raise OptionError(f"object-probability raster {prob_ds.name} has no band for class(es) "
-                                  f"{', '.join(map(str, missing))} (it holds {ids}); segment with those --objects")
+                raise OptionError(
+                    f"object-probability raster {prob_ds.name} has no band for class(es) "
+                    f"{', '.join(map(str, missing))} (it holds {ids}); segment with those --objects"
+                )
             bands = [ids.index(c) + 1 for c in want]
         if confidence is not None:
             conf_ds = open_raster(confidence, "confidence raster")
@@ -444,7 +468,7 @@ def write_objects(
             _check_same_grid(src, conf_ds, "confidence")
         table = read_class_table(src)
         names = {k: v["name"] for k, v in table.items()}
-        names.update({c: n for c, n in zip(spec.classes, spec.names)})
+        names.update(dict(zip(spec.classes, spec.names)))
         W, H = src.width, src.height
         halo = spec.halo
         to_world = src.transform if crs is not None else Affine.identity()
@@ -472,9 +496,10 @@ def write_objects(
                     probs = np.concatenate([probs, np.zeros_like(probs[:1])])
                 valid &= np.isfinite(probs).all(0)
             edges = (gr0 > 0, gr1 < H, gc0 > 0, gc1 < W)
-            labels, anchors, label_class = label_objects(cls, valid, spec, probs, offset=(gr0, gc0), width=W,
-                                                         open_edges=edges)
-            inner = labels[r0 - gr0:r1 - gr0, c0 - gc0:c1 - gc0]
+            labels, anchors, label_class = label_objects(
+                cls, valid, spec, probs, offset=(gr0, gc0), width=W, open_edges=edges
+            )
+            inner = labels[r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0]
             present = np.unique(inner)
             present = present[present > 0]
             if len(present) == 0:
@@ -490,7 +515,7 @@ def write_objects(
             if probs is not None:
                 k = np.array([class_index[int(c)] for c in label_class], np.int64)
                 kk = np.where(inner > 0, k[np.maximum(inner, 1) - 1], 0)
-                score = np.take_along_axis(probs[:, r0 - gr0:r1 - gr0, c0 - gc0:c1 - gc0], kk[None], 0)[0]
+                score = np.take_along_axis(probs[:, r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0], kk[None], 0)[0]
                 score = np.where(inner > 0, score, np.nan).astype(np.float32)
             conf = _read_band(conf_ds, win)
             geoms, local, stats = _block_pieces(inner, inner > 0, win, 4, conf, score)
@@ -514,18 +539,40 @@ def write_objects(
         cols = [area_col if c == "area" else c for c in OBJECT_COLUMNS]
         types = {c: {"object_id": "int64", "class_id": "int32", "class_name": object}.get(c, "float64") for c in cols}
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
-            res = _run_layer(_Layer(pieces, attributes, cols, types), W, H, crs, targets, to_world, measure,
-                             min_area, simplify, block_size, 4, layer, progress)
+            res = _run_layer(
+                _Layer(pieces, attributes, cols, types),
+                W,
+                H,
+                crs,
+                targets,
+                to_world,
+                measure,
+                min_area,
+                simplify,
+                block_size,
+                4,
+                layer,
+                progress,
+            )
         _style_geopackages(targets, layer, table, {c: n for c, n in names.items() if c in spec.classes})
     finally:
         for ds in extra:
             ds.close()
         src.close()
     if beyond:
-        log.warning("%d objects reach beyond the %d-pixel object halo and may be cut or split at block lines; "
-                    "raise --object-halo above the largest object's size in pixels", len(beyond), halo)
-    return ObjectResult(paths=res.paths, n_objects=res.n_polygons, class_areas_m2=res.class_areas_m2,
-                        area_unit=res.area_unit, beyond_halo=len(beyond))
+        log.warning(
+            "%d objects reach beyond the %d-pixel object halo and may be cut or split at block lines; "
+            "raise --object-halo above the largest object's size in pixels",
+            len(beyond),
+            halo,
+        )
+    return ObjectResult(
+        paths=res.paths,
+        n_objects=res.n_polygons,
+        class_areas_m2=res.class_areas_m2,
+        area_unit=res.area_unit,
+        beyond_halo=len(beyond),
+    )
 
 
 # ----------------------------------------------------------------------------- a segment run
@@ -550,8 +597,7 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec 
         raise OptionError("--objects writes object polygons; give --formats (e.g. gpkg)")
     boundary = boundary_class(info)
     ids, names = resolve_object_classes(options.objects, info.class_ids, info.class_names, boundary)
-    return ObjectSpec(classes=ids, names=names, boundary=boundary, seed=options.object_seed,
-                      halo=options.object_halo)
+    return ObjectSpec(classes=ids, names=names, boundary=boundary, seed=options.object_seed, halo=options.object_halo)
 
 
 def stitch_channels(spec: ObjectSpec, info: Any) -> tuple[list[int], dict[str, str]]:
@@ -630,8 +676,14 @@ def vectorize_objects(
     cls, cnames = resolve_object_classes(wanted, ids, names, boundary)
     spec = ObjectSpec(classes=cls, names=cnames, boundary=boundary, seed=seed, halo=halo)
     layer = layer or f"{scene_layer_name(classes)}_objects"
-    kw = dict(probabilities=probabilities, confidence=confidence, min_area=min_area, simplify=simplify,
-              block_size=block_size, layer=layer)
+    kw = dict(
+        probabilities=probabilities,
+        confidence=confidence,
+        min_area=min_area,
+        simplify=simplify,
+        block_size=block_size,
+        layer=layer,
+    )
     if out is None:
         with tempfile.TemporaryDirectory(prefix="geovae-objects-") as tmp:
             path = Path(tmp) / "objects.gpkg"
@@ -651,6 +703,10 @@ def vectorize_objects(
         for folder, oset in sets.items():
             oset.commit([p.name for p in paths if p.parent.absolute() == folder])
     if res.n_objects == 0:
-        log.warning("no objects of class %s in %s: no pixel of %s, or none above --min-area",
-                    ",".join(map(str, cls)), classes, "it" if len(cls) == 1 else "them")
+        log.warning(
+            "no objects of class %s in %s: no pixel of %s, or none above --min-area",
+            ",".join(map(str, cls)),
+            classes,
+            "it" if len(cls) == 1 else "them",
+        )
     return res

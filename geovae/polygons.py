@@ -64,7 +64,7 @@ from geovae.errors import OptionError, SceneError
 from geovae.products import ATTRIBUTE_COLUMNS, CLASS_NODATA, POLYGON_FORMATS, area_column, read_class_table
 from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
 
-__all__ = ["VectorizeResult", "vectorize", "write_polygons", "PolygonStream", "scene_layer_name"]
+__all__ = ["PolygonStream", "VectorizeResult", "scene_layer_name", "vectorize", "write_polygons"]
 
 #: Finished polygons are flushed to the temporary GeoPackage in chunks of this many
 #: (20,000 held ~45 MiB more at peak for no measurable speed-up).
@@ -405,9 +405,15 @@ class _PartsWriter:
         with warnings.catch_warnings():
             # Pixel-coordinates mode has no CRS on purpose.
             warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
-            pyogrio.write_dataframe(gdf, self.path, driver="GPKG", layer=_PARTS_LAYER, append=self.started,
-                                    geometry_type=self.geometry_type,
-                                    promote_to_multi=self.geometry_type == "MultiPolygon")
+            pyogrio.write_dataframe(
+                gdf,
+                self.path,
+                driver="GPKG",
+                layer=_PARTS_LAYER,
+                append=self.started,
+                geometry_type=self.geometry_type,
+                promote_to_multi=self.geometry_type == "MultiPolygon",
+            )
         self.n += len(gdf)
         self.started = True
         self.buffer = []
@@ -428,12 +434,14 @@ def _geoparquet_schema(schema: Any, geom_col: str, crs: Any, geometry_type: str)
     geo = {
         "version": "1.1.0",
         "primary_column": "geometry",
-        "columns": {"geometry": {
-            "encoding": "WKB",
-            "geometry_types": [geometry_type],
-            # PROJJSON, as GeoParquet asks; null means "unknown" (pixel coordinates).
-            "crs": None if crs is None else json.loads(ProjCRS.from_wkt(crs.to_wkt()).to_json()),
-        }},
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": [geometry_type],
+                # PROJJSON, as GeoParquet asks; null means "unknown" (pixel coordinates).
+                "crs": None if crs is None else json.loads(ProjCRS.from_wkt(crs.to_wkt()).to_json()),
+            }
+        },
     }
     return schema.with_metadata({b"geo": json.dumps(geo).encode()})
 
@@ -442,7 +450,8 @@ def _write_output(parts_path: Path, final: Path, dest: Path, crs: Any, geometry_
     """Copy the parts GeoPackage into ``dest`` in the format ``final``'s suffix names, in
     Arrow record batches (WKB geometry) of ``_STREAM_BATCH`` polygons."""
     with pyogrio.raw.open_arrow(parts_path, layer=_PARTS_LAYER, batch_size=_STREAM_BATCH, use_pyarrow=True) as (
-        meta, reader
+        meta,
+        reader,
     ):
         _write_format(reader, meta.get("geometry_name") or "wkb_geometry", final, dest, crs, geometry_type, layer)
 
@@ -455,14 +464,15 @@ def _keep_other_layers(final: Path, dest: Path, layer: str) -> None:
     if final.suffix.lower() == ".gpkg" and final.is_file() and final.resolve() != dest.resolve():
         try:
             others = [name for name, _ in pyogrio.list_layers(final) if name != layer]
-        except Exception:  # noqa: BLE001 - not a GeoPackage we can read: replaced whole
+        except Exception:
             others = []
         if others:
             shutil.copyfile(final, dest)
 
 
-def _write_format(reader: Any, geom_col: str, final: Path, dest: Path, crs: Any, geometry_type: str,
-                  layer: str) -> None:
+def _write_format(
+    reader: Any, geom_col: str, final: Path, dest: Path, crs: Any, geometry_type: str, layer: str
+) -> None:
     """Write the Arrow record batches of ``reader`` (a WKB geometry column ``geom_col`` and
     the attribute columns) into ``dest`` in the format ``final``'s suffix names."""
     suffix = final.suffix.lower()
@@ -470,14 +480,28 @@ def _write_format(reader: Any, geom_col: str, final: Path, dest: Path, crs: Any,
     if suffix == ".geojson":
         # RFC7946=YES makes GDAL reproject to WGS84 lon/lat itself (given the layer's CRS),
         # write right-hand (CCW exterior) rings and cut polygons at the antimeridian.
-        pyogrio.write_arrow(reader, dest, driver="GeoJSON", layer=layer, geometry_name=geom_col,
-                            geometry_type=geometry_type, crs=crs.to_wkt(), layer_options={"RFC7946": "YES"})
+        pyogrio.write_arrow(
+            reader,
+            dest,
+            driver="GeoJSON",
+            layer=layer,
+            geometry_name=geom_col,
+            geometry_type=geometry_type,
+            crs=crs.to_wkt(),
+            layer_options={"RFC7946": "YES"},
+        )
     elif suffix == ".gpkg":
         # Into an existing GeoPackage (the copy above) GDAL replaces just this layer.
-        pyogrio.write_arrow(reader, dest, driver="GPKG", layer=layer, geometry_name=geom_col,
-                            geometry_type=geometry_type, crs=None if crs is None else crs.to_wkt())
+        pyogrio.write_arrow(
+            reader,
+            dest,
+            driver="GPKG",
+            layer=layer,
+            geometry_name=geom_col,
+            geometry_type=geometry_type,
+            crs=None if crs is None else crs.to_wkt(),
+        )
     else:
-
         schema = _geoparquet_schema(reader.schema, geom_col, crs, geometry_type)
         with pq.ParquetWriter(dest, schema) as w:
             for batch in reader:
@@ -506,15 +530,22 @@ class _FormatWriters:
     format, so a slow writer holds the tracing back rather than letting memory grow.
     """
 
-    def __init__(self, targets: Sequence[tuple[Path, Path]], crs: Any, geometry_type: str, columns: list[str],
-                 dtypes: dict[str, Any], layer: str):
-
+    def __init__(
+        self,
+        targets: Sequence[tuple[Path, Path]],
+        crs: Any,
+        geometry_type: str,
+        columns: list[str],
+        dtypes: dict[str, Any],
+        layer: str,
+    ):
 
         _load_lazy_imports()
         self.columns = columns
         self.multi = geometry_type == "MultiPolygon"
-        self.schema = pa.schema([*(pa.field(c, _ARROW_TYPES[dtypes[c]]) for c in columns),
-                                 pa.field("geometry", pa.binary())])
+        self.schema = pa.schema(
+            [*(pa.field(c, _ARROW_TYPES[dtypes[c]]) for c in columns), pa.field("geometry", pa.binary())]
+        )
         self.buffer: list[dict[str, Any]] = []
         self.n = 0
         self.errors: list[BaseException] = []
@@ -523,8 +554,12 @@ class _FormatWriters:
         self.threads: list[Any] = []
         for final, dest in targets:
             q: Any = queue.Queue(maxsize=2)
-            t = threading.Thread(target=self._write, args=(q, Path(final), Path(dest), crs, geometry_type, layer),
-                                 name="geovae-polygon-writer", daemon=True)
+            t = threading.Thread(
+                target=self._write,
+                args=(q, Path(final), Path(dest), crs, geometry_type, layer),
+                name="geovae-polygon-writer",
+                daemon=True,
+            )
             self.queues.append(q)
             self.threads.append(t)
             t.start()
@@ -543,7 +578,7 @@ class _FormatWriters:
         try:
             reader = pa.RecordBatchReader.from_batches(self.schema, batches())
             _write_format(reader, "geometry", final, dest, crs, geometry_type, layer)
-        except BaseException as exc:  # noqa: BLE001 - handed to the tracing thread
+        except BaseException as exc:
             if not self._stop:
                 self.errors.append(exc)
 
@@ -557,8 +592,12 @@ class _FormatWriters:
 
         if not self.buffer:
             return
-        cols = {c: list(chain.from_iterable(r[c] for r in self.buffer)) if self.schema.field(c).type == pa.string()
-                else np.concatenate([np.asarray(r[c]) for r in self.buffer]) for c in self.columns}
+        cols = {
+            c: list(chain.from_iterable(r[c] for r in self.buffer))
+            if self.schema.field(c).type == pa.string()
+            else np.concatenate([np.asarray(r[c]) for r in self.buffer])
+            for c in self.columns
+        }
         geoms = np.concatenate([np.asarray(r["geometry"], dtype=object) for r in self.buffer])
         if self.multi:
             single = shapely.get_type_id(geoms) == shapely.GeometryType.POLYGON
@@ -644,7 +683,7 @@ def _output_paths(out: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     return paths
 
 
-_SUFFIXES = {suffix: driver for suffix, driver in POLYGON_FORMATS.values()}
+_SUFFIXES = dict(POLYGON_FORMATS.values())
 
 
 def scene_layer_name(classes: str | os.PathLike[str]) -> str:
@@ -725,9 +764,19 @@ def vectorize(
     if out is None:
         with tempfile.TemporaryDirectory(prefix="geovae-polygons-") as tmp:
             path = Path(tmp) / "polygons.gpkg"
-            write_polygons(classes, [(path, path)], confidence=confidence, uncertainty=uncertainty, anomaly=anomaly,
-                           min_area=min_area, simplify=simplify, class_names=class_names, block_size=block_size,
-                           connectivity=connectivity, layer=layer)
+            write_polygons(
+                classes,
+                [(path, path)],
+                confidence=confidence,
+                uncertainty=uncertainty,
+                anomaly=anomaly,
+                min_area=min_area,
+                simplify=simplify,
+                class_names=class_names,
+                block_size=block_size,
+                connectivity=connectivity,
+                layer=layer,
+            )
             return pyogrio.read_dataframe(path, layer=layer)
     paths = _output_paths(out)
     inputs = [classes, confidence, uncertainty, anomaly[0] if anomaly else None]
@@ -739,9 +788,19 @@ def vectorize(
             if folder not in sets:
                 sets[folder] = stack.enter_context(OutputSet(folder, "polygons", lock=False, inputs=inputs))
         targets = [(p, sets[p.parent.absolute()].path(p.name)) for p in paths]
-        res = write_polygons(classes, targets, confidence=confidence, uncertainty=uncertainty, anomaly=anomaly,
-                             min_area=min_area, simplify=simplify, class_names=class_names, block_size=block_size,
-                             connectivity=connectivity, layer=layer)
+        res = write_polygons(
+            classes,
+            targets,
+            confidence=confidence,
+            uncertainty=uncertainty,
+            anomaly=anomaly,
+            min_area=min_area,
+            simplify=simplify,
+            class_names=class_names,
+            block_size=block_size,
+            connectivity=connectivity,
+            layer=layer,
+        )
         for folder, oset in sets.items():
             oset.commit([p.name for p in paths if p.parent.absolute() == folder])
     return res
@@ -787,8 +846,11 @@ def write_polygons(
         if crs is None and any(p.suffix.lower() == ".geojson" for p in finals):
             raise OptionError(f"GeoJSON needs a CRS and {src.name} has none; use .gpkg or .parquet")
         bands: dict[str, rasterio.DatasetReader] = {}
-        for what, path in (("confidence", confidence), ("uncertainty", uncertainty),
-                           ("reconstruction-error", anomaly[0] if anomaly else None)):
+        for what, path in (
+            ("confidence", confidence),
+            ("uncertainty", uncertainty),
+            ("reconstruction-error", anomaly[0] if anomaly else None),
+        ):
             if path is not None:
                 ds = open_raster(path, f"{what} raster")
                 extra.append(ds)
@@ -803,8 +865,21 @@ def write_polygons(
         # Every block is read once, so GDAL's block cache (5 % of RAM by default) buys
         # nothing here and would keep every block read, growing memory with the raster.
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
-            res = _run(src, bands, anomaly[1] if anomaly else None, targets, names, to_world, measure, min_area,
-                       simplify, block_size, connectivity, layer, progress)
+            res = _run(
+                src,
+                bands,
+                anomaly[1] if anomaly else None,
+                targets,
+                names,
+                to_world,
+                measure,
+                min_area,
+                simplify,
+                block_size,
+                connectivity,
+                layer,
+                progress,
+            )
         _style_geopackages(targets, layer, read_class_table(src), names)
         return res
     finally:
@@ -846,10 +921,25 @@ class PolygonStream:
         OptionError: as :func:`write_polygons`, for its options.
     """
 
-    def __init__(self, targets: Sequence[tuple[Path, Path]], *, width: int, height: int, crs: Any,
-                 transform: Affine, block: int, class_names: dict[int, str], confidence: bool = True,
-                 uncertainty: bool = False, anomaly_threshold: float | None = None, min_area: float = 0.0,
-                 simplify: float = 0.0, connectivity: int = 4, layer: str = "polygons", queue_blocks: int = 2):
+    def __init__(
+        self,
+        targets: Sequence[tuple[Path, Path]],
+        *,
+        width: int,
+        height: int,
+        crs: Any,
+        transform: Affine,
+        block: int,
+        class_names: dict[int, str],
+        confidence: bool = True,
+        uncertainty: bool = False,
+        anomaly_threshold: float | None = None,
+        min_area: float = 0.0,
+        simplify: float = 0.0,
+        connectivity: int = 4,
+        layer: str = "polygons",
+        queue_blocks: int = 2,
+    ):
 
         _check_options(block, connectivity, min_area, simplify)
         _load_lazy_imports()
@@ -869,12 +959,32 @@ class PolygonStream:
         self._current: _BlockValues | None = None
         self._queue: Any = queue.Queue(maxsize=queue_blocks)
         bounds = rasterio.transform.array_bounds(height, width, transform)
-        spec = _class_layer(lambda win: self._current, np.dtype(np.uint8),
-                            self.names, area_column(crs is None), connectivity, confidence, uncertainty,
-                            anomaly_threshold is not None)
-        args = (spec, width, height, crs, self.targets, transform if crs is not None else Affine.identity(),
-                _Measure(crs, (bounds[0], bounds[1], bounds[2], bounds[3])), min_area, simplify, block,
-                connectivity, layer, self._progress, self._rows())
+        spec = _class_layer(
+            lambda win: self._current,
+            np.dtype(np.uint8),
+            self.names,
+            area_column(crs is None),
+            connectivity,
+            confidence,
+            uncertainty,
+            anomaly_threshold is not None,
+        )
+        args = (
+            spec,
+            width,
+            height,
+            crs,
+            self.targets,
+            transform if crs is not None else Affine.identity(),
+            _Measure(crs, (bounds[0], bounds[1], bounds[2], bounds[3])),
+            min_area,
+            simplify,
+            block,
+            connectivity,
+            layer,
+            self._progress,
+            self._rows(),
+        )
         self._thread = threading.Thread(target=self._work, args=args, name="geovae-polygons", daemon=True)
         self._thread.start()
 
@@ -948,7 +1058,7 @@ class PolygonStream:
             self.result = _run_layer(*args)
         except _Stopped:
             pass
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+        except BaseException as exc:
             self._error = exc
         finally:
             self._current = None
@@ -995,8 +1105,9 @@ def _check_options(block_size: Any, connectivity: Any, min_area: float, simplify
             raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
 
 
-def _style_geopackages(targets: Sequence[tuple[Path, Path]], layer: str, table: dict[int, dict[str, Any]],
-                       names: dict[int, str]) -> None:
+def _style_geopackages(
+    targets: Sequence[tuple[Path, Path]], layer: str, table: dict[int, dict[str, Any]], names: dict[int, str]
+) -> None:
     """Give every GeoPackage written QGIS's default style for ``layer`` (``layer_styles``):
     categorised on ``class_name``, in the colours of the class table ``table``
     (:func:`~geovae.products.read_class_table`; a default palette where it has none)."""
@@ -1066,10 +1177,31 @@ def _run(
         anom = None if anom_ds is None else _anomaly_flags(_read_band(anom_ds, win), threshold)
         return _BlockValues(src.read(1, window=win), valid, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
 
-    spec = _class_layer(read, np.dtype(src.dtypes[0]), names, area_column(src.crs is None), connectivity,
-                        conf_ds is not None, unc_ds is not None, anom_ds is not None)
-    return _run_layer(spec, src.width, src.height, src.crs, targets, to_world, measure, min_area, simplify,
-                      block_size, connectivity, layer, progress)
+    spec = _class_layer(
+        read,
+        np.dtype(src.dtypes[0]),
+        names,
+        area_column(src.crs is None),
+        connectivity,
+        conf_ds is not None,
+        unc_ds is not None,
+        anom_ds is not None,
+    )
+    return _run_layer(
+        spec,
+        src.width,
+        src.height,
+        src.crs,
+        targets,
+        to_world,
+        measure,
+        min_area,
+        simplify,
+        block_size,
+        connectivity,
+        layer,
+        progress,
+    )
 
 
 def _anomaly_flags(err: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -1089,8 +1221,16 @@ class _BlockValues:
     anom: np.ndarray | None = None
 
 
-def _class_layer(read: Any, dtype: np.dtype, names: dict[int, str], area_col: str, connectivity: int,
-                 conf: bool, unc: bool, anom: bool) -> _Layer:
+def _class_layer(
+    read: Any,
+    dtype: np.dtype,
+    names: dict[int, str],
+    area_col: str,
+    connectivity: int,
+    conf: bool,
+    unc: bool,
+    anom: bool,
+) -> _Layer:
     """The class-region layer: ``read(window) -> _BlockValues | None`` (None: all nodata)
     gives the pixels, from the finished raster (:func:`_run`) or from the stitcher as it
     writes (:class:`PolygonStream`)."""
@@ -1239,8 +1379,14 @@ def _run_layer(
             # The simplified polygons replace the parts file, which is streamed into each
             # format one batch at a time.
             parts_path.unlink()
-            pyogrio.write_dataframe(gdf, parts_path, driver="GPKG", layer=_PARTS_LAYER, geometry_type=geometry_type,
-                                    promote_to_multi=geometry_type == "MultiPolygon")
+            pyogrio.write_dataframe(
+                gdf,
+                parts_path,
+                driver="GPKG",
+                layer=_PARTS_LAYER,
+                geometry_type=geometry_type,
+                promote_to_multi=geometry_type == "MultiPolygon",
+            )
             for final, dest in targets:
                 _write_output(parts_path, Path(final), Path(dest), crs, geometry_type, layer)
     except BaseException:
@@ -1248,11 +1394,14 @@ def _run_layer(
             parts.abort()
         raise
     finally:
-
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    return VectorizeResult(paths=[Path(f) for f, _ in targets], n_polygons=n,
-                           class_areas_m2=dict(sorted(class_areas.items())), area_unit=area_col[5:])
+    return VectorizeResult(
+        paths=[Path(f) for f, _ in targets],
+        n_polygons=n,
+        class_areas_m2=dict(sorted(class_areas.items())),
+        area_unit=area_col[5:],
+    )
 
 
 def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

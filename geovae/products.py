@@ -19,9 +19,25 @@ from geovae.classes import CLASS_NODATA
 from geovae.errors import OptionError
 
 __all__ = [
-    "KINDS", "RASTER_KINDS", "RASTER_STYLES", "run_kinds", "object_kind", "POLYGON_FORMATS", "CLASS_NODATA", "output_name", "check_formats",
-    "raster_profile", "cog_options", "overview_resampling", "write_class_table", "read_class_table", "uncertainty_tags", "read_max_entropy",
-    "area_column", "ATTRIBUTE_COLUMNS", "OBJECT_COLUMNS",
+    "ATTRIBUTE_COLUMNS",
+    "CLASS_NODATA",
+    "KINDS",
+    "OBJECT_COLUMNS",
+    "POLYGON_FORMATS",
+    "RASTER_KINDS",
+    "RASTER_STYLES",
+    "area_column",
+    "check_formats",
+    "cog_options",
+    "object_kind",
+    "output_name",
+    "overview_resampling",
+    "raster_profile",
+    "read_class_table",
+    "read_max_entropy",
+    "run_kinds",
+    "uncertainty_tags",
+    "write_class_table",
 ]
 
 #: Every file a segment run may write, in the order a run moves them into place (the
@@ -55,8 +71,9 @@ KINDS: dict[str, str] = {
 }
 
 #: The QGIS style of each raster kind.
-RASTER_STYLES: dict[str, str] = {k: f"{k}_style" for k in ("classes", "confidence", "uncertainty",
-                                                              "reconstruction_error", "object_probability")}
+RASTER_STYLES: dict[str, str] = {
+    k: f"{k}_style" for k in ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability")
+}
 
 #: The raster kinds, in writing order.
 RASTER_KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability")
@@ -65,6 +82,7 @@ RASTER_KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error", 
 def object_kind(fmt: str) -> str:
     """The kind of the object polygons (``--objects``) in polygon format ``fmt``: ``objects_gpkg``..."""
     return f"objects_{fmt}"
+
 
 #: Polygon formats: name -> (suffix, OGR driver). GeoParquet is written through pyarrow.
 POLYGON_FORMATS: dict[str, tuple[str, str]] = {
@@ -77,8 +95,9 @@ POLYGON_FORMATS: dict[str, tuple[str, str]] = {
 BLOCKSIZE = 256
 
 
-def run_kinds(rasters: Sequence[str], formats: Sequence[str], *, quicklook: bool, stac: bool = True,
-              objects: bool = False) -> list[str]:
+def run_kinds(
+    rasters: Sequence[str], formats: Sequence[str], *, quicklook: bool, stac: bool = True, objects: bool = False
+) -> list[str]:
     """The kinds one run writes, in commit order (:data:`KINDS`' order, the report last).
 
     Args:
@@ -133,8 +152,10 @@ def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> li
         if f not in POLYGON_FORMATS:
             raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
     if pixel_coords and "geojson" in fmts:
-        raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
-                          "pixel coordinates; use --formats gpkg or parquet")
+        raise OptionError(
+            "--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
+            "pixel coordinates; use --formats gpkg or parquet"
+        )
     return list(dict.fromkeys(fmts))
 
 
@@ -167,8 +188,9 @@ BAND_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 STREAM_ZSTD_LEVEL = 1
 
 
-def raster_profile(kind: str, *, width: int, height: int, crs: Any, transform: Any,
-                   stream: bool = False, count: int | None = None) -> dict[str, Any]:
+def raster_profile(
+    kind: str, *, width: int, height: int, crs: Any, transform: Any, stream: bool = False, count: int | None = None
+) -> dict[str, Any]:
     """Creation options of output raster ``kind``: tiled 256 x 256, ZSTD with a predictor.
 
     Args:
@@ -189,9 +211,19 @@ def raster_profile(kind: str, *, width: int, height: int, crs: Any, transform: A
     if count is not None:
         spec["count"] = int(count)
     return dict(
-        driver="GTiff", width=width, height=height, crs=crs, transform=transform, tiled=True,
-        blockxsize=BLOCKSIZE, blockysize=BLOCKSIZE, compress="zstd", BIGTIFF="IF_SAFER", interleave="band",
-        **spec, **extra,
+        driver="GTiff",
+        width=width,
+        height=height,
+        crs=crs,
+        transform=transform,
+        tiled=True,
+        blockxsize=BLOCKSIZE,
+        blockysize=BLOCKSIZE,
+        compress="zstd",
+        BIGTIFF="IF_SAFER",
+        interleave="band",
+        **spec,
+        **extra,
     )
 
 
@@ -220,8 +252,11 @@ def cog_options(kind: str, *, overviews: bool = True, threads: int | None = None
     """
     spec = _RASTER_SPECS[kind]
     opts = {
-        "COMPRESS": "ZSTD", "PREDICTOR": "FLOATING_POINT" if spec["predictor"] == 3 else "STANDARD",
-        "BLOCKSIZE": str(BLOCKSIZE), "BIGTIFF": "IF_SAFER", "OVERVIEWS": "AUTO" if overviews else "NONE",
+        "COMPRESS": "ZSTD",
+        "PREDICTOR": "FLOATING_POINT" if spec["predictor"] == 3 else "STANDARD",
+        "BLOCKSIZE": str(BLOCKSIZE),
+        "BIGTIFF": "IF_SAFER",
+        "OVERVIEWS": "AUTO" if overviews else "NONE",
         "OVERVIEW_RESAMPLING": overview_resampling(kind),
     }
     if threads is not None:
@@ -233,9 +268,12 @@ def write_class_table(ds: Any, ids: Sequence[int], names: Sequence[str], colors:
     """Write the class table into an open class raster: colour table, names, ``CLASSES`` JSON."""
     ds.write_colormap(1, {int(c): (*[int(v) for v in col][:3], 255) for c, col in zip(ids, colors)})
     ds.update_tags(**{f"CLASS_{c}": n for c, n in zip(ids, names)})
-    ds.update_tags(CLASSES=json.dumps([
-        {"id": int(c), "name": n, "color": [int(v) for v in col][:3]} for c, n, col in zip(ids, names, colors)
-    ]), NODATA_MEANING=f"{CLASS_NODATA} = no data (invalid input pixel)")
+    ds.update_tags(
+        CLASSES=json.dumps(
+            [{"id": int(c), "name": n, "color": [int(v) for v in col][:3]} for c, n, col in zip(ids, names, colors)]
+        ),
+        NODATA_MEANING=f"{CLASS_NODATA} = no data (invalid input pixel)",
+    )
 
 
 def read_class_table(ds: Any) -> dict[int, dict[str, Any]]:

@@ -14,13 +14,19 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from geovae.scene import Scene
 from geovae.products import CLASS_NODATA
+from geovae.scene import Scene
+
+if TYPE_CHECKING:
+    from geovae.model.base import ModelInfo
 
 __all__ = ["choose_rgb_bands", "write_quicklook"]
 
-_COLOR_WORDS = {"red": ("red", r"\bred\b", r"\br\b"), "green": ("green", r"\bgreen\b", r"\bg\b"),
-                "blue": ("blue", r"\bblue\b", r"\bb\b")}
+_COLOR_WORDS = {
+    "red": ("red", r"\bred\b", r"\br\b"),
+    "green": ("green", r"\bgreen\b", r"\bg\b"),
+    "blue": ("blue", r"\bblue\b", r"\bb\b"),
+}
 
 
 def _match(name: str | None, colour: str) -> bool:
@@ -76,8 +82,15 @@ def _stretch(data: np.ndarray, valid: np.ndarray, lo: float = 2, hi: float = 98)
     return out
 
 
-def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path, info: ModelInfo,
-                    *, max_size: int = 1280, alpha: float = 0.45) -> Path:
+def write_quicklook(
+    scene: Scene,
+    classes_path: str | Path,
+    out_path: str | Path,
+    info: ModelInfo,
+    *,
+    max_size: int = 1280,
+    alpha: float = 0.45,
+) -> Path:
     """Write the quicklook PNG.
 
     Args:
@@ -121,9 +134,14 @@ def write_quicklook(scene: Scene, classes_path: str | Path, out_path: str | Path
     ax.imshow(overlay, interpolation="nearest")
     ax.set_axis_off()
     present = set(np.unique(cls).tolist())
-    handles = [Patch(facecolor=np.asarray(col) / 255.0, edgecolor="black", label=str(name))
-               for cid, name, col in zip(info.class_ids, info.class_names, info.class_colors) if int(cid) in present]
+    handles = [
+        Patch(facecolor=np.asarray(col) / 255.0, edgecolor="black", label=str(name))
+        for cid, name, col in zip(info.class_ids, info.class_names, info.class_colors)
+        if int(cid) in present
+    ]
     if handles:
-        fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False, title=scene.stem[:30], title_fontsize=8)
+        fig.legend(
+            handles=handles, loc="upper right", fontsize=8, frameon=False, title=scene.stem[:30], title_fontsize=8
+        )
     fig.savefig(out_path, format="png", dpi=dpi)
     return out_path

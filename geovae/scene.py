@@ -35,12 +35,10 @@ from rasterio.windows import Window
 
 from geovae.errors import CorruptSceneError, SceneError
 
-__all__ = ["Scene", "open_scene", "open_raster", "describe_scene", "gdal_path", "grid_mismatch", "SUPPORTED_DTYPES"]
+__all__ = ["SUPPORTED_DTYPES", "Scene", "describe_scene", "gdal_path", "grid_mismatch", "open_raster", "open_scene"]
 
 #: Pixel types a scene may have; everything real-valued that fits float32 well enough.
-SUPPORTED_DTYPES = frozenset(
-    {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"}
-)
+SUPPORTED_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64"})
 
 # scheme -> (GDAL prefix, keep the scheme in the name)
 _REMOTE_PREFIXES = {
@@ -82,7 +80,7 @@ def gdal_path(path: str | Path) -> str:
     s = str(path)
     for scheme, (vsi, keep) in _REMOTE_PREFIXES.items():
         if s.lower().startswith(scheme):
-            return vsi + (s if keep else s[len(scheme):])
+            return vsi + (s if keep else s[len(scheme) :])
     if s.startswith("/vsi"):
         return s
     return str(Path(s).expanduser().absolute())
@@ -196,9 +194,13 @@ def open_raster(path: str | Path, role: str = "scene") -> rasterio.io.DatasetRea
     except RasterioIOError as exc:
         msg = _gdal_message(exc)
         if not _is_local(name):
-            raise SceneError(f"{role} {shown} cannot be opened: {msg}; check the URL and your network/credentials") from None
+            raise SceneError(
+                f"{role} {shown} cannot be opened: {msg}; check the URL and your network/credentials"
+            ) from None
         if "not recognized as" in msg or "not a supported file format" in msg:
-            raise SceneError(f"{role} {shown} is not a raster GDAL can read; pass a GeoTIFF or another GDAL raster") from None
+            raise SceneError(
+                f"{role} {shown} is not a raster GDAL can read; pass a GeoTIFF or another GDAL raster"
+            ) from None
         raise SceneError(f"{role} {shown} is corrupt or unreadable: {msg}; re-download or re-export it") from None
     except RasterioError as exc:  # pragma: no cover - other GDAL open failures
         raise SceneError(f"{role} {shown} cannot be opened: {_gdal_message(exc)}") from None
@@ -210,8 +212,10 @@ def open_raster(path: str | Path, role: str = "scene") -> rasterio.io.DatasetRea
         try:
             ds.read(1, window=Window(0, 0, 1, 1))
         except RasterioError as exc:
-            raise SceneError(f"{role} {shown} is corrupt: its first block cannot be decoded ({_gdal_message(exc)}); "
-                             "re-download or re-export it") from None
+            raise SceneError(
+                f"{role} {shown} is corrupt: its first block cannot be decoded ({_gdal_message(exc)}); "
+                "re-download or re-export it"
+            ) from None
     except Exception:
         ds.close()
         raise
@@ -461,7 +465,9 @@ class Scene:
                 bh, bw = self.block_shapes[0]
                 r0, c0 = int(m.group(2)) * bh, int(m.group(1)) * bw
                 where = f" at rows {r0}-{min(r0 + bh, self.height) - 1}, cols {c0}-{min(c0 + bw, self.width) - 1}"
-            raise CorruptSceneError(f"scene {self.name} is corrupt{where}: {msg}; re-download or re-export it") from None
+            raise CorruptSceneError(
+                f"scene {self.name} is corrupt{where}: {msg}; re-download or re-export it"
+            ) from None
         if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
             valid &= ~(allb == np.float32(self.nodata)).all(axis=0)
         valid &= np.isfinite(allb).all(axis=0)
@@ -481,10 +487,16 @@ class Scene:
 
         ch, cw = (chunks, chunks) if isinstance(chunks, int) else chunks
         adapter = _WindowArray(self, valid)
-        chunk_spec = ((ch, cw) if valid else (self.count, ch, cw))
-        return da.from_array(adapter, chunks=chunk_spec, lock=False, asarray=False, fancy=False,
-                             meta=np.empty((0,) * adapter.ndim, dtype=adapter.dtype),
-                             name=f"geovae-scene-{'valid' if valid else 'data'}-{abs(hash((self.path, self.nodata)))}")
+        chunk_spec = (ch, cw) if valid else (self.count, ch, cw)
+        return da.from_array(
+            adapter,
+            chunks=chunk_spec,
+            lock=False,
+            asarray=False,
+            fancy=False,
+            meta=np.empty((0,) * adapter.ndim, dtype=adapter.dtype),
+            name=f"geovae-scene-{'valid' if valid else 'data'}-{abs(hash((self.path, self.nodata)))}",
+        )
 
     def any_valid(self) -> bool:
         """Whether the scene has at least one valid pixel, in bounded memory.

@@ -37,18 +37,36 @@ from geovae.atomic import sha256, write_text
 from geovae.classes import CLASS_NODATA
 
 __all__ = [
-    "MEDIA_TYPES", "ROLES", "EXTENSIONS", "multihash", "build_item", "write_item", "write_batch_catalog",
-    "COLLECTION_NAME", "CATALOG_NAME",
+    "CATALOG_NAME",
+    "COLLECTION_NAME",
+    "EXTENSIONS",
+    "MEDIA_TYPES",
+    "ROLES",
+    "build_item",
+    "multihash",
+    "write_batch_catalog",
+    "write_item",
 ]
 
 #: Media type of each output kind.
 MEDIA_TYPES: dict[str, str] = {
-    **{k: "image/tiff; application=geotiff; profile=cloud-optimized"
-       for k in ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability")},
+    **dict.fromkeys(
+        ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability"),
+        "image/tiff; application=geotiff; profile=cloud-optimized",
+    ),
     "classes_aux": "application/xml",
-    **{k: "application/xml" for k in ("classes_style", "confidence_style", "uncertainty_style",
-                                      "reconstruction_error_style", "object_probability_style", "polygons_style",
-                                      "objects_style")},
+    **dict.fromkeys(
+        (
+            "classes_style",
+            "confidence_style",
+            "uncertainty_style",
+            "reconstruction_error_style",
+            "object_probability_style",
+            "polygons_style",
+            "objects_style",
+        ),
+        "application/xml",
+    ),
     "geojson": "application/geo+json",
     "gpkg": "application/geopackage+sqlite3",
     "parquet": "application/vnd.apache.parquet",
@@ -61,13 +79,26 @@ MEDIA_TYPES: dict[str, str] = {
 
 #: Asset roles of each output kind.
 ROLES: dict[str, list[str]] = {
-    "classes": ["data"], "confidence": ["data", "quality"], "uncertainty": ["data", "quality"],
-    "reconstruction_error": ["data", "quality"], "classes_aux": ["metadata"],
-    "classes_style": ["style"], "confidence_style": ["style"], "uncertainty_style": ["style"],
-    "reconstruction_error_style": ["style"], "polygons_style": ["style"],
-    "object_probability": ["data"], "object_probability_style": ["style"], "objects_style": ["style"],
-    "objects_geojson": ["data"], "objects_gpkg": ["data"], "objects_parquet": ["data"],
-    "geojson": ["data"], "gpkg": ["data"], "parquet": ["data"], "quicklook": ["overview", "visual"],
+    "classes": ["data"],
+    "confidence": ["data", "quality"],
+    "uncertainty": ["data", "quality"],
+    "reconstruction_error": ["data", "quality"],
+    "classes_aux": ["metadata"],
+    "classes_style": ["style"],
+    "confidence_style": ["style"],
+    "uncertainty_style": ["style"],
+    "reconstruction_error_style": ["style"],
+    "polygons_style": ["style"],
+    "object_probability": ["data"],
+    "object_probability_style": ["style"],
+    "objects_style": ["style"],
+    "objects_geojson": ["data"],
+    "objects_gpkg": ["data"],
+    "objects_parquet": ["data"],
+    "geojson": ["data"],
+    "gpkg": ["data"],
+    "parquet": ["data"],
+    "quicklook": ["overview", "visual"],
     "report": ["metadata"],
 }
 
@@ -81,18 +112,26 @@ EXTENSIONS: dict[str, str] = {
 }
 
 _TITLES = {
-    "classes": "Class raster", "confidence": "Confidence (largest class probability)",
+    "classes": "Class raster",
+    "confidence": "Confidence (largest class probability)",
     "uncertainty": "Uncertainty (predictive entropy, mutual information; nats)",
-    "reconstruction_error": "Reconstruction error (anomaly score)", "classes_aux": "GDAL class table sidecar",
-    "classes_style": "QGIS style of the class raster", "confidence_style": "QGIS style of the confidence raster",
+    "reconstruction_error": "Reconstruction error (anomaly score)",
+    "classes_aux": "GDAL class table sidecar",
+    "classes_style": "QGIS style of the class raster",
+    "confidence_style": "QGIS style of the confidence raster",
     "uncertainty_style": "QGIS style of the uncertainty raster",
     "reconstruction_error_style": "QGIS style of the reconstruction-error raster",
-    "polygons_style": "QGIS style of the polygons", "geojson": "Polygons (GeoJSON, WGS84)",
-    "gpkg": "Polygons (GeoPackage)", "parquet": "Polygons (GeoParquet)", "quicklook": "Quicklook",
+    "polygons_style": "QGIS style of the polygons",
+    "geojson": "Polygons (GeoJSON, WGS84)",
+    "gpkg": "Polygons (GeoPackage)",
+    "parquet": "Polygons (GeoParquet)",
+    "quicklook": "Quicklook",
     "object_probability": "Probabilities of the object classes and the boundary class",
     "object_probability_style": "QGIS style of the object-probability raster",
-    "objects_geojson": "Objects (GeoJSON, WGS84)", "objects_gpkg": "Objects (GeoPackage)",
-    "objects_parquet": "Objects (GeoParquet)", "objects_style": "QGIS style of the objects",
+    "objects_geojson": "Objects (GeoJSON, WGS84)",
+    "objects_gpkg": "Objects (GeoPackage)",
+    "objects_parquet": "Objects (GeoParquet)",
+    "objects_style": "QGIS style of the objects",
     "report": "Run report",
 }
 
@@ -120,13 +159,16 @@ def _footprint(scene: Any) -> dict[str, Any] | None:
 
     w, s, e, n = scene.bounds
     k = 20
-    ring = ([(w + (e - w) * i / k, s) for i in range(k)] + [(e, s + (n - s) * i / k) for i in range(k)]
-            + [(e - (e - w) * i / k, n) for i in range(k)] + [(w, n - (n - s) * i / k) for i in range(k)])
+    ring = (
+        [(w + (e - w) * i / k, s) for i in range(k)]
+        + [(e, s + (n - s) * i / k) for i in range(k)]
+        + [(e - (e - w) * i / k, n) for i in range(k)]
+        + [(w, n - (n - s) * i / k) for i in range(k)]
+    )
     ring.append(ring[0])
     try:
-        return dict(transform_geom(scene.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]},
-                                   precision=7))
-    except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no footprint, not a failure
+        return dict(transform_geom(scene.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]}, precision=7))
+    except Exception:
         return None
 
 
@@ -142,8 +184,10 @@ def _raster_bands(kind: str, ds: Any, stats: list[dict[str, Any]] | None) -> lis
     bands = []
     for b in range(ds.count):
         nodata = ds.nodata
-        band: dict[str, Any] = {"data_type": ds.dtypes[b],
-                                "nodata": "nan" if nodata is not None and math.isnan(nodata) else nodata}
+        band: dict[str, Any] = {
+            "data_type": ds.dtypes[b],
+            "nodata": "nan" if nodata is not None and math.isnan(nodata) else nodata,
+        }
         if ds.crs is not None:
             band["spatial_resolution"] = abs(ds.transform.a)
         if kind in _UNITS:
@@ -189,8 +233,13 @@ def build_item(
     created = report.get("created") or datetime.now(UTC).isoformat(timespec="seconds")
     geom = _footprint(scene)
     when = _scene_datetime(scene) or datetime.fromisoformat(created)
-    item = pystac.Item(id=stem, geometry=geom, bbox=_bbox(geom) if geom else None, datetime=when,
-                       properties={"created": created, "title": f"geovae land cover of {stem}"})
+    item = pystac.Item(
+        id=stem,
+        geometry=geom,
+        bbox=_bbox(geom) if geom else None,
+        datetime=when,
+        properties={"created": created, "title": f"geovae land cover of {stem}"},
+    )
     item.stac_extensions = [EXTENSIONS[k] for k in ("projection", "raster", "file", "classification", "processing")]
     if scene.crs is not None:
         epsg = scene.crs.to_epsg()
@@ -203,14 +252,18 @@ def build_item(
     item.properties["proj:shape"] = [int(scene.height), int(scene.width)]
     t = scene.transform
     item.properties["proj:transform"] = [t.a, t.b, t.c, t.d, t.e, t.f]
-    item.properties.update({
-        "processing:software": {"geovae": __version__, **{k: v for k, v in report.get("versions", {}).items()
-                                                           if k != "geovae"}},
-        "processing:lineage": "segmented by geovae's tiled VAE segmenter (model "
-                              f"{report.get('model', {}).get('kind', '?')}), blended, vectorised",
-        "processing:datetime": created,
-        "processing:level": "L4",
-    })
+    item.properties.update(
+        {
+            "processing:software": {
+                "geovae": __version__,
+                **{k: v for k, v in report.get("versions", {}).items() if k != "geovae"},
+            },
+            "processing:lineage": "segmented by geovae's tiled VAE segmenter (model "
+            f"{report.get('model', {}).get('kind', '?')}), blended, vectorised",
+            "processing:datetime": created,
+            "processing:level": "L4",
+        }
+    )
     self_href = str(finals["stac"])
     item.set_self_href(self_href)
     folder = Path(self_href).parent
@@ -226,16 +279,29 @@ def build_item(
         if kind == "classes":
             colors = dict(zip(report.get("model", {}).get("class_ids", []), _colors(report)))
             extra["classification:classes"] = [
-                {"value": int(c["id"]), "name": _slug(str(c["name"])), "title": str(c["name"]),
-                 **({"color_hint": "{:02X}{:02X}{:02X}".format(*colors[c["id"]])} if c["id"] in colors else {}),
-                 "count": int(c["pixels"])}
-                for c in classes] + [{"value": CLASS_NODATA, "name": "nodata", "title": "no data", "nodata": True}]
-        item.add_asset(kind, pystac.Asset(href=rel, media_type=MEDIA_TYPES[kind], roles=ROLES[kind],
-                                          title=_TITLES.get(kind), extra_fields=extra))
+                {
+                    "value": int(c["id"]),
+                    "name": _slug(str(c["name"])),
+                    "title": str(c["name"]),
+                    **({"color_hint": "{:02X}{:02X}{:02X}".format(*colors[c["id"]])} if c["id"] in colors else {}),
+                    "count": int(c["pixels"]),
+                }
+                for c in classes
+            ] + [{"value": CLASS_NODATA, "name": "nodata", "title": "no data", "nodata": True}]
+        item.add_asset(
+            kind,
+            pystac.Asset(
+                href=rel, media_type=MEDIA_TYPES[kind], roles=ROLES[kind], title=_TITLES.get(kind), extra_fields=extra
+            ),
+        )
     model = report.get("model", {})
     if model_path:
-        link = pystac.Link(rel="ml-model", target=str(Path(model_path).resolve()), media_type="application/octet-stream",
-                           title=f"geovae model ({model.get('kind', '?')})")
+        link = pystac.Link(
+            rel="ml-model",
+            target=str(Path(model_path).resolve()),
+            media_type="application/octet-stream",
+            title=f"geovae model ({model.get('kind', '?')})",
+        )
         if model.get("sha256"):
             link.extra_fields["file:checksum"] = "1220" + model["sha256"]
         item.add_link(link)
@@ -257,7 +323,7 @@ def _scene_datetime(scene: Any) -> datetime | None:
     try:
         with rasterio.open(scene.path) as ds:
             tags = ds.tags()
-    except Exception:  # noqa: BLE001 - no tags to read: the Item takes the processing time
+    except Exception:
         return None
     for key in ("ACQUISITIONDATETIME", "ACQUISITION_DATETIME", "DATETIME", "TIFFTAG_DATETIME"):
         v = tags.get(key)
@@ -297,34 +363,48 @@ def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: 
     out = Path(out)
     loaded = [(Path(p), pystac.Item.from_file(str(p))) for p in items]
     boxes = [it.bbox for _, it in loaded if it.bbox]
-    bbox = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)] \
-        if boxes else [-180.0, -90.0, 180.0, 90.0]
+    bbox = (
+        [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+        if boxes
+        else [-180.0, -90.0, 180.0, 90.0]
+    )
     times = [it.datetime for _, it in loaded if it.datetime is not None]
     interval = [[min(times), max(times)]] if times else [[None, None]]
     coll = pystac.Collection(
-        id=f"geovae-{out.name or 'batch'}", title=title or f"geovae land cover: {out.name}",
+        id=f"geovae-{out.name or 'batch'}",
+        title=title or f"geovae land cover: {out.name}",
         description="Land-cover rasters (COG) and polygons segmented by geovae, one Item per scene. The outputs "
-                    "carry the licence of the scenes they were derived from.",
-        extent=pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent(interval)), license="other",
+        "carry the licence of the scenes they were derived from.",
+        extent=pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent(interval)),
+        license="other",
     )
     coll.stac_extensions = [EXTENSIONS["processing"]]
     coll.extra_fields["processing:software"] = {"geovae": __version__}
     coll.set_self_href(str(out / COLLECTION_NAME))
     for path, it in loaded:
-        coll.add_link(pystac.Link(rel="item", target="./" + os.path.relpath(path, out), media_type="application/geo+json",
-                                  title=it.id))
-    cat = pystac.Catalog(id=f"geovae-{out.name or 'batch'}-catalog", description="geovae batch outputs",
-                         title=title or f"geovae batch: {out.name}")
+        coll.add_link(
+            pystac.Link(
+                rel="item", target="./" + os.path.relpath(path, out), media_type="application/geo+json", title=it.id
+            )
+        )
+    cat = pystac.Catalog(
+        id=f"geovae-{out.name or 'batch'}-catalog",
+        description="geovae batch outputs",
+        title=title or f"geovae batch: {out.name}",
+    )
     cat.set_self_href(str(out / CATALOG_NAME))
-    cat.add_link(pystac.Link(rel="child", target="./" + COLLECTION_NAME, media_type="application/json",
-                             title=coll.title))
+    cat.add_link(
+        pystac.Link(rel="child", target="./" + COLLECTION_NAME, media_type="application/json", title=coll.title)
+    )
     cd = coll.to_dict(include_self_link=False, transform_hrefs=False)
     cd["links"] = [ln for ln in cd["links"] if ln["rel"] not in ("root", "parent")] + [
         {"rel": "root", "href": "./" + CATALOG_NAME, "type": "application/json"},
-        {"rel": "parent", "href": "./" + CATALOG_NAME, "type": "application/json"}]
+        {"rel": "parent", "href": "./" + CATALOG_NAME, "type": "application/json"},
+    ]
     catd = cat.to_dict(include_self_link=False, transform_hrefs=False)
     catd["links"] = [ln for ln in catd["links"] if ln["rel"] != "root"] + [
-        {"rel": "root", "href": "./" + CATALOG_NAME, "type": "application/json"}]
+        {"rel": "root", "href": "./" + CATALOG_NAME, "type": "application/json"}
+    ]
     write_text(out / COLLECTION_NAME, json.dumps(cd, indent=2))
     write_text(out / CATALOG_NAME, json.dumps(catd, indent=2))
     return out / CATALOG_NAME, out / COLLECTION_NAME

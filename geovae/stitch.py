@@ -36,6 +36,7 @@ rest of the run:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
@@ -58,7 +59,6 @@ from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
 from geovae.products import (
     BAND_DESCRIPTIONS,
-    BLOCKSIZE as _BLOCKSIZE,
     CLASS_NODATA,
     cog_options,
     output_name,
@@ -66,10 +66,13 @@ from geovae.products import (
     uncertainty_tags,
     write_class_table,
 )
+from geovae.products import (
+    BLOCKSIZE as _BLOCKSIZE,
+)
 from geovae.styles import write_class_aux
 from geovae.tiling import Tile, TileGrid, blend_weights
 
-__all__ = ["Stitcher", "CLASS_NODATA", "PixelAreas", "block_side", "check_rows", "write_cog"]
+__all__ = ["CLASS_NODATA", "PixelAreas", "Stitcher", "block_side", "check_rows", "write_cog"]
 
 
 def block_side(block_size: int, step: int) -> int:
@@ -114,8 +117,10 @@ def check_rows(rows: tuple[int, int] | None, height: int, block: int) -> tuple[i
     if not 0 <= start < stop <= height:
         raise OptionError(f"rows {start}:{stop}: must be a non-empty range inside the scene's {height} rows")
     if start % block or (stop % block and stop != height):
-        raise OptionError(f"rows {start}:{stop}: must start and end on the {block}-row output block grid "
-                          "(or end at the scene's last row); see geovae.stitch.block_side")
+        raise OptionError(
+            f"rows {start}:{stop}: must start and end on the {block}-row output block grid "
+            "(or end at the scene's last row); see geovae.stitch.block_side"
+        )
     return start, stop
 
 
@@ -138,8 +143,9 @@ def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = 
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        rasterio.shutil.copy(str(src), str(dst), driver="COG",
-                             **cog_options(kind, overviews=overviews, threads=cog_threads()))
+        rasterio.shutil.copy(
+            str(src), str(dst), driver="COG", **cog_options(kind, overviews=overviews, threads=cog_threads())
+        )
     return Path(dst)
 
 
@@ -172,10 +178,8 @@ class _Watch:
     def _size(self) -> int:
         n = 0
         for f in self.files:
-            try:
+            with contextlib.suppress(OSError):
                 n += f.stat().st_size
-            except OSError:
-                pass
         return n
 
     def _run(self) -> None:
@@ -238,8 +242,13 @@ class PixelAreas:
         xs, ys = self.transform @ (cc.astype(np.float64), rr.astype(np.float64))
         used = np.flatnonzero(counts.any(1))  # cells without a valid pixel need no measuring
         a, b = used // nc, used % nc
-        ring = np.stack([np.stack([xs[a, b], xs[a, b + 1], xs[a + 1, b + 1], xs[a + 1, b]], -1),
-                         np.stack([ys[a, b], ys[a, b + 1], ys[a + 1, b + 1], ys[a + 1, b]], -1)], -1)
+        ring = np.stack(
+            [
+                np.stack([xs[a, b], xs[a, b + 1], xs[a + 1, b + 1], xs[a + 1, b]], -1),
+                np.stack([ys[a, b], ys[a, b + 1], ys[a + 1, b + 1], ys[a + 1, b]], -1),
+            ],
+            -1,
+        )
         per_pixel = np.zeros(nr * nc)
         npx = (rows[a + 1] - rows[a]) * (cols[b + 1] - cols[b])
         per_pixel[used] = self.measure.areas(shapely.polygons(ring)) / npx
@@ -275,9 +284,15 @@ class _BandStats:
             n = int(self.n[b])
             mean = self.sum[b] / n if n else None
             std = math.sqrt(max(self.sq[b] / n - mean * mean, 0.0)) if mean is not None else None
-            out.append({"minimum": float(self.lo[b]) if n else None, "maximum": float(self.hi[b]) if n else None,
-                        "mean": mean, "stddev": std,
-                        "valid_percent": 100.0 * n / self.total if self.total else 0.0})
+            out.append(
+                {
+                    "minimum": float(self.lo[b]) if n else None,
+                    "maximum": float(self.hi[b]) if n else None,
+                    "mean": mean,
+                    "stddev": std,
+                    "valid_percent": 100.0 * n / self.total if self.total else 0.0,
+                }
+            )
         return out
 
 
@@ -367,8 +382,11 @@ class Stitcher:
         self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
         # By (first row, first column): the tiles along the scene's top and left edges weigh
         # their edge pixels fully (TileGrid.weights).
-        self.tile_weights = {(r, c): blend_weights(grid.tile, grid.overlap, grid.margin, first_row=r, first_col=c)
-                             for r in (True, False) for c in (True, False)}
+        self.tile_weights = {
+            (r, c): blend_weights(grid.tile, grid.overlap, grid.margin, first_row=r, first_col=c)
+            for r in (True, False)
+            for c in (True, False)
+        }
         self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
         # class raster value -> class index, -1 for nodata (and values of no class)
         self._class_index = np.full(256, -1, dtype=np.int64)
@@ -458,8 +476,9 @@ class Stitcher:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
                     count = len(self.prob_channels) if kind == "object_probability" else None
-                    ds = rasterio.open(self.output_set.scratch(name), "w",
-                                       **raster_profile(kind, **size, stream=True, count=count))
+                    ds = rasterio.open(
+                        self.output_set.scratch(name), "w", **raster_profile(kind, **size, stream=True, count=count)
+                    )
                 self._dst[kind] = ds
                 texts = BAND_DESCRIPTIONS[kind]
                 if kind == "object_probability":
@@ -517,9 +536,9 @@ class Stitcher:
         assert acc is not None
         if self.O:
             if blk.bj + 1 < self.nbc:
-                self._right = acc[:, :, self.B:].copy()
+                self._right = acc[:, :, self.B :].copy()
             if idx + self.nbc < len(self._blocks):
-                self._bottom[blk.bj] = acc[:, self.B:, : self.B].copy()
+                self._bottom[blk.bj] = acc[:, self.B :, : self.B].copy()
             self._track()
         if self._written(blk):
             win = self._window(blk)
@@ -532,9 +551,14 @@ class Stitcher:
         r0, c0 = blk.bi * self.B, blk.bj * self.B
         return Window(c0, r0, min(self.B, self.W - c0), min(self.B, self.rows[1] - r0))
 
-    def add(self, tile: Tile, valid: np.ndarray, probs: np.ndarray,
-            expected_entropy: np.ndarray | None = None,
-            reconstruction_error: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        tile: Tile,
+        valid: np.ndarray,
+        probs: np.ndarray,
+        expected_entropy: np.ndarray | None = None,
+        reconstruction_error: np.ndarray | None = None,
+    ) -> None:
         """Blend one tile's model outputs in.
 
         Args:
@@ -552,7 +576,7 @@ class Stitcher:
         r, c = tile.row - blk.bi * self.B, tile.col - blk.bj * self.B
         T = tile.size
         wgt = self.tile_weights[tile.i == 0, tile.j == 0] * valid
-        view = acc[:, r:r + T, c:c + T]
+        view = acc[:, r : r + T, c : c + T]
         view[: self.K] += probs * wgt
         view[self.c_w] += wgt
         if self.c_ent is not None:
@@ -620,7 +644,9 @@ class Stitcher:
         for kind, ds in self._dst.items():
             ds.write(outputs[kind], window=file_win)
         for kind, vals in outputs.items():
-            self._stats.setdefault(kind, _BandStats(vals.shape[0])).add(vals, CLASS_NODATA if kind == "classes" else None)
+            self._stats.setdefault(kind, _BandStats(vals.shape[0])).add(
+                vals, CLASS_NODATA if kind == "classes" else None
+            )
         idx = self._class_index[outputs["classes"][0]]
         ok = idx >= 0
         self.class_pixels += np.bincount(idx[ok].ravel(), minlength=self.K)
@@ -655,8 +681,13 @@ class Stitcher:
         r0, c0 = int(window.row_off), int(window.col_off)
         bi, bj = r0 // self.B, c0 // self.B
         idx = (bi - self._bi0) * self.nbc + bj
-        if r0 % self.B or c0 % self.B or not 0 <= idx < len(self._blocks) or not self._written(self._blocks[idx]) \
-                or Window(c0, r0, int(window.width), int(window.height)) != self._window(self._blocks[idx]):
+        if (
+            r0 % self.B
+            or c0 % self.B
+            or not 0 <= idx < len(self._blocks)
+            or not self._written(self._blocks[idx])
+            or Window(c0, r0, int(window.width), int(window.height)) != self._window(self._blocks[idx])
+        ):
             raise ValueError(f"{window} is not an output block of this stitcher (block side {self.B})")
         missing = set(self._dst) - set(outputs)
         if missing:
@@ -711,15 +742,19 @@ class Stitcher:
             dst = self.output_set.path(self.names[kind])
             report = None
             if progress is not None:
-                report = (lambda n, d=done, e=expect[kind]: progress(d + min(n, e), total))
+
+                def report(n: int, d: int = done, e: int = expect[kind]) -> None:
+                    progress(d + min(n, e), total)
+
             with _Watch(dst, report):
                 write_cog(src, dst, kind, overviews=self.overview)
             src.unlink()
             if kind == "classes":
                 # Category names, attribute table and the exact colour table, in GDAL's sidecar
                 # (geovae.styles): rasterio cannot write them into the GeoTIFF.
-                write_class_aux(dst, self.info.class_ids, self.info.class_names, self.info.class_colors,
-                                self.class_pixels.tolist())
+                write_class_aux(
+                    dst, self.info.class_ids, self.info.class_names, self.info.class_colors, self.class_pixels.tolist()
+                )
             done += expect[kind]
             if progress is not None:
                 progress(done, total)

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 
 from geovae.errors import OptionError
 
-__all__ = ["Tile", "TileGrid", "blend_weights", "check_options", "default_tiling", "default_batch_size", "EPSILON"]
+__all__ = ["EPSILON", "Tile", "TileGrid", "blend_weights", "check_options", "default_batch_size", "default_tiling"]
 
 #: Weight of the outer quarter of an overlap band: small, but never zero.
 EPSILON = 1e-6
@@ -49,8 +49,14 @@ MAX_DEFAULT_TILE = 1024
 BATCH_PIXELS = 8 * 256 * 256
 
 
-def default_tiling(tile_size: int, halo: int | None, stride: int = 1, height: int | None = None,
-                   width: int | None = None, tile: int | None = None) -> tuple[int, int]:
+def default_tiling(
+    tile_size: int,
+    halo: int | None,
+    stride: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    tile: int | None = None,
+) -> tuple[int, int]:
     """The tile and overlap a model runs with when the user does not give them.
 
     With a known halo the overlap covers it on both sides plus a 16-pixel ramp, and the tile is
@@ -213,8 +219,10 @@ class TileGrid:
         return blend_weights(self.tile, self.overlap, self.margin, first_row=tile.i == 0, first_col=tile.j == 0)
 
     def __repr__(self) -> str:
-        return (f"TileGrid({self.height}x{self.width}, tile={self.tile}, overlap={self.overlap}: "
-                f"{self.rows}x{self.cols} tiles)")
+        return (
+            f"TileGrid({self.height}x{self.width}, tile={self.tile}, overlap={self.overlap}: "
+            f"{self.rows}x{self.cols} tiles)"
+        )
 
 
 def _profile(tile: int, overlap: int, margin: int | None = None, first: bool = False) -> np.ndarray:
@@ -234,12 +242,13 @@ def _profile(tile: int, overlap: int, margin: int | None = None, first: bool = F
     lead = np.concatenate([np.full(floor, EPSILON), r, np.ones(floor)])  # first `overlap` pixels
     if not first:
         w[:overlap] = lead
-    w[tile - overlap:] = np.minimum(w[tile - overlap:], lead[::-1])
+    w[tile - overlap :] = np.minimum(w[tile - overlap :], lead[::-1])
     return w.astype(np.float32)
 
 
-def blend_weights(tile: int, overlap: int, margin: int | None = None, *, first_row: bool = False,
-                  first_col: bool = False) -> np.ndarray:
+def blend_weights(
+    tile: int, overlap: int, margin: int | None = None, *, first_row: bool = False, first_col: bool = False
+) -> np.ndarray:
     """Blending weights of one tile, (tile, tile) float32, all > 0.
 
     Args:

@@ -23,8 +23,15 @@ DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data"))
 _NC = "nc_landsat7_landclass96"
 _NC_FILES = ("nc_lsat7_2000_6band_uint8.tif", "nc_landclass96_label_uint8.tif")
 #: The shared land-class map's colour table.
-_NC_COLORS = {1: (230, 0, 0, 255), 2: (255, 255, 0, 255), 3: (170, 255, 0, 255), 4: (0, 150, 0, 255),
-              5: (0, 80, 0, 255), 6: (0, 0, 255, 255), 7: (200, 180, 140, 255)}
+_NC_COLORS = {
+    1: (230, 0, 0, 255),
+    2: (255, 255, 0, 255),
+    3: (170, 255, 0, 255),
+    4: (0, 150, 0, 255),
+    5: (0, 80, 0, 255),
+    6: (0, 0, 255, 255),
+    7: (200, 180, 140, 255),
+}
 
 
 def _nc_from_demo_data() -> Path | None:

@@ -32,7 +32,7 @@ def test_output_checks_say_what_is_wrong_and_create_nothing(tmp_path: Path) -> N
     assert not (tmp_path / "a.gpkg").exists()
     with pytest.raises(OutputError, match="is a folder"):
         check_output_file(tmp_path)
-    with pytest.raises(OutputError, match="is a folder; give a file name such as .*model.safetensors"):
+    with pytest.raises(OutputError, match=r"is a folder; give a file name such as .*model\.safetensors"):
         check_output_file(tmp_path, example="model.safetensors")
     with pytest.raises(OutputError, match="does not exist; create it first"):
         check_output_file(tmp_path / "missing" / "a.gpkg")

@@ -55,9 +55,18 @@ def test_read_scene_list_relative_to_list(tmp_path: Path) -> None:
 def test_manifest_roundtrip_is_atomic(tmp_path: Path) -> None:
     path = tmp_path / "manifest.csv"
     rows = [
-        SceneRow("s1.tif", "s1", "done", "", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:02+00:00", 2.0,
-                 "tcp://w", ["s1/s1.classes.tif", "s1/s1.geojson"]),
-        SceneRow("s2.tif", "s2", "failed", "s2.tif: no such file, check the path, \"quoted\""),
+        SceneRow(
+            "s1.tif",
+            "s1",
+            "done",
+            "",
+            "2026-01-01T00:00:00+00:00",
+            "2026-01-01T00:00:02+00:00",
+            2.0,
+            "tcp://w",
+            ["s1/s1.classes.tif", "s1/s1.geojson"],
+        ),
+        SceneRow("s2.tif", "s2", "failed", 's2.tif: no such file, check the path, "quoted"'),
     ]
     write_manifest(path, rows)
     got = read_manifest(path)
@@ -170,8 +179,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     module = VAESegmenter(3, 3, base_channels=4, depth=2, latent_channels=2).eval()
-    info = ModelInfo(in_channels=3, num_classes=3, mean=[90.0, 90.0, 90.0], std=[40.0, 40.0, 40.0], tile_size=128,
-                     class_names=["dark", "mid", "bright"])
+    info = ModelInfo(
+        in_channels=3,
+        num_classes=3,
+        mean=[90.0, 90.0, 90.0],
+        std=[40.0, 40.0, 40.0],
+        tile_size=128,
+        class_names=["dark", "mid", "bright"],
+    )
     return save_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", module, info)
 
 
@@ -179,9 +194,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Four real 3-band scenes: RGB, RGBA (alpha is a mask, not a band), Albers int16, Landsat-8."""
     import rasterio
-    from rasterio.windows import Window
-
     from conftest import data_path
+    from rasterio.windows import Window
 
     parana = data_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
     # The full Landsat scene takes minutes with 2 cores; a real 512x512 window of it keeps
@@ -206,13 +220,27 @@ def test_unreachable_scheduler_leaves_no_manifest(scenes: list[Path], tiny_model
     port = _free_port()
     out = tmp_path / "out"
     with pytest.raises(ClusterError):
-        batch.run_batch([str(scenes[0])], tiny_model, out, scheduler=f"tcp://127.0.0.1:{port}",
-                        connect_timeout=2, progress=False, **SEG)
+        batch.run_batch(
+            [str(scenes[0])],
+            tiny_model,
+            out,
+            scheduler=f"tcp://127.0.0.1:{port}",
+            connect_timeout=2,
+            progress=False,
+            **SEG,
+        )
     assert not (out / batch.MANIFEST_NAME).exists()
     (out / batch.MANIFEST_NAME).write_text("previous run\n")
     with pytest.raises(ClusterError):
-        batch.run_batch([str(scenes[0])], tiny_model, out, scheduler=f"tcp://127.0.0.1:{port}",
-                        connect_timeout=2, progress=False, **SEG)
+        batch.run_batch(
+            [str(scenes[0])],
+            tiny_model,
+            out,
+            scheduler=f"tcp://127.0.0.1:{port}",
+            connect_timeout=2,
+            progress=False,
+            **SEG,
+        )
     assert (out / batch.MANIFEST_NAME).read_text() == "previous run\n"
 
 
@@ -274,8 +302,19 @@ class _DaskProcesses:
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.scheduler = self._start([self.dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--dashboard-address", f"127.0.0.1:{_free_port()}"], "scheduler")
+        self.scheduler = self._start(
+            [
+                self.dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dashboard-address",
+                f"127.0.0.1:{_free_port()}",
+            ],
+            "scheduler",
+        )
         self.workers = [self.start_worker(i) for i in range(2)]
 
     def _start(self, cmd: list[str], name: str) -> subprocess.Popen[bytes]:  # noqa: F821
@@ -289,8 +328,23 @@ class _DaskProcesses:
         return p
 
     def start_worker(self, i: int) -> subprocess.Popen[bytes]:  # noqa: F821
-        return self._start([self.dask, "worker", self.address, "--nthreads", "1", "--host", "127.0.0.1",
-                            "--no-dashboard", "--name", f"w{i}", "--memory-limit", "4GiB"], f"worker{i}")
+        return self._start(
+            [
+                self.dask,
+                "worker",
+                self.address,
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+                "--name",
+                f"w{i}",
+                "--memory-limit",
+                "4GiB",
+            ],
+            f"worker{i}",
+        )
 
     def kill(self, p: subprocess.Popen[bytes]) -> None:  # noqa: F821
         import os
@@ -330,9 +384,8 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> object:
 def test_batch_on_cluster_survives_a_killed_worker(
     dask_processes: _DaskProcesses, scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
-    from distributed import Client
-
     from conftest import data_path
+    from distributed import Client
 
     out = tmp_path / "out"
     bad_text = tmp_path / "notes.tif"
@@ -350,8 +403,11 @@ def test_batch_on_cluster_survives_a_killed_worker(
     def unfinished(keys: list) -> list[Path]:
         # A scene whose marker exists is complete even if the scheduler still lists its task
         # as processing (the marker is written just before the task returns).
-        return [s for s in scenes if any(f"-{s.stem}-" in str(k) for k in keys)
-                and not (out / s.stem / MARKER_NAME).exists()]
+        return [
+            s
+            for s in scenes
+            if any(f"-{s.stem}-" in str(k) for k in keys) and not (out / s.stem / MARKER_NAME).exists()
+        ]
 
     def killer() -> None:
         # Once the first scene is complete, kill a worker that is busy with an unfinished one.
@@ -371,8 +427,14 @@ def test_batch_on_cluster_survives_a_killed_worker(
     t.start()
     try:
         res = batch.run_batch(
-            [str(scenes[0]), str(scenes[1]), str(bad_text), str(wrong_bands)], tiny_model, out,
-            scene_list=lst, scheduler=client, retries=1, progress=False, **SEG,
+            [str(scenes[0]), str(scenes[1]), str(bad_text), str(wrong_bands)],
+            tiny_model,
+            out,
+            scene_list=lst,
+            scheduler=client,
+            retries=1,
+            progress=False,
+            **SEG,
         )
         t.join(timeout=60)
         assert killed, "no worker was busy after the first scene finished"
@@ -401,8 +463,9 @@ def test_batch_on_cluster_survives_a_killed_worker(
     assert lost_scenes and all(rows[s.name]["worker"] != killed["address"] for s in lost_scenes)  # type: ignore[attr-defined]
     # The model was read once per worker, not once per scene (one worker is left).
     assert list(loads.values()) == [1]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", "catalog.json", "collection.json",
-                                                            *(s.stem for s in scenes)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.csv", "catalog.json", "collection.json", *(s.stem for s in scenes)]
+    )
 
 
 def test_split_scene_equals_single_process(
@@ -420,7 +483,9 @@ def test_split_scene_equals_single_process(
     assert [c["pixels"] for c in got["classes"]] == [c["pixels"] for c in ref["classes"]]
     assert len(got["split"]["bands"]) == 2
     # The band parts are gone; the folder holds exactly the single-process outputs plus the marker.
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*(p.name for p in reference[scene.stem].iterdir()), MARKER_NAME])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*(p.name for p in reference[scene.stem].iterdir()), MARKER_NAME]
+    )
 
 
 def test_resume_skips_finished_and_redoes_partial(
@@ -455,8 +520,9 @@ def test_resume_skips_finished_and_redoes_partial(
     _assert_stac_collection(res, out, scenes)
 
     # Other options make other outputs: the markers no longer vouch for them.
-    res = batch.run_batch(first[:1], tiny_model, out, scheduler=dask_processes.address, progress=False,
-                          **{**SEG, "min_area": 1e6})
+    res = batch.run_batch(
+        first[:1], tiny_model, out, scheduler=dask_processes.address, progress=False, **{**SEG, "min_area": 1e6}
+    )
     assert (res.done, res.skipped) == (1, 0)
 
     # A scene replaced under the same path is redone: the marker fingerprints the scene too
@@ -481,7 +547,6 @@ def _assert_stac_collection(res: batch.BatchResult, out: Path, scenes: list[Path
     """The batch's STAC Catalog and Collection validate (core schemas, offline) and link every
     finished scene's Item, skipped ones included; the Items themselves are not rewritten."""
     import pystac
-
     from test_products import _OfflineValidator
 
     assert res.catalog == out / "catalog.json" and res.collection == out / "collection.json"
@@ -498,6 +563,6 @@ def _assert_stac_collection(res: batch.BatchResult, out: Path, scenes: list[Path
         item.validate(validator=_OfflineValidator())
         assert item.get_single_link("collection") is None  # untouched: its marker's checksum holds
         boxes.append(item.bbox)
-    (w, s_, e, n), = coll.extent.spatial.bboxes
+    ((w, _s, _e, n),) = coll.extent.spatial.bboxes
     assert w == min(b[0] for b in boxes) and n == max(b[3] for b in boxes)
     assert check_marker(out / scenes[0].stem) is not None

@@ -112,8 +112,17 @@ def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     code, _, err = run(capsys, "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "--data")
     (tmp_path / "half").mkdir()
-    with rasterio.open(tmp_path / "half" / "strata.tif", "w", driver="GTiff", width=4, height=4, count=1,
-                       dtype="uint8", crs="EPSG:3358", transform=from_origin(0, 0, 1, 1)) as dst:
+    with rasterio.open(
+        tmp_path / "half" / "strata.tif",
+        "w",
+        driver="GTiff",
+        width=4,
+        height=4,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:3358",
+        transform=from_origin(0, 0, 1, 1),
+    ) as dst:
         dst.write(np.ones((1, 4, 4), np.uint8))
     code, _, err = run(capsys, "demo", "--data", str(tmp_path / "half"), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "lsat7_2000_10.tif")
@@ -132,8 +141,10 @@ def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], t
     report = json.loads((out / "demo.json").read_text())
     assert 0.0 < report["evaluation"]["miou"] <= 1.0
     assert 0.0 < report["evaluation"]["auroc_uncertainty"] < 1.0
-    with rasterio.open(out / "nc_lsat7_2000.classes.tif") as src, \
-            rasterio.open(data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")) as ref:
+    with (
+        rasterio.open(out / "nc_lsat7_2000.classes.tif") as src,
+        rasterio.open(data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")) as ref,
+    ):
         assert (src.crs, src.transform, src.shape) == (ref.crs, ref.transform, ref.shape)
         classes = src.read(1)
     assert set(np.unique(classes)) <= {1, 2, 3, 4, 5, 6, 7, 255} and len(np.unique(classes)) >= 2
@@ -144,8 +155,9 @@ def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], t
 
 
 def test_console_entry_point_exit_code(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "geovae", "info", str(tmp_path / "nope.tif")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "geovae", "info", str(tmp_path / "nope.tif")], capture_output=True, text=True
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("geovae: error: ") and "Traceback" not in proc.stderr
 
@@ -161,17 +173,42 @@ def rgb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     module = VAESegmenter(3, 4, base_channels=8, depth=3, latent_channels=4).eval()
-    info = ModelInfo(in_channels=3, num_classes=4, class_ids=[1, 2, 3, 4],
-                     class_names=["water", "forest", "field", "town"], mean=[60.0] * 3, std=[40.0] * 3,
-                     tile_size=64, stride=module.stride, arch=module.hparams)
+    info = ModelInfo(
+        in_channels=3,
+        num_classes=4,
+        class_ids=[1, 2, 3, 4],
+        class_names=["water", "forest", "field", "town"],
+        mean=[60.0] * 3,
+        std=[40.0] * 3,
+        tile_size=64,
+        stride=module.stride,
+        arch=module.hparams,
+    )
     return save_model(tmp_path_factory.mktemp("model") / "rgb.safetensors", module, info)
 
 
-def test_segment_vectorize_evaluate_through_the_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                    rgb_byte: Path, rgb_model: Path) -> None:
+def test_segment_vectorize_evaluate_through_the_cli(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, rgb_byte: Path, rgb_model: Path
+) -> None:
     out = tmp_path / "out"
-    code, text, err = run(capsys, "-q", "segment", str(rgb_byte), "-m", str(rgb_model), "-o", str(out),
-                          "--tile", "64", "--overlap", "16", "--samples", "2", "--formats", "geojson,gpkg")
+    code, text, err = run(
+        capsys,
+        "-q",
+        "segment",
+        str(rgb_byte),
+        "-m",
+        str(rgb_model),
+        "-o",
+        str(out),
+        "--tile",
+        "64",
+        "--overlap",
+        "16",
+        "--samples",
+        "2",
+        "--formats",
+        "geojson,gpkg",
+    )
     assert code == 0, err
     for suffix in ("classes.tif", "confidence.tif", "uncertainty.tif", "geojson", "gpkg", "png", "json"):
         assert (out / f"RGB.byte.{suffix}").is_file(), suffix
@@ -182,8 +219,15 @@ def test_segment_vectorize_evaluate_through_the_cli(capsys: pytest.CaptureFixtur
         frame = src.dataset_mask() == 0
         assert frame.any() and (cls.read(1)[frame] == cls.nodata).all()
 
-    code, text, err = run(capsys, "vectorize", str(out / "RGB.byte.classes.tif"), "--out", str(tmp_path / "p.parquet"),
-                          "--confidence", str(out / "RGB.byte.confidence.tif"))
+    code, text, err = run(
+        capsys,
+        "vectorize",
+        str(out / "RGB.byte.classes.tif"),
+        "--out",
+        str(tmp_path / "p.parquet"),
+        "--confidence",
+        str(out / "RGB.byte.confidence.tif"),
+    )
     assert code == 0, err and (tmp_path / "p.parquet").is_file()
     import geopandas as gpd
 
@@ -192,25 +236,31 @@ def test_segment_vectorize_evaluate_through_the_cli(capsys: pytest.CaptureFixtur
     assert set(gdf["class_name"]) <= {"water", "forest", "field", "town"}
 
     # scoring a prediction against itself is perfect
-    code, text, err = run(capsys, "evaluate", str(out / "RGB.byte.classes.tif"), "--labels",
-                          str(out / "RGB.byte.classes.tif"), "--json")
+    code, text, err = run(
+        capsys, "evaluate", str(out / "RGB.byte.classes.tif"), "--labels", str(out / "RGB.byte.classes.tif"), "--json"
+    )
     assert code == 0, err and json.loads(text)["miou"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("opts, expected", [
-    (["--tile", "64", "--overlap", "64"], 2),       # overlap must be smaller than the tile
-    (["--tile", "60"], 2),                           # not a multiple of the model's stride
-    (["--batch-size", "0"], 2),
-])
-def test_segment_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_rgb: Path, rgb_model: Path,
-                             opts: list[str], expected: int) -> None:
+@pytest.mark.parametrize(
+    "opts, expected",
+    [
+        (["--tile", "64", "--overlap", "64"], 2),  # overlap must be smaller than the tile
+        (["--tile", "60"], 2),  # not a multiple of the model's stride
+        (["--batch-size", "0"], 2),
+    ],
+)
+def test_segment_bad_options(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_rgb: Path, rgb_model: Path, opts: list[str], expected: int
+) -> None:
     code, _, err = run(capsys, "segment", str(nc_rgb), "-m", str(rgb_model), "-o", str(tmp_path / "o"), *opts)
     assert code == expected and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path,
-                            nc_rgb: Path, rgb_model: Path) -> None:
+def test_segment_bad_inputs(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path, nc_rgb: Path, rgb_model: Path
+) -> None:
     # six bands into a three-band model
     code, _, err = run(capsys, "segment", str(nc_stack), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "band")
@@ -219,8 +269,9 @@ def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     f.write_text("x")
     code, _, err = run(capsys, "segment", str(nc_rgb), "-m", str(rgb_model), "-o", str(f))
     assert code == 2 and "is a file" in err and "Traceback" not in err  # click rejects it as a usage error
-    from geovae.segment import segment_scene
     from geovae.errors import OutputError
+    from geovae.segment import segment_scene
+
     with pytest.raises(OutputError):
         segment_scene(nc_rgb, rgb_model, f, progress=False)
     # a model file that is not one
@@ -228,8 +279,18 @@ def test_segment_bad_inputs(capsys: pytest.CaptureFixture[str], tmp_path: Path, 
     assert_one_line_error(code, err, 1)
     # an all-nodata scene
     empty = tmp_path / "empty.tif"
-    with rasterio.open(empty, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", nodata=0,
-                       crs="EPSG:32618", transform=from_origin(0, 0, 30, 30)) as dst:
+    with rasterio.open(
+        empty,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        nodata=0,
+        crs="EPSG:32618",
+        transform=from_origin(0, 0, 30, 30),
+    ) as dst:
         dst.write(np.zeros((3, 64, 64), np.uint8))
     code, _, err = run(capsys, "segment", str(empty), "-m", str(rgb_model), "-o", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "nodata")
@@ -252,12 +313,26 @@ def test_segment_a_folder_runs_the_local_batch(capsys: pytest.CaptureFixture[str
     parts = halves(scene, folder)
     model = _model_for(scene, tmp_path / "m.safetensors")
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "-q", "segment", str(folder), "-m", str(model), "-o", str(out), "--tile", "128",
-                            "--formats", "gpkg", "--no-quicklook")
+    code, stdout, err = run(
+        capsys,
+        "-q",
+        "segment",
+        str(folder),
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--tile",
+        "128",
+        "--formats",
+        "gpkg",
+        "--no-quicklook",
+    )
     assert code == 0, err
     assert "done 2, skipped 0, failed 0" in stdout and "catalog.json" in stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.csv", "catalog.json", "collection.json",
-                                                            *(p.stem for p in parts)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.csv", "catalog.json", "collection.json", *(p.stem for p in parts)]
+    )
     for p in parts:
         assert (out / p.stem / f"{p.stem}.classes.tif").is_file()
     empty = tmp_path / "empty"

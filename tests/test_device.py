@@ -39,7 +39,7 @@ def test_bf16_on_cpu_agrees_with_fp32_on_real_pixels(nc_stack: Path) -> None:
     # BatchNorm running statistics from the scene, so the random net has non-trivial outputs
     module.train()
     with torch.no_grad():
-        module(((x - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1)))
+        module((x - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(1, -1, 1, 1))
     fp32 = SegmentationModel(module, info, device="cpu")
     bf16 = fp32.with_precision("bf16")
     assert bf16.module is fp32.module and fp32.amp_dtype is None

@@ -84,7 +84,7 @@ def test_perturbed_labels_give_the_independently_computed_iou(
         assert d["per_class_iou"][c] == pytest.approx(expect[c], abs=1e-12)
     assert d["miou"] == pytest.approx(np.mean(list(expect.values())), abs=1e-12)
     assert d["overall_accuracy"] == pytest.approx((p == y)[valid].mean(), abs=1e-12)
-    extra = [c for c in d["classes"] if c["id"] == 9][0]
+    extra = next(c for c in d["classes"] if c["id"] == 9)
     assert extra["iou"] == 0.0 and not extra["present_in_labels"] and 9 not in d["per_class_iou"]
     assert d["miou"] < 1.0
     assert "not in labels" in format_report(d)
@@ -110,7 +110,11 @@ def test_ece_and_auroc_match_direct_computations(nc_labels: Path, tmp_path: Path
     valid = (y != 0) & np.isfinite(conf_nan)
     cv, ok = conf[valid], (p == y)[valid]
     bins = np.minimum((cv * 10).astype(int), 9)
-    ece = sum((bins == b).sum() / cv.size * abs(ok[bins == b].mean() - cv[bins == b].mean()) for b in range(10) if (bins == b).any())
+    ece = sum(
+        (bins == b).sum() / cv.size * abs(ok[bins == b].mean() - cv[bins == b].mean())
+        for b in range(10)
+        if (bins == b).any()
+    )
     assert d["pixels"] == valid.sum()
     assert d["ece"] == pytest.approx(ece, abs=1e-9)
     ref = binary_auroc(torch.from_numpy(1 - cv), torch.from_numpy(~ok).long()).item()
@@ -136,7 +140,7 @@ def test_grid_mismatch_and_bad_files(nc_labels: Path, tmp_path: Path) -> None:
     t = profile["transform"]
     with rasterio.open(shifted, "w", **{**profile, "transform": t @ Affine.translation(1, 0)}) as dst:
         dst.write(a, 1)
-    with pytest.raises(LabelsError, match="not on the prediction's grid .*transform") as ei:
+    with pytest.raises(LabelsError, match=r"not on the prediction's grid .*transform") as ei:
         evaluate(pred, shifted)
     assert "\n" not in str(ei.value)
     other_crs = tmp_path / "crs.tif"

@@ -32,7 +32,13 @@ def run(name: str, *argv: str) -> dict[str, Any]:
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"segment_geotiff.py", "export_geojson.py", "train_own_labels.py", "batch_dask.py", "torchgeo_checkpoint.py"}
+    tested = {
+        "segment_geotiff.py",
+        "export_geojson.py",
+        "train_own_labels.py",
+        "batch_dask.py",
+        "torchgeo_checkpoint.py",
+    }
     assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == tested
 
 
@@ -48,8 +54,15 @@ def test_export_geojson(tmp_path: Path) -> None:
     got = run("export_geojson.py", "--out", str(tmp_path / "landcover.geojson"))
     assert got["result"].n_polygons == len(got["polygons"]) > 0
     assert got["polygons"].crs.to_epsg() == 4326
-    assert set(got["polygons"]["class_name"]) <= {"developed", "agriculture", "herbaceous", "shrubland", "forest",
-                                                  "water", "sediment"}
+    assert set(got["polygons"]["class_name"]) <= {
+        "developed",
+        "agriculture",
+        "herbaceous",
+        "shrubland",
+        "forest",
+        "water",
+        "sediment",
+    }
     assert (tmp_path / "landcover.gpkg").is_file()
 
 

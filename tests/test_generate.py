@@ -21,16 +21,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreference
 
 def _model_file(tmp_path: Path, *, dtype: str | None = "uint8", recon_condition: str = "class") -> Path:
     torch.manual_seed(0)
-    m = VAESegmenter(6, 3, base_channels=8, depth=2, latent_channels=4, head="lowrank",
-                     recon_condition=recon_condition).eval()
+    m = VAESegmenter(
+        6, 3, base_channels=8, depth=2, latent_channels=4, head="lowrank", recon_condition=recon_condition
+    ).eval()
     # A decoder bias far from zero: de-normalised values then reach beyond uint8's range,
     # which the writer must clip, not wrap.
     with torch.no_grad():
         out = m.recon_decoder.out if recon_condition == "class" else m.recon_decoder[-1]
         out.bias.copy_(torch.tensor([-10.0, -1.0, 0.0, 1.0, 10.0, 0.5]))
-    info = ModelInfo(in_channels=6, num_classes=3, class_ids=[1, 5, 6], class_names=["developed", "forest", "water"],
-                     mean=[80.0] * 6, std=[30.0] * 6, band_names=[f"B{i}" for i in range(1, 7)], tile_size=32,
-                     training={"dtype": dtype} if dtype else {})
+    info = ModelInfo(
+        in_channels=6,
+        num_classes=3,
+        class_ids=[1, 5, 6],
+        class_names=["developed", "forest", "water"],
+        mean=[80.0] * 6,
+        std=[30.0] * 6,
+        band_names=[f"B{i}" for i in range(1, 7)],
+        tile_size=32,
+        training={"dtype": dtype} if dtype else {},
+    )
     return save_model(tmp_path / "m.safetensors", m, info)
 
 
@@ -67,8 +76,18 @@ def test_generate_follows_a_class_map_and_takes_its_grid(tmp_path: Path) -> None
     ids[:, :12], ids[:, 12:24], ids[:, 24:] = 1, 5, 6
     ids[0, 0] = 9  # not one of the model's classes: decoded as the class average
     transform = rasterio.transform.from_origin(500000.0, 4000000.0, 30.0, 30.0)
-    with rasterio.open(cmap, "w", driver="GTiff", width=36, height=20, count=1, dtype="uint8", crs="EPSG:32617",
-                       transform=transform, nodata=0) as d:
+    with rasterio.open(
+        cmap,
+        "w",
+        driver="GTiff",
+        width=36,
+        height=20,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32617",
+        transform=transform,
+        nodata=0,
+    ) as d:
         d.write(ids, 1)
     res = generate_images(model, tmp_path / "s.tif", n=2, classes_from=cmap)
     assert res.georeferenced and (res.height, res.width) == (20, 36) and res.dtype == "float32"
@@ -88,8 +107,20 @@ def test_generate_from_a_z_only_decoder(tmp_path: Path) -> None:
 
 def test_generate_cli_and_its_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = _model_file(tmp_path)
-    code, out, err = _run(capsys, "generate", "--model", str(model), "--out", str(tmp_path / "g.tif"), "--n", "2",
-                          "--size", "16", "--seed", "3")
+    code, out, err = _run(
+        capsys,
+        "generate",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "g.tif"),
+        "--n",
+        "2",
+        "--size",
+        "16",
+        "--seed",
+        "3",
+    )
     assert code == 0, err
     assert "2 images of 16x16 px, 6 bands each (uint8, not georeferenced)" in out
     with rasterio.open(tmp_path / "g.tif") as ds:
@@ -104,8 +135,9 @@ def test_generate_cli_and_its_one_line_errors(tmp_path: Path, capsys: pytest.Cap
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert code == code_expected and len(lines) == 1 and lines[0].startswith("geovae: error: "), err
         assert fragment in lines[0], lines[0]
-    code, _, err = _run(capsys, "generate", "--model", str(tmp_path / "missing.safetensors"), "--out",
-                        str(tmp_path / "h.tif"))
+    code, _, err = _run(
+        capsys, "generate", "--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "h.tif")
+    )
     assert code == 1 and len(err.strip().splitlines()) == 1 and "model file not found" in err
     assert not (tmp_path / "h.tif").exists()
 

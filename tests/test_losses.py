@@ -12,7 +12,9 @@ from geovae.model import VAEOutput, kl_warmup, sample_diversity, vae_segmentatio
 from geovae.model.losses import kl_divergence_map, soft_dice_loss
 
 
-def _out(b: int = 2, k: int = 3, c: int = 4, h: int = 16, w: int = 16, s: int = 4, seed: int = 0) -> tuple[VAEOutput, torch.Tensor]:
+def _out(
+    b: int = 2, k: int = 3, c: int = 4, h: int = 16, w: int = 16, s: int = 4, seed: int = 0
+) -> tuple[VAEOutput, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = VAEOutput(
         logits=torch.randn(b, k, h, w, generator=g, requires_grad=True),
@@ -55,7 +57,7 @@ def test_ce_equals_torch_mean_over_labelled_pixels() -> None:
 
 def test_out_of_range_labels_are_refused() -> None:
     out, image = _out()
-    with pytest.raises(ValueError, match="outside 0..2"):
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
         vae_segmentation_loss(out, image, torch.full((2, 16, 16), 5))
 
 
@@ -201,7 +203,9 @@ def test_sample_entropy_term_rewards_samples_that_commit() -> None:
     x = torch.randn(1, 2, 4, 4)
     mu = torch.zeros(1, 1, 1, 1)
     soft = torch.zeros(2, 1, 2, 4, 4)  # two samples, both 50/50
-    sharp = torch.stack([torch.tensor([8.0, -8.0]), torch.tensor([-8.0, 8.0])]).view(2, 1, 2, 1, 1).expand(2, 1, 2, 4, 4)
+    sharp = (
+        torch.stack([torch.tensor([8.0, -8.0]), torch.tensor([-8.0, 8.0])]).view(2, 1, 2, 1, 1).expand(2, 1, 2, 4, 4)
+    )
     y = torch.zeros(1, 4, 4, dtype=torch.long)
     terms = {}
     for name, sl in (("soft", soft), ("sharp", sharp)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -88,8 +87,14 @@ def test_samples_differ_and_mean_forward_is_deterministic() -> None:
 def test_hparams_rebuild_an_identical_model() -> None:
     m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4)
     assert m.hparams == {
-        "in_channels": 4, "num_classes": 3, "base_channels": 8, "depth": 3, "latent_channels": 4, "encoder": "unet",
-        "recon_condition": "class", "head": "mlp",
+        "in_channels": 4,
+        "num_classes": 3,
+        "base_channels": 8,
+        "depth": 3,
+        "latent_channels": 4,
+        "encoder": "unet",
+        "recon_condition": "class",
+        "head": "mlp",
     }
     for cond in ("class", "none"):
         m = VAESegmenter(4, 3, base_channels=8, depth=3, latent_channels=4, recon_condition=cond)
@@ -194,7 +199,6 @@ def test_training_step_reduces_the_loss() -> None:
     assert loss.item() < 0.6 * first
 
 
-
 @pytest.mark.slow
 def test_reconstruction_error_flags_clouds(gulfcoast, gulfcoast_bqa, tmp_path) -> None:
     """Real Landsat-8: a reconstruction branch trained without labels on BQA-clear pixels
@@ -228,8 +232,12 @@ def test_reconstruction_error_flags_clouds(gulfcoast, gulfcoast_bqa, tmp_path) -
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     m = VAESegmenter(6, 2, base_channels=8, depth=3)
-    recon_params = [*m.encoder.parameters(), *m.to_mu.parameters(), *m.to_logvar.parameters(),
-                    *m.recon_decoder.parameters()]
+    recon_params = [
+        *m.encoder.parameters(),
+        *m.to_mu.parameters(),
+        *m.to_logvar.parameters(),
+        *m.recon_decoder.parameters(),
+    ]
     opt = torch.optim.Adam(recon_params, lr=3e-3)
     for _ in range(200):
         k = rng.integers(0, len(ys), 8)

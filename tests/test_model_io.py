@@ -36,9 +36,16 @@ def _trained_ish(seed: int = 0, head: str = "mlp") -> VAESegmenter:
 
 def _info() -> ModelInfo:
     return ModelInfo(
-        in_channels=6, num_classes=3, class_ids=[1, 3, 5], class_names=["developed", "water", "forest"],
-        class_colors=[(255, 0, 0), (0, 0, 255), (0, 128, 0)], mean=[10.0] * 6, std=[4.0] * 6,
-        band_names=[f"B{i}" for i in range(1, 7)], tile_size=64, extra={"trained_on": "nc"},
+        in_channels=6,
+        num_classes=3,
+        class_ids=[1, 3, 5],
+        class_names=["developed", "water", "forest"],
+        class_colors=[(255, 0, 0), (0, 0, 255), (0, 128, 0)],
+        mean=[10.0] * 6,
+        std=[4.0] * 6,
+        band_names=[f"B{i}" for i in range(1, 7)],
+        tile_size=64,
+        extra={"trained_on": "nc"},
     )
 
 
@@ -162,7 +169,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
     newer = tmp_path / "newer.safetensors"
     _rewrite_metadata(p, newer, format_version=str(FORMAT_VERSION + 1))
-    with pytest.raises(ModelFileError, match="newer than this geovae .*upgrade geovae"):
+    with pytest.raises(ModelFileError, match=r"newer than this geovae .*upgrade geovae"):
         load_model(newer, device="cpu")
     odd = tmp_path / "odd.safetensors"
     _rewrite_metadata(p, odd, format_version="banana")
@@ -223,9 +230,11 @@ def test_training_facts_round_trip_and_older_files_without_them_still_load(tmp_p
     with an empty one and predict as before."""
     m = _trained_ish()
     info = _info()
-    info.training = {"dtype": "uint8", "quantiles": {"0.005": [1.0] * 6, "0.5": [50.0] * 6, "0.995": [200.0] * 6},
-                     "reconstruction_error_quantiles": {"0.5": 0.4, "0.9": 1.5, "0.99": 8.0, "0.995": 13.0,
-                                                        "0.999": 39.0}}
+    info.training = {
+        "dtype": "uint8",
+        "quantiles": {"0.005": [1.0] * 6, "0.5": [50.0] * 6, "0.995": [200.0] * 6},
+        "reconstruction_error_quantiles": {"0.5": 0.4, "0.9": 1.5, "0.99": 8.0, "0.995": 13.0, "0.999": 39.0},
+    }
     p = save_model(tmp_path / "m.safetensors", m, info)
     assert load_model(p, device="cpu").info.training == info.training
     older = read_model_info(p).to_dict()
@@ -244,10 +253,23 @@ def test_vae_task_checkpoint_rebuilds_from_hyperparameters_or_says_why_not(tmp_p
     hyperparameters alone: architecture, normalisation and classes; one saved before the task
     knew its band count is refused with one line."""
     m = _trained_ish()
-    hp = {"_class_path": "geovae.training.VAESegmentationTask", "in_channels": 6, "num_classes": 3,
-          "labels": ["developed", "water", "forest"], "class_ids": [1, 3, 5], "class_colors": None,
-          "band_names": None, "mean": [10.0] * 6, "std": [4.0] * 6, "nodata": 0.0, "base_channels": 8, "depth": 2,
-          "latent_channels": 4, "encoder": "unet", "recon_condition": "class"}
+    hp = {
+        "_class_path": "geovae.training.VAESegmentationTask",
+        "in_channels": 6,
+        "num_classes": 3,
+        "labels": ["developed", "water", "forest"],
+        "class_ids": [1, 3, 5],
+        "class_colors": None,
+        "band_names": None,
+        "mean": [10.0] * 6,
+        "std": [4.0] * 6,
+        "nodata": 0.0,
+        "base_channels": 8,
+        "depth": 2,
+        "latent_channels": 4,
+        "encoder": "unet",
+        "recon_condition": "class",
+    }
     sd = {f"model.{k}": v for k, v in m.state_dict().items()}
     sd.update(band_mean=torch.full((1, 6, 1, 1), 10.0), band_std=torch.full((1, 6, 1, 1), 4.0))
     ckpt = tmp_path / "task.ckpt"
@@ -320,8 +342,15 @@ def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     dl = torch.utils.data.DataLoader(batch, batch_size=2)
     root = tmp_path_factory.mktemp("tg")
     trainer = L.Trainer(
-        max_epochs=1, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu", logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        max_epochs=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
     trainer.fit(task, dl, dl)  # the validation pass feeds TorchGeo's ReduceLROnPlateau
     ckpt = root / "task.ckpt"
@@ -330,7 +359,9 @@ def torchgeo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return ckpt, task.model.eval()
 
 
-def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoint: tuple[Path, torch.nn.Module]) -> None:
+def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(
+    torchgeo_checkpoint: tuple[Path, torch.nn.Module],
+) -> None:
     ckpt, model = torchgeo_checkpoint
     loaded = load_model(ckpt, device="cpu", fold_batchnorm=False)
     assert loaded.info.kind == "torchgeo" and loaded.info.in_channels == 6 and loaded.info.num_classes == 7
@@ -343,8 +374,9 @@ def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoin
         ref = model(_cl(x)).softmax(1)
     assert torch.equal(loaded.predict(x)["probs"], ref)
     # With the user's normalisation and class ids.
-    named = load_model(ckpt, device="cpu", fold_batchnorm=False, mean=[100.0] * 6, std=[50.0] * 6,
-                       class_ids=[1, 2, 3, 4, 5, 6, 7])
+    named = load_model(
+        ckpt, device="cpu", fold_batchnorm=False, mean=[100.0] * 6, std=[50.0] * 6, class_ids=[1, 2, 3, 4, 5, 6, 7]
+    )
     assert named.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and named.info.class_names[0] == "class 1"
     with torch.no_grad():
         ref2 = model(_cl((x - 100) / 50)).softmax(1)
@@ -352,7 +384,7 @@ def test_torchgeo_checkpoint_loads_and_predicts_like_the_task(torchgeo_checkpoin
 
 
 def test_torchgeo_model_saved_as_geovae_file(torchgeo_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
-    ckpt, model = torchgeo_checkpoint
+    ckpt, _model = torchgeo_checkpoint
     loaded = load_model(ckpt, device="cpu")
     p = save_model(tmp_path / "tg.safetensors", loaded.module, loaded.info)
     again = load_model(p, device="cpu")
@@ -365,14 +397,31 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
     torchgeo_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path, nc_stack: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """`geovae export` records what a TorchGeo checkpoint lacks; the file then stands alone."""
-    from geovae.cli import main
     from geovae.bands import band_statistics
+    from geovae.cli import main
 
     ckpt, model = torchgeo_checkpoint
     out = tmp_path / "tg.safetensors"
     classes = "1:developed,2:agriculture,3:herbaceous,4:shrubland,5:forest,6:water,7:sediment"
-    assert main(["export", str(ckpt), "--out", str(out), "--mean", "100", "--std", "50,50,50,50,50,50",
-                 "--classes", classes, "--tile", "128"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--mean",
+                "100",
+                "--std",
+                "50,50,50,50,50,50",
+                "--classes",
+                classes,
+                "--tile",
+                "128",
+            ]
+        )
+        == 0
+    )
     got = load_model(out, device="cpu", fold_batchnorm=False)
     assert got.info.kind == "torchgeo" and got.info.tile_size == 128
     assert got.info.class_ids == [1, 2, 3, 4, 5, 6, 7] and got.info.class_names[4] == "forest"
@@ -401,11 +450,14 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
         assert msg in err and "\n" not in err and not bad.exists(), (args, err)
 
 
-@pytest.mark.parametrize("arch", [
-    {"model": "fcn", "num_filters": 8},
-    {"model": "unet", "backbone": "resnet18"},
-    {"model": "deeplabv3+", "backbone": "resnet18"},
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"model": "fcn", "num_filters": 8},
+        {"model": "unet", "backbone": "resnet18"},
+        {"model": "deeplabv3+", "backbone": "resnet18"},
+    ],
+)
 def test_torchgeo_networks_built_without_the_task_are_the_task_s(arch: dict) -> None:
     """geovae rebuilds a TorchGeo network as the task's configure_models does, without importing
     the task's Lightning stack: the same layers, names and shapes."""
@@ -418,15 +470,19 @@ def test_torchgeo_networks_built_without_the_task_are_the_task_s(arch: dict) -> 
     assert {k: v.shape for k, v in direct.items()} == {k: v.shape for k, v in task.items()}
 
 
-def test_torchgeo_network_falls_back_to_the_task(torchgeo_checkpoint: tuple[Path, torch.nn.Module],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchgeo_network_falls_back_to_the_task(
+    torchgeo_checkpoint: tuple[Path, torch.nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where the direct build does not fit the weights (a TorchGeo that builds its networks
     otherwise), the task itself builds it and the checkpoint still loads."""
     import geovae.model.io as io
 
     real = io._build_torchgeo_model
-    monkeypatch.setattr(io, "_build_torchgeo_model",
-                        lambda arch, direct=True: torch.nn.Conv2d(1, 1, 1) if direct else real(arch, direct=False))
+    monkeypatch.setattr(
+        io,
+        "_build_torchgeo_model",
+        lambda arch, direct=True: torch.nn.Conv2d(1, 1, 1) if direct else real(arch, direct=False),
+    )
     ckpt, model = torchgeo_checkpoint
     loaded = load_model(ckpt, device="cpu", fold_batchnorm=False)
     x = torch.rand(1, 6, 64, 64)

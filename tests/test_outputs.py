@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import rasterio
 
@@ -53,8 +52,15 @@ def _model_for(image: Path, path: Path) -> Path:
     c = len(st.mean)
     torch.manual_seed(0)
     m = VAESegmenter(c, 3, base_channels=8, depth=3, latent_channels=4).eval()
-    info = ModelInfo(in_channels=c, num_classes=3, class_names=["water", "forest", "town"], mean=st.mean, std=st.std,
-                     tile_size=64, training={"dtype": st.dtype, "quantiles": st.quantiles})
+    info = ModelInfo(
+        in_channels=c,
+        num_classes=3,
+        class_names=["water", "forest", "town"],
+        mean=st.mean,
+        std=st.std,
+        tile_size=64,
+        training={"dtype": st.dtype, "quantiles": st.quantiles},
+    )
     return save_model(path, m, info)
 
 
@@ -68,8 +74,9 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_outputs_never_overwrite_an_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path,
-                                          model: Path) -> None:
+def test_outputs_never_overwrite_an_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path
+) -> None:
     # A PNG scene segmented into its own folder: the quicklook is <stem>.png, the scene itself.
     pngdir = tmp_path / "pngdir"
     pngdir.mkdir()
@@ -102,8 +109,10 @@ def test_two_runs_into_one_set_never_mix(tmp_path: Path, scene: Path, model: Pat
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(scene), "-m", str(model), "-o", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for extra in (["--samples", "2"], ["--formats", "gpkg"])]
+    procs = [
+        subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for extra in (["--samples", "2"], ["--formats", "gpkg"])
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
     codes = sorted(c for c, _ in results)
     assert codes in ([0, 0], [0, 1]), results
@@ -128,9 +137,9 @@ def test_lock_refuses_a_second_run_and_is_released(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                            scene: Path, model: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_leaves_the_previous_set_byte_identical(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg")
     assert code == 0, err
@@ -142,8 +151,20 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.Capt
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(geovae.polygons, "_write_format", full)
-    code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2",
-                    "--formats", "gpkg,geojson")
+    code, err = run(
+        capsys,
+        "-q",
+        "segment",
+        str(scene),
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--samples",
+        "2",
+        "--formats",
+        "gpkg,geojson",
+    )
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and lines[0].startswith("geovae: error: no space left on the device of")
     assert "free some space" in err and _digest(out) == before
@@ -153,24 +174,45 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(capsys: pytest.Capt
     assert code == 1 and "internal error" in err and _digest(out) == before
 
 
-def test_a_rerun_replaces_the_whole_set(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path,
-                                        model: Path) -> None:
+def test_a_rerun_replaces_the_whole_set(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path
+) -> None:
     out = tmp_path / "out"
-    assert run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2",
-               "--formats", "gpkg,geojson")[0] == 0
+    assert (
+        run(
+            capsys,
+            "-q",
+            "segment",
+            str(scene),
+            "-m",
+            str(model),
+            "-o",
+            str(out),
+            "--samples",
+            "2",
+            "--formats",
+            "gpkg,geojson",
+        )[0]
+        == 0
+    )
     assert (out / f"{STEM}.uncertainty.tif").exists() and (out / f"{STEM}.geojson").exists()
     keep = out / "notes.txt"  # not geovae's: never touched
     keep.write_text("mine")
-    assert run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg",
-               "--no-quicklook")[0] == 0
+    assert (
+        run(
+            capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg", "--no-quicklook"
+        )[0]
+        == 0
+    )
     report = json.loads((out / f"{STEM}.json").read_text())
     assert set(report["outputs"].values()) == {p.name for p in out.iterdir()} - {"notes.txt"}
     assert not (out / f"{STEM}.uncertainty.tif").exists() and not (out / f"{STEM}.png").exists()
     assert keep.read_text() == "mine"
 
 
-def test_the_folder_is_created_only_after_every_check(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                      scene: Path, model: Path) -> None:
+def test_the_folder_is_created_only_after_every_check(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path
+) -> None:
     out = tmp_path / "deep" / "out"
     code, err = run(capsys, "segment", str(scene), "-m", str(model), "-o", str(out), "--tile", "60")
     assert code == 2 and "--tile" in err and not (tmp_path / "deep").exists()
@@ -195,8 +237,9 @@ def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path) -> N
     new.open()
     for n in ("s.a", "s.b", "s.json"):
         new.path(n).write_text("new")
-    (new.staging / ".commit.json").write_text(json.dumps({"moves": ["s.a", "s.b", "s.json"], "remove": [],
-                                                          "last": "s.json"}))
+    (new.staging / ".commit.json").write_text(
+        json.dumps({"moves": ["s.a", "s.b", "s.json"], "remove": [], "last": "s.json"})
+    )
     (tmp_path / "s.json").unlink()
     os.replace(new.staging / "s.a", tmp_path / "s.a")
     new._release_lock()  # the process died here
@@ -209,8 +252,26 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, scene: Path, model: Path)
     """SIGTERM mid-run (what schedulers send): exit 143, nothing under a final name, no staging."""
     out = tmp_path / "out"
     # 16-px tiles one at a time with 8 samples: slow enough to be stopped halfway.
-    cmd = [sys.executable, "-m", "geovae", "-q", "segment", str(scene), "-m", str(model), "-o", str(out),
-           "--tile", "16", "--overlap", "8", "--batch-size", "1", "--samples", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geovae",
+        "-q",
+        "segment",
+        str(scene),
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--tile",
+        "16",
+        "--overlap",
+        "8",
+        "--batch-size",
+        "1",
+        "--samples",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob(".*.part")):
@@ -224,15 +285,17 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, scene: Path, model: Path)
     assert list(out.iterdir()) == []
 
 
-def test_vectorize_keeps_other_geopackage_layers(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                 nc_labels: Path) -> None:
+def test_vectorize_keeps_other_geopackage_layers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_labels: Path
+) -> None:
     import geopandas as gpd
     import pyogrio
     import shapely
 
     gpkg = tmp_path / "d.gpkg"
     gpd.GeoDataFrame({"name": ["road"]}, geometry=[shapely.box(0, 0, 1, 1)], crs="EPSG:3358").to_file(
-        gpkg, layer="basemap", engine="pyogrio")
+        gpkg, layer="basemap", engine="pyogrio"
+    )
     code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(gpkg))
     assert code == 0, err
     layers = dict(pyogrio.list_layers(gpkg))
@@ -246,17 +309,22 @@ def test_vectorize_keeps_other_geopackage_layers(capsys: pytest.CaptureFixture[s
     assert code == 2 and "given twice" in err and err.count("\n") == 1
 
 
-def test_model_files_with_broken_numbers_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                                     scene: Path, model: Path) -> None:
+def test_model_files_with_broken_numbers_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path
+) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(model), framework="pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f}
     ok = json.loads(meta["info"])["std"]
-    for field, value, said in (("std", [0.0, *ok[1:]], "std[0] is 0.0"), ("mean", [float("nan"), *ok[1:]], "mean[0]"),
-                               ("class_ids", [0, 1, 300], "class id 300"), ("tile_size", 60, "tile_size 60")):
+    for field, value, said in (
+        ("std", [0.0, *ok[1:]], "std[0] is 0.0"),
+        ("mean", [float("nan"), *ok[1:]], "mean[0]"),
+        ("class_ids", [0, 1, 300], "class id 300"),
+        ("tile_size", 60, "tile_size 60"),
+    ):
         info = json.loads(meta["info"])
         info[field] = value
         bad = tmp_path / f"bad-{field}.safetensors"
@@ -285,9 +353,12 @@ def test_pixel_coordinates_name_areas_in_pixels(tmp_path: Path, model: Path, sce
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    for args, said in ((["segment"], "Missing argument"), (["segment", "x.tif"], "--model"),
-                       (["frobnicate"], "No such command"), (["segment", "x", "-m", "m", "-o", "o", "--tile", "0"],
-                                                             "--tile")):
+    for args, said in (
+        (["segment"], "Missing argument"),
+        (["segment", "x.tif"], "--model"),
+        (["frobnicate"], "No such command"),
+        (["segment", "x", "-m", "m", "-o", "o", "--tile", "0"], "--tile"),
+    ):
         code, err = run(capsys, *args)
         assert code == 2 and err.startswith("geovae: error: ") and err.count("\n") == 1 and said in err, err
 
@@ -303,7 +374,7 @@ def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, sce
     def go() -> None:
         try:
             vectorize(r.outputs["classes"], tmp_path / "p.gpkg")
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=go) for _ in range(2)]

@@ -25,14 +25,15 @@ from torch import nn
 
 from geovae.errors import CorruptSceneError, ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
-from geovae.segment.run import _predict, segment_scene
 from geovae.scene import Scene, open_scene
+from geovae.segment.run import _predict, segment_scene
 from geovae.stitch import CLASS_NODATA
 
 QUIET = dict(progress=False, quicklook=False, formats=())
 
 
 # -- models --------------------------------------------------------------------------------
+
 
 def _stats(path: Path) -> tuple[list[float], list[float]]:
     s = open_scene(path)
@@ -41,22 +42,27 @@ def _stats(path: Path) -> tuple[list[float], list[float]]:
     return d[:, v].mean(1).tolist(), d[:, v].std(1).clip(1e-6).tolist()
 
 
-def conv_model(path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile: int = 64, seed: int = 0) -> SegmentationModel:
+def conv_model(
+    path: Path, k: int = 5, layers: int = 3, dilation: int = 1, tile: int = 64, seed: int = 0
+) -> SegmentationModel:
     """A random fully convolutional net; receptive-field radius ``layers * dilation``."""
     mean, std = _stats(path)
     c = len(mean)
     torch.manual_seed(seed)
     mods: list[nn.Module] = []
     for i in range(layers):
-        mods.append(nn.Conv2d(c if i == 0 else 16, k if i == layers - 1 else 16, 3, padding=dilation, dilation=dilation))
+        mods.append(
+            nn.Conv2d(c if i == 0 else 16, k if i == layers - 1 else 16, 3, padding=dilation, dilation=dilation)
+        )
         if i < layers - 1:
             mods.append(nn.ReLU())
     info = ModelInfo(in_channels=c, num_classes=k, mean=mean, std=std, tile_size=tile)
     return SegmentationModel(nn.Sequential(*mods), info, "cpu")
 
 
-def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8,
-              halo: bool = False, **arch: Any) -> SegmentationModel:
+def vae_model(
+    path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int = 8, halo: bool = False, **arch: Any
+) -> SegmentationModel:
     """geovae's VAE segmenter, random weights, BatchNorm statistics taken from the scene."""
     from geovae.model.vae import VAESegmenter
 
@@ -65,7 +71,7 @@ def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int
     torch.manual_seed(0)
     net = VAESegmenter(c, k, base_channels=base, depth=depth, **arch)
     s = open_scene(path)
-    d, _ = s.read(Window(0, 0, s.width // 2 ** depth * 2 ** depth, s.height // 2 ** depth * 2 ** depth))
+    d, _ = s.read(Window(0, 0, s.width // 2**depth * 2**depth, s.height // 2**depth * 2**depth))
     x = (torch.from_numpy(d) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -83,9 +89,18 @@ def vae_model(path: Path, k: int = 4, depth: int = 2, tile: int = 128, base: int
     if halo:
         from geovae.model.halo import measure_halo
 
-        measured = measure_halo(net.to(memory_format=torch.channels_last), c, 2 ** depth)
-    info = ModelInfo(in_channels=c, num_classes=k, mean=mean, std=std, tile_size=tile, stride=2 ** depth,
-                     class_ids=list(range(1, k + 1)), class_names=[f"c{i}" for i in range(1, k + 1)], halo=measured)
+        measured = measure_halo(net.to(memory_format=torch.channels_last), c, 2**depth)
+    info = ModelInfo(
+        in_channels=c,
+        num_classes=k,
+        mean=mean,
+        std=std,
+        tile_size=tile,
+        stride=2**depth,
+        class_ids=list(range(1, k + 1)),
+        class_names=[f"c{i}" for i in range(1, k + 1)],
+        halo=measured,
+    )
     return SegmentationModel(net, info, "cpu")
 
 
@@ -99,8 +114,12 @@ def untiled(model: SegmentationModel, path: Path) -> np.ndarray:
     # and by the model's halo, which the tiled run's last tiles reach past the scene too.
     h = model.info.halo or 0
     mean = torch.tensor(model.info.mean, dtype=torch.float32)[:, None, None]
-    x = nn.functional.pad(torch.from_numpy(d)[None] - mean,
-                          (0, (-(s.width + h)) % st + h, 0, (-(s.height + h)) % st + h)) + mean
+    x = (
+        nn.functional.pad(
+            torch.from_numpy(d)[None] - mean, (0, (-(s.width + h)) % st + h, 0, (-(s.height + h)) % st + h)
+        )
+        + mean
+    )
     return model.predict(x)["probs"][0, :, : s.height, : s.width].numpy()
 
 
@@ -122,13 +141,23 @@ def _away_from_border(v: np.ndarray, r: int) -> np.ndarray:
 
 # -- georeferencing, nodata, all outputs -----------------------------------------------------
 
+
 def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -> None:
     model = vae_model(rgb_byte, k=4, depth=2, tile=256, base=4)
-    r = segment_scene(rgb_byte, model, tmp_path, samples=2, reconstruction=True, formats=("gpkg", "geojson"),
-                      progress=False)
+    r = segment_scene(
+        rgb_byte, model, tmp_path, samples=2, reconstruction=True, formats=("gpkg", "geojson"), progress=False
+    )
     out = r.outputs
-    assert {"classes", "confidence", "uncertainty", "reconstruction_error", "gpkg", "geojson", "quicklook",
-            "report"} <= set(out)
+    assert {
+        "classes",
+        "confidence",
+        "uncertainty",
+        "reconstruction_error",
+        "gpkg",
+        "geojson",
+        "quicklook",
+        "report",
+    } <= set(out)
     valid = _valid(rgb_byte)
     with rasterio.open(rgb_byte) as src:
         for kind in ("classes", "confidence", "uncertainty", "reconstruction_error"):
@@ -145,7 +174,13 @@ def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -
     assert np.nanmax(unc[0]) <= np.log(4) + 1e-4 and np.nanmin(unc[1]) >= 0
     # polygons never cover the nodata frame
     gdf = gpd.read_file(out["gpkg"])
-    burned = rasterize(((g, 1) for g in gdf.geometry), out_shape=valid.shape, transform=Affine(*r.report["scene"]["transform"]), fill=0, dtype="uint8")
+    burned = rasterize(
+        ((g, 1) for g in gdf.geometry),
+        out_shape=valid.shape,
+        transform=Affine(*r.report["scene"]["transform"]),
+        fill=0,
+        dtype="uint8",
+    )
     assert not burned[~valid].any() and burned[valid].mean() > 0.999
     gj = gpd.read_file(out["geojson"])
     assert gj.crs.to_epsg() == 4326 and len(gj) == len(gdf)
@@ -189,16 +224,21 @@ def test_band_gap_at_valid_pixels_gets_the_band_mean(tmp_path: Path, nc_stack: P
     assert gap.sum() > 40_000 and (raw[:5, gap] > 0).all()  # a real gap in band 6 only
     assert not (v & (raw[:5] == 0).any(0)).any()  # bands 1-5 have no such gap
     (x,) = seen
-    x = x[0, :, : raw.shape[1], : raw.shape[2]].numpy() * np.asarray(model.info.std, np.float32)[:, None, None] \
-        + np.asarray(model.info.mean, np.float32)[:, None, None]  # back to pixel values
+    x = (
+        x[0, :, : raw.shape[1], : raw.shape[2]].numpy() * np.asarray(model.info.std, np.float32)[:, None, None]
+        + np.asarray(model.info.mean, np.float32)[:, None, None]
+    )  # back to pixel values
     np.testing.assert_allclose(x[5, gap], model.info.mean[5], rtol=1e-6)
     np.testing.assert_allclose(x[:, v & ~gap], raw[:, v & ~gap], atol=1e-3)
     np.testing.assert_allclose(x[:5, gap], raw[:5, gap], atol=1e-3)
-    np.testing.assert_allclose(x[:, ~v], np.broadcast_to(np.asarray(model.info.mean)[:, None], (6, (~v).sum())), rtol=1e-6)
+    np.testing.assert_allclose(
+        x[:, ~v], np.broadcast_to(np.asarray(model.info.mean)[:, None], (6, (~v).sum())), rtol=1e-6
+    )
     assert (read(r.outputs["classes"])[gap] != CLASS_NODATA).all()  # the gap pixels are still classified
 
 
 # -- tiling is invisible ---------------------------------------------------------------------
+
 
 def _tile_lines(n: int, tile: int, overlap: int) -> np.ndarray:
     step = tile - overlap
@@ -313,8 +353,9 @@ def test_halo_is_measured_on_image_like_input_too() -> None:
     assert measure_halo(_SaturatesOnWhiteNoise(), 8, 4) == 16  # rounded up to the stride
 
 
-def test_overlap_too_small_for_the_halo_warns_once(tmp_path: Path, nc_stack: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_overlap_too_small_for_the_halo_warns_once(
+    tmp_path: Path, nc_stack: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = vae_model(nc_stack, k=3, depth=2, halo=True)
     h = model.info.halo
     assert h is not None and h > 4
@@ -331,8 +372,9 @@ def test_overlap_too_small_for_the_halo_warns_once(tmp_path: Path, nc_stack: Pat
 
 def test_scene_smaller_than_one_tile(tmp_path: Path, nc_stack: Path) -> None:
     with rasterio.open(nc_stack) as src:
-        prof = src.profile | dict(width=40, height=30, transform=src.window_transform(Window(200, 200, 40, 30)),
-                                  tiled=False)
+        prof = src.profile | dict(
+            width=40, height=30, transform=src.window_transform(Window(200, 200, 40, 30)), tiled=False
+        )
         prof.pop("blockxsize"), prof.pop("blockysize")
         small = tmp_path / "small.tif"
         with rasterio.open(small, "w", **prof) as dst:
@@ -357,9 +399,17 @@ def test_tta_is_the_mean_over_flips(nc_stack: Path) -> None:
 
 # -- bad input fails before any work ---------------------------------------------------------
 
+
 def _write(path: Path, data: np.ndarray, **kw: object) -> Path:
-    prof = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype,
-                crs="EPSG:32618", transform=from_origin(100000, 2800000, 300, 300))
+    prof = dict(
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs="EPSG:32618",
+        transform=from_origin(100000, 2800000, 300, 300),
+    )
     prof.update(kw)
     with rasterio.open(path, "w", **prof) as ds:
         ds.write(data)
@@ -371,7 +421,11 @@ def test_bad_input_fails_before_any_output(tmp_path: Path, rgb_byte: Path, nc_st
     out = tmp_path / "out"
     cases = [
         (dict(scene=nc_stack), ModelMismatchError, "has 6 bands but the model expects 3"),
-        (dict(scene=_write(tmp_path / "empty.tif", np.zeros((3, 50, 50), np.uint8), nodata=0)), SceneError, "no valid pixels"),
+        (
+            dict(scene=_write(tmp_path / "empty.tif", np.zeros((3, 50, 50), np.uint8), nodata=0)),
+            SceneError,
+            "no valid pixels",
+        ),
         (dict(tile=30, overlap=30), OptionError, "--overlap 30"),
         (dict(batch_size=0), OptionError, "--batch-size 0"),
         (dict(formats=("shp",)), OptionError, "--formats shp"),
@@ -379,11 +433,26 @@ def test_bad_input_fails_before_any_output(tmp_path: Path, rgb_byte: Path, nc_st
         (dict(rows=(1, 100)), OptionError, "rows 1:100: must start and end on the 768-row output block grid"),
         (dict(rows=(0, 718), quicklook=True), OptionError, "quicklook shows the whole scene"),
         (dict(scene=tmp_path / "missing.tif"), SceneError, "does not exist"),
-        (dict(scene=_write(tmp_path / "photo.tif", np.ones((3, 20, 20), np.uint8), crs=None, transform=Affine.identity())),
-         SceneError, "pass --pixel-coords"),
-        (dict(scene=_write(tmp_path / "rot.tif", np.ones((3, 20, 20), np.uint8),
-                           transform=Affine.translation(0, 0) @ Affine.rotation(10) @ Affine.scale(30, -30))),
-         SceneError, "rotated or sheared"),
+        (
+            dict(
+                scene=_write(
+                    tmp_path / "photo.tif", np.ones((3, 20, 20), np.uint8), crs=None, transform=Affine.identity()
+                )
+            ),
+            SceneError,
+            "pass --pixel-coords",
+        ),
+        (
+            dict(
+                scene=_write(
+                    tmp_path / "rot.tif",
+                    np.ones((3, 20, 20), np.uint8),
+                    transform=Affine.translation(0, 0) @ Affine.rotation(10) @ Affine.scale(30, -30),
+                )
+            ),
+            SceneError,
+            "rotated or sheared",
+        ),
     ]
     for kw, exc, text in cases:
         scene = kw.pop("scene", rgb_byte)
@@ -421,13 +490,22 @@ def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, mon
     src = read(nc_stack, None)
     with rasterio.open(nc_stack) as ds:
         crs, transform = ds.crs, ds.transform
-    p = _write(tmp_path / "bad.tif", src, crs=crs, transform=transform, tiled=True, blockxsize=128, blockysize=128,
-               compress="deflate", nodata=0)
+    p = _write(
+        tmp_path / "bad.tif",
+        src,
+        crs=crs,
+        transform=transform,
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="deflate",
+        nodata=0,
+    )
     with rasterio.open(p) as ds:
         off = int(ds.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
         n = int(ds.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
     raw = bytearray(p.read_bytes())
-    raw[off + 8: off + n - 8] = bytes(np.random.default_rng(0).integers(0, 256, n - 16, dtype=np.uint8))
+    raw[off + 8 : off + n - 8] = bytes(np.random.default_rng(0).integers(0, 256, n - 16, dtype=np.uint8))
     p.write_bytes(bytes(raw))
     out = tmp_path / "out"
     model = conv_model(nc_stack)
@@ -446,6 +524,7 @@ def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, mon
 
 # -- polygons traced while the model runs ------------------------------------------------------
 
+
 def _by_geometry(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     gdf = gdf.assign(key=shapely.to_wkb(shapely.normalize(gdf.geometry.values)))
     return gdf.sort_values("key").reset_index(drop=True)
@@ -459,18 +538,34 @@ def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_s
     from geovae.segment.trust import THRESHOLD_QUANTILE
 
     model = vae_model(nc_stack)
-    first = segment_scene(nc_stack, model, tmp_path / "a", tile=128, overlap=32, samples=2, reconstruction=True,
-                          block_size=96, **QUIET)
+    first = segment_scene(
+        nc_stack, model, tmp_path / "a", tile=128, overlap=32, samples=2, reconstruction=True, block_size=96, **QUIET
+    )
     # A threshold that flags about half of the scene, so anomaly_fraction varies.
     err = read(first.outputs["reconstruction_error"])
     model.info.training = {"reconstruction_error_quantiles": {THRESHOLD_QUANTILE: float(np.nanmedian(err))}}
-    r = segment_scene(nc_stack, model, tmp_path / "b", tile=128, overlap=32, samples=2, block_size=96,
-                      progress=False, quicklook=False, formats=("gpkg", "parquet"))
+    r = segment_scene(
+        nc_stack,
+        model,
+        tmp_path / "b",
+        tile=128,
+        overlap=32,
+        samples=2,
+        block_size=96,
+        progress=False,
+        quicklook=False,
+        formats=("gpkg", "parquet"),
+    )
     assert r.report["tiles"]["blocks_written"] >= 20
     o = r.outputs
-    ref = vectorize(o["classes"], None, confidence=o["confidence"], uncertainty=o["uncertainty"],
-                    anomaly=(o["reconstruction_error"], r.report["trust"]["anomaly"]["threshold"]),
-                    block_size=r.report["tiles"]["block_size"])  # the same blocks: the same vertices
+    ref = vectorize(
+        o["classes"],
+        None,
+        confidence=o["confidence"],
+        uncertainty=o["uncertainty"],
+        anomaly=(o["reconstruction_error"], r.report["trust"]["anomaly"]["threshold"]),
+        block_size=r.report["tiles"]["block_size"],
+    )  # the same blocks: the same vertices
     got = gpd.read_parquet(o["parquet"])
     assert len(got) == len(ref) == r.report["polygons"]["gpkg"] > 100
     a, b = _by_geometry(got), _by_geometry(ref)
@@ -483,8 +578,9 @@ def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_s
     assert not [t for t in threading.enumerate() if t.name.startswith("geovae-polygon")]  # worker and writers
 
 
-def test_polygon_worker_failure_fails_the_run_cleanly(tmp_path: Path, nc_stack: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_polygon_worker_failure_fails_the_run_cleanly(
+    tmp_path: Path, nc_stack: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An error in the polygon worker (here a full disk on its third block) stops the run with
     that error, in the caller's thread, and leaves nothing behind; so does an error in the
     model loop while the worker runs."""
@@ -546,6 +642,7 @@ print(r.report["polygons"]["geojson"])
 
 
 # -- remote reading ----------------------------------------------------------------------------
+
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with HTTP Range support, which GDAL's /vsicurl/ needs."""
@@ -610,6 +707,7 @@ def test_remote_scene_gives_identical_outputs(tmp_path: Path, rgb_byte: Path, ht
 
 # -- class areas: the polygons' convention, whatever the CRS ------------------------------------
 
+
 def _assert_report_matches_polygons(r: object, min_classes: int = 2) -> None:
     """Per class, the report's area equals the summed area_m2 of the class's polygons (0.01 %)."""
     poly = gpd.read_file(r.outputs["gpkg"]).groupby("class_id")["area_m2"].sum()  # type: ignore[attr-defined]
@@ -656,7 +754,8 @@ def test_report_areas_use_the_polygons_convention(tmp_path: Path, rgb_byte: Path
 
 def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
     """Tiles cut from shared read windows (several threads, any window size) equal tiles read alone."""
-    from geovae.segment.reader import Reader as _Reader, read_groups as _read_groups
+    from geovae.segment.reader import Reader as _Reader
+    from geovae.segment.reader import read_groups as _read_groups
     from geovae.tiling import TileGrid
 
     s = open_scene(nc_stack)

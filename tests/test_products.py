@@ -16,7 +16,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -46,8 +46,9 @@ def run(scene: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> A
     from geovae.segment import segment_scene
 
     out = tmp_path_factory.mktemp("run")
-    return segment_scene(scene, model, out, samples=2, reconstruction=True, formats=("geojson", "gpkg", "parquet"),
-                         progress=False)
+    return segment_scene(
+        scene, model, out, samples=2, reconstruction=True, formats=("geojson", "gpkg", "parquet"), progress=False
+    )
 
 
 # -- 1. COGs ------------------------------------------------------------------------------
@@ -58,18 +59,24 @@ def test_every_raster_is_a_valid_cog_on_the_scene_grid(run: Any, scene: Path) ->
 
     with rasterio.open(scene) as src:
         crs, transform, shape = src.crs, src.transform, src.shape
-    expect = {"classes": ("uint8", 2, 1), "confidence": ("float32", 3, 1), "uncertainty": ("float32", 3, 2),
-              "reconstruction_error": ("float32", 3, 1)}
+    expect = {
+        "classes": ("uint8", 2, 1),
+        "confidence": ("float32", 3, 1),
+        "uncertainty": ("float32", 3, 2),
+        "reconstruction_error": ("float32", 3, 1),
+    }
     for kind in RASTERS:
         path = run.outputs[kind]
-        valid, errors, warnings = cog_validate(str(path), quiet=True)
+        valid, errors, _warnings = cog_validate(str(path), quiet=True)
         assert valid and not errors, (kind, errors)
         with rasterio.open(path) as ds:
             assert (ds.crs, ds.transform, ds.shape) == (crs, transform, shape), kind
             dtype, predictor, count = expect[kind]
             assert ds.dtypes == (dtype,) * count and ds.count == count
             assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
-            assert ds.compression.name.lower() == "zstd" and ds.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == str(predictor)
+            assert ds.compression.name.lower() == "zstd" and ds.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == str(
+                predictor
+            )
             assert ds.block_shapes == [(256, 256)] * count and ds.overviews(1) == [2]
             assert all(ds.descriptions), "band descriptions survive the COG copy"
             if kind == "classes":
@@ -99,9 +106,17 @@ def test_class_raster_sidecar_names_every_class_with_its_colour(run: Any) -> Non
     entries = [[int(e.get(k)) for k in ("c1", "c2", "c3", "c4")] for e in band.find("ColorTable")]
     assert entries == [[*c, 255] for c in info_colors]
     rat = band.find("GDALRasterAttributeTable")
-    fields = {f.find("Name").text: (int(f.find("Type").text), int(f.find("Usage").text)) for f in rat.findall("FieldDefn")}
-    assert fields == {"value": (0, 5), "class_name": (2, 2), "red": (0, 6), "green": (0, 7), "blue": (0, 8),
-                      "pixels": (0, 1)}
+    fields = {
+        f.find("Name").text: (int(f.find("Type").text), int(f.find("Usage").text)) for f in rat.findall("FieldDefn")
+    }
+    assert fields == {
+        "value": (0, 5),
+        "class_name": (2, 2),
+        "red": (0, 6),
+        "green": (0, 7),
+        "blue": (0, 8),
+        "pixels": (0, 1),
+    }
     rows = [[f.text for f in r.findall("F")] for r in rat.findall("Row")]
     pixels = {c["name"]: c["pixels"] for c in run.report["classes"]}
     assert rows == [[str(i), n, *map(str, c), str(pixels[n])] for i, n, c in zip(range(3), CLASS_NAMES, info_colors)]
@@ -114,8 +129,11 @@ def test_class_names_read_back_with_gdalinfo(run: Any) -> None:
     gdalinfo = shutil.which("gdalinfo")
     if gdalinfo is None:
         pytest.skip("gdalinfo not installed (apt-get install gdal-bin); the sidecar is checked by parsing it above")
-    d = json.loads(subprocess.run([gdalinfo, "-json", str(run.outputs["classes"])], capture_output=True, text=True,
-                                  check=True).stdout)
+    d = json.loads(
+        subprocess.run(
+            [gdalinfo, "-json", str(run.outputs["classes"])], capture_output=True, text=True, check=True
+        ).stdout
+    )
     band = d["bands"][0]
     assert band["categories"] == CLASS_NAMES
     assert band["colorTable"]["count"] == 3
@@ -171,9 +189,20 @@ def test_geopackage_carries_qgis_default_style(run: Any) -> None:
     layers = dict(pyogrio.list_layers(gpkg))
     assert layers[STEM] == "Polygon" and "layer_styles" in layers
     styles = pyogrio.read_dataframe(gpkg, layer="layer_styles")
-    assert list(styles.columns) == ["f_table_catalog", "f_table_schema", "f_table_name", "f_geometry_column",
-                                    "styleName", "styleQML", "styleSLD", "useAsDefault", "description", "owner", "ui",
-                                    "update_time"]
+    assert list(styles.columns) == [
+        "f_table_catalog",
+        "f_table_schema",
+        "f_table_name",
+        "f_geometry_column",
+        "styleName",
+        "styleQML",
+        "styleSLD",
+        "useAsDefault",
+        "description",
+        "owner",
+        "ui",
+        "update_time",
+    ]
     assert len(styles) == 1
     row = styles.iloc[0]
     geom = pyogrio.read_info(gpkg, layer=STEM)["geometry_name"]
@@ -184,7 +213,8 @@ def test_geopackage_carries_qgis_default_style(run: Any) -> None:
     assert len(sld.findall(".//{http://www.opengis.net/se}Rule")) == 3
     with sqlite3.connect(gpkg) as con:  # registered as GDAL and QGIS register it
         assert con.execute("SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchone() == (
-            "attributes",)
+            "attributes",
+        )
     con.close()
 
 
@@ -199,7 +229,7 @@ def test_layer_style_replaces_only_its_own_row(tmp_path: Path, run: Any) -> None
     write_layer_style(gpkg, STEM, "geom", ["x", "y"], [(1, 2, 3), (4, 5, 6)])
     rows = read_layer_styles(gpkg)
     assert sorted(r["f_table_name"] for r in rows) == sorted(["other", STEM])
-    mine = [r for r in rows if r["f_table_name"] == STEM][0]
+    mine = next(r for r in rows if r["f_table_name"] == STEM)
     assert 'value="x"' in mine["styleQML"] and len(pyogrio.read_dataframe(gpkg, layer=STEM)) > 0
 
 
@@ -214,10 +244,16 @@ class _OfflineValidator:
         from pystac.validation import JsonSchemaSTACValidator
 
         class V(JsonSchemaSTACValidator):
-            extensions: list[str] = []
+            extensions: ClassVar[list[str]] = []
 
-            def validate_extension(self, stac_dict: dict[str, Any], stac_object_type: Any, stac_version: str,
-                                   extension_id: str, href: str | None = None) -> None:
+            def validate_extension(
+                self,
+                stac_dict: dict[str, Any],
+                stac_object_type: Any,
+                stac_version: str,
+                extension_id: str,
+                href: str | None = None,
+            ) -> None:
                 self.extensions.append(extension_id)
                 return None
 
@@ -287,7 +323,8 @@ def test_stac_item_validates_and_describes_the_outputs(run: Any, model: Path, of
     classes = item.assets["classes"].extra_fields["classification:classes"]
     colors = run.report["model"]["class_colors"]
     assert [(c["value"], c["title"], c["color_hint"]) for c in classes if not c.get("nodata")] == [
-        (i, n, "{:02X}{:02X}{:02X}".format(*colors[i])) for i, n in enumerate(CLASS_NAMES)]
+        (i, n, "{:02X}{:02X}{:02X}".format(*colors[i])) for i, n in enumerate(CLASS_NAMES)
+    ]
     assert all(c["name"].replace("_", "").replace("-", "").isalnum() for c in classes)
     assert [c["value"] for c in classes if c.get("nodata")] == [255]
     assert item.assets["geojson"].media_type == "application/geo+json"
@@ -312,25 +349,51 @@ def test_report_is_what_a_pipeline_needs(run: Any, model: Path, scene: Path) -> 
     r = run.report
     created = datetime.fromisoformat(r["created"])
     assert created.tzinfo is not None
-    assert set(r["versions"]) >= {"geovae", "torch", "gdal", "rasterio"} and r["geovae_version"] == r["versions"]["geovae"]
+    assert (
+        set(r["versions"]) >= {"geovae", "torch", "gdal", "rasterio"} and r["geovae_version"] == r["versions"]["geovae"]
+    )
     assert r["model"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     with rasterio.open(scene) as src:
         want = rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
     assert r["scene"]["bounds_wgs84"] == pytest.approx(list(want))
     folder = Path(run.outputs["report"]).parent
     for fmt in ("geojson", "gpkg", "parquet"):
-        n = len(gpd.read_parquet(run.outputs[fmt]) if fmt == "parquet" else
-                gpd.read_file(run.outputs[fmt], layer=STEM if fmt == "gpkg" else None))
+        n = len(
+            gpd.read_parquet(run.outputs[fmt])
+            if fmt == "parquet"
+            else gpd.read_file(run.outputs[fmt], layer=STEM if fmt == "gpkg" else None)
+        )
         assert r["polygons"][fmt] == n
-    assert {"validate_s", "predict_s", "model_s", "read_s", "rasters_close_s", "vectorize_s", "quicklook_s",
-            "total_s"} <= set(r["timings_s"])
+    assert {
+        "validate_s",
+        "predict_s",
+        "model_s",
+        "read_s",
+        "rasters_close_s",
+        "vectorize_s",
+        "quicklook_s",
+        "total_s",
+    } <= set(r["timings_s"])
     assert all(v >= 0 for v in r["timings_s"].values())
     assert all(not Path(v).is_absolute() and (folder / v).is_file() for v in r["outputs"].values())
     assert r["outputs"]["report"] == f"{STEM}.json" and r["outputs"]["stac"] == f"{STEM}.stac.json"
     assert sum(c["pixels"] for c in r["classes"]) > 0 and r["area_unit"]
     # every documented top-level field is there
-    assert set(r) >= {"created", "geovae_version", "versions", "scene", "model", "options", "tiles", "timings_s",
-                      "area_unit", "classes", "trust", "polygons", "outputs"}
+    assert set(r) >= {
+        "created",
+        "geovae_version",
+        "versions",
+        "scene",
+        "model",
+        "options",
+        "tiles",
+        "timings_s",
+        "area_unit",
+        "classes",
+        "trust",
+        "polygons",
+        "outputs",
+    }
 
 
 # -- 4. the Python API --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def python_blocks(text: str) -> list[tuple[int, str]]:
     """(first line number, code) of every ```python block."""
     out = []
@@ -30,7 +31,6 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import rasterio
-
     from conftest import data_path
     from test_outputs import _model_for
 
@@ -74,8 +74,8 @@ def test_every_python_block_of_the_readme_runs(folder: Path, monkeypatch: pytest
             src = ast.get_source_segment(code, stmt) or ""
             line = first + stmt.lineno - 1
             try:
-                exec(compile(ast.Module([stmt], []), f"README.md:{line}", "exec"), ns)  # noqa: S102
-            except Exception as e:  # noqa: BLE001
+                exec(compile(ast.Module([stmt], []), f"README.md:{line}", "exec"), ns)
+            except Exception as e:
                 raise AssertionError(f"README.md line {line} fails: {type(e).__name__}: {e}\n{src}") from e
     res = ns["res"]
     assert Path(res.outputs["stac"]).is_file()  # type: ignore[attr-defined]

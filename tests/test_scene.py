@@ -18,8 +18,15 @@ from geovae.scene import describe_scene, gdal_path, open_scene
 
 
 def _write(path: Path, data: np.ndarray, **kw: object) -> Path:
-    prof = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                dtype=data.dtype, crs="EPSG:32621", transform=from_origin(700000, 7000000, 30, 30))
+    prof = dict(
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs="EPSG:32621",
+        transform=from_origin(700000, 7000000, 30, 30),
+    )
     prof.update(kw)
     with rasterio.open(path, "w", **prof) as ds:
         ds.write(data)
@@ -27,6 +34,7 @@ def _write(path: Path, data: np.ndarray, **kw: object) -> Path:
 
 
 # -- describe_scene on the real rasters ----------------------------------------------------
+
 
 def test_describe_nc_stack(nc_stack: Path) -> None:
     d = describe_scene(nc_stack)
@@ -57,6 +65,7 @@ def test_describe_reports_missing_crs(tmp_path: Path) -> None:
 
 
 # -- validation ----------------------------------------------------------------------------
+
 
 def _one_line(e: pytest.ExceptionInfo[BaseException]) -> str:
     msg = str(e.value)
@@ -92,7 +101,8 @@ def test_no_crs_refused_unless_pixel_coords(tmp_path: Path) -> None:
     with pytest.raises(SceneError) as e:
         open_scene(p)
     assert _one_line(e).endswith(
-        "has no CRS; it looks like an image without georeferencing; pass --pixel-coords to segment it in pixel coordinates")
+        "has no CRS; it looks like an image without georeferencing; pass --pixel-coords to segment it in pixel coordinates"
+    )
     s = open_scene(p, pixel_coords=True)
     assert s.crs is None and s.pixel_coords and s.count == 3
 
@@ -115,13 +125,19 @@ def test_unsupported_dtype(tmp_path: Path) -> None:
 
 
 def test_corrupt_tile_named(tmp_path: Path) -> None:
-    p = _write(tmp_path / "tiled.tif", np.random.default_rng(0).integers(1, 5000, (3, 512, 512)).astype(np.uint16),
-               tiled=True, blockxsize=256, blockysize=256, compress="deflate")
+    p = _write(
+        tmp_path / "tiled.tif",
+        np.random.default_rng(0).integers(1, 5000, (3, 512, 512)).astype(np.uint16),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+    )
     with rasterio.open(p) as ds:
         off = int(ds.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
         n = int(ds.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
     raw = bytearray(p.read_bytes())
-    raw[off + 8: off + n - 8] = np.random.default_rng(1).integers(0, 256, n - 16, dtype=np.uint8).tobytes()
+    raw[off + 8 : off + n - 8] = np.random.default_rng(1).integers(0, 256, n - 16, dtype=np.uint8).tobytes()
     p.write_bytes(bytes(raw))
     s = open_scene(p)  # the header and the other tiles are fine
     data, valid = s.read(Window(0, 0, 256, 256))
@@ -132,6 +148,7 @@ def test_corrupt_tile_named(tmp_path: Path) -> None:
 
 
 # -- reading -------------------------------------------------------------------------------
+
 
 def test_read_pads_past_the_edge(nc_stack: Path) -> None:
     s = open_scene(nc_stack)

@@ -11,14 +11,21 @@ from geovae.tiling import EPSILON, TileGrid, blend_weights, check_options
 
 @pytest.mark.parametrize(
     "h,w,tile,overlap",
-    [(443, 489, 128, 32), (100, 60, 256, 64), (1, 1, 16, 0), (256, 256, 256, 64), (1860, 2041, 256, 64), (97, 300, 32, 31)],
+    [
+        (443, 489, 128, 32),
+        (100, 60, 256, 64),
+        (1, 1, 16, 0),
+        (256, 256, 256, 64),
+        (1860, 2041, 256, 64),
+        (97, 300, 32, 31),
+    ],
 )
 def test_every_pixel_covered_on_a_regular_grid(h: int, w: int, tile: int, overlap: int) -> None:
     g = TileGrid(h, w, tile, overlap)
     hits = np.zeros((h + tile, w + tile), np.int32)
     for t in g:
         assert t.row == t.i * g.step and t.col == t.j * g.step and t.size == tile
-        hits[t.row:t.row + tile, t.col:t.col + tile] += 1
+        hits[t.row : t.row + tile, t.col : t.col + tile] += 1
     assert (hits[:h, :w] >= 1).all()  # right and bottom edges included, never dropped
     # no tile is wasted: dropping the last row or column would leave pixels uncovered
     assert (g.rows - 1) * g.step < max(h - overlap, 1) and (g.cols - 1) * g.step < max(w - overlap, 1)
@@ -51,12 +58,12 @@ def test_grid_weights_never_zero_over_scene() -> None:
     g = TileGrid(h, w, tile, overlap)
     tot = np.zeros((h + tile, w + tile))
     for t in g:
-        tot[t.row:t.row + tile, t.col:t.col + tile] += g.weights(t)
+        tot[t.row : t.row + tile, t.col : t.col + tile] += g.weights(t)
     assert (tot[:h, :w] > 0).all()
     # every pixel is covered by weights summing to 1 (no bias between tiles), from the top and
     # left edges, where the first tiles weigh 1 (theirs is the scene's edge), to where the
     # last tiles run past the scene
-    np.testing.assert_allclose(tot[:h - tile, :w - tile], 1.0, atol=1e-5)
+    np.testing.assert_allclose(tot[: h - tile, : w - tile], 1.0, atol=1e-5)
     first, inner = g.weights(g[0, 0]), g.weights(g[1, 1])
     assert (first[:overlap, :overlap] == 1).all() and inner[0, 0] == EPSILON * EPSILON
     np.testing.assert_array_equal(first[-overlap:, -overlap:], inner[-overlap:, -overlap:])

@@ -26,14 +26,26 @@ def test_torchgeo_fit_checkpoint_segments_exports_and_loads(nc_stack: Path, nc_l
     if not exe.exists():
         pytest.skip(f"TorchGeo's command line is not installed next to {sys.executable}")
     # The subprocess imports this checkout's geovae, whatever the environment's install points at.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     # The shipped config as it is, with the data and a short run given on the command line.
-    cmd = [str(exe), "fit", "--config", str(ROOT / "configs" / "nc_landsat7_torchgeo.yaml"),
-           f"--data.init_args.image={nc_stack}", f"--data.init_args.labels={nc_labels}",
-           "--data.init_args.samples_per_epoch=24", "--trainer.max_epochs=1", "--trainer.accelerator=cpu",
-           f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-           "--trainer.enable_model_summary=false"]
+    cmd = [
+        str(exe),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "nc_landsat7_torchgeo.yaml"),
+        f"--data.init_args.image={nc_stack}",
+        f"--data.init_args.labels={nc_labels}",
+        "--data.init_args.samples_per_epoch=24",
+        "--trainer.max_epochs=1",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (ckpt,) = tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt")
@@ -63,8 +75,9 @@ def test_torchgeo_fit_checkpoint_segments_exports_and_loads(nc_stack: Path, nc_l
 
     out_ckpt, out_file = tmp_path / "seg_ckpt", tmp_path / "seg_file"
     assert main(["-q", "segment", str(nc_stack), "--model", str(ckpt), "--out", str(out_ckpt), "--no-quicklook"]) == 0
-    assert main(["-q", "segment", str(nc_stack), "--model", str(exported), "--out", str(out_file),
-                 "--no-quicklook"]) == 0
+    assert (
+        main(["-q", "segment", str(nc_stack), "--model", str(exported), "--out", str(out_file), "--no-quicklook"]) == 0
+    )
     (classes,) = out_ckpt.glob("*.classes.tif")
     with rasterio.open(classes) as a, rasterio.open(out_file / classes.name) as b, rasterio.open(nc_stack) as s:
         got = a.read(1)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import data_path
 from torch.utils.data import DataLoader
 from torchgeo.datasets import IntersectionDataset, stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
 
-from conftest import data_path
 from geovae.bands import band_statistics
 from geovae.classes import parse_classes
 from geovae.errors import ConfigError, LabelsError, ModelMismatchError, OptionError, OutputError, SceneError
@@ -69,11 +69,27 @@ def _class_miou(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- short real run
-def test_short_real_training_beats_chance_and_its_file_predicts(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
+def test_short_real_training_beats_chance_and_its_file_predicts(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "nc.safetensors"
     res = train_model(
-        nc_stack, nc_labels, out, classes=NC_CLASSES, epochs=8, tile=64, batch_size=8, samples_per_epoch=64,
-        base_channels=16, depth=3, latent_channels=4, lr=1e-3, val_fraction=0.5, device="cpu", progress=False, seed=0,
+        nc_stack,
+        nc_labels,
+        out,
+        classes=NC_CLASSES,
+        epochs=8,
+        tile=64,
+        batch_size=8,
+        samples_per_epoch=64,
+        base_channels=16,
+        depth=3,
+        latent_channels=4,
+        lr=1e-3,
+        val_fraction=0.5,
+        device="cpu",
+        progress=False,
+        seed=0,
     )
     assert res.model_path == out and out.is_file()
     assert not [p for p in tmp_path.iterdir() if p != out], "a temporary file was left behind"
@@ -153,8 +169,14 @@ def test_torchgeo_datasets_sampler_and_task_through_a_lightning_trainer(nc_stack
     mean, std = _stats.mean, _stats.std
     task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4)
     before = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(task, train_dataloaders=dl)
     assert trainer.global_step == 3
     assert np.isfinite(float(trainer.callback_metrics["train_loss"]))
@@ -183,8 +205,9 @@ def test_unlabelled_batch_gives_finite_loss_and_trains_reconstruction_and_latent
     assert bool((batch["mask"] == IGNORE_INDEX).all())
     _stats = band_statistics(nc_stack)
     mean, std = _stats.mean, _stats.std
-    task = VAESegmentationTask(6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4,
-                               free_bits=0.0)
+    task = VAESegmentationTask(
+        6, 7, mean=mean, std=std, nodata=0.0, base_channels=8, depth=3, latent_channels=4, free_bits=0.0
+    )
     task.train()
     xn, mask, valid = task._prepare(batch)
     out = task.model.forward_all(xn)
@@ -206,8 +229,16 @@ def test_unlabelled_batch_gives_finite_loss_and_trains_reconstruction_and_latent
 
 
 def test_unlabeled_scenes_join_every_training_step(nc_stack: Path, nc_polygons: Path) -> None:
-    dm = SceneDataModule(str(nc_stack), str(nc_polygons), classes=NC_CLASSES, unlabeled=[str(nc_stack)], tile=32,
-                         batch_size=4, samples_per_epoch=8, val_fraction=0.5)
+    dm = SceneDataModule(
+        str(nc_stack),
+        str(nc_polygons),
+        classes=NC_CLASSES,
+        unlabeled=[str(nc_stack)],
+        tile=32,
+        batch_size=4,
+        samples_per_epoch=8,
+        val_fraction=0.5,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     raw = next(iter(loader))
@@ -246,30 +277,50 @@ def test_labelled_sampler_gives_every_patch_labels(nc_stack: Path, nc_polygons: 
     again = SceneDataModule(str(nc_stack), str(nc_polygons), sampler="labelled", **kw)
     assert labelled_px(again) == a
     # Vector labels: cells come from the polygons themselves.
-    vec = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="id", sampler="labelled",
-                          **(kw | {"samples_per_epoch": 8}))
+    vec = SceneDataModule(
+        str(nc_stack),
+        vector_labels=str(nc_polygons_shp),
+        label_field="id",
+        sampler="labelled",
+        **(kw | {"samples_per_epoch": 8}),
+    )
     assert min(labelled_px(vec)) > 0
     with pytest.raises(OptionError, match="sampler"):
         SceneDataModule(str(nc_stack), str(nc_polygons), sampler="balanced", **kw)
 
 
-def test_vector_labels_rasterise_like_the_shipped_label_raster(nc_stack: Path, nc_polygons: Path,
-                                                              nc_polygons_shp: Path) -> None:
-    dm = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="label", tile=64,
-                         batch_size=4, samples_per_epoch=4, val_fraction=0.5)
+def test_vector_labels_rasterise_like_the_shipped_label_raster(
+    nc_stack: Path, nc_polygons: Path, nc_polygons_shp: Path
+) -> None:
+    dm = SceneDataModule(
+        str(nc_stack),
+        vector_labels=str(nc_polygons_shp),
+        label_field="label",
+        tile=64,
+        batch_size=4,
+        samples_per_epoch=4,
+        val_fraction=0.5,
+    )
     # Class names in the attribute become ids in name order; every polygon name is a class.
     assert dm.classes.names == sorted(dm.classes.names) and "forest" in dm.classes.names
     assert dm.classes.num_classes == 7
     # Big patches: TorchGeo re-reads the vector file for every patch.
-    by_id = SceneDataModule(str(nc_stack), vector_labels=str(nc_polygons_shp), label_field="id", classes=NC_CLASSES,
-                            tile=128, batch_size=4, val_fraction=0.5)
+    by_id = SceneDataModule(
+        str(nc_stack),
+        vector_labels=str(nc_polygons_shp),
+        label_field="id",
+        classes=NC_CLASSES,
+        tile=128,
+        batch_size=4,
+        val_fraction=0.5,
+    )
     by_id.setup("validate")
     ref_ds = SceneLabels(paths=str(nc_polygons))
     agree = total = 0
     for b in by_id.val_dataloader():
         for i in range(b["mask"].shape[0]):
             bb = b["bounds"][i].tolist()
-            ref = RemapMask(by_id.lookup)({"mask": ref_ds[bb[0]:bb[1], bb[3]:bb[4]]["mask"]})["mask"]
+            ref = RemapMask(by_id.lookup)({"mask": ref_ds[bb[0] : bb[1], bb[3] : bb[4]]["mask"]})["mask"]
             ref = IgnoreOutside(tuple(by_id.val_box))({"mask": ref, "bounds": b["bounds"][i]})["mask"]  # type: ignore[arg-type]
             m = b["mask"][i]
             # The shipped raster was burnt with all_touched; TorchGeo burns pixel centres, a
@@ -314,8 +365,10 @@ def test_bad_config_is_one_line_config_error(tmp_path: Path, body: str, expect: 
 
 def test_config_band_count_mismatch_and_missing_file(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
-    p.write_text(f"out: {tmp_path / 'm.safetensors'}\nmodel:\n  in_channels: 7\n"
-                 f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n")
+    p.write_text(
+        f"out: {tmp_path / 'm.safetensors'}\nmodel:\n  in_channels: 7\n"
+        f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n"
+    )
     with pytest.raises(ModelMismatchError) as e:
         train_from_config(p)
     assert "in_channels is 7" in _one_line(e) and "6 bands" in str(e.value)
@@ -328,10 +381,17 @@ def test_config_band_count_mismatch_and_missing_file(nc_stack: Path, nc_labels: 
 def test_train_from_config_semi_supervised_writes_a_loadable_model(tmp_path: Path) -> None:
     data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path / "semi.safetensors"
-    res = train_from_config(ROOT / "configs" / "nc_sparse_semisupervised.yaml", [
-        "trainer.max_epochs=1", "data.init_args.samples_per_epoch=16", "data.init_args.tile=32",
-        "model.init_args.base_channels=8", f"out={out}", "trainer.accelerator=cpu",
-    ])
+    res = train_from_config(
+        ROOT / "configs" / "nc_sparse_semisupervised.yaml",
+        [
+            "trainer.max_epochs=1",
+            "data.init_args.samples_per_epoch=16",
+            "data.init_args.tile=32",
+            "model.init_args.base_channels=8",
+            f"out={out}",
+            "trainer.accelerator=cpu",
+        ],
+    )
     assert res.model_path == out and out.is_file()
     from geovae.model.io import load_model
 
@@ -341,8 +401,9 @@ def test_train_from_config_semi_supervised_writes_a_loadable_model(tmp_path: Pat
     assert len(m.info.mean) == 6 and m.info.std[0] > 1  # raw uint8 statistics, not identity
 
 
-def test_adversarial_training_through_the_cli(nc_stack: Path, nc_labels: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_adversarial_training_through_the_cli(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`geovae train --adversarial W` trains the decoder against the PatchGAN critic: the
     critic's loss and the balanced weight are logged, the critic stays out of the model file,
     and the YAML key does the same."""
@@ -350,11 +411,13 @@ def test_adversarial_training_through_the_cli(nc_stack: Path, nc_labels: Path, t
     from geovae.model.io import load_model
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"out: {tmp_path / 'adv.safetensors'}\n"
-                   "model:\n  base_channels: 8\n  latent_channels: 4\n  adversarial_start: 0\n"
-                   f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  classes: \"{NC_CLASSES}\"\n"
-                   "  tile: 32\n  batch_size: 4\n  samples_per_epoch: 12\n  val_fraction: 0\n"
-                   "trainer:\n  max_epochs: 1\n  accelerator: cpu\n")
+    cfg.write_text(
+        f"out: {tmp_path / 'adv.safetensors'}\n"
+        "model:\n  base_channels: 8\n  latent_channels: 4\n  adversarial_start: 0\n"
+        f'data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  classes: "{NC_CLASSES}"\n'
+        "  tile: 32\n  batch_size: 4\n  samples_per_epoch: 12\n  val_fraction: 0\n"
+        "trainer:\n  max_epochs: 1\n  accelerator: cpu\n"
+    )
     code = main(["train", "--config", str(cfg), "--adversarial", "0.5", "-q"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -365,8 +428,12 @@ def test_adversarial_training_through_the_cli(nc_stack: Path, nc_labels: Path, t
     # --adversarial 0 (and the default) trains no critic. Run as a user does, in a fresh
     # process at the default verbosity: Lightning's import resets its loggers to INFO and adds
     # its own console handler, which printed every banner twice ("INFO: GPU available...").
-    p = subprocess.run([sys.executable, "-m", "geovae", "train", "--config", str(cfg), "--adversarial", "0"],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "geovae", "train", "--config", str(cfg), "--adversarial", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0 and "train_d_loss" not in p.stdout, p.stderr
     assert "available" not in p.stderr and "Tip" not in p.stderr, p.stderr
     with pytest.raises(OptionError, match="adversarial"):
@@ -381,12 +448,14 @@ def test_model_file_of_every_new_training_part_round_trips(nc_stack: Path, nc_la
     from geovae.model.io import load_model, save_model
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"out: {tmp_path / 'all.safetensors'}\n"
-                   "model:\n  base_channels: 8\n  depth: 2\n  latent_channels: 4\n  head: lowrank\n  head_rank: 3\n"
-                   "  posterior: true\n  ema: 0.9\n  adversarial: 0.5\n  adversarial_start: 0\n"
-                   f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  classes: \"{NC_CLASSES}\"\n"
-                   "  tile: 32\n  batch_size: 4\n  samples_per_epoch: 12\n  val_fraction: 0\n"
-                   "trainer:\n  max_epochs: 1\n  accelerator: cpu\n")
+    cfg.write_text(
+        f"out: {tmp_path / 'all.safetensors'}\n"
+        "model:\n  base_channels: 8\n  depth: 2\n  latent_channels: 4\n  head: lowrank\n  head_rank: 3\n"
+        "  posterior: true\n  ema: 0.9\n  adversarial: 0.5\n  adversarial_start: 0\n"
+        f'data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  classes: "{NC_CLASSES}"\n'
+        "  tile: 32\n  batch_size: 4\n  samples_per_epoch: 12\n  val_fraction: 0\n"
+        "trainer:\n  max_epochs: 1\n  accelerator: cpu\n"
+    )
     res = train_from_config(cfg)
     m = load_model(res.model_path, "cpu")
     assert m.info.arch["head"] == "lowrank" and m.info.arch["head_rank"] == 3
@@ -407,8 +476,9 @@ def test_model_file_of_every_new_training_part_round_trips(nc_stack: Path, nc_la
 def test_labels_on_another_grid_are_refused(nc_stack: Path, nc_labels: Path, tmp_path: Path) -> None:
     with rasterio.open(nc_labels) as s:
         lab, t = s.read(1), s.transform
-    shifted = _write_like(nc_labels, tmp_path / "shift.tif", lab,
-                          transform=rasterio.Affine(t.a, 0, t.c + t.a / 2, 0, t.e, t.f))
+    shifted = _write_like(
+        nc_labels, tmp_path / "shift.tif", lab, transform=rasterio.Affine(t.a, 0, t.c + t.a / 2, 0, t.e, t.f)
+    )
     with pytest.raises(LabelsError) as e:
         train_model(nc_stack, shifted, tmp_path / "m.safetensors", epochs=1)
     assert "fraction of a pixel" in _one_line(e) and "gdalwarp" in str(e.value)
@@ -416,8 +486,14 @@ def test_labels_on_another_grid_are_refused(nc_stack: Path, nc_labels: Path, tmp
     with pytest.raises(LabelsError) as e:
         train_model(nc_stack, other_crs, tmp_path / "m.safetensors", epochs=1)
     assert "CRS" in _one_line(e)
-    coarse = _write_like(nc_labels, tmp_path / "res.tif", lab[::2, ::2], width=lab.shape[1] // 2 + 1,
-                         height=lab.shape[0] // 2 + 1, transform=rasterio.Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f))
+    coarse = _write_like(
+        nc_labels,
+        tmp_path / "res.tif",
+        lab[::2, ::2],
+        width=lab.shape[1] // 2 + 1,
+        height=lab.shape[0] // 2 + 1,
+        transform=rasterio.Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f),
+    )
     with pytest.raises(LabelsError) as e:
         train_model(nc_stack, coarse, tmp_path / "m.safetensors", epochs=1)
     assert "pixel size" in _one_line(e)
@@ -447,8 +523,11 @@ def test_missing_files_and_bad_options(nc_stack: Path, nc_labels: Path, tmp_path
     with pytest.raises(OptionError):
         train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", classes="developed,forest")
     with pytest.raises(LabelsError) as e:
-        SceneDataModule(str(nc_stack), vector_labels=str(nc_stack.parent / "original" / "landsat96_polygons.shp"),
-                        label_field="klass")
+        SceneDataModule(
+            str(nc_stack),
+            vector_labels=str(nc_stack.parent / "original" / "landsat96_polygons.shp"),
+            label_field="klass",
+        )
     assert "no attribute 'klass'" in _one_line(e)
     with pytest.raises(OutputError) as e:
         train_model(nc_stack, nc_labels, tmp_path / "no_such_dir" / "m.safetensors")
@@ -503,7 +582,8 @@ class NCData(GeoDataModule):
 
 
 def test_config_with_a_torchgeo_datamodule_folds_its_normalisation_into_the_model_file(
-        nc_stack: Path, nc_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "user_dm.py").write_text(TORCHGEO_DM)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tmp_path / "tg.yaml"
@@ -551,7 +631,8 @@ def test_ctrl_c_during_training_is_a_keyboard_interrupt_and_writes_nothing(nc_st
     task = VAESegmentationTask(6, dm.classes.num_classes, base_channels=8, depth=3, latent_channels=4)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        _fit(task, dm, trainer_kwargs={"max_epochs": 1, "accelerator": "cpu", "callbacks": [Interrupt()]},
-             has_val=False)
+        _fit(
+            task, dm, trainer_kwargs={"max_epochs": 1, "accelerator": "cpu", "callbacks": [Interrupt()]}, has_val=False
+        )
     # Lightning leaves SIGINT ignored after its graceful shutdown; geovae puts it back.
     assert signal.getsignal(signal.SIGINT) is before

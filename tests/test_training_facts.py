@@ -19,9 +19,23 @@ def test_model_file_records_what_the_model_was_trained_on(nc_stack: Path, nc_lab
     """ModelInfo.training: the image's dtype and band quantiles, and the trained model's own
     reconstruction error on training pixels, as SegmentationModel.predict measures it."""
     out = tmp_path / "facts.safetensors"
-    res = train_model(nc_stack, nc_labels, out, classes=NC_CLASSES, epochs=1, tile=64, batch_size=8,
-                      samples_per_epoch=16, base_channels=8, depth=3, latent_channels=4, val_fraction=0.5,
-                      device="cpu", progress=False, seed=0)
+    res = train_model(
+        nc_stack,
+        nc_labels,
+        out,
+        classes=NC_CLASSES,
+        epochs=1,
+        tile=64,
+        batch_size=8,
+        samples_per_epoch=16,
+        base_channels=8,
+        depth=3,
+        latent_channels=4,
+        val_fraction=0.5,
+        device="cpu",
+        progress=False,
+        seed=0,
+    )
     model = load_model(out, "cpu")
     t = model.info.training
     assert t == res.info.training
@@ -38,7 +52,7 @@ def test_model_file_records_what_the_model_was_trained_on(nc_stack: Path, nc_lab
     errors = []
     for r in range(0, img.shape[1] - 63, 64):
         for c in range(0, width - 63, 64):
-            x = img[:, r:r + 64, c:c + 64]
+            x = img[:, r : r + 64, c : c + 64]
             valid = (x != 0).any(0)
             x = np.where((x == 0) | ~valid, mean, x)
             e = model.predict(torch.from_numpy(x)[None], reconstruction=True)["reconstruction_error"][0].numpy()

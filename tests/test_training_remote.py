@@ -63,13 +63,15 @@ server.serve_forever()
 """
 
 
-def test_remote_image_and_labels_train_like_local_ones(nc_stack: Path, nc_labels: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_image_and_labels_train_like_local_ones(
+    nc_stack: Path, nc_labels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """https:// paths go through the same opener (scene.open_raster) as local ones, and TorchGeo
     reads them by their GDAL name: the same checks, statistics, classes and patches."""
     assert nc_stack.parent == nc_labels.parent
-    server = subprocess.Popen([sys.executable, "-c", RANGE_SERVER, str(nc_stack.parent)], stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", RANGE_SERVER, str(nc_stack.parent)], stdout=subprocess.PIPE, text=True
+    )
     monkeypatch.setenv("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
     try:
         url = f"http://127.0.0.1:{int(server.stdout.readline())}"  # type: ignore[union-attr]

@@ -24,14 +24,26 @@ pytestmark = pytest.mark.slow  # one real training run (about 20 s on one thread
 @pytest.fixture(scope="module")
 def nc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import data_path
+
     from geovae.training import train_model
 
     torch.set_num_threads(1)
     nc = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     labels = data_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
     out = tmp_path_factory.mktemp("trust") / "nc.safetensors"
-    res = train_model(nc, labels, out, epochs=2, tile=64, batch_size=16, base_channels=8, depth=3,
-                      latent_channels=4, progress=False, seed=0)
+    res = train_model(
+        nc,
+        labels,
+        out,
+        epochs=2,
+        tile=64,
+        batch_size=16,
+        base_channels=8,
+        depth=3,
+        latent_channels=4,
+        progress=False,
+        seed=0,
+    )
     assert set(res.info.training) == {"dtype", "quantiles", "reconstruction_error_quantiles"}
     return res.model_path
 
@@ -61,8 +73,9 @@ def test_the_training_scene_is_not_flagged(nc_model: Path, nc_stack: Path, tmp_p
     assert by_area == pytest.approx(trust["anomaly"]["fraction"], abs=1e-6)
 
 
-def test_another_sensor_is_refused_in_one_line(capsys: pytest.CaptureFixture[str], nc_model: Path, gulfcoast: Path,
-                                               tmp_path: Path) -> None:
+def test_another_sensor_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], nc_model: Path, gulfcoast: Path, tmp_path: Path
+) -> None:
     """A real Landsat-8 scene (6 bands, uint16) into the Landsat-7 (uint8) model: refused, nothing written."""
     code, _, err = run(capsys, "segment", str(gulfcoast), "-m", str(nc_model), "-o", str(tmp_path / "o"))
     lines = err.strip().splitlines()
@@ -71,22 +84,22 @@ def test_another_sensor_is_refused_in_one_line(capsys: pytest.CaptureFixture[str
     assert not (tmp_path / "o").exists()
 
 
-def test_another_scale_is_refused_and_forced_runs_flagged(capsys: pytest.CaptureFixture[str], nc_model: Path,
-                                                          nc_stack: Path, tmp_path: Path) -> None:
+def test_another_scale_is_refused_and_forced_runs_flagged(
+    capsys: pytest.CaptureFixture[str], nc_model: Path, nc_stack: Path, tmp_path: Path
+) -> None:
     scaled = tmp_path / "nc_x257.tif"
-    with rasterio.open(nc_stack) as src:
-        with rasterio.open(scaled, "w", **(src.profile | {"dtype": "uint16"})) as dst:
-            dst.write(src.read().astype("uint16") * 257)
+    with rasterio.open(nc_stack) as src, rasterio.open(scaled, "w", **(src.profile | {"dtype": "uint16"})) as dst:
+        dst.write(src.read().astype("uint16") * 257)
     code, _, err = run(capsys, "segment", str(scaled), "-m", str(nc_model), "-o", str(tmp_path / "o"))
     assert code == 1 and err.count("\n") == 1 and "scaled differently" in err
-    code, _, err = run(capsys, "-q", "segment", str(scaled), "-m", str(nc_model), "-o", str(tmp_path / "o"),
-                       "--force")
+    code, _, err = run(capsys, "-q", "segment", str(scaled), "-m", str(nc_model), "-o", str(tmp_path / "o"), "--force")
     report = json.loads((tmp_path / "o" / "nc_x257.json").read_text())
     assert code == 0 and report["trust"]["scene"]["forced"]
     assert report["trust"]["anomaly"]["fraction"] > 0.9, report["trust"]["anomaly"]
     # -q keeps errors only; without it the run says once that the map is not to be trusted
-    code, _, err = run(capsys, "segment", str(scaled), "-m", str(nc_model), "-o", str(tmp_path / "o2"), "--force",
-                       "--formats", "gpkg")
+    code, _, err = run(
+        capsys, "segment", str(scaled), "-m", str(nc_model), "-o", str(tmp_path / "o2"), "--force", "--formats", "gpkg"
+    )
     warned = [ln for ln in err.splitlines() if "unlike the model's training data" in ln]
     assert code == 0 and len(warned) == 1 and warned[0].startswith("geovae: warning: ")
 

@@ -13,11 +13,10 @@ import rasterio.features
 import rasterio.warp
 import shapely
 from affine import Affine
+from conftest import data_path
 
 from geovae.errors import GeovaeError, OptionError, SceneError
 from geovae.polygons import VectorizeResult, vectorize
-
-from conftest import data_path
 
 NC_PIXEL_M2 = 28.5 * 28.5
 
@@ -186,8 +185,8 @@ def test_geojson_is_rfc7946_and_other_formats_keep_crs(nc_labels: Path, tmp_path
     assert len(doc["features"]) == result.n_polygons
     coords = np.array([xy for f in doc["features"] for ring in _ring_coords(f["geometry"]) for xy in ring])
     # Raleigh, NC in lon/lat order.
-    assert (-79.5 < coords[:, 0]).all() and (coords[:, 0] < -78).all()
-    assert (35 < coords[:, 1]).all() and (coords[:, 1] < 36.5).all()
+    assert (coords[:, 0] > -79.5).all() and (coords[:, 0] < -78).all()
+    assert (coords[:, 1] > 35).all() and (coords[:, 1] < 36.5).all()
     gj = gpd.read_file(outs[0])
     assert gj.crs.to_epsg() == 4326 and gj.is_valid.all()
     polys = shapely.get_parts(gj.geometry.values)
@@ -216,8 +215,15 @@ def test_geographic_input_areas_in_square_metres(nc_labels: Path, tmp_path: Path
     )
     warped = np.zeros((h, w), np.uint8)
     rasterio.warp.reproject(
-        labels, warped, src_transform=transform, src_crs=profile["crs"], dst_transform=dst_transform,
-        dst_crs="EPSG:4326", resampling=rasterio.warp.Resampling.nearest, src_nodata=0, dst_nodata=0,
+        labels,
+        warped,
+        src_transform=transform,
+        src_crs=profile["crs"],
+        dst_transform=dst_transform,
+        dst_crs="EPSG:4326",
+        resampling=rasterio.warp.Resampling.nearest,
+        src_nodata=0,
+        dst_nodata=0,
     )
     prof = dict(profile, crs="EPSG:4326", transform=dst_transform, width=w, height=h, nodata=0)
     geo = _write(tmp_path / "geo.tif", warped, prof)
@@ -377,8 +383,15 @@ def test_connectivity_8_joins_diagonal_neighbours(tmp_path: Path) -> None:
     a = np.zeros((8, 8), np.uint8)
     for i in range(8):
         a[i, i] = 1
-    prof = {"driver": "GTiff", "width": 8, "height": 8, "count": 1, "dtype": "uint8",
-            "crs": "EPSG:32616", "transform": Affine(1, 0, 0, 0, -1, 8)}
+    prof = {
+        "driver": "GTiff",
+        "width": 8,
+        "height": 8,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:32616",
+        "transform": Affine(1, 0, 0, 0, -1, 8),
+    }
     path = _write(tmp_path / "diag.tif", a, prof)
     r4 = vectorize(path, tmp_path / "d4.gpkg", block_size=3)
     r8 = vectorize(path, tmp_path / "d8.gpkg", block_size=3, connectivity=8)
@@ -398,22 +411,34 @@ def test_noise_raster_polygons_valid_and_means_exact(tmp_path: Path, connectivit
     a = rng.integers(0, 3, (90, 110)).astype(np.uint8)
     a[40:70, 20:60] = np.repeat(np.repeat(rng.integers(0, 2, (15, 20)), 2, 0), 2, 1)  # blobs with holes
     a[rng.random(a.shape) < 0.05] = 255
-    prof = {"driver": "GTiff", "width": 110, "height": 90, "count": 1, "dtype": "uint8", "nodata": 255,
-            "crs": "EPSG:32616", "transform": Affine(0.5, 0, 1000, 0, -0.5, 2000)}
+    prof = {
+        "driver": "GTiff",
+        "width": 110,
+        "height": 90,
+        "count": 1,
+        "dtype": "uint8",
+        "nodata": 255,
+        "crs": "EPSG:32616",
+        "transform": Affine(0.5, 0, 1000, 0, -0.5, 2000),
+    }
     path = _write(tmp_path / "noise.tif", a, prof)
     conf = rng.random(a.shape, dtype=np.float32)
     conf[rng.random(a.shape) < 0.1] = np.nan
     _write(tmp_path / "conf.tif", conf, dict(prof, dtype="float32", nodata=float("nan")))
-    whole = vectorize(path, tmp_path / "w.gpkg", confidence=tmp_path / "conf.tif", block_size=4096,
-                      connectivity=connectivity)
-    small = vectorize(path, tmp_path / "s.gpkg", confidence=tmp_path / "conf.tif", block_size=7,
-                      connectivity=connectivity)
+    whole = vectorize(
+        path, tmp_path / "w.gpkg", confidence=tmp_path / "conf.tif", block_size=4096, connectivity=connectivity
+    )
+    small = vectorize(
+        path, tmp_path / "s.gpkg", confidence=tmp_path / "conf.tif", block_size=7, connectivity=connectivity
+    )
     assert whole.n_polygons == small.n_polygons > 1000
     # Sorted by class and bounds: 8-connected regions repaired from different pieces may be
     # the same area written as different (equal) geometries, with other representative points.
     w, s = (
-        gpd.read_file(tmp_path / n).pipe(lambda g: g.join(g.bounds)).sort_values(
-            ["class_id", "minx", "miny", "maxx", "maxy", "area_m2"]).reset_index(drop=True)
+        gpd.read_file(tmp_path / n)
+        .pipe(lambda g: g.join(g.bounds))
+        .sort_values(["class_id", "minx", "miny", "maxx", "maxy", "area_m2"])
+        .reset_index(drop=True)
         for n in ("w.gpkg", "s.gpkg")
     )
     for gdf in (w, s):

@@ -21,17 +21,16 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import ROOT, data_path
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from torch import nn
 
-from conftest import ROOT, data_path
-
 import geovae
 from geovae import batch
 from geovae.model.base import ModelInfo, SegmentationModel
-from geovae.segment import segment_scene
 from geovae.scene import open_scene
+from geovae.segment import segment_scene
 from geovae.view import ViewError, show, view
 from geovae.view.catalog import load_catalog
 from geovae.view.polygons import PolygonLayer
@@ -42,6 +41,7 @@ NAMES = ["dark", "dim", "light", "bright"]
 
 
 # -- a real segment output ------------------------------------------------------------------
+
 
 class Brightness(nn.Module):
     """Classes by smoothed brightness (mean of the normalised bands), split at ``thresholds``.
@@ -72,8 +72,15 @@ def brightness_model(scene: Path) -> SegmentationModel:
     mean, std = d[:, v].mean(1), d[:, v].std(1).clip(1e-6)
     bright = ((d[:, v] - mean[:, None]) / std[:, None]).mean(0)
     thresholds = np.quantile(bright, [0.3, 0.6, 0.85]).tolist()
-    info = ModelInfo(in_channels=s.count, num_classes=4, mean=mean.tolist(), std=std.tolist(), tile_size=128,
-                     class_ids=[1, 2, 3, 4], class_names=NAMES)
+    info = ModelInfo(
+        in_channels=s.count,
+        num_classes=4,
+        mean=mean.tolist(),
+        std=std.tolist(),
+        tile_size=128,
+        class_ids=[1, 2, 3, 4],
+        class_names=NAMES,
+    )
     return SegmentationModel(Brightness(s.count, thresholds), info, "cpu")
 
 
@@ -82,8 +89,17 @@ def seg_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`segment` of the real NC Landsat-7 scene: classes, confidence, uncertainty, GPKG + GeoJSON."""
     nc = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path_factory.mktemp("seg") / "out"
-    segment_scene(nc, brightness_model(nc), out, samples=1, formats=("gpkg", "geojson"), quicklook=False,
-                  progress=False, tile=128, overlap=32)
+    segment_scene(
+        nc,
+        brightness_model(nc),
+        out,
+        samples=1,
+        formats=("gpkg", "geojson"),
+        quicklook=False,
+        progress=False,
+        tile=128,
+        overlap=32,
+    )
     return out
 
 
@@ -104,8 +120,7 @@ def batch_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("batch")
     scenes = []
     with rasterio.open(nc) as src:
-        for name, win in (("west", Window(0, 0, 240, 443)),
-                          ("east", Window(249, 0, 240, 443))):
+        for name, win in (("west", Window(0, 0, 240, 443)), ("east", Window(249, 0, 240, 443))):
             p = root / "scenes" / f"nc_{name}.tif"
             p.parent.mkdir(exist_ok=True)
             prof = src.profile | {"width": 240, "height": 443, "transform": src.window_transform(win)}
@@ -119,8 +134,9 @@ def batch_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for scene, folder in zip(scenes, batch.scene_folders(scenes), strict=True):
         row = batch.SceneRow(scene=scene, folder=folder, started="2026-01-01T00:00:00Z", seconds=1.0)
         if Path(scene).exists():
-            res = segment_scene(scene, model, out / folder, formats=("gpkg",), quicklook=False, progress=False,
-                                tile=128, overlap=32)
+            res = segment_scene(
+                scene, model, out / folder, formats=("gpkg",), quicklook=False, progress=False, tile=128, overlap=32
+            )
             row.status, row.outputs = "done", [os.path.relpath(p, out) for p in sorted(set(res.outputs.values()))]
         else:
             row.status, row.error = "failed", f"SceneError: scene {scene} does not exist; check the path"
@@ -130,6 +146,7 @@ def batch_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- finding outputs -------------------------------------------------------------------------
+
 
 def test_catalog_of_a_segment_folder(seg_out: Path) -> None:
     cat = load_catalog(seg_out)
@@ -211,18 +228,36 @@ def test_catalog_of_a_stac_collection(seg_out: Path, tmp_path: Path) -> None:
     folder = tmp_path / "stac"
     shutil.copytree(seg_out, folder / "item1")
     report = _report_path(folder / "item1")
-    (folder / "item1" / "item.json").write_text(json.dumps({
-        "type": "Feature", "stac_version": "1.0.0", "id": "nc-2000",
-        "assets": {"report": {"href": report.name, "type": "application/json"}}}))
-    (folder / "collection.json").write_text(json.dumps({
-        "type": "Collection", "stac_version": "1.0.0", "id": "runs",
-        "links": [{"rel": "item", "href": "item1/item.json"}, {"rel": "item", "href": "https://example.org/x.json"}]}))
+    (folder / "item1" / "item.json").write_text(
+        json.dumps(
+            {
+                "type": "Feature",
+                "stac_version": "1.0.0",
+                "id": "nc-2000",
+                "assets": {"report": {"href": report.name, "type": "application/json"}},
+            }
+        )
+    )
+    (folder / "collection.json").write_text(
+        json.dumps(
+            {
+                "type": "Collection",
+                "stac_version": "1.0.0",
+                "id": "runs",
+                "links": [
+                    {"rel": "item", "href": "item1/item.json"},
+                    {"rel": "item", "href": "https://example.org/x.json"},
+                ],
+            }
+        )
+    )
     cat = load_catalog(folder)
     assert cat.kind == "stac" and [e.name for e in cat.scenes] == ["nc-2000"]
     assert "classes" in cat.scenes[0].rasters
 
 
 # -- tiles and polygons ----------------------------------------------------------------------
+
 
 def _lonlat_to_tile(lon: float, lat: float, z: int) -> tuple[int, int]:
     n = 2**z
@@ -347,6 +382,7 @@ def _n_polygons(folder: Path) -> int:
 
 # -- the server: safe by default ---------------------------------------------------------------
 
+
 def _get(url: str, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, bytes, dict]:
     """One raw request: the path is sent exactly as given (no client-side normalisation)."""
     from urllib.parse import urlsplit
@@ -445,8 +481,13 @@ def _viewer_process(folder: Path) -> subprocess.Popen[str]:
     """
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        return subprocess.Popen([sys.executable, "-m", "geovae", "view", str(folder), "--no-browser"], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "geovae", "view", str(folder), "--no-browser"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -468,6 +509,7 @@ def test_cli_prints_the_address_and_stops_on_ctrl_c(seg_out: Path) -> None:
 
 # -- memory on a big output --------------------------------------------------------------------
 
+
 def _big_output(folder: Path, classes_src: Path, n: int = 20480) -> None:
     """A 20480 x 20480 class raster and confidence raster (real NC classes in 1024 px patches
     every 4096 px, sparse nodata blocks between, overviews), with a report naming them."""
@@ -476,7 +518,10 @@ def _big_output(folder: Path, classes_src: Path, n: int = 20480) -> None:
     patch = np.tile(cls, (3, 3))[:1024, :1024]
     conf = np.where(patch == 255, np.nan, 0.25 + 0.15 * (patch % 5)).astype("float32")
     outputs = {}
-    for kind, arr, extra in (("classes", patch, {}), ("confidence", conf, {"dtype": "float32", "nodata": float("nan")})):
+    for kind, arr, extra in (
+        ("classes", patch, {}),
+        ("confidence", conf, {"dtype": "float32", "nodata": float("nan")}),
+    ):
         path = folder / f"big.{kind}.tif"
         with rasterio.open(path, "w", **(prof | {"width": n, "height": n, "sparse_ok": True, **extra})) as d:
             if kind == "classes":
@@ -528,7 +573,7 @@ def test_tiles_of_a_20k_output_stay_in_bounded_memory(seg_out: Path, tmp_path: P
         start = _rss_mib(p.pid)
         samples = []
         for i in range(40, len(paths), 40):
-            chunk = paths[i:i + 40]
+            chunk = paths[i : i + 40]
             threads = [threading.Thread(target=fetch, args=(chunk[k::2],)) for k in range(2)]
             for t in threads:
                 t.start()
@@ -550,11 +595,14 @@ def test_tiles_of_a_20k_output_stay_in_bounded_memory(seg_out: Path, tmp_path: P
 
 # -- the page, in headless Chromium ------------------------------------------------------------
 
+
 def _chromium() -> tuple[str, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not browser or not driver:
-        pytest.skip("browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "browser tests need Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -571,10 +619,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                "--force-device-scale-factor=1", "--window-size=1100,760",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--window-size=1100,760",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
         opts.add_argument(arg)
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look anything up
     d = webdriver.Chrome(options=opts, service=Service(driver_path))
@@ -590,7 +647,8 @@ def _wait_ready(d: object, timeout: float = 60) -> None:
 
     time.sleep(0.2)  # let a move start its requests before asking whether they are done
     WebDriverWait(d, timeout, poll_frequency=0.1).until(
-        lambda d: d.execute_script("return document.body.dataset.ready") == "1")
+        lambda d: d.execute_script("return document.body.dataset.ready") == "1"
+    )
 
 
 def _screenshot(d: object) -> np.ndarray:
@@ -613,13 +671,17 @@ def _settled_map_colours(d: object, classes_tif: Path, want: float, timeout: flo
 
 def _check_map_colours(d: object, classes_tif: Path) -> float:
     """Share of sampled map pixels (away from class edges) drawn in the class's colour."""
-    rect = d.execute_script("const r = geovae.map.getContainer().getBoundingClientRect();"
-                            "return [r.left, r.top, r.width, r.height];")
+    rect = d.execute_script(
+        "const r = geovae.map.getContainer().getBoundingClientRect();return [r.left, r.top, r.width, r.height];"
+    )
     xs, ys = np.meshgrid(np.linspace(60, rect[2] - 60, 36), np.linspace(40, rect[3] - 40, 26))
     pts = np.column_stack([xs.ravel(), ys.ravel()]).round().astype(int).tolist()
-    ll = np.array(d.execute_script(
-        "return arguments[0].map(p => { const l = geovae.map.containerPointToLatLng(p); return [l.lng, l.lat]; });",
-        pts))
+    ll = np.array(
+        d.execute_script(
+            "return arguments[0].map(p => { const l = geovae.map.containerPointToLatLng(p); return [l.lng, l.lat]; });",
+            pts,
+        )
+    )
     want = _classes_at(classes_tif, ll[:, 0], ll[:, 1], margin=1)
     table = _colour_table(classes_tif)
     shot = _screenshot(d)
@@ -647,13 +709,17 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
         _wait_ready(d)
         names = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#legend .class-name")]
         assert names == NAMES
-        kinds = [e.get_attribute("data-layer") for e in d.find_elements(By.CSS_SELECTOR, "#layers input[type=checkbox]")]
+        kinds = [
+            e.get_attribute("data-layer") for e in d.find_elements(By.CSS_SELECTOR, "#layers input[type=checkbox]")
+        ]
         assert kinds == ["scene", "classes", "confidence", "uncertainty", "polygons"]
 
         # classes alone, opaque, at a zoom where a raster pixel is about 4 screen pixels
         classes_tif = next(seg_out.glob("*.classes.tif"))
-        d.execute_script("geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
-                         "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});")
+        d.execute_script(
+            "geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
+            "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});"
+        )
         _wait_ready(d)
         assert _settled_map_colours(d, classes_tif, 0.97) > 0.97
 
@@ -664,12 +730,15 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
         sure = _classes_at(e.rasters["classes"], lon, lat, margin=3)
         i, j = np.argwhere(sure > 0)[len(np.argwhere(sure > 0)) // 2]
         target = (float(lon[i, j]), float(lat[i, j]))
-        px, py = d.execute_script("const p = geovae.map.latLngToContainerPoint([arguments[1], arguments[0]]);"
-                                  "return [p.x, p.y];", *target)
+        px, py = d.execute_script(
+            "const p = geovae.map.latLngToContainerPoint([arguments[1], arguments[0]]);return [p.x, p.y];", *target
+        )
         m = d.find_element(By.ID, "map")
         d.execute_script("geovae.setPolygons(true);")
         _wait_ready(d)
-        ActionChains(d).move_to_element_with_offset(m, px - m.size["width"] / 2, py - m.size["height"] / 2).click().perform()
+        ActionChains(d).move_to_element_with_offset(
+            m, px - m.size["width"] / 2, py - m.size["height"] / 2
+        ).click().perform()
         WebDriverWait(d, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content strong"))
         want = NAMES[int(sure[i, j]) - 1]
         assert d.find_element(By.CSS_SELECTOR, ".leaflet-popup-content strong").text == want
@@ -693,13 +762,16 @@ def test_page_on_a_batch_output(browser: object, batch_out: Path) -> None:
         assert "failed" in items[2].get_attribute("class")
         for k in (1, 0):
             items[k].click()
-            WebDriverWait(d, 30).until(lambda d: d.find_element(By.ID, "subtitle").text == cat.scenes[k].name)
+            name = cat.scenes[k].name
+            WebDriverWait(d, 30).until(lambda d, name=name: d.find_element(By.ID, "subtitle").text == name)
             _wait_ready(d)
             w, s, e, n = cat.scenes[k].bounds
             lon, lat = d.execute_script("const c = geovae.map.getCenter(); return [c.lng, c.lat];")
             assert w < lon < e and s < lat < n
             assert [x.text for x in d.find_elements(By.CSS_SELECTOR, "#legend .class-name")] == NAMES
-        d.execute_script("geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
-                         "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});")
+        d.execute_script(
+            "geovae.setLayerVisible('scene', false); geovae.setPolygons(false);"
+            "geovae.setOpacity('classes', 1); geovae.map.setZoom(14, {animate: false});"
+        )
         _wait_ready(d)
         assert _settled_map_colours(d, cat.scenes[0].rasters["classes"], 0.97) > 0.97

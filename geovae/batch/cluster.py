@@ -131,7 +131,7 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
     """
     try:
         installed = loader is None and client.run_on_scheduler(_plugin_installed)
-    except Exception:  # noqa: BLE001 - a scheduler without geovae installed cannot run the check
+    except Exception:
         installed = False
     if installed:
         return
@@ -186,7 +186,7 @@ def connect(
                 client = Client(scheduler_file=scheduler, **kw)
             else:
                 client = Client(scheduler, **kw)
-        except Exception as e:  # noqa: BLE001 - any failure to connect is the same user problem
+        except Exception as e:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {where} within {connect_timeout:g} s ({one_line(e)}); "
                 "check the address and that `dask scheduler` is running, or omit --scheduler for a local cluster"
@@ -204,11 +204,13 @@ def connect(
             # A random port: the default 8787 is often taken by another cluster on the machine.
             dashboard_address="127.0.0.1:0",
         )
-    except Exception as e:  # noqa: BLE001
-        raise ClusterError(f"cannot start a local Dask cluster of {n} workers ({one_line(e)}); try fewer --workers") from e
+    except Exception as e:
+        raise ClusterError(
+            f"cannot start a local Dask cluster of {n} workers ({one_line(e)}); try fewer --workers"
+        ) from e
     try:
         client = Client(cluster, set_as_default=False, timeout=connect_timeout)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         cluster.close()
         raise ClusterError(f"cannot connect to the local Dask cluster ({one_line(e)})") from e
     return client, cluster

@@ -150,7 +150,9 @@ def read_scene_list(path: str | Path) -> list[str]:
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise OptionError(f"--list {path}: cannot read it ({e.__class__.__name__}); give a text file with one scene per line") from e
+        raise OptionError(
+            f"--list {path}: cannot read it ({e.__class__.__name__}); give a text file with one scene per line"
+        ) from e
     scenes = []
     for line in text.splitlines():
         line = line.strip()
@@ -183,11 +185,15 @@ def expand_scenes(paths: Iterable[str | Path]) -> list[str]:
     for p in paths:
         s = str(p)
         if not is_remote(s) and Path(s).is_dir():
-            found = sorted(str(f) for f in Path(s).iterdir() if f.is_file() and f.suffix.lower() in SCENE_SUFFIXES
-                           and not f.name.endswith(outputs))
+            found = sorted(
+                str(f)
+                for f in Path(s).iterdir()
+                if f.is_file() and f.suffix.lower() in SCENE_SUFFIXES and not f.name.endswith(outputs)
+            )
             if not found:
-                raise OptionError(f"folder {s} holds no scene ({', '.join(SCENE_SUFFIXES)}); give scene files or a "
-                                  "folder of them")
+                raise OptionError(
+                    f"folder {s} holds no scene ({', '.join(SCENE_SUFFIXES)}); give scene files or a folder of them"
+                )
             out += found
         else:
             out.append(s)
@@ -253,8 +259,11 @@ def run_fingerprint(model: str | Path, options: Any, scene: str | None = None) -
     """
     from geovae.segment.options import SPEED_ONLY
 
-    opts = options.fingerprint() if hasattr(options, "fingerprint") else \
-        {k: v for k, v in dict(options).items() if k not in SPEED_ONLY}
+    opts = (
+        options.fingerprint()
+        if hasattr(options, "fingerprint")
+        else {k: v for k, v in dict(options).items() if k not in SPEED_ONLY}
+    )
     fp = {"model": model_fingerprint(model), "options": _jsonable(opts)}
     if scene is not None:
         fp["scene"] = scene_fingerprint(scene)

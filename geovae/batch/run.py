@@ -41,8 +41,9 @@ _MANIFEST_MIN_INTERVAL = 1.0
 
 
 # --------------------------------------------------------------------- validation
-def precheck_scene(scene: str, in_channels: int | None, *, nodata: float | None = None,
-                   pixel_coords: bool = False) -> str | None:
+def precheck_scene(
+    scene: str, in_channels: int | None, *, nodata: float | None = None, pixel_coords: bool = False
+) -> str | None:
     """A one-line reason the scene cannot be segmented, or None if it looks usable.
 
     Cheap: reads the file's header only (no pixels), so a list of thousands of scenes is
@@ -177,15 +178,35 @@ def run_batch(
         # unreachable scheduler must not leave a manifest of "pending" rows, or overwrite the
         # one a previous run left.
         dashboard = _run_on_cluster(
-            rows, todo, out, str(model_path.resolve()), opts, fingerprints, manifest,
-            split_info=info if split_scene else None, scheduler=scheduler, workers=workers, threads_per_worker=threads_per_worker,
-            retries=retries, connect_timeout=connect_timeout, resources=resources, progress=progress,
+            rows,
+            todo,
+            out,
+            str(model_path.resolve()),
+            opts,
+            fingerprints,
+            manifest,
+            split_info=info if split_scene else None,
+            scheduler=scheduler,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            retries=retries,
+            connect_timeout=connect_timeout,
+            resources=resources,
+            progress=progress,
         )
     write_manifest(manifest, rows)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
     catalog, collection = _write_stac(out, rows)
-    return BatchResult(manifest, counts["done"], counts["failed"], counts["skipped"], rows, dashboard,
-                       catalog=catalog, collection=collection)
+    return BatchResult(
+        manifest,
+        counts["done"],
+        counts["failed"],
+        counts["skipped"],
+        rows,
+        dashboard,
+        catalog=catalog,
+        collection=collection,
+    )
 
 
 def _write_stac(out: Path, rows: list[SceneRow]) -> tuple[Path | None, Path | None]:
@@ -238,12 +259,34 @@ def _run_on_cluster(
             folder = str(out / row.folder)
             if split_info is None:
                 fut = client.submit(
-                    segment_one, row.scene, model, folder, options, fingerprints[row.scene], str(out), run_id,
-                    key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources, pure=False,
+                    segment_one,
+                    row.scene,
+                    model,
+                    folder,
+                    options,
+                    fingerprints[row.scene],
+                    str(out),
+                    run_id,
+                    key=f"geovae-scene-{row.folder}-{run_id}",
+                    retries=retries,
+                    resources=resources,
+                    pure=False,
                 )
             else:
-                fut = _submit_split(client, row, model, folder, options, fingerprints[row.scene], str(out), run_id,
-                                    split_info, parts, retries=retries, resources=resources)
+                fut = _submit_split(
+                    client,
+                    row,
+                    model,
+                    folder,
+                    options,
+                    fingerprints[row.scene],
+                    str(out),
+                    run_id,
+                    split_info,
+                    parts,
+                    retries=retries,
+                    resources=resources,
+                )
             futures[fut] = i
         with _Progress(len(rows), progress, dashboard) as bar:
             bar.advance(len(rows) - len(todo))
@@ -254,7 +297,7 @@ def _run_on_cluster(
                     res = fut.result()
                     for k, v in res.items():
                         setattr(row, k, v)
-                except Exception as e:  # noqa: BLE001 - a scene's failure is recorded, not raised
+                except Exception as e:
                     row.status, row.error, row.finished = "failed", one_line(e), _now()
                 bar.advance(1, row)
                 fut.release()
@@ -292,13 +335,37 @@ def _submit_split(
     bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
     part_root = Path(folder) / f".split-{run_id}"
     band_futs = [
-        client.submit(segment_band, row.scene, model, str(part_root / f"band-{k}"), a, b, options,
-                      key=f"geovae-band-{row.folder}-{k}-{run_id}", retries=retries, resources=resources, pure=False)
+        client.submit(
+            segment_band,
+            row.scene,
+            model,
+            str(part_root / f"band-{k}"),
+            a,
+            b,
+            options,
+            key=f"geovae-band-{row.folder}-{k}-{run_id}",
+            retries=retries,
+            resources=resources,
+            pure=False,
+        )
         for k, (a, b) in enumerate(bands)
     ]
-    return client.submit(assemble_split, row.scene, model, folder, bands, band_futs, options, fingerprint, out_root,
-                         run_id, key=f"geovae-scene-{row.folder}-{run_id}", retries=retries, resources=resources,
-                         pure=False)
+    return client.submit(
+        assemble_split,
+        row.scene,
+        model,
+        folder,
+        bands,
+        band_futs,
+        options,
+        fingerprint,
+        out_root,
+        run_id,
+        key=f"geovae-scene-{row.folder}-{run_id}",
+        retries=retries,
+        resources=resources,
+        pure=False,
+    )
 
 
 class _Progress:
@@ -319,8 +386,12 @@ class _Progress:
             if self.dashboard:
                 console.print(f"Dask dashboard: {self.dashboard}")
             self._bar = Progress(
-                TextColumn("scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[last]}"), console=console,
+                TextColumn("scenes"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[last]}"),
+                console=console,
             )
             self._bar.start()
             self._task = self._bar.add_task("scenes", total=self.total, last="")

@@ -33,12 +33,28 @@ def segment_one(
     """
     from geovae.segment import segment_scene
 
-    return _scene_task(scene, model, folder, options, fingerprint, out_root, run_id,
-                       lambda m: segment_scene(scene, m, folder, options.replace(progress=False)))
+    return _scene_task(
+        scene,
+        model,
+        folder,
+        options,
+        fingerprint,
+        out_root,
+        run_id,
+        lambda m: segment_scene(scene, m, folder, options.replace(progress=False)),
+    )
 
 
-def _scene_task(scene: str, model: str, folder: str, options: SegmentOptions, fingerprint: dict[str, Any],
-                out_root: str, run_id: str, produce: Any) -> dict[str, Any]:
+def _scene_task(
+    scene: str,
+    model: str,
+    folder: str,
+    options: SegmentOptions,
+    fingerprint: dict[str, Any],
+    out_root: str,
+    run_id: str,
+    produce: Any,
+) -> dict[str, Any]:
     """What every scene task does around ``produce(model) -> SegmentResult``.
 
     A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
@@ -126,7 +142,9 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
     return [(b0 * block, min(height, (b0 + per) * block)) for b0 in range(0, nblocks, per)]
 
 
-def segment_band(scene: str, model: str, part_dir: str, start: int, stop: int, options: SegmentOptions) -> dict[str, Any]:
+def segment_band(
+    scene: str, model: str, part_dir: str, start: int, stop: int, options: SegmentOptions
+) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
 
     Returns:

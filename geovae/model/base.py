@@ -108,8 +108,10 @@ class ModelInfo:
         seen: set[int] = set()
         for c in self.class_ids:
             if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c <= 254:
-                raise ValueError(f"class id {c!r} is out of range; class ids must be integers 0..254 "
-                                 "(255 marks nodata in the class raster)")
+                raise ValueError(
+                    f"class id {c!r} is out of range; class ids must be integers 0..254 "
+                    "(255 marks nodata in the class raster)"
+                )
             if c in seen:
                 raise ValueError(f"class id {c} is given twice")
             seen.add(c)
@@ -171,8 +173,15 @@ class SegmentationModel:
 
     cpu_chunk_pixels: int | None = BATCH_PIXELS
 
-    def __init__(self, module: nn.Module, info: ModelInfo, device: str | torch.device = "auto", amp: bool = True,
-                 precision: str = "auto", fold_batchnorm: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        info: ModelInfo,
+        device: str | torch.device = "auto",
+        amp: bool = True,
+        precision: str = "auto",
+        fold_batchnorm: bool = False,
+    ):
         self.info = info
         self.device = resolve_device(device)
         # channels_last lets oneDNN/cuDNN pick their fastest convolution kernels (1.5x on the
@@ -233,7 +242,7 @@ class SegmentationModel:
         if self.device.type == "cpu" and self.cpu_chunk_pixels and n > 1:
             n = max(1, self.cpu_chunk_pixels // (x.shape[-2] * x.shape[-1]))
         if n < len(x):
-            parts = [self._forward(x[i:i + n], samples, reconstruction) for i in range(0, len(x), n)]
+            parts = [self._forward(x[i : i + n], samples, reconstruction) for i in range(0, len(x), n)]
             out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         else:
             out = self._forward(x, samples, reconstruction)
@@ -274,4 +283,3 @@ class SegmentationModel:
 def entropy(p: Tensor, dim: int = 1) -> Tensor:
     """Shannon entropy in nats along ``dim``."""
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
-

@@ -85,8 +85,9 @@ def adversarial_losses(
         d_loss = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         g_loss = -g_fake.mean()
     elif mode == "bce":
-        d_loss = F.binary_cross_entropy_with_logits(d_real, d_real.new_ones(d_real.shape)) + \
-            F.binary_cross_entropy_with_logits(d_fake, d_fake.new_zeros(d_fake.shape))
+        d_loss = F.binary_cross_entropy_with_logits(
+            d_real, d_real.new_ones(d_real.shape)
+        ) + F.binary_cross_entropy_with_logits(d_fake, d_fake.new_zeros(d_fake.shape))
         g_loss = F.binary_cross_entropy_with_logits(g_fake, g_fake.new_ones(g_fake.shape))
     else:
         raise ValueError(f"mode={mode!r}: use 'hinge' or 'bce'")

@@ -12,6 +12,8 @@ is, since folding changes its parameters and it may still be trained.
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -34,7 +36,7 @@ def fold_batchnorm(module: nn.Module) -> int:
         if not isinstance(seq, nn.Sequential):
             continue
         names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             conv, bn = seq._modules[a], seq._modules[b]
             if (
                 type(conv) is nn.Conv2d

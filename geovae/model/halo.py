@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["measure_halo", "HALO_TOLERANCE", "HALO_METHOD"]
+__all__ = ["HALO_METHOD", "HALO_TOLERANCE", "measure_halo"]
 
 #: Largest change of a class probability a tile's edge may cause at a blended pixel.
 HALO_TOLERANCE = 1e-3
@@ -40,8 +40,15 @@ HALO_METHOD = 2
 
 
 @torch.inference_mode()
-def measure_halo(module: nn.Module, in_channels: int, stride: int = 1, *, size: int = 256,
-                 tol: float = HALO_TOLERANCE, seeds: tuple[int, ...] = (0,)) -> int:
+def measure_halo(
+    module: nn.Module,
+    in_channels: int,
+    stride: int = 1,
+    *,
+    size: int = 256,
+    tol: float = HALO_TOLERANCE,
+    seeds: tuple[int, ...] = (0,),
+) -> int:
     """The model's halo in pixels (a multiple of ``stride``, at most ``size // 2``).
 
     Args:
@@ -67,6 +74,7 @@ def measure_halo(module: nn.Module, in_channels: int, stride: int = 1, *, size: 
     gen = torch.Generator().manual_seed(0)
     radius = 0
     try:
+
         def probs(t: torch.Tensor) -> torch.Tensor:
             return module(t.contiguous(memory_format=torch.channels_last)).float().softmax(1)
 

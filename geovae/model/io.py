@@ -76,8 +76,13 @@ def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, i
     path = Path(path)
     d = info.to_dict()
     if isinstance(module, VAESegmenter):
-        d.update(kind="geovae-vae", arch=module.hparams, stride=module.stride,
-                 in_channels=module.in_channels, num_classes=module.num_classes)
+        d.update(
+            kind="geovae-vae",
+            arch=module.hparams,
+            stride=module.stride,
+            in_channels=module.in_channels,
+            num_classes=module.num_classes,
+        )
     elif d.get("kind") == "torchgeo":
         if not d.get("arch") or "model" not in d["arch"]:
             raise ModelFileError("a TorchGeo model needs info.arch with its SemanticSegmentation hyperparameters")
@@ -194,8 +199,13 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
 
 #: TorchGeo's segmentation models that are segmentation_models_pytorch classes, by the
 #: ``model`` name TorchGeo's task gives them.
-_SMP_CLASSES = {"unet": "Unet", "deeplabv3+": "DeepLabV3Plus", "upernet": "UPerNet", "segformer": "Segformer",
-                "dpt": "DPT"}
+_SMP_CLASSES = {
+    "unet": "Unet",
+    "deeplabv3+": "DeepLabV3Plus",
+    "upernet": "UPerNet",
+    "segformer": "Segformer",
+    "dpt": "DPT",
+}
 
 
 def _build_torchgeo_model(arch: dict[str, Any], direct: bool = True) -> nn.Module:
@@ -218,8 +228,9 @@ def _build_torchgeo_model(arch: dict[str, Any], direct: bool = True) -> nn.Modul
     if direct and model in _SMP_CLASSES and "backbone" in arch:
         import segmentation_models_pytorch as smp
 
-        return getattr(smp, _SMP_CLASSES[model])(encoder_name=arch["backbone"], encoder_weights=None,
-                                                 in_channels=ins, classes=k)
+        return getattr(smp, _SMP_CLASSES[model])(
+            encoder_name=arch["backbone"], encoder_weights=None, in_channels=ins, classes=k
+        )
     from torchgeo.tasks import SemanticSegmentation
 
     kwargs = {k: arch[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters") if k in arch}
@@ -316,18 +327,27 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         raise ModelFileError(f"{path}: a VAESegmentationTask checkpoint without weights (state_dict); re-save it")
     for key in ("in_channels", "num_classes"):
         if not isinstance(hp.get(key), int):
-            raise ModelFileError(f"{path}: VAESegmentationTask checkpoint without an integer {key} (the task was never "
-                                 "set up with its data); train with a data module that gives it, or set it")
+            raise ModelFileError(
+                f"{path}: VAESegmentationTask checkpoint without an integer {key} (the task was never "
+                "set up with its data); train with a data module that gives it, or set it"
+            )
     arch = {"in_channels": hp["in_channels"], "num_classes": hp["num_classes"]}
     # A key missing from an older checkpoint takes the value that rebuilds the older model.
-    for key, default in (("base_channels", 32), ("depth", 4), ("latent_channels", 8), ("encoder", "unet"),
-                         ("recon_condition", "class"), ("head", "mlp"), ("head_rank", 2)):
+    for key, default in (
+        ("base_channels", 32),
+        ("depth", 4),
+        ("latent_channels", 8),
+        ("encoder", "unet"),
+        ("recon_condition", "class"),
+        ("head", "mlp"),
+        ("head_rank", 2),
+    ):
         arch[key] = hp.get(key, default)
     try:
         module = VAESegmenter(**arch)
     except (GeovaeError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: cannot rebuild the VAE segmenter {arch} ({exc})") from exc
-    _load_state(path, module, {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")})
+    _load_state(path, module, {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")})
     c = hp["in_channels"]
     # The task's normalisation: its hyperparameters, else its buffers (identical when both exist).
     mean, std = hp.get("mean"), hp.get("std")
@@ -341,20 +361,33 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
     tile = tile if isinstance(tile, int) and tile > 0 and tile % stride == 0 else max(stride, 256 // stride * stride)
     try:
         info = ModelInfo(
-            in_channels=c, num_classes=hp["num_classes"], class_ids=list(hp.get("class_ids") or []),
-            class_names=list(hp.get("labels") or []), class_colors=[tuple(v) for v in hp.get("class_colors") or []],
-            mean=[float(v) for v in mean], std=[float(v) for v in std],
-            band_names=list(hp["band_names"]) if hp.get("band_names") else None, tile_size=int(tile),
-            stride=stride, kind="geovae-vae", arch=module.hparams,
+            in_channels=c,
+            num_classes=hp["num_classes"],
+            class_ids=list(hp.get("class_ids") or []),
+            class_names=list(hp.get("labels") or []),
+            class_colors=[tuple(v) for v in hp.get("class_colors") or []],
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+            band_names=list(hp["band_names"]) if hp.get("band_names") else None,
+            tile_size=int(tile),
+            stride=stride,
+            kind="geovae-vae",
+            arch=module.hparams,
             training=dict(geo.get("training") or {}),
-            extra={"source": "geovae VAESegmentationTask checkpoint", "epoch": ckpt.get("epoch"),
-                   "global_step": ckpt.get("global_step"), "data": geo.get("data"),
-                   "trainer": "geovae.training.VAESegmentationTask", "geovae_version": __version__,
-                   "loss": {k: hp.get(k) for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight",
-                                                    "dice_weight")}},
+            extra={
+                "source": "geovae VAESegmentationTask checkpoint",
+                "epoch": ckpt.get("epoch"),
+                "global_step": ckpt.get("global_step"),
+                "data": geo.get("data"),
+                "trainer": "geovae.training.VAESegmentationTask",
+                "geovae_version": __version__,
+                "loss": {k: hp.get(k) for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
+            },
         )
     except ValueError as exc:
-        raise ModelFileError(f"{path}: VAESegmentationTask checkpoint with unusable values ({exc}); re-train it") from exc
+        raise ModelFileError(
+            f"{path}: VAESegmentationTask checkpoint with unusable values ({exc}); re-train it"
+        ) from exc
     return module, info
 
 
@@ -371,7 +404,7 @@ def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         if not isinstance(hp.get(key), int):
             raise ModelFileError(f"{path}: TorchGeo checkpoint without an integer {key}; it cannot be rebuilt")
     arch = {k: hp[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters", "task") if k in hp}
-    state = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     module = _torchgeo_module(path, arch, state)
     labels = hp.get("labels")
     info = ModelInfo(
@@ -457,8 +490,7 @@ def load_model(
         raise ModelFileError(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
-    return SegmentationModel(module, info, device=device, amp=amp, precision=precision,
-                             fold_batchnorm=fold_batchnorm)
+    return SegmentationModel(module, info, device=device, amp=amp, precision=precision, fold_batchnorm=fold_batchnorm)
 
 
 def _halo(module: nn.Module, d: dict[str, Any]) -> int:

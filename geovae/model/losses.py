@@ -114,7 +114,7 @@ def mixture_nll(sample_logits: Tensor, target: Tensor, weights: Tensor, region: 
     Returns:
         Scalar, nats per (weighted) labelled pixel; 0 when nothing is labelled.
     """
-    s, b, k, h, w = sample_logits.shape
+    s, b, _k, h, w = sample_logits.shape
     logp = sample_logits.log_softmax(2).gather(2, target[None, :, None].expand(s, b, 1, h, w))[:, :, 0]
     ll = logp * weights.unsqueeze(0)  # (S, B, H, W)
     if region == 0:
@@ -277,8 +277,9 @@ def vae_segmentation_loss(
     else:
         kl_fb = kl
 
-    loss = ce + dice_weight * dice + recon_weight * recon + beta * kl_fb + sample_entropy * s_ent + \
-        prior_weight * prior_kl
+    loss = (
+        ce + dice_weight * dice + recon_weight * recon + beta * kl_fb + sample_entropy * s_ent + prior_weight * prior_kl
+    )
     return {
         "loss": loss,
         "ce": ce,

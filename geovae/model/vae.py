@@ -222,7 +222,7 @@ class _LowRankHead(nn.Module):
         """``(b, A)``: (B, K, H, W) offset and (B, rank*K, H, W) factor, in the plain
         (channels-first) layout in which the per-sample multiply-adds are contiguous."""
         o = self.out(self.trunk(h)).contiguous()
-        return o[:, :self.num_classes], o[:, self.num_classes:]
+        return o[:, : self.num_classes], o[:, self.num_classes :]
 
     def noise(self, z: Tensor) -> Tensor:
         """The rank noise channels of latent maps z, channels-first (bilinear upsampling of a
@@ -234,8 +234,9 @@ class _LowRankHead(nn.Module):
         k = self.num_classes
         out = b
         for i in range(self.rank):
-            out = torch.addcmul(out, factor[:, i * k:(i + 1) * k], noise[:, i:i + 1])
+            out = torch.addcmul(out, factor[:, i * k : (i + 1) * k], noise[:, i : i + 1])
         return out
+
 
 class PosteriorNet(nn.Module):
     """q(z | x, y): the latent map given the bands *and the labels* (training only).
@@ -403,11 +404,15 @@ class VAESegmenter(nn.Module):
         rw = [max(w // 2, 8) for w in dec_w]
         layers: list[nn.Module] = [_conv_bn_relu(latent_channels, rw[depth])]
         for i in range(depth - 1, -1, -1):
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _conv_bn_relu(rw[i + 1], rw[i])]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                _conv_bn_relu(rw[i + 1], rw[i]),
+            ]
         self.recon_condition = recon_condition
         if recon_condition == "class":
-            self.recon_decoder: nn.Module = _ClassConditionalDecoder(nn.Sequential(*layers), rw[0], num_classes,
-                                                                     in_channels)
+            self.recon_decoder: nn.Module = _ClassConditionalDecoder(
+                nn.Sequential(*layers), rw[0], num_classes, in_channels
+            )
         else:
             layers.append(nn.Conv2d(rw[0], in_channels, 1))
             self.recon_decoder = nn.Sequential(*layers)
@@ -456,13 +461,15 @@ class VAESegmenter(nn.Module):
             return head.logits(b, factor, self._up(head.noise(z), h))
         return self.head(torch.cat([h, self._up(z, h)], dim=1))
 
-    def _head_samples(self, h: Tensor, mu: Tensor, logvar: Tensor, n: int,
-                      parts: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def _head_samples(
+        self, h: Tensor, mu: Tensor, logvar: Tensor, n: int, parts: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(z, logits)``: ``n`` posterior samples (n, B, L, h, w) and their logits
         (n, B, K, H, W). The low-rank head's features (``parts``) are computed once and its
         noise maps are upsampled in one call."""
-        zs = mu.unsqueeze(0) + torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype) * \
-            torch.exp(0.5 * logvar).unsqueeze(0)
+        zs = mu.unsqueeze(0) + torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype) * torch.exp(
+            0.5 * logvar
+        ).unsqueeze(0)
         if self.head_kind != "lowrank":
             return zs, torch.stack([self._head(h, z) for z in zs])
         head: _LowRankHead = self.head  # type: ignore[assignment]
@@ -491,8 +498,9 @@ class VAESegmenter(nn.Module):
         h, mu, _ = self._encode(x)
         return self._head(h, mu)
 
-    def forward_all(self, x: Tensor, sample: bool = True, samples: int = 1,
-                    posterior: tuple[Tensor, Tensor] | None = None) -> VAEOutput:
+    def forward_all(
+        self, x: Tensor, sample: bool = True, samples: int = 1, posterior: tuple[Tensor, Tensor] | None = None
+    ) -> VAEOutput:
         """Logits, reconstruction and the latent distribution, for training.
 
         Args:

@@ -8,4 +8,4 @@ and :mod:`geovae.batch` all call it (batch's split runs through ``segment_rows``
 from geovae.segment.options import SegmentOptions
 from geovae.segment.run import SegmentResult, assemble_rows, segment_rows, segment_scene
 
-__all__ = ["SegmentOptions", "SegmentResult", "segment_scene", "segment_rows", "assemble_rows"]
+__all__ = ["SegmentOptions", "SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]

@@ -169,8 +169,11 @@ class SegmentOptions:
             tile, overlap = default_tiling(info.tile_size, info.halo, stride, height, width, self.tile)
         else:
             overlap = self.overlap
-            tile = self.tile if self.tile is not None else \
-                max(info.tile_size, -(-(self.overlap + stride) // stride) * stride)
+            tile = (
+                self.tile
+                if self.tile is not None
+                else max(info.tile_size, -(-(self.overlap + stride) // stride) * stride)
+            )
         check_options(tile, overlap, 1, stride)
         return tile, overlap
 
@@ -181,9 +184,14 @@ class SegmentOptions:
     def warn_seams(self, info: ModelInfo, tiles: int, overlap: int) -> None:
         """One warning line when more than one tile overlaps by less than twice the model's halo."""
         if info.halo is not None and tiles > 1 and overlap <= 2 * info.halo:
-            log.warning("tiles overlap by %d px but this model's predictions change up to %d px from a tile's edge: "
-                        "tile seams may show; use --overlap %d or more (a larger --tile keeps the cost down), or "
-                        "leave both to their defaults", overlap, info.halo, 2 * info.halo + 16)
+            log.warning(
+                "tiles overlap by %d px but this model's predictions change up to %d px from a tile's edge: "
+                "tile seams may show; use --overlap %d or more (a larger --tile keeps the cost down), or "
+                "leave both to their defaults",
+                overlap,
+                info.halo,
+                2 * info.halo + 16,
+            )
 
     def polygon_formats(self, pixel_coords: bool) -> list[str]:
         """The polygon formats for a scene with (False) or without (True) real coordinates.
@@ -194,8 +202,10 @@ class SegmentOptions:
         if self.formats is None:
             return ["gpkg"] if pixel_coords else ["geojson"]
         if pixel_coords and "geojson" in self.formats:
-            raise OptionError("--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
-                              "pixel coordinates; use --formats gpkg or parquet")
+            raise OptionError(
+                "--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
+                "pixel coordinates; use --formats gpkg or parquet"
+            )
         return list(self.formats)
 
     def to_dict(self) -> dict[str, Any]:
@@ -215,4 +225,3 @@ class SegmentOptions:
             for k in ("objects", "object_halo", "object_seed"):
                 fp.pop(k)
         return fp
-

@@ -26,7 +26,7 @@ from rasterio.windows import Window
 from geovae.scene import Scene
 from geovae.tiling import Tile
 
-__all__ = ["Reader", "Batch", "read_groups", "READ_WINDOW_BYTES"]
+__all__ = ["READ_WINDOW_BYTES", "Batch", "Reader", "read_groups"]
 
 
 @dataclass
@@ -94,8 +94,17 @@ class Reader:
         window_bytes: most bytes of one read window.
     """
 
-    def __init__(self, scene: Scene, blocks: Sequence[Sequence[Tile]], batch_size: int, mean: np.ndarray,
-                 pin: bool, prefetch: int = 3, workers: int | None = None, window_bytes: int = READ_WINDOW_BYTES):
+    def __init__(
+        self,
+        scene: Scene,
+        blocks: Sequence[Sequence[Tile]],
+        batch_size: int,
+        mean: np.ndarray,
+        pin: bool,
+        prefetch: int = 3,
+        workers: int | None = None,
+        window_bytes: int = READ_WINDOW_BYTES,
+    ):
         self.scene = scene
         self.groups = read_groups(blocks, scene.count, window_bytes)
         self.batch_size = batch_size
@@ -180,7 +189,7 @@ class Reader:
             r0, c0 = g[0].row, g[0].col
             for t in g:
                 r, c = t.row - r0, t.col - c0
-                yield t, data[:, r:r + t.size, c:c + t.size], valid[r:r + t.size, c:c + t.size].copy()
+                yield t, data[:, r : r + t.size, c : c + t.size], valid[r : r + t.size, c : c + t.size].copy()
 
     def _run(self) -> None:
         try:

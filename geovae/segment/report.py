@@ -19,7 +19,7 @@ from geovae.model.base import SegmentationModel
 from geovae.products import area_column
 from geovae.scene import Scene
 
-__all__ = ["build_report", "scene_summary", "model_summary", "footprint_wgs84", "versions"]
+__all__ = ["build_report", "footprint_wgs84", "model_summary", "scene_summary", "versions"]
 
 
 def versions() -> dict[str, str]:
@@ -27,8 +27,12 @@ def versions() -> dict[str, str]:
     import rasterio
     import torch
 
-    return {"geovae": __version__, "torch": torch.__version__, "gdal": rasterio.__gdal_version__,
-            "rasterio": rasterio.__version__}
+    return {
+        "geovae": __version__,
+        "torch": torch.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "rasterio": rasterio.__version__,
+    }
 
 
 def footprint_wgs84(scene: Scene) -> list[float] | None:
@@ -39,7 +43,7 @@ def footprint_wgs84(scene: Scene) -> list[float] | None:
 
     try:
         return [float(v) for v in transform_bounds(scene.crs, "EPSG:4326", *scene.bounds, densify_pts=21)]
-    except Exception:  # noqa: BLE001 - a CRS PROJ cannot transform: no footprint, not a failure
+    except Exception:
         return None
 
 
@@ -50,13 +54,21 @@ def scene_summary(scene: Scene) -> dict[str, Any]:
     if scene.crs is not None:
         try:
             epsg = scene.crs.to_epsg()
-        except Exception:  # noqa: BLE001 - unusual CRS definitions
+        except Exception:
             epsg = None
     return {
-        "path": scene.name, "width": scene.width, "height": scene.height, "bands": scene.count,
-        "dtypes": scene.dtypes, "crs": None if scene.crs is None else (f"EPSG:{epsg}" if epsg else scene.crs.to_string()),
-        "transform": [t.a, t.b, t.c, t.d, t.e, t.f], "bounds": list(scene.bounds), "bounds_wgs84": footprint_wgs84(scene),
-        "nodata": scene.nodata, "mask": scene.mask_kind, "pixel_coords": scene.crs is None,
+        "path": scene.name,
+        "width": scene.width,
+        "height": scene.height,
+        "bands": scene.count,
+        "dtypes": scene.dtypes,
+        "crs": None if scene.crs is None else (f"EPSG:{epsg}" if epsg else scene.crs.to_string()),
+        "transform": [t.a, t.b, t.c, t.d, t.e, t.f],
+        "bounds": list(scene.bounds),
+        "bounds_wgs84": footprint_wgs84(scene),
+        "nodata": scene.nodata,
+        "mask": scene.mask_kind,
+        "pixel_coords": scene.crs is None,
     }
 
 
@@ -64,11 +76,19 @@ def model_summary(model: SegmentationModel, source: str | None, sha256: str | No
     """The report's ``model`` entry."""
     i = model.info
     return {
-        "source": source, "sha256": sha256, "kind": i.kind, "in_channels": i.in_channels,
-        "num_classes": i.num_classes, "class_ids": i.class_ids, "class_names": i.class_names,
+        "source": source,
+        "sha256": sha256,
+        "kind": i.kind,
+        "in_channels": i.in_channels,
+        "num_classes": i.num_classes,
+        "class_ids": i.class_ids,
+        "class_names": i.class_names,
         "class_colors": [[int(v) for v in c][:3] for c in i.class_colors],
-        "tile_size": i.tile_size, "stride": i.stride, "band_names": i.band_names,
-        "supports_samples": model.supports_samples, "supports_reconstruction": model.supports_reconstruction,
+        "tile_size": i.tile_size,
+        "stride": i.stride,
+        "band_names": i.band_names,
+        "supports_samples": model.supports_samples,
+        "supports_reconstruction": model.supports_reconstruction,
     }
 
 
@@ -111,15 +131,26 @@ def build_report(
     total_px = int(class_pixels.sum())
     classes = []
     for k, (c, n, px, a) in enumerate(zip(info.class_ids, info.class_names, class_pixels, class_area)):
-        entry = {"id": int(c), "name": n, "pixels": int(px), area_key: float(a),
-                 "fraction": float(a / total_area) if total_area else 0.0}
+        entry = {
+            "id": int(c),
+            "name": n,
+            "pixels": int(px),
+            area_key: float(a),
+            "fraction": float(a / total_area) if total_area else 0.0,
+        }
         if class_flagged is not None:
             entry["anomaly_fraction"] = float(class_flagged[k] / px) if px else 0.0
         classes.append(entry)
     if class_flagged is not None:
         flagged = int(class_flagged.sum())
-        trust = {**trust, "anomaly": {**trust.get("anomaly", {}), "flagged_pixels": flagged,
-                                      "fraction": flagged / total_px if total_px else 0.0}}
+        trust = {
+            **trust,
+            "anomaly": {
+                **trust.get("anomaly", {}),
+                "flagged_pixels": flagged,
+                "fraction": flagged / total_px if total_px else 0.0,
+            },
+        }
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "geovae_version": __version__,
@@ -134,6 +165,8 @@ def build_report(
         "classes": classes,
         "trust": trust,
         "polygons": polygons or {},
-        "outputs": {k: str(Path(v).relative_to(folder)) if Path(v).is_relative_to(folder) else str(v)
-                    for k, v in outputs.items()},
+        "outputs": {
+            k: str(Path(v).relative_to(folder)) if Path(v).is_relative_to(folder) else str(v)
+            for k, v in outputs.items()
+        },
     }

@@ -40,7 +40,7 @@ from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, check_scene, s
 from geovae.stitch import Stitcher, block_side, check_rows
 from geovae.tiling import TileGrid
 
-__all__ = ["SegmentResult", "segment_scene", "segment_rows", "assemble_rows"]
+__all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
 
 log = logging.getLogger("geovae.segment")
 
@@ -100,8 +100,12 @@ class SegmentResult:
         import rioxarray
         import xarray as xr
 
-        names = {"classes": ["classes"], "confidence": ["confidence"],
-                 "uncertainty": ["uncertainty", "mutual_information"], "reconstruction_error": ["reconstruction_error"]}
+        names = {
+            "classes": ["classes"],
+            "confidence": ["confidence"],
+            "uncertainty": ["uncertainty", "mutual_information"],
+            "reconstruction_error": ["reconstruction_error"],
+        }
         variables = {}
         for kind, vnames in names.items():
             if kind not in self.outputs:
@@ -115,7 +119,8 @@ class SegmentResult:
             model = self.report.get("model", {})
             variables["classes"].attrs.update(
                 flag_values=list(model.get("class_ids", [])),
-                flag_meanings=" ".join(n.strip().replace(" ", "_") for n in model.get("class_names", [])))
+                flag_meanings=" ".join(n.strip().replace(" ", "_") for n in model.get("class_names", [])),
+            )
         return xr.Dataset(variables)
 
 
@@ -164,8 +169,10 @@ def _open(scene: Any, opts: SegmentOptions) -> Scene:
             kind = "nodata" if scene.mask_kind in ("none", "nodata") else scene.mask_kind
             scene = dataclasses.replace(scene, nodata=float(opts.nodata), mask_kind=kind)
         if scene.crs is None and not opts.pixel_coords:
-            raise SceneError(f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
-                             "pass --pixel-coords to segment it in pixel coordinates")
+            raise SceneError(
+                f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
+                "pass --pixel-coords to segment it in pixel coordinates"
+            )
         return scene
     if isinstance(scene, rasterio.io.DatasetReaderBase):
         # An open dataset (a file, or a MemoryFile's /vsimem/ name): reopened by name, so
@@ -182,8 +189,9 @@ def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> Segmen
     return load_model(model, opts.device, precision=opts.precision or "auto")
 
 
-def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | None = None,
-          check_trust: bool = True) -> _Plan:
+def _plan(
+    scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | None = None, check_trust: bool = True
+) -> _Plan:
     """Every check of a run, before any output is written."""
     t_start = time.perf_counter()
     sc = _open(scene, opts)
@@ -212,7 +220,8 @@ def _plan(scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | 
     if (sample is None or sample.shape[1] == 0) and not sc.any_valid():
         raise SceneError(f"scene {sc.name} has no valid pixels (all nodata); check --nodata or the file")
     trust: dict[str, Any] = {
-        "scene": check_scene(sc, info, force=opts.force, sample=sample) if check_trust else {"checked": False}}
+        "scene": check_scene(sc, info, force=opts.force, sample=sample) if check_trust else {"checked": False}
+    }
     if reconstruction and threshold is not None:
         trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
     from geovae.objects import plan_objects
@@ -251,7 +260,9 @@ def _previous_outputs(folder: Path, stem: str) -> list[str]:
 # -- the model loop ------------------------------------------------------------------------
 
 
-def _predict(model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool) -> dict[str, torch.Tensor]:
+def _predict(
+    model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool
+) -> dict[str, torch.Tensor]:
     """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
     x = x.to(model.device, non_blocking=True)
     out = model.predict(x, samples=samples, reconstruction=reconstruction)
@@ -301,7 +312,9 @@ def _blend(f: _InFlight, stitcher: Stitcher) -> float:
             stitcher.skip(t)
             continue
         stitcher.add(
-            t, f.batch.valid[n], res["probs"][n],
+            t,
+            f.batch.valid[n],
+            res["probs"][n],
             expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
             reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
         )
@@ -318,8 +331,12 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} " + unit + "/s"), TimeRemainingColumn(), transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} " + unit + "/s"),
+                TimeRemainingColumn(),
+                transient=False,
             )
             self.task = self.bar.add_task(label, total=total, rate="-")
         self.t0 = time.perf_counter()
@@ -352,8 +369,10 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
     model_s = 0.0
     pin = model.device.type == "cuda"
     mean = np.asarray(model.info.mean, dtype=np.float32)
-    with Reader(plan.scene, list(stitcher.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader, \
-            _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar:
+    with (
+        Reader(plan.scene, list(stitcher.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader,
+        _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar,
+    ):
         # One batch in flight: batch n+1 is queued on the device before batch n is
         # blended, so on CUDA the GPU computes while the CPU blends and writes. (A blending
         # thread beside the CPU model was tried: on 2 cores it contends with torch's threads,
@@ -373,8 +392,13 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
         plan.timings["read_s"] = reader.read_s
     plan.timings["model_s"] = model_s
     plan.timings["predict_s"] = time.perf_counter() - t0
-    log.info("%s: %d tiles predicted and blended in %.1f s (model %.1f s)", plan.stem, stitcher.tiles_total,
-             plan.timings["predict_s"], model_s)
+    log.info(
+        "%s: %d tiles predicted and blended in %.1f s (model %.1f s)",
+        plan.stem,
+        stitcher.tiles_total,
+        plan.timings["predict_s"],
+        model_s,
+    )
 
 
 def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None) -> Stitcher:
@@ -384,10 +408,22 @@ def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None)
         from geovae.objects import stitch_channels
 
         channels, tags = stitch_channels(plan.objects, plan.model.info)
-    return Stitcher(plan.grid, oset.folder, s.stem, plan.model.info, s.crs, s.transform,
-                    uncertainty=plan.options.samples > 0, reconstruction=plan.reconstruction,
-                    block_size=plan.options.block_size, rows=rows, output_set=oset,
-                    anomaly_threshold=plan.threshold, probabilities=channels, probability_tags=tags)
+    return Stitcher(
+        plan.grid,
+        oset.folder,
+        s.stem,
+        plan.model.info,
+        s.crs,
+        s.transform,
+        uncertainty=plan.options.samples > 0,
+        reconstruction=plan.reconstruction,
+        block_size=plan.options.block_size,
+        rows=rows,
+        output_set=oset,
+        anomaly_threshold=plan.threshold,
+        probabilities=channels,
+        probability_tags=tags,
+    )
 
 
 def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
@@ -402,10 +438,18 @@ def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
         raise ValueError("polygons are written for whole scenes only")
     stream = PolygonStream(
         [(oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats],
-        width=s.width, height=s.height, crs=s.crs, transform=s.transform, block=stitcher.B,
-        class_names=dict(zip(info.class_ids, info.class_names)), confidence=True,
-        uncertainty=stitcher.uncertainty, anomaly_threshold=stitcher.anomaly_threshold,
-        min_area=plan.options.min_area, simplify=plan.options.simplify, layer=plan.stem,
+        width=s.width,
+        height=s.height,
+        crs=s.crs,
+        transform=s.transform,
+        block=stitcher.B,
+        class_names=dict(zip(info.class_ids, info.class_names)),
+        confidence=True,
+        uncertainty=stitcher.uncertainty,
+        anomaly_threshold=stitcher.anomaly_threshold,
+        min_area=plan.options.min_area,
+        simplify=plan.options.simplify,
+        layer=plan.stem,
     )
     stitcher.on_block = stream.add_block
     return stream
@@ -414,16 +458,30 @@ def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
 def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
     m = plan.model
     return {
-        **plan.options.to_dict(), "rows": None if stitcher.rows == (0, plan.scene.height) else list(stitcher.rows),
-        "tile": plan.grid.tile, "batch_size": plan.options.batch(plan.grid.tile), "overlap": plan.grid.overlap, "device": str(m.device),
-        "precision": str(m.amp_dtype or "fp32").replace("torch.", ""), "reconstruction": plan.reconstruction,
-        "formats": plan.formats, "pixel_coords": plan.scene.crs is None, "nodata": plan.scene.nodata,
+        **plan.options.to_dict(),
+        "rows": None if stitcher.rows == (0, plan.scene.height) else list(stitcher.rows),
+        "tile": plan.grid.tile,
+        "batch_size": plan.options.batch(plan.grid.tile),
+        "overlap": plan.grid.overlap,
+        "device": str(m.device),
+        "precision": str(m.amp_dtype or "fp32").replace("torch.", ""),
+        "reconstruction": plan.reconstruction,
+        "formats": plan.formats,
+        "pixel_coords": plan.scene.crs is None,
+        "nodata": plan.scene.nodata,
         "block_size": stitcher.B,
     }
 
 
-def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, stream: Any, *, tiles: dict[str, Any] | None = None,
-             extra: dict[str, Any] | None = None) -> SegmentResult:
+def _finish(
+    plan: _Plan,
+    oset: OutputSet,
+    stitcher: Stitcher,
+    stream: Any,
+    *,
+    tiles: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> SegmentResult:
     """Close the rasters, finish the polygons (``stream``, :func:`_polygon_stream`), write
     quicklook and report into the set, commit it."""
     opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
@@ -450,7 +508,7 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, stream: Any, *, ti
             table = read_class_table(ds)
         with _Progress(1, opts.progress, f"polygons {stem}", unit="block rows") as bar:
             res = stream.close(table, progress=lambda done, total: _set_total(bar, done, total))
-        polygons = {f: res.n_polygons for f in plan.formats}
+        polygons = dict.fromkeys(plan.formats, res.n_polygons)
         timings["vectorize_s"] = time.perf_counter() - t0
         log.info("%s: %d polygons written, %.1f s after the rasters", stem, res.n_polygons, timings["vectorize_s"])
     if plan.objects is not None:
@@ -467,12 +525,22 @@ def _finish(plan: _Plan, oset: OutputSet, stitcher: Stitcher, stream: Any, *, ti
     kinds = _kinds(plan)
     outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
     report = build_report(
-        scene=plan.scene, model=plan.model, source=plan.source, model_sha256=_model_sha256(plan.source),
-        options=_report_options(plan, stitcher), tiles=tiles if tiles is not None else stitcher.summary(),
-        timings=timings, class_pixels=stitcher.class_pixels, class_area=stitcher.class_area,
+        scene=plan.scene,
+        model=plan.model,
+        source=plan.source,
+        model_sha256=_model_sha256(plan.source),
+        options=_report_options(plan, stitcher),
+        tiles=tiles if tiles is not None else stitcher.summary(),
+        timings=timings,
+        class_pixels=stitcher.class_pixels,
+        class_area=stitcher.class_area,
         class_flagged=stitcher.class_flagged if plan.threshold is not None and plan.reconstruction else None,
-        area_unit=stitcher.areas.measure.unit, trust=plan.trust, outputs=outputs, folder=oset.folder,
-        polygons=polygons, extra=extra,
+        area_unit=stitcher.areas.measure.unit,
+        trust=plan.trust,
+        outputs=outputs,
+        folder=oset.folder,
+        polygons=polygons,
+        extra=extra,
     )
     write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
     t0 = time.perf_counter()
@@ -491,18 +559,34 @@ def _write_objects(plan: _Plan, oset: OutputSet, staged: dict[str, Path]) -> dic
 
     opts, stem, spec = plan.options, plan.stem, plan.objects
     t0 = time.perf_counter()
-    targets = [(oset.final(output_name(stem, object_kind(f))), oset.path(output_name(stem, object_kind(f))))
-               for f in plan.formats]
+    targets = [
+        (oset.final(output_name(stem, object_kind(f))), oset.path(output_name(stem, object_kind(f))))
+        for f in plan.formats
+    ]
     with _Progress(1, opts.progress, f"objects {stem}", unit="block rows") as bar:
-        res = write_objects(staged["classes"], targets, spec, probabilities=staged["object_probability"],
-                            confidence=staged["confidence"], min_area=opts.min_area, simplify=opts.simplify,
-                            block_size=opts.block_size, layer=f"{stem}_objects",
-                            progress=lambda done, total: _set_total(bar, done, total))
+        res = write_objects(
+            staged["classes"],
+            targets,
+            spec,
+            probabilities=staged["object_probability"],
+            confidence=staged["confidence"],
+            min_area=opts.min_area,
+            simplify=opts.simplify,
+            block_size=opts.block_size,
+            layer=f"{stem}_objects",
+            progress=lambda done, total: _set_total(bar, done, total),
+        )
     plan.timings["objects_s"] = time.perf_counter() - t0
     log.info("%s: %d objects written in %.1f s", stem, res.n_objects, plan.timings["objects_s"])
-    return {"classes": list(spec.classes), "boundary_class": spec.boundary, "seed": spec.seed, "halo": spec.halo,
-            "count": res.n_objects, "beyond_halo": res.beyond_halo,
-            "area": {str(k): v for k, v in res.class_areas_m2.items()}}
+    return {
+        "classes": list(spec.classes),
+        "boundary_class": spec.boundary,
+        "seed": spec.seed,
+        "halo": spec.halo,
+        "count": res.n_objects,
+        "beyond_halo": res.beyond_halo,
+        "area": {str(k): v for k, v in res.class_areas_m2.items()},
+    }
 
 
 def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
@@ -519,8 +603,9 @@ def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
         "confidence": ramp_qml(1.0 / K if K > 1 else 0.0, 1.0, "viridis"),
         "uncertainty": ramp_qml(0.0, math.log(K) if K > 1 else 1.0, "inferno"),
         # the anomaly threshold in the middle of the ramp: bright above it
-        "reconstruction_error": ramp_qml(0.0, 2 * plan.threshold if plan.threshold else 1.0, "inferno",
-                                         label_precision=3),
+        "reconstruction_error": ramp_qml(
+            0.0, 2 * plan.threshold if plan.threshold else 1.0, "inferno", label_precision=3
+        ),
         "object_probability": ramp_qml(0.0, 1.0, "viridis"),
     }
     for kind in stitcher.names:
@@ -529,8 +614,10 @@ def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
         write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
         if plan.objects is not None:
             colors = dict(zip(info.class_ids, info.class_colors))
-            write_text(oset.path(output_name(stem, "objects_style")),
-                       polygon_qml(list(plan.objects.names), [colors[c] for c in plan.objects.classes]))
+            write_text(
+                oset.path(output_name(stem, "objects_style")),
+                polygon_qml(list(plan.objects.names), [colors[c] for c in plan.objects.classes]),
+            )
 
 
 def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[str, Any], kinds: list[str]) -> None:
@@ -540,8 +627,15 @@ def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[s
     stem = plan.stem
     files = {k: oset.path(output_name(stem, k)) for k in kinds if k != "stac"}
     finals = {k: oset.final(output_name(stem, k)) for k in kinds}
-    item = build_item(stem=stem, scene=plan.scene, report=report, files=files, finals=finals,
-                      statistics=stitcher.statistics(), model_path=plan.source)
+    item = build_item(
+        stem=stem,
+        scene=plan.scene,
+        report=report,
+        files=files,
+        finals=finals,
+        statistics=stitcher.statistics(),
+        model_path=plan.source,
+    )
     write_item(item, oset.path(output_name(stem, "stac")))
 
 
@@ -555,9 +649,13 @@ def _warn_anomalies(report: dict[str, Any]) -> None:
     a = report.get("trust", {}).get("anomaly", {})
     frac = a.get("fraction")
     if frac is not None and frac > WARN_FLAGGED:
-        log.warning("%.0f%% of %s's pixels are unlike the model's training data (reconstruction error above the "
-                    "training's 99.5th percentile); the classes there are unreliable, see the reconstruction-error "
-                    "raster and the polygons' anomaly_fraction", 100 * frac, Path(report["scene"]["path"]).name)
+        log.warning(
+            "%.0f%% of %s's pixels are unlike the model's training data (reconstruction error above the "
+            "training's 99.5th percentile); the classes there are unreliable, see the reconstruction-error "
+            "raster and the polygons' anomaly_fraction",
+            100 * frac,
+            Path(report["scene"]["path"]).name,
+        )
 
 
 def _run_set(plan: _Plan, out_dir: str | Path) -> OutputSet:
@@ -634,8 +732,13 @@ def segment_scene(
             plan.scene.close()
 
 
-def segment_rows(scene: str, model: str | Path | SegmentationModel, out_dir: str | Path, rows: tuple[int, int],
-                 options: SegmentOptions) -> dict[str, Any]:
+def segment_rows(
+    scene: str,
+    model: str | Path | SegmentationModel,
+    out_dir: str | Path,
+    rows: tuple[int, int],
+    options: SegmentOptions,
+) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters in ``out_dir`` (one band of a split run).
 
     :func:`segment_scene` with ``rows``, without polygons or quicklook.
@@ -647,8 +750,14 @@ def segment_rows(scene: str, model: str | Path | SegmentationModel, out_dir: str
     return {"rasters": {k: str(v) for k, v in res.outputs.items() if k in RASTER_KINDS}, "tiles": res.report["tiles"]}
 
 
-def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: str | Path,
-                  bands: list[tuple[int, int]], parts: list[dict[str, Any]], options: SegmentOptions) -> SegmentResult:
+def assemble_rows(
+    scene: str,
+    model: str | Path | SegmentationModel,
+    out_dir: str | Path,
+    bands: list[tuple[int, int]],
+    parts: list[dict[str, Any]],
+    options: SegmentOptions,
+) -> SegmentResult:
     """Join the row bands of :func:`segment_rows` into a scene's final outputs, as one run writes them.
 
     The band rasters go block by block through :meth:`Stitcher.write_block` (same creation
@@ -680,9 +789,19 @@ def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: st
                 part_win = Window(win.col_off, r0 - bands[band][0], win.width, win.height)
                 st.write_block(win, {k: ds.read(window=part_win) for k, ds in srcs.items()})
             tiles = {k: sum(p["tiles"][k] for p in parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
-            extra = {"split": {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}}
-            return _finish(plan, oset, st, stream,
-                           tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B}, extra=extra)
+            extra = {
+                "split": {
+                    "bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]
+                }
+            }
+            return _finish(
+                plan,
+                oset,
+                st,
+                stream,
+                tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
+                extra=extra,
+            )
         except BaseException:
             if stream is not None:
                 stream.abort()
@@ -692,4 +811,3 @@ def assemble_rows(scene: str, model: str | Path | SegmentationModel, out_dir: st
             for ds in srcs.values():
                 ds.close()
             plan.scene.close()
-

@@ -28,7 +28,7 @@ from geovae.errors import ModelMismatchError
 from geovae.model.base import ModelInfo
 from geovae.scene import Scene
 
-__all__ = ["check_scene", "scene_sample", "anomaly_threshold", "FAR_OUTSIDE", "WARN_FLAGGED", "THRESHOLD_QUANTILE"]
+__all__ = ["FAR_OUTSIDE", "THRESHOLD_QUANTILE", "WARN_FLAGGED", "anomaly_threshold", "check_scene", "scene_sample"]
 
 #: A band is "far outside" when more than this share of its sampled pixels lie outside the
 #: training range widened by half its width on each side (or beyond 6 standard deviations).
@@ -66,8 +66,9 @@ def _fmt(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
-def check_scene(scene: Scene, info: ModelInfo, *, force: bool = False,
-                sample: np.ndarray | None = None) -> dict[str, Any]:
+def check_scene(
+    scene: Scene, info: ModelInfo, *, force: bool = False, sample: np.ndarray | None = None
+) -> dict[str, Any]:
     """Compare a sample of the scene with what the model was trained on.
 
     Args:
@@ -107,12 +108,25 @@ def check_scene(scene: Scene, info: ModelInfo, *, force: bool = False,
             allowed = (m - 6 * s, m + 6 * s)
             lo, hi, ref_median = m - 3 * s, m + 3 * s, m
         outside = float(((v < allowed[0]) | (v > allowed[1])).mean())
-        bands.append({"band": b + 1, "scene_median": float(np.median(v)), "training_median": ref_median,
-                      "training_range": [lo, hi], "outside": round(outside, 4)})
+        bands.append(
+            {
+                "band": b + 1,
+                "scene_median": float(np.median(v)),
+                "training_median": ref_median,
+                "training_range": [lo, hi],
+                "outside": round(outside, 4),
+            }
+        )
     worst = max(bands, key=lambda d: d["outside"])
     far = worst["outside"] > FAR_OUTSIDE
-    result = {"checked": True, "by": "training quantiles" if have_q else "normalisation (mean, std)",
-              "sampled_pixels": int(x.shape[1]), "bands": bands, "far_outside": far, "forced": bool(force and far)}
+    result = {
+        "checked": True,
+        "by": "training quantiles" if have_q else "normalisation (mean, std)",
+        "sampled_pixels": int(x.shape[1]),
+        "bands": bands,
+        "far_outside": far,
+        "forced": bool(force and far),
+    }
     if far and not force:
         b = worst["band"] - 1
         tdt = training.get("dtype")

@@ -30,5 +30,12 @@ from geovae.training.fit import TrainResult, train_model
 from geovae.training.samplers import LabelledPatchSampler
 from geovae.training.task import VAESegmentationTask
 
-__all__ = ["train_model", "train_from_config", "load_config", "TrainResult", "VAESegmentationTask",
-           "SceneDataModule", "LabelledPatchSampler"]
+__all__ = [
+    "LabelledPatchSampler",
+    "SceneDataModule",
+    "TrainResult",
+    "VAESegmentationTask",
+    "load_config",
+    "train_from_config",
+    "train_model",
+]

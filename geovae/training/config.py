@@ -30,7 +30,7 @@ from geovae.training.datamodule import SceneDataModule
 from geovae.training.fit import TrainResult, _check_out, fit_and_save, scene_task_arguments
 from geovae.training.task import VAESegmentationTask
 
-__all__ = ["load_config", "train_from_config", "config_parser"]
+__all__ = ["config_parser", "load_config", "train_from_config"]
 
 _TASK = "geovae.training.VAESegmentationTask"
 _DATA = "geovae.training.SceneDataModule"
@@ -48,17 +48,34 @@ def config_parser() -> Any:
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser
 
-    p = LightningArgumentParser(prog="geovae train --config", description="Train the VAE segmenter.",
-                                exit_on_error=False, default_env=False, allow_abbrev=False)
+    p = LightningArgumentParser(
+        prog="geovae train --config",
+        description="Train the VAE segmenter.",
+        exit_on_error=False,
+        default_env=False,
+        allow_abbrev=False,
+    )
     p.add_argument("--config", action=ActionConfigFile, help="The YAML file.")
     p.add_argument("--seed_everything", type=int, default=0, help="Seed of weights, sampling and noise.")
     p.add_argument("--out", type=str, default="model.safetensors", help="Model file to write.")
-    p.add_argument("--tile_size", type=int | None, default=None,
-                   help="Training tile recorded in the model file (default: data.init_args.tile or patch_size).")
-    p.add_argument("--kl_warmup_epochs", type=float | None, default=None,
-                   help="Set model.kl_warmup_steps from epochs (needs a SceneDataModule).")
-    p.add_argument("--class_weighting", type=str | None, default="inverse-sqrt",
-                   help="inverse-sqrt (from the training labels) or null; ignored when model.class_weights is set.")
+    p.add_argument(
+        "--tile_size",
+        type=int | None,
+        default=None,
+        help="Training tile recorded in the model file (default: data.init_args.tile or patch_size).",
+    )
+    p.add_argument(
+        "--kl_warmup_epochs",
+        type=float | None,
+        default=None,
+        help="Set model.kl_warmup_steps from epochs (needs a SceneDataModule).",
+    )
+    p.add_argument(
+        "--class_weighting",
+        type=str | None,
+        default="inverse-sqrt",
+        help="inverse-sqrt (from the training labels) or null; ignored when model.class_weights is set.",
+    )
     # Data-derived task arguments default to None: "take it from the data".
     p.add_subclass_arguments(VAESegmentationTask, "model", instantiate=False, required=False, fail_untyped=False)
     p.add_subclass_arguments(LightningDataModule, "data", instantiate=False, required=True, fail_untyped=False)
@@ -161,15 +178,18 @@ def _valid_keys(section: str | None, parser: Any, raw: Any) -> list[str]:
             return [*inspect.signature(_class(cp).__init__).parameters][1:]
         except (ImportError, AttributeError, ValueError):
             return []
-    return sorted({k.split(".")[0] for k in parser.get_defaults().keys()} - {"config"})
+    return sorted({k.split(".")[0] for k in parser.get_defaults()} - {"config"})
 
 
 def _explain(msg: str, parser: Any, raw: Any) -> str:
     """One line naming the offending key, and the closest valid key when there is one."""
     section = class_path = None
     # A class_path section (model, data) nests its error inside a Union error.
-    m = re.search(r"Parser key \"(\w+)\": Does not validate against any of the Union subtypes.*?Errors: - (.*?)"
-                  r" - Expected a <class 'NoneType'>", msg)
+    m = re.search(
+        r"Parser key \"(\w+)\": Does not validate against any of the Union subtypes.*?Errors: - (.*?)"
+        r" - Expected a <class 'NoneType'>",
+        msg,
+    )
     if m:
         section, msg = m.group(1), m.group(2)
     m = re.match(r"Problem with given class_path '([\w.]+)': (.*)", msg)
@@ -181,7 +201,9 @@ def _explain(msg: str, parser: Any, raw: Any) -> str:
     if m:
         section, key = m.group(1), m.group(2)
     else:
-        m = re.search(r"Option '([\w.]+)' is not accepted", msg) or re.search(r"unrecognized arguments: --([\w.]+)", msg)
+        m = re.search(r"Option '([\w.]+)' is not accepted", msg) or re.search(
+            r"unrecognized arguments: --([\w.]+)", msg
+        )
         if m:
             parts = m.group(1).split(".")
             section = section or (parts[0] if len(parts) > 1 else None)
@@ -190,8 +212,11 @@ def _explain(msg: str, parser: Any, raw: Any) -> str:
         full = f"{section}.{key}" if section else key
         valid = _valid_keys(section, parser, raw)
         close = difflib.get_close_matches(key, valid, n=1)
-        hint = (f"did you mean {section + '.' if section else ''}{close[0]}?" if close
-                else f"valid keys{' of ' + section if section else ''}: {', '.join(valid)}")
+        hint = (
+            f"did you mean {section + '.' if section else ''}{close[0]}?"
+            if close
+            else f"valid keys{' of ' + section if section else ''}: {', '.join(valid)}"
+        )
         return f"unknown key {full}; {hint}"
     m = re.search(r"Parser key \"([\w.]+)\":.*?Expected a <class '(\w+)'>.*?(?:Got|Given) value: (.+?)(?: - |$)", msg)
     if m:
@@ -239,14 +264,17 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
     p = str(path)
     out_path = _check_out(cfg.out)
     # Trainer callbacks, loggers and plugins given by class_path become objects here.
-    trainer_args = {k: v for k, v in vars(parser.instantiate(cfg).trainer).items()
-                    if v is not None and not k.startswith("__")}
+    trainer_args = {
+        k: v for k, v in vars(parser.instantiate(cfg).trainer).items() if v is not None and not k.startswith("__")
+    }
     accel = str(trainer_args.get("accelerator", "auto"))
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise OptionError(f"config {p}: trainer.accelerator {accel}: no CUDA device is available; use auto or cpu")
     use_cuda = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
     if "precision" not in trainer_args:
-        trainer_args["precision"] = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if use_cuda else "32-true"
+        trainer_args["precision"] = (
+            ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if use_cuda else "32-true"
+        )
     seed = int(cfg.seed_everything)
     pl.seed_everything(seed, workers=True, verbose=False)
     model_args = {k: v for k, v in cfg.model.init_args.as_dict().items() if not k.startswith("__")}
@@ -258,8 +286,9 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
         if cfg.class_weighting not in (None, "inverse-sqrt"):
             raise ConfigError(f"config {p}: class_weighting {cfg.class_weighting!r}: use inverse-sqrt or null")
         dm = instantiate_class((), data)
-        task_args = scene_task_arguments(dm, model_args, class_weighting=cfg.class_weighting,
-                                         kl_warmup_epochs=cfg.kl_warmup_epochs)
+        task_args = scene_task_arguments(
+            dm, model_args, class_weighting=cfg.class_weighting, kl_warmup_epochs=cfg.kl_warmup_epochs
+        )
         tile = cfg.tile_size or dm.tile
     else:
         for k in ("in_channels", "num_classes"):
@@ -276,11 +305,21 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
         ps = data["init_args"].get("patch_size", 256)
         tile = cfg.tile_size or (ps if isinstance(ps, int) else int(ps[0]))
         task_args = model_args
-        provenance["data"] = {"datamodule": data["class_path"],
-                              "init_args": {k: str(v) for k, v in data["init_args"].items()}}
+        provenance["data"] = {
+            "datamodule": data["class_path"],
+            "init_args": {k: str(v) for k, v in data["init_args"].items()},
+        }
         # TorchGeo data modules normalise batches with their own mean/std before the task.
         if hasattr(dm, "mean") and hasattr(dm, "std"):
             input_mean = torch.as_tensor(dm.mean, dtype=torch.float64).flatten().tolist()
             input_std = torch.as_tensor(dm.std, dtype=torch.float64).flatten().tolist()
-    return fit_and_save(dm, task_args, out_path, trainer_kwargs=trainer_args, tile_size=int(tile),
-                        provenance=provenance, input_mean=input_mean, input_std=input_std)
+    return fit_and_save(
+        dm,
+        task_args,
+        out_path,
+        trainer_kwargs=trainer_args,
+        tile_size=int(tile),
+        provenance=provenance,
+        input_mean=input_mean,
+        input_std=input_std,
+    )

@@ -55,7 +55,7 @@ from geovae.training.labels import (
 from geovae.training.samplers import LabelledPatchSampler, labelled_cells, split_regions
 from geovae.training.transforms import IGNORE_INDEX, AddIgnoreMask, Compose, IgnoreOutside, RemapMask
 
-__all__ = ["SceneDataModule", "SAMPLERS", "open_training_image"]
+__all__ = ["SAMPLERS", "SceneDataModule", "open_training_image"]
 
 SAMPLERS = ("random", "labelled")
 
@@ -75,7 +75,9 @@ def open_training_image(path: str, role: str = "image") -> Scene:
     """
     scene = open_scene(path, pixel_coords=True)
     if scene.crs is None or scene.transform.is_identity:
-        raise SceneError(f"{role} {path}: has no CRS or geotransform; georeference it (e.g. gdal_edit.py -a_srs -a_ullr)")
+        raise SceneError(
+            f"{role} {path}: has no CRS or geotransform; georeference it (e.g. gdal_edit.py -a_srs -a_ullr)"
+        )
     return scene
 
 
@@ -172,8 +174,9 @@ class SceneDataModule(GeoDataModule):
         boundary_width: int | None = None,
         background: str | None = None,
     ) -> None:
-        super().__init__(SceneImage, batch_size=batch_size, patch_size=tile, length=samples_per_epoch,
-                         num_workers=num_workers)
+        super().__init__(
+            SceneImage, batch_size=batch_size, patch_size=tile, length=samples_per_epoch, num_workers=num_workers
+        )
         if tile < 8:
             raise OptionError(f"tile {tile}: too small; use 32 or more")
         if batch_size < 1:
@@ -188,8 +191,10 @@ class SceneDataModule(GeoDataModule):
             if isinstance(boundary_width, bool) or not isinstance(boundary_width, int) or boundary_width < 1:
                 raise OptionError(f"--boundary-width {boundary_width}: must be a whole number of pixels >= 1")
             if not vector_labels:
-                raise OptionError("--boundary-width needs object polygons: pass --vector-labels (and --label-field), "
-                                  "not a label raster")
+                raise OptionError(
+                    "--boundary-width needs object polygons: pass --vector-labels (and --label-field), "
+                    "not a label raster"
+                )
         elif background is not None:
             raise OptionError("--background applies to object labels; pass --boundary-width too")
         self.boundary_width = boundary_width
@@ -213,14 +218,18 @@ class SceneDataModule(GeoDataModule):
             w = round((box[2] - box[0]) / f.res[0])
             h = round((box[3] - box[1]) / f.res[1])
             if w < tile or h < tile:
-                raise OptionError(f"the {name} part of {self.image_path} is {w}x{h} px, smaller than tile {tile}; "
-                                  f"use a smaller tile or change val_fraction")
+                raise OptionError(
+                    f"the {name} part of {self.image_path} is {w}x{h} px, smaller than tile {tile}; "
+                    f"use a smaller tile or change val_fraction"
+                )
 
         for p in self.unlabeled_paths:
             u = open_training_image(p, "unlabeled scene")
             if _bands_read(u) != _bands_read(f):
-                raise SceneError(f"unlabeled scene {p}: has {_bands_read(u)} bands but the image has {_bands_read(f)}; "
-                                 f"give scenes of the same sensor and band order")
+                raise SceneError(
+                    f"unlabeled scene {p}: has {_bands_read(u)} bands but the image has {_bands_read(f)}; "
+                    f"give scenes of the same sensor and band order"
+                )
 
         name_to_id: dict[str, int] = {}
         if self.labels_path:
@@ -237,26 +246,36 @@ class SceneDataModule(GeoDataModule):
             values, vbounds = list(gdf[label_field]), tuple(float(v) for v in gdf.total_bounds)
             l, b, r, t = tuple(f.bounds)
             if vbounds[2] <= l or vbounds[0] >= r or vbounds[3] <= b or vbounds[1] >= t:
-                raise LabelsError(f"vector labels {self.vector_path}: do not overlap the image; give the labels of this scene")
+                raise LabelsError(
+                    f"vector labels {self.vector_path}: do not overlap the image; give the labels of this scene"
+                )
             if all(isinstance(v, str) for v in values):
-                spec = parse_classes(classes) if classes is not None else {
-                    i + 1: n for i, n in enumerate(sorted(set(values)))}
+                spec = (
+                    parse_classes(classes)
+                    if classes is not None
+                    else {i + 1: n for i, n in enumerate(sorted(set(values)))}
+                )
                 name_to_id = {n: i for i, n in spec.items()}
                 unknown = sorted(set(values) - set(name_to_id))
                 if unknown:
-                    raise LabelsError(f"vector labels {self.vector_path}: classes {', '.join(map(repr, unknown[:8]))} "
-                                      f"of {label_field!r} are not named in --classes; add them")
+                    raise LabelsError(
+                        f"vector labels {self.vector_path}: classes {', '.join(map(repr, unknown[:8]))} "
+                        f"of {label_field!r} are not named in --classes; add them"
+                    )
                 counts = {name_to_id[v]: values.count(v) for v in set(values)}
                 classes = spec
             else:
                 try:
                     ints = [int(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
                 except (TypeError, ValueError):
-                    raise LabelsError(f"vector labels {self.vector_path}: {label_field!r} holds values that are neither "
-                                      f"class ids nor names; choose the class attribute") from None
+                    raise LabelsError(
+                        f"vector labels {self.vector_path}: {label_field!r} holds values that are neither "
+                        f"class ids nor names; choose the class attribute"
+                    ) from None
                 counts = {v: ints.count(v) for v in set(ints)}
-            self.classes = resolve_classes(classes, counts, where=self.vector_path,
-                                           min_classes=1 if self.boundary_width else 2)
+            self.classes = resolve_classes(
+                classes, counts, where=self.vector_path, min_classes=1 if self.boundary_width else 2
+            )
             self._label_shapes = list(gdf.geometry)
             if self.boundary_width:
                 train_counts, val_counts = self._object_classes(gdf, label_field or "", name_to_id)
@@ -273,8 +292,10 @@ class SceneDataModule(GeoDataModule):
         n_train = sum(self.train_class_counts.values())
         n_val = sum(c for v, c in val_counts.items() if v in self.lookup)
         if n_train == 0:
-            raise LabelsError(f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
-                              f"of the scene; check the labels, --classes, or val_fraction/val_side")
+            raise LabelsError(
+                f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
+                f"of the scene; check the labels, --classes, or val_fraction/val_side"
+            )
         self.n_labelled = {"train": n_train, "val": n_val}
         self.sampler = sampler
 
@@ -302,8 +323,9 @@ class SceneDataModule(GeoDataModule):
         tb, res = self.train_box, self.facts.res
         return min(1.0, self.n_labelled["train"] / max(1.0, (tb[2] - tb[0]) * (tb[3] - tb[1]) / (res[0] * res[1])))
 
-    def _object_classes(self, gdf: Any, label_field: str,
-                        name_to_id: Mapping[str, int]) -> tuple[dict[int, int], dict[int, int]]:
+    def _object_classes(
+        self, gdf: Any, label_field: str, name_to_id: Mapping[str, int]
+    ) -> tuple[dict[int, int], dict[int, int]]:
         """Add the background and boundary classes to the labels' classes; count every class.
 
         The background is class 0 (``background``), the boundary the id after the largest
@@ -316,12 +338,16 @@ class SceneDataModule(GeoDataModule):
         spec = self.classes
         for cid, name in zip(spec.ids, spec.names, strict=True):
             if name.strip().lower() in (BACKGROUND_NAME, BOUNDARY_NAME):
-                raise LabelsError(f"vector labels {self.vector_path}: class {cid} is named {name!r}, a name object "
-                                  f"training gives its own classes; rename it (--classes)")
+                raise LabelsError(
+                    f"vector labels {self.vector_path}: class {cid} is named {name!r}, a name object "
+                    f"training gives its own classes; rename it (--classes)"
+                )
         boundary_id = max(spec.ids) + 1
         if boundary_id > 254:
-            raise LabelsError(f"vector labels {self.vector_path}: class ids up to {max(spec.ids)} leave no id for the "
-                              f"boundary class (class ids are 0..254); renumber the classes (--classes)")
+            raise LabelsError(
+                f"vector labels {self.vector_path}: class ids up to {max(spec.ids)} leave no id for the "
+                f"boundary class (class ids are 0..254); renumber the classes (--classes)"
+            )
         self._background_geom = background_area(self.background, self.vector_path or "", self.facts.crs)
         background_id = 0 if self._background_geom is not None else None
         colors = list(spec.colors) or []
@@ -329,9 +355,13 @@ class SceneDataModule(GeoDataModule):
         names = [*([BACKGROUND_NAME] * (background_id is not None)), *spec.names, BOUNDARY_NAME]
         cols = [*([(200, 200, 200)] * (background_id is not None)), *colors, (20, 20, 20)] if colors else []
         self.classes = ClassSpec(ids=ids, names=names, colors=cols)
-        self.objects = {"boundary_class": boundary_id, "background_class": background_id,
-                        "object_classes": list(spec.ids), "boundary_width": int(self.boundary_width or 1),
-                        "background": self.background}
+        self.objects = {
+            "boundary_class": boundary_id,
+            "background_class": background_id,
+            "object_classes": list(spec.ids),
+            "boundary_width": int(self.boundary_width or 1),
+            "background": self.background,
+        }
 
         def cid(v: Any) -> int:
             if isinstance(v, str):
@@ -342,13 +372,25 @@ class SceneDataModule(GeoDataModule):
 
         feature_class = [cid(v) for v in gdf[label_field]]
         f = self.facts
-        counts = [object_label_counts(gdf, feature_class, f.transform, (f.height, f.width), box,
-                                      int(self.boundary_width or 1), boundary_id, background_id, self._background_geom)
-                  for box in (self.train_box, self.val_box)]
+        counts = [
+            object_label_counts(
+                gdf,
+                feature_class,
+                f.transform,
+                (f.height, f.width),
+                box,
+                int(self.boundary_width or 1),
+                boundary_id,
+                background_id,
+                self._background_geom,
+            )
+            for box in (self.train_box, self.val_box)
+        ]
         return counts[0], counts[1]
 
-    def _vector_pixel_counts(self, gdf: Any, label_field: str, name_to_id: Mapping[str, int],
-                             box: tuple[float, float, float, float] | None) -> dict[int, int]:
+    def _vector_pixel_counts(
+        self, gdf: Any, label_field: str, name_to_id: Mapping[str, int], box: tuple[float, float, float, float] | None
+    ) -> dict[int, int]:
         if box is None:
             return {}
         part = gdf.clip(shapely.box(*box))
@@ -360,7 +402,7 @@ class SceneDataModule(GeoDataModule):
         for cid, n in zip(ids, px, strict=True):
             if cid is None or (isinstance(cid, float) and math.isnan(cid)):
                 continue
-            out[int(cid)] = out.get(int(cid), 0) + int(round(float(n)))
+            out[int(cid)] = out.get(int(cid), 0) + round(float(n))
         return out
 
     # -- datasets ---------------------------------------------------------------------
@@ -379,13 +421,25 @@ class SceneDataModule(GeoDataModule):
             lab: GeoDataset = SceneLabels(paths=gdal_path(self.labels_path), crs=img.crs, res=self.facts.res)
         elif self.boundary_width:
             assert self.objects is not None
-            lab = ObjectLabels(gdal_path(self.vector_path), crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
-                               label_field=self.label_field or "", name_to_id=self.name_to_id,
-                               boundary_width=self.boundary_width, boundary_id=self.objects["boundary_class"],
-                               background_id=self.objects["background_class"], background=self._background_geom)
+            lab = ObjectLabels(
+                gdal_path(self.vector_path),
+                crs=img.crs,
+                res=self.facts.res,  # type: ignore[arg-type]
+                label_field=self.label_field or "",
+                name_to_id=self.name_to_id,
+                boundary_width=self.boundary_width,
+                boundary_id=self.objects["boundary_class"],
+                background_id=self.objects["background_class"],
+                background=self._background_geom,
+            )
         else:
-            lab = VectorLabels(gdal_path(self.vector_path), crs=img.crs, res=self.facts.res,  # type: ignore[arg-type]
-                               label_field=self.label_field or "", name_to_id=self.name_to_id)
+            lab = VectorLabels(
+                gdal_path(self.vector_path),
+                crs=img.crs,
+                res=self.facts.res,  # type: ignore[arg-type]
+                label_field=self.label_field or "",
+                name_to_id=self.name_to_id,
+            )
         return IntersectionDataset(img, lab, transforms=Compose(remap, outside))
 
     def setup(self, stage: str) -> None:
@@ -394,35 +448,57 @@ class SceneDataModule(GeoDataModule):
             self.train_dataset = self._labelled_ds(self.train_box)
             gen = torch.Generator().manual_seed(self.seed)
             if self.sampler == "labelled":
-                cells = labelled_cells(self.labels_path, self.train_box, self.facts.transform, max(1, self.tile // 2),
-                                       self.classes.ids, shapes=None if self.labels_path else self._label_shapes)
+                cells = labelled_cells(
+                    self.labels_path,
+                    self.train_box,
+                    self.facts.transform,
+                    max(1, self.tile // 2),
+                    self.classes.ids,
+                    shapes=None if self.labels_path else self._label_shapes,
+                )
                 self.train_sampler: GeoSampler = LabelledPatchSampler(
-                    self.train_dataset, self.tile, self.length, self.train_box, cells, generator=gen)
+                    self.train_dataset, self.tile, self.length, self.train_box, cells, generator=gen
+                )
             else:
-                self.train_sampler = RandomGeoSampler(self.train_dataset, size=self.tile, length=self.length,
-                                                      roi=shapely.box(*self.train_box), generator=gen)
+                self.train_sampler = RandomGeoSampler(
+                    self.train_dataset,
+                    size=self.tile,
+                    length=self.length,
+                    roi=shapely.box(*self.train_box),
+                    generator=gen,
+                )
             if self.unlabeled_paths:
                 uds = [self._image_ds(p, transforms=AddIgnoreMask(self.ignore_index)) for p in self.unlabeled_paths]
-                self.unlabeled_dataset: GeoDataset | None = functools.reduce(operator.or_, uds) if len(uds) > 1 else uds[0]
+                self.unlabeled_dataset: GeoDataset | None = (
+                    functools.reduce(operator.or_, uds) if len(uds) > 1 else uds[0]
+                )
                 ugen = torch.Generator().manual_seed(self.seed + 1)
                 self.unlabeled_sampler: RandomGeoSampler | None = RandomGeoSampler(
-                    self.unlabeled_dataset, size=self.tile, length=self.length, generator=ugen)
+                    self.unlabeled_dataset, size=self.tile, length=self.length, generator=ugen
+                )
             else:
                 self.unlabeled_dataset = None
                 self.unlabeled_sampler = None
         if stage in ("fit", "validate") and self.val_box is not None:
             self.val_dataset = self._labelled_ds(self.val_box)
-            self.val_sampler = GriddedPatchSampler(self.val_dataset, size=self.tile, stride=self.tile,
-                                                   roi=shapely.box(*self.val_box))
+            self.val_sampler = GriddedPatchSampler(
+                self.val_dataset, size=self.tile, stride=self.tile, roi=shapely.box(*self.val_box)
+            )
 
     def train_dataloader(self) -> Any:
         """Labelled patches; with unlabelled scenes, a CombinedLoader of both streams."""
         labelled = self._dataloader_factory("train")
         if not self.unlabeled_paths or self.unlabeled_sampler is None:
             return labelled
-        unl = DataLoader(self.unlabeled_dataset, batch_size=self.batch_size, sampler=self.unlabeled_sampler,  # type: ignore[arg-type]
-                         num_workers=self.num_workers, collate_fn=stack_samples, drop_last=True,
-                         persistent_workers=self.num_workers > 0)
+        unl = DataLoader(
+            self.unlabeled_dataset,
+            batch_size=self.batch_size,
+            sampler=self.unlabeled_sampler,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            collate_fn=stack_samples,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
         return CombinedLoader({"labeled": labelled, "unlabeled": unl}, mode="max_size_cycle")
 
     def val_dataloader(self) -> Any:

@@ -34,8 +34,14 @@ from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments, default_architecture
 
-__all__ = ["TrainResult", "train_model", "fit_and_save", "scene_task_arguments", "training_facts",
-           "RECONSTRUCTION_QUANTILES"]
+__all__ = [
+    "RECONSTRUCTION_QUANTILES",
+    "TrainResult",
+    "fit_and_save",
+    "scene_task_arguments",
+    "train_model",
+    "training_facts",
+]
 
 log = logging.getLogger("geovae.training")
 
@@ -49,8 +55,15 @@ _FACT_TILES = 64
 _FACT_PIXELS = 64 * 128 * 128
 
 # Library use with few batches per epoch: these hints are noise to a geovae user.
-_QUIET = (".*does not have many workers.*", ".*number of training batches.*", ".*GPU available but not used.*",
-          ".*Deprecated.*", ".*get_random_bounding_box.*", ".*LeafSpec.*", ".*treespec.*")
+_QUIET = (
+    ".*does not have many workers.*",
+    ".*number of training batches.*",
+    ".*GPU available but not used.*",
+    ".*Deprecated.*",
+    ".*get_random_bounding_box.*",
+    ".*LeafSpec.*",
+    ".*treespec.*",
+)
 
 
 @dataclass
@@ -97,8 +110,9 @@ def _check_out(out: str | os.PathLike[str]) -> Path:
     return check_output_file(out, example="model.safetensors")
 
 
-def _fit(task: pl.LightningModule, dm: pl.LightningDataModule, *, trainer_kwargs: dict[str, Any],
-         has_val: bool) -> tuple[list[dict[str, float]], dict[str, float]]:
+def _fit(
+    task: pl.LightningModule, dm: pl.LightningDataModule, *, trainer_kwargs: dict[str, Any], has_val: bool
+) -> tuple[list[dict[str, float]], dict[str, float]]:
     hist = _History()
     kw = dict(trainer_kwargs)
     kw.setdefault("enable_progress_bar", False)
@@ -158,7 +172,7 @@ def scene_task_arguments(
         raise OptionError(f"class_weighting {class_weighting!r}: use inverse-sqrt or null (None)")
     args = data_arguments(dm, given)
     if kl_warmup_epochs is not None:
-        args["kl_warmup_steps"] = int(round(kl_warmup_epochs * dm.length / dm.batch_size))
+        args["kl_warmup_steps"] = round(kl_warmup_epochs * dm.length / dm.batch_size)
     if class_weighting == "inverse-sqrt" and args.get("class_weights") is None:
         args["class_weights"] = balanced_class_weights(dm.train_class_counts)
     return args
@@ -203,8 +217,13 @@ def fit_and_save(
     history, final = _fit(task, dm, trainer_kwargs=trainer_kwargs, has_val=has_val)
     seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in final.items() if not math.isnan(v)}
-    extra = {"data": dm.describe() if scene else {}, "metrics": metrics, "epochs": len(history),
-             "seconds": round(seconds, 2), **dict(provenance or {})}
+    extra = {
+        "data": dm.describe() if scene else {},
+        "metrics": metrics,
+        "epochs": len(history),
+        "seconds": round(seconds, 2),
+        **dict(provenance or {}),
+    }
     if scene and dm.objects:
         # Where geovae segment --objects finds the boundary class (geovae.objects.boundary_class).
         extra["objects"] = dict(dm.objects)
@@ -255,7 +274,7 @@ def training_facts(module: torch.nn.Module, info: ModelInfo, dm: SceneDataModule
     try:
         for start in range(0, len(picked), 8):
             batch, valid = [], []
-            for r, c in picked[start:start + 8]:
+            for r, c in picked[start : start + 8]:
                 data, ok = scene.read(Window(c, r, tile, tile))
                 batch.append(scene.fill_missing(data, ok, fill))
                 valid.append(ok)
@@ -266,7 +285,9 @@ def training_facts(module: torch.nn.Module, info: ModelInfo, dm: SceneDataModule
     values = np.concatenate(errors) if errors else np.zeros(0)
     if values.size:
         q = np.quantile(values.astype(np.float64), [float(k) for k in RECONSTRUCTION_QUANTILES])
-        facts["reconstruction_error_quantiles"] = {k: float(v) for k, v in zip(RECONSTRUCTION_QUANTILES, q, strict=True)}
+        facts["reconstruction_error_quantiles"] = {
+            k: float(v) for k, v in zip(RECONSTRUCTION_QUANTILES, q, strict=True)
+        }
     return facts
 
 
@@ -377,8 +398,10 @@ def train_model(
         raise OptionError(f"--epochs {epochs}: train for at least one epoch")
     stride = 2**depth
     if tile % stride:
-        raise OptionError(f"--tile {tile}: must be a multiple of the model stride {stride} (depth {depth}); "
-                          f"try {max(stride, round(tile / stride) * stride)}")
+        raise OptionError(
+            f"--tile {tile}: must be a multiple of the model stride {stride} (depth {depth}); "
+            f"try {max(stride, round(tile / stride) * stride)}"
+        )
     if class_weighting not in (None, "inverse-sqrt"):
         raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
     if max_time is not None and max_time <= 0:
@@ -392,15 +415,41 @@ def train_model(
     pl.seed_everything(seed, workers=True, verbose=False)
 
     dm = SceneDataModule(
-        str(image), str(labels) if labels else None, vector_labels=str(vector_labels) if vector_labels else None,
-        label_field=label_field, classes=classes, unlabeled=[str(u) for u in unlabeled], tile=tile,  # type: ignore[arg-type]
-        batch_size=batch_size, val_fraction=val_fraction, val_side=val_side, samples_per_epoch=samples_per_epoch,
-        num_workers=num_workers, seed=seed, sampler=sampler, boundary_width=boundary_width, background=background,
+        str(image),
+        str(labels) if labels else None,
+        vector_labels=str(vector_labels) if vector_labels else None,
+        label_field=label_field,
+        classes=classes,
+        unlabeled=[str(u) for u in unlabeled],
+        tile=tile,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        val_side=val_side,
+        samples_per_epoch=samples_per_epoch,
+        num_workers=num_workers,
+        seed=seed,
+        sampler=sampler,
+        boundary_width=boundary_width,
+        background=background,
     )
-    model_args = {"base_channels": base_channels, "depth": depth, "latent_channels": latent_channels,
-                  "encoder": encoder, "lr": lr, "beta": beta, "free_bits": free_bits, "recon_weight": recon_weight,
-                  "dice_weight": dice_weight, "adversarial": adversarial}
-    task_args = scene_task_arguments(dm, model_args, class_weighting=class_weighting,
-                                     kl_warmup_epochs=kl_warmup_epochs)
-    return fit_and_save(dm, task_args, out_path, trainer_kwargs=trainer_kw, tile_size=tile,
-                        provenance={"seed": seed, "batch_size": batch_size, "samples_per_epoch": dm.length})
+    model_args = {
+        "base_channels": base_channels,
+        "depth": depth,
+        "latent_channels": latent_channels,
+        "encoder": encoder,
+        "lr": lr,
+        "beta": beta,
+        "free_bits": free_bits,
+        "recon_weight": recon_weight,
+        "dice_weight": dice_weight,
+        "adversarial": adversarial,
+    }
+    task_args = scene_task_arguments(dm, model_args, class_weighting=class_weighting, kl_warmup_epochs=kl_warmup_epochs)
+    return fit_and_save(
+        dm,
+        task_args,
+        out_path,
+        trainer_kwargs=trainer_kw,
+        tile_size=tile,
+        provenance={"seed": seed, "batch_size": batch_size, "samples_per_epoch": dm.length},
+    )

@@ -26,9 +26,21 @@ from geovae.classes import ClassSpec, parse_classes
 from geovae.errors import LabelsError, SceneError
 from geovae.scene import Scene, open_raster
 
-__all__ = ["SceneImage", "SceneLabels", "VectorLabels", "ObjectLabels", "check_same_grid", "label_counts",
-           "label_colors", "resolve_classes", "vector_label_values", "object_mask", "object_label_counts",
-           "background_area", "UNLABELLED"]
+__all__ = [
+    "UNLABELLED",
+    "ObjectLabels",
+    "SceneImage",
+    "SceneLabels",
+    "VectorLabels",
+    "background_area",
+    "check_same_grid",
+    "label_colors",
+    "label_counts",
+    "object_label_counts",
+    "object_mask",
+    "resolve_classes",
+    "vector_label_values",
+]
 
 #: Mask value of unlabelled pixels in :class:`ObjectLabels` samples (0 is the background class there).
 UNLABELLED = -1
@@ -63,8 +75,15 @@ class VectorLabels(VectorDataset):
 
     filename_glob = "*"
 
-    def __init__(self, paths: str | Sequence[str], crs: Any, res: tuple[float, float], label_field: str,
-                 name_to_id: Mapping[str, int] | None = None, transforms: Any = None) -> None:
+    def __init__(
+        self,
+        paths: str | Sequence[str],
+        crs: Any,
+        res: tuple[float, float],
+        label_field: str,
+        name_to_id: Mapping[str, int] | None = None,
+        transforms: Any = None,
+    ) -> None:
         self.name_to_id = dict(name_to_id or {})
         super().__init__(paths=paths, crs=crs, res=res, transforms=transforms, label_name=label_field)
 
@@ -104,9 +123,20 @@ class ObjectLabels(VectorLabels):
         transforms: sample transform.
     """
 
-    def __init__(self, paths: str, crs: Any, res: tuple[float, float], label_field: str,
-                 name_to_id: Mapping[str, int] | None = None, *, boundary_width: int, boundary_id: int,
-                 background_id: int | None, background: Any = None, transforms: Any = None) -> None:
+    def __init__(
+        self,
+        paths: str,
+        crs: Any,
+        res: tuple[float, float],
+        label_field: str,
+        name_to_id: Mapping[str, int] | None = None,
+        *,
+        boundary_width: int,
+        boundary_id: int,
+        background_id: int | None,
+        background: Any = None,
+        transforms: Any = None,
+    ) -> None:
         import geopandas as gpd
 
         self.boundary_width = int(boundary_width)
@@ -116,8 +146,9 @@ class ObjectLabels(VectorLabels):
         super().__init__(paths, crs, res, label_field, name_to_id, transforms)
         # TorchGeo reads the file again for every patch; a feature is named by its row.
         gdf = gpd.read_parquet(paths) if str(paths).lower().endswith(".parquet") else gpd.read_file(paths)
-        self.feature_class = np.array([0] + [VectorLabels.get_label(self, row) for _, row in gdf.iterrows()],
-                                      dtype=np.int64)
+        self.feature_class = np.array(
+            [0] + [VectorLabels.get_label(self, row) for _, row in gdf.iterrows()], dtype=np.int64
+        )
 
     def get_label(self, feature: Any) -> int:
         """The feature's id (its row + 1); its class is :attr:`feature_class` of that id."""
@@ -154,8 +185,14 @@ class ObjectLabels(VectorLabels):
         return sample
 
 
-def object_mask(ids: np.ndarray, feature_class: np.ndarray, boundary_width: int, boundary_id: int,
-                background: np.ndarray | None, background_id: int | None) -> np.ndarray:
+def object_mask(
+    ids: np.ndarray,
+    feature_class: np.ndarray,
+    boundary_width: int,
+    boundary_id: int,
+    background: np.ndarray | None,
+    background_id: int | None,
+) -> np.ndarray:
     """Class per pixel from per-object ids: interiors, a boundary along every outline, background.
 
     Args:
@@ -219,9 +256,18 @@ def background_area(spec: str | None, labels_path: str, crs: CRS) -> Any:
     return geom
 
 
-def object_label_counts(gdf: Any, classes: Sequence[int], transform: Any, shape: tuple[int, int],
-                        box: tuple[float, float, float, float] | None, boundary_width: int, boundary_id: int,
-                        background_id: int | None, background: Any, chunk: int = 1024) -> dict[int, int]:
+def object_label_counts(
+    gdf: Any,
+    classes: Sequence[int],
+    transform: Any,
+    shape: tuple[int, int],
+    box: tuple[float, float, float, float] | None,
+    boundary_width: int,
+    boundary_id: int,
+    background_id: int | None,
+    background: Any,
+    chunk: int = 1024,
+) -> dict[int, int]:
     """Pixels per class of :class:`ObjectLabels` inside ``box``, counted chunk by chunk.
 
     The same rasterisation as the dataset's (pixel-centre rule, one id per polygon, then
@@ -261,14 +307,15 @@ def object_label_counts(gdf: Any, classes: Sequence[int], transform: Any, shape:
             hits = tree.query(shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom)))
             ids = np.zeros((h, w), np.int64)
             if len(hits):
-                ids = rasterio.features.rasterize(((geoms[i], int(i) + 1) for i in sorted(hits)), out_shape=(h, w),
-                                                  transform=t, dtype="int32").astype(np.int64)
+                ids = rasterio.features.rasterize(
+                    ((geoms[i], int(i) + 1) for i in sorted(hits)), out_shape=(h, w), transform=t, dtype="int32"
+                ).astype(np.int64)
             bg = None
             if background is not None and background_id is not None:
                 xs, _ = t @ (np.arange(w) + 0.5, np.zeros(w))
                 _, ys = t @ (np.zeros(h), np.arange(h) + 0.5)
                 bg = shapely.contains_xy(background, xs[None, :], ys[:, None])
-            m = object_mask(ids, feature_class, b, boundary_id, bg, background_id)[b:h - b, b:w - b]
+            m = object_mask(ids, feature_class, b, boundary_id, bg, background_id)[b : h - b, b : w - b]
             vals, n = np.unique(m[m != UNLABELLED], return_counts=True)
             for v, k in zip(vals.tolist(), n.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + k
@@ -290,32 +337,41 @@ def check_same_grid(image: Scene, labels_path: str) -> None:
     """
     assert image.crs is not None
     res, bounds = image.res, image.bounds
-    fix = (f"resample them onto the image grid, e.g. gdalwarp -t_srs {image.crs.to_string()} "
-           f"-tr {res[0]:g} {res[1]:g} -tap -r near LABELS OUT.tif")
+    fix = (
+        f"resample them onto the image grid, e.g. gdalwarp -t_srs {image.crs.to_string()} "
+        f"-tr {res[0]:g} {res[1]:g} -tap -r near LABELS OUT.tif"
+    )
     with open_raster(labels_path, "labels") as src:
         if src.count != 1:
             raise LabelsError(f"labels {labels_path}: has {src.count} bands; give a single-band class raster")
         if src.crs is None:
             raise LabelsError(f"labels {labels_path}: has no CRS; {fix}")
         if src.crs != image.crs:
-            raise LabelsError(f"labels {labels_path}: CRS {src.crs.to_string()} differs from the image's "
-                              f"{image.crs.to_string()}; {fix}")
+            raise LabelsError(
+                f"labels {labels_path}: CRS {src.crs.to_string()} differs from the image's "
+                f"{image.crs.to_string()}; {fix}"
+            )
         rx, ry = abs(src.res[0]), abs(src.res[1])
         if not (math.isclose(rx, res[0], rel_tol=1e-6) and math.isclose(ry, res[1], rel_tol=1e-6)):
-            raise LabelsError(f"labels {labels_path}: pixel size {rx:g}x{ry:g} differs from the image's "
-                              f"{res[0]:g}x{res[1]:g}; {fix}")
+            raise LabelsError(
+                f"labels {labels_path}: pixel size {rx:g}x{ry:g} differs from the image's {res[0]:g}x{res[1]:g}; {fix}"
+            )
         if src.transform.b != 0 or src.transform.d != 0:
             raise LabelsError(f"labels {labels_path}: has a rotated geotransform; {fix}")
         dx = (src.bounds.left - bounds.left) / res[0]
         dy = (src.bounds.top - bounds.top) / res[1]
         if abs(dx - round(dx)) > 1e-3 or abs(dy - round(dy)) > 1e-3:
-            raise LabelsError(f"labels {labels_path}: pixels are offset by a fraction of a pixel from the image's; {fix}")
+            raise LabelsError(
+                f"labels {labels_path}: pixels are offset by a fraction of a pixel from the image's; {fix}"
+            )
         l, b, r, t = src.bounds
         if r <= bounds.left or l >= bounds.right or t <= bounds.bottom or b >= bounds.top:
             raise LabelsError(f"labels {labels_path}: do not overlap the image; give the labels of this scene")
 
 
-def label_counts(path: str, bounds: tuple[float, float, float, float] | None = None) -> tuple[dict[int, int], float | None]:
+def label_counts(
+    path: str, bounds: tuple[float, float, float, float] | None = None
+) -> tuple[dict[int, int], float | None]:
     """Count each label value of a single-band raster, block by block.
 
     Args:
@@ -410,8 +466,10 @@ def resolve_classes(
         unknown = sorted(v for v in present if v not in named and v != 0)
         if unknown:
             shown = ", ".join(f"{v} ({present[v]} px)" for v in unknown[:8])
-            raise LabelsError(f"labels {where}: class ids {shown} are not named in --classes; "
-                              f"add them (e.g. '{unknown[0]}:name') or set them to 0 (unlabelled)")
+            raise LabelsError(
+                f"labels {where}: class ids {shown} are not named in --classes; "
+                f"add them (e.g. '{unknown[0]}:name') or set them to 0 (unlabelled)"
+            )
     if len(named) < min_classes:
         raise LabelsError(f"labels {where}: only {len(named)} class(es) found; a segmenter needs at least two classes")
     ids = list(named)
@@ -420,8 +478,9 @@ def resolve_classes(
 
 
 # ----------------------------------------------------------------------------- vector labels
-def vector_label_values(path: str, field_name: str | None, crs: CRS, *, need_field: bool = True,
-                        what: str = "vector labels") -> Any:
+def vector_label_values(
+    path: str, field_name: str | None, crs: CRS, *, need_field: bool = True, what: str = "vector labels"
+) -> Any:
     """Read a vector label file, checked, in ``crs``.
 
     Args:
@@ -450,15 +509,21 @@ def vector_label_values(path: str, field_name: str | None, crs: CRS, *, need_fie
     try:
         gdf = gpd.read_parquet(path) if path.lower().endswith(".parquet") else gpd.read_file(path)
     except Exception as e:  # pyogrio raises several types for unreadable files
-        raise LabelsError(f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or shapefile") from None
+        raise LabelsError(
+            f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or shapefile"
+        ) from None
     if len(gdf) == 0:
         raise LabelsError(f"{what} {path}: has no features; give labelled polygons")
     if need_field and not field_name:
-        raise LabelsError(f"{what} {path}: no --label-field given; name the attribute holding the class "
-                          f"(one of: {', '.join(c for c in gdf.columns if c != 'geometry')})")
+        raise LabelsError(
+            f"{what} {path}: no --label-field given; name the attribute holding the class "
+            f"(one of: {', '.join(c for c in gdf.columns if c != 'geometry')})"
+        )
     if need_field and field_name not in gdf.columns:
-        raise LabelsError(f"{what} {path}: has no attribute {field_name!r}; use one of: "
-                          f"{', '.join(c for c in gdf.columns if c != 'geometry')}")
+        raise LabelsError(
+            f"{what} {path}: has no attribute {field_name!r}; use one of: "
+            f"{', '.join(c for c in gdf.columns if c != 'geometry')}"
+        )
     if gdf.crs is None:
         raise LabelsError(f"{what} {path}: has no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
     return gdf.to_crs(crs)

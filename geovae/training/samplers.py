@@ -23,7 +23,7 @@ from torchgeo.samplers import SpatialSampler
 from geovae.errors import LabelsError, OptionError
 from geovae.scene import open_raster
 
-__all__ = ["VAL_SIDES", "split_regions", "labelled_cells", "LabelledPatchSampler"]
+__all__ = ["VAL_SIDES", "LabelledPatchSampler", "labelled_cells", "split_regions"]
 
 VAL_SIDES = ("east", "west", "north", "south")
 
@@ -101,8 +101,8 @@ def labelled_cells(
     """
     col0, row1 = ~transform @ (box[0], box[1])
     col1, row0 = ~transform @ (box[2], box[3])
-    c0, r0 = int(math.floor(min(col0, col1) + 1e-6)), int(math.floor(min(row0, row1) + 1e-6))
-    c1, r1 = int(math.ceil(max(col0, col1) - 1e-6)), int(math.ceil(max(row0, row1) - 1e-6))
+    c0, r0 = math.floor(min(col0, col1) + 1e-6), math.floor(min(row0, row1) + 1e-6)
+    c1, r1 = math.ceil(max(col0, col1) - 1e-6), math.ceil(max(row0, row1) - 1e-6)
     ny, nx = -(-(r1 - r0) // cell), -(-(c1 - c0) // cell)
     occ = np.zeros((ny, nx), bool)
     if shapes is not None:
@@ -130,7 +130,9 @@ def labelled_cells(
     for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
         x0, y0 = transform @ (c0 + c * cell, r0 + r * cell)
         x1, y1 = transform @ (min(c0 + (c + 1) * cell, c1), min(r0 + (r + 1) * cell, r1))
-        out.append((max(min(x0, x1), box[0]), max(min(y0, y1), box[1]), min(max(x0, x1), box[2]), min(max(y0, y1), box[3])))
+        out.append(
+            (max(min(x0, x1), box[0]), max(min(y0, y1), box[1]), min(max(x0, x1), box[2]), min(max(y0, y1), box[3]))
+        )
     return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
@@ -156,8 +158,15 @@ class LabelledPatchSampler(SpatialSampler):
         generator: torch random generator (seeded for reproducibility).
     """
 
-    def __init__(self, dataset: GeoDataset, size: int, length: int, roi: tuple[float, float, float, float],
-                 cells: np.ndarray, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        dataset: GeoDataset,
+        size: int,
+        length: int,
+        roi: tuple[float, float, float, float],
+        cells: np.ndarray,
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__(dataset, roi=shapely.box(*roi))
         if len(cells) == 0:
             raise LabelsError("no labelled pixels in the training part; check the labels and --classes")

@@ -27,15 +27,24 @@ from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_lo
 from geovae.model.vae import VAESegmenter
 from geovae.training.transforms import IGNORE_INDEX, merge_batches
 
-__all__ = ["VAESegmentationTask", "balanced_class_weights", "data_arguments", "DATA_ARGUMENTS", "ACTIVE_KL"]
+__all__ = ["ACTIVE_KL", "DATA_ARGUMENTS", "VAESegmentationTask", "balanced_class_weights", "data_arguments"]
 
 #: A latent channel whose KL (nats per latent cell) stays below this carries no information.
 ACTIVE_KL = 0.01
 
 #: Task arguments that describe the data rather than the model; a data module such as
 #: :class:`~geovae.training.SceneDataModule` determines them (see :func:`data_arguments`).
-DATA_ARGUMENTS = ("in_channels", "num_classes", "labels", "class_ids", "class_colors", "band_names", "mean", "std",
-                  "nodata")
+DATA_ARGUMENTS = (
+    "in_channels",
+    "num_classes",
+    "labels",
+    "class_ids",
+    "class_colors",
+    "band_names",
+    "mean",
+    "std",
+    "nodata",
+)
 
 
 def data_arguments(datamodule: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -62,22 +71,39 @@ def data_arguments(datamodule: Any, given: Mapping[str, Any] | None = None) -> d
     out = dict(given or {})
     bands, k = getattr(datamodule, "in_channels", None), getattr(datamodule, "num_classes", None)
     if not isinstance(bands, int) or not isinstance(k, int):
-        raise ConfigError(f"data module {type(datamodule).__name__} does not give in_channels and num_classes; "
-                          f"set model in_channels and num_classes (or use geovae.training.SceneDataModule)")
+        raise ConfigError(
+            f"data module {type(datamodule).__name__} does not give in_channels and num_classes; "
+            f"set model in_channels and num_classes (or use geovae.training.SceneDataModule)"
+        )
     where = getattr(datamodule, "image_path", "the data")
     if out.get("in_channels") is not None and out["in_channels"] != bands:
-        raise ModelMismatchError(f"model.in_channels is {out['in_channels']} but image {where} has {bands} bands; "
-                                 f"fix the config or the image")
+        raise ModelMismatchError(
+            f"model.in_channels is {out['in_channels']} but image {where} has {bands} bands; "
+            f"fix the config or the image"
+        )
     if out.get("num_classes") is not None and out["num_classes"] != k:
-        raise ConfigError(f"model.num_classes is {out['num_classes']} but the data has {k} classes; "
-                          f"drop model.num_classes or fix data.classes")
+        raise ConfigError(
+            f"model.num_classes is {out['num_classes']} but the data has {k} classes; "
+            f"drop model.num_classes or fix data.classes"
+        )
     classes = getattr(datamodule, "classes", None)
-    data = {"in_channels": bands, "num_classes": k, "band_names": getattr(datamodule, "band_names", None),
-            "mean": getattr(datamodule, "mean", None), "std": getattr(datamodule, "std", None),
-            "nodata": getattr(datamodule, "nodata", None), "labels": None, "class_ids": None, "class_colors": None}
+    data = {
+        "in_channels": bands,
+        "num_classes": k,
+        "band_names": getattr(datamodule, "band_names", None),
+        "mean": getattr(datamodule, "mean", None),
+        "std": getattr(datamodule, "std", None),
+        "nodata": getattr(datamodule, "nodata", None),
+        "labels": None,
+        "class_ids": None,
+        "class_colors": None,
+    }
     if classes is not None:
-        data.update(labels=list(classes.names), class_ids=list(classes.ids),
-                    class_colors=[list(c) for c in classes.colors] or None)
+        data.update(
+            labels=list(classes.names),
+            class_ids=list(classes.ids),
+            class_colors=[list(c) for c in classes.colors] or None,
+        )
     for key in DATA_ARGUMENTS:
         if key in ("mean", "std") and out.get(key) is not None:
             continue
@@ -255,9 +281,14 @@ class VAESegmentationTask(BaseTask):
         if not self._described:
             return
         self.model = VAESegmenter(
-            hp["in_channels"], hp["num_classes"], base_channels=hp["base_channels"], depth=hp["depth"],
-            latent_channels=hp["latent_channels"], encoder=hp["encoder"],
-            recon_condition=hp.get("recon_condition", "class"), head=hp.get("head", "mlp"),
+            hp["in_channels"],
+            hp["num_classes"],
+            base_channels=hp["base_channels"],
+            depth=hp["depth"],
+            latent_channels=hp["latent_channels"],
+            encoder=hp["encoder"],
+            recon_condition=hp.get("recon_condition", "class"),
+            head=hp.get("head", "mlp"),
             head_rank=hp.get("head_rank", 2),
         )
         c = hp["in_channels"]
@@ -298,9 +329,15 @@ class VAESegmentationTask(BaseTask):
             groups: Any = self.parameters()
         else:
             ids = {id(p) for p in critic.parameters()}
-            groups = [{"params": [p for p in self.parameters() if id(p) not in ids]},
-                      {"params": list(critic.parameters()), "lr": hp.get("adversarial_lr") or hp["lr"],
-                       "weight_decay": 0.0, "betas": (0.5, 0.9)}]
+            groups = [
+                {"params": [p for p in self.parameters() if id(p) not in ids]},
+                {
+                    "params": list(critic.parameters()),
+                    "lr": hp.get("adversarial_lr") or hp["lr"],
+                    "weight_decay": 0.0,
+                    "betas": (0.5, 0.9),
+                },
+            ]
         opt = torch.optim.AdamW(groups, lr=hp["lr"], weight_decay=hp["weight_decay"])
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=self.hparams["patience"])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
@@ -321,8 +358,10 @@ class VAESegmentationTask(BaseTask):
             return
         dm = self._trainer.datamodule if self._trainer is not None else None
         if dm is None:
-            raise ConfigError("VAESegmentationTask without in_channels and num_classes needs a data module that "
-                              "gives them (geovae.training.SceneDataModule); or set both")
+            raise ConfigError(
+                "VAESegmentationTask without in_channels and num_classes needs a data module that "
+                "gives them (geovae.training.SceneDataModule); or set both"
+            )
         given = {k: self.hparams[k] for k in DATA_ARGUMENTS}
         self.hparams.update(data_arguments(dm, given))
         _check_arguments(dict(self.hparams))
@@ -390,9 +429,18 @@ class VAESegmentationTask(BaseTask):
     def _loss(self, out: Any, xn: Tensor, mask: Tensor, valid: Tensor, beta: float) -> dict[str, Tensor]:
         hp = self.hparams
         return vae_segmentation_loss(
-            out, xn, mask, valid=valid, ignore_index=hp["ignore_index"], beta=beta, free_bits=hp["free_bits"],
-            recon_weight=hp["recon_weight"], dice_weight=hp["dice_weight"], class_weights=self.class_weight,
-            mixture_region=int(hp.get("mixture_region", 1)), sample_entropy=float(hp.get("sample_entropy", 0.0)),
+            out,
+            xn,
+            mask,
+            valid=valid,
+            ignore_index=hp["ignore_index"],
+            beta=beta,
+            free_bits=hp["free_bits"],
+            recon_weight=hp["recon_weight"],
+            dice_weight=hp["dice_weight"],
+            class_weights=self.class_weight,
+            mixture_region=int(hp.get("mixture_region", 1)),
+            sample_entropy=float(hp.get("sample_entropy", 0.0)),
         )
 
     # -- steps ---------------------------------------------------------------------------
@@ -424,11 +472,15 @@ class VAESegmentationTask(BaseTask):
             terms["loss"] = terms["loss"] + float(hp["generated_weight"]) * gen_loss
             self.log("train_generated", gen_loss.detach(), batch_size=bs, on_step=False, on_epoch=True)
         for k in ("loss", "ce", "recon", "kl"):
-            self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True,
-                     prog_bar=k == "loss")
+            self.log(f"train_{k}", terms[k].detach(), batch_size=bs, on_step=False, on_epoch=True, prog_bar=k == "loss")
         self.log("train_beta", beta, batch_size=bs, on_step=False, on_epoch=True)
-        self.log("train_active_latents", (terms["kl_per_channel"] > ACTIVE_KL).sum().float(), batch_size=bs,
-                 on_step=False, on_epoch=True)
+        self.log(
+            "train_active_latents",
+            (terms["kl_per_channel"] > ACTIVE_KL).sum().float(),
+            batch_size=bs,
+            on_step=False,
+            on_epoch=True,
+        )
         labelled = mask != self.hparams["ignore_index"]
         if bool(labelled.any()):
             self.train_cm.update(out.logits.detach().argmax(1), mask)
@@ -468,7 +520,7 @@ class VAESegmentationTask(BaseTask):
         with torch.no_grad():
             q = sample_logits.float().softmax(2).mean(0)
             conf, target = q.max(1)
-            w = ((mask == self.hparams["ignore_index"]) & valid & (conf > float(self.hparams["pseudo_threshold"])))
+            w = (mask == self.hparams["ignore_index"]) & valid & (conf > float(self.hparams["pseudo_threshold"]))
         if not bool(w.any()):
             return sample_logits.sum() * 0.0
         return mixture_nll(sample_logits.float(), target, w.float(), 1)
@@ -527,8 +579,13 @@ class VAESegmentationTask(BaseTask):
             g_rec = torch.autograd.grad(recon * float(hp["recon_weight"]), last, retain_graph=True)[0]
             g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
             weight = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach() * float(hp["adversarial"])
-        return {"loss": d["d_loss"] + weight * g_loss, "d_loss": d["d_loss"], "g_loss": g_loss,
-                "d_accuracy": d["d_accuracy"], "adv_weight": weight}
+        return {
+            "loss": d["d_loss"] + weight * g_loss,
+            "d_loss": d["d_loss"],
+            "g_loss": g_loss,
+            "d_accuracy": d["d_accuracy"],
+            "adv_weight": weight,
+        }
 
     def _last_decoder_weight(self) -> Tensor:
         dec = self.model.recon_decoder
@@ -542,8 +599,13 @@ class VAESegmentationTask(BaseTask):
         bs = xn.shape[0]
         for k in ("loss", "ce", "recon", "kl"):
             self.log(f"val_{k}", terms[k], batch_size=bs, on_step=False, on_epoch=True)
-        self.log("val_active_latents", (terms["kl_per_channel"] > ACTIVE_KL).sum().float(), batch_size=bs,
-                 on_step=False, on_epoch=True)
+        self.log(
+            "val_active_latents",
+            (terms["kl_per_channel"] > ACTIVE_KL).sum().float(),
+            batch_size=bs,
+            on_step=False,
+            on_epoch=True,
+        )
         n = int(self.hparams["diversity_samples"])
         if n >= 2 and bool(valid.any()):
             probs = self.model.sample(xn, n)
@@ -573,12 +635,21 @@ class VAESegmentationTask(BaseTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor | None]:
         """Class probabilities at the latent mean, as TorchGeo's tasks return them."""
         xn, _, _ = self._prepare(batch)
-        return {"probabilities": self.model(xn).softmax(1), "bounds": batch.get("bounds"),
-                "transform": batch.get("transform")}
+        return {
+            "probabilities": self.model(xn).softmax(1),
+            "bounds": batch.get("bounds"),
+            "transform": batch.get("transform"),
+        }
 
     # -- the model file -------------------------------------------------------------------
-    def model_info(self, *, tile_size: int, extra: Mapping[str, Any] | None = None,
-                   input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> ModelInfo:
+    def model_info(
+        self,
+        *,
+        tile_size: int,
+        extra: Mapping[str, Any] | None = None,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+    ) -> ModelInfo:
         """The :class:`~geovae.model.base.ModelInfo` describing this task's model.
 
         Args:
@@ -600,18 +671,26 @@ class VAESegmentationTask(BaseTask):
             s1 = torch.as_tensor(input_std if input_std is not None else 1.0, dtype=torch.float64).flatten()
             m1, s1 = m1.expand(c) if m1.numel() == 1 else m1, s1.expand(c) if s1.numel() == 1 else s1
             mean, std = m1 + s1 * mean, s1 * std
-        ex = {"geovae_version": __version__, "trainer": "geovae.training.VAESegmentationTask",
-              "loss": {k: hp[k] for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")}}
+        ex = {
+            "geovae_version": __version__,
+            "trainer": "geovae.training.VAESegmentationTask",
+            "loss": {k: hp[k] for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
+        }
         ex.update(extra or {})
         return ModelInfo(
-            in_channels=c, num_classes=hp["num_classes"],
+            in_channels=c,
+            num_classes=hp["num_classes"],
             class_ids=list(hp["class_ids"] or range(hp["num_classes"])),
             class_names=list(hp["labels"] or []),
             class_colors=[tuple(int(v) for v in col) for col in (hp["class_colors"] or [])],  # type: ignore[misc]
-            mean=[float(v) for v in mean], std=[float(v) for v in std],
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
             band_names=list(hp["band_names"]) if hp["band_names"] else None,
-            tile_size=int(tile_size), stride=int(self.model.stride), kind="geovae-vae",
-            arch=self.model.hparams, extra=ex,
+            tile_size=int(tile_size),
+            stride=int(self.model.stride),
+            kind="geovae-vae",
+            arch=self.model.hparams,
+            extra=ex,
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "RemapMask", "IgnoreOutside", "AddIgnoreMask", "Compose", "merge_batches"]
+__all__ = ["IGNORE_INDEX", "AddIgnoreMask", "Compose", "IgnoreOutside", "RemapMask", "merge_batches"]
 
 #: Mask value of pixels that carry no label (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
@@ -116,6 +116,9 @@ def merge_batches(batch: Any) -> dict[str, Tensor]:
         keys = set.intersection(*(set(p) for p in parts))
         # Only keys of one shape per sample join: an IntersectionDataset's ``bounds`` hold
         # both datasets' boxes (18 numbers) where an image-only dataset's hold 9.
-        return {k: torch.cat([p[k] for p in parts]) for k in keys
-                if all(isinstance(p[k], Tensor) and p[k].shape[1:] == parts[0][k].shape[1:] for p in parts)}
+        return {
+            k: torch.cat([p[k] for p in parts])
+            for k in keys
+            if all(isinstance(p[k], Tensor) and p[k].shape[1:] == parts[0][k].shape[1:] for p in parts)
+        }
     return batch

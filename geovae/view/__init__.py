@@ -29,7 +29,7 @@ from geovae.view.catalog import Catalog, ViewError, load_catalog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Viewer", "ViewError", "view", "show", "serve"]
+__all__ = ["ViewError", "Viewer", "serve", "show", "view"]
 
 _RUNNING: dict[Path, Viewer] = {}
 
@@ -94,9 +94,11 @@ class Viewer:
             return False
 
     def _repr_html_(self) -> str:
-        return (f'<iframe src="{self.url}" style="width:100%;height:620px;border:1px solid #ccc" '
-                f'title="geovae view {self.catalog.root.name}"></iframe>'
-                f'<div style="font-size:small"><a href="{self.url}" target="_blank">{self.url}</a></div>')
+        return (
+            f'<iframe src="{self.url}" style="width:100%;height:620px;border:1px solid #ccc" '
+            f'title="geovae view {self.catalog.root.name}"></iframe>'
+            f'<div style="font-size:small"><a href="{self.url}" target="_blank">{self.url}</a></div>'
+        )
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -114,12 +116,15 @@ def _check_basemap(url: str | None) -> str | None:
         return None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or not all(k in url for k in ("{z}", "{x}", "{y}")):
-        raise OptionError(f"--basemap {url}: give an XYZ tile URL template, e.g. https://tile.example.org/{{z}}/{{x}}/{{y}}.png")
+        raise OptionError(
+            f"--basemap {url}: give an XYZ tile URL template, e.g. https://tile.example.org/{{z}}/{{x}}/{{y}}.png"
+        )
     return url
 
 
-def view(path: str | Path, *, host: str | None = None, port: int = 0, basemap: str | None = None,
-         open_browser: bool = False) -> Viewer:
+def view(
+    path: str | Path, *, host: str | None = None, port: int = 0, basemap: str | None = None, open_browser: bool = False
+) -> Viewer:
     """Start a viewer for a segment output folder, a batch output folder or one run report.
 
     The server runs in a background thread until :meth:`Viewer.stop` (or the interpreter
@@ -149,17 +154,22 @@ def view(path: str | Path, *, host: str | None = None, port: int = 0, basemap: s
     bind = host if host is not None else "127.0.0.1"
     try:
         # serving to the network: requests name this machine however the network reaches it
-        server = ViewServer(catalog, bind, port, basemap=basemap, any_host=bind not in ("127.0.0.1", "localhost", "::1"))
+        server = ViewServer(
+            catalog, bind, port, basemap=basemap, any_host=bind not in ("127.0.0.1", "localhost", "::1")
+        )
     except OSError as e:
-        raise OptionError(f"cannot listen on {bind}:{port} ({e.strerror or e}); choose another --port or 0 for a free one") from e
+        raise OptionError(
+            f"cannot listen on {bind}:{port} ({e.strerror or e}); choose another --port or 0 for a free one"
+        ) from e
     if host is not None and bind not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving %s to the network on %s: anyone who can reach this machine can see it", catalog.root, bind)
     shown = "127.0.0.1" if bind in ("0.0.0.0", "", "::") else bind
     if ":" in shown:
         shown = f"[{shown}]"
     url = f"http://{shown}:{server.port}/"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25},
-                              name=f"geovae-view-{server.port}", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.25}, name=f"geovae-view-{server.port}", daemon=True
+    )
     thread.start()
     threading.Thread(target=server.warm_up, name=f"geovae-view-warm-{server.port}", daemon=True).start()
     viewer = Viewer(server, url, thread)
@@ -168,8 +178,15 @@ def view(path: str | Path, *, host: str | None = None, port: int = 0, basemap: s
     return viewer
 
 
-def serve(path: str | Path, *, host: str | None = None, port: int = 0, basemap: str | None = None,
-          open_browser: bool = True, echo: Callable[[str], Any] = print) -> None:
+def serve(
+    path: str | Path,
+    *,
+    host: str | None = None,
+    port: int = 0,
+    basemap: str | None = None,
+    open_browser: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> None:
     """Run a viewer in the foreground until Ctrl-C (what ``geovae view`` does).
 
     Args:

@@ -26,7 +26,7 @@ from geovae.errors import GeovaeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ViewError", "Catalog", "SceneEntry", "load_catalog", "RASTER_KINDS", "POLYGON_KINDS"]
+__all__ = ["POLYGON_KINDS", "RASTER_KINDS", "Catalog", "SceneEntry", "ViewError", "load_catalog"]
 
 #: Raster layers in the order the page lists them, with the title it shows.
 RASTER_KINDS = {
@@ -159,8 +159,10 @@ def _class_table(classes_tif: Path) -> list[dict[str, Any]]:
 
     with rasterio.open(classes_tif) as ds:
         table = read_class_table(ds)
-    return [{"id": cid, "name": c["name"], "color": list(c["color"] or (128, 128, 128))[:3]}
-            for cid, c in sorted(table.items())]
+    return [
+        {"id": cid, "name": c["name"], "color": list(c["color"] or (128, 128, 128))[:3]}
+        for cid, c in sorted(table.items())
+    ]
 
 
 def _geographic_bounds(path: Path) -> tuple[float, float, float, float] | None:
@@ -237,8 +239,13 @@ def _from_manifest(root: Path) -> list[SceneEntry]:
         outputs = [o for o in (row.get("outputs") or "").split(";") if o]
         reports = [root / o for o in outputs if o.endswith(".json") and _inside(root, root / o)]
         if not reports:  # an older manifest without outputs: the scene's sub-folder
-            reports = [r for d in sorted(root.iterdir()) if d.is_dir() for r in _reports_in(d)
-                       if ((_read_report(r) or {}).get("scene") or {}).get("path") == scene]
+            reports = [
+                r
+                for d in sorted(root.iterdir())
+                if d.is_dir()
+                for r in _reports_in(d)
+                if ((_read_report(r) or {}).get("scene") or {}).get("path") == scene
+            ]
         status = row.get("status") or "unknown"
         if reports and reports[0].is_file():
             e = _entry_from_report(f"s{i}", reports[0], root, name=name)
@@ -254,9 +261,14 @@ def _from_manifest(root: Path) -> list[SceneEntry]:
 
 def _stac_items(collection: Path) -> list[Path]:
     d = json.loads(collection.read_text())
-    return [collection.parent / link["href"] for link in d.get("links", [])
-            if isinstance(link, dict) and link.get("rel") == "item" and isinstance(link.get("href"), str)
-            and not _is_remote(link["href"])]
+    return [
+        collection.parent / link["href"]
+        for link in d.get("links", [])
+        if isinstance(link, dict)
+        and link.get("rel") == "item"
+        and isinstance(link.get("href"), str)
+        and not _is_remote(link["href"])
+    ]
 
 
 def _from_stac(root: Path, collection: Path) -> list[SceneEntry]:
@@ -267,14 +279,21 @@ def _from_stac(root: Path, collection: Path) -> list[SceneEntry]:
             continue
         item = json.loads(item_path.read_text())
         hrefs = [a.get("href", "") for a in (item.get("assets") or {}).values() if isinstance(a, dict)]
-        reports = [item_path.parent / h for h in hrefs
-                   if h.endswith(".json") and not _is_remote(h) and _inside(root, item_path.parent / h)
-                   and _read_report(item_path.parent / h) is not None]
+        reports = [
+            item_path.parent / h
+            for h in hrefs
+            if h.endswith(".json")
+            and not _is_remote(h)
+            and _inside(root, item_path.parent / h)
+            and _read_report(item_path.parent / h) is not None
+        ]
         name = str(item.get("id") or item_path.stem)
         if reports:
             entries.append(_entry_from_report(f"s{i}", reports[0], root, name=name))
         else:
-            entries.append(SceneEntry(id=f"s{i}", name=name, status="unknown", error="no geovae report among its assets"))
+            entries.append(
+                SceneEntry(id=f"s{i}", name=name, status="unknown", error="no geovae report among its assets")
+            )
     return entries
 
 
@@ -307,7 +326,7 @@ def load_catalog(path: str | Path) -> Catalog:
         raise ViewError(f"{path} does not exist; give a segment or batch output folder, or a report .json")
     if p.is_file():
         if _read_report(p) is None:
-            raise ViewError(f"{path} is not a geovae run report (a .json with \"outputs\"); give the output folder")
+            raise ViewError(f'{path} is not a geovae run report (a .json with "outputs"); give the output folder')
         root = p.parent.resolve()
         return Catalog(root, "segment", [_entry_from_report("s0", p.resolve(), root)])
     root = p.resolve()
@@ -318,8 +337,10 @@ def load_catalog(path: str | Path) -> Catalog:
         return Catalog(root, "stac", _from_stac(root, collection))
     reports = _reports_in(root)
     if not reports:
-        raise ViewError(f"{path} holds no geovae run report (<stem>.json), manifest.csv or STAC collection; "
-                        "give the folder `geovae segment --out` or `geovae batch --out` wrote")
+        raise ViewError(
+            f"{path} holds no geovae run report (<stem>.json), manifest.csv or STAC collection; "
+            "give the folder `geovae segment --out` or `geovae batch --out` wrote"
+        )
     entries = _one_per_run([_entry_from_report(f"s{i}", r, root) for i, r in enumerate(reports)], root)
     for i, e in enumerate(entries):
         e.id = f"s{i}"
@@ -329,6 +350,7 @@ def load_catalog(path: str | Path) -> Catalog:
 def _one_per_run(entries: list[SceneEntry], root: Path) -> list[SceneEntry]:
     """One entry per class raster: a report that wraps a run (the demo's ``demo.json`` lists
     the segment run's outputs, its report among them) gives way to the run's own report."""
+
     def key(e: SceneEntry) -> Path | str:
         return e.rasters.get("classes") or str(e.report_path)
 

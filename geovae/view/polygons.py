@@ -29,7 +29,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PolygonLayer", "MAX_FEATURES", "metres_per_pixel"]
+__all__ = ["MAX_FEATURES", "PolygonLayer", "metres_per_pixel"]
 
 #: Polygons sent for one view at most; more are left out smallest first (the response says
 #: ``truncated``). A canvas draws this many in well under a second.
@@ -59,7 +59,7 @@ def metres_per_pixel(zoom: float, lat: float) -> float:
 def _wkb(blob: bytes) -> bytes:
     """The WKB inside a GeoPackage geometry blob (header: magic, version, flags, srs id, envelope)."""
     flags = blob[3]
-    return bytes(blob[8 + _ENVELOPE_BYTES.get((flags >> 1) & 0b111, 0):])
+    return bytes(blob[8 + _ENVELOPE_BYTES.get((flags >> 1) & 0b111, 0) :])
 
 
 def _quote(name: str) -> str:
@@ -80,19 +80,37 @@ def _copy_to_gpkg(src: Path, dst: Path) -> None:
         col = geo.get("primary_column", "geometry")
         crs_json = ((geo.get("columns") or {}).get(col) or {}).get("crs", "missing")
         # GeoParquet: a missing crs means OGC:CRS84; null means unknown
-        crs = "OGC:CRS84" if crs_json == "missing" else (None if crs_json is None else CRS.from_json_dict(crs_json).to_wkt())
+        crs = (
+            "OGC:CRS84"
+            if crs_json == "missing"
+            else (None if crs_json is None else CRS.from_json_dict(crs_json).to_wkt())
+        )
         first = True
         for batch in pf.iter_batches(batch_size=_COPY_BATCH):
-            pyogrio.write_arrow(pa.Table.from_batches([batch]), dst, layer="polygons", driver="GPKG",
-                                geometry_name=col, geometry_type="Polygon", crs=crs, append=not first)
+            pyogrio.write_arrow(
+                pa.Table.from_batches([batch]),
+                dst,
+                layer="polygons",
+                driver="GPKG",
+                geometry_name=col,
+                geometry_type="Polygon",
+                crs=crs,
+                append=not first,
+            )
             first = False
         if first:
             raise ValueError(f"{src.name} holds no polygons")
         return
     with pyogrio.raw.open_arrow(src, batch_size=_COPY_BATCH, use_pyarrow=True) as (meta, reader):
-        pyogrio.write_arrow(reader, dst, layer="polygons", driver="GPKG",
-                            geometry_name=meta.get("geometry_name") or "wkb_geometry",
-                            geometry_type=meta.get("geometry_type") or "Polygon", crs=meta.get("crs"))
+        pyogrio.write_arrow(
+            reader,
+            dst,
+            layer="polygons",
+            driver="GPKG",
+            geometry_name=meta.get("geometry_name") or "wkb_geometry",
+            geometry_type=meta.get("geometry_type") or "Polygon",
+            crs=meta.get("crs"),
+        )
 
 
 class PolygonLayer:
@@ -164,16 +182,20 @@ class PolygonLayer:
             self.table, self.geom, srs_id = rows[0]
             rtree = f"rtree_{self.table}_{self.geom}"
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (rtree,)).fetchone():
-                raise ValueError(f"{self.source.name} has no spatial index; rewrite it with one (ogr2ogr -lco SPATIAL_INDEX=YES)")
+                raise ValueError(
+                    f"{self.source.name} has no spatial index; rewrite it with one (ogr2ogr -lco SPATIAL_INDEX=YES)"
+                )
             self.rtree = rtree
             cols = conn.execute(f"PRAGMA table_info({_quote(self.table)})").fetchall()
             self.fid = next((c[1] for c in cols if c[5]), "fid")
             self.columns = [c[1] for c in cols if c[1] not in (self.fid, self.geom)]
             org, code, definition = conn.execute(
                 "SELECT organization, organization_coordsys_id, definition FROM gpkg_spatial_ref_sys WHERE srs_id = ?",
-                (srs_id,)).fetchone() or (None, None, None)
+                (srs_id,),
+            ).fetchone() or (None, None, None)
             bounds = conn.execute(
-                f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(self.rtree)}").fetchone()
+                f"SELECT min(minx), min(miny), max(maxx), max(maxy) FROM {_quote(self.rtree)}"
+            ).fetchone()
         finally:
             conn.close()
             self._conns.remove(conn)
@@ -191,7 +213,9 @@ class PolygonLayer:
         self.bounds = tuple(float(v) for v in bounds) if bounds[0] is not None else None
         self.mid_lat = 0.0
         if self.bounds is not None:
-            _, lat = self._to_lonlat.transform((self.bounds[0] + self.bounds[2]) / 2, (self.bounds[1] + self.bounds[3]) / 2)
+            _, lat = self._to_lonlat.transform(
+                (self.bounds[0] + self.bounds[2]) / 2, (self.bounds[1] + self.bounds[3]) / 2
+            )
             self.mid_lat = float(lat) if math.isfinite(lat) else 0.0
         log.debug("polygons %s: table %s, %d columns, CRS %s", self.source.name, self.table, len(self.columns), crs)
 
@@ -215,8 +239,13 @@ class PolygonLayer:
             return m / 111_320.0
         return m / self.unit_metres
 
-    def _features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float,
-                  clip: tuple[float, float, float, float] | None = None) -> list[str]:
+    def _features(
+        self,
+        conn: sqlite3.Connection,
+        ids: Sequence[int],
+        tol: float,
+        clip: tuple[float, float, float, float] | None = None,
+    ) -> list[str]:
         """GeoJSON Feature strings (lon/lat outlines, simplified to ``tol``) of the given fids, in order.
 
         Features already made for the same tolerance (the same zoom) come from a cache, so a
@@ -244,8 +273,9 @@ class PolygonLayer:
                 out.append(text)
         return out
 
-    def _make_features(self, conn: sqlite3.Connection, ids: Sequence[int], tol: float,
-                       clip: tuple[float, float, float, float] | None) -> list[tuple[str | None, bool]]:
+    def _make_features(
+        self, conn: sqlite3.Connection, ids: Sequence[int], tol: float, clip: tuple[float, float, float, float] | None
+    ) -> list[tuple[str | None, bool]]:
         """Per fid: its GeoJSON Feature string (None where the geometry is missing or vanishes)
         and whether it is whole (not cut to ``clip``)."""
         import shapely
@@ -253,9 +283,11 @@ class PolygonLayer:
         cols = ", ".join(_quote(c) for c in self.columns)
         by_fid: dict[int, tuple[Any, ...]] = {}
         for i in range(0, len(ids), _SQL_CHUNK):
-            chunk = list(ids[i:i + _SQL_CHUNK])
-            sql = (f"SELECT {_quote(self.fid)}, {_quote(self.geom)}{', ' + cols if cols else ''} "
-                   f"FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(chunk))})")
+            chunk = list(ids[i : i + _SQL_CHUNK])
+            sql = (
+                f"SELECT {_quote(self.fid)}, {_quote(self.geom)}{', ' + cols if cols else ''} "
+                f"FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(chunk))})"
+            )
             by_fid.update((r[0], r) for r in conn.execute(sql, chunk) if r[1] is not None)
         rows = [by_fid[fid] for fid in ids if fid in by_fid]
         if not rows:
@@ -284,10 +316,15 @@ class PolygonLayer:
             if gone:
                 made[r[0]] = (None, not was_cut)
                 continue
-            props = {c: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                     for c, v in zip(self.columns, r[2:], strict=True) if not isinstance(v, bytes)}
-            made[r[0]] = (f'{{"type":"Feature","id":{int(r[0])},"geometry":{text},"properties":{json.dumps(props)}}}',
-                          not bool(was_cut))
+            props = {
+                c: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for c, v in zip(self.columns, r[2:], strict=True)
+                if not isinstance(v, bytes)
+            }
+            made[r[0]] = (
+                f'{{"type":"Feature","id":{int(r[0])},"geometry":{text},"properties":{json.dumps(props)}}}',
+                not bool(was_cut),
+            )
         return [made.get(fid, (None, True)) for fid in ids]
 
     def _view_in_layer(self, west: float, south: float, east: float, north: float) -> tuple[float, ...] | None:
@@ -303,8 +340,16 @@ class PolygonLayer:
         return (w, s, e, n) if w <= e and s <= n else None
 
     # -------------------------------------------------------------- queries
-    def in_view(self, west: float, south: float, east: float, north: float, zoom: float,
-                limit: int = MAX_FEATURES, max_bytes: int = MAX_VIEW_BYTES) -> str:
+    def in_view(
+        self,
+        west: float,
+        south: float,
+        east: float,
+        north: float,
+        zoom: float,
+        limit: int = MAX_FEATURES,
+        max_bytes: int = MAX_VIEW_BYTES,
+    ) -> str:
         """The polygons in a view, as a GeoJSON FeatureCollection string.
 
         Args:
@@ -328,10 +373,12 @@ class PolygonLayer:
         smallest = MIN_PIXELS * tol
         # the largest boxes in view, with their geometry's size (read from the record header,
         # not the geometry itself)
-        sql = (f"SELECT r.id, length(t.{_quote(self.geom)}) FROM (SELECT id, (maxx - minx) * (maxy - miny) AS a "
-               f"FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ? "
-               "AND (maxx - minx >= ? OR maxy - miny >= ?) ORDER BY a DESC LIMIT ?) r "
-               f"JOIN {_quote(self.table)} t ON t.{_quote(self.fid)} = r.id ORDER BY r.a DESC")
+        sql = (
+            f"SELECT r.id, length(t.{_quote(self.geom)}) FROM (SELECT id, (maxx - minx) * (maxy - miny) AS a "
+            f"FROM {_quote(self.rtree)} WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ? "
+            "AND (maxx - minx >= ? OR maxy - miny >= ?) ORDER BY a DESC LIMIT ?) r "
+            f"JOIN {_quote(self.table)} t ON t.{_quote(self.fid)} = r.id ORDER BY r.a DESC"
+        )
         with self._conn() as conn:
             rows = conn.execute(sql, (box[2], box[0], box[3], box[1], smallest, smallest, limit + 1)).fetchall()
             ids, total = [], 0
@@ -344,8 +391,11 @@ class PolygonLayer:
             # outlines are cut half a view beyond each side: a pan reloads them when it ends
             dx, dy = (box[2] - box[0]) / 2, (box[3] - box[1]) / 2
             feats = self._features(conn, ids, tol, (box[0] - dx, box[1] - dy, box[2] + dx, box[3] + dy))
-        return ('{"type":"FeatureCollection","truncated":%s,"tolerance":%s,"features":[%s]}'
-                % ("true" if truncated else "false", json.dumps(tol), ",".join(feats)))
+        return '{{"type":"FeatureCollection","truncated":{},"tolerance":{},"features":[{}]}}'.format(
+            "true" if truncated else "false",
+            json.dumps(tol),
+            ",".join(feats),
+        )
 
     def at(self, lon: float, lat: float, zoom: float = 20) -> str | None:
         """The polygon under a point, as a GeoJSON Feature string, or None.
@@ -367,8 +417,9 @@ class PolygonLayer:
             ids = [r[0] for r in conn.execute(sql, (x, x, y, y))]
             if not ids:
                 return None
-            rows = conn.execute(f"SELECT {cols} FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN "
-                                f"({','.join('?' * len(ids))})", ids).fetchall()
+            rows = conn.execute(
+                f"SELECT {cols} FROM {_quote(self.table)} WHERE {_quote(self.fid)} IN ({','.join('?' * len(ids))})", ids
+            ).fetchall()
             rows = [r for r in rows if r[1] is not None]
             geoms = shapely.from_wkb([_wkb(r[1]) for r in rows])
             hit = shapely.intersects_xy(geoms, x, y)

@@ -88,8 +88,9 @@ class LayerStyle:
             out["range"] = [float(self.ranges[0][0]), float(self.ranges[0][1])]
         if self.colormap and self.colormap != "table":
             cm = cmap.get(self.colormap)
-            out["ramp"] = ["#%02x%02x%02x" % tuple(cm[i][:3]) for i in range(0, 256, 32)] + [
-                "#%02x%02x%02x" % tuple(cm[255][:3])]
+            out["ramp"] = ["#{:02x}{:02x}{:02x}".format(*tuple(cm[i][:3])) for i in range(0, 256, 32)] + [
+                "#{:02x}{:02x}{:02x}".format(*tuple(cm[255][:3]))
+            ]
         return out
 
 
@@ -204,8 +205,9 @@ def empty_tile() -> bytes:
     """A transparent 256 px PNG, for tiles with nothing to draw."""
     global _EMPTY
     if _EMPTY is None:
-        _EMPTY = render(np.zeros((1, TILE_SIZE, TILE_SIZE), np.uint8), np.zeros((TILE_SIZE, TILE_SIZE), np.uint8),
-                        img_format="PNG")
+        _EMPTY = render(
+            np.zeros((1, TILE_SIZE, TILE_SIZE), np.uint8), np.zeros((TILE_SIZE, TILE_SIZE), np.uint8), img_format="PNG"
+        )
     return _EMPTY
 
 
@@ -225,8 +227,9 @@ class TileRenderer:
             if (sid, kind) in self._started:
                 return
             self._started.add((sid, kind))
-        threading.Thread(target=self.style, args=(sid, kind), name=f"geovae-view-style-{sid}-{kind}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self.style, args=(sid, kind), name=f"geovae-view-style-{sid}-{kind}", daemon=True
+        ).start()
 
     def ready(self, sid: str, kind: str) -> bool:
         """Whether the layer's style is worked out (its tiles then come without delay)."""
@@ -283,12 +286,18 @@ def render_tile(style: LayerStyle, z: int, x: int, y: int) -> bytes:
     # needs a datum shift, against 40 ms this way (docs/benchmarks.md).
     out_res = (right - left) / TILE_SIZE
     level = max((i for i, r in enumerate(style.levels) if r <= out_res * 1.001), default=0)
-    with capped_gdal_cache(GDAL_CACHE_BYTES), \
-            rasterio.open(style.path, **({"OVERVIEW_LEVEL": level - 1} if level else {})) as ds:
-        vrt = {"crs": _WEB_MERCATOR, "transform": from_bounds(left, bottom, right, top, TILE_SIZE, TILE_SIZE),
-               "width": TILE_SIZE, "height": TILE_SIZE, "dtype": ds.dtypes[0]}
-        img = read(ds, indexes=style.indexes, width=TILE_SIZE, height=TILE_SIZE, nodata=style.nodata,
-                   vrt_options=vrt)
+    with (
+        capped_gdal_cache(GDAL_CACHE_BYTES),
+        rasterio.open(style.path, **({"OVERVIEW_LEVEL": level - 1} if level else {})) as ds,
+    ):
+        vrt = {
+            "crs": _WEB_MERCATOR,
+            "transform": from_bounds(left, bottom, right, top, TILE_SIZE, TILE_SIZE),
+            "width": TILE_SIZE,
+            "height": TILE_SIZE,
+            "dtype": ds.dtypes[0],
+        }
+        img = read(ds, indexes=style.indexes, width=TILE_SIZE, height=TILE_SIZE, nodata=style.nodata, vrt_options=vrt)
         if style.colormap == "table":
             try:
                 table = ds.colormap(1)
@@ -300,7 +309,6 @@ def render_tile(style: LayerStyle, z: int, x: int, y: int) -> bytes:
     if style.colormap:
         return img.render(img_format="PNG", colormap=cmap.get(style.colormap), ZLEVEL=1)
     return img.render(img_format="PNG", ZLEVEL=1)
-
 
 
 def _tile_bounds(z: int, x: int, y: int) -> tuple[float, float, float, float]:
