@@ -178,7 +178,8 @@ def _valid_keys(section: str | None, parser: Any, raw: Any) -> list[str]:
             return [*inspect.signature(_class(cp).__init__).parameters][1:]
         except (ImportError, AttributeError, ValueError):
             return []
-    return sorted({k.split(".")[0] for k in parser.get_defaults()} - {"config"})
+    # a jsonargparse Namespace iterates over its values; keys() gives the dotted option names
+    return sorted({k.split(".")[0] for k in parser.get_defaults().keys()} - {"config"})  # noqa: SIM118
 
 
 def _explain(msg: str, parser: Any, raw: Any) -> str:
