@@ -4,31 +4,32 @@ Usage::
 
     .venv/bin/python -m benchmarks                       # full run, about 1 h on 2 CPU cores
     .venv/bin/python -m benchmarks --quick               # smoke run, about 15 minutes
-    .venv/bin/python -m benchmarks --only fcn,tiling,vaespeed,vaememory   # issue 14 only
+    .venv/bin/python -m benchmarks --only fcn,tiling,vaespeed,vaememory
     .venv/bin/python -m benchmarks --sizes 2048,8192,20480 --json results.json
 
-Sections (issue 6):
+Sections (``--only`` names; docs/benchmarks.md has one section per benchmark, named as here):
 
-1. End to end, scene to polygons: geovae vs the TorchGeo loop (``bench_torchgeo``), same
-   model file, tile, overlap, batch size and torch thread count, runs interleaved.
-2. Pipeline overhead: geovae's end-to-end time over the model's forward time on the same
-   tiles already in memory, interleaved with section 1.
-3. Peak RSS against scene size (VRT mosaics of the real Landsat-8 scene), geovae and the
-   TorchGeo loop, with a stand-in model (see ``common.StandInSegmenter``); plus the pipeline
-   helper's ``bench_memory.py`` with its 1x1-convolution model.
-4. Vectorisation: ``bench_vectorize.py`` (geovae's vectoriser vs whole-array shapes).
-5. Distributed scaling: ``bench_distributed.py`` (1 vs 2 workers), when present.
-
-Sections (issue 14; pieces in ``bench_speed.py``):
-
-- ``fcn``: sections 1-2 again on the issue's setting: a TorchGeo FCN checkpoint (exported with
-  the scene's band statistics), a 61-MP mosaic, tile 512, overlap 64, batch 8.
-- ``tiling``: the default VAE on a real 1024^2 crop, untiled, with its defaults, at tile 320
-  with the default overlap, and at the user choices 256/64 and 128/32; class agreement.
-- ``vaespeed``: the default VAE with geovae's default tile, overlap and batch against the
-  issue's baseline (base 32, depth 4, tile 256, overlap 64, batch 8), interleaved.
-- ``vaememory``: peak RSS of the default VAE at 2048^2 and 20480 x 2048, and of the stand-in
-  on a 100,096 x 1024 scene.
+- ``e2e``, *Speed against the TorchGeo loop*: scene to polygons, geovae vs the TorchGeo loop
+  (``bench_torchgeo``), same model file, tile, overlap, batch size and torch thread count, and
+  geovae's end-to-end time over the model's forward time on the same tiles already in
+  memory; runs interleaved.
+- ``memory``, *Memory against scene size*: peak RSS against scene size (VRT mosaics of the
+  real Landsat-8 scene), geovae and the TorchGeo loop, with a stand-in model (see
+  ``common.StandInSegmenter``).
+- ``memscript``, *Pipeline memory script*: ``bench_memory.py`` with its 1x1-convolution model.
+- ``vectorize``, *Vectorising*: ``bench_vectorize.py`` (geovae's vectoriser vs whole-array shapes).
+- ``distributed``, *Distributed batch*: ``bench_distributed.py`` (1 vs 2 workers), when present.
+- ``fcn``, *A TorchGeo checkpoint end to end*: ``e2e`` again on issue 14's setting: a TorchGeo
+  FCN checkpoint (exported with the scene's band statistics), a 61-MP mosaic, tile 512,
+  overlap 64, batch 8 (pieces in ``bench_speed.py``, as for the three below).
+- ``tiling``, *Seams: tiled against untiled*: the default VAE on a real 1024^2 crop, untiled,
+  with its defaults, at tile 320 with the default overlap, and at the user choices 256/64 and
+  128/32; class agreement.
+- ``vaespeed``, *Default VAE speed*: the default VAE with geovae's default tile, overlap and
+  batch against issue 14's baseline (base 32, depth 4, tile 256, overlap 64, batch 8),
+  interleaved.
+- ``vaememory``, *Memory by scene shape*: peak RSS of the default VAE at 2048^2 and
+  20480 x 2048, and of the stand-in on a 100,096 x 1024 scene.
 
 Every measurement is a subprocess of its own (peak RSS is its own); ratios come from runs
 interleaved within this invocation. Nothing is written into the repository except the JSON
@@ -55,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 #: Largest scene the TorchGeo loop runs in the memory section: its full-scene accumulators
 #: (K + 1 float32 per pixel) would need about 11 GiB at 20k x 20k.
 BASELINE_MAX = 8192
-#: Largest size handed to bench_memory.py: section 3 covers the larger ones, and the full run
+#: Largest size handed to bench_memory.py: the memory section covers the larger ones, and the full run
 #: must stay near 20 minutes on 2 cores.
 MEMORY_SCRIPT_MAX = 2048
 GB = 1e9  # the issue's "3 GB" is decimal
@@ -96,7 +97,7 @@ def _run_worker(method: str, scene: Path, model: Path, work: Path, a: argparse.N
     return rec
 
 
-# -- sections 1 and 2 -------------------------------------------------------------------------
+# -- e2e: speed against the TorchGeo loop ------------------------------------------------------
 
 
 def end_to_end(
@@ -174,7 +175,7 @@ def _summary(rs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-# -- section 3 ----------------------------------------------------------------------------
+# -- memory, memscript: memory against scene size ---------------------------------------------
 
 
 def memory_vs_size(a: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -257,7 +258,7 @@ def _run_script(cmd: list[str], json_out: Path | None, timeout: float) -> dict[s
     return res
 
 
-# -- sections 4 and 5 -------------------------------------------------------------------------
+# -- vectorize, distributed -------------------------------------------------------------------
 
 _VEC_LINE = re.compile(
     r"^\s+(?P<method>geovae|baseline)\s+(?P<s>[\d.]+) s\s+(?P<mps>[\d.]+) MP/s\s+(?P<pps>[\d.]+) polygons/s\s+"
@@ -312,7 +313,7 @@ def distributed_bench(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return res
 
 
-# -- issue 14 --------------------------------------------------------------------------------
+# -- fcn, tiling, vaespeed, vaememory -----------------------------------------------------------
 
 
 def _default_vae() -> Path:
@@ -533,7 +534,7 @@ def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
         ov, ovx = f["overhead_in_run"], f["overhead_geovae_over_model"]
         out.append(
             {
-                "target": "14.1 end to end <= 1.05x the model's own forward time (TorchGeo FCN)",
+                "target": "fcn: end to end <= 1.05x the model's own forward time (TorchGeo FCN)",
                 "value": f"x{ov:.2f} in-run (x{ovx:.2f} from separate interleaved runs)",
                 "met": ov <= 1.05,
             }
@@ -541,25 +542,25 @@ def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
         sp, cpu = f["speedup_geovae_over_torchgeo"], f.get("cpu_time_ratio_torchgeo_over_geovae")
         out.append(
             {
-                "target": "14.1 >= 2x the TorchGeo loop's throughput",
+                "target": "fcn: >= 2x the TorchGeo loop's throughput",
                 "value": f"x{sp:.2f} wall" + (f", x{cpu:.2f} CPU seconds" if cpu else ""),
                 "met": sp >= 2.0,
             }
         )
         rr = f["rss_ratio_geovae_over_torchgeo"]
-        out.append({"target": "14.1 < 0.5x the TorchGeo loop's peak RSS", "value": f"x{rr:.2f}", "met": rr < 0.5})
+        out.append({"target": "fcn: < 0.5x the TorchGeo loop's peak RSS", "value": f"x{rr:.2f}", "met": rr < 0.5})
     if t := r.get("tiling"):
         two, un = t["default_vs_tile320"], min(t["vs_untiled"]["default"], t["vs_untiled"]["tile 320, default overlap"])
         out.append(
             {
-                "target": "14.2 two default-overlap tilings agree >= 99.9 %",
+                "target": "tiling: two default-overlap tilings agree >= 99.9 %",
                 "value": f"{two * 100:.3f} %",
                 "met": two >= 0.999,
             }
         )
         out.append(
             {
-                "target": "14.2 tiled == untiled >= 99.99 %",
+                "target": "tiling: tiled == untiled >= 99.99 %",
                 "value": f"{un * 100:.4f} % (worst of two tilings)",
                 "met": un >= 0.9999,
             }
@@ -575,12 +576,14 @@ def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
         if "fold_agreement" in v:  # the same weights with and without folding: the fp32 answer
             val += f"; folded vs unfolded classes agree {v['fold_agreement'] * 100:.3f} %"
             met = met and v["fold_agreement"] >= 0.995
-        out.append({"target": "14.3 default VAE >= 3x the MP/s of base32/depth4 at 256/64", "value": val, "met": met})
+        out.append(
+            {"target": "vaespeed: default VAE >= 3x the MP/s of base32/depth4 at 256/64", "value": val, "met": met}
+        )
     if m := r.get("vae_memory"):
         r0, r1, wide = m["rows"]
         out.append(
             {
-                "target": f"14.4 default VAE peak RSS flat within 20 % ({r0['width']}^2 -> {r1['width']} wide)",
+                "target": f"vaememory: default VAE peak RSS flat within 20 % ({r0['width']}^2 -> {r1['width']} wide)",
                 "value": f"x{m['growth']:.2f}",
                 "met": m["growth"] <= 1.2,
             }
@@ -588,13 +591,13 @@ def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
         peak = wide["peak_rss_mib"] * 2**20
         out.append(
             {
-                "target": f"14.4 peak RSS < 3 GB at {wide['width']} px wide",
+                "target": f"vaememory: peak RSS < 3 GB at {wide['width']} px wide",
                 "value": f"{peak / GB:.2f} GB",
                 "met": peak < 3 * GB,
             }
         )
     if r.get("fcn_end_to_end") or r.get("tiling"):
-        out.append({"target": "14.5 GPU numbers (benchmarks/gpu.sh)", "value": "run it on a GPU machine", "met": None})
+        out.append({"target": "GPU numbers (benchmarks/gpu.sh)", "value": "run it on a GPU machine", "met": None})
     return out
 
 
@@ -607,7 +610,7 @@ def print_table(r: dict[str, Any]) -> None:
     )
     if e := r.get("end_to_end"):
         print(
-            f"\n1-2. end to end, {e['size']}^2 mosaic ({e['megapixels']:.1f} MP), tile {r['options']['tile']}, "
+            f"\nSpeed against the TorchGeo loop (e2e), {e['size']}^2 mosaic ({e['megapixels']:.1f} MP), tile {r['options']['tile']}, "
             f"overlap {r['options']['overlap']}, batch {r['options']['batch_size']}, {r['options']['repeats']} interleaved repeats"
         )
         print(f"  {'':10s} {'median s':>9s} {'MP/s':>7s} {'peak RSS MiB':>13s} {'polygons':>9s} {'tiles':>6s}")
@@ -632,7 +635,7 @@ def print_table(r: dict[str, Any]) -> None:
             f"runs, total/model time x{e['overhead_in_run']:.2f}"
         )
     if mm := r.get("memory_vs_size"):
-        print("\n3. peak RSS vs scene size (stand-in model; MiB, seconds)")
+        print("\nMemory against scene size (memory; stand-in model; MiB, seconds)")
         for row in mm["rows"]:
             cells = []
             for k in ("geovae", "torchgeo"):
@@ -660,7 +663,7 @@ def print_table(r: dict[str, Any]) -> None:
         elif ms:
             print(f"  bench_memory.py: {ms.get('missing') or ms.get('error', '')[-200:]}")
     if v := r.get("vectorize"):
-        print("\n4. vectorisation (bench_vectorize.py)")
+        print("\nVectorising (vectorize: bench_vectorize.py)")
         for row in v.get("rows", []):
             g, b = row.get("geovae", {}), row.get("baseline", {})
             if g and b:
@@ -672,7 +675,7 @@ def print_table(r: dict[str, Any]) -> None:
         if "missing" in v or "error" in v:
             print(f"  {v.get('missing') or v.get('error', '')[-300:]}")
     if d := r.get("distributed"):
-        print("\n5. distributed (bench_distributed.py)")
+        print("\nDistributed batch (distributed: bench_distributed.py)")
         if "missing" in d:
             print(f"  missing: {d['missing']}")
         else:
@@ -681,7 +684,7 @@ def print_table(r: dict[str, Any]) -> None:
                 print(f"  error: {d['error'][-300:]}")
     if f := r.get("fcn_end_to_end"):
         print(
-            f"\n14.1 TorchGeo FCN checkpoint end to end, {f['size']}^2 mosaic ({f['megapixels']:.1f} MP), "
+            f"\nA TorchGeo checkpoint end to end (fcn), {f['size']}^2 mosaic ({f['megapixels']:.1f} MP), "
             f"tile {f['tile']}, overlap {f['overlap']}, batch {f['batch_size']}"
         )
         for k in ("geovae", "torchgeo", "model_only"):
@@ -695,7 +698,7 @@ def print_table(r: dict[str, Any]) -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in tm.items() if isinstance(v, (int, float)))
         )
     if t := r.get("tiling"):
-        print(f"\n14.2 tilings of {t['scene']} with {t['model']}")
+        print(f"\nSeams: tiled against untiled (tiling), {t['scene']} with {t['model']}")
         for k, v in t["vs_untiled"].items():
             o = t["options"][k]
             print(f"  {k:26s} (tile {o['tile']}, overlap {o['overlap']}) == untiled on {v * 100:8.4f} %")
@@ -704,7 +707,7 @@ def print_table(r: dict[str, Any]) -> None:
         )
     if v := r.get("vae_speed"):
         print(
-            f"\n14.3 VAE speed on a {v['size']}^2 mosaic: before {v['mp_per_s']['before']:.3f} MP/s "
+            f"\nDefault VAE speed (vaespeed) on a {v['size']}^2 mosaic: before {v['mp_per_s']['before']:.3f} MP/s "
             f"({v['before_model']}, 256/64/8), now {v['mp_per_s']['now']:.3f} MP/s ({v['now_model']}, defaults "
             f"{v['runs']['now'][0]['options']})"
         )
@@ -713,13 +716,13 @@ def print_table(r: dict[str, Any]) -> None:
             f"({v['mp_per_s']['now unfolded']:.3f} MP/s unfolded); classes agree on {v['fold_agreement'] * 100:.3f} %"
         )
     if m := r.get("vae_memory"):
-        print("\n14.4 peak RSS by shape")
+        print("\nMemory by scene shape (vaememory)")
         for x in m["rows"]:
             print(
                 f"  {x['width']:>6} x {x['height']:<6} {x['model']:12s} {x['peak_rss_mib']:6.0f} MiB "
                 f"(after imports {x['rss_after_imports_mib']:.0f})  {x['seconds']:7.1f} s"
             )
-    print("\ntargets (issue 6, then issue 14)")
+    print("\ntargets (set by issues 6 and 14)")
     for t in r["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
         print(f"  [{mark:6s}] {t['target']}: {t['value']}")
@@ -755,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         default=",".join(SECTIONS),
-        help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed; issue 14: "
+        help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed,"
         "fcn,tiling,vaespeed,vaememory)",
     )
     p.add_argument("--fcn-size", type=int, help="side of the TorchGeo FCN mosaic (default 7808, 61 MP; quick 2048)")
