@@ -48,6 +48,9 @@ log = logging.getLogger("geovae.segment")
 #: overviews were built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
 GDAL_CACHE_BYTES = 64 * 2**20
 
+#: Seed of the latent noise a run draws its samples with.
+SAMPLE_SEED = 0
+
 
 @dataclass
 class SegmentResult:
@@ -369,10 +372,15 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
     model_s = 0.0
     pin = model.device.type == "cuda"
     mean = np.asarray(model.info.mean, dtype=np.float32)
+    # Latent samples come from a fixed seed, so the same command gives the same outputs; the
+    # caller's own random state is left as it was.
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with (
+        torch.random.fork_rng(devices=devices),
         Reader(plan.scene, list(stitcher.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader,
         _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar,
     ):
+        torch.manual_seed(SAMPLE_SEED)
         # One batch in flight: batch n+1 is queued on the device before batch n is
         # blended, so on CUDA the GPU computes while the CPU blends and writes. (A blending
         # thread beside the CPU model was tried: on 2 cores it contends with torch's threads,
