@@ -8,13 +8,13 @@ out to every product (the class raster's colour table and category names, the po
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from geovae.errors import OptionError
 
-__all__ = ["CLASS_NODATA", "DEFAULT_COLORS", "ClassSpec", "check_class_ids", "parse_classes"]
+__all__ = ["CLASS_NODATA", "DEFAULT_COLORS", "ClassSpec", "check_class_ids", "parse_classes", "rgb"]
 
 #: Nodata value of the class raster, so class ids are 0..254.
 CLASS_NODATA = 255
@@ -32,6 +32,23 @@ DEFAULT_COLORS: list[tuple[int, int, int]] = [
     (188, 189, 34),
     (23, 190, 207),
 ]
+
+
+def rgb(color: Sequence[Any]) -> tuple[int, int, int]:
+    """A class colour as three integers (red, green, blue); a fourth value (alpha) is dropped.
+
+    Args:
+        color: the colour's values, as a model file, a config or a colour table gives them.
+
+    Returns:
+        ``(red, green, blue)``.
+
+    Raises:
+        ValueError: fewer than three values.
+    """
+    if len(color) < 3:
+        raise ValueError(f"class colour {list(color)!r}: give red, green and blue")
+    return int(color[0]), int(color[1]), int(color[2])
 
 
 def check_class_ids(ids: Any, where: str) -> None:

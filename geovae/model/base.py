@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from geovae.classes import DEFAULT_COLORS
+from geovae.classes import DEFAULT_COLORS, rgb
 from geovae.device import autocast_dtype, resolve_device
 from geovae.model.fold import fold_batchnorm as _fold_batchnorm
 from geovae.tiling import BATCH_PIXELS
@@ -84,7 +84,7 @@ class ModelInfo:
             self.class_names = [f"class {c}" for c in self.class_ids]
         if not self.class_colors:
             self.class_colors = [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(k)]
-        self.class_colors = [tuple(int(v) for v in c) for c in self.class_colors]  # type: ignore[misc]
+        self.class_colors = [rgb(c) for c in self.class_colors]
         if not self.mean:
             self.mean = [0.0] * self.in_channels
         if not self.std:
@@ -186,8 +186,8 @@ class SegmentationModel:
         self.device = resolve_device(device)
         # channels_last lets oneDNN/cuDNN pick their fastest convolution kernels (1.5x on the
         # benchmark CPU, same fp32 arithmetic); inputs are converted to match in normalise().
-        self.module = module.to(self.device, memory_format=torch.channels_last).eval()
-        self.net = self.module
+        self.module: nn.Module = module.to(self.device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's overloads omit (device, memory_format=), which it takes
+        self.net: nn.Module = self.module
         if fold_batchnorm and any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
             net = copy.deepcopy(self.module)
             if _fold_batchnorm(net):
@@ -260,11 +260,11 @@ class SegmentationModel:
                 # One encoder pass for the classes, the samples and the reconstruction.
                 logits, rec = infer(xn, samples=samples, reconstruction=reconstruction)
             elif samples > 0 and self.supports_samples:
-                logits = self.net.sample_logits(xn, samples)  # type: ignore[operator]
+                logits = self.net.sample_logits(xn, samples)  # type: ignore[operator]  # torch types Module attributes Tensor | Module
             else:
                 logits = self.net(xn)
             if reconstruction and rec is None:
-                rec = self.net.reconstruct(xn)  # type: ignore[operator]
+                rec = self.net.reconstruct(xn)  # type: ignore[operator]  # torch types Module attributes Tensor | Module
             logits = logits.float()
             if logits.ndim == 5:  # (samples, B, K, H, W)
                 p = logits.softmax(dim=2)

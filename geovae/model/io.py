@@ -221,16 +221,17 @@ def _build_torchgeo_model(arch: dict[str, Any], direct: bool = True) -> nn.Modul
     if task != "multiclass":
         raise ModelFileError(f"TorchGeo task {task!r} is not supported; geovae runs multiclass segmentation models")
     model, ins, k = arch.get("model"), arch.get("in_channels"), arch.get("num_classes")
-    if direct and model == "fcn" and "num_filters" in arch:
-        from torchgeo.models import FCN
+    smp_class = _SMP_CLASSES.get(model) if isinstance(model, str) and "backbone" in arch else None
+    if direct and (smp_class is not None or (model == "fcn" and "num_filters" in arch)):
+        if not isinstance(ins, int) or not isinstance(k, int):
+            raise TypeError(f"in_channels={ins!r} and num_classes={k!r} are not integers")
+        if smp_class is None:
+            from torchgeo.models import FCN
 
-        return FCN(in_channels=ins, classes=k, num_filters=arch["num_filters"])
-    if direct and model in _SMP_CLASSES and "backbone" in arch:
+            return FCN(in_channels=ins, classes=k, num_filters=arch["num_filters"])
         import segmentation_models_pytorch as smp
 
-        return getattr(smp, _SMP_CLASSES[model])(
-            encoder_name=arch["backbone"], encoder_weights=None, in_channels=ins, classes=k
-        )
+        return getattr(smp, smp_class)(encoder_name=arch["backbone"], encoder_weights=None, in_channels=ins, classes=k)
     from torchgeo.tasks import SemanticSegmentation
 
     kwargs = {k: arch[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters") if k in arch}
@@ -355,7 +356,9 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         mean = sd["band_mean"].flatten().tolist() if "band_mean" in sd else [0.0] * c
     if std is None:
         std = sd["band_std"].flatten().tolist() if "band_std" in sd else [1.0] * c
-    geo = ckpt.get("geovae") if isinstance(ckpt.get("geovae"), dict) else {}
+    geo = ckpt.get("geovae")
+    if not isinstance(geo, dict):
+        geo = {}
     tile = geo.get("tile_size")
     stride = module.stride
     tile = tile if isinstance(tile, int) and tile > 0 and tile % stride == 0 else max(stride, 256 // stride * stride)
@@ -497,7 +500,7 @@ def _halo(module: nn.Module, d: dict[str, Any]) -> int:
     """The model's halo (geovae.model.halo), measured on a CPU copy in fp32."""
     import copy
 
-    m = copy.deepcopy(module).to("cpu", memory_format=torch.channels_last)
+    m = copy.deepcopy(module).to("cpu", memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's overloads omit (device, memory_format=), which it takes
     return measure_halo(m, int(d["in_channels"]), int(d.get("stride") or 1))
 
 

@@ -85,6 +85,12 @@ def class_argmax(logits: Tensor) -> Tensor:
     return idx
 
 
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """A convolution's bias: every convolution here that reads one is made with ``bias=True``."""
+    assert conv.bias is not None
+    return conv.bias
+
+
 def _widths(base: int, depth: int) -> list[int]:
     # Widths double once and then stay flat: deep levels are cheap in FLOPs but dominate the
     # parameter count, and a land-cover segmenter gains little from 256+ deep channels.
@@ -126,7 +132,7 @@ class _SmpEncoder(nn.Module):
             raise OptionError(
                 f"encoder smp:{name}: not a segmentation_models_pytorch encoder; see smp.encoders.get_encoder_names()"
             ) from exc
-        self.out_channels = list(self.encoder.out_channels)
+        self.out_channels: list[int] = list(self.encoder.out_channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         # feats[0] is the input itself at full resolution; the decoder uses it as its last skip.
@@ -182,7 +188,7 @@ class _ClassConditionalDecoder(nn.Module):
         """
         a = a.float()
         w = self.out.weight.float().flatten(1)  # (C, R)
-        xb = x.float() - self.out.bias.float().view(1, -1, 1, 1)
+        xb = x.float() - _bias(self.out).float().view(1, -1, 1, 1)
         u = torch.einsum("cr,bchw->brhw", w, xb)
         gram = w.t() @ w
         xx = xb.pow(2).sum(1)
@@ -264,7 +270,7 @@ class PosteriorNet(nn.Module):
         self.to_mu = nn.Conv2d(width, latent_channels, 1)
         self.to_logvar = nn.Conv2d(width, latent_channels, 1)
         nn.init.zeros_(self.to_logvar.weight)
-        nn.init.constant_(self.to_logvar.bias, -2.0)
+        nn.init.constant_(_bias(self.to_logvar), -2.0)
 
     def forward(self, x: Tensor, labels: Tensor, labelled: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of q(z | x, y) from (B, C, H, W) bands, (B, H, W) class indices and
@@ -364,12 +370,12 @@ class VAESegmenter(nn.Module):
         self.stride = 2**depth
 
         if encoder == "unet":
-            self.encoder: nn.Module = _UNetEncoder(in_channels, base_channels, depth)
+            self.encoder: _UNetEncoder | _SmpEncoder = _UNetEncoder(in_channels, base_channels, depth)
         elif encoder.startswith("smp:"):
             self.encoder = _SmpEncoder(encoder[4:], in_channels, depth, encoder_weights)
         else:
             raise OptionError(f"encoder={encoder!r}: use 'unet' or 'smp:<name>' (e.g. smp:resnet18)")
-        enc_ch: list[int] = list(self.encoder.out_channels)  # type: ignore[arg-type]
+        enc_ch = list(self.encoder.out_channels)
         if len(enc_ch) != depth + 1:
             raise OptionError(f"encoder {encoder} gives {len(enc_ch) - 1} stages, expected depth={depth}")
 
@@ -385,12 +391,12 @@ class VAESegmenter(nn.Module):
         self.to_logvar = nn.Conv2d(enc_ch[depth], latent_channels, 1)
         # Start with a small posterior variance so that early training sees informative z.
         nn.init.zeros_(self.to_logvar.weight)
-        nn.init.constant_(self.to_logvar.bias, -2.0)
+        nn.init.constant_(_bias(self.to_logvar), -2.0)
 
         h = dec_w[0]
         self.head_kind = head
         if head == "lowrank":
-            self.head: nn.Module = _LowRankHead(h, latent_channels, num_classes, head_rank)
+            self.head: _LowRankHead | nn.Sequential = _LowRankHead(h, latent_channels, num_classes, head_rank)
         else:
             self.head = nn.Sequential(
                 nn.Conv2d(h + latent_channels, h, 1),
@@ -410,7 +416,7 @@ class VAESegmenter(nn.Module):
             ]
         self.recon_condition = recon_condition
         if recon_condition == "class":
-            self.recon_decoder: nn.Module = _ClassConditionalDecoder(
+            self.recon_decoder: _ClassConditionalDecoder | nn.Sequential = _ClassConditionalDecoder(
                 nn.Sequential(*layers), rw[0], num_classes, in_channels
             )
         else:
@@ -455,11 +461,11 @@ class VAESegmenter(nn.Module):
 
     def _head(self, h: Tensor, z: Tensor, parts: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Logits for one latent map ``z`` (the low-rank head's ``parts`` may be given)."""
-        if self.head_kind == "lowrank":
-            head: _LowRankHead = self.head  # type: ignore[assignment]
+        head = self.head
+        if isinstance(head, _LowRankHead):
             b, factor = parts if parts is not None else head.parts(h)
             return head.logits(b, factor, self._up(head.noise(z), h))
-        return self.head(torch.cat([h, self._up(z, h)], dim=1))
+        return head(torch.cat([h, self._up(z, h)], dim=1))
 
     def _head_samples(
         self, h: Tensor, mu: Tensor, logvar: Tensor, n: int, parts: tuple[Tensor, Tensor] | None = None
@@ -470,9 +476,9 @@ class VAESegmenter(nn.Module):
         zs = mu.unsqueeze(0) + torch.randn((n, *mu.shape), device=mu.device, dtype=mu.dtype) * torch.exp(
             0.5 * logvar
         ).unsqueeze(0)
-        if self.head_kind != "lowrank":
+        head = self.head
+        if not isinstance(head, _LowRankHead):
             return zs, torch.stack([self._head(h, z) for z in zs])
-        head: _LowRankHead = self.head  # type: ignore[assignment]
         b, factor = parts if parts is not None else head.parts(h)
         noise = self._up(head.noise(zs.flatten(0, 1)), h).unflatten(0, (n, mu.shape[0]))
         return zs, torch.stack([head.logits(b, factor, noise[i]) for i in range(n)])
@@ -525,12 +531,12 @@ class VAESegmenter(nn.Module):
             z = self._reparameterise(zmu, zlv) if sample else zmu
             logits = self._head(h, z)
         qm, ql = posterior if posterior is not None else (None, None)
-        if self.recon_condition == "class":
-            dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+        dec = self.recon_decoder
+        if isinstance(dec, _ClassConditionalDecoder):
             a = dec.features(z)
             rec = dec.decode(a, class_argmax(logits.detach()))
             return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many, qm, ql)
-        return VAEOutput(logits, self.recon_decoder(z), mu, logvar, None, many, qm, ql)
+        return VAEOutput(logits, dec(z), mu, logvar, None, many, qm, ql)
 
     def infer(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> tuple[Tensor, Tensor | None]:
         """Everything prediction needs from one encoder pass.
@@ -545,16 +551,16 @@ class VAESegmenter(nn.Module):
             (samples, B, K, H, W); the reconstruction as :meth:`reconstruct` gives it, or None.
         """
         h, mu, logvar = self._encode(x)
-        parts = self.head.parts(h) if self.head_kind == "lowrank" else None  # type: ignore[operator]
+        parts = self.head.parts(h) if isinstance(self.head, _LowRankHead) else None
         mean_logits = self._head(h, mu, parts)
         logits = self._head_samples(h, mu, logvar, samples, parts)[1] if samples > 0 else mean_logits
         rec = None
         if reconstruction:
-            if self.recon_condition == "class":
-                dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+            dec = self.recon_decoder
+            if isinstance(dec, _ClassConditionalDecoder):
                 rec = dec.decode(dec.features(mu), class_argmax(mean_logits))
             else:
-                rec = self.recon_decoder(mu)
+                rec = dec(mu)
         return logits, rec
 
     def sample_logits(self, x: Tensor, n: int) -> Tensor:
@@ -593,13 +599,13 @@ class VAESegmenter(nn.Module):
         Returns:
             (B, C, H, W) reconstruction.
         """
-        if self.recon_condition == "class":
+        dec = self.recon_decoder
+        if isinstance(dec, _ClassConditionalDecoder):
             h, mu, _ = self._encode(x)
-            dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
             return dec.decode(dec.features(mu), class_argmax(self._head(h, mu)))
         self._check(x)
         feats = self.encoder(x)
-        return self.recon_decoder(self.to_mu(feats[-1]))
+        return dec(self.to_mu(feats[-1]))
 
     def generate(self, n: int, size: int | tuple[int, int], classes: Tensor | int | None = None) -> Tensor:
         """Images decoded from ``n`` latent maps drawn from the N(0, I) prior.
@@ -624,9 +630,9 @@ class VAESegmenter(nn.Module):
             )
         p = next(self.parameters())
         z = torch.randn(n, self.latent_channels, hh // self.stride, ww // self.stride, device=p.device, dtype=p.dtype)
-        if self.recon_condition != "class":
-            return self.recon_decoder(z)
-        dec: _ClassConditionalDecoder = self.recon_decoder  # type: ignore[assignment]
+        dec = self.recon_decoder
+        if not isinstance(dec, _ClassConditionalDecoder):
+            return dec(z)
         a = dec.features(z)
         if classes is None:
             return dec.decode_mean(a)
