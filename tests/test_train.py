@@ -262,7 +262,7 @@ def test_labelled_sampler_gives_every_patch_labels(nc_stack: Path, nc_polygons: 
     kw = dict(classes=NC_CLASSES, tile=64, batch_size=8, val_fraction=0.5, samples_per_epoch=48, seed=3)
     rnd = SceneDataModule(str(nc_stack), str(nc_polygons), **kw)
     lab = SceneDataModule(str(nc_stack), str(nc_polygons), sampler="labelled", **kw)
-    assert rnd.sampler == "random" and lab.labelled_share < 0.05 and lab.describe()["sampler"] == "labelled"
+    assert rnd.sampler_name == "random" and lab.labelled_share < 0.05 and lab.describe()["sampler"] == "labelled"
     r, a = labelled_px(rnd), labelled_px(lab)
     assert isinstance(lab.train_sampler, LabelledPatchSampler) and len(a) == 48
     assert min(a) > 0 and sum(x == 0 for x in r) >= 10

@@ -175,7 +175,7 @@ def _valid_keys(section: str | None, parser: Any, raw: Any) -> list[str]:
         data = raw.get("data") if isinstance(raw, dict) else None
         cp = data.get("class_path", _DATA) if isinstance(data, dict) else _DATA
         try:
-            return [*inspect.signature(_class(cp).__init__).parameters][1:]
+            return [*inspect.signature(_class(cp)).parameters]
         except (ImportError, AttributeError, ValueError):
             return []
     # a jsonargparse Namespace iterates over its values; keys() gives the dotted option names

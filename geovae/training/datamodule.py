@@ -160,7 +160,7 @@ class SceneDataModule(GeoDataModule):
         labels: str | None = None,
         vector_labels: str | None = None,
         label_field: str | None = None,
-        classes: str | dict[int, str] | None = None,
+        classes: str | Mapping[Any, Any] | None = None,
         unlabeled: Sequence[str] = (),
         tile: int = 64,
         batch_size: int = 16,
@@ -297,13 +297,13 @@ class SceneDataModule(GeoDataModule):
                 f"of the scene; check the labels, --classes, or val_fraction/val_side"
             )
         self.n_labelled = {"train": n_train, "val": n_val}
-        self.sampler = sampler
+        self.sampler_name = sampler
 
         if samples_per_epoch is None:
             tb = self.train_box
             chips = max(1, round((tb[2] - tb[0]) / f.res[0] / tile) * round((tb[3] - tb[1]) / f.res[1] / tile))
             samples_per_epoch = 4 * chips
-        self.length = int(math.ceil(samples_per_epoch / batch_size) * batch_size)
+        self.length: int = int(math.ceil(samples_per_epoch / batch_size) * batch_size)
 
         # What the model needs to know about the data (a task built without these reads them
         # from here, see VAESegmentationTask.setup). The data module does not normalise:
@@ -311,8 +311,10 @@ class SceneDataModule(GeoDataModule):
         self.stats = band_statistics(self.image_path)
         self.in_channels = _bands_read(f)
         self.num_classes = self.classes.num_classes
-        self.mean: list[float] = list(self.stats.mean)
-        self.std: list[float] = list(self.stats.std)
+        # TorchGeo's data module types mean and std as the tensors of its Normalize; this one
+        # does not normalise and gives plain lists, what the task and the model file take.
+        self.mean: list[float] = list(self.stats.mean)  # type: ignore[assignment]  # TorchGeo's base: Tensor
+        self.std: list[float] = list(self.stats.std)  # type: ignore[assignment]  # TorchGeo's base: Tensor
         self.nodata = f.nodata
         descr = list(f.descriptions)
         self.band_names = [str(d) for d in descr] if all(descr) and len(descr) == self.in_channels else None
@@ -363,14 +365,14 @@ class SceneDataModule(GeoDataModule):
             "background": self.background,
         }
 
-        def cid(v: Any) -> int:
+        def class_of(v: Any) -> int:
             if isinstance(v, str):
                 return int(name_to_id.get(v, 0))
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 return 0
             return int(v)
 
-        feature_class = [cid(v) for v in gdf[label_field]]
+        feature_class = [class_of(v) for v in gdf[label_field]]
         f = self.facts
         counts = [
             object_label_counts(
@@ -420,11 +422,12 @@ class SceneDataModule(GeoDataModule):
         if self.labels_path:
             lab: GeoDataset = SceneLabels(paths=gdal_path(self.labels_path), crs=img.crs, res=self.facts.res)
         elif self.boundary_width:
-            assert self.objects is not None
+            # __init__ takes labels or vector_labels; object labels are vector labels
+            assert self.vector_path is not None and self.objects is not None
             lab = ObjectLabels(
                 gdal_path(self.vector_path),
                 crs=img.crs,
-                res=self.facts.res,  # type: ignore[arg-type]
+                res=self.facts.res,
                 label_field=self.label_field or "",
                 name_to_id=self.name_to_id,
                 boundary_width=self.boundary_width,
@@ -433,10 +436,11 @@ class SceneDataModule(GeoDataModule):
                 background=self._background_geom,
             )
         else:
+            assert self.vector_path is not None  # labels or vector_labels, checked in __init__
             lab = VectorLabels(
                 gdal_path(self.vector_path),
                 crs=img.crs,
-                res=self.facts.res,  # type: ignore[arg-type]
+                res=self.facts.res,
                 label_field=self.label_field or "",
                 name_to_id=self.name_to_id,
             )
@@ -447,7 +451,7 @@ class SceneDataModule(GeoDataModule):
         if stage in ("fit",):
             self.train_dataset = self._labelled_ds(self.train_box)
             gen = torch.Generator().manual_seed(self.seed)
-            if self.sampler == "labelled":
+            if self.sampler_name == "labelled":
                 cells = labelled_cells(
                     self.labels_path,
                     self.train_box,
@@ -460,7 +464,7 @@ class SceneDataModule(GeoDataModule):
                     self.train_dataset, self.tile, self.length, self.train_box, cells, generator=gen
                 )
             else:
-                self.train_sampler = RandomGeoSampler(
+                self.train_sampler = RandomGeoSampler(  # type: ignore[assignment]  # TorchGeo 0.10: derives from samplers.single's GeoSampler, not the one its data module declares
                     self.train_dataset,
                     size=self.tile,
                     length=self.length,
@@ -488,12 +492,12 @@ class SceneDataModule(GeoDataModule):
     def train_dataloader(self) -> Any:
         """Labelled patches; with unlabelled scenes, a CombinedLoader of both streams."""
         labelled = self._dataloader_factory("train")
-        if not self.unlabeled_paths or self.unlabeled_sampler is None:
+        if not self.unlabeled_paths or self.unlabeled_dataset is None or self.unlabeled_sampler is None:
             return labelled
         unl = DataLoader(
             self.unlabeled_dataset,
             batch_size=self.batch_size,
-            sampler=self.unlabeled_sampler,  # type: ignore[arg-type]
+            sampler=self.unlabeled_sampler,
             num_workers=self.num_workers,
             collate_fn=stack_samples,
             drop_last=True,
@@ -520,8 +524,8 @@ class SceneDataModule(GeoDataModule):
             "unlabeled": self.unlabeled_paths,
             "train_box": list(self.train_box),
             "val_box": list(self.val_box) if self.val_box else None,
-            "crs": self.facts.crs.to_string(),  # type: ignore[union-attr]
+            "crs": self.facts.crs.to_string() if self.facts.crs is not None else None,
             "labelled_pixels": self.n_labelled,
-            "sampler": self.sampler,
+            "sampler": self.sampler_name,
             **({"objects": self.objects} if self.objects else {}),
         }

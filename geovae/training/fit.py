@@ -205,11 +205,11 @@ def fit_and_save(
     Returns:
         A :class:`TrainResult`.
     """
-    scene = isinstance(dm, SceneDataModule)
+    scene = dm if isinstance(dm, SceneDataModule) else None
     has_val = True
-    if scene:
-        has_val = dm.val_box is not None and dm.n_labelled["val"] != 0
-        if dm.val_box is not None and not has_val:
+    if scene is not None:
+        has_val = scene.val_box is not None and scene.n_labelled["val"] != 0
+        if scene.val_box is not None and not has_val:
             log.warning("no labelled pixels in the validation part; training without validation metrics")
     args = {k: v for k, v in task_args.items() if v is not None}
     task = VAESegmentationTask(**args)
@@ -218,18 +218,18 @@ def fit_and_save(
     seconds = time.perf_counter() - t0
     metrics = {k: v for k, v in final.items() if not math.isnan(v)}
     extra = {
-        "data": dm.describe() if scene else {},
+        "data": scene.describe() if scene is not None else {},
         "metrics": metrics,
         "epochs": len(history),
         "seconds": round(seconds, 2),
         **dict(provenance or {}),
     }
-    if scene and dm.objects:
+    if scene is not None and scene.objects:
         # Where geovae segment --objects finds the boundary class (geovae.objects.boundary_class).
-        extra["objects"] = dict(dm.objects)
+        extra["objects"] = dict(scene.objects)
     info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
-    if scene:
-        info.training = training_facts(task.model, info, dm)
+    if scene is not None:
+        info.training = training_facts(task.model, info, scene)
     from geovae.model import io as model_io
 
     # save_model writes to a temporary name in the same folder and renames it when complete.
@@ -421,7 +421,7 @@ def train_model(
         label_field=label_field,
         classes=classes,
         unlabeled=[str(u) for u in unlabeled],
-        tile=tile,  # type: ignore[arg-type]
+        tile=tile,
         batch_size=batch_size,
         val_fraction=val_fraction,
         val_side=val_side,

@@ -22,7 +22,7 @@ import rasterio.windows
 from rasterio.crs import CRS
 from torchgeo.datasets import RasterDataset, VectorDataset
 
-from geovae.classes import ClassSpec, parse_classes
+from geovae.classes import ClassSpec, parse_classes, rgb
 from geovae.errors import LabelsError, SceneError
 from geovae.scene import Scene, open_raster
 
@@ -428,7 +428,7 @@ def label_colors(path: str, ids: Sequence[int]) -> list[tuple[int, int, int]] | 
             return None
     if not all(i in cmap for i in ids):
         return None
-    return [tuple(int(v) for v in cmap[i][:3]) for i in ids]  # type: ignore[misc]
+    return [rgb(cmap[i]) for i in ids]
 
 
 def resolve_classes(

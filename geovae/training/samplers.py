@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import rasterio
@@ -178,7 +178,7 @@ class LabelledPatchSampler(SpatialSampler):
         self.generator = generator
 
     @property
-    def strategy(self) -> str:  # type: ignore[override]
+    def strategy(self) -> Literal["random"]:
         return "random"
 
     def __iter__(self) -> Any:

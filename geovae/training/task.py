@@ -20,6 +20,7 @@ from torchgeo.tasks import BaseTask
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from geovae._version import __version__
+from geovae.classes import rgb
 from geovae.errors import ConfigError, ModelMismatchError, OptionError
 from geovae.metrics import metrics_from_confusion
 from geovae.model.base import ModelInfo
@@ -222,6 +223,11 @@ class VAESegmentationTask(BaseTask):
     #: Monitored by the LR scheduler: always available, with or without validation.
     monitor = "train_loss"
     ignore = None
+    # Buffers registered by configure_models, typed here: nn.Module's attribute lookup
+    # would type them Tensor | Module.
+    band_mean: Tensor
+    band_std: Tensor
+    class_weight: Tensor | None
 
     def __init__(
         self,
@@ -356,7 +362,7 @@ class VAESegmentationTask(BaseTask):
         """
         if self._described:
             return
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)  # Lightning sets it on the Trainer as it runs
         if dm is None:
             raise ConfigError(
                 "VAESegmentationTask without in_channels and num_classes needs a data module that "
@@ -372,7 +378,7 @@ class VAESegmentationTask(BaseTask):
         """Add what a geovae model file holds besides the hyperparameters: the training tile,
         the training data's facts for the trust check, and provenance (plain values only, so
         the checkpoint still loads with ``torch.load(weights_only=True)``)."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = getattr(self._trainer, "datamodule", None)  # Lightning sets it on the Trainer as it runs
         extra: dict[str, Any] = {"geovae_version": __version__}
         ps = getattr(dm, "patch_size", None)
         if ps is not None:
@@ -380,7 +386,7 @@ class VAESegmentationTask(BaseTask):
         stats = getattr(dm, "stats", None)
         if stats is not None:
             extra["training"] = {"dtype": stats.dtype, "quantiles": stats.quantiles}
-        if hasattr(dm, "describe"):
+        if dm is not None and hasattr(dm, "describe"):
             extra["data"] = dm.describe()
         checkpoint["geovae"] = extra
 
@@ -494,7 +500,7 @@ class VAESegmentationTask(BaseTask):
         state = self.model.state_dict()
         avg = getattr(self, "_ema_state", None)
         if avg is None:
-            self._ema_state = {k: v.detach().clone() for k, v in state.items()}
+            self._ema_state: dict[str, Tensor] | None = {k: v.detach().clone() for k, v in state.items()}
             return
         # The usual warm-up of the decay: early steps are not averaged over a long past.
         step = int(self.global_step)
@@ -682,7 +688,7 @@ class VAESegmentationTask(BaseTask):
             num_classes=hp["num_classes"],
             class_ids=list(hp["class_ids"] or range(hp["num_classes"])),
             class_names=list(hp["labels"] or []),
-            class_colors=[tuple(int(v) for v in col) for col in (hp["class_colors"] or [])],  # type: ignore[misc]
+            class_colors=[rgb(col) for col in (hp["class_colors"] or [])],
             mean=[float(v) for v in mean],
             std=[float(v) for v in std],
             band_names=list(hp["band_names"]) if hp["band_names"] else None,
