@@ -46,6 +46,9 @@ class ModelCache(WorkerPlugin):
     name = PLUGIN_NAME
 
     def __init__(self, loader: Callable[[str, str], SegmentationModel] | None = None) -> None:
+        self._start(loader)
+
+    def _start(self, loader: Callable[[str, str], SegmentationModel] | None) -> None:
         self.loader = loader
         self.loads = 0
         self._models: dict[tuple[str, int, int, str], SegmentationModel] = {}
@@ -56,7 +59,7 @@ class ModelCache(WorkerPlugin):
         return {"loader": self.loader, "loads": 0}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["loader"])  # type: ignore[misc]
+        self._start(state["loader"])
 
     def setup(self, worker: Worker) -> None:
         """Called by Dask when the plugin is installed on a worker."""
@@ -100,24 +103,26 @@ def worker_model_cache() -> ModelCache:
         worker = get_worker()
     except (ImportError, ValueError):
         return _LOCAL_CACHE
-    cache = worker.plugins.get(PLUGIN_NAME)
-    if cache is None:
-        # A worker that joined without the plugin (or lost it); keep a cache on it anyway.
-        cache = getattr(worker, "_geovae_model_cache", None)
-        if cache is None:
-            cache = ModelCache()
-            worker._geovae_model_cache = cache  # type: ignore[attr-defined]
-    return cache  # type: ignore[no-any-return]
+    plugin = worker.plugins.get(PLUGIN_NAME)
+    if isinstance(plugin, ModelCache):
+        return plugin
+    # A worker that joined without the plugin (or lost it); keep a cache on it anyway.
+    cache = getattr(worker, "_geovae_model_cache", None)
+    if not isinstance(cache, ModelCache):
+        cache = ModelCache()
+        worker._geovae_model_cache = cache  # type: ignore[attr-defined]  # geovae's own attribute on Dask's Worker
+    return cache
 
 
 def _plugin_loads(dask_worker: Worker) -> int:
     cache = dask_worker.plugins.get(PLUGIN_NAME) or getattr(dask_worker, "_geovae_model_cache", None)
-    return cache.loads if cache is not None else 0
+    return cache.loads if isinstance(cache, ModelCache) else 0
 
 
 def model_loads(client: Client) -> dict[str, int]:
     """How many times each worker of ``client``'s cluster has read a model file."""
-    return client.run(_plugin_loads)  # type: ignore[no-any-return]
+    loads: dict[str, int] = client.run(_plugin_loads)
+    return loads
 
 
 def _plugin_installed(dask_scheduler: Any) -> bool:
