@@ -381,7 +381,8 @@ class PolygonLayer:
         )
         with self._conn() as conn:
             rows = conn.execute(sql, (box[2], box[0], box[3], box[1], smallest, smallest, limit + 1)).fetchall()
-            ids, total = [], 0
+            ids: list[int] = []
+            total = 0
             for fid, size in rows[:limit]:
                 total += size or 0
                 if total > max_bytes and ids:

@@ -369,7 +369,7 @@ class _Handler(BaseHTTPRequestHandler):
             if layer is None:
                 return self._error(HTTPStatus.NOT_FOUND, "this scene has no polygons")
             try:
-                z = float(params.get("z", "20"))
+                zoom = float(params.get("z", "20"))
                 if m.group(2) == "polygons":
                     w, s, e, n = (float(v) for v in params["bbox"].split(","))
                 else:
@@ -377,8 +377,8 @@ class _Handler(BaseHTTPRequestHandler):
             except (KeyError, ValueError) as exc:
                 return self._error(HTTPStatus.BAD_REQUEST, f"bad query: {type(exc).__name__} {exc}")
             if m.group(2) == "polygons":
-                body = layer.in_view(w, s, e, n, z)
+                body = layer.in_view(w, s, e, n, zoom)
             else:
-                body = layer.at(lon, lat, z) or "null"
+                body = layer.at(lon, lat, zoom) or "null"
             return self._send(200, body.encode(), "application/geo+json")
         return self._error(HTTPStatus.NOT_FOUND)

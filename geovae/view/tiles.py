@@ -88,9 +88,8 @@ class LayerStyle:
             out["range"] = [float(self.ranges[0][0]), float(self.ranges[0][1])]
         if self.colormap and self.colormap != "table":
             cm = cmap.get(self.colormap)
-            out["ramp"] = ["#{:02x}{:02x}{:02x}".format(*tuple(cm[i][:3])) for i in range(0, 256, 32)] + [
-                "#{:02x}{:02x}{:02x}".format(*tuple(cm[255][:3]))
-            ]
+            if isinstance(cm, dict):  # a value -> colour table; an interval colour map has no ramp
+                out["ramp"] = ["#{:02x}{:02x}{:02x}".format(*cm[i][:3]) for i in (*range(0, 256, 32), 255)]
         return out
 
 
@@ -151,7 +150,7 @@ def style_for(entry: SceneEntry, kind: str) -> LayerStyle:
     if kind == "scene":
         if entry.scene is None:
             raise KeyError(kind)
-        return _scene_style(entry)
+        return _scene_style(entry, entry.scene)
     path = entry.rasters[kind]
     with rasterio.open(path) as ds:
         bounds = _mercator_bounds(ds)
@@ -173,13 +172,13 @@ def style_for(entry: SceneEntry, kind: str) -> LayerStyle:
     return LayerStyle(str(path), [1], [rng], _COLORMAPS.get(kind, "viridis"), None, minzoom, bounds, res)
 
 
-def _scene_style(entry: SceneEntry) -> LayerStyle:
+def _scene_style(entry: SceneEntry, path: str) -> LayerStyle:
     """The quicklook's RGB bands and stretch, for tiles of the input scene."""
     # the quicklook's band choice, the one definition of which bands show as RGB
     from geovae.quicklook import choose_rgb_bands
     from geovae.scene import open_scene
 
-    scene = open_scene(entry.scene, nodata=entry.nodata)  # type: ignore[arg-type]
+    scene = open_scene(path, nodata=entry.nodata)
     try:
         bands = choose_rgb_bands(scene, entry.band_names)
         data, valid = scene.read_overview(QUICKLOOK_MAX_SIZE, bands=bands)
