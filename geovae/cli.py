@@ -35,10 +35,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (a test harness or a notebook may swap it)."""
 
-    @property  # type: ignore[override]
+    #: marks geovae's own handler, so that a second setup does not add another
+    _geovae = True
+
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -62,7 +65,6 @@ def _setup_logging(verbosity: int) -> None:
     if not any(getattr(h, "_geovae", False) for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(_Formatter())
-        handler._geovae = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     # Third-party libraries (matplotlib's font manager, Lightning's banners, distributed's
     # cluster chatter) stay at WARNING unless -vv asks for everything.

@@ -22,7 +22,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import rasterio
@@ -34,6 +34,7 @@ from geovae.scene import grid_mismatch, open_raster
 __all__ = [
     "AUROC_BINS",
     "OBJECT_IOU",
+    "ConfusionScores",
     "auroc_from_histograms",
     "confusion_scores",
     "evaluate",
@@ -58,7 +59,20 @@ _STRIP_PIXELS = 1 << 21
 
 
 # ----------------------------------------------------------------------------- confusion matrices
-def confusion_scores(cm: Any) -> dict[str, np.ndarray | float]:
+
+
+class ConfusionScores(TypedDict):
+    """What :func:`confusion_scores` returns."""
+
+    iou: np.ndarray
+    support: np.ndarray
+    predicted: np.ndarray
+    present: np.ndarray
+    mIoU: float
+    OA: float
+
+
+def confusion_scores(cm: Any) -> ConfusionScores:
     """IoU per class, support, predictions and overall accuracy of a confusion matrix.
 
     The one IoU rule of geovae: IoU = TP / (TP + FP + FN) per class, NaN where a class is
@@ -107,10 +121,10 @@ def metrics_from_confusion(cm: Any, names: Sequence[str] | None = None) -> dict[
     """
     s = confusion_scores(cm)
     iou, present = s["iou"], s["present"]
-    out: dict[str, float] = {"mIoU": s["mIoU"], "OA": s["OA"]}  # type: ignore[dict-item]
-    names = list(names) if names else [str(i) for i in range(len(iou))]  # type: ignore[arg-type]
+    out: dict[str, float] = {"mIoU": s["mIoU"], "OA": s["OA"]}
+    names = list(names) if names else [str(i) for i in range(len(iou))]
     for i, n in enumerate(names):
-        out[f"IoU_{n}"] = float(iou[i]) if bool(present[i]) else float("nan")  # type: ignore[index]
+        out[f"IoU_{n}"] = float(iou[i]) if bool(present[i]) else float("nan")
     return out
 
 
@@ -412,7 +426,7 @@ def _accumulate(
         cm[index[a], index[b]] = n
     scores = confusion_scores(cm)
     # Every id here is in the labels or the predictions, so no union is empty.
-    iou = np.nan_to_num(scores["iou"], nan=0.0)  # type: ignore[arg-type]
+    iou = np.nan_to_num(scores["iou"], nan=0.0)
     label_px, pred_px, present = scores["support"], scores["predicted"], scores["present"]
     names = _class_names(pred)
     classes = [
@@ -562,7 +576,8 @@ def object_scores(
     if region is not None:
         box = shapely.box(*region) if isinstance(region, (tuple, list)) else region
     crs = None
-    tree = ref_geoms = ref_area = None
+    # the reference in the CRS areas are measured in: its search tree, geometries and areas
+    measured: tuple[Any, np.ndarray, np.ndarray] | None = None
     n_pred = 0
     pairs: list[tuple[float, int, int]] = []
 
@@ -579,7 +594,7 @@ def object_scores(
         return g[shapely.area(g) >= min_area] if min_area > 0 else g[shapely.area(g) > 0]
 
     for batch in _read_objects(predicted, "predicted objects", _OBJECT_BATCH):
-        if crs is None:
+        if measured is None:
             crs = batch.crs
             if crs is None or ref_crs is None:
                 raise LabelsError("predicted or reference objects have no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
@@ -591,8 +606,8 @@ def object_scores(
 
                 box = gpd.GeoSeries([box], crs=region_crs or ref_crs).to_crs(crs).iloc[0]
             ref_geoms = prepare(ref.to_crs(crs))
-            ref_area = shapely.area(ref_geoms)
-            tree = shapely.STRtree(ref_geoms)
+            measured = (shapely.STRtree(ref_geoms), ref_geoms, shapely.area(ref_geoms))
+        tree, ref_geoms, ref_area = measured
         batch = _class_filter(batch, classes)
         g = prepare(batch.to_crs(crs))
         if len(g) == 0:
@@ -604,8 +619,8 @@ def object_scores(
             ok = iou >= iou_threshold - 1e-12
             pairs += list(zip(iou[ok].tolist(), ri[ok].tolist(), (pi[ok] + n_pred).tolist()))
         n_pred += len(g)
-    if ref_geoms is None:  # no predicted batch at all
-        ref_geoms = prepare(ref)
+    # without a predicted batch the reference was never measured
+    ref_geoms = prepare(ref) if measured is None else measured[1]
     matched = match_objects(pairs)
     m, n_ref = len(matched), len(ref_geoms)
     precision = m / n_pred if n_pred else None

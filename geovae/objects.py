@@ -424,6 +424,7 @@ def write_objects(
         _GDAL_CACHE_BYTES,
         _block_pieces,
         _check_same_grid,
+        _ColumnType,
         _Layer,
         _mean,
         _Measure,
@@ -537,7 +538,8 @@ def write_objects(
             }
 
         cols = [area_col if c == "area" else c for c in OBJECT_COLUMNS]
-        types = {c: {"object_id": "int64", "class_id": "int32", "class_name": object}.get(c, "float64") for c in cols}
+        special: dict[str, _ColumnType] = {"object_id": "int64", "class_id": "int32", "class_name": object}
+        types = {c: special.get(c, "float64") for c in cols}
         with capped_gdal_cache(_GDAL_CACHE_BYTES):
             res = _run_layer(
                 _Layer(pieces, attributes, cols, types),

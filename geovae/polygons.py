@@ -78,6 +78,9 @@ _GDAL_CACHE_BYTES = 16 * 2**20
 #: Sum and count of confidence, uncertainty and the anomaly flag per piece.
 _NSTATS = 6
 
+#: A layer column's pandas dtype: a dtype name, or ``object`` for text.
+_ColumnType = str | type[object]
+
 
 @dataclass
 class VectorizeResult:
@@ -373,7 +376,7 @@ def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
 class _PartsWriter:
     """Appends finished polygons (scene CRS) to a private GeoPackage in chunks."""
 
-    def __init__(self, path: Path, crs: Any, geometry_type: str, columns: list[str], dtypes: dict[str, Any]):
+    def __init__(self, path: Path, crs: Any, geometry_type: str, columns: list[str], dtypes: dict[str, _ColumnType]):
         self.path = path
         self.crs = crs
         self.geometry_type = geometry_type
@@ -517,7 +520,7 @@ def _load_lazy_imports() -> None:
 
 
 #: The Arrow type of each pandas dtype the layers' columns use.
-_ARROW_TYPES = {"int32": "int32", "int64": "int64", "float64": "float64", object: "string"}
+_ARROW_TYPES: dict[_ColumnType, str] = {"int32": "int32", "int64": "int64", "float64": "float64", object: "string"}
 
 
 class _FormatWriters:
@@ -536,7 +539,7 @@ class _FormatWriters:
         crs: Any,
         geometry_type: str,
         columns: list[str],
-        dtypes: dict[str, Any],
+        dtypes: dict[str, _ColumnType],
         layer: str,
     ):
 
@@ -1124,9 +1127,12 @@ def _style_geopackages(
 
 
 def _read_band(ds: rasterio.DatasetReader | None, win: Window) -> np.ndarray | None:
+    """Band 1 of a float raster as float32 with NaN at nodata; None without the raster."""
+    return None if ds is None else _read_floats(ds, win)
+
+
+def _read_floats(ds: rasterio.DatasetReader, win: Window) -> np.ndarray:
     """Band 1 of a float raster as float32 with NaN at nodata."""
-    if ds is None:
-        return None
     a = ds.read(1, window=win, masked=False).astype(np.float32)
     if ds.nodata is not None and not np.isnan(ds.nodata):
         a = np.where(a == ds.nodata, np.nan, a)
@@ -1150,7 +1156,7 @@ class _Layer:
     pieces: Any
     attributes: Any
     columns: list[str]
-    dtypes: dict[str, str]
+    dtypes: dict[str, _ColumnType]
 
 
 def _run(
@@ -1174,7 +1180,7 @@ def _run(
         valid = src.read_masks(1, window=win) > 0
         if not valid.any():
             return None
-        anom = None if anom_ds is None else _anomaly_flags(_read_band(anom_ds, win), threshold)
+        anom = None if anom_ds is None else _anomaly_flags(_read_floats(anom_ds, win), threshold)
         return _BlockValues(src.read(1, window=win), valid, _read_band(conf_ds, win), _read_band(unc_ds, win), anom)
 
     spec = _class_layer(
@@ -1256,7 +1262,9 @@ def _class_layer(
         }
 
     cols = _columns(area_col)
-    types = {c: ("int32" if c == "class_id" else object if c == "class_name" else "float64") for c in cols}
+    types: dict[str, _ColumnType] = {
+        c: ("int32" if c == "class_id" else object if c == "class_name" else "float64") for c in cols
+    }
     return _Layer(pieces, attributes, cols, types)
 
 

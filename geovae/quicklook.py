@@ -60,9 +60,10 @@ def choose_rgb_bands(scene: Scene, band_names: list[str] | None = None) -> list[
             found = []
             for colour in ("red", "green", "blue"):
                 hits = [i + 1 for i, nm in enumerate(names) if _match(nm, colour)]
-                found.append(hits[0] if hits else None)
-            if all(found):
-                return found  # type: ignore[return-value]
+                if hits:
+                    found.append(hits[0])
+            if len(found) == 3:
+                return found
     if n < 3:
         return [1]
     if n == 3:
@@ -135,7 +136,7 @@ def write_quicklook(
     ax.set_axis_off()
     present = set(np.unique(cls).tolist())
     handles = [
-        Patch(facecolor=np.asarray(col) / 255.0, edgecolor="black", label=str(name))
+        Patch(facecolor=(col[0] / 255.0, col[1] / 255.0, col[2] / 255.0), edgecolor="black", label=str(name))
         for cid, name, col in zip(info.class_ids, info.class_names, info.class_colors)
         if int(cid) in present
     ]

@@ -65,7 +65,7 @@ def capped_gdal_cache(limit_bytes: int) -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=min(current, int(limit_bytes)))
 
 
-def gdal_path(path: str | Path) -> str:
+def gdal_path(path: str | os.PathLike[str]) -> str:
     """Turn a user's path or URL into the name GDAL opens.
 
     ``s3://b/k`` becomes ``/vsis3/b/k``, ``http(s)://...`` becomes ``/vsicurl/http(s)://...``;
@@ -86,7 +86,7 @@ def gdal_path(path: str | Path) -> str:
     return str(Path(s).expanduser().absolute())
 
 
-def is_remote(path: str | Path) -> bool:
+def is_remote(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a URL or a GDAL virtual file rather than a local file.
 
     A Windows drive letter parses as a one-letter scheme; only real schemes count.
@@ -165,7 +165,7 @@ def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str, rol
                     )
 
 
-def open_raster(path: str | Path, role: str = "scene") -> rasterio.io.DatasetReader:
+def open_raster(path: str | os.PathLike[str], role: str = "scene") -> rasterio.io.DatasetReader:
     """Open any raster GDAL reads, local or remote, turning every failure into one line.
 
     The one way geovae opens a raster it reads (a scene, a class raster, labels, a confidence
@@ -662,7 +662,7 @@ def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | 
             alpha=alpha,
             descriptions=[ds.descriptions[i - 1] for i in bands],
             colorinterp=[ds.colorinterp[i - 1].name for i in bands],
-            block_shapes=[tuple(ds.block_shapes[i - 1]) for i in bands],  # type: ignore[misc]
+            block_shapes=[(int(ds.block_shapes[i - 1][0]), int(ds.block_shapes[i - 1][1])) for i in bands],
             mask_kind=kind,
             pixel_coords=pixel_coords or ds.crs is None,
         )

@@ -369,7 +369,7 @@ def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: 
         else [-180.0, -90.0, 180.0, 90.0]
     )
     times = [it.datetime for _, it in loaded if it.datetime is not None]
-    interval = [[min(times), max(times)]] if times else [[None, None]]
+    interval: list[list[datetime | None]] = [[min(times), max(times)]] if times else [[None, None]]
     coll = pystac.Collection(
         id=f"geovae-{out.name or 'batch'}",
         title=title or f"geovae land cover: {out.name}",

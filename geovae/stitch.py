@@ -233,8 +233,7 @@ class PixelAreas:
         nr, nc = math.ceil(h / c), math.ceil(w / c)
         cell_id = (np.arange(h)[:, None] // c) * nc + (np.arange(w)[None, :] // c)
         ok = classes >= 0
-        counts = np.bincount(cell_id[ok] * nvalues + classes[ok], minlength=nr * nc * nvalues)
-        counts = counts.reshape(nr * nc, nvalues)
+        counts = np.bincount(cell_id[ok] * nvalues + classes[ok], minlength=nr * nc * nvalues).reshape(nr * nc, nvalues)
         r0, c0 = int(window.row_off), int(window.col_off)
         rows = np.minimum(np.arange(nr + 1) * c, h) + r0
         cols = np.minimum(np.arange(nc + 1) * c, w) + c0

@@ -90,7 +90,8 @@ def class_aux_xml(
     Returns:
         The XML text, as GDAL writes it for a GeoTIFF.
     """
-    table = dict(zip((int(i) for i in ids), zip(names, colors, pixels if pixels is not None else [None] * len(ids))))
+    counts: Sequence[int | None] = pixels if pixels is not None else [None] * len(ids)
+    table = dict(zip((int(i) for i in ids), zip(names, colors, counts)))
     top = max(table) + 1 if table else 0
     cats = "".join(f"      <Category>{escape(str(table[v][0])) if v in table else ''}</Category>\n" for v in range(top))
     ct = "".join(
@@ -115,7 +116,7 @@ def class_aux_xml(
     )
     rows = []
     for r, (v, (name, col, px)) in enumerate(sorted(table.items())):
-        cells = [str(v), escape(str(name)), *map(str, _rgb(col))] + ([str(int(px))] if pixels is not None else [])
+        cells = [str(v), escape(str(name)), *map(str, _rgb(col))] + ([str(int(px))] if px is not None else [])
         rows.append(f'      <Row index="{r}">' + "".join(f"<F>{c}</F>" for c in cells) + "</Row>\n")
     return (
         '<PAMDataset>\n  <PAMRasterBand band="1">\n    <CategoryNames>\n' + cats + "    </CategoryNames>\n"

@@ -114,6 +114,8 @@ class SegmentResult:
             if kind not in self.outputs:
                 continue
             da = rioxarray.open_rasterio(self.outputs[kind], chunks=chunks, masked=False, lock=False)
+            # a GeoTIFF without subdatasets opens as one DataArray
+            assert isinstance(da, xr.DataArray)
             for b, vname in enumerate(vnames):
                 v = da.isel(band=b, drop=True)
                 v.name = vname

@@ -20,7 +20,7 @@ and nothing in the class raster says so. Two checks guard against that:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -57,6 +57,16 @@ def anomaly_threshold(info: ModelInfo) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+class _BandCheck(TypedDict):
+    """One band's entry in :func:`check_scene`'s report."""
+
+    band: int
+    scene_median: float
+    training_median: float
+    training_range: list[float]
+    outside: float
+
+
 def _band_name(info: ModelInfo, b: int) -> str:
     names = info.band_names or []
     return f"band {b + 1}" + (f" ({names[b]})" if b < len(names) and names[b] else "")
@@ -87,22 +97,23 @@ def check_scene(
     """
     training = info.training or {}
     quant = training.get("quantiles") or {}
-    lo_q, med_q, hi_q = quant.get("0.005"), quant.get("0.5"), quant.get("0.995")
-    have_q = all(isinstance(q, list) and len(q) == info.in_channels for q in (lo_q, med_q, hi_q))
+    found = [quant.get(k) for k in ("0.005", "0.5", "0.995")]
+    have_q = all(isinstance(q, list) and len(q) == info.in_channels for q in found)
+    lo_q, med_q, hi_q = (q if isinstance(q, list) else [] for q in found)
     default_norm = all(m == 0.0 for m in info.mean) and all(s == 1.0 for s in info.std)
     if not have_q and default_norm:
         return {"checked": False, "reason": "the model file records no training statistics"}
     x = scene_sample(scene) if sample is None else sample
     if x.shape[1] == 0:
         return {"checked": False, "reason": "no valid pixel in the sample"}
-    bands = []
+    bands: list[_BandCheck] = []
     for b in range(info.in_channels):
         v = x[b]
         if have_q:
-            lo, hi = float(lo_q[b]), float(hi_q[b])  # type: ignore[index]
+            lo, hi = float(lo_q[b]), float(hi_q[b])
             span = max(hi - lo, 1e-6 * max(abs(hi), 1.0))
             allowed = (lo - span / 2, hi + span / 2)
-            ref_median = float(med_q[b])  # type: ignore[index]
+            ref_median = float(med_q[b])
         else:
             m, s = float(info.mean[b]), float(info.std[b])
             allowed = (m - 6 * s, m + 6 * s)
