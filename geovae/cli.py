@@ -20,11 +20,10 @@ from typing import Any
 import click
 
 from geovae._version import __version__
+from geovae.choices import CONNECTIVITIES, POLYGON_FORMAT_NAMES, PRECISIONS, SAMPLERS, PolygonFormat, Sampler
 from geovae.errors import GeovaeError, OptionError
 
 log = logging.getLogger("geovae")
-
-FORMATS = ("geojson", "gpkg", "parquet")
 
 
 class _Terminated(BaseException):
@@ -149,11 +148,11 @@ def _verbosity_params() -> list[click.Option]:
     ]
 
 
-def _formats(value: str) -> tuple[str, ...]:
-    fmts = tuple(f.strip().lower().lstrip(".") for f in value.split(",") if f.strip())
-    bad = [f for f in fmts if f not in FORMATS]
-    if bad or not fmts:
-        raise click.BadParameter(f"{value!r}: choose from {', '.join(FORMATS)} (comma-separated)")
+def _formats(value: str) -> tuple[PolygonFormat, ...]:
+    names = [f.strip().lower().lstrip(".") for f in value.split(",") if f.strip()]
+    fmts = tuple(f for n in names for f in POLYGON_FORMAT_NAMES if n == f)
+    if len(fmts) != len(names) or not fmts:
+        raise click.BadParameter(f"{value!r}: choose from {', '.join(POLYGON_FORMAT_NAMES)} (comma-separated)")
     return fmts
 
 
@@ -235,7 +234,7 @@ def _segment_options(f: Any) -> Any:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option(
             "--precision",
-            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            type=click.Choice(PRECISIONS),
             default="auto",
             show_default=True,
             help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX.",
@@ -409,7 +408,7 @@ def _print_outputs(outputs: dict[str, Any]) -> None:
 )
 @click.option(
     "--connectivity",
-    type=click.Choice(["4", "8"]),
+    type=click.Choice([str(c) for c in CONNECTIVITIES]),
     default="4",
     show_default=True,
     help="Pixel neighbourhood of a region (8 joins diagonal pixels).",
@@ -485,7 +484,7 @@ def vectorize(
         min_area=min_area,
         simplify=simplify,
         block_size=block_size,
-        connectivity=int(connectivity),
+        connectivity=next(c for c in CONNECTIVITIES if str(c) == connectivity),
     )
     click.echo(f"{res.n_polygons} polygons")
     for p in res.paths:
@@ -515,7 +514,7 @@ def vectorize(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, sampling and latent noise.")
 @click.option(
     "--sampler",
-    type=click.Choice(["random", "labelled"]),
+    type=click.Choice(SAMPLERS),
     default="random",
     show_default=True,
     help="Training patches anywhere in the training part (random) or each holding labels (labelled: "
@@ -558,7 +557,7 @@ def train(
     batch_size: int,
     device: str,
     seed: int,
-    sampler: str,
+    sampler: Sampler,
     adversarial: float | None,
     boundary_width: int | None,
     background: str | None,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from geovae.choices import PRECISIONS, Precision
 from geovae.errors import OptionError
+
+__all__ = ["PRECISIONS", "Precision", "autocast_dtype", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -39,10 +42,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise OptionError(f"--device {device}: unknown device; use auto, cpu, cuda or cuda:N")
 
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype | None:
     """The mixed-precision dtype for inference on ``device``, or None for full precision.
 
     Args:

@@ -60,6 +60,7 @@ from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.atomic import check_output_file
+from geovae.choices import CONNECTIVITIES, Connectivity
 from geovae.errors import OptionError, SceneError
 from geovae.products import ATTRIBUTE_COLUMNS, CLASS_NODATA, POLYGON_FORMATS, area_column, read_class_table
 from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
@@ -713,7 +714,7 @@ def vectorize(
     simplify: float = 0.0,
     class_names: dict[int, str] | None = None,
     block_size: int = 1024,
-    connectivity: int = 4,
+    connectivity: Connectivity = 4,
     layer: str | None = None,
 ) -> Any:
     """Polygonise a class raster block-wise into GeoJSON, GeoPackage and/or GeoParquet files.
@@ -820,7 +821,7 @@ def write_polygons(
     simplify: float = 0.0,
     class_names: dict[int, str] | None = None,
     block_size: int = 1024,
-    connectivity: int = 4,
+    connectivity: Connectivity = 4,
     layer: str = "polygons",
     progress: Any = None,
 ) -> VectorizeResult:
@@ -939,7 +940,7 @@ class PolygonStream:
         anomaly_threshold: float | None = None,
         min_area: float = 0.0,
         simplify: float = 0.0,
-        connectivity: int = 4,
+        connectivity: Connectivity = 4,
         layer: str = "polygons",
         queue_blocks: int = 2,
     ):
@@ -1101,7 +1102,7 @@ class _Stopped(Exception):
 def _check_options(block_size: Any, connectivity: Any, min_area: float, simplify: float) -> None:
     if not isinstance(block_size, int) or block_size < 1:
         raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
-    if connectivity not in (4, 8):
+    if connectivity not in CONNECTIVITIES:
         raise OptionError(f"connectivity must be 4 or 8, got {connectivity!r}")
     for name, value in (("min-area", min_area), ("simplify", simplify)):
         if not math.isfinite(value) or value < 0:

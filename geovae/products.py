@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from geovae.choices import POLYGON_FORMAT_NAMES, PolygonFormat
 from geovae.classes import CLASS_NODATA
 from geovae.errors import OptionError
 
@@ -26,12 +27,14 @@ __all__ = [
     "POLYGON_FORMATS",
     "RASTER_KINDS",
     "RASTER_STYLES",
+    "PolygonFormat",
     "area_column",
     "check_formats",
     "cog_options",
     "object_kind",
     "output_name",
     "overview_resampling",
+    "polygon_format",
     "raster_profile",
     "read_class_table",
     "read_max_entropy",
@@ -84,12 +87,33 @@ def object_kind(fmt: str) -> str:
     return f"objects_{fmt}"
 
 
-#: Polygon formats: name -> (suffix, OGR driver). GeoParquet is written through pyarrow.
-POLYGON_FORMATS: dict[str, tuple[str, str]] = {
+#: Each polygon format's suffix and OGR driver, in :data:`~geovae.choices.PolygonFormat`'s
+#: order. GeoParquet is written through pyarrow.
+POLYGON_FORMATS: dict[PolygonFormat, tuple[str, str]] = {
     "geojson": (".geojson", "GeoJSON"),
     "gpkg": (".gpkg", "GPKG"),
     "parquet": (".parquet", "Parquet"),
 }
+
+
+def polygon_format(name: str) -> PolygonFormat:
+    """``name`` (``geojson``, ``.GPKG``...) as a polygon format.
+
+    Args:
+        name: a format name as a user types it: any case, with or without a leading dot.
+
+    Returns:
+        The format.
+
+    Raises:
+        OptionError: not a polygon format.
+    """
+    key = name.strip().lower().lstrip(".")
+    for fmt in POLYGON_FORMAT_NAMES:
+        if fmt == key:
+            return fmt
+    raise OptionError(f"--formats {key}: unknown polygon format; use {', '.join(POLYGON_FORMAT_NAMES)}")
+
 
 #: Internal tiling of every output raster (and of its overviews).
 BLOCKSIZE = 256
@@ -128,7 +152,7 @@ def output_name(stem: str, kind: str) -> str:
     return f"{stem}.{KINDS[kind]}"
 
 
-def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> list[str]:
+def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> list[PolygonFormat]:
     """The polygon formats to write, checked.
 
     Args:
@@ -147,10 +171,7 @@ def check_formats(formats: Sequence[str] | str | None, pixel_coords: bool) -> li
         return ["gpkg"] if pixel_coords else ["geojson"]
     if isinstance(formats, str):  # "geojson,gpkg" as typed on a command line
         formats = [f for f in formats.split(",") if f.strip()]
-    fmts = [f.strip().lower().lstrip(".") for f in formats]
-    for f in fmts:
-        if f not in POLYGON_FORMATS:
-            raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
+    fmts = [polygon_format(f) for f in formats]
     if pixel_coords and "geojson" in fmts:
         raise OptionError(
             "--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "

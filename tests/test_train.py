@@ -351,6 +351,11 @@ def test_shipped_configs_parse() -> None:
         ("data:\n  image: a.tif\n  labels: b.tif\n  tiles: 64\n", "unknown key data.tiles; did you mean data.tile?"),
         ("foo: 1\n", "unknown key foo"),
         ("model:\n  base_channels: sixteen\n", "model.base_channels"),
+        ("model:\n  head: deep\n", "model.head 'deep': use one of mlp, lowrank"),
+        (
+            "data:\n  image: a.tif\n  labels: b.tif\n  val_side: up\n",
+            "data.val_side 'up': use one of east, west, north",
+        ),
         ("model: [1, 2\n", "not valid YAML"),
     ],
 )

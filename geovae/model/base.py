@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from geovae.choices import Precision
 from geovae.classes import DEFAULT_COLORS, rgb
 from geovae.device import autocast_dtype, resolve_device
 from geovae.model.fold import fold_batchnorm as _fold_batchnorm
@@ -179,7 +180,7 @@ class SegmentationModel:
         info: ModelInfo,
         device: str | torch.device = "auto",
         amp: bool = True,
-        precision: str = "auto",
+        precision: Precision = "auto",
         fold_batchnorm: bool = False,
     ):
         self.info = info
@@ -196,7 +197,7 @@ class SegmentationModel:
         self._mean = torch.tensor(info.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(info.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
-    def with_precision(self, precision: str) -> SegmentationModel:
+    def with_precision(self, precision: Precision) -> SegmentationModel:
         """A view of this model (same module, same device) that predicts at ``precision``."""
         other = copy.copy(self)
         other.amp_dtype = autocast_dtype(self.device, precision)

@@ -8,8 +8,14 @@ predict time, and geovae does not save it in the model file.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: The adversarial loss: hinge (stable) or binary cross-entropy (the original GAN loss).
+AdversarialLoss = Literal["hinge", "bce"]
+ADVERSARIAL_LOSSES: tuple[AdversarialLoss, ...] = get_args(AdversarialLoss)
 
 
 class PatchDiscriminator(nn.Module):
@@ -50,7 +56,7 @@ class PatchDiscriminator(nn.Module):
 
 
 def adversarial_losses(
-    discriminator: PatchDiscriminator, real: Tensor, fake: Tensor, *, mode: str = "hinge"
+    discriminator: PatchDiscriminator, real: Tensor, fake: Tensor, *, mode: AdversarialLoss = "hinge"
 ) -> dict[str, Tensor]:
     """Discriminator and generator losses for one batch.
 
@@ -90,6 +96,6 @@ def adversarial_losses(
         ) + F.binary_cross_entropy_with_logits(d_fake, d_fake.new_zeros(d_fake.shape))
         g_loss = F.binary_cross_entropy_with_logits(g_fake, g_fake.new_ones(g_fake.shape))
     else:
-        raise ValueError(f"mode={mode!r}: use 'hinge' or 'bce'")
+        raise ValueError(f"mode={mode!r}: use {' or '.join(map(repr, ADVERSARIAL_LOSSES))}")
     acc = 0.5 * ((d_real > 0).float().mean() + (d_fake <= 0).float().mean())
     return {"d_loss": d_loss, "g_loss": g_loss, "d_accuracy": acc.detach()}

@@ -29,6 +29,7 @@ from torch import nn
 
 from geovae._version import __version__
 from geovae.atomic import atomic_path
+from geovae.choices import Precision
 from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.model.halo import HALO_METHOD, measure_halo
@@ -431,7 +432,7 @@ def load_model(
     path: str | os.PathLike[str],
     device: str | torch.device = "auto",
     amp: bool = True,
-    precision: str = "auto",
+    precision: Precision = "auto",
     *,
     mean: list[float] | None = None,
     std: list[float] | None = None,

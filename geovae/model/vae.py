@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from geovae.choices import HEADS, RECON_CONDITIONS, Head, ReconCondition
 from geovae.errors import ModelMismatchError, OptionError
 
 
@@ -331,8 +332,8 @@ class VAESegmenter(nn.Module):
         latent_channels: int = 8,
         encoder: str = "unet",
         encoder_weights: None = None,
-        recon_condition: str = "class",
-        head: str = "mlp",
+        recon_condition: ReconCondition = "class",
+        head: Head = "mlp",
         head_rank: int = 2,
     ) -> None:
         super().__init__()
@@ -346,10 +347,10 @@ class VAESegmenter(nn.Module):
             raise OptionError("base_channels and latent_channels must be at least 1")
         if encoder_weights is not None:
             raise OptionError("encoder_weights: geovae never downloads weights; use None and load a model file")
-        if recon_condition not in ("class", "none"):
-            raise OptionError(f"recon_condition={recon_condition!r}: use 'class' or 'none'")
-        if head not in ("mlp", "lowrank"):
-            raise OptionError(f"head={head!r}: use 'lowrank' or 'mlp'")
+        if recon_condition not in RECON_CONDITIONS:
+            raise OptionError(f"recon_condition={recon_condition!r}: use {' or '.join(map(repr, RECON_CONDITIONS))}")
+        if head not in HEADS:
+            raise OptionError(f"head={head!r}: use {' or '.join(map(repr, HEADS))}")
         if head_rank < 1:
             raise OptionError(f"head_rank={head_rank}: use at least 1")
         self._hparams: dict[str, Any] = {

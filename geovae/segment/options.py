@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from geovae.device import PRECISIONS
+from geovae.choices import PRECISIONS, Precision
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo
-from geovae.products import POLYGON_FORMATS
+from geovae.products import PolygonFormat, polygon_format
 from geovae.tiling import check_options, default_batch_size, default_tiling
 
 __all__ = ["SegmentOptions"]
@@ -70,13 +70,13 @@ class SegmentOptions:
     overlap: int | None = None
     batch_size: int | None = None
     device: str = "auto"
-    precision: str | None = None
+    precision: Precision | None = None
     samples: int = 0
     reconstruction: bool | None = None
     tta: bool = False
     min_area: float = 0.0
     simplify: float = 0.0
-    formats: tuple[str, ...] | None = None
+    formats: tuple[PolygonFormat, ...] | None = None
     pixel_coords: bool = False
     nodata: float | None = None
     block_size: int = 1024
@@ -128,11 +128,7 @@ class SegmentOptions:
             fmts = self.formats
             if isinstance(fmts, str):  # "geojson,gpkg" as typed on a command line
                 fmts = [f for f in fmts.split(",") if f.strip()]
-            norm = tuple(dict.fromkeys(f.strip().lower().lstrip(".") for f in fmts))
-            for f in norm:
-                if f not in POLYGON_FORMATS:
-                    raise OptionError(f"--formats {f}: unknown polygon format; use geojson, gpkg or parquet")
-            object.__setattr__(self, "formats", norm)
+            object.__setattr__(self, "formats", tuple(dict.fromkeys(polygon_format(f) for f in fmts)))
 
     @classmethod
     def from_kwargs(cls, options: SegmentOptions | None = None, **kwargs: Any) -> SegmentOptions:
@@ -193,7 +189,7 @@ class SegmentOptions:
                 2 * info.halo + 16,
             )
 
-    def polygon_formats(self, pixel_coords: bool) -> list[str]:
+    def polygon_formats(self, pixel_coords: bool) -> list[PolygonFormat]:
         """The polygon formats for a scene with (False) or without (True) real coordinates.
 
         Raises:

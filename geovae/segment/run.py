@@ -31,7 +31,7 @@ from rasterio.windows import Window
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
 from geovae.errors import ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, RASTER_STYLES, output_name, read_class_table, run_kinds
+from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, output_name, read_class_table, run_kinds
 from geovae.scene import Scene, capped_gdal_cache, open_raster, open_scene
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
@@ -139,7 +139,7 @@ class _Plan:
     source: str | None
     options: SegmentOptions
     grid: TileGrid
-    formats: list[str]
+    formats: list[PolygonFormat]
     reconstruction: bool
     threshold: float | None
     trust: dict[str, Any]

@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from geovae.choices import CLASS_WEIGHTINGS
 from geovae.errors import ConfigError, GeovaeError, OptionError
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.fit import TrainResult, _check_out, fit_and_save, scene_task_arguments
@@ -222,6 +223,11 @@ def _explain(msg: str, parser: Any, raw: Any) -> str:
     m = re.search(r"Parser key \"([\w.]+)\":.*?Expected a <class '(\w+)'>.*?(?:Got|Given) value: (.+?)(?: - |$)", msg)
     if m:
         return f"{prefix}{m.group(1)}: expected {m.group(2)}, got {m.group(3).strip()!r}"
+    # an option typed with a fixed set of values (geovae.choices)
+    m = re.search(r"Parser key \"([\w.]+)\": Expected a typing\.Literal\[(.*?)\]\. Got value: (.+?)(?: - |$)", msg)
+    if m:
+        allowed = ", ".join(v.strip().strip("'\"") for v in m.group(2).split(","))
+        return f"{prefix}{m.group(1)} {m.group(3).strip()!r}: use one of {allowed}"
     m = re.search(r"the following arguments are required: ([\w., ]+)", msg)
     if m:
         return f"{prefix}{m.group(1).strip()} is required; add it to the config"
@@ -284,7 +290,7 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
     provenance: dict[str, Any] = {"seed": seed, "config": os.path.abspath(p)}
     input_mean = input_std = None
     if issubclass(_class(data["class_path"]), SceneDataModule):
-        if cfg.class_weighting not in (None, "inverse-sqrt"):
+        if cfg.class_weighting is not None and cfg.class_weighting not in CLASS_WEIGHTINGS:
             raise ConfigError(f"config {p}: class_weighting {cfg.class_weighting!r}: use inverse-sqrt or null")
         dm = instantiate_class((), data)
         task_args = scene_task_arguments(

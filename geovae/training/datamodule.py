@@ -37,6 +37,7 @@ from torchgeo.datasets import GeoDataset, IntersectionDataset, stack_samples
 from torchgeo.samplers import GeoSampler, GriddedPatchSampler, RandomGeoSampler
 
 from geovae.bands import band_statistics
+from geovae.choices import SAMPLERS, Sampler, ValSide
 from geovae.classes import parse_classes
 from geovae.errors import LabelsError, OptionError, SceneError
 from geovae.scene import Scene, gdal_path, open_scene
@@ -56,8 +57,6 @@ from geovae.training.samplers import LabelledPatchSampler, labelled_cells, split
 from geovae.training.transforms import IGNORE_INDEX, AddIgnoreMask, Compose, IgnoreOutside, RemapMask
 
 __all__ = ["SAMPLERS", "SceneDataModule", "open_training_image"]
-
-SAMPLERS = ("random", "labelled")
 
 
 def open_training_image(path: str, role: str = "image") -> Scene:
@@ -165,12 +164,12 @@ class SceneDataModule(GeoDataModule):
         tile: int = 64,
         batch_size: int = 16,
         val_fraction: float = 0.25,
-        val_side: str = "east",
+        val_side: ValSide = "east",
         samples_per_epoch: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
-        sampler: str = "random",
+        sampler: Sampler = "random",
         boundary_width: int | None = None,
         background: str | None = None,
     ) -> None:

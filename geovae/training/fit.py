@@ -28,6 +28,7 @@ from rasterio.windows import Window
 from torch import Tensor
 
 from geovae.atomic import check_output_file
+from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
 from geovae.errors import OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
@@ -149,7 +150,7 @@ def scene_task_arguments(
     dm: SceneDataModule,
     given: Mapping[str, Any] | None = None,
     *,
-    class_weighting: str | None = "inverse-sqrt",
+    class_weighting: ClassWeighting | None = "inverse-sqrt",
     kl_warmup_epochs: float | None = None,
 ) -> dict[str, Any]:
     """Task arguments for training on a :class:`SceneDataModule`: the given ones, completed.
@@ -168,7 +169,7 @@ def scene_task_arguments(
         ModelMismatchError, ConfigError: given counts that differ from the data's.
         OptionError: an unknown ``class_weighting``.
     """
-    if class_weighting not in (None, "inverse-sqrt"):
+    if class_weighting is not None and class_weighting not in CLASS_WEIGHTINGS:
         raise OptionError(f"class_weighting {class_weighting!r}: use inverse-sqrt or null (None)")
     args = data_arguments(dm, given)
     if kl_warmup_epochs is not None:
@@ -307,14 +308,14 @@ def train_model(
     device: str = "auto",
     seed: int = 0,
     val_fraction: float = 0.25,
-    val_side: str = "east",
+    val_side: ValSide = "east",
     lr: float = 1e-3,
     beta: float = 1.0,
     free_bits: float = 0.05,
     kl_warmup_epochs: float = 1.0,
     recon_weight: float = 1.0,
     dice_weight: float = 0.0,
-    class_weighting: str | None = "inverse-sqrt",
+    class_weighting: ClassWeighting | None = "inverse-sqrt",
     samples_per_epoch: int | None = None,
     num_workers: int = 0,
     progress: bool = True,
@@ -323,7 +324,7 @@ def train_model(
     depth: int | None = None,
     latent_channels: int | None = None,
     encoder: str = "unet",
-    sampler: str = "random",
+    sampler: Sampler = "random",
     adversarial: float = 0.0,
     boundary_width: int | None = None,
     background: str | None = None,
@@ -402,7 +403,7 @@ def train_model(
             f"--tile {tile}: must be a multiple of the model stride {stride} (depth {depth}); "
             f"try {max(stride, round(tile / stride) * stride)}"
         )
-    if class_weighting not in (None, "inverse-sqrt"):
+    if class_weighting is not None and class_weighting not in CLASS_WEIGHTINGS:
         raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
     if max_time is not None and max_time <= 0:
         raise OptionError(f"max_time {max_time}: give a positive number of seconds")

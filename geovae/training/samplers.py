@@ -20,19 +20,18 @@ import torch
 from torchgeo.datasets import GeoDataset
 from torchgeo.samplers import SpatialSampler
 
+from geovae.choices import VAL_SIDES, ValSide
 from geovae.errors import LabelsError, OptionError
 from geovae.scene import open_raster
 
 __all__ = ["VAL_SIDES", "LabelledPatchSampler", "labelled_cells", "split_regions"]
-
-VAL_SIDES = ("east", "west", "north", "south")
 
 
 def split_regions(
     bounds: tuple[float, float, float, float],
     res: tuple[float, float],
     val_fraction: float,
-    val_side: str = "east",
+    val_side: ValSide = "east",
 ) -> tuple[tuple[float, float, float, float], tuple[float, float, float, float] | None]:
     """Split a scene's bounds into a training and a validation box along one side.
 

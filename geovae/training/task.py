@@ -20,6 +20,7 @@ from torchgeo.tasks import BaseTask
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from geovae._version import __version__
+from geovae.choices import Head, ReconCondition
 from geovae.classes import rgb
 from geovae.errors import ConfigError, ModelMismatchError, OptionError
 from geovae.metrics import metrics_from_confusion
@@ -245,8 +246,8 @@ class VAESegmentationTask(BaseTask):
         depth: int = 3,
         latent_channels: int = 8,
         encoder: str = "unet",
-        recon_condition: str = "class",
-        head: str = "lowrank",
+        recon_condition: ReconCondition = "class",
+        head: Head = "lowrank",
         head_rank: int = 2,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
