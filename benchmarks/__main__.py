@@ -19,14 +19,14 @@ Sections (``--only`` names; docs/benchmarks.md has one section per benchmark, na
 - ``memscript``, *Pipeline memory script*: ``bench_memory.py`` with its 1x1-convolution model.
 - ``vectorize``, *Vectorising*: ``bench_vectorize.py`` (geovae's vectoriser vs whole-array shapes).
 - ``distributed``, *Distributed batch*: ``bench_distributed.py`` (1 vs 2 workers), when present.
-- ``fcn``, *A TorchGeo checkpoint end to end*: ``e2e`` again on issue 14's setting: a TorchGeo
+- ``fcn``, *A TorchGeo checkpoint end to end*: ``e2e`` again on a TorchGeo
   FCN checkpoint (exported with the scene's band statistics), a 61-MP mosaic, tile 512,
   overlap 64, batch 8 (pieces in ``bench_speed.py``, as for the three below).
 - ``tiling``, *Seams: tiled against untiled*: the default VAE on a real 1024^2 crop, untiled,
   with its defaults, at tile 320 with the default overlap, and at the user choices 256/64 and
   128/32; class agreement.
 - ``vaespeed``, *Default VAE speed*: the default VAE with geovae's default tile, overlap and
-  batch against issue 14's baseline (base 32, depth 4, tile 256, overlap 64, batch 8),
+  batch against a baseline VAE (base 32, depth 4, tile 256, overlap 64, batch 8),
   interleaved.
 - ``vaememory``, *Memory by scene shape*: peak RSS of the default VAE at 2048^2 and
   20480 x 2048, and of the stand-in on a 100,096 x 1024 scene.
@@ -59,7 +59,7 @@ BASELINE_MAX = 8192
 #: Largest size handed to bench_memory.py: the memory section covers the larger ones, and the full run
 #: must stay near 20 minutes on 2 cores.
 MEMORY_SCRIPT_MAX = 2048
-GB = 1e9  # the issue's "3 GB" is decimal
+GB = 1e9  # the memory targets' "3 GB" is decimal
 
 
 def _log(msg: str) -> None:
@@ -324,7 +324,7 @@ def _default_vae() -> Path:
 
 
 def fcn_end_to_end(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Target 1 on the issue's setting: a TorchGeo FCN checkpoint, tile 512, overlap 64, batch 8."""
+    """``e2e`` on a TorchGeo FCN checkpoint, tile 512, overlap 64, batch 8."""
     b = argparse.Namespace(**{**vars(a), "tile": 512, "overlap": 64, "batch_size": 8})
     return end_to_end(
         b,
@@ -350,7 +350,7 @@ def _segment(
 
 
 def tiling(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Target 2: the default VAE on a real 1024^2 crop, untiled and tiled several ways."""
+    """The default VAE on a real 1024^2 crop, untiled and tiled several ways."""
     scene = bench_speed.crop_tif()
     model = _default_vae()
     runs = {
@@ -386,12 +386,12 @@ def tiling(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Target 3: the default VAE with geovae's defaults vs the issue's baseline (base 32, depth 4,
+    """The default VAE with geovae's defaults vs a baseline VAE (base 32, depth 4,
     tile 256, overlap 64, batch 8), interleaved, on one mosaic."""
     scene = common.mosaic_vrt(a.vae_size)
     before = common.benchmark_model(arch={"base_channels": 32, "depth": 4})
     now = _default_vae()
-    # "before" is the baseline as it ran then (BatchNorm not folded); "now unfolded" is the
+    # "before" is the baseline VAE, run without BatchNorm folding; "now unfolded" is the
     # default VAE without folding, the fp32 answer the folded one must agree with.
     sides = {
         "before": (before, {"tile": 256, "overlap": 64, "batch_size": 8, "fold_batchnorm": False}),
@@ -431,7 +431,7 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Target 4: peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
+    """Peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
     row band, the only part that grows, depends on width only), and a very wide scene with the
     stand-in (0.2 MP/s would take hours for 100 MP of the VAE)."""
     vae = _default_vae()
@@ -459,7 +459,8 @@ def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue 6 with the measured value and whether it is met."""
+    """Each target of the pipeline sections (e2e, memory, vectorize) with the measured value and
+    whether it is met, then the models' (:func:`model_targets`)."""
     out: list[dict[str, Any]] = []
     e = r.get("end_to_end")
     if e:
@@ -524,11 +525,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": q < 1.0,
                 }
             )
-    return out + targets_issue14(r)
+    return out + model_targets(r)
 
 
-def targets_issue14(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue 14 with the measured value and whether it is met."""
+def model_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the model sections (fcn, tiling, vaespeed, vaememory) with the measured
+    value and whether it is met."""
     out: list[dict[str, Any]] = []
     if f := r.get("fcn_end_to_end"):
         ov, ovx = f["overhead_in_run"], f["overhead_geovae_over_model"]

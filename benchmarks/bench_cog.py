@@ -5,11 +5,11 @@ float32, uncertainty 2 x float32, reconstruction error float32), block by block 
 blocks, as the stitcher does) from values derived from a VRT mosaic of the real Landsat-8
 Parana scene, under the GDAL block cache a run uses (64 MiB):
 
-* **plain** (geovae before issue 13): a tiled GeoTIFF at ZSTD's default level with the
+* **plain**: a tiled GeoTIFF at ZSTD's default level with the
   kind's predictor, then internal overviews built in place (``build_overviews``, mode for
   classes, average for the rest). ``rio cogeo validate`` rejects it: the overviews come
   after the image.
-* **cog** (geovae now, :func:`geovae.stitch.write_cog`): the blocks go into a scratch GeoTIFF
+* **cog** (what geovae writes, :func:`geovae.stitch.write_cog`): the blocks go into a scratch GeoTIFF
   at ZSTD level 1, then GDAL's COG driver copies it into the output, building the overviews
   on the way; the scratch file is removed.
 
@@ -98,7 +98,7 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
             if side == "cog":
                 write_cog(p, out / f"{k}.tif", k)
                 p.unlink()
-            else:  # what geovae's stitcher did before issue 13
+            else:  # plain: the image, then its overviews built in place
                 factors, f = [], 2
                 while max(src.width, src.height) / f >= 128 and f <= 4096:
                     factors.append(f)

@@ -1,4 +1,4 @@
-"""Objects kept apart (issue 16), measured on real data with the command line a user runs.
+"""Objects kept apart (``--objects``), measured on real data with the command line a user runs.
 
 ``parcels``: the Amsterdam Sentinel-2 NDVI scene (1000 x 1000, 10 m) with the Dutch crop-parcel
 register (BRP 2020, 3,061 parcels, many sharing an edge or 1-2 px apart). The scene is cut in a

@@ -19,7 +19,7 @@ Settings:
 Models:
 
 * ``vae``: geovae's ``VAESegmentationTask`` (base_channels 16, depth 3, latent 8, low-rank head:
-  the training defaults since issue 15; ``--base-channels 32 --depth 4 --head mlp`` is the old one).
+  the training defaults; ``--base-channels 32 --depth 4 --head mlp`` gives the larger MLP-head model).
 * ``unet``: TorchGeo's own ``SemanticSegmentation`` task, ``model="unet"``,
   ``backbone="resnet18"``, ``weights=None``; subclassed only to get the same normalisation and
   to ignore labels under image nodata, as the VAE task does. It has about 30x the VAE's

@@ -1,9 +1,9 @@
-"""Issue 14 measurements: a TorchGeo checkpoint end to end, seams, the VAE's speed, memory by shape.
+"""The model sections' pieces: a TorchGeo checkpoint end to end, seams, the VAE's speed, memory by shape.
 
 The orchestration (interleaving, the table, met/missed) lives in ``python -m benchmarks``;
 this module holds the pieces it needs:
 
-- :func:`torchgeo_fcn` builds the TorchGeo checkpoint of the issue's setting (a
+- :func:`torchgeo_fcn` builds the TorchGeo checkpoint of the ``fcn`` section (a
   ``SemanticSegmentationTask(model="fcn")`` FCN, 64 filters, 6 classes, trained briefly on the
   Parana pseudo-labels) and exports it with the scene's band statistics (``geovae export
   --stats-from``), the path a user who brings a checkpoint takes. Both sides of the
@@ -34,7 +34,7 @@ from benchmarks import common
 
 
 def torchgeo_fcn(cache: Path = common.CACHE, *, steps: int = 40, seed: int = 0) -> Path:
-    """The issue's TorchGeo FCN checkpoint, exported to a geovae model file with band statistics.
+    """The ``fcn`` section's TorchGeo FCN checkpoint, exported to a geovae model file with band statistics.
 
     Returns:
         Path of the exported ``.safetensors`` file (the ``.ckpt`` lies beside it).

@@ -1,4 +1,4 @@
-"""The trust check on real scenes (issue 11): is a scene the model cannot read refused or flagged?
+"""The trust check on real scenes: is a scene the model cannot read refused or flagged?
 
 Two models per seed, each trained briefly with ``geovae.training.train_model`` (the model file
 then records its training quantiles and reconstruction error, as every ``geovae train`` does):

@@ -235,7 +235,7 @@ def benchmark_model(
 
     Args:
         cache: folder for the model file (reused when its recipe is unchanged).
-        base_channels: width of the full-resolution features (32 was the first default model).
+        base_channels: width of the full-resolution features.
         steps: optimiser steps.
         seed: random seed.
         arch: VAESegmenter keyword arguments instead of ``base_channels`` (e.g.

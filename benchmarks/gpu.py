@@ -1,4 +1,4 @@
-"""The GPU check, ready for the day a GPU is lent (issue 14 target 5): one run, under 8 minutes.
+"""The GPU check, for a machine with a GPU: one run, under 8 minutes.
 
 Prints one JSON line per measurement and a summary table:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14 target 5), ready for the day a GPU is lent: under 8 minutes on one GPU.
+# The GPU check (benchmarks/gpu.py) on a machine with a GPU: under 8 minutes on one GPU.
 #
 # On a machine with a GPU and geovae's dependencies installed:
 #     bash benchmarks/gpu.sh [--size 4096] [--json results.jsonl]

@@ -38,7 +38,7 @@ the flooding order depend on where the window lies: equal elevations (a plateau,
 saturated boundary) are ordered by the distance to the nearest seed, so a plateau is split
 half way between the seeds, then by a fixed function of the pixel's scene position. (The
 watershed's own tie-break, first in first out, depends on everything the window holds: two
-block sizes gave objects that differed by a few pixels.)
+block sizes would give objects that differ by a few pixels.)
 Memory holds one window of ``(block + 2 * halo)^2`` pixels (a few arrays of it), never the
 scene.
 """

@@ -68,7 +68,7 @@ from geovae.scene import capped_gdal_cache, grid_mismatch, open_raster
 __all__ = ["PolygonStream", "VectorizeResult", "scene_layer_name", "vectorize", "write_polygons"]
 
 #: Finished polygons are flushed to the temporary GeoPackage in chunks of this many
-#: (20,000 held ~45 MiB more at peak for no measurable speed-up).
+#: (20,000 holds ~45 MiB more at peak for no measurable speed-up).
 _FLUSH_EVERY = 5_000
 #: Polygons per batch when streaming the parts file into GeoJSON / GeoParquet.
 _STREAM_BATCH = 20_000
@@ -899,16 +899,16 @@ class PolygonStream:
     arrays it already holds, nothing read back); a worker thread traces every finished row
     of blocks with the same engine as :func:`write_polygons`, so the polygons are those of
     vectorising the finished raster, while the model computes the next rows. On a GPU the
-    CPU is otherwise idle then; on a CPU the model's threads rarely keep every core busy
-    (docs/benchmarks.md, 14.1). At most ``queue_blocks`` blocks wait for the worker, however
+    CPU is otherwise idle then; on a CPU the model's threads rarely keep every core busy.
+    At most ``queue_blocks`` blocks wait for the worker, however
     wide the scene: a slower worker holds the stitcher back rather than letting memory grow.
 
     The worker and the format writers import nothing once started (every module they use is
     imported with this one, and pyarrow's lazy imports are made first, `_load_lazy_imports`;
-    with ``simplify`` the worker still calls geopandas, which is not checked): Ctrl-C or SIGTERM raised in the main thread at the wrong moment
-    of an import can leave the interpreter's import lock held, and a thread importing after
-    that waits forever (a run hung so in ``test_sigterm_cleans_up_like_ctrl_c``, its worker
-    stuck importing ``pyarrow.pandas_compat``).
+    with ``simplify`` the worker still calls geopandas, which is not checked): Ctrl-C or
+    SIGTERM raised in the main thread at the wrong moment of an import can leave the
+    interpreter's import lock held, and a thread importing after that waits forever (pyarrow
+    imports ``pyarrow.pandas_compat`` on its first pandas conversion).
 
     Args:
         targets: ``(final path, path to write)`` per output, as :func:`write_polygons`.

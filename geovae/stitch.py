@@ -152,9 +152,9 @@ def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = 
 def cog_threads() -> int | None:
     """Threads for the COG copy's compression: the run's CPU budget, torch's thread count
     (which ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` set), since the copy runs after
-    the model has finished with those cores. It halved the copy on the 2-core benchmark
-    machine (1.19 -> 0.64 s for a 2048² run's two COGs). None when the user set GDAL's own
-    ``GDAL_NUM_THREADS``, which GDAL then applies."""
+    the model has finished with those cores; on 2 cores that halves the copy of a 2048² run's
+    two COGs against one thread. None when the user set GDAL's own ``GDAL_NUM_THREADS``, which
+    GDAL then applies."""
     import os
 
     import rasterio.env
@@ -608,8 +608,8 @@ class Stitcher:
         safe = np.where(bad, np.float32(1.0), wsum)
         probs = acc[:K] / safe
         # torch's max over classes is numpy's argmax and max in one pass, on every core
-        # (numpy's argmax along the first axis is strided: 0.43 s of a 1792² block with
-        # uncertainty, now 0.17 s). torch and numpy both take the first of tied classes.
+        # (numpy's argmax along the first axis is strided). torch and numpy both take the
+        # first of tied classes.
         tp = torch.from_numpy(probs)
         conf_t, idx_t = tp.max(0)
         classes = self.class_lut[idx_t.numpy()]

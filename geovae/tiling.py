@@ -211,8 +211,8 @@ class TileGrid:
         as every tiling and an untiled pass have: its pixels there are trustworthy and
         weigh 1 instead of the floor. Otherwise the second tile's floor, whose edge lies a
         step into the scene, would blend in as much as the first tile's: two tilings with
-        different steps then differed within a halo of the top and left edges (by up to 0.3
-        in a class probability, for a parcel model on real NDVI).
+        different steps would then differ within a halo of the top and left edges (by up to
+        0.3 in a class probability, for a parcel model on real NDVI).
         """
         if tile is None:
             return blend_weights(self.tile, self.overlap, self.margin)

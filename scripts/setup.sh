@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .venv (Python >= 3.12) in the repository root and install geovae into it with its test
+# Make .venv (Python >= 3.12) in the repository root and install geovae into it with its test and lint
 # tools. Idempotent: does nothing when .venv is already up to date with pyproject.toml.
 # Pick the interpreter with PYTHON=/path/to/python3.12 if it is not found by itself.
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Objects kept apart (issue 16): boundary labels for training, objects from a watershed along the
+"""Objects kept apart: boundary labels for training, objects from a watershed along the
 boundary class, block-wise and exact across block lines, object metrics.
 
 Real data: the Amsterdam NDVI scene with the Dutch crop-parcel register (many parcels share an
@@ -438,9 +438,9 @@ def test_short_training_on_parcels_objects_beat_class_regions(
     west, east = crop(ndvi, tmp_path / "west.tif", 0, 500), crop(ndvi, tmp_path / "east.tif", 500, 1000)
     labels = parcels.assign(kind="parcel")[["kind", "geometry"]]
     path = _write(labels, tmp_path / "parcels.gpkg")
-    # The architecture the objects were measured with (docs/quality.md). The leaner default
-    # that issue 15 chose later (base 16, depth 3) scores objects F1 0.005 vs regions 0.007 at
-    # this 3-epoch budget: it has not learnt the boundary class yet, so it would test nothing.
+    # The architecture the objects are measured with (docs/quality.md). The leaner default
+    # (base 16, depth 3) scores objects F1 0.005 vs regions 0.007 at this 3-epoch budget: it
+    # has not learnt the boundary class yet, so it would test nothing.
     res = train_model(
         west,
         vector_labels=path,
@@ -482,7 +482,6 @@ def test_short_training_on_parcels_objects_beat_class_regions(
         object_classes=["parcel"],
     )["objects"]
     assert objs["reference"] == regions["reference"] > 1900
-    # Measured after 3 epochs of 256 patches (seed 0): objects F1 0.080, class regions 0.005
-    # (the 0.2 first written here was never reached at this budget; docs/quality.md has the
-    # longer runs).
+    # After 3 epochs of 256 patches (seed 0): objects F1 0.080, class regions 0.005; longer
+    # runs score higher (docs/quality.md).
     assert objs["f1"] > 3 * regions["f1"] and objs["f1"] > 0.04, (objs, regions)

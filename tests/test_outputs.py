@@ -1,5 +1,5 @@
 """The output-set contract: no run overwrites an input, mixes its files with another run's,
-or leaves a half-replaced set (issue 11). Each case was reproduced on the previous layout."""
+or leaves a half-replaced set."""
 
 from __future__ import annotations
 

@@ -311,8 +311,7 @@ def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
 @pytest.mark.slow
 def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None:
     """The default VAE (the architecture `geovae train` builds) with its measured halo: blending
-    only each tile's trustworthy interior, two tilings agree and equal one untiled pass (issue 14
-    target 2)."""
+    only each tile's trustworthy interior, two tilings agree and equal one untiled pass."""
     from geovae.training.task import default_architecture
 
     arch = default_architecture()
@@ -345,8 +344,8 @@ class _SaturatesOnWhiteNoise(nn.Module):
 
 
 def test_halo_is_measured_on_image_like_input_too() -> None:
-    """White noise alone measured a halo of 0 for this model (and 8 px where a real parcel
-    model's was 29-40); smooth noise finds the 15 px its window reaches."""
+    """White noise alone measures a halo of 0 for this model (and 8 px for a real parcel model
+    whose halo is 29-40); smooth noise finds the 15 px its window reaches."""
     from geovae.model.halo import measure_halo
 
     assert measure_halo(_SaturatesOnWhiteNoise(), 8, 1) == 15
@@ -618,7 +617,7 @@ def test_polygon_worker_failure_fails_the_run_cleanly(
 def test_polygon_threads_need_no_import_lock(tmp_path: Path, nc_stack: Path) -> None:
     """The polygon worker and format writers import nothing once started: a signal raised
     in the main thread during an import can leave the interpreter's import lock held, and a
-    thread importing after that hangs (how a SIGTERM test once hung). Here the main thread
+    thread importing after that hangs. Here the main thread
     holds the lock on purpose for the whole run, in a fresh process; the run must finish."""
     import subprocess
     import sys

@@ -1,4 +1,4 @@
-"""Outputs that open as users expect (issue 13): real COGs, class tables GDAL and QGIS read,
+"""Outputs that open as users expect: real COGs, class tables GDAL and QGIS read,
 QGIS styles, a STAC Item, a report a pipeline can use, and the Python API around them.
 
 One real segment run of the NC Landsat-7 scene (every raster, every polygon format) serves

@@ -1,4 +1,4 @@
-"""A trained model file records what the model was trained on (ModelInfo.training, issue 11)."""
+"""A trained model file records what the model was trained on (ModelInfo.training)."""
 
 from __future__ import annotations
 

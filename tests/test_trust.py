@@ -1,4 +1,4 @@
-"""A scene the model cannot read is refused or flagged, never silently mapped (issue 11).
+"""A scene the model cannot read is refused or flagged, never silently mapped.
 
 One short real training run on the NC Landsat-7 scene (its model file records the training
 quantiles and reconstruction error, as every `geovae train` does) serves every case: the

@@ -15,10 +15,9 @@ differ from the whole by more than the tolerance is the halo. The model file rec
 Two kinds of random input, the larger halo kept: white noise, and smooth noise (white noise
 at 1/8 resolution, bicubic upsampled, unit variance), which looks to a model more like a real
 scene, whose neighbouring pixels are alike. White noise alone could saturate a model's
-softmax so that the cut hardly moved a probability: a parcel model trained on Sentinel-2 NDVI
-measured 8 px on white noise, 33 on smooth noise and 29 on a real NDVI window, and two
-tilings of a real scene with the 8-px halo's overlap differed by up to 0.17 in probability
-(docs/benchmarks.md, issue 14.2).
+softmax so that the cut hardly moves a probability: a parcel model trained on Sentinel-2 NDVI
+measures 8 px on white noise, 33 on smooth noise and 29 on a real NDVI window, and two
+tilings of a real scene with the 8-px halo's overlap differ by up to 0.17 in probability.
 """
 
 from __future__ import annotations

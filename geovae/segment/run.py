@@ -44,8 +44,8 @@ __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
 
 log = logging.getLogger("geovae.segment")
 
-#: Upper bound of GDAL's block cache during a run (bytes). 512 MiB let the cache fill while
-#: overviews were built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
+#: Upper bound of GDAL's block cache during a run (bytes). A 512 MiB cache fills while
+#: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
 GDAL_CACHE_BYTES = 64 * 2**20
 
 #: Seed of the latent noise a run draws its samples with.
@@ -384,9 +384,9 @@ def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
     ):
         torch.manual_seed(SAMPLE_SEED)
         # One batch in flight: batch n+1 is queued on the device before batch n is
-        # blended, so on CUDA the GPU computes while the CPU blends and writes. (A blending
-        # thread beside the CPU model was tried: on 2 cores it contends with torch's threads,
-        # used more CPU seconds and gave no clear gain; docs/benchmarks.md, 14.3.)
+        # blended, so on CUDA the GPU computes while the CPU blends and writes. Blending
+        # stays on this thread: on 2 cores a blending thread beside the CPU model contends
+        # with torch's threads and uses more CPU seconds for no clear gain.
         pending: _InFlight | None = None
         for batch in reader:
             tm = time.perf_counter()

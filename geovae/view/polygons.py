@@ -293,7 +293,7 @@ class PolygonLayer:
         if not rows:
             return [(None, True)] * len(ids)
         # The page draws outlines only, so the rings go as lines: Douglas-Peucker on a polygon
-        # ends in a validity repair (an overlay) that made it 15x slower per vertex than on its
+        # ends in a validity repair (an overlay) that makes it 15x slower per vertex than on its
         # rings (1.5 s against 0.1 s for a view of 1M pixel-exact vertices), and a line can be
         # cut to the view without drawing a false edge along the cut.
         lines = shapely.boundary(shapely.from_wkb([_wkb(r[1]) for r in rows]))
