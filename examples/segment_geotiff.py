@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(polygons.groupby("class_name")["area_m2"].sum().sort_values(ascending=False))
     item = pystac.Item.from_file(str(res.outputs["stac"]))
     print("STAC item", item.id, "bbox", item.bbox, "assets", sorted(item.assets))
-    return {"result": res, "dataset": ds, "polygons": polygons, "item": item}
+    return {"scene": scene, "result": res, "dataset": ds, "polygons": polygons, "item": item}
 
 
 if __name__ == "__main__":

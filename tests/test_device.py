@@ -34,7 +34,7 @@ def test_bf16_on_cpu_agrees_with_fp32_on_real_pixels(nc_stack: Path) -> None:
     torch.manual_seed(0)
     module = VAESegmenter(6, 7, base_channels=16, depth=3)
     with rasterio.open(nc_stack) as src:
-        x = torch.from_numpy(src.read(window=((100, 228), (100, 228))).astype("float32"))[None]
+        x = torch.from_numpy(src.read(window=((8, 136), (64, 192))).astype("float32"))[None]
     info = ModelInfo(in_channels=6, num_classes=7, mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).tolist())
     # BatchNorm running statistics from the scene, so the random net has non-trivial outputs
     module.train()

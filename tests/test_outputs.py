@@ -33,10 +33,10 @@ STEM = "nc_lsat7_2000_6band_uint8"
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real NC Landsat-7 scene (rebuilt from the demo's data on a fresh clone)."""
-    from conftest import data_path
+    """The committed window of the real NC Landsat-7 scene."""
+    from conftest import fixture_path
 
-    return data_path("nc_landsat7_landclass96", f"{STEM}.tif")
+    return fixture_path("nc_landsat7_landclass96", f"{STEM}.tif")
 
 
 def _model_for(image: Path, path: Path) -> Path:
@@ -81,9 +81,9 @@ def test_outputs_never_overwrite_an_input(
     pngdir = tmp_path / "pngdir"
     pngdir.mkdir()
     with rasterio.open(scene) as src:
-        data = src.read([3, 2, 1], window=((100, 356), (100, 356)))
+        data = src.read([3, 2, 1], window=((0, 128), (64, 192)))
     png = pngdir / "plain.png"
-    with rasterio.open(png, "w", driver="PNG", width=256, height=256, count=3, dtype="uint8") as dst:
+    with rasterio.open(png, "w", driver="PNG", width=128, height=128, count=3, dtype="uint8") as dst:
         dst.write(data)
     rgb = _model_for(png, tmp_path / "rgb.safetensors")
     before = png.read_bytes()
@@ -341,7 +341,7 @@ def test_pixel_coordinates_name_areas_in_pixels(tmp_path: Path, model: Path, sce
 
     p = tmp_path / "photo.tif"
     with rasterio.open(scene) as src:
-        data = src.read(window=((200, 264), (200, 264)))
+        data = src.read(window=((40, 104), (100, 164)))
     with rasterio.open(p, "w", driver="GTiff", width=64, height=64, count=6, dtype="uint8") as dst:
         dst.write(data)
     r = segment_scene(p, model, tmp_path / "o", pixel_coords=True, formats=("gpkg", "parquet"), progress=False)

@@ -18,6 +18,7 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
+from conftest import NC, data_path
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from rasterio.windows import Window
@@ -167,7 +168,8 @@ def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -
                 nod = data == CLASS_NODATA if kind == "classes" else np.isnan(data)
                 for band in nod:
                     np.testing.assert_array_equal(band, ~valid)  # nodata exactly where the input is
-                assert ds.overviews(1) and ds.block_shapes[0] == (256, 256)
+                # within one 256-px tile: no overview level (test_products checks them on a larger scene)
+                assert ds.overviews(1) == [] and ds.block_shapes[0] == (256, 256)
     cls = read(out["classes"])
     assert len(np.unique(cls[valid])) >= 2
     unc = read(out["uncertainty"], None)
@@ -200,10 +202,10 @@ def test_all_outputs_georeferenced_nodata_kept(tmp_path: Path, rgb_byte: Path) -
 
 def test_parana_nodata_override(tmp_path: Path, parana: Path) -> None:
     """Landsat-8 fill (0, untagged) is nodata in the outputs when --nodata 0 is given."""
-    model = conv_model(parana, k=3, layers=1, tile=256)
-    r = segment_scene(parana, model, tmp_path, nodata=0, block_size=512, **QUIET)
+    model = conv_model(parana, k=3, layers=1, tile=32)  # tiles small enough that some are all fill
+    r = segment_scene(parana, model, tmp_path, nodata=0, block_size=64, **QUIET)
     v = _valid(parana, nodata=0)
-    assert (~v).sum() > 100_000  # the scene's fill corners
+    assert (~v).sum() > 5_000  # the scene's fill corner (30 % of the window)
     np.testing.assert_array_equal(read(r.outputs["classes"]) == CLASS_NODATA, ~v)
     assert r.report["tiles"]["tiles_skipped"] > 0 and r.report["options"]["nodata"] == 0
 
@@ -214,14 +216,14 @@ def test_band_gap_at_valid_pixels_gets_the_band_mean(tmp_path: Path, nc_stack: P
     Those pixels stay valid (not every band is nodata), and the model sees band 6's mean
     there, not the fill value 0; every measured value reaches it unchanged.
     """
-    model = conv_model(nc_stack, k=3, layers=1, tile=512)  # one tile holds the whole 489 x 443 scene
+    model = conv_model(nc_stack, k=3, layers=1, tile=256)  # one tile holds the whole 256 x 144 window
     seen: list[torch.Tensor] = []
     model.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     r = segment_scene(nc_stack, model, tmp_path, **QUIET)
     raw = read(nc_stack, None).astype(np.float32)
     v = _valid(nc_stack)
     gap = v & (raw[5] == 0)
-    assert gap.sum() > 40_000 and (raw[:5, gap] > 0).all()  # a real gap in band 6 only
+    assert gap.sum() > 7_000 and (raw[:5, gap] > 0).all()  # a real gap in band 6 only
     assert not (v & (raw[:5] == 0).any(0)).any()  # bands 1-5 have no such gap
     (x,) = seen
     x = (
@@ -254,15 +256,21 @@ def test_tiled_equals_untiled_conv_net(tmp_path: Path, nc_stack: Path) -> None:
     ref = untiled(model, nc_stack)
     v = _valid(nc_stack)
     sel = _away_from_border(v, 3)
+    # Float rounding (summation order, thread count) may flip a class only where the untiled
+    # pass's two best classes are within 1e-4 of each other: every other pixel must agree.
+    second, best = np.sort(ref, 0)[-2:]
+    tie = best - second < 1e-4
     classes = {}
     for tile, overlap in ((64, 16), (96, 40)):
         r = segment_scene(nc_stack, model, tmp_path / f"t{tile}", tile=tile, overlap=overlap, **QUIET)
         cls = read(r.outputs["classes"])
         conf = read(r.outputs["confidence"])
-        assert (cls[sel] == ref.argmax(0)[sel]).mean() >= 0.9999
+        assert (cls[sel] == ref.argmax(0)[sel]).mean() >= 0.999
+        assert not (sel & ~tie & (cls != ref.argmax(0))).any()
         assert np.abs(conf[sel] - ref.max(0)[sel]).max() < 1e-4
         classes[tile] = cls
-    assert (classes[64][v] == classes[96][v]).mean() >= 0.9999
+    assert (classes[64][v] == classes[96][v]).mean() >= 0.999
+    assert not (v & ~tie & (classes[64] != classes[96])).any()
     assert len(np.unique(classes[64][v])) >= 3
 
 
@@ -292,8 +300,10 @@ def test_smooth_blending_without_seams(tmp_path: Path, nc_stack: Path) -> None:
 
 
 @pytest.mark.slow
-def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
-    """geovae's VAE segmenter, two tilings and one untiled pass, agree away from the border."""
+def test_vae_tiled_equals_untiled(tmp_path: Path) -> None:
+    """geovae's VAE segmenter, two tilings and one untiled pass, agree away from the border
+    (the whole real NC scene: 256-px tiles need a scene several tiles wide)."""
+    nc_stack = data_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     model = vae_model(nc_stack, k=4, depth=2)
     ref = untiled(model, nc_stack).argmax(0) + 1
     v = _valid(nc_stack)
@@ -309,11 +319,13 @@ def test_vae_tiled_equals_untiled(tmp_path: Path, nc_stack: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_vae_tiling_is_invisible(tmp_path: Path, nc_stack: Path) -> None:
+def test_default_vae_tiling_is_invisible(tmp_path: Path) -> None:
     """The default VAE (the architecture `geovae train` builds) with its measured halo: blending
-    only each tile's trustworthy interior, two tilings agree and equal one untiled pass."""
+    only each tile's trustworthy interior, two tilings agree and equal one untiled pass, on the
+    whole real NC scene (its 320-px tiles need a scene several tiles wide)."""
     from geovae.training.task import default_architecture
 
+    nc_stack = data_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     arch = default_architecture()
     model = vae_model(nc_stack, k=7, depth=arch.pop("depth"), base=arch.pop("base_channels"), halo=True, **arch)
     h = model.info.halo
@@ -372,12 +384,12 @@ def test_overlap_too_small_for_the_halo_warns_once(
 def test_scene_smaller_than_one_tile(tmp_path: Path, nc_stack: Path) -> None:
     with rasterio.open(nc_stack) as src:
         prof = src.profile | dict(
-            width=40, height=30, transform=src.window_transform(Window(200, 200, 40, 30)), tiled=False
+            width=40, height=30, transform=src.window_transform(Window(100, 60, 40, 30)), tiled=False
         )
         prof.pop("blockxsize"), prof.pop("blockysize")
         small = tmp_path / "small.tif"
         with rasterio.open(small, "w", **prof) as dst:
-            dst.write(src.read(window=Window(200, 200, 40, 30)))
+            dst.write(src.read(window=Window(100, 60, 40, 30)))
     model = conv_model(nc_stack, layers=3)
     r = segment_scene(small, model, tmp_path / "out", tile=256, overlap=64, **QUIET)
     cls = read(r.outputs["classes"])
@@ -430,7 +442,7 @@ def test_bad_input_fails_before_any_output(tmp_path: Path, rgb_byte: Path, nc_st
         (dict(formats=("shp",)), OptionError, "--formats shp"),
         (dict(samples=-1), OptionError, "--samples -1"),
         (dict(rows=(1, 100)), OptionError, "rows 1:100: must start and end on the 768-row output block grid"),
-        (dict(rows=(0, 718), quicklook=True), OptionError, "quicklook shows the whole scene"),
+        (dict(rows=(0, 128), quicklook=True), OptionError, "quicklook shows the whole scene"),  # all 128 rows
         (dict(scene=tmp_path / "missing.tif"), SceneError, "does not exist"),
         (
             dict(
@@ -495,28 +507,28 @@ def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, mon
         crs=crs,
         transform=transform,
         tiled=True,
-        blockxsize=128,
-        blockysize=128,
+        blockxsize=64,
+        blockysize=64,
         compress="deflate",
         nodata=0,
     )
     with rasterio.open(p) as ds:
-        off = int(ds.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
-        n = int(ds.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
+        off = int(ds.get_tag_item("BLOCK_OFFSET_2_1", "TIFF", bidx=1))  # block column 2, row 1
+        n = int(ds.get_tag_item("BLOCK_SIZE_2_1", "TIFF", bidx=1))
     raw = bytearray(p.read_bytes())
     raw[off + 8 : off + n - 8] = bytes(np.random.default_rng(0).integers(0, 256, n - 16, dtype=np.uint8))
     p.write_bytes(bytes(raw))
     out = tmp_path / "out"
     model = conv_model(nc_stack)
     # the up-front check (a decimated read of this small scene) already trips on it
-    with pytest.raises(CorruptSceneError, match="is corrupt at rows 256-383, cols 256-383"):
+    with pytest.raises(CorruptSceneError, match="is corrupt at rows 64-127, cols 128-191"):
         segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
     assert not out.exists() or not any(out.iterdir())
     # on a large scene the decimated read and the trust check's sample skip most blocks:
     # then streaming finds it mid-run
     monkeypatch.setattr(Scene, "any_valid", lambda self: True)
     monkeypatch.setattr(Scene, "sample", lambda self, *a, **k: np.zeros((self.count, 0), np.float32))
-    with pytest.raises(CorruptSceneError, match="is corrupt at rows 256-383, cols 256-383"):
+    with pytest.raises(CorruptSceneError, match="is corrupt at rows 64-127, cols 128-191"):
         segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
     assert not any(out.iterdir())  # neither final names nor temporary files
 
@@ -538,7 +550,7 @@ def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_s
 
     model = vae_model(nc_stack)
     first = segment_scene(
-        nc_stack, model, tmp_path / "a", tile=128, overlap=32, samples=2, reconstruction=True, block_size=96, **QUIET
+        nc_stack, model, tmp_path / "a", tile=64, overlap=32, samples=2, reconstruction=True, block_size=32, **QUIET
     )
     # A threshold that flags about half of the scene, so anomaly_fraction varies.
     err = read(first.outputs["reconstruction_error"])
@@ -547,10 +559,10 @@ def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_s
         nc_stack,
         model,
         tmp_path / "b",
-        tile=128,
+        tile=64,
         overlap=32,
         samples=2,
-        block_size=96,
+        block_size=32,
         progress=False,
         quicklook=False,
         formats=("gpkg", "parquet"),
@@ -748,7 +760,7 @@ def test_report_areas_use_the_polygons_convention(tmp_path: Path, rgb_byte: Path
     geod = Geod(ellps="WGS84")
     ref = abs(geod.polygon_area_perimeter([b.left, b.right, b.right, b.left], [b.bottom, b.bottom, b.top, b.top])[0])
     assert sum(c["area_m2"] for c in r.report["classes"]) == pytest.approx(ref, rel=1e-3)
-    assert 1e5 < ref < 2e5  # ~390 m x 390 m: square metres, not square degrees
+    assert 200 < ref < 400  # ~19 m x 16 m (64 px): square metres, not square degrees
 
 
 def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:

@@ -1,8 +1,9 @@
 """Outputs that open as users expect: real COGs, class tables GDAL and QGIS read,
 QGIS styles, a STAC Item, a report a pipeline can use, and the Python API around them.
 
-One real segment run of the NC Landsat-7 scene (every raster, every polygon format) serves
-the module; each test checks its outputs with the tools users have.
+One real segment run of the NC Landsat-7 window, tiled 2 x 2 into a scene larger than one
+256-px COG tile (every raster, every polygon format), serves the module; each test checks its
+outputs with the tools users have.
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ CLASS_NAMES = ["water", "forest", "town"]
 
 
 @pytest.fixture(scope="module")
-def scene() -> Path:
-    from conftest import data_path
+def scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed NC window (256 x 144) tiled 2 x 2 on its own grid: 512 x 288 real pixels,
+    so that the outputs have an overview level (a raster within one 256-px tile needs none)."""
+    from conftest import fixture_path
 
-    return data_path("nc_landsat7_landclass96", f"{STEM}.tif")
+    with rasterio.open(fixture_path("nc_landsat7_landclass96", f"{STEM}.tif")) as src:
+        data, profile, names = src.read(), src.profile, src.descriptions
+    big = np.tile(data, (1, 2, 2))
+    out = tmp_path_factory.mktemp("scene") / f"{STEM}.tif"
+    with rasterio.open(out, "w", **(profile | {"width": big.shape[2], "height": big.shape[1]})) as dst:
+        dst.write(big)
+        dst.descriptions = names
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +301,7 @@ def test_stac_item_validates_and_describes_the_outputs(run: Any, model: Path, of
     assert min(lons) >= item.bbox[0] - 1e-9 and max(lats) <= item.bbox[3] + 1e-9
     # projection extension
     p = item.properties
-    assert p["proj:code"] == "EPSG:3358" and p["proj:shape"] == [443, 489]
+    assert p["proj:code"] == "EPSG:3358" and p["proj:shape"] == [288, 512]
     assert p["proj:transform"] == run.report["scene"]["transform"]
     # processing (provenance)
     assert p["processing:software"]["geovae"] == run.report["geovae_version"]

@@ -1,7 +1,7 @@
 """Every ```python block of README.md runs, so the README cannot drift from the API.
 
 The blocks run in order, in one namespace, in a temporary folder that holds the files they
-name (made from the real NC data): ``scene.tif`` and ``train.tif`` (the NC Landsat-7 scene),
+name (made from the committed window of the real NC data): ``scene.tif`` and ``train.tif`` (the NC Landsat-7 scene),
 ``labels.tif`` (its land-class map), ``model.safetensors`` (a small VAE model file),
 ``task.ckpt`` (a TorchGeo U-Net checkpoint with 2 classes) and ``a.tif`` / ``b.tif`` (the
 scene's west and east halves). Each top-level statement runs on its own, so a failure names
@@ -31,7 +31,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import rasterio
-    from conftest import data_path
+    from conftest import fixture_path
     from test_outputs import _model_for
 
     sys_path = str(ROOT / "examples")
@@ -44,8 +44,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     finally:
         sys.path.remove(sys_path)
 
-    scene = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
-    labels = data_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
+    scene = fixture_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    labels = fixture_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
     d = tmp_path_factory.mktemp("readme")
     shutil.copyfile(scene, d / "scene.tif")
     shutil.copyfile(scene, d / "train.tif")

@@ -39,12 +39,13 @@ def _write(path: Path, data: np.ndarray, **kw: object) -> Path:
 def test_describe_nc_stack(nc_stack: Path) -> None:
     d = describe_scene(nc_stack)
     json.dumps(d)  # must serialise as is
-    assert (d["epsg"], d["width"], d["height"], d["count"]) == (3358, 489, 443, 6)
+    assert (d["epsg"], d["width"], d["height"], d["count"]) == (3358, 256, 144, 6)
     assert d["descriptions"][0] == "B1_blue" and d["nodata"] == 0
-    assert d["transform"] == [28.5, 0.0, 630534.0, 0.0, -28.5, 228114.0]
+    # columns 136.., rows 296.. of the scene whose corner is (630534, 228114)
+    assert d["transform"] == [28.5, 0.0, 630534.0 + 136 * 28.5, 0.0, -28.5, 228114.0 - 296 * 28.5]
     lon0, lat0, lon1, lat1 = d["bounds_wgs84"]
     assert -79 < lon0 < lon1 < -78 and 35 < lat0 < lat1 < 36  # near Raleigh, NC
-    assert d["is_tiled"] and d["block_shapes"][0] == [256, 256] and d["compression"] == "deflate"
+    assert d["is_tiled"] and d["block_shapes"][0] == [64, 64] and d["compression"] == "deflate"
     assert d["mask_flags"][0] == ["nodata"] and d["alpha_band"] is None
 
 
@@ -151,14 +152,15 @@ def test_corrupt_tile_named(tmp_path: Path) -> None:
 
 
 def test_read_pads_past_the_edge(nc_stack: Path) -> None:
-    s = open_scene(nc_stack)
-    data, valid = s.read(Window(400, 400, 128, 128))
+    s = open_scene(nc_stack)  # 256 x 144: the window holds 89 columns and 43 rows of it
+    data, valid = s.read(Window(167, 101, 128, 128))
     assert data.shape == (6, 128, 128) and data.dtype == np.float32
     with rasterio.open(nc_stack) as ds:
-        ref = ds.read(window=Window(400, 400, 89, 43)).astype(np.float32)
-        mask = ds.dataset_mask(window=Window(400, 400, 89, 43)) > 0
+        ref = ds.read(window=Window(167, 101, 89, 43)).astype(np.float32)
+        mask = ds.dataset_mask(window=Window(167, 101, 89, 43)) > 0
     np.testing.assert_array_equal(data[:, :43, :89], ref)
     np.testing.assert_array_equal(valid[:43, :89], mask)
+    assert valid[:43, :89].any() and not valid[:43, :89].all()  # across the scene's own nodata edge
     assert not valid[43:].any() and not valid[:, 89:].any() and (data[:, 43:] == 0).all()
 
 
@@ -180,19 +182,20 @@ def test_nodata_override_parana(parana: Path) -> None:
     assert plain.nodata is None and plain.mask_kind == "none"
     s = open_scene(parana, nodata=0)
     assert s.nodata == 0 and s.mask_kind == "nodata"
-    data, valid = s.read(Window(0, 0, 512, 512))
+    whole = Window(0, 0, s.width, s.height)
+    data, valid = s.read(whole)
     assert (~valid).any() and valid.any()
     np.testing.assert_array_equal(~valid, (data == 0).all(0))
-    assert plain.read(Window(0, 0, 512, 512))[1].all()
+    assert plain.read(whole)[1].all()
 
 
 def test_to_dask_lazy_and_equal(nc_stack: Path) -> None:
     s = open_scene(nc_stack)
-    arr = s.to_dask(200)
-    assert arr.shape == (6, 443, 489) and arr.chunksize == (6, 200, 200)
-    full, valid = s.read(Window(0, 0, 489, 443))
-    np.testing.assert_array_equal(arr[:, 150:300, 100:450].compute(), full[:, 150:300, 100:450])
-    np.testing.assert_array_equal(s.to_dask(128, valid=True).compute(), valid)
+    arr = s.to_dask(64)
+    assert arr.shape == (6, 144, 256) and arr.chunksize == (6, 64, 64)
+    full, valid = s.read(Window(0, 0, 256, 144))
+    np.testing.assert_array_equal(arr[:, 50:140, 30:230].compute(), full[:, 50:140, 30:230])
+    np.testing.assert_array_equal(s.to_dask(48, valid=True).compute(), valid)
     assert s.any_valid()
 
 

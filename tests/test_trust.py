@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow  # one real training run (about 20 s on one thread
 
 @pytest.fixture(scope="module")
 def nc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import data_path
+    from conftest import fixture_path
 
     from geovae.training import train_model
 
     torch.set_num_threads(1)
-    nc = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
-    labels = data_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
+    nc = fixture_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    labels = fixture_path("nc_landsat7_landclass96", "nc_landclass96_label_uint8.tif")
     out = tmp_path_factory.mktemp("trust") / "nc.safetensors"
     res = train_model(
         nc,

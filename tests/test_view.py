@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import ROOT, data_path
+from conftest import ROOT, fixture_path
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 from torch import nn
@@ -87,7 +87,7 @@ def brightness_model(scene: Path) -> SegmentationModel:
 @pytest.fixture(scope="module")
 def seg_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`segment` of the real NC Landsat-7 scene: classes, confidence, uncertainty, GPKG + GeoJSON."""
-    nc = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    nc = fixture_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path_factory.mktemp("seg") / "out"
     segment_scene(
         nc,
@@ -116,14 +116,14 @@ def _report(folder: Path) -> dict:
 def batch_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A batch folder as `geovae batch` leaves it: two real scenes (NC's west and east halves)
     segmented into their sub-folders, one failed row, manifest.csv written by geovae.batch."""
-    nc = data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
+    nc = fixture_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
     root = tmp_path_factory.mktemp("batch")
     scenes = []
     with rasterio.open(nc) as src:
-        for name, win in (("west", Window(0, 0, 240, 443)), ("east", Window(249, 0, 240, 443))):
+        for name, win in (("west", Window(0, 0, 124, 144)), ("east", Window(132, 0, 124, 144))):
             p = root / "scenes" / f"nc_{name}.tif"
             p.parent.mkdir(exist_ok=True)
-            prof = src.profile | {"width": 240, "height": 443, "transform": src.window_transform(win)}
+            prof = src.profile | {"width": 124, "height": 144, "transform": src.window_transform(win)}
             with rasterio.open(p, "w", **prof) as dst:
                 dst.write(src.read(window=win))
             scenes.append(str(p))
