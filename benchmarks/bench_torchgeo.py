@@ -272,8 +272,8 @@ def worker(
         import torchgeo.datasets
         import torchgeo.samplers  # noqa: F401
     else:
-        import geovae.polygons
-        import geovae.segment  # noqa: F401
+        import geovae.segment
+        import geovae.vector  # noqa: F401
 
     fn = {"geovae": run_geovae, "torchgeo": run_torchgeo, "model": run_model_only}[method]
     kw = dict(tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size)

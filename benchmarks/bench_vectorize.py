@@ -79,9 +79,12 @@ def make_class_raster(path: Path, tiles: int) -> tuple[int, int]:
 
 def run_geovae(raster: Path, out: Path, block_size: int) -> int:
     try:
-        from geovae.polygons import vectorize
-    except ImportError:  # a --before checkout from before the module was renamed
-        from geovae.vectorize import vectorize  # type: ignore[no-redef]
+        from geovae.vector import vectorize
+    except ImportError:  # a --before checkout from before the package was made
+        try:
+            from geovae.polygons import vectorize  # type: ignore[no-redef]
+        except ImportError:  # ... or from before the module was renamed
+            from geovae.vectorize import vectorize  # type: ignore[no-redef]
 
     return vectorize(raster, out, block_size=block_size).n_polygons
 
@@ -116,10 +119,15 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
     import rasterio  # noqa: F401
     import shapely  # noqa: F401
 
+    import geovae
+
     try:
-        import geovae.polygons as mod
-    except ImportError:  # a --before checkout from before the module was renamed
-        import geovae.vectorize as mod  # type: ignore[no-redef]
+        import geovae.vector
+    except ImportError:  # a --before checkout from before the package was made
+        try:
+            import geovae.polygons
+        except ImportError:  # ... or from before the module was renamed
+            import geovae.vectorize
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
@@ -134,7 +142,7 @@ def worker(method: str, raster: Path, out: Path, block_size: int) -> None:
                 "n_polygons": n,
                 "peak_rss_mb": peak,
                 "rss_after_imports_mb": rss0,
-                "geovae": str(Path(mod.__file__).parents[1]),
+                "geovae": str(Path(geovae.__file__).parents[1]),
             }
         )
     )
@@ -168,9 +176,9 @@ def main() -> None:
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
     if args.before is not None and not any(
-        (args.before / "geovae" / f).exists() for f in ("polygons.py", "vectorize.py")
+        (args.before / "geovae" / f).exists() for f in ("vector", "polygons.py", "vectorize.py")
     ):
-        sys.exit(f"--before {args.before}: no geovae/polygons.py there; pass a checkout of this repository")
+        sys.exit(f"--before {args.before}: no geovae/vector there; pass a checkout of this repository")
 
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, block size {args.block_size}, output .{args.format}"

@@ -4,7 +4,7 @@ Builds a segment-like output folder from the real Landsat-8 Parana scene (the cl
 ``bench_vectorize.make_class_raster``: brightness quantiles split where red exceeds green,
 sieved, mirrored into an N x N mosaic; N = 5 gives about 10k x 9k pixels and 430k polygons),
 with a colour table, class names and overviews as ``geovae segment`` writes them, a
-confidence raster, the polygons as a GeoPackage (``geovae.polygons.vectorize``) and a report. Then it
+confidence raster, the polygons as a GeoPackage (``geovae.vector.vectorize``) and a report. Then it
 starts ``geovae view`` in a subprocess and measures from a client on the same machine:
 
 * tiles of the class and confidence rasters at zooms from the whole mosaic to beyond 1:1;
@@ -62,7 +62,7 @@ def build(folder: Path, tiles: int) -> dict[str, Any]:
     import rasterio
     from rasterio.enums import Resampling
 
-    from geovae.polygons import vectorize
+    from geovae.vector import vectorize
 
     folder.mkdir(parents=True, exist_ok=True)
     classes = folder / "mosaic.classes.tif"

@@ -15,7 +15,7 @@ __all__ = ["__version__", "describe_scene", "evaluate", "load_model", "run_batch
 _LAZY = {
     "describe_scene": "geovae.scene",
     "segment_scene": "geovae.segment",
-    "vectorize": "geovae.polygons",
+    "vectorize": "geovae.vector",
     "run_batch": "geovae.batch",
     "evaluate": "geovae.metrics",
     "load_model": "geovae.model.io",

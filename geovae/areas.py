@@ -8,7 +8,7 @@
   (:class:`pyproj.Geod`), since square degrees are no area at all.
 * **No CRS** (pixel coordinates): square pixels.
 
-:mod:`geovae.polygons` measures each polygon with :meth:`AreaMeasure.areas`;
+:mod:`geovae.vector` measures each polygon with :meth:`AreaMeasure.areas`;
 :class:`geovae.stitch.PixelAreas` measures cells of pixels with the same method, so the
 report's class areas and the polygons' ``area_m2`` agree whatever the CRS.
 """

@@ -452,7 +452,7 @@ def vectorize(
 ) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
     if objects:
-        from geovae.objects import vectorize_objects
+        from geovae.vector import vectorize_objects
 
         if uncertainty or connectivity != "4":
             raise OptionError("--objects takes neither --uncertainty nor --connectivity 8 (objects are 4-connected)")
@@ -474,7 +474,7 @@ def vectorize(
         return
     if probabilities:
         raise OptionError("--probabilities applies to --objects; name the object classes with --objects")
-    from geovae.polygons import vectorize as run
+    from geovae.vector import vectorize as run
 
     res = run(
         classes,

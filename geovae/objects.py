@@ -22,30 +22,21 @@ this module turns that into objects:
    object area that holds no seed (too small, or all boundary) becomes one object of its own
    when it holds object-class pixels, and is left out when it is boundary only.
 3. Each object is then one polygon, with its class (the class of its seed), area, mean
-   confidence and ``score``, the mean probability of its class over its pixels.
+   confidence and ``score``, the mean probability of its class over its pixels
+   (:mod:`geovae.vector.objects`, block-wise with a halo around each block).
 
-**Streaming.** The raster is processed in blocks as the class-region polygons are
-(:mod:`geovae.polygons`), each block with a *halo*: the watershed runs on the block grown by
-``halo`` pixels on every side, and the block keeps the labels of its own pixels only, so
-every pixel is decided once. An object is named by the first pixel of its seed in raster
-order (``object_id = row * width + column``): every block that sees the whole seed gives the
-object the same name, so the pieces of an object in several blocks are joined across block
-lines exactly as class regions are, never cut, never duplicated. That holds when every
-object fits within the halo (the watershed near a block's edge then sees every seed that
-competes for a pixel); an object that reaches the edge of a window is counted and reported
-(:attr:`ObjectResult.beyond_halo`, a warning), with the advice to raise the halo. Nor does
-the flooding order depend on where the window lies: equal elevations (a plateau, such as a
+This module decides which pixels make which object in one window (:func:`label_objects`)
+and what the objects of a run are (:class:`ObjectSpec`, :func:`plan_objects`). The flooding
+order does not depend on where the window lies: equal elevations (a plateau, such as a
 saturated boundary) are ordered by the distance to the nearest seed, so a plateau is split
 half way between the seeds, then by a fixed function of the pixel's scene position. (The
 watershed's own tie-break, first in first out, depends on everything the window holds: two
-block sizes would give objects that differ by a few pixels.)
-Memory holds one window of ``(block + 2 * halo)^2`` pixels (a few arrays of it), never the
-scene.
+block sizes would give objects that differ by a few pixels.) So every window that holds an
+object's neighbourhood gives it the same pixels and the same name.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,10 +55,12 @@ __all__ = [
     "ObjectSpec",
     "boundary_class",
     "label_objects",
+    "plan_objects",
+    "probability_bands",
+    "probability_tags",
     "resolve_object_classes",
+    "stitch_channels",
 ]
-
-log = logging.getLogger("geovae.objects")
 
 #: Seeds of fewer pixels are left out. Measured on the Amsterdam parcels rasterised with a
 #: 1-pixel boundary (a perfect prediction): 1 px gives object F1 0.80 (interiors pinched by
@@ -341,7 +334,7 @@ def probability_tags(classes: Sequence[int], names: Sequence[str], boundary: int
     }
 
 
-def _probability_bands(ds: Any) -> tuple[list[int], int | None]:
+def probability_bands(ds: Any) -> tuple[list[int], int | None]:
     """The class id of each band of an object-probability raster, and its boundary class."""
     import json
 
@@ -355,226 +348,6 @@ def _probability_bands(ds: Any) -> tuple[list[int], int | None]:
         ) from None
     b = tags.get("BOUNDARY_CLASS", "")
     return ids, int(b) if b.strip().lstrip("-").isdigit() else None
-
-
-# ----------------------------------------------------------------------------- streaming writer
-@dataclass
-class ObjectResult:
-    """What :func:`write_objects` wrote.
-
-    Attributes:
-        paths: the output files.
-        n_objects: objects written (per output).
-        class_areas_m2: total object area per class id (square pixels without a CRS).
-        area_unit: ``"m2"`` or ``"px"``.
-        beyond_halo: objects that reached the edge of their block's window (block + halo):
-            they may be cut or named twice; raise the halo above their size.
-    """
-
-    paths: list[Any]
-    n_objects: int
-    class_areas_m2: dict[int, float]
-    area_unit: str
-    beyond_halo: int = 0
-
-
-def write_objects(
-    classes: Any,
-    targets: Sequence[tuple[Any, Any]],
-    spec: ObjectSpec,
-    *,
-    probabilities: Any = None,
-    confidence: Any = None,
-    min_area: float = 0.0,
-    simplify: float = 0.0,
-    block_size: int = 1024,
-    layer: str = "objects",
-    progress: Any = None,
-) -> ObjectResult:
-    """Object polygons of a class raster (and its probabilities) into given files, streaming.
-
-    Args:
-        classes: the class raster.
-        targets: ``(final path, path to write)`` per output, as
-            :func:`geovae.polygons.write_polygons` takes them.
-        spec: the object classes, boundary class, seed threshold and halo.
-        probabilities: the run's ``<stem>.object-probability.tif`` (one band per class of
-            its ``CLASS_IDS`` tag); None to work from the class raster alone.
-        confidence: the confidence raster, for ``confidence_mean``.
-        min_area: objects smaller than this (m^2, or square pixels) are dropped.
-        simplify: topology-preserving simplification tolerance (metres, or pixels).
-        block_size: block side in pixels (the window is the block and ``spec.halo`` around it).
-        layer: the layer name in a GeoPackage.
-        progress: ``progress(done_rows, total_rows)`` after each row of blocks.
-
-    Returns:
-        An :class:`ObjectResult`.
-
-    Raises:
-        OptionError: a probability raster that lacks a class of ``spec``, on another grid.
-        SceneError: an unreadable or non-integer class raster.
-    """
-    import math
-
-    import rasterio
-    from affine import Affine
-
-    from geovae.errors import SceneError
-    from geovae.polygons import (
-        _GDAL_CACHE_BYTES,
-        _block_pieces,
-        _check_same_grid,
-        _ColumnType,
-        _Layer,
-        _mean,
-        _Measure,
-        _read_band,
-        _run_layer,
-        _style_geopackages,
-    )
-    from geovae.products import OBJECT_COLUMNS, area_column, read_class_table
-    from geovae.scene import capped_gdal_cache, open_raster
-
-    if not isinstance(block_size, int) or block_size < 1:
-        raise OptionError(f"block size must be a positive number of pixels, got {block_size!r}")
-    for name, value in (("min-area", min_area), ("simplify", simplify)):
-        if not math.isfinite(value) or value < 0:
-            raise OptionError(f"--{name} must be a number >= 0, got {value!r}")
-    src = open_raster(classes, "class raster")
-    extra: list[Any] = []
-    try:
-        if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-            raise SceneError(f"class raster {src.name} has dtype {src.dtypes[0]}; class ids must be integers")
-        crs = src.crs
-        if crs is None and any(str(f).lower().endswith(".geojson") for f, _ in targets):
-            raise OptionError(f"GeoJSON needs a CRS and {src.name} has none; use .gpkg or .parquet")
-        prob_ds = conf_ds = None
-        bands: list[int] = []
-        if probabilities is not None:
-            prob_ds = open_raster(probabilities, "object-probability raster")
-            extra.append(prob_ds)
-            _check_same_grid(src, prob_ds, "object-probability")
-            ids, _ = _probability_bands(prob_ds)
-            want = [*spec.classes, *([spec.boundary] if spec.boundary is not None else [])]
-            missing = [c for c in want if c not in ids]
-            if missing:
-                raise OptionError(
-                    f"object-probability raster {prob_ds.name} has no band for class(es) "
-                    f"{', '.join(map(str, missing))} (it holds {ids}); segment with those --objects"
-                )
-            bands = [ids.index(c) + 1 for c in want]
-        if confidence is not None:
-            conf_ds = open_raster(confidence, "confidence raster")
-            extra.append(conf_ds)
-            _check_same_grid(src, conf_ds, "confidence")
-        table = read_class_table(src)
-        names = {k: v["name"] for k, v in table.items()}
-        names.update(dict(zip(spec.classes, spec.names)))
-        W, H = src.width, src.height
-        halo = spec.halo
-        to_world = src.transform if crs is not None else Affine.identity()
-        measure = _Measure(crs, src.bounds)
-        beyond: set[int] = set()
-        class_index = {c: i for i, c in enumerate(spec.classes)}
-
-        def pieces(win: Any) -> Any:
-            c0, r0 = int(win.col_off), int(win.row_off)
-            c1, r1 = c0 + int(win.width), r0 + int(win.height)
-            gc0, gr0, gc1, gr1 = max(0, c0 - halo), max(0, r0 - halo), min(W, c1 + halo), min(H, r1 + halo)
-            grown = rasterio.windows.Window(gc0, gr0, gc1 - gc0, gr1 - gr0)
-            # The core must hold an object pixel: otherwise nothing of this block is kept.
-            core = src.read(1, window=win)
-            core_ok = src.read_masks(1, window=win) > 0
-            wanted = np.isin(core, [*spec.classes, *([spec.boundary] if spec.boundary is not None else [])]) & core_ok
-            if not wanted.any():
-                return None
-            cls = src.read(1, window=grown)
-            valid = src.read_masks(1, window=grown) > 0
-            probs = None
-            if prob_ds is not None:
-                probs = prob_ds.read(bands, window=grown).astype(np.float32)
-                if spec.boundary is None:
-                    probs = np.concatenate([probs, np.zeros_like(probs[:1])])
-                valid &= np.isfinite(probs).all(0)
-            edges = (gr0 > 0, gr1 < H, gc0 > 0, gc1 < W)
-            labels, anchors, label_class = label_objects(
-                cls, valid, spec, probs, offset=(gr0, gc0), width=W, open_edges=edges
-            )
-            inner = labels[r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0]
-            present = np.unique(inner)
-            present = present[present > 0]
-            if len(present) == 0:
-                return None
-            # Objects kept here that reach an open edge of the window may be cut: count them.
-            rim = np.zeros(len(anchors) + 1, bool)
-            for is_open, edge in zip(edges, (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1])):
-                if is_open:
-                    rim[edge] = True
-            rim[0] = False
-            beyond.update(int(anchors[i - 1]) for i in present if rim[i])
-            score = None
-            if probs is not None:
-                k = np.array([class_index[int(c)] for c in label_class], np.int64)
-                kk = np.where(inner > 0, k[np.maximum(inner, 1) - 1], 0)
-                score = np.take_along_axis(probs[:, r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0], kk[None], 0)[0]
-                score = np.where(inner > 0, score, np.nan).astype(np.float32)
-            conf = _read_band(conf_ds, win)
-            geoms, local, stats = _block_pieces(inner, inner > 0, win, 4, conf, score)
-            keys = anchors[local - 1] * 256 + label_class[local - 1]
-            return geoms, keys, stats
-
-        area_col = area_column(crs is None)
-
-        def attributes(keys: np.ndarray, stats: np.ndarray, area: np.ndarray) -> dict[str, Any]:
-            cls = keys & 255
-            nan = np.full(len(keys), np.nan)
-            return {
-                "object_id": keys >> 8,
-                "class_id": cls,
-                "class_name": [names.get(int(k), f"class {int(k)}") for k in cls],
-                area_col: area,
-                "confidence_mean": _mean(stats[:, 0], stats[:, 1]) if conf_ds is not None else nan,
-                "score": _mean(stats[:, 2], stats[:, 3]) if prob_ds is not None else nan,
-            }
-
-        cols = [area_col if c == "area" else c for c in OBJECT_COLUMNS]
-        special: dict[str, _ColumnType] = {"object_id": "int64", "class_id": "int32", "class_name": object}
-        types = {c: special.get(c, "float64") for c in cols}
-        with capped_gdal_cache(_GDAL_CACHE_BYTES):
-            res = _run_layer(
-                _Layer(pieces, attributes, cols, types),
-                W,
-                H,
-                crs,
-                targets,
-                to_world,
-                measure,
-                min_area,
-                simplify,
-                block_size,
-                4,
-                layer,
-                progress,
-            )
-        _style_geopackages(targets, layer, table, {c: n for c, n in names.items() if c in spec.classes})
-    finally:
-        for ds in extra:
-            ds.close()
-        src.close()
-    if beyond:
-        log.warning(
-            "%d objects reach beyond the %d-pixel object halo and may be cut or split at block lines; "
-            "raise --object-halo above the largest object's size in pixels",
-            len(beyond),
-            halo,
-        )
-    return ObjectResult(
-        paths=res.paths,
-        n_objects=res.n_polygons,
-        class_areas_m2=res.class_areas_m2,
-        area_unit=res.area_unit,
-        beyond_halo=len(beyond),
-    )
 
 
 # ----------------------------------------------------------------------------- a segment run
@@ -607,108 +380,3 @@ def stitch_channels(spec: ObjectSpec, info: Any) -> tuple[list[int], dict[str, s
     index = {int(c): i for i, c in enumerate(info.class_ids)}
     channels = [index[c] for c in spec.classes] + ([index[spec.boundary]] if spec.boundary is not None else [])
     return channels, probability_tags(spec.classes, spec.names, spec.boundary)
-
-
-# ----------------------------------------------------------------------------- the public function
-def vectorize_objects(
-    classes: Any,
-    out: Any = None,
-    *,
-    objects: str | Sequence[str | int],
-    probabilities: Any = None,
-    confidence: Any = None,
-    min_area: float = 0.0,
-    simplify: float = 0.0,
-    block_size: int = 1024,
-    halo: int = DEFAULT_HALO,
-    seed: float = DEFAULT_SEED,
-    layer: str | None = None,
-) -> Any:
-    """One polygon per object of ``objects`` classes of a class raster, block-wise.
-
-    The counterpart of :func:`geovae.polygons.vectorize` for objects (see the module
-    docstring): seeds, a watershed along the boundary class, one polygon per object with
-    ``object_id``, ``class_id``, ``class_name``, ``area_m2`` (``area_px``),
-    ``confidence_mean`` and ``score``.
-
-    Args:
-        classes: the class raster (``<stem>.classes.tif``).
-        out: output path(s) (``.geojson``, ``.gpkg``, ``.parquet``), or None to return a
-            GeoDataFrame.
-        objects: the object classes, names or ids (a list, or ``"parcel,field"``).
-        probabilities: ``<stem>.object-probability.tif`` of a ``segment --objects`` run; its
-            tags name its classes and the boundary class. None: objects from the class
-            raster alone (seeds by distance, split at narrow necks; a class named
-            ``boundary`` in the class table is still given back to the objects).
-        confidence: a confidence raster on the same grid, for ``confidence_mean``.
-        min_area, simplify, block_size: as :func:`geovae.polygons.vectorize`.
-        halo: pixels around each block the split sees; objects up to this size are exact.
-        seed: interior probability at which a pixel seeds an object.
-        layer: layer name (default ``<stem>_objects``).
-
-    Returns:
-        An :class:`ObjectResult`, or a GeoDataFrame when ``out`` is None.
-
-    Raises:
-        OptionError, SceneError, OutputError, ModelMismatchError: as
-            :func:`geovae.polygons.vectorize`, and for an object class the raster does not have.
-    """
-    import contextlib
-    import tempfile
-    from pathlib import Path
-
-    import pyogrio
-
-    from geovae.atomic import OutputSet, check_not_inputs
-    from geovae.polygons import _output_paths, scene_layer_name
-    from geovae.products import read_class_table
-    from geovae.scene import open_raster
-
-    wanted = [o for o in (objects.split(",") if isinstance(objects, str) else objects) if str(o).strip()]
-    with open_raster(classes, "class raster") as src:
-        table = read_class_table(src)
-    boundary = None
-    if probabilities is not None:
-        with open_raster(probabilities, "object-probability raster") as ds:
-            _, boundary = _probability_bands(ds)
-    else:
-        boundary = next((c for c, v in table.items() if str(v["name"]).strip().lower() == BOUNDARY_NAME), None)
-    ids = sorted(table) or sorted({int(w) for w in wanted if str(w).strip().isdigit()})
-    names = [table.get(c, {}).get("name", f"class {c}") for c in ids]
-    cls, cnames = resolve_object_classes(wanted, ids, names, boundary)
-    spec = ObjectSpec(classes=cls, names=cnames, boundary=boundary, seed=seed, halo=halo)
-    layer = layer or f"{scene_layer_name(classes)}_objects"
-    kw = dict(
-        probabilities=probabilities,
-        confidence=confidence,
-        min_area=min_area,
-        simplify=simplify,
-        block_size=block_size,
-        layer=layer,
-    )
-    if out is None:
-        with tempfile.TemporaryDirectory(prefix="geovae-objects-") as tmp:
-            path = Path(tmp) / "objects.gpkg"
-            write_objects(classes, [(path, path)], spec, **kw)
-            return pyogrio.read_dataframe(path, layer=layer)
-    paths = _output_paths(out)
-    inputs = [classes, probabilities, confidence]
-    check_not_inputs(paths, inputs)
-    with contextlib.ExitStack() as stack:
-        sets: dict[Path, OutputSet] = {}
-        for p in paths:
-            folder = p.parent.absolute()
-            if folder not in sets:
-                sets[folder] = stack.enter_context(OutputSet(folder, "objects", lock=False, inputs=inputs))
-        targets = [(p, sets[p.parent.absolute()].path(p.name)) for p in paths]
-        res = write_objects(classes, targets, spec, **kw)
-        for folder, oset in sets.items():
-            oset.commit([p.name for p in paths if p.parent.absolute() == folder])
-    if res.n_objects == 0:
-        log.warning(
-            "no objects of class %s in %s: no pixel of %s, or none above --min-area",
-            ",".join(map(str, cls)),
-            classes,
-            "it" if len(cls) == 1 else "them",
-        )
-    return res

@@ -297,6 +297,12 @@ def write_class_table(ds: Any, ids: Sequence[int], names: Sequence[str], colors:
     )
 
 
+def class_table(ids: Sequence[int], names: Sequence[str], colors: Sequence[Sequence[int]]) -> dict[int, dict[str, Any]]:
+    """The class table of a model's classes, as :func:`read_class_table` reads it back from
+    the class raster :func:`write_class_table` wrote: ``{id: {"name": str, "color": [r, g, b]}}``."""
+    return {int(c): {"name": str(n), "color": [int(v) for v in col][:3]} for c, n, col in zip(ids, names, colors)}
+
+
 def read_class_table(ds: Any) -> dict[int, dict[str, Any]]:
     """The class table of an open class raster: ``{id: {"name": str, "color": [r, g, b] | None}}``.
 

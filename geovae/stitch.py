@@ -419,7 +419,7 @@ class Stitcher:
         self._bottom: dict[int, np.ndarray] = {}
         self._pending: list[Tile] = []
         #: Called with (window in scene coordinates, outputs) after each block is written,
-        #: in write order (segment's polygon stream, geovae.polygons.PolygonStream).
+        #: in write order (segment's polygon stream, geovae.vector.PolygonStream).
         self.on_block: Callable[[Window, dict[str, np.ndarray]], None] | None = None
         self._dst: dict[str, Any] = {}
         self._closed = False

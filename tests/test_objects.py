@@ -291,7 +291,7 @@ def register_rasters(ndvi: Path, parcels: gpd.GeoDataFrame, tmp_path: Path) -> t
 def test_objects_are_the_same_whatever_the_block_size(
     register_rasters: tuple[Path, Path], parcels: gpd.GeoDataFrame, tmp_path: Path
 ) -> None:
-    from geovae.objects import vectorize_objects
+    from geovae.vector import vectorize_objects
 
     classes, probs = register_rasters
     with rasterio.open(classes) as ds:
@@ -324,7 +324,7 @@ def test_objects_are_the_same_whatever_the_block_size(
 def test_an_object_larger_than_the_halo_is_reported(
     register_rasters: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from geovae.objects import vectorize_objects
+    from geovae.vector import vectorize_objects
 
     classes, probs = register_rasters
     with caplog.at_level("WARNING", logger="geovae"):

@@ -145,12 +145,12 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(
     assert code == 0, err
     before = _digest(out)
     # A full disk while the polygons are written (ENOSPC in a format writer thread).
-    import geovae.polygons
+    import geovae.vector.formats
 
     def full(*a: object, **k: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(geovae.polygons, "_write_format", full)
+    monkeypatch.setattr(geovae.vector.formats, "write_format", full)
     code, err = run(
         capsys,
         "-q",
@@ -169,7 +169,7 @@ def test_a_failed_run_leaves_the_previous_set_byte_identical(
     assert code == 1 and len(lines) == 1 and lines[0].startswith("geovae: error: no space left on the device of")
     assert "free some space" in err and _digest(out) == before
     # Any other failure after the rasters (here an internal error) leaves it as well.
-    monkeypatch.setattr(geovae.polygons, "_write_format", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(geovae.vector.formats, "write_format", lambda *a, **k: 1 / 0)
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--samples", "2")
     assert code == 1 and "internal error" in err and _digest(out) == before
 
@@ -365,8 +365,8 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, scene: Path, model: Path) -> None:
     """Two library calls at once writing the same polygon file: each writes its own staging."""
-    from geovae.polygons import vectorize
     from geovae.segment import segment_scene
+    from geovae.vector import vectorize
 
     r = segment_scene(scene, model, tmp_path / "o", formats=(), quicklook=False, progress=False)
     errors: list[BaseException] = []

@@ -544,11 +544,11 @@ def _by_geometry(gdf: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 
 def test_polygons_of_a_run_are_those_of_its_finished_raster(tmp_path: Path, nc_stack: Path) -> None:
-    """segment traces polygons from each block as it is written (geovae.polygons.PolygonStream);
+    """segment traces polygons from each block as it is written (geovae.vector.PolygonStream);
     they must be exactly what vectorising the run's own rasters gives: geometry, class and
     every mean, over several rows and columns of blocks."""
-    from geovae.polygons import vectorize
     from geovae.segment.trust import THRESHOLD_QUANTILE
+    from geovae.vector import vectorize
 
     model = vae_model(nc_stack)
     first = segment_scene(
@@ -599,9 +599,9 @@ def test_polygon_worker_failure_fails_the_run_cleanly(
     model loop while the worker runs."""
     import errno
 
-    import geovae.polygons as polygons
+    from geovae.vector import trace
 
-    real = polygons._block_pieces
+    real = trace.block_pieces
     calls = [0]
 
     def failing(*a: Any, **k: Any) -> Any:
@@ -610,13 +610,13 @@ def test_polygon_worker_failure_fails_the_run_cleanly(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(polygons, "_block_pieces", failing)
+    monkeypatch.setattr(trace, "block_pieces", failing)
     out = tmp_path / "out"
     model = conv_model(nc_stack)
     with pytest.raises(OutputError, match="no space left"):
         segment_scene(nc_stack, model, out, tile=64, overlap=16, block_size=64, progress=False, quicklook=False)
     assert not any(out.iterdir())
-    monkeypatch.setattr(polygons, "_block_pieces", real)
+    monkeypatch.setattr(trace, "block_pieces", real)
 
     def broken(*a: Any, **k: Any) -> Any:
         raise RuntimeError("model exploded")

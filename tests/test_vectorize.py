@@ -1,4 +1,4 @@
-"""geovae.polygons: block-wise polygons that tile the class raster, on the real rasters."""
+"""geovae.vector: block-wise polygons that tile the class raster, on the real rasters."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from affine import Affine
 from conftest import fixture_path
 
 from geovae.errors import GeovaeError, OptionError, SceneError
-from geovae.polygons import VectorizeResult, vectorize
+from geovae.vector import VectorizeResult, vectorize
 
 NC_PIXEL_M2 = 28.5 * 28.5
 

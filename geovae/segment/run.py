@@ -31,8 +31,8 @@ from rasterio.windows import Window
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
 from geovae.errors import ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, output_name, read_class_table, run_kinds
-from geovae.scene import Scene, capped_gdal_cache, open_raster, open_scene
+from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, class_table, output_name, run_kinds
+from geovae.scene import Scene, capped_gdal_cache, open_scene
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
@@ -438,30 +438,35 @@ def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None)
 
 def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
     """The class polygons, traced from each block as the stitcher writes it
-    (:class:`~geovae.polygons.PolygonStream`), attached to ``stitcher``; None without formats."""
+    (:class:`~geovae.vector.PolygonStream`), attached to ``stitcher``; None without formats."""
     if not plan.formats:
         return None
-    from geovae.polygons import PolygonStream
+    from geovae.blocks import Block
+    from geovae.vector import LayerOptions, PolygonStream
 
     s, info = plan.scene, plan.model.info
     if stitcher.rows != (0, s.height):
         raise ValueError("polygons are written for whole scenes only")
     stream = PolygonStream(
-        [(oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats],
-        width=s.width,
-        height=s.height,
-        crs=s.crs,
-        transform=s.transform,
-        block=stitcher.B,
-        class_names=dict(zip(info.class_ids, info.class_names)),
+        LayerOptions(
+            targets=tuple(
+                (oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats
+            ),
+            width=s.width,
+            height=s.height,
+            crs=s.crs,
+            transform=s.transform,
+            block=stitcher.B,
+            min_area=plan.options.min_area,
+            simplify=plan.options.simplify,
+            layer=plan.stem,
+        ),
+        classes=class_table(info.class_ids, info.class_names, info.class_colors),
         confidence=True,
         uncertainty=stitcher.uncertainty,
         anomaly_threshold=stitcher.anomaly_threshold,
-        min_area=plan.options.min_area,
-        simplify=plan.options.simplify,
-        layer=plan.stem,
     )
-    stitcher.on_block = stream.add_block
+    stitcher.on_block = lambda window, outputs: stream.add(Block(window, outputs))
     return stream
 
 
@@ -514,10 +519,8 @@ def _finish(
         # The polygons were traced while the model ran; what is left is the last rows and
         # the copies into each format.
         t0 = time.perf_counter()
-        with open_raster(staged["classes"], "class raster") as ds:
-            table = read_class_table(ds)
         with _Progress(1, opts.progress, f"polygons {stem}", unit="block rows") as bar:
-            res = stream.close(table, progress=lambda done, total: _set_total(bar, done, total))
+            res = stream.close(progress=lambda done, total: _set_total(bar, done, total))
         polygons = dict.fromkeys(plan.formats, res.n_polygons)
         timings["vectorize_s"] = time.perf_counter() - t0
         log.info("%s: %d polygons written, %.1f s after the rasters", stem, res.n_polygons, timings["vectorize_s"])
@@ -564,8 +567,8 @@ def _finish(
 
 def _write_objects(plan: _Plan, oset: OutputSet, staged: dict[str, Path]) -> dict[str, Any]:
     """The object polygons (``--objects``, geovae.objects) into the set; their report entry."""
-    from geovae.objects import write_objects
     from geovae.products import object_kind
+    from geovae.vector import write_objects
 
     opts, stem, spec = plan.options, plan.stem, plan.objects
     t0 = time.perf_counter()
