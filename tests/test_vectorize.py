@@ -320,6 +320,60 @@ def test_confidence_and_uncertainty_means(nc_labels: Path, tmp_path: Path) -> No
     assert (gdf.uncertainty_mean * npx).sum() == pytest.approx(rows[labels != 0].sum(), rel=1e-6)
 
 
+def test_polygon_stream_fed_blocks_gives_the_polygons_of_the_finished_raster(
+    pipeline_classes: Path, tmp_path: Path
+) -> None:
+    """PolygonStream is a block sink: blocks handed to add() in write order (last row and
+    column smaller) give exactly the polygons and means of vectorising the same raster, and
+    the GeoPackage is styled in the colours of the class table it was given, not read from
+    a file (the raster here has names only, no colours)."""
+    import sqlite3
+
+    from geovae.blocks import Block
+    from geovae.vector import LayerOptions, PolygonStream
+
+    classes, profile = _read(pipeline_classes)
+    conf = ((classes.astype(np.float32) + 1) / 10).astype(np.float32)
+    conf[classes == 255] = np.nan
+    conf[300:340, 50:500] = 0.25
+    conf_path = _write(tmp_path / "conf.tif", conf, dict(profile, dtype="float32", nodata=float("nan")))
+    height, width = classes.shape
+    block = 100
+    out = tmp_path / "s.gpkg"
+    table = {i: {"name": f"name {i}", "color": [i + 1, 2 * i + 1, 3 * i + 1]} for i in range(7)}
+    stream = PolygonStream(
+        LayerOptions(
+            targets=((out, out),),
+            width=width,
+            height=height,
+            crs=profile["crs"],
+            transform=profile["transform"],
+            block=block,
+            layer="nc",
+        ),
+        classes=table,
+    )
+    for r in range(0, height, block):
+        for c in range(0, width, block):
+            win = rasterio.windows.Window(c, r, min(block, width - c), min(block, height - r))
+            part = (slice(r, r + block), slice(c, c + block))
+            stream.add(Block(win, {"classes": classes[part][None], "confidence": conf[part][None]}))
+    result = stream.close()
+    got = gpd.read_file(out, layer="nc")
+    ref = vectorize(pipeline_classes, None, confidence=conf_path, block_size=block)
+    assert result.n_polygons == len(got) == len(ref) > 100
+    a = got.assign(key=shapely.to_wkb(shapely.normalize(got.geometry.values))).sort_values("key")
+    b = ref.assign(key=shapely.to_wkb(shapely.normalize(ref.geometry.values))).sort_values("key")
+    assert (a.key.to_numpy() == b.key.to_numpy()).all()
+    assert (a.class_id.to_numpy() == b.class_id.to_numpy()).all()
+    assert np.allclose(a.confidence_mean, b.confidence_mean, rtol=1e-9, equal_nan=True)
+    assert set(got.class_name) <= {f"name {i}" for i in range(7)}
+    with sqlite3.connect(out) as con:
+        (qml,) = con.execute("SELECT styleQML FROM layer_styles WHERE f_table_name = 'nc'").fetchone()
+    con.close()
+    assert all(f'"{i + 1},{2 * i + 1},{3 * i + 1},255"' in qml for i in range(7))
+
+
 # --------------------------------------------------------------------------------------
 # pixel coordinates and bad input
 
