@@ -315,6 +315,54 @@ def _segment_options(f: Any) -> Any:
     return f
 
 
+def _area_options(f: Any) -> Any:
+    """Options that stack band assets or rasters into one scene and clip it to an area."""
+    opts = [
+        click.option(
+            "--assets",
+            help="SCENES are STAC Items (a JSON file or URL, an ItemCollection, stac-geoparquet): stack "
+            "these band assets of each, in this order, into one scene, e.g. red,green,blue,nir.",
+        ),
+        click.option(
+            "--stack", is_flag=True, help="Stack the SCENES rasters band-wise into one scene, on the first's grid."
+        ),
+        click.option(
+            "--resolution",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Pixel size of a stacked scene, in its CRS units [default: the finest asset's].",
+        ),
+        click.option("--bbox", help="Segment only this area: W,S,E,N in degrees (WGS84)."),
+        click.option(
+            "--intersects",
+            type=click.Path(dir_okay=False),
+            help="Segment only this area: a GeoJSON file (WGS84) of a polygon.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _area(kw: dict[str, Any]) -> dict[str, Any] | None:
+    """The --bbox or --intersects area as a GeoJSON geometry (WGS84), or None."""
+    from geovae.sources import parse_bbox, read_area
+
+    if kw.get("bbox") and kw.get("intersects"):
+        raise OptionError("--bbox and --intersects both name an area; give one of them")
+    if kw.get("bbox"):
+        w, s, e, n = parse_bbox(kw["bbox"])
+        return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+    return read_area(kw["intersects"]) if kw.get("intersects") else None
+
+
+def _scene_inputs(paths: list[str], kw: dict[str, Any]) -> list[Any]:
+    """SCENES as the library takes them: paths, or stacked sources (--stack, --assets, an area)."""
+    from geovae.sources import parse_assets, scene_inputs
+
+    assets = parse_assets(kw["assets"]) if kw.get("assets") is not None else None
+    return scene_inputs(paths, assets=assets, stack=kw["stack"], resolution=kw.get("resolution"), area=_area(kw))
+
+
 def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
     from geovae.segment import SegmentOptions
 
@@ -347,27 +395,30 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
 @click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_segment_options
+@_area_options
 @click.pass_context
 def segment(ctx: click.Context, scenes: tuple[str, ...], model: str, out_dir: str, **kw: Any) -> None:
     """Segment SCENES into class/confidence rasters, polygons, a quicklook and a report.
 
     One scene writes into OUT. Several scenes, or a folder of them, go to the local batch
     runner (as `geovae batch` does): one sub-folder of OUT per scene, a manifest and a STAC
-    catalog.
+    catalog. With --assets, SCENES are STAC Items whose band assets are stacked into one
+    scene each; with --stack, SCENES are stacked into one scene.
     """
     from geovae.batch import expand_scenes
 
     options = _segment_options_from(kw, _quiet(ctx))
     paths = expand_scenes(scenes)
-    if len(paths) == 1 and paths == list(scenes):
+    inputs = _scene_inputs(paths, kw)
+    if len(inputs) == 1 and (kw["stack"] or kw.get("assets") or paths == list(scenes)):
         from geovae.segment import segment_scene
 
-        result = segment_scene(paths[0], model, out_dir, options)
+        result = segment_scene(inputs[0], model, out_dir, options)
         _print_outputs(result.outputs)
         return
     from geovae.batch import run_batch
 
-    res = run_batch(paths, model, out_dir, options=options, progress=not _quiet(ctx))
+    res = run_batch(inputs, model, out_dir, options=options, progress=not _quiet(ctx))
     _print_batch(res)
 
 
@@ -784,7 +835,22 @@ def export(
     show_default=True,
     help="Seconds to wait for --scheduler before giving up.",
 )
+@click.option(
+    "--stac",
+    help="Segment the STAC Items a search finds: a STAC API URL, or an item file or URL "
+    "(stac-geoparquet, ItemCollection); filtered by --collections, --bbox/--intersects, "
+    "--datetime, --query, --max-items; --assets picks the bands.",
+)
+@click.option("--collections", help="STAC collection ids to search, comma-separated.")
+@click.option("--datetime", "date_range", help="Acquisition time or interval, e.g. 2024-06-01/2024-08-31.")
+@click.option(
+    "--query",
+    multiple=True,
+    help='A condition on an Item property, e.g. "eo:cloud_cover<20" (<, <=, >, >=, =, !=). Repeatable.',
+)
+@click.option("--max-items", type=click.IntRange(min=1), help="Segment at most this many Items.")
 @_segment_options
+@_area_options
 @click.pass_context
 def batch(
     ctx: click.Context,
@@ -802,15 +868,35 @@ def batch(
     connect_timeout: float,
     **kw: Any,
 ) -> None:
-    """Segment many scenes (or one huge one) on dask.distributed, resumable, with retries."""
+    """Segment many scenes (or one huge one) on dask.distributed, resumable, with retries.
+
+    With --stac, the scenes are the STAC Items a search finds, each Item's --assets stacked
+    into one scene and clipped to --bbox/--intersects.
+    """
     from geovae.batch import run_batch
 
-    if not scenes and not scene_list:
-        raise click.UsageError("give SCENE paths or --list FILE")
     if scheduler and workers:
         raise click.UsageError("--workers only applies to the local cluster; drop it with --scheduler")
+    search = None
+    if kw["stac"]:
+        if scenes or scene_list:
+            raise click.UsageError("--stac finds the scenes itself; drop the SCENE paths and --list")
+        inputs, search = _stac_inputs(kw)
+    else:
+        for name, flag in (
+            ("collections", "--collections"),
+            ("date_range", "--datetime"),
+            ("max_items", "--max-items"),
+        ):
+            if kw[name] is not None:
+                raise click.UsageError(f"{flag} filters a --stac search; add --stac URL or drop it")
+        if kw["query"]:
+            raise click.UsageError("--query filters a --stac search; add --stac URL or drop it")
+        if not scenes and not scene_list:
+            raise click.UsageError("give SCENE paths, --list FILE or --stac")
+        inputs = _scene_inputs(list(scenes), kw)
     res = run_batch(
-        list(scenes),
+        inputs,
         model,
         out_dir,
         scene_list=scene_list,
@@ -824,8 +910,35 @@ def batch(
         connect_timeout=connect_timeout,
         progress=not _quiet(ctx),
         options=_segment_options_from(kw, _quiet(ctx)),
+        search=search,
     )
     _print_batch(res)
+
+
+def _stac_inputs(kw: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """The scenes of a --stac search, and the search as the batch's Collection records it."""
+    from geovae.sources import Search, find_items, item_sources, parse_assets, parse_bbox, parse_query, read_area
+
+    if kw.get("assets") is None:
+        raise click.UsageError("--stac: name the band assets to stack with --assets, e.g. --assets red,green,blue,nir")
+    if kw["stack"]:
+        raise click.UsageError("--stack stacks raster files; with --stac, --assets picks each Item's bands")
+    assets = parse_assets(kw["assets"])
+    if kw.get("bbox") and kw.get("intersects"):
+        raise OptionError("--bbox and --intersects both name an area; give one of them")
+    search = Search(
+        source=kw["stac"],
+        collections=tuple(c.strip() for c in kw["collections"].split(",") if c.strip()) if kw["collections"] else None,
+        bbox=tuple(parse_bbox(kw["bbox"])) if kw.get("bbox") else None,
+        intersects=read_area(kw["intersects"]) if kw.get("intersects") else None,
+        datetime=kw["date_range"],
+        query=parse_query(kw["query"]) or None,
+        max_items=kw["max_items"],
+    )
+    items = find_items(search)
+    log.info("the search found %d items", len(items))
+    sources = item_sources(items, assets, resolution=kw.get("resolution"), area=search.area)
+    return list(sources), {**search.describe(), "assets": assets, "resolution": kw.get("resolution")}
 
 
 def _resources(value: str | None) -> dict[str, float] | None:

@@ -66,3 +66,15 @@ class DataError(GeovaeError, OSError):
 
 class ClusterError(GeovaeError, ConnectionError):
     """A Dask scheduler cannot be reached or a cluster cannot be started."""
+
+
+class AreaOutsideSceneError(SceneError):
+    """The area to segment (``--bbox``/``--intersects``) holds none of a scene's pixels.
+
+    A batch counts such a scene as skipped, not failed: a search over an area finds scenes
+    whose tile touches the area while their data do not.
+    """
+
+
+class SourceError(GeovaeError, OSError):
+    """A STAC API, a STAC Item or an item file cannot be read, or a search finds nothing."""

@@ -34,6 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geovae.errors import CorruptSceneError, SceneError
+from geovae.sources.stack import StackedSource, build_vrt, is_vrt_xml
 
 __all__ = ["SUPPORTED_DTYPES", "Scene", "describe_scene", "gdal_path", "grid_mismatch", "open_raster", "open_scene"]
 
@@ -81,7 +82,7 @@ def gdal_path(path: str | os.PathLike[str]) -> str:
     for scheme, (vsi, keep) in _REMOTE_PREFIXES.items():
         if s.lower().startswith(scheme):
             return vsi + (s if keep else s[len(scheme) :])
-    if s.startswith("/vsi"):
+    if s.startswith("/vsi") or is_vrt_xml(s):
         return s
     return str(Path(s).expanduser().absolute())
 
@@ -97,13 +98,16 @@ def is_remote(path: str | os.PathLike[str]) -> bool:
     return len(urlparse(s).scheme) > 1 or s.startswith("/vsi")
 
 
-def scene_stem(path: str | Path) -> str:
+def scene_stem(path: str | Path | StackedSource) -> str:
     """A scene's file name without folder, query string and extension: the outputs' stem.
 
-    ``/data/LC08.TIF`` -> ``LC08``, ``https://host/a/b.tif?sig=1`` -> ``b``.
+    ``/data/LC08.TIF`` -> ``LC08``, ``https://host/a/b.tif?sig=1`` -> ``b``; a stacked source
+    (a STAC Item's assets) has its own stem (the Item's id).
     """
     from urllib.parse import urlparse
 
+    if isinstance(path, StackedSource):
+        return path.stem
     s = str(path)
     name = (urlparse(s).path if is_remote(s) and "://" in s else s).rstrip("/").split("/")[-1]
     for ext in (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc"):
@@ -113,7 +117,7 @@ def scene_stem(path: str | Path) -> str:
 
 
 def _is_local(name: str) -> bool:
-    return not name.startswith("/vsi")
+    return not (name.startswith("/vsi") or is_vrt_xml(name))
 
 
 def _check_local_file(name: str, shown: str, role: str) -> None:
@@ -165,7 +169,9 @@ def _check_tiff_extent(ds: rasterio.io.DatasetReader, name: str, shown: str, rol
                     )
 
 
-def open_raster(path: str | os.PathLike[str], role: str = "scene") -> rasterio.io.DatasetReader:
+def open_raster(
+    path: str | os.PathLike[str], role: str = "scene", *, shown: str | None = None
+) -> rasterio.io.DatasetReader:
     """Open any raster GDAL reads, local or remote, turning every failure into one line.
 
     The one way geovae opens a raster it reads (a scene, a class raster, labels, a confidence
@@ -176,6 +182,7 @@ def open_raster(path: str | os.PathLike[str], role: str = "scene") -> rasterio.i
     Args:
         path: local path, URL or GDAL virtual file name (see :func:`gdal_path`).
         role: what the raster is to the caller, for messages (``"scene"``, ``"labels"``...).
+        shown: how messages name it (default: ``path``; a stack's VRT is named by its source).
 
     Returns:
         The open dataset; the caller closes it.
@@ -183,7 +190,7 @@ def open_raster(path: str | os.PathLike[str], role: str = "scene") -> rasterio.i
     Raises:
         SceneError: with one line saying what is wrong and what to do.
     """
-    shown = str(path)
+    shown = str(path) if shown is None else shown
     name = gdal_path(path)
     if _is_local(name):
         _check_local_file(name, shown, role)
@@ -258,6 +265,8 @@ class Scene:
         block_shapes: internal (rows, cols) block shape of each data band.
         mask_kind: how validity is decided: ``"nodata"``, ``"alpha"``, ``"mask"`` or ``"none"``.
         pixel_coords: True when the scene is used without georeferencing.
+        source: the rasters stacked into this scene (a STAC Item's assets, ``--stack``), whose
+            VRT ``path`` is; None for a plain raster.
     """
 
     path: str
@@ -276,6 +285,7 @@ class Scene:
     block_shapes: list[tuple[int, int]]
     mask_kind: str
     pixel_coords: bool = False
+    source: StackedSource | None = None
     _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     # -- pickling (Dask workers reopen the file by name) ---------------------------------
@@ -306,7 +316,14 @@ class Scene:
     @property
     def stem(self) -> str:
         """File name without directory and extension, for naming outputs (:func:`scene_stem`)."""
-        return scene_stem(self.name)
+        return scene_stem(self.source if self.source is not None else self.name)
+
+    @property
+    def local_files(self) -> list[str]:
+        """The local files this scene reads (an output must never replace one)."""
+        if self.source is not None:
+            return self.source.local_files
+        return [self.path] if _is_local(self.path) else []
 
     # -- reading -------------------------------------------------------------------------
     def dataset(self) -> rasterio.io.DatasetReader:
@@ -398,6 +415,14 @@ class Scene:
         except RasterioError as exc:
             bad, err = self._locate_corrupt(win)
             r0, c0 = int(bad.row_off), int(bad.col_off)
+            if not _is_local(self.path):
+                # Over a network, a failed read is a lost connection or a vanished file far
+                # more often than a corrupt one.
+                raise CorruptSceneError(
+                    f"scene {self.name} cannot be read at rows {r0}-{r0 + int(bad.height) - 1}, "
+                    f"cols {c0}-{c0 + int(bad.width) - 1}: {_gdal_message(err or exc)}; "
+                    "check the URL and your network"
+                ) from None
             raise CorruptSceneError(
                 f"scene {self.name} is corrupt at rows {r0}-{r0 + int(bad.height) - 1}, "
                 f"cols {c0}-{c0 + int(bad.width) - 1}: {_gdal_message(err or exc)}; re-download or re-export it"
@@ -599,11 +624,13 @@ class _WindowArray:
         return data[key[0]] if len(key) == 3 else data
 
 
-def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | None = None) -> Scene:
+def open_scene(path: str | Path | StackedSource, *, pixel_coords: bool = False, nodata: float | None = None) -> Scene:
     """Open and validate a raster scene without reading its pixels.
 
     Args:
-        path: local path, ``s3://`` or ``http(s)://`` URL, or GDAL ``/vsi...`` name.
+        path: local path, ``s3://`` or ``http(s)://`` URL, or GDAL ``/vsi...`` name; or a
+            :class:`~geovae.sources.stack.StackedSource` (rasters or a STAC Item's assets
+            stacked band-wise, clipped to an area), opened as its VRT.
         pixel_coords: accept a raster without CRS and work in pixel coordinates.
         nodata: value marking missing pixels, overriding the file's nodata tag (for scenes
             such as Landsat-8 Level-1 whose fill value 0 is not tagged).
@@ -613,9 +640,15 @@ def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | 
 
     Raises:
         SceneError: missing path, a directory, not a raster, a truncated or corrupt file,
-            no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype.
+            no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype;
+            for a stack, a member that cannot be opened or does not overlap the first.
+        AreaOutsideSceneError: a stack's area holds none of its pixels.
     """
-    ds = open_raster(path)
+    source = path if isinstance(path, StackedSource) else None
+    if isinstance(path, StackedSource):
+        ds = open_raster(build_vrt(path).xml, shown=path.name)
+    else:
+        ds = open_raster(path)
     name, shown = ds.name, str(path)
     try:
         if ds.crs is None and not pixel_coords:
@@ -665,6 +698,7 @@ def open_scene(path: str | Path, *, pixel_coords: bool = False, nodata: float | 
             block_shapes=[(int(ds.block_shapes[i - 1][0]), int(ds.block_shapes[i - 1][1])) for i in bands],
             mask_kind=kind,
             pixel_coords=pixel_coords or ds.crs is None,
+            source=source,
         )
     finally:
         ds.close()

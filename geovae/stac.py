@@ -14,7 +14,11 @@ before the report): a STAC 1.1 Item whose assets are the run's files, with
 * the **processing** extension (software and version, lineage, when);
 * the footprint in WGS84 (the scene's outline, densified and reprojected) as ``geometry``
   and ``bbox``; the model file as an ``ml-model`` link with its SHA-256, the scene as a
-  ``derived_from`` link.
+  ``derived_from`` link;
+* for a scene stacked from a STAC Item's assets (:mod:`geovae.sources`), the source Item as
+  the ``derived_from`` link, its acquisition time as the Item's ``datetime``, and in
+  ``geovae:source`` the assets read (key, href, bands), the band names, the pixel size, the
+  area and its pixel window; for ``--stack``, each stacked raster as a ``derived_from`` link.
 
 Asset hrefs are relative to the Item (``./<stem>.classes.tif``), so a folder of outputs can
 be moved or uploaded as it is. :func:`write_batch_catalog` makes ``OUT/catalog.json`` and
@@ -232,7 +236,8 @@ def build_item(
 
     created = report.get("created") or datetime.now(UTC).isoformat(timespec="seconds")
     geom = _footprint(scene)
-    when = _scene_datetime(scene) or datetime.fromisoformat(created)
+    source = report.get("scene", {}).get("source")
+    when = _source_datetime(source) or _scene_datetime(scene) or datetime.fromisoformat(created)
     item = pystac.Item(
         id=stem,
         geometry=geom,
@@ -306,10 +311,50 @@ def build_item(
             link.extra_fields["file:checksum"] = "1220" + model["sha256"]
         item.add_link(link)
     src = report.get("scene", {}).get("path")
-    if src:
+    if source is not None:
+        _add_source(item, source)
+    elif src:
         target = src if "://" in src or src.startswith("/vsi") else str(Path(src).resolve())
         item.add_link(pystac.Link(rel="derived_from", target=target, title="the segmented scene"))
     return item
+
+
+def _add_source(item: Any, source: dict[str, Any]) -> None:
+    """Provenance of a stacked scene: the source Item (or the stacked rasters) and what was read."""
+    import pystac
+
+    src_item = source.get("item")
+    if src_item and src_item.get("href"):
+        href = str(src_item["href"])
+        path, sep, frag = href.partition("#")  # an Item of a file of several: FILE#ID
+        target = href if "://" in href or href.startswith("/vsi") else str(Path(path).resolve()) + sep + frag
+        link = pystac.Link(
+            rel="derived_from",
+            target=target,
+            media_type="application/geo+json",
+            title=f"the source STAC Item {src_item.get('id')}",
+        )
+        item.add_link(link)
+        if src_item.get("collection"):
+            item.properties["geovae:source_collection"] = src_item["collection"]
+    else:
+        for a in source.get("assets", []):
+            h = str(a["href"])
+            target = h if "://" in h or h.startswith("/vsi") else str(Path(h).resolve())
+            item.add_link(pystac.Link(rel="derived_from", target=target, title="a stacked raster"))
+    item.properties["geovae:source"] = source
+
+
+def _source_datetime(source: dict[str, Any] | None) -> datetime | None:
+    """The acquisition time of a source STAC Item."""
+    when = ((source or {}).get("item") or {}).get("datetime")
+    if not when:
+        return None
+    try:
+        t = datetime.fromisoformat(str(when))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _colors(report: dict[str, Any]) -> list[list[int]]:
@@ -344,7 +389,13 @@ def write_item(item: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: str | None = None) -> tuple[Path, Path]:
+def write_batch_catalog(
+    out: str | Path,
+    items: Sequence[str | Path],
+    *,
+    title: str | None = None,
+    search: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
     """A STAC Catalog (``OUT/catalog.json``) and Collection (``OUT/collection.json``) over Items.
 
     The Collection's extent is the union of the Items' bboxes and datetimes; it links each
@@ -354,6 +405,8 @@ def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: 
         out: the batch output folder.
         items: the Items' files (``OUT/<scene>/<stem>.stac.json``).
         title: the Collection's title.
+        search: the STAC search the batch's scenes came from (source, collections, area,
+            dates, query), recorded as the Collection's ``geovae:search``.
 
     Returns:
         The catalog's and the collection's paths.
@@ -380,6 +433,8 @@ def write_batch_catalog(out: str | Path, items: Sequence[str | Path], *, title: 
     )
     coll.stac_extensions = [EXTENSIONS["processing"]]
     coll.extra_fields["processing:software"] = {"geovae": __version__}
+    if search is not None:
+        coll.extra_fields["geovae:search"] = search
     coll.set_self_href(str(out / COLLECTION_NAME))
     for path, it in loaded:
         coll.add_link(

@@ -15,6 +15,7 @@ from typing import Any
 from geovae.atomic import sha256, write_text
 from geovae.errors import GeovaeError, OptionError
 from geovae.scene import is_remote, scene_stem
+from geovae.sources.stack import StackedSource
 
 MANIFEST_NAME = "manifest.csv"
 MARKER_NAME = "_SUCCESS"
@@ -112,14 +113,14 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def scene_folders(scenes: Sequence[str]) -> list[str]:
+def scene_folders(scenes: Sequence[str | StackedSource]) -> list[str]:
     """Output folder name of each scene: its file stem, made unique where stems collide.
 
     Colliding stems get a short hash of the full path, so a scene keeps the same folder
     whatever else is in the list and in whatever order: resume depends on it.
 
     Args:
-        scenes: scene paths or URLs.
+        scenes: scene paths or URLs, or stacked sources (a STAC Item's stem is its id).
 
     Returns:
         One folder name per scene, in order.
@@ -131,7 +132,10 @@ def scene_folders(scenes: Sequence[str]) -> list[str]:
     out = []
     for scene, stem in zip(scenes, stems, strict=True):
         if counts[stem] > 1:
-            key = scene if is_remote(scene) else str(Path(scene).resolve())
+            if isinstance(scene, StackedSource):
+                key = scene.name
+            else:
+                key = scene if is_remote(scene) else str(Path(scene).resolve())
             stem = f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
         out.append(stem)
     return out
@@ -233,11 +237,27 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def scene_fingerprint(scene: str) -> dict[str, Any]:
-    """What identifies a scene's version: for a local file its resolved path, size,
-    modification time and the SHA-256 of its first bytes; for a URL the URL itself."""
+def scene_fingerprint(scene: str | StackedSource) -> dict[str, Any]:
+    """What identifies a scene's version.
+
+    A local file: its resolved path, size, modification time and the SHA-256 of its first
+    bytes. A URL: the size, ETag and modification time its server gives
+    (:func:`geovae.sources.remote.remote_identity`). A stack (a STAC Item's assets): the
+    Item's id and URL, each member's own fingerprint, the pixel size and the area.
+    """
+    if isinstance(scene, StackedSource):
+        return {
+            "item": (scene.item or {}).get("id"),
+            "name": scene.name,
+            "rasters": [{"key": r.key, **scene_fingerprint(r.href)} for r in scene.rasters],
+            "resolution": scene.resolution,
+            "area": _jsonable(scene.area),
+            "error": scene.error,
+        }
     if is_remote(scene):
-        return {"url": scene}
+        from geovae.sources.remote import remote_identity
+
+        return remote_identity(scene)
     p = Path(scene).resolve()
     try:
         st = p.stat()
@@ -248,7 +268,7 @@ def scene_fingerprint(scene: str) -> dict[str, Any]:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": head}
 
 
-def run_fingerprint(model: str | Path, options: Any, scene: str | None = None) -> dict[str, Any]:
+def run_fingerprint(model: str | Path, options: Any, scene: str | StackedSource | None = None) -> dict[str, Any]:
     """The model version, the options that change outputs and the scene; a marker must match it.
 
     Args:

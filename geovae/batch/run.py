@@ -25,8 +25,9 @@ from geovae.batch.manifest import (
     write_manifest,
 )
 from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
-from geovae.errors import GeovaeError, ModelFileError, OptionError
+from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, OptionError
 from geovae.segment.options import SegmentOptions
+from geovae.sources.stack import StackedSource
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -42,7 +43,11 @@ _MANIFEST_MIN_INTERVAL = 1.0
 
 # --------------------------------------------------------------------- validation
 def precheck_scene(
-    scene: str, in_channels: int | None, *, nodata: float | None = None, pixel_coords: bool = False
+    scene: str | StackedSource,
+    in_channels: int | None,
+    *,
+    nodata: float | None = None,
+    pixel_coords: bool = False,
 ) -> str | None:
     """A one-line reason the scene cannot be segmented, or None if it looks usable.
 
@@ -50,15 +55,21 @@ def precheck_scene(
     checked in seconds and bad ones never reach a worker.
 
     Args:
-        scene: path or URL.
+        scene: path or URL, or a stacked source (a STAC Item's assets).
         in_channels: the model's band count, or None to skip that check.
         nodata: the ``nodata`` override the run uses.
         pixel_coords: whether scenes without a CRS are accepted.
+
+    Raises:
+        AreaOutsideSceneError: the area to segment holds none of the scene's pixels (the
+            scene is skipped, not failed).
     """
     from geovae.scene import open_scene
 
     try:
         sc = open_scene(scene, nodata=nodata, pixel_coords=pixel_coords)
+    except AreaOutsideSceneError:
+        raise
     except GeovaeError as e:
         return one_line(e)
     if in_channels is not None and sc.count != in_channels:
@@ -85,7 +96,7 @@ def _model_info(model: str | Path) -> ModelInfo:
 
 # ------------------------------------------------------------------------ run_batch
 def run_batch(
-    scenes: Sequence[str | Path],
+    scenes: Sequence[str | Path | StackedSource],
     model: str | Path,
     out_dir: str | Path,
     *,
@@ -100,12 +111,14 @@ def run_batch(
     resources: dict[str, float] | None = None,
     progress: bool = True,
     options: SegmentOptions | None = None,
+    search: dict[str, Any] | None = None,
     **segment_options: Any,
 ) -> BatchResult:
     """Segment many scenes on a Dask cluster, resumably, one output folder per scene.
 
     Args:
-        scenes: scene paths or URLs.
+        scenes: scene paths or URLs, or stacked sources (a STAC Item's assets, see
+            :mod:`geovae.sources`), each one scene of the batch named by its Item's URL.
         model: model file; it must be readable at the same path on the workers.
         out_dir: output root; every scene writes ``out_dir/<stem>/`` and the batch keeps
             ``out_dir/manifest.csv``. Workers must see it at the same path (a shared disk).
@@ -124,6 +137,8 @@ def run_batch(
         progress: show the dashboard link and a progress bar over scenes.
         options: the :class:`~geovae.segment.SegmentOptions` of every scene; keyword
             arguments (the same names) override its fields. Checked here, once.
+        search: the STAC search the scenes came from (:meth:`geovae.sources.Search.describe`),
+            recorded in the batch's Collection.
         **segment_options: see ``options``.
 
     Returns:
@@ -135,7 +150,7 @@ def run_batch(
         ModelFileError: the model file is unusable.
         ClusterError: the scheduler cannot be reached or the cluster cannot start.
     """
-    all_scenes = [str(s) for s in scenes]
+    all_scenes: list[str | StackedSource] = [s if isinstance(s, StackedSource) else str(s) for s in scenes]
     if scene_list is not None:
         all_scenes += read_scene_list(scene_list)
     if not all_scenes:
@@ -150,10 +165,11 @@ def run_batch(
         raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
     info = _model_info(model_path)
     in_channels = info.in_channels
-    fingerprints = {s: run_fingerprint(model_path, opts, s) for s in dict.fromkeys(all_scenes)}
+    sources = {str(s): s for s in all_scenes}
+    fingerprints = {name: run_fingerprint(model_path, opts, s) for name, s in sources.items()}
 
     folders = scene_folders(all_scenes)
-    rows = [SceneRow(scene=s, folder=f) for s, f in zip(all_scenes, folders, strict=True)]
+    rows = [SceneRow(scene=str(s), folder=f) for s, f in zip(all_scenes, folders, strict=True)]
     manifest = out / MANIFEST_NAME
     todo: list[int] = []
     for i, row in enumerate(rows):
@@ -164,7 +180,11 @@ def run_batch(
                 row.status = "skipped"
                 row.outputs = [os.path.relpath(p, out) for p in done]
                 continue
-        reason = precheck_scene(row.scene, in_channels, nodata=opts.nodata, pixel_coords=opts.pixel_coords)
+        try:
+            reason = precheck_scene(sources[row.scene], in_channels, nodata=opts.nodata, pixel_coords=opts.pixel_coords)
+        except AreaOutsideSceneError as e:
+            row.status, row.error, row.finished = "skipped", one_line(e), _now()
+            continue
         if reason is not None:
             row.status, row.error, row.finished = "failed", reason, _now()
             continue
@@ -185,6 +205,7 @@ def run_batch(
             opts,
             fingerprints,
             manifest,
+            sources,
             split_info=info if split_scene else None,
             scheduler=scheduler,
             workers=workers,
@@ -196,7 +217,7 @@ def run_batch(
         )
     write_manifest(manifest, rows)
     counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
-    catalog, collection = _write_stac(out, rows)
+    catalog, collection = _write_stac(out, rows, search)
     return BatchResult(
         manifest,
         counts["done"],
@@ -209,7 +230,9 @@ def run_batch(
     )
 
 
-def _write_stac(out: Path, rows: list[SceneRow]) -> tuple[Path | None, Path | None]:
+def _write_stac(
+    out: Path, rows: list[SceneRow], search: dict[str, Any] | None = None
+) -> tuple[Path | None, Path | None]:
     """A STAC Catalog and Collection over the STAC Items of every finished scene (done now or
     earlier), in ``out`` (see :func:`geovae.stac.write_batch_catalog`)."""
     from geovae.stac import write_batch_catalog
@@ -220,7 +243,7 @@ def _write_stac(out: Path, rows: list[SceneRow]) -> tuple[Path | None, Path | No
             items += [out / p for p in row.outputs if str(p).endswith(".stac.json") and (out / p).is_file()]
     if not items:
         return None, None
-    return write_batch_catalog(out, items)
+    return write_batch_catalog(out, items, search=search)
 
 
 def _run_on_cluster(
@@ -231,6 +254,7 @@ def _run_on_cluster(
     options: SegmentOptions,
     fingerprints: dict[str, dict[str, Any]],
     manifest: Path,
+    sources: dict[str, str | StackedSource],
     *,
     split_info: ModelInfo | None,
     scheduler: str | Client | None,
@@ -260,7 +284,7 @@ def _run_on_cluster(
             if split_info is None:
                 fut = client.submit(
                     segment_one,
-                    row.scene,
+                    sources[row.scene],
                     model,
                     folder,
                     options,
@@ -276,6 +300,7 @@ def _run_on_cluster(
                 fut = _submit_split(
                     client,
                     row,
+                    sources[row.scene],
                     model,
                     folder,
                     options,
@@ -315,6 +340,7 @@ def _run_on_cluster(
 def _submit_split(
     client: Client,
     row: SceneRow,
+    scene: str | StackedSource,
     model: str,
     folder: str,
     options: SegmentOptions,
@@ -330,14 +356,14 @@ def _submit_split(
     """Submit one scene as band tasks plus an assembling task; returns the latter's future."""
     from geovae.scene import open_scene
 
-    sc = open_scene(row.scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
+    sc = open_scene(scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
     tile, overlap = options.tiling(info, sc.height, sc.width)
     bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
     part_root = Path(folder) / f".split-{run_id}"
     band_futs = [
         client.submit(
             segment_band,
-            row.scene,
+            scene,
             model,
             str(part_root / f"band-{k}"),
             a,
@@ -352,7 +378,7 @@ def _submit_split(
     ]
     return client.submit(
         assemble_split,
-        row.scene,
+        scene,
         model,
         folder,
         bands,

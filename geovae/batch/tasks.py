@@ -13,12 +13,13 @@ from typing import Any
 
 from geovae.batch.cluster import worker_model_cache
 from geovae.batch.manifest import MARKER_NAME, _now, check_marker, one_line, write_marker
-from geovae.errors import GeovaeError
+from geovae.errors import AreaOutsideSceneError, GeovaeError
 from geovae.segment.options import SegmentOptions
+from geovae.sources.stack import StackedSource
 
 
 def segment_one(
-    scene: str,
+    scene: str | StackedSource,
     model: str,
     folder: str,
     options: SegmentOptions,
@@ -46,7 +47,7 @@ def segment_one(
 
 
 def _scene_task(
-    scene: str,
+    scene: str | StackedSource,
     model: str,
     folder: str,
     options: SegmentOptions,
@@ -58,7 +59,8 @@ def _scene_task(
     """What every scene task does around ``produce(model) -> SegmentResult``.
 
     A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
-    row rather than raised: it would fail the same way again, so Dask must not retry it.
+    row rather than raised: it would fail the same way again, so Dask must not retry it. A
+    scene whose clipped area holds no valid pixel is returned as skipped.
     Anything else is raised, so Dask retries the task (on another worker if this one dies).
     A retry of a task that already finished (its worker died before the result came back)
     answers from the marker without redoing the scene.
@@ -76,7 +78,9 @@ def _scene_task(
         result = produce(worker_model_cache().get(model, options.device))
         files = sorted({Path(p) for p in result.outputs.values()})
         _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
-        write_marker(out, scene, files, fingerprint, run={"id": run_id, "row": row})
+        write_marker(out, str(scene), files, fingerprint, run={"id": run_id, "row": row})
+    except AreaOutsideSceneError as e:
+        _finish_row(row, t0, status="skipped", error=one_line(e), outputs=[])
     except GeovaeError as e:
         _finish_row(row, t0, status="failed", error=one_line(e), outputs=[])
     return row
@@ -143,7 +147,7 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
 
 
 def segment_band(
-    scene: str, model: str, part_dir: str, start: int, stop: int, options: SegmentOptions
+    scene: str | StackedSource, model: str, part_dir: str, start: int, stop: int, options: SegmentOptions
 ) -> dict[str, Any]:
     """Segment rows ``start:stop`` of a scene into rasters under ``part_dir``; runs on a worker.
 
@@ -157,7 +161,7 @@ def segment_band(
 
 
 def assemble_split(
-    scene: str,
+    scene: str | StackedSource,
     model: str,
     folder: str,
     bands: list[tuple[int, int]],

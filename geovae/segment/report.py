@@ -69,6 +69,7 @@ def scene_summary(scene: Scene) -> dict[str, Any]:
         "nodata": scene.nodata,
         "mask": scene.mask_kind,
         "pixel_coords": scene.crs is None,
+        **({"source": scene.source.provenance()} if scene.source is not None else {}),
     }
 
 

@@ -29,7 +29,7 @@ import torch
 from rasterio.windows import Window
 
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
-from geovae.errors import ModelMismatchError, OptionError, SceneError
+from geovae.errors import AreaOutsideSceneError, ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
 from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, class_table, output_name, run_kinds
 from geovae.scene import Scene, capped_gdal_cache, open_scene
@@ -37,6 +37,7 @@ from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
 from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, check_scene, scene_sample
+from geovae.sources.stack import StackedSource
 from geovae.stitch import Stitcher, block_side, check_rows
 from geovae.tiling import TileGrid
 
@@ -223,6 +224,10 @@ def _plan(
     # decimated whole-scene read is then only needed for a scene the sample finds empty.
     sample = scene_sample(sc) if check_trust else None
     if (sample is None or sample.shape[1] == 0) and not sc.any_valid():
+        if sc.source is not None and sc.source.area is not None:
+            raise AreaOutsideSceneError(
+                f"the area holds no valid pixel of {sc.name} (all nodata there); nothing to segment"
+            )
         raise SceneError(f"scene {sc.name} has no valid pixels (all nodata); check --nodata or the file")
     trust: dict[str, Any] = {
         "scene": check_scene(sc, info, force=opts.force, sample=sample) if check_trust else {"checked": False}
@@ -674,7 +679,7 @@ def _warn_anomalies(report: dict[str, Any]) -> None:
 def _run_set(plan: _Plan, out_dir: str | Path) -> OutputSet:
     """The run's output set, after checking that no output would replace an input."""
     folder = check_output_dir(out_dir, create=False)
-    inputs = [plan.scene.path if not plan.scene.path.startswith("/vsi") else None, plan.source]
+    inputs = [*plan.scene.local_files, plan.source]
     check_not_inputs([folder / output_name(plan.stem, k) for k in _kinds(plan)], inputs)
     return OutputSet(folder, plan.stem, inputs=inputs)
 
@@ -746,7 +751,7 @@ def segment_scene(
 
 
 def segment_rows(
-    scene: str,
+    scene: str | StackedSource,
     model: str | Path | SegmentationModel,
     out_dir: str | Path,
     rows: tuple[int, int],
@@ -764,7 +769,7 @@ def segment_rows(
 
 
 def assemble_rows(
-    scene: str,
+    scene: str | StackedSource,
     model: str | Path | SegmentationModel,
     out_dir: str | Path,
     bands: list[tuple[int, int]],
