@@ -187,7 +187,7 @@ class _Member:
 def _inspect(raster: Raster, source: StackedSource) -> _Member:
     from geovae.scene import open_raster
 
-    ds = open_raster(raster.href, role=raster.label if raster.key else "raster")
+    ds = open_raster(raster.href, role=f"asset {raster.key}" if raster.key else "raster")
     try:
         if ds.crs is None:
             raise SceneError(
@@ -232,7 +232,7 @@ def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def _bounds(t: Affine, width: int, height: int) -> tuple[float, float, float, float]:
     x0, y0 = t.c, t.f
-    x1, y1 = t * (width, height)
+    x1, y1 = t @ (width, height)
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
