@@ -30,7 +30,7 @@ from rasterio.windows import Window
 
 from geovae.errors import AreaOutsideSceneError, OptionError, SceneError, SourceError
 from geovae.scene import open_scene
-from geovae.sources import Search, find_items, item_source, item_sources, parse_query, stack_rasters
+from geovae.sources import Search, find_items, item_source, item_sources, parse_query, read_items, stack_rasters
 from geovae.sources.remote import remote_identity
 
 #: NC scene bands as single-band assets, named as Earth Search names them.
@@ -726,3 +726,62 @@ def test_segment_an_item_file_and_a_stack(
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "does not overlap" in err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------ options
+def test_area_options_are_checked(tmp_path: Path) -> None:
+    from geovae.sources import parse_bbox, read_area
+
+    assert parse_bbox("7.4,46.9,7.5,46.96") == [7.4, 46.9, 7.5, 46.96]
+    for bad in ("7.4,46.9,7.5", "a,b,c,d", "7.4,46.9,7.5,200", "7.4,47,7.5,46"):
+        with pytest.raises(OptionError, match="--bbox"):
+            parse_bbox(bad)
+    fc = tmp_path / "area.geojson"
+    squares = [shapely.geometry.box(0, 0, 1, 1), shapely.geometry.box(1, 0, 2, 1)]
+    fc.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [{"type": "Feature", "geometry": shapely.geometry.mapping(s)} for s in squares],
+            }
+        )
+    )
+    assert shapely.geometry.shape(read_area(str(fc))).equals(shapely.geometry.box(0, 0, 2, 1))
+    utm = tmp_path / "utm.geojson"
+    utm.write_text(json.dumps(shapely.geometry.mapping(shapely.geometry.box(500000, 0, 501000, 1000))))
+    with pytest.raises(OptionError, match="not longitudes and latitudes"):
+        read_area(str(utm))
+    with pytest.raises(OptionError, match="cannot read it as GeoJSON"):
+        read_area(str(tmp_path / "missing.geojson"))
+    with pytest.raises(OptionError, match="give one of them"):
+        Search("http://x/", bbox=(0, 0, 1, 1), intersects=shapely.geometry.mapping(squares[0]))
+    with pytest.raises(OptionError, match="--datetime"):
+        Search("http://x/", datetime="June 2024")
+
+
+def test_an_item_file_with_relative_hrefs(stac: dict[str, Any], tmp_path: Path) -> None:
+    """A static catalogue's Item names its assets relative to itself."""
+    folder = tmp_path / "catalog" / "nc-a"
+    shutil.copytree(stac["root"] / "files" / "nc-a", folder)
+    item = json.loads(json.dumps(stac["server"].items[0]))
+    item["links"] = []
+    for k in ASSETS:
+        item["assets"][k]["href"] = f"./{k}.tif"
+    (folder / "nc-a.json").write_text(json.dumps(item))
+    (src,) = item_sources(read_items(str(folder / "nc-a.json")), ASSETS)
+    assert [r.href for r in src.rasters] == [str(folder / f"{k}.tif") for k in ASSETS]
+    scene = open_scene(src)
+    local = open_scene(stac["local"])
+    assert np.array_equal(scene.read(Window(0, 0, 100, 100))[0], local.read(Window(0, 0, 100, 100))[0])
+
+
+def test_batch_usage_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from geovae.cli import main
+
+    code = main(["batch", "--stac", "http://127.0.0.1:9/", "-m", "m", "-o", str(tmp_path / "o")])
+    assert code == 2 and "--assets" in capsys.readouterr().err
+    code = main(["batch", "a.tif", "--collections", "x", "-m", "m", "-o", str(tmp_path / "o")])
+    assert code == 2 and "--collections filters a --stac search" in capsys.readouterr().err
+    code = main(["batch", "--stac", "http://127.0.0.1:9/", "a.tif", "--assets", "red", "-m", "m", "-o", "o"])
+    assert code == 2 and "drop the SCENE paths" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
