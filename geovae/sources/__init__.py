@@ -4,6 +4,8 @@
   scene through a GDAL VRT, on the first raster's grid, clipped to an area;
 * :mod:`~geovae.sources.stac`: a STAC API search (pystac-client) or an item file
   (stac-geoparquet, GeoJSON) -> Items -> stacked sources;
+* :mod:`~geovae.sources.filters`: the search's area, dates and query, parsed once and
+  applied to the Items of a file as an API applies them;
 * :mod:`~geovae.sources.remote`: the size and ETag or modification time of a remote file,
   which a batch's resume fingerprint records.
 

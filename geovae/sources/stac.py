@@ -11,14 +11,21 @@ where the same filters are applied here. :func:`item_source` turns one Item into
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from geovae.errors import OptionError, SourceError
+from geovae.sources.filters import (
+    bbox_geometry,
+    interval,
+    item_matches,
+    parse_assets,
+    parse_bbox,
+    parse_query,
+    read_area,
+)
 from geovae.sources.stack import Raster, StackedSource
 
 __all__ = [
@@ -39,7 +46,6 @@ API_TIMEOUT = 60
 #: Extra attempts on a failed request to a STAC API (connection errors, 5xx answers).
 API_RETRIES = 2
 
-_OPS = (("<=", "lte"), (">=", "gte"), ("!=", "neq"), ("<", "lt"), (">", "gt"), ("=", "eq"))
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
 
 
@@ -48,147 +54,6 @@ def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or repr(exc)
     text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-# ----------------------------------------------------------------------------- options
-def parse_bbox(text: str) -> list[float]:
-    """``W,S,E,N`` in WGS84 degrees.
-
-    Raises:
-        OptionError: not four numbers, or not a box on the globe.
-    """
-    try:
-        vals = [float(v) for v in text.split(",")]
-    except ValueError:
-        vals = []
-    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise OptionError(f"--bbox {text}: give four numbers W,S,E,N in degrees, e.g. 7.0,46.0,7.5,46.3")
-    w, s, e, n = vals
-    if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s < n <= 90) or w == e:
-        raise OptionError(f"--bbox {text}: W,S,E,N must be longitudes and latitudes in degrees, with S < N")
-    return vals
-
-
-def _bbox_geometry(bbox: list[float]) -> dict[str, Any]:
-    w, s, e, n = bbox
-    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
-
-
-def read_area(path: str) -> dict[str, Any]:
-    """The area in a GeoJSON file: a geometry, a Feature or a FeatureCollection (their union).
-
-    Raises:
-        OptionError: the file cannot be read or holds no geometry.
-    """
-    import shapely.geometry
-    from shapely.ops import unary_union
-
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise OptionError(
-            f"--intersects {path}: cannot read it as GeoJSON ({type(e).__name__}); give a GeoJSON file of the area"
-        ) from None
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        geoms = [f.get("geometry") for f in doc.get("features", []) if isinstance(f, dict)]
-    elif isinstance(doc, dict) and doc.get("type") == "Feature":
-        geoms = [doc.get("geometry")]
-    else:
-        geoms = [doc]
-    try:
-        shapes = [shapely.geometry.shape(g) for g in geoms if g]
-    except (AttributeError, KeyError, TypeError, ValueError, shapely.errors.GEOSException):
-        shapes = []
-    shapes = [s for s in shapes if not s.is_empty and s.area > 0]
-    if not shapes:
-        raise OptionError(f"--intersects {path}: holds no polygon; give a GeoJSON polygon of the area (WGS84)")
-    area = unary_union(shapes)
-    west, south, east, north = area.bounds
-    if not (-180 <= west <= east <= 180 and -90 <= south <= north <= 90):
-        raise OptionError(
-            f"--intersects {path}: coordinates are not longitudes and latitudes; GeoJSON is in WGS84 (EPSG:4326)"
-        )
-    return dict(shapely.geometry.mapping(area))
-
-
-def parse_query(exprs: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``--query`` expressions (``eo:cloud_cover<20``) as a STAC API query-extension object.
-
-    Numbers become numbers (an API compares ``"20"`` as a string); several conditions on one
-    property are kept together.
-
-    Raises:
-        OptionError: an expression without an operator or a property.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for expr in exprs:
-        found = next(((sym, op) for sym, op in _OPS if sym in expr), None)
-        if found is None:
-            raise OptionError(
-                f"--query {expr}: write PROPERTY<op>VALUE with <, <=, >, >=, = or !=, e.g. eo:cloud_cover<20"
-            )
-        sym, op = found
-        prop, _, value = expr.partition(sym)
-        prop, value = prop.strip(), value.strip()
-        if not prop or not value:
-            raise OptionError(f"--query {expr}: name a property and a value, e.g. eo:cloud_cover<20")
-        out.setdefault(prop, {})[op] = _value(value)
-    return out
-
-
-def _value(text: str) -> Any:
-    try:
-        v = float(text)
-    except ValueError:
-        return text.strip("'\"")
-    return int(v) if v.is_integer() and "." not in text and "e" not in text.lower() else v
-
-
-def parse_assets(text: str) -> list[str]:
-    """``B04,B03,B02`` as a list of asset keys, in order.
-
-    Raises:
-        OptionError: no key, or a key named twice.
-    """
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    if not keys:
-        raise OptionError("--assets: name the band assets to stack, e.g. --assets red,green,blue,nir")
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise OptionError(f"--assets {text}: {', '.join(dup)} named twice; name each asset once")
-    return keys
-
-
-def _interval(text: str) -> tuple[datetime | None, datetime | None]:
-    """A STAC datetime or interval (``2024-06-01/2024-08-31``, ``../2024-08-31``) as UTC bounds;
-    a date alone stands for its whole day."""
-
-    def one(part: str, end: bool) -> datetime | None:
-        part = part.strip()
-        if part in ("", ".."):
-            return None
-        try:
-            t = datetime.fromisoformat(part)
-        except ValueError:
-            raise OptionError(
-                f"--datetime {text}: give a date, a time or an interval, e.g. 2024-06-01/2024-08-31 "
-                "or 2024-06-01T00:00:00Z/.."
-            ) from None
-        if t.tzinfo is None:
-            t = t.replace(tzinfo=UTC)
-        if end and len(part) == 10:  # a date: up to the end of that day
-            t = t + timedelta(days=1) - timedelta(microseconds=1)
-        return t
-
-    parts = text.split("/")
-    if len(parts) == 1:
-        return one(parts[0], False), one(parts[0], True)
-    if len(parts) != 2:
-        raise OptionError(f"--datetime {text}: give one date or time, or two joined by /")
-    start, end = one(parts[0], False), one(parts[1], True)
-    if start is not None and end is not None and end < start:
-        raise OptionError(f"--datetime {text}: the interval ends before it starts")
-    return start, end
 
 
 # ------------------------------------------------------------------------------ search
@@ -223,14 +88,14 @@ class Search:
         if self.max_items is not None and self.max_items < 1:
             raise OptionError(f"--max-items {self.max_items}: must be at least 1")
         if self.datetime is not None:
-            _interval(self.datetime)  # checked now: a typo must not wait for the API's answer
+            interval(self.datetime)  # checked now: a typo must not wait for the API's answer
 
     @property
     def area(self) -> dict[str, Any] | None:
         """The area as a GeoJSON geometry in WGS84, or None."""
         if self.intersects is not None:
             return self.intersects
-        return _bbox_geometry(list(self.bbox)) if self.bbox is not None else None
+        return bbox_geometry(list(self.bbox)) if self.bbox is not None else None
 
     @property
     def is_file(self) -> bool:
@@ -412,78 +277,20 @@ def _parquet_items(path: str) -> list[dict[str, Any]]:
         ) from None
 
 
-def _item_interval(item: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
-    p = item.get("properties", {})
-
-    def parse(v: Any) -> datetime | None:
-        if isinstance(v, datetime):
-            return v if v.tzinfo else v.replace(tzinfo=UTC)
-        if not v:
-            return None
-        try:
-            t = datetime.fromisoformat(str(v))
-        except ValueError:
-            return None
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-    t = parse(p.get("datetime"))
-    if t is not None:
-        return t, t
-    return parse(p.get("start_datetime")), parse(p.get("end_datetime"))
-
-
-def _compare(v: Any, op: str, ref: Any) -> bool:
-    if v is None:
-        return False
-    try:
-        if op == "eq":
-            return bool(v == ref)
-        if op == "neq":
-            return bool(v != ref)
-        if op == "lt":
-            return bool(v < ref)
-        if op == "lte":
-            return bool(v <= ref)
-        if op == "gt":
-            return bool(v > ref)
-        if op == "gte":
-            return bool(v >= ref)
-    except TypeError:
-        return False
-    return False
-
-
 def _filtered(items: Iterable[dict[str, Any]], search: Search) -> Iterator[dict[str, Any]]:
     """The Items of a file that a search keeps: the filters an API would apply."""
     import shapely.geometry
 
     area = search.area
     shape = shapely.geometry.shape(area) if area is not None else None
-    start, end = _interval(search.datetime) if search.datetime else (None, None)
+    dates = interval(search.datetime) if search.datetime else None
     n = 0
     for it in items:
-        if search.collections and it.get("collection") not in search.collections:
-            continue
-        if shape is not None:
-            g = it.get("geometry")
-            if not g or not shapely.geometry.shape(g).intersects(shape):
-                continue
-        if search.datetime:
-            a, b = _item_interval(it)
-            if a is None and b is None:
-                continue
-            if (start is not None and (b or a) < start) or (end is not None and (a or b) > end):  # type: ignore[operator]
-                continue
-        if search.query:
-            props = it.get("properties", {})
-            if not all(
-                _compare(props.get(k), op, ref) for k, conds in search.query.items() for op, ref in conds.items()
-            ):
-                continue
-        yield it
-        n += 1
-        if search.max_items is not None and n >= search.max_items:
-            return
+        if item_matches(it, collections=search.collections, area=shape, dates=dates, query=search.query):
+            yield it
+            n += 1
+            if search.max_items is not None and n >= search.max_items:
+                return
 
 
 # ------------------------------------------------------------------------ items -> scenes
