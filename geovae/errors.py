@@ -8,7 +8,7 @@ Anything else that escapes is a bug in geovae, not a user error.
 Each error also inherits the built-in type a library caller would catch without knowing
 geovae (as rasterio's ``RasterioIOError(RasterioError, OSError)`` does): a scene, model file
 or output problem is an :class:`OSError`, a bad option, label or config a :class:`ValueError`,
-an unreachable cluster a :class:`ConnectionError`.
+an unreachable cluster or a failed download a :class:`ConnectionError`.
 """
 
 from __future__ import annotations
@@ -78,3 +78,7 @@ class AreaOutsideSceneError(SceneError):
 
 class SourceError(GeovaeError, OSError):
     """A STAC API, a STAC Item or an item file cannot be read, or a search finds nothing."""
+
+
+class DownloadError(GeovaeError, ConnectionError):
+    """Pretrained weights could not be downloaded (offline, refused, or a failed hash check)."""

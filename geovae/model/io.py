@@ -33,6 +33,7 @@ from geovae.choices import Precision
 from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.model.halo import HALO_METHOD, measure_halo
+from geovae.model.pretrained import PREFIX as PRETRAINED_PREFIX
 from geovae.model.vae import VAESegmenter
 
 #: The format this geovae writes; it reads this one and every older one. Version 2 added
@@ -442,15 +443,17 @@ def load_model(
 ) -> SegmentationModel:
     """Load a model file, ready to predict.
 
-    Reads a geovae model file (safetensors + JSON) or a Lightning checkpoint (``.ckpt``,
+    Reads a geovae model file (safetensors + JSON), a Lightning checkpoint (``.ckpt``,
     loaded with ``weights_only=True``) of a TorchGeo ``SemanticSegmentation`` task or of
-    geovae's :class:`~geovae.training.VAESegmentationTask`. A TorchGeo checkpoint carries no
+    geovae's :class:`~geovae.training.VAESegmentationTask`, or a TorchGeo weight set named
+    ``torchgeo:<Enum>.<MEMBER>`` (:mod:`geovae.model.pretrained`: built as TorchGeo builds
+    it, its weights from torch.hub's cache or downloaded). A TorchGeo checkpoint carries no
     normalisation or class ids: by default pixels go in as read (mean 0, std 1) and output
     channel i is class i; a VAESegmentationTask checkpoint carries both in its
     hyperparameters. The keyword arguments override them (and any field of a geovae file).
 
     Args:
-        path: the model file.
+        path: the model file, or ``torchgeo:NAME``.
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a torch device.
         amp: allow mixed precision (False forces fp32).
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see geovae.device.autocast_dtype).
@@ -467,16 +470,24 @@ def load_model(
 
     Raises:
         ModelFileError: missing, corrupt, foreign, pickled-object or newer-format file, or
-            overrides of the wrong length.
+            overrides of the wrong length; an unknown weight set or an encoder.
+        DownloadError: a weight set that is not cached and cannot be downloaded.
     """
-    p = _existing(path)
-    kind = _sniff(p)
-    if kind == "safetensors":
-        module, info = _load_geovae(p)
-    elif kind == "torch":
-        module, info = _load_torchgeo_checkpoint(p, _load_torch(p))
+    p: Path | str
+    if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
+        from geovae.model.pretrained import load_weights
+
+        p = path
+        module, info = load_weights(path)
     else:
-        raise ModelFileError(f"{p}: not a model file (neither geovae safetensors nor a TorchGeo checkpoint)")
+        p = _existing(path)
+        kind = _sniff(p)
+        if kind == "safetensors":
+            module, info = _load_geovae(p)
+        elif kind == "torch":
+            module, info = _load_torchgeo_checkpoint(p, _load_torch(p))
+        else:
+            raise ModelFileError(f"{p}: not a model file (neither geovae safetensors nor a TorchGeo checkpoint)")
     d = info.to_dict()
     if class_ids is not None and class_names is None and len(class_ids) == info.num_classes:
         d["class_names"] = [f"class {c}" for c in class_ids]
