@@ -226,7 +226,8 @@ def build_item(
             checksums are read from them.
         finals: where each file will be, by kind (hrefs are relative to the Item's final path).
         statistics: per raster kind, per band statistics (:meth:`geovae.stitch.Stitcher.statistics`).
-        model_path: the model file, linked as ``ml-model``.
+        model_path: the model file, linked as ``ml-model`` (a ``torchgeo:NAME`` weight set by
+            the URL of its weights).
 
     Returns:
         A ``pystac.Item`` whose self href is its final path.
@@ -301,11 +302,16 @@ def build_item(
         )
     model = report.get("model", {})
     if model_path:
+        weights = model.get("weights") or {}
+        pretrained = model_path.startswith("torchgeo:") and weights.get("url")
         link = pystac.Link(
             rel="ml-model",
-            target=str(Path(model_path).resolve()),
+            # a weight set has no file of the user's: its weights are where TorchGeo downloads them
+            target=str(weights["url"]) if pretrained else str(Path(model_path).resolve()),
             media_type="application/octet-stream",
-            title=f"geovae model ({model.get('kind', '?')})",
+            title=f"TorchGeo weights {weights.get('name')}"
+            if pretrained
+            else f"geovae model ({model.get('kind', '?')})",
         )
         if model.get("sha256"):
             link.extra_fields["file:checksum"] = "1220" + model["sha256"]

@@ -74,7 +74,8 @@ def scene_summary(scene: Scene) -> dict[str, Any]:
 
 
 def model_summary(model: SegmentationModel, source: str | None, sha256: str | None = None) -> dict[str, Any]:
-    """The report's ``model`` entry."""
+    """The report's ``model`` entry; a pretrained TorchGeo weight set adds ``weights`` (its name,
+    URL, licence, training data), which whoever publishes the outputs needs."""
     i = model.info
     return {
         "source": source,
@@ -90,6 +91,7 @@ def model_summary(model: SegmentationModel, source: str | None, sha256: str | No
         "band_names": i.band_names,
         "supports_samples": model.supports_samples,
         "supports_reconstruction": model.supports_reconstruction,
+        **({"weights": i.extra["weights"]} if isinstance(i.extra.get("weights"), dict) else {}),
     }
 
 

@@ -9,8 +9,11 @@ and nothing in the class raster says so. Two checks guard against that:
   with the per-band quantiles of the training pixels recorded in the model file
   (``ModelInfo.training``). When most pixels of a band lie far outside the training range
   (another dtype, scale or sensor), the run is refused with one line saying what differs,
-  unless ``force``. Model files without recorded quantiles are compared with their
-  normalisation (mean and std) instead; a TorchGeo checkpoint without either is not checked.
+  unless ``force``. A pretrained TorchGeo weight set records instead the pixel values its
+  weights expect (``training["expected_range"]``: 0..255 for weights that divide by 255,
+  :mod:`geovae.model.pretrained`), checked the same way. Model files with neither are
+  compared with their normalisation (mean and std); a TorchGeo checkpoint without any is not
+  checked.
 * **During the run**: a model with a reconstruction decoder rebuilds every pixel; the run
   counts the pixels whose reconstruction error is above the training's 99.5th percentile
   (:func:`anomaly_threshold`). The report gives that flagged fraction per class and for the
@@ -19,6 +22,7 @@ and nothing in the class raster says so. Two checks guard against that:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, TypedDict
 
@@ -28,7 +32,18 @@ from geovae.errors import ModelMismatchError
 from geovae.model.base import ModelInfo
 from geovae.scene import Scene
 
-__all__ = ["FAR_OUTSIDE", "THRESHOLD_QUANTILE", "WARN_FLAGGED", "anomaly_threshold", "check_scene", "scene_sample"]
+__all__ = [
+    "FAR_OUTSIDE",
+    "THRESHOLD_QUANTILE",
+    "WARN_FLAGGED",
+    "anomaly_threshold",
+    "band_mismatch",
+    "check_scene",
+    "resolution_note",
+    "scene_sample",
+]
+
+log = logging.getLogger("geovae.segment")
 
 #: A band is "far outside" when more than this share of its sampled pixels lie outside the
 #: training range widened by half its width on each side (or beyond 6 standard deviations).
@@ -62,9 +77,80 @@ class _BandCheck(TypedDict):
 
     band: int
     scene_median: float
-    training_median: float
+    training_median: float | None
     training_range: list[float]
     outside: float
+
+
+def band_mismatch(scene: str, count: int, info: ModelInfo, picked: bool = False) -> str:
+    """The one line that refuses a scene whose band count is not the model's.
+
+    Args:
+        scene: the scene's name.
+        count: its band count (after ``--bands``).
+        info: the model's description (its band names, when known, are named).
+        picked: the bands were picked with ``--bands``.
+    """
+    names = info.band_names or []
+    wanted = f"{info.in_channels} ({', '.join(names)})" if len(names) == info.in_channels else str(info.in_channels)
+    n = f"{count} band{'' if count == 1 else 's'}"
+    have = f"--bands picks {n} of scene {scene}" if picked else f"scene {scene} has {n}"
+    return (
+        f"{have} but the model expects {wanted}; pick the scene's bands the model was trained on, in its order, "
+        "with --bands (band numbers of the file, e.g. --bands 3,2,1,4)"
+    )
+
+
+def _expected_range(info: ModelInfo) -> list[tuple[float, float]] | None:
+    """Per band the pixel values a pretrained model's weights expect (``training["expected_range"]``), or None."""
+    rng = (info.training or {}).get("expected_range")
+    if not isinstance(rng, list) or len(rng) != info.in_channels:
+        return None
+    out = []
+    for r in rng:
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) for v in r) and r[0] < r[1]):
+            return None
+        out.append((float(r[0]), float(r[1])))
+    return out
+
+
+def resolution_note(scene: Scene, info: ModelInfo) -> dict[str, float] | None:
+    """The pixel sizes of a pretrained model's training data and of the scene, when they differ.
+
+    TorchGeo weight sets give the resolution they were trained at (``extra.weights.resolution_m``).
+    A scene whose pixels are more than twice as large or small (in a projected CRS) holds its
+    objects at another scale than the weights learned; :func:`check_scene` warns in one line
+    (the run goes on: the classes may still be useful).
+
+    Returns:
+        ``{"weights_m": r, "scene_m": s}`` when the sizes differ by more than 2x, else None.
+    """
+    r = (info.extra.get("weights") or {}).get("resolution_m")
+    if not isinstance(r, (int, float)) or r <= 0 or scene.crs is None or not scene.crs.is_projected:
+        return None
+    try:
+        factor = float(scene.crs.linear_units_factor[1])
+    except Exception:  # a projected CRS without linear units GDAL can name
+        return None
+    px = math.sqrt(scene.res[0] * scene.res[1]) * factor
+    if 0.5 <= px / r <= 2:
+        return None
+    return {"weights_m": float(r), "scene_m": round(px, 4)}
+
+
+def _warn_resolution(scene: Scene, note: dict[str, float] | None) -> dict[str, Any]:
+    """The warning line of :func:`resolution_note` (for a scene that is not refused), and its report entry."""
+    if not note:
+        return {}
+    log.warning(
+        "the weights were trained on %g m pixels and scene %s has %.3g m pixels: objects appear at another "
+        "scale than they learned; resample the scene to about %g m (gdalwarp -tr) for results like theirs",
+        note["weights_m"],
+        scene.name,
+        note["scene_m"],
+        note["weights_m"],
+    )
+    return {"resolution": note}
 
 
 def _band_name(info: ModelInfo, b: int) -> str:
@@ -90,30 +176,40 @@ def check_scene(
     Returns:
         The report's ``trust.scene`` entry: how the scene was checked, per band the scene's
         median and the share of sampled pixels outside the training range, and whether it
-        was judged far outside (``far_outside``).
+        was judged far outside (``far_outside``); ``resolution`` when a pretrained model's
+        training pixel size differs from the scene's (:func:`resolution_note`).
 
     Raises:
         ModelMismatchError: the scene is far outside the training data and ``force`` is off.
     """
+    note = resolution_note(scene, info)
     training = info.training or {}
     quant = training.get("quantiles") or {}
     found = [quant.get(k) for k in ("0.005", "0.5", "0.995")]
     have_q = all(isinstance(q, list) and len(q) == info.in_channels for q in found)
     lo_q, med_q, hi_q = (q if isinstance(q, list) else [] for q in found)
+    expected = _expected_range(info) if not have_q else None
     default_norm = all(m == 0.0 for m in info.mean) and all(s == 1.0 for s in info.std)
-    if not have_q and default_norm:
-        return {"checked": False, "reason": "the model file records no training statistics"}
+    if not have_q and expected is None and default_norm:
+        return {
+            "checked": False,
+            "reason": "the model file records no training statistics",
+            **_warn_resolution(scene, note),
+        }
     x = scene_sample(scene) if sample is None else sample
     if x.shape[1] == 0:
-        return {"checked": False, "reason": "no valid pixel in the sample"}
+        return {"checked": False, "reason": "no valid pixel in the sample", **_warn_resolution(scene, note)}
     bands: list[_BandCheck] = []
     for b in range(info.in_channels):
         v = x[b]
-        if have_q:
-            lo, hi = float(lo_q[b]), float(hi_q[b])
+        ref_median: float | None
+        if have_q or expected is not None:
+            if expected is not None:
+                (lo, hi), ref_median = expected[b], None
+            else:
+                lo, hi, ref_median = float(lo_q[b]), float(hi_q[b]), float(med_q[b])
             span = max(hi - lo, 1e-6 * max(abs(hi), 1.0))
             allowed = (lo - span / 2, hi + span / 2)
-            ref_median = float(med_q[b])
         else:
             m, s = float(info.mean[b]), float(info.std[b])
             allowed = (m - 6 * s, m + 6 * s)
@@ -130,14 +226,28 @@ def check_scene(
         )
     worst = max(bands, key=lambda d: d["outside"])
     far = worst["outside"] > FAR_OUTSIDE
+    by = "training quantiles" if have_q else "normalisation (mean, std)"
+    if expected is not None:
+        by = "the range the weights expect"
     result = {
         "checked": True,
-        "by": "training quantiles" if have_q else "normalisation (mean, std)",
+        "by": by,
         "sampled_pixels": int(x.shape[1]),
         "bands": bands,
         "far_outside": far,
         "forced": bool(force and far),
     }
+    if far and not force and expected is not None:
+        b = worst["band"] - 1
+        weights = (info.extra.get("weights") or {}).get("name") or "the model"
+        lo, hi = worst["training_range"]
+        note = training.get("expected_range_note")
+        raise ModelMismatchError(
+            f"scene {scene.name} does not fit {weights}: {worst['outside']:.0%} of the sampled pixels of "
+            f"{_band_name(info, b)} lie outside {_fmt(lo)}..{_fmt(hi)}, the range the weights expect"
+            f"{f' ({note})' if note else ''}; the scene's median is {_fmt(worst['scene_median'])}: rescale it to "
+            "those units, pick other bands with --bands, or pass --force to segment it anyway"
+        )
     if far and not force:
         b = worst["band"] - 1
         tdt = training.get("dtype")
@@ -147,8 +257,8 @@ def check_scene(
             f"scene {scene.name} does not look like the model's training data: {worst['outside']:.0%} of the "
             f"sampled pixels of {_band_name(info, b)} lie outside the training range "
             f"{_fmt(worst['training_range'][0])}..{_fmt(worst['training_range'][1])} (scene median "
-            f"{_fmt(worst['scene_median'])}, training {_fmt(worst['training_median'])}{dtypes}); it may come from "
+            f"{_fmt(worst['scene_median'])}, training {_fmt(worst['training_median'] or 0.0)}{dtypes}); it may come from "
             "another sensor or be scaled differently: rescale it to the training units or use a model trained on "
             "such scenes, or pass --force to segment it anyway"
         )
-    return result
+    return {**result, **_warn_resolution(scene, note)}
