@@ -17,11 +17,13 @@ band 6): :meth:`Scene.fill_missing` gives such values, and invalid pixels, a fil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +327,45 @@ class Scene:
             return self.source.local_files
         return [self.path] if _is_local(self.path) else []
 
+    def select_bands(self, bands: Sequence[int]) -> Scene:
+        """This scene as the bands ``bands`` of its file, in that order (``--bands 4,3,2,8``).
+
+        Only those bands are ever read (windows stay lazy); a band may be given twice (one
+        date standing in for two). Validity follows the chosen bands.
+
+        Args:
+            bands: 1-based band numbers of the file, as ``gdal_translate -b`` takes them.
+
+        Returns:
+            A new :class:`Scene`.
+
+        Raises:
+            SceneError: a number that is not a data band of the file (out of range, or its
+                alpha band).
+        """
+        if not bands:
+            raise SceneError("--bands: name at least one band")
+        pos: list[int] = []
+        for b in bands:
+            if b == self.alpha:
+                raise SceneError(f"--bands {b}: band {b} of scene {self.name} is its alpha band (the valid-data mask)")
+            if b not in self.bands:
+                raise SceneError(
+                    f"--bands {b}: scene {self.name} has no data band {b}; its data bands are "
+                    f"{', '.join(map(str, self.bands))}"
+                )
+            pos.append(self.bands.index(b))
+        return dataclasses.replace(
+            self,
+            count=len(pos),
+            bands=[self.bands[i] for i in pos],
+            dtypes=[self.dtypes[i] for i in pos],
+            descriptions=[self.descriptions[i] for i in pos],
+            colorinterp=[self.colorinterp[i] for i in pos],
+            block_shapes=[self.block_shapes[i] for i in pos],
+            _local=threading.local(),
+        )
+
     # -- reading -------------------------------------------------------------------------
     def dataset(self) -> rasterio.io.DatasetReader:
         """This thread's open rasterio handle (opened on first use)."""
@@ -624,7 +665,13 @@ class _WindowArray:
         return data[key[0]] if len(key) == 3 else data
 
 
-def open_scene(path: str | Path | StackedSource, *, pixel_coords: bool = False, nodata: float | None = None) -> Scene:
+def open_scene(
+    path: str | Path | StackedSource,
+    *,
+    pixel_coords: bool = False,
+    nodata: float | None = None,
+    bands: Sequence[int] | None = None,
+) -> Scene:
     """Open and validate a raster scene without reading its pixels.
 
     Args:
@@ -634,16 +681,21 @@ def open_scene(path: str | Path | StackedSource, *, pixel_coords: bool = False, 
         pixel_coords: accept a raster without CRS and work in pixel coordinates.
         nodata: value marking missing pixels, overriding the file's nodata tag (for scenes
             such as Landsat-8 Level-1 whose fill value 0 is not tagged).
+        bands: read only these bands of the file, in this order (:meth:`Scene.select_bands`);
+            None for every data band.
 
     Returns:
         The :class:`Scene`.
 
     Raises:
         SceneError: missing path, a directory, not a raster, a truncated or corrupt file,
-            no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype;
-            for a stack, a member that cannot be opened or does not overlap the first.
+            no CRS (unless ``pixel_coords``), a rotated/sheared transform, an unsupported dtype,
+            ``bands`` that are not data bands of the file; for a stack, a member that cannot be
+            opened or does not overlap the first.
         AreaOutsideSceneError: a stack's area holds none of its pixels.
     """
+    if bands is not None:
+        return open_scene(path, pixel_coords=pixel_coords, nodata=nodata).select_bands(bands)
     source = path if isinstance(path, StackedSource) else None
     if isinstance(path, StackedSource):
         ds = open_raster(build_vrt(path).xml, shown=path.name)

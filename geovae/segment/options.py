@@ -64,6 +64,9 @@ class SegmentOptions:
         object_halo: pixels around each block the object split sees; objects up to this
             size are exact (larger ones are reported).
         object_seed: interior probability at which a pixel seeds an object.
+        bands: the scene's bands the model reads, in its order: 1-based band numbers of the
+            file (``"4,3,2,8"`` as typed on a command line; a band may repeat); only those
+            bands are read. None for every data band in file order.
     """
 
     tile: int | None = None
@@ -86,6 +89,7 @@ class SegmentOptions:
     objects: tuple[str, ...] | None = None
     object_halo: int = 256
     object_seed: float = 0.5
+    bands: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         def integer(name: str, lo: int, allow_none: bool = False) -> None:
@@ -120,6 +124,8 @@ class SegmentOptions:
             if not norm:
                 raise OptionError("--objects: name at least one class (a name or id of the model's classes)")
             object.__setattr__(self, "objects", norm)
+        if self.bands is not None:
+            object.__setattr__(self, "bands", _band_numbers(self.bands))
         if self.precision is not None and self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
         if self.nodata is not None:
@@ -207,7 +213,7 @@ class SegmentOptions:
     def to_dict(self) -> dict[str, Any]:
         """Every option, JSON-friendly."""
         d = dataclasses.asdict(self)
-        for key in ("formats", "objects"):
+        for key in ("formats", "objects", "bands"):
             if d[key] is not None:
                 d[key] = list(d[key])
         return d
@@ -220,4 +226,21 @@ class SegmentOptions:
             # written before they existed still match.
             for k in ("objects", "object_halo", "object_seed"):
                 fp.pop(k)
+        if fp["bands"] is None:  # every band, as markers written before --bands existed
+            fp.pop("bands")
         return fp
+
+
+def _band_numbers(value: Any) -> tuple[int, ...]:
+    """``--bands``: "4,3,2,8" or a sequence of band numbers, each a whole number >= 1."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str) and item.strip().isdigit():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or item != int(item) or item < 1:
+            raise OptionError(f"--bands {value!r}: give band numbers of the file (1 is the first), e.g. 4,3,2,8")
+        out.append(int(item))
+    if not out:
+        raise OptionError("--bands: name at least one band number, e.g. 4,3,2,8")
+    return tuple(out)

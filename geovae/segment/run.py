@@ -36,7 +36,7 @@ from geovae.scene import Scene, capped_gdal_cache, open_scene
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
-from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, check_scene, scene_sample
+from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, band_mismatch, check_scene, scene_sample
 from geovae.sources.stack import StackedSource
 from geovae.stitch import Stitcher, block_side, check_rows
 from geovae.tiling import TileGrid
@@ -179,12 +179,12 @@ def _open(scene: Any, opts: SegmentOptions) -> Scene:
                 f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
                 "pass --pixel-coords to segment it in pixel coordinates"
             )
-        return scene
+        return scene if opts.bands is None else scene.select_bands(opts.bands)
     if isinstance(scene, rasterio.io.DatasetReaderBase):
         # An open dataset (a file, or a MemoryFile's /vsimem/ name): reopened by name, so
         # the reader threads get handles of their own.
         scene = scene.name
-    return open_scene(scene, pixel_coords=opts.pixel_coords, nodata=opts.nodata)
+    return open_scene(scene, pixel_coords=opts.pixel_coords, nodata=opts.nodata, bands=opts.bands)
 
 
 def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> SegmentationModel:
@@ -206,10 +206,7 @@ def _plan(
     m = _load(model, opts)
     info = m.info
     if sc.count != info.in_channels:
-        raise ModelMismatchError(
-            f"scene {sc.name} has {sc.count} bands but the model expects {info.in_channels}; "
-            "pass a scene with the bands the model was trained on (in the same order)"
-        )
+        raise ModelMismatchError(band_mismatch(sc.name, sc.count, info, opts.bands is not None))
     if opts.reconstruction and not m.supports_reconstruction:
         raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
     threshold = anomaly_threshold(info) if m.supports_reconstruction else None
