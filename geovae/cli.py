@@ -273,6 +273,11 @@ def _segment_options(f: Any) -> Any:
             callback=lambda c, p, v: None if v is None else _formats(v),
             help="Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with --pixel-coords].",
         ),
+        click.option(
+            "--bands",
+            help="The scene's bands the model reads, in its order: band numbers of the file, "
+            "comma-separated (e.g. 4,3,2,8; a band may repeat). Only those are read [default: every band].",
+        ),
         click.option("--nodata", type=float, help="Treat this pixel value as nodata (overrides the file's tag)."),
         click.option("--pixel-coords", is_flag=True, help="Accept an image without CRS; outputs in pixel coordinates."),
         click.option(
@@ -387,12 +392,19 @@ def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
         objects=kw["objects"],
         object_halo=kw["object_halo"],
         object_seed=kw["object_seed"],
+        bands=kw["bands"],
     )
 
 
 @cli.command()
 @click.argument("scenes", nargs=-1, required=True)
-@click.option("-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt).")
+@click.option(
+    "-m",
+    "--model",
+    required=True,
+    help="Model file (geovae .safetensors or TorchGeo .ckpt), or torchgeo:NAME, a TorchGeo weight set "
+    "(see geovae models).",
+)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @_segment_options
 @_area_options
@@ -781,10 +793,12 @@ def export(
     classes: str | None,
     tile: int | None,
 ) -> None:
-    """Write SOURCE (a TorchGeo checkpoint) as a self-describing geovae model file.
+    """Write SOURCE (a TorchGeo checkpoint, or torchgeo:NAME) as a self-describing geovae model file.
 
     The file records the band normalisation and class ids/names that a TorchGeo checkpoint
-    lacks, so geovae segment and geovae batch need nothing else.
+    lacks, so geovae segment and geovae batch need nothing else. For a TorchGeo weight set
+    (torchgeo:NAME, see geovae models) it records the weight set's own normalisation, bands,
+    classes and licence: batch workers and machines without network need only the file.
     """
     from geovae.model.io import export_model
 
@@ -792,12 +806,64 @@ def export(
     click.echo(str(p))
 
 
+# --------------------------------------------------------------------------- models
+@cli.command()
+@click.option(
+    "--kind",
+    type=click.Choice(["segmentation", "encoder"]),
+    help="Only segmentation models (for segment) or only encoders (for train) [default: both].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (every field).")
+def models(kind: str | None, as_json: bool) -> None:
+    """List TorchGeo's pretrained weight sets geovae can use, read from TorchGeo itself.
+
+    Segmentation models run as they are: geovae segment SCENE --model torchgeo:NAME.
+    Encoders are pretrained backbones to start training from. Weights download into
+    torch.hub's cache ($TORCH_HOME/hub/checkpoints) on first use; "cached" says which are
+    there already.
+    """
+    from geovae.model.pretrained import catalogue
+
+    sets = catalogue(kind)  # type: ignore[arg-type]  # click.Choice gives one of the kinds
+    if as_json:
+        click.echo(json.dumps([w.to_dict() for w in sets], indent=2))
+        return
+    for k, title in (
+        ("segmentation", "Segmentation models (geovae segment --model torchgeo:NAME)"),
+        ("encoder", "Encoders (for train)"),
+    ):
+        rows = [w for w in sets if w.kind == k]
+        if not rows:
+            continue
+        click.echo(title + ":")
+        table = [["name", "bands", "classes" if k == "segmentation" else "architecture", "res", "licence", "cached"]]
+        for w in rows:
+            table.append(
+                [
+                    w.name,
+                    f"{w.in_channels}" + (f" ({','.join(w.bands)})" if w.bands else ""),
+                    ",".join(w.class_names or []) if k == "segmentation" else w.architecture,
+                    f"{w.resolution:g} m" if w.resolution else "-",
+                    w.license or "not stated",
+                    f"{w.size / 2**20:.0f} MiB" if w.cached and w.size is not None else "no",
+                ]
+            )
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            click.echo("  " + "  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip())
+        click.echo("")
+
+
 # ---------------------------------------------------------------------------- batch
 @cli.command()
 @click.argument("scenes", nargs=-1)
 @click.option("--list", "scene_list", type=click.Path(dir_okay=False), help="File with one scene path per line.")
 @click.option(
-    "-m", "--model", required=True, help="Model file (geovae .safetensors or TorchGeo .ckpt), readable by the workers."
+    "-m",
+    "--model",
+    required=True,
+    help="Model file (geovae .safetensors or TorchGeo .ckpt), readable by the workers, or torchgeo:NAME "
+    "(a TorchGeo weight set; workers need it in their torch.hub cache: geovae export makes a file).",
 )
 @click.option(
     "-o",

@@ -221,7 +221,20 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
 
 
 def model_fingerprint(model: str | Path) -> dict[str, Any]:
-    """What identifies a model file version: resolved path, size and modification time."""
+    """What identifies a model file version: resolved path, size and modification time.
+
+    A TorchGeo weight set (``torchgeo:NAME``) keeps its reference as ``path`` (what a
+    worker loads) with the size and modification time of its file in torch.hub's cache
+    (zero when that cache has none: the worker then downloads it).
+    """
+    from geovae.model.pretrained import is_reference, weight_set
+
+    if is_reference(model):
+        try:
+            st = weight_set(str(model)).file.stat()
+        except OSError:
+            return {"path": str(model), "size": 0, "mtime_ns": 0}
+        return {"path": str(model), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     p = Path(model).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -26,6 +26,7 @@ from geovae.batch.manifest import (
 )
 from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
 from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, OptionError
+from geovae.model.pretrained import is_reference
 from geovae.segment.options import SegmentOptions
 from geovae.sources.stack import StackedSource
 
@@ -48,6 +49,8 @@ def precheck_scene(
     *,
     nodata: float | None = None,
     pixel_coords: bool = False,
+    bands: tuple[int, ...] | None = None,
+    info: ModelInfo | None = None,
 ) -> str | None:
     """A one-line reason the scene cannot be segmented, or None if it looks usable.
 
@@ -59,20 +62,25 @@ def precheck_scene(
         in_channels: the model's band count, or None to skip that check.
         nodata: the ``nodata`` override the run uses.
         pixel_coords: whether scenes without a CRS are accepted.
+        bands: the ``--bands`` the run reads.
+        info: the model's description, whose band names the refusal names.
 
     Raises:
         AreaOutsideSceneError: the area to segment holds none of the scene's pixels (the
             scene is skipped, not failed).
     """
     from geovae.scene import open_scene
+    from geovae.segment.trust import band_mismatch
 
     try:
-        sc = open_scene(scene, nodata=nodata, pixel_coords=pixel_coords)
+        sc = open_scene(scene, nodata=nodata, pixel_coords=pixel_coords, bands=bands)
     except AreaOutsideSceneError:
         raise
     except GeovaeError as e:
         return one_line(e)
     if in_channels is not None and sc.count != in_channels:
+        if info is not None:
+            return band_mismatch(scene, sc.count, info, bands is not None)
         return (
             f"scene {scene} has {sc.count} band(s) but the model expects {in_channels}; "
             "use a model trained on this kind of scene"
@@ -88,6 +96,8 @@ def _model_info(model: str | Path) -> ModelInfo:
     """
     from geovae.model.io import load_model, read_model_info
 
+    if is_reference(model):
+        return load_model(str(model), device="cpu").info
     try:
         return read_model_info(str(model))
     except ModelFileError:
@@ -119,7 +129,9 @@ def run_batch(
     Args:
         scenes: scene paths or URLs, or stacked sources (a STAC Item's assets, see
             :mod:`geovae.sources`), each one scene of the batch named by its Item's URL.
-        model: model file; it must be readable at the same path on the workers.
+        model: model file, readable at the same path on the workers; or ``torchgeo:NAME``,
+            a TorchGeo weight set (downloaded here if needed; workers load it from their
+            torch.hub cache, which a local cluster shares).
         out_dir: output root; every scene writes ``out_dir/<stem>/`` and the batch keeps
             ``out_dir/manifest.csv``. Workers must see it at the same path (a shared disk).
         scene_list: a file with more scenes, one per line.
@@ -160,13 +172,18 @@ def run_batch(
 
     out = check_output_dir(out_dir).resolve()
     opts = SegmentOptions.from_kwargs(options, **segment_options)
-    model_path = Path(model)
-    if not model_path.is_file():
-        raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
-    info = _model_info(model_path)
+    if is_reference(model):
+        # Loaded here first: the weights are downloaded once, into the cache local workers share.
+        model_ref = str(model)
+    else:
+        model_path = Path(model)
+        if not model_path.is_file():
+            raise ModelFileError(f"--model {model}: no such file; give a geovae model file")
+        model_ref = str(model_path.resolve())
+    info = _model_info(model_ref)
     in_channels = info.in_channels
     sources = {str(s): s for s in all_scenes}
-    fingerprints = {name: run_fingerprint(model_path, opts, s) for name, s in sources.items()}
+    fingerprints = {name: run_fingerprint(model_ref, opts, s) for name, s in sources.items()}
 
     folders = scene_folders(all_scenes)
     rows = [SceneRow(scene=str(s), folder=f) for s, f in zip(all_scenes, folders, strict=True)]
@@ -181,7 +198,14 @@ def run_batch(
                 row.outputs = [os.path.relpath(p, out) for p in done]
                 continue
         try:
-            reason = precheck_scene(sources[row.scene], in_channels, nodata=opts.nodata, pixel_coords=opts.pixel_coords)
+            reason = precheck_scene(
+                sources[row.scene],
+                in_channels,
+                nodata=opts.nodata,
+                pixel_coords=opts.pixel_coords,
+                bands=opts.bands,
+                info=info,
+            )
         except AreaOutsideSceneError as e:
             row.status, row.error, row.finished = "skipped", one_line(e), _now()
             continue
@@ -201,7 +225,7 @@ def run_batch(
             rows,
             todo,
             out,
-            str(model_path.resolve()),
+            model_ref,
             opts,
             fingerprints,
             manifest,
