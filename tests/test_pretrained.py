@@ -32,8 +32,6 @@ from geovae.model.pretrained import catalogue, model_info, weight_set
 NAIP = "Unet_Weights.NAIP_RGBN_RESNET18_CHESAPEAKERSC"
 FTW3 = "Unet_Weights.SENTINEL2_3CLASS_FTW"
 ENCODER = "ResNet18_Weights.LANDSAT_ETM_SR_MOCO"
-#: A fully valid 256 x 256 window of the NC scene (its nodata edge lies outside).
-WINDOW = Window(32, 16, 256, 256)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -83,26 +81,6 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield home
 
 
-@pytest.fixture(scope="module")
-def crop(nc_stack: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 256 x 256 window of the real NC Landsat-7 scene, all 6 bands, every pixel valid."""
-    out = tmp_path_factory.mktemp("crop") / "nc_crop.tif"
-    with rasterio.open(nc_stack) as src:
-        data = src.read(window=WINDOW)
-        profile = src.profile | {"width": 256, "height": 256, "transform": src.window_transform(WINDOW)}
-    assert (data != 0).any(axis=0).all(), "the window holds nodata"
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
-    return out
-
-
-@pytest.fixture(scope="module")
-def nc_stack() -> Path:  # module scope for the crop above
-    from conftest import data_path
-
-    return data_path("nc_landsat7_landclass96", "nc_lsat7_2000_6band_uint8.tif")
-
-
 # ----------------------------------------------------------------------- the catalogue
 def test_every_unet_weight_set_is_a_segmentation_model() -> None:
     from torchgeo.models import Unet_Weights
@@ -142,8 +120,8 @@ def test_normalisation_read_from_the_transforms() -> None:
 
 def test_geovae_normalisation_equals_the_transforms_on_real_pixels(nc_stack: Path) -> None:
     """Every weight set whose transforms keep a tile's shape: TorchGeo's transforms and
-    geovae's ``(x - mean) / std`` agree on real pixels (the NC scene's bands, repeated to
-    the weight set's band count)."""
+    geovae's ``(x - mean) / std`` agree on real pixels (the NC window's bands, repeated to
+    the weight set's band count and tile size, scaled by 7 to span 16-bit values too)."""
     from torch import nn
 
     from geovae.model.base import ModelInfo, SegmentationModel
@@ -157,10 +135,9 @@ def test_geovae_normalisation_equals_the_transforms_on_real_pixels(nc_stack: Pat
             continue
         size = ws.tile_size or 256
         bands = np.resize(np.arange(scene.shape[0]), ws.in_channels)
-        pix = np.pad(
-            scene[bands], ((0, 0), (0, max(0, size - scene.shape[1])), (0, max(0, size - scene.shape[2]))), "reflect"
-        )
-        x = torch.from_numpy(np.ascontiguousarray(pix[:, :size, :size]))[None] * 7.0  # uint8 -> a 0..1785 range
+        reps = (1, -(-size // scene.shape[1]), -(-size // scene.shape[2]))
+        pix = np.tile(scene[bands], reps)[:, :size, :size]
+        x = torch.from_numpy(np.ascontiguousarray(pix))[None] * 7.0  # uint8 -> a 0..1785 range
         ref = _members()[ws.name][0].transforms(x.clone())
         if ref.shape != x.shape:  # a crop or resize to another size: not a per-tile map
             continue
@@ -183,68 +160,77 @@ def test_unknown_and_encoder_references_are_refused_in_one_line() -> None:
 
 # ------------------------------------------------------------------ segment = TorchGeo
 def test_segment_equals_torchgeo_forward(
-    torch_home: Path, crop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    torch_home: Path, nc_stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """geovae segment with the NAIP weights (R, G, B, NIR picked with --bands) gives the
-    classes and probabilities of TorchGeo's own network and transforms on the same pixels."""
+    classes and probabilities of TorchGeo's own network and transforms on the same pixels.
+
+    One 256-px tile covers the 256 x 144 window; geovae pads it with the model's mean (0 for
+    x / 255), the pixel value of the window's nodata too, so TorchGeo gets the window padded
+    with zeros: the same input."""
     from torchgeo.models import Unet_Weights, unet
 
     out = tmp_path / "out"
     code, _, err = run(
-        capsys, "segment", str(crop), "-m", f"torchgeo:{NAIP}", "-o", str(out), "--bands", "3,2,1,4",
+        capsys, "segment", str(nc_stack), "-m", f"torchgeo:{NAIP}", "-o", str(out), "--bands", "3,2,1,4",
         "--tile", "256", "--overlap", "0", "--device", "cpu", "-q",
     )  # fmt: skip
     assert code == 0, err
-    with rasterio.open(out / "nc_crop.classes.tif") as ds:
-        classes = ds.read(1)
-    with rasterio.open(out / "nc_crop.confidence.tif") as ds:
+    stem = nc_stack.stem
+    with rasterio.open(out / f"{stem}.classes.tif") as ds:
+        classes, valid = ds.read(1), ds.read_masks(1) > 0
+    with rasterio.open(out / f"{stem}.confidence.tif") as ds:
         confidence = ds.read(1)
+    assert valid.mean() > 0.5
 
     weights = Unet_Weights.NAIP_RGBN_RESNET18_CHESAPEAKERSC
     net = unet(weights=weights).eval()  # loads the same cached file
-    with rasterio.open(crop) as ds:
-        x = torch.from_numpy(ds.read([3, 2, 1, 4]).astype(np.float32))[None]
+    with rasterio.open(nc_stack) as ds:
+        pixels = ds.read([3, 2, 1, 4]).astype(np.float32)
+    h, w = pixels.shape[1:]
+    x = torch.zeros((1, 4, 256, 256))
+    x[0, :, :h, :w] = torch.from_numpy(pixels)
     with torch.no_grad():
-        probs = net(weights.transforms(x)).softmax(1)[0].numpy()
+        probs = net(weights.transforms(x)).softmax(1)[0, :, :h, :w].numpy()
     expected = probs.argmax(0)
-    assert set(np.unique(expected)) == {0, 1}, "both classes must occur for the comparison to mean something"
-    decided = np.abs(probs[1] - probs[0]) > 1e-4
+    assert set(np.unique(expected[valid])) == {0, 1}, "both classes must occur for the comparison to mean something"
+    decided = valid & (np.abs(probs[1] - probs[0]) > 1e-4)
     np.testing.assert_array_equal(classes[decided], expected[decided])
-    np.testing.assert_allclose(confidence, probs.max(0), atol=1e-5)
+    np.testing.assert_allclose(confidence[valid], probs.max(0)[valid], atol=1e-5)
 
-    report = json.loads((out / "nc_crop.json").read_text())
+    report = json.loads((out / f"{stem}.json").read_text())
     assert report["model"]["weights"]["name"] == NAIP
     assert report["model"]["weights"]["license"] == "MIT"
     assert report["model"]["class_names"] == ["background", "road"]
     assert report["trust"]["scene"]["by"] == "the range the weights expect"
     assert report["trust"]["scene"]["resolution"] == {"weights_m": 1.0, "scene_m": 28.5}
-    stac = json.loads((out / "nc_crop.stac.json").read_text())
+    stac = json.loads((out / f"{stem}.stac.json").read_text())
     links = [ln for ln in stac["links"] if ln["rel"] == "ml-model"]
     assert links[0]["href"] == weight_set(NAIP).url
 
 
 def test_ftw_three_classes_go_into_objects_field(
-    torch_home: Path, crop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    torch_home: Path, nc_stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The 3-class FTW U-Net (two dates of B4, B3, B2, B8: here one date twice) splits fields
     along its boundary class."""
     out = tmp_path / "out"
     code, _, err = run(
-        capsys, "segment", str(crop), "-m", f"torchgeo:{FTW3}", "-o", str(out), "--bands", "3,2,1,4,3,2,1,4",
+        capsys, "segment", str(nc_stack), "-m", f"torchgeo:{FTW3}", "-o", str(out), "--bands", "3,2,1,4,3,2,1,4",
         "--objects", "field", "--formats", "gpkg", "--device", "cpu", "-q",
     )  # fmt: skip
     assert code == 0, err
-    report = json.loads((out / "nc_crop.json").read_text())
+    report = json.loads((out / f"{nc_stack.stem}.json").read_text())
     assert report["objects"]["classes"] == [1]
     assert report["objects"]["boundary_class"] == 2
-    assert (out / "nc_crop.objects.gpkg").is_file()
+    assert (out / f"{nc_stack.stem}.objects.gpkg").is_file()
 
 
 # ------------------------------------------------------------------ scenes that do not fit
 def test_band_count_refused_naming_the_bands(
-    torch_home: Path, crop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    torch_home: Path, nc_stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(capsys, "segment", str(crop), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"))
+    code, _, err = run(capsys, "segment", str(nc_stack), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"))
     assert code == 1
     line = one_line(err)
     assert "has 6 bands but the model expects 4 (R, G, B, N)" in line
@@ -253,12 +239,11 @@ def test_band_count_refused_naming_the_bands(
 
 
 def test_value_range_refused_saying_what_the_weights_expect(
-    torch_home: Path, gulfcoast: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    torch_home: Path, parana: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A Landsat-8 scene in 16-bit digital numbers is not the 8-bit pixels the NAIP weights read."""
+    """A Landsat-8 window in 16-bit digital numbers is not the 8-bit pixels the NAIP weights read."""
     code, _, err = run(
-        capsys, "segment", str(gulfcoast), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"),
-        "--bands", "3,2,1,4",
+        capsys, "segment", str(parana), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"), "--bands", "3,2,1,1",
     )  # fmt: skip
     assert code == 1
     line = one_line(err)
@@ -301,7 +286,7 @@ def _refused_urlopen(url: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def test_offline_download_fails_in_one_line_and_writes_nothing(
-    crop: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    nc_stack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import torch.hub
 
@@ -309,7 +294,7 @@ def test_offline_download_fails_in_one_line_and_writes_nothing(
     monkeypatch.setattr(torch.hub, "urlopen", _refused_urlopen)
     target = weight_set(NAIP).file
     code, out, err = run(
-        capsys, "segment", str(crop), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"), "--bands", "3,2,1,4"
+        capsys, "segment", str(nc_stack), "-m", f"torchgeo:{NAIP}", "-o", str(tmp_path / "o"), "--bands", "3,2,1,4"
     )
     assert code == 1
     line = one_line(err)
@@ -337,7 +322,9 @@ def test_download_error_is_a_connection_error(tmp_path: Path, monkeypatch: pytes
 
 
 # ------------------------------------------------------------------------------- export
-def test_export_round_trip(torch_home: Path, crop: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_round_trip(
+    torch_home: Path, nc_stack: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from geovae.model.io import load_model, read_model_info
 
     path = tmp_path / "naip.safetensors"
@@ -352,8 +339,8 @@ def test_export_round_trip(torch_home: Path, crop: Path, tmp_path: Path, capsys:
     assert info.class_names == ["background", "road"]
     assert info.training["expected_range"] == [[0.0, 255.0]] * 4
     assert info.halo is not None
-    with rasterio.open(crop) as ds:
-        x = ds.read([3, 2, 1, 4]).astype(np.float32)[None]
+    with rasterio.open(nc_stack) as ds:
+        x = ds.read([3, 2, 1, 4], window=Window(0, 0, 256, 128)).astype(np.float32)[None]
     exported = load_model(path, device="cpu").predict(x)["probs"]
     direct = load_model(f"torchgeo:{NAIP}", device="cpu").predict(x)["probs"]
     np.testing.assert_allclose(exported, direct, atol=1e-6)
