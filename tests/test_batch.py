@@ -436,7 +436,7 @@ def test_batch_on_cluster_survives_a_killed_worker(
     assert (res.done, res.failed, res.skipped) == (4, 3, 0)
     rows = {Path(r["scene"]).name: r for r in read_manifest(res.manifest)}
     assert "not a raster" in rows["notes.tif"]["error"]
-    assert "4 band(s)" in rows["rgbn.tif"]["error"] and "expects 3" in rows["rgbn.tif"]["error"]
+    assert "has 4 bands" in rows["rgbn.tif"]["error"] and "expects 3" in rows["rgbn.tif"]["error"]
     assert "does not exist" in rows["missing.tif"]["error"]
     assert all("\n" not in r["error"] for r in rows.values())
     for s in scenes:
