@@ -836,11 +836,14 @@ def models(kind: str | None, as_json: bool) -> None:
         if not rows:
             continue
         click.echo(title + ":")
-        table = [["name", "bands", "classes" if k == "segmentation" else "architecture", "res", "licence", "cached"]]
+        table = [
+            ["name", "data", "bands", "classes" if k == "segmentation" else "architecture", "res", "licence", "cached"]
+        ]
         for w in rows:
             table.append(
                 [
                     w.name,
+                    w.dataset or "-",
                     f"{w.in_channels}" + (f" ({','.join(w.bands)})" if w.bands else ""),
                     ",".join(w.class_names or []) if k == "segmentation" else w.architecture,
                     f"{w.resolution:g} m" if w.resolution else "-",
