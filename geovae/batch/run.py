@@ -80,7 +80,7 @@ def precheck_scene(
         return one_line(e)
     if in_channels is not None and sc.count != in_channels:
         if info is not None:
-            return band_mismatch(scene, sc.count, info, bands is not None)
+            return band_mismatch(str(scene), sc.count, info, bands is not None)
         return (
             f"scene {scene} has {sc.count} band(s) but the model expects {in_channels}; "
             "use a model trained on this kind of scene"
