@@ -144,6 +144,11 @@ class WeightSet:
     segmentation_arch: dict[str, Any] | None = None
 
     @property
+    def member(self) -> WeightsEnum:
+        """The TorchGeo enum member itself: what its builders take as ``weights=``."""
+        return _members()[self.name][0]
+
+    @property
     def reference(self) -> str:
         """What ``--model`` takes: ``torchgeo:<name>``."""
         return PREFIX + self.name
@@ -451,7 +456,7 @@ def build_network(ws: WeightSet) -> nn.Module:
     """
     import torchgeo.models as tgm
 
-    member, builder = _members()[ws.name]
+    builder = ws.builder
     assert builder is not None  # a segmentation set has a builder (_describe)
     target = ws.file
     had_file = target.is_file()
@@ -459,7 +464,7 @@ def build_network(ws: WeightSet) -> nn.Module:
         log.info("downloading the weights of %s from %s into %s", ws.name, ws.url, target)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            module: nn.Module = tgm.get_model(builder, weights=member)
+            module: nn.Module = tgm.get_model(builder, weights=ws.member)
     except Exception as exc:  # TorchGeo's builders assert that the weights fit
         if not had_file and not target.is_file():
             raise DownloadError(
