@@ -41,7 +41,6 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.atomic import OutputSet
-from geovae.errors import OptionError
+from geovae.blend import Blender, BlockGrid, block_side, check_rows
 from geovae.model.base import ModelInfo
 from geovae.products import (
     BAND_DESCRIPTIONS,
@@ -66,62 +65,10 @@ from geovae.products import (
     uncertainty_tags,
     write_class_table,
 )
-from geovae.products import (
-    BLOCKSIZE as _BLOCKSIZE,
-)
 from geovae.styles import write_class_aux
-from geovae.tiling import Tile, TileGrid, blend_weights
+from geovae.tiling import Tile, TileGrid
 
 __all__ = ["CLASS_NODATA", "PixelAreas", "Stitcher", "block_side", "check_rows", "write_cog"]
-
-
-def block_side(block_size: int, step: int) -> int:
-    """Side in pixels of the output blocks a :class:`Stitcher` makes for ``block_size``.
-
-    Blocks are whole multiples of the tile step, so tile origins fall on the block grid.
-    Among the multiples within a factor 2 of ``block_size`` it prefers one that is also a
-    multiple of the 256-pixel output tiling, so every block write covers whole GeoTIFF tiles
-    and GDAL never has to keep (or re-compress) a half-written tile.
-
-    Args:
-        block_size: the wanted block side in pixels (the ``block_size`` option).
-        step: the tile step, ``tile - overlap``.
-
-    Returns:
-        The block side ``k * step`` (``k >= 1``).
-    """
-    want = max(1.0, block_size / step)
-    cands = [k for k in range(max(1, int(want / 2)), int(want * 2) + 1) if (k * step) % _BLOCKSIZE == 0]
-    if cands:
-        return step * min(cands, key=lambda k: (abs(k * step - block_size), k))
-    return step * max(1, round(want))
-
-
-def check_rows(rows: tuple[int, int] | None, height: int, block: int) -> tuple[int, int]:
-    """Validate a row range of the outputs: it must start and end on the block grid.
-
-    Args:
-        rows: ``(start, stop)`` output rows, or None for all of them.
-        height: scene height in pixels.
-        block: the block side (:func:`block_side`).
-
-    Returns:
-        ``(start, stop)``; ``(0, height)`` for None.
-
-    Raises:
-        OptionError: if the range is empty, outside the scene or off the block grid.
-    """
-    if rows is None:
-        return 0, height
-    start, stop = (int(r) for r in rows)
-    if not 0 <= start < stop <= height:
-        raise OptionError(f"rows {start}:{stop}: must be a non-empty range inside the scene's {height} rows")
-    if start % block or (stop % block and stop != height):
-        raise OptionError(
-            f"rows {start}:{stop}: must start and end on the {block}-row output block grid "
-            "(or end at the scene's last row); see geovae.stitch.block_side"
-        )
-    return start, stop
 
 
 def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = True) -> Path:
@@ -295,13 +242,6 @@ class _BandStats:
         return out
 
 
-@dataclass
-class _Block:
-    bi: int
-    bj: int
-    tiles: list[Tile] = field(default_factory=list)
-
-
 class Stitcher:
     """Blend tile outputs into output blocks and write each block once it is complete.
 
@@ -323,9 +263,9 @@ class Stitcher:
         transform: geotransform of the outputs.
         uncertainty: write ``<stem>.uncertainty.tif`` (tile outputs carry expected entropy).
         reconstruction: write ``<stem>.reconstruction-error.tif``.
-        block_size: approximate output block side; rounded with :func:`block_side`.
+        block_size: approximate output block side; rounded with :func:`geovae.blend.block_side`.
         overviews: give the COG outputs overviews.
-        rows: ``(start, stop)`` scene rows to write, on the block grid (:func:`check_rows`);
+        rows: ``(start, stop)`` scene rows to write, on the block grid (:func:`geovae.blend.check_rows`);
             None for the whole scene.
         output_set: the run's :class:`~geovae.atomic.OutputSet`: the rasters are written into
             it and moved into place with the rest of the run. None makes a private set in
@@ -359,37 +299,26 @@ class Stitcher:
         probability_tags: dict[str, str] | None = None,
     ):
         self.grid = grid
+        self.blocks = BlockGrid(grid, block_size, rows)
         self.prob_channels = list(probabilities) if probabilities else []
         self.prob_tags = dict(probability_tags or {})
+        self.blender = Blender(
+            self.blocks, info, uncertainty=uncertainty, reconstruction=reconstruction, probabilities=self.prob_channels
+        )
         self.info = info
         self.K = info.num_classes
         self.uncertainty = uncertainty
         self.reconstruction = reconstruction
         self.overview = overviews
         self.H, self.W = grid.height, grid.width
-        self.B = block_side(block_size, grid.step)
-        self.k = self.B // grid.step
-        self.O = grid.overlap
-        self.rows = check_rows(rows, self.H, self.B)
-        self.E = self.B + self.O
+        self.B = self.blocks.side
+        self.rows = self.blocks.rows
         self.nbr = math.ceil(self.H / self.B)
-        self.nbc = math.ceil(self.W / self.B)
-        # channel layout of an accumulator: K weighted probabilities, the weight, extras
-        self.c_w = self.K
-        self.c_ent = self.K + 1 if uncertainty else None
-        self.c_rec = self.K + 1 + int(uncertainty) if reconstruction else None
-        self.C = self.K + 1 + int(uncertainty) + int(reconstruction)
-        # By (first row, first column): the tiles along the scene's top and left edges weigh
-        # their edge pixels fully (TileGrid.weights).
-        self.tile_weights = {
-            (r, c): blend_weights(grid.tile, grid.overlap, grid.margin, first_row=r, first_col=c)
-            for r in (True, False)
-            for c in (True, False)
-        }
-        self.class_lut = np.asarray(info.class_ids, dtype=np.uint8)
+        self.nbc = self.blocks.block_cols
+        self.C = self.blender.channels
         # class raster value -> class index, -1 for nodata (and values of no class)
         self._class_index = np.full(256, -1, dtype=np.int64)
-        self._class_index[self.class_lut] = np.arange(self.K)
+        self._class_index[np.asarray(info.class_ids, dtype=np.uint8)] = np.arange(self.K)
         self.out_dir, self.stem = Path(out_dir), stem
         kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
         kinds += ["object_probability"] * bool(self.prob_channels)
@@ -404,20 +333,11 @@ class Stitcher:
         self.class_area = np.zeros(self.K, dtype=np.float64)
         self.class_pixels = np.zeros(self.K, dtype=np.int64)
         self.class_flagged = np.zeros(self.K, dtype=np.int64)
-        self.tiles_run = 0
-        self.tiles_skipped = 0
         self.blocks_written = 0
         self._stats: dict[str, _BandStats] = {}
-        self.buffer_bytes = 0
-        self.peak_buffer_bytes = 0
-        self._blocks = self._plan()
-        self.tiles_total = sum(len(b.tiles) for b in self._blocks)
-        self._cur = -1  # index of the block being accumulated
+        self.tiles_total = self.blocks.tiles_total
+        self._fed = False
         self._direct: set[int] = set()  # blocks given whole by write_block
-        self._acc: np.ndarray | None = None
-        self._right: np.ndarray | None = None
-        self._bottom: dict[int, np.ndarray] = {}
-        self._pending: list[Tile] = []
         #: Called with (window in scene coordinates, outputs) after each block is written,
         #: in write order (segment's polygon stream, geovae.vector.PolygonStream).
         self.on_block: Callable[[Window, dict[str, np.ndarray]], None] | None = None
@@ -425,47 +345,29 @@ class Stitcher:
         self._closed = False
         self._open_outputs(crs, transform @ Affine.translation(0, self.rows[0]))
 
-    # -- plan ---------------------------------------------------------------------------
-    def _plan(self) -> list[_Block]:
-        start, stop = self.rows
-        # Only tiles that touch the rows count; their blocks start at the block row of the
-        # first one (whose bottom spill reaches ``start``) and are accumulated, not written,
-        # above ``start``. Tiles that end above ``start`` would add nothing to the rows.
-        tiles = [t for t in self.grid if t.row < stop and t.row + t.size > start]
-        self._bi0 = min(t.row for t in tiles) // self.B
-        last = (stop - 1) // self.B
-        blocks = [_Block(bi, bj) for bi in range(self._bi0, last + 1) for bj in range(self.nbc)]
-        for t in tiles:
-            blocks[self._block_of(t)].tiles.append(t)
-        return blocks
+    @property
+    def tiles_run(self) -> int:
+        return self.blender.tiles_run
+
+    @property
+    def tiles_skipped(self) -> int:
+        return self.blender.tiles_skipped
 
     def order(self) -> Iterator[Tile]:
         """Tiles in the order :meth:`add`/:meth:`skip` must receive them (block by block)."""
-        for b in self._blocks:
-            yield from b.tiles
+        return self.blocks.order()
 
     def block_tiles(self) -> Iterator[list[Tile]]:
         """The tiles of :meth:`order` grouped by output block (row by row within a block)."""
-        for b in self._blocks:
-            yield list(b.tiles)
+        return self.blocks.block_tiles()
 
     def windows(self) -> Iterator[Window]:
         """The output blocks in the order they are written, as windows in scene coordinates."""
-        for b in self._blocks:
-            if self._written(b):
-                yield self._window(b)
-
-    def _block_of(self, t: Tile) -> int:
-        return (t.row // self.B - self._bi0) * self.nbc + t.col // self.B
-
-    def _written(self, blk: _Block) -> bool:
-        """Whether a block's rows belong to the outputs (blocks above ``rows`` only feed spill)."""
-        return blk.bi * self.B >= self.rows[0]
+        return self.blocks.windows()
 
     def memory_bound(self) -> int:
-        """Upper bound of the accumulator bytes alive at once (see the module docstring)."""
-        per = self.C * 4
-        return per * (self.E * self.E + self.E * self.O + self.O * self.B * self.nbc)
+        """Upper bound of the accumulator bytes alive at once (see :mod:`geovae.blend`)."""
+        return self.blender.memory_bound()
 
     # -- outputs ------------------------------------------------------------------------
     def _open_outputs(self, crs: Any, transform: Affine) -> None:
@@ -495,61 +397,6 @@ class Stitcher:
             self._dst["reconstruction_error"].update_tags(ANOMALY_THRESHOLD=repr(float(self.anomaly_threshold)))
 
     # -- streaming ----------------------------------------------------------------------
-    def _track(self) -> None:
-        n = 0
-        if self._acc is not None:
-            n += self._acc.nbytes
-        if self._right is not None:
-            n += self._right.nbytes
-        n += sum(s.nbytes for s in self._bottom.values())
-        self.buffer_bytes = n
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes, n)
-
-    def _advance_to(self, b: int) -> None:
-        """Finish every block before ``b`` and start block ``b``."""
-        if b < self._cur:
-            raise ValueError("tiles must be fed in Stitcher.order()")
-        while self._cur < b:
-            if self._cur >= 0:
-                self._finish_block(self._cur)
-            self._cur += 1
-            if self._cur < len(self._blocks):
-                self._start_block(self._cur)
-
-    def _start_block(self, idx: int) -> None:
-        blk = self._blocks[idx]
-        acc = np.zeros((self.C, self.E, self.E), dtype=np.float32)
-        if self.O:
-            if blk.bj > 0 and self._right is not None:
-                acc[:, :, : self.O] += self._right
-            self._right = None
-            below = self._bottom.pop(blk.bj, None)
-            if below is not None:
-                acc[:, : self.O, : self.B] += below
-        self._acc = acc
-        self._track()
-
-    def _finish_block(self, idx: int) -> None:
-        blk = self._blocks[idx]
-        acc = self._acc
-        assert acc is not None
-        if self.O:
-            if blk.bj + 1 < self.nbc:
-                self._right = acc[:, :, self.B :].copy()
-            if idx + self.nbc < len(self._blocks):
-                self._bottom[blk.bj] = acc[:, self.B :, : self.B].copy()
-            self._track()
-        if self._written(blk):
-            win = self._window(blk)
-            self._put(win, self._finish(acc[:, : int(win.height), : int(win.width)]))
-        self._acc = None
-        self._track()
-
-    def _window(self, blk: _Block) -> Window:
-        """A block's window in scene coordinates."""
-        r0, c0 = blk.bi * self.B, blk.bj * self.B
-        return Window(c0, r0, min(self.B, self.W - c0), min(self.B, self.rows[1] - r0))
-
     def add(
         self,
         tile: Tile,
@@ -558,84 +405,21 @@ class Stitcher:
         expected_entropy: np.ndarray | None = None,
         reconstruction_error: np.ndarray | None = None,
     ) -> None:
-        """Blend one tile's model outputs in.
-
-        Args:
-            tile: the tile (from :meth:`order`).
-            valid: (T, T) bool, the tile's valid-data mask (invalid pixels get weight 0).
-            probs: (K, T, T) float32 class probabilities.
-            expected_entropy: (T, T) mean per-sample entropy, when ``uncertainty``.
-            reconstruction_error: (T, T), when ``reconstruction``.
-        """
+        """Blend one tile's model outputs in (:meth:`geovae.blend.Blender.add`)."""
         self._check_streaming()
-        self._advance_to(self._block_of(tile))
-        acc = self._acc
-        assert acc is not None
-        blk = self._blocks[self._cur]
-        r, c = tile.row - blk.bi * self.B, tile.col - blk.bj * self.B
-        T = tile.size
-        wgt = self.tile_weights[tile.i == 0, tile.j == 0] * valid
-        view = acc[:, r : r + T, c : c + T]
-        view[: self.K] += probs * wgt
-        view[self.c_w] += wgt
-        if self.c_ent is not None:
-            if expected_entropy is None:
-                raise ValueError("uncertainty output needs expected_entropy for every tile")
-            view[self.c_ent] += expected_entropy * wgt
-        if self.c_rec is not None:
-            if reconstruction_error is None:
-                raise ValueError("reconstruction output needs reconstruction_error for every tile")
-            view[self.c_rec] += reconstruction_error * wgt
-        self.tiles_run += 1
+        for block in self.blender.add(tile, valid, probs, expected_entropy, reconstruction_error):
+            self._put(block.window, dict(block.arrays))
 
     def skip(self, tile: Tile) -> None:
         """Record a tile that is entirely nodata (it adds nothing)."""
         self._check_streaming()
-        self._advance_to(self._block_of(tile))
-        self.tiles_skipped += 1
+        for block in self.blender.skip(tile):
+            self._put(block.window, dict(block.arrays))
 
     def _check_streaming(self) -> None:
         if self._direct:
             raise ValueError("this Stitcher was given whole blocks with write_block; it takes no tiles")
-
-    def _finish(self, acc: np.ndarray) -> dict[str, np.ndarray]:
-        """The output values of one complete block from its accumulator."""
-        import torch
-
-        K = self.K
-        wsum = acc[self.c_w]
-        bad = wsum <= 0
-        safe = np.where(bad, np.float32(1.0), wsum)
-        probs = acc[:K] / safe
-        # torch's max over classes is numpy's argmax and max in one pass, on every core
-        # (numpy's argmax along the first axis is strided). torch and numpy both take the
-        # first of tied classes.
-        tp = torch.from_numpy(probs)
-        conf_t, idx_t = tp.max(0)
-        classes = self.class_lut[idx_t.numpy()]
-        classes[bad] = CLASS_NODATA
-        conf = conf_t.numpy()
-        conf[bad] = np.nan
-        out = {"classes": classes[None], "confidence": conf[None]}
-        if self.uncertainty:
-            assert self.c_ent is not None
-            # In place: a fresh (K, B, B) buffer per step costs more in page faults than the logs.
-            plogp = tp.clamp_min(1e-12).log_().mul_(tp)
-            pe = plogp.sum(0).neg_().numpy()
-            mi = np.clip(pe - acc[self.c_ent] / safe, 0.0, None)
-            pe[bad] = np.nan
-            mi[bad] = np.nan
-            out["uncertainty"] = np.stack([pe, mi])
-        if self.reconstruction:
-            assert self.c_rec is not None
-            rec = acc[self.c_rec] / safe
-            rec[bad] = np.nan
-            out["reconstruction_error"] = rec[None]
-        if self.prob_channels:
-            po = probs[self.prob_channels]
-            po[:, bad] = np.nan
-            out["object_probability"] = po
-        return out
+        self._fed = True
 
     def _put(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
         """Write one block's outputs (window in scene coordinates) and count its classes."""
@@ -675,17 +459,17 @@ class Stitcher:
             ValueError: if tiles were fed, the window is not one of this stitcher's blocks,
                 or an output is missing.
         """
-        if self._cur >= 0:
+        if self._fed:
             raise ValueError("write_block cannot follow add/skip: a Stitcher is fed tiles or whole blocks, not both")
         r0, c0 = int(window.row_off), int(window.col_off)
-        bi, bj = r0 // self.B, c0 // self.B
-        idx = (bi - self._bi0) * self.nbc + bj
+        grid = self.blocks
+        idx = (r0 // self.B - grid.first_row) * self.nbc + c0 // self.B
         if (
             r0 % self.B
             or c0 % self.B
-            or not 0 <= idx < len(self._blocks)
-            or not self._written(self._blocks[idx])
-            or Window(c0, r0, int(window.width), int(window.height)) != self._window(self._blocks[idx])
+            or not 0 <= idx < len(grid.blocks)
+            or not grid.written(grid.blocks[idx])
+            or Window(c0, r0, int(window.width), int(window.height)) != grid.window(grid.blocks[idx])
         ):
             raise ValueError(f"{window} is not an output block of this stitcher (block side {self.B})")
         missing = set(self._dst) - set(outputs)
@@ -712,11 +496,13 @@ class Stitcher:
         try:
             if self._direct:
                 # Blocks given whole: a block never given would silently be left empty.
-                left = [i for i, b in enumerate(self._blocks) if self._written(b) and i not in self._direct]
+                grid = self.blocks
+                left = [i for i, b in enumerate(grid.blocks) if grid.written(b) and i not in self._direct]
                 if left:
                     raise ValueError(f"{len(left)} output blocks were never given to write_block")
             else:
-                self._advance_to(len(self._blocks))
+                for block in self.blender.finish():
+                    self._put(block.window, dict(block.arrays))
             for ds in self._dst.values():
                 ds.close()
             self._write_cogs(progress)
@@ -727,8 +513,7 @@ class Stitcher:
             self.abort()
             raise
         self._closed = True
-        self._acc = self._right = None
-        self._bottom.clear()
+        self.blender.release()
         return dict(self.paths)
 
     def _write_cogs(self, progress: Any) -> None:
@@ -771,8 +556,7 @@ class Stitcher:
         self._dst.clear()
         if self._own_set:
             self.output_set.close()
-        self._acc = self._right = None
-        self._bottom.clear()
+        self.blender.release()
         self._closed = True
 
     def statistics(self) -> dict[str, list[dict[str, float | None]]]:
@@ -787,11 +571,4 @@ class Stitcher:
 
     def summary(self) -> dict[str, Any]:
         """Counts for the run report."""
-        return {
-            "tiles_total": self.tiles_total,
-            "tiles_run": self.tiles_run,
-            "tiles_skipped": self.tiles_skipped,
-            "blocks_written": self.blocks_written,
-            "block_size": self.B,
-            "peak_buffer_bytes": int(self.peak_buffer_bytes),
-        }
+        return {**self.blender.summary(), "blocks_written": self.blocks_written}

@@ -122,7 +122,7 @@ def _worker_address() -> str:
 def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int) -> list[tuple[int, int]]:
     """Horizontal bands of a scene for ``split_scene``: ``(start, stop)`` output rows of each.
 
-    Bands are whole rows of output blocks (:func:`geovae.stitch.block_side`, the rounding the
+    Bands are whole rows of output blocks (:func:`geovae.blend.block_side`, the rounding the
     stitcher uses), so each can be segmented alone with :func:`geovae.segment.segment_rows`:
     that runs the tiles touching the band on the scene's own tile and block grid, and its rows
     equal the single-process run bit for bit. The cost is the halo: the tiles that cross a
@@ -138,7 +138,7 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
     Returns:
         The bands, top to bottom; they cover ``0:height`` exactly once.
     """
-    from geovae.stitch import block_side
+    from geovae.blend import block_side
 
     block = block_side(block_size, tile - overlap)
     nblocks = math.ceil(height / block)

@@ -29,6 +29,7 @@ import torch
 from rasterio.windows import Window
 
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
+from geovae.blend import block_side, check_rows
 from geovae.errors import AreaOutsideSceneError, ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
 from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, class_table, output_name, run_kinds
@@ -38,7 +39,7 @@ from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
 from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, band_mismatch, check_scene, scene_sample
 from geovae.sources.stack import StackedSource
-from geovae.stitch import Stitcher, block_side, check_rows
+from geovae.stitch import Stitcher
 from geovae.tiling import TileGrid
 
 __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
@@ -707,7 +708,7 @@ def segment_scene(
         options: a :class:`~geovae.segment.options.SegmentOptions`; keyword arguments
             (``tile=256, samples=8, ...``, the same names) override its fields.
         rows: ``(start, stop)``: segment only these scene rows, which must lie on the output
-            block grid (multiples of :func:`geovae.stitch.block_side`, or the scene's height).
+            block grid (multiples of :func:`geovae.blend.block_side`, or the scene's height).
             The outputs then cover just those rows (transform shifted) and equal the same rows
             of a whole-scene run bit for bit: the tiles touching them run on the scene's own
             tile grid. Used to spread one scene over several machines (no quicklook then).
