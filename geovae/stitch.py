@@ -1,147 +1,29 @@
-"""Streaming accumulation of blended tile outputs into on-disk rasters.
-
-The scene is cut into square output blocks of ``k * step`` pixels (``step = tile - overlap``),
-so tile origins fall on the same grid as block origins. Each block owns the tiles whose
-origin lies inside it; those tiles reach at most ``overlap`` pixels past the block's right
-and bottom edges. Tiles are fed block by block in raster order, so when the last tile of a
-block is in, the block is complete except for what its own tiles spill onward:
-
-* the right spill strip (``overlap`` columns) goes to the next block of the same row;
-* the bottom spill strip (``overlap`` rows) waits for the block below.
-
-Only one block accumulator, one right strip and one row of bottom strips are alive at a
-time: peak memory is ``channels * 4 B * ((B + o)^2 + (B + o) * o + o * W)`` for block side
-``B``, overlap ``o`` and scene width ``W`` (the bottom strips, a few MB per 10k pixels of
-width), and never depends on the scene's height or on its pixel count.
-
-Outputs (names, profiles and tags from :mod:`geovae.products`) are Cloud Optimized
-GeoTIFFs: 256 x 256 tiles, ZSTD with a predictor, overviews, same CRS/transform/shape as the
-scene. A COG keeps its overviews' tiles before the full-resolution ones, which a file
-written block by block cannot: so the blocks stream into a tiled GeoTIFF in the run's
-staging folder (:meth:`~geovae.atomic.OutputSet.scratch`, fast ZSTD level), and
-:meth:`Stitcher.close` has GDAL's COG driver copy it into the output, building the overviews
-on the way (mode for classes, average for the rest), block by block in GDAL's capped cache,
-so memory stays flat with the scene's size. The scratch file is removed after the copy. Every
-output is written into an :class:`~geovae.atomic.OutputSet` and moved into place with the
-rest of the run:
-
-* ``<stem>.classes.tif``: uint8 class ids, nodata **255** (so class ids must be 0..254), a
-  colour table, class names as ``CLASS_<id>`` tags and a ``CLASSES`` JSON tag;
-* ``<stem>.confidence.tif``: float32 max blended probability, nodata NaN;
-* ``<stem>.uncertainty.tif`` (with samples): band 1 predictive entropy of the blended mean
-  probabilities (nats), band 2 mutual information (predictive entropy minus the blended
-  expected entropy, clipped at 0), nodata NaN;
-* ``<stem>.reconstruction-error.tif`` (with reconstruction): float32, nodata NaN.
-"""
+"""Tile outputs into on-disk rasters: a :class:`~geovae.blend.Blender` whose blocks go to a
+:class:`~geovae.sinks.rasters.RasterSink` and are counted (class pixels, areas, anomalies,
+band statistics) on the way."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
-import rasterio.shutil
 import shapely
 from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geovae.areas import AreaMeasure
 from geovae.atomic import OutputSet
 from geovae.blend import Blender, BlockGrid, block_side, check_rows
+from geovae.blocks import Block
 from geovae.model.base import ModelInfo
-from geovae.products import (
-    BAND_DESCRIPTIONS,
-    CLASS_NODATA,
-    cog_options,
-    output_name,
-    raster_profile,
-    uncertainty_tags,
-    write_class_table,
-)
-from geovae.styles import write_class_aux
+from geovae.products import CLASS_NODATA, output_name
+from geovae.sinks.rasters import RasterSink, RasterSpec, write_cog
 from geovae.tiling import Tile, TileGrid
 
 __all__ = ["CLASS_NODATA", "PixelAreas", "Stitcher", "block_side", "check_rows", "write_cog"]
-
-
-def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = True) -> Path:
-    """Copy a tiled GeoTIFF into a Cloud Optimized GeoTIFF of output raster ``kind``.
-
-    GDAL's COG driver builds the overviews (:func:`geovae.products.overview_resampling`) into
-    a temporary file next to ``dst`` and writes the COG block by block, all through GDAL's
-    block cache (capped during a run), so memory does not grow with the raster. The colour
-    table, nodata, tags and band descriptions are copied.
-
-    Args:
-        src: the tiled GeoTIFF (a run's scratch file).
-        dst: the COG to write.
-        kind: one of :data:`geovae.products.RASTER_KINDS`.
-        overviews: give the COG overviews.
-
-    Returns:
-        ``dst``.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        rasterio.shutil.copy(
-            str(src), str(dst), driver="COG", **cog_options(kind, overviews=overviews, threads=cog_threads())
-        )
-    return Path(dst)
-
-
-def cog_threads() -> int | None:
-    """Threads for the COG copy's compression: the run's CPU budget, torch's thread count
-    (which ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` set), since the copy runs after
-    the model has finished with those cores; on 2 cores that halves the copy of a 2048² run's
-    two COGs against one thread. None when the user set GDAL's own ``GDAL_NUM_THREADS``, which
-    GDAL then applies."""
-    import os
-
-    import rasterio.env
-    import torch
-
-    if os.environ.get("GDAL_NUM_THREADS") or (rasterio.env.hasenv() and "GDAL_NUM_THREADS" in rasterio.env.getenv()):
-        return None
-    return torch.get_num_threads()
-
-
-class _Watch:
-    """Report the bytes a GDAL copy into ``dst`` has written so far, from a thread, about
-    twice a second; does nothing without ``report``."""
-
-    def __init__(self, dst: Path, report: Any, every: float = 0.5):
-        self.files = [dst, dst.with_name(dst.name + ".ovr.tmp")]
-        self.report, self.every = report, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _size(self) -> int:
-        n = 0
-        for f in self.files:
-            with contextlib.suppress(OSError):
-                n += f.stat().st_size
-        return n
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.report(self._size())
-
-    def __enter__(self) -> _Watch:
-        if self.report is not None:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 class PixelAreas:
@@ -341,9 +223,27 @@ class Stitcher:
         #: Called with (window in scene coordinates, outputs) after each block is written,
         #: in write order (segment's polygon stream, geovae.vector.PolygonStream).
         self.on_block: Callable[[Window, dict[str, np.ndarray]], None] | None = None
-        self._dst: dict[str, Any] = {}
         self._closed = False
-        self._open_outputs(crs, transform @ Affine.translation(0, self.rows[0]))
+        spec = RasterSpec.of_run(
+            stem,
+            info,
+            width=self.W,
+            rows=self.rows,
+            crs=crs,
+            transform=transform,
+            uncertainty=uncertainty,
+            reconstruction=reconstruction,
+            anomaly_threshold=self.anomaly_threshold,
+            probabilities=self.prob_channels,
+            probability_tags=self.prob_tags,
+            overviews=overviews,
+        )
+        try:
+            self.rasters = RasterSink(self.output_set, spec, list(self.blocks.windows()), self.class_pixels.tolist)
+        except BaseException:
+            if self._own_set:
+                self.output_set.close()
+            raise
 
     @property
     def tiles_run(self) -> int:
@@ -368,33 +268,6 @@ class Stitcher:
     def memory_bound(self) -> int:
         """Upper bound of the accumulator bytes alive at once (see :mod:`geovae.blend`)."""
         return self.blender.memory_bound()
-
-    # -- outputs ------------------------------------------------------------------------
-    def _open_outputs(self, crs: Any, transform: Affine) -> None:
-        size = dict(width=self.W, height=self.rows[1] - self.rows[0], crs=crs, transform=transform)
-        try:
-            for kind, name in self.names.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    count = len(self.prob_channels) if kind == "object_probability" else None
-                    ds = rasterio.open(
-                        self.output_set.scratch(name), "w", **raster_profile(kind, **size, stream=True, count=count)
-                    )
-                self._dst[kind] = ds
-                texts = BAND_DESCRIPTIONS[kind]
-                if kind == "object_probability":
-                    texts = tuple(f"probability of {self.info.class_names[c]}" for c in self.prob_channels)
-                    ds.update_tags(**self.prob_tags)
-                for b, text in enumerate(texts, start=1):
-                    ds.set_band_description(b, text)
-        except Exception:
-            self.abort()
-            raise
-        write_class_table(self._dst["classes"], self.info.class_ids, self.info.class_names, self.info.class_colors)
-        if self.uncertainty:
-            self._dst["uncertainty"].update_tags(**uncertainty_tags(self.K))
-        if self.anomaly_threshold is not None:
-            self._dst["reconstruction_error"].update_tags(ANOMALY_THRESHOLD=repr(float(self.anomaly_threshold)))
 
     # -- streaming ----------------------------------------------------------------------
     def add(
@@ -423,9 +296,7 @@ class Stitcher:
 
     def _put(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
         """Write one block's outputs (window in scene coordinates) and count its classes."""
-        file_win = Window(window.col_off, window.row_off - self.rows[0], window.width, window.height)
-        for kind, ds in self._dst.items():
-            ds.write(outputs[kind], window=file_win)
+        self.rasters.add(Block(window, outputs))
         for kind, vals in outputs.items():
             self._stats.setdefault(kind, _BandStats(vals.shape[0])).add(
                 vals, CLASS_NODATA if kind == "classes" else None
@@ -472,7 +343,7 @@ class Stitcher:
             or Window(c0, r0, int(window.width), int(window.height)) != grid.window(grid.blocks[idx])
         ):
             raise ValueError(f"{window} is not an output block of this stitcher (block side {self.B})")
-        missing = set(self._dst) - set(outputs)
+        missing = set(self.names) - set(outputs)
         if missing:
             raise ValueError(f"write_block needs every output; missing {sorted(missing)}")
         self._direct.add(idx)
@@ -503,9 +374,7 @@ class Stitcher:
             else:
                 for block in self.blender.finish():
                     self._put(block.window, dict(block.arrays))
-            for ds in self._dst.values():
-                ds.close()
-            self._write_cogs(progress)
+            self.files = self.rasters.close(progress)
             if self._own_set:
                 self.output_set.commit(list(self.names.values()))
                 self.output_set.close()
@@ -516,44 +385,9 @@ class Stitcher:
         self.blender.release()
         return dict(self.paths)
 
-    def _write_cogs(self, progress: Any) -> None:
-        scratch = {k: self.output_set.scratch(self.names[k]) for k in self._dst}
-        # What one copy writes, roughly: the overviews' temporary file (a third of the image)
-        # and the COG (the image and its overviews): 5/3 of the scratch file.
-        expect = {k: max(1, p.stat().st_size * 5 // 3) for k, p in scratch.items()}
-        total, done = sum(expect.values()), 0
-        for kind, src in scratch.items():
-            dst = self.output_set.path(self.names[kind])
-            report = None
-            if progress is not None:
-
-                def report(n: int, d: int = done, e: int = expect[kind]) -> None:
-                    progress(d + min(n, e), total)
-
-            with _Watch(dst, report):
-                write_cog(src, dst, kind, overviews=self.overview)
-            src.unlink()
-            if kind == "classes":
-                # Category names, attribute table and the exact colour table, in GDAL's sidecar
-                # (geovae.styles): rasterio cannot write them into the GeoTIFF.
-                write_class_aux(
-                    dst, self.info.class_ids, self.info.class_names, self.info.class_colors, self.class_pixels.tolist()
-                )
-            done += expect[kind]
-            if progress is not None:
-                progress(done, total)
-
     def abort(self) -> None:
         """Close and delete every unfinished output (after an error or interruption)."""
-        for kind, ds in list(self._dst.items()):
-            try:
-                ds.close()
-            except Exception:  # pragma: no cover - closing a broken dataset
-                pass
-            if not self._closed:
-                self.output_set.path(self.names[kind]).unlink(missing_ok=True)
-                self.output_set.scratch(self.names[kind]).unlink(missing_ok=True)
-        self._dst.clear()
+        self.rasters.abort()
         if self._own_set:
             self.output_set.close()
         self.blender.release()

@@ -253,7 +253,7 @@ def test_row_bands_equal_the_whole_run_and_assemble_to_it(tmp_path: Path, tile: 
 def test_cog_copy_compresses_with_the_runs_threads_and_writes_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
     import hashlib
 
-    import geovae.stitch as stitch
+    import geovae.sinks.rasters as stitch
     from geovae.products import cog_options, raster_profile
 
     torch_threads = torch.get_num_threads()
