@@ -10,118 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 from affine import Affine
 from rasterio.windows import Window
 
-from geovae.areas import AreaMeasure
 from geovae.atomic import OutputSet
 from geovae.blend import Blender, BlockGrid, block_side, check_rows
 from geovae.blocks import Block
 from geovae.model.base import ModelInfo
 from geovae.products import CLASS_NODATA, output_name
 from geovae.sinks.rasters import RasterSink, RasterSpec, write_cog
+from geovae.sinks.statistics import StatisticsSink
 from geovae.tiling import Tile, TileGrid
 
-__all__ = ["CLASS_NODATA", "PixelAreas", "Stitcher", "block_side", "check_rows", "write_cog"]
-
-
-class PixelAreas:
-    """Area of pixels by class, by the convention of the polygons' ``area_m2``.
-
-    :class:`geovae.areas.AreaMeasure` decides it: planar area in a projected CRS, geodesic
-    area on the ellipsoid in a geographic one, square pixels without a CRS. Geographic pixels
-    shrink towards the poles, so each block is cut into cells of ``cell`` pixels, each cell
-    is measured as one polygon with the same function that measures the polygons, and the
-    pixels of a cell share its mean area.
-
-    Attributes:
-        measure: the :class:`~geovae.areas.AreaMeasure` (its ``unit`` names the convention).
-    """
-
-    def __init__(self, crs: Any, transform: Affine, cell: int = 64):
-        self.transform = transform
-        self.cell = cell
-        self.measure = AreaMeasure(crs)
-
-    def class_areas(self, classes: np.ndarray, window: Window, nvalues: int) -> np.ndarray:
-        """Area per class value (0..nvalues-1) of a block of class indexes (-1 = nodata).
-
-        Args:
-            classes: (h, w) int array of class indexes, -1 where nodata.
-            window: where the block lies in the scene.
-            nvalues: number of classes.
-
-        Returns:
-            float64 (nvalues,) areas in m^2 (in pixels without a CRS).
-        """
-        h, w = classes.shape
-        if self.measure.kind == "pixel":
-            return np.bincount(classes[classes >= 0].ravel(), minlength=nvalues).astype(np.float64)
-        c = self.cell
-        nr, nc = math.ceil(h / c), math.ceil(w / c)
-        cell_id = (np.arange(h)[:, None] // c) * nc + (np.arange(w)[None, :] // c)
-        ok = classes >= 0
-        counts = np.bincount(cell_id[ok] * nvalues + classes[ok], minlength=nr * nc * nvalues).reshape(nr * nc, nvalues)
-        r0, c0 = int(window.row_off), int(window.col_off)
-        rows = np.minimum(np.arange(nr + 1) * c, h) + r0
-        cols = np.minimum(np.arange(nc + 1) * c, w) + c0
-        cc, rr = np.meshgrid(cols, rows)
-        xs, ys = self.transform @ (cc.astype(np.float64), rr.astype(np.float64))
-        used = np.flatnonzero(counts.any(1))  # cells without a valid pixel need no measuring
-        a, b = used // nc, used % nc
-        ring = np.stack(
-            [
-                np.stack([xs[a, b], xs[a, b + 1], xs[a + 1, b + 1], xs[a + 1, b]], -1),
-                np.stack([ys[a, b], ys[a, b + 1], ys[a + 1, b + 1], ys[a + 1, b]], -1),
-            ],
-            -1,
-        )
-        per_pixel = np.zeros(nr * nc)
-        npx = (rows[a + 1] - rows[a]) * (cols[b + 1] - cols[b])
-        per_pixel[used] = self.measure.areas(shapely.polygons(ring)) / npx
-        return (counts * per_pixel[:, None]).sum(0)
-
-
-class _BandStats:
-    """Running minimum, maximum, sum, sum of squares and counts of each band of one output."""
-
-    def __init__(self, bands: int):
-        self.lo = np.full(bands, np.inf)
-        self.hi = np.full(bands, -np.inf)
-        self.sum = np.zeros(bands)
-        self.sq = np.zeros(bands)
-        self.n = np.zeros(bands, dtype=np.int64)
-        self.total = 0
-
-    def add(self, values: np.ndarray, nodata: int | None) -> None:
-        self.total += values[0].size
-        for b, v in enumerate(values):
-            ok = v != nodata if nodata is not None else ~np.isnan(v)
-            x = v[ok].astype(np.float64)
-            if x.size:
-                self.lo[b] = min(self.lo[b], x.min())
-                self.hi[b] = max(self.hi[b], x.max())
-                self.sum[b] += x.sum()
-                self.sq[b] += np.dot(x, x)
-                self.n[b] += x.size
-
-    def result(self) -> list[dict[str, float | None]]:
-        out = []
-        for b in range(len(self.n)):
-            n = int(self.n[b])
-            mean = self.sum[b] / n if n else None
-            std = math.sqrt(max(self.sq[b] / n - mean * mean, 0.0)) if mean is not None else None
-            out.append(
-                {
-                    "minimum": float(self.lo[b]) if n else None,
-                    "maximum": float(self.hi[b]) if n else None,
-                    "mean": mean,
-                    "stddev": std,
-                    "valid_percent": 100.0 * n / self.total if self.total else 0.0,
-                }
-            )
-        return out
+__all__ = ["CLASS_NODATA", "Stitcher", "block_side", "check_rows", "write_cog"]
 
 
 class Stitcher:
@@ -199,8 +100,6 @@ class Stitcher:
         self.nbc = self.blocks.block_cols
         self.C = self.blender.channels
         # class raster value -> class index, -1 for nodata (and values of no class)
-        self._class_index = np.full(256, -1, dtype=np.int64)
-        self._class_index[np.asarray(info.class_ids, dtype=np.uint8)] = np.arange(self.K)
         self.out_dir, self.stem = Path(out_dir), stem
         kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
         kinds += ["object_probability"] * bool(self.prob_channels)
@@ -211,12 +110,13 @@ class Stitcher:
             self.output_set.open()
         self.paths = {k: self.output_set.final(n) for k, n in self.names.items()}
         self.anomaly_threshold = anomaly_threshold if reconstruction else None
-        self.areas = PixelAreas(crs, transform)  # measured on scene coordinates, whatever ``rows``
-        self.class_area = np.zeros(self.K, dtype=np.float64)
-        self.class_pixels = np.zeros(self.K, dtype=np.int64)
-        self.class_flagged = np.zeros(self.K, dtype=np.int64)
+        # measured on scene coordinates, whatever ``rows``
+        self.counts = StatisticsSink(info, crs, transform, self.anomaly_threshold)
+        self.areas = self.counts.areas
+        self.class_area = self.counts.class_area
+        self.class_pixels = self.counts.class_pixels
+        self.class_flagged = self.counts.class_flagged
         self.blocks_written = 0
-        self._stats: dict[str, _BandStats] = {}
         self.tiles_total = self.blocks.tiles_total
         self._fed = False
         self._direct: set[int] = set()  # blocks given whole by write_block
@@ -239,7 +139,7 @@ class Stitcher:
             overviews=overviews,
         )
         try:
-            self.rasters = RasterSink(self.output_set, spec, list(self.blocks.windows()), self.class_pixels.tolist)
+            self.rasters = RasterSink(self.output_set, spec, list(self.blocks.windows()), self.counts.pixels)
         except BaseException:
             if self._own_set:
                 self.output_set.close()
@@ -296,18 +196,9 @@ class Stitcher:
 
     def _put(self, window: Window, outputs: dict[str, np.ndarray]) -> None:
         """Write one block's outputs (window in scene coordinates) and count its classes."""
-        self.rasters.add(Block(window, outputs))
-        for kind, vals in outputs.items():
-            self._stats.setdefault(kind, _BandStats(vals.shape[0])).add(
-                vals, CLASS_NODATA if kind == "classes" else None
-            )
-        idx = self._class_index[outputs["classes"][0]]
-        ok = idx >= 0
-        self.class_pixels += np.bincount(idx[ok].ravel(), minlength=self.K)
-        if self.anomaly_threshold is not None:
-            flagged = ok & (outputs["reconstruction_error"][0] > self.anomaly_threshold)
-            self.class_flagged += np.bincount(idx[flagged].ravel(), minlength=self.K)
-        self.class_area += self.areas.class_areas(idx, window, self.K)
+        block = Block(window, outputs)
+        self.rasters.add(block)
+        self.counts.add(block)
         self.blocks_written += 1
         if self.on_block is not None:
             self.on_block(window, outputs)
@@ -401,7 +292,7 @@ class Stitcher:
             (None where a band has no valid pixel) and ``valid_percent`` (0..100), as the STAC
             raster extension names them.
         """
-        return {k: st.result() for k, st in self._stats.items()}
+        return self.counts.close().bands
 
     def summary(self) -> dict[str, Any]:
         """Counts for the run report."""
