@@ -9,7 +9,7 @@ Parana scene, under the GDAL block cache a run uses (64 MiB):
   kind's predictor, then internal overviews built in place (``build_overviews``, mode for
   classes, average for the rest). ``rio cogeo validate`` rejects it: the overviews come
   after the image.
-* **cog** (what geovae writes, :func:`geovae.stitch.write_cog`): the blocks go into a scratch GeoTIFF
+* **cog** (what geovae writes, :func:`geovae.sinks.rasters.write_cog`): the blocks go into a scratch GeoTIFF
   at ZSTD level 1, then GDAL's COG driver copies it into the output, building the overviews
   on the way; the scratch file is removed.
 
@@ -70,7 +70,7 @@ def child(side: str, size: int, workdir: Path) -> dict[str, float]:
     from benchmarks.common import mosaic_vrt
     from geovae.products import raster_profile
     from geovae.scene import capped_gdal_cache
-    from geovae.stitch import write_cog
+    from geovae.sinks.rasters import write_cog
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     vrt = mosaic_vrt(size)

@@ -202,7 +202,7 @@ def run_model_only(
 ) -> dict[str, Any]:
     """The ceiling: forward passes only, on the tiles geovae runs, already in memory.
 
-    Tiles come from the same grid in the stitcher's order, all-nodata tiles are skipped and
+    Tiles come from the same grid in the blender's order (geovae.blend.BlockGrid), all-nodata tiles are skipped and
     nodata is filled with the band means, exactly as segment_scene does; reading them is
     not timed.
 
@@ -213,8 +213,8 @@ def run_model_only(
     import torch
 
     from benchmarks.common import load_bench_model
+    from geovae.blend import BlockGrid
     from geovae.scene import open_scene
-    from geovae.stitch import Stitcher
     from geovae.tiling import TileGrid
 
     m = load_bench_model(model)
@@ -222,11 +222,7 @@ def run_model_only(
     grid = TileGrid(sc.height, sc.width, tile, overlap, stride=m.info.stride, margin=m.info.halo)
     fill = np.asarray(m.info.mean, dtype=np.float32)[:, None]
     tiles = []
-    out.mkdir(parents=True, exist_ok=True)
-    # The Stitcher gives geovae's tile order; it opens (empty) outputs, removed by abort().
-    st = Stitcher(grid, out, "order", m.info, sc.crs, sc.transform, block_size=block_size)
-    order = list(st.order())
-    st.abort()
+    order = list(BlockGrid(grid, block_size).order())
     for t in order:
         data, v = sc.read(t.window)
         if not v.any():

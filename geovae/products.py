@@ -30,6 +30,7 @@ __all__ = [
     "PolygonFormat",
     "area_column",
     "check_formats",
+    "class_table",
     "cog_options",
     "object_kind",
     "output_name",

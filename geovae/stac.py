@@ -225,7 +225,7 @@ def build_item(
         files: where each asset's file is now (the staging folder), by kind: sizes and
             checksums are read from them.
         finals: where each file will be, by kind (hrefs are relative to the Item's final path).
-        statistics: per raster kind, per band statistics (:meth:`geovae.stitch.Stitcher.statistics`).
+        statistics: per raster kind, per band statistics (:class:`geovae.sinks.statistics.StatisticsSink`).
         model_path: the model file, linked as ``ml-model`` (a ``torchgeo:NAME`` weight set by
             the URL of its weights).
 

@@ -24,11 +24,11 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from torch import nn
 
+from geovae.classes import CLASS_NODATA
 from geovae.errors import CorruptSceneError, ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.scene import Scene, open_scene
 from geovae.segment.run import _predict, segment_scene
-from geovae.stitch import CLASS_NODATA
 
 QUIET = dict(progress=False, quicklook=False, formats=())
 

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from blockrun import BlockRun
 from rasterio.transform import from_origin
 from torch import nn
 
+from geovae.blend import Blender, BlockGrid
+from geovae.classes import CLASS_NODATA
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.segment import segment_scene
-from geovae.stitch import CLASS_NODATA, Stitcher
 from geovae.tiling import TileGrid
 
 CRS = "EPSG:32621"
@@ -32,7 +34,7 @@ def _info(k: int = 3) -> ModelInfo:
     )
 
 
-def _feed_constant(st: Stitcher, valid_fn=None) -> dict[tuple[int, int], np.ndarray]:
+def _feed_constant(st: BlockRun, valid_fn=None) -> dict[tuple[int, int], np.ndarray]:
     """Each tile predicts one random distribution everywhere; returns them by tile."""
     rng = np.random.default_rng(0)
     given = {}
@@ -56,8 +58,8 @@ def _feed_constant(st: Stitcher, valid_fn=None) -> dict[tuple[int, int], np.ndar
 def test_blending_matches_the_formula_and_files_are_right(tmp_path: Path, tile: int, overlap: int, block: int) -> None:
     h, w = 300, 410
     grid = TileGrid(h, w, tile, overlap)
-    st = Stitcher(grid, tmp_path, "scene", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
-    assert st.nbr > 1 and st.nbc > 1  # several blocks, so spill strips are exercised
+    st = BlockRun(grid, tmp_path, "scene", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    assert st.blocks.side < h and st.blocks.block_cols > 1  # several blocks, so spill strips are exercised
     given = _feed_constant(st)
     paths = st.close()
     # reference: the same weighted mean computed over the whole scene at once
@@ -87,7 +89,8 @@ def test_blending_matches_the_formula_and_files_are_right(tmp_path: Path, tile: 
     np.testing.assert_allclose(u[0], pe, atol=1e-4)
     np.testing.assert_allclose(u[1], np.clip(pe - 0.25, 0, None), atol=1e-4)
     assert not list(tmp_path.glob("*.part"))
-    assert st.tiles_run == len(grid) and st.blocks_written == st.nbr * st.nbc
+    nbr = -(-h // st.blocks.side)
+    assert st.blender.tiles_run == len(grid) and st.blender.blocks_done == nbr * st.blocks.block_cols
 
 
 def test_invalid_pixels_are_nodata_everywhere(tmp_path: Path) -> None:
@@ -95,10 +98,10 @@ def test_invalid_pixels_are_nodata_everywhere(tmp_path: Path) -> None:
     grid = TileGrid(h, w, tile, overlap)
     yy, xx = np.mgrid[: h + tile, : w + tile]
     scene_valid = (xx + yy > 150) & (yy < h) & (xx < w)  # a nodata triangle in the corner
-    st = Stitcher(grid, tmp_path, "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=64)
+    st = BlockRun(grid, tmp_path, "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=64)
     _feed_constant(st, lambda t: scene_valid[t.row : t.row + t.size, t.col : t.col + t.size])
     paths = st.close()
-    assert st.tiles_skipped >= 1  # the tile at the corner is entirely nodata
+    assert st.blender.tiles_skipped >= 1  # the tile at the corner is entirely nodata
     v = scene_valid[:h, :w]
     with rasterio.open(paths["classes"]) as ds:
         assert ((ds.read(1) == CLASS_NODATA) == ~v).all()
@@ -108,7 +111,7 @@ def test_invalid_pixels_are_nodata_everywhere(tmp_path: Path) -> None:
 
 
 def test_abort_leaves_nothing(tmp_path: Path) -> None:
-    st = Stitcher(TileGrid(100, 100, 32, 8), tmp_path, "s", _info(), CRS, TRANSFORM)
+    st = BlockRun(TileGrid(100, 100, 32, 8), tmp_path, "s", _info(), CRS, TRANSFORM)
     assert list(tmp_path.glob("*.part"))
     st.abort()
     assert not list(tmp_path.iterdir())
@@ -164,13 +167,12 @@ def test_memory_does_not_grow_with_scene_height(tmp_path: Path, parana: Path) ->
             assert ds.shape == (256 * ny, 512)
     # 4x the pixels, the same live accumulator bytes: memory is set by tile/block size
     assert peaks[1] == peaks[4] > 0
-    st = Stitcher(TileGrid(1024, 512, 64, 16), tmp_path, "b", info, CRS, TRANSFORM, block_size=96)
-    full_scene_buffer = 1024 * 512 * st.C * 4
-    assert peaks[4] <= st.memory_bound() < full_scene_buffer / 10
-    st.abort()
+    blender = Blender(BlockGrid(TileGrid(1024, 512, 64, 16), 96), info)
+    full_scene_buffer = 1024 * 512 * blender.channels * 4
+    assert peaks[4] <= blender.memory_bound() < full_scene_buffer / 10
 
 
-def _feed_per_tile(st: Stitcher) -> None:
+def _feed_per_tile(st: BlockRun) -> None:
     """Per-pixel random outputs seeded by the tile's grid position, so any run of a tile gives the same."""
     for t in st.order():
         rng = np.random.default_rng((t.i, t.j))
@@ -190,63 +192,60 @@ def _read_all(paths: dict[str, Path]) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("tile,overlap,block", [(64, 16, 96), (40, 24, 16)])
 def test_row_bands_equal_the_whole_run_and_assemble_to_it(tmp_path: Path, tile: int, overlap: int, block: int) -> None:
-    """Stitchers over row bands give the whole run's rows bit for bit; write_block joins them into its files."""
+    """Blocks over row bands give the whole run's rows bit for bit; RowBands joins them into its files."""
     from rasterio.windows import Window
 
+    from geovae.blend import block_side
+    from geovae.blocks import Block
     from geovae.errors import OptionError
-    from geovae.stitch import block_side
+    from geovae.segment.assemble import RowBands
 
     grid = TileGrid(203, 150, tile, overlap)
     for d in ("full", "band0", "band1", "band2", "asm", "x", "y"):
         (tmp_path / d).mkdir()
-    full = Stitcher(grid, tmp_path / "full", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    full = BlockRun(grid, tmp_path / "full", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
     _feed_per_tile(full)
     ref = _read_all(full.close())
     B = block_side(block, tile - overlap)
-    assert B == full.B and B % (tile - overlap) == 0
+    assert full.blocks.side == B and B % (tile - overlap) == 0
     cuts = [0, B, 2 * B, 203]  # the last band ends at the scene's edge, off the block grid
-    bands = []
+    bands, parts = [], []
     for k, (a, b) in enumerate(itertools.pairwise(cuts)):
-        st = Stitcher(
+        st = BlockRun(
             grid, tmp_path / f"band{k}", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block, rows=(a, b)
         )
         assert all(t.row < b and t.row + t.size > a for t in st.order())  # only tiles that touch the band
         _feed_per_tile(st)
-        got = _read_all(st.close())
+        paths = st.close()
+        got = _read_all(paths)
         for kind, (data, transform, crs, _, _) in got.items():
             assert data.shape[1:] == (b - a, 150) and crs == ref[kind][2]
             assert transform == TRANSFORM @ TRANSFORM.translation(0, a)
             np.testing.assert_array_equal(data, ref[kind][0][:, a:b], err_msg=f"{kind} rows {a}:{b}")
-        bands.append((a, b, st.paths))
+        bands.append((a, b))
+        parts.append({"rasters": paths, "tiles": st.blender.summary()})
     # Assembling the bands block by block gives the whole run's files, class counts and areas.
-    asm = Stitcher(grid, tmp_path / "asm", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
-    for win in asm.windows():
-        a, _, paths = next(bd for bd in bands if bd[0] <= win.row_off < bd[1])
-        outs = {}
-        for kind, p in paths.items():
-            with rasterio.open(p) as ds:
-                outs[kind] = ds.read(window=Window(win.col_off, win.row_off - a, win.width, win.height))
-        asm.write_block(win, outs)
-    got = _read_all(asm.close())
+    asm = BlockRun(grid, tmp_path / "asm", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    for blk in RowBands(asm.blocks, bands, parts):
+        asm.put(blk)
+    got = _read_all(asm.close(blend=False))
     for kind in ref:
         np.testing.assert_array_equal(got[kind][0], ref[kind][0])
         assert got[kind][1:] == ref[kind][1:]
-    np.testing.assert_array_equal(asm.class_pixels, full.class_pixels)
-    np.testing.assert_array_equal(asm.class_area, full.class_area)
-    # Misuse is refused: rows off the block grid, tiles and whole blocks mixed, blocks missing.
+    assert asm.counts is not None and full.counts is not None
+    np.testing.assert_array_equal(asm.counts.class_pixels, full.counts.class_pixels)
+    np.testing.assert_array_equal(asm.counts.class_area, full.counts.class_area)
+    # Misuse is refused: rows off the block grid, a block out of order, blocks missing.
     with pytest.raises(OptionError, match="block grid"):
-        Stitcher(grid, tmp_path / "x", "s", _info(), CRS, TRANSFORM, block_size=block, rows=(1, B))
-    st = Stitcher(grid, tmp_path / "y", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
-    first = next(st.windows())
+        BlockRun(grid, tmp_path / "x", "s", _info(), CRS, TRANSFORM, block_size=block, rows=(1, B))
+    st = BlockRun(grid, tmp_path / "y", "s", _info(), CRS, TRANSFORM, uncertainty=True, block_size=block)
+    first = next(st.blocks.windows())
+    values = {k: v[:, : first.height, : first.width] for k, v in {kind: ref[kind][0] for kind in ref}.items()}
     with pytest.raises(ValueError, match="not an output block"):
-        st.write_block(Window(1, 0, first.width, first.height), outs)
-    st.write_block(
-        first, {k: v[:, : first.height, : first.width] for k, v in {kind: ref[kind][0] for kind in ref}.items()}
-    )
-    with pytest.raises(ValueError, match="takes no tiles"):
-        st.skip(next(st.order()))
+        st.put(Block(Window(1, 0, first.width, first.height), values))
+    st.put(Block(first, values))
     with pytest.raises(ValueError, match="never given"):
-        st.close()
+        st.close(blend=False)
     assert not list((tmp_path / "y").iterdir())  # the failed close removed its temporary files
 
 
@@ -289,7 +288,7 @@ def test_scene_edge_pixels_come_from_the_tile_whose_edge_is_the_scenes(tmp_path:
     h, w, halo = 150, 130, 20
     grid = TileGrid(h, w, tile, overlap, margin=halo)
     assert grid.margin == halo and (grid.step < halo or tile == 96)
-    st = Stitcher(grid, tmp_path, "scene", _info(2), CRS, TRANSFORM, block_size=64)
+    st = BlockRun(grid, tmp_path, "scene", _info(2), CRS, TRANSFORM, block_size=64)
     for t in st.order():
         r = np.arange(t.size)
 

@@ -1,45 +1,53 @@
-"""A segmentation run, assembled in one place: checks, tiles -> model -> blend, products, commit.
+"""A segmentation run, assembled in one place: checks, a block source, its sinks, commit.
 
 :func:`segment_scene` checks everything first (options, scene, model, band count, valid
 data, whether the scene looks like the training data, that no output would replace an
-input), then streams: a background thread reads tiles in the stitcher's order
+input), then streams: a background thread reads tiles in the blocks' order
 (:mod:`geovae.segment.reader`), the main thread runs the model and blends the outputs into
-blocks written as soon as they are complete (:mod:`geovae.stitch`). Then the class raster
-is vectorised, a quicklook drawn and the report written. Every file goes into the run's
-:class:`~geovae.atomic.OutputSet` and the set is moved into place at the end, the report
-last; a failed or interrupted run leaves the previous outputs as they were.
+blocks (:mod:`geovae.blend`), and each block goes, as soon as it is complete, to every sink:
+the rasters, the statistics, the polygons traced while the model runs, the objects
+(:mod:`geovae.sinks`). Then the sinks are closed, a quicklook drawn and the report and STAC
+Item written. Every file goes into the run's :class:`~geovae.atomic.OutputSet` and the set
+is moved into place at the end, the report last; a failed or interrupted run aborts every
+sink and leaves the previous outputs as they were.
 
 :func:`segment_rows` and :func:`assemble_rows` are the two halves of one huge scene spread
 over several machines (:mod:`geovae.batch`): row bands segmented on the scene's own tile
-grid, then joined block by block into the same outputs a single run writes.
+grid, then read back block by block (:mod:`geovae.segment.assemble`) through the same run
+skeleton and sinks, into the same outputs a single run writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from rasterio.windows import Window
 
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
-from geovae.blend import block_side, check_rows
+from geovae.blend import Blender, BlockGrid
+from geovae.blocks import Block
 from geovae.errors import AreaOutsideSceneError, ModelMismatchError, OptionError, SceneError
 from geovae.model.base import SegmentationModel
 from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, class_table, output_name, run_kinds
 from geovae.scene import Scene, capped_gdal_cache, open_scene
+from geovae.segment.assemble import RowBands
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
 from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, band_mismatch, check_scene, scene_sample
+from geovae.sinks.objects import ObjectSink
+from geovae.sinks.rasters import RasterFiles, RasterSink, RasterSpec
+from geovae.sinks.statistics import Statistics, StatisticsSink
 from geovae.sources.stack import StackedSource
-from geovae.stitch import Stitcher
 from geovae.tiling import TileGrid
 
 __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
@@ -147,6 +155,7 @@ class _Plan:
     trust: dict[str, Any]
     timings: dict[str, float]
     t_start: float
+    blocks: BlockGrid
     objects: Any = None  # the ObjectSpec of --objects (geovae.objects), or None
 
     @property
@@ -215,7 +224,7 @@ def _plan(
     tile, overlap = opts.tiling(info, sc.height, sc.width)
     grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride, margin=info.halo)
     opts.warn_seams(info, len(grid), overlap)
-    check_rows(rows, sc.height, block_side(opts.block_size, grid.step))
+    blocks = BlockGrid(grid, opts.block_size, rows)
     if rows is not None and opts.quicklook:
         raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
     # One sparse read serves both checks: valid pixels in the sample settle any_valid, whose
@@ -236,7 +245,7 @@ def _plan(
 
     objects = plan_objects(opts, info, fmts)
     timings = {"validate_s": time.perf_counter() - t_start}
-    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start, objects)
+    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start, blocks, objects)
 
 
 def _kinds(plan: _Plan) -> list[str]:
@@ -307,19 +316,21 @@ def _launch(model: SegmentationModel, batch: Batch, samples: int, reconstruction
     return _InFlight(batch, host, done)
 
 
-def _blend(f: _InFlight, stitcher: Stitcher) -> float:
-    """Wait for a batch's outputs and blend them; returns the seconds spent waiting on the device."""
+def _blend(f: _InFlight, blender: Blender) -> tuple[float, list[Block]]:
+    """Wait for a batch's outputs and blend them; the seconds spent waiting on the device and
+    the blocks the batch completed, in write order."""
     t0 = time.perf_counter()
     if f.done is not None:
         f.done.synchronize()
     waited = time.perf_counter() - t0
     res = {k: v.numpy() for k, v in f.outputs.items()}
+    blocks: list[Block] = []
     n = 0
     for t, run in f.batch.entries:
         if not run:
-            stitcher.skip(t)
+            blocks += blender.skip(t)
             continue
-        stitcher.add(
+        blocks += blender.add(
             t,
             f.batch.valid[n],
             res["probs"][n],
@@ -327,7 +338,7 @@ def _blend(f: _InFlight, stitcher: Stitcher) -> float:
             reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
         )
         n += 1
-    return waited
+    return waited, blocks
 
 
 class _Progress:
@@ -370,87 +381,122 @@ class _Progress:
             self.bar.stop()
 
 
-def _predict_tiles(plan: _Plan, stitcher: Stitcher) -> None:
-    """Every tile of the stitcher's plan through the model and into the stitcher."""
-    opts, model = plan.options, plan.model
-    t0 = time.perf_counter()
-    model_s = 0.0
-    pin = model.device.type == "cuda"
-    mean = np.asarray(model.info.mean, dtype=np.float32)
-    # Latent samples come from a fixed seed, so the same command gives the same outputs; the
-    # caller's own random state is left as it was.
-    devices = [model.device.index or 0] if model.device.type == "cuda" else []
-    with (
-        torch.random.fork_rng(devices=devices),
-        Reader(plan.scene, list(stitcher.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader,
-        _Progress(stitcher.tiles_total, opts.progress, f"segment {plan.stem}") as bar,
-    ):
-        torch.manual_seed(SAMPLE_SEED)
-        # One batch in flight: batch n+1 is queued on the device before batch n is
-        # blended, so on CUDA the GPU computes while the CPU blends and writes. Blending
-        # stays on this thread: on 2 cores a blending thread beside the CPU model contends
-        # with torch's threads and uses more CPU seconds for no clear gain.
-        pending: _InFlight | None = None
-        for batch in reader:
-            tm = time.perf_counter()
-            launched = _launch(model, batch, opts.samples, plan.reconstruction, opts.tta)
-            model_s += time.perf_counter() - tm
+class _PredictedBlocks:
+    """The block source of a scene: its tiles read, run through the model and blended into
+    blocks (:class:`~geovae.blend.Blender`), yielded in write order as they complete."""
+
+    def __init__(self, plan: _Plan, blender: Blender):
+        self.plan = plan
+        self.blender = blender
+
+    def summary(self) -> dict[str, Any]:
+        return self.blender.summary()
+
+    def __iter__(self) -> Generator[Block]:
+        plan, blender = self.plan, self.blender
+        opts, model = plan.options, plan.model
+        t0 = time.perf_counter()
+        model_s = 0.0
+        pin = model.device.type == "cuda"
+        mean = np.asarray(model.info.mean, dtype=np.float32)
+        total = blender.blocks.tiles_total
+        # Latent samples come from a fixed seed, so the same command gives the same outputs; the
+        # caller's own random state is left as it was.
+        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),
+            Reader(plan.scene, list(blender.blocks.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader,
+            _Progress(total, opts.progress, f"segment {plan.stem}") as bar,
+        ):
+            torch.manual_seed(SAMPLE_SEED)
+            # One batch in flight: batch n+1 is queued on the device before batch n is
+            # blended, so on CUDA the GPU computes while the CPU blends and writes. Blending
+            # stays on this thread: on 2 cores a blending thread beside the CPU model contends
+            # with torch's threads and uses more CPU seconds for no clear gain.
+            pending: _InFlight | None = None
+            for batch in reader:
+                tm = time.perf_counter()
+                launched = _launch(model, batch, opts.samples, plan.reconstruction, opts.tta)
+                model_s += time.perf_counter() - tm
+                if pending is not None:
+                    waited, blocks = _blend(pending, blender)
+                    model_s += waited
+                    yield from blocks
+                    bar.advance(len(pending.batch.entries))
+                pending = launched
             if pending is not None:
-                model_s += _blend(pending, stitcher)
+                waited, blocks = _blend(pending, blender)
+                model_s += waited
+                yield from blocks
                 bar.advance(len(pending.batch.entries))
-            pending = launched
-        if pending is not None:
-            model_s += _blend(pending, stitcher)
-            bar.advance(len(pending.batch.entries))
-        plan.timings["read_s"] = reader.read_s
-    plan.timings["model_s"] = model_s
-    plan.timings["predict_s"] = time.perf_counter() - t0
-    log.info(
-        "%s: %d tiles predicted and blended in %.1f s (model %.1f s)",
-        plan.stem,
-        stitcher.tiles_total,
-        plan.timings["predict_s"],
-        model_s,
-    )
+            yield from blender.finish()
+            plan.timings["read_s"] = reader.read_s
+        plan.timings["model_s"] = model_s
+        plan.timings["predict_s"] = time.perf_counter() - t0
+        log.info(
+            "%s: %d tiles predicted and blended in %.1f s (model %.1f s)",
+            plan.stem,
+            total,
+            plan.timings["predict_s"],
+            model_s,
+        )
 
 
-def _stitcher(plan: _Plan, oset: OutputSet, rows: tuple[int, int] | None = None) -> Stitcher:
-    s = plan.scene
-    channels, tags = None, None
+class _BlockSource(Protocol):
+    """What the run skeleton streams: blocks in write order, and the report's tile counts."""
+
+    def __iter__(self) -> Generator[Block]: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+def _blender(plan: _Plan) -> Blender:
+    channels: list[int] = []
     if plan.objects is not None:
         from geovae.objects import stitch_channels
 
-        channels, tags = stitch_channels(plan.objects, plan.model.info)
-    return Stitcher(
-        plan.grid,
-        oset.folder,
-        s.stem,
+        channels = stitch_channels(plan.objects, plan.model.info)[0]
+    return Blender(
+        plan.blocks,
         plan.model.info,
-        s.crs,
-        s.transform,
         uncertainty=plan.options.samples > 0,
         reconstruction=plan.reconstruction,
-        block_size=plan.options.block_size,
-        rows=rows,
-        output_set=oset,
-        anomaly_threshold=plan.threshold,
+        probabilities=channels,
+    )
+
+
+def _raster_spec(plan: _Plan) -> RasterSpec:
+    s, info = plan.scene, plan.model.info
+    channels: list[int] = []
+    tags = None
+    if plan.objects is not None:
+        from geovae.objects import stitch_channels
+
+        channels, tags = stitch_channels(plan.objects, info)
+    return RasterSpec.of_run(
+        s.stem,
+        info,
+        width=s.width,
+        rows=plan.blocks.rows,
+        crs=s.crs,
+        transform=s.transform,
+        uncertainty=plan.options.samples > 0,
+        reconstruction=plan.reconstruction,
+        anomaly_threshold=plan.threshold if plan.reconstruction else None,
         probabilities=channels,
         probability_tags=tags,
     )
 
 
-def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
-    """The class polygons, traced from each block as the stitcher writes it
-    (:class:`~geovae.vector.PolygonStream`), attached to ``stitcher``; None without formats."""
-    if not plan.formats:
-        return None
-    from geovae.blocks import Block
+def _polygon_sink(plan: _Plan, oset: OutputSet) -> Any:
+    """The class polygons (:class:`~geovae.vector.PolygonStream`), traced from each block as
+    the rasters are written; the class table comes from the model."""
     from geovae.vector import LayerOptions, PolygonStream
 
     s, info = plan.scene, plan.model.info
-    if stitcher.rows != (0, s.height):
+    if not plan.blocks.whole_scene:
         raise ValueError("polygons are written for whole scenes only")
-    stream = PolygonStream(
+    return PolygonStream(
         LayerOptions(
             targets=tuple(
                 (oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats
@@ -459,25 +505,168 @@ def _polygon_stream(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> Any:
             height=s.height,
             crs=s.crs,
             transform=s.transform,
-            block=stitcher.B,
+            block=plan.blocks.side,
             min_area=plan.options.min_area,
             simplify=plan.options.simplify,
             layer=plan.stem,
         ),
         classes=class_table(info.class_ids, info.class_names, info.class_colors),
         confidence=True,
-        uncertainty=stitcher.uncertainty,
-        anomaly_threshold=stitcher.anomaly_threshold,
+        uncertainty=plan.options.samples > 0,
+        anomaly_threshold=plan.threshold if plan.reconstruction else None,
     )
-    stitcher.on_block = lambda window, outputs: stream.add(Block(window, outputs))
-    return stream
 
 
-def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
+def _open_sinks(plan: _Plan, oset: OutputSet) -> dict[str, Any]:
+    """Every sink of the run, in the order they are fed and closed; on an error the sinks
+    already open are aborted."""
+    sinks: dict[str, Any] = {}
+    try:
+        statistics = StatisticsSink(
+            plan.model.info,
+            plan.scene.crs,
+            plan.scene.transform,
+            plan.threshold if plan.reconstruction else None,
+        )
+        sinks["rasters"] = RasterSink(oset, _raster_spec(plan), list(plan.blocks.windows()), statistics.pixels)
+        sinks["statistics"] = statistics
+        if plan.formats:
+            sinks["polygons"] = _polygon_sink(plan, oset)
+        if plan.objects is not None:
+            opts = plan.options
+            sinks["objects"] = ObjectSink(
+                oset,
+                plan.stem,
+                plan.objects,
+                plan.formats,
+                min_area=opts.min_area,
+                simplify=opts.simplify,
+                block_size=opts.block_size,
+            )
+    except BaseException:
+        _abort(sinks)
+        raise
+    return sinks
+
+
+def _abort(sinks: dict[str, Any]) -> None:
+    for sink in reversed(sinks.values()):
+        sink.abort()
+
+
+#: How a sink's close shows progress and is timed: bar label, bar unit, timing key.
+_CLOSING = {
+    "rasters": ("COGs", "MiB", "rasters_close_s"),
+    "polygons": ("polygons", "block rows", "vectorize_s"),
+    "objects": ("objects", "block rows", "objects_s"),
+}
+
+
+def _close(plan: _Plan, name: str, sink: Any) -> Any:
+    """Close one sink, with a progress bar for the slow ones; its result."""
+    if name not in _CLOSING:
+        return sink.close()
+    label, unit, key = _CLOSING[name]
+    t0 = time.perf_counter()
+    with _Progress(1, plan.options.progress, f"{label} {plan.stem}", unit=unit) as bar:
+        if name == "rasters":
+            # The COG copies (overviews included) take a minute or more on a 20k scene: a bar
+            # in MiB, rounded up so a small scene still ends at 1/1.
+            seen = [1]
+
+            def progress(done: int, total: int) -> None:
+                seen[0] = max(1, -(-total >> 20))
+                _set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
+
+            result = sink.close(progress=progress)
+            _set_total(bar, seen[0], seen[0])
+        else:
+            result = sink.close(progress=lambda done, total: _set_total(bar, done, total))
+    plan.timings[key] = time.perf_counter() - t0
+    stem, took = plan.stem, plan.timings[key]
+    if name == "rasters":
+        log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, took)
+    elif name == "polygons":
+        log.info("%s: %d polygons written, %.1f s after the rasters", stem, result.n_polygons, took)
+    else:
+        log.info("%s: %d objects written in %.1f s", stem, result.n_objects, took)
+    return result
+
+
+def _run(plan: _Plan, oset: OutputSet, source: _BlockSource, extra: dict[str, Any] | None = None) -> SegmentResult:
+    """The one run skeleton: open the sinks, stream the source's blocks into every sink in
+    order, close the sinks, then quicklook, styles, report and STAC Item, and commit the set.
+    On any error (an interrupt included) every sink is aborted; the caller's ``with oset``
+    then removes the staged files."""
+    sinks = _open_sinks(plan, oset)
+    try:
+        with contextlib.closing(iter(source)) as blocks:
+            for block in blocks:
+                for sink in sinks.values():
+                    sink.add(block)
+        results = {name: _close(plan, name, sink) for name, sink in sinks.items()}
+        return _finish(plan, oset, results, source.summary(), extra)
+    except BaseException:
+        _abort(sinks)
+        raise
+
+
+def _finish(
+    plan: _Plan, oset: OutputSet, results: dict[str, Any], tiles: dict[str, Any], extra: dict[str, Any] | None
+) -> SegmentResult:
+    """Quicklook, styles, report and STAC Item into the set, from the sinks' results; commit it."""
+    opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
+    rasters: RasterFiles = results["rasters"]
+    statistics: Statistics = results["statistics"]
+    polygons: dict[str, int] = {}
+    if "polygons" in results:
+        polygons = dict.fromkeys(plan.formats, results["polygons"].n_polygons)
+    if "objects" in results:
+        extra = {**(extra or {}), "objects": _objects_entry(plan, results["objects"])}
+    if opts.quicklook:
+        t0 = time.perf_counter()
+        from geovae.quicklook import write_quicklook
+
+        write_quicklook(plan.scene, rasters.staged["classes"], oset.path(output_name(stem, "quicklook")), info)
+        timings["quicklook_s"] = time.perf_counter() - t0
+        log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
+    _write_styles(plan, oset, list(rasters.paths))
+    timings["total_s"] = time.perf_counter() - plan.t_start
+    kinds = _kinds(plan)
+    outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
+    report = build_report(
+        scene=plan.scene,
+        model=plan.model,
+        source=plan.source,
+        model_sha256=_model_sha256(plan.source),
+        options=_report_options(plan),
+        tiles=tiles,
+        timings=timings,
+        class_pixels=statistics.class_pixels,
+        class_area=statistics.class_area,
+        class_flagged=statistics.class_flagged,
+        area_unit=statistics.area_unit,
+        trust=plan.trust,
+        outputs=outputs,
+        folder=oset.folder,
+        polygons=polygons,
+        extra=extra,
+    )
+    write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
+    t0 = time.perf_counter()
+    _write_stac(plan, oset, statistics, report, kinds)
+    log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
+    names = [output_name(stem, k) for k in kinds]
+    oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
+    _warn_anomalies(report)
+    return SegmentResult(outputs=outputs, report=report)
+
+
+def _report_options(plan: _Plan) -> dict[str, Any]:
     m = plan.model
     return {
         **plan.options.to_dict(),
-        "rows": None if stitcher.rows == (0, plan.scene.height) else list(stitcher.rows),
+        "rows": None if plan.blocks.whole_scene else list(plan.blocks.rows),
         "tile": plan.grid.tile,
         "batch_size": plan.options.batch(plan.grid.tile),
         "overlap": plan.grid.overlap,
@@ -487,113 +676,13 @@ def _report_options(plan: _Plan, stitcher: Stitcher) -> dict[str, Any]:
         "formats": plan.formats,
         "pixel_coords": plan.scene.crs is None,
         "nodata": plan.scene.nodata,
-        "block_size": stitcher.B,
+        "block_size": plan.blocks.side,
     }
 
 
-def _finish(
-    plan: _Plan,
-    oset: OutputSet,
-    stitcher: Stitcher,
-    stream: Any,
-    *,
-    tiles: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> SegmentResult:
-    """Close the rasters, finish the polygons (``stream``, :func:`_polygon_stream`), write
-    quicklook and report into the set, commit it."""
-    opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
-    t0 = time.perf_counter()
-    # The COG copies (overviews included) take a minute or more on a 20k scene: a bar in MiB.
-    with _Progress(1, opts.progress, f"COGs {stem}", unit="MiB") as bar:
-        seen = [1]
-
-        def cog_progress(done: int, total: int) -> None:
-            seen[0] = max(1, -(-total >> 20))  # MiB, rounded up: a small scene still ends at 1/1
-            _set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
-
-        rasters = stitcher.close(progress=cog_progress)
-        _set_total(bar, seen[0], seen[0])
-    timings["rasters_close_s"] = time.perf_counter() - t0
-    log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, timings["rasters_close_s"])
-    staged = {k: oset.path(output_name(stem, k)) for k in rasters}
-    polygons: dict[str, int] = {}
-    if stream is not None:
-        # The polygons were traced while the model ran; what is left is the last rows and
-        # the copies into each format.
-        t0 = time.perf_counter()
-        with _Progress(1, opts.progress, f"polygons {stem}", unit="block rows") as bar:
-            res = stream.close(progress=lambda done, total: _set_total(bar, done, total))
-        polygons = dict.fromkeys(plan.formats, res.n_polygons)
-        timings["vectorize_s"] = time.perf_counter() - t0
-        log.info("%s: %d polygons written, %.1f s after the rasters", stem, res.n_polygons, timings["vectorize_s"])
-    if plan.objects is not None:
-        extra = {**(extra or {}), "objects": _write_objects(plan, oset, staged)}
-    if opts.quicklook:
-        t0 = time.perf_counter()
-        from geovae.quicklook import write_quicklook
-
-        write_quicklook(plan.scene, staged["classes"], oset.path(output_name(stem, "quicklook")), info)
-        timings["quicklook_s"] = time.perf_counter() - t0
-        log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
-    _write_styles(plan, oset, stitcher)
-    timings["total_s"] = time.perf_counter() - plan.t_start
-    kinds = _kinds(plan)
-    outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
-    report = build_report(
-        scene=plan.scene,
-        model=plan.model,
-        source=plan.source,
-        model_sha256=_model_sha256(plan.source),
-        options=_report_options(plan, stitcher),
-        tiles=tiles if tiles is not None else stitcher.summary(),
-        timings=timings,
-        class_pixels=stitcher.class_pixels,
-        class_area=stitcher.class_area,
-        class_flagged=stitcher.class_flagged if plan.threshold is not None and plan.reconstruction else None,
-        area_unit=stitcher.areas.measure.unit,
-        trust=plan.trust,
-        outputs=outputs,
-        folder=oset.folder,
-        polygons=polygons,
-        extra=extra,
-    )
-    write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
-    t0 = time.perf_counter()
-    _write_stac(plan, oset, stitcher, report, kinds)
-    log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
-    names = [output_name(stem, k) for k in kinds]
-    oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
-    _warn_anomalies(report)
-    return SegmentResult(outputs=outputs, report=report)
-
-
-def _write_objects(plan: _Plan, oset: OutputSet, staged: dict[str, Path]) -> dict[str, Any]:
-    """The object polygons (``--objects``, geovae.objects) into the set; their report entry."""
-    from geovae.products import object_kind
-    from geovae.vector import write_objects
-
-    opts, stem, spec = plan.options, plan.stem, plan.objects
-    t0 = time.perf_counter()
-    targets = [
-        (oset.final(output_name(stem, object_kind(f))), oset.path(output_name(stem, object_kind(f))))
-        for f in plan.formats
-    ]
-    with _Progress(1, opts.progress, f"objects {stem}", unit="block rows") as bar:
-        res = write_objects(
-            staged["classes"],
-            targets,
-            spec,
-            probabilities=staged["object_probability"],
-            confidence=staged["confidence"],
-            min_area=opts.min_area,
-            simplify=opts.simplify,
-            block_size=opts.block_size,
-            layer=f"{stem}_objects",
-            progress=lambda done, total: _set_total(bar, done, total),
-        )
-    plan.timings["objects_s"] = time.perf_counter() - t0
-    log.info("%s: %d objects written in %.1f s", stem, res.n_objects, plan.timings["objects_s"])
+def _objects_entry(plan: _Plan, res: Any) -> dict[str, Any]:
+    """The report's ``objects`` entry (``--objects``)."""
+    spec = plan.objects
     return {
         "classes": list(spec.classes),
         "boundary_class": spec.boundary,
@@ -605,7 +694,7 @@ def _write_objects(plan: _Plan, oset: OutputSet, staged: dict[str, Path]) -> dic
     }
 
 
-def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
+def _write_styles(plan: _Plan, oset: OutputSet, rasters: list[str]) -> None:
     """QGIS styles beside the rasters (and the GeoJSON / GeoParquet polygons): see geovae.styles."""
     import math
 
@@ -624,7 +713,7 @@ def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
         ),
         "object_probability": ramp_qml(0.0, 1.0, "viridis"),
     }
-    for kind in stitcher.names:
+    for kind in rasters:
         write_text(oset.path(output_name(stem, RASTER_STYLES[kind])), qml[kind])
     if set(plan.formats) & {"geojson", "parquet"}:
         write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
@@ -636,7 +725,7 @@ def _write_styles(plan: _Plan, oset: OutputSet, stitcher: Stitcher) -> None:
             )
 
 
-def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[str, Any], kinds: list[str]) -> None:
+def _write_stac(plan: _Plan, oset: OutputSet, statistics: Statistics, report: dict[str, Any], kinds: list[str]) -> None:
     """The run's STAC Item (geovae.stac), from the staged files, committed before the report."""
     from geovae.stac import build_item, write_item
 
@@ -649,7 +738,7 @@ def _write_stac(plan: _Plan, oset: OutputSet, stitcher: Stitcher, report: dict[s
         report=report,
         files=files,
         finals=finals,
-        statistics=stitcher.statistics(),
+        statistics=statistics.bands,
         model_path=plan.source,
     )
     write_item(item, oset.path(output_name(stem, "stac")))
@@ -733,17 +822,8 @@ def segment_scene(
     # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
-        stitcher = _stitcher(plan, oset, rows)
-        stream = None
         try:
-            stream = _polygon_stream(plan, oset, stitcher)
-            _predict_tiles(plan, stitcher)
-            return _finish(plan, oset, stitcher, stream)
-        except BaseException:
-            if stream is not None:
-                stream.abort()
-            stitcher.abort()
-            raise
+            return _run(plan, oset, _PredictedBlocks(plan, _blender(plan)))
         finally:
             plan.scene.close()
 
@@ -776,54 +856,19 @@ def assemble_rows(
 ) -> SegmentResult:
     """Join the row bands of :func:`segment_rows` into a scene's final outputs, as one run writes them.
 
-    The band rasters go block by block through :meth:`Stitcher.write_block` (same creation
-    options, tags, overviews and class areas as a single run), then the polygons, quicklook
-    and report are written and the set committed.
+    The band rasters are read back block by block (:class:`~geovae.segment.assemble.RowBands`)
+    into the same sinks a single run feeds (same creation options, tags, overviews, class
+    areas and polygons), then the quicklook and report are written and the set committed.
 
     Args:
         bands: ``(start, stop)`` rows of each band, top to bottom.
         parts: what :func:`segment_rows` returned for each band.
     """
-    import rasterio
-
     plan = _plan(scene, model, options.replace(progress=False), check_trust=False)
     oset = _run_set(plan, out_dir)
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
-        st = _stitcher(plan, oset)
-        srcs: dict[str, Any] = {}
-        stream = None
         try:
-            stream = _polygon_stream(plan, oset, st)
-            band = -1
-            for win in st.windows():  # in write order: the class areas add up as in one process
-                r0 = int(win.row_off)
-                if band < 0 or r0 >= bands[band][1]:
-                    for ds in srcs.values():
-                        ds.close()
-                    band += 1
-                    srcs = {k: rasterio.open(p) for k, p in parts[band]["rasters"].items()}
-                part_win = Window(win.col_off, r0 - bands[band][0], win.width, win.height)
-                st.write_block(win, {k: ds.read(window=part_win) for k, ds in srcs.items()})
-            tiles = {k: sum(p["tiles"][k] for p in parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
-            extra = {
-                "split": {
-                    "bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]
-                }
-            }
-            return _finish(
-                plan,
-                oset,
-                st,
-                stream,
-                tiles={**tiles, "blocks_written": st.blocks_written, "block_size": st.B},
-                extra=extra,
-            )
-        except BaseException:
-            if stream is not None:
-                stream.abort()
-            st.abort()
-            raise
+            bands_source = RowBands(plan.blocks, bands, parts)
+            return _run(plan, oset, bands_source, extra={"split": bands_source.split()})
         finally:
-            for ds in srcs.values():
-                ds.close()
             plan.scene.close()

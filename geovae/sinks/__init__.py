@@ -7,5 +7,5 @@ order, then closed (or aborted after an error).
   pixels per class, the STAC raster statistics;
 * :class:`~geovae.sinks.objects.ObjectSink`: the object polygons of ``--objects``.
 
-The class polygons' sink is :class:`geovae.polygons.PolygonStream`.
+The class polygons' sink is :class:`geovae.vector.PolygonStream`.
 """

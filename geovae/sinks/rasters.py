@@ -308,7 +308,7 @@ class RasterSink:
         win = block.window
         if n >= len(self.windows) or win != self.windows[n]:
             expected = self.windows[n] if n < len(self.windows) else "none (all were written)"
-            raise ValueError(f"{win} is not the next output block; expected {expected}")
+            raise ValueError(f"{win} is not an output block in write order; expected {expected}")
         missing = set(self._datasets) - set(block.arrays)
         if missing:
             raise ValueError(f"a block needs every output; missing {sorted(missing)}")
