@@ -219,7 +219,7 @@ def run_model_only(
 
     m = load_bench_model(model)
     sc = open_scene(scene, nodata=0)
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=m.info.stride, margin=m.info.halo)
+    grid = TileGrid(sc.height, sc.width, tile, overlap, margin=m.info.halo)
     fill = np.asarray(m.info.mean, dtype=np.float32)[:, None]
     tiles = []
     order = list(BlockGrid(grid, block_size).order())

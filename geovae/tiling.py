@@ -4,7 +4,7 @@ Tiles have origins on a regular grid of step ``S = tile - overlap`` starting at 
 last row and column of tiles run past the scene where it is not a multiple of the step; the
 pipeline pads them (never drops or shifts them), so every pixel is covered, the right and
 bottom edges included, and a scene smaller than one tile is one padded tile. Keeping the
-origins on one regular grid is what lets :mod:`geovae.stitch` stream output blocks.
+origins on one regular grid is what lets :mod:`geovae.blend` stream output blocks.
 
 Blending weights (:func:`blend_weights`) are a separable profile over the tile:
 
@@ -87,7 +87,7 @@ def default_tiling(
         return hi, overlap
     best = None
     for t in range(lo, hi + 1, stride):
-        grid = TileGrid(height, width, t, overlap, stride=stride, margin=halo)
+        grid = TileGrid(height, width, t, overlap, margin=halo)
         cost = len(grid) * t * t
         if best is None or cost < best[0]:
             best = (cost, t)
@@ -157,18 +157,17 @@ class TileGrid:
     Args:
         height: scene height in pixels.
         width: scene width in pixels.
-        tile: tile side in pixels.
-        overlap: pixels shared by neighbouring tiles (0 <= overlap < tile).
-        stride: the model's stride; ``tile`` must be a multiple of it.
+        tile: tile side in pixels (a multiple of the model's stride).
+        overlap: pixels shared by neighbouring tiles (0 <= overlap < tile). A run checks
+            both once, when it resolves its options (:func:`check_options`).
         margin: pixels at a tile's edge the blend leaves out (the model's halo); None for
             ``overlap // 4``.
 
     Raises:
-        OptionError: if the options are out of range.
+        OptionError: an empty scene.
     """
 
-    def __init__(self, height: int, width: int, tile: int, overlap: int, stride: int = 1, margin: int | None = None):
-        check_options(tile, overlap, 1, stride)
+    def __init__(self, height: int, width: int, tile: int, overlap: int, margin: int | None = None):
         # An overlap too small for the halo still blends (with a warning from the caller): the
         # margin left out then shrinks so that the ramp keeps at least one pixel.
         self.margin = None if margin is None else min(int(margin), max((int(overlap) - 1) // 2, 0))

@@ -76,7 +76,7 @@ def test_bad_options() -> None:
     with pytest.raises(OptionError, match="at least the model's stride"):
         check_options(8, 0, 8, stride=16)
     with pytest.raises(OptionError, match="smaller than --tile"):
-        TileGrid(100, 100, 64, 64)
+        check_options(64, 64)
     with pytest.raises(OptionError, match="0 or more"):
         check_options(64, -1)
     with pytest.raises(OptionError, match="--batch-size 0"):

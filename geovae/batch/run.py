@@ -379,9 +379,10 @@ def _submit_split(
 ) -> Any:
     """Submit one scene as band tasks plus an assembling task; returns the latter's future."""
     from geovae.scene import open_scene
+    from geovae.segment.spec import tiling
 
     sc = open_scene(scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
-    tile, overlap = options.tiling(info, sc.height, sc.width)
+    tile, overlap = tiling(options, info, sc.height, sc.width)
     bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
     part_root = Path(folder) / f".split-{run_id}"
     band_futs = [

@@ -8,20 +8,15 @@ worker), and batch's resume fingerprint is computed from it.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from geovae.choices import PRECISIONS, Precision
 from geovae.errors import OptionError
-from geovae.model.base import ModelInfo
 from geovae.products import PolygonFormat, polygon_format
-from geovae.tiling import check_options, default_batch_size, default_tiling
 
 __all__ = ["SegmentOptions"]
-
-log = logging.getLogger("geovae.segment")
 
 #: Options that change how fast the outputs are written, not what is written: a batch
 #: marker made with other values is still trusted on resume.
@@ -34,7 +29,7 @@ class SegmentOptions:
 
     Attributes:
         tile: tile side in pixels; None for the model's training tile size, enlarged until
-            the default overlap is at most a quarter of it (:meth:`tiling`).
+            the default overlap is at most a quarter of it (:func:`geovae.segment.spec.tiling`).
         overlap: pixels shared by neighbouring tiles; None for enough to cover the model's
             halo on both sides (at least ``tile // 4``).
         batch_size: tiles per model call; None (the default) for about half a megapixel of
@@ -153,62 +148,6 @@ class SegmentOptions:
     def replace(self, **kwargs: Any) -> SegmentOptions:
         """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **kwargs)
-
-    def tiling(self, info: ModelInfo, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        """Tile side and overlap for a model (and a scene of ``height`` x ``width``).
-
-        By default (:func:`geovae.tiling.default_tiling`) the overlap covers the model's halo
-        on both sides, so blending only uses each tile's trustworthy interior, and the tile is
-        the one that predicts the fewest pixels for the scene. A user overlap smaller than
-        twice the halo gets one warning line (:meth:`warn_seams`).
-
-        Raises:
-            OptionError: a tile that is not a multiple of the model's stride, an overlap not
-                smaller than the tile.
-        """
-        stride = info.stride
-        if self.overlap is None:
-            tile, overlap = default_tiling(info.tile_size, info.halo, stride, height, width, self.tile)
-        else:
-            overlap = self.overlap
-            tile = (
-                self.tile
-                if self.tile is not None
-                else max(info.tile_size, -(-(self.overlap + stride) // stride) * stride)
-            )
-        check_options(tile, overlap, 1, stride)
-        return tile, overlap
-
-    def batch(self, tile: int) -> int:
-        """Tiles per model call: ``batch_size``, or about half a megapixel of tiles by default."""
-        return self.batch_size if self.batch_size is not None else default_batch_size(tile)
-
-    def warn_seams(self, info: ModelInfo, tiles: int, overlap: int) -> None:
-        """One warning line when more than one tile overlaps by less than twice the model's halo."""
-        if info.halo is not None and tiles > 1 and overlap <= 2 * info.halo:
-            log.warning(
-                "tiles overlap by %d px but this model's predictions change up to %d px from a tile's edge: "
-                "tile seams may show; use --overlap %d or more (a larger --tile keeps the cost down), or "
-                "leave both to their defaults",
-                overlap,
-                info.halo,
-                2 * info.halo + 16,
-            )
-
-    def polygon_formats(self, pixel_coords: bool) -> list[PolygonFormat]:
-        """The polygon formats for a scene with (False) or without (True) real coordinates.
-
-        Raises:
-            OptionError: GeoJSON asked for a scene in pixel coordinates.
-        """
-        if self.formats is None:
-            return ["gpkg"] if pixel_coords else ["geojson"]
-        if pixel_coords and "geojson" in self.formats:
-            raise OptionError(
-                "--formats geojson: GeoJSON needs real coordinates (EPSG:4326) and this scene is in "
-                "pixel coordinates; use --formats gpkg or parquet"
-            )
-        return list(self.formats)
 
     def to_dict(self) -> dict[str, Any]:
         """Every option, JSON-friendly."""

@@ -20,7 +20,6 @@ skeleton and sinks, into the same outputs a single run writes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -33,22 +32,22 @@ import numpy as np
 import torch
 
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
-from geovae.blend import Blender, BlockGrid
+from geovae.blend import Blender
 from geovae.blocks import Block
-from geovae.errors import AreaOutsideSceneError, ModelMismatchError, OptionError, SceneError
+from geovae.errors import OptionError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, RASTER_STYLES, PolygonFormat, class_table, output_name, run_kinds
-from geovae.scene import Scene, capped_gdal_cache, open_scene
+from geovae.products import RASTER_KINDS, RASTER_STYLES, class_table, output_name
+from geovae.scene import Scene, capped_gdal_cache
 from geovae.segment.assemble import RowBands
 from geovae.segment.options import SegmentOptions
 from geovae.segment.reader import Batch, Reader
 from geovae.segment.report import build_report
-from geovae.segment.trust import WARN_FLAGGED, anomaly_threshold, band_mismatch, check_scene, scene_sample
+from geovae.segment.spec import RunSpec, resolve
+from geovae.segment.trust import WARN_FLAGGED
 from geovae.sinks.objects import ObjectSink
-from geovae.sinks.rasters import RasterFiles, RasterSink, RasterSpec
+from geovae.sinks.rasters import RasterFiles, RasterSink
 from geovae.sinks.statistics import Statistics, StatisticsSink
 from geovae.sources.stack import StackedSource
-from geovae.tiling import TileGrid
 
 __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
 
@@ -139,30 +138,6 @@ class SegmentResult:
         return xr.Dataset(variables)
 
 
-# -- what the checks resolve ---------------------------------------------------------------
-
-
-@dataclass
-class _Plan:
-    scene: Scene
-    model: SegmentationModel
-    source: str | None
-    options: SegmentOptions
-    grid: TileGrid
-    formats: list[PolygonFormat]
-    reconstruction: bool
-    threshold: float | None
-    trust: dict[str, Any]
-    timings: dict[str, float]
-    t_start: float
-    blocks: BlockGrid
-    objects: Any = None  # the ObjectSpec of --objects (geovae.objects), or None
-
-    @property
-    def stem(self) -> str:
-        return self.scene.stem
-
-
 _MODEL_HASHES: dict[tuple[str, int, int], str] = {}
 
 
@@ -175,85 +150,6 @@ def _model_sha256(source: str | None) -> str | None:
     if key not in _MODEL_HASHES:
         _MODEL_HASHES[key] = sha256(source)
     return _MODEL_HASHES[key]
-
-
-def _open(scene: Any, opts: SegmentOptions) -> Scene:
-    import rasterio.io
-
-    if isinstance(scene, Scene):
-        if opts.nodata is not None and opts.nodata != scene.nodata:
-            kind = "nodata" if scene.mask_kind in ("none", "nodata") else scene.mask_kind
-            scene = dataclasses.replace(scene, nodata=float(opts.nodata), mask_kind=kind)
-        if scene.crs is None and not opts.pixel_coords:
-            raise SceneError(
-                f"scene {scene.name} has no CRS; it looks like an image without georeferencing; "
-                "pass --pixel-coords to segment it in pixel coordinates"
-            )
-        return scene if opts.bands is None else scene.select_bands(opts.bands)
-    if isinstance(scene, rasterio.io.DatasetReaderBase):
-        # An open dataset (a file, or a MemoryFile's /vsimem/ name): reopened by name, so
-        # the reader threads get handles of their own.
-        scene = scene.name
-    return open_scene(scene, pixel_coords=opts.pixel_coords, nodata=opts.nodata, bands=opts.bands)
-
-
-def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> SegmentationModel:
-    if isinstance(model, SegmentationModel):
-        return model if opts.precision is None else model.with_precision(opts.precision)
-    from geovae.model.io import load_model
-
-    return load_model(model, opts.device, precision=opts.precision or "auto")
-
-
-def _plan(
-    scene: Any, model: Any, opts: SegmentOptions, rows: tuple[int, int] | None = None, check_trust: bool = True
-) -> _Plan:
-    """Every check of a run, before any output is written."""
-    t_start = time.perf_counter()
-    sc = _open(scene, opts)
-    fmts = opts.polygon_formats(sc.crs is None)
-    source = None if isinstance(model, SegmentationModel) else str(model)
-    m = _load(model, opts)
-    info = m.info
-    if sc.count != info.in_channels:
-        raise ModelMismatchError(band_mismatch(sc.name, sc.count, info, opts.bands is not None))
-    if opts.reconstruction and not m.supports_reconstruction:
-        raise ModelMismatchError("this model has no reconstruction decoder; drop --reconstruction")
-    threshold = anomaly_threshold(info) if m.supports_reconstruction else None
-    reconstruction = opts.reconstruction if opts.reconstruction is not None else threshold is not None
-    tile, overlap = opts.tiling(info, sc.height, sc.width)
-    grid = TileGrid(sc.height, sc.width, tile, overlap, stride=info.stride, margin=info.halo)
-    opts.warn_seams(info, len(grid), overlap)
-    blocks = BlockGrid(grid, opts.block_size, rows)
-    if rows is not None and opts.quicklook:
-        raise OptionError("rows: a quicklook shows the whole scene; pass quicklook=False with rows")
-    # One sparse read serves both checks: valid pixels in the sample settle any_valid, whose
-    # decimated whole-scene read is then only needed for a scene the sample finds empty.
-    sample = scene_sample(sc) if check_trust else None
-    if (sample is None or sample.shape[1] == 0) and not sc.any_valid():
-        if sc.source is not None and sc.source.area is not None:
-            raise AreaOutsideSceneError(
-                f"the area holds no valid pixel of {sc.name} (all nodata there); nothing to segment"
-            )
-        raise SceneError(f"scene {sc.name} has no valid pixels (all nodata); check --nodata or the file")
-    trust: dict[str, Any] = {
-        "scene": check_scene(sc, info, force=opts.force, sample=sample) if check_trust else {"checked": False}
-    }
-    if reconstruction and threshold is not None:
-        trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
-    from geovae.objects import plan_objects
-
-    objects = plan_objects(opts, info, fmts)
-    timings = {"validate_s": time.perf_counter() - t_start}
-    return _Plan(sc, m, source, opts, grid, fmts, reconstruction, threshold, trust, timings, t_start, blocks, objects)
-
-
-def _kinds(plan: _Plan) -> list[str]:
-    """The outputs this run writes, in commit order (the report last)."""
-    rasters = ["classes", "confidence"]
-    rasters += ["uncertainty"] * (plan.options.samples > 0) + ["reconstruction_error"] * plan.reconstruction
-    rasters += ["object_probability"] * (plan.objects is not None)
-    return run_kinds(rasters, plan.formats, quicklook=plan.options.quicklook, objects=plan.objects is not None)
 
 
 def _previous_outputs(folder: Path, stem: str) -> list[str]:
@@ -385,16 +281,17 @@ class _PredictedBlocks:
     """The block source of a scene: its tiles read, run through the model and blended into
     blocks (:class:`~geovae.blend.Blender`), yielded in write order as they complete."""
 
-    def __init__(self, plan: _Plan, blender: Blender):
-        self.plan = plan
+    def __init__(self, spec: RunSpec, blender: Blender, timings: dict[str, float]):
+        self.spec = spec
         self.blender = blender
+        self.timings = timings
 
     def summary(self) -> dict[str, Any]:
         return self.blender.summary()
 
     def __iter__(self) -> Generator[Block]:
-        plan, blender = self.plan, self.blender
-        opts, model = plan.options, plan.model
+        spec, blender, timings = self.spec, self.blender, self.timings
+        opts, model = spec.options, spec.model
         t0 = time.perf_counter()
         model_s = 0.0
         pin = model.device.type == "cuda"
@@ -405,8 +302,8 @@ class _PredictedBlocks:
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=devices),
-            Reader(plan.scene, list(blender.blocks.block_tiles()), opts.batch(plan.grid.tile), mean, pin) as reader,
-            _Progress(total, opts.progress, f"segment {plan.stem}") as bar,
+            Reader(spec.scene, list(blender.blocks.block_tiles()), spec.batch_size, mean, pin) as reader,
+            _Progress(total, opts.progress, f"segment {spec.stem}") as bar,
         ):
             torch.manual_seed(SAMPLE_SEED)
             # One batch in flight: batch n+1 is queued on the device before batch n is
@@ -416,7 +313,7 @@ class _PredictedBlocks:
             pending: _InFlight | None = None
             for batch in reader:
                 tm = time.perf_counter()
-                launched = _launch(model, batch, opts.samples, plan.reconstruction, opts.tta)
+                launched = _launch(model, batch, opts.samples, spec.reconstruction, opts.tta)
                 model_s += time.perf_counter() - tm
                 if pending is not None:
                     waited, blocks = _blend(pending, blender)
@@ -430,14 +327,14 @@ class _PredictedBlocks:
                 yield from blocks
                 bar.advance(len(pending.batch.entries))
             yield from blender.finish()
-            plan.timings["read_s"] = reader.read_s
-        plan.timings["model_s"] = model_s
-        plan.timings["predict_s"] = time.perf_counter() - t0
+            timings["read_s"] = reader.read_s
+        timings["model_s"] = model_s
+        timings["predict_s"] = time.perf_counter() - t0
         log.info(
             "%s: %d tiles predicted and blended in %.1f s (model %.1f s)",
-            plan.stem,
+            spec.stem,
             total,
-            plan.timings["predict_s"],
+            timings["predict_s"],
             model_s,
         )
 
@@ -450,95 +347,67 @@ class _BlockSource(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
 
-def _blender(plan: _Plan) -> Blender:
-    channels: list[int] = []
-    if plan.objects is not None:
-        from geovae.objects import stitch_channels
-
-        channels = stitch_channels(plan.objects, plan.model.info)[0]
+def _blender(spec: RunSpec) -> Blender:
     return Blender(
-        plan.blocks,
-        plan.model.info,
-        uncertainty=plan.options.samples > 0,
-        reconstruction=plan.reconstruction,
-        probabilities=channels,
+        spec.blocks,
+        spec.info,
+        uncertainty=spec.samples > 0,
+        reconstruction=spec.reconstruction,
+        probabilities=spec.probabilities,
     )
 
 
-def _raster_spec(plan: _Plan) -> RasterSpec:
-    s, info = plan.scene, plan.model.info
-    channels: list[int] = []
-    tags = None
-    if plan.objects is not None:
-        from geovae.objects import stitch_channels
-
-        channels, tags = stitch_channels(plan.objects, info)
-    return RasterSpec.of_run(
-        s.stem,
-        info,
-        width=s.width,
-        rows=plan.blocks.rows,
-        crs=s.crs,
-        transform=s.transform,
-        uncertainty=plan.options.samples > 0,
-        reconstruction=plan.reconstruction,
-        anomaly_threshold=plan.threshold if plan.reconstruction else None,
-        probabilities=channels,
-        probability_tags=tags,
-    )
-
-
-def _polygon_sink(plan: _Plan, oset: OutputSet) -> Any:
+def _polygon_sink(spec: RunSpec, oset: OutputSet) -> Any:
     """The class polygons (:class:`~geovae.vector.PolygonStream`), traced from each block as
     the rasters are written; the class table comes from the model."""
     from geovae.vector import LayerOptions, PolygonStream
 
-    s, info = plan.scene, plan.model.info
-    if not plan.blocks.whole_scene:
+    s, info = spec.scene, spec.info
+    if not spec.blocks.whole_scene:
         raise ValueError("polygons are written for whole scenes only")
     return PolygonStream(
         LayerOptions(
             targets=tuple(
-                (oset.final(output_name(plan.stem, f)), oset.path(output_name(plan.stem, f))) for f in plan.formats
+                (oset.final(output_name(spec.stem, f)), oset.path(output_name(spec.stem, f))) for f in spec.formats
             ),
             width=s.width,
             height=s.height,
             crs=s.crs,
             transform=s.transform,
-            block=plan.blocks.side,
-            min_area=plan.options.min_area,
-            simplify=plan.options.simplify,
-            layer=plan.stem,
+            block=spec.blocks.side,
+            min_area=spec.options.min_area,
+            simplify=spec.options.simplify,
+            layer=spec.stem,
         ),
         classes=class_table(info.class_ids, info.class_names, info.class_colors),
         confidence=True,
-        uncertainty=plan.options.samples > 0,
-        anomaly_threshold=plan.threshold if plan.reconstruction else None,
+        uncertainty=spec.samples > 0,
+        anomaly_threshold=spec.anomaly_threshold,
     )
 
 
-def _open_sinks(plan: _Plan, oset: OutputSet) -> dict[str, Any]:
+def _open_sinks(spec: RunSpec, oset: OutputSet) -> dict[str, Any]:
     """Every sink of the run, in the order they are fed and closed; on an error the sinks
     already open are aborted."""
     sinks: dict[str, Any] = {}
     try:
         statistics = StatisticsSink(
-            plan.model.info,
-            plan.scene.crs,
-            plan.scene.transform,
-            plan.threshold if plan.reconstruction else None,
+            spec.info,
+            spec.scene.crs,
+            spec.scene.transform,
+            spec.anomaly_threshold,
         )
-        sinks["rasters"] = RasterSink(oset, _raster_spec(plan), list(plan.blocks.windows()), statistics.pixels)
+        sinks["rasters"] = RasterSink(oset, spec.rasters, list(spec.blocks.windows()), statistics.pixels)
         sinks["statistics"] = statistics
-        if plan.formats:
-            sinks["polygons"] = _polygon_sink(plan, oset)
-        if plan.objects is not None:
-            opts = plan.options
+        if spec.formats:
+            sinks["polygons"] = _polygon_sink(spec, oset)
+        if spec.objects is not None:
+            opts = spec.options
             sinks["objects"] = ObjectSink(
                 oset,
-                plan.stem,
-                plan.objects,
-                plan.formats,
+                spec.stem,
+                spec.objects,
+                spec.formats,
                 min_area=opts.min_area,
                 simplify=opts.simplify,
                 block_size=opts.block_size,
@@ -562,13 +431,13 @@ _CLOSING = {
 }
 
 
-def _close(plan: _Plan, name: str, sink: Any) -> Any:
+def _close(spec: RunSpec, timings: dict[str, float], name: str, sink: Any) -> Any:
     """Close one sink, with a progress bar for the slow ones; its result."""
     if name not in _CLOSING:
         return sink.close()
     label, unit, key = _CLOSING[name]
     t0 = time.perf_counter()
-    with _Progress(1, plan.options.progress, f"{label} {plan.stem}", unit=unit) as bar:
+    with _Progress(1, spec.options.progress, f"{label} {spec.stem}", unit=unit) as bar:
         if name == "rasters":
             # The COG copies (overviews included) take a minute or more on a 20k scene: a bar
             # in MiB, rounded up so a small scene still ends at 1/1.
@@ -582,8 +451,8 @@ def _close(plan: _Plan, name: str, sink: Any) -> Any:
             _set_total(bar, seen[0], seen[0])
         else:
             result = sink.close(progress=lambda done, total: _set_total(bar, done, total))
-    plan.timings[key] = time.perf_counter() - t0
-    stem, took = plan.stem, plan.timings[key]
+    timings[key] = time.perf_counter() - t0
+    stem, took = spec.stem, timings[key]
     if name == "rasters":
         log.info("%s: rasters closed (overviews built, COGs written) in %.1f s", stem, took)
     elif name == "polygons":
@@ -593,60 +462,73 @@ def _close(plan: _Plan, name: str, sink: Any) -> Any:
     return result
 
 
-def _run(plan: _Plan, oset: OutputSet, source: _BlockSource, extra: dict[str, Any] | None = None) -> SegmentResult:
+def _run(
+    spec: RunSpec,
+    oset: OutputSet,
+    source: _BlockSource,
+    timings: dict[str, float],
+    t_start: float,
+    extra: dict[str, Any] | None = None,
+) -> SegmentResult:
     """The one run skeleton: open the sinks, stream the source's blocks into every sink in
     order, close the sinks, then quicklook, styles, report and STAC Item, and commit the set.
     On any error (an interrupt included) every sink is aborted; the caller's ``with oset``
     then removes the staged files."""
-    sinks = _open_sinks(plan, oset)
+    sinks = _open_sinks(spec, oset)
     try:
         with contextlib.closing(iter(source)) as blocks:
             for block in blocks:
                 for sink in sinks.values():
                     sink.add(block)
-        results = {name: _close(plan, name, sink) for name, sink in sinks.items()}
-        return _finish(plan, oset, results, source.summary(), extra)
+        results = {name: _close(spec, timings, name, sink) for name, sink in sinks.items()}
+        return _finish(spec, oset, results, source.summary(), timings, t_start, extra)
     except BaseException:
         _abort(sinks)
         raise
 
 
 def _finish(
-    plan: _Plan, oset: OutputSet, results: dict[str, Any], tiles: dict[str, Any], extra: dict[str, Any] | None
+    spec: RunSpec,
+    oset: OutputSet,
+    results: dict[str, Any],
+    tiles: dict[str, Any],
+    timings: dict[str, float],
+    t_start: float,
+    extra: dict[str, Any] | None,
 ) -> SegmentResult:
     """Quicklook, styles, report and STAC Item into the set, from the sinks' results; commit it."""
-    opts, info, stem, timings = plan.options, plan.model.info, plan.stem, plan.timings
+    opts, info, stem = spec.options, spec.info, spec.stem
     rasters: RasterFiles = results["rasters"]
     statistics: Statistics = results["statistics"]
     polygons: dict[str, int] = {}
     if "polygons" in results:
-        polygons = dict.fromkeys(plan.formats, results["polygons"].n_polygons)
+        polygons = dict.fromkeys(spec.formats, results["polygons"].n_polygons)
     if "objects" in results:
-        extra = {**(extra or {}), "objects": _objects_entry(plan, results["objects"])}
+        extra = {**(extra or {}), "objects": _objects_entry(spec, results["objects"])}
     if opts.quicklook:
         t0 = time.perf_counter()
         from geovae.quicklook import write_quicklook
 
-        write_quicklook(plan.scene, rasters.staged["classes"], oset.path(output_name(stem, "quicklook")), info)
+        write_quicklook(spec.scene, rasters.staged["classes"], oset.path(output_name(stem, "quicklook")), info)
         timings["quicklook_s"] = time.perf_counter() - t0
         log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
-    _write_styles(plan, oset, list(rasters.paths))
-    timings["total_s"] = time.perf_counter() - plan.t_start
-    kinds = _kinds(plan)
+    _write_styles(spec, oset, list(rasters.paths))
+    timings["total_s"] = time.perf_counter() - t_start
+    kinds = list(spec.kinds)
     outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
     report = build_report(
-        scene=plan.scene,
-        model=plan.model,
-        source=plan.source,
-        model_sha256=_model_sha256(plan.source),
-        options=_report_options(plan),
+        scene=spec.scene,
+        model=spec.model,
+        source=spec.model_path,
+        model_sha256=_model_sha256(spec.model_path),
+        options=spec.report_options(),
         tiles=tiles,
         timings=timings,
         class_pixels=statistics.class_pixels,
         class_area=statistics.class_area,
         class_flagged=statistics.class_flagged,
         area_unit=statistics.area_unit,
-        trust=plan.trust,
+        trust=dict(spec.trust),
         outputs=outputs,
         folder=oset.folder,
         polygons=polygons,
@@ -654,7 +536,7 @@ def _finish(
     )
     write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
     t0 = time.perf_counter()
-    _write_stac(plan, oset, statistics, report, kinds)
+    _write_stac(spec, oset, statistics, report, kinds)
     log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
     names = [output_name(stem, k) for k in kinds]
     oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
@@ -662,45 +544,27 @@ def _finish(
     return SegmentResult(outputs=outputs, report=report)
 
 
-def _report_options(plan: _Plan) -> dict[str, Any]:
-    m = plan.model
-    return {
-        **plan.options.to_dict(),
-        "rows": None if plan.blocks.whole_scene else list(plan.blocks.rows),
-        "tile": plan.grid.tile,
-        "batch_size": plan.options.batch(plan.grid.tile),
-        "overlap": plan.grid.overlap,
-        "device": str(m.device),
-        "precision": str(m.amp_dtype or "fp32").replace("torch.", ""),
-        "reconstruction": plan.reconstruction,
-        "formats": plan.formats,
-        "pixel_coords": plan.scene.crs is None,
-        "nodata": plan.scene.nodata,
-        "block_size": plan.blocks.side,
-    }
-
-
-def _objects_entry(plan: _Plan, res: Any) -> dict[str, Any]:
+def _objects_entry(spec: RunSpec, res: Any) -> dict[str, Any]:
     """The report's ``objects`` entry (``--objects``)."""
-    spec = plan.objects
+    objects = spec.objects
     return {
-        "classes": list(spec.classes),
-        "boundary_class": spec.boundary,
-        "seed": spec.seed,
-        "halo": spec.halo,
+        "classes": list(objects.classes),
+        "boundary_class": objects.boundary,
+        "seed": objects.seed,
+        "halo": objects.halo,
         "count": res.n_objects,
         "beyond_halo": res.beyond_halo,
         "area": {str(k): v for k, v in res.class_areas_m2.items()},
     }
 
 
-def _write_styles(plan: _Plan, oset: OutputSet, rasters: list[str]) -> None:
+def _write_styles(spec: RunSpec, oset: OutputSet, rasters: list[str]) -> None:
     """QGIS styles beside the rasters (and the GeoJSON / GeoParquet polygons): see geovae.styles."""
     import math
 
     from geovae.styles import class_raster_qml, polygon_qml, ramp_qml
 
-    info, stem = plan.model.info, plan.stem
+    info, stem = spec.info, spec.stem
     K = info.num_classes
     qml = {
         "classes": class_raster_qml(info.class_ids, info.class_names, info.class_colors),
@@ -709,37 +573,39 @@ def _write_styles(plan: _Plan, oset: OutputSet, rasters: list[str]) -> None:
         "uncertainty": ramp_qml(0.0, math.log(K) if K > 1 else 1.0, "inferno"),
         # the anomaly threshold in the middle of the ramp: bright above it
         "reconstruction_error": ramp_qml(
-            0.0, 2 * plan.threshold if plan.threshold else 1.0, "inferno", label_precision=3
+            0.0, 2 * spec.anomaly_threshold if spec.anomaly_threshold else 1.0, "inferno", label_precision=3
         ),
         "object_probability": ramp_qml(0.0, 1.0, "viridis"),
     }
     for kind in rasters:
         write_text(oset.path(output_name(stem, RASTER_STYLES[kind])), qml[kind])
-    if set(plan.formats) & {"geojson", "parquet"}:
+    if set(spec.formats) & {"geojson", "parquet"}:
         write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
-        if plan.objects is not None:
+        if spec.objects is not None:
             colors = dict(zip(info.class_ids, info.class_colors))
             write_text(
                 oset.path(output_name(stem, "objects_style")),
-                polygon_qml(list(plan.objects.names), [colors[c] for c in plan.objects.classes]),
+                polygon_qml(list(spec.objects.names), [colors[c] for c in spec.objects.classes]),
             )
 
 
-def _write_stac(plan: _Plan, oset: OutputSet, statistics: Statistics, report: dict[str, Any], kinds: list[str]) -> None:
+def _write_stac(
+    spec: RunSpec, oset: OutputSet, statistics: Statistics, report: dict[str, Any], kinds: list[str]
+) -> None:
     """The run's STAC Item (geovae.stac), from the staged files, committed before the report."""
     from geovae.stac import build_item, write_item
 
-    stem = plan.stem
+    stem = spec.stem
     files = {k: oset.path(output_name(stem, k)) for k in kinds if k != "stac"}
     finals = {k: oset.final(output_name(stem, k)) for k in kinds}
     item = build_item(
         stem=stem,
-        scene=plan.scene,
+        scene=spec.scene,
         report=report,
         files=files,
         finals=finals,
         statistics=statistics.bands,
-        model_path=plan.source,
+        model_path=spec.model_path,
     )
     write_item(item, oset.path(output_name(stem, "stac")))
 
@@ -763,12 +629,12 @@ def _warn_anomalies(report: dict[str, Any]) -> None:
         )
 
 
-def _run_set(plan: _Plan, out_dir: str | Path) -> OutputSet:
+def _run_set(spec: RunSpec, out_dir: str | Path) -> OutputSet:
     """The run's output set, after checking that no output would replace an input."""
     folder = check_output_dir(out_dir, create=False)
-    inputs = [*plan.scene.local_files, plan.source]
-    check_not_inputs([folder / output_name(plan.stem, k) for k in _kinds(plan)], inputs)
-    return OutputSet(folder, plan.stem, inputs=inputs)
+    inputs = [*spec.scene.local_files, spec.model_path]
+    check_not_inputs([folder / output_name(spec.stem, k) for k in spec.kinds], inputs)
+    return OutputSet(folder, spec.stem, inputs=inputs)
 
 
 # -- the public entry points ------------------------------------------------------------------
@@ -817,15 +683,17 @@ def segment_scene(
             an output asked for, or the scene lies far outside the model's training data.
     """
     opts = SegmentOptions.from_kwargs(options, **kwargs)
-    plan = _plan(scene, model, opts, rows=rows)
-    oset = _run_set(plan, out_dir)
+    t_start = time.perf_counter()
+    spec = resolve(scene, model, opts, rows)
+    timings = {"validate_s": time.perf_counter() - t_start}
+    oset = _run_set(spec, out_dir)
     # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
         try:
-            return _run(plan, oset, _PredictedBlocks(plan, _blender(plan)))
+            return _run(spec, oset, _PredictedBlocks(spec, _blender(spec), timings), timings, t_start)
         finally:
-            plan.scene.close()
+            spec.scene.close()
 
 
 def segment_rows(
@@ -864,11 +732,13 @@ def assemble_rows(
         bands: ``(start, stop)`` rows of each band, top to bottom.
         parts: what :func:`segment_rows` returned for each band.
     """
-    plan = _plan(scene, model, options.replace(progress=False), check_trust=False)
-    oset = _run_set(plan, out_dir)
+    t_start = time.perf_counter()
+    spec = resolve(scene, model, options.replace(progress=False), check_trust=False)
+    timings = {"validate_s": time.perf_counter() - t_start}
+    oset = _run_set(spec, out_dir)
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
         try:
-            bands_source = RowBands(plan.blocks, bands, parts)
-            return _run(plan, oset, bands_source, extra={"split": bands_source.split()})
+            bands_source = RowBands(spec.blocks, bands, parts)
+            return _run(spec, oset, bands_source, timings, t_start, extra={"split": bands_source.split()})
         finally:
-            plan.scene.close()
+            spec.scene.close()

@@ -28,7 +28,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from geovae.errors import ModelMismatchError
+from geovae.errors import AreaOutsideSceneError, ModelMismatchError, SceneError
 from geovae.model.base import ModelInfo
 from geovae.scene import Scene
 
@@ -41,6 +41,7 @@ __all__ = [
     "check_scene",
     "resolution_note",
     "scene_sample",
+    "trust_findings",
 ]
 
 log = logging.getLogger("geovae.segment")
@@ -63,6 +64,31 @@ def scene_sample(scene: Scene) -> np.ndarray:
     """The valid pixels :func:`check_scene` compares, float32 (count, n); read it once and pass
     it to ``check_scene`` when the caller wants it too (``segment`` checks it for any valid pixel)."""
     return scene.sample(SAMPLE_WINDOWS, SAMPLE_SIZE)
+
+
+def trust_findings(scene: Scene, info: ModelInfo, *, force: bool = False, check: bool = True) -> dict[str, Any]:
+    """The checks a run makes before any tile runs: the scene has valid pixels, and (with
+    ``check``) it looks like the training data (:func:`check_scene`).
+
+    Returns:
+        The report's ``trust`` entry: ``{"scene": what check_scene found}`` (``{"checked":
+        False}`` without ``check``).
+
+    Raises:
+        AreaOutsideSceneError: a stacked scene's area holds no valid pixel.
+        SceneError: the scene has no valid pixel.
+        ModelMismatchError: as :func:`check_scene`.
+    """
+    # One sparse read serves both checks: valid pixels in the sample settle any_valid, whose
+    # decimated whole-scene read is then only needed for a scene the sample finds empty.
+    sample = scene_sample(scene) if check else None
+    if (sample is None or sample.shape[1] == 0) and not scene.any_valid():
+        if scene.source is not None and scene.source.area is not None:
+            raise AreaOutsideSceneError(
+                f"the area holds no valid pixel of {scene.name} (all nodata there); nothing to segment"
+            )
+        raise SceneError(f"scene {scene.name} has no valid pixels (all nodata); check --nodata or the file")
+    return {"scene": check_scene(scene, info, force=force, sample=sample) if check else {"checked": False}}
 
 
 def anomaly_threshold(info: ModelInfo) -> float | None:
