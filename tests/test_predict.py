@@ -28,7 +28,8 @@ from geovae.classes import CLASS_NODATA
 from geovae.errors import CorruptSceneError, ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.scene import Scene, open_scene
-from geovae.segment.run import _predict, segment_scene
+from geovae.segment import segment_scene
+from geovae.segment.predict import _predict
 
 QUIET = dict(progress=False, quicklook=False, formats=())
 

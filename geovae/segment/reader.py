@@ -1,4 +1,4 @@
-"""Reading a scene's tiles in a background thread, in the order the stitcher wants them.
+"""Reading a scene's tiles in a background thread, in the order the blocks are blended.
 
 GDAL releases the GIL while it decodes, so a few threads read windows in parallel while the
 main thread runs the model; a bounded queue holds the batches in between, which bounds
@@ -31,7 +31,7 @@ __all__ = ["READ_WINDOW_BYTES", "Batch", "Reader", "read_groups"]
 
 @dataclass
 class Batch:
-    entries: list[tuple[Tile, bool]]  # every tile in stitch order; False = skipped (all nodata)
+    entries: list[tuple[Tile, bool]]  # every tile in block order; False = skipped (all nodata)
     x: torch.Tensor | None  # (n_run, C, T, T) raw values, nodata filled with band means
     valid: list[np.ndarray]  # one (T, T) mask per run tile
 
@@ -90,7 +90,7 @@ class Reader:
     is asynchronous.
 
     Args:
-        blocks: the tiles in stitch order, grouped by output block (:meth:`Stitcher.block_tiles`).
+        blocks: the tiles in block order, grouped by output block (:meth:`geovae.blend.BlockGrid.block_tiles`).
         window_bytes: most bytes of one read window.
     """
 

@@ -28,22 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import torch
-
-from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, sha256, write_text
-from geovae.blend import Blender
+from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, write_text
 from geovae.blocks import Block
 from geovae.errors import OptionError
 from geovae.model.base import SegmentationModel
-from geovae.products import RASTER_KINDS, RASTER_STYLES, class_table, output_name
+from geovae.products import RASTER_KINDS, class_table, output_name
 from geovae.scene import Scene, capped_gdal_cache
 from geovae.segment.assemble import RowBands
 from geovae.segment.options import SegmentOptions
-from geovae.segment.reader import Batch, Reader
+from geovae.segment.predict import PredictedBlocks, blender
+from geovae.segment.progress import Progress, set_total
 from geovae.segment.report import build_report
 from geovae.segment.spec import RunSpec, resolve
 from geovae.segment.trust import WARN_FLAGGED
+from geovae.segment.writers import model_sha256, objects_entry, write_stac, write_styles
 from geovae.sinks.objects import ObjectSink
 from geovae.sinks.rasters import RasterFiles, RasterSink
 from geovae.sinks.statistics import Statistics, StatisticsSink
@@ -56,9 +54,6 @@ log = logging.getLogger("geovae.segment")
 #: Upper bound of GDAL's block cache during a run (bytes). A 512 MiB cache fills while
 #: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
 GDAL_CACHE_BYTES = 64 * 2**20
-
-#: Seed of the latent noise a run draws its samples with.
-SAMPLE_SEED = 0
 
 
 @dataclass
@@ -138,20 +133,6 @@ class SegmentResult:
         return xr.Dataset(variables)
 
 
-_MODEL_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def _model_sha256(source: str | None) -> str | None:
-    """The model file's SHA-256, computed once per file version in a process."""
-    if source is None or not Path(source).is_file():
-        return None
-    st = Path(source).stat()
-    key = (str(Path(source).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _MODEL_HASHES:
-        _MODEL_HASHES[key] = sha256(source)
-    return _MODEL_HASHES[key]
-
-
 def _previous_outputs(folder: Path, stem: str) -> list[str]:
     """Names of the files an earlier run's report in ``folder`` lists (to remove stale ones)."""
     try:
@@ -170,191 +151,12 @@ def _previous_outputs(folder: Path, stem: str) -> list[str]:
     return names
 
 
-# -- the model loop ------------------------------------------------------------------------
-
-
-def _predict(
-    model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool
-) -> dict[str, torch.Tensor]:
-    """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
-    x = x.to(model.device, non_blocking=True)
-    out = model.predict(x, samples=samples, reconstruction=reconstruction)
-    if tta:
-        for dim in (-1, -2):
-            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction)
-            for k, v in o.items():
-                out[k] = out[k] + v.flip(dim)  # every output has H, W as its last two dims
-        out = {k: v / 3.0 for k, v in out.items()}
-    return out
-
-
-@dataclass
-class _InFlight:
-    batch: Batch
-    outputs: dict[str, torch.Tensor]  # on the host (possibly still being copied)
-    done: Any  # a CUDA event marking the end of the copy, or None on the CPU
-
-
-def _launch(model: SegmentationModel, batch: Batch, samples: int, reconstruction: bool, tta: bool) -> _InFlight:
-    """Queue one batch on the device and its copy back to the host; does not wait on CUDA."""
-    if batch.x is None:
-        return _InFlight(batch, {}, None)
-    o = _predict(model, batch.x, samples, reconstruction, tta)
-    if model.device.type != "cuda":
-        return _InFlight(batch, {k: v.float() for k, v in o.items()}, None)
-    host = {}
-    for k, v in o.items():
-        buf = torch.empty(v.shape, dtype=torch.float32, pin_memory=True)
-        buf.copy_(v.float(), non_blocking=True)  # asynchronous into pinned memory
-        host[k] = buf
-    done = torch.cuda.Event()
-    done.record()
-    return _InFlight(batch, host, done)
-
-
-def _blend(f: _InFlight, blender: Blender) -> tuple[float, list[Block]]:
-    """Wait for a batch's outputs and blend them; the seconds spent waiting on the device and
-    the blocks the batch completed, in write order."""
-    t0 = time.perf_counter()
-    if f.done is not None:
-        f.done.synchronize()
-    waited = time.perf_counter() - t0
-    res = {k: v.numpy() for k, v in f.outputs.items()}
-    blocks: list[Block] = []
-    n = 0
-    for t, run in f.batch.entries:
-        if not run:
-            blocks += blender.skip(t)
-            continue
-        blocks += blender.add(
-            t,
-            f.batch.valid[n],
-            res["probs"][n],
-            expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
-            reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
-        )
-        n += 1
-    return waited, blocks
-
-
-class _Progress:
-    """A rich progress bar with a rate, or nothing."""
-
-    def __init__(self, total: int, enabled: bool, label: str, unit: str = "tiles"):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]} " + unit + "/s"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.task = self.bar.add_task(label, total=total, rate="-")
-        self.t0 = time.perf_counter()
-        self.done = 0
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.update(self.task, advance=n, rate=f"{rate:.1f}")
-
-    def update(self, done: int, total: int) -> None:
-        """Set the bar to ``done`` of ``total`` (for stages that report their own position)."""
-        self.advance(done - self.done)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-class _PredictedBlocks:
-    """The block source of a scene: its tiles read, run through the model and blended into
-    blocks (:class:`~geovae.blend.Blender`), yielded in write order as they complete."""
-
-    def __init__(self, spec: RunSpec, blender: Blender, timings: dict[str, float]):
-        self.spec = spec
-        self.blender = blender
-        self.timings = timings
-
-    def summary(self) -> dict[str, Any]:
-        return self.blender.summary()
-
-    def __iter__(self) -> Generator[Block]:
-        spec, blender, timings = self.spec, self.blender, self.timings
-        opts, model = spec.options, spec.model
-        t0 = time.perf_counter()
-        model_s = 0.0
-        pin = model.device.type == "cuda"
-        mean = np.asarray(model.info.mean, dtype=np.float32)
-        total = blender.blocks.tiles_total
-        # Latent samples come from a fixed seed, so the same command gives the same outputs; the
-        # caller's own random state is left as it was.
-        devices = [model.device.index or 0] if model.device.type == "cuda" else []
-        with (
-            torch.random.fork_rng(devices=devices),
-            Reader(spec.scene, list(blender.blocks.block_tiles()), spec.batch_size, mean, pin) as reader,
-            _Progress(total, opts.progress, f"segment {spec.stem}") as bar,
-        ):
-            torch.manual_seed(SAMPLE_SEED)
-            # One batch in flight: batch n+1 is queued on the device before batch n is
-            # blended, so on CUDA the GPU computes while the CPU blends and writes. Blending
-            # stays on this thread: on 2 cores a blending thread beside the CPU model contends
-            # with torch's threads and uses more CPU seconds for no clear gain.
-            pending: _InFlight | None = None
-            for batch in reader:
-                tm = time.perf_counter()
-                launched = _launch(model, batch, opts.samples, spec.reconstruction, opts.tta)
-                model_s += time.perf_counter() - tm
-                if pending is not None:
-                    waited, blocks = _blend(pending, blender)
-                    model_s += waited
-                    yield from blocks
-                    bar.advance(len(pending.batch.entries))
-                pending = launched
-            if pending is not None:
-                waited, blocks = _blend(pending, blender)
-                model_s += waited
-                yield from blocks
-                bar.advance(len(pending.batch.entries))
-            yield from blender.finish()
-            timings["read_s"] = reader.read_s
-        timings["model_s"] = model_s
-        timings["predict_s"] = time.perf_counter() - t0
-        log.info(
-            "%s: %d tiles predicted and blended in %.1f s (model %.1f s)",
-            spec.stem,
-            total,
-            timings["predict_s"],
-            model_s,
-        )
-
-
 class _BlockSource(Protocol):
     """What the run skeleton streams: blocks in write order, and the report's tile counts."""
 
     def __iter__(self) -> Generator[Block]: ...
 
     def summary(self) -> dict[str, Any]: ...
-
-
-def _blender(spec: RunSpec) -> Blender:
-    return Blender(
-        spec.blocks,
-        spec.info,
-        uncertainty=spec.samples > 0,
-        reconstruction=spec.reconstruction,
-        probabilities=spec.probabilities,
-    )
 
 
 def _polygon_sink(spec: RunSpec, oset: OutputSet) -> Any:
@@ -391,12 +193,7 @@ def _open_sinks(spec: RunSpec, oset: OutputSet) -> dict[str, Any]:
     already open are aborted."""
     sinks: dict[str, Any] = {}
     try:
-        statistics = StatisticsSink(
-            spec.info,
-            spec.scene.crs,
-            spec.scene.transform,
-            spec.anomaly_threshold,
-        )
+        statistics = StatisticsSink(spec.info, spec.scene.crs, spec.scene.transform, spec.anomaly_threshold)
         sinks["rasters"] = RasterSink(oset, spec.rasters, list(spec.blocks.windows()), statistics.pixels)
         sinks["statistics"] = statistics
         if spec.formats:
@@ -437,7 +234,7 @@ def _close(spec: RunSpec, timings: dict[str, float], name: str, sink: Any) -> An
         return sink.close()
     label, unit, key = _CLOSING[name]
     t0 = time.perf_counter()
-    with _Progress(1, spec.options.progress, f"{label} {spec.stem}", unit=unit) as bar:
+    with Progress(1, spec.options.progress, f"{label} {spec.stem}", unit=unit) as bar:
         if name == "rasters":
             # The COG copies (overviews included) take a minute or more on a 20k scene: a bar
             # in MiB, rounded up so a small scene still ends at 1/1.
@@ -445,12 +242,12 @@ def _close(spec: RunSpec, timings: dict[str, float], name: str, sink: Any) -> An
 
             def progress(done: int, total: int) -> None:
                 seen[0] = max(1, -(-total >> 20))
-                _set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
+                set_total(bar, min(seen[0], -(-done >> 20)), seen[0])
 
             result = sink.close(progress=progress)
-            _set_total(bar, seen[0], seen[0])
+            set_total(bar, seen[0], seen[0])
         else:
-            result = sink.close(progress=lambda done, total: _set_total(bar, done, total))
+            result = sink.close(progress=lambda done, total: set_total(bar, done, total))
     timings[key] = time.perf_counter() - t0
     stem, took = spec.stem, timings[key]
     if name == "rasters":
@@ -504,7 +301,7 @@ def _finish(
     if "polygons" in results:
         polygons = dict.fromkeys(spec.formats, results["polygons"].n_polygons)
     if "objects" in results:
-        extra = {**(extra or {}), "objects": _objects_entry(spec, results["objects"])}
+        extra = {**(extra or {}), "objects": objects_entry(spec, results["objects"])}
     if opts.quicklook:
         t0 = time.perf_counter()
         from geovae.quicklook import write_quicklook
@@ -512,7 +309,7 @@ def _finish(
         write_quicklook(spec.scene, rasters.staged["classes"], oset.path(output_name(stem, "quicklook")), info)
         timings["quicklook_s"] = time.perf_counter() - t0
         log.info("%s: quicklook drawn in %.1f s", stem, timings["quicklook_s"])
-    _write_styles(spec, oset, list(rasters.paths))
+    write_styles(spec, oset, list(rasters.paths))
     timings["total_s"] = time.perf_counter() - t_start
     kinds = list(spec.kinds)
     outputs = {k: oset.final(output_name(stem, k)) for k in kinds}
@@ -520,7 +317,7 @@ def _finish(
         scene=spec.scene,
         model=spec.model,
         source=spec.model_path,
-        model_sha256=_model_sha256(spec.model_path),
+        model_sha256=model_sha256(spec.model_path),
         options=spec.report_options(),
         tiles=tiles,
         timings=timings,
@@ -536,84 +333,12 @@ def _finish(
     )
     write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
     t0 = time.perf_counter()
-    _write_stac(spec, oset, statistics, report, kinds)
+    write_stac(spec, oset, statistics, report, kinds)
     log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
     names = [output_name(stem, k) for k in kinds]
     oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))
     _warn_anomalies(report)
     return SegmentResult(outputs=outputs, report=report)
-
-
-def _objects_entry(spec: RunSpec, res: Any) -> dict[str, Any]:
-    """The report's ``objects`` entry (``--objects``)."""
-    objects = spec.objects
-    return {
-        "classes": list(objects.classes),
-        "boundary_class": objects.boundary,
-        "seed": objects.seed,
-        "halo": objects.halo,
-        "count": res.n_objects,
-        "beyond_halo": res.beyond_halo,
-        "area": {str(k): v for k, v in res.class_areas_m2.items()},
-    }
-
-
-def _write_styles(spec: RunSpec, oset: OutputSet, rasters: list[str]) -> None:
-    """QGIS styles beside the rasters (and the GeoJSON / GeoParquet polygons): see geovae.styles."""
-    import math
-
-    from geovae.styles import class_raster_qml, polygon_qml, ramp_qml
-
-    info, stem = spec.info, spec.stem
-    K = info.num_classes
-    qml = {
-        "classes": class_raster_qml(info.class_ids, info.class_names, info.class_colors),
-        # the largest class probability is at least 1/K
-        "confidence": ramp_qml(1.0 / K if K > 1 else 0.0, 1.0, "viridis"),
-        "uncertainty": ramp_qml(0.0, math.log(K) if K > 1 else 1.0, "inferno"),
-        # the anomaly threshold in the middle of the ramp: bright above it
-        "reconstruction_error": ramp_qml(
-            0.0, 2 * spec.anomaly_threshold if spec.anomaly_threshold else 1.0, "inferno", label_precision=3
-        ),
-        "object_probability": ramp_qml(0.0, 1.0, "viridis"),
-    }
-    for kind in rasters:
-        write_text(oset.path(output_name(stem, RASTER_STYLES[kind])), qml[kind])
-    if set(spec.formats) & {"geojson", "parquet"}:
-        write_text(oset.path(output_name(stem, "polygons_style")), polygon_qml(info.class_names, info.class_colors))
-        if spec.objects is not None:
-            colors = dict(zip(info.class_ids, info.class_colors))
-            write_text(
-                oset.path(output_name(stem, "objects_style")),
-                polygon_qml(list(spec.objects.names), [colors[c] for c in spec.objects.classes]),
-            )
-
-
-def _write_stac(
-    spec: RunSpec, oset: OutputSet, statistics: Statistics, report: dict[str, Any], kinds: list[str]
-) -> None:
-    """The run's STAC Item (geovae.stac), from the staged files, committed before the report."""
-    from geovae.stac import build_item, write_item
-
-    stem = spec.stem
-    files = {k: oset.path(output_name(stem, k)) for k in kinds if k != "stac"}
-    finals = {k: oset.final(output_name(stem, k)) for k in kinds}
-    item = build_item(
-        stem=stem,
-        scene=spec.scene,
-        report=report,
-        files=files,
-        finals=finals,
-        statistics=statistics.bands,
-        model_path=spec.model_path,
-    )
-    write_item(item, oset.path(output_name(stem, "stac")))
-
-
-def _set_total(bar: _Progress, done: int, total: int) -> None:
-    if bar.bar is not None:
-        bar.bar.update(bar.task, total=total)
-    bar.update(done, total)
 
 
 def _warn_anomalies(report: dict[str, Any]) -> None:
@@ -691,7 +416,7 @@ def segment_scene(
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
         try:
-            return _run(spec, oset, _PredictedBlocks(spec, _blender(spec), timings), timings, t_start)
+            return _run(spec, oset, PredictedBlocks(spec, blender(spec), timings), timings, t_start)
         finally:
             spec.scene.close()
 
