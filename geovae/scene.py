@@ -250,7 +250,10 @@ def _alpha_index(ds: rasterio.io.DatasetReader) -> int | None:
 
 @dataclass
 class Scene:
-    """A validated raster, opened lazily; pixels are read by window.
+    """A validated raster; pixels are read by window.
+
+    Each thread reads through a handle of its own (:meth:`dataset`, opened on first use); the
+    thread that opened the scene (:func:`open_scene`) keeps the handle that validated it.
 
     Attributes:
         path: the name GDAL opens (``/vsicurl/...`` for URLs).
@@ -733,7 +736,7 @@ def open_scene(
             kind = "mask"
         else:
             kind = "nodata" if nd is not None else "none"
-        return Scene(
+        scene = Scene(
             path=name,
             name=shown,
             width=ds.width,
@@ -752,8 +755,13 @@ def open_scene(
             pixel_coords=pixel_coords or ds.crs is None,
             source=source,
         )
-    finally:
+    except BaseException:
         ds.close()
+        raise
+    # The handle that validated the scene stays open as this thread's (Scene.dataset): the
+    # checks and the quicklook read through it instead of opening the scene again.
+    scene._local.ds = ds
+    return scene
 
 
 def _mask_flag_names(flags: list[MaskFlags]) -> list[str]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -182,28 +182,24 @@ def _bbox(geom: dict[str, Any]) -> list[float]:
     return [round(v, 7) for v in shapely.geometry.shape(geom).bounds]
 
 
-def _raster_bands(kind: str, ds: Any, stats: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    import math
-
-    bands = []
-    for b in range(ds.count):
-        nodata = ds.nodata
-        band: dict[str, Any] = {
-            "data_type": ds.dtypes[b],
-            "nodata": "nan" if nodata is not None and math.isnan(nodata) else nodata,
-        }
-        if ds.crs is not None:
-            band["spatial_resolution"] = abs(ds.transform.a)
+def _raster_bands(
+    kind: str, bands: Sequence[Mapping[str, Any]], stats: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    out = []
+    for b, facts in enumerate(bands):
+        band: dict[str, Any] = {"data_type": facts["data_type"], "nodata": facts["nodata"]}
+        if "spatial_resolution" in facts:
+            band["spatial_resolution"] = facts["spatial_resolution"]
         if kind in _UNITS:
             band["unit"] = _UNITS[kind]
-        if ds.descriptions[b]:
-            band["name"] = ds.descriptions[b]
+        if facts.get("name"):
+            band["name"] = facts["name"]
         if stats is not None and b < len(stats):
             st = {k: v for k, v in stats[b].items() if v is not None}
             if st:
                 band["statistics"] = st
-        bands.append(band)
-    return bands
+        out.append(band)
+    return out
 
 
 def build_item(
@@ -213,7 +209,9 @@ def build_item(
     report: dict[str, Any],
     files: dict[str, Path],
     finals: dict[str, Path],
-    statistics: dict[str, list[dict[str, Any]]] | None = None,
+    bands: Mapping[str, Sequence[Mapping[str, Any]]],
+    statistics: Mapping[str, list[dict[str, Any]]] | None = None,
+    checksums: Mapping[str, str] | None = None,
     model_path: str | None = None,
 ) -> Any:
     """The STAC Item of one run.
@@ -222,10 +220,13 @@ def build_item(
         stem: the scene's stem (the Item's id).
         scene: the :class:`~geovae.scene.Scene`.
         report: the run report (classes, model, options, versions, created).
-        files: where each asset's file is now (the staging folder), by kind: sizes and
-            checksums are read from them.
+        files: where each asset's file is now (the staging folder), by kind: sizes are read
+            from them, and checksums for the files ``checksums`` lacks.
         finals: where each file will be, by kind (hrefs are relative to the Item's final path).
+        bands: per raster kind, each band's ``data_type``, ``nodata``, ``name`` and
+            ``spatial_resolution`` (:meth:`geovae.sinks.rasters.RasterSpec.band_info`).
         statistics: per raster kind, per band statistics (:class:`geovae.sinks.statistics.StatisticsSink`).
+        checksums: SHA-256 (hex) of files already hashed when they were written, by kind.
         model_path: the model file, linked as ``ml-model`` (a ``torchgeo:NAME`` weight set by
             the URL of its weights).
 
@@ -233,7 +234,6 @@ def build_item(
         A ``pystac.Item`` whose self href is its final path.
     """
     import pystac
-    import rasterio
 
     created = report.get("created") or datetime.now(UTC).isoformat(timespec="seconds")
     geom = _footprint(scene)
@@ -278,10 +278,10 @@ def build_item(
         if kind in ("stac",) or kind not in MEDIA_TYPES:
             continue
         rel = "./" + os.path.relpath(finals[kind], folder)
-        extra: dict[str, Any] = {"file:size": Path(path).stat().st_size, "file:checksum": multihash(path)}
-        if kind in ("classes", "confidence", "uncertainty", "reconstruction_error", "object_probability"):
-            with rasterio.open(path) as ds:
-                extra["raster:bands"] = _raster_bands(kind, ds, (statistics or {}).get(kind))
+        digest = (checksums or {}).get(kind) or sha256(path)
+        extra: dict[str, Any] = {"file:size": Path(path).stat().st_size, "file:checksum": "1220" + digest}
+        if kind in bands:
+            extra["raster:bands"] = _raster_bands(kind, bands[kind], (statistics or {}).get(kind))
         if kind == "classes":
             colors = dict(zip(report.get("model", {}).get("class_ids", []), _colors(report)))
             extra["classification:classes"] = [
@@ -368,12 +368,10 @@ def _colors(report: dict[str, Any]) -> list[list[int]]:
 
 
 def _scene_datetime(scene: Any) -> datetime | None:
-    """The acquisition time a scene's tags give (``TIFFTAG_DATETIME``, ``ACQUISITIONDATETIME``...)."""
-    import rasterio
-
+    """The acquisition time a scene's tags give (``TIFFTAG_DATETIME``, ``ACQUISITIONDATETIME``...),
+    read through the scene's open handle (:meth:`geovae.scene.Scene.dataset`)."""
     try:
-        with rasterio.open(scene.path) as ds:
-            tags = ds.tags()
+        tags = scene.dataset().tags()
     except Exception:
         return None
     for key in ("ACQUISITIONDATETIME", "ACQUISITION_DATETIME", "DATETIME", "TIFFTAG_DATETIME"):

@@ -333,7 +333,7 @@ def _finish(
     )
     write_text(oset.path(output_name(stem, "report")), json.dumps(report, indent=2, default=str))
     t0 = time.perf_counter()
-    write_stac(spec, oset, statistics, report, kinds)
+    write_stac(spec, oset, report, statistics, rasters.checksums)
     log.info("%s: STAC item written in %.1f s", stem, time.perf_counter() - t0)
     names = [output_name(stem, k) for k in kinds]
     oset.commit(names[:-1], last=names[-1], remove=_previous_outputs(oset.folder, stem))

@@ -73,21 +73,29 @@ def write_styles(spec: RunSpec, oset: OutputSet, rasters: list[str]) -> None:
 
 
 def write_stac(
-    spec: RunSpec, oset: OutputSet, statistics: Statistics, report: dict[str, Any], kinds: list[str]
+    spec: RunSpec,
+    oset: OutputSet,
+    report: dict[str, Any],
+    statistics: Statistics,
+    checksums: dict[str, str],
 ) -> None:
-    """The run's STAC Item (geovae.stac), from the staged files, committed before the report."""
+    """The run's STAC Item (geovae.stac), committed before the report: the rasters' bands from
+    the spec, their statistics and checksums from the sinks; the other files' checksums from
+    the staged files."""
     from geovae.stac import build_item, write_item
 
     stem = spec.stem
-    files = {k: oset.path(output_name(stem, k)) for k in kinds if k != "stac"}
-    finals = {k: oset.final(output_name(stem, k)) for k in kinds}
+    files = {k: oset.path(output_name(stem, k)) for k in spec.kinds if k != "stac"}
+    finals = {k: oset.final(output_name(stem, k)) for k in spec.kinds}
     item = build_item(
         stem=stem,
         scene=spec.scene,
         report=report,
         files=files,
         finals=finals,
+        bands={k: spec.rasters.band_info(k) for k in spec.rasters.kinds},
         statistics=statistics.bands,
+        checksums=checksums,
         model_path=spec.model_path,
     )
     write_item(item, oset.path(output_name(stem, "stac")))
