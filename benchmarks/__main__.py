@@ -431,7 +431,7 @@ def vae_speed(a: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the stitcher's
+    """Peak RSS with the default VAE, 2k^2 against a 20k-wide strip (the blender's
     row band, the only part that grows, depends on width only), and a very wide scene with the
     stand-in (0.2 MP/s would take hours for 100 MP of the VAE)."""
     vae = _default_vae()

@@ -2,7 +2,7 @@
 
 Both sides write the same four rasters a segment run writes (classes uint8, confidence
 float32, uncertainty 2 x float32, reconstruction error float32), block by block (1024 px
-blocks, as the stitcher does) from values derived from a VRT mosaic of the real Landsat-8
+blocks, as the raster sink does) from values derived from a VRT mosaic of the real Landsat-8
 Parana scene, under the GDAL block cache a run uses (64 MiB):
 
 * **plain**: a tiled GeoTIFF at ZSTD's default level with the

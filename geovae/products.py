@@ -1,6 +1,6 @@
 """The output contract: what a run writes, under which names, with which profiles and tags.
 
-Every writer (the stitcher, the polygon writer, the quicklook, the report) takes its names,
+Every writer (the raster sink, the polygon writer, the quicklook, the report) takes its names,
 GeoTIFF profiles and tags from here, and every reader of geovae's own outputs (vectorize,
 evaluate, the viewer) reads them back through here, so the two sides cannot drift apart.
 

@@ -123,7 +123,7 @@ def split_plan(height: int, tile: int, overlap: int, block_size: int, parts: int
     """Horizontal bands of a scene for ``split_scene``: ``(start, stop)`` output rows of each.
 
     Bands are whole rows of output blocks (:func:`geovae.blend.block_side`, the rounding the
-    stitcher uses), so each can be segmented alone with :func:`geovae.segment.segment_rows`:
+    block grid uses), so each can be segmented alone with :func:`geovae.segment.segment_rows`:
     that runs the tiles touching the band on the scene's own tile and block grid, and its rows
     equal the single-process run bit for bit. The cost is the halo: the tiles that cross a
     band line (about one tile of rows) run in both bands, so a band should be many tiles tall.
