@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from geovae.blend import BlockGrid
 from geovae.blocks import Block
 
-__all__ = ["RowBands"]
+__all__ = ["RowBands", "split_entry"]
 
 
 class RowBands:
@@ -62,8 +62,7 @@ class RowBands:
         tiles = {k: sum(p["tiles"][k] for p in self.parts) for k in ("tiles_total", "tiles_run", "tiles_skipped")}
         return {**tiles, "blocks_written": self.blocks_read, "block_size": self.blocks.side}
 
-    def split(self) -> dict[str, Any]:
-        """The run report's ``split`` entry: each band's rows and tile counts."""
-        return {
-            "bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(self.bands, self.parts, strict=True)]
-        }
+
+def split_entry(bands: Sequence[tuple[int, int]], parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run report's ``split`` entry: each band's rows and tile counts."""
+    return {"bands": [{"rows": [a, b], "tiles": p["tiles"]} for (a, b), p in zip(bands, parts, strict=True)]}

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,7 +34,7 @@ from geovae.errors import OptionError
 from geovae.model.base import SegmentationModel
 from geovae.products import RASTER_KINDS, class_table, output_name
 from geovae.scene import Scene, capped_gdal_cache
-from geovae.segment.assemble import RowBands
+from geovae.segment.assemble import RowBands, split_entry
 from geovae.segment.options import SegmentOptions
 from geovae.segment.predict import PredictedBlocks, blender
 from geovae.segment.progress import Progress, set_total
@@ -362,6 +362,32 @@ def _run_set(spec: RunSpec, out_dir: str | Path) -> OutputSet:
     return OutputSet(folder, spec.stem, inputs=inputs)
 
 
+def _segment(
+    scene: Any,
+    model: str | Path | SegmentationModel,
+    options: SegmentOptions,
+    out_dir: str | Path,
+    source: Callable[[RunSpec, dict[str, float]], _BlockSource],
+    *,
+    rows: tuple[int, int] | None = None,
+    check_trust: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> SegmentResult:
+    """Resolve the run, open its output set, and run ``source(spec, timings)``'s blocks
+    through the skeleton (:func:`_run`); the scene's handle is closed at the end."""
+    t_start = time.perf_counter()
+    spec = resolve(scene, model, options, rows, check_trust=check_trust)
+    timings = {"validate_s": time.perf_counter() - t_start}
+    oset = _run_set(spec, out_dir)
+    # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
+    # read scene blocks up to that: cap it so memory stays bounded on big machines too.
+    with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
+        try:
+            return _run(spec, oset, source(spec, timings), timings, t_start, extra)
+        finally:
+            spec.scene.close()
+
+
 # -- the public entry points ------------------------------------------------------------------
 
 
@@ -408,17 +434,9 @@ def segment_scene(
             an output asked for, or the scene lies far outside the model's training data.
     """
     opts = SegmentOptions.from_kwargs(options, **kwargs)
-    t_start = time.perf_counter()
-    spec = resolve(scene, model, opts, rows)
-    timings = {"validate_s": time.perf_counter() - t_start}
-    oset = _run_set(spec, out_dir)
-    # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
-    # read scene blocks up to that: cap it so memory stays bounded on big machines too.
-    with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
-        try:
-            return _run(spec, oset, PredictedBlocks(spec, blender(spec), timings), timings, t_start)
-        finally:
-            spec.scene.close()
+    return _segment(
+        scene, model, opts, out_dir, lambda spec, timings: PredictedBlocks(spec, blender(spec), timings), rows=rows
+    )
 
 
 def segment_rows(
@@ -457,13 +475,12 @@ def assemble_rows(
         bands: ``(start, stop)`` rows of each band, top to bottom.
         parts: what :func:`segment_rows` returned for each band.
     """
-    t_start = time.perf_counter()
-    spec = resolve(scene, model, options.replace(progress=False), check_trust=False)
-    timings = {"validate_s": time.perf_counter() - t_start}
-    oset = _run_set(spec, out_dir)
-    with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
-        try:
-            bands_source = RowBands(spec.blocks, bands, parts)
-            return _run(spec, oset, bands_source, timings, t_start, extra={"split": bands_source.split()})
-        finally:
-            spec.scene.close()
+    return _segment(
+        scene,
+        model,
+        options.replace(progress=False),
+        out_dir,
+        lambda spec, timings: RowBands(spec.blocks, bands, parts),
+        check_trust=False,
+        extra={"split": split_entry(bands, parts)},
+    )
