@@ -11,6 +11,7 @@ by the library.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -20,8 +21,9 @@ from typing import Any
 import click
 
 from geovae._version import __version__
-from geovae.choices import CONNECTIVITIES, POLYGON_FORMAT_NAMES, PRECISIONS, SAMPLERS, PolygonFormat, Sampler
+from geovae.choices import CONNECTIVITIES, POLYGON_FORMAT_NAMES, SAMPLERS, PolygonFormat, Sampler
 from geovae.errors import GeovaeError, OptionError
+from geovae.segment.options import Flag, SegmentOptions
 
 log = logging.getLogger("geovae")
 
@@ -210,112 +212,47 @@ def _format_info(d: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------- segment
+def _click_option(name: str, default: Any, flag: Flag) -> Any:
+    """The click option of one :class:`SegmentOptions` field, as its :class:`Flag` spells it."""
+    decl = flag.flag or "--" + name.replace("_", "-")
+    kw: dict[str, Any] = {"help": flag.help}
+    if flag.show_default:
+        kw["show_default"] = True
+    if flag.kind == "flag":
+        return click.option(decl, is_flag=True, **kw)
+    if flag.kind == "switch":
+        return click.option(f"{decl}/--no-{decl[2:]}", default=None, **kw)
+    kw["default"] = flag.cli_default if flag.cli_default is not None else default
+    if flag.kind == "int":
+        low, high = (None if v is None else int(v) for v in (flag.low, flag.high))
+        kw["type"] = click.IntRange(min=low, max=high, min_open=flag.low_open)
+    elif flag.kind == "float":
+        kw["type"] = (
+            float if flag.low is None else click.FloatRange(min=flag.low, max=flag.high, min_open=flag.low_open)
+        )
+    elif flag.kind == "choice":
+        kw["type"] = click.Choice(flag.choices)
+    elif flag.kind == "formats":
+        kw["callback"] = lambda c, p, v: None if v is None else _formats(v)
+    return click.option(decl, **kw)
+
+
+def _segment_flags() -> list[tuple[str, str, bool, Any]]:
+    """``(field, click parameter, turns the option off, click option)`` of every segment
+    option the command line has, in :class:`SegmentOptions`' order."""
+    out = []
+    for f in dataclasses.fields(SegmentOptions):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        decl = flag.flag or "--" + f.name.replace("_", "-")
+        off = flag.flag is not None and flag.flag.startswith("--no-")
+        out.append((f.name, decl[2:].replace("-", "_"), off, _click_option(f.name, f.default, flag)))
+    return out
+
+
 def _segment_options(f: Any) -> Any:
-    opts = [
-        click.option(
-            "--tile",
-            type=click.IntRange(min=1),
-            help="Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
-            "up to 1024, given the overlap].",
-        ),
-        click.option(
-            "--overlap",
-            type=click.IntRange(min=0),
-            help="Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
-            "cannot show; tile/4 for a model whose halo is unknown].",
-        ),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            help="Tiles per batch [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]. "
-            "On a CPU a larger batch still goes through the model half a megapixel at a time "
-            "(as fast, less memory); on a GPU it runs whole.",
-        ),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option(
-            "--precision",
-            type=click.Choice(PRECISIONS),
-            default="auto",
-            show_default=True,
-            help="auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX.",
-        ),
-        click.option(
-            "--samples",
-            type=click.IntRange(min=0),
-            default=0,
-            show_default=True,
-            help="Latent samples per tile; > 0 writes the uncertainty raster.",
-        ),
-        click.option(
-            "--reconstruction/--no-reconstruction",
-            default=None,
-            help="Write the reconstruction-error (anomaly) raster [default: when the model records its "
-            "training error, so unfamiliar pixels are flagged].",
-        ),
-        click.option("--tta", is_flag=True, help="Flip test-time augmentation (3 passes: about 3x the model time)."),
-        click.option(
-            "--min-area",
-            type=click.FloatRange(min=0),
-            default=0.0,
-            show_default=True,
-            help="Drop polygons smaller than this, in m^2 (pixels with --pixel-coords).",
-        ),
-        click.option(
-            "--simplify",
-            type=click.FloatRange(min=0),
-            default=0.0,
-            show_default=True,
-            help="Topology-preserving simplification tolerance, in metres (pixels with --pixel-coords).",
-        ),
-        click.option(
-            "--formats",
-            default=None,
-            callback=lambda c, p, v: None if v is None else _formats(v),
-            help="Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with --pixel-coords].",
-        ),
-        click.option(
-            "--bands",
-            help="The scene's bands the model reads, in its order: band numbers of the file, "
-            "comma-separated (e.g. 4,3,2,8; a band may repeat). Only those are read [default: every band].",
-        ),
-        click.option("--nodata", type=float, help="Treat this pixel value as nodata (overrides the file's tag)."),
-        click.option("--pixel-coords", is_flag=True, help="Accept an image without CRS; outputs in pixel coordinates."),
-        click.option(
-            "--block-size",
-            type=click.IntRange(min=64),
-            default=1024,
-            show_default=True,
-            help="Output block size in pixels (memory grows with it, not with the scene).",
-        ),
-        click.option("--no-quicklook", is_flag=True, help="Skip the PNG quicklook."),
-        click.option(
-            "--force",
-            is_flag=True,
-            help="Segment a scene even when it lies far outside the model's "
-            "training data (another sensor or scale); it is then flagged.",
-        ),
-        click.option(
-            "--objects",
-            help="Also write one polygon per object of these classes (names or ids, "
-            "comma-separated) as <stem>.objects.<format>, split along the model's boundary "
-            "class (train it with --boundary-width).",
-        ),
-        click.option(
-            "--object-halo",
-            type=click.IntRange(min=0),
-            default=256,
-            show_default=True,
-            help="Pixels around each block the object split sees; objects up to this size are exact.",
-        ),
-        click.option(
-            "--object-seed",
-            type=click.FloatRange(min=0, max=1, min_open=True),
-            default=0.5,
-            show_default=True,
-            help="Interior probability at which a pixel seeds an object.",
-        ),
-    ]
-    for opt in reversed(opts):
+    for *_, opt in reversed(_segment_flags()):
         f = opt(f)
     return f
 
@@ -368,32 +305,10 @@ def _scene_inputs(paths: list[str], kw: dict[str, Any]) -> list[Any]:
     return scene_inputs(paths, assets=assets, stack=kw["stack"], resolution=kw.get("resolution"), area=_area(kw))
 
 
-def _segment_options_from(kw: dict[str, Any], quiet: bool) -> Any:
-    from geovae.segment import SegmentOptions
-
-    return SegmentOptions(
-        tile=kw["tile"],
-        overlap=kw["overlap"],
-        batch_size=kw["batch_size"],
-        device=kw["device"],
-        precision=kw["precision"],
-        samples=kw["samples"],
-        reconstruction=kw["reconstruction"],
-        tta=kw["tta"],
-        min_area=kw["min_area"],
-        simplify=kw["simplify"],
-        formats=kw["formats"],
-        nodata=kw["nodata"],
-        pixel_coords=kw["pixel_coords"],
-        block_size=kw["block_size"],
-        quicklook=not kw["no_quicklook"],
-        progress=not quiet,
-        force=kw["force"],
-        objects=kw["objects"],
-        object_halo=kw["object_halo"],
-        object_seed=kw["object_seed"],
-        bands=kw["bands"],
-    )
+def _segment_options_from(kw: dict[str, Any], quiet: bool) -> SegmentOptions:
+    """The :class:`SegmentOptions` of a command's parsed segment options (``-q``: no progress)."""
+    values: dict[str, Any] = {name: (not kw[param]) if off else kw[param] for name, param, off, _ in _segment_flags()}
+    return SegmentOptions(**values, progress=not quiet)
 
 
 @cli.command()

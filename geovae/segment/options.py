@@ -9,18 +9,54 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from geovae.choices import PRECISIONS, Precision
 from geovae.errors import OptionError
 from geovae.products import PolygonFormat, polygon_format
 
-__all__ = ["SegmentOptions"]
+__all__ = ["Flag", "SegmentOptions"]
 
 #: Options that change how fast the outputs are written, not what is written: a batch
 #: marker made with other values is still trusted on resume.
 SPEED_ONLY = frozenset({"device", "batch_size", "progress", "force"})
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How the command line spells one option (:func:`geovae.cli` builds its click options
+    from these, so the command line and the Python API share one list of options, with no
+    click import here).
+
+    Attributes:
+        help: the option's help text.
+        kind: ``"str"``, ``"int"``, ``"float"`` (with ``low``/``high``: the range the command
+            line refuses outside of, as a usage error), ``"choice"`` (``choices``), ``"flag"``
+            (an on/off flag), ``"switch"`` (``--x/--no-x``, unset when neither is given) or
+            ``"formats"`` (a comma-separated list of polygon formats).
+        low, high, low_open: the range of an ``int`` or ``float``.
+        choices: the values of a ``choice``.
+        flag: the option's name when it is not the field's (``--no-quicklook``: a flag that
+            turns the option off).
+        cli_default: the command line's default when it differs from the field's.
+        show_default: show the default in ``--help``.
+    """
+
+    help: str
+    kind: str = "str"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+    flag: str | None = None
+    cli_default: Any = None
+    show_default: bool = False
+
+
+def _cli(help: str, **flag: Any) -> dict[str, Flag]:
+    """A field's metadata: its command-line spelling (:class:`Flag`)."""
+    return {"flag": Flag(help, **flag)}
 
 
 @dataclass(frozen=True)
@@ -64,27 +100,147 @@ class SegmentOptions:
             bands are read. None for every data band in file order.
     """
 
-    tile: int | None = None
-    overlap: int | None = None
-    batch_size: int | None = None
-    device: str = "auto"
-    precision: Precision | None = None
-    samples: int = 0
-    reconstruction: bool | None = None
-    tta: bool = False
-    min_area: float = 0.0
-    simplify: float = 0.0
-    formats: tuple[PolygonFormat, ...] | None = None
-    pixel_coords: bool = False
-    nodata: float | None = None
-    block_size: int = 1024
-    quicklook: bool = True
+    tile: int | None = field(
+        default=None,
+        metadata=_cli(
+            "Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
+            "up to 1024, given the overlap].",
+            kind="int",
+            low=1,
+        ),
+    )
+    overlap: int | None = field(
+        default=None,
+        metadata=_cli(
+            "Overlap between tiles in pixels [default: twice the model's halo + 16, so tile seams "
+            "cannot show; tile/4 for a model whose halo is unknown].",
+            kind="int",
+            low=0,
+        ),
+    )
+    batch_size: int | None = field(
+        default=None,
+        metadata=_cli(
+            "Tiles per batch [default: about half a megapixel of tiles: 8 of 256², 1 of 1024²]. "
+            "On a CPU a larger batch still goes through the model half a megapixel at a time "
+            "(as fast, less memory); on a GPU it runs whole.",
+            kind="int",
+            low=1,
+        ),
+    )
+    device: str = field(default="auto", metadata=_cli("auto, cpu, cuda or cuda:N.", show_default=True))
+    precision: Precision | None = field(
+        default=None,
+        metadata=_cli(
+            "auto: bf16/fp16 on CUDA, fp32 on CPU; bf16 is also fast on CPUs with AVX-512 BF16/AMX.",
+            kind="choice",
+            choices=PRECISIONS,
+            cli_default="auto",
+            show_default=True,
+        ),
+    )
+    samples: int = field(
+        default=0,
+        metadata=_cli(
+            "Latent samples per tile; > 0 writes the uncertainty raster.", kind="int", low=0, show_default=True
+        ),
+    )
+    reconstruction: bool | None = field(
+        default=None,
+        metadata=_cli(
+            "Write the reconstruction-error (anomaly) raster [default: when the model records its "
+            "training error, so unfamiliar pixels are flagged].",
+            kind="switch",
+        ),
+    )
+    tta: bool = field(
+        default=False, metadata=_cli("Flip test-time augmentation (3 passes: about 3x the model time).", kind="flag")
+    )
+    min_area: float = field(
+        default=0.0,
+        metadata=_cli(
+            "Drop polygons smaller than this, in m^2 (pixels with --pixel-coords).",
+            kind="float",
+            low=0,
+            show_default=True,
+        ),
+    )
+    simplify: float = field(
+        default=0.0,
+        metadata=_cli(
+            "Topology-preserving simplification tolerance, in metres (pixels with --pixel-coords).",
+            kind="float",
+            low=0,
+            show_default=True,
+        ),
+    )
+    formats: tuple[PolygonFormat, ...] | None = field(
+        default=None,
+        metadata=_cli(
+            "Polygon formats, comma-separated: geojson,gpkg,parquet [default: geojson; gpkg with --pixel-coords].",
+            kind="formats",
+        ),
+    )
+    pixel_coords: bool = field(
+        default=False, metadata=_cli("Accept an image without CRS; outputs in pixel coordinates.", kind="flag")
+    )
+    nodata: float | None = field(
+        default=None, metadata=_cli("Treat this pixel value as nodata (overrides the file's tag).", kind="float")
+    )
+    block_size: int = field(
+        default=1024,
+        metadata=_cli(
+            "Output block size in pixels (memory grows with it, not with the scene).",
+            kind="int",
+            low=64,
+            show_default=True,
+        ),
+    )
+    quicklook: bool = field(default=True, metadata=_cli("Skip the PNG quicklook.", kind="flag", flag="--no-quicklook"))
     progress: bool = True
-    force: bool = False
-    objects: tuple[str, ...] | None = None
-    object_halo: int = 256
-    object_seed: float = 0.5
-    bands: tuple[int, ...] | None = None
+    force: bool = field(
+        default=False,
+        metadata=_cli(
+            "Segment a scene even when it lies far outside the model's training data (another "
+            "sensor or scale); it is then flagged.",
+            kind="flag",
+        ),
+    )
+    objects: tuple[str, ...] | None = field(
+        default=None,
+        metadata=_cli(
+            "Also write one polygon per object of these classes (names or ids, comma-separated) "
+            "as <stem>.objects.<format>, split along the model's boundary class (train it with "
+            "--boundary-width)."
+        ),
+    )
+    object_halo: int = field(
+        default=256,
+        metadata=_cli(
+            "Pixels around each block the object split sees; objects up to this size are exact.",
+            kind="int",
+            low=0,
+            show_default=True,
+        ),
+    )
+    object_seed: float = field(
+        default=0.5,
+        metadata=_cli(
+            "Interior probability at which a pixel seeds an object.",
+            kind="float",
+            low=0,
+            high=1,
+            low_open=True,
+            show_default=True,
+        ),
+    )
+    bands: tuple[int, ...] | None = field(
+        default=None,
+        metadata=_cli(
+            "The scene's bands the model reads, in its order: band numbers of the file, "
+            "comma-separated (e.g. 4,3,2,8; a band may repeat). Only those are read [default: every band]."
+        ),
+    )
 
     def __post_init__(self) -> None:
         def integer(name: str, lo: int, allow_none: bool = False) -> None:
