@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,21 +72,23 @@ def _launch(model: SegmentationModel, batch: Batch, samples: int, reconstruction
     return _InFlight(batch, host, done)
 
 
-def _blend(f: _InFlight, blender: Blender) -> tuple[float, list[Block]]:
-    """Wait for a batch's outputs and blend them; the seconds spent waiting on the device and
-    the blocks the batch completed, in write order."""
+def _wait(f: _InFlight) -> float:
+    """Wait for a batch's outputs to reach the host; the seconds spent waiting on the device."""
     t0 = time.perf_counter()
     if f.done is not None:
         f.done.synchronize()
-    waited = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _blend(f: _InFlight, blender: Blender) -> Iterator[Block]:
+    """Blend a batch's outputs in; each block the batch completes, as soon as it is complete."""
     res = {k: v.numpy() for k, v in f.outputs.items()}
-    blocks: list[Block] = []
     n = 0
     for t, run in f.batch.entries:
         if not run:
-            blocks += blender.skip(t)
+            yield from blender.skip(t)
             continue
-        blocks += blender.add(
+        yield from blender.add(
             t,
             f.batch.valid[n],
             res["probs"][n],
@@ -94,7 +96,6 @@ def _blend(f: _InFlight, blender: Blender) -> tuple[float, list[Block]]:
             reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
         )
         n += 1
-    return waited, blocks
 
 
 class PredictedBlocks:
@@ -134,18 +135,16 @@ class PredictedBlocks:
             pending: _InFlight | None = None
             for batch in reader:
                 tm = time.perf_counter()
-                launched = _launch(model, batch, opts.samples, spec.reconstruction, opts.tta)
+                launched = _launch(model, batch, spec.samples, spec.reconstruction, opts.tta)
                 model_s += time.perf_counter() - tm
                 if pending is not None:
-                    waited, blocks = _blend(pending, blender)
-                    model_s += waited
-                    yield from blocks
+                    model_s += _wait(pending)
+                    yield from _blend(pending, blender)
                     bar.advance(len(pending.batch.entries))
                 pending = launched
             if pending is not None:
-                waited, blocks = _blend(pending, blender)
-                model_s += waited
-                yield from blocks
+                model_s += _wait(pending)
+                yield from _blend(pending, blender)
                 bar.advance(len(pending.batch.entries))
             yield from blender.finish()
             timings["read_s"] = reader.read_s
