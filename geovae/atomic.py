@@ -175,13 +175,21 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_not_inputs(
-    outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None]
+    outputs: Iterable[str | os.PathLike[str]],
+    inputs: Iterable[str | os.PathLike[str] | None],
+    *,
+    fix: str = "choose another --out folder",
 ) -> None:
     """Refuse a run whose outputs would replace one of its inputs.
 
     An output that is an existing file is compared with every local input by inode
     (``os.path.samefile``), so a hard link or a symbolic link to an input is caught as well
     as the same path spelled another way.
+
+    Args:
+        outputs: the files the run would write.
+        inputs: the files it reads (``None``, URLs and GDAL virtual paths are skipped).
+        fix: what the user should do, ending the message.
 
     Raises:
         OutputError: naming the output and the input, and what to do.
@@ -195,9 +203,7 @@ def check_not_inputs(
         for i in ins:
             if _same_file(o, i):
                 what = "is" if o.absolute() == i.absolute() else "is the same file as"
-                raise OutputError(
-                    f"output {o} {what} the input {i}; writing it would destroy the input; choose another --out folder"
-                )
+                raise OutputError(f"output {o} {what} the input {i}; writing it would destroy the input; {fix}")
 
 
 # -- disk full ----------------------------------------------------------------------------

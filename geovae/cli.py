@@ -588,7 +588,9 @@ def train(
 # ------------------------------------------------------------------------- generate
 @cli.command()
 @click.option("--model", "model_path", required=True, help="A geovae model file (VAE segmenter).")
-@click.option("-o", "--out", required=True, help="GeoTIFF to write: N images x the model's bands.")
+@click.option(
+    "-o", "--out", required=True, help="GeoTIFF to write (.tif or .tiff): N images x the model's bands, at most 65,535."
+)
 @click.option("--n", "count", type=click.IntRange(min=1), default=16, show_default=True, help="Images to generate.")
 @click.option(
     "--size",

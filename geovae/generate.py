@@ -25,13 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from geovae.atomic import atomic_path, check_output_file
+from geovae.atomic import atomic_path, check_not_inputs, check_output_file
 from geovae.errors import LabelsError, ModelFileError, OptionError
 
-__all__ = ["MAX_PIXELS", "GenerateResult", "generate_images"]
+__all__ = ["MAX_BANDS", "MAX_PIXELS", "SUFFIXES", "GenerateResult", "generate_images"]
 
 #: Largest class map (pixels per generated image) decoded in one piece.
 MAX_PIXELS = 4096 * 4096
+#: Most bands a GeoTIFF holds (images x bands per image).
+MAX_BANDS = 65535
+#: File name endings of the one format generate writes (a GeoTIFF: any band count and type).
+SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass
@@ -117,12 +121,20 @@ def generate_images(
         A :class:`GenerateResult`.
 
     Raises:
-        OptionError: ``n`` or ``size`` out of range.
+        OptionError: ``n`` or ``size`` out of range, or ``out`` not named ``.tif``/``.tiff``.
         ModelFileError: the model cannot be read or has no decoder.
         LabelsError, SceneError: an unusable class map.
-        OutputError: ``out`` cannot be written.
+        OutputError: ``out`` cannot be written, or is the model file or the class map.
     """
     out_path = check_output_file(out, example="samples.tif")
+    check_not_inputs([out_path], [model, classes_from], fix="choose another --out file")
+    if out_path.suffix.lower() not in SUFFIXES:
+        # Refused rather than written as a GeoTIFF under another format's name: a PNG or JPEG
+        # holds at most 4 bands of 8 or 16 bits, not N images of the model's bands.
+        raise OptionError(
+            f"--out {out}: generate writes a GeoTIFF; name the file {out_path.stem}.tif "
+            "(convert afterwards with gdal_translate if you need another format)"
+        )
     if n < 1:
         raise OptionError(f"--n {n}: generate at least one image")
     import rasterio
@@ -135,6 +147,11 @@ def generate_images(
     module, info = m.module, m.info
     if not isinstance(module, VAESegmenter):
         raise ModelFileError(f"{model}: a {info.kind} model has no image decoder; generate needs a geovae VAE model")
+    if n * info.in_channels > MAX_BANDS:
+        raise OptionError(
+            f"--n {n}: {n} images of {info.in_channels} bands is more than the {MAX_BANDS:,} bands a GeoTIFF holds; "
+            f"give --n {MAX_BANDS // info.in_channels} or less"
+        )
     stride = module.stride
     layout = grid = None
     if classes_from is not None:

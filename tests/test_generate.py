@@ -155,3 +155,40 @@ def test_generate_refuses_a_class_map_of_other_classes_or_values(tmp_path: Path)
             generate_images(model, tmp_path / "x.tif", classes_from=p)
     with pytest.raises(OptionError, match="at least one"):
         generate_images(model, tmp_path / "x.tif", n=0)
+
+
+def test_generate_never_overwrites_its_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`-o` naming the model file or the class map is refused before any work, with one line,
+    and the input is left byte for byte; so is a hard link to the model under another name."""
+    import os
+
+    model = _model_file(tmp_path)
+    cmap = tmp_path / "c.tif"
+    with rasterio.open(cmap, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8") as d:
+        d.write(np.ones((8, 8), np.uint8), 1)
+    link = tmp_path / "link.tif"
+    os.link(model, link)
+    before = {p: p.read_bytes() for p in (model, cmap)}
+    for out, extra in ((model, []), (cmap, ["--classes-from", str(cmap)]), (link, [])):
+        code, _, err = _run(capsys, "generate", "--model", str(model), "-o", str(out), "--n", "1", *extra)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1, err
+        assert "would destroy the input" in lines[0] and "choose another --out file" in lines[0], err
+    assert {p: p.read_bytes() for p in (model, cmap)} == before
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_generate_writes_only_what_its_name_says(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An extension generate cannot write (a PNG holds 4 bands at most) is refused, not
+    written as a GeoTIFF under a PNG name; more images than a GeoTIFF has bands are refused
+    with the largest --n that fits, before anything is written."""
+    model = _model_file(tmp_path)
+    for name in ("x.png", "x.jpg", "x"):
+        code, _, err = _run(capsys, "generate", "--model", str(model), "-o", str(tmp_path / name), "--n", "1")
+        assert code == 2 and err.count("\n") == 1 and "generate writes a GeoTIFF" in err, err
+        assert not (tmp_path / name).exists()
+    code, _, err = _run(capsys, "generate", "--model", str(model), "-o", str(tmp_path / "x.TIFF"), "--n", "1")
+    assert code == 0, err
+    code, _, err = _run(capsys, "generate", "--model", str(model), "-o", str(tmp_path / "big.tif"), "--n", "100000000")
+    assert code == 2 and err.count("\n") == 1 and "give --n 10922 or less" in err, err
+    assert not (tmp_path / "big.tif").exists() and not list(tmp_path.glob(".*.part"))
