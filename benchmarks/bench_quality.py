@@ -336,7 +336,7 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
         net = task.model
     params = sum(p.numel() for p in net.parameters())
     t0 = time.perf_counter()
-    _history, final = _fit(
+    _history, final, _steps = _fit(
         task,
         dm,
         trainer_kwargs={"max_epochs": args.epochs, "accelerator": "cpu", "devices": 1, "precision": "32-true"},

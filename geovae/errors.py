@@ -56,6 +56,11 @@ class OptionError(GeovaeError, ValueError):
     exit_code = 2
 
 
+class TrainingError(GeovaeError, RuntimeError):
+    """A training run produced no usable model (its loss went non-finite, or it made no
+    optimisation step); nothing is written."""
+
+
 class OutputError(GeovaeError, OSError):
     """The output location cannot be written."""
 

@@ -634,3 +634,71 @@ def test_ctrl_c_during_training_is_a_keyboard_interrupt_and_writes_nothing(nc_st
         )
     # Lightning leaves SIGINT ignored after its graceful shutdown; geovae puts it back.
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_broken_numbers_are_refused_before_training(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weight that is not finite or out of range (--adversarial inf turned the loss into NaN,
+    and a NaN model was saved with exit 0) is refused with one line before any data is read."""
+    from geovae.cli import main
+
+    out = tmp_path / "m.safetensors"
+    for kw, said in (
+        ({"adversarial": float("inf")}, "--adversarial inf"),
+        ({"adversarial": float("nan")}, "--adversarial nan"),
+        ({"lr": float("nan")}, "lr nan"),
+        ({"beta": -1.0}, "beta -1.0"),
+    ):
+        with pytest.raises(OptionError) as e:
+            train_model(nc_stack, nc_labels, out, classes=NC_CLASSES, **kw)  # type: ignore[arg-type]
+        assert said in _one_line(e)
+    with pytest.raises(OptionError, match=r"model\.ema 1\.0: give a finite number >= 0 and < 1"):
+        VAESegmentationTask(6, 3, ema=1.0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"out: {out}\nmodel:\n  base_channels: 8\n"
+        f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  tile: 32\ntrainer:\n  max_epochs: 1\n"
+    )
+    for args, said, code_expected in (
+        (["--adversarial", "inf"], "model.adversarial", 2),
+        (["--set", "model.adversarial=-2"], "model.adversarial -2.0: give a finite number >= 0", 2),
+        (["--set", "trainer.max_epochs=0"], "trainer.max_epochs 0 trains nothing", 2),
+        (["--set", f"out={nc_labels}"], "would destroy the input", 1),
+    ):
+        code = main(["train", "--config", str(cfg), *args])
+        err = capsys.readouterr().err
+        assert code == code_expected and err.count("\n") == 1 and said in err, (args, err)
+    assert not out.exists() and not list(tmp_path.glob(".*.part"))
+
+
+def test_a_run_whose_loss_goes_non_finite_or_that_made_no_step_writes_nothing(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finite but absurd learning rate sends the loss to NaN at the second step: the run stops
+    there with one line and exit 1, and no model file is written; so does a run that made no
+    optimisation step, and a model whose weights are not finite is never saved."""
+    from geovae.cli import main
+    from geovae.errors import TrainingError
+    from geovae.training.fit import _check_trained
+
+    out = tmp_path / "m.safetensors"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"out: {out}\nmodel:\n  base_channels: 8\n  latent_channels: 4\n"
+        f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  tile: 32\n  batch_size: 2\n"
+        "  samples_per_epoch: 8\n  val_fraction: 0\ntrainer:\n  max_epochs: 1\n  accelerator: cpu\n"
+    )
+    for args, said in (
+        (["--set", "model.lr=1e30"], "the loss became nan; no model was written; try a lower learning rate"),
+        (["--set", "trainer.limit_train_batches=0"], "made no optimisation step"),
+    ):
+        code = main(["train", "--config", str(cfg), "-q", *args])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and said in err, (args, err)
+        assert not out.exists() and not list(tmp_path.glob(".*.part"))
+    m = VAESegmentationTask(6, 3, base_channels=8, latent_channels=4).model
+    with torch.no_grad():
+        next(m.parameters())[0] = float("nan")
+    with pytest.raises(TrainingError, match="non-finite numbers in 1 tensors"):
+        _check_trained(m, steps=3)

@@ -25,11 +25,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from geovae.atomic import check_not_inputs
 from geovae.choices import CLASS_WEIGHTINGS
 from geovae.errors import ConfigError, GeovaeError, OptionError
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.fit import TrainResult, _check_out, fit_and_save, scene_task_arguments
-from geovae.training.task import VAESegmentationTask
+from geovae.training.task import VAESegmentationTask, check_hyperparameters
 
 __all__ = ["config_parser", "load_config", "train_from_config"]
 
@@ -274,6 +275,9 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
     trainer_args = {
         k: v for k, v in vars(parser.instantiate(cfg).trainer).items() if v is not None and not k.startswith("__")
     }
+    for key in ("max_epochs", "max_steps"):
+        if trainer_args.get(key) == 0:
+            raise ConfigError(f"config {p}: trainer.{key} 0 trains nothing; give 1 or more (no model was written)")
     accel = str(trainer_args.get("accelerator", "auto"))
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
         raise OptionError(f"config {p}: trainer.accelerator {accel}: no CUDA device is available; use auto or cpu")
@@ -282,11 +286,19 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
         trainer_args["precision"] = (
             ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if use_cuda else "32-true"
         )
+    model_args = {k: v for k, v in cfg.model.init_args.as_dict().items() if not k.startswith("__")}
+    check_hyperparameters(model_args, prefix=f"config {p}: model.")
+    check_hyperparameters({"kl_warmup_epochs": cfg.kl_warmup_epochs}, prefix=f"config {p}: ")
     seed = int(cfg.seed_everything)
     pl.seed_everything(seed, workers=True, verbose=False)
-    model_args = {k: v for k, v in cfg.model.init_args.as_dict().items() if not k.startswith("__")}
     data = {"class_path": cfg.data.class_path, "init_args": cfg.data.init_args.as_dict()}
     data["init_args"] = {k: v for k, v in data["init_args"].items() if not k.startswith("__")}
+    ia = data["init_args"]
+    check_not_inputs(
+        [out_path],
+        [*(ia.get(k) for k in _PATH_KEYS if isinstance(ia.get(k), str)), *(ia.get("unlabeled") or [])],
+        fix="choose another out",
+    )
     provenance: dict[str, Any] = {"seed": seed, "config": os.path.abspath(p)}
     input_mean = input_std = None
     if issubclass(_class(data["class_path"]), SceneDataModule):

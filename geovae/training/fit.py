@@ -27,13 +27,19 @@ import torch
 from rasterio.windows import Window
 from torch import Tensor
 
-from geovae.atomic import check_output_file
+from geovae.atomic import check_not_inputs, check_output_file
 from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
-from geovae.errors import OptionError
+from geovae.errors import OptionError, TrainingError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.training.datamodule import SceneDataModule
-from geovae.training.task import VAESegmentationTask, balanced_class_weights, data_arguments, default_architecture
+from geovae.training.task import (
+    VAESegmentationTask,
+    balanced_class_weights,
+    check_hyperparameters,
+    data_arguments,
+    default_architecture,
+)
 
 __all__ = [
     "RECONSTRUCTION_QUANTILES",
@@ -99,6 +105,40 @@ class _History(pl.Callback):
         self.epochs.append(row)
 
 
+class _StopIfNotFinite(pl.Callback):
+    """Stops a run whose loss is NaN or infinite, before the backward pass can spread it
+    into the weights: such a model would segment every pixel as one class at confidence NaN."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        value = float(loss.detach().float().flatten()[0])
+        raise TrainingError(
+            f"training stopped at step {trainer.global_step + 1} (epoch {trainer.current_epoch + 1}): the loss became "
+            f"{value}; no model was written; try a lower learning rate or loss weights (--adversarial, model.lr, "
+            "model.beta), or check the image for extreme values"
+        )
+
+
+def _check_trained(module: torch.nn.Module, steps: int) -> None:
+    """Refuse to save a model that did not train or holds non-finite numbers.
+
+    Raises:
+        TrainingError: no optimisation step was made, or a weight or buffer is NaN/inf.
+    """
+    if steps == 0:
+        raise TrainingError(
+            "the run made no optimisation step (max_epochs or max_steps 0, no training batches, or "
+            "max_time too short), so no model was written; train for at least one step"
+        )
+    bad = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if not bool(t.isfinite().all())]
+    if bad:
+        raise TrainingError(
+            f"the trained model holds non-finite numbers in {len(bad)} tensors (first: {bad[0]}); no model "
+            "was written; try a lower learning rate or loss weights"
+        )
+
+
 def _trainer_kwargs(device: str, progress: bool) -> dict[str, Any]:
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -113,14 +153,20 @@ def _check_out(out: str | os.PathLike[str]) -> Path:
 
 def _fit(
     task: pl.LightningModule, dm: pl.LightningDataModule, *, trainer_kwargs: dict[str, Any], has_val: bool
-) -> tuple[list[dict[str, float]], dict[str, float]]:
+) -> tuple[list[dict[str, float]], dict[str, float], int]:
+    """Fit ``task``; returns each epoch's metrics, the final metrics and the optimisation steps made.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (the run stops at that step).
+        KeyboardInterrupt: Ctrl-C.
+    """
     hist = _History()
     kw = dict(trainer_kwargs)
     kw.setdefault("enable_progress_bar", False)
     kw.setdefault("enable_model_summary", False)
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("log_every_n_steps", 1)
-    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist]
+    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist, _StopIfNotFinite()]
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     if not has_val:
@@ -142,7 +188,7 @@ def _fit(
                 raise KeyboardInterrupt from None
             raise
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, Tensor) and v.numel() == 1}
-    return hist.epochs, final
+    return hist.epochs, final, int(trainer.global_step)
 
 
 # ----------------------------------------------------------------------------- the chain
@@ -205,6 +251,10 @@ def fit_and_save(
 
     Returns:
         A :class:`TrainResult`.
+
+    Raises:
+        TrainingError: the loss went non-finite or no optimisation step was made; nothing
+            is written.
     """
     scene = dm if isinstance(dm, SceneDataModule) else None
     has_val = True
@@ -215,8 +265,9 @@ def fit_and_save(
     args = {k: v for k, v in task_args.items() if v is not None}
     task = VAESegmentationTask(**args)
     t0 = time.perf_counter()
-    history, final = _fit(task, dm, trainer_kwargs=trainer_kwargs, has_val=has_val)
+    history, final, steps = _fit(task, dm, trainer_kwargs=trainer_kwargs, has_val=has_val)
     seconds = time.perf_counter() - t0
+    _check_trained(task.model, steps)
     metrics = {k: v for k, v in final.items() if not math.isnan(v)}
     extra = {
         "data": scene.describe() if scene is not None else {},
@@ -391,6 +442,7 @@ def train_model(
             each with a one-line message; raised before any training.
     """
     out_path = _check_out(out)
+    check_not_inputs([out_path], [image, labels, vector_labels, *unlabeled], fix="choose another --out")
     arch = default_architecture()
     base_channels = arch["base_channels"] if base_channels is None else base_channels
     depth = arch["depth"] if depth is None else depth
@@ -407,8 +459,22 @@ def train_model(
         raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
     if max_time is not None and max_time <= 0:
         raise OptionError(f"max_time {max_time}: give a positive number of seconds")
-    if adversarial < 0:
-        raise OptionError(f"--adversarial {adversarial}: give a weight of 0 (off) or more")
+    if not math.isfinite(adversarial) or adversarial < 0:
+        raise OptionError(f"--adversarial {adversarial}: give a finite weight of 0 (off) or more")
+    check_hyperparameters(
+        {
+            "lr": lr,
+            "beta": beta,
+            "free_bits": free_bits,
+            "recon_weight": recon_weight,
+            "dice_weight": dice_weight,
+            "base_channels": base_channels,
+            "depth": depth,
+            "latent_channels": latent_channels,
+            "kl_warmup_epochs": kl_warmup_epochs,
+        },
+        prefix="",
+    )
     trainer_kw = _trainer_kwargs(device, progress)
     trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
     if max_time is not None:

@@ -29,7 +29,15 @@ from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_lo
 from geovae.model.vae import VAESegmenter
 from geovae.training.transforms import IGNORE_INDEX, merge_batches
 
-__all__ = ["ACTIVE_KL", "DATA_ARGUMENTS", "VAESegmentationTask", "balanced_class_weights", "data_arguments"]
+__all__ = [
+    "ACTIVE_KL",
+    "DATA_ARGUMENTS",
+    "NUMERIC_RANGES",
+    "VAESegmentationTask",
+    "balanced_class_weights",
+    "check_hyperparameters",
+    "data_arguments",
+]
 
 #: A latent channel whose KL (nats per latent cell) stays below this carries no information.
 ACTIVE_KL = 0.01
@@ -734,8 +742,73 @@ def augment_d4(image: Tensor, mask: Tensor, valid: Tensor) -> tuple[Tensor, Tens
     return torch.stack(xs), torch.stack(ms), torch.stack(vs)
 
 
+#: Numeric hyperparameters and the range each must lie in: ``(low, high, low inclusive,
+#: high inclusive)``, None for no bound. A value outside (or not finite: NaN, inf) turns
+#: the loss non-finite or the model untrainable, so it is refused before any data is read.
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lr": (0.0, None, False, True),
+    "weight_decay": (0.0, None, True, True),
+    "patience": (0.0, None, True, True),
+    "beta": (0.0, None, True, True),
+    "free_bits": (0.0, None, True, True),
+    "kl_warmup_steps": (0.0, None, True, True),
+    "kl_warmup_epochs": (0.0, None, True, True),  # train_model's and a config's top-level key
+    "recon_weight": (0.0, None, True, True),
+    "dice_weight": (0.0, None, True, True),
+    "sample_entropy": (0.0, None, True, True),
+    "adversarial": (0.0, None, True, True),
+    "adversarial_start": (0.0, None, True, True),
+    "adversarial_lr": (0.0, None, False, True),
+    "pseudo_label": (0.0, None, True, True),
+    "pseudo_threshold": (0.0, 1.0, True, True),
+    "generated_weight": (0.0, None, True, True),
+    "ema": (0.0, 1.0, True, False),
+    "base_channels": (1.0, None, True, True),
+    "depth": (1.0, None, True, True),
+    "latent_channels": (1.0, None, True, True),
+    "head_rank": (1.0, None, True, True),
+    "train_samples": (1.0, None, True, True),
+    "mixture_region": (0.0, None, True, True),
+    "diversity_samples": (0.0, None, True, True),
+}
+
+
+def check_hyperparameters(args: Mapping[str, Any], prefix: str = "model.") -> None:
+    """Refuse a numeric hyperparameter that is not finite or lies outside its range.
+
+    Args:
+        args: task arguments (missing keys and None are skipped).
+        prefix: how the message names a key (``model.`` as in a config).
+
+    Raises:
+        OptionError: one line naming the key, its value and the range.
+    """
+    for key, (lo, hi, lo_in, hi_in) in NUMERIC_RANGES.items():
+        v = args.get(key)
+        if v is None or isinstance(v, bool):
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            continue  # a type error: the parser or the signature says so
+        ok = math.isfinite(x)
+        ok = ok and (lo is None or (x >= lo if lo_in else x > lo))
+        ok = ok and (hi is None or (x <= hi if hi_in else x < hi))
+        if not ok:
+            lo_s = "" if lo is None else f"{'>=' if lo_in else '>'} {lo:g}"
+            hi_s = "" if hi is None else f"{'<=' if hi_in else '<'} {hi:g}"
+            want = " and ".join(s for s in (lo_s, hi_s) if s)
+            raise OptionError(f"{prefix}{key} {v}: give a finite number {want}")
+    for name in ("mean", "std", "class_weights"):
+        vals = args.get(name)
+        if vals is not None and not all(isinstance(x, (int, float)) and math.isfinite(x) for x in vals):
+            raise OptionError(f"{prefix}{name} {list(vals)}: every value must be a finite number")
+
+
 def _check_arguments(args: Mapping[str, Any]) -> None:
-    """Per-band and per-class lists must match the counts (where the counts are known)."""
+    """Per-band and per-class lists must match the counts (where the counts are known), and
+    every numeric hyperparameter be finite and in range (:func:`check_hyperparameters`)."""
+    check_hyperparameters(args)
     c, k = args.get("in_channels"), args.get("num_classes")
     for name in ("mean", "std", "band_names"):
         v = args.get(name)
