@@ -6,6 +6,7 @@ import json
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -488,3 +489,70 @@ def test_torchgeo_network_falls_back_to_the_task(
     x = torch.rand(1, 6, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.predict(x)["probs"], model.to(memory_format=torch.channels_last)(_cl(x)).softmax(1))
+
+
+def _edit_header(src: Path, dst: Path, edit: Any) -> str:
+    """Copy a safetensors file with its JSON header changed by ``edit(header) -> name``,
+    the tensor data left as it is (the header keeps its length)."""
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    name = edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    dst.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    return name
+
+
+def test_a_tensor_whose_dtype_was_edited_is_refused(tmp_path: Path) -> None:
+    """F32 -> I32 in the header (same byte size) used to load and segment at confidence 1.0
+    everywhere; the expected type comes from the module's own parameters and buffers."""
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+
+    def to_i32(h: dict[str, Any]) -> str:
+        name = next(k for k, v in h.items() if k != "__metadata__" and v["dtype"] == "F32" and "weight" in k)
+        h[name]["dtype"] = "I32"
+        return name
+
+    bad = tmp_path / "i32.safetensors"
+    name = _edit_header(p, bad, to_i32)
+    with pytest.raises(ModelFileError) as e:
+        load_model(bad, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and f"tensor {name} holds int32 numbers where the model has float32" in msg
+    assert msg.endswith("re-export or re-download it")
+    # An integer buffer (BatchNorm's step count) edited to another integer type is refused too.
+
+    def to_i32_count(h: dict[str, Any]) -> str:
+        name = next(k for k in h if k.endswith("num_batches_tracked"))
+        h[name]["dtype"], h[name]["shape"] = "I32", [2]  # 8 bytes as two int32
+        return name
+
+    name = _edit_header(p, bad, to_i32_count)
+    with pytest.raises(ModelFileError, match="weights do not fit"):
+        load_model(bad, device="cpu")
+    assert load_model(p, device="cpu").info.num_classes == 3
+
+
+def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path: Path) -> None:
+    """The message used to end with load_state_dict's colon-ended header line."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(k for k, v in tensors.items() if v.ndim == 4)
+    tensors[name] = tensors[name][:1].clone()
+    bad = tmp_path / "shape.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ModelFileError) as e:
+        load_model(bad, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and ":)" not in msg and ": (" not in msg.split("architecture")[1]
+    assert f"tensor {name} has shape (1, " in msg and "re-export it" in msg
+    del tensors[name]
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ModelFileError, match=f"tensor {name} missing"):
+        load_model(bad, device="cpu")
