@@ -14,10 +14,12 @@ Two mechanisms, and every writer in geovae uses one of them:
   refused with one line instead of mixing files with the first.
 
 The commit is a sequence of renames within one filesystem. Before the first one it writes a
-journal into the staging folder; a run killed in the middle of its commit (a few
-milliseconds) is finished by the next run into the set, which replays the journal under the
-lock. The previous report is removed before anything moves, so no report ever vouches for a
-mixed set.
+journal into the staging folder. Ctrl-C and SIGTERM are held back from the journal to the
+last rename (:func:`geovae.signals.deferred`) and take effect right after it, so a stopped
+run leaves either the previous set or the whole new one with its report; a run killed in the
+middle of its commit (``kill -9``, a power cut: a few milliseconds) is finished by the next
+run into the set, which replays the journal under the lock. The previous report is removed
+before anything moves, so no report ever vouches for a mixed set.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from geovae import signals
 from geovae.errors import OutputError
 
 __all__ = [
@@ -50,6 +53,10 @@ __all__ = [
 
 _JOURNAL = ".commit.json"
 _RUN_TAG = "geovae-run-"
+
+
+#: The rename of a commit (a test replaces it to stop a run between two renames).
+_rename = os.replace
 
 
 def _umask() -> int:
@@ -389,7 +396,13 @@ class OutputSet:
 
         Returns:
             Final paths by name (sidecars included).
+
+        Raises:
+            KeyboardInterrupt, geovae.signals.Terminated: a stop request (Ctrl-C, SIGTERM) that
+                came before the commit (nothing moves) or during it (raised once every file,
+                report last, is in place: signals are held back while files move).
         """
+        signals.check()
         order = list(names)
         for n in list(order):
             for side in (".aux.xml", ".ovr", ".msk"):
@@ -405,13 +418,17 @@ class OutputSet:
         stale = [n for n in dict.fromkeys(remove) if n not in order]
         stale = [n for n in stale if not any(_same_file(self.folder / n, Path(i)) for i in self.inputs if i)]
         journal = {"moves": order, "remove": stale, "last": last}
-        with open(self.staging / _JOURNAL, "w") as f:
-            json.dump(journal, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.staging)
-        self._replay(self.staging, journal)
-        self.committed = {n: self.folder / n for n in order}
+        # From the journal to the last rename no signal may cut in: the previous report is
+        # gone before anything moves, so a stop halfway would leave files without a report.
+        with signals.deferred():
+            with open(self.staging / _JOURNAL, "w") as f:
+                json.dump(journal, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.staging)
+            self._replay(self.staging, journal)
+            self.committed = {n: self.folder / n for n in order}
+        signals.check()
         return dict(self.committed)
 
     def _replay(self, staging: Path, journal: dict[str, Any]) -> None:
@@ -424,12 +441,12 @@ class OutputSet:
                 continue
             src = staging / n
             if src.exists():
-                os.replace(src, self.folder / n)
+                _rename(src, self.folder / n)
         for n in journal["remove"]:
             (self.folder / n).unlink(missing_ok=True)
         if last is not None and (staging / last).exists():
             _fsync_dir(self.folder)
-            os.replace(staging / last, self.folder / last)
+            _rename(staging / last, self.folder / last)
         _fsync_dir(self.folder)
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -481,6 +498,7 @@ class OutputSet:
                 except (OSError, ValueError):
                     doc = None
                 if isinstance(doc, dict) and "moves" in doc:
-                    self._replay(d, doc)
+                    with signals.deferred():
+                        self._replay(d, doc)
                     continue
             shutil.rmtree(d, ignore_errors=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from geovae import signals
 from geovae.errors import SceneError
 from geovae.scene import open_raster
 
@@ -104,6 +105,7 @@ def band_statistics(path: str | os.PathLike[str], nodata: float | None = None) -
         n_valid = 0
         quant = _Quantiles(dtype, c, src.width * src.height)
         for _, win in src.block_windows(1):
+            signals.check()
             raw = src.read(window=win)
             data = raw.astype(np.float64)
             valid = src.dataset_mask(window=win) > 0

@@ -20,20 +20,13 @@ from typing import Any
 
 import click
 
+from geovae import signals
 from geovae._version import __version__
 from geovae.choices import CONNECTIVITIES, POLYGON_FORMAT_NAMES, SAMPLERS, PolygonFormat, Sampler
 from geovae.errors import GeovaeError, OptionError
 from geovae.segment.options import Flag, SegmentOptions
 
 log = logging.getLogger("geovae")
-
-
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so that every writer cleans up as for Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -1023,13 +1016,26 @@ def _usage_line(e: click.ClickException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geovae`` console script; returns the exit code."""
     STATE.debug, STATE.verbosity = False, 0
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        # SIGTERM (a scheduler's or `kill`'s stop) unwinds like Ctrl-C: every writer removes
-        # its temporary files on the way out, and the exit status says what happened.
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (an embedding application): leave signals alone
-        previous = None
+    # Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) set a flag that the run's loops
+    # check (geovae.signals): the run unwinds from there, every writer removes its temporary
+    # files on the way out, and the exit status says what happened.
+    with signals.installed():
+        code = _run(argv)
+        if code == 0 and signals.requested() is not None:
+            # Stopped after the last check (the outputs, if any, are complete): still say so.
+            return _stopped(signals.requested())
+        return code
+
+
+def _stopped(signum: int | None) -> int:
+    if signum == signal.SIGTERM:
+        click.echo("geovae: terminated", err=True)
+        return 143
+    click.echo("geovae: interrupted", err=True)
+    return 130
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="geovae", standalone_mode=False)
         return 0
@@ -1049,7 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("geovae: interrupted", err=True)
         return 130
-    except _Terminated:
+    except signals.Terminated:
         click.echo("geovae: terminated", err=True)
         return 143
     except SystemExit as e:
@@ -1059,6 +1065,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"geovae: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from geovae import signals
 from geovae.atomic import atomic_path, check_not_inputs, check_output_file
 from geovae.errors import LabelsError, ModelFileError, OptionError
 
@@ -250,6 +251,7 @@ def _write(
     device = mean.device
     with atomic_path(out_path) as tmp, rasterio.open(tmp, "w", **profile) as dst, torch.inference_mode():
         for i in range(n):
+            signals.check()
             z = torch.randn(1, module.latent_channels, hh // stride, ww // stride, generator=gen).to(device)
             x = _decode(module, z, cls_t, class_argmax)
             img = (x * std + mean)[0, :, :out_h, :out_w].float().cpu().numpy()

@@ -28,6 +28,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geovae import signals
 from geovae.errors import LabelsError, OptionError
 from geovae.scene import grid_mismatch, open_raster
 
@@ -193,6 +194,7 @@ def _check_grid(ref: rasterio.DatasetReader, other: rasterio.DatasetReader, what
 def _strips(height: int, width: int) -> Iterator[Window]:
     rows = max(1, _STRIP_PIXELS // max(width, 1))
     for r in range(0, height, rows):
+        signals.check()
         yield Window(0, r, width, min(rows, height - r))
 
 

@@ -47,3 +47,123 @@ def test_output_checks_say_what_is_wrong_and_create_nothing(tmp_path: Path) -> N
         ro.mkdir(mode=0o500)
         with pytest.raises(OutputError, match="not writable"):
             check_output_file(ro / "a.gpkg")
+
+
+def _signal_at_rename(monkeypatch: pytest.MonkeyPatch, signum: int, at: int) -> list[str]:
+    """Make the ``at``-th rename of a commit send ``signum`` to this process first."""
+    import signal
+
+    import geovae.atomic
+
+    real = os.replace
+    renamed: list[str] = []
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renamed.append(Path(dst).name)
+        if len(renamed) == at:
+            signal.raise_signal(signum)
+        real(src, dst)
+
+    monkeypatch.setattr(geovae.atomic, "_rename", rename)
+    return renamed
+
+
+def _stage(folder: Path, text: str) -> object:
+    from geovae.atomic import OutputSet
+
+    s = OutputSet(folder, "s")
+    s.open()
+    for n in ("s.a", "s.b", "s.c", "s.json"):
+        s.path(n).write_text(text)
+    return s
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("at", [1, 2, 4])
+def test_a_signal_during_a_commit_takes_effect_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signame: str, at: int
+) -> None:
+    """A stop request that arrives between two renames of a commit (it used to leave the
+    files without their report: the old report is removed first) takes effect once the
+    report is in place: under the CLI's flag handlers and under Python's own."""
+    import signal
+
+    from geovae import signals
+
+    signum = getattr(signal, signame)
+    for installed in (True, False):
+        folder = tmp_path / f"{installed}"
+        old = _stage(folder, "old")
+        old.commit(["s.a", "s.b", "s.c"], last="s.json")  # type: ignore[attr-defined]
+        old.close()  # type: ignore[attr-defined]
+        renamed = _signal_at_rename(monkeypatch, signum, at)
+        new = _stage(folder, "new")
+        expected = KeyboardInterrupt if signum == signal.SIGINT else signals.Terminated
+        with signals.installed() if installed else _python_handlers(signum), pytest.raises(expected):
+            new.commit(["s.a", "s.b", "s.c"], last="s.json")  # type: ignore[attr-defined]
+        new.close()  # type: ignore[attr-defined]
+        assert renamed == ["s.a", "s.b", "s.c", "s.json"]  # the commit ran to its end
+        assert {p.name: p.read_text() for p in folder.iterdir()} == dict.fromkeys(
+            ("s.a", "s.b", "s.c", "s.json"), "new"
+        ), installed
+
+
+def _python_handlers(signum: int) -> object:
+    """A library caller's handlers: Python's KeyboardInterrupt for SIGINT, a raising one for SIGTERM."""
+    import contextlib
+    import signal
+
+    from geovae import signals
+
+    @contextlib.contextmanager
+    def cm() -> object:
+        def raise_terminated(s: int, f: object) -> None:
+            raise signals.Terminated()
+
+        prev = signal.signal(signal.SIGTERM, raise_terminated)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, prev)
+
+    return cm()
+
+
+def test_a_signal_before_a_commit_moves_nothing(tmp_path: Path) -> None:
+    """Under the CLI a stop request is a flag: a run that reaches its commit with one pending
+    commits nothing (the folder keeps the previous set)."""
+    import signal
+
+    from geovae import signals
+
+    s = _stage(tmp_path, "new")
+    with signals.installed():
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.requested() == signal.SIGTERM
+        with pytest.raises(signals.Terminated):
+            s.commit(["s.a", "s.b", "s.c"], last="s.json")  # type: ignore[attr-defined]
+    s.close()  # type: ignore[attr-defined]
+    assert list(tmp_path.iterdir()) == []
+    assert signals.requested() is None  # cleared with the handlers
+
+
+def test_a_second_ctrl_c_stops_at_once_except_during_a_commit() -> None:
+    """The first Ctrl-C is a request the loops see; a second one before they stop kills the
+    process as Ctrl-C's default action does, unless an output set is being committed."""
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import signal\nfrom geovae import signals\n"
+        "with signals.installed():\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    print('flagged', flush=True)\n"
+        "    with signals.deferred():\n"
+        "        signal.raise_signal(signal.SIGINT)\n"
+        "        print('held', flush=True)\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
+        "    print('not reached', flush=True)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGINT and p.stdout == "flagged\nheld\n", (p.returncode, p.stdout, p.stderr)

@@ -386,3 +386,41 @@ def test_threads_in_one_process_do_not_share_temporary_names(tmp_path: Path, sce
     import geopandas as gpd
 
     assert len(gpd.read_file(tmp_path / "p.gpkg")) > 0
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_commit_never_leaves_files_without_their_report(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    scene: Path,
+    model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    signame: str,
+) -> None:
+    """SIGTERM or Ctrl-C between two renames of the commit (the moment the old report is
+    gone) left the old files without a report, or 13 new files without one in an empty
+    folder. The stop now takes effect after the last rename: exit 143/130 with one line, and
+    the folder holds exactly the new set its report lists."""
+    import geovae.atomic
+
+    signum = getattr(signal, signame)
+    out = tmp_path / "out"
+    args = ["-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--formats", "gpkg", "--no-quicklook"]
+    real = os.replace
+    for first in (True, False):  # into an empty folder, then over the previous set
+        calls = [0]
+
+        def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], calls: list[int] = calls) -> None:
+            calls[0] += 1
+            if calls[0] == 3:
+                os.kill(os.getpid(), signum)
+            real(src, dst)
+
+        monkeypatch.setattr(geovae.atomic, "_rename", rename)
+        code, err = run(capsys, *args, *([] if first else ["--samples", "2"]))
+        assert code == (143 if signum == signal.SIGTERM else 130), err
+        assert err.strip() == ("geovae: terminated" if signum == signal.SIGTERM else "geovae: interrupted")
+        assert calls[0] > 3
+        report = json.loads((out / f"{STEM}.json").read_text())
+        assert set(report["outputs"].values()) == {p.name for p in out.iterdir()}
+        assert (f"{STEM}.uncertainty.tif" in report["outputs"].values()) == (not first)

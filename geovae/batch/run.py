@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from geovae import signals
 from geovae.atomic import check_output_dir
 from geovae.batch.cluster import connect, install_model_cache
 from geovae.batch.manifest import (
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("geovae.batch")
 
+#: Seconds between two looks at the scene tasks (and at a stop request).
+_POLL_S = 0.1
 #: Seconds between two manifest rewrites while scenes stream in; the final write is always made.
 #: Rewriting a 10,000-row file after every scene would cost more than the scenes on a big run.
 _MANIFEST_MIN_INTERVAL = 1.0
@@ -340,16 +343,25 @@ def _run_on_cluster(
         with _Progress(len(rows), progress, dashboard) as bar:
             bar.advance(len(rows) - len(todo))
             last_write = 0.0
-            for fut in as_completed(futures, loop=client.loop):
-                row = rows[futures[fut]]
-                try:
-                    res = fut.result()
-                    for k, v in res.items():
-                        setattr(row, k, v)
-                except Exception as e:
-                    row.status, row.error, row.finished = "failed", one_line(e), _now()
-                bar.advance(1, row)
-                fut.release()
+            pending = as_completed(futures, loop=client.loop)
+            while not pending.is_empty():
+                # Polled, not blocked on: a Ctrl-C or SIGTERM (a flag, geovae.signals) stops
+                # the batch within a fraction of a second, not when the next scene ends.
+                signals.check()
+                ready = pending.next_batch(block=False)
+                if not ready:
+                    time.sleep(_POLL_S)
+                    continue
+                for fut in ready:
+                    row = rows[futures[fut]]
+                    try:
+                        res = fut.result()
+                        for k, v in res.items():
+                            setattr(row, k, v)
+                    except Exception as e:
+                        row.status, row.error, row.finished = "failed", one_line(e), _now()
+                    bar.advance(1, row)
+                    fut.release()
                 if time.monotonic() - last_write >= _MANIFEST_MIN_INTERVAL:
                     write_manifest(manifest, rows)
                     last_write = time.monotonic()

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geovae import signals
 from geovae.blend import Blender
 from geovae.blocks import Block
 from geovae.model.base import SegmentationModel
@@ -134,6 +135,7 @@ class PredictedBlocks:
             # with torch's threads and uses more CPU seconds for no clear gain.
             pending: _InFlight | None = None
             for batch in reader:
+                signals.check()
                 tm = time.perf_counter()
                 launched = _launch(model, batch, spec.samples, spec.reconstruction, opts.tta)
                 model_s += time.perf_counter() - tm

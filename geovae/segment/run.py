@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from geovae import signals
 from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, write_text
 from geovae.blocks import Block
 from geovae.errors import OptionError
@@ -275,6 +276,7 @@ def _run(
     try:
         with contextlib.closing(iter(source)) as blocks:
             for block in blocks:
+                signals.check()
                 for sink in sinks.values():
                     sink.add(block)
         results = {name: _close(spec, timings, name, sink) for name, sink in sinks.items()}

@@ -41,6 +41,7 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from geovae import signals
 from geovae.atomic import OutputSet, sha256
 from geovae.blocks import Block
 from geovae.model.base import ModelInfo
@@ -350,6 +351,7 @@ class RasterSink:
         staged: dict[str, Path] = {}
         checksums: dict[str, str] = {}
         for kind, src in scratch.items():
+            signals.check()
             dst = oset.path(spec.name(kind))
             report = None
             if progress is not None:

@@ -24,9 +24,11 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rasterio.windows import Window
 from torch import Tensor
 
+from geovae import signals
 from geovae.atomic import check_not_inputs, check_output_file
 from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
@@ -105,6 +107,17 @@ class _History(pl.Callback):
         self.epochs.append(row)
 
 
+class _StopOnRequest(pl.Callback):
+    """Ctrl-C and SIGTERM under the CLI only set a flag (:mod:`geovae.signals`): checked at
+    every batch, so a training run stops within one step."""
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        signals.check()
+
+    def on_validation_batch_start(self, *args: Any) -> None:
+        signals.check()
+
+
 class _StopIfNotFinite(pl.Callback):
     """Stops a run whose loss is NaN or infinite, before the backward pass can spread it
     into the weights: such a model would segment every pixel as one class at confidence NaN."""
@@ -166,7 +179,7 @@ def _fit(
     kw.setdefault("enable_model_summary", False)
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("log_every_n_steps", 1)
-    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist, _StopIfNotFinite()]
+    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist, _StopIfNotFinite(), _StopOnRequest()]
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     if not has_val:
@@ -179,10 +192,14 @@ def _fit(
         trainer = pl.Trainer(**kw)
         try:
             trainer.fit(task, datamodule=dm)
-        except SystemExit:
-            # Lightning answers Ctrl-C with sys.exit(1) and leaves SIGINT ignored; a library
-            # caller (and the CLI's exit code 130) needs the KeyboardInterrupt back, and no
-            # model file may be written from an interrupted run.
+        except SystemExit as exc:
+            # Lightning answers Ctrl-C with sys.exit(1) and leaves SIGINT ignored, and SIGTERM
+            # with its SIGTERMException (a SystemExit); a library caller (and the CLI's exit
+            # codes 130 and 143) needs the KeyboardInterrupt or Terminated back, and no model
+            # file may be written from an interrupted run.
+            if isinstance(exc, SIGTERMException) or signals.requested() == signal.SIGTERM:
+                signal.signal(signal.SIGINT, prev)
+                raise signals.Terminated() from None
             if trainer.interrupted:
                 signal.signal(signal.SIGINT, prev)
                 raise KeyboardInterrupt from None

@@ -42,6 +42,7 @@ import shapely
 from affine import Affine
 from rasterio.windows import Window
 
+from geovae import signals
 from geovae.areas import AreaMeasure
 from geovae.choices import CONNECTIVITIES, Connectivity
 from geovae.errors import OptionError
@@ -264,6 +265,7 @@ def trace_layer(
         open_pieces = Pieces()
         nrows = math.ceil(height / o.block)
         for irow, row in enumerate(block_rows(width, height, o.block) if rows is None else rows):
+            signals.check()  # a no-op in a stream's worker thread: the main thread stops it
             row_end = 0
             for win in row:
                 row_end = win.row_off + win.height

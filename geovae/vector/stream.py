@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from rasterio.windows import Window
 
+from geovae import signals
 from geovae.blocks import Block
 from geovae.errors import OptionError
 from geovae.products import CLASS_NODATA, area_column
@@ -199,6 +200,7 @@ class PolygonStream:
         put_checked(self._queue, None, self._check)
         while self._thread.is_alive():
             self._thread.join(0.2)
+            signals.check()
             if progress is not None:
                 progress(self.rows_done, self.rows_total)
         self._raise()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from geovae import signals
 from geovae.errors import OptionError
 from geovae.view.catalog import Catalog, ViewError, load_catalog
 
@@ -83,7 +84,7 @@ class Viewer:
         if timeout is not None:
             return self._stopped.wait(timeout)
         while not self._stopped.wait(0.5):
-            pass
+            signals.check()  # the CLI's Ctrl-C and SIGTERM only set a flag
         return True
 
     def open(self) -> bool:
