@@ -42,6 +42,7 @@ from geovae.errors import OutputError
 __all__ = [
     "OutputSet",
     "atomic_path",
+    "check_name_lengths",
     "check_not_inputs",
     "check_output_dir",
     "check_output_file",
@@ -135,6 +136,7 @@ def check_output_file(path: str | os.PathLike[str], example: str | None = None) 
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"output folder {parent} does not exist; create it first")
+    check_name_lengths(parent, [p.name])
     if not os.access(parent, os.W_OK):
         raise OutputError(f"output folder {parent} is not writable; choose another --out")
     return p
@@ -172,6 +174,43 @@ def check_output_dir(out_dir: str | Path, *, create: bool = True) -> Path:
             f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out"
         ) from None
     return p
+
+
+#: Bytes a name of geovae's may grow by on disk: a temporary copy (``.<name>.<8>.part``), a
+#: scratch file (``.<name>.scratch``), GDAL's sidecars and temporary overviews
+#: (``.aux.xml``, ``.ovr.tmp``), SQLite's journal (``-journal``).
+NAME_MARGIN = 16
+
+
+def _name_max(folder: Path) -> int:
+    anc = folder if folder.exists() else next((a for a in folder.absolute().parents if a.exists()), Path("/"))
+    try:
+        return int(os.pathconf(anc, "PC_NAME_MAX"))
+    except (OSError, ValueError):  # pragma: no cover - no pathconf
+        return 255
+
+
+def check_name_lengths(folder: str | os.PathLike[str], names: Iterable[str], *, margin: int = NAME_MARGIN) -> None:
+    """Refuse, before anything is created, names too long for the filesystem of ``folder``.
+
+    File names are limited in bytes (255 on most filesystems), and a UTF-8 name of
+    non-Latin script takes 2-4 bytes a character. Each name is checked with ``margin``
+    bytes to spare for the temporary and sidecar files made from it.
+
+    Raises:
+        OutputError: naming the longest name, its length and the limit.
+    """
+    folder = Path(folder)
+    limit = _name_max(folder)
+    longest = max(names, key=lambda n: len(os.fsencode(n)), default="")
+    n = len(os.fsencode(longest))
+    if n + margin > limit:
+        short = longest if len(longest) <= 60 else f"{longest[:40]}...{longest[-12:]}"
+        raise OutputError(
+            f"output name {short} is too long: {n} bytes, and file names in {folder} may have at most "
+            f"{limit - margin} here ({limit} with room for temporary files); give the input a shorter name "
+            "(or a link to it)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -224,9 +263,9 @@ def is_disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
     """Whether ``exc`` happened because the disk of ``folder`` is full.
 
     GDAL reports a full disk as a generic write failure ("Write failed", a TIFF error), so
-    besides ``ENOSPC``/``EDQUOT`` anywhere in the exception's chain, an ``OSError`` on a
-    filesystem with (almost) no space left counts as a full disk. Call it before removing
-    what the failed writer wrote.
+    besides ``ENOSPC``/``EDQUOT`` or a message saying so anywhere in the exception's chain,
+    an I/O error (an ``OSError``, a GDAL or pyogrio error) on a filesystem with (almost) no
+    space left counts as a full disk. Call it before removing what the failed writer wrote.
     """
     if isinstance(exc, OutputError):
         return False
@@ -237,10 +276,27 @@ def is_disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
         e = e.__cause__ or e.__context__
     if any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in chain):
         return True
-    if any("no space left" in str(x).lower() or "disk space" in str(x).lower() for x in chain):
+    if any(any(s in str(x).lower() for s in _FULL_MESSAGES) for x in chain):
         return True
+    if not any(_is_io_error(x) for x in chain):
+        return False
     free = _free(folder)
-    return isinstance(exc, OSError) and free is not None and free < 2**20
+    return free is not None and free < 2**20
+
+
+#: What writers say when the disk is full (SQLite, through GDAL's GeoPackage driver, says
+#: "database or disk is full").
+_FULL_MESSAGES = ("no space left", "disk space", "disk is full", "disk full")
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """An error a writer raises when a write fails: an ``OSError``, or one of GDAL's errors
+    (rasterio's ``CPLE_*``: a full disk during a COG copy is "TIFFRewriteDirectory:Error
+    fetching directory count") or pyogrio's, which do not say why."""
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.split(".")[0] in ("rasterio", "pyogrio", "fiona", "sqlite3")
 
 
 def _free(folder: str | os.PathLike[str]) -> int | None:
@@ -260,7 +316,11 @@ def disk_full_error(folder: str | os.PathLike[str], written: int | None = None) 
         written: bytes the run had written when the disk filled.
     """
     free = _free(folder)
-    had = f"the run had written {_mb(written)} when the disk filled" if written else "the disk filled"
+    had = (
+        f"the run had written {_mb(written)} when the disk filled"
+        if written and written >= 2**16
+        else "the disk filled"
+    )
     left = f", {_mb(free)} free now that its temporary files are gone" if free is not None else ""
     return OutputError(
         f"no space left on the device of {folder}: {had}{left}; free some space or choose "
@@ -315,6 +375,7 @@ class OutputSet:
         self.run_id = uuid.uuid4().hex[:12]
         self.staging = self.folder / f".{stem}.{_RUN_TAG}{self.run_id}.part"
         self._lock_fd: int | None = None
+        self._made: list[Path] = []
         self._open = False
         self.committed: dict[str, Path] = {}
 
@@ -333,9 +394,13 @@ class OutputSet:
     def open(self) -> None:
         """Create the folder, take the lock, finish or clear what killed runs left, stage."""
         check_output_dir(self.folder, create=False)
+        check_name_lengths(self.folder, [self.staging.name, self.lock_path.name], margin=0)
+        absolute = self.folder.absolute()
+        self._made = [d for d in (absolute, *absolute.parents) if not d.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            self._remove_made()
             raise OutputError(
                 f"output folder {self.folder} cannot be created ({exc.strerror or exc}); choose another --out"
             ) from None
@@ -347,17 +412,30 @@ class OutputSet:
             self.staging.mkdir()
         except BaseException as exc:
             self._release_lock()
+            self._remove_made()
             if is_disk_full(exc, self.folder):
                 raise disk_full_error(self.folder) from None
             raise
         self._open = True
 
     def close(self) -> None:
-        """Remove the staging folder (whatever was not committed) and release the lock."""
+        """Remove the staging folder (whatever was not committed) and release the lock; a
+        run that committed nothing also removes the folders it created (when empty)."""
         if self.staging.exists():
             shutil.rmtree(self.staging, ignore_errors=True)
         self._open = False
         self._release_lock()
+        if not self.committed:
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        """Remove the folders :meth:`open` created, deepest first, while they are empty."""
+        for d in self._made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        self._made = []
 
     # -- writing ----------------------------------------------------------------------------
     def path(self, name: str) -> Path:

@@ -424,3 +424,74 @@ def test_a_signal_during_the_commit_never_leaves_files_without_their_report(
         report = json.loads((out / f"{STEM}.json").read_text())
         assert set(report["outputs"].values()) == {p.name for p in out.iterdir()}
         assert (f"{STEM}.uncertainty.tif" in report["outputs"].values()) == (not first)
+
+
+def _disk_full_now(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filesystem of every output has 4 KB left (what a write that filled it sees)."""
+    import geovae.atomic
+
+    monkeypatch.setattr(geovae.atomic, "_free", lambda folder: 4096)
+
+
+def test_a_disk_that_fills_during_the_cog_copies_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GDAL says only `TIFFRewriteDirectory:Error fetching directory count` (a CPLE_AppDefinedError,
+    not an OSError) when the disk fills during a COG copy: that was an internal error, and an
+    empty output folder was left behind."""
+    from rasterio._err import CPLE_AppDefinedError
+
+    import geovae.stitch
+
+    def full(*a: object, **k: object) -> None:
+        raise CPLE_AppDefinedError(1, 1, "TIFFRewriteDirectory:Error fetching directory count")
+
+    monkeypatch.setattr(geovae.stitch, "write_cog", full)
+    _disk_full_now(monkeypatch)
+    out = tmp_path / "new" / "out"
+    code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--no-quicklook")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("geovae: error: no space left on the device"), err
+    assert not (tmp_path / "new").exists()  # the folders the run made are gone with it
+
+
+def test_vectorize_onto_a_full_disk_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_labels: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says `database or disk is full` (pyogrio's DataLayerError, a RuntimeError); a
+    later write says nothing about why (FeatureError) on a disk with no space left."""
+    import pyogrio.errors
+
+    import geovae.polygons
+
+    for exc, low in (
+        (pyogrio.errors.DataLayerError("sqlite3_exec(COMMIT) failed: database or disk is full"), False),
+        (pyogrio.errors.FeatureError("Could not add feature to layer at index 0"), True),
+    ):
+
+        def full(*a: object, exc: BaseException = exc, **k: object) -> None:
+            raise exc
+
+        monkeypatch.setattr(geovae.polygons, "_write_format", full)
+        if low:
+            _disk_full_now(monkeypatch)
+        code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(tmp_path / "p.gpkg"))
+        assert code == 1 and err.count("\n") == 1 and "no space left on the device" in err, err
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_scene_name_too_long_for_its_outputs_is_refused_before_any_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path
+) -> None:
+    """A 230-character scene name failed with `[Errno 36] File name too long` (an internal
+    error) after making the output folder; names are measured in bytes (é is two)."""
+    for stem in ("a" * 230, "é" * 120):
+        link = tmp_path / f"{stem}.tif"
+        link.symlink_to(scene)
+        out = tmp_path / "o"
+        code, err = run(capsys, "segment", str(link), "-m", str(model), "-o", str(out))
+        assert code == 1 and err.count("\n") == 1 and "is too long" in err and "bytes" in err, err
+        assert not out.exists()
+    ok = tmp_path / f"{'b' * 150}.tif"
+    ok.symlink_to(scene)
+    code, err = run(capsys, "-q", "segment", str(ok), "-m", str(model), "-o", str(tmp_path / "o"), "--no-quicklook")
+    assert code == 0, err

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from geovae import signals
-from geovae.atomic import OutputSet, check_not_inputs, check_output_dir, write_text
+from geovae.atomic import OutputSet, check_name_lengths, check_not_inputs, check_output_dir, write_text
 from geovae.blocks import Block
 from geovae.errors import OptionError
 from geovae.model.base import SegmentationModel
@@ -360,8 +360,14 @@ def _run_set(spec: RunSpec, out_dir: str | Path) -> OutputSet:
     """The run's output set, after checking that no output would replace an input."""
     folder = check_output_dir(out_dir, create=False)
     inputs = [*spec.scene.local_files, spec.model_path]
-    check_not_inputs([folder / output_name(spec.stem, k) for k in spec.kinds], inputs)
-    return OutputSet(folder, spec.stem, inputs=inputs)
+    names = [output_name(spec.stem, k) for k in spec.kinds]
+    oset = OutputSet(folder, spec.stem, inputs=inputs)
+    # Names are measured in bytes before anything is made: a long scene name failed with
+    # `[Errno 36] File name too long` after the folder was created.
+    check_name_lengths(folder, names)
+    check_name_lengths(folder, [oset.staging.name, oset.lock_path.name], margin=0)
+    check_not_inputs([folder / n for n in names], inputs)
+    return oset
 
 
 def _segment(

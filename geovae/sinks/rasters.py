@@ -378,14 +378,14 @@ class RasterSink:
         return RasterFiles(paths, staged, checksums)
 
     def abort(self) -> None:
-        """Close and delete every unfinished output (after an error or interruption)."""
-        for kind, ds in list(self._datasets.items()):
+        """Close every unfinished output (after an error or interruption); the output set
+        removes them with its staging folder."""
+        for ds in list(self._datasets.values()):
             try:
                 ds.close()
             except Exception:  # pragma: no cover - closing a broken dataset
                 pass
-            if not self._closed:
-                self.output_set.path(self.spec.name(kind)).unlink(missing_ok=True)
-                self.output_set.scratch(self.spec.name(kind)).unlink(missing_ok=True)
+        # The files stay in the set's staging folder until the set closes: until then a full
+        # disk still shows as one (geovae.atomic.is_disk_full).
         self._datasets.clear()
         self._closed = True
