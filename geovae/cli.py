@@ -76,6 +76,16 @@ def _setup_logging(verbosity: int) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING))
 
 
+def _quiet_native() -> None:
+    """GDAL's and libtiff's own printing to stderr off (below -vv), for the commands that
+    write: their errors reach geovae as exceptions, which become one line
+    (:func:`geovae.native.quiet_native_output`)."""
+    if STATE.verbosity < 2:
+        from geovae.native import quiet_native_output
+
+        quiet_native_output()
+
+
 def _quiet_lightning() -> None:
     """Lightning's import sets its loggers to INFO and adds its own console handler, undoing
     :func:`_setup_logging` (every banner then printed twice, once in each format). Called by
@@ -327,6 +337,7 @@ def segment(ctx: click.Context, scenes: tuple[str, ...], model: str, out_dir: st
     """
     from geovae.batch import expand_scenes
 
+    _quiet_native()
     options = _segment_options_from(kw, _quiet(ctx))
     paths = expand_scenes(scenes)
     inputs = _scene_inputs(paths, kw)
@@ -422,6 +433,7 @@ def vectorize(
     object_seed: float,
 ) -> None:
     """Turn a class raster into polygons with class, area and confidence attributes."""
+    _quiet_native()
     if objects:
         from geovae.vector import vectorize_objects
 
@@ -537,6 +549,7 @@ def train(
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
     from geovae import training
 
+    _quiet_native()
     _quiet_lightning()
 
     if config:
@@ -605,6 +618,7 @@ def generate(
     """
     from geovae.generate import generate_images
 
+    _quiet_native()
     res = generate_images(model_path, out, n=count, size=size, classes_from=classes_from, seed=seed, device=device)
     where = "on the class map's grid" if res.georeferenced else "not georeferenced"
     click.echo(
@@ -712,6 +726,7 @@ def export(
     """
     from geovae.model.io import export_model
 
+    _quiet_native()
     p = export_model(source, out, mean=mean, std=std, stats_from=stats_from, classes=classes, tile_size=tile)
     click.echo(str(p))
 
@@ -854,6 +869,7 @@ def batch(
     """
     from geovae.batch import run_batch
 
+    _quiet_native()
     if scheduler and workers:
         raise click.UsageError("--workers only applies to the local cluster; drop it with --scheduler")
     search = None
@@ -954,6 +970,7 @@ def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device
     """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
     from geovae.demo import run_demo
 
+    _quiet_native()
     _quiet_lightning()
 
     res = run_demo(out_dir, data=data, epochs=epochs, device=device, progress=not _quiet(ctx))

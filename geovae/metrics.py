@@ -297,10 +297,22 @@ def _evaluate_objects(
 ) -> dict[str, Any]:
     from pathlib import Path
 
-    from geovae.products import POLYGON_FORMATS
+    from geovae.products import POLYGON_FORMATS, read_class_table
 
     with open_raster(prediction, "prediction") as pred:
         bounds, crs = tuple(pred.bounds), pred.crs
+        table = read_class_table(pred)
+    if classes and table:
+        # A class the prediction does not have would filter every polygon out and score F1 0.
+        by_name = {str(v["name"]).strip().lower() for v in table.values()}
+        for c in classes:
+            key = str(c).strip()
+            if key.lower() not in by_name and not (key.lstrip("-").isdigit() and int(key) in table):
+                listed = ", ".join(f"{k}:{v['name']}" for k, v in sorted(table.items()))
+                raise OptionError(
+                    f"--object-classes {key}: no such class in {prediction} (its classes are {listed}); "
+                    "name classes of the prediction"
+                )
     if isinstance(reference, (str, os.PathLike)) and "://" not in str(reference) and not os.path.exists(reference):
         raise LabelsError(f"reference objects {reference}: no such file; check the path")
     if predicted is None:

@@ -556,3 +556,55 @@ def _assert_stac_collection(res: batch.BatchResult, out: Path, scenes: list[Path
     ((w, _s, _e, n),) = coll.extent.spatial.bboxes
     assert w == min(b[0] for b in boxes) and n == max(b[3] for b in boxes)
     assert check_marker(out / scenes[0].stem) is not None
+
+
+def test_a_batch_onto_a_full_disk_records_one_line_and_leaves_no_folder(
+    scenes: list[Path], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk during the COG copies (GDAL's CPLE_AppDefinedError) put a raw
+    `TIFFAppendToStrip` error in the manifest; now the row holds the one-line disk-full
+    error and the scene's folder is not left behind. Threads of this process are the
+    workers, so the disk can be filled by monkeypatching."""
+    from distributed import Client, LocalCluster
+    from rasterio._err import CPLE_AppDefinedError
+
+    import geovae.atomic
+    import geovae.stitch
+
+    def full(*a: object, **k: object) -> None:
+        raise CPLE_AppDefinedError(1, 1, "TIFFAppendToStrip:Write error at scanline 0")
+
+    monkeypatch.setattr(geovae.stitch, "write_cog", full)
+    monkeypatch.setattr(geovae.atomic, "_free", lambda folder: 4096)
+    out = tmp_path / "out"
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        res = batch.run_batch([scenes[0]], tiny_model, out, scheduler=client, progress=False, retries=0, **SEG)
+    (row,) = res.rows
+    assert res.failed == 1 and row.error.startswith("no space left on the device of "), row.error
+    assert "\n" not in row.error and "TIFF" not in row.error
+    assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST_NAME]
+
+
+def test_sigterm_to_a_batch_is_one_line(scenes: list[Path], tiny_model: Path, tmp_path: Path) -> None:
+    """SIGTERM to `geovae batch` printed 37 lines (a dask heartbeat traceback, worker
+    warnings); it stops with exit 143 and one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "geovae", "-q", "batch", str(scenes[0]), "-m", str(tiny_model), "-o", str(out)]
+    cmd += ["--workers", "1", "--tile", "16", "--overlap", "4", "--batch-size", "1", "--samples", "8", "--force"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / batch.MANIFEST_NAME).exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert (out / batch.MANIFEST_NAME).exists(), proc.communicate()
+    time.sleep(1.0)  # the scene is running on the worker
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip() == "geovae: terminated", err

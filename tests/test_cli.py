@@ -348,3 +348,87 @@ def test_segment_a_folder_runs_the_local_batch(capsys: pytest.CaptureFixture[str
     empty.mkdir()
     code, _, err = run(capsys, "segment", str(empty), "-m", str(model), "-o", str(out))
     assert_one_line_error(code, err, 2, "holds no scene")  # a usage error, like every OptionError
+
+
+def test_no_warnings_around_the_one_line_messages(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_stack: Path
+) -> None:
+    """A pickled model (torch's `Detected pickle protocol 4` UserWarning) and a scene in pixel
+    coordinates (rasterio's NotGeoreferencedWarning, pyogrio's `'crs' was not provided`)
+    printed warnings around the one-line message and the outputs. Warnings are recorded
+    with the "always" action, so one shown earlier in this process cannot hide them."""
+    import collections
+    import pickle
+    import warnings
+
+    import torch
+
+    from geovae.model import ModelInfo, VAESegmenter
+    from geovae.model.io import save_model
+
+    pkl = tmp_path / "m.pkl"
+    pkl.write_bytes(pickle.dumps(collections.OrderedDict(a=1), protocol=4))
+    photo = tmp_path / "photo.tif"
+    with rasterio.open(nc_stack) as src:
+        data = src.read(window=((200, 264), (200, 264)))
+    with rasterio.open(photo, "w", driver="GTiff", width=64, height=64, count=6, dtype="uint8") as dst:
+        dst.write(data)
+    torch.manual_seed(0)
+    model = save_model(
+        tmp_path / "m.safetensors",
+        VAESegmenter(6, 2, base_channels=4, depth=2, latent_channels=2).eval(),
+        ModelInfo(in_channels=6, num_classes=2, mean=[80.0] * 6, std=[30.0] * 6, tile_size=64),
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code, _, err = run(capsys, "segment", str(nc_stack), "-m", str(pkl), "-o", str(tmp_path / "a"))
+        assert_one_line_error(code, err, 1, "pickled Python objects")
+        code, _, err = run(
+            capsys,
+            "segment",
+            str(photo),
+            "-m",
+            str(model),
+            "-o",
+            str(tmp_path / "b"),
+            "--pixel-coords",
+            "--formats",
+            "gpkg,parquet",
+            "--force",
+            "-q",
+        )
+        assert code == 0 and err == "", err
+    assert [str(w.message) for w in seen if issubclass(w.category, UserWarning)] == []
+
+
+def test_libtiff_prints_nothing_once_quieted(tmp_path: Path) -> None:
+    """libtiff printed `_tiffWriteProc: No space left on device.` straight to stderr around the
+    one-line disk-full message. A write past a file-size limit makes it print the same way
+    (EFBIG instead of ENOSPC, no root needed); quieted, it prints nothing."""
+    code = (
+        "import resource, signal, sys\n"
+        "import numpy as np, rasterio\n"
+        "if sys.argv[1] == 'quiet':\n"
+        "    from geovae.native import quiet_native_output\n"
+        "    quiet_native_output()\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    with rasterio.open(sys.argv[2], 'w', driver='GTiff', width=256, height=256, count=1,\n"
+        "                       dtype='float32', crs='EPSG:32617', transform=rasterio.Affine(10, 0, 5e5, 0, -10, 4e6)) as d:\n"
+        "        d.write(np.random.default_rng(0).random((256, 256), dtype=np.float32), 1)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    results = {}
+    for mode in ("loud", "quiet"):
+        p = subprocess.run(
+            [sys.executable, "-c", code, mode, str(tmp_path / f"{mode}.tif")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.stdout.strip() == "RasterioIOError", (p.stdout, p.stderr)
+        results[mode] = p.stderr
+    assert "_tiffWriteProc" in results["loud"]  # the test can see what it checks
+    assert results["quiet"] == ""

@@ -169,3 +169,41 @@ def test_grid_mismatch_and_bad_files(nc_labels: Path, tmp_path: Path) -> None:
     empty = _as_prediction(nc_labels, tmp_path / "empty.classes.tif", np.full_like(a, 255))
     with pytest.raises(LabelsError, match="no pixel is valid"):
         evaluate(empty, nc_labels)
+
+
+def test_an_unknown_object_class_is_named_not_scored_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--object-classes parcelz` filtered every polygon out and reported F1 0 with exit 0;
+    a class the prediction does not have is now one line naming it and the classes there."""
+    import json
+
+    from geovae.cli import main
+    from geovae.products import write_class_table
+
+    a = np.full((64, 64), 2, np.uint8)
+    a[8:24, 8:24] = 1
+    a[36:56, 30:60] = 1
+    pred = tmp_path / "p.classes.tif"
+    with rasterio.open(
+        pred,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32617",
+        transform=Affine(10, 0, 500000, 0, -10, 4000000),
+    ) as d:
+        d.write(a, 1)
+        write_class_table(d, [1, 2], ["parcel", "background"], [(200, 0, 0), (0, 0, 0)])
+    objects = tmp_path / "p.objects.gpkg"
+    assert main(["vectorize", str(pred), "-o", str(objects), "--objects", "parcel"]) == 0
+    capsys.readouterr()
+    base = ["evaluate", str(pred), "--objects", str(objects), "--json", "--object-classes"]
+    assert main([*base, "parcel"]) == 0
+    assert json.loads(capsys.readouterr().out)["objects"]["f1"] == 1.0
+    code = main([*base, "parcel,parcelz"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "--object-classes parcelz: no such class" in err and "1:parcel, 2:background" in err
+    assert main([*base, "1"]) == 0  # an id works as well as a name

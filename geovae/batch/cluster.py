@@ -143,6 +143,28 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
     client.register_plugin(ModelCache(loader), name=PLUGIN_NAME)
 
 
+class QuietWorker(WorkerPlugin):
+    """Keeps the workers of a local cluster from printing onto the user's terminal: their
+    stderr is the ``geovae`` command's. Distributed's own logs below ERROR (a task cancelled
+    when a stopped batch closes the cluster) and the native libraries' printing
+    (:func:`geovae.native.quiet_native_output`; scene failures reach the manifest as one
+    line) are turned off, unless ``verbose``."""
+
+    name = "geovae-quiet"
+
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+
+    def setup(self, worker: Worker) -> None:
+        """Called by Dask on every worker of the cluster, present and future."""
+        if self.verbose:
+            return
+        from geovae.native import quiet_native_output
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        quiet_native_output()
+
+
 # ---------------------------------------------------------------------- the cluster
 def connect(
     scheduler: str | Client | None = None,
@@ -215,6 +237,8 @@ def connect(
         ) from e
     try:
         client = Client(cluster, set_as_default=False, timeout=connect_timeout)
+        if not logging.getLogger("geovae").isEnabledFor(logging.DEBUG):
+            client.register_plugin(QuietWorker(), name=QuietWorker.name)
     except Exception as e:
         cluster.close()
         raise ClusterError(f"cannot connect to the local Dask cluster ({one_line(e)})") from e

@@ -298,6 +298,8 @@ def _run_on_cluster(
         scheduler, workers=workers, threads_per_worker=threads_per_worker, connect_timeout=connect_timeout
     )
     dashboard = client.dashboard_link if getattr(client, "dashboard_link", None) else None
+    dlog = logging.getLogger("distributed")
+    dlevel = dlog.level
     try:
         write_manifest(manifest, rows)
         install_model_cache(client)
@@ -365,11 +367,20 @@ def _run_on_cluster(
                 if time.monotonic() - last_write >= _MANIFEST_MIN_INTERVAL:
                     write_manifest(manifest, rows)
                     last_write = time.monotonic()
+    except BaseException:
+        if cluster is not None and not log.isEnabledFor(logging.DEBUG):
+            # Stopped mid-scene (Ctrl-C, SIGTERM, an error): the local workers are killed
+            # rather than waited for, and distributed's warning that it did so is expected.
+            dlog.setLevel(logging.ERROR)
+        raise
     finally:
-        if client is not scheduler:  # a Client the caller gave stays theirs
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        try:
+            if client is not scheduler:  # a Client the caller gave stays theirs
+                client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            dlog.setLevel(dlevel)
     return dashboard
 
 

@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -353,7 +354,11 @@ def _load_torch(path: Path) -> dict[str, Any]:
     try:
         # weights_only=True: only tensors and plain containers; any other object is refused
         # before it can be constructed, so a malicious checkpoint cannot run code.
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol it may not read before refusing the file;
+            # the refusal (one line below) is what the user needs.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelFileError(
             f"{path}: holds pickled Python objects, which geovae refuses to load (they can run code); "

@@ -180,6 +180,14 @@ def write_format(reader: Any, geom_col: str, final: Path, dest: Path, crs: Any, 
             layer_options={"RFC7946": "YES"},
         )
     elif suffix == ".gpkg":
+        if crs is None:
+            # A layer in pixel coordinates (--pixel-coords) has no CRS by design. pyogrio's
+            # warning about it is attributed to this module (stacklevel 2), so the filter
+            # silences only geovae's own writes. Set here, before each such write: a filter
+            # made at import would be lost to a caller's catch_warnings block that ended.
+            warnings.filterwarnings(
+                "ignore", message="'crs' was not provided", category=UserWarning, module=r"geovae\.vector\.formats$"
+            )
         # Into an existing GeoPackage (the copy above) GDAL replaces just this layer.
         pyogrio.write_arrow(
             reader,
