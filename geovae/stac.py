@@ -21,7 +21,9 @@ before the report): a STAC 1.1 Item whose assets are the run's files, with
   area and its pixel window; for ``--stack``, each stacked raster as a ``derived_from`` link.
 
 Asset hrefs are relative to the Item (``./<stem>.classes.tif``), so a folder of outputs can
-be moved or uploaded as it is. :func:`write_batch_catalog` makes ``OUT/catalog.json`` and
+be moved or uploaded as it is. Every local href is a valid URI reference whatever the file
+names (:func:`href`: a scene named ``scène v1.tif`` gives ``./sc%C3%A8ne%20v1.classes.tif``);
+read them back with ``urllib.parse.unquote``. :func:`write_batch_catalog` makes ``OUT/catalog.json`` and
 ``OUT/collection.json`` over the Items of a batch, without rewriting the Items (a batch's
 markers vouch for their checksums).
 """
@@ -35,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from geovae._version import __version__
 from geovae.atomic import sha256, write_text
@@ -47,6 +50,7 @@ __all__ = [
     "MEDIA_TYPES",
     "ROLES",
     "build_item",
+    "href",
     "multihash",
     "write_batch_catalog",
     "write_item",
@@ -277,7 +281,7 @@ def build_item(
     for kind, path in files.items():
         if kind in ("stac",) or kind not in MEDIA_TYPES:
             continue
-        rel = "./" + os.path.relpath(finals[kind], folder)
+        rel = "./" + href(Path(os.path.relpath(finals[kind], folder)).as_posix())
         digest = (checksums or {}).get(kind) or sha256(path)
         extra: dict[str, Any] = {"file:size": Path(path).stat().st_size, "file:checksum": "1220" + digest}
         if kind in bands:
@@ -307,7 +311,7 @@ def build_item(
         link = pystac.Link(
             rel="ml-model",
             # a weight set has no file of the user's: its weights are where TorchGeo downloads them
-            target=str(weights["url"]) if pretrained else str(Path(model_path).resolve()),
+            target=str(weights["url"]) if pretrained else href(Path(model_path).resolve().as_posix()),
             media_type="application/octet-stream",
             title=f"TorchGeo weights {weights.get('name')}"
             if pretrained
@@ -320,7 +324,7 @@ def build_item(
     if source is not None:
         _add_source(item, source)
     elif src:
-        target = src if "://" in src or src.startswith("/vsi") else str(Path(src).resolve())
+        target = src if "://" in src or src.startswith("/vsi") else href(Path(src).resolve().as_posix())
         item.add_link(pystac.Link(rel="derived_from", target=target, title="the segmented scene"))
     return item
 
@@ -331,9 +335,10 @@ def _add_source(item: Any, source: dict[str, Any]) -> None:
 
     src_item = source.get("item")
     if src_item and src_item.get("href"):
-        href = str(src_item["href"])
-        path, sep, frag = href.partition("#")  # an Item of a file of several: FILE#ID
-        target = href if "://" in href or href.startswith("/vsi") else str(Path(path).resolve()) + sep + frag
+        given = str(src_item["href"])
+        path, sep, frag = given.partition("#")  # an Item of a file of several: FILE#ID
+        local = href(Path(path).resolve().as_posix()) + sep + quote(frag, safe=_HREF_SAFE + "?")
+        target = given if "://" in given or given.startswith("/vsi") else local
         link = pystac.Link(
             rel="derived_from",
             target=target,
@@ -346,7 +351,7 @@ def _add_source(item: Any, source: dict[str, Any]) -> None:
     else:
         for a in source.get("assets", []):
             h = str(a["href"])
-            target = h if "://" in h or h.startswith("/vsi") else str(Path(h).resolve())
+            target = h if "://" in h or h.startswith("/vsi") else href(Path(h).resolve().as_posix())
             item.add_link(pystac.Link(rel="derived_from", target=target, title="a stacked raster"))
     item.properties["geovae:source"] = source
 
@@ -361,6 +366,20 @@ def _source_datetime(source: dict[str, Any] | None) -> datetime | None:
     except ValueError:
         return None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+#: Characters a path keeps as they are in an href: RFC 3986's unreserved characters (quote
+#: keeps letters, digits and ``-._~``), sub-delimiters, ``:``, ``@`` and the separator ``/``.
+_HREF_SAFE = "/!$&'()*+,;=:@"
+
+
+def href(path: str) -> str:
+    """A local path (relative with ``/`` separators, or absolute) as a URI reference: every
+    other character percent-encoded as UTF-8 (a space, ``#``, ``?``, ``%``, non-ASCII letters).
+
+    STAC hrefs must be IRI references: a raw space is not one.
+    """
+    return quote(path, safe=_HREF_SAFE)
 
 
 def _colors(report: dict[str, Any]) -> list[list[int]]:
@@ -443,7 +462,10 @@ def write_batch_catalog(
     for path, it in loaded:
         coll.add_link(
             pystac.Link(
-                rel="item", target="./" + os.path.relpath(path, out), media_type="application/geo+json", title=it.id
+                rel="item",
+                target="./" + href(Path(os.path.relpath(path, out)).as_posix()),
+                media_type="application/geo+json",
+                title=it.id,
             )
         )
     cat = pystac.Catalog(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -456,3 +457,39 @@ def test_load_model_predicts_numpy(model: Path, scene: Path) -> None:
     assert np.allclose(out["probs"].sum(1), 1, atol=1e-4)
     assert out["expected_entropy"].shape == (1, 64, 64) and out["reconstruction_error"].shape == (1, 64, 64)
     assert m.info.class_names == CLASS_NAMES
+
+
+#: What an IRI reference (RFC 3987) may not hold raw: spaces and other controls, the
+#: delimiters it excludes, and a % that does not start an escape.
+_NOT_IN_AN_IRI = re.compile(r'[\x00-\x20\x7f<>"{}|\\^`]|%(?![0-9A-Fa-f]{2})')
+
+
+def test_stac_hrefs_are_iri_references_whatever_the_scene_name(
+    scene: Path, model: Path, tmp_path: Path, offline: None
+) -> None:
+    """A scene named "scène v1.2.final.tif" got asset hrefs with raw spaces, which are not IRI
+    references; every local href is now percent-encoded, validates, and resolves back to
+    its file with unquote."""
+    from urllib.parse import unquote
+
+    import pystac
+
+    from geovae.segment import segment_scene
+
+    odd = tmp_path / "in put" / "scène v1.2.final #1.tif"
+    odd.parent.mkdir()
+    odd.symlink_to(scene)
+    res = segment_scene(odd, model, tmp_path / "out dir", formats=("gpkg",), progress=False)
+    path = Path(res.outputs["stac"])
+    d = json.loads(path.read_text())  # (pystac's from_file takes a "#" in a local path for a fragment)
+    pystac.Item.from_dict(d).validate(validator=_OfflineValidator())
+    hrefs = [a["href"] for a in d["assets"].values()] + [ln["href"] for ln in d["links"]]
+    assert len(hrefs) >= len(res.outputs) + 1
+    for h in hrefs:
+        assert not _NOT_IN_AN_IRI.search(h), h
+    assert d["assets"]["classes"]["href"] == "./sc%C3%A8ne%20v1.2.final%20%231.classes.tif"
+    for key, asset in d["assets"].items():
+        assert (path.parent / unquote(asset["href"])).is_file(), key
+    scene_link = next(ln["href"] for ln in d["links"] if ln["rel"] == "derived_from")
+    assert Path(unquote(scene_link)) == odd.resolve()
+    assert not _NOT_IN_AN_IRI.search("./a%20b") and _NOT_IN_AN_IRI.search("./a b")  # the check can fail

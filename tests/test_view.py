@@ -775,3 +775,16 @@ def test_page_on_a_batch_output(browser: object, batch_out: Path) -> None:
         )
         _wait_ready(d)
         assert _settled_map_colours(d, cat.scenes[0].rasters["classes"], 0.97) > 0.97
+
+
+def test_scenes_of_one_file_name_get_distinct_names(batch_out: Path, tmp_path: Path) -> None:
+    """A batch of several scenes called y.tif listed four entries all named "y.tif": each
+    name now carries as many of its folders as tell it apart (the same scene twice: "(2)")."""
+    out = tmp_path / "out"
+    out.mkdir()
+    scenes = [f"/data/{d}/y.tif" for d in ("2020/a", "2021/a", "2021/b", "2021/b")] + ["/data/z.tif"]
+    rows = [batch.SceneRow(scene=s, folder=f"f{i}", status="failed", error="x") for i, s in enumerate(scenes)]
+    batch.write_manifest(out / batch.MANIFEST_NAME, rows)
+    names = [e.name for e in load_catalog(out).scenes]
+    assert names == ["2020/a/y.tif", "2021/a/y.tif", "b/y.tif", "b/y.tif (2)", "z.tif"]
+    assert [e.name for e in load_catalog(batch_out).scenes] == ["nc_west.tif", "nc_east.tif", "missing.tif"]

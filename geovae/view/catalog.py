@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from geovae.errors import GeovaeError
 
@@ -229,13 +229,41 @@ def _reports_in(folder: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- kinds
+def distinct_names(paths: list[str]) -> list[str]:
+    """Short display names for scene paths or URLs: the file name, with as many of its
+    folders as it takes to tell it from the others of the same name (``d1/y.tif`` and
+    ``d2/y.tif``), and ``(2)``, ``(3)``... for the same path listed again."""
+    unique = list(dict.fromkeys(paths))
+    parts = [[p for p in urlparse(s).path.replace("\\", "/").split("/") if p] or [s] for s in unique]
+    depth = [1] * len(unique)
+
+    def name(i: int) -> str:
+        return "/".join(parts[i][-depth[i] :])
+
+    while True:
+        names = [name(i) for i in range(len(unique))]
+        grow = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    short = dict(zip(unique, (name(i) for i in range(len(unique))), strict=True))
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        seen[p] = seen.get(p, 0) + 1
+        out.append(short[p] if seen[p] == 1 else f"{short[p]} ({seen[p]})")
+    return out
+
+
 def _from_manifest(root: Path) -> list[SceneEntry]:
     with open(root / MANIFEST_NAME, newline="") as f:
         rows = list(csv.DictReader(f))
     entries = []
+    shown = distinct_names([row.get("scene", "") or f"scene {i + 1}" for i, row in enumerate(rows)])
     for i, row in enumerate(rows):
         scene = row.get("scene", "") or f"scene {i + 1}"
-        name = Path(urlparse(scene).path).name or scene
+        name = shown[i]
         outputs = [o for o in (row.get("outputs") or "").split(";") if o]
         reports = [root / o for o in outputs if o.endswith(".json") and _inside(root, root / o)]
         if not reports:  # an older manifest without outputs: the scene's sub-folder
@@ -262,7 +290,7 @@ def _from_manifest(root: Path) -> list[SceneEntry]:
 def _stac_items(collection: Path) -> list[Path]:
     d = json.loads(collection.read_text())
     return [
-        collection.parent / link["href"]
+        collection.parent / unquote(link["href"])
         for link in d.get("links", [])
         if isinstance(link, dict)
         and link.get("rel") == "item"
@@ -274,11 +302,21 @@ def _stac_items(collection: Path) -> list[Path]:
 def _from_stac(root: Path, collection: Path) -> list[SceneEntry]:
     """Scenes of a STAC collection: each item's report asset (a ``.json`` geovae report)."""
     entries = []
-    for i, item_path in enumerate(_stac_items(collection)):
+    items = _stac_items(collection)
+    ids = []
+    for item_path in items:
+        try:
+            ids.append(str(json.loads(item_path.read_text()).get("id") or item_path.stem))
+        except (OSError, ValueError, AttributeError):
+            ids.append(item_path.stem)
+    # Items of the same id (scenes of one file name in several folders) are told apart by
+    # their folders.
+    shown = distinct_names([str(p.parent / i) for p, i in zip(items, ids, strict=True)])
+    for i, item_path in enumerate(items):
         if not _inside(root, item_path) or not item_path.is_file():
             continue
         item = json.loads(item_path.read_text())
-        hrefs = [a.get("href", "") for a in (item.get("assets") or {}).values() if isinstance(a, dict)]
+        hrefs = [unquote(str(a.get("href", ""))) for a in (item.get("assets") or {}).values() if isinstance(a, dict)]
         reports = [
             item_path.parent / h
             for h in hrefs
@@ -287,7 +325,7 @@ def _from_stac(root: Path, collection: Path) -> list[SceneEntry]:
             and _inside(root, item_path.parent / h)
             and _read_report(item_path.parent / h) is not None
         ]
-        name = str(item.get("id") or item_path.stem)
+        name = shown[i]
         if reports:
             entries.append(_entry_from_report(f"s{i}", reports[0], root, name=name))
         else:
