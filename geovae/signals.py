@@ -145,5 +145,5 @@ def deferred() -> Iterator[None]:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         _STATE.deferring -= 1
-        for s in dict.fromkeys(got):
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(got):
+            signal.raise_signal(signum)
