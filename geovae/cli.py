@@ -1031,12 +1031,19 @@ def _usage_line(e: click.ClickException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``geovae`` console script; returns the exit code."""
+    """Entry point of the ``geovae`` console script; returns the exit code.
+
+    Args:
+        argv: the arguments; None (the console script, ``python -m geovae``) reads the
+            process's own command line, and the process is taken to end when this returns:
+            SIGINT and SIGTERM are then ignored rather than restored (see
+            :func:`geovae.signals.installed`).
+    """
     STATE.debug, STATE.verbosity = False, 0
     # Ctrl-C and SIGTERM (a scheduler's or `kill`'s stop) set a flag that the run's loops
     # check (geovae.signals): the run unwinds from there, every writer removes its temporary
     # files on the way out, and the exit status says what happened.
-    with signals.installed():
+    with signals.installed(exiting=argv is None):
         code = _run(argv)
         if code == 0 and signals.requested() is not None:
             # Stopped after the last check (the outputs, if any, are complete): still say so.

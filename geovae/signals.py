@@ -88,11 +88,18 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def installed() -> Iterator[None]:
+def installed(*, exiting: bool = False) -> Iterator[None]:
     """SIGINT and SIGTERM record a stop request instead of raising, for the block.
 
     Outside the main thread (an application embedding the CLI) nothing changes. The
     previous handlers and a clear flag are restored on exit.
+
+    Args:
+        exiting: the process ends after the block (the ``geovae`` command): SIGINT and SIGTERM
+            are then ignored instead of restored. The interpreter's exit (a second or more
+            with torch and GDAL loaded) resets Python's handlers to the fatal default, so a
+            signal then would kill a process whose work is done and whose exit status is
+            decided.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -105,7 +112,7 @@ def installed() -> Iterator[None]:
         yield
     finally:
         for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+            signal.signal(s, signal.SIG_IGN if exiting else h if h is not None else signal.SIG_DFL)
         _STATE.signum, _STATE.active = None, False
 
 
