@@ -259,13 +259,15 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def is_disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
+def is_disk_full(exc: BaseException, folder: str | os.PathLike[str], needed: int = 0) -> bool:
     """Whether ``exc`` happened because the disk of ``folder`` is full.
 
     GDAL reports a full disk as a generic write failure ("Write failed", a TIFF error), so
     besides ``ENOSPC``/``EDQUOT`` or a message saying so anywhere in the exception's chain,
     an I/O error (an ``OSError``, a GDAL or pyogrio error) on a filesystem with (almost) no
-    space left counts as a full disk. Call it before removing what the failed writer wrote.
+    space left counts as a full disk: less than 1 MiB, or less than ``needed``, the bytes the
+    failed step was writing (GDAL removes its own partial file before it reports the error).
+    Call it before removing what the failed writer wrote.
     """
     if isinstance(exc, OutputError):
         return False
@@ -281,7 +283,7 @@ def is_disk_full(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
     if not any(_is_io_error(x) for x in chain):
         return False
     free = _free(folder)
-    return free is not None and free < 2**20
+    return free is not None and free < max(2**20, needed)
 
 
 #: What writers say when the disk is full (SQLite, through GDAL's GeoPackage driver, says

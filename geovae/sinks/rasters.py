@@ -42,7 +42,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geovae import signals
-from geovae.atomic import OutputSet, sha256
+from geovae.atomic import OutputSet, disk_full_error, is_disk_full, sha256
 from geovae.blocks import Block
 from geovae.model.base import ModelInfo
 from geovae.products import (
@@ -360,8 +360,17 @@ class RasterSink:
                     assert progress is not None
                     progress(d + min(n, e), total)
 
-            with _CopyWatch(dst, report):
-                write_cog(src, dst, kind, overviews=spec.overviews)
+            try:
+                with _CopyWatch(dst, report):
+                    write_cog(src, dst, kind, overviews=spec.overviews)
+            except Exception as exc:
+                # GDAL's error for a full disk during the copy says nothing of space, and its
+                # partial COG is gone by now: a disk without room for the copy is full. The
+                # room is counted generously (twice the scratch file and a MiB): the overviews'
+                # temporary file may be written uncompressed.
+                if is_disk_full(exc, oset.folder, needed=2 * src.stat().st_size + 2**20):
+                    raise disk_full_error(oset.folder, oset.staged_bytes()) from None
+                raise
             src.unlink()
             staged[kind], checksums[kind] = dst, sha256(dst)
             if kind == "classes":
