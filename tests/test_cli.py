@@ -356,7 +356,8 @@ def test_no_warnings_around_the_one_line_messages(
     """A pickled model (torch's `Detected pickle protocol 4` UserWarning) and a scene in pixel
     coordinates (rasterio's NotGeoreferencedWarning, pyogrio's `'crs' was not provided`)
     printed warnings around the one-line message and the outputs. Warnings are recorded
-    with the "always" action, so one shown earlier in this process cannot hide them."""
+    with the "always" action (after any filter geovae sets), so one shown earlier in this
+    process cannot hide them."""
     import collections
     import pickle
     import warnings
@@ -380,7 +381,8 @@ def test_no_warnings_around_the_one_line_messages(
         ModelInfo(in_channels=6, num_classes=2, mean=[80.0] * 6, std=[30.0] * 6, tile_size=64),
     )
     with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
+        # Appended: geovae's own filters, made during the run, come first.
+        warnings.filterwarnings("always", append=True)
         code, _, err = run(capsys, "segment", str(nc_stack), "-m", str(pkl), "-o", str(tmp_path / "a"))
         assert_one_line_error(code, err, 1, "pickled Python objects")
         code, _, err = run(
