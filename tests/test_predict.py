@@ -533,7 +533,7 @@ def test_corrupt_tile_mid_run_leaves_nothing(tmp_path: Path, nc_stack: Path, mon
     monkeypatch.setattr(Scene, "sample", lambda self, *a, **k: np.zeros((self.count, 0), np.float32))
     with pytest.raises(CorruptSceneError, match="is corrupt at rows 64-127, cols 128-191"):
         segment_scene(p, model, out, tile=64, overlap=16, block_size=64, **QUIET)
-    assert not any(out.iterdir())  # neither final names nor temporary files
+    assert not out.exists()  # neither final names nor temporary files, nor the folder the run made
 
 
 # -- polygons traced while the model runs ------------------------------------------------------
@@ -616,7 +616,7 @@ def test_polygon_worker_failure_fails_the_run_cleanly(
     model = conv_model(nc_stack)
     with pytest.raises(OutputError, match="no space left"):
         segment_scene(nc_stack, model, out, tile=64, overlap=16, block_size=64, progress=False, quicklook=False)
-    assert not any(out.iterdir())
+    assert not out.exists()  # the run made the folder and removed it
     monkeypatch.setattr(trace, "block_pieces", real)
 
     def broken(*a: Any, **k: Any) -> Any:
@@ -625,7 +625,7 @@ def test_polygon_worker_failure_fails_the_run_cleanly(
     monkeypatch.setattr(model, "predict", broken)
     with pytest.raises(RuntimeError, match="model exploded"):
         segment_scene(nc_stack, model, out, tile=64, overlap=16, block_size=64, progress=False, quicklook=False)
-    assert not any(out.iterdir())
+    assert not out.exists()  # the run made the folder and removed it
     assert not [t for t in threading.enumerate() if t.name.startswith("geovae-polygon")]  # worker and writers
 
 
