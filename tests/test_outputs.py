@@ -461,7 +461,7 @@ def test_vectorize_onto_a_full_disk_is_one_line(
     later write says nothing about why (FeatureError) on a disk with no space left."""
     import pyogrio.errors
 
-    import geovae.polygons
+    import geovae.vector.formats
 
     for exc, low in (
         (pyogrio.errors.DataLayerError("sqlite3_exec(COMMIT) failed: database or disk is full"), False),
@@ -471,7 +471,7 @@ def test_vectorize_onto_a_full_disk_is_one_line(
         def full(*a: object, exc: BaseException = exc, **k: object) -> None:
             raise exc
 
-        monkeypatch.setattr(geovae.polygons, "_write_format", full)
+        monkeypatch.setattr(geovae.vector.formats, "write_format", full)
         if low:
             _disk_full_now(monkeypatch)
         code, err = run(capsys, "vectorize", str(nc_labels), "-o", str(tmp_path / "p.gpkg"))
