@@ -569,12 +569,12 @@ def test_a_batch_onto_a_full_disk_records_one_line_and_leaves_no_folder(
     from rasterio._err import CPLE_AppDefinedError
 
     import geovae.atomic
-    import geovae.stitch
+    import geovae.sinks.rasters
 
     def full(*a: object, **k: object) -> None:
         raise CPLE_AppDefinedError(1, 1, "TIFFAppendToStrip:Write error at scanline 0")
 
-    monkeypatch.setattr(geovae.stitch, "write_cog", full)
+    monkeypatch.setattr(geovae.sinks.rasters, "write_cog", full)
     monkeypatch.setattr(geovae.atomic, "_free", lambda folder: 4096)
     out = tmp_path / "out"
     with (

@@ -441,12 +441,12 @@ def test_a_disk_that_fills_during_the_cog_copies_is_one_line(
     empty output folder was left behind."""
     from rasterio._err import CPLE_AppDefinedError
 
-    import geovae.stitch
+    import geovae.sinks.rasters
 
     def full(*a: object, **k: object) -> None:
         raise CPLE_AppDefinedError(1, 1, "TIFFRewriteDirectory:Error fetching directory count")
 
-    monkeypatch.setattr(geovae.stitch, "write_cog", full)
+    monkeypatch.setattr(geovae.sinks.rasters, "write_cog", full)
     _disk_full_now(monkeypatch)
     out = tmp_path / "new" / "out"
     code, err = run(capsys, "-q", "segment", str(scene), "-m", str(model), "-o", str(out), "--no-quicklook")
