@@ -6,8 +6,10 @@ the suite holds one deterministic test per case. Each run is classified by what 
 * signals: SIGTERM or SIGINT at a random moment of a run into an empty folder or over a
   previous set. A run ends ``clean`` (exit 143/130 and the folder exactly as before: empty,
   or the previous set byte for byte), ``complete`` (the signal came after the last check:
-  the new set, each file listed by its report), or ``BROKEN`` (anything else: files without
-  a report, a staging folder or lock left, another exit code, a hang).
+  the new set, each file listed by its report), ``finished before the signal``, ``killed
+  by the signal`` (its default action, before geovae set its handlers: the folder as
+  before), or ``BROKEN`` (anything else: files without a report, a staging folder or lock
+  left, another exit code, a hang).
 * full disks (root only): a tmpfs of each size; ``one line`` (exit 1, one line saying no
   space is left, nothing left on the disk), ``fits`` (exit 0, a complete set) or ``BROKEN``.
 * names: scene names of several lengths and scripts; ``ok`` (exit 0, outputs named after
@@ -106,8 +108,16 @@ def sweep_signals(scene: Path, model: Path, work: Path, n: int, rng: random.Rand
         name = signal.Signals(signum).name
         where = "over a set" if over else "into an empty folder"
         if p.returncode == -signum:
-            state = "complete" if _complete(out, STEM) else "as before" if _digest(out) == before else "mixed"
-            kind = f"BROKEN: killed by the signal, folder {state}"
+            # The default action: the signal came before geovae set its handlers (the first
+            # tenths of a second, while Python imports) or after it reset them.
+            if hidden:
+                kind = f"BROKEN: killed by the signal, left {hidden}"
+            elif _digest(out) == before:
+                kind = "killed by the signal (default action), folder as before"
+            elif _complete(out, STEM):
+                kind = "killed by the signal (default action) after its commit, the new set complete"
+            else:
+                kind = "BROKEN: killed by the signal, files without their report"
         elif p.returncode == 0:
             kind = "finished before the signal" if _complete(out, STEM) and not hidden else "BROKEN: exit 0"
         elif p.returncode != want or err.strip() != said:
