@@ -699,6 +699,7 @@ def _check_map_colours(d: object, classes_tif: Path) -> float:
 def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
     """The map shows the class colours where the class raster has them, the legend names the
     classes, and a click on a polygon shows its class."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -736,10 +737,17 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
         m = d.find_element(By.ID, "map")
         d.execute_script("geovae.setPolygons(true);")
         _wait_ready(d)
-        ActionChains(d).move_to_element_with_offset(
-            m, px - m.size["width"] / 2, py - m.size["height"] / 2
-        ).click().perform()
-        WebDriverWait(d, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content strong"))
+        # on a loaded machine the polygon layer can report ready before its features take
+        # clicks; a click that finds none opens no popup, so click again until one opens
+        for _ in range(8):
+            ActionChains(d).move_to_element_with_offset(
+                m, px - m.size["width"] / 2, py - m.size["height"] / 2
+            ).click().perform()
+            try:
+                WebDriverWait(d, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content strong"))
+                break
+            except TimeoutException:
+                continue
         want = NAMES[int(sure[i, j]) - 1]
         assert d.find_element(By.CSS_SELECTOR, ".leaflet-popup-content strong").text == want
         assert d.find_element(By.CSS_SELECTOR, "#info .polygon-class").text == want
