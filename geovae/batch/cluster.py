@@ -145,8 +145,8 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
 
 class QuietWorker(WorkerPlugin):
     """Keeps the workers of a local cluster from printing onto the user's terminal: their
-    stderr is the ``geovae`` command's. Distributed's own logs below ERROR (a task cancelled
-    when a stopped batch closes the cluster) and the native libraries' printing
+    stderr is the ``geovae`` command's. Distributed's own logs below CRITICAL (a task
+    cancelled, a heartbeat failing, when a stopped batch closes the cluster) and the native libraries' printing
     (:func:`geovae.native.quiet_native_output`; scene failures reach the manifest as one
     line) are turned off, unless ``verbose``."""
 
@@ -161,7 +161,11 @@ class QuietWorker(WorkerPlugin):
             return
         from geovae.native import quiet_native_output
 
-        logging.getLogger("distributed").setLevel(logging.ERROR)
+        # CRITICAL, not ERROR: a worker whose scheduler stops (the batch stopped by SIGTERM
+        # or Ctrl-C) logs its failed heartbeat as an ERROR with a traceback, racing the
+        # parent's one-line exit; what a worker has to say about a scene reaches the
+        # manifest as the scene's error instead.
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
         quiet_native_output()
 
 
