@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 __all__ = [
+    "BACKENDS",
     "CLASS_WEIGHTINGS",
     "CONNECTIVITIES",
     "HEADS",
@@ -19,6 +20,7 @@ __all__ = [
     "RECON_CONDITIONS",
     "SAMPLERS",
     "VAL_SIDES",
+    "Backend",
     "ClassWeighting",
     "Connectivity",
     "Head",
@@ -41,6 +43,11 @@ CONNECTIVITIES: tuple[Connectivity, ...] = get_args(Connectivity)
 #: Inference precision; ``auto`` picks per device (:func:`geovae.device.autocast_dtype`).
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+#: What runs a model: ``auto`` (the runtime of its file: onnxruntime for a ``.onnx`` file,
+#: torch for every other model), ``torch`` or ``onnxruntime`` (:mod:`geovae.model.onnx`).
+Backend = Literal["auto", "torch", "onnxruntime"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 #: Where training patches come from (:class:`geovae.training.SceneDataModule`): anywhere in
 #: the training part, or only where they hold labels.

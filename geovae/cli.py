@@ -708,6 +708,19 @@ def evaluate(
 )
 @click.option("--classes", help='One ID:NAME per output channel in channel order, e.g. "1:developed,5:forest".')
 @click.option("--tile", type=click.IntRange(min=1), help="Default prediction tile size recorded in the file.")
+@click.option(
+    "--onnx",
+    "as_onnx",
+    is_flag=True,
+    help="Write an ONNX graph (model.onnx) for onnxruntime, with the same description in its metadata; "
+    "checked against the torch model first. Needs pip install geovae[onnx].",
+)
+@click.option(
+    "--check-with",
+    type=click.Path(dir_okay=False),
+    help="With --onnx: check the graph on tiles of this raster [default: --stats-from, else random "
+    "tiles in the training range].",
+)
 def export(
     source: str,
     out: str,
@@ -716,8 +729,11 @@ def export(
     stats_from: str | None,
     classes: str | None,
     tile: int | None,
+    as_onnx: bool,
+    check_with: str | None,
 ) -> None:
-    """Write SOURCE (a TorchGeo checkpoint, or torchgeo:NAME) as a self-describing geovae model file.
+    """Write SOURCE (a geovae model file, a TorchGeo checkpoint, or torchgeo:NAME) as a
+    self-describing geovae model file (.safetensors, or .onnx with --onnx).
 
     The file records the band normalisation and class ids/names that a TorchGeo checkpoint
     lacks, so geovae segment and geovae batch need nothing else. For a TorchGeo weight set
@@ -727,7 +743,21 @@ def export(
     from geovae.model.io import export_model
 
     _quiet_native()
-    p = export_model(source, out, mean=mean, std=std, stats_from=stats_from, classes=classes, tile_size=tile)
+    p = export_model(
+        source,
+        out,
+        mean=mean,
+        std=std,
+        stats_from=stats_from,
+        classes=classes,
+        tile_size=tile,
+        onnx=as_onnx,
+        check_with=check_with,
+    )
+    if as_onnx:
+        from geovae.model.onnx import describe_check
+
+        click.echo(describe_check(p))
     click.echo(str(p))
 
 

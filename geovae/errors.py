@@ -8,7 +8,8 @@ Anything else that escapes is a bug in geovae, not a user error.
 Each error also inherits the built-in type a library caller would catch without knowing
 geovae (as rasterio's ``RasterioIOError(RasterioError, OSError)`` does): a scene, model file
 or output problem is an :class:`OSError`, a bad option, label or config a :class:`ValueError`,
-an unreachable cluster or a failed download a :class:`ConnectionError`.
+an unreachable cluster or a failed download a :class:`ConnectionError`, an optional
+dependency that is not installed an :class:`ImportError`.
 """
 
 from __future__ import annotations
@@ -87,3 +88,7 @@ class SourceError(GeovaeError, OSError):
 
 class DownloadError(GeovaeError, ConnectionError):
     """Pretrained weights could not be downloaded (offline, refused, or a failed hash check)."""
+
+
+class MissingDependencyError(GeovaeError, ImportError):
+    """An optional dependency a feature needs is not installed (the message names the extra)."""

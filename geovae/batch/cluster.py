@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from geovae.batch.manifest import model_fingerprint, one_line
+from geovae.choices import Backend
 from geovae.errors import ClusterError, OptionError
 
 if TYPE_CHECKING:
@@ -25,14 +26,14 @@ PLUGIN_NAME = "geovae-model-cache"
 
 
 # ------------------------------------------------------------------ per-worker model cache
-def _default_loader(path: str, device: str) -> SegmentationModel:
+def _default_loader(path: str, device: str, backend: Backend = "auto") -> SegmentationModel:
     from geovae.model.io import load_model
 
-    return load_model(path, device=device)
+    return load_model(path, device=device, backend=backend)
 
 
 class ModelCache(WorkerPlugin):
-    """Models loaded on one worker, keyed by file path, size, mtime and device.
+    """Models loaded on one worker, keyed by file path, size, mtime, device and backend.
 
     Installed on every worker as a Dask worker plugin (see :func:`install_model_cache`), so
     each worker reads a model file once and every task there reuses it. A new version of the
@@ -51,7 +52,7 @@ class ModelCache(WorkerPlugin):
     def _start(self, loader: Callable[[str, str], SegmentationModel] | None) -> None:
         self.loader = loader
         self.loads = 0
-        self._models: dict[tuple[str, int, int, str], SegmentationModel] = {}
+        self._models: dict[tuple[str, int, int, str, str], SegmentationModel] = {}
         self._lock = threading.Lock()
 
     # Locks do not pickle; the plugin travels to the workers, so it is rebuilt on arrival.
@@ -69,20 +70,24 @@ class ModelCache(WorkerPlugin):
         with self._lock:
             self._models.clear()
 
-    def get(self, path: str | Path, device: str = "auto") -> SegmentationModel:
-        """The model in ``path`` on ``device``, loaded on the first call only.
+    def get(self, path: str | Path, device: str = "auto", backend: Backend = "auto") -> SegmentationModel:
+        """The model in ``path`` on ``device`` run by ``backend``, loaded on the first call only.
 
         Threads of one worker share the cache; the lock makes concurrent first calls load once.
+        A loader given to the cache takes ``(path, device)`` and decides the backend itself.
         """
         fp = model_fingerprint(path)
-        key = (fp["path"], fp["size"], fp["mtime_ns"], str(device))
+        key = (fp["path"], fp["size"], fp["mtime_ns"], str(device), str(backend))
         with self._lock:
             model = self._models.get(key)
             if model is None:
-                loader = self.loader or _default_loader
-                model = loader(fp["path"], str(device))
-                # Drop older versions of this file on this device: their weights are stale.
-                self._models = {k: v for k, v in self._models.items() if (k[0], k[3]) != (key[0], key[3])}
+                model = (
+                    self.loader(fp["path"], str(device))
+                    if self.loader
+                    else _default_loader(fp["path"], str(device), backend)
+                )
+                # Drop older versions of this file on this device and backend: their weights are stale.
+                self._models = {k: v for k, v in self._models.items() if (k[0], k[3], k[4]) != (key[0], key[3], key[4])}
                 self._models[key] = model
                 self.loads += 1
         return model

@@ -75,7 +75,7 @@ def _scene_task(
         # Remove an old marker before touching outputs: a crash from here on must not leave a
         # marker vouching for files that are being rewritten.
         (out / MARKER_NAME).unlink(missing_ok=True)
-        result = produce(worker_model_cache().get(model, options.device))
+        result = produce(worker_model_cache().get(model, options.device, options.backend))
         files = sorted({Path(p) for p in result.outputs.values()})
         _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
         write_marker(out, str(scene), files, fingerprint, run={"id": run_id, "row": row})
@@ -156,7 +156,7 @@ def segment_band(
     """
     from geovae.segment import segment_rows
 
-    model_obj = worker_model_cache().get(model, options.device)
+    model_obj = worker_model_cache().get(model, options.device, options.backend)
     return segment_rows(scene, model_obj, part_dir, (start, stop), options)
 
 

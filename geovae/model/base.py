@@ -173,6 +173,9 @@ class SegmentationModel:
     """
 
     cpu_chunk_pixels: int | None = BATCH_PIXELS
+    #: What runs the model: ``"torch"`` here, ``"onnxruntime"`` for
+    #: :class:`~geovae.model.onnx.OnnxModel`.
+    backend: str = "torch"
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ from torch import nn
 
 from geovae._version import __version__
 from geovae.atomic import atomic_path
-from geovae.choices import Precision
+from geovae.choices import BACKENDS, Backend, Precision
 from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.model.halo import HALO_METHOD, measure_halo
@@ -122,7 +122,7 @@ def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, i
 
 
 def _sniff(path: Path) -> str:
-    """``"safetensors"``, ``"torch"`` (zip or legacy pickle) or ``"unknown"``."""
+    """``"safetensors"``, ``"torch"`` (zip or legacy pickle), ``"onnx"`` or ``"unknown"``."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(9)
@@ -134,6 +134,9 @@ def _sniff(path: Path) -> str:
         return "torch"
     if head[:1] == b"\x80":  # a pickle protocol opcode: torch.save's legacy format
         return "torch"
+    # An ONNX ModelProto starts with its ir_version field (tag 0x08); the name says it too.
+    if path.suffix.lower() == ".onnx" or head[:1] == b"\x08":
+        return "onnx"
     return "unknown"
 
 
@@ -151,7 +154,7 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """The :class:`ModelInfo` of a geovae model file, without reading the weights.
 
     Args:
-        path: a geovae model file.
+        path: a geovae model file (``.safetensors`` or ``.onnx``).
 
     Returns:
         Its description.
@@ -160,7 +163,12 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         ModelFileError: missing, foreign, corrupt or newer-format file.
     """
     path = _existing(path)
-    if _sniff(path) != "safetensors":
+    kind = _sniff(path)
+    if kind == "onnx":
+        from geovae.model.onnx import read_onnx_info
+
+        return read_onnx_info(path)
+    if kind != "safetensors":
         raise ModelFileError(f"{path}: not a geovae model file (no safetensors header); use a file from geovae train")
     return _info_from_metadata(path, _read_safetensors_header(path))
 
@@ -502,6 +510,7 @@ def load_model(
     class_ids: list[int] | None = None,
     class_names: list[str] | None = None,
     fold_batchnorm: bool = True,
+    backend: Backend = "auto",
 ) -> SegmentationModel:
     """Load a model file, ready to predict.
 
@@ -513,6 +522,8 @@ def load_model(
     normalisation or class ids: by default pixels go in as read (mean 0, std 1) and output
     channel i is class i; a VAESegmentationTask checkpoint carries both in its
     hyperparameters. The keyword arguments override them (and any field of a geovae file).
+    A geovae ONNX file (``geovae export --onnx``) runs with onnxruntime
+    (:mod:`geovae.model.onnx`).
 
     Args:
         path: the model file, or ``torchgeo:NAME``.
@@ -526,15 +537,23 @@ def load_model(
         fold_batchnorm: predict with BatchNorm folded into the convolutions (faster; the same
             classes, probabilities equal to ~1e-6). False reproduces the saved module's
             arithmetic bit for bit.
+        backend: what runs the model: ``auto`` (the runtime of its file: onnxruntime for an
+            ONNX file, torch for every other), ``torch`` or ``onnxruntime`` (a torch model is
+            then exported to ONNX in memory first, :func:`geovae.model.onnx.to_onnxruntime`).
 
     Returns:
-        A :class:`SegmentationModel` in eval mode on the device.
+        A :class:`SegmentationModel` in eval mode on the device (an
+        :class:`~geovae.model.onnx.OnnxModel` for onnxruntime).
 
     Raises:
         ModelFileError: missing, corrupt, foreign, pickled-object or newer-format file, or
             overrides of the wrong length; an unknown weight set or an encoder.
         DownloadError: a weight set that is not cached and cannot be downloaded.
+        OptionError: an unknown backend, or ``torch`` for an ONNX file.
+        MissingDependencyError: onnxruntime is needed and not installed.
     """
+    if backend not in BACKENDS:
+        raise OptionError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
     p: Path | str
     if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
         from geovae.model.pretrained import load_weights
@@ -544,6 +563,15 @@ def load_model(
     else:
         p = _existing(path)
         kind = _sniff(p)
+        if kind == "onnx":
+            if backend == "torch":
+                raise OptionError(
+                    f"--backend torch: {p} is an ONNX model, which runs with onnxruntime; use --backend auto"
+                )
+            from geovae.model.onnx import load_onnx
+
+            overrides = _overrides(None, mean=mean, std=std, class_ids=class_ids, class_names=class_names)
+            return load_onnx(p, device, precision if amp else "fp32", overrides=overrides)
         if kind == "safetensors":
             module, info = _load_geovae(p)
         elif kind == "torch":
@@ -551,11 +579,7 @@ def load_model(
         else:
             raise ModelFileError(f"{p}: not a model file (neither geovae safetensors nor a TorchGeo checkpoint)")
     d = info.to_dict()
-    if class_ids is not None and class_names is None and len(class_ids) == info.num_classes:
-        d["class_names"] = [f"class {c}" for c in class_ids]
-    for key, value in (("mean", mean), ("std", std), ("class_ids", class_ids), ("class_names", class_names)):
-        if value is not None:
-            d[key] = list(value)
+    d.update(_overrides(info, mean=mean, std=std, class_ids=class_ids, class_names=class_names))
     if d.get("halo") is None or d["extra"].get("halo_method") not in (HALO_METHOD, "given"):
         # A checkpoint, or a file whose halo was measured on white noise only (or not at all):
         # measured here, about a second (geovae.model.halo). Re-saving the file keeps it.
@@ -567,7 +591,31 @@ def load_model(
         raise ModelFileError(
             f"{p}: {exc} (the model has {info.in_channels} bands and {info.num_classes} classes)"
         ) from exc
-    return SegmentationModel(module, info, device=device, amp=amp, precision=precision, fold_batchnorm=fold_batchnorm)
+    model = SegmentationModel(module, info, device=device, amp=amp, precision=precision, fold_batchnorm=fold_batchnorm)
+    if backend == "onnxruntime":
+        from geovae.model.onnx import to_onnxruntime
+
+        return to_onnxruntime(model, precision if amp else "fp32")
+    return model
+
+
+def _overrides(
+    info: ModelInfo | None,
+    *,
+    mean: list[float] | None,
+    std: list[float] | None,
+    class_ids: list[int] | None,
+    class_names: list[str] | None,
+) -> dict[str, Any]:
+    """The :class:`ModelInfo` fields ``load_model``'s keyword arguments replace (class ids
+    without names name their classes after the ids, when the count fits the model)."""
+    d: dict[str, Any] = {}
+    if class_ids is not None and class_names is None and (info is None or len(class_ids) == info.num_classes):
+        d["class_names"] = [f"class {c}" for c in class_ids]
+    for key, value in (("mean", mean), ("std", std), ("class_ids", class_ids), ("class_names", class_names)):
+        if value is not None:
+            d[key] = list(value)
+    return d
 
 
 def _halo(module: nn.Module, d: dict[str, Any]) -> int:
@@ -605,12 +653,16 @@ def export_model(
     stats_from: str | os.PathLike[str] | None = None,
     classes: Any = None,
     tile_size: int | None = None,
+    onnx: bool = False,
+    check_with: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a self-describing geovae model file from a TorchGeo checkpoint (or a model file).
 
     A TorchGeo ``SemanticSegmentation`` checkpoint carries no band normalisation and no class
     ids; this records them once so that ``geovae segment`` and ``geovae batch`` need nothing
-    but the exported file. Values not given keep what the source has.
+    but the exported file. Values not given keep what the source has. With ``onnx`` the file
+    is an ONNX graph with the same description in its metadata, checked against the torch
+    module before it is written (:func:`geovae.model.onnx.export_onnx`).
 
     Args:
         source: a TorchGeo ``.ckpt`` (read with ``weights_only=True``) or a geovae model file.
@@ -622,21 +674,36 @@ def export_model(
         classes: ``"1:developed,5:forest"`` or a mapping: output channel ``i`` is the
             ``i``-th class in ascending id order; there must be one per output channel.
         tile_size: the default prediction tile recorded in the file.
+        onnx: write an ONNX file (``.onnx``) for onnxruntime instead of a safetensors file.
+        check_with: with ``onnx``, a raster whose tiles the export is checked on (default:
+            ``stats_from`` if given, else smooth random tiles in the training range).
 
     Returns:
         The path written.
 
     Raises:
         OptionError: bad values or counts that do not fit the model.
-        ModelFileError: the source cannot be read or the file cannot be written.
+        ModelFileError: the source cannot be read, cannot be exported to ONNX or the file
+            cannot be written.
+        MissingDependencyError: ``onnx`` without onnxruntime, onnx and onnxscript installed.
     """
     from geovae.atomic import check_output_file
     from geovae.bands import band_statistics
     from geovae.classes import parse_classes
 
-    out = check_output_file(out, example="model.safetensors")
+    out = check_output_file(out, example="model.onnx" if onnx else "model.safetensors")
     if stats_from is not None and (mean is not None or std is not None):
         raise OptionError("--stats-from computes mean and std; do not also give --mean or --std")
+    if check_with is not None and not onnx:
+        raise OptionError("--check-with checks an ONNX export; add --onnx")
+    if onnx:
+        from geovae.model.onnx import require_onnx
+
+        require_onnx("geovae export --onnx")  # before the source is loaded
+        if (not isinstance(source, str) or not source.startswith(PRETRAINED_PREFIX)) and _sniff(
+            _existing(source)
+        ) == "onnx":
+            raise OptionError(f"{source} is an ONNX file already; export its .safetensors or checkpoint instead")
     model = load_model(source, device="cpu", amp=False)
     info = model.info
     bands = info.in_channels
@@ -666,4 +733,9 @@ def export_model(
             raise OptionError(f"--tile {tile_size}: must be a positive multiple of the model stride {info.stride}")
         d["tile_size"] = int(tile_size)
     d["extra"] = {**d.get("extra", {}), "exported_from": os.path.basename(str(source))}
+    if onnx:
+        from geovae.model.onnx import export_onnx
+
+        model.info = ModelInfo.from_dict({**d, "extra": {**d["extra"], "geovae_version": __version__}})
+        return export_onnx(model, out, check_with=check_with if check_with is not None else stats_from)[0]
     return save_model(out, model.module, ModelInfo.from_dict(d))

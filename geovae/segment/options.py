@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from geovae.choices import PRECISIONS, Precision
+from geovae.choices import BACKENDS, PRECISIONS, Backend, Precision
 from geovae.errors import OptionError
 from geovae.products import PolygonFormat, polygon_format
 
@@ -20,7 +20,7 @@ __all__ = ["Flag", "SegmentOptions"]
 
 #: Options that change how fast the outputs are written, not what is written: a batch
 #: marker made with other values is still trusted on resume.
-SPEED_ONLY = frozenset({"device", "batch_size", "progress", "force"})
+SPEED_ONLY = frozenset({"device", "backend", "batch_size", "progress", "force"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class SegmentOptions:
             tiles (8 tiles of 256², 2 of 512², 1 of 1024²).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; None keeps a loaded model's own.
+        backend: what runs the model: ``auto`` (onnxruntime for a ``.onnx`` file, torch for
+            every other model), ``torch`` or ``onnxruntime`` (a torch model is exported to
+            ONNX in memory first; :mod:`geovae.model.onnx`).
         samples: latent samples per tile; > 0 writes the uncertainty raster.
         reconstruction: write the reconstruction-error (anomaly) raster. None (the default)
             writes it when the model file records its training reconstruction error, so that
@@ -136,6 +139,17 @@ class SegmentOptions:
             kind="choice",
             choices=PRECISIONS,
             cli_default="auto",
+            show_default=True,
+        ),
+    )
+    backend: Backend = field(
+        default="auto",
+        metadata=_cli(
+            "What runs the model: auto (onnxruntime for a .onnx file, torch for every other model), "
+            "torch, or onnxruntime (a torch model is exported to ONNX in memory first; "
+            "geovae export --onnx writes it once). onnxruntime needs pip install geovae[onnx].",
+            kind="choice",
+            choices=BACKENDS,
             show_default=True,
         ),
     )
@@ -277,6 +291,8 @@ class SegmentOptions:
             object.__setattr__(self, "objects", norm)
         if self.bands is not None:
             object.__setattr__(self, "bands", _band_numbers(self.bands))
+        if self.backend not in BACKENDS:
+            raise OptionError(f"--backend {self.backend}: use one of {', '.join(BACKENDS)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision}: use one of {', '.join(PRECISIONS)}")
         if self.nodata is not None:

@@ -81,6 +81,7 @@ def model_summary(model: SegmentationModel, source: str | None, sha256: str | No
         "source": source,
         "sha256": sha256,
         "kind": i.kind,
+        "backend": model.backend,
         "in_channels": i.in_channels,
         "num_classes": i.num_classes,
         "class_ids": i.class_ids,

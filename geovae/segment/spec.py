@@ -96,6 +96,7 @@ class RunSpec:
             "overlap": self.grid.overlap,
             "device": str(m.device),
             "precision": str(m.amp_dtype or "fp32").replace("torch.", ""),
+            "backend": m.backend,
             "reconstruction": self.reconstruction,
             "formats": list(self.formats),
             "pixel_coords": self.scene.crs is None,
@@ -182,10 +183,16 @@ def _open(scene: Any, opts: SegmentOptions) -> Scene:
 
 def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> SegmentationModel:
     if isinstance(model, SegmentationModel):
+        if opts.backend == "torch" and model.backend != "torch":
+            raise OptionError("--backend torch: this model is an ONNX graph, which runs with onnxruntime")
+        if opts.backend == "onnxruntime" and model.backend != "onnxruntime":
+            from geovae.model.onnx import to_onnxruntime
+
+            model = to_onnxruntime(model, opts.precision or "auto")
         return model if opts.precision is None else model.with_precision(opts.precision)
     from geovae.model.io import load_model
 
-    return load_model(model, opts.device, precision=opts.precision or "auto")
+    return load_model(model, opts.device, precision=opts.precision or "auto", backend=opts.backend)
 
 
 def resolve(
