@@ -554,6 +554,10 @@ def load_model(
     """
     if backend not in BACKENDS:
         raise OptionError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        from geovae.model.onnx import require_onnx
+
+        require_onnx("--backend onnxruntime")  # before the model is loaded
     p: Path | str
     if isinstance(path, str) and path.startswith(PRETRAINED_PREFIX):
         from geovae.model.pretrained import load_weights
@@ -736,6 +740,8 @@ def export_model(
     if onnx:
         from geovae.model.onnx import export_onnx
 
-        model.info = ModelInfo.from_dict({**d, "extra": {**d["extra"], "geovae_version": __version__}})
-        return export_onnx(model, out, check_with=check_with if check_with is not None else stats_from)[0]
+        # The torch side of the check normalises with the exported description, as the graph's users will.
+        info = ModelInfo.from_dict({**d, "extra": {**d["extra"], "geovae_version": __version__}})
+        described = SegmentationModel(model.module, info, device="cpu", amp=False, fold_batchnorm=True)
+        return export_onnx(described, out, check_with=check_with if check_with is not None else stats_from)[0]
     return save_model(out, model.module, ModelInfo.from_dict(d))
