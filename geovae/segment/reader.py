@@ -8,7 +8,6 @@ of it), so the pixels neighbouring tiles share are decoded once.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
+from geovae.cpu import available_cores, helper_threads, lower_priority
 from geovae.scene import Scene
 from geovae.tiling import Tile
 
@@ -110,7 +110,8 @@ class Reader:
         self.batch_size = batch_size
         self.mean = mean.astype(np.float32)
         self.pin = pin
-        self.workers = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+        # Up to 4 readers on a quiet machine, fewer where other work holds the cores (geovae.cpu).
+        self.workers = workers or helper_threads(max(1, min(4, available_cores() // 2)))
         self.q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.read_s = 0.0
@@ -163,7 +164,7 @@ class Reader:
             return
         pending: deque[tuple[list[Tile], Future[tuple[np.ndarray, np.ndarray, float]]]] = deque()
         it = iter(self.groups)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="geovae-read") as pool:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="geovae-read", initializer=lower_priority) as pool:
             try:
                 for g in islice(it, self.workers * 2):
                     pending.append((g, pool.submit(self._read, g)))
@@ -192,6 +193,7 @@ class Reader:
                 yield t, data[:, r : r + t.size, c : c + t.size], valid[r : r + t.size, c : c + t.size].copy()
 
     def _run(self) -> None:
+        lower_priority()  # the model's threads first (geovae.cpu)
         try:
             c = self.scene.count
             entries: list[tuple[Tile, bool]] = []

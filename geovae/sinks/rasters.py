@@ -87,8 +87,9 @@ def cog_threads() -> int | None:
     """Threads for the COG copy's compression: the run's CPU budget, torch's thread count
     (which ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` set), since the copy runs after
     the model has finished with those cores; on 2 cores that halves the copy of a 2048² run's
-    two COGs against one thread. None when the user set GDAL's own ``GDAL_NUM_THREADS``, which
-    GDAL then applies."""
+    two COGs against one thread. No more than the cores other processes leave free
+    (:func:`geovae.cpu.helper_threads`: another run's model, say). None when the user set
+    GDAL's own ``GDAL_NUM_THREADS``, which GDAL then applies."""
     import os
 
     import rasterio.env
@@ -96,7 +97,9 @@ def cog_threads() -> int | None:
 
     if os.environ.get("GDAL_NUM_THREADS") or (rasterio.env.hasenv() and "GDAL_NUM_THREADS" in rasterio.env.getenv()):
         return None
-    return torch.get_num_threads()
+    from geovae.cpu import helper_threads
+
+    return helper_threads(torch.get_num_threads())
 
 
 class _CopyWatch:

@@ -36,6 +36,7 @@ import shapely
 from pyproj import CRS as ProjCRS
 
 from geovae.atomic import OutputSet, check_not_inputs, check_output_file
+from geovae.cpu import lower_priority
 from geovae.errors import OptionError
 from geovae.products import POLYGON_FORMATS
 
@@ -262,6 +263,7 @@ class FormatWriters:
             t.start()
 
     def _write(self, q: Any, final: Path, dest: Path, crs: Any, geometry_type: str, layer: str) -> None:
+        lower_priority()  # the model's threads first (geovae.cpu)
 
         def batches() -> Iterator[Any]:
             while True:

@@ -21,6 +21,7 @@ from rasterio.windows import Window
 
 from geovae import signals
 from geovae.blocks import Block
+from geovae.cpu import lower_priority
 from geovae.errors import OptionError
 from geovae.products import CLASS_NODATA, area_column
 from geovae.vector.engine import LayerOptions, VectorizeResult, check_options, trace_layer
@@ -175,6 +176,7 @@ class PolygonStream:
         self.rows_done = done
 
     def _work(self, layer: Any, options: LayerOptions) -> None:
+        lower_priority()  # the model's threads first (geovae.cpu)
         try:
             self.result = trace_layer(layer, options, rows=self._rows(), progress=self._progress)
         except Stopped:
