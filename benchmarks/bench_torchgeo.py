@@ -258,9 +258,12 @@ def worker(
     _threads(threads)
     # Import what each side needs before the clock starts, so none pays import time; each
     # side imports only its own stack, so its peak RSS is what a user of it would see.
+    # Both sides build a TorchGeo checkpoint's network with torchgeo.models (about 2 s of
+    # imports on a quiet machine, several times that beside busy processes): not timed either.
     import geopandas  # noqa: F401
     import pyogrio  # noqa: F401
     import rasterio  # noqa: F401
+    import torchgeo.models
 
     import geovae.model.io
 
@@ -300,7 +303,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--profile", type=Path, help="write cProfile stats here and print the top 30")
+    p.add_argument("--helper-nice", type=int, help="geovae's helper threads' nice increment (geovae.cpu.HELPER_NICE)")
     a = p.parse_args()
+    if a.helper_nice is not None:
+        import geovae.cpu
+
+        geovae.cpu.HELPER_NICE = a.helper_nice
     method, scene, model, out = a.worker
     if method not in WORKERS:
         p.error(f"METHOD must be one of {', '.join(WORKERS)}")

@@ -30,6 +30,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 PARANA = DATA / "landsat8_parana" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+#: The NC Landsat-7 scene (489 x 443, 6 bands uint8, 0 = nodata) and its 1996 land-class map.
+NC_SCENE = DATA / "nc_landsat7_landclass96" / "nc_lsat7_2000_6band_uint8.tif"
+NC_LABELS = DATA / "nc_landsat7_landclass96" / "nc_landclass96_label_uint8.tif"
 #: Cache of mosaics and the benchmark model; outside the repository on purpose.
 CACHE = Path(os.environ.get("GEOVAE_BENCH_CACHE", Path(tempfile.gettempdir()) / "geovae-bench-cache"))
 
@@ -117,9 +120,9 @@ def require_data() -> None:
         sys.exit(f"real data not found: {PARANA} (set GEOVAE_TEST_DATA to the shared data folder)")
 
 
-def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> Path:
+def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None, source: Path = PARANA) -> Path:
     """A ``size`` x ``size`` VRT (``width`` x ``size`` when ``width`` is given) that repeats the
-    Parana scene on a grid, cropped to size.
+    Parana scene (or ``source``) on a grid, cropped to size.
 
     The mosaic keeps the scene's CRS and pixel size and continues its grid to the right and
     down, so every copy is georeferenced where it lies. VRT sources cannot be mirrored, so
@@ -130,6 +133,7 @@ def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> P
         size: side (height) in pixels.
         cache: folder for the VRT (created if missing).
         width: width in pixels, when it differs from the height (very wide scenes).
+        source: the scene repeated (its nodata tag, if any, is not copied).
 
     Returns:
         Path of the VRT (written once, reused afterwards).
@@ -139,10 +143,11 @@ def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> P
     require_data()
     cache.mkdir(parents=True, exist_ok=True)
     height, width = size, width or size
-    path = cache / (f"parana_mosaic_{size}.vrt" if width == height else f"parana_mosaic_{width}x{height}.vrt")
+    name = "parana" if source == PARANA else source.stem
+    path = cache / (f"{name}_mosaic_{size}.vrt" if width == height else f"{name}_mosaic_{width}x{height}.vrt")
     if path.exists():
         return path
-    with rasterio.open(PARANA) as src:
+    with rasterio.open(source) as src:
         w, h, count = src.width, src.height, src.count
         t = src.transform
         crs_wkt = src.crs.to_wkt()
@@ -157,7 +162,7 @@ def mosaic_vrt(size: int, cache: Path = CACHE, *, width: int | None = None) -> P
                 sw, sh = min(w, width - c0), min(h, height - r0)
                 sources.append(
                     f"""    <SimpleSource>
-      <SourceFilename relativeToVRT="0">{PARANA}</SourceFilename>
+      <SourceFilename relativeToVRT="0">{source}</SourceFilename>
       <SourceBand>{b}</SourceBand>
       <SourceProperties RasterXSize="{w}" RasterYSize="{h}" DataType="{gdal_type}" BlockXSize="{bw}" BlockYSize="{bh}"/>
       <SrcRect xOff="0" yOff="0" xSize="{sw}" ySize="{sh}"/>

@@ -8,6 +8,10 @@ Prints one JSON line per measurement and a summary table:
   fraction of its wall time the GPU was busy (NVML utilisation sampled every 50 ms, when
   NVML is there; else the model's own CUDA-event time over the wall time) and the peak GPU
   memory;
+* the same model run by onnxruntime (``--backend onnxruntime``: exported in memory, its CUDA
+  execution provider), model only and end to end, when ``onnxruntime-gpu`` is installed; the
+  record says why not otherwise (the CPU ``onnxruntime`` has no CUDA provider; the GPU wheel,
+  about 300 MB, is more than the device tool carries, so there it is installed by hand);
 * the CUDA-only tests (``pytest -m cuda``), when pytest and the test dependencies are there.
 
 Usage (on the GPU machine, from the repository root; see benchmarks/gpu.sh, which also installs
@@ -80,6 +84,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def onnx_model(model: Any) -> tuple[Any, str | None]:
+    """The model exported to ONNX and run by onnxruntime on its device, or None and why not."""
+    try:
+        from geovae.model.onnx import to_onnxruntime
+
+        return to_onnxruntime(model), None
+    except Exception as e:  # not installed, no CUDA provider, an export failure: all recorded
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
 def model_only(
     model: Any, device: str, precision: str, compiled: bool, tile: int, batch: int, reps: int
 ) -> dict[str, Any]:
@@ -87,6 +101,7 @@ def model_only(
     import torch
 
     m = model.with_precision(precision)
+    backend = getattr(m, "backend", "torch")
     if compiled:
         m.net = torch.compile(m.net)
     x = (torch.randn(batch, 3, tile, tile, device=device) * 300 + 1000).contiguous()
@@ -94,7 +109,7 @@ def model_only(
     m.predict(x, reconstruction=True)  # warm-up (and compilation)
     _sync(device)
     warm = time.perf_counter() - t0
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and backend == "torch":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
@@ -110,6 +125,7 @@ def model_only(
     mp = reps * batch * tile * tile / 1e6
     return {
         "what": "model_only",
+        "backend": backend,
         "precision": precision,
         "compiled": compiled,
         "tile": tile,
@@ -226,6 +242,7 @@ def end_to_end(model: Any, device: str, size: int, folder: Path) -> dict[str, An
     px = res.report["scene"]["width"] * res.report["scene"]["height"]
     return {
         "what": "end_to_end",
+        "backend": res.report["model"]["backend"],
         "size": size,
         "mp_per_s": px / 1e6 / wall,
         "wall_s": wall,
@@ -292,19 +309,39 @@ def main(argv: list[str] | None = None) -> int:
         rec = end_to_end(model, a.device, size, Path(tmp))
     _emit(rec, sink)
     results.append(rec)
+    ort, why = onnx_model(model)
+    if ort is None:
+        rec = {"what": "onnxruntime", "error": why}
+        _emit(rec, sink)
+        results.append(rec)
+    else:
+        with tempfile.TemporaryDirectory(prefix="geovae-gpu-ort-") as tmp:
+            for run in (
+                lambda: model_only(ort, a.device, "fp32", False, tile, batch, reps),
+                lambda: end_to_end(ort, a.device, size, Path(tmp)),
+            ):
+                try:
+                    rec = run()
+                except Exception as e:
+                    rec = {"what": "onnxruntime", "error": f"{type(e).__name__}: {e}"[:300]}
+                _emit(rec, sink)
+                results.append(rec)
     if not a.no_tests and a.device.startswith("cuda"):
         rec = cuda_tests(timeout=180)
         _emit(rec, sink)
         results.append(rec)
     print("\n| measurement | MP/s | notes |\n| --- | --- | --- |")
     for r in results:
-        if r["what"] == "model_only":
+        if r["what"] == "onnxruntime":
+            print(f"| onnxruntime | | not measured: {r['error']} |")
+        elif r["what"] == "model_only":
             name = f"model only, {r['precision']}{' compiled' if r.get('compiled') else ''}"
+            name += ", onnxruntime" if r.get("backend") == "onnxruntime" else ""
             print(f"| {name} | {r.get('mp_per_s', float('nan')):.2f} | {r.get('error', '')} |")
         elif r["what"] == "end_to_end":
             busy = r["busy_fraction_nvml"]
             print(
-                f"| end to end ({r['size']}², {r['precision']}) | {r['mp_per_s']:.2f} | GPU busy "
+                f"| end to end ({r['size']}², {r['precision']}, {r['backend']}) | {r['mp_per_s']:.2f} | GPU busy "
                 f"{'%.0f %%' % (100 * busy) if busy is not None else 'n/a'} (model/wall {r['model_over_wall']:.2f}), "
                 f"peak GPU {r['peak_gpu_mib'] or 0:.0f} MiB |"
             )

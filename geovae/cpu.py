@@ -114,8 +114,9 @@ def helper_threads(want: int, cores: int | None = None, load: float | None = Non
     return max(1, min(want, free_cores(cores, load)))
 
 
-def lower_priority(nice: int = HELPER_NICE) -> int | None:
-    """Give the calling thread the main thread's nice value plus ``nice`` (at most 19).
+def lower_priority(nice: int | None = None) -> int | None:
+    """Give the calling thread the main thread's nice value plus ``nice`` (at most 19;
+    None: :data:`HELPER_NICE`, read at the call).
 
     Call it first thing in a helper thread (a pool's ``initializer``). Relative to the main
     thread, not to the caller's own value: a thread started by a helper inherits the helper's
@@ -128,6 +129,7 @@ def lower_priority(nice: int = HELPER_NICE) -> int | None:
     if not sys.platform.startswith("linux"):
         return None
     tid = threading.get_native_id()
+    nice = HELPER_NICE if nice is None else nice
     try:
         # On Linux the process id names the main thread, and PRIO_PROCESS of a thread id one thread.
         target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + nice)
