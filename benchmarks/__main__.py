@@ -30,6 +30,10 @@ Sections (``--only`` names; docs/benchmarks.md has one section per benchmark, na
   interleaved.
 - ``vaememory``, *Memory by scene shape*: peak RSS of the default VAE at 2048^2 and
   20480 x 2048, and of the stand-in on a 100,096 x 1024 scene.
+- ``onnx``, *ONNX Runtime against PyTorch*: ``bench_onnx.py`` (the default VAE end to end on
+  a 3 x 3 NC mosaic, torch and onnxruntime backends, interleaved).
+- ``loaded``, *Beside busy processes*: ``bench_loaded.py`` (geovae with a TorchGeo checkpoint
+  against the TorchGeo loop, quiet and with a CPU-bound process per core).
 
 Every measurement is a subprocess of its own (peak RSS is its own); ratios come from runs
 interleaved within this invocation. Nothing is written into the repository except the JSON
@@ -455,6 +459,17 @@ def vae_memory(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"rows": rows, "growth": rows[1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
 
 
+def script_section(module: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``python -m benchmarks.<module>`` (``--quick`` passed on), its JSON and printed summary."""
+    out = work / f"{module}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--threads", str(a.threads), "--json", str(out)]
+    cmd += ["--quick"] if a.quick else ["--repeats", str(a.repeats)]
+    res = _run_script(cmd, out, a.worker_timeout * 6)
+    summary = res.get("stdout", "").split("\n\n", 1)
+    res["summary"] = summary[1].strip() if len(summary) > 1 else ""
+    return res
+
+
 # -- the report -------------------------------------------------------------------------------
 
 
@@ -724,6 +739,10 @@ def print_table(r: dict[str, Any]) -> None:
                 f"  {x['width']:>6} x {x['height']:<6} {x['model']:12s} {x['peak_rss_mib']:6.0f} MiB "
                 f"(after imports {x['rss_after_imports_mib']:.0f})  {x['seconds']:7.1f} s"
             )
+    for key, title in (("onnx", "ONNX Runtime against PyTorch (onnx)"), ("loaded", "Beside busy processes (loaded)")):
+        if x := r.get(key):
+            print(f"\n{title}")
+            print("  " + (x.get("summary") or x.get("error", "no output")).replace("\n", "\n  "))
     print("\ntargets (set by issues 6 and 14)")
     for t in r["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
@@ -741,6 +760,8 @@ SECTIONS: dict[str, tuple[str, Any]] = {
     "tiling": ("tiling", tiling),
     "vaespeed": ("vae_speed", vae_speed),
     "vaememory": ("vae_memory", vae_memory),
+    "onnx": ("onnx", lambda a, work: script_section("bench_onnx", a, work)),
+    "loaded": ("loaded", lambda a, work: script_section("bench_loaded", a, work)),
 }
 
 
@@ -761,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default=",".join(SECTIONS),
         help="sections to run, comma-separated (e2e,memory,memscript,vectorize,distributed,"
-        "fcn,tiling,vaespeed,vaememory)",
+        "fcn,tiling,vaespeed,vaememory,onnx,loaded)",
     )
     p.add_argument("--fcn-size", type=int, help="side of the TorchGeo FCN mosaic (default 7808, 61 MP; quick 2048)")
     p.add_argument("--vae-size", type=int, help="side of the VAE speed mosaic (default 2048; quick 1024)")

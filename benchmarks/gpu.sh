@@ -7,7 +7,11 @@
 #     1. here, once:   bash benchmarks/gpu.sh --fetch-wheels     (wheels into .whl/, ignored by git)
 #     2. there:        run "bash benchmarks/gpu.sh" with carry [".whl"]
 # It prints model-only MP/s of the default VAE in fp32, bf16 and compiled, end-to-end MP/s,
-# the fraction of the run the GPU was busy, the peak GPU memory and the CUDA-only tests.
+# the fraction of the run the GPU was busy, the peak GPU memory, the same for the onnxruntime
+# backend (its CUDA execution provider) and the CUDA-only tests. The onnxruntime backend needs
+# onnxruntime-gpu, onnx and onnxscript installed there (pip install onnxruntime-gpu onnx onnxscript);
+# the onnxruntime-gpu wheel (about 250 MB) is more than the device tool carries, so on its
+# machines the script records that it is missing instead of measuring it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -8,7 +8,7 @@ training ranges for the trust check, extra), ``io`` (the graph's inputs and outp
 words) and ``check`` (the export-time comparison with the torch module). See
 docs/model-format.md.
 
-The graph (opset 18 or later, dynamic batch, height and width):
+The graph (the exporter's opset; dynamic batch, height, width and sample count):
 
 * input ``x``: (B, C, H, W) float32 bands normalised with the file's ``mean`` and ``std``
   (``(pixel - mean) / std``), H and W multiples of the model's stride;
