@@ -87,7 +87,7 @@ def _sync(device: str) -> None:
 def onnx_model(model: Any) -> tuple[Any, str | None]:
     """The model exported to ONNX and run by onnxruntime on its device, or None and why not."""
     try:
-        from geovae.model.onnx import to_onnxruntime
+        from geovae.model.onnx_export import to_onnxruntime
 
         return to_onnxruntime(model), None
     except Exception as e:  # not installed, no CUDA provider, an export failure: all recorded

@@ -310,7 +310,7 @@ def test_weight_set_same_answers(
 
 # ------------------------------------------------------------------ safety and errors
 def _tiny_onnx(tmp_path: Path) -> Path:
-    from geovae.model.onnx import export_onnx
+    from geovae.model.onnx_export import export_onnx
 
     net = torch.nn.Conv2d(6, 3, 1)
     model = SegmentationModel(net, ModelInfo(in_channels=6, num_classes=3, kind="torchgeo"), "cpu")
@@ -358,13 +358,13 @@ def test_backend_torch_for_an_onnx_file_and_bf16_are_refused(
     assert "fp32" in one_line(err)
     assert not out.exists()
     with pytest.raises(OptionError, match="ONNX graph already"):
-        from geovae.model.onnx import export_graph
+        from geovae.model.onnx_export import export_graph
 
         export_graph(load_onnx(path))
 
 
 def test_a_failed_check_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import geovae.model.onnx as mo
+    import geovae.model.onnx_export as mo
 
     monkeypatch.setattr(mo, "CHECK_TOLERANCE", -1.0)
     with pytest.raises(ModelFileError, match="differs from the torch model"):

@@ -539,7 +539,7 @@ def load_model(
             arithmetic bit for bit.
         backend: what runs the model: ``auto`` (the runtime of its file: onnxruntime for an
             ONNX file, torch for every other), ``torch`` or ``onnxruntime`` (a torch model is
-            then exported to ONNX in memory first, :func:`geovae.model.onnx.to_onnxruntime`).
+            then exported to ONNX in memory first, :func:`geovae.model.onnx_export.to_onnxruntime`).
 
     Returns:
         A :class:`SegmentationModel` in eval mode on the device (an
@@ -597,7 +597,7 @@ def load_model(
         ) from exc
     model = SegmentationModel(module, info, device=device, amp=amp, precision=precision, fold_batchnorm=fold_batchnorm)
     if backend == "onnxruntime":
-        from geovae.model.onnx import to_onnxruntime
+        from geovae.model.onnx_export import to_onnxruntime
 
         return to_onnxruntime(model, precision if amp else "fp32")
     return model
@@ -666,7 +666,7 @@ def export_model(
     ids; this records them once so that ``geovae segment`` and ``geovae batch`` need nothing
     but the exported file. Values not given keep what the source has. With ``onnx`` the file
     is an ONNX graph with the same description in its metadata, checked against the torch
-    module before it is written (:func:`geovae.model.onnx.export_onnx`).
+    module before it is written (:func:`geovae.model.onnx_export.export_onnx`).
 
     Args:
         source: a TorchGeo ``.ckpt`` (read with ``weights_only=True``) or a geovae model file.
@@ -738,7 +738,7 @@ def export_model(
         d["tile_size"] = int(tile_size)
     d["extra"] = {**d.get("extra", {}), "exported_from": os.path.basename(str(source))}
     if onnx:
-        from geovae.model.onnx import export_onnx
+        from geovae.model.onnx_export import export_onnx
 
         # The torch side of the check normalises with the exported description, as the graph's users will.
         info = ModelInfo.from_dict({**d, "extra": {**d["extra"], "geovae_version": __version__}})

@@ -186,7 +186,7 @@ def _load(model: str | Path | SegmentationModel, opts: SegmentOptions) -> Segmen
         if opts.backend == "torch" and model.backend != "torch":
             raise OptionError("--backend torch: this model is an ONNX graph, which runs with onnxruntime")
         if opts.backend == "onnxruntime" and model.backend != "onnxruntime":
-            from geovae.model.onnx import to_onnxruntime
+            from geovae.model.onnx_export import to_onnxruntime
 
             model = to_onnxruntime(model, opts.precision or "auto")
         return model if opts.precision is None else model.with_precision(opts.precision)
