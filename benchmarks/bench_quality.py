@@ -292,8 +292,8 @@ def run_one(setting: str, model: str, seed: int, args: argparse.Namespace) -> di
 
     from geovae.bands import band_statistics
     from geovae.training import SceneDataModule, VAESegmentationTask
+    from geovae.training.arguments import balanced_class_weights
     from geovae.training.fit import _fit
-    from geovae.training.task import balanced_class_weights
 
     pl.seed_everything(seed, workers=True, verbose=False)
     labels = FULL if setting == "full" else SPARSE

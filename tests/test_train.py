@@ -25,9 +25,9 @@ from geovae.classes import parse_classes
 from geovae.errors import ConfigError, LabelsError, ModelMismatchError, OptionError, OutputError, SceneError
 from geovae.metrics import metrics_from_confusion
 from geovae.training import SceneDataModule, VAESegmentationTask, load_config, train_from_config, train_model
+from geovae.training.arguments import balanced_class_weights
 from geovae.training.labels import SceneImage, SceneLabels, label_counts
 from geovae.training.samplers import split_regions
-from geovae.training.task import balanced_class_weights
 from geovae.training.transforms import IGNORE_INDEX, AddIgnoreMask, IgnoreOutside, RemapMask, merge_batches
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,10 +4,14 @@ One concept per module, and data moves forward only::
 
     labels.py      label rasters and vector labels: grid check, counts, colours, classes,
                    the TorchGeo RasterDataset/VectorDataset subclasses
-    transforms.py  sample transforms (RemapMask, IgnoreOutside, AddIgnoreMask) and merge_batches
+    transforms.py  sample transforms (RemapMask, IgnoreOutside, AddIgnoreMask), merge_batches,
+                   the D4 augmentation
     samplers.py    the spatial split and LabelledPatchSampler
     datamodule.py  SceneDataModule: image + labels (+ unlabelled scenes), checked, with statistics
-    task.py        VAESegmentationTask (a TorchGeo BaseTask) and class weights
+    arguments.py   the task's arguments: ranges, checks, completion from a data module, class weights
+    terms.py       extra loss terms: the PatchGAN critic, pseudo-labels, generated pairs
+    callbacks.py   Lightning callbacks: the weight average (EMA), history, stops
+    task.py        VAESegmentationTask (a TorchGeo BaseTask), whose signature holds every default
     fit.py         the chain data module -> task -> fit -> model file; train_model
     config.py      the same chain from a LightningCLI-style YAML; train_from_config
 

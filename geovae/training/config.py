@@ -28,9 +28,10 @@ import torch
 from geovae.atomic import check_not_inputs
 from geovae.choices import CLASS_WEIGHTINGS
 from geovae.errors import ConfigError, GeovaeError, OptionError
+from geovae.training.arguments import check_hyperparameters
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.fit import TrainResult, _check_out, fit_and_save, scene_task_arguments
-from geovae.training.task import VAESegmentationTask, check_hyperparameters
+from geovae.training.task import VAESegmentationTask
 
 __all__ = ["config_parser", "load_config", "train_from_config"]
 

@@ -34,14 +34,10 @@ from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
 from geovae.errors import OptionError, TrainingError
 from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.training.arguments import balanced_class_weights, check_hyperparameters, data_arguments
+from geovae.training.callbacks import History, StopIfNotFinite, StopOnRequest
 from geovae.training.datamodule import SceneDataModule
-from geovae.training.task import (
-    VAESegmentationTask,
-    balanced_class_weights,
-    check_hyperparameters,
-    data_arguments,
-    default_architecture,
-)
+from geovae.training.task import VAESegmentationTask, default_architecture
 
 __all__ = [
     "RECONSTRUCTION_QUANTILES",
@@ -92,47 +88,6 @@ class TrainResult:
     info: ModelInfo | None = None
 
 
-class _History(pl.Callback):
-    """Keeps every epoch's logged scalars (Lightning's loggers are off in library use)."""
-
-    def __init__(self) -> None:
-        self.epochs: list[dict[str, float]] = []
-        self._t0 = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        row = {"epoch": float(trainer.current_epoch), "seconds": time.perf_counter() - self._t0}
-        for k, v in trainer.callback_metrics.items():
-            if isinstance(v, Tensor) and v.numel() == 1:
-                row[k] = float(v)
-        self.epochs.append(row)
-
-
-class _StopOnRequest(pl.Callback):
-    """Ctrl-C and SIGTERM under the CLI only set a flag (:mod:`geovae.signals`): checked at
-    every batch, so a training run stops within one step."""
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        signals.check()
-
-    def on_validation_batch_start(self, *args: Any) -> None:
-        signals.check()
-
-
-class _StopIfNotFinite(pl.Callback):
-    """Stops a run whose loss is NaN or infinite, before the backward pass can spread it
-    into the weights: such a model would segment every pixel as one class at confidence NaN."""
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if bool(torch.isfinite(loss.detach()).all()):
-            return
-        value = float(loss.detach().float().flatten()[0])
-        raise TrainingError(
-            f"training stopped at step {trainer.global_step + 1} (epoch {trainer.current_epoch + 1}): the loss became "
-            f"{value}; no model was written; try a lower learning rate or loss weights (--adversarial, model.lr, "
-            "model.beta), or check the image for extreme values"
-        )
-
-
 def _check_trained(module: torch.nn.Module, steps: int) -> None:
     """Refuse to save a model that did not train or holds non-finite numbers.
 
@@ -173,13 +128,13 @@ def _fit(
         TrainingError: the loss became NaN or infinite (the run stops at that step).
         KeyboardInterrupt: Ctrl-C.
     """
-    hist = _History()
+    hist = History()
     kw = dict(trainer_kwargs)
     kw.setdefault("enable_progress_bar", False)
     kw.setdefault("enable_model_summary", False)
     kw.setdefault("num_sanity_val_steps", 0)
     kw.setdefault("log_every_n_steps", 1)
-    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist, _StopIfNotFinite(), _StopOnRequest()]
+    kw["callbacks"] = [*list(kw.get("callbacks") or []), hist, StopIfNotFinite(), StopOnRequest()]
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
     if not has_val:

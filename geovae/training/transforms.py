@@ -1,4 +1,4 @@
-"""Sample transforms for TorchGeo samples (picklable, for DataLoader workers), and batch merging.
+"""Sample transforms for TorchGeo samples (picklable, for DataLoader workers), batch merging, D4 augmentation.
 
 A TorchGeo sample is a dict with ``image`` (C, H, W), ``mask`` (H, W), ``bounds`` and
 ``transform``. The transforms here turn raw label values into class indices, hide labels
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "AddIgnoreMask", "Compose", "IgnoreOutside", "RemapMask", "merge_batches"]
+__all__ = ["IGNORE_INDEX", "AddIgnoreMask", "Compose", "IgnoreOutside", "RemapMask", "augment_d4", "merge_batches"]
 
 #: Mask value of pixels that carry no label (PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
@@ -122,3 +122,36 @@ def merge_batches(batch: Any) -> dict[str, Tensor]:
             if all(isinstance(p[k], Tensor) and p[k].shape[1:] == parts[0][k].shape[1:] for p in parts)
         }
     return batch
+
+
+def augment_d4(image: Tensor, mask: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each patch flipped and turned by one of the 8 symmetries of the square, at random.
+
+    Land cover seen from above has no preferred orientation; the same symmetry is applied to
+    the patch's bands, labels and valid map. Square patches only (non-square are returned
+    unchanged).
+
+    Args:
+        image: (B, C, H, W).
+        mask: (B, H, W).
+        valid: (B, H, W).
+
+    Returns:
+        The transformed ``(image, mask, valid)``.
+    """
+    if image.shape[-1] != image.shape[-2]:
+        return image, mask, valid
+    b = image.shape[0]
+    turns = torch.randint(0, 4, (b,)).tolist()
+    flips = torch.randint(0, 2, (b,)).tolist()
+    xs, ms, vs = [], [], []
+    for i in range(b):
+        x, m, v = image[i], mask[i], valid[i]
+        if flips[i]:
+            x, m, v = x.flip(-1), m.flip(-1), v.flip(-1)
+        if turns[i]:
+            x, m, v = (torch.rot90(t, turns[i], (-2, -1)) for t in (x, m, v))
+        xs.append(x)
+        ms.append(m)
+        vs.append(v)
+    return torch.stack(xs), torch.stack(ms), torch.stack(vs)
