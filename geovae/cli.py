@@ -581,7 +581,7 @@ def train(
             seed=seed,
             sampler=sampler,
             progress=not _quiet(ctx),
-            adversarial=adversarial or 0.0,
+            adversarial=adversarial,
             boundary_width=boundary_width,
             background=background,
         )

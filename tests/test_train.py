@@ -336,6 +336,35 @@ def test_shipped_configs_parse() -> None:
     assert len(cfg.data.init_args.unlabeled) == 1
 
 
+def test_every_way_in_takes_the_task_signature_s_defaults(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geovae.training import fit
+    from geovae.training.arguments import DATA_ARGUMENTS
+    from geovae.training.task import task_defaults
+
+    defaults = {k: v for k, v in task_defaults().items() if k not in DATA_ARGUMENTS}
+    # A config that sets no model key: the parser's defaults are the signature's.
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n")
+    parsed = load_config(p).model.as_dict()
+    assert {k: parsed[k] for k in defaults} == defaults
+    # train_model with no model argument: the task it builds holds the signature's defaults.
+    built: dict[str, VAESegmentationTask] = {}
+
+    def capture(dm: SceneDataModule, task_args: dict[str, object], *args: object, **kw: object) -> None:
+        built["task"] = VAESegmentationTask(**task_args)
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(fit, "fit_and_save", capture)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", tile=32, epochs=1, device="cpu", progress=False)
+    hp = built["task"].hparams
+    skip = {"class_weights", "kl_warmup_steps"}  # train_model sets both from the data
+    assert {k: hp[k] for k in defaults if k not in skip} == {k: v for k, v in defaults.items() if k not in skip}
+    assert hp["free_bits"] == 0.05
+
+
 @pytest.mark.parametrize(
     ("body", "expect"),
     [

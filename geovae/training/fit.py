@@ -37,7 +37,7 @@ from geovae.model.base import ModelInfo, SegmentationModel
 from geovae.training.arguments import balanced_class_weights, check_hyperparameters, data_arguments
 from geovae.training.callbacks import History, StopIfNotFinite, StopOnRequest
 from geovae.training.datamodule import SceneDataModule
-from geovae.training.task import VAESegmentationTask, default_architecture
+from geovae.training.task import VAESegmentationTask, task_defaults
 
 __all__ = [
     "RECONSTRUCTION_QUANTILES",
@@ -332,12 +332,12 @@ def train_model(
     seed: int = 0,
     val_fraction: float = 0.25,
     val_side: ValSide = "east",
-    lr: float = 1e-3,
-    beta: float = 1.0,
-    free_bits: float = 0.05,
+    lr: float | None = None,
+    beta: float | None = None,
+    free_bits: float | None = None,
     kl_warmup_epochs: float = 1.0,
-    recon_weight: float = 1.0,
-    dice_weight: float = 0.0,
+    recon_weight: float | None = None,
+    dice_weight: float | None = None,
     class_weighting: ClassWeighting | None = "inverse-sqrt",
     samples_per_epoch: int | None = None,
     num_workers: int = 0,
@@ -346,9 +346,9 @@ def train_model(
     base_channels: int | None = None,
     depth: int | None = None,
     latent_channels: int | None = None,
-    encoder: str = "unet",
+    encoder: str | None = None,
     sampler: Sampler = "random",
-    adversarial: float = 0.0,
+    adversarial: float | None = None,
     boundary_width: int | None = None,
     background: str | None = None,
 ) -> TrainResult:
@@ -375,7 +375,8 @@ def train_model(
         seed: seed of weights, sampling and latent noise.
         val_fraction: share of the scene held out for validation (0 for none).
         val_side: side held out: east, west, north or south.
-        lr: learning rate (AdamW).
+        lr: learning rate (AdamW). None, here and for every model argument below: the
+            task's default (:func:`~geovae.training.task.task_defaults`).
         beta: final KL weight (the losses' per-pixel convention: 1 is the ELBO balance).
         free_bits: nats per latent channel and cell the KL does not penalise.
         kl_warmup_epochs: epochs over which the KL weight rises from 0 to ``beta``.
@@ -388,16 +389,14 @@ def train_model(
         num_workers: DataLoader worker processes.
         progress: show a progress bar.
         max_time: stop after this many seconds of training (the last weights are saved).
-        base_channels: model width; None: the task's default
-            (:func:`~geovae.training.task.default_architecture`, as for ``depth`` and
-            ``latent_channels``).
+        base_channels: model width.
         depth: number of stride-2 stages (model stride ``2**depth``).
         latent_channels: channels of the latent map.
         encoder: ``"unet"`` or ``"smp:<name>"``.
         sampler: training patches: ``"random"`` or ``"labelled"`` (every patch holds
             labels); see :class:`~geovae.training.SceneDataModule`.
         adversarial: weight of the PatchGAN critic on the reconstruction (VAE-GAN), 0 for
-            none; see :class:`~geovae.training.VAESegmentationTask`.
+            none; see :class:`~geovae.training.terms.AdversarialTerm`.
         boundary_width: with ``vector_labels`` holding objects (fields, parcels, buildings),
             also train a ``boundary`` class this many pixels wide along every polygon's
             outline, and a ``background`` class (see ``background``), so that
@@ -415,12 +414,22 @@ def train_model(
     """
     out_path = _check_out(out)
     check_not_inputs([out_path], [image, labels, vector_labels, *unlabeled], fix="choose another --out")
-    arch = default_architecture()
-    base_channels = arch["base_channels"] if base_channels is None else base_channels
-    depth = arch["depth"] if depth is None else depth
-    latent_channels = arch["latent_channels"] if latent_channels is None else latent_channels
+    given = {
+        "base_channels": base_channels,
+        "depth": depth,
+        "latent_channels": latent_channels,
+        "encoder": encoder,
+        "lr": lr,
+        "beta": beta,
+        "free_bits": free_bits,
+        "recon_weight": recon_weight,
+        "dice_weight": dice_weight,
+        "adversarial": adversarial,
+    }
+    model_args = {k: v for k, v in given.items() if v is not None}
     if epochs < 1:
         raise OptionError(f"--epochs {epochs}: train for at least one epoch")
+    depth = model_args.get("depth", task_defaults()["depth"])
     stride = 2**depth
     if tile % stride:
         raise OptionError(
@@ -431,22 +440,9 @@ def train_model(
         raise OptionError(f"class_weighting {class_weighting!r}: use None or 'inverse-sqrt'")
     if max_time is not None and max_time <= 0:
         raise OptionError(f"max_time {max_time}: give a positive number of seconds")
-    if not math.isfinite(adversarial) or adversarial < 0:
+    if adversarial is not None and not (math.isfinite(adversarial) and adversarial >= 0):
         raise OptionError(f"--adversarial {adversarial}: give a finite weight of 0 (off) or more")
-    check_hyperparameters(
-        {
-            "lr": lr,
-            "beta": beta,
-            "free_bits": free_bits,
-            "recon_weight": recon_weight,
-            "dice_weight": dice_weight,
-            "base_channels": base_channels,
-            "depth": depth,
-            "latent_channels": latent_channels,
-            "kl_warmup_epochs": kl_warmup_epochs,
-        },
-        prefix="",
-    )
+    check_hyperparameters({**model_args, "kl_warmup_epochs": kl_warmup_epochs}, prefix="")
     trainer_kw = _trainer_kwargs(device, progress)
     trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
     if max_time is not None:
@@ -471,18 +467,6 @@ def train_model(
         boundary_width=boundary_width,
         background=background,
     )
-    model_args = {
-        "base_channels": base_channels,
-        "depth": depth,
-        "latent_channels": latent_channels,
-        "encoder": encoder,
-        "lr": lr,
-        "beta": beta,
-        "free_bits": free_bits,
-        "recon_weight": recon_weight,
-        "dice_weight": dice_weight,
-        "adversarial": adversarial,
-    }
     task_args = scene_task_arguments(dm, model_args, class_weighting=class_weighting, kl_warmup_epochs=kl_warmup_epochs)
     return fit_and_save(
         dm,

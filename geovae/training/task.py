@@ -160,7 +160,7 @@ class VAESegmentationTask(BaseTask):
         weight_decay: float = 1e-4,
         patience: int = 10,
         beta: float = 1.0,
-        free_bits: float = 0.0,
+        free_bits: float = 0.05,
         kl_warmup_steps: int = 0,
         recon_weight: float = 1.0,
         dice_weight: float = 0.0,
