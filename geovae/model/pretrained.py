@@ -19,6 +19,9 @@ and a ``meta`` dict (``in_chans``, ``bands``, ``num_classes``, ``classes``, ``re
   ``in_chans``) and a named architecture (``model`` or ``encoder``): a backbone to start
   training from. Weight sets without either (weather, location or pixel time-series models,
   spectrally flexible ones) are not listed: no scene's bands can be checked against them.
+  ``geovae train --encoder-weights NAME`` starts the VAE from one whose TorchGeo builder is
+  also a segmentation_models_pytorch encoder (the ResNets): :func:`encoder_weight_set`,
+  :func:`load_encoder`.
 
 The normalisation is read from the weight set's ``transforms`` by running them: constant
 images at three levels go through, and a per-band affine map ``(x - mean) / std`` is fitted
@@ -63,6 +66,7 @@ __all__ = [
     "PREFIX",
     "WeightSet",
     "catalogue",
+    "fetch_network",
     "is_reference",
     "load_weights",
     "weight_set",
@@ -440,12 +444,12 @@ def _download_failure(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def build_network(ws: WeightSet) -> nn.Module:
-    """The network of a segmentation weight set with its weights, built as TorchGeo builds it.
+def fetch_network(ws: WeightSet) -> nn.Module:
+    """The network of a weight set with its weights, as TorchGeo's builder makes it.
 
     ``torchgeo.models.get_model(builder, weights=member)``: TorchGeo's builder makes the
     network, fetches the state dict through ``torch.hub`` (the cached file, else a download
-    with a progress bar on stderr and its hash checked) and loads it strictly. torch.hub's
+    with a progress bar on stderr and its hash checked) and loads it. torch.hub's
     "Downloading" line, which it prints on standard output, becomes an info log line, so
     standard output stays the command's own and a failed download is one error line.
 
@@ -457,7 +461,7 @@ def build_network(ws: WeightSet) -> nn.Module:
     import torchgeo.models as tgm
 
     builder = ws.builder
-    assert builder is not None  # a segmentation set has a builder (_describe)
+    assert builder is not None  # callers take only sets with a builder
     target = ws.file
     had_file = target.is_file()
     if not had_file:
@@ -475,7 +479,18 @@ def build_network(ws: WeightSet) -> nn.Module:
             f"{target}: the weights of {ws.name} cannot be loaded ({type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:200]}); delete the file to download it again"
         ) from exc
-    return module.eval()
+    return module
+
+
+def build_network(ws: WeightSet) -> nn.Module:
+    """The network of a segmentation weight set with its weights, built as TorchGeo builds it
+    (:func:`fetch_network`), in eval mode.
+
+    Raises:
+        DownloadError: the file is not cached and cannot be downloaded.
+        ModelFileError: a cached file that cannot be loaded into the network.
+    """
+    return fetch_network(ws).eval()
 
 
 def model_info(ws: WeightSet) -> ModelInfo:

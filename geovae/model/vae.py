@@ -314,7 +314,9 @@ class VAESegmenter(nn.Module):
         latent_channels: channels of the Gaussian latent map.
         encoder: ``"unet"`` (built-in, BatchNorm) or ``"smp:<name>"`` for a
             segmentation_models_pytorch / timm encoder such as ``"smp:resnet18"``.
-        encoder_weights: must be None: geovae never downloads weights; a model file holds them.
+        encoder_weights: must be None: the model never fetches weights itself; a model file
+            holds them, and training starts from pretrained ones through the task's
+            ``encoder_weights`` (:class:`~geovae.training.VAESegmentationTask`).
         recon_condition: ``"class"`` (reconstruction given z and the pixel's class) or
             ``"none"`` (given z alone).
 
