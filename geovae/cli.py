@@ -523,6 +523,18 @@ def vectorize(
     "extent (the labels' bounding box; default), none, or a vector file of the area "
     "the labels cover. Elsewhere they are unlabelled.",
 )
+@click.option(
+    "--encoder-weights",
+    help="Start from a pretrained TorchGeo encoder, e.g. ResNet18_Weights.LANDSAT_ETM_SR_MOCO "
+    "(`geovae models --kind encoder`); the image must have its bands. With --config it sets "
+    "model.encoder_weights.",
+)
+@click.option("--freeze-encoder", is_flag=True, help="Keep the pretrained encoder fixed (with --encoder-weights).")
+@click.option(
+    "--unfreeze-after",
+    type=click.IntRange(min=1),
+    help="With --freeze-encoder: keep it fixed for this many epochs (fewer than --epochs), then train it too.",
+)
 @click.option("--set", "overrides", multiple=True, help="Override a config key, e.g. --set trainer.max_epochs=3.")
 @click.pass_context
 def train(
@@ -544,6 +556,9 @@ def train(
     adversarial: float | None,
     boundary_width: int | None,
     background: str | None,
+    encoder_weights: str | None,
+    freeze_encoder: bool,
+    unfreeze_after: int | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Train the VAE segmenter from a YAML config or from an image and its labels."""
@@ -560,6 +575,12 @@ def train(
             )
         if adversarial is not None:
             overrides = (*overrides, f"model.adversarial={adversarial}")
+        if encoder_weights is not None:
+            overrides = (*overrides, f"model.encoder_weights={encoder_weights}")
+        if freeze_encoder:
+            overrides = (*overrides, "model.freeze_encoder=true")
+        if unfreeze_after is not None:
+            overrides = (*overrides, f"model.unfreeze_after={unfreeze_after}")
         result = training.train_from_config(config, overrides=overrides)
     else:
         if not image or not (labels or vector_labels):
@@ -584,6 +605,9 @@ def train(
             adversarial=adversarial,
             boundary_width=boundary_width,
             background=background,
+            encoder_weights=encoder_weights,
+            freeze_encoder=freeze_encoder,
+            unfreeze_after=unfreeze_after,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):

@@ -22,6 +22,7 @@ __all__ = [
     "NUMERIC_RANGES",
     "balanced_class_weights",
     "check_arguments",
+    "check_finetuning",
     "check_hyperparameters",
     "data_arguments",
 ]
@@ -47,7 +48,8 @@ def data_arguments(datamodule: Any, given: Mapping[str, Any] | None = None) -> d
     The data module provides ``in_channels``, ``num_classes``, ``mean``, ``std``, ``nodata``,
     ``band_names`` and ``classes`` (a :class:`~geovae.classes.ClassSpec`), as
     :class:`~geovae.training.SceneDataModule` does. The data's values replace the given
-    ones, except a given ``mean`` or ``std`` (a user's own normalisation); a given
+    ones, except a given ``mean`` or ``std`` (a user's own normalisation; with
+    ``encoder_weights`` the weight set's, which the task sets, not the scene's); a given
     ``in_channels`` or ``num_classes`` must equal the data's.
 
     Args:
@@ -92,6 +94,9 @@ def data_arguments(datamodule: Any, given: Mapping[str, Any] | None = None) -> d
         "class_ids": None,
         "class_colors": None,
     }
+    if out.get("encoder_weights"):
+        # A pretrained encoder expects its weights' normalisation, not the scene's (the task sets it).
+        data["mean"] = data["std"] = None
     if classes is not None:
         data.update(
             labels=list(classes.names),
@@ -155,6 +160,7 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train_samples": (1.0, None, True, True),
     "mixture_region": (0.0, None, True, True),
     "diversity_samples": (0.0, None, True, True),
+    "unfreeze_after": (1.0, None, True, True),
 }
 
 
@@ -206,3 +212,48 @@ def check_arguments(args: Mapping[str, Any]) -> None:
     std = args.get("std")
     if std is not None and any(s <= 0 for s in std):
         raise OptionError("std: every band's standard deviation must be positive")
+
+
+def check_finetuning(
+    encoder_weights: str | None,
+    freeze_encoder: bool,
+    unfreeze_after: int | None,
+    epochs: int | None = None,
+    *,
+    flags: bool = False,
+) -> None:
+    """Refuse a combination of the fine-tuning arguments that does not say what to do.
+
+    ``freeze_encoder`` and ``unfreeze_after`` act on pretrained weights; ``unfreeze_after``
+    says when a frozen encoder starts training, so it needs ``freeze_encoder``, and fewer
+    epochs than the run has (else the encoder would never train).
+
+    Args:
+        encoder_weights: the weight set's name, or None.
+        freeze_encoder: whether the encoder starts frozen.
+        unfreeze_after: the epoch it starts training at, or None.
+        epochs: the run's epoch count, where known.
+        flags: name the arguments as the command line spells them (``--freeze-encoder``),
+            else as the task and a config do (``model.freeze_encoder``).
+
+    Raises:
+        OptionError: one line naming the arguments and what to give instead.
+    """
+
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else f"model.{key}"
+
+    if not encoder_weights and (freeze_encoder or unfreeze_after is not None):
+        given = name("freeze_encoder") if freeze_encoder else name("unfreeze_after")
+        raise OptionError(f"{given} acts on pretrained weights: give {name('encoder_weights')} too")
+    if unfreeze_after is not None and not freeze_encoder:
+        raise OptionError(
+            f"{name('unfreeze_after')} {unfreeze_after} says when a frozen encoder starts training: "
+            f"give {name('freeze_encoder')} too"
+        )
+    if unfreeze_after is not None and epochs is not None and unfreeze_after >= epochs:
+        epochs_name = "--epochs" if flags else "trainer.max_epochs"
+        raise OptionError(
+            f"{name('unfreeze_after')} {unfreeze_after} with {epochs_name} {epochs}: the encoder would never "
+            f"train; give {name('unfreeze_after')} fewer than {epochs}, or {name('freeze_encoder')} alone"
+        )

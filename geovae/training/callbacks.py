@@ -2,7 +2,8 @@
 
 The task asks for the ones its arguments select (:meth:`VAESegmentationTask.configure_callbacks
 <geovae.training.VAESegmentationTask.configure_callbacks>`), so they act under any trainer,
-``torchgeo fit`` included: :class:`WeightEMA` (``ema``). :func:`~geovae.training.fit.fit_and_save`
+``torchgeo fit`` included: :class:`WeightEMA` (``ema``), :class:`FreezeEncoder`
+(``freeze_encoder``, ``unfreeze_after``). :func:`~geovae.training.fit.fit_and_save`
 adds the run's own: :class:`History`, :class:`StopIfNotFinite` and :class:`StopOnRequest`.
 """
 
@@ -16,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from geovae import signals
-from geovae.errors import TrainingError
+from geovae.errors import OptionError, TrainingError
 
-__all__ = ["History", "StopIfNotFinite", "StopOnRequest", "WeightEMA"]
+__all__ = ["FreezeEncoder", "History", "StopIfNotFinite", "StopOnRequest", "WeightEMA"]
 
 
 class WeightEMA(pl.Callback):
@@ -61,6 +62,50 @@ class WeightEMA(pl.Callback):
         if self._avg is not None:
             _model(pl_module).load_state_dict(self._avg)
             self._avg = None
+
+
+class FreezeEncoder(pl.Callback):
+    """Keeps the model's encoder fixed, for the whole run or until epoch ``unfreeze_after``.
+
+    While frozen, the encoder's parameters take no gradient (AdamW skips a parameter
+    without one, weight decay included) and its BatchNorm layers stay in eval mode (Lightning
+    restores each module's mode after validation), so their running statistics are not
+    moved either: the encoder is in the model file as loaded. From epoch ``unfreeze_after``
+    (0-based: after that many epochs) it trains with the rest, in the same optimiser at its
+    current learning rate.
+
+    Args:
+        unfreeze_after: the epoch to unfreeze at; None: never.
+    """
+
+    def __init__(self, unfreeze_after: int | None = None) -> None:
+        self.unfreeze_after = unfreeze_after
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse an ``unfreeze_after`` the run never reaches (the encoder would never train).
+
+        Raises:
+            OptionError: ``unfreeze_after`` is not below the trainer's ``max_epochs``.
+        """
+        epochs = trainer.max_epochs
+        if self.unfreeze_after is not None and epochs is not None and 0 <= epochs <= self.unfreeze_after:
+            raise OptionError(
+                f"model.unfreeze_after {self.unfreeze_after} with trainer.max_epochs {epochs}: the encoder "
+                f"would never train; give model.unfreeze_after fewer than {epochs}, or model.freeze_encoder alone"
+            )
+
+    def frozen(self, epoch: int) -> bool:
+        """Whether the encoder is frozen during ``epoch`` (0-based)."""
+        return self.unfreeze_after is None or epoch < self.unfreeze_after
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze or unfreeze the encoder for this epoch."""
+        frozen = self.frozen(trainer.current_epoch)
+        encoder = _model(pl_module).encoder
+        assert isinstance(encoder, nn.Module)
+        for p in encoder.parameters():
+            p.requires_grad_(not frozen)
+        encoder.train(pl_module.training and not frozen)
 
 
 def _model(pl_module: pl.LightningModule) -> nn.Module:

@@ -34,7 +34,13 @@ from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
 from geovae.errors import OptionError, TrainingError
 from geovae.model.base import ModelInfo, SegmentationModel
-from geovae.training.arguments import balanced_class_weights, check_hyperparameters, data_arguments
+from geovae.model.encoders import encoder_weight_set
+from geovae.training.arguments import (
+    balanced_class_weights,
+    check_finetuning,
+    check_hyperparameters,
+    data_arguments,
+)
 from geovae.training.callbacks import History, StopIfNotFinite, StopOnRequest
 from geovae.training.datamodule import SceneDataModule
 from geovae.training.task import VAESegmentationTask, task_defaults
@@ -351,6 +357,9 @@ def train_model(
     adversarial: float | None = None,
     boundary_width: int | None = None,
     background: str | None = None,
+    encoder_weights: str | None = None,
+    freeze_encoder: bool = False,
+    unfreeze_after: int | None = None,
 ) -> TrainResult:
     """Train the VAE segmenter on one labelled scene and write a model file.
 
@@ -404,6 +413,12 @@ def train_model(
         background: with ``boundary_width``: ``"extent"`` (default: pixels outside every
             polygon but inside the labels' bounding box are background), a vector file of
             the area the labels cover, or ``"none"``.
+        encoder_weights: start from this TorchGeo encoder weight set
+            (``ResNet18_Weights.LANDSAT_ETM_SR_MOCO``); see
+            :class:`~geovae.training.VAESegmentationTask`.
+        freeze_encoder: keep the pretrained encoder fixed (it is in the model file unchanged).
+        unfreeze_after: with ``freeze_encoder``: keep it fixed for this many epochs (fewer
+            than ``epochs``), then train it too.
 
     Returns:
         A :class:`TrainResult`.
@@ -425,6 +440,9 @@ def train_model(
         "recon_weight": recon_weight,
         "dice_weight": dice_weight,
         "adversarial": adversarial,
+        "encoder_weights": encoder_weights,
+        "freeze_encoder": freeze_encoder or None,
+        "unfreeze_after": unfreeze_after,
     }
     model_args = {k: v for k, v in given.items() if v is not None}
     if epochs < 1:
@@ -443,6 +461,9 @@ def train_model(
     if adversarial is not None and not (math.isfinite(adversarial) and adversarial >= 0):
         raise OptionError(f"--adversarial {adversarial}: give a finite weight of 0 (off) or more")
     check_hyperparameters({**model_args, "kl_warmup_epochs": kl_warmup_epochs}, prefix="")
+    check_finetuning(encoder_weights, freeze_encoder, unfreeze_after, epochs, flags=True)
+    if encoder_weights is not None:
+        encoder_weight_set(encoder_weights)  # a name the VAE cannot use is refused before any data is read
     trainer_kw = _trainer_kwargs(device, progress)
     trainer_kw.update(max_epochs=epochs, enable_progress_bar=progress)
     if max_time is not None:

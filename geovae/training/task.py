@@ -30,13 +30,14 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from geovae._version import __version__
 from geovae.choices import Head, ReconCondition
 from geovae.classes import rgb
-from geovae.errors import ConfigError
+from geovae.errors import ConfigError, ModelMismatchError, OptionError
 from geovae.metrics import metrics_from_confusion
 from geovae.model.base import ModelInfo
+from geovae.model.encoders import encoder_architecture, encoder_weight_set, load_encoder
 from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
 from geovae.model.vae import PosteriorNet, VAESegmenter
-from geovae.training.arguments import DATA_ARGUMENTS, check_arguments, data_arguments
-from geovae.training.callbacks import WeightEMA
+from geovae.training.arguments import DATA_ARGUMENTS, check_arguments, check_finetuning, data_arguments
+from geovae.training.callbacks import FreezeEncoder, WeightEMA
 from geovae.training.terms import LossTerm, Step, build_terms
 from geovae.training.transforms import IGNORE_INDEX, augment_d4, merge_batches
 
@@ -125,6 +126,19 @@ class VAESegmentationTask(BaseTask):
             (:class:`~geovae.model.vae.PosteriorNet`, the Probabilistic U-Net's) and
             KL(q || p) to the segmenter's p(z | x), so that p spreads where labels are not
             predictable from the image; training only (the posterior is not in the model file).
+        encoder_weights: start from a TorchGeo encoder weight set (``ResNet18_Weights.LANDSAT_ETM_SR_MOCO``,
+            ``torchgeo:`` optional; :func:`~geovae.model.pretrained.encoder_weight_set`): the
+            encoder becomes the weight set's architecture (``encoder`` is set to it, so a
+            checkpoint rebuilds the model without the weights), its weights are loaded
+            through torch.hub's cache when fitting starts, the image must have the weight
+            set's bands, and the input is normalised as the weights expect (unless ``mean``
+            and ``std`` are given). Decoders, latent and heads start from scratch. The model
+            file records the weight set's name and licence.
+        freeze_encoder: keep the pretrained encoder's weights and BatchNorm statistics fixed
+            (:class:`~geovae.training.callbacks.FreezeEncoder`): they are in the model file
+            unchanged.
+        unfreeze_after: with ``freeze_encoder``: keep the encoder fixed for this many epochs
+            (fewer than the trainer's ``max_epochs``), then train it too.
     """
 
     #: Monitored by the LR scheduler: always available, with or without validation.
@@ -179,8 +193,18 @@ class VAESegmentationTask(BaseTask):
         generated_weight: float = 0.0,
         ema: float = 0.0,
         posterior: bool = False,
+        encoder_weights: str | None = None,
+        freeze_encoder: bool = False,
+        unfreeze_after: int | None = None,
     ) -> None:
         check_arguments(locals())
+        check_finetuning(encoder_weights, freeze_encoder, unfreeze_after)
+        self._encoder_set = encoder_weight_set(encoder_weights) if encoder_weights else None
+        if self._encoder_set is not None and encoder not in ("unet", encoder_architecture(self._encoder_set)):
+            raise OptionError(
+                f"encoder {encoder} and encoder_weights {encoder_weights}: the weights take the "
+                f"{encoder_architecture(self._encoder_set)} encoder; leave encoder out"
+            )
         super().__init__()
 
     @property
@@ -198,6 +222,24 @@ class VAESegmentationTask(BaseTask):
         if not self._described:
             return
         c, k = hp["in_channels"], hp["num_classes"]
+        ws = self._encoder_set
+        if ws is not None:
+            if c != ws.in_channels:
+                bands = f" ({', '.join(ws.bands)})" if ws.bands else ""
+                raise ModelMismatchError(
+                    f"encoder weights {ws.name} take {ws.in_channels} bands{bands} but the training image has "
+                    f"{c}; train on a scene with those bands, or leave out the encoder weights"
+                )
+            if ws.mean is None or ws.std is None:
+                raise OptionError(
+                    f"encoder weights {ws.name}: geovae cannot reproduce its normalisation: {ws.normalisation}"
+                )
+            hp["encoder"] = encoder_architecture(ws)
+            if hp["mean"] is None:
+                hp["mean"] = list(ws.mean)
+            if hp["std"] is None:
+                hp["std"] = list(ws.std)
+        self._encoder_loaded = False
         self.model = VAESegmenter(
             c,
             k,
@@ -223,8 +265,15 @@ class VAESegmentationTask(BaseTask):
                 self.add_module(name, module)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The callbacks the arguments select (``ema``): Lightning adds them to any trainer."""
-        return [WeightEMA(self.hparams["ema"])] if self.hparams["ema"] > 0 else []
+        """The callbacks the arguments select (``ema``, ``freeze_encoder``, ``unfreeze_after``):
+        Lightning adds them to any trainer."""
+        hp = self.hparams
+        out: list[pl.Callback] = []
+        if hp["freeze_encoder"]:
+            out.append(FreezeEncoder(hp["unfreeze_after"]))
+        if hp["ema"] > 0:
+            out.append(WeightEMA(hp["ema"]))
+        return out
 
     def configure_metrics(self) -> None:
         """Confusion matrices (torchmetrics) from which IoU per class, mIoU and OA follow."""
@@ -261,19 +310,29 @@ class VAESegmentationTask(BaseTask):
         Raises:
             ConfigError: the counts were not given and the data module does not give them.
         """
-        if self._described:
-            return
+        if not self._described:
+            self._complete_from_data()
+        if stage == "fit" and self._encoder_set is not None and not self._encoder_loaded:
+            # Here rather than at construction: a checkpoint's task is built without a download.
+            load_encoder(self.model.encoder.encoder, self._encoder_set)
+            self._encoder_loaded = True
+
+    def _complete_from_data(self) -> None:
         dm = getattr(self._trainer, "datamodule", None)  # Lightning sets it on the Trainer as it runs
         if dm is None:
             raise ConfigError(
                 "VAESegmentationTask without in_channels and num_classes needs a data module that "
                 "gives them (geovae.training.SceneDataModule); or set both"
             )
-        given = {k: self.hparams[k] for k in DATA_ARGUMENTS}
+        given = {k: self.hparams[k] for k in (*DATA_ARGUMENTS, "encoder_weights")}
         self.hparams.update(data_arguments(dm, given))
         check_arguments(dict(self.hparams))
         self.configure_models()
         self.configure_metrics()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint's weights replace the pretrained encoder's: they are not loaded again."""
+        self._encoder_loaded = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add what a geovae model file holds besides the hyperparameters: the training tile,
@@ -472,6 +531,19 @@ class VAESegmentationTask(BaseTask):
             "trainer": "geovae.training.VAESegmentationTask",
             "loss": {k: hp[k] for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
         }
+        ws = self._encoder_set
+        if ws is not None:
+            ex["encoder_weights"] = {
+                "name": ws.name,
+                "license": ws.license,
+                "url": ws.url,
+                "dataset": ws.dataset,
+                "publication": ws.publication,
+                "repo": ws.repo,
+                "normalisation": ws.normalisation,
+                "frozen": bool(hp["freeze_encoder"]),
+                "unfreeze_after": hp["unfreeze_after"],
+            }
         ex.update(extra or {})
         return ModelInfo(
             in_channels=c,
