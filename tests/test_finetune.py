@@ -184,7 +184,7 @@ def _fit(nc_stack: Path, nc_labels: Path, epochs: int, **task_args: object) -> t
 
     torch.manual_seed(0)
     dm = SceneDataModule(str(nc_stack), str(nc_labels), tile=32, batch_size=2, samples_per_epoch=4)
-    task = VAESegmentationTask(encoder_weights=ENCODER, **task_args)  # type: ignore[arg-type]
+    task = VAESegmentationTask(**{"encoder_weights": ENCODER, **task_args})  # type: ignore[arg-type]
     snaps = Snapshots()
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -242,6 +242,30 @@ def test_unfreeze_after_n_trains_the_encoder_from_epoch_n(
     assert len(used) == 2 + 8 + 10  # the stem's conv and bn; 2 blocks x (2 conv + 2 bn) each; layer2's downsample
     assert set(used).isdisjoint(_same(second, pretrained))
     assert snaps.requires_grad == [False, True]
+
+
+def test_a_checkpoint_loads_without_the_weights_and_records_them(
+    pretrained: dict[str, torch.Tensor],
+    nc_stack: Path,
+    nc_labels: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``torchgeo fit`` checkpoint: loading it rebuilds the encoder from the checkpoint alone."""
+    from geovae.model.io import load_model
+
+    task, _ = _fit(nc_stack, nc_labels, 1, encoder_weights=f"torchgeo:{ENCODER}", freeze_encoder=True)
+    ckpt = tmp_path / "ft.ckpt"
+    task.trainer.save_checkpoint(ckpt)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # the weight file is not there
+    model = load_model(ckpt)
+    rec = model.info.extra["encoder_weights"]
+    assert rec["name"] == ENCODER
+    assert rec["url"] == weight_set(ENCODER).url
+    assert rec["frozen"] is True
+    state = model.module.encoder.encoder.state_dict()
+    assert _same(state, pretrained) == list(state)
+    assert not (tmp_path / "empty").exists()
 
 
 def test_band_count_refused_in_one_line(

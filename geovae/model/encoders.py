@@ -10,15 +10,15 @@ cache (:func:`~geovae.model.pretrained.fetch_network`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from geovae.errors import ModelFileError, OptionError
+from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.pretrained import WeightSet, catalogue, fetch_network, weight_set
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["encoder_architecture", "encoder_weight_set", "load_encoder"]
+__all__ = ["encoder_architecture", "encoder_record", "encoder_weight_set", "load_encoder"]
 
 
 def _smp_encoder_names() -> set[str]:
@@ -57,6 +57,36 @@ def encoder_weight_set(name: str) -> WeightSet:
 def encoder_architecture(ws: WeightSet) -> str:
     """The VAE ``encoder`` argument that takes the weights of ``ws`` (``smp:resnet18``)."""
     return f"smp:{ws.builder}"
+
+
+def encoder_record(name: str, freeze_encoder: bool, unfreeze_after: int | None) -> dict[str, Any]:
+    """What a model file records of the weight set its encoder started from
+    (``extra.encoder_weights``): name, licence and provenance, and how it was frozen.
+
+    Args:
+        name: the weight set's name, as the task was given it.
+        freeze_encoder: whether the encoder started frozen.
+        unfreeze_after: the epoch it started training at, or None.
+
+    Returns:
+        Plain values only. A name this TorchGeo does not know (a checkpoint from another
+        version) is recorded alone.
+    """
+    try:
+        ws = encoder_weight_set(name)
+    except GeovaeError:
+        return {"name": name, "frozen": bool(freeze_encoder), "unfreeze_after": unfreeze_after}
+    return {
+        "name": ws.name,
+        "license": ws.license,
+        "url": ws.url,
+        "dataset": ws.dataset,
+        "publication": ws.publication,
+        "repo": ws.repo,
+        "normalisation": ws.normalisation,
+        "frozen": bool(freeze_encoder),
+        "unfreeze_after": unfreeze_after,
+    }
 
 
 def load_encoder(encoder: nn.Module, ws: WeightSet) -> None:

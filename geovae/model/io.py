@@ -434,6 +434,14 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
     tile = geo.get("tile_size")
     stride = module.stride
     tile = tile if isinstance(tile, int) and tile > 0 and tile % stride == 0 else max(stride, 256 // stride * stride)
+    extra: dict[str, Any] = {}
+    if isinstance(hp.get("encoder_weights"), str):
+        from geovae.model.encoders import encoder_record
+
+        unfreeze = hp.get("unfreeze_after")
+        extra["encoder_weights"] = encoder_record(
+            hp["encoder_weights"], bool(hp.get("freeze_encoder")), unfreeze if isinstance(unfreeze, int) else None
+        )
     try:
         info = ModelInfo(
             in_channels=c,
@@ -457,6 +465,7 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
                 "trainer": "geovae.training.VAESegmentationTask",
                 "geovae_version": __version__,
                 "loss": {k: hp.get(k) for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
+                **extra,
             },
         )
     except ValueError as exc:

@@ -33,7 +33,7 @@ from geovae.classes import rgb
 from geovae.errors import ConfigError, ModelMismatchError, OptionError
 from geovae.metrics import metrics_from_confusion
 from geovae.model.base import ModelInfo
-from geovae.model.encoders import encoder_architecture, encoder_weight_set, load_encoder
+from geovae.model.encoders import encoder_architecture, encoder_record, encoder_weight_set, load_encoder
 from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_loss
 from geovae.model.vae import PosteriorNet, VAESegmenter
 from geovae.training.arguments import DATA_ARGUMENTS, check_arguments, check_finetuning, data_arguments
@@ -531,19 +531,8 @@ class VAESegmentationTask(BaseTask):
             "trainer": "geovae.training.VAESegmentationTask",
             "loss": {k: hp[k] for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
         }
-        ws = self._encoder_set
-        if ws is not None:
-            ex["encoder_weights"] = {
-                "name": ws.name,
-                "license": ws.license,
-                "url": ws.url,
-                "dataset": ws.dataset,
-                "publication": ws.publication,
-                "repo": ws.repo,
-                "normalisation": ws.normalisation,
-                "frozen": bool(hp["freeze_encoder"]),
-                "unfreeze_after": hp["unfreeze_after"],
-            }
+        if self._encoder_set is not None:
+            ex["encoder_weights"] = encoder_record(self._encoder_set.name, hp["freeze_encoder"], hp["unfreeze_after"])
         ex.update(extra or {})
         return ModelInfo(
             in_channels=c,
