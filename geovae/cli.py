@@ -1022,8 +1022,10 @@ def _resources(value: str | None) -> dict[str, float] | None:
 @click.pass_context
 def demo(ctx: click.Context, out_dir: str, data: str | None, epochs: int, device: str) -> None:
     """Train on a real Landsat-7 scene (west half), segment it, vectorise, score the east half."""
-    from geovae.demo import run_demo
+    from geovae.demo import pin_cpu_numerics, run_demo
 
+    # Before Lightning's import loads torch, which reads these settings once.
+    pin_cpu_numerics()
     _quiet_native()
     _quiet_lightning()
 

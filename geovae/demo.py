@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,94 @@ def _color(class_id: int) -> tuple[int, int, int, int]:
 #: the same on a busy machine as on an idle one; about 2 minutes on 2 CPU cores.
 DEMO_EPOCHS = 20
 
+#: Threads of the demo's computation on the CPU, whatever the machine's core count: the
+#: order of torch's floating-point sums follows the thread count, and 280 training steps
+#: grow a difference in the last bit into a different model.
+DEMO_THREADS = 2
+
+#: Settings that torch's kernels (ATen) and its MKL read once, when they start: the AVX2
+#: kernels on every x86-64 CPU that has them, instead of each CPU's widest (AVX-512 on one
+#: machine, AVX2 on the next), which round sums, exp and log differently. ``MKL_CBWR`` is
+#: MKL's conditional numerical reproducibility mode: the same results on every Intel CPU
+#: with AVX2 for a fixed thread count, which ``MKL_DYNAMIC`` keeps MKL from lowering.
+CPU_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "MKL_DYNAMIC": "FALSE"}
+
+
+def pin_cpu_numerics() -> None:
+    """Make this process compute the demo's numbers as every Intel x86-64 CPU with AVX2 does.
+
+    Sets :data:`CPU_ENVIRONMENT` in the process environment. torch reads it when it is
+    imported, so ``geovae demo`` calls this before anything imports torch (later it has no
+    effect, and :func:`demo_numerics` warns); the thread count and oneDNN are set by
+    :func:`run_demo` itself.
+    """
+    os.environ.update(CPU_ENVIRONMENT)
+
+
+@contextmanager
+def demo_numerics(device: str) -> Iterator[dict[str, Any]]:
+    """The demo's computation on the CPU, made the same on every machine; restored on exit.
+
+    - :data:`DEMO_THREADS` threads, whatever the core count.
+    - torch's deterministic algorithms: with two threads, the gradient of an indexed tensor
+      (the class embedding of the reconstruction decoder) is otherwise summed with atomic
+      adds in whichever order the threads reach it, which changes the model from run to run
+      on one machine. Their filling of new tensors with NaN (a debugging aid that costs
+      time) stays off.
+    - no oneDNN and no NNPACK convolutions: both pick their kernels and blocking by the
+      CPU's instruction set and cache sizes, and oneDNN promises the same bits only on the
+      same hardware. torch then convolves by im2col and MKL's matrix products, which
+      :data:`CPU_ENVIRONMENT` makes reproducible.
+
+    On a GPU nothing is changed (its numbers differ from the CPU's anyway).
+
+    Args:
+        device: the demo's ``device`` (``auto``, ``cpu``, ``cuda[:N]``).
+
+    Yields:
+        What the run computed with (for the report): ``device``, and on the CPU
+        ``threads``, ``cpu_capability`` (torch's kernels), ``mkl_cbwr`` and
+        ``deterministic``.
+
+    Raises:
+        OptionError: an unknown device, or CUDA asked for where there is none.
+    """
+    import torch
+    import torch.utils.deterministic
+
+    from geovae.device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        yield {"device": str(dev)}
+        return
+    numerics = {
+        "device": "cpu",
+        "threads": DEMO_THREADS,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "deterministic": True,
+    }
+    if numerics["cpu_capability"] != "AVX2" or numerics["mkl_cbwr"] != CPU_ENVIRONMENT["MKL_CBWR"]:
+        log.warning(
+            "torch runs %s kernels here (MKL_CBWR=%s), not the AVX2 ones that `geovae demo` sets before "
+            "torch starts: the scores may differ from the README's",
+            numerics["cpu_capability"],
+            numerics["mkl_cbwr"],
+        )
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    torch.set_num_threads(DEMO_THREADS)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    try:
+        with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+            yield numerics
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
 
 def run_demo(
     out_dir: str | Path = "geovae-demo",
@@ -254,40 +344,42 @@ def run_demo(
     t0 = time.perf_counter()
     scene, west, east = prepare_scene(data_dir, out / "data")
     classes = ",".join(f"{k}:{v}" for k, v in CLASSES.items())
-    t1 = time.perf_counter()
-    trained = train_model(
-        scene,
-        west,
-        out / "nc_vae.safetensors",
-        classes=classes,
-        tile=64,
-        batch_size=16,
-        epochs=epochs,
-        max_time=time_budget,
-        device=device,
-        seed=0,
-        val_fraction=0.0,  # the east half is the test set; the west half is all for training
-        progress=progress,
-    )
-    t2 = time.perf_counter()
-    # Tile and overlap from the model's halo (the defaults), as a user's run would have them.
-    seg = segment_scene(
-        scene, trained.model_path, out, samples=4, reconstruction=True, device=device, progress=progress
-    )
-    t3 = time.perf_counter()
-    scores = evaluate(
-        seg.outputs["classes"],
-        east,
-        confidence=seg.outputs.get("confidence"),
-        uncertainty=seg.outputs.get("uncertainty"),
-    )
-    t4 = time.perf_counter()
+    with demo_numerics(device) as numerics:
+        t1 = time.perf_counter()
+        trained = train_model(
+            scene,
+            west,
+            out / "nc_vae.safetensors",
+            classes=classes,
+            tile=64,
+            batch_size=16,
+            epochs=epochs,
+            max_time=time_budget,
+            device=device,
+            seed=0,
+            val_fraction=0.0,  # the east half is the test set; the west half is all for training
+            progress=progress,
+        )
+        t2 = time.perf_counter()
+        # Tile and overlap from the model's halo (the defaults), as a user's run would have them.
+        seg = segment_scene(
+            scene, trained.model_path, out, samples=4, reconstruction=True, device=device, progress=progress
+        )
+        t3 = time.perf_counter()
+        scores = evaluate(
+            seg.outputs["classes"],
+            east,
+            confidence=seg.outputs.get("confidence"),
+            uncertainty=seg.outputs.get("uncertainty"),
+        )
+        t4 = time.perf_counter()
 
     report = {
         "scene": str(scene),
         "credit": CREDIT,
         "train": {"labels": str(west), "region": "west half", "metrics": trained.metrics, "seconds": round(t2 - t1, 1)},
         "evaluation": {"labels": str(east), "region": "east half (held out)", **scores},
+        "numerics": numerics,
         "seconds": {
             "prepare": round(t1 - t0, 1),
             "train": round(t2 - t1, 1),
