@@ -222,16 +222,19 @@ DEMO_EPOCHS = 20
 #: grow a difference in the last bit into a different model.
 DEMO_THREADS = 2
 
-#: Settings that torch's kernels (ATen) and its MKL read once, when they start: the AVX2
-#: kernels on every x86-64 CPU that has them, instead of each CPU's widest (AVX-512 on one
-#: machine, AVX2 on the next), which round sums, exp and log differently. ``MKL_CBWR`` is
-#: MKL's conditional numerical reproducibility mode: the same results on every Intel CPU
-#: with AVX2 for a fixed thread count, which ``MKL_DYNAMIC`` keeps MKL from lowering.
-CPU_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "MKL_DYNAMIC": "FALSE"}
+#: Settings that torch's kernels (ATen) and its MKL read once, when they start. ATen's AVX2
+#: kernels run on every x86-64 CPU that has AVX2, Intel's and AMD's, instead of each CPU's
+#: widest (AVX-512 on one machine, AVX2 on the next), whose rounding may differ (ATen's
+#: generic and AVX2 kernels already draw different normal random numbers). ``MKL_CBWR`` is
+#: MKL's conditional numerical reproducibility mode; its ``COMPATIBLE`` branch gives the
+#: same results on Intel and AMD CPUs alike (the ``AVX2`` branch only on Intel's: elsewhere
+#: MKL falls back to its own choice), for a fixed thread count, which ``MKL_DYNAMIC`` keeps
+#: MKL from lowering.
+CPU_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE"}
 
 
 def pin_cpu_numerics() -> None:
-    """Make this process compute the demo's numbers as every Intel x86-64 CPU with AVX2 does.
+    """Make this process compute the demo's numbers as every x86-64 CPU with AVX2 does.
 
     Sets :data:`CPU_ENVIRONMENT` in the process environment. torch reads it when it is
     imported, so ``geovae demo`` calls this before anything imports torch (later it has no
@@ -287,20 +290,24 @@ def demo_numerics(device: str) -> Iterator[dict[str, Any]]:
     }
     if numerics["cpu_capability"] != "AVX2" or numerics["mkl_cbwr"] != CPU_ENVIRONMENT["MKL_CBWR"]:
         log.warning(
-            "torch runs %s kernels here (MKL_CBWR=%s), not the AVX2 ones that `geovae demo` sets before "
-            "torch starts: the scores may differ from the README's",
+            "torch runs %s kernels here (MKL_CBWR=%s), not the ones that `geovae demo` sets before torch "
+            "starts (AVX2, COMPATIBLE): the scores may differ from the README's",
             numerics["cpu_capability"],
             numerics["mkl_cbwr"],
         )
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
+    onednn = torch.backends.mkldnn.enabled
     torch.set_num_threads(DEMO_THREADS)
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    # Not torch.backends.mkldnn.flags(): it also sets oneDNN's TF32 switch, which warns on a CPU.
+    torch.backends.mkldnn.enabled = False
     try:
-        with torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        with torch.backends.nnpack.flags(enabled=False):
             yield numerics
     finally:
+        torch.backends.mkldnn.enabled = onednn
         torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)
