@@ -222,26 +222,48 @@ DEMO_EPOCHS = 20
 #: grow a difference in the last bit into a different model.
 DEMO_THREADS = 2
 
-#: Settings that torch's kernels (ATen) and its MKL read once, when they start. ATen's AVX2
-#: kernels run on every x86-64 CPU that has AVX2, Intel's and AMD's, instead of each CPU's
-#: widest (AVX-512 on one machine, AVX2 on the next), whose rounding may differ (ATen's
-#: generic and AVX2 kernels already draw different normal random numbers). ``MKL_CBWR`` is
-#: MKL's conditional numerical reproducibility mode; its ``COMPATIBLE`` branch gives the
-#: same results on Intel and AMD CPUs alike (the ``AVX2`` branch only on Intel's: elsewhere
-#: MKL falls back to its own choice), for a fixed thread count, which ``MKL_DYNAMIC`` keeps
-#: MKL from lowering.
-CPU_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "MKL_DYNAMIC": "FALSE"}
+#: Settings that torch's kernels (ATen), its MKL and its OpenMP runtime read once, when torch
+#: is imported. ATen's AVX2 kernels run on every x86-64 CPU that has AVX2, Intel's and AMD's,
+#: instead of each CPU's widest (AVX-512 on one machine, AVX2 on the next), whose rounding may
+#: differ (ATen's generic and AVX2 kernels already draw different normal random numbers).
+#: ``MKL_CBWR`` is MKL's conditional numerical reproducibility mode; its ``COMPATIBLE`` branch
+#: gives the same results on Intel and AMD CPUs alike (the ``AVX2`` branch only on Intel's:
+#: elsewhere MKL falls back to its own choice), for a fixed thread count, which
+#: ``MKL_DYNAMIC`` keeps MKL from lowering. ``OMP_DYNAMIC`` does the same for OpenMP, whose
+#: dynamic mode gives a parallel region fewer threads on a loaded machine (GNU OpenMP: the
+#: load average), and ATen splits its sums by the threads a region got.
+CPU_ENVIRONMENT = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "COMPATIBLE",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+}
+
+#: Removed from the environment with :data:`CPU_ENVIRONMENT` set: a caller's OpenMP thread
+#: limit below :data:`DEMO_THREADS` gives every parallel region fewer threads than torch
+#: reports (``torch.get_num_threads()`` still says 2), and so other sums.
+CPU_ENVIRONMENT_REMOVED = ("OMP_THREAD_LIMIT",)
 
 
 def pin_cpu_numerics() -> None:
     """Make this process compute the demo's numbers as every x86-64 CPU with AVX2 does.
 
-    Sets :data:`CPU_ENVIRONMENT` in the process environment. torch reads it when it is
-    imported, so ``geovae demo`` calls this before anything imports torch (later it has no
-    effect, and :func:`demo_numerics` warns); the thread count and oneDNN are set by
-    :func:`run_demo` itself.
+    Sets :data:`CPU_ENVIRONMENT` in the process environment and removes
+    :data:`CPU_ENVIRONMENT_REMOVED`. torch reads them when it is imported, so ``geovae demo``
+    calls this before anything imports torch (later it has no effect, and
+    :func:`demo_numerics` warns); the thread count and oneDNN are set by :func:`run_demo`
+    itself.
     """
     os.environ.update(CPU_ENVIRONMENT)
+    for name in CPU_ENVIRONMENT_REMOVED:
+        os.environ.pop(name, None)
+
+
+def _unpinned_environment() -> list[str]:
+    """The settings of :func:`pin_cpu_numerics` that this process's environment lacks, as
+    ``NAME=value`` (``NAME`` unset, or set where it should not be)."""
+    wrong = [f"{k}={os.environ.get(k, '')}" for k, v in CPU_ENVIRONMENT.items() if os.environ.get(k) != v]
+    return wrong + [f"{k}={os.environ[k]}" for k in CPU_ENVIRONMENT_REMOVED if k in os.environ]
 
 
 @contextmanager
@@ -288,26 +310,27 @@ def demo_numerics(device: str) -> Iterator[dict[str, Any]]:
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "deterministic": True,
     }
-    if numerics["cpu_capability"] != "AVX2" or numerics["mkl_cbwr"] != CPU_ENVIRONMENT["MKL_CBWR"]:
+    unpinned = _unpinned_environment()
+    if numerics["cpu_capability"] != "AVX2" or unpinned:
         log.warning(
-            "torch runs %s kernels here (MKL_CBWR=%s), not the ones that `geovae demo` sets before torch "
-            "starts (AVX2, COMPATIBLE): the scores may differ from the README's",
+            "torch computes here with %s kernels%s, not as `geovae demo` sets it up before torch starts "
+            "(AVX2 kernels, %s): the scores may differ from the README's",
             numerics["cpu_capability"],
-            numerics["mkl_cbwr"],
+            "".join(f", {u}" for u in unpinned),
+            ", ".join(f"{k}={v}" for k, v in CPU_ENVIRONMENT.items() if k != "ATEN_CPU_CAPABILITY"),
         )
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
-    onednn = torch.backends.mkldnn.enabled
     torch.set_num_threads(DEMO_THREADS)
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     # Not torch.backends.mkldnn.flags(): it also sets oneDNN's TF32 switch, which warns on a CPU.
-    torch.backends.mkldnn.enabled = False
+    onednn = torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)[0]
     try:
         with torch.backends.nnpack.flags(enabled=False):
             yield numerics
     finally:
-        torch.backends.mkldnn.enabled = onednn
+        torch.backends.mkldnn.set_flags(_enabled=onednn, _fp32_precision=None)
         torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -141,11 +142,14 @@ def test_demo_end_to_end_on_the_real_scene(
     trained model file, georeferenced rasters, polygons, a PNG and a score out."""
     from conftest import NC, data_path, fixture_path
 
-    from geovae.demo import CPU_ENVIRONMENT
+    from geovae.demo import CPU_ENVIRONMENT, CPU_ENVIRONMENT_REMOVED
 
-    # The command sets torch's CPU environment for its process; this one goes on to other tests.
-    for name in CPU_ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
+    # The command sets torch's CPU environment for its process; this one goes on to other
+    # tests. setenv records each variable, set or not, so that the test's end restores it.
+    for name in (*CPU_ENVIRONMENT, *CPU_ENVIRONMENT_REMOVED):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     if data == "window":
         nc_demo_data, scene = request.getfixturevalue("nc_demo_data"), fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     else:
