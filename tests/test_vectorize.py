@@ -16,7 +16,7 @@ from affine import Affine
 from conftest import fixture_path
 
 from geovae.errors import GeovaeError, OptionError, SceneError
-from geovae.vector import VectorizeResult, vectorize
+from geovae.vector import OpenState, VectorizeResult, vectorize
 
 NC_PIXEL_M2 = 28.5 * 28.5
 
@@ -509,3 +509,55 @@ def test_noise_raster_polygons_valid_and_means_exact(tmp_path: Path, connectivit
                 assert row.confidence_mean == pytest.approx(vals.astype(np.float64).mean(), rel=1e-12)
             else:
                 assert np.isnan(row.confidence_mean)
+
+
+def _bars(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Vertical bars 8 px wide, classes 1 and 2 in turn, each cut into 160-px lengths by a
+    1-px line of class 0; every column's cuts are 37 px lower than its left neighbour's, so
+    bars span five 32-px block rows and end at different rows."""
+    j = cols // 8
+    bars = (1 + j % 2).astype(np.uint8)
+    return np.where((rows - 37 * j) % 160 == 0, np.uint8(0), bars)
+
+
+def _stream_bars(tmp_path: Path, block_rows: int) -> tuple[int, OpenState]:
+    from geovae.blocks import Block
+    from geovae.vector import LayerOptions, PolygonStream
+
+    block, width = 32, 128
+    height = block * block_rows
+    out = tmp_path / f"bars{block_rows}.gpkg"
+    stream = PolygonStream(
+        LayerOptions(
+            targets=((out, out),), width=width, height=height, crs=None, transform=Affine.identity(), block=block
+        ),
+        classes={i: {"name": f"c{i}", "color": None} for i in range(3)},
+    )
+    for r in range(0, height, block):
+        for c in range(0, width, block):
+            rr, cc = np.mgrid[r : r + block, c : c + block]
+            cls = _bars(rr, cc)
+            conf = np.ones(cls.shape, np.float32)
+            stream.add(
+                Block(rasterio.windows.Window(c, r, block, block), {"classes": cls[None], "confidence": conf[None]})
+            )
+    result = stream.close()
+    rr, cc = np.mgrid[0:height, 0:width]
+    expected = sum(1 for _ in rasterio.features.shapes(_bars(rr, cc), connectivity=4))
+    assert result.n_polygons == expected
+    return expected, stream.open_state
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided:UserWarning")
+def test_open_polygon_state_stays_bounded_over_a_long_run(tmp_path: Path) -> None:
+    """Regions that span five rows of blocks, streamed through 10 and then 40 rows: the
+    pieces held open between rows (those reaching the next row) do not grow with the number
+    of rows, and nothing is left open at the end."""
+    n_short, short = _stream_bars(tmp_path, 10)
+    n_long, long = _stream_bars(tmp_path, 40)
+    assert n_long > 3 * n_short  # the long run does write its regions
+    assert long.rows == 40
+    assert long.peak_pieces >= 8  # bars do cross row lines
+    assert long.peak_pieces == short.peak_pieces
+    assert long.peak_coordinates == short.peak_coordinates
+    assert long.pieces == 0

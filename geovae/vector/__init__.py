@@ -17,7 +17,7 @@ One concept per module, data moving forward:
   :func:`write_objects`).
 """
 
-from geovae.vector.engine import Layer, LayerOptions, VectorizeResult, check_options, trace_layer
+from geovae.vector.engine import Layer, LayerOptions, OpenState, VectorizeResult, check_options, trace_layer
 from geovae.vector.objects import ObjectResult, vectorize_objects, write_objects
 from geovae.vector.regions import scene_layer_name, vectorize, write_polygons
 from geovae.vector.stream import PolygonStream
@@ -26,6 +26,7 @@ __all__ = [
     "Layer",
     "LayerOptions",
     "ObjectResult",
+    "OpenState",
     "PolygonStream",
     "VectorizeResult",
     "check_options",

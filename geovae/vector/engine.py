@@ -51,7 +51,7 @@ from geovae.vector.formats import PARTS_LAYER, ColumnType, FormatWriters, PartsW
 from geovae.vector.join import join_pieces, valid_polygons
 from geovae.vector.trace import Pieces, block_rows
 
-__all__ = ["Layer", "LayerOptions", "VectorizeResult", "check_options", "trace_layer"]
+__all__ = ["Layer", "LayerOptions", "OpenState", "VectorizeResult", "check_options", "trace_layer"]
 
 #: ``pieces(window)``: the polygons of one block in pixel coordinates, a key per piece and
 #: its sums and counts (:func:`~geovae.vector.trace.block_pieces`); None for none.
@@ -68,12 +68,42 @@ class VectorizeResult:
         class_areas_m2: total polygon area per class id, in square metres (square pixels
             for a raster without CRS, where ``area_unit`` is ``"px"``).
         area_unit: ``"m2"``, or ``"px"`` in pixel coordinates.
+        open_state: what the engine held open between rows of blocks (:class:`OpenState`).
     """
 
     paths: list[Path]
     n_polygons: int
     class_areas_m2: dict[int, float] = field(default_factory=dict)
     area_unit: str = "m2"
+    open_state: OpenState | None = None
+
+
+@dataclass
+class OpenState:
+    """The pieces :func:`trace_layer` holds between rows of blocks: the regions that reach the
+    next row, which nothing may write yet. Updated after every row; readable from another
+    thread while the engine runs (each field is one int).
+
+    Attributes:
+        rows: rows of blocks done.
+        pieces: pieces (joined regions) open after the last row.
+        coordinates: their coordinates (vertices of every ring).
+        peak_pieces, peak_coordinates: the largest of each after any row.
+    """
+
+    rows: int = 0
+    pieces: int = 0
+    coordinates: int = 0
+    peak_pieces: int = 0
+    peak_coordinates: int = 0
+
+    def record(self, pieces: Pieces) -> None:
+        """Count what ``pieces`` (the engine's open store) holds after a row of blocks."""
+        self.rows += 1
+        self.pieces = sum(len(g) for g in pieces.geoms)
+        self.coordinates = sum(int(shapely.get_num_coordinates(g).sum()) for g in pieces.geoms)
+        self.peak_pieces = max(self.peak_pieces, self.pieces)
+        self.peak_coordinates = max(self.peak_coordinates, self.coordinates)
 
 
 @dataclass(frozen=True)
@@ -189,6 +219,7 @@ def trace_layer(
     *,
     rows: Iterable[Iterable[Window]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    open_state: OpenState | None = None,
 ) -> VectorizeResult:
     """Trace a layer block by block, join pieces across block lines, write every format.
 
@@ -203,6 +234,8 @@ def trace_layer(
             squares of ``options.block``); a row may be a generator, so blocks can arrive
             while it is traced. The polygons do not depend on them.
         progress: ``progress(done_rows, total_rows)``, called after each row of blocks.
+        open_state: where to count the pieces held open between rows (a new one if None);
+            the result carries it.
 
     Returns:
         The :class:`VectorizeResult`.
@@ -242,6 +275,7 @@ def trace_layer(
         parts_path = work / "parts.gpkg"
         parts = PartsWriter(parts_path, crs, geometry_type, columns, dtypes)
     class_areas: dict[int, float] = {}
+    state = open_state if open_state is not None else OpenState()
 
     def emit(geoms: np.ndarray, keys: np.ndarray, stats: np.ndarray) -> None:
         if len(geoms) == 0:
@@ -290,6 +324,7 @@ def trace_layer(
                 done = shapely.bounds(geoms)[:, 3] < row_end if row_end < height else np.ones(len(geoms), bool)
                 emit(geoms[done], keys[done], stats[done])
                 open_pieces.add(geoms[~done], keys[~done], stats[~done])
+            state.record(open_pieces)
             if progress is not None:
                 progress(irow + 1, nrows)
         if simplify == 0:
@@ -309,6 +344,7 @@ def trace_layer(
         n_polygons=n,
         class_areas_m2=dict(sorted(class_areas.items())),
         area_unit=area_col[5:],
+        open_state=state,
     )
 
 

@@ -24,7 +24,7 @@ from geovae.blocks import Block
 from geovae.cpu import lower_priority
 from geovae.errors import OptionError
 from geovae.products import CLASS_NODATA, area_column
-from geovae.vector.engine import LayerOptions, VectorizeResult, check_options, trace_layer
+from geovae.vector.engine import LayerOptions, OpenState, VectorizeResult, check_options, trace_layer
 from geovae.vector.formats import Stopped, load_lazy_imports, put_checked, style_geopackages, wake
 from geovae.vector.regions import BlockValues, anomaly_flags, class_layer
 
@@ -86,6 +86,8 @@ class PolygonStream:
         self.rows_done = 0
         self.rows_total = math.ceil(options.height / options.block)
         self.result: VectorizeResult | None = None
+        #: The pieces the engine holds open between rows of blocks, updated as it goes.
+        self.open_state = OpenState()
         self._error: BaseException | None = None
         self._aborted = False
         self._open_row = False  # add is inside a row of blocks
@@ -178,7 +180,9 @@ class PolygonStream:
     def _work(self, layer: Any, options: LayerOptions) -> None:
         lower_priority()  # the model's threads first (geovae.cpu)
         try:
-            self.result = trace_layer(layer, options, rows=self._rows(), progress=self._progress)
+            self.result = trace_layer(
+                layer, options, rows=self._rows(), progress=self._progress, open_state=self.open_state
+            )
         except Stopped:
             pass
         except BaseException as exc:
