@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from geovae.errors import OptionError
-from geovae.tiling import EPSILON, TileGrid, blend_weights, check_options
+from geovae.tiling import BATCH_PIXELS, EPSILON, TileGrid, blend_weights, check_options, default_tiling
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,11 @@ def test_bad_options() -> None:
     with pytest.raises(OptionError, match="--batch-size 0"):
         check_options(64, 16, 0)
     assert OptionError.exit_code == 2
+
+
+@pytest.mark.parametrize("side", [2048, 8192, 16384, 100_000])
+def test_default_tile_holds_about_one_model_call_whatever_the_scene(side: int) -> None:
+    """A tile goes through the model whole: however large the scene, the default tile (the
+    default VAE's halo 32 and stride 8) is no larger than about one model call's pixels."""
+    tile, _ = default_tiling(64, 32, 8, side, side)
+    assert tile * tile <= 1.15 * BATCH_PIXELS

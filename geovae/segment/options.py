@@ -107,7 +107,7 @@ class SegmentOptions:
         default=None,
         metadata=_cli(
             "Tile size in pixels [default: the size that predicts the fewest pixels for this scene, "
-            "up to 1024, given the overlap].",
+            "up to 768, given the overlap].",
             kind="int",
             low=1,
         ),

@@ -32,6 +32,7 @@ from geovae import signals
 from geovae.atomic import OutputSet, check_name_lengths, check_not_inputs, check_output_dir, write_text
 from geovae.blocks import Block
 from geovae.errors import OptionError
+from geovae.heap import cap_mmap_threshold
 from geovae.model.base import SegmentationModel
 from geovae.products import RASTER_KINDS, class_table, output_name
 from geovae.scene import Scene, capped_gdal_cache
@@ -387,6 +388,9 @@ def _segment(
     spec = resolve(scene, model, options, rows, check_trust=check_trust)
     timings = {"validate_s": time.perf_counter() - t_start}
     oset = _run_set(spec, out_dir)
+    # Blocks, tiles and batches of a few MiB freed again and again would otherwise stay on
+    # malloc's heaps, a share that grows with the scene's area (geovae.heap).
+    cap_mmap_threshold()
     # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:
