@@ -27,6 +27,8 @@ The sampling thread records every 0.2 s what the parts that could grow with the 
 * ``gdal_cache``: GDAL's raster block cache (``GDALGetCacheUsed64`` of rasterio's GDAL, MiB);
 * ``trust_sample``: the trust check's sparse sample of the scene (MiB);
 * ``heap_free``: memory glibc's malloc holds but has freed (``mallinfo2().fordblks``, MiB);
+* ``heap_used``: memory allocated through malloc and alive (``uordblks + hblkhd``, MiB): NumPy,
+  torch, GDAL and GEOS alike;
 * with ``--tracemalloc``, ``traced``: what Python and NumPy hold (``tracemalloc``, MiB; torch's
   tensors and GDAL's buffers are not traced, so RSS minus this is theirs);
 * the stage the run is in (from its log lines).
@@ -82,6 +84,7 @@ PARTS = (
     "gdal_cache",
     "trust_sample",
     "heap_free",
+    "heap_used",
     "traced",
 )
 #: The three classes the model is trained on.
@@ -253,6 +256,7 @@ class Watch:
             "gdal_cache": self._gdal() / MIB,
             "trust_sample": self.trust_bytes / MIB,
             "heap_free": mi.fordblks / MIB,
+            "heap_used": (mi.uordblks + mi.hblkhd) / MIB,
             "traced": tracemalloc.get_traced_memory()[0] / MIB if self.traced else 0.0,
         }
 
@@ -446,7 +450,8 @@ def _print(rec: dict[str, Any], first: dict[str, Any]) -> None:
         f"    maxima: blender {p['blender']:.0f} MiB, open polygons {p['open_pieces']} pieces / "
         f"{p['open_vertices']} vertices ({p['open_vertices'] * 16 / MIB:.1f} MiB as coordinates), "
         f"blocks queued {p['poly_queue']}, batches queued {p['writer_queue']}, GDAL cache {p['gdal_cache']:.0f} MiB, "
-        f"trust sample {p['trust_sample']:.1f} MiB, malloc free {p['heap_free']:.0f} MiB{traced}\n"
+        f"trust sample {p['trust_sample']:.1f} MiB, malloc in use {p['heap_used']:.0f} MiB and free "
+        f"{p['heap_free']:.0f} MiB{traced}\n"
         f"    peak RSS by stage: {', '.join(f'{k} {v:.0f} MiB' for k, v in rec['stage_peaks'].items())}",
         flush=True,
     )
