@@ -43,10 +43,11 @@ EPSILON = 1e-6
 
 
 #: Largest tile the defaults choose. One tile goes through the model whole, so its activations
-#: are the largest single part of a run's memory (383 MB for a 752² tile of the default VAE on
-#: a CPU, 673 MB for 1008²), and a large scene picks the largest tile allowed: the cap bounds
-#: peak memory whatever the scene's size. At 768 a tile holds about :data:`BATCH_PIXELS`, one
-#: model call's worth; a large scene predicts about 4 % more pixels (overlap) than at 1024.
+#: are the largest single part of a run's memory (about 380 MiB for a 752² tile of the default
+#: VAE on a CPU, 600 MiB for 1008²), and a large scene picks the largest tile allowed: the cap
+#: bounds peak memory whatever the scene's size. At 768 a tile holds about
+#: :data:`BATCH_PIXELS`, one model call's worth; a large scene predicts about 4 % more pixels
+#: (overlap) than at 1024.
 MAX_DEFAULT_TILE = 768
 #: Pixels per model call the default batch size aims at (8 tiles of 256²).
 BATCH_PIXELS = 8 * 256 * 256
