@@ -192,26 +192,16 @@ def ramp_qml(vmin: float, vmax: float, ramp: str = "viridis", band: int = 1, lab
         f'label="{vmin + p * (vmax - vmin):.{label_precision}f}"/>\n'
         for p, c in stops
     )
-    opts = "".join(
-        f'              <Option type="QString" name="{k}" value="{v}"/>\n'
-        for k, v in (
-            ("color1", "{},{},{},255".format(*c1)),
-            ("color2", "{},{},{},255".format(*c2)),
-            ("discrete", "0"),
-            ("rampType", "gradient"),
-            ("stops", inner),
-        )
+    # QGIS reads the ramp from the new <Option> map and older versions from <prop> lines.
+    ramp_props = (
+        ("color1", "{},{},{},255".format(*c1)),
+        ("color2", "{},{},{},255".format(*c2)),
+        ("discrete", "0"),
+        ("rampType", "gradient"),
+        ("stops", inner),
     )
-    props = "".join(
-        f'            <prop k="{k}" v="{v}"/>\n'
-        for k, v in (
-            ("color1", "{},{},{},255".format(*c1)),
-            ("color2", "{},{},{},255".format(*c2)),
-            ("discrete", "0"),
-            ("rampType", "gradient"),
-            ("stops", inner),
-        )
-    )
+    opts = "".join(f'              <Option type="QString" name="{k}" value="{v}"/>\n' for k, v in ramp_props)
+    props = "".join(f'            <prop k="{k}" v="{v}"/>\n' for k, v in ramp_props)
     renderer = (
         f'    <rasterrenderer type="singlebandpseudocolor" band="{band}" opacity="1" alphaBand="-1" '
         f'classificationMin="{vmin:.6g}" classificationMax="{vmax:.6g}" nodataColor="">\n'
