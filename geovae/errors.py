@@ -92,3 +92,12 @@ class DownloadError(GeovaeError, ConnectionError):
 
 class MissingDependencyError(GeovaeError, ImportError):
     """An optional dependency a feature needs is not installed (the message names the extra)."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """``exc`` as one line for a message or a manifest row: a geovae error's own message,
+    anything else as ``Type: message``; white space folded, cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or repr(exc)
+    if not isinstance(exc, GeovaeError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

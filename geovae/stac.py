@@ -42,6 +42,7 @@ from urllib.parse import quote
 from geovae._version import __version__
 from geovae.atomic import sha256, write_text
 from geovae.classes import CLASS_NODATA
+from geovae.sources.filters import stac_datetime
 
 __all__ = [
     "CATALOG_NAME",
@@ -358,14 +359,7 @@ def _add_source(item: Any, source: dict[str, Any]) -> None:
 
 def _source_datetime(source: dict[str, Any] | None) -> datetime | None:
     """The acquisition time of a source STAC Item."""
-    when = ((source or {}).get("item") or {}).get("datetime")
-    if not when:
-        return None
-    try:
-        t = datetime.fromisoformat(str(when))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return stac_datetime(((source or {}).get("item") or {}).get("datetime"))
 
 
 #: Characters a path keeps as they are in an href: RFC 3986's unreserved characters (quote

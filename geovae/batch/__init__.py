@@ -35,7 +35,6 @@ from geovae.batch.manifest import (
     check_marker,
     expand_scenes,
     model_fingerprint,
-    one_line,
     read_manifest,
     read_scene_list,
     run_fingerprint,
@@ -46,6 +45,7 @@ from geovae.batch.manifest import (
 )
 from geovae.batch.run import precheck_scene, run_batch
 from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
+from geovae.errors import one_line
 
 __all__ = [
     "MANIFEST_COLUMNS",

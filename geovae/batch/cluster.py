@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from geovae.batch.manifest import model_fingerprint, one_line
+from geovae.batch.manifest import model_fingerprint
 from geovae.choices import Backend
-from geovae.errors import ClusterError, OptionError
+from geovae.errors import ClusterError, OptionError, one_line
 
 if TYPE_CHECKING:
     from distributed import Client, Worker

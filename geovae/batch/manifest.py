@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from geovae.atomic import sha256, write_text
-from geovae.errors import GeovaeError, OptionError
+from geovae.errors import OptionError
 from geovae.scene import is_remote, scene_stem
 from geovae.sources.stack import StackedSource
 
@@ -103,14 +103,6 @@ class BatchResult:
 # ---------------------------------------------------------------------- small helpers
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def one_line(exc: BaseException) -> str:
-    """A single line describing ``exc``: its message for a geovae error, else ``Type: message``."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    if not isinstance(exc, GeovaeError):
-        text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def scene_folders(scenes: Sequence[str | StackedSource]) -> list[str]:

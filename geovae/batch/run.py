@@ -19,14 +19,13 @@ from geovae.batch.manifest import (
     SceneRow,
     _now,
     check_marker,
-    one_line,
     read_scene_list,
     run_fingerprint,
     scene_folders,
     write_manifest,
 )
 from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
-from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, OptionError
+from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, OptionError, one_line
 from geovae.model.pretrained import is_reference
 from geovae.segment.options import SegmentOptions
 from geovae.sources.stack import StackedSource

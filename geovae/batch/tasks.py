@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from geovae.batch.cluster import worker_model_cache
-from geovae.batch.manifest import MARKER_NAME, _now, check_marker, one_line, write_marker
-from geovae.errors import AreaOutsideSceneError, GeovaeError
+from geovae.batch.manifest import MARKER_NAME, _now, check_marker, write_marker
+from geovae.errors import AreaOutsideSceneError, GeovaeError, one_line
 from geovae.segment.options import SegmentOptions
 from geovae.sources.stack import StackedSource
 

@@ -12,19 +12,8 @@
 :func:`geovae.scene.open_scene` opens a :class:`StackedSource` like any raster path.
 """
 
-from geovae.sources.stac import (
-    Search,
-    find_items,
-    is_item_file,
-    item_source,
-    item_sources,
-    parse_assets,
-    parse_bbox,
-    parse_query,
-    read_area,
-    read_items,
-    scene_inputs,
-)
+from geovae.sources.filters import parse_assets, parse_bbox, parse_query, read_area
+from geovae.sources.stac import Search, find_items, is_item_file, item_source, item_sources, read_items, scene_inputs
 from geovae.sources.stack import Raster, StackedSource, StackedVrt, build_vrt, stack_rasters
 
 __all__ = [

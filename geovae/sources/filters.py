@@ -16,7 +16,16 @@ from typing import Any
 
 from geovae.errors import OptionError
 
-__all__ = ["bbox_geometry", "interval", "item_matches", "parse_assets", "parse_bbox", "parse_query", "read_area"]
+__all__ = [
+    "bbox_geometry",
+    "interval",
+    "item_matches",
+    "parse_assets",
+    "parse_bbox",
+    "parse_query",
+    "read_area",
+    "stac_datetime",
+]
 
 _OPS = (("<=", "lte"), (">=", "gte"), ("!=", "neq"), ("<", "lt"), (">", "gt"), ("=", "eq"))
 
@@ -161,24 +170,30 @@ def interval(text: str) -> tuple[datetime | None, datetime | None]:
     return start, end
 
 
+def stac_datetime(value: Any) -> datetime | None:
+    """A STAC Item's datetime (an ISO 8601 string, or a datetime as stac-geoparquet gives it)
+    as an aware datetime, in UTC when it names no zone.
+
+    Returns:
+        The datetime; None for an empty value or one that is not a datetime.
+    """
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not value:
+        return None
+    try:
+        t = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
 def _item_interval(item: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
     p = item.get("properties", {})
-
-    def parse(v: Any) -> datetime | None:
-        if isinstance(v, datetime):
-            return v if v.tzinfo else v.replace(tzinfo=UTC)
-        if not v:
-            return None
-        try:
-            t = datetime.fromisoformat(str(v))
-        except ValueError:
-            return None
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-    t = parse(p.get("datetime"))
+    t = stac_datetime(p.get("datetime"))
     if t is not None:
         return t, t
-    return parse(p.get("start_datetime")), parse(p.get("end_datetime"))
+    return stac_datetime(p.get("start_datetime")), stac_datetime(p.get("end_datetime"))
 
 
 def _compare(v: Any, op: str, ref: Any) -> bool:

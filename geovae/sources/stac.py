@@ -16,16 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from geovae.errors import OptionError, SourceError
-from geovae.sources.filters import (
-    bbox_geometry,
-    interval,
-    item_matches,
-    parse_assets,
-    parse_bbox,
-    parse_query,
-    read_area,
-)
+from geovae.errors import OptionError, SourceError, one_line
+from geovae.sources.filters import bbox_geometry, interval, item_matches
 from geovae.sources.stack import Raster, StackedSource
 
 __all__ = [
@@ -33,10 +25,6 @@ __all__ = [
     "find_items",
     "item_source",
     "item_sources",
-    "parse_assets",
-    "parse_bbox",
-    "parse_query",
-    "read_area",
     "read_items",
     "scene_inputs",
 ]
@@ -45,15 +33,10 @@ __all__ = [
 API_TIMEOUT = 60
 #: Extra attempts on a failed request to a STAC API (connection errors, 5xx answers).
 API_RETRIES = 2
+#: Characters of a library's error quoted inside a message of geovae's own.
+_MESSAGE_CAUSE = 300
 
 _PARQUET_SUFFIXES = (".parquet", ".geoparquet", ".pq")
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line: ``Type: message``."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # ------------------------------------------------------------------------------ search
@@ -68,7 +51,7 @@ class Search:
         bbox: ``[W, S, E, N]`` in WGS84.
         intersects: a GeoJSON geometry in WGS84 (instead of ``bbox``).
         datetime: a STAC datetime or interval (``2024-06-01/2024-08-31``).
-        query: query-extension conditions (:func:`parse_query`).
+        query: query-extension conditions (:func:`~geovae.sources.filters.parse_query`).
         max_items: stop after this many Items.
         method: ``GET`` or ``POST`` for an API search; None lets pystac-client choose (POST).
     """
@@ -105,12 +88,9 @@ class Search:
             return True
         return s.split("?")[0].lower().endswith((*_PARQUET_SUFFIXES, ".json", ".geojson", ".ndjson", ".jsonl"))
 
-    def describe(self) -> dict[str, Any]:
-        """The search as recorded in the batch's STAC Collection."""
-        src = self.source if "://" in self.source else str(Path(self.source).absolute())
+    def filters(self) -> dict[str, Any]:
+        """The filters as JSON values, keyed as pystac-client's search takes them (None: unset)."""
         return {
-            "source": src,
-            "kind": "item file" if self.is_file else "STAC API",
             "collections": list(self.collections) if self.collections else None,
             "bbox": list(self.bbox) if self.bbox is not None else None,
             "intersects": self.intersects,
@@ -118,6 +98,11 @@ class Search:
             "query": self.query,
             "max_items": self.max_items,
         }
+
+    def describe(self) -> dict[str, Any]:
+        """The search as recorded in the batch's STAC Collection."""
+        src = self.source if "://" in self.source else str(Path(self.source).absolute())
+        return {"source": src, "kind": "item file" if self.is_file else "STAC API", **self.filters()}
 
     def text(self) -> str:
         """The search's filters in a few words, for messages."""
@@ -169,20 +154,13 @@ def _api_items(search: Search) -> list[dict[str, Any]]:
         client = Client.open(where, stac_io=StacApiIO(timeout=API_TIMEOUT, max_retries=API_RETRIES))
     except (requests.RequestException, APIError, OSError) as e:
         raise SourceError(
-            f"cannot reach the STAC API at {where} ({one_line(e)}); check the URL and your network"
+            f"cannot reach the STAC API at {where} ({one_line(e, _MESSAGE_CAUSE)}); check the URL and your network"
         ) from None
     except Exception as e:  # pystac: the answer is not a STAC catalog
         raise SourceError(
-            f"{where} did not answer as a STAC API ({one_line(e)}); give the API's landing page URL"
+            f"{where} did not answer as a STAC API ({one_line(e, _MESSAGE_CAUSE)}); give the API's landing page URL"
         ) from None
-    kwargs: dict[str, Any] = {
-        "collections": list(search.collections) if search.collections else None,
-        "bbox": list(search.bbox) if search.bbox is not None else None,
-        "intersects": search.intersects,
-        "datetime": search.datetime,
-        "query": search.query,
-        "max_items": search.max_items,
-    }
+    kwargs = search.filters()
     if search.method:
         kwargs["method"] = search.method
     try:
@@ -191,7 +169,9 @@ def _api_items(search: Search) -> list[dict[str, Any]]:
     except NotImplementedError:
         raise SourceError(f"{where} is a STAC catalog without item search; give a STAC API that has /search") from None
     except (requests.RequestException, APIError, OSError) as e:
-        raise SourceError(f"the search at {where} failed ({one_line(e)}); check the filters and the API") from None
+        raise SourceError(
+            f"the search at {where} failed ({one_line(e, _MESSAGE_CAUSE)}); check the filters and the API"
+        ) from None
 
 
 def read_items(path: str) -> list[dict[str, Any]]:
@@ -228,7 +208,9 @@ def _open_text(path: str) -> str:
                 return str(f.read())
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SourceError(f"cannot read STAC items from {path} ({one_line(e)}); check the path or URL") from None
+        raise SourceError(
+            f"cannot read STAC items from {path} ({one_line(e, _MESSAGE_CAUSE)}); check the path or URL"
+        ) from None
 
 
 def _json_items(path: str) -> list[dict[str, Any]]:
@@ -273,7 +255,7 @@ def _parquet_items(path: str) -> list[dict[str, Any]]:
         return [dict(it) for it in stac_table_to_items(table)]
     except Exception as e:
         raise SourceError(
-            f"cannot read {path} as stac-geoparquet ({one_line(e)}); give a file written by stac-geoparquet"
+            f"cannot read {path} as stac-geoparquet ({one_line(e, _MESSAGE_CAUSE)}); give a file written by stac-geoparquet"
         ) from None
 
 
