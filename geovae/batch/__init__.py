@@ -44,7 +44,7 @@ from geovae.batch.manifest import (
     write_marker,
 )
 from geovae.batch.run import precheck_scene, run_batch
-from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
+from geovae.batch.tasks import SceneTask, assemble_split, segment_band, segment_one, split_plan
 from geovae.errors import one_line
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "BatchResult",
     "ModelCache",
     "SceneRow",
+    "SceneTask",
     "assemble_split",
     "check_marker",
     "connect",

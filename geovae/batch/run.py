@@ -24,7 +24,7 @@ from geovae.batch.manifest import (
     scene_folders,
     write_manifest,
 )
-from geovae.batch.tasks import assemble_split, segment_band, segment_one, split_plan
+from geovae.batch.tasks import SceneTask, assemble_split, segment_band, segment_one, split_plan
 from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, OptionError, one_line
 from geovae.model.pretrained import is_reference
 from geovae.segment.options import SegmentOptions
@@ -308,38 +308,20 @@ def _run_on_cluster(
         parts = sum(client.nthreads().values()) or 1
         for i in todo:
             row = rows[i]
-            folder = str(out / row.folder)
+            task = SceneTask(
+                sources[row.scene], model, str(out / row.folder), options, fingerprints[row.scene], str(out), run_id
+            )
             if split_info is None:
                 fut = client.submit(
                     segment_one,
-                    sources[row.scene],
-                    model,
-                    folder,
-                    options,
-                    fingerprints[row.scene],
-                    str(out),
-                    run_id,
+                    task,
                     key=f"geovae-scene-{row.folder}-{run_id}",
                     retries=retries,
                     resources=resources,
                     pure=False,
                 )
             else:
-                fut = _submit_split(
-                    client,
-                    row,
-                    sources[row.scene],
-                    model,
-                    folder,
-                    options,
-                    fingerprints[row.scene],
-                    str(out),
-                    run_id,
-                    split_info,
-                    parts,
-                    retries=retries,
-                    resources=resources,
-                )
+                fut = _submit_split(client, row, task, split_info, parts, retries=retries, resources=resources)
             futures[fut] = i
         with _Progress(len(rows), progress, dashboard) as bar:
             bar.advance(len(rows) - len(todo))
@@ -386,13 +368,7 @@ def _run_on_cluster(
 def _submit_split(
     client: Client,
     row: SceneRow,
-    scene: str | StackedSource,
-    model: str,
-    folder: str,
-    options: SegmentOptions,
-    fingerprint: dict[str, Any],
-    out_root: str,
-    run_id: str,
+    task: SceneTask,
     info: ModelInfo,
     parts: int,
     *,
@@ -403,20 +379,21 @@ def _submit_split(
     from geovae.scene import open_scene
     from geovae.segment.spec import tiling
 
-    sc = open_scene(scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
+    options = task.options
+    sc = open_scene(task.scene, nodata=options.nodata, pixel_coords=options.pixel_coords)
     tile, overlap = tiling(options, info, sc.height, sc.width)
     bands = split_plan(sc.height, tile, overlap, options.block_size, parts)
-    part_root = Path(folder) / f".split-{run_id}"
+    part_root = Path(task.folder) / f".split-{task.run_id}"
     band_futs = [
         client.submit(
             segment_band,
-            scene,
-            model,
+            task.scene,
+            task.model,
             str(part_root / f"band-{k}"),
             a,
             b,
             options,
-            key=f"geovae-band-{row.folder}-{k}-{run_id}",
+            key=f"geovae-band-{row.folder}-{k}-{task.run_id}",
             retries=retries,
             resources=resources,
             pure=False,
@@ -425,16 +402,10 @@ def _submit_split(
     ]
     return client.submit(
         assemble_split,
-        scene,
-        model,
-        folder,
+        task,
         bands,
         band_futs,
-        options,
-        fingerprint,
-        out_root,
-        run_id,
-        key=f"geovae-scene-{row.folder}-{run_id}",
+        key=f"geovae-scene-{row.folder}-{task.run_id}",
         retries=retries,
         resources=resources,
         pure=False,

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +19,43 @@ from geovae.segment.options import SegmentOptions
 from geovae.sources.stack import StackedSource
 
 
-def segment_one(
-    scene: str | StackedSource,
-    model: str,
-    folder: str,
-    options: SegmentOptions,
-    fingerprint: dict[str, Any],
-    out_root: str,
-    run_id: str = "",
-) -> dict[str, Any]:
-    """Segment one scene into ``folder`` and vouch for it with a marker; runs on a worker.
+@dataclass(frozen=True)
+class SceneTask:
+    """One scene of a batch, as the tasks that segment it take it (it pickles to a worker).
+
+    Attributes:
+        scene: the scene's path or URL, or its stacked source.
+        model: the model file (or ``torchgeo:NAME``) the worker loads through its cache.
+        folder: the scene's output folder.
+        options: the batch's segment options.
+        fingerprint: what the scene's marker records, for resume
+            (:func:`~geovae.batch.manifest.run_fingerprint`).
+        out_root: the batch's output folder (a row's outputs are relative to it).
+        run_id: the batch run's id: a retry of a task of this run that already finished
+            answers from its marker. Empty: always segment.
+    """
+
+    scene: str | StackedSource
+    model: str
+    folder: str
+    options: SegmentOptions
+    fingerprint: dict[str, Any]
+    out_root: str
+    run_id: str = ""
+
+
+def segment_one(task: SceneTask) -> dict[str, Any]:
+    """Segment one scene into its folder and vouch for it with a marker; runs on a worker.
 
     Returns:
         A dict of :class:`SceneRow` fields (see :func:`_scene_task`).
     """
     from geovae.segment import segment_scene
 
-    return _scene_task(
-        scene,
-        model,
-        folder,
-        options,
-        fingerprint,
-        out_root,
-        run_id,
-        lambda m: segment_scene(scene, m, folder, options.replace(progress=False)),
-    )
+    return _scene_task(task, lambda m: segment_scene(task.scene, m, task.folder, task.options.replace(progress=False)))
 
 
-def _scene_task(
-    scene: str | StackedSource,
-    model: str,
-    folder: str,
-    options: SegmentOptions,
-    fingerprint: dict[str, Any],
-    out_root: str,
-    run_id: str,
-    produce: Any,
-) -> dict[str, Any]:
+def _scene_task(task: SceneTask, produce: Any) -> dict[str, Any]:
     """What every scene task does around ``produce(model) -> SegmentResult``.
 
     A :class:`~geovae.errors.GeovaeError` (bad scene, model mismatch) is returned as a failed
@@ -65,8 +65,8 @@ def _scene_task(
     A retry of a task that already finished (its worker died before the result came back)
     answers from the marker without redoing the scene.
     """
-    out = Path(folder)
-    done = _done_by_this_run(out, fingerprint, run_id)
+    out = Path(task.folder)
+    done = _done_by_this_run(out, task.fingerprint, task.run_id)
     if done is not None:
         return done
     t0 = time.perf_counter()
@@ -75,10 +75,10 @@ def _scene_task(
         # Remove an old marker before touching outputs: a crash from here on must not leave a
         # marker vouching for files that are being rewritten.
         (out / MARKER_NAME).unlink(missing_ok=True)
-        result = produce(worker_model_cache().get(model, options.device, options.backend))
+        result = produce(worker_model_cache().get(task.model, task.options.device, task.options.backend))
         files = sorted({Path(p) for p in result.outputs.values()})
-        _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, out_root) for p in files])
-        write_marker(out, str(scene), files, fingerprint, run={"id": run_id, "row": row})
+        _finish_row(row, t0, status="done", error="", outputs=[os.path.relpath(p, task.out_root) for p in files])
+        write_marker(out, str(task.scene), files, task.fingerprint, run={"id": task.run_id, "row": row})
     except AreaOutsideSceneError as e:
         _finish_row(row, t0, status="skipped", error=one_line(e), outputs=[])
     except GeovaeError as e:
@@ -160,21 +160,16 @@ def segment_band(
     return segment_rows(scene, model_obj, part_dir, (start, stop), options)
 
 
-def assemble_split(
-    scene: str | StackedSource,
-    model: str,
-    folder: str,
-    bands: list[tuple[int, int]],
-    parts: list[dict[str, Any]],
-    options: SegmentOptions,
-    fingerprint: dict[str, Any],
-    out_root: str,
-    run_id: str = "",
-) -> dict[str, Any]:
+def assemble_split(task: SceneTask, bands: list[tuple[int, int]], parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Join the band rasters of one scene into its final outputs, vectorise once, write the marker.
 
     Runs on a worker after every :func:`segment_band` task of the scene, through
     :func:`geovae.segment.assemble_rows` (the same outputs a single run writes).
+
+    Args:
+        task: the scene.
+        bands: the row bands (:func:`split_plan`).
+        parts: what each band's :func:`segment_band` returned, in the same order.
 
     Returns:
         A dict of :class:`SceneRow` fields.
@@ -182,10 +177,10 @@ def assemble_split(
     from geovae.segment import assemble_rows
 
     def produce(m: Any) -> Any:
-        result = assemble_rows(scene, m, folder, bands, parts, options)
+        result = assemble_rows(task.scene, m, task.folder, bands, parts, task.options)
         # The band folders live together under OUT/<stem>/.split-<run>/; all are spent now.
         for root in {Path(v).parent.parent for part in parts for v in part["rasters"].values()}:
             shutil.rmtree(root, ignore_errors=True)
         return result
 
-    return _scene_task(scene, model, folder, options, fingerprint, out_root, run_id, produce)
+    return _scene_task(task, produce)
