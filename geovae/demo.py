@@ -29,6 +29,7 @@ import numpy as np
 
 from geovae.atomic import atomic_path, check_output_dir, sha256, write_text
 from geovae.errors import DataError, SceneError
+from geovae.products import tiled_geotiff
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +169,7 @@ def prepare_scene(data: Path, work: Path) -> tuple[Path, Path, Path]:
         with rasterio.open(data / name) as src:
             band = src.read(1, masked=True)
             stack[i] = np.clip(np.rint(band.filled(0)), 0, 255).astype(np.uint8)
-    profile = dict(
-        driver="GTiff",
-        width=w,
-        height=h,
-        crs=crs,
-        transform=transform,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-        compress="deflate",
-    )
+    profile = tiled_geotiff(width=w, height=h, crs=crs, transform=transform, compress="deflate")
     scene = work / "nc_lsat7_2000.tif"
     with (
         atomic_path(scene) as tmp,

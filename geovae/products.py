@@ -40,6 +40,7 @@ __all__ = [
     "read_class_table",
     "read_max_entropy",
     "run_kinds",
+    "tiled_geotiff",
     "uncertainty_tags",
     "write_class_table",
 ]
@@ -232,6 +233,28 @@ def raster_profile(
     spec = dict(_RASTER_SPECS[kind])
     if count is not None:
         spec["count"] = int(count)
+    return {
+        **tiled_geotiff(width=width, height=height, crs=crs, transform=transform, compress="zstd"),
+        "BIGTIFF": "IF_SAFER",
+        "interleave": "band",
+        **spec,
+        **extra,
+    }
+
+
+def tiled_geotiff(*, width: int, height: int, crs: Any, transform: Any, compress: str) -> dict[str, Any]:
+    """A GeoTIFF on a grid, tiled in :data:`BLOCKSIZE` blocks: the profile every raster geovae
+    writes starts from (band count, type and nodata are the caller's).
+
+    Args:
+        width, height: size in pixels.
+        crs: the CRS (None in pixel coordinates).
+        transform: the geotransform.
+        compress: GDAL's compression (``zstd``, ``deflate``).
+
+    Returns:
+        Keyword arguments for ``rasterio.open(path, "w", ...)``.
+    """
     return dict(
         driver="GTiff",
         width=width,
@@ -241,11 +264,7 @@ def raster_profile(
         tiled=True,
         blockxsize=BLOCKSIZE,
         blockysize=BLOCKSIZE,
-        compress="zstd",
-        BIGTIFF="IF_SAFER",
-        interleave="band",
-        **spec,
-        **extra,
+        compress=compress,
     )
 
 
