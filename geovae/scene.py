@@ -418,7 +418,10 @@ class Scene:
         if ir1 <= ir0 or ic1 <= ic0:
             return data, valid
         inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
-        d, v = self._read_inner(inner)
+        try:
+            d, v = self._read_valid(window=inner)
+        except RasterioError as exc:
+            raise self._corrupt(inner, exc) from None
         sl = (slice(ir0 - r0, ir1 - r0), slice(ic0 - c0, ic1 - c0))
         data[(slice(None), *sl)] = d
         valid[sl] = v
@@ -446,44 +449,52 @@ class Scene:
         np.copyto(data, np.asarray(values, dtype=np.float32)[:, None, None], where=missing)
         return data
 
-    def _read_inner(self, win: Window) -> tuple[np.ndarray, np.ndarray]:
+    def _read_valid(
+        self, window: Window | None = None, shape: tuple[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every data band as float32 and the valid-data mask (the rule of the module's
+        docstring), of ``window`` or of the whole scene decimated to ``shape``: the one read
+        behind :meth:`read` and :meth:`read_overview`. Non-finite values are invalid and set
+        to 0, so that they cannot reach a model.
+
+        Raises:
+            RasterioError: GDAL cannot decode what is read (the callers say where).
+        """
         ds = self.dataset()
-        try:
-            data = ds.read(self.bands, window=win, out_dtype="float32")
-            if self.mask_kind == "alpha":
-                valid = ds.read(self.alpha, window=win) > 0
-            elif self.mask_kind == "mask":
-                valid = ds.read_masks(self.bands[0], window=win) > 0
-            else:
-                valid = np.ones(data.shape[1:], dtype=bool)
-        except RasterioError as exc:
-            bad, err = self._locate_corrupt(win)
-            r0, c0 = int(bad.row_off), int(bad.col_off)
-            if not _is_local(self.path):
-                # Over a network, a failed read is a lost connection or a vanished file far
-                # more often than a corrupt one.
-                raise CorruptSceneError(
-                    f"scene {self.name} cannot be read at rows {r0}-{r0 + int(bad.height) - 1}, "
-                    f"cols {c0}-{c0 + int(bad.width) - 1}: {_gdal_message(err or exc)}; "
-                    "check the URL and your network"
-                ) from None
-            raise CorruptSceneError(
-                f"scene {self.name} is corrupt at rows {r0}-{r0 + int(bad.height) - 1}, "
-                f"cols {c0}-{c0 + int(bad.width) - 1}: {_gdal_message(err or exc)}; re-download or re-export it"
-            ) from None
-        if self.nodata is not None:
-            nd = self.nodata
-            if isinstance(nd, float) and math.isnan(nd):
-                valid &= ~np.isnan(data).all(axis=0)
-            else:
-                valid &= ~(data == np.float32(nd)).all(axis=0)
-        if np.issubdtype(np.dtype(self.dtypes[0]), np.floating):
+        where: dict[str, Any] = {"window": window} if shape is None else {"out_shape": shape}
+        bands_where: dict[str, Any] = where if shape is None else {"out_shape": (self.count, *shape)}
+        data = ds.read(self.bands, out_dtype="float32", **bands_where)
+        if self.mask_kind == "alpha":
+            valid = ds.read(self.alpha, **where) > 0
+        elif self.mask_kind == "mask":
+            valid = ds.read_masks(self.bands[0], **where) > 0
+        else:
+            valid = np.ones(data.shape[1:], dtype=bool)
+        nd = self.nodata
+        if nd is not None and not math.isnan(nd):
+            valid &= ~(data == np.float32(nd)).all(axis=0)
+        if any(np.issubdtype(np.dtype(dt), np.floating) for dt in self.dtypes):
             # A NaN in any band cannot go through the model.
             bad = ~np.isfinite(data)
             if bad.any():
                 valid &= ~bad.any(axis=0)
                 data[bad] = 0.0
         return data, valid
+
+    def _corrupt(self, win: Window, exc: RasterioError) -> CorruptSceneError:
+        """The one-line error of a window that failed to read, naming the first bad block."""
+        bad, err = self._locate_corrupt(win)
+        r0, c0 = int(bad.row_off), int(bad.col_off)
+        where = f"rows {r0}-{r0 + int(bad.height) - 1}, cols {c0}-{c0 + int(bad.width) - 1}"
+        if not _is_local(self.path):
+            # Over a network, a failed read is a lost connection or a vanished file far
+            # more often than a corrupt one.
+            return CorruptSceneError(
+                f"scene {self.name} cannot be read at {where}: {_gdal_message(err or exc)}; check the URL and your network"
+            )
+        return CorruptSceneError(
+            f"scene {self.name} is corrupt at {where}: {_gdal_message(err or exc)}; re-download or re-export it"
+        )
 
     def _locate_corrupt(self, win: Window) -> tuple[Window, BaseException | None]:
         """The first internal block inside ``win`` that fails to decode (``win`` if none does)."""
@@ -515,17 +526,8 @@ class Scene:
             oh, ow = self.height, self.width
         else:
             oh, ow = max(1, round(self.height / scale)), max(1, round(self.width / scale))
-        ds = self.dataset()
-        sel = self.bands if bands is None else [self.bands[b - 1] for b in bands]
         try:
-            data = ds.read(sel, out_shape=(len(sel), oh, ow), out_dtype="float32")
-            allb = data if bands is None else ds.read(self.bands, out_shape=(self.count, oh, ow), out_dtype="float32")
-            if self.mask_kind == "alpha":
-                valid = ds.read(self.alpha, out_shape=(oh, ow)) > 0
-            elif self.mask_kind == "mask":
-                valid = ds.read_masks(self.bands[0], out_shape=(oh, ow)) > 0
-            else:
-                valid = np.ones((oh, ow), dtype=bool)
+            data, valid = self._read_valid(shape=(oh, ow))
         except RasterioError as exc:
             msg = _gdal_message(exc)
             where = ""
@@ -537,10 +539,7 @@ class Scene:
             raise CorruptSceneError(
                 f"scene {self.name} is corrupt{where}: {msg}; re-download or re-export it"
             ) from None
-        if self.nodata is not None and not (isinstance(self.nodata, float) and math.isnan(self.nodata)):
-            valid &= ~(allb == np.float32(self.nodata)).all(axis=0)
-        valid &= np.isfinite(allb).all(axis=0)
-        return data, valid
+        return (data if bands is None else data[[b - 1 for b in bands]]), valid
 
     def to_dask(self, chunks: int | tuple[int, int] = 1024, *, valid: bool = False) -> Any:
         """A lazy Dask array over rasterio windows; nothing is read until it is computed.
