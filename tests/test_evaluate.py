@@ -11,7 +11,7 @@ import torch
 from affine import Affine
 from torchmetrics.functional.classification import binary_auroc
 
-import geovae.metrics as ev
+import geovae.metrics.evaluation as evaluation_module
 from geovae.errors import LabelsError, SceneError
 from geovae.metrics import evaluate, format_report
 
@@ -71,7 +71,7 @@ def test_perturbed_labels_give_the_independently_computed_iou(
     pred_vals = np.where(hole, 255, p)
     pred = _as_prediction(nc_labels, tmp_path / "p.classes.tif", pred_vals)
     # Stream in many small strips to exercise the accumulation across blocks.
-    monkeypatch.setattr(ev, "_STRIP_PIXELS", 5000)
+    monkeypatch.setattr(evaluation_module, "_STRIP_PIXELS", 5000)
     d = evaluate(pred, nc_labels)
 
     valid = (y != 0) & ~hole

@@ -1,28 +1,20 @@
-"""Metrics shared by training and evaluation: IoU, accuracy, calibration, error detection.
+"""``evaluate``: a class raster scored against labels, streamed in strips of rows, and its
+objects against reference polygons; :func:`format_report`, the table the CLI prints.
 
-One confusion-matrix convention serves both: :func:`metrics_from_confusion` scores the
-confusion matrices the training task accumulates (torchmetrics), and :func:`evaluate`
-scores a predicted class raster against labels with the same IoU / mIoU / accuracy rules
-(:func:`confusion_scores`), plus the expected calibration error
-(:func:`expected_calibration_error`) and the AUROC of the uncertainty for finding
-misclassified pixels (:func:`auroc_from_histograms`).
-
-:func:`evaluate` streams: the rasters are read in strips of rows, and only a confusion table,
-a confidence histogram (for the ECE) and an uncertainty histogram split by right/wrong
-pixels (for the AUROC) are kept, so memory does not grow with the scene. A pixel counts
-only where every raster given is valid (its nodata tag or mask, and a finite value for the
-float rasters). Only numpy and rasterio are imported here, so ``geovae evaluate`` does not
-pay for torch.
+The rasters are read in strips of rows, and only a confusion table, a confidence histogram
+(for the ECE) and an uncertainty histogram split by right/wrong pixels (for the AUROC) are
+kept, so memory does not grow with the scene. A pixel counts only where every raster given
+is valid (its nodata tag or mask, and a finite value for the float rasters). Only numpy and
+rasterio are imported here, so ``geovae evaluate`` does not pay for torch.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import Any, TypedDict
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -30,158 +22,17 @@ from rasterio.windows import Window
 
 from geovae import signals
 from geovae.errors import LabelsError, OptionError
+from geovae.metrics.objects import OBJECT_IOU, check_object_file, object_scores
+from geovae.metrics.pixels import AUROC_BINS, auroc_from_histograms, confusion_scores, expected_calibration_error
+from geovae.products import POLYGON_FORMATS, read_class_table
 from geovae.scene import grid_mismatch, open_raster
 
-__all__ = [
-    "AUROC_BINS",
-    "OBJECT_IOU",
-    "ConfusionScores",
-    "auroc_from_histograms",
-    "confusion_scores",
-    "evaluate",
-    "expected_calibration_error",
-    "format_report",
-    "match_objects",
-    "metrics_from_confusion",
-    "object_scores",
-]
+__all__ = ["evaluate", "format_report"]
 
-#: Objects match when their IoU is at least this (one to one), the common convention of
-#: instance and field-delineation benchmarks (COCO's AP50, Fields of the World's object F1).
-OBJECT_IOU = 0.5
-#: Predicted polygons read per batch when scoring objects.
-_OBJECT_BATCH = 20_000
-
-#: Bins of the uncertainty histogram behind the streamed AUROC; ties inside a bin count half,
-#: so the AUROC is exact up to score differences smaller than range / 4096.
-AUROC_BINS = 4096
 # Pixels per strip: a few MB per raster, whatever the scene's size.
 _STRIP_PIXELS = 1 << 21
 
 
-# ----------------------------------------------------------------------------- confusion matrices
-
-
-class ConfusionScores(TypedDict):
-    """What :func:`confusion_scores` returns."""
-
-    iou: np.ndarray
-    support: np.ndarray
-    predicted: np.ndarray
-    present: np.ndarray
-    mIoU: float
-    OA: float
-
-
-def confusion_scores(cm: Any) -> ConfusionScores:
-    """IoU per class, support, predictions and overall accuracy of a confusion matrix.
-
-    The one IoU rule of geovae: IoU = TP / (TP + FP + FN) per class, NaN where a class is
-    neither in the reference nor predicted; mIoU averages the classes present in the
-    reference (rows with support), so a class that is only predicted lowers the others'
-    IoU through its false positives but is not itself averaged.
-
-    Args:
-        cm: (K, K) confusion matrix (numpy array or torch tensor), rows = reference,
-            columns = prediction.
-
-    Returns:
-        ``iou`` (K,) float64, ``support`` (K,) reference pixels, ``predicted`` (K,),
-        ``present`` (K,) bool, ``mIoU`` and ``OA`` (NaN when undefined).
-    """
-    if hasattr(cm, "detach"):
-        cm = cm.detach().cpu().numpy()
-    cm = np.asarray(cm, dtype=np.float64)
-    tp = np.diag(cm)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    union = support + predicted - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    present = support > 0
-    total = cm.sum()
-    return {
-        "iou": iou,
-        "support": support,
-        "predicted": predicted,
-        "present": present,
-        "mIoU": float(iou[present].mean()) if present.any() else float("nan"),
-        "OA": float(tp.sum() / total) if total > 0 else float("nan"),
-    }
-
-
-def metrics_from_confusion(cm: Any, names: Sequence[str] | None = None) -> dict[str, float]:
-    """Per-class IoU, mIoU and overall accuracy from a confusion matrix (see :func:`confusion_scores`).
-
-    Args:
-        cm: (K, K) confusion matrix, rows = reference, columns = prediction.
-        names: class names for the per-class keys (default ``0..K-1``).
-
-    Returns:
-        ``mIoU``, ``OA`` and ``IoU_<name>`` for each class (NaN when it has no support).
-    """
-    s = confusion_scores(cm)
-    iou, present = s["iou"], s["present"]
-    out: dict[str, float] = {"mIoU": s["mIoU"], "OA": s["OA"]}
-    names = list(names) if names else [str(i) for i in range(len(iou))]
-    for i, n in enumerate(names):
-        out[f"IoU_{n}"] = float(iou[i]) if bool(present[i]) else float("nan")
-    return out
-
-
-# ----------------------------------------------------------------------------- calibration, error detection
-def expected_calibration_error(
-    count: np.ndarray, confidence_sum: np.ndarray, correct: np.ndarray
-) -> tuple[float, list[dict[str, Any]]]:
-    """Expected calibration error from per-bin counts of equal-width confidence bins.
-
-    Args:
-        count: pixels per bin.
-        confidence_sum: sum of the confidences in each bin.
-        correct: correctly classified pixels per bin.
-
-    Returns:
-        ``(ece, reliability)``: the ECE (bin-size-weighted mean of |accuracy - confidence|)
-        and per bin ``lower``, ``upper``, ``count``, ``accuracy`` and ``confidence`` (None
-        for an empty bin).
-    """
-    num_bins = len(count)
-    n = count.sum()
-    nz = count > 0
-    acc_b = np.where(nz, correct / np.maximum(count, 1), 0.0)
-    conf_b = np.where(nz, confidence_sum / np.maximum(count, 1), 0.0)
-    ece = float((count / max(n, 1) * np.abs(acc_b - conf_b)).sum())
-    reliability = [
-        {
-            "lower": i / num_bins,
-            "upper": (i + 1) / num_bins,
-            "count": int(count[i]),
-            "accuracy": float(acc_b[i]) if nz[i] else None,
-            "confidence": float(conf_b[i]) if nz[i] else None,
-        }
-        for i in range(num_bins)
-    ]
-    return ece, reliability
-
-
-def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
-    """AUROC of a score for positives over negatives from binned counts (ties count half).
-
-    Args:
-        pos: counts of positives (e.g. misclassified pixels) per score bin, ascending score.
-        neg: counts of negatives per score bin.
-
-    Returns:
-        The AUROC, or None when either class is empty.
-    """
-    p, n = pos.sum(), neg.sum()
-    if p == 0 or n == 0:
-        return None
-    neg_below = np.cumsum(neg) - neg
-    return float((pos * (neg_below + 0.5 * neg)).sum() / (p * n))
-
-
-# ----------------------------------------------------------------------------- rasters
 def _check_grid(ref: rasterio.DatasetReader, other: rasterio.DatasetReader, what: str) -> None:
     problems = grid_mismatch(ref, other)
     if problems:
@@ -203,14 +54,6 @@ def _valid(ds: rasterio.DatasetReader, window: Window, data: np.ndarray) -> np.n
     if np.issubdtype(data.dtype, np.floating):
         ok &= np.isfinite(data)
     return ok
-
-
-def _class_names(pred: rasterio.DatasetReader) -> dict[int, str]:
-    tags = pred.tags()
-    try:
-        return {int(c["id"]): str(c["name"]) for c in json.loads(tags["CLASSES"])}
-    except (KeyError, TypeError, ValueError):
-        return {int(k[6:]): v for k, v in tags.items() if k.startswith("CLASS_") and k[6:].isdigit()}
 
 
 def _confidence_scale(ds: rasterio.DatasetReader) -> float:
@@ -297,8 +140,6 @@ def _evaluate_objects(
 ) -> dict[str, Any]:
     from pathlib import Path
 
-    from geovae.products import POLYGON_FORMATS, read_class_table
-
     with open_raster(prediction, "prediction") as pred:
         bounds, crs = tuple(pred.bounds), pred.crs
         table = read_class_table(pred)
@@ -313,8 +154,7 @@ def _evaluate_objects(
                     f"--object-classes {key}: no such class in {prediction} (its classes are {listed}); "
                     "name classes of the prediction"
                 )
-    if isinstance(reference, (str, os.PathLike)) and "://" not in str(reference) and not os.path.exists(reference):
-        raise LabelsError(f"reference objects {reference}: no such file; check the path")
+    check_object_file(reference, "reference objects")
     if predicted is None:
         name = Path(str(prediction)).name
         stem = name[: -len(".classes.tif")] if name.endswith(".classes.tif") else Path(name).stem
@@ -442,7 +282,7 @@ def _accumulate(
     # Every id here is in the labels or the predictions, so no union is empty.
     iou = np.nan_to_num(scores["iou"], nan=0.0)
     label_px, pred_px, present = scores["support"], scores["predicted"], scores["present"]
-    names = _class_names(pred)
+    names = {k: v["name"] for k, v in read_class_table(pred).items()}
     classes = [
         {
             "id": int(c),
@@ -473,184 +313,6 @@ def _accumulate(
     if source is not None:
         result["auroc_uncertainty"] = auroc_from_histograms(hist_err, hist_ok)
     return result
-
-
-# ----------------------------------------------------------------------------- objects
-def match_objects(pairs: Sequence[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
-    """One-to-one matches from candidate ``(iou, reference, predicted)`` pairs: greedily by
-    descending IoU (ties by the indices), each object used at most once.
-
-    Above an IoU of 0.5 an object can overlap more than half of at most one object of a set
-    whose objects do not overlap, so there the greedy matching is the only one; it also
-    stays one to one for sets that do overlap.
-    """
-    used_r: set[int] = set()
-    used_p: set[int] = set()
-    out = []
-    for iou, r, p in sorted(pairs, key=lambda t: (-t[0], t[1], t[2])):
-        if r in used_r or p in used_p:
-            continue
-        used_r.add(r)
-        used_p.add(p)
-        out.append((iou, r, p))
-    return out
-
-
-def _read_objects(source: Any, what: str, batch: int | None = None) -> Iterator[Any]:
-    """A polygon file (any format geovae writes or GDAL reads) as GeoDataFrames, in batches."""
-    import geopandas as gpd
-    import pyogrio
-
-    if isinstance(source, gpd.GeoDataFrame):
-        yield source
-        return
-    path = str(source)
-    if "://" not in path and not os.path.exists(path):
-        raise LabelsError(f"{what} {path}: no such file; check the path")
-    try:
-        if path.lower().endswith(".parquet"):
-            yield gpd.read_parquet(path)
-            return
-        layers = [name for name, _ in pyogrio.list_layers(path)]
-        layer = next((n for n in layers if n != "layer_styles"), None)
-        n = pyogrio.read_info(path, layer=layer)["features"]
-        step = batch or max(n, 1)
-        for start in range(0, max(n, 1), step):
-            yield pyogrio.read_dataframe(path, layer=layer, skip_features=start, max_features=step)
-    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as e:
-        raise LabelsError(
-            f"{what} {path}: cannot be read ({str(e).splitlines()[0]}); give a GPKG, GeoJSON or "
-            "GeoParquet file of polygons"
-        ) from None
-
-
-def _class_filter(gdf: Any, classes: Sequence[str | int] | None) -> Any:
-    if not classes:
-        return gdf
-    keep = np.zeros(len(gdf), bool)
-    for c in classes:
-        key = str(c).strip()
-        if "class_name" in gdf.columns:
-            keep |= gdf["class_name"].astype(str).str.strip().str.lower().to_numpy() == key.lower()
-        if "class_id" in gdf.columns and key.lstrip("-").isdigit():
-            keep |= gdf["class_id"].to_numpy() == int(key)
-    return gdf[keep]
-
-
-def object_scores(
-    predicted: Any,
-    reference: Any,
-    *,
-    iou_threshold: float = OBJECT_IOU,
-    region: Any = None,
-    classes: Sequence[str | int] | None = None,
-    min_area: float = 0.0,
-    region_crs: Any = None,
-) -> dict[str, Any]:
-    """Object precision, recall and F1 at an IoU threshold, with one-to-one matching.
-
-    Every reference object is matched to at most one predicted object and the reverse; a
-    pair matches when the IoU of their areas is at least ``iou_threshold``
-    (:func:`match_objects`). The reference is loaded whole (an STRtree over it); predicted
-    polygons are read in batches of 20,000, so a scene's objects are never all in memory.
-
-    Args:
-        predicted: predicted polygons: ``<stem>.objects.gpkg`` (or ``.parquet``,
-            ``.geojson``), class-region polygons (``<stem>.gpkg``, then pass ``classes``),
-            or a GeoDataFrame.
-        reference: reference polygons (a file or a GeoDataFrame), e.g. a parcel register.
-        iou_threshold: IoU at which two objects match (0.5).
-        region: a shapely geometry, or ``(left, bottom, right, top)``, in ``region_crs``:
-            both sets are clipped to it first, so a reference that extends past
-            the predicted area is not counted against it (objects cut by its edge are
-            compared cut). None: the predicted polygons' extent is not used; every reference
-            object counts.
-        classes: keep only predicted polygons of these classes (names or ids; ``class_name``
-            / ``class_id`` columns); None keeps all.
-        min_area: leave out objects (of both sets, after clipping) smaller than this, in
-            square metres (the units of a projected CRS).
-        region_crs: the CRS of ``region`` (default: the reference's).
-
-    Returns:
-        ``{"iou_threshold", "reference", "predicted", "matched", "precision", "recall",
-        "f1", "mean_iou"}`` (``mean_iou`` over matched pairs; None where undefined) and
-        ``crs`` (the CRS areas were measured in).
-
-    Raises:
-        LabelsError: an unreadable file, or polygons without a CRS.
-        OptionError: an IoU threshold outside (0, 1].
-    """
-    import shapely
-
-    if not 0.0 < float(iou_threshold) <= 1.0:
-        raise OptionError(f"object IoU threshold {iou_threshold}: must be in (0, 1]")
-    ref = next(iter(_read_objects(reference, "reference objects")))
-    ref_crs = ref.crs
-    box = None
-    if region is not None:
-        box = shapely.box(*region) if isinstance(region, (tuple, list)) else region
-    crs = None
-    # the reference in the CRS areas are measured in: its search tree, geometries and areas
-    measured: tuple[Any, np.ndarray, np.ndarray] | None = None
-    n_pred = 0
-    pairs: list[tuple[float, int, int]] = []
-
-    def prepare(gdf: Any) -> np.ndarray:
-        g = np.asarray(gdf.geometry.values, dtype=object)
-        g = g[~shapely.is_empty(g) & ~shapely.is_missing(g)]
-        bad = ~shapely.is_valid(g)
-        if bad.any():  # e.g. a self-touching ring in a register: repaired, not dropped
-            g = g.copy()
-            g[bad] = shapely.make_valid(g[bad])
-        if box is not None:
-            g = shapely.intersection(g, box)
-            g = g[~shapely.is_empty(g)]
-        return g[shapely.area(g) >= min_area] if min_area > 0 else g[shapely.area(g) > 0]
-
-    for batch in _read_objects(predicted, "predicted objects", _OBJECT_BATCH):
-        if measured is None:
-            crs = batch.crs
-            if crs is None or ref_crs is None:
-                raise LabelsError("predicted or reference objects have no CRS; set one (e.g. ogr2ogr -a_srs EPSG:XXXX)")
-            if crs.is_geographic:
-                # Areas in degrees are not areas: measure both in the local UTM zone.
-                crs = batch.estimate_utm_crs() if len(batch) else ref.estimate_utm_crs()
-            if box is not None:
-                import geopandas as gpd
-
-                box = gpd.GeoSeries([box], crs=region_crs or ref_crs).to_crs(crs).iloc[0]
-            ref_geoms = prepare(ref.to_crs(crs))
-            measured = (shapely.STRtree(ref_geoms), ref_geoms, shapely.area(ref_geoms))
-        tree, ref_geoms, ref_area = measured
-        batch = _class_filter(batch, classes)
-        g = prepare(batch.to_crs(crs))
-        if len(g) == 0:
-            continue
-        pi, ri = tree.query(g, predicate="intersects")
-        if len(pi):
-            inter = shapely.area(shapely.intersection(g[pi], ref_geoms[ri]))
-            iou = inter / (shapely.area(g[pi]) + ref_area[ri] - inter)
-            ok = iou >= iou_threshold - 1e-12
-            pairs += list(zip(iou[ok].tolist(), ri[ok].tolist(), (pi[ok] + n_pred).tolist()))
-        n_pred += len(g)
-    # without a predicted batch the reference was never measured
-    ref_geoms = prepare(ref) if measured is None else measured[1]
-    matched = match_objects(pairs)
-    m, n_ref = len(matched), len(ref_geoms)
-    precision = m / n_pred if n_pred else None
-    recall = m / n_ref if n_ref else None
-    f1 = 2 * m / (n_pred + n_ref) if n_pred + n_ref else None
-    return {
-        "iou_threshold": float(iou_threshold),
-        "reference": n_ref,
-        "predicted": n_pred,
-        "matched": m,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "mean_iou": float(np.mean([t[0] for t in matched])) if matched else None,
-        "crs": None if crs is None else crs.to_string(),
-    }
 
 
 def format_report(d: dict[str, Any]) -> str:
