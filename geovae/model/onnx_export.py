@@ -80,14 +80,14 @@ class _VAEGraph(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from geovae.model.vae import _ClassConditionalDecoder, _LowRankHead
+        from geovae.model.layers import ClassConditionalDecoder, LowRankHead
 
         net: Any = self.net
         h, mu, logvar = net._encode(x)
         n, b = noise.shape[0], mu.shape[0]
         zs = mu.unsqueeze(0) + noise * torch.exp(0.5 * logvar).unsqueeze(0)
         head = net.head
-        if isinstance(head, _LowRankHead):
+        if isinstance(head, LowRankHead):
             offset, factor = head.parts(h)
             mean_logits = head.logits(offset, factor, net._up(head.noise(mu), h))
             up = net._up(head.noise(zs.flatten(0, 1)), h).unflatten(0, (n, b))
@@ -101,7 +101,7 @@ class _VAEGraph(nn.Module):
             sample_logits = head(torch.cat([hs, net._up(zs.flatten(0, 1), hs)], dim=1)).unflatten(0, (n, b))
         p = sample_logits.softmax(dim=2)
         dec = net.recon_decoder
-        if isinstance(dec, _ClassConditionalDecoder):
+        if isinstance(dec, ClassConditionalDecoder):
             rec = dec.decode(dec.features(mu), mean_logits.argmax(1))
         else:
             rec = dec(mu)

@@ -29,6 +29,16 @@ from torch import Tensor, nn
 
 from geovae.choices import HEADS, RECON_CONDITIONS, Head, ReconCondition
 from geovae.errors import ModelMismatchError, OptionError
+from geovae.model.layers import (
+    ClassConditionalDecoder,
+    LowRankHead,
+    SmpEncoder,
+    UNetEncoder,
+    UpBlock,
+    conv_bias,
+    conv_bn_relu,
+    stage_widths,
+)
 
 
 class VAEOutput(NamedTuple):
@@ -60,14 +70,6 @@ class VAEOutput(NamedTuple):
     q_logvar: Tensor | None = None
 
 
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
-
-
 def class_argmax(logits: Tensor) -> Tensor:
     """``logits.argmax(1)`` for (B, K, H, W), fast in either memory layout.
 
@@ -84,165 +86,6 @@ def class_argmax(logits: Tensor) -> Tensor:
         idx.masked_fill_(lk > best, k)
         best = torch.maximum(best, lk)
     return idx
-
-
-def _bias(conv: nn.Conv2d) -> Tensor:
-    """A convolution's bias: every convolution here that reads one is made with ``bias=True``."""
-    assert conv.bias is not None
-    return conv.bias
-
-
-def _widths(base: int, depth: int) -> list[int]:
-    # Widths double once and then stay flat: deep levels are cheap in FLOPs but dominate the
-    # parameter count, and a land-cover segmenter gains little from 256+ deep channels.
-    return [base * min(2**i, 2) for i in range(depth + 1)]
-
-
-class _UNetEncoder(nn.Module):
-    """A plain U-Net encoder: a full-resolution stem, then ``depth`` stride-2 stages."""
-
-    def __init__(self, in_channels: int, base: int, depth: int) -> None:
-        super().__init__()
-        w = _widths(base, depth)
-        self.out_channels = w
-        self.stem = nn.Sequential(_conv_bn_relu(in_channels, w[0]), _conv_bn_relu(w[0], w[0]))
-        self.stages = nn.ModuleList(
-            nn.Sequential(_conv_bn_relu(w[i], w[i + 1], stride=2), _conv_bn_relu(w[i + 1], w[i + 1]))
-            for i in range(depth)
-        )
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        feats = [self.stem(x)]
-        for stage in self.stages:
-            feats.append(stage(feats[-1]))
-        return feats
-
-
-class _SmpEncoder(nn.Module):
-    """A segmentation_models_pytorch / timm encoder, built without downloading weights."""
-
-    def __init__(self, name: str, in_channels: int, depth: int, weights: None) -> None:
-        super().__init__()
-        try:
-            import segmentation_models_pytorch as smp
-        except ImportError as exc:  # pragma: no cover - smp is a dependency
-            raise OptionError("encoder smp:...: segmentation_models_pytorch is not installed; pip install it") from exc
-        try:
-            self.encoder = smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights)
-        except (KeyError, ValueError) as exc:
-            raise OptionError(
-                f"encoder smp:{name}: not a segmentation_models_pytorch encoder; see smp.encoders.get_encoder_names()"
-            ) from exc
-        self.out_channels: list[int] = list(self.encoder.out_channels)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        # feats[0] is the input itself at full resolution; the decoder uses it as its last skip.
-        return list(self.encoder(x))
-
-
-class _UpBlock(nn.Module):
-    def __init__(self, c_deep: int, c_skip: int, c_out: int) -> None:
-        super().__init__()
-        # A 1x1 mix of the concatenation before the 3x3 keeps two non-linearities per level
-        # at about half the parameters of two 3x3 convolutions.
-        self.conv = nn.Sequential(_conv_bn_relu(c_deep + c_skip, c_out, kernel=1), _conv_bn_relu(c_out, c_out))
-
-    def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
-        up = F.interpolate(deep, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.conv(torch.cat([up, skip], dim=1))
-
-
-class _ClassConditionalDecoder(nn.Module):
-    """Rebuilds the bands from the latent map and a class per pixel.
-
-    ``x̂_k = W relu(a + e_k) + b`` where ``a`` comes from ``z`` through the upsampling trunk
-    and ``e_k`` is a learned vector per class: the semi-supervised VAE's generative model
-    p(x | y, z) (Kingma et al., 2014, "M2"), made per pixel. The class adds only log2(K) bits
-    per pixel, so the decoder stays a bottleneck and its error stays an anomaly score.
-    """
-
-    def __init__(self, trunk: nn.Sequential, width: int, num_classes: int, out_channels: int) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.mix = nn.Conv2d(width, width, 1)
-        self.embed = nn.Parameter(torch.randn(num_classes, width) * 0.1)
-        self.out = nn.Conv2d(width, out_channels, 1)
-
-    def features(self, z: Tensor) -> Tensor:
-        return self.mix(self.trunk(z))
-
-    def decode(self, a: Tensor, classes: Tensor) -> Tensor:
-        """(B, C, H, W) reconstruction for (B, H, W) class indices."""
-        e = self.embed.to(a.dtype)[classes].permute(0, 3, 1, 2)
-        return self.out(F.relu(a + e))
-
-    def decode_mean(self, a: Tensor) -> Tensor:
-        """The reconstruction averaged over classes with equal weight (no class known)."""
-        return torch.stack([self.out(F.relu(a + e.to(a.dtype).view(1, -1, 1, 1))) for e in self.embed]).mean(0)
-
-    def class_errors(self, a: Tensor, x: Tensor) -> Tensor:
-        """(B, K, H, W) mean squared error over bands of every class's reconstruction.
-
-        Expanded as ``|x - b|^2 - 2 (W^T (x - b)) . h + h^T (W^T W) h`` so that memory grows
-        with the hidden width per class, not with the band count: exact marginalisation
-        over classes stays cheap for hyperspectral inputs.
-        """
-        a = a.float()
-        w = self.out.weight.float().flatten(1)  # (C, R)
-        xb = x.float() - _bias(self.out).float().view(1, -1, 1, 1)
-        u = torch.einsum("cr,bchw->brhw", w, xb)
-        gram = w.t() @ w
-        xx = xb.pow(2).sum(1)
-        errs = []
-        for e in self.embed.float():
-            h = F.relu(a + e.view(1, -1, 1, 1))
-            hgh = (h * torch.einsum("rs,bshw->brhw", gram, h)).sum(1)
-            errs.append(xx - 2 * (u * h).sum(1) + hgh)
-        return (torch.stack(errs, 1) / x.shape[1]).clamp_min(0.0)
-
-
-class _LowRankHead(nn.Module):
-    """Logits affine in the latent: ``logits = b(h) + A(h) up(P z)``, a per-pixel factor A.
-
-    ``P`` maps the L latent channels to ``rank`` noise channels at the latent's resolution
-    (a 1x1 convolution, cheap there); ``up`` is bilinear upsampling; ``b`` and the K x rank
-    factor ``A`` come from the decoder's full-resolution features ``h`` by 1x1 convolutions.
-    For ``z ~ N(mu, sigma^2)`` the logits of a pixel are Gaussian with mean
-    ``b + A up(P mu)`` and a rank-``rank`` covariance, correlated between neighbouring pixels
-    through the shared latent cells: the local form of a stochastic segmentation network
-    (Monteiro et al. 2020) whose noise is the VAE's own posterior. A sample costs
-    ``rank`` multiply-adds per class and pixel, not a pass through the head.
-    """
-
-    def __init__(self, width: int, latent_channels: int, num_classes: int, rank: int) -> None:
-        super().__init__()
-        self.rank = rank
-        self.num_classes = num_classes
-        self.proj = nn.Conv2d(latent_channels, rank, 1)
-        self.trunk = nn.Sequential(nn.Conv2d(width, width, 1), nn.ReLU(inplace=True))
-        # One convolution gives b (the first K channels) and A, ordered (noise channel, class):
-        # A[:, :, r] = out[:, K + r*K : K + (r+1)*K]. One conv with K*(1+rank) outputs is 2.6x
-        # faster in oneDNN than one with K = 7 (measured: 4.6 vs 12 ms at 8x16x128x128).
-        self.out = nn.Conv2d(width, num_classes * (1 + rank), 1)
-
-    def parts(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """``(b, A)``: (B, K, H, W) offset and (B, rank*K, H, W) factor, in the plain
-        (channels-first) layout in which the per-sample multiply-adds are contiguous."""
-        o = self.out(self.trunk(h)).contiguous()
-        return o[:, : self.num_classes], o[:, self.num_classes :]
-
-    def noise(self, z: Tensor) -> Tensor:
-        """The rank noise channels of latent maps z, channels-first (bilinear upsampling of a
-        2-channel map is 5x faster in that layout than channels-last)."""
-        return self.proj(z).contiguous()
-
-    def logits(self, b: Tensor, factor: Tensor, noise: Tensor) -> Tensor:
-        """``b + A noise`` for one upsampled noise map (B, rank, H, W)."""
-        k = self.num_classes
-        out = b
-        for i in range(self.rank):
-            out = torch.addcmul(out, factor[:, i * k : (i + 1) * k], noise[:, i : i + 1])
-        return out
 
 
 class PosteriorNet(nn.Module):
@@ -264,14 +107,14 @@ class PosteriorNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, latent_channels: int, depth: int, width: int = 16) -> None:
         super().__init__()
         self.num_classes = num_classes
-        layers: list[nn.Module] = [_conv_bn_relu(in_channels + num_classes + 1, width)]
+        layers: list[nn.Module] = [conv_bn_relu(in_channels + num_classes + 1, width)]
         for _ in range(depth):
-            layers.append(_conv_bn_relu(width, width, stride=2))
+            layers.append(conv_bn_relu(width, width, stride=2))
         self.net = nn.Sequential(*layers)
         self.to_mu = nn.Conv2d(width, latent_channels, 1)
         self.to_logvar = nn.Conv2d(width, latent_channels, 1)
         nn.init.zeros_(self.to_logvar.weight)
-        nn.init.constant_(_bias(self.to_logvar), -2.0)
+        nn.init.constant_(conv_bias(self.to_logvar), -2.0)
 
     def forward(self, x: Tensor, labels: Tensor, labelled: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, logvar)`` of q(z | x, y) from (B, C, H, W) bands, (B, H, W) class indices and
@@ -373,33 +216,33 @@ class VAESegmenter(nn.Module):
         self.stride = 2**depth
 
         if encoder == "unet":
-            self.encoder: _UNetEncoder | _SmpEncoder = _UNetEncoder(in_channels, base_channels, depth)
+            self.encoder: UNetEncoder | SmpEncoder = UNetEncoder(in_channels, base_channels, depth)
         elif encoder.startswith("smp:"):
-            self.encoder = _SmpEncoder(encoder[4:], in_channels, depth, encoder_weights)
+            self.encoder = SmpEncoder(encoder[4:], in_channels, depth, encoder_weights)
         else:
             raise OptionError(f"encoder={encoder!r}: use 'unet' or 'smp:<name>' (e.g. smp:resnet18)")
         enc_ch = list(self.encoder.out_channels)
         if len(enc_ch) != depth + 1:
             raise OptionError(f"encoder {encoder} gives {len(enc_ch) - 1} stages, expected depth={depth}")
 
-        dec_w = _widths(base_channels, depth)
+        dec_w = stage_widths(base_channels, depth)
         # Segmentation decoder: from the bottleneck up through every skip to full resolution.
         self.decoder_blocks = nn.ModuleList()
         c_deep = enc_ch[depth]
         for i in range(depth - 1, -1, -1):
-            self.decoder_blocks.append(_UpBlock(c_deep, enc_ch[i], dec_w[i]))
+            self.decoder_blocks.append(UpBlock(c_deep, enc_ch[i], dec_w[i]))
             c_deep = dec_w[i]
 
         self.to_mu = nn.Conv2d(enc_ch[depth], latent_channels, 1)
         self.to_logvar = nn.Conv2d(enc_ch[depth], latent_channels, 1)
         # Start with a small posterior variance so that early training sees informative z.
         nn.init.zeros_(self.to_logvar.weight)
-        nn.init.constant_(_bias(self.to_logvar), -2.0)
+        nn.init.constant_(conv_bias(self.to_logvar), -2.0)
 
         h = dec_w[0]
         self.head_kind = head
         if head == "lowrank":
-            self.head: _LowRankHead | nn.Sequential = _LowRankHead(h, latent_channels, num_classes, head_rank)
+            self.head: LowRankHead | nn.Sequential = LowRankHead(h, latent_channels, num_classes, head_rank)
         else:
             self.head = nn.Sequential(
                 nn.Conv2d(h + latent_channels, h, 1),
@@ -411,15 +254,15 @@ class VAESegmenter(nn.Module):
 
         # Reconstruction decoder: z alone, one conv per level, half the segmentation widths.
         rw = [max(w // 2, 8) for w in dec_w]
-        layers: list[nn.Module] = [_conv_bn_relu(latent_channels, rw[depth])]
+        layers: list[nn.Module] = [conv_bn_relu(latent_channels, rw[depth])]
         for i in range(depth - 1, -1, -1):
             layers += [
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                _conv_bn_relu(rw[i + 1], rw[i]),
+                conv_bn_relu(rw[i + 1], rw[i]),
             ]
         self.recon_condition = recon_condition
         if recon_condition == "class":
-            self.recon_decoder: _ClassConditionalDecoder | nn.Sequential = _ClassConditionalDecoder(
+            self.recon_decoder: ClassConditionalDecoder | nn.Sequential = ClassConditionalDecoder(
                 nn.Sequential(*layers), rw[0], num_classes, in_channels
             )
         else:
@@ -465,7 +308,7 @@ class VAESegmenter(nn.Module):
     def _head(self, h: Tensor, z: Tensor, parts: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Logits for one latent map ``z`` (the low-rank head's ``parts`` may be given)."""
         head = self.head
-        if isinstance(head, _LowRankHead):
+        if isinstance(head, LowRankHead):
             b, factor = parts if parts is not None else head.parts(h)
             return head.logits(b, factor, self._up(head.noise(z), h))
         return head(torch.cat([h, self._up(z, h)], dim=1))
@@ -480,7 +323,7 @@ class VAESegmenter(nn.Module):
             0.5 * logvar
         ).unsqueeze(0)
         head = self.head
-        if not isinstance(head, _LowRankHead):
+        if not isinstance(head, LowRankHead):
             return zs, torch.stack([self._head(h, z) for z in zs])
         b, factor = parts if parts is not None else head.parts(h)
         noise = self._up(head.noise(zs.flatten(0, 1)), h).unflatten(0, (n, mu.shape[0]))
@@ -535,7 +378,7 @@ class VAESegmenter(nn.Module):
             logits = self._head(h, z)
         qm, ql = posterior if posterior is not None else (None, None)
         dec = self.recon_decoder
-        if isinstance(dec, _ClassConditionalDecoder):
+        if isinstance(dec, ClassConditionalDecoder):
             a = dec.features(z)
             rec = dec.decode(a, class_argmax(logits.detach()))
             return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many, qm, ql)
@@ -554,13 +397,13 @@ class VAESegmenter(nn.Module):
             (samples, B, K, H, W); the reconstruction as :meth:`reconstruct` gives it, or None.
         """
         h, mu, logvar = self._encode(x)
-        parts = self.head.parts(h) if isinstance(self.head, _LowRankHead) else None
+        parts = self.head.parts(h) if isinstance(self.head, LowRankHead) else None
         mean_logits = self._head(h, mu, parts)
         logits = self._head_samples(h, mu, logvar, samples, parts)[1] if samples > 0 else mean_logits
         rec = None
         if reconstruction:
             dec = self.recon_decoder
-            if isinstance(dec, _ClassConditionalDecoder):
+            if isinstance(dec, ClassConditionalDecoder):
                 rec = dec.decode(dec.features(mu), class_argmax(mean_logits))
             else:
                 rec = dec(mu)
@@ -603,7 +446,7 @@ class VAESegmenter(nn.Module):
             (B, C, H, W) reconstruction.
         """
         dec = self.recon_decoder
-        if isinstance(dec, _ClassConditionalDecoder):
+        if isinstance(dec, ClassConditionalDecoder):
             h, mu, _ = self._encode(x)
             return dec.decode(dec.features(mu), class_argmax(self._head(h, mu)))
         self._check(x)
@@ -634,7 +477,7 @@ class VAESegmenter(nn.Module):
         p = next(self.parameters())
         z = torch.randn(n, self.latent_channels, hh // self.stride, ww // self.stride, device=p.device, dtype=p.dtype)
         dec = self.recon_decoder
-        if not isinstance(dec, _ClassConditionalDecoder):
+        if not isinstance(dec, ClassConditionalDecoder):
             return dec(z)
         a = dec.features(z)
         if classes is None:
