@@ -462,12 +462,12 @@ def test_export_torchgeo_checkpoint_with_normalisation_and_classes(
 def test_torchgeo_networks_built_without_the_task_are_the_task_s(arch: dict) -> None:
     """geovae rebuilds a TorchGeo network as the task's configure_models does, without importing
     the task's Lightning stack: the same layers, names and shapes."""
-    from geovae.model.io import _build_torchgeo_model
+    from geovae.model.checkpoints import build_torchgeo_model
 
     arch = {**arch, "in_channels": 4, "num_classes": 5}
-    direct = _build_torchgeo_model(arch).state_dict()
-    task = _build_torchgeo_model(arch, direct=False).state_dict()
-    assert type(_build_torchgeo_model(arch)) is type(_build_torchgeo_model(arch, direct=False))
+    direct = build_torchgeo_model(arch).state_dict()
+    task = build_torchgeo_model(arch, direct=False).state_dict()
+    assert type(build_torchgeo_model(arch)) is type(build_torchgeo_model(arch, direct=False))
     assert {k: v.shape for k, v in direct.items()} == {k: v.shape for k, v in task.items()}
 
 
@@ -476,12 +476,12 @@ def test_torchgeo_network_falls_back_to_the_task(
 ) -> None:
     """Where the direct build does not fit the weights (a TorchGeo that builds its networks
     otherwise), the task itself builds it and the checkpoint still loads."""
-    import geovae.model.io as io
+    import geovae.model.checkpoints as checkpoints
 
-    real = io._build_torchgeo_model
+    real = checkpoints.build_torchgeo_model
     monkeypatch.setattr(
-        io,
-        "_build_torchgeo_model",
+        checkpoints,
+        "build_torchgeo_model",
         lambda arch, direct=True: torch.nn.Conv2d(1, 1, 1) if direct else real(arch, direct=False),
     )
     ckpt, model = torchgeo_checkpoint

@@ -7,20 +7,15 @@ header metadata (string to string, part of the safetensors format) holds ``forma
 size). Reading it parses JSON and copies raw tensor bytes; no code from the file can run.
 See docs/model-format.md.
 
-:func:`load_model` also reads Lightning checkpoints, through ``torch.load(weights_only=True)``,
-which refuses any pickled object other than tensors and plain containers: TorchGeo
-``SemanticSegmentation`` checkpoints (no normalisation, no class ids) and checkpoints of
-geovae's own :class:`~geovae.training.VAESegmentationTask` (``torchgeo fit``), whose
-hyperparameters carry the normalisation and the classes.
+:func:`load_model` also reads Lightning checkpoints (:mod:`geovae.model.checkpoints`, with
+``torch.load(weights_only=True)``) and TorchGeo weight sets (:mod:`geovae.model.pretrained`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,8 +28,10 @@ from geovae.atomic import atomic_path
 from geovae.choices import BACKENDS, Backend, Precision
 from geovae.errors import GeovaeError, ModelFileError, OptionError
 from geovae.model.base import ModelInfo, SegmentationModel
+from geovae.model.checkpoints import load_checkpoint, read_torch_file, torchgeo_module
 from geovae.model.halo import HALO_METHOD, measure_halo
 from geovae.model.pretrained import PREFIX as PRETRAINED_PREFIX
+from geovae.model.state import load_state
 from geovae.model.vae import VAESegmenter
 
 #: The format this geovae writes; it reads this one and every older one. Version 2 added
@@ -48,11 +45,6 @@ FORMAT_NAME = "geovae-model"
 
 # A safetensors header larger than this is not a model description but a broken/foreign file.
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-def _torchgeo_stride(arch: dict[str, Any]) -> int:
-    # smp encoders reduce by 2**5; TorchGeo's own FCN keeps full resolution.
-    return 1 if arch.get("model") == "fcn" else 32
 
 
 def save_model(path: str | os.PathLike[str], module: VAESegmenter | nn.Module, info: ModelInfo) -> Path:
@@ -208,132 +200,6 @@ def _info_from_metadata(path: Path, meta: dict[str, str]) -> ModelInfo:
     return info
 
 
-#: TorchGeo's segmentation models that are segmentation_models_pytorch classes, by the
-#: ``model`` name TorchGeo's task gives them.
-_SMP_CLASSES = {
-    "unet": "Unet",
-    "deeplabv3+": "DeepLabV3Plus",
-    "upernet": "UPerNet",
-    "segformer": "Segformer",
-    "dpt": "DPT",
-}
-
-
-def _build_torchgeo_model(arch: dict[str, Any], direct: bool = True) -> nn.Module:
-    """The network of a TorchGeo ``SemanticSegmentation`` task with ``arch``'s hyperparameters.
-
-    ``direct`` builds it as the task's ``configure_models`` does (the FCN from
-    ``torchgeo.models``, the others from segmentation_models_pytorch) without importing
-    ``torchgeo.tasks``, whose Lightning stack costs every run about 3 s and 100 MiB (the
-    smp models skip torchgeo entirely: about 7 s and 330 MiB); :func:`_torchgeo_module`
-    falls back to the task itself if those weights do not fit.
-    """
-    task = arch.get("task", "multiclass")
-    if task != "multiclass":
-        raise ModelFileError(f"TorchGeo task {task!r} is not supported; geovae runs multiclass segmentation models")
-    model, ins, k = arch.get("model"), arch.get("in_channels"), arch.get("num_classes")
-    smp_class = _SMP_CLASSES.get(model) if isinstance(model, str) and "backbone" in arch else None
-    if direct and (smp_class is not None or (model == "fcn" and "num_filters" in arch)):
-        if not isinstance(ins, int) or not isinstance(k, int):
-            raise TypeError(f"in_channels={ins!r} and num_classes={k!r} are not integers")
-        if smp_class is None:
-            from torchgeo.models import FCN
-
-            return FCN(in_channels=ins, classes=k, num_filters=arch["num_filters"])
-        import segmentation_models_pytorch as smp
-
-        return getattr(smp, smp_class)(encoder_name=arch["backbone"], encoder_weights=None, in_channels=ins, classes=k)
-    from torchgeo.tasks import SemanticSegmentation
-
-    kwargs = {k: arch[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters") if k in arch}
-    # weights=None: the checkpoint brings the weights, nothing is downloaded.
-    return SemanticSegmentation(weights=None, task="multiclass", **kwargs).model
-
-
-def _torchgeo_module(path: Path, arch: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
-    """A TorchGeo network rebuilt from ``arch`` with the weights ``state``."""
-    try:
-        module = _build_torchgeo_model(arch)
-    except ModelFileError:
-        raise
-    except Exception as exc:
-        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
-    try:
-        _load_state(path, module, state, exact_dtype=False)
-        return module
-    except ModelFileError:
-        pass  # built unlike this TorchGeo's task would: build it through the task itself
-    try:
-        module = _build_torchgeo_model(arch, direct=False)
-    except Exception as exc:
-        raise ModelFileError(f"{path}: cannot rebuild the TorchGeo model {arch} ({exc})") from exc
-    _load_state(path, module, state, exact_dtype=False)
-    return module
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _check_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor], *, exact_dtype: bool) -> None:
-    """Every tensor the module has, and no other, with its shape and data type.
-
-    ``load_state_dict`` checks names and shapes but casts values to the module's type: a
-    float32 tensor whose header was edited to int32 (same byte size) would load as
-    nonsense numbers. The expected types are the module's own parameters and buffers.
-
-    Args:
-        path: the file (for the message).
-        module: the freshly built module.
-        state: the file's tensors.
-        exact_dtype: the same type for every tensor (geovae files, which geovae writes);
-            False lets a floating-point tensor be any floating-point type (a half-precision
-            checkpoint), integer and boolean ones still exact.
-
-    Raises:
-        ModelFileError: one line naming the first tensor that does not fit.
-    """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            parts.append(f"tensor {missing[0]}{more} missing")
-        if unexpected:
-            more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
-            parts.append(f"unexpected tensor {unexpected[0]}{more}")
-        raise ModelFileError(
-            f"{path}: weights do not fit the described architecture ({', '.join(parts)}); re-export it"
-        )
-    for name, want in expected.items():
-        got = state[name]
-        if tuple(got.shape) != tuple(want.shape):
-            raise ModelFileError(
-                f"{path}: weights do not fit the described architecture (tensor {name} has shape "
-                f"{tuple(got.shape)}, the model {tuple(want.shape)}); re-export it"
-            )
-        same = got.dtype == want.dtype or (not exact_dtype and got.is_floating_point() and want.is_floating_point())
-        if not same:
-            raise ModelFileError(
-                f"{path}: tensor {name} holds {_dtype(got)} numbers where the model has {_dtype(want)}; "
-                "the file was edited or damaged; re-export or re-download it"
-            )
-
-
-def _load_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor], *, exact_dtype: bool = True) -> None:
-    _check_state(path, module, state, exact_dtype=exact_dtype)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        # Names, shapes and types were checked; say what is left without the colon-ended
-        # header line ("Error(s) in loading state_dict for X:").
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if not ln.endswith(":")), lines[-1] if lines else "")
-        raise ModelFileError(f"{path}: weights do not fit the described architecture ({detail}); re-export it") from exc
-
-
 def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
     info = _info_from_metadata(path, _read_safetensors_header(path))
     if info.kind not in ("geovae-vae", "torchgeo"):
@@ -353,158 +219,8 @@ def _load_geovae(path: Path) -> tuple[nn.Module, ModelInfo]:
     except Exception as exc:  # truncated or damaged tensor data
         raise ModelFileError(f"{path}: corrupt model file ({exc}); re-export or re-download it") from exc
     if module is None:
-        return _torchgeo_module(path, info.arch, state), info
-    _load_state(path, module, state)
-    return module, info
-
-
-def _load_torch(path: Path) -> dict[str, Any]:
-    try:
-        # weights_only=True: only tensors and plain containers; any other object is refused
-        # before it can be constructed, so a malicious checkpoint cannot run code.
-        with warnings.catch_warnings():
-            # torch warns about a pickle protocol it may not read before refusing the file;
-            # the refusal (one line below) is what the user needs.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelFileError(
-            f"{path}: holds pickled Python objects, which geovae refuses to load (they can run code); "
-            "export the weights to a geovae model file"
-        ) from exc
-    except Exception as exc:
-        raise ModelFileError(f"{path}: corrupt or unreadable torch file ({type(exc).__name__}); re-export it") from exc
-    if not isinstance(obj, dict):
-        raise ModelFileError(f"{path}: a torch file that is not a TorchGeo checkpoint; use a geovae model file")
-    return obj
-
-
-def _is_vae_task(hp: dict[str, Any]) -> bool:
-    """Hyperparameters of geovae's VAESegmentationTask (``torchgeo fit`` or a plain Lightning fit)."""
-    if str(hp.get("_class_path", "")).rpartition(".")[2] == "VAESegmentationTask":
-        return True
-    return "model" not in hp and {"base_channels", "depth", "latent_channels"} <= hp.keys()
-
-
-def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
-    """A Lightning checkpoint of :class:`geovae.training.VAESegmentationTask`.
-
-    The hyperparameters rebuild the :class:`VAESegmenter` and carry the normalisation and
-    the classes (the task takes them from the data module); ``checkpoint["geovae"]`` adds
-    the training tile and what the model was trained on. Only plain values are read.
-    """
-    hp, sd = ckpt["hyper_parameters"], ckpt.get("state_dict")
-    if not isinstance(sd, dict):
-        raise ModelFileError(f"{path}: a VAESegmentationTask checkpoint without weights (state_dict); re-save it")
-    for key in ("in_channels", "num_classes"):
-        if not isinstance(hp.get(key), int):
-            raise ModelFileError(
-                f"{path}: VAESegmentationTask checkpoint without an integer {key} (the task was never "
-                "set up with its data); train with a data module that gives it, or set it"
-            )
-    arch = {"in_channels": hp["in_channels"], "num_classes": hp["num_classes"]}
-    # A key missing from an older checkpoint takes the value that rebuilds the older model.
-    for key, default in (
-        ("base_channels", 32),
-        ("depth", 4),
-        ("latent_channels", 8),
-        ("encoder", "unet"),
-        ("recon_condition", "class"),
-        ("head", "mlp"),
-        ("head_rank", 2),
-    ):
-        arch[key] = hp.get(key, default)
-    try:
-        module = VAESegmenter(**arch)
-    except (GeovaeError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: cannot rebuild the VAE segmenter {arch} ({exc})") from exc
-    _load_state(
-        path, module, {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}, exact_dtype=False
-    )
-    c = hp["in_channels"]
-    # The task's normalisation: its hyperparameters, else its buffers (identical when both exist).
-    mean, std = hp.get("mean"), hp.get("std")
-    if mean is None:
-        mean = sd["band_mean"].flatten().tolist() if "band_mean" in sd else [0.0] * c
-    if std is None:
-        std = sd["band_std"].flatten().tolist() if "band_std" in sd else [1.0] * c
-    geo = ckpt.get("geovae")
-    if not isinstance(geo, dict):
-        geo = {}
-    tile = geo.get("tile_size")
-    stride = module.stride
-    tile = tile if isinstance(tile, int) and tile > 0 and tile % stride == 0 else max(stride, 256 // stride * stride)
-    extra: dict[str, Any] = {}
-    if isinstance(hp.get("encoder_weights"), str):
-        from geovae.model.encoders import encoder_record
-
-        unfreeze = hp.get("unfreeze_after")
-        extra["encoder_weights"] = encoder_record(
-            hp["encoder_weights"], bool(hp.get("freeze_encoder")), unfreeze if isinstance(unfreeze, int) else None
-        )
-    try:
-        info = ModelInfo(
-            in_channels=c,
-            num_classes=hp["num_classes"],
-            class_ids=list(hp.get("class_ids") or []),
-            class_names=list(hp.get("labels") or []),
-            class_colors=[tuple(v) for v in hp.get("class_colors") or []],
-            mean=[float(v) for v in mean],
-            std=[float(v) for v in std],
-            band_names=list(hp["band_names"]) if hp.get("band_names") else None,
-            tile_size=int(tile),
-            stride=stride,
-            kind="geovae-vae",
-            arch=module.hparams,
-            training=dict(geo.get("training") or {}),
-            extra={
-                "source": "geovae VAESegmentationTask checkpoint",
-                "epoch": ckpt.get("epoch"),
-                "global_step": ckpt.get("global_step"),
-                "data": geo.get("data"),
-                "trainer": "geovae.training.VAESegmentationTask",
-                "geovae_version": __version__,
-                "loss": {k: hp.get(k) for k in ("beta", "free_bits", "kl_warmup_steps", "recon_weight", "dice_weight")},
-                **extra,
-            },
-        )
-    except ValueError as exc:
-        raise ModelFileError(
-            f"{path}: VAESegmentationTask checkpoint with unusable values ({exc}); re-train it"
-        ) from exc
-    return module, info
-
-
-def _load_torchgeo_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Module, ModelInfo]:
-    hp = ckpt.get("hyper_parameters")
-    if isinstance(hp, dict) and _is_vae_task(hp):
-        return _load_vae_task_checkpoint(path, ckpt)
-    sd = ckpt.get("state_dict")
-    if not isinstance(hp, dict) or not isinstance(sd, dict) or "model" not in hp:
-        raise ModelFileError(
-            f"{path}: a torch file that is neither a geovae model nor a TorchGeo SemanticSegmentation checkpoint"
-        )
-    for key in ("in_channels", "num_classes"):
-        if not isinstance(hp.get(key), int):
-            raise ModelFileError(f"{path}: TorchGeo checkpoint without an integer {key}; it cannot be rebuilt")
-    arch = {k: hp[k] for k in ("model", "backbone", "in_channels", "num_classes", "num_filters", "task") if k in hp}
-    state = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-    module = _torchgeo_module(path, arch, state)
-    labels = hp.get("labels")
-    info = ModelInfo(
-        in_channels=hp["in_channels"],
-        num_classes=hp["num_classes"],
-        class_names=list(labels) if isinstance(labels, (list, tuple)) and len(labels) == hp["num_classes"] else [],
-        stride=_torchgeo_stride(arch),
-        kind="torchgeo",
-        arch=arch,
-        extra={
-            "source": "torchgeo checkpoint",
-            "epoch": ckpt.get("epoch"),
-            "global_step": ckpt.get("global_step"),
-            "geovae_version": __version__,
-        },
-    )
+        return torchgeo_module(path, info.arch, state), info
+    load_state(path, module, state)
     return module, info
 
 
@@ -588,7 +304,7 @@ def load_model(
         if kind == "safetensors":
             module, info = _load_geovae(p)
         elif kind == "torch":
-            module, info = _load_torchgeo_checkpoint(p, _load_torch(p))
+            module, info = load_checkpoint(p, read_torch_file(p))
         else:
             raise ModelFileError(f"{p}: not a model file (neither geovae safetensors nor a TorchGeo checkpoint)")
     d = info.to_dict()

@@ -233,9 +233,9 @@ def _segmentation_model_name(meta: dict[str, Any]) -> str | None:
     A weight set is one when its meta gives integer ``in_chans`` and ``num_classes``, an
     ``encoder`` and a ``model`` that names one of the architectures TorchGeo's task builds
     from segmentation_models_pytorch (``U-Net`` is ``unet``): those are the networks a geovae
-    model file can rebuild (geovae.model.io).
+    model file can rebuild (geovae.model.checkpoints).
     """
-    from geovae.model.io import _SMP_CLASSES
+    from geovae.model.checkpoints import SMP_CLASSES
 
     model, encoder = meta.get("model"), meta.get("encoder")
     if not (isinstance(meta.get("in_chans"), int) and isinstance(meta.get("num_classes"), int)):
@@ -243,7 +243,7 @@ def _segmentation_model_name(meta: dict[str, Any]) -> str | None:
     if not isinstance(model, str) or not isinstance(encoder, str):
         return None
     key = _squash(model)
-    for task_name, smp_class in _SMP_CLASSES.items():
+    for task_name, smp_class in SMP_CLASSES.items():
         if key in (_squash(task_name), _squash(smp_class)):
             return task_name
     return None
@@ -501,7 +501,7 @@ def model_info(ws: WeightSet) -> ModelInfo:
     """
     from geovae._version import __version__
     from geovae.model.base import ModelInfo
-    from geovae.model.io import _torchgeo_stride
+    from geovae.model.checkpoints import torchgeo_stride
 
     if ws.kind != "segmentation" or ws.segmentation_arch is None or ws.num_classes is None:
         raise ModelFileError(
@@ -511,7 +511,7 @@ def model_info(ws: WeightSet) -> ModelInfo:
     if ws.mean is None or ws.std is None:
         raise ModelFileError(f"{ws.reference}: geovae cannot reproduce its normalisation: {ws.normalisation}")
     arch = dict(ws.segmentation_arch)
-    stride = _torchgeo_stride(arch)
+    stride = torchgeo_stride(arch)
     tile = ws.tile_size if ws.tile_size and ws.tile_size % stride == 0 else 256
     training: dict[str, Any] = {}
     if ws.expected_range is not None:
