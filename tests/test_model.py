@@ -363,7 +363,7 @@ def test_cpu_batches_run_in_chunks_with_the_same_outputs() -> None:
     m.cpu_chunk_pixels = 2 * 64 * 64
     chunked = m.predict(x, reconstruction=True)
     assert seen == [2, 2, 1]
-    m.cpu_chunk_pixels = None
+    m.cpu_chunk_pixels = len(x) * 64 * 64
     whole = m.predict(x, reconstruction=True)
     assert seen[3:] == [5]
     for k in whole:

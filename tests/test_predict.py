@@ -783,7 +783,7 @@ def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
     whole, small = 2**24, 6 * 4 * 64 * 112  # one window for the scene; windows of two tiles side by side
     assert len(_read_groups([tiles], 6, whole)) == 1 and max(len(g) for g in _read_groups([tiles], 6, small)) == 2
     for workers, budget in ((1, whole), (3, whole), (3, small)):
-        with _Reader(s, [tiles], 5, mean, pin=False, workers=workers, window_bytes=budget) as reader:
+        with _Reader(s, _read_groups([tiles], 6, budget), 5, mean, pin=False, workers=workers) as reader:
             batches = list(reader)
         entries = [e for b in batches for e in b.entries]
         assert [t for t, _ in entries] == tiles

@@ -164,7 +164,7 @@ class SegmentationModel:
         module: the module as given, in eval mode on the device.
         net: the module ``predict`` runs: ``module`` itself, or its folded copy.
         cpu_chunk_pixels: on the CPU, ``predict`` runs a batch through the model this many
-            pixels at a time at most (whole tiles; None: the whole batch at once). A CPU
+            pixels at a time at most (whole tiles). A CPU
             computes as many pixels a second in half a megapixel as in eight (a TorchGeo
             FCN at 512²: batch 2 as fast as batch 8 within 2 %) while the activations
             held at once grow with the pixels (peak RSS 1.3 against 2.1 GiB): a
@@ -172,7 +172,7 @@ class SegmentationModel:
             batch runs whole: there it is what keeps the device busy.
     """
 
-    cpu_chunk_pixels: int | None = BATCH_PIXELS
+    cpu_chunk_pixels: int = BATCH_PIXELS
     #: What runs the model: ``"torch"`` here, ``"onnxruntime"`` for
     #: :class:`~geovae.model.onnx.OnnxModel`.
     backend: str = "torch"
@@ -243,7 +243,7 @@ class SegmentationModel:
         if reconstruction and not self.supports_reconstruction:
             raise ValueError("this model has no reconstruction decoder")
         n = len(x)
-        if self.device.type == "cpu" and self.cpu_chunk_pixels and n > 1:
+        if self.device.type == "cpu" and n > 1:
             n = max(1, self.cpu_chunk_pixels // (x.shape[-2] * x.shape[-1]))
         if n < len(x):
             parts = [self._forward(x[i : i + n], samples, reconstruction) for i in range(0, len(x), n)]

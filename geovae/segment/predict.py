@@ -23,7 +23,7 @@ from geovae.blend import Blender
 from geovae.blocks import Block
 from geovae.model.base import SegmentationModel
 from geovae.segment.progress import Progress
-from geovae.segment.reader import Batch, Reader
+from geovae.segment.reader import Batch, Reader, read_groups
 from geovae.segment.spec import RunSpec
 
 __all__ = ["SAMPLE_SEED", "PredictedBlocks", "blender"]
@@ -120,12 +120,13 @@ class PredictedBlocks:
         pin = model.device.type == "cuda"
         mean = np.asarray(model.info.mean, dtype=np.float32)
         total = blender.blocks.tiles_total
+        groups = read_groups(list(blender.blocks.block_tiles()), spec.scene.count)
         # Latent samples come from a fixed seed, so the same command gives the same outputs; the
         # caller's own random state is left as it was.
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=devices),
-            Reader(spec.scene, list(blender.blocks.block_tiles()), spec.batch_size, mean, pin) as reader,
+            Reader(spec.scene, groups, spec.batch_size, mean, pin) as reader,
             Progress(total, opts.progress, f"segment {spec.stem}") as bar,
         ):
             torch.manual_seed(SAMPLE_SEED)

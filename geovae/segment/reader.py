@@ -80,8 +80,8 @@ def read_groups(blocks: Sequence[Sequence[Tile]], count: int, budget: int = READ
 class Reader:
     """Reads tiles in order with a few threads and hands out batches through a bounded queue.
 
-    Tiles are read a window at a time (:func:`read_groups`: the tiles of one output block,
-    or a few of its tile rows), so pixels shared by overlapping tiles are decoded once; each
+    Tiles are read a window at a time (``groups``, from :func:`read_groups`: the tiles of one
+    output block, or a few of its tile rows), so pixels shared by overlapping tiles are decoded once; each
     window is filled (:meth:`Scene.fill_missing`) and cut into its tiles. GDAL releases the
     GIL while it decodes, so ``workers`` threads (each with its own dataset handle, see
     :meth:`Scene.dataset`) read windows in parallel; results are consumed in tile order, at
@@ -90,23 +90,21 @@ class Reader:
     is asynchronous.
 
     Args:
-        blocks: the tiles in block order, grouped by output block (:meth:`geovae.blend.BlockGrid.block_tiles`).
-        window_bytes: most bytes of one read window.
+        groups: the tiles in order, one list per read window (:func:`read_groups`).
     """
 
     def __init__(
         self,
         scene: Scene,
-        blocks: Sequence[Sequence[Tile]],
+        groups: list[list[Tile]],
         batch_size: int,
         mean: np.ndarray,
         pin: bool,
         prefetch: int = 3,
         workers: int | None = None,
-        window_bytes: int = READ_WINDOW_BYTES,
     ):
         self.scene = scene
-        self.groups = read_groups(blocks, scene.count, window_bytes)
+        self.groups = groups
         self.batch_size = batch_size
         self.mean = mean.astype(np.float32)
         self.pin = pin
