@@ -25,7 +25,7 @@ SPEED_ONLY = frozenset({"device", "backend", "batch_size", "progress", "force"})
 
 @dataclass(frozen=True)
 class Flag:
-    """How the command line spells one option (:func:`geovae.cli` builds its click options
+    """How the command line spells one option (:mod:`geovae.cli.segment` builds its click options
     from these, so the command line and the Python API share one list of options, with no
     click import here).
 
