@@ -109,7 +109,15 @@ def test_segment_without_crs_fails_one_line(capsys: pytest.CaptureFixture[str], 
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from geovae.demo import CPU_ENVIRONMENT, CPU_ENVIRONMENT_REMOVED
+
+    # The command pins torch's CPU environment for its process before it checks --data; the
+    # variables are restored at the end of the test, before any later test's MKL reads them.
+    for name in (*CPU_ENVIRONMENT, *CPU_ENVIRONMENT_REMOVED):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
     code, _, err = run(capsys, "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, 1, "--data")
     (tmp_path / "half").mkdir()
@@ -130,34 +138,26 @@ def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 
 
 @pytest.mark.parametrize("data", ["window", pytest.param("real", marks=pytest.mark.slow)])
-def test_demo_end_to_end_on_the_real_scene(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    data: str,
-) -> None:
+def test_demo_end_to_end_on_the_real_scene(tmp_path: Path, request: pytest.FixtureRequest, data: str) -> None:
     """The README's first command, shortened to one epoch: real Landsat-7 bands in the demo's
     file formats in (the committed window, or the whole scene from the real-data folder), a
     trained model file, georeferenced rasters, polygons, a PNG and a score out."""
     from conftest import NC, data_path, fixture_path
 
-    from geovae.demo import CPU_ENVIRONMENT, CPU_ENVIRONMENT_REMOVED
-
-    # The command sets torch's CPU environment for its process; this one goes on to other
-    # tests. setenv records each variable, set or not, so that the test's end restores it.
-    for name in (*CPU_ENVIRONMENT, *CPU_ENVIRONMENT_REMOVED):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        if not os.environ[name]:
-            monkeypatch.delenv(name)
     if data == "window":
         nc_demo_data, scene = request.getfixturevalue("nc_demo_data"), fixture_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     else:
         nc_demo_data, scene = data_path(NC, "original"), data_path(NC, "nc_lsat7_2000_6band_uint8.tif")
     out = tmp_path / "demo"
-    code, stdout, err = run(
-        capsys, "demo", "--data", str(nc_demo_data), "--out", str(out), "--epochs", "1", "--device", "cpu"
+    # In a process of its own: the command pins MKL's and ATen's CPU settings, which those
+    # libraries read once, on first use, and would keep for every later test of this process.
+    cmd = [sys.executable, "-m", "geovae", "demo", "--data", str(nc_demo_data), "--out", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--epochs", "1", "--device", "cpu"],
+        capture_output=True,
+        text=True,
     )
+    code, stdout, err = proc.returncode, proc.stdout, proc.stderr
     assert code == 0, err
     assert "mIoU on the east half (held out):" in stdout and "uncertainty AUROC for errors: 0." in stdout
     report = json.loads((out / "demo.json").read_text())
