@@ -37,6 +37,7 @@ object's neighbourhood gives it the same pixels and the same name.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,16 +46,20 @@ import numpy as np
 
 from geovae.errors import ModelMismatchError, OptionError
 
+log = logging.getLogger("geovae.objects")
+
 __all__ = [
     "BACKGROUND_NAME",
     "BOUNDARY_NAME",
     "DEFAULT_HALO",
     "DEFAULT_SEED",
+    "LEARNT_KEYS",
     "MIN_SEED_PIXELS",
     "SEED_DISTANCE",
     "ObjectSpec",
     "boundary_class",
     "label_objects",
+    "learnt_settings",
     "plan_objects",
     "probability_bands",
     "probability_tags",
@@ -79,6 +84,9 @@ DEFAULT_SEED = 0.5
 #: The name training gives the boundary class, and the background class.
 BOUNDARY_NAME = "boundary"
 BACKGROUND_NAME = "background"
+#: The settings ``geovae train`` learns on its held-out part and records in the model
+#: file's ``extra.objects`` (:mod:`geovae.training.thresholds`).
+LEARNT_KEYS = ("seed", "min_area_px")
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,11 @@ class ObjectSpec:
             at least this (0..1).
         halo: pixels added on every side of a block; objects up to this size are exact.
         min_seed: seeds of fewer pixels are left out.
+        min_pixels: objects of fewer pixels are left out (a model's learnt minimum).
+        min_area: objects smaller than this (m^2, or square pixels without a CRS) are left
+            out; None to use ``min_pixels``. A run's ``--min-area`` applies as well.
+        origin: where each setting came from, ``(("seed", "model"), ...)``: ``"option"``
+            (given by the user), ``"model"`` (learnt in training) or ``"default"``.
     """
 
     classes: tuple[int, ...]
@@ -101,6 +114,19 @@ class ObjectSpec:
     seed: float = DEFAULT_SEED
     halo: int = DEFAULT_HALO
     min_seed: int = MIN_SEED_PIXELS
+    min_pixels: float = 0.0
+    min_area: float | None = None
+    origin: tuple[tuple[str, str], ...] = ()
+
+    def min_object_area(self, run_min_area: float, pixel_area: float) -> float:
+        """The smallest object area a run keeps (its units: m^2, or square pixels).
+
+        Args:
+            run_min_area: the run's ``--min-area``, which objects obey too.
+            pixel_area: the area of one pixel in the same units.
+        """
+        own = self.min_area if self.min_area is not None else self.min_pixels * pixel_area
+        return max(float(run_min_area), float(own))
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -111,6 +137,9 @@ class ObjectSpec:
             raise OptionError(f"--object-seed {self.seed}: must be a probability in (0, 1]")
         if not isinstance(self.halo, int) or self.halo < 0:
             raise OptionError(f"--object-halo {self.halo}: must be a whole number of pixels >= 0")
+        for name, v in (("--object-min-area", self.min_area), ("min_pixels", self.min_pixels)):
+            if v is not None and not (np.isfinite(v) and v >= 0):
+                raise OptionError(f"{name} {v}: must be a number of 0 or more")
 
 
 def boundary_class(info: Any) -> int | None:
@@ -138,6 +167,36 @@ def boundary_class(info: Any) -> int | None:
         if str(name).strip().lower() == BOUNDARY_NAME:
             return int(cid)
     return None
+
+
+def learnt_settings(info: Any) -> dict[str, Any]:
+    """The object settings a model learnt on its held-out part, or ``{}``.
+
+    ``geovae train`` with object labels chooses the seed threshold and the minimum object
+    size by object F1 on the part of the labelled area it held out
+    (:mod:`geovae.training.thresholds`) and records them in ``extra.objects``: ``seed``,
+    ``min_area_px``, ``f1_heldout`` (and ``f1_default``, ``heldout``). A value that is
+    missing or out of range is not used.
+
+    Args:
+        info: a :class:`~geovae.model.base.ModelInfo`.
+
+    Returns:
+        ``{"seed", "min_area_px", "f1_heldout"}``, the keys the model file has.
+    """
+    extra = getattr(info, "extra", None) or {}
+    where = extra.get("objects")
+    if not isinstance(where, dict):
+        return {}
+    out: dict[str, Any] = {}
+    seed, area, f1 = where.get("seed"), where.get("min_area_px"), where.get("f1_heldout")
+    if isinstance(seed, (int, float)) and not isinstance(seed, bool) and 0.0 < float(seed) <= 1.0:
+        out["seed"] = float(seed)
+    if isinstance(area, (int, float)) and not isinstance(area, bool) and np.isfinite(area) and area >= 0:
+        out["min_area_px"] = float(area)
+    if out and isinstance(f1, (int, float)) and not isinstance(f1, bool):
+        out["f1_heldout"] = float(f1)
+    return out
 
 
 def resolve_object_classes(
@@ -372,7 +431,43 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec 
         raise OptionError("--objects writes object polygons; give --formats (e.g. gpkg)")
     boundary = boundary_class(info)
     ids, names = resolve_object_classes(options.objects, info.class_ids, info.class_names, boundary)
-    return ObjectSpec(classes=ids, names=names, boundary=boundary, seed=options.object_seed, halo=options.object_halo)
+    learnt = learnt_settings(info)
+    given_min_area = getattr(options, "object_min_area", None)
+    if options.object_seed is not None:
+        seed, seed_from = float(options.object_seed), "option"
+    elif "seed" in learnt:
+        seed, seed_from = learnt["seed"], "model"
+    else:
+        seed, seed_from = DEFAULT_SEED, "default"
+    if given_min_area is not None:
+        area_from = "option"
+    elif "min_area_px" in learnt:
+        area_from = "model"
+    else:
+        area_from = "default"
+    spec = ObjectSpec(
+        classes=ids,
+        names=names,
+        boundary=boundary,
+        seed=seed,
+        halo=options.object_halo,
+        min_pixels=learnt.get("min_area_px", 0.0) if area_from == "model" else 0.0,
+        min_area=given_min_area,
+        origin=(("seed", seed_from), ("min_area", area_from)),
+    )
+    if "model" in (seed_from, area_from):
+        log.info(
+            "objects: seed %.2f (%s), minimum object %s (%s); the model learnt seed %s and %s px "
+            "on its held-out part (object F1@0.5 %s)",
+            spec.seed,
+            seed_from,
+            f"{given_min_area:g} (--object-min-area)" if area_from == "option" else f"{spec.min_pixels:g} px",
+            area_from,
+            learnt.get("seed", "-"),
+            learnt.get("min_area_px", "-"),
+            f"{learnt['f1_heldout']:.3f}" if "f1_heldout" in learnt else "-",
+        )
+    return spec
 
 
 def stitch_channels(spec: ObjectSpec, info: Any) -> tuple[list[int], dict[str, str]]:

@@ -97,7 +97,11 @@ class SegmentOptions:
             ``<stem>.object-probability.tif`` raster they are split with; None for none.
         object_halo: pixels around each block the object split sees; objects up to this
             size are exact (larger ones are reported).
-        object_seed: interior probability at which a pixel seeds an object.
+        object_seed: interior probability at which a pixel seeds an object; None for the
+            value the model learnt on its held-out part (``extra.objects.seed``), else 0.5.
+        object_min_area: objects smaller than this (m^2; pixels in pixel coordinates) are
+            dropped; None for the minimum the model learnt (``extra.objects.min_area_px``),
+            else none. ``min_area`` applies to objects as well.
         bands: the scene's bands the model reads, in its order: 1-based band numbers of the
             file (``"4,3,2,8"`` as typed on a command line; a band may repeat); only those
             bands are read. None for every data band in file order.
@@ -237,15 +241,24 @@ class SegmentOptions:
             show_default=True,
         ),
     )
-    object_seed: float = field(
-        default=0.5,
+    object_seed: float | None = field(
+        default=None,
         metadata=_cli(
-            "Interior probability at which a pixel seeds an object.",
+            "Interior probability at which a pixel seeds an object [default: the value the model "
+            "learnt on its held-out part, else 0.5].",
             kind="float",
             low=0,
             high=1,
             low_open=True,
-            show_default=True,
+        ),
+    )
+    object_min_area: float | None = field(
+        default=None,
+        metadata=_cli(
+            "Drop objects smaller than this, in m^2 (pixels with --pixel-coords) [default: the "
+            "minimum the model learnt on its held-out part, else none]; --min-area applies too.",
+            kind="float",
+            low=0,
         ),
     )
     bands: tuple[int, ...] | None = field(
@@ -278,9 +291,15 @@ class SegmentOptions:
             object.__setattr__(self, name, float(v))
         integer("object_halo", 0)
         seed = self.object_seed
-        if isinstance(seed, bool) or not isinstance(seed, (int, float)) or not 0.0 < seed <= 1.0:
-            raise OptionError(f"--object-seed {seed}: must be a probability in (0, 1]")
-        object.__setattr__(self, "object_seed", float(seed))
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, (int, float)) or not 0.0 < seed <= 1.0:
+                raise OptionError(f"--object-seed {seed}: must be a probability in (0, 1]")
+            object.__setattr__(self, "object_seed", float(seed))
+        least = self.object_min_area
+        if least is not None:
+            if isinstance(least, bool) or not isinstance(least, (int, float)) or not math.isfinite(least) or least < 0:
+                raise OptionError(f"--object-min-area {least}: must be a number of 0 or more")
+            object.__setattr__(self, "object_min_area", float(least))
         if self.objects is not None:
             objs = self.objects
             if isinstance(objs, (str, int)):  # "parcel,field" as typed on a command line
@@ -335,8 +354,10 @@ class SegmentOptions:
         if fp["objects"] is None:
             # Without --objects the object options change nothing: leave them out, so markers
             # written before they existed still match.
-            for k in ("objects", "object_halo", "object_seed"):
+            for k in ("objects", "object_halo", "object_seed", "object_min_area"):
                 fp.pop(k)
+        elif fp["object_min_area"] is None:  # as markers written before --object-min-area existed
+            fp.pop("object_min_area")
         if fp["bands"] is None:  # every band, as markers written before --bands existed
             fp.pop("bands")
         return fp

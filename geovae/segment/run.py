@@ -207,7 +207,7 @@ def _open_sinks(spec: RunSpec, oset: OutputSet) -> dict[str, Any]:
                 spec.stem,
                 spec.objects,
                 spec.formats,
-                min_area=opts.min_area,
+                min_area=spec.objects.min_object_area(opts.min_area, abs(spec.scene.transform.determinant)),
                 simplify=opts.simplify,
                 block_size=opts.block_size,
             )

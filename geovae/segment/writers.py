@@ -34,6 +34,8 @@ def objects_entry(spec: RunSpec, res: Any) -> dict[str, Any]:
         "classes": list(objects.classes),
         "boundary_class": objects.boundary,
         "seed": objects.seed,
+        "min_area": objects.min_object_area(spec.options.min_area, abs(spec.scene.transform.determinant)),
+        "settings_from": dict(objects.origin),
         "halo": objects.halo,
         "count": res.n_objects,
         "beyond_halo": res.beyond_halo,

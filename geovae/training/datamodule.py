@@ -372,6 +372,8 @@ class SceneDataModule(GeoDataModule):
             return int(v)
 
         feature_class = [class_of(v) for v in gdf[label_field]]
+        objs = gdf.assign(class_id=feature_class)
+        self._object_gdf = objs[objs["class_id"].isin(list(spec.ids))][["class_id", "geometry"]]
         f = self.facts
         counts = [
             object_label_counts(
@@ -388,6 +390,11 @@ class SceneDataModule(GeoDataModule):
             for box in (self.train_box, self.val_box)
         ]
         return counts[0], counts[1]
+
+    def object_reference(self) -> Any:
+        """The object polygons of the object labels (their object classes only), in the image's
+        CRS, with a ``class_id`` column; None without object labels (``boundary_width``)."""
+        return getattr(self, "_object_gdf", None) if self.objects else None
 
     def _vector_pixel_counts(
         self, gdf: Any, label_field: str, name_to_id: Mapping[str, int], box: tuple[float, float, float, float] | None

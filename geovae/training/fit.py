@@ -121,6 +121,14 @@ def _trainer_kwargs(device: str, progress: bool) -> dict[str, Any]:
     return {"accelerator": "cpu", "devices": 1, "precision": "32-true", "enable_progress_bar": progress}
 
 
+def _predict_device(trainer_kwargs: Mapping[str, Any]) -> str:
+    """The device a trained model predicts on after fitting: the one it trained on."""
+    if trainer_kwargs.get("accelerator") == "gpu":
+        devices = trainer_kwargs.get("devices") or [0]
+        return f"cuda:{devices[0] if isinstance(devices, (list, tuple)) else 0}"
+    return "cpu"
+
+
 def _check_out(out: str | os.PathLike[str]) -> Path:
     return check_output_file(out, example="model.safetensors")
 
@@ -260,6 +268,12 @@ def fit_and_save(
     info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
     if scene is not None:
         info.training = training_facts(task.model, info, scene)
+        if scene.objects:
+            from geovae.training.thresholds import learn_object_settings
+
+            # The seed threshold and minimum object size of segment --objects, chosen by
+            # object F1 on the held-out part (extra.objects).
+            learn_object_settings(task.model, info, scene, device=_predict_device(trainer_kwargs))
     from geovae.model import io as model_io
 
     # save_model writes to a temporary name in the same folder and renames it when complete.
