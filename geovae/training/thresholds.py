@@ -138,8 +138,8 @@ def heldout_window(dm: Any, max_side: int = MAX_HELDOUT_SIDE) -> Window | None:
         return None
     left, bottom, right, top = dm.val_box
     inv = ~dm.facts.transform
-    c0, r0 = (round(v) for v in inv * (left, top))
-    c1, r1 = (round(v) for v in inv * (right, bottom))
+    c0, r0 = (round(v) for v in inv @ (left, top))
+    c1, r1 = (round(v) for v in inv @ (right, bottom))
     w, h = c1 - c0, r1 - r0
     cw, ch = min(w, max_side), min(h, max_side)
     return Window(c0 + (w - cw) // 2, r0 + (h - ch) // 2, cw, ch)
@@ -197,8 +197,8 @@ def heldout_object_settings(module: Any, info: Any, dm: Any, *, device: str = "c
     if reference is None or window is None:
         return None
     tf = window_transform(window, dm.facts.transform)
-    left, top = tf * (0, 0)
-    right, bottom = tf * (window.width, window.height)
+    left, top = tf @ (0, 0)
+    right, bottom = tf @ (window.width, window.height)
     box = (min(left, right), min(top, bottom), max(left, right), max(top, bottom))
     import shapely
 
