@@ -15,6 +15,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import rasterio.features
 import shapely
 import torch
 from conftest import fixture_path
@@ -241,7 +242,7 @@ def test_training_chooses_on_the_held_out_part_and_records_the_choice(
     got = info.extra["objects"]
     if val_fraction == 0.25:
         assert "seed" not in got and any(
-            "no object polygon in the held-out part" in r.getMessage() for r in caplog.records
+            "no labelled object in the held-out part" in r.getMessage() for r in caplog.records
         )
         return
     width = round(256 * val_fraction)
@@ -250,4 +251,38 @@ def test_training_chooses_on_the_held_out_part_and_records_the_choice(
     assert got["reference_objects"] == int(parcels.clip(shapely.box(*dm.val_box)).area.gt(0).sum())
     assert got["seed"] in SEED_CANDIDATES and got["min_area_px"] in MIN_AREA_CANDIDATES_PX
     assert 0.0 <= got["f1_default"] <= got["f1_heldout"] <= 1.0
+    assert learnt_settings(info)["seed"] == got["seed"]
+
+
+def test_a_label_raster_with_a_boundary_class_is_object_labels_too(tmp_path: Path) -> None:
+    """Labels as a raster (0 unlabelled, 1 parcel, 2 boundary, 3 background) made from the
+    fixture's parcels: the reference objects are the ones the labels themselves make."""
+    from geovae.training import SceneDataModule
+    from geovae.training.labels import object_mask
+    from geovae.training.thresholds import learn_object_settings, raster_object_classes
+
+    parcels = gpd.read_file(fixture_path("ndvi_parcels_amsterdam", "parcels_brp2020.fgb"))
+    with rasterio.open(fixture_path(*NDVI)) as src:
+        profile = src.profile
+    ids = rasterio.features.rasterize(
+        [(g, k + 1) for k, g in enumerate(parcels.geometry)],
+        out_shape=(profile["height"], profile["width"]),
+        transform=profile["transform"],
+        dtype="int32",
+    ).astype(np.int64)
+    cls = object_mask(ids, np.array([0] + [1] * len(parcels)), 1, 2, np.ones(ids.shape, bool), 3).astype(np.uint8)
+    labels = tmp_path / "labels.tif"
+    with rasterio.open(labels, "w", **{**profile, "dtype": "uint8", "nodata": 0}) as dst:
+        dst.write(cls, 1)
+    dm = SceneDataModule(
+        str(fixture_path(*NDVI)), str(labels), classes="1:parcel,2:boundary,3:background", val_fraction=0.4
+    )
+    assert raster_object_classes(dm) == (2, [1])
+    info = _info(None)
+    info.class_ids, info.class_names, info.extra = [1, 2, 3], ["parcel", "boundary", "background"], {}
+    learn_object_settings(_module(), info, dm)
+    got = info.extra["objects"]
+    assert got["heldout"]["window"] == [154, 0, 102, 256]
+    # the parcels of the held-out part, each an object of the labels (narrow ones are all boundary)
+    assert 5 <= got["reference_objects"] <= int(parcels.clip(shapely.box(*dm.val_box)).area.gt(0).sum())
     assert learnt_settings(info)["seed"] == got["seed"]

@@ -268,9 +268,9 @@ def fit_and_save(
     info = task.model_info(tile_size=int(tile_size), extra=extra, input_mean=input_mean, input_std=input_std)
     if scene is not None:
         info.training = training_facts(task.model, info, scene)
-        if scene.objects:
-            from geovae.training.thresholds import learn_object_settings
+        from geovae.training.thresholds import learn_object_settings, raster_object_classes
 
+        if scene.objects or raster_object_classes(scene)[0] is not None:
             # The seed threshold and minimum object size of segment --objects, chosen by
             # object F1 on the held-out part (extra.objects).
             learn_object_settings(task.model, info, scene, device=_predict_device(trainer_kwargs))

@@ -2,8 +2,9 @@
 
 ``geovae segment --objects`` cuts objects with a seed threshold and drops objects below a
 minimum size (:mod:`geovae.objects`). Which values work depends on the model and the data,
-so training with object labels (``--boundary-width``) chooses them on the part of the
-labelled area it held out for validation (the spatial split of
+so training with object labels (object polygons with ``--boundary-width``, or a label raster
+with a class named ``boundary``) chooses them on the part of the labelled area it held out
+for validation (the spatial split of
 :func:`~geovae.training.samplers.split_regions`, never random pixels, so the choice is
 judged on objects the model did not train on):
 
@@ -14,7 +15,8 @@ judged on objects the model did not train on):
    :func:`geovae.vector.vectorize_objects` (the same path as ``segment --objects``); for
    every minimum size of :data:`MIN_AREA_CANDIDATES_PX` the smaller objects are dropped (on
    their pixel-exact area, as ``--min-area`` does).
-3. Each candidate is scored against the labels' object polygons clipped to the window by
+3. Each candidate is scored against the labels' objects clipped to the window (the object
+   polygons; from a label raster, the objects ``vectorize_objects`` makes of the labels) by
    :func:`geovae.metrics.object_scores` (F1 at IoU 0.5, one to one); the best F1 wins, ties
    going to the seed nearest the default and then to the smaller minimum.
 
@@ -49,6 +51,7 @@ __all__ = [
     "heldout_object_settings",
     "heldout_window",
     "learn_object_settings",
+    "raster_object_classes",
 ]
 
 log = logging.getLogger("geovae.training")
@@ -145,11 +148,40 @@ def heldout_window(dm: Any, max_side: int = MAX_HELDOUT_SIDE) -> Window | None:
     return Window(c0 + (w - cw) // 2, r0 + (h - ch) // 2, cw, ch)
 
 
-def _crop(image: str, window: Window, out: Path) -> None:
-    """Copy ``window`` of ``image`` to a GeoTIFF (strip by strip: memory is one strip)."""
+def raster_object_classes(dm: Any) -> tuple[int | None, list[int]]:
+    """The boundary class and object classes of training from a label raster: a class named
+    ``boundary`` makes it object labels; every other class but one named ``background`` is an
+    object class. ``(None, [])`` for vector labels or a label raster without a boundary class."""
+    from geovae.objects import BACKGROUND_NAME, BOUNDARY_NAME
+
+    if not getattr(dm, "labels_path", None):
+        return None, []
+    named = {str(n).strip().lower(): int(c) for c, n in zip(dm.classes.ids, dm.classes.names, strict=True)}
+    boundary = named.get(BOUNDARY_NAME)
+    if boundary is None:
+        return None, []
+    skip = {boundary, named.get(BACKGROUND_NAME)}
+    return boundary, [int(c) for c in dm.classes.ids if c not in skip]
+
+
+def _raster_reference(dm: Any, window: Window, folder: Path, objects: Sequence[int]) -> Any:
+    """The reference objects of a label raster with a boundary class in ``window``: the
+    objects :func:`~geovae.vector.vectorize_objects` makes of the labels themselves (seeds
+    from the class pixels, the boundary given back to them), as a GeoDataFrame."""
+    from geovae.vector import vectorize_objects
+
+    labels = folder / "labels.tif"
+    _crop(dm.labels_path, window, labels, classes=dm.classes)
+    return vectorize_objects(labels, None, objects=[str(c) for c in objects])
+
+
+def _crop(image: str, window: Window, out: Path, classes: Any = None) -> None:
+    """Copy ``window`` of ``image`` to a GeoTIFF (strip by strip: memory is one strip); with
+    ``classes`` (a :class:`~geovae.classes.ClassSpec`), a label raster with its class table."""
+    from geovae.products import write_class_table
     from geovae.scene import open_raster
 
-    with open_raster(image, "image") as src:
+    with open_raster(image, "labels" if classes is not None else "image") as src:
         profile = {
             "driver": "GTiff",
             "width": int(window.width),
@@ -172,6 +204,8 @@ def _crop(image: str, window: Window, out: Path) -> None:
                 h = min(256, int(window.height) - top)
                 win = Window(window.col_off, window.row_off + top, window.width, h)
                 dst.write(src.read(window=win), window=Window(0, top, window.width, h))
+            if classes is not None:
+                write_class_table(dst, classes.ids, classes.names, classes.colors)
 
 
 def heldout_object_settings(module: Any, info: Any, dm: Any, *, device: str = "cpu") -> dict[str, Any] | None:
@@ -180,38 +214,45 @@ def heldout_object_settings(module: Any, info: Any, dm: Any, *, device: str = "c
     Args:
         module: the trained model (not changed: a copy predicts).
         info: its description (with the data module's ``extra.objects``).
-        dm: the :class:`~geovae.training.SceneDataModule` it was trained with (object labels).
+        dm: the :class:`~geovae.training.SceneDataModule` it was trained with: object
+            polygons (``boundary_width``), or a label raster with a class named ``boundary``
+            (its objects are the ones the labels make, :func:`raster_object_classes`).
         device: where the copy predicts.
 
     Returns:
         What :func:`choose_object_settings` returns, plus ``heldout`` (``box``: the window's
         bounds in the image's CRS, ``window``: ``[col, row, width, height]`` in the image);
-        None without object labels, a held-out part, or reference objects in it (a warning
-        says so).
+        None without object labels or a held-out part, or with no labelled object in it (a
+        warning says so).
     """
+    import shapely
+
     from geovae.model.base import SegmentationModel
     from geovae.segment import SegmentOptions, segment_scene
 
-    reference = dm.object_reference() if dm.objects else None
+    boundary, raster_objects = raster_object_classes(dm)
     window = heldout_window(dm)
-    if reference is None or window is None:
+    if window is None or not (dm.objects or boundary is not None):
         return None
     tf = window_transform(window, dm.facts.transform)
     left, top = tf @ (0, 0)
     right, bottom = tf @ (window.width, window.height)
     box = (min(left, right), min(top, bottom), max(left, right), max(top, bottom))
-    import shapely
-
-    inside = reference[reference.intersects(shapely.box(*box))]
-    if inside.empty:
-        log.warning(
-            "no object polygon in the held-out part; geovae segment --objects will use the default seed "
-            "and minimum object size"
-        )
-        return None
-    ids = [str(c) for c in dm.objects["object_classes"]]
-    model = SegmentationModel(copy.deepcopy(module), info, device, amp=False)
+    object_ids = list(dm.objects["object_classes"]) if dm.objects else raster_objects
+    ids = [str(c) for c in object_ids]
     with tempfile.TemporaryDirectory(prefix="geovae-heldout-") as tmp:
+        if dm.objects:
+            reference = dm.object_reference()
+            inside = reference[reference.intersects(shapely.box(*box))]
+        else:
+            inside = _raster_reference(dm, window, Path(tmp), object_ids)
+        if inside.empty:
+            log.warning(
+                "no labelled object in the held-out part; geovae segment --objects will use the default seed "
+                "and minimum object size"
+            )
+            return None
+        model = SegmentationModel(copy.deepcopy(module), info, device, amp=False)
         crop = Path(tmp) / "heldout.tif"
         _crop(dm.image_path, window, crop)
         res = segment_scene(
