@@ -7,7 +7,9 @@ from the register's polygons with a one-pixel boundary class (``geovae train --v
 --boundary-width 1``), the east half is segmented with ``--objects parcel``, and both the object
 polygons and the plain class-region polygons of the same run are scored against the register
 (``geovae evaluate --objects``: both sets clipped to the east half, one-to-one matches at IoU >=
-0.5). Then the east half is segmented again with another tile and block size, and the
+0.5). The segment runs use the seed threshold and minimum object size that training chose on
+its held-out part (the east quarter of the west half), unless ``--seed-threshold`` is given;
+the result records them (``settings``, ``learnt``). Then the east half is segmented again with another tile and block size, and the
 objects of the two runs are compared (count, IoU of each object with its counterpart).
 
 ``spacenet``: the SpaceNet-4 Atlanta tile's 43 building footprints, as objects from the
@@ -148,8 +150,7 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
             work / f"out-{name}",
             "--objects",
             "parcel",
-            "--object-seed",
-            args.seed_threshold,
+            *(["--object-seed", args.seed_threshold] if args.seed_threshold is not None else []),
             "--formats",
             "gpkg",
             "--no-quicklook",
@@ -158,6 +159,12 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
             *extra,
         )
     classes = work / "out-a" / "east.classes.tif"
+    # The seed and minimum object size the runs used, and where they came from (option, model, default).
+    report = json.loads((work / "out-a" / "east.json").read_text())["objects"]
+    res["settings"] = {k: report.get(k) for k in ("seed", "min_area", "settings_from")}
+    from geovae.model.io import read_model_info
+
+    res["learnt"] = read_model_info(model).extra.get("objects", {})
     res["objects"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--json"))["objects"]
     res["class_regions"] = json.loads(
         geovae(
@@ -219,7 +226,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--boundary-width", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--seed-threshold", type=float, default=0.5, help="--object-seed of the segment runs.")
+    ap.add_argument(
+        "--seed-threshold",
+        type=float,
+        help="--object-seed of the segment runs (default: the model's learnt value, else 0.5).",
+    )
     ap.add_argument("--json", help="Append the result as one JSON line to this file.")
     args = ap.parse_args()
     res = {"what": args.what, **(parcels(args) if args.what == "parcels" else spacenet(args))}
