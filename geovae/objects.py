@@ -53,13 +53,13 @@ __all__ = [
     "BOUNDARY_NAME",
     "DEFAULT_HALO",
     "DEFAULT_SEED",
-    "LEARNT_KEYS",
     "MIN_SEED_PIXELS",
     "SEED_DISTANCE",
     "ObjectSpec",
     "boundary_class",
     "label_objects",
     "learnt_settings",
+    "pixel_area",
     "plan_objects",
     "probability_bands",
     "probability_tags",
@@ -84,9 +84,6 @@ DEFAULT_SEED = 0.5
 #: The name training gives the boundary class, and the background class.
 BOUNDARY_NAME = "boundary"
 BACKGROUND_NAME = "background"
-#: The settings ``geovae train`` learns on its held-out part and records in the model
-#: file's ``extra.objects`` (:mod:`geovae.training.thresholds`).
-LEARNT_KEYS = ("seed", "min_area_px")
 
 
 @dataclass(frozen=True)
@@ -167,6 +164,12 @@ def boundary_class(info: Any) -> int | None:
         if str(name).strip().lower() == BOUNDARY_NAME:
             return int(cid)
     return None
+
+
+def pixel_area(crs: Any, transform: Any) -> float:
+    """The area of one pixel in the units object areas are measured in: the transform's
+    (m^2 in a projected CRS), or 1 without a CRS (areas in square pixels)."""
+    return 1.0 if crs is None else abs(float(transform.determinant))
 
 
 def learnt_settings(info: Any) -> dict[str, Any]:
@@ -412,6 +415,11 @@ def probability_bands(ds: Any) -> tuple[list[int], int | None]:
 # ----------------------------------------------------------------------------- a segment run
 def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec | None:
     """The :class:`ObjectSpec` of a segment run's ``--objects`` options, checked against the model.
+
+    The seed threshold and the minimum object size each come from the option when given
+    (``object_seed``, ``object_min_area``), else from the model (:func:`learnt_settings`),
+    else from the defaults (0.5, none); ``ObjectSpec.origin`` says which, and the log names
+    the model's values when they are used.
 
     Args:
         options: the run's :class:`~geovae.segment.options.SegmentOptions`.

@@ -34,6 +34,7 @@ from geovae.blocks import Block
 from geovae.errors import OptionError
 from geovae.heap import cap_mmap_threshold
 from geovae.model.base import SegmentationModel
+from geovae.objects import pixel_area
 from geovae.products import RASTER_KINDS, class_table, output_name
 from geovae.scene import Scene, capped_gdal_cache
 from geovae.segment.assemble import RowBands, split_entry
@@ -207,7 +208,7 @@ def _open_sinks(spec: RunSpec, oset: OutputSet) -> dict[str, Any]:
                 spec.stem,
                 spec.objects,
                 spec.formats,
-                min_area=spec.objects.min_object_area(opts.min_area, abs(spec.scene.transform.determinant)),
+                min_area=spec.objects.min_object_area(opts.min_area, pixel_area(spec.scene.crs, spec.scene.transform)),
                 simplify=opts.simplify,
                 block_size=opts.block_size,
             )

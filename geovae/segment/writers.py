@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from geovae.atomic import OutputSet, sha256, write_text
+from geovae.objects import pixel_area
 from geovae.products import RASTER_STYLES, output_name
 from geovae.segment.spec import RunSpec
 from geovae.sinks.statistics import Statistics
@@ -34,7 +35,7 @@ def objects_entry(spec: RunSpec, res: Any) -> dict[str, Any]:
         "classes": list(objects.classes),
         "boundary_class": objects.boundary,
         "seed": objects.seed,
-        "min_area": objects.min_object_area(spec.options.min_area, abs(spec.scene.transform.determinant)),
+        "min_area": objects.min_object_area(spec.options.min_area, pixel_area(spec.scene.crs, spec.scene.transform)),
         "settings_from": dict(objects.origin),
         "halo": objects.halo,
         "count": res.n_objects,

@@ -41,7 +41,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geovae.errors import GeovaeError
-from geovae.objects import DEFAULT_SEED
+from geovae.objects import DEFAULT_SEED, pixel_area
 
 __all__ = [
     "MAX_HELDOUT_SIDE",
@@ -103,7 +103,7 @@ def choose_object_settings(
     from geovae.vector import vectorize_objects
 
     with open_raster(classes, "class raster") as src:
-        pixel_area = abs(src.transform.determinant) if src.crs is not None else 1.0
+        one_pixel = pixel_area(src.crs, src.transform)
         area_col = area_column(src.crs is None)
         bounds = tuple(src.bounds)
     box = region if region is not None else bounds
@@ -111,7 +111,7 @@ def choose_object_settings(
     for seed in seeds:
         gdf = vectorize_objects(classes, None, objects=list(objects), probabilities=probabilities, seed=float(seed))
         for least in min_areas_px:
-            kept = gdf[gdf[area_col] >= float(least) * pixel_area] if least > 0 else gdf
+            kept = gdf[gdf[area_col] >= float(least) * one_pixel] if least > 0 else gdf
             rows.append((float(seed), float(least), object_scores(kept, reference, region=box)))
 
     def f1(score: dict[str, Any]) -> float:
