@@ -8,7 +8,9 @@ polygon worker, the format writers, torch's), so once the threshold has risen th
 the threads' heaps instead, where the freed ones stay resident between smaller live ones:
 the memory malloc holds free grows with the number of blocks a run goes through, that is with
 the scene's area. :func:`cap_mmap_threshold` fixes the threshold at
-:data:`MMAP_THRESHOLD`, so every allocation that large is mapped and unmapped on its own.
+:data:`MMAP_THRESHOLD`, so an allocation that large which no free chunk of a heap can serve
+is mapped, and unmapped when freed, instead of growing a heap. ``geovae segment`` and ``geovae
+view`` (whose request threads read overview windows) fix it.
 """
 
 from __future__ import annotations

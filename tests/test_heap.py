@@ -2,59 +2,67 @@
 
 from __future__ import annotations
 
-import ctypes
+import os
 import platform
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
-from geovae.heap import MMAP_THRESHOLD, cap_mmap_threshold
+from geovae.heap import cap_mmap_threshold
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
+# In a fresh interpreter: malloc serves a request from a free chunk of a heap, mapping it only
+# where none is large enough, and a long-lived test process has plenty of freed heap. Prints
+# the mapped blocks (``mallinfo2().hblks``) before, with and after a block just above the
+# threshold, allocated after a 20 MiB one was freed (which raises glibc's default threshold).
+STEPS = """
+import ctypes, sys
+import numpy as np
+from geovae.heap import MMAP_THRESHOLD, cap_mmap_threshold
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "capped":
+    assert cap_mmap_threshold()
+big = np.ones(20 * 2**20, np.uint8)
+del big
+before = libc.mallinfo2().hblks
+block = np.ones(MMAP_THRESHOLD + 2**20, np.uint8)
+during = libc.mallinfo2().hblks
+del block
+print(before, during, libc.mallinfo2().hblks)
+"""
 
 
-def _mapped_blocks() -> int:
-    """Allocations malloc serves with their own mapping now (``mallinfo2().hblks``)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return int(libc.mallinfo2().hblks)
+def _mapped_blocks(mode: str) -> tuple[int, int, int]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    proc = subprocess.run([sys.executable, "-c", STEPS, mode], env=env, capture_output=True, text=True, check=True)
+    before, during, after = (int(v) for v in proc.stdout.split())
+    return before, during, after
 
 
-def test_blocks_of_a_few_mib_are_mapped_once_the_threshold_is_fixed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocks_of_a_few_mib_are_mapped_once_the_threshold_is_fixed() -> None:
     """By default glibc raises its threshold to each mapped block freed (up to 32 MiB), so a
     5 MiB array after a 20 MiB one comes from a heap and its pages stay when it is freed;
     with the threshold fixed it is mapped, and unmapped when freed."""
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    cap_mmap_threshold.cache_clear()
-    assert cap_mmap_threshold()
-    big = np.ones(20 * 2**20, np.uint8)
-    del big
-    before = _mapped_blocks()
-    block = np.ones(MMAP_THRESHOLD + 2**20, np.uint8)
-    assert _mapped_blocks() == before + 1
-    del block
-    assert _mapped_blocks() == before
+    before, during, after = _mapped_blocks("capped")
+    assert (during, after) == (before + 1, before)
+
+
+def test_without_the_fixed_threshold_the_block_comes_from_a_heap() -> None:
+    # The control: the default threshold does keep the block off its own mapping, so the
+    # test above can fail.
+    before, during, _ = _mapped_blocks("default")
+    assert during == before
 
 
 def test_a_threshold_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

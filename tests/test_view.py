@@ -749,7 +749,8 @@ def test_page_on_a_segment_output(browser: object, seg_out: Path) -> None:
             except TimeoutException:
                 continue
         want = NAMES[int(sure[i, j]) - 1]
-        assert d.find_element(By.CSS_SELECTOR, ".leaflet-popup-content strong").text == want
+        # textContent, not .text: WebDriver's visible text is empty while the popup fades in
+        assert d.find_element(By.CSS_SELECTOR, ".leaflet-popup-content strong").get_attribute("textContent") == want
         assert d.find_element(By.CSS_SELECTOR, "#info .polygon-class").text == want
         logs = [entry for entry in d.get_log("browser") if entry["level"] == "SEVERE"]
         assert not logs, logs
