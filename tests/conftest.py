@@ -26,6 +26,23 @@ FIXTURES = ROOT / "tests" / "data"
 DATA = Path(os.environ.get("GEOVAE_TEST_DATA", ROOT.parent / "shared" / "data")).resolve()
 
 
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``geovae ARGS`` in this process: its exit code, stdout and stderr."""
+    from geovae.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    """The one line of a user error on stderr (``geovae: error: ...``), asserted to be alone."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("geovae: error: "), err
+    return lines[0]
+
+
 def fixture_path(*parts: str) -> Path:
     """Path of a committed test fixture under ``tests/data``.
 

@@ -19,26 +19,13 @@ import lightning.pytorch as pl
 import pytest
 import rasterio
 import torch
+from conftest import one_line, run
 from safetensors import safe_open
 
-from geovae.cli import main
 from geovae.model.pretrained import weight_set
 
 ENCODER = "ResNet18_Weights.LANDSAT_ETM_SR_MOCO"
 PREFIX = "encoder.encoder."  # the smp encoder inside the VAE's encoder wrapper
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("geovae: error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip instal
 import onnx
 import rasterio
 import torch
+from conftest import one_line, run
 from rasterio.windows import Window
 
 from geovae.cli import main
@@ -38,19 +39,6 @@ from geovae.segment import segment_scene
 AGREEMENT = 0.999
 ATOL = 1e-4
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("geovae: error: "), err
-    return lines[0]
 
 
 def _scene_stats(path: Path) -> tuple[torch.Tensor, list[float], list[float]]:

@@ -23,28 +23,15 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from conftest import one_line, run
 from rasterio.windows import Window
 
-from geovae.cli import main
 from geovae.errors import DownloadError, ModelFileError, OptionError, SceneError
 from geovae.model.pretrained import catalogue, model_info, weight_set
 
 NAIP = "Unet_Weights.NAIP_RGBN_RESNET18_CHESAPEAKERSC"
 FTW3 = "Unet_Weights.SENTINEL2_3CLASS_FTW"
 ENCODER = "ResNet18_Weights.LANDSAT_ETM_SR_MOCO"
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("geovae: error: "), err
-    return lines[0]
 
 
 def write_weights(name: str, seed: int) -> Path:

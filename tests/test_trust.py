@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-
-from geovae.cli import main
+from conftest import run
 
 pytestmark = pytest.mark.slow  # one real training run (about 20 s on one thread) for the module
 
@@ -46,12 +45,6 @@ def nc_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert set(res.info.training) == {"dtype", "quantiles", "reconstruction_error_quantiles"}
     return res.model_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_training_scene_is_not_flagged(nc_model: Path, nc_stack: Path, tmp_path: Path) -> None:
