@@ -43,8 +43,19 @@ print(before, during, libc.mallinfo2().hblks)
 """
 
 
+MALLOC_SETTINGS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+    "GLIBC_TUNABLES",
+)
+
+
 def _mapped_blocks(mode: str) -> tuple[int, int, int]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    # glibc's defaults: setting any of these turns its dynamic threshold off, and Dask's nanny
+    # puts MALLOC_TRIM_THRESHOLD_ into the environment of a process that starts a local cluster.
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
     proc = subprocess.run([sys.executable, "-c", STEPS, mode], env=env, capture_output=True, text=True, check=True)
     before, during, after = (int(v) for v in proc.stdout.split())
     return before, during, after
