@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from geovae import signals
-from geovae.errors import OutputError
+from geovae.errors import OptionError, OutputError
 
 __all__ = [
     "OutputSet",
@@ -46,6 +46,7 @@ __all__ = [
     "check_not_inputs",
     "check_output_dir",
     "check_output_file",
+    "check_output_suffix",
     "disk_full_error",
     "is_disk_full",
     "sha256",
@@ -211,6 +212,29 @@ def check_name_lengths(folder: str | os.PathLike[str], names: Iterable[str], *, 
             f"{limit - margin} here ({limit} with room for temporary files); give the input a shorter name "
             "(or a link to it)"
         )
+
+
+def check_output_suffix(path: str | os.PathLike[str], suffixes: Sequence[str], *, writes: str, fix: str = "") -> None:
+    """Refuse an output file whose name says another format than the one written.
+
+    A model or raster written under a ``.png`` or ``.onnx`` name is opened with the wrong
+    reader (or by the wrong program) later; the name is refused instead of guessed at.
+
+    Args:
+        path: the output file.
+        suffixes: the suffixes of the format written, lower case with the dot, the preferred first.
+        writes: what is written, for the message (``"train writes a safetensors model file"``).
+        fix: more advice ending the message (``"add --onnx to write ONNX"``).
+
+    Raises:
+        OptionError: naming the output and the name to give instead.
+    """
+    p = Path(path)
+    if p.suffix.lower() in suffixes:
+        return
+    stem = p.stem if p.suffix else p.name
+    extra = f"; {fix}" if fix else ""
+    raise OptionError(f"--out {path}: {writes}; name the file {stem}{suffixes[0]}{extra}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from geovae import signals
-from geovae.atomic import atomic_path, check_not_inputs, check_output_file
+from geovae.atomic import atomic_path, check_not_inputs, check_output_file, check_output_suffix
 from geovae.errors import LabelsError, ModelFileError, OptionError
 
 __all__ = ["MAX_BANDS", "MAX_PIXELS", "SUFFIXES", "GenerateResult", "generate_images"]
@@ -129,13 +129,14 @@ def generate_images(
     """
     out_path = check_output_file(out, example="samples.tif")
     check_not_inputs([out_path], [model, classes_from], fix="choose another --out file")
-    if out_path.suffix.lower() not in SUFFIXES:
-        # Refused rather than written as a GeoTIFF under another format's name: a PNG or JPEG
-        # holds at most 4 bands of 8 or 16 bits, not N images of the model's bands.
-        raise OptionError(
-            f"--out {out}: generate writes a GeoTIFF; name the file {out_path.stem}.tif "
-            "(convert afterwards with gdal_translate if you need another format)"
-        )
+    # Refused rather than written as a GeoTIFF under another format's name: a PNG or JPEG
+    # holds at most 4 bands of 8 or 16 bits, not N images of the model's bands.
+    check_output_suffix(
+        out_path,
+        SUFFIXES,
+        writes="generate writes a GeoTIFF",
+        fix="convert it afterwards with gdal_translate if you need another format",
+    )
     if n < 1:
         raise OptionError(f"--n {n}: generate at least one image")
     import rasterio

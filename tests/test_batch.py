@@ -204,6 +204,30 @@ def scenes() -> list[Path]:
     ]
 
 
+def test_batch_never_writes_over_its_scene_list_or_model(
+    scenes: list[Path], tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --list file kept in the output folder as manifest.csv was replaced by the manifest
+    with exit 0; a list or model under the name of the manifest or the STAC catalog is
+    refused with one line before any cluster starts, and left byte for byte."""
+    from conftest import one_line, run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    listed = out / batch.MANIFEST_NAME
+    listed.write_text(f"{scenes[0]}\n")
+    code, _, err = run(capsys, "batch", "--list", str(listed), "-m", str(tiny_model), "-o", str(out))
+    assert code == 1, err
+    assert f"is the input {listed}; writing it would destroy the input; choose another --out folder" in one_line(err)
+    assert listed.read_text() == f"{scenes[0]}\n"
+    model = out / "catalog.json"
+    model.write_bytes(tiny_model.read_bytes())
+    code, _, err = run(capsys, "batch", str(scenes[0]), "-m", str(model), "-o", str(out))
+    assert code == 1 and f"is the input {model}" in one_line(err)
+    assert model.read_bytes() == tiny_model.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.json", "manifest.csv"]
+
+
 def test_unreachable_scheduler_leaves_no_manifest(scenes: list[Path], tiny_model: Path, tmp_path: Path) -> None:
     """Failing to connect writes nothing: no manifest of "pending" rows, and a previous
     run's manifest is left as it was."""

@@ -314,7 +314,9 @@ def test_unusable_choices_refused_before_reading_data(
     args: list[str], code: int, expect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = str(tmp_path / "no_such_scene.tif")  # refused before the data is opened
-    got, _, err = run(capsys, "train", "--image", missing, "--labels", missing, "-o", str(tmp_path / "m.st"), *args)
+    got, _, err = run(
+        capsys, "train", "--image", missing, "--labels", missing, "-o", str(tmp_path / "m.safetensors"), *args
+    )
     assert got == code
     assert expect in one_line(err)
     assert "no_such_scene" not in err
@@ -323,7 +325,9 @@ def test_unusable_choices_refused_before_reading_data(
 def test_unfreeze_after_zero_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = str(tmp_path / "no_such_scene.tif")
     args = ["--encoder-weights", ENCODER, "--freeze-encoder", "--unfreeze-after", "0"]
-    code, _, err = run(capsys, "train", "--image", missing, "--labels", missing, "-o", str(tmp_path / "m.st"), *args)
+    code, _, err = run(
+        capsys, "train", "--image", missing, "--labels", missing, "-o", str(tmp_path / "m.safetensors"), *args
+    )
     assert code == 2
     assert "--unfreeze-after" in one_line(err)
 

@@ -556,3 +556,42 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path: Path) -> No
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(ModelFileError, match=f"tensor {name} missing"):
         load_model(bad, device="cpu")
+
+
+def test_export_never_writes_over_its_inputs_or_under_another_format_s_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`export m.safetensors -o m.safetensors` rewrote its source, and `-o m.png` / `-o m.onnx`
+    (without --onnx) wrote a safetensors file under those names, all with exit 0. Each is now one
+    line before the source is read, the source left byte for byte and nothing written."""
+    import os
+
+    from conftest import one_line, run
+
+    src = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    link = tmp_path / "link.safetensors"
+    os.link(src, link)
+    stats = tmp_path / "stats.onnx"
+    stats.write_bytes(b"not a raster")
+    before = src.read_bytes()
+    for args, said, expected in (
+        (["-o", str(src)], f"output {src} is the input {src}", 1),
+        (["-o", str(link)], f"output {link} is the same file as the input {src}", 1),
+        (["-o", str(tmp_path / "x.png")], "export writes a safetensors model file; name the file x.safetensors", 2),
+        (["-o", str(tmp_path / "x.onnx")], "name the file x.safetensors; add --onnx to write ONNX", 2),
+        (
+            ["-o", str(tmp_path / "x.safetensors"), "--onnx"],
+            "export --onnx writes an ONNX graph; name the file x.onnx",
+            2,
+        ),
+        (["-o", str(stats), "--onnx", "--stats-from", str(stats)], f"output {stats} is the input {stats}", 1),
+    ):
+        code, _, err = run(capsys, "export", str(src), *args)
+        assert code == expected, (args, err)
+        assert said in one_line(err), args
+    assert src.read_bytes() == before
+    assert stats.read_bytes() == b"not a raster"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "m.safetensors", "stats.onnx"]
+    code, _, err = run(capsys, "export", str(src), "-o", str(tmp_path / "copy.safetensors"), "--tile", "64")
+    assert code == 0, err
+    assert read_model_info(tmp_path / "copy.safetensors").tile_size == 64

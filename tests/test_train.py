@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import NC_HEIGHT, NC_WIDTH, config_on_fixtures
+from conftest import NC_HEIGHT, NC_WIDTH, config_on_fixtures, one_line, run
 from torch.utils.data import DataLoader
 from torchgeo.datasets import IntersectionDataset, stack_samples
 from torchgeo.samplers import GriddedPatchSampler, RandomGeoSampler
@@ -693,12 +693,50 @@ def test_broken_numbers_are_refused_before_training(
         (["--adversarial", "inf"], "model.adversarial", 2),
         (["--set", "model.adversarial=-2"], "model.adversarial -2.0: give a finite number >= 0", 2),
         (["--set", "trainer.max_epochs=0"], "trainer.max_epochs 0 trains nothing", 2),
-        (["--set", f"out={nc_labels}"], "would destroy the input", 1),
+        (["--set", f"out={nc_labels}"], "train writes a safetensors model file; name the file", 2),
     ):
         code = main(["train", "--config", str(cfg), *args])
         err = capsys.readouterr().err
         assert code == code_expected and err.count("\n") == 1 and said in err, (args, err)
     assert not out.exists() and not list(tmp_path.glob(".*.part"))
+
+
+def test_train_never_writes_over_its_inputs_or_under_another_format_s_name(
+    nc_stack: Path, nc_labels: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set out=c.yaml` replaced the config with the model and `-o m.png` / `-o m.onnx` wrote a
+    safetensors file under those names, all with exit 0. An out not named .safetensors is
+    refused, and so is an out that is one of the inputs, the config included (here a hard link
+    under a model's name), before any data is read; the inputs are left byte for byte."""
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"out: {tmp_path / 'm.safetensors'}\nmodel:\n  base_channels: 8\n"
+        f"data:\n  image: {nc_stack}\n  labels: {nc_labels}\n  tile: 32\ntrainer:\n  max_epochs: 1\n"
+    )
+    link = tmp_path / "link.safetensors"
+    os.link(cfg, link)
+    before = cfg.read_bytes()
+    for args, said, expected in (
+        (
+            ["--set", f"out={cfg}"],
+            f"--out {cfg}: train writes a safetensors model file; name the file c.safetensors",
+            2,
+        ),
+        (["--set", f"out={link}"], f"output {link} is the same file as the input {cfg}", 1),
+        (["-o", str(tmp_path / "m.png")], "name the file m.safetensors", 2),
+        (["-o", str(tmp_path / "m.onnx")], "export the trained file with geovae export --onnx", 2),
+    ):
+        code, _, err = run(capsys, "train", "--config", str(cfg), *args)
+        assert code == expected, (args, err)
+        assert said in one_line(err), args
+    assert cfg.read_bytes() == before
+    for name in ("m.png", "m.onnx", "m.safetensors"):
+        assert not (tmp_path / name).exists(), name
+    missing = str(tmp_path / "no_such_scene.tif")
+    code, _, err = run(capsys, "train", "--image", missing, "--labels", missing, "-o", str(tmp_path / "m"))
+    assert code == 2 and "name the file m.safetensors" in one_line(err)
 
 
 def test_a_run_whose_loss_goes_non_finite_or_that_made_no_step_writes_nothing(

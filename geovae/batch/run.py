@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geovae import signals
-from geovae.atomic import check_output_dir
+from geovae.atomic import check_not_inputs, check_output_dir
 from geovae.batch.cluster import connect, install_model_cache
 from geovae.batch.manifest import (
     MANIFEST_NAME,
@@ -29,6 +29,7 @@ from geovae.errors import AreaOutsideSceneError, GeovaeError, ModelFileError, Op
 from geovae.model.pretrained import is_reference
 from geovae.segment.options import SegmentOptions
 from geovae.sources.stack import StackedSource
+from geovae.stac import CATALOG_NAME, COLLECTION_NAME
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -160,7 +161,8 @@ def run_batch(
 
     Raises:
         OptionError: no scenes, unknown options, bad counts.
-        OutputError: the output directory cannot be created or written.
+        OutputError: the output directory cannot be created or written, or the manifest or
+            catalog it would write is one of the inputs (the scene list, the model).
         ModelFileError: the model file is unusable.
         ClusterError: the scheduler cannot be reached or the cluster cannot start.
     """
@@ -173,6 +175,10 @@ def run_batch(
         raise OptionError(f"--retries {retries}: must be 0 or more")
 
     out = check_output_dir(out_dir).resolve()
+    check_not_inputs(
+        [out / MANIFEST_NAME, out / CATALOG_NAME, out / COLLECTION_NAME],
+        [scene_list, None if is_reference(model) else model, *(s for s in all_scenes if isinstance(s, str))],
+    )
     opts = SegmentOptions.from_kwargs(options, **segment_options)
     if is_reference(model):
         # Loaded here first: the weights are downloaded once, into the cache local workers share.

@@ -19,7 +19,13 @@ from geovae.errors import OptionError
 @click.option("--label-field", help="Attribute of --vector-labels holding the class id.")
 @click.option("--classes", help='Class ids and names, e.g. "1:developed,5:forest".')
 @click.option("--unlabeled", multiple=True, help="Extra unlabelled scenes (semi-supervised). Repeatable.")
-@click.option("-o", "--out", default="model.safetensors", show_default=True, help="Model file to write.")
+@click.option(
+    "-o",
+    "--out",
+    default="model.safetensors",
+    show_default=True,
+    help="Model file to write (.safetensors). With --config it sets out.",
+)
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs.")
 @click.option(
     "--tile",
@@ -109,6 +115,8 @@ def train(
                 "--config and --image/--labels/--boundary-width are exclusive; put them in the config "
                 "(data.boundary_width, data.background)"
             )
+        if ctx.get_parameter_source("out") is not click.core.ParameterSource.DEFAULT:
+            overrides = (*overrides, f"out={out}")
         if adversarial is not None:
             overrides = (*overrides, f"model.adversarial={adversarial}")
         if encoder_weights is not None:

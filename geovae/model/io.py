@@ -411,16 +411,25 @@ def export_model(
         The path written.
 
     Raises:
-        OptionError: bad values or counts that do not fit the model.
+        OptionError: bad values or counts that do not fit the model, or ``out`` not named
+            ``.safetensors`` (``.onnx`` with ``onnx``).
+        OutputError: ``out`` cannot be written, or is one of the input files.
         ModelFileError: the source cannot be read, cannot be exported to ONNX or the file
             cannot be written.
         MissingDependencyError: ``onnx`` without onnxruntime, onnx and onnxscript installed.
     """
-    from geovae.atomic import check_output_file
+    from geovae.atomic import check_not_inputs, check_output_file, check_output_suffix
     from geovae.bands import band_statistics
     from geovae.classes import parse_classes
 
     out = check_output_file(out, example="model.onnx" if onnx else "model.safetensors")
+    if onnx:
+        check_output_suffix(out, (".onnx",), writes="export --onnx writes an ONNX graph")
+    else:
+        check_output_suffix(
+            out, (".safetensors",), writes="export writes a safetensors model file", fix="add --onnx to write ONNX"
+        )
+    check_not_inputs([out], [source, stats_from, check_with], fix="choose another --out file")
     if stats_from is not None and (mean is not None or std is not None):
         raise OptionError("--stats-from computes mean and std; do not also give --mean or --std")
     if check_with is not None and not onnx:

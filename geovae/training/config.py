@@ -297,7 +297,11 @@ def train_from_config(path: str | os.PathLike[str], overrides: Sequence[str] = (
     ia = data["init_args"]
     check_not_inputs(
         [out_path],
-        [*(ia.get(k) for k in _PATH_KEYS if isinstance(ia.get(k), str)), *(ia.get("unlabeled") or [])],
+        [
+            p,
+            *(ia.get(k) for k in (*_PATH_KEYS, "background") if isinstance(ia.get(k), str)),
+            *(ia.get("unlabeled") or []),
+        ],
         fix="choose another out",
     )
     provenance: dict[str, Any] = {"seed": seed, "config": os.path.abspath(p)}

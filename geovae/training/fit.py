@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from torch import Tensor
 
 from geovae import signals
-from geovae.atomic import check_not_inputs, check_output_file
+from geovae.atomic import check_not_inputs, check_output_file, check_output_suffix
 from geovae.choices import CLASS_WEIGHTINGS, ClassWeighting, Sampler, ValSide
 from geovae.device import resolve_device
 from geovae.errors import OptionError, TrainingError
@@ -130,7 +130,14 @@ def _predict_device(trainer_kwargs: Mapping[str, Any]) -> str:
 
 
 def _check_out(out: str | os.PathLike[str]) -> Path:
-    return check_output_file(out, example="model.safetensors")
+    path = check_output_file(out, example="model.safetensors")
+    check_output_suffix(
+        path,
+        (".safetensors",),
+        writes="train writes a safetensors model file",
+        fix="for ONNX, export the trained file with geovae export --onnx",
+    )
+    return path
 
 
 def _fit(
@@ -442,7 +449,7 @@ def train_model(
             each with a one-line message; raised before any training.
     """
     out_path = _check_out(out)
-    check_not_inputs([out_path], [image, labels, vector_labels, *unlabeled], fix="choose another --out")
+    check_not_inputs([out_path], [image, labels, vector_labels, background, *unlabeled], fix="choose another --out")
     given = {
         "base_channels": base_channels,
         "depth": depth,
