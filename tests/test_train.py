@@ -693,6 +693,7 @@ def test_broken_numbers_are_refused_before_training(
         (["--adversarial", "inf"], "model.adversarial", 2),
         (["--set", "model.adversarial=-2"], "model.adversarial -2.0: give a finite number >= 0", 2),
         (["--set", "trainer.max_epochs=0"], "trainer.max_epochs 0 trains nothing", 2),
+        (["--set", "data.samples_per_epoch=0"], "samples_per_epoch 0: trains nothing", 2),
         (["--set", f"out={nc_labels}"], "train writes a safetensors model file; name the file", 2),
     ):
         code = main(["train", "--config", str(cfg), *args])

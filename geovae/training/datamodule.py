@@ -180,6 +180,10 @@ class SceneDataModule(GeoDataModule):
             raise OptionError(f"tile {tile}: too small; use 32 or more")
         if batch_size < 1:
             raise OptionError(f"batch_size {batch_size}: must be at least 1")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise OptionError(
+                f"samples_per_epoch {samples_per_epoch}: trains nothing; give 1 or more (or leave it out: 4x the tiles)"
+            )
         if sampler not in SAMPLERS:
             raise OptionError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
         if labels and vector_labels:
