@@ -432,6 +432,24 @@ def test_bad_input(nc_labels: Path, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_vectorize_never_writes_over_its_class_raster(nc_labels: Path, tmp_path: Path) -> None:
+    """A GeoPackage can hold a raster: `vectorize classes.gpkg -o classes.gpkg` is refused with
+    one line telling to choose another output file, and the raster is left byte for byte."""
+    from geovae.errors import OutputError
+
+    labels, profile = _read(nc_labels)
+    gpkg = tmp_path / "classes.gpkg"
+    keep = {"crs", "transform", "width", "height", "count", "dtype", "nodata"}
+    with rasterio.open(gpkg, "w", driver="GPKG", **{k: v for k, v in profile.items() if k in keep}) as dst:
+        dst.write(labels, 1)
+    before = gpkg.read_bytes()
+    with pytest.raises(OutputError) as e:
+        vectorize(gpkg, gpkg)
+    assert f"output {gpkg} is the input {gpkg}" in _one_line(e.value)
+    assert str(e.value).endswith("choose another --out file")
+    assert gpkg.read_bytes() == before
+
+
 def test_connectivity_8_joins_diagonal_neighbours(tmp_path: Path) -> None:
     # Edge case real data lacks in a controlled form: a diagonal staircase across a block line.
     a = np.zeros((8, 8), np.uint8)

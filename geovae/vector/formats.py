@@ -430,7 +430,7 @@ def write_files[R](
             write([(path, path)])
             return pyogrio.read_dataframe(path, layer=layer)
     paths = output_paths(out)
-    check_not_inputs(paths, inputs)
+    check_not_inputs(paths, inputs, fix="choose another --out file")
     with contextlib.ExitStack() as stack:
         sets: dict[Path, OutputSet] = {}
         for p in paths:
