@@ -534,6 +534,29 @@ def test_a_tensor_whose_dtype_was_edited_is_refused(tmp_path: Path) -> None:
     assert load_model(p, device="cpu").info.num_classes == 3
 
 
+def test_a_model_holding_nan_or_infinity_is_refused(tmp_path: Path) -> None:
+    """A model saved from a diverged run (older versions wrote one with exit 0) segmented every
+    pixel as one class at confidence NaN; loading it is now one line naming the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    p = save_model(tmp_path / "m.safetensors", _trained_ish(), _info())
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = next(k for k in sorted(tensors) if k.endswith("running_var"))
+    for value in (float("nan"), float("inf")):
+        bad_tensors = {k: v.clone() for k, v in tensors.items()}
+        bad_tensors[name][0] = value
+        bad = tmp_path / "bad.safetensors"
+        save_file(bad_tensors, str(bad), metadata=meta)
+        with pytest.raises(ModelFileError) as e:
+            load_model(bad, device="cpu")
+        msg = str(e.value)
+        assert "\n" not in msg and f"tensor {name} holds non-finite numbers (NaN or infinity)" in msg, value
+    assert load_model(p, device="cpu").info.num_classes == 3
+
+
 def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path: Path) -> None:
     """The message used to end with load_state_dict's colon-ended header line."""
     from safetensors import safe_open

@@ -1,4 +1,4 @@
-"""Weights put into a freshly built module, checked first: names, shapes and data types."""
+"""Weights put into a freshly built module, checked first: names, shapes, data types and finite values."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _dtype(t: torch.Tensor) -> str:
 
 
 def check_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor], *, exact_dtype: bool) -> None:
-    """Every tensor the module has, and no other, with its shape and data type.
+    """Every tensor the module has, and no other, with its shape and data type, all finite.
 
     ``load_state_dict`` checks names and shapes but casts values to the module's type: a
     float32 tensor whose header was edited to int32 (same byte size) would load as
@@ -30,7 +30,8 @@ def check_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor], *
             checkpoint), integer and boolean ones still exact.
 
     Raises:
-        ModelFileError: one line naming the first tensor that does not fit.
+        ModelFileError: one line naming the first tensor that does not fit or holds NaN or
+            infinity.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -58,6 +59,13 @@ def check_state(path: Path, module: nn.Module, state: dict[str, torch.Tensor], *
             raise ModelFileError(
                 f"{path}: tensor {name} holds {_dtype(got)} numbers where the model has {_dtype(want)}; "
                 "the file was edited or damaged; re-export or re-download it"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            # A model saved from a diverged run segments every pixel as one class at
+            # confidence NaN, with exit 0; geovae no longer writes one, older runs did.
+            raise ModelFileError(
+                f"{path}: tensor {name} holds non-finite numbers (NaN or infinity): the model was saved "
+                "from a training run whose loss diverged, or the file is damaged; retrain or re-download it"
             )
 
 
