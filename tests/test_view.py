@@ -797,3 +797,22 @@ def test_scenes_of_one_file_name_get_distinct_names(batch_out: Path, tmp_path: P
     names = [e.name for e in load_catalog(out).scenes]
     assert names == ["2020/a/y.tif", "2021/a/y.tif", "b/y.tif", "b/y.tif (2)", "z.tif"]
     assert [e.name for e in load_catalog(batch_out).scenes] == ["nc_west.tif", "nc_east.tif", "missing.tif"]
+
+
+def test_scenes_whose_paths_differ_only_in_host_or_query_get_distinct_names(tmp_path: Path) -> None:
+    """Scenes in two buckets (s3://b1/y.tif, s3://b2/y.tif) were both "y.tif": the path of a
+    URL dropped its host. Paths that no shown part tells apart (a query, a separator) are
+    numbered, never shown twice, and a number a scene's own name holds is not reused."""
+    from geovae.view.catalog import distinct_names
+
+    out = tmp_path / "out"
+    out.mkdir()
+    scenes = ["s3://b1/y.tif", "s3://b2/y.tif", "https://h/x.tif?sig=1", "https://h/x.tif?sig=2"]
+    rows = [batch.SceneRow(scene=s, folder=f"f{i}", status="failed", error="x") for i, s in enumerate(scenes)]
+    batch.write_manifest(out / batch.MANIFEST_NAME, rows)
+    names = [e.name for e in load_catalog(out).scenes]
+    assert names[:2] == ["b1/y.tif", "b2/y.tif"]
+    assert len(set(names)) == len(scenes), names
+    assert distinct_names(["a\\y.tif", "a/y.tif"]) == ["a/y.tif", "a/y.tif (2)"]
+    assert distinct_names(["/x/y.tif", "/x/y.tif", "/x/y.tif (2)"]) == ["y.tif", "y.tif (3)", "y.tif (2)"]
+    assert distinct_names(["C:\\d\\a\\y.tif", "C:\\d\\b\\y.tif"]) == ["a/y.tif", "b/y.tif"]

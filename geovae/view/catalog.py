@@ -231,10 +231,20 @@ def _reports_in(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- kinds
 def distinct_names(paths: list[str]) -> list[str]:
     """Short display names for scene paths or URLs: the file name, with as many of its
-    folders as it takes to tell it from the others of the same name (``d1/y.tif`` and
-    ``d2/y.tif``), and ``(2)``, ``(3)``... for the same path listed again."""
+    folders (for a URL, then its host or bucket) as it takes to tell it from the others of
+    the same name (``d1/y.tif`` and ``d2/y.tif``, ``b1/y.tif`` and ``b2/y.tif`` for
+    ``s3://b1/y.tif`` and ``s3://b2/y.tif``), and `` (2)``, `` (3)``... for a name that is
+    still shared: the same path listed again, or paths that differ only where no name shows
+    it (a URL's query, a scheme)."""
     unique = list(dict.fromkeys(paths))
-    parts = [[p for p in urlparse(s).path.replace("\\", "/").split("/") if p] or [s] for s in unique]
+
+    def split(s: str) -> list[str]:
+        u = urlparse(s)
+        # A one-letter scheme is a Windows drive (C:\\...), not a URL's.
+        host = [u.netloc] if u.netloc and len(u.scheme) > 1 else []
+        return host + [p for p in u.path.replace("\\", "/").split("/") if p] or [s]
+
+    parts = [split(s) for s in unique]
     depth = [1] * len(unique)
 
     def name(i: int) -> str:
@@ -248,11 +258,17 @@ def distinct_names(paths: list[str]) -> list[str]:
         for i in grow:
             depth[i] += 1
     short = dict(zip(unique, (name(i) for i in range(len(unique))), strict=True))
-    seen: dict[str, int] = {}
-    out = []
+    taken = set(short.values())
+    out: list[str] = []
+    used: set[str] = set()
     for p in paths:
-        seen[p] = seen.get(p, 0) + 1
-        out.append(short[p] if seen[p] == 1 else f"{short[p]} ({seen[p]})")
+        shown, k = short[p], 1
+        # (a scene may itself be called "y.tif (2)")
+        while shown in used or (k > 1 and shown in taken):
+            k += 1
+            shown = f"{short[p]} ({k})"
+        out.append(shown)
+        used.add(shown)
     return out
 
 
