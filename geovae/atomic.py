@@ -47,6 +47,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "check_output_suffix",
+    "created_folder",
     "disk_full_error",
     "is_disk_full",
     "sha256",
@@ -175,6 +176,44 @@ def check_output_dir(out_dir: str | Path, *, create: bool = True) -> Path:
             f"output folder {p} cannot be written ({exc.strerror or exc}); choose another --out"
         ) from None
     return p
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    absolute = folder.absolute()
+    return [d for d in (absolute, *absolute.parents) if not d.exists()]
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def created_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Create ``out_dir`` as :func:`check_output_dir` does, for a block that writes into it.
+
+    A run that fails (an error, a full disk, Ctrl-C) must not leave behind a folder the user
+    did not have before: on any exception the folders made here are removed, deepest first,
+    while they are empty (what the run wrote stays, and keeps its folder).
+
+    Yields:
+        The folder's path.
+
+    Raises:
+        OutputError: if it is a file or cannot be created or written.
+    """
+    made = _missing_folders(Path(out_dir).expanduser())
+    try:
+        path = check_output_dir(out_dir)
+        yield path
+    except BaseException:
+        _remove_empty(made)
+        raise
 
 
 #: Bytes a name of geovae's may grow by on disk: a temporary copy (``.<name>.<8>.part``), a
@@ -421,8 +460,7 @@ class OutputSet:
         """Create the folder, take the lock, finish or clear what killed runs left, stage."""
         check_output_dir(self.folder, create=False)
         check_name_lengths(self.folder, [self.staging.name, self.lock_path.name], margin=0)
-        absolute = self.folder.absolute()
-        self._made = [d for d in (absolute, *absolute.parents) if not d.exists()]
+        self._made = _missing_folders(self.folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -456,11 +494,7 @@ class OutputSet:
 
     def _remove_made(self) -> None:
         """Remove the folders :meth:`open` created, deepest first, while they are empty."""
-        for d in self._made:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_empty(self._made)
         self._made = []
 
     # -- writing ----------------------------------------------------------------------------

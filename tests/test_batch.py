@@ -27,7 +27,7 @@ from geovae.batch import (
     write_manifest,
     write_marker,
 )
-from geovae.errors import ClusterError, OptionError, OutputError
+from geovae.errors import ClusterError, ModelFileError, OptionError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,6 +256,47 @@ def test_unreachable_scheduler_leaves_no_manifest(scenes: list[Path], tiny_model
             **SEG,
         )
     assert (out / batch.MANIFEST_NAME).read_text() == "previous run\n"
+
+
+def test_a_failed_batch_leaves_no_folder_it_made(
+    scenes: list[Path], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch refused for its model, one whose scheduler does not answer, and one whose
+    manifest finds the disk full left the (empty) output folders they had made."""
+    import errno
+
+    import geovae.batch.manifest
+    from geovae.atomic import atomic_path
+
+    out = tmp_path / "new" / "out"
+    with pytest.raises(ModelFileError):
+        batch.run_batch([str(scenes[0])], tmp_path / "missing.safetensors", out, progress=False, **SEG)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ClusterError):
+        batch.run_batch(
+            [str(scenes[0])],
+            tiny_model,
+            out,
+            scheduler=f"tcp://127.0.0.1:{_free_port()}",
+            connect_timeout=2,
+            progress=False,
+            **SEG,
+        )
+    assert not (tmp_path / "new").exists()
+
+    def full(path: Path, text: str) -> None:
+        with atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    # A scene the precheck refuses: the manifest is the batch's only write, and it fails.
+    monkeypatch.setattr(geovae.batch.manifest, "write_text", full)
+    with pytest.raises(OutputError, match="no space left on the device"):
+        batch.run_batch([str(tmp_path / "absent.tif")], tiny_model, out, progress=False, **SEG)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OutputError):
+        batch.run_batch([str(tmp_path / "absent.tif")], tiny_model, tmp_path / "kept", progress=False, **SEG)
+    assert (tmp_path / "kept").is_dir()  # a folder the user had stays
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geovae import signals
-from geovae.atomic import check_not_inputs, check_output_dir
+from geovae.atomic import check_not_inputs, check_output_dir, created_folder
 from geovae.batch.cluster import connect, install_model_cache
 from geovae.batch.manifest import (
     MANIFEST_NAME,
@@ -174,7 +174,9 @@ def run_batch(
     if retries < 0:
         raise OptionError(f"--retries {retries}: must be 0 or more")
 
-    out = check_output_dir(out_dir).resolve()
+    # Made only once the model and options pass, and removed again if the run fails before
+    # writing into it: a refused or failed batch leaves no empty folder behind.
+    out = check_output_dir(out_dir, create=False).resolve()
     check_not_inputs(
         [out / MANIFEST_NAME, out / CATALOG_NAME, out / COLLECTION_NAME],
         [scene_list, None if is_reference(model) else model, *(s for s in all_scenes if isinstance(s, str))],
@@ -190,76 +192,77 @@ def run_batch(
         model_ref = str(model_path.resolve())
     info = _model_info(model_ref)
     in_channels = info.in_channels
-    sources = {str(s): s for s in all_scenes}
-    fingerprints = {name: run_fingerprint(model_ref, opts, s) for name, s in sources.items()}
+    with created_folder(out):
+        sources = {str(s): s for s in all_scenes}
+        fingerprints = {name: run_fingerprint(model_ref, opts, s) for name, s in sources.items()}
 
-    folders = scene_folders(all_scenes)
-    rows = [SceneRow(scene=str(s), folder=f) for s, f in zip(all_scenes, folders, strict=True)]
-    manifest = out / MANIFEST_NAME
-    todo: list[int] = []
-    for i, row in enumerate(rows):
-        folder = out / row.folder
-        if resume:
-            done = check_marker(folder, fingerprints[row.scene])
-            if done is not None:
-                row.status = "skipped"
-                row.outputs = [os.path.relpath(p, out) for p in done]
+        folders = scene_folders(all_scenes)
+        rows = [SceneRow(scene=str(s), folder=f) for s, f in zip(all_scenes, folders, strict=True)]
+        manifest = out / MANIFEST_NAME
+        todo: list[int] = []
+        for i, row in enumerate(rows):
+            folder = out / row.folder
+            if resume:
+                done = check_marker(folder, fingerprints[row.scene])
+                if done is not None:
+                    row.status = "skipped"
+                    row.outputs = [os.path.relpath(p, out) for p in done]
+                    continue
+            try:
+                reason = precheck_scene(
+                    sources[row.scene],
+                    in_channels,
+                    nodata=opts.nodata,
+                    pixel_coords=opts.pixel_coords,
+                    bands=opts.bands,
+                    info=info,
+                )
+            except AreaOutsideSceneError as e:
+                row.status, row.error, row.finished = "skipped", one_line(e), _now()
                 continue
-        try:
-            reason = precheck_scene(
-                sources[row.scene],
-                in_channels,
-                nodata=opts.nodata,
-                pixel_coords=opts.pixel_coords,
-                bands=opts.bands,
-                info=info,
-            )
-        except AreaOutsideSceneError as e:
-            row.status, row.error, row.finished = "skipped", one_line(e), _now()
-            continue
-        if reason is not None:
-            row.status, row.error, row.finished = "failed", reason, _now()
-            continue
-        todo.append(i)
+            if reason is not None:
+                row.status, row.error, row.finished = "failed", reason, _now()
+                continue
+            todo.append(i)
 
-    dashboard = None
-    if not todo:
+        dashboard = None
+        if not todo:
+            write_manifest(manifest, rows)
+        else:
+            # The manifest is first written once the cluster answers (in _run_on_cluster): an
+            # unreachable scheduler must not leave a manifest of "pending" rows, or overwrite the
+            # one a previous run left.
+            dashboard = _run_on_cluster(
+                rows,
+                todo,
+                out,
+                model_ref,
+                opts,
+                fingerprints,
+                manifest,
+                sources,
+                split_info=info if split_scene else None,
+                scheduler=scheduler,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                retries=retries,
+                connect_timeout=connect_timeout,
+                resources=resources,
+                progress=progress,
+            )
         write_manifest(manifest, rows)
-    else:
-        # The manifest is first written once the cluster answers (in _run_on_cluster): an
-        # unreachable scheduler must not leave a manifest of "pending" rows, or overwrite the
-        # one a previous run left.
-        dashboard = _run_on_cluster(
-            rows,
-            todo,
-            out,
-            model_ref,
-            opts,
-            fingerprints,
+        counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
+        catalog, collection = _write_stac(out, rows, search)
+        return BatchResult(
             manifest,
-            sources,
-            split_info=info if split_scene else None,
-            scheduler=scheduler,
-            workers=workers,
-            threads_per_worker=threads_per_worker,
-            retries=retries,
-            connect_timeout=connect_timeout,
-            resources=resources,
-            progress=progress,
+            counts["done"],
+            counts["failed"],
+            counts["skipped"],
+            rows,
+            dashboard,
+            catalog=catalog,
+            collection=collection,
         )
-    write_manifest(manifest, rows)
-    counts = {s: sum(r.status == s for r in rows) for s in ("done", "failed", "skipped")}
-    catalog, collection = _write_stac(out, rows, search)
-    return BatchResult(
-        manifest,
-        counts["done"],
-        counts["failed"],
-        counts["skipped"],
-        rows,
-        dashboard,
-        catalog=catalog,
-        collection=collection,
-    )
 
 
 def _write_stac(
