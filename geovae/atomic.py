@@ -209,7 +209,7 @@ def created_folder(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """
     made = _missing_folders(Path(out_dir).expanduser())
     try:
-        path = check_output_dir(out_dir)
+        path = check_output_dir(Path(out_dir))
         yield path
     except BaseException:
         _remove_empty(made)
