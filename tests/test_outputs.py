@@ -454,6 +454,42 @@ def test_a_disk_that_fills_during_the_cog_copies_is_one_line(
     assert not (tmp_path / "new").exists()  # the folders the run made are gone with it
 
 
+def test_gdal_warnings_of_a_cog_copy_that_fills_the_disk_are_not_printed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COG copy that filled the disk made GDAL warn "A strile cannot be rewritten in place"
+    (through rasterio's logger) before the disk-full line: two lines. A copy that succeeds
+    keeps its warnings."""
+    import logging
+
+    import rasterio.shutil
+    from rasterio._err import CPLE_AppDefinedError
+
+    import geovae.sinks.rasters
+
+    real = rasterio.shutil.copy
+    said = "CPLE_AppDefined in x.tif: A strile cannot be rewritten in place"
+
+    def copy(*a: object, fail: bool, **k: object) -> None:
+        logging.getLogger("rasterio._env").warning(said)
+        if fail:
+            raise CPLE_AppDefinedError(1, 1, "TIFFRewriteDirectory:Error fetching directory count")
+        real(*a, **k)
+
+    _disk_full_now(monkeypatch)
+    out = tmp_path / "out"
+    args = ["segment", str(scene), "-m", str(model), "-o", str(out), "--no-quicklook", "--formats", "gpkg"]
+    monkeypatch.setattr(geovae.sinks.rasters.rasterio.shutil, "copy", lambda *a, **k: copy(*a, fail=True, **k))
+    code, err = run(capsys, *args)
+    assert code == 1 and err.startswith("geovae: error: no space left on the device"), err
+    assert err.count("\n") == 1, err
+    assert not out.exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(geovae.sinks.rasters.rasterio.shutil, "copy", lambda *a, **k: copy(*a, fail=False, **k))
+    code, err = run(capsys, *args)
+    assert code == 0 and err.count(said) == 2, err  # the classes and the confidence COG
+
+
 def test_vectorize_onto_a_full_disk_is_one_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, nc_labels: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

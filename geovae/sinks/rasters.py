@@ -27,10 +27,11 @@ Each file's SHA-256 is computed once, right after it is written, for the STAC It
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,12 +76,46 @@ def write_cog(src: str | Path, dst: str | Path, kind: str, *, overviews: bool = 
     Returns:
         ``dst``.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _gdal_warnings_if_it_succeeds():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         rasterio.shutil.copy(
             str(src), str(dst), driver="COG", **cog_options(kind, overviews=overviews, threads=cog_threads())
         )
     return Path(dst)
+
+
+class _HoldRecords(logging.Filter):
+    """Holds back the records one thread logs (other threads' pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.held.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _gdal_warnings_if_it_succeeds() -> Iterator[None]:
+    """GDAL's warnings (through rasterio's logger) from the block, logged only if it succeeds.
+
+    A write that fails (a full disk) makes GDAL warn about what it could not do on the way
+    ("A strile cannot be rewritten in place"), which the error that follows explains: the
+    user gets that one line, not the warnings around it.
+    """
+    logger = logging.getLogger("rasterio._env")
+    hold = _HoldRecords()
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in hold.held:
+        logger.handle(record)
 
 
 def cog_threads() -> int | None:
