@@ -22,17 +22,24 @@ is being committed.
 Library callers keep their own handlers: :func:`check` only raises for a request recorded
 by :func:`installed`'s handlers, and :func:`deferred` holds SIGINT and SIGTERM back (in the
 main thread) for the few milliseconds of a commit, whatever the handlers are.
+
+A process whose runs go on in threads (a worker of ``geovae batch``'s local Dask cluster)
+installs :func:`worker_process`: Ctrl-C, which a terminal sends to every process of the
+batch, is left to the batch (it stops the cluster), and SIGTERM (what the cluster sends a
+worker that does not stop in time) and the process's exit wait for the commits in progress
+in any thread, so a stopped batch never leaves a scene's files without their report.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Terminated", "check", "deferred", "installed", "requested"]
+__all__ = ["Terminated", "check", "deferred", "installed", "requested", "worker_process"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -48,6 +55,14 @@ class _State:
 
 
 _STATE = _State()
+
+#: Commits in progress in any thread (deferred() blocks): a worker process's SIGTERM and exit
+#: wait for them to end (:func:`worker_process`).
+_COMMITS = threading.Condition()
+_committing = [0]
+#: Seconds a stopped worker process waits for a commit in progress: renames take
+#: milliseconds; a network filesystem may take longer, a hung one never ends.
+_COMMIT_WAIT_S = 60.0
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -129,8 +144,29 @@ def deferred() -> Iterator[None]:
     in the main thread, never in this one).
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        with _commit():
+            yield
         return
+    # The count drops before a held signal is delivered again: its handler may wait for it.
+    with _held_here(), _commit():
+        yield
+
+
+@contextlib.contextmanager
+def _commit() -> Iterator[None]:
+    with _COMMITS:
+        _committing[0] += 1
+    try:
+        yield
+    finally:
+        with _COMMITS:
+            _committing[0] -= 1
+            _COMMITS.notify_all()
+
+
+@contextlib.contextmanager
+def _held_here() -> Iterator[None]:
+    """deferred() in the main thread."""
     _STATE.deferring += 1
     if _STATE.active:
         try:
@@ -154,3 +190,38 @@ def deferred() -> Iterator[None]:
         _STATE.deferring -= 1
         for signum in dict.fromkeys(got):
             signal.raise_signal(signum)
+
+
+def _wait_for_commits() -> None:
+    """Under the lock: until no commit is in progress (or the wait gives up)."""
+    _COMMITS.wait_for(lambda: _committing[0] == 0, timeout=_COMMIT_WAIT_S)
+
+
+def _end_after_commits(signum: int, frame: FrameType | None) -> None:
+    # The lock is kept to the end: no commit can start between the wait and the exit.
+    with _COMMITS:
+        _wait_for_commits()
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+def _exit_after_commits() -> None:
+    with _COMMITS:
+        _wait_for_commits()
+
+
+def worker_process() -> None:
+    """Signals for a process whose runs go on in other threads (a Dask worker process).
+
+    SIGINT is ignored: a Ctrl-C in a terminal reaches every process of its group, and the
+    process that started this one decides what a stop means (``geovae batch`` cancels its
+    scenes and closes the cluster). SIGTERM ends the process as its default action does,
+    but only once the output sets being committed in any thread are in place; the
+    process's exit waits for them too (it would otherwise cut the threads at any
+    instruction). Call it in the main thread; elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_after_commits)
+    atexit.register(_exit_after_commits)

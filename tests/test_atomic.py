@@ -167,3 +167,72 @@ def test_a_second_ctrl_c_stops_at_once_except_during_a_commit() -> None:
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == -signal.SIGINT and p.stdout == "flagged\nheld\n", (p.returncode, p.stdout, p.stderr)
+
+
+_WORKER = """
+import os, signal, sys, threading, time
+from pathlib import Path
+
+import geovae.atomic
+from geovae import signals
+
+folder, stop, guard = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+if guard:
+    signals.worker_process()
+old = geovae.atomic.OutputSet(folder, "s")
+old.open()
+for n in ("s.a", "s.b", "s.c", "s.json"):
+    old.path(n).write_text("old")
+old.commit(["s.a", "s.b", "s.c"], last="s.json")
+old.close()
+real = os.replace
+renaming = threading.Event()
+
+def rename(src, dst):
+    renaming.set()
+    time.sleep(0.1)
+    real(src, dst)
+
+geovae.atomic._rename = rename
+new = geovae.atomic.OutputSet(folder, "s")
+new.open()
+for n in ("s.a", "s.b", "s.c", "s.json"):
+    new.path(n).write_text("new")
+# A Dask worker's task thread: daemon, and the process may end while it commits.
+threading.Thread(target=new.commit, args=(["s.a", "s.b", "s.c"],), kwargs={"last": "s.json"}, daemon=True).start()
+renaming.wait()
+if stop == "signals":
+    os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too
+    os.kill(os.getpid(), signal.SIGTERM)  # what the cluster sends a worker that does not stop
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("stop", ["signals", "exit"])
+def test_a_worker_process_is_not_stopped_halfway_through_a_commit(tmp_path: Path, stop: str) -> None:
+    """A batch's scenes commit in a worker process's threads, where signals cannot be held
+    back: Ctrl-C, SIGTERM or the process's exit cut the commit after the old report was gone.
+    Under signals.worker_process Ctrl-C is ignored, and SIGTERM and the exit wait for the
+    commit: the folder holds the whole new set with its report."""
+    import signal
+    import subprocess
+    import sys
+
+    def files(folder: Path) -> dict[str, str]:
+        return {p.name: p.read_text() for p in folder.iterdir() if not p.name.startswith(".")}
+
+    full = dict.fromkeys(("s.a", "s.b", "s.c", "s.json"), "new")
+    for guard in (False, True):
+        folder = tmp_path / f"{stop}-{guard}"
+        p = subprocess.run(
+            [sys.executable, "-c", _WORKER, str(folder), stop, "1" if guard else "0"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if not guard:  # the stop lands mid-commit: files without their report (the test can fail)
+            assert files(folder) and "s.json" not in files(folder), (p.stderr, files(folder))
+            continue
+        code = -signal.SIGTERM if stop == "signals" else 0
+        assert p.returncode == code and p.stderr == "", (p.returncode, p.stderr)
+        assert files(folder) == full

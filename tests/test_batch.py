@@ -653,23 +653,36 @@ def test_a_batch_onto_a_full_disk_records_one_line_and_leaves_no_folder(
     assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST_NAME]
 
 
-def test_sigterm_to_a_batch_is_one_line(scenes: list[Path], tiny_model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signame", "to_group"), [("SIGTERM", False), ("SIGINT", True)])
+def test_a_stopped_batch_is_one_line(
+    scenes: list[Path], tiny_model: Path, tmp_path: Path, signame: str, to_group: bool
+) -> None:
     """SIGTERM to `geovae batch` printed 37 lines (a dask heartbeat traceback, worker
-    warnings); it stops with exit 143 and one line."""
+    warnings); Ctrl-C in a terminal, which reaches every process of the batch, printed a
+    KeyboardInterrupt traceback from each worker process (70 lines with two). Each stops
+    with exit 143/130 and one line."""
+    import os
     import signal
     import subprocess
     import sys
     import time
 
+    signum = getattr(signal, signame)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "geovae", "-q", "batch", str(scenes[0]), "-m", str(tiny_model), "-o", str(out)]
     cmd += ["--workers", "1", "--tile", "16", "--overlap", "4", "--batch-size", "1", "--samples", "8", "--force"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=to_group
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / batch.MANIFEST_NAME).exists() and proc.poll() is None:
         time.sleep(0.1)
     assert (out / batch.MANIFEST_NAME).exists(), proc.communicate()
     time.sleep(1.0)  # the scene is running on the worker
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signum)  # what a terminal's Ctrl-C does
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and err.strip() == "geovae: terminated", err
+    said = "geovae: terminated" if signum == signal.SIGTERM else "geovae: interrupted"
+    assert proc.returncode == (143 if signum == signal.SIGTERM else 130) and err.strip() == said, err

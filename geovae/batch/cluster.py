@@ -239,6 +239,8 @@ def connect(
             host="127.0.0.1",
             # A random port: the default 8787 is often taken by another cluster on the machine.
             dashboard_address="127.0.0.1:0",
+            # Signals in the workers: Ctrl-C left to this process, no commit cut by a stop.
+            preload=["geovae.batch.worker_setup"],
         )
     except Exception as e:
         raise ClusterError(
