@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -49,7 +50,9 @@ __all__ = [
     "check_output_suffix",
     "created_folder",
     "disk_full_error",
+    "finish_commits",
     "is_disk_full",
+    "pending_commits",
     "sha256",
     "write_text",
 ]
@@ -622,13 +625,16 @@ class OutputSet:
             return
         # Remove the file while holding the lock: a run that opened it meanwhile sees the
         # inode change and retries on a fresh file (see _take_lock).
-        self.lock_path.unlink(missing_ok=True)
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        try:
+            self.lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _recover(self) -> None:
         """Under the lock: finish a commit a killed run started, remove abandoned staging."""
-        for d in sorted(self.folder.glob(f".{self.stem}.{_RUN_TAG}*.part")):
+        # (escaped: a scene named "a[1].tif" is not a pattern)
+        for d in sorted(self.folder.glob(f".{glob.escape(self.stem)}.{_RUN_TAG}*.part")):
             journal = d / _JOURNAL
             if journal.is_file():
                 try:
@@ -640,3 +646,38 @@ class OutputSet:
                         self._replay(d, doc)
                     continue
             shutil.rmtree(d, ignore_errors=True)
+
+
+def pending_commits(folder: str | os.PathLike[str]) -> list[str]:
+    """The stems of the sets in ``folder`` whose commit a killed run left unfinished."""
+    journals = Path(folder).glob(f".*.{_RUN_TAG}*.part/{_JOURNAL}")
+    return sorted({j.parent.name[1:].rsplit(f".{_RUN_TAG}", 1)[0] for j in journals})
+
+
+def finish_commits(folder: str | os.PathLike[str]) -> list[str]:
+    """Finish the commits that runs killed in the middle of one (``kill -9``) left in ``folder``.
+
+    Such a run leaves its set without a report until the next run into the set replays its
+    journal; this replays it now (``geovae view`` calls it, so a folder in that state shows
+    the whole new set). A set whose lock another run holds is left to that run.
+
+    Returns:
+        The stems of the sets whose commit was finished.
+
+    Raises:
+        OSError: the folder cannot be written (the commit stays pending).
+    """
+    folder = Path(folder)
+    done = []
+    for stem in pending_commits(folder):
+        s = OutputSet(folder, stem)
+        try:
+            s._take_lock()
+        except OutputError:
+            continue  # a run is writing this set: it finishes the commit itself
+        try:
+            s._recover()
+        finally:
+            s._release_lock()
+        done.append(stem)
+    return done

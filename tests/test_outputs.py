@@ -225,27 +225,29 @@ def test_the_folder_is_created_only_after_every_check(
     assert code == 1 and "bands" in err and not (tmp_path / "deep").exists()
 
 
-def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path) -> None:
-    old = OutputSet(tmp_path, "s")
+@pytest.mark.parametrize("stem", ["s", "a[1]", "b*?"])
+def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path, stem: str) -> None:
+    """Also for a scene whose name is a glob pattern: "a[1]" matched only ".a1...", so its
+    next run neither replayed the killed run's journal nor removed its staging folder."""
+    a, b, r = f"{stem}.a", f"{stem}.b", f"{stem}.json"
+    old = OutputSet(tmp_path, stem)
     with old:
-        for n in ("s.a", "s.b", "s.json"):
+        for n in (a, b, r):
             old.path(n).write_text("old")
-        old.commit(["s.a", "s.b"], last="s.json")
+        old.commit([a, b], last=r)
     # A run that died after its journal and first rename: the next run into the set (under
     # the lock) replays it, so the folder never stays half old, half new.
-    new = OutputSet(tmp_path, "s")
+    new = OutputSet(tmp_path, stem)
     new.open()
-    for n in ("s.a", "s.b", "s.json"):
+    for n in (a, b, r):
         new.path(n).write_text("new")
-    (new.staging / ".commit.json").write_text(
-        json.dumps({"moves": ["s.a", "s.b", "s.json"], "remove": [], "last": "s.json"})
-    )
-    (tmp_path / "s.json").unlink()
-    os.replace(new.staging / "s.a", tmp_path / "s.a")
+    (new.staging / ".commit.json").write_text(json.dumps({"moves": [a, b, r], "remove": [], "last": r}))
+    (tmp_path / r).unlink()
+    os.replace(new.staging / a, tmp_path / a)
     new._release_lock()  # the process died here
-    with OutputSet(tmp_path, "s"):
+    with OutputSet(tmp_path, stem):
         pass
-    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"s.a": "new", "s.b": "new", "s.json": "new"}
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {a: "new", b: "new", r: "new"}
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, scene: Path, model: Path) -> None:

@@ -204,6 +204,53 @@ def test_outputs_outside_the_folder_are_left_out(seg_out: Path, tmp_path: Path) 
     assert e.rasters == {} and e.polygons is None and e.error
 
 
+def _killed_mid_commit(seg_out: Path, folder: Path, moved: int) -> str:
+    """``folder`` as a run killed (kill -9) during its commit leaves it: the old report gone,
+    ``moved`` files renamed into place, the rest and the report in the staging folder with
+    the commit's journal. Returns the report's name."""
+    stem = _report_path(seg_out).stem
+    staging = folder / f".{stem}.geovae-run-0123456789ab.part"
+    staging.mkdir(parents=True)
+    names = sorted(p.name for p in seg_out.iterdir() if not p.name.startswith("."))
+    report = f"{stem}.json"
+    for n in names:
+        shutil.copy(seg_out / n, staging / n)
+    moves = [n for n in names if n != report] + [report]
+    (staging / ".commit.json").write_text(json.dumps({"moves": moves, "remove": [], "last": report}))
+    for n in moves[:moved]:
+        os.replace(staging / n, folder / n)
+    return report
+
+
+def test_view_finishes_a_commit_its_run_was_killed_in(seg_out: Path, tmp_path: Path) -> None:
+    """A run killed in the middle of its commit (kill -9) left files without their report,
+    and view refused the folder ("holds no geovae run report") until the next run replayed
+    the journal. View replays it: the whole set shows, the staging folder is gone."""
+    folder = tmp_path / "out"
+    report = _killed_mid_commit(seg_out, folder, moved=3)
+    assert not (folder / report).exists()
+    (e,) = load_catalog(folder).scenes
+    assert not e.error and set(e.rasters) == {"classes", "confidence", "uncertainty"}
+    assert (folder / report).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in seg_out.iterdir())
+
+
+def test_view_of_a_killed_commit_it_cannot_finish_says_so(
+    seg_out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder view may not write (another user's): one line naming the set and what to do."""
+    import geovae.view.catalog
+
+    def read_only(folder: object) -> list[str]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(geovae.view.catalog, "finish_commits", read_only)
+    folder = tmp_path / "out"
+    _killed_mid_commit(seg_out, folder, moved=3)
+    with pytest.raises(ViewError, match=r"have no report yet: their run was killed .* rerun the run"):
+        load_catalog(folder)
+
+
 def test_not_an_output_folder(tmp_path: Path) -> None:
     with pytest.raises(ViewError, match="no geovae run report"):
         load_catalog(tmp_path)

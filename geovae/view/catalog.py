@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from geovae.atomic import finish_commits, pending_commits
 from geovae.errors import GeovaeError
 
 log = logging.getLogger(__name__)
@@ -384,12 +385,19 @@ def load_catalog(path: str | Path) -> Catalog:
         root = p.parent.resolve()
         return Catalog(root, "segment", [_entry_from_report("s0", p.resolve(), root)])
     root = p.resolve()
+    pending = _finish_commits(root)
     if (root / MANIFEST_NAME).is_file():
         return Catalog(root, "batch", _from_manifest(root))
     collection = _find_collection(root)
     if collection is not None:
         return Catalog(root, "stac", _from_stac(root, collection))
     reports = _reports_in(root)
+    if not reports and pending:
+        raise ViewError(
+            f"the outputs of {pending[0]} in {path} have no report yet: their run was killed while "
+            "moving them into place, and this folder cannot be written to finish that; rerun the "
+            "run, or run geovae view as a user who may write the folder"
+        )
     if not reports:
         raise ViewError(
             f"{path} holds no geovae run report (<stem>.json), manifest.csv or STAC collection; "
@@ -399,6 +407,22 @@ def load_catalog(path: str | Path) -> Catalog:
     for i, e in enumerate(entries):
         e.id = f"s{i}"
     return Catalog(root, "segment", entries)
+
+
+def _finish_commits(root: Path) -> list[str]:
+    """Finish the commits runs killed in the middle of one left in ``root`` and in its scene
+    folders (a batch's): their sets then show whole, with their reports. Returns the stems
+    whose commit could not be finished (a folder that cannot be written)."""
+    pending: list[str] = []
+    for folder in [root, *(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))]:
+        try:
+            done = finish_commits(folder)
+        except OSError:
+            pending += pending_commits(folder)
+            continue
+        if done:
+            log.info("finished the interrupted commit of %s in %s", ", ".join(done), folder)
+    return pending
 
 
 def _one_per_run(entries: list[SceneEntry], root: Path) -> list[SceneEntry]:
