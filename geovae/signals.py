@@ -206,8 +206,10 @@ def _end_after_commits(signum: int, frame: FrameType | None) -> None:
 
 
 def _exit_after_commits() -> None:
-    with _COMMITS:
-        _wait_for_commits()
+    # The lock stays taken: a thread about to start a commit waits, moving nothing, until
+    # the interpreter stops it.
+    _COMMITS.acquire()
+    _wait_for_commits()
 
 
 def worker_process() -> None:
