@@ -149,6 +149,30 @@ def test_unreachable_scheduler_is_a_cluster_error() -> None:
     assert "\n" not in msg and f"127.0.0.1:{port}" in msg and "--scheduler" in msg
 
 
+def test_ctrl_c_while_the_local_cluster_starts_is_a_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A terminal's Ctrl-C reaches the worker processes while they start, and kills them:
+    the batch said it "cannot start a local Dask cluster" (exit 1) instead of stopping."""
+    import signal
+
+    import distributed
+
+    from geovae import signals
+
+    ctrl_c = [True]
+
+    def starting(*a: object, **k: object) -> None:
+        if ctrl_c[0]:
+            signal.raise_signal(signal.SIGINT)  # the parent's handler records it; the workers die
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", starting)
+    with signals.installed(), pytest.raises(KeyboardInterrupt):
+        batch.connect(None, workers=1)
+    ctrl_c[0] = False
+    with pytest.raises(ClusterError, match="cannot start a local Dask cluster"):  # no stop: the error
+        batch.connect(None, workers=1)
+
+
 def test_out_dir_that_is_a_file(tmp_path: Path) -> None:
     f = tmp_path / "out.txt"
     f.write_text("x")

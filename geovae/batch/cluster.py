@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from geovae import signals
 from geovae.batch.manifest import model_fingerprint
 from geovae.choices import Backend
 from geovae.errors import ClusterError, OptionError, one_line
@@ -243,6 +244,10 @@ def connect(
             preload=["geovae.batch.worker_setup"],
         )
     except Exception as e:
+        # Ctrl-C while the workers start reaches them too (a terminal signals the whole
+        # process group), and kills them before their preload ignores it: that is the stop
+        # the user asked for, not a cluster that cannot start.
+        signals.check()
         raise ClusterError(
             f"cannot start a local Dask cluster of {n} workers ({one_line(e)}); try fewer --workers"
         ) from e
