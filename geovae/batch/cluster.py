@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +178,32 @@ class QuietWorker(WorkerPlugin):
 
 
 # ---------------------------------------------------------------------- the cluster
+@contextlib.contextmanager
+def _stderr_to_null(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, the processes started in the block (the local cluster's workers) get
+    the null device as their standard error instead of the command's terminal.
+
+    A worker has nothing to say there that the manifest does not record, and until its
+    preload runs (a second or more after it starts) a Ctrl-C kills it with a traceback
+    onto that terminal: a terminal signals every process of the batch. Only the workers
+    started here are affected (the block's own writes to file descriptor 2 are lost too:
+    this process writes nothing while the cluster starts, its errors are raised).
+    """
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def connect(
     scheduler: str | Client | None = None,
     *,
@@ -232,17 +260,19 @@ def connect(
     n = workers if workers is not None else min(2, os.cpu_count() or 1)
     if n < 1:
         raise OptionError(f"--workers {n}: must be at least 1")
+    quiet = not logging.getLogger("geovae").isEnabledFor(logging.DEBUG)
     try:
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            # A random port: the default 8787 is often taken by another cluster on the machine.
-            dashboard_address="127.0.0.1:0",
-            # Signals in the workers: Ctrl-C left to this process, no commit cut by a stop.
-            preload=["geovae.batch.worker_setup"],
-        )
+        with _stderr_to_null(quiet):
+            cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                host="127.0.0.1",
+                # A random port: the default 8787 is often taken by another cluster on the machine.
+                dashboard_address="127.0.0.1:0",
+                # Signals in the workers: Ctrl-C left to this process, no commit cut by a stop.
+                preload=["geovae.batch.worker_setup"],
+            )
     except Exception as e:
         # Ctrl-C while the workers start reaches them too (a terminal signals the whole
         # process group), and kills them before their preload ignores it: that is the stop
@@ -253,7 +283,7 @@ def connect(
         ) from e
     try:
         client = Client(cluster, set_as_default=False, timeout=connect_timeout)
-        if not logging.getLogger("geovae").isEnabledFor(logging.DEBUG):
+        if quiet:
             client.register_plugin(QuietWorker(), name=QuietWorker.name)
     except Exception as e:
         cluster.close()
