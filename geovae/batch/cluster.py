@@ -152,9 +152,11 @@ def install_model_cache(client: Client, loader: Callable[[str, str], Segmentatio
 
 
 class QuietWorker(WorkerPlugin):
-    """Keeps the workers of a local cluster from printing onto the user's terminal: their
-    stderr is the ``geovae`` command's. Distributed's own logs below CRITICAL (a task
-    cancelled, a heartbeat failing, when a stopped batch closes the cluster) and the native libraries' printing
+    """Keeps the workers of a local cluster from printing onto the user's terminal (the
+    stderr of a worker the cluster starts again after a crash is the ``geovae`` command's;
+    those started with the cluster write to the null device, see :func:`connect`).
+    Distributed's own logs below CRITICAL (a task cancelled, a heartbeat failing, when a
+    stopped batch closes the cluster) and the native libraries' printing
     (:func:`geovae.native.quiet_native_output`; scene failures reach the manifest as one
     line) are turned off, unless ``verbose``."""
 
