@@ -10,6 +10,12 @@ the suite holds one deterministic test per case. Each run is classified by what 
   by the signal`` (its default action, before geovae set its handlers: the folder as
   before), or ``BROKEN`` (anything else: files without a report, a staging folder or lock
   left, another exit code, a hang).
+* batch signals: SIGTERM to `geovae batch` (4 copies of the scene in folders a/ to d/, 2
+  local workers) or SIGINT to its process group (a terminal's Ctrl-C, which reaches the
+  workers too) at a random moment. ``clean`` (exit 143/130 and one line, every scene
+  folder either without visible files or complete with its report; the staging folders of
+  the scenes the stop cut are left for the next run), ``finished before the signal`` or
+  ``BROKEN``.
 * full disks (root only): a tmpfs of each size; ``one line`` (exit 1, one line saying no
   space is left, nothing left on the disk), ``fits`` (exit 0, a complete set) or ``BROKEN``.
 * names: scene names of several lengths and scripts; ``ok`` (exit 0, outputs named after
@@ -136,6 +142,85 @@ def sweep_signals(scene: Path, model: Path, work: Path, n: int, rng: random.Rand
     return counts
 
 
+def sweep_batch_signals(scene: Path, model: Path, work: Path, n: int, rng: random.Random) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    scenes = []
+    for d in "abcd":
+        (work / "scenes" / d).mkdir(parents=True, exist_ok=True)
+        scenes.append(work / "scenes" / d / "y.tif")
+        shutil.copy(scene, scenes[-1])
+
+    def cmd(out: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "geovae",
+            "-q",
+            "batch",
+            *map(str, scenes),
+            "-m",
+            str(model),
+            "-o",
+            str(out),
+            *ARGS,
+        ]
+
+    t0 = time.monotonic()
+    subprocess.run(cmd(work / "btiming"), check=True, capture_output=True)
+    whole = time.monotonic() - t0
+    print(f"one batch takes {whole:.1f} s; {n} runs, signals at uniform times in [0, {whole * 1.1:.1f}] s")
+    for i in range(n):
+        group = rng.random() < 0.5
+        signum = signal.SIGINT if group else signal.SIGTERM
+        out = work / f"bsig{i}"
+        at = rng.uniform(0, whole * 1.1)
+        p = subprocess.Popen(
+            cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        time.sleep(at)
+        if group:
+            os.killpg(p.pid, signum)
+        else:
+            p.send_signal(signum)
+        try:
+            _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            counts["BROKEN: hang"] += 1
+            continue
+        time.sleep(2)  # the workers' own exit
+        folders = [d for d in out.iterdir() if d.is_dir()] if out.exists() else []
+        half = [
+            d.name for d in folders if any(not q.name.startswith(".") for q in d.iterdir()) and not _complete_batch(d)
+        ]
+        want = 143 if signum == signal.SIGTERM else 130
+        said = "geovae: terminated" if signum == signal.SIGTERM else "geovae: interrupted"
+        who = "SIGINT to the group" if group else "SIGTERM to batch"
+        if half:
+            kind = f"BROKEN: scene folders without their report {half}"
+        elif p.returncode == 0:
+            kind = "finished before the signal"
+        elif p.returncode == want and err.strip() == said:
+            kind = "clean (one line)"
+        else:
+            kind = f"BROKEN: exit {p.returncode}, {len(err.strip().splitlines())} lines: {err.strip()[-120:]!r}"
+        counts[f"batch, {who}: {kind}"] += 1
+        print(f"  batch run {i}: {who} at {at:.2f} s: {kind}")
+        shutil.rmtree(out, ignore_errors=True)
+    return counts
+
+
+def _complete_batch(folder: Path) -> bool:
+    """A batch scene folder holds its report and every file the report lists (the marker
+    and the hidden staging folders of cut scenes aside)."""
+    report = folder / "y.json"
+    if not report.is_file():
+        return False
+    listed = set(json.loads(report.read_text())["outputs"].values())
+    return listed == {q.name for q in folder.iterdir() if not q.name.startswith(".") and q.name != "_SUCCESS"}
+
+
 def sweep_disks(scene: Path, labels: Path, model: Path, sizes: list[str]) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
     if os.geteuid() != 0:
@@ -206,6 +291,7 @@ def sweep_names(scene: Path, model: Path, work: Path) -> collections.Counter[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--signals", type=int, default=32, help="runs stopped by a signal")
+    ap.add_argument("--batch-signals", type=int, default=0, help="batches stopped by a signal")
     ap.add_argument("--disks", default="64k,400k,1200k,1600k,3m", help="tmpfs sizes (root only)")
     ap.add_argument("--no-names", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -222,6 +308,8 @@ def main() -> None:
     try:
         if args.signals:
             total += sweep_signals(scene, model, work, args.signals, rng)
+        if args.batch_signals:
+            total += sweep_batch_signals(scene, model, work, args.batch_signals, rng)
         if args.disks:
             total += sweep_disks(scene, labels, model, args.disks.split(","))
         if not args.no_names:
