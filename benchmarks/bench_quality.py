@@ -187,7 +187,7 @@ def predict_full(net: Any, xn: Any, samples: int, seed: int, h: int, w: int) -> 
 
     with torch.inference_mode():
         torch.manual_seed(seed)
-        logits, rec = net.infer(xn, samples=samples, reconstruction=True)
+        logits, rec, _ = net.infer(xn, samples=samples, reconstruction=True)
         if logits.ndim == 5:
             p = logits.float().softmax(2)[:, 0, :, :h, :w]
             mean = p.mean(0)

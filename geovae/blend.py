@@ -190,6 +190,9 @@ class Blender:
         reconstruction: tile outputs carry the reconstruction error; blocks get ``reconstruction_error``.
         probabilities: channel indices whose blended probabilities blocks carry as
             ``object_probability``, one band each (what ``--objects`` splits objects with).
+        maps: the number of object maps tile outputs carry (``object_maps``, a model with
+            object heads), blended and appended to ``object_probability`` after the
+            probabilities.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class Blender:
         uncertainty: bool = False,
         reconstruction: bool = False,
         probabilities: Sequence[int] = (),
+        maps: int = 0,
     ):
         self.blocks = blocks
         tiles = blocks.tiles
@@ -213,7 +217,9 @@ class Blender:
         self.weight_channel = self.num_classes
         self.entropy_channel = self.num_classes + 1 if uncertainty else None
         self.error_channel = self.num_classes + 1 + int(uncertainty) if reconstruction else None
-        self.channels = self.num_classes + 1 + int(uncertainty) + int(reconstruction)
+        self.maps_channel = self.num_classes + 1 + int(uncertainty) + int(reconstruction)
+        self.maps = int(maps)
+        self.channels = self.maps_channel + self.maps
         # By (first row, first column): the tiles along the scene's top and left edges weigh
         # their edge pixels fully (TileGrid.weights).
         self.tile_weights = {
@@ -256,6 +262,7 @@ class Blender:
         probs: np.ndarray,
         expected_entropy: np.ndarray | None = None,
         reconstruction_error: np.ndarray | None = None,
+        object_maps: np.ndarray | None = None,
     ) -> list[Block]:
         """Blend one tile's model outputs in.
 
@@ -265,6 +272,7 @@ class Blender:
             probs: (K, T, T) float32 class probabilities.
             expected_entropy: (T, T) mean per-sample entropy, when ``uncertainty``.
             reconstruction_error: (T, T), when ``reconstruction``.
+            object_maps: (maps, T, T), when ``maps``.
 
         Returns:
             The blocks this tile's arrival completed, in write order.
@@ -291,6 +299,10 @@ class Blender:
             if reconstruction_error is None:
                 raise ValueError("reconstruction output needs reconstruction_error for every tile")
             view[self.error_channel] += reconstruction_error * weight
+        if self.maps:
+            if object_maps is None:
+                raise ValueError("object maps output needs object_maps for every tile")
+            view[self.maps_channel : self.maps_channel + self.maps] += object_maps * weight
         self.tiles_run += 1
         return done
 
@@ -402,6 +414,8 @@ class Blender:
             out["reconstruction_error"] = error[None]
         if self.probabilities:
             chosen = probs[self.probabilities]
+            if self.maps:
+                chosen = np.concatenate([chosen, acc[self.maps_channel : self.maps_channel + self.maps] / safe])
             chosen[:, bad] = np.nan
             out["object_probability"] = chosen
         return out

@@ -6,7 +6,10 @@ edge come out as one polygon. A model trained with a *boundary* class
 (``geovae train --boundary-width``) predicts, besides each object class, where objects meet;
 this module turns that into objects:
 
-1. **Seeds** from the interior probability: the pixels of object class ``c`` whose
+1. **Seeds** from the distance map of a model with object heads (field delineation as in
+   ResUNet-a: the pixels of object class ``c`` whose predicted distance to their object's
+   outline, normalised per object to 0..1, is at least ``seed``), else from the interior
+   probability: the pixels of object class ``c`` whose
    probability of ``c`` minus that of the boundary class is at least ``seed``, without
    their narrow necks (the pixels at least :data:`SEED_DISTANCE` from the seed's edge; a
    seed too thin for that stays whole), in 4-connected pieces; pieces smaller than
@@ -59,6 +62,7 @@ __all__ = [
     "boundary_class",
     "label_objects",
     "learnt_settings",
+    "map_bands",
     "pixel_area",
     "plan_objects",
     "probability_bands",
@@ -97,6 +101,8 @@ class ObjectSpec:
         seed: seeds are the pixels whose interior probability minus boundary probability is
             at least this (0..1).
         halo: pixels added on every side of a block; objects up to this size are exact.
+        distance: seeds from the distance map (a model with object heads: the last band of
+            the probabilities :func:`label_objects` gets) instead of the interior probability.
         min_seed: seeds of fewer pixels are left out.
         min_pixels: objects of fewer pixels are left out (a model's learnt minimum).
         min_area: objects smaller than this (m^2, or square pixels without a CRS) are left
@@ -114,6 +120,7 @@ class ObjectSpec:
     min_pixels: float = 0.0
     min_area: float | None = None
     origin: tuple[tuple[str, str], ...] = ()
+    distance: bool = False
 
     def min_object_area(self, run_min_area: float, pixel_area: float) -> float:
         """The smallest object area a run keeps (its units: m^2, or square pixels).
@@ -272,8 +279,8 @@ def label_objects(
         valid: (h, w) bool, False at nodata.
         spec: the classes, boundary class and seed rule.
         probabilities: (n + 1, h, w) float: the probability of each of ``spec.classes``, then
-            of the boundary class (a last band that is ignored without a boundary class);
-            None to work from the class raster alone.
+            of the boundary class (a band that is ignored without a boundary class), then
+            with ``spec.distance`` the distance map; None to work from the class raster alone.
         offset: (row, column) of the window in the scene (for object names and tie-breaks).
         width: the scene's width (default the window's).
         open_edges: (top, bottom, left, right): whether the scene continues past that edge
@@ -309,7 +316,9 @@ def label_objects(
         mine = (classes == c) & valid
         if not mine.any():
             continue
-        if probabilities is not None:
+        if probabilities is not None and spec.distance:
+            core = mine & (probabilities[len(spec.classes) + 1] >= spec.seed)
+        elif probabilities is not None:
             # Interior minus boundary: a weak boundary (not the most probable class, yet
             # well above the interior's) still cuts a seed in two.
             margin = probabilities[k] - (probabilities[len(spec.classes)] if spec.boundary is not None else 0.0)
@@ -384,16 +393,35 @@ def label_objects(
 
 
 # ----------------------------------------------------------------------------- the raster of probabilities
-def probability_tags(classes: Sequence[int], names: Sequence[str], boundary: int | None) -> dict[str, str]:
-    """Tags of the object-probability raster: which class each band holds."""
+def probability_tags(
+    classes: Sequence[int], names: Sequence[str], boundary: int | None, maps: Sequence[str] = ()
+) -> dict[str, str]:
+    """Tags of the object-probability raster: which class each band holds, then which object
+    map (``OBJECT_MAPS``, the bands after the classes')."""
     import json
 
     ids = [*classes, *([boundary] if boundary is not None else [])]
-    return {
+    tags = {
         "CLASS_IDS": json.dumps([int(c) for c in ids]),
         "BOUNDARY_CLASS": "" if boundary is None else str(boundary),
         "OBJECT_CLASSES": json.dumps(dict(zip((str(int(c)) for c in classes), (str(n) for n in names)))),
     }
+    if maps:
+        tags["OBJECT_MAPS"] = json.dumps([str(m) for m in maps])
+    return tags
+
+
+def map_bands(ds: Any) -> dict[str, int]:
+    """The band (1-based) of each object map of an object-probability raster (``{}`` without)."""
+    import json
+
+    ids, _ = probability_bands(ds)
+    try:
+        maps = [str(m) for m in json.loads(ds.tags().get("OBJECT_MAPS", "[]"))]
+    except (TypeError, ValueError):
+        return {}
+    out = {m: len(ids) + 1 + i for i, m in enumerate(maps)}
+    return {m: b for m, b in out.items() if b <= ds.count}
 
 
 def probability_bands(ds: Any) -> tuple[list[int], int | None]:
@@ -413,7 +441,7 @@ def probability_bands(ds: Any) -> tuple[list[int], int | None]:
 
 
 # ----------------------------------------------------------------------------- a segment run
-def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec | None:
+def plan_objects(options: Any, info: Any, formats: Sequence[str], *, object_maps: bool = False) -> ObjectSpec | None:
     """The :class:`ObjectSpec` of a segment run's ``--objects`` options, checked against the model.
 
     The seed threshold and the minimum object size each come from the option when given
@@ -425,6 +453,8 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec 
         options: the run's :class:`~geovae.segment.options.SegmentOptions`.
         info: the model's :class:`~geovae.model.base.ModelInfo`.
         formats: the polygon formats the run writes.
+        object_maps: the model predicts object maps (object heads): seeds come from its
+            distance map.
 
     Returns:
         The spec, or None without ``--objects``.
@@ -462,6 +492,7 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec 
         min_pixels=learnt.get("min_area_px", 0.0) if area_from == "model" else 0.0,
         min_area=given_min_area,
         origin=(("seed", seed_from), ("min_area", area_from)),
+        distance=bool(object_maps and boundary is not None),
     )
     if "model" in (seed_from, area_from):
         log.info(
@@ -479,7 +510,10 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str]) -> ObjectSpec 
 
 
 def stitch_channels(spec: ObjectSpec, info: Any) -> tuple[list[int], dict[str, str]]:
-    """The model's output channels the object-probability raster holds, and its tags."""
+    """The model's output channels the object-probability raster holds, and its tags (the
+    object maps follow the channels when ``spec.distance``)."""
+    from geovae.model.vae import OBJECT_MAPS
+
     index = {int(c): i for i, c in enumerate(info.class_ids)}
     channels = [index[c] for c in spec.classes] + ([index[spec.boundary]] if spec.boundary is not None else [])
-    return channels, probability_tags(spec.classes, spec.names, spec.boundary)
+    return channels, probability_tags(spec.classes, spec.names, spec.boundary, OBJECT_MAPS if spec.distance else ())

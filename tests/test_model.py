@@ -314,7 +314,7 @@ def test_lowrank_head_samples_differ_cheaply_and_the_mean_is_deterministic() -> 
         a = m(x)
         torch.manual_seed(9)
         assert torch.equal(a, m(x))
-        logits, rec = m.infer(x, samples=0, reconstruction=True)
+        logits, rec, _ = m.infer(x, samples=0, reconstruction=True)
         assert torch.equal(logits, a) and rec.shape == x.shape
         assert m.infer(x, samples=3)[0].shape == (3, 2, 5, 64, 64)
         # The noise lives on the latent grid (1/8): neighbouring pixels move together.

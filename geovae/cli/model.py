@@ -60,6 +60,13 @@ from geovae.errors import OptionError
     "(and a 'background' class), so `segment --objects` keeps touching objects apart.",
 )
 @click.option(
+    "--object-weight",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Object labels: weight of the object heads (extent, distance to the outline) and of the "
+    "boundary-aware loss [default: 1; 0: no object heads]. With --config it sets model.object_weight.",
+)
+@click.option(
     "--background",
     help="With --boundary-width, where pixels outside every polygon are background: "
     "extent (the labels' bounding box; default), none, or a vector file of the area "
@@ -97,6 +104,7 @@ def train(
     sampler: Sampler,
     adversarial: float | None,
     boundary_width: int | None,
+    object_weight: float | None,
     background: str | None,
     encoder_weights: str | None,
     freeze_encoder: bool,
@@ -121,6 +129,8 @@ def train(
             overrides = (*overrides, f"model.adversarial={adversarial}")
         if encoder_weights is not None:
             overrides = (*overrides, f"model.encoder_weights={encoder_weights}")
+        if object_weight is not None:
+            overrides = (*overrides, f"model.object_weight={object_weight}")
         if freeze_encoder:
             overrides = (*overrides, "model.freeze_encoder=true")
         if unfreeze_after is not None:
@@ -152,6 +162,7 @@ def train(
             encoder_weights=encoder_weights,
             freeze_encoder=freeze_encoder,
             unfreeze_after=unfreeze_after,
+            object_weight=object_weight,
         )
     click.echo(f"model: {result.model_path}")
     for k, v in sorted(result.metrics.items()):

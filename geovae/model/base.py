@@ -214,13 +214,20 @@ class SegmentationModel:
     def supports_reconstruction(self) -> bool:
         return hasattr(self.net, "reconstruct")
 
+    @property
+    def supports_object_maps(self) -> bool:
+        """Whether the model predicts object extent and distance maps (a VAE with object heads)."""
+        return bool(getattr(self.net, "has_object_heads", False))
+
     def normalise(self, x: Tensor) -> Tensor:
         """Raw pixel values -> model input, with the model file's scene-wide statistics."""
         xn = (x.to(self.device, torch.float32, non_blocking=True) - self._mean) / self._std
         return xn.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def predict(self, x: Tensor | Any, samples: int = 0, reconstruction: bool = False) -> dict[str, Any]:
+    def predict(
+        self, x: Tensor | Any, samples: int = 0, reconstruction: bool = False, objects: bool = False
+    ) -> dict[str, Any]:
         """Predict one batch of tiles.
 
         Args:
@@ -229,40 +236,45 @@ class SegmentationModel:
                 too). Invalid pixels should already be filled with ``info.mean``.
             samples: number of latent samples; 0 predicts at the latent mean only.
             reconstruction: also return the per-pixel reconstruction error.
+            objects: also return the object maps (a model with object heads).
 
         Returns:
             ``probs`` (B, K, H, W) float32 class probabilities (the mean over samples when
             ``samples`` > 0); with samples, ``expected_entropy`` (B, H, W), the mean of each
             sample's entropy in nats (predictive entropy minus it is the mutual information);
             with ``reconstruction``, ``reconstruction_error`` (B, H, W), the mean squared error
-            over bands in normalised units. On ``self.device`` (numpy in, numpy out).
+            over bands in normalised units; with ``objects``, ``object_maps`` (B, 2, H, W), the
+            object extent and the distance to the object's outline in 0..1
+            (:data:`~geovae.model.vae.OBJECT_MAPS`). On ``self.device`` (numpy in, numpy out).
         """
         as_numpy = isinstance(x, np.ndarray)
         if as_numpy:
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if reconstruction and not self.supports_reconstruction:
             raise ValueError("this model has no reconstruction decoder")
+        if objects and not self.supports_object_maps:
+            raise ValueError("this model has no object heads")
         n = len(x)
         if self.device.type == "cpu" and n > 1:
             n = max(1, self.cpu_chunk_pixels // (x.shape[-2] * x.shape[-1]))
         if n < len(x):
-            parts = [self._forward(x[i : i + n], samples, reconstruction) for i in range(0, len(x), n)]
+            parts = [self._forward(x[i : i + n], samples, reconstruction, objects) for i in range(0, len(x), n)]
             out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         else:
-            out = self._forward(x, samples, reconstruction)
+            out = self._forward(x, samples, reconstruction, objects)
         if as_numpy:
             return {k: v.cpu().numpy() for k, v in out.items()}
         return out
 
-    def _forward(self, x: Tensor, samples: int, reconstruction: bool) -> dict[str, Tensor]:
+    def _forward(self, x: Tensor, samples: int, reconstruction: bool, objects: bool = False) -> dict[str, Tensor]:
         xn = self.normalise(x)
         out: dict[str, Tensor] = {}
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            rec = None
+            rec = maps = None
             infer = getattr(self.net, "infer", None)
             if infer is not None:
-                # One encoder pass for the classes, the samples and the reconstruction.
-                logits, rec = infer(xn, samples=samples, reconstruction=reconstruction)
+                # One encoder pass for the classes, the samples, the reconstruction and the maps.
+                logits, rec, maps = infer(xn, samples=samples, reconstruction=reconstruction, objects=objects)
             elif samples > 0 and self.supports_samples:
                 logits = self.net.sample_logits(xn, samples)  # type: ignore[operator]  # torch types Module attributes Tensor | Module
             else:
@@ -281,6 +293,8 @@ class SegmentationModel:
                     out["expected_entropy"] = entropy(out["probs"], dim=1)
             if rec is not None:
                 out["reconstruction_error"] = ((rec.float() - xn) ** 2).mean(1)
+            if maps is not None:
+                out["object_maps"] = maps.float().sigmoid()
         return out
 
 

@@ -155,6 +155,8 @@ def _load_vae_task_checkpoint(path: Path, ckpt: dict[str, Any]) -> tuple[nn.Modu
         ("head_rank", 2),
     ):
         arch[key] = hp.get(key, default)
+    if any(k.startswith("model.object_head.") for k in sd):
+        arch["object_heads"] = True
     try:
         module = VAESegmenter(**arch)
     except (GeovaeError, TypeError, ValueError) as exc:

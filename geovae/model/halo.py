@@ -18,6 +18,10 @@ scene, whose neighbouring pixels are alike. White noise alone could saturate a m
 softmax so that the cut hardly moves a probability: a parcel model trained on Sentinel-2 NDVI
 measures 8 px on white noise, 33 on smooth noise and 29 on a real NDVI window, and two
 tilings of a real scene with the 8-px halo's overlap differ by up to 0.17 in probability.
+
+A model with object heads (:attr:`~geovae.model.vae.VAESegmenter.has_object_heads`) is
+measured over its class probabilities and its object maps (extent and distance, 0..1) together:
+the halo covers every output a run blends.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def measure_halo(
     """The model's halo in pixels (a multiple of ``stride``, at most ``size // 2``).
 
     Args:
-        module: maps a normalised (B, C, H, W) batch to (B, K, H, W) logits; eval mode.
+        module: maps a normalised (B, C, H, W) batch to (B, K, H, W) logits; eval mode. With
+            object heads, its object maps count as well.
         in_channels: its band count.
         stride: its stride (inputs must be multiples of it).
         size: side of the random test input; a halo that reaches ``size // 2`` is reported as
@@ -73,9 +78,14 @@ def measure_halo(
     gen = torch.Generator().manual_seed(0)
     radius = 0
     try:
+        heads = bool(getattr(module, "has_object_heads", False))
 
         def probs(t: torch.Tensor) -> torch.Tensor:
-            return module(t.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+            t = t.contiguous(memory_format=torch.channels_last)
+            if heads:
+                logits, _, maps = module.infer(t, objects=True)  # type: ignore[operator]  # torch types Module attributes Tensor | Module
+                return torch.cat([logits.float().softmax(1), maps.float().sigmoid()], 1)
+            return module(t).float().softmax(1)
 
         for x in (t.to(device) for seed in seeds for t in _inputs(in_channels, size, gen.manual_seed(seed))):
             whole = probs(x)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -310,3 +311,63 @@ def sample_diversity(sample_probs: Tensor) -> Tensor:
         return sample_probs.new_zeros(())
     mean = sample_probs.mean(0, keepdim=True)
     return 0.5 * (sample_probs - mean).abs().sum(dim=2).mean()
+
+
+# ----------------------------------------------------------------------------- object heads
+def tanimoto_loss(p: Tensor, t: Tensor, w: Tensor, eps: float = 1e-6) -> Tensor:
+    """1 - the Tanimoto coefficient with complement (ResUNet-a, Diakogiannis et al. 2020).
+
+    ``T(p, t) = sum(p t) / sum(p^2 + t^2 - p t)`` over the weighted pixels, averaged with the
+    same of ``1 - p`` and ``1 - t``, so a thin target (a boundary a pixel or two wide) weighs
+    as much as its large complement and an empty target still has a gradient.
+
+    Args:
+        p: predictions in 0..1, any shape.
+        t: targets in 0..1, the same shape.
+        w: pixel weights (0 leaves a pixel out), the same shape.
+        eps: smoothing of the denominators.
+
+    Returns:
+        A scalar in 0..1; 0 when no pixel has weight.
+    """
+    p, t, w = p.float(), t.float(), w.float()
+
+    def coefficient(a: Tensor, b: Tensor) -> Tensor:
+        ab = (w * a * b).sum()
+        return (ab + eps) / ((w * (a * a + b * b - a * b)).sum() + eps)
+
+    return 1.0 - 0.5 * (coefficient(p, t) + coefficient(1.0 - p, 1.0 - t))
+
+
+def object_targets(mask: Tensor, objects: Tensor, boundary: int) -> tuple[Tensor, Tensor]:
+    """The object heads' targets of a batch of class masks: extent and normalised distance.
+
+    Args:
+        mask: (B, H, W) class indices (any value where unlabelled).
+        objects: (n,) the object classes' indices.
+        boundary: the boundary class's index.
+
+    Returns:
+        ``(extent, distance)``, (B, H, W) float32 each: extent 1 on object and boundary
+        pixels; distance the Euclidean distance of an object pixel to the nearest pixel that
+        is not of the object's interior (its boundary, the background, an unlabelled pixel),
+        divided by the largest such distance in its 4-connected piece of interior, so 1 at
+        each object's most interior pixel and 0 off objects. A piece cut by the patch's edge
+        is normalised by what the patch holds of it.
+    """
+    from scipy import ndimage as ndi
+
+    interior = torch.isin(mask, objects)
+    extent = interior | (mask == boundary)
+    inside = interior.cpu().numpy()
+    dist = np.zeros(inside.shape, np.float32)
+    cross = ndi.generate_binary_structure(2, 1)
+    for i, m in enumerate(inside):
+        if not m.any():
+            continue
+        d = ndi.distance_transform_edt(m)
+        pieces, n = ndi.label(m, structure=cross)
+        top = np.asarray(ndi.maximum(d, pieces, index=np.arange(n + 1)), np.float64)
+        top[0] = 1.0
+        dist[i] = d / top[pieces]
+    return extent.float(), torch.from_numpy(dist).to(mask.device)

@@ -21,7 +21,8 @@ The graph (the exporter's opset; dynamic batch, height, width and sample count):
   ``sample_probs`` (B, K, H, W), the mean over the S samples of their probabilities,
   ``expected_entropy`` (B, H, W), the mean of their entropies (nats), and
   ``reconstruction_error`` (B, H, W), the mean squared error over bands of the
-  reconstruction from the latent mean, in normalised units.
+  reconstruction from the latent mean, in normalised units; for a VAE with object heads also
+  ``object_maps`` (B, 2, H, W), the object extent and the distance to the object's outline.
 
 onnxruntime computes every node of a graph whatever outputs are fetched, so
 :class:`OnnxModel` runs a copy of the graph cut down to the outputs a run asks for
@@ -330,6 +331,10 @@ class OnnxModel(SegmentationModel):
         return "reconstruction_error" in self.outputs
 
     @property
+    def supports_object_maps(self) -> bool:
+        return "object_maps" in self.outputs
+
+    @property
     def providers(self) -> list[str]:
         """The execution providers a session runs on, in order of preference."""
         if self.device.type == "cuda":
@@ -379,7 +384,7 @@ class OnnxModel(SegmentationModel):
         """Raw pixel values -> the graph's input ``x`` (on the CPU: onnxruntime takes host arrays)."""
         return ((x.to("cpu", torch.float32) - self._mean) / self._std).contiguous()
 
-    def _forward(self, x: Tensor, samples: int, reconstruction: bool) -> dict[str, Tensor]:
+    def _forward(self, x: Tensor, samples: int, reconstruction: bool, objects: bool = False) -> dict[str, Tensor]:
         b, c, h, w = x.shape
         stride = max(1, self.info.stride)
         if c != self.info.in_channels:
@@ -395,6 +400,8 @@ class OnnxModel(SegmentationModel):
         names = ["sample_probs", "expected_entropy"] if sampled else ["probs"]
         if reconstruction:
             names.append("reconstruction_error")
+        if objects:
+            names.append("object_maps")
         feeds = {"x": self.normalise(x).numpy()}
         if "noise" in self.inputs:
             assert self.latent_channels is not None
@@ -414,4 +421,6 @@ class OnnxModel(SegmentationModel):
                 out["expected_entropy"] = entropy(out["probs"], dim=1)
         if reconstruction:
             out["reconstruction_error"] = torch.from_numpy(res["reconstruction_error"])
+        if objects:
+            out["object_maps"] = torch.from_numpy(res["object_maps"])
         return out

@@ -61,6 +61,8 @@ IO_DESCRIPTION = {
         "expected_entropy": "VAE only: (B, H, W) mean over the S samples of their entropy, nats",
         "reconstruction_error": "VAE only: (B, H, W) mean squared error over bands of the reconstruction "
         "from the latent mean, normalised units",
+        "object_maps": "VAE with object heads only: (B, 2, H, W) object extent and distance to the "
+        "object's outline (0..1 each)",
     },
 }
 
@@ -79,7 +81,7 @@ class _VAEGraph(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, noise: Tensor) -> tuple[Tensor, ...]:
         from geovae.model.layers import ClassConditionalDecoder, LowRankHead
 
         net: Any = self.net
@@ -105,7 +107,15 @@ class _VAEGraph(nn.Module):
             rec = dec.decode(dec.features(mu), mean_logits.argmax(1))
         else:
             rec = dec(mu)
-        return mean_logits.softmax(1), p.mean(0), entropy(p, dim=2).mean(0), ((rec - x) ** 2).mean(1)
+        out: tuple[Tensor, ...] = (
+            mean_logits.softmax(1),
+            p.mean(0),
+            entropy(p, dim=2).mean(0),
+            ((rec - x) ** 2).mean(1),
+        )
+        if net.object_head is not None:
+            out = (*out, net.object_head(h).sigmoid())
+        return out
 
 
 class _ProbsGraph(nn.Module):
@@ -167,6 +177,8 @@ def export_graph(model: SegmentationModel) -> onnx.ModelProto:
         args: tuple[Tensor, ...] = (x, torch.zeros(2, 2, latent, side // stride, side // stride))
         dims: dict[str, Any] = {"x": x_dims, "noise": {0: torch.export.Dim("samples", min=0), 1: batch, 3: hh, 4: ww}}
         names, outputs = ["x", "noise"], list(VAE_OUTPUTS)
+        if net.object_head is not None:
+            outputs.append("object_maps")
     else:
         graph, args, dims = _ProbsGraph(net), (x,), {"x": x_dims}
         names, outputs = ["x"], ["probs"]
@@ -317,6 +329,7 @@ def check_export(model: SegmentationModel, onnx_model: OnnxModel, tiles: np.ndar
     runs: list[tuple[int, bool]] = [(0, model.supports_reconstruction)]
     if model.supports_samples:
         runs.append((2, False))
+    maps = model.supports_object_maps
     diffs: dict[str, float] = {}
     disagree = 0.0
     fp32 = model.with_precision("fp32")
@@ -325,7 +338,7 @@ def check_export(model: SegmentationModel, onnx_model: OnnxModel, tiles: np.ndar
         for m in (fp32, onnx_model):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                outs.append(m.predict(x, samples=samples, reconstruction=reconstruction))
+                outs.append(m.predict(x, samples=samples, reconstruction=reconstruction, objects=maps))
         d = _compare(outs[0], outs[1])
         suffix = "" if samples == 0 else f" ({samples} samples)"
         for k, v in d.items():

@@ -58,6 +58,8 @@ class VAEOutput(NamedTuple):
         q_mu: with a label-aware posterior (:class:`PosteriorNet`), the mean of q(z | x, y)
             that ``z`` was drawn from (``mu``/``logvar`` are then the prior p(z | x)).
         q_logvar: its log-variance.
+        object_maps: with object heads, (B, 2, H, W) logits of the object extent and of the
+            distance to the object's outline (normalised per object to 0..1); None otherwise.
     """
 
     logits: Tensor
@@ -68,6 +70,12 @@ class VAEOutput(NamedTuple):
     sample_logits: Tensor | None = None
     q_mu: Tensor | None = None
     q_logvar: Tensor | None = None
+    object_maps: Tensor | None = None
+
+
+#: The object maps' channels (:attr:`VAEOutput.object_maps`, the object-probability raster's
+#: last bands): the object extent and the distance to the object's outline, both in 0..1.
+OBJECT_MAPS = ("extent", "distance")
 
 
 def class_argmax(logits: Tensor) -> Tensor:
@@ -162,6 +170,11 @@ class VAESegmenter(nn.Module):
             ``encoder_weights`` (:class:`~geovae.training.VAESegmentationTask`).
         recon_condition: ``"class"`` (reconstruction given z and the pixel's class) or
             ``"none"`` (given z alone).
+        object_heads: add the object heads of field delineation (ResUNet-a): beside the
+            class logits, a 3x3 and a 1x1 convolution on the decoder's last features give
+            the logits of each pixel's object extent and of its distance to the object's
+            outline (0 at the outline, 1 at the object's most interior pixel). They do not
+            see the latent: they are the same for every sample.
 
     Raises:
         OptionError: if an argument is out of range or the encoder is unknown.
@@ -180,6 +193,7 @@ class VAESegmenter(nn.Module):
         recon_condition: ReconCondition = "class",
         head: Head = "mlp",
         head_rank: int = 2,
+        object_heads: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1:
@@ -210,6 +224,8 @@ class VAESegmenter(nn.Module):
         }
         if head == "lowrank":
             self._hparams["head_rank"] = int(head_rank)
+        if object_heads:
+            self._hparams["object_heads"] = True
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.latent_channels = latent_channels
@@ -252,6 +268,10 @@ class VAESegmenter(nn.Module):
                 nn.Conv2d(h, num_classes, 1),
             )
 
+        self.object_head: nn.Sequential | None = (
+            nn.Sequential(conv_bn_relu(h, h), nn.Conv2d(h, len(OBJECT_MAPS), 1)) if object_heads else None
+        )
+
         # Reconstruction decoder: z alone, one conv per level, half the segmentation widths.
         rw = [max(w // 2, 8) for w in dec_w]
         layers: list[nn.Module] = [conv_bn_relu(latent_channels, rw[depth])]
@@ -268,6 +288,11 @@ class VAESegmenter(nn.Module):
         else:
             layers.append(nn.Conv2d(rw[0], in_channels, 1))
             self.recon_decoder = nn.Sequential(*layers)
+
+    @property
+    def has_object_heads(self) -> bool:
+        """Whether the model predicts object extent and distance (:data:`OBJECT_MAPS`)."""
+        return self.object_head is not None
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -377,24 +402,29 @@ class VAESegmenter(nn.Module):
             z = self._reparameterise(zmu, zlv) if sample else zmu
             logits = self._head(h, z)
         qm, ql = posterior if posterior is not None else (None, None)
+        maps = self.object_head(h) if self.object_head is not None else None
         dec = self.recon_decoder
         if isinstance(dec, ClassConditionalDecoder):
             a = dec.features(z)
             rec = dec.decode(a, class_argmax(logits.detach()))
-            return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many, qm, ql)
-        return VAEOutput(logits, dec(z), mu, logvar, None, many, qm, ql)
+            return VAEOutput(logits, rec, mu, logvar, dec.class_errors(a, x), many, qm, ql, maps)
+        return VAEOutput(logits, dec(z), mu, logvar, None, many, qm, ql, maps)
 
-    def infer(self, x: Tensor, samples: int = 0, reconstruction: bool = False) -> tuple[Tensor, Tensor | None]:
+    def infer(
+        self, x: Tensor, samples: int = 0, reconstruction: bool = False, objects: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Everything prediction needs from one encoder pass.
 
         Args:
             x: (B, C, H, W) normalised bands.
             samples: latent samples (0: the latent mean only).
             reconstruction: also rebuild the input.
+            objects: also give the object maps (a model with object heads).
 
         Returns:
-            ``(logits, reconstruction)``: logits (B, K, H, W) at the latent mean, or
-            (samples, B, K, H, W); the reconstruction as :meth:`reconstruct` gives it, or None.
+            ``(logits, reconstruction, object_maps)``: logits (B, K, H, W) at the latent
+            mean, or (samples, B, K, H, W); the reconstruction as :meth:`reconstruct` gives
+            it, or None; the object maps' logits (B, 2, H, W) (:data:`OBJECT_MAPS`), or None.
         """
         h, mu, logvar = self._encode(x)
         parts = self.head.parts(h) if isinstance(self.head, LowRankHead) else None
@@ -407,7 +437,8 @@ class VAESegmenter(nn.Module):
                 rec = dec.decode(dec.features(mu), class_argmax(mean_logits))
             else:
                 rec = dec(mu)
-        return logits, rec
+        maps = self.object_head(h) if objects and self.object_head is not None else None
+        return logits, rec, maps
 
     def sample_logits(self, x: Tensor, n: int) -> Tensor:
         """Logits for ``n`` latent samples; the encoder and decoder run once.

@@ -22,6 +22,7 @@ from geovae import signals
 from geovae.blend import Blender
 from geovae.blocks import Block
 from geovae.model.base import SegmentationModel
+from geovae.model.vae import OBJECT_MAPS
 from geovae.segment.progress import Progress
 from geovae.segment.reader import Batch, Reader, read_groups
 from geovae.segment.spec import RunSpec
@@ -35,14 +36,14 @@ SAMPLE_SEED = 0
 
 
 def _predict(
-    model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool
+    model: SegmentationModel, x: torch.Tensor, samples: int, reconstruction: bool, tta: bool, objects: bool
 ) -> dict[str, torch.Tensor]:
     """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
     x = x.to(model.device, non_blocking=True)
-    out = model.predict(x, samples=samples, reconstruction=reconstruction)
+    out = model.predict(x, samples=samples, reconstruction=reconstruction, objects=objects)
     if tta:
         for dim in (-1, -2):
-            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction)
+            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction, objects=objects)
             for k, v in o.items():
                 out[k] = out[k] + v.flip(dim)  # every output has H, W as its last two dims
         out = {k: v / 3.0 for k, v in out.items()}
@@ -56,11 +57,13 @@ class _InFlight:
     done: Any  # a CUDA event marking the end of the copy, or None on the CPU
 
 
-def _launch(model: SegmentationModel, batch: Batch, samples: int, reconstruction: bool, tta: bool) -> _InFlight:
+def _launch(
+    model: SegmentationModel, batch: Batch, samples: int, reconstruction: bool, tta: bool, objects: bool
+) -> _InFlight:
     """Queue one batch on the device and its copy back to the host; does not wait on CUDA."""
     if batch.x is None:
         return _InFlight(batch, {}, None)
-    o = _predict(model, batch.x, samples, reconstruction, tta)
+    o = _predict(model, batch.x, samples, reconstruction, tta, objects)
     if model.device.type != "cuda":
         return _InFlight(batch, {k: v.float() for k, v in o.items()}, None)
     host = {}
@@ -95,6 +98,7 @@ def _blend(f: _InFlight, blender: Blender) -> Iterator[Block]:
             res["probs"][n],
             expected_entropy=res["expected_entropy"][n] if "expected_entropy" in res else None,
             reconstruction_error=res["reconstruction_error"][n] if "reconstruction_error" in res else None,
+            object_maps=res["object_maps"][n] if "object_maps" in res else None,
         )
         n += 1
 
@@ -138,7 +142,7 @@ class PredictedBlocks:
             for batch in reader:
                 signals.check()
                 tm = time.perf_counter()
-                launched = _launch(model, batch, spec.samples, spec.reconstruction, opts.tta)
+                launched = _launch(model, batch, spec.samples, spec.reconstruction, opts.tta, spec.object_maps)
                 model_s += time.perf_counter() - tm
                 if pending is not None:
                     model_s += _wait(pending)
@@ -170,4 +174,5 @@ def blender(spec: RunSpec) -> Blender:
         uncertainty=spec.samples > 0,
         reconstruction=spec.reconstruction,
         probabilities=spec.probabilities,
+        maps=len(OBJECT_MAPS) if spec.object_maps else 0,
     )

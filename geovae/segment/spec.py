@@ -76,6 +76,12 @@ class RunSpec:
     trust: Mapping[str, Any]
 
     @property
+    def object_maps(self) -> bool:
+        """Whether the run predicts and blends the model's object maps (``--objects`` with a
+        model with object heads: seeds from the distance map)."""
+        return bool(self.objects is not None and self.objects.distance)
+
+    @property
     def stem(self) -> str:
         """The scene's stem, which names every output."""
         return self.scene.stem
@@ -237,9 +243,10 @@ def resolve(
     trust = trust_findings(sc, info, force=options.force, check=check_trust)
     if reconstruction and threshold is not None:
         trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
+    from geovae.model.vae import OBJECT_MAPS
     from geovae.objects import plan_objects, stitch_channels
 
-    objects = plan_objects(options, info, formats)
+    objects = plan_objects(options, info, formats, object_maps=m.supports_object_maps)
     channels, tags = stitch_channels(objects, info) if objects is not None else ([], None)
     counted = threshold if reconstruction else None
     rasters = RasterSpec.of_run(
@@ -254,6 +261,7 @@ def resolve(
         anomaly_threshold=counted,
         probabilities=channels,
         probability_tags=tags,
+        object_maps=OBJECT_MAPS if objects is not None and objects.distance else (),
     )
     kinds = run_kinds(rasters.kinds, formats, quicklook=options.quicklook, objects=objects is not None)
     batch_size = options.batch_size if options.batch_size is not None else default_batch_size(tile)

@@ -35,6 +35,7 @@ def objects_entry(spec: RunSpec, res: Any) -> dict[str, Any]:
         "classes": list(objects.classes),
         "boundary_class": objects.boundary,
         "seed": objects.seed,
+        "seeds_from": "distance" if objects.distance else "interior",
         "min_area": objects.min_object_area(spec.options.min_area, pixel_area(spec.scene.crs, spec.scene.transform)),
         "settings_from": dict(objects.origin),
         "halo": objects.halo,

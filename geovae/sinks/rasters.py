@@ -19,7 +19,8 @@ into the run's :class:`~geovae.atomic.OutputSet` and moved into place with the r
   expected entropy, clipped at 0), nodata NaN;
 * ``<stem>.reconstruction-error.tif`` (with reconstruction): float32, nodata NaN;
 * ``<stem>.object-probability.tif`` (with ``--objects``): one float32 band per object class
-  and the boundary class, nodata NaN.
+  and the boundary class, then, from a model with object heads, the object extent and the
+  distance to the object's outline (0..1 each; tag ``OBJECT_MAPS``), nodata NaN.
 
 Each file's SHA-256 is computed once, right after it is written, for the STAC Item.
 """
@@ -55,6 +56,12 @@ from geovae.products import (
     write_class_table,
 )
 from geovae.styles import write_class_aux
+
+#: Band descriptions of the object maps in the object-probability raster.
+MAP_DESCRIPTIONS = {
+    "extent": "object extent (0..1)",
+    "distance": "distance to the object's outline, normalised per object (0..1)",
+}
 
 __all__ = ["RasterFiles", "RasterSink", "RasterSpec", "cog_threads", "write_cog"]
 
@@ -213,6 +220,7 @@ class RasterSpec:
         anomaly_threshold: float | None = None,
         probabilities: Sequence[int] = (),
         probability_tags: Mapping[str, str] | None = None,
+        object_maps: Sequence[str] = (),
         overviews: bool = True,
     ) -> RasterSpec:
         """The rasters of a run: ``classes`` and ``confidence`` always, the others as asked.
@@ -223,13 +231,17 @@ class RasterSpec:
             anomaly_threshold: with ``reconstruction``, recorded as its ``ANOMALY_THRESHOLD`` tag.
             probabilities: model channels of ``object_probability``, one band each; empty for none.
             probability_tags: that raster's tags (:func:`geovae.objects.probability_tags`).
+            object_maps: the object maps that raster holds after the probabilities
+                (:data:`~geovae.model.vae.OBJECT_MAPS`), one band each.
         """
         kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
         kinds += ["object_probability"] * bool(probabilities)
         bands = {k: BAND_DESCRIPTIONS[k] for k in kinds}
         tags: dict[str, dict[str, str]] = {}
         if probabilities:
-            bands["object_probability"] = tuple(f"probability of {info.class_names[c]}" for c in probabilities)
+            bands["object_probability"] = tuple(f"probability of {info.class_names[c]}" for c in probabilities) + tuple(
+                MAP_DESCRIPTIONS[m] for m in object_maps
+            )
             tags["object_probability"] = dict(probability_tags or {})
         if uncertainty:
             tags["uncertainty"] = uncertainty_tags(info.num_classes)

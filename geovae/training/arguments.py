@@ -152,6 +152,7 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "pseudo_label": (0.0, None, True, True),
     "pseudo_threshold": (0.0, 1.0, True, True),
     "generated_weight": (0.0, None, True, True),
+    "object_weight": (0.0, None, True, True),
     "ema": (0.0, 1.0, True, False),
     "base_channels": (1.0, None, True, True),
     "depth": (1.0, None, True, True),

@@ -381,6 +381,7 @@ def train_model(
     encoder_weights: str | None = None,
     freeze_encoder: bool = False,
     unfreeze_after: int | None = None,
+    object_weight: float | None = None,
 ) -> TrainResult:
     """Train the VAE segmenter on one labelled scene and write a model file.
 
@@ -440,6 +441,10 @@ def train_model(
         freeze_encoder: keep the pretrained encoder fixed (it is in the model file unchanged).
         unfreeze_after: with ``freeze_encoder``: keep it fixed for this many epochs (fewer
             than ``epochs``), then train it too.
+        object_weight: with object labels (``boundary_width``, or a label raster with a class
+            named ``boundary``), the weight of the object heads' and the boundary-aware
+            losses (default 1; 0: a model without object heads); see
+            :class:`~geovae.training.terms.ObjectTerm`.
 
     Returns:
         A :class:`TrainResult`.
@@ -464,6 +469,7 @@ def train_model(
         "encoder_weights": encoder_weights,
         "freeze_encoder": freeze_encoder or None,
         "unfreeze_after": unfreeze_after,
+        "object_weight": object_weight,
     }
     model_args = {k: v for k, v in given.items() if v is not None}
     if epochs < 1:

@@ -38,7 +38,7 @@ from geovae.model.losses import kl_warmup, sample_diversity, vae_segmentation_lo
 from geovae.model.vae import PosteriorNet, VAESegmenter
 from geovae.training.arguments import DATA_ARGUMENTS, check_arguments, check_finetuning, data_arguments
 from geovae.training.callbacks import FreezeEncoder, WeightEMA
-from geovae.training.terms import LossTerm, Step, build_terms
+from geovae.training.terms import LossTerm, Step, build_terms, object_channels
 from geovae.training.transforms import IGNORE_INDEX, augment_d4, merge_batches
 
 __all__ = ["ACTIVE_KL", "ARCHITECTURE_KEYS", "VAESegmentationTask", "default_architecture", "task_defaults"]
@@ -119,6 +119,9 @@ class VAESegmentationTask(BaseTask):
             trained towards its class.
         generated_weight: weight of generated training pairs after the KL warm-up (0: off),
             :class:`~geovae.training.terms.GeneratedPairsTerm`.
+        object_weight: with a class named ``boundary`` (object labels), the model gets object
+            heads (extent and distance to the outline) and this weight of their losses and
+            of a boundary-aware loss, :class:`~geovae.training.terms.ObjectTerm`; 0: no heads.
         ema: decay of a moving average of the weights over the steps (0: off), which the
             model file gets (:class:`~geovae.training.callbacks.WeightEMA`); it steadies a
             short run's result (see docs/quality.md).
@@ -191,6 +194,7 @@ class VAESegmentationTask(BaseTask):
         pseudo_label: float = 0.0,
         pseudo_threshold: float = 0.9,
         generated_weight: float = 0.0,
+        object_weight: float = 1.0,
         ema: float = 0.0,
         posterior: bool = False,
         encoder_weights: str | None = None,
@@ -250,6 +254,7 @@ class VAESegmentationTask(BaseTask):
             recon_condition=hp["recon_condition"],
             head=hp["head"],
             head_rank=hp["head_rank"],
+            object_heads=float(hp["object_weight"]) > 0 and object_channels(hp["labels"]) is not None,
         )
         mean = torch.tensor(hp["mean"] if hp["mean"] is not None else [0.0] * c, dtype=torch.float32)
         std = torch.tensor(hp["std"] if hp["std"] is not None else [1.0] * c, dtype=torch.float32)

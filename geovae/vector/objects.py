@@ -34,6 +34,7 @@ from geovae.objects import (
     DEFAULT_SEED,
     ObjectSpec,
     label_objects,
+    map_bands,
     probability_bands,
     resolve_object_classes,
 )
@@ -107,7 +108,8 @@ def _object_layer(
         if prob is not None:
             probs = prob[0].read(prob[1], window=grown).astype(np.float32)
             if spec.boundary is None:
-                probs = np.concatenate([probs, np.zeros_like(probs[:1])])
+                n = len(spec.classes)
+                probs = np.concatenate([probs[:n], np.zeros_like(probs[:1]), probs[n:]])
             valid &= np.isfinite(probs).all(0)
         edges = (gr0 > 0, gr1 < H, gc0 > 0, gc1 < W)
         labels, anchors, label_class = label_objects(
@@ -205,7 +207,16 @@ def write_objects(
                     f"object-probability raster {prob_ds.name} has no band for class(es) "
                     f"{', '.join(map(str, missing))} (it holds {ids}); segment with those --objects"
                 )
-            prob = (prob_ds, [ids.index(c) + 1 for c in want])
+            bands = [ids.index(c) + 1 for c in want]
+            if spec.distance:
+                where = map_bands(prob_ds)
+                if "distance" not in where:
+                    raise OptionError(
+                        f"object-probability raster {prob_ds.name} has no distance band; segment with a model "
+                        "that has object heads, or cut objects from the interior probability"
+                    )
+                bands.append(where["distance"])
+            prob = (prob_ds, bands)
         conf_ds = raster.band(confidence, "confidence")
         table = raster.class_table()
         names = {k: v["name"] for k, v in table.items()}
@@ -263,13 +274,15 @@ def vectorize_objects(
             GeoDataFrame.
         objects: the object classes, names or ids (a list, or ``"parcel,field"``).
         probabilities: ``<stem>.object-probability.tif`` of a ``segment --objects`` run; its
-            tags name its classes and the boundary class. None: objects from the class
+            tags name its classes and the boundary class; one that holds a distance map (a
+            model with object heads) seeds objects from it. None: objects from the class
             raster alone (seeds by distance, split at narrow necks; a class named
             ``boundary`` in the class table is still given back to the objects).
         confidence: a confidence raster on the same grid, for ``confidence_mean``.
         min_area, simplify, block_size: as :func:`~geovae.vector.vectorize`.
         halo: pixels around each block the split sees; objects up to this size are exact.
-        seed: interior probability at which a pixel seeds an object.
+        seed: interior probability (or, with a distance map, distance to the outline in 0..1)
+            at which a pixel seeds an object.
         layer: layer name (default ``<stem>_objects``).
 
     Returns:
@@ -283,15 +296,17 @@ def vectorize_objects(
     with open_raster(classes, "class raster") as src:
         table = read_class_table(src)
     boundary = None
+    distance = False
     if probabilities is not None:
         with open_raster(probabilities, "object-probability raster") as ds:
             _, boundary = probability_bands(ds)
+            distance = boundary is not None and "distance" in map_bands(ds)
     else:
         boundary = next((c for c, v in table.items() if str(v["name"]).strip().lower() == BOUNDARY_NAME), None)
     ids = sorted(table) or sorted({int(w) for w in wanted if str(w).strip().isdigit()})
     names = [table.get(c, {}).get("name", f"class {c}") for c in ids]
     cls, cnames = resolve_object_classes(wanted, ids, names, boundary)
-    spec = ObjectSpec(classes=cls, names=cnames, boundary=boundary, seed=seed, halo=halo)
+    spec = ObjectSpec(classes=cls, names=cnames, boundary=boundary, seed=seed, halo=halo, distance=distance)
     layer = layer or f"{scene_layer_name(classes)}_objects"
 
     def write(targets: list[tuple[Path, Path]]) -> ObjectResult:
