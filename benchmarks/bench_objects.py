@@ -130,12 +130,19 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
             16,
             "--seed",
             args.seed,
+            *(["--object-weight", args.object_weight] if args.object_weight is not None else []),
             "--device",
             "cpu",
             "--out",
             model,
         )
-    res: dict[str, Any] = {"model": str(model), "epochs": args.epochs, "boundary_width": args.boundary_width}
+    res: dict[str, Any] = {
+        "model": str(model),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "boundary_width": args.boundary_width,
+        "object_weight": args.object_weight,
+    }
     # Run b: another tile and block size; the overlap stays the default, which covers the
     # model's halo, so the probabilities are the same and the objects must be too.
     runs = {"a": [], "b": ["--tile", 128, "--block-size", 256]}
@@ -180,12 +187,16 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
         )
     )["objects"]
     res["tiling"] = compare_runs(work / "out-a" / "east.objects.gpkg", work / "out-b" / "east.objects.gpkg")
+    res["errors"] = merges_and_splits(work / "out-a" / "east.objects.gpkg", REGISTER, east)
     o, r = res["objects"], res["class_regions"]
     print(
-        f"objects:       F1 {o['f1']:.3f}  P {o['precision']:.3f}  R {o['recall']:.3f}  mean IoU {o['mean_iou']:.3f}"
+        f"objects:       F1 {num(o['f1'])}  P {num(o['precision'])}  R {num(o['recall'])}  mean IoU {num(o['mean_iou'])}"
         f"  ({o['matched']} of {o['predicted']} predicted, {o['reference']} reference)"
     )
-    print(f"class regions: F1 {r['f1']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  ({r['predicted']} polygons)")
+    print(
+        f"class regions: F1 {num(r['f1'])}  P {num(r['precision'])}  R {num(r['recall'])}  ({r['predicted']} polygons)"
+    )
+    print(f"errors: {res['errors']}")
     print(f"tiling: {res['tiling']}")
     return res
 
@@ -218,14 +229,68 @@ def spacenet(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def num(v: float | None) -> str:
+    """A score to 3 decimals, or - where it is undefined (no object predicted or matched)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
+def merges_and_splits(objects: Path, register: Path, scene: Path) -> dict[str, int]:
+    """How the predicted objects err, both sets clipped to ``scene``'s bounds: ``merges``, the
+    objects that hold the larger part (> 50 %) of two or more parcels; ``splits``, the parcels
+    that hold the larger part of two or more objects."""
+    import geopandas as gpd
+    import numpy as np
+    import rasterio
+    import shapely
+
+    with rasterio.open(scene) as src:
+        box = shapely.box(*src.bounds)
+    pred = gpd.read_file(objects)
+    ref = gpd.read_file(register).to_crs(pred.crs)
+    p = shapely.intersection(np.asarray(pred.geometry.values), box)
+    r = shapely.make_valid(shapely.intersection(np.asarray(ref.geometry.values), box))
+    p, r = p[shapely.area(p) > 0], r[shapely.area(r) > 0]
+    pi, ri = shapely.STRtree(r).query(p, predicate="intersects")
+    inter = shapely.area(shapely.intersection(p[pi], r[ri]))
+    most_of_parcel = inter > 0.5 * shapely.area(r[ri])
+    most_of_object = inter > 0.5 * shapely.area(p[pi])
+    merges = np.bincount(pi[most_of_parcel], minlength=len(p))
+    splits = np.bincount(ri[most_of_object], minlength=len(r))
+    return {"merges": int((merges >= 2).sum()), "splits": int((splits >= 2).sum())}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation) over seeds of the parcels runs' scores."""
+    import statistics
+
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
+    values = {
+        "f1": [r["objects"]["f1"] or 0.0 for r in rows],
+        "precision": [r["objects"]["precision"] or 0.0 for r in rows],
+        "recall": [r["objects"]["recall"] or 0.0 for r in rows],
+        "merges": [r["errors"]["merges"] for r in rows],
+        "splits": [r["errors"]["splits"] for r in rows],
+        "class_regions_f1": [r["class_regions"]["f1"] or 0.0 for r in rows],
+    }
+    for k, v in values.items():
+        out[k] = {"mean": statistics.fmean(v), "sd": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["parcels", "spacenet"])
     ap.add_argument("--work", help="Folder for the crops, model and outputs (default: a new temporary one).")
     ap.add_argument("--model", help="Skip training: segment with this model file.")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--boundary-width", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="parcels: train one model per seed (e.g. 0,1,2) and print the mean and spread.")
+    ap.add_argument(
+        "--object-weight",
+        type=float,
+        help="geovae train --object-weight (default: train's, 1; 0: a model without object heads).",
+    )
     ap.add_argument(
         "--seed-threshold",
         type=float,
@@ -233,6 +298,22 @@ def main() -> None:
     )
     ap.add_argument("--json", help="Append the result as one JSON line to this file.")
     args = ap.parse_args()
+    if args.what == "parcels" and args.seeds:
+        rows = []
+        base = Path(args.work or tempfile.mkdtemp(prefix="geovae-bench-objects-"))
+        for seed in (int(v) for v in args.seeds.split(",")):
+            one = argparse.Namespace(**{**vars(args), "seed": seed, "work": str(base / f"seed{seed}")})
+            rows.append(parcels(one))
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"what": "parcels", **rows[-1]}) + "\n")
+        s = summary(rows)
+        for k in ("f1", "precision", "recall", "merges", "splits", "class_regions_f1"):
+            print(f"{k}: {s[k]['mean']:.3f} ± {s[k]['sd']:.3f}  ({', '.join(f'{v:.3f}' for v in s[k]['values'])})")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"what": "parcels-summary", "epochs": args.epochs, **s}) + "\n")
+        return
     res = {"what": args.what, **(parcels(args) if args.what == "parcels" else spacenet(args))}
     if args.json:
         with open(args.json, "a") as f:
