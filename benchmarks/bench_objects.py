@@ -245,7 +245,7 @@ def merges_and_splits(objects: Path, register: Path, scene: Path) -> dict[str, i
 
     with rasterio.open(scene) as src:
         box = shapely.box(*src.bounds)
-    pred = gpd.read_file(objects)
+    pred = gpd.read_file(objects, layer=Path(objects).name[: -len(".gpkg")].replace(".objects", "_objects"))
     ref = gpd.read_file(register).to_crs(pred.crs)
     p = shapely.intersection(np.asarray(pred.geometry.values), box)
     r = shapely.make_valid(shapely.intersection(np.asarray(ref.geometry.values), box))
