@@ -493,8 +493,26 @@ def test_short_training_on_parcels_objects_beat_class_regions(tmp_path: Path) ->
     )
     assert {"objects_gpkg", "object_probability"} <= set(out.outputs)
     assert out.report["objects"]["count"] > 100 and out.report["objects"]["beyond_halo"] == 0
+    assert out.report["objects"]["seeds_from"] == "distance"  # object labels give the model object heads
     with rasterio.open(out.outputs["object_probability"]) as ds:
-        assert ds.count == 2 and ds.descriptions == ("probability of parcel", "probability of boundary")
+        assert ds.count == 4 and ds.descriptions[:2] == ("probability of parcel", "probability of boundary")
+    # Another tiling: the same objects (the halo covers the object heads too).
+    other = segment_scene(
+        east,
+        res.model_path,
+        tmp_path / "other",
+        objects=("parcel",),
+        formats=("gpkg",),
+        quicklook=False,
+        progress=False,
+        device="cpu",
+        tile=128,
+        block_size=256,
+    )
+    layer = "east_objects"
+    a = gpd.read_file(out.outputs["objects_gpkg"], layer=layer).set_index("object_id").sort_index()
+    b = gpd.read_file(other.outputs["objects_gpkg"], layer=layer).set_index("object_id").sort_index()
+    assert list(a.index) == list(b.index) and shapely.equals(a.geometry.values, b.geometry.values).all()
     objs = evaluate(out.outputs["classes"], objects=data_path(*PARCELS))["objects"]
     regions = evaluate(
         out.outputs["classes"],

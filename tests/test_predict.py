@@ -404,7 +404,7 @@ def test_scene_smaller_than_one_tile(tmp_path: Path, nc_stack: Path) -> None:
 def test_tta_is_the_mean_over_flips(nc_stack: Path) -> None:
     model = conv_model(nc_stack)
     x = torch.rand(2, 6, 32, 32) * 100
-    got = _predict(model, x, 0, False, True)["probs"]
+    got = _predict(model, x, 0, False, True, False)["probs"]
     p = model.predict(x)["probs"]
     ref = (p + model.predict(x.flip(-1))["probs"].flip(-1) + model.predict(x.flip(-2))["probs"].flip(-2)) / 3
     torch.testing.assert_close(got, ref)
