@@ -253,3 +253,25 @@ def test_segment_seeds_from_the_distance_map_and_objects_are_the_same_at_any_blo
     vec = ["-q", "vectorize", str(cls), "-o", str(out), "--objects", "parcel", "--probabilities", str(plain)]
     assert main(vec) == 0
     assert len(gpd.read_file(out)) != len(a)
+
+
+def test_onnx_export_carries_the_object_maps(heads_model: Path, tmp_path: Path) -> None:
+    """The exported graph has the `object_maps` output (checked against torch at export), and
+    `segment --objects` with the .onnx file writes the same maps and objects."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip install geovae[onnx]")
+    from geovae.model.onnx import load_onnx
+
+    onnx_path = tmp_path / "heads.onnx"
+    assert main(["-q", "export", str(heads_model), "--onnx", "-o", str(onnx_path)]) == 0
+    model = load_onnx(onnx_path)
+    assert model.supports_object_maps
+    scene = str(fixture_path(*NDVI))
+    for name, m in (("torch", heads_model), ("onnx", onnx_path)):
+        args = ["-q", "segment", scene, "-m", str(m), "-o", str(tmp_path / name), "--objects", "parcel"]
+        assert main([*args, "--object-seed", "0.5", "--formats", "gpkg", "--no-quicklook"]) == 0
+    with (
+        rasterio.open(tmp_path / "torch" / "ndvi_from_parcels.object-probability.tif") as a,
+        rasterio.open(tmp_path / "onnx" / "ndvi_from_parcels.object-probability.tif") as b,
+    ):
+        assert a.count == b.count == 4
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
