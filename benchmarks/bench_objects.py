@@ -12,6 +12,10 @@ its held-out part (the east quarter of the west half), unless ``--seed-threshold
 the result records them (``settings``, ``learnt``). Then the east half is segmented again with another tile and block size, and the
 objects of the two runs are compared (count, IoU of each object with its counterpart).
 
+``buildings``: the same protocol (train on the west half, judge the east half) on the
+SpaceNet-4 Atlanta tile (WorldView panchromatic, 900 x 900, 0.5 m) with its 43 building
+footprints as the object labels.
+
 ``spacenet``: the SpaceNet-4 Atlanta tile's 43 building footprints, as objects from the
 reference-derived building mask (``geovae vectorize --objects``, no probabilities: seeds by
 distance), scored against the footprints.
@@ -45,6 +49,9 @@ NDVI = DATA / "ndvi_parcels_amsterdam" / "NDVI.tif"
 REGISTER = DATA / "ndvi_parcels_amsterdam" / "parcels_brp2020.gpkg"
 ATLANTA_MASK = DATA / "spacenet_solaris" / "atlanta_sn4_building_mask_georef.tif"
 FOOTPRINTS = DATA / "spacenet_solaris" / "original" / "geotiff_labels.geojson"
+ATLANTA = DATA / "spacenet_solaris" / "original" / "sample_geotiff.tif"
+#: The sets the train-west / judge-east protocol runs on: image, reference objects, object class.
+SETS = {"parcels": (NDVI, REGISTER, "parcel"), "buildings": (ATLANTA, FOOTPRINTS, "building")}
 
 
 def geovae(*args: Any) -> str:
@@ -102,13 +109,17 @@ def compare_runs(a: Path, b: Path) -> dict[str, Any]:
 
 def parcels(args: argparse.Namespace) -> dict[str, Any]:
     import geopandas as gpd
+    import rasterio
 
+    image, register, kind = SETS[args.what]
     work = Path(args.work or tempfile.mkdtemp(prefix="geovae-bench-objects-"))
     work.mkdir(parents=True, exist_ok=True)
-    west, east = crop(NDVI, work / "west.tif", 0, 500), crop(NDVI, work / "east.tif", 500, 1000)
+    with rasterio.open(image) as src:
+        half = src.width // 2
+        west, east = crop(image, work / "west.tif", 0, half), crop(image, work / "east.tif", half, src.width)
     labels = work / "parcels.gpkg"
-    reg = gpd.read_file(REGISTER)
-    reg.assign(kind="parcel")[["kind", "geometry"]].to_file(labels, layer="parcels")
+    reg = gpd.read_file(register)
+    reg.assign(kind=kind)[["kind", "geometry"]].to_file(labels, layer="parcels")
     model = Path(args.model) if args.model else work / "parcels.safetensors"
     if not args.model:
         geovae(
@@ -156,7 +167,7 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
             "-o",
             work / f"out-{name}",
             "--objects",
-            "parcel",
+            kind,
             *(["--object-seed", args.seed_threshold] if args.seed_threshold is not None else []),
             "--formats",
             "gpkg",
@@ -172,22 +183,22 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
     from geovae.model.io import read_model_info
 
     res["learnt"] = read_model_info(model).extra.get("objects", {})
-    res["objects"] = json.loads(geovae("evaluate", classes, "--objects", REGISTER, "--json"))["objects"]
+    res["objects"] = json.loads(geovae("evaluate", classes, "--objects", register, "--json"))["objects"]
     res["class_regions"] = json.loads(
         geovae(
             "evaluate",
             classes,
             "--objects",
-            REGISTER,
+            register,
             "--predicted-objects",
             work / "out-a" / "east.gpkg",
             "--object-classes",
-            "parcel",
+            kind,
             "--json",
         )
     )["objects"]
     res["tiling"] = compare_runs(work / "out-a" / "east.objects.gpkg", work / "out-b" / "east.objects.gpkg")
-    res["errors"] = merges_and_splits(work / "out-a" / "east.objects.gpkg", REGISTER, east)
+    res["errors"] = merges_and_splits(work / "out-a" / "east.objects.gpkg", register, east)
     o, r = res["objects"], res["class_regions"]
     print(
         f"objects:       F1 {num(o['f1'])}  P {num(o['precision'])}  R {num(o['recall'])}  mean IoU {num(o['mean_iou'])}"
@@ -279,7 +290,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["parcels", "spacenet"])
+    ap.add_argument("what", choices=["parcels", "buildings", "spacenet"])
     ap.add_argument("--work", help="Folder for the crops, model and outputs (default: a new temporary one).")
     ap.add_argument("--model", help="Skip training: segment with this model file.")
     ap.add_argument("--epochs", type=int, default=20)
@@ -298,7 +309,7 @@ def main() -> None:
     )
     ap.add_argument("--json", help="Append the result as one JSON line to this file.")
     args = ap.parse_args()
-    if args.what == "parcels" and args.seeds:
+    if args.what in SETS and args.seeds:
         rows = []
         base = Path(args.work or tempfile.mkdtemp(prefix="geovae-bench-objects-"))
         for seed in (int(v) for v in args.seeds.split(",")):
@@ -306,15 +317,15 @@ def main() -> None:
             rows.append(parcels(one))
             if args.json:
                 with open(args.json, "a") as f:
-                    f.write(json.dumps({"what": "parcels", **rows[-1]}) + "\n")
+                    f.write(json.dumps({"what": args.what, **rows[-1]}) + "\n")
         s = summary(rows)
         for k in ("f1", "precision", "recall", "merges", "splits", "class_regions_f1"):
             print(f"{k}: {s[k]['mean']:.3f} ± {s[k]['sd']:.3f}  ({', '.join(f'{v:.3f}' for v in s[k]['values'])})")
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({"what": "parcels-summary", "epochs": args.epochs, **s}) + "\n")
+                f.write(json.dumps({"what": f"{args.what}-summary", "epochs": args.epochs, **s}) + "\n")
         return
-    res = {"what": args.what, **(parcels(args) if args.what == "parcels" else spacenet(args))}
+    res = {"what": args.what, **(parcels(args) if args.what in SETS else spacenet(args))}
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(res) + "\n")
