@@ -286,3 +286,28 @@ def test_a_label_raster_with_a_boundary_class_is_object_labels_too(tmp_path: Pat
     # the parcels of the held-out part, each an object of the labels (narrow ones are all boundary)
     assert 5 <= got["reference_objects"] <= int(parcels.clip(shapely.box(*dm.val_box)).area.gt(0).sum())
     assert learnt_settings(info)["seed"] == got["seed"]
+
+
+def test_labels_smaller_than_a_tile_in_the_training_part_are_one_clear_error(tmp_path: Path) -> None:
+    """Half the fixture held out: the parcels (which stop 64 px short of every side) cover
+    less than one 64-px tile of the west half; TorchGeo's sampler would fail with no hint."""
+    from geovae.errors import OptionError
+    from geovae.training import train_model
+
+    parcels = gpd.read_file(fixture_path("ndvi_parcels_amsterdam", "parcels_brp2020.fgb")).assign(kind="parcel")
+    path = tmp_path / "p.gpkg"
+    parcels[["kind", "geometry"]].to_file(path)
+    with pytest.raises(OptionError, match="cover less than one 64 x 64 px tile of the training part"):
+        train_model(
+            str(fixture_path(*NDVI)),
+            vector_labels=str(path),
+            label_field="kind",
+            boundary_width=1,
+            out=tmp_path / "m.safetensors",
+            epochs=1,
+            tile=64,
+            val_fraction=0.5,
+            device="cpu",
+            progress=False,
+        )
+    assert not (tmp_path / "m.safetensors").exists()

@@ -474,13 +474,21 @@ class SceneDataModule(GeoDataModule):
                     self.train_dataset, self.tile, self.length, self.train_box, cells, generator=gen
                 )
             else:
-                self.train_sampler = RandomGeoSampler(  # type: ignore[assignment]  # TorchGeo 0.10: derives from samplers.single's GeoSampler, not the one its data module declares
+                randoms = RandomGeoSampler(
                     self.train_dataset,
                     size=self.tile,
                     length=self.length,
                     roi=shapely.box(*self.train_box),
                     generator=gen,
                 )
+                if len(randoms.areas) == 0:
+                    # TorchGeo would fail later inside torch.multinomial with no hint.
+                    raise OptionError(
+                        f"the labels cover less than one {self.tile} x {self.tile} px tile of the training part of "
+                        f"{self.image_path}; use a smaller --tile, a smaller val_fraction, or labels that cover "
+                        "more of it"
+                    )
+                self.train_sampler = randoms  # type: ignore[assignment]  # TorchGeo 0.10: derives from samplers.single's GeoSampler, not the one its data module declares
             if self.unlabeled_paths:
                 uds = [self._image_ds(p, transforms=AddIgnoreMask(self.ignore_index)) for p in self.unlabeled_paths]
                 self.unlabeled_dataset: GeoDataset | None = (
