@@ -165,7 +165,8 @@ def test_demo_numerics_sets_and_restores_torch_settings(
 ) -> None:
     monkeypatch.delenv("MKL_CBWR", raising=False)
     before = settings()
-    with demo_numerics("cpu") as numerics:
+    # at_level: an in-process `geovae -q ...` earlier in this worker leaves geovae's logger at ERROR
+    with caplog.at_level("WARNING", logger="geovae"), demo_numerics("cpu") as numerics:
         assert settings() == (DEMO_THREADS, True, False, False)
     assert settings() == before
     assert numerics["threads"] == DEMO_THREADS

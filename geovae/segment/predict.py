@@ -40,10 +40,12 @@ def _predict(
 ) -> dict[str, torch.Tensor]:
     """Model outputs for one batch; with ``tta`` the mean over identity, h-flip and v-flip."""
     x = x.to(model.device, non_blocking=True)
-    out = model.predict(x, samples=samples, reconstruction=reconstruction, objects=objects)
+    # ``objects`` only when asked: a subclass's own predict() without it keeps working.
+    kw: dict[str, Any] = {"objects": True} if objects else {}
+    out = model.predict(x, samples=samples, reconstruction=reconstruction, **kw)
     if tta:
         for dim in (-1, -2):
-            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction, objects=objects)
+            o = model.predict(x.flip(dim), samples=samples, reconstruction=reconstruction, **kw)
             for k, v in o.items():
                 out[k] = out[k] + v.flip(dim)  # every output has H, W as its last two dims
         out = {k: v / 3.0 for k, v in out.items()}
