@@ -770,3 +770,25 @@ def test_a_run_whose_loss_goes_non_finite_or_that_made_no_step_writes_nothing(
         next(m.parameters())[0] = float("nan")
     with pytest.raises(TrainingError, match="non-finite numbers in 1 tensors"):
         _check_trained(m, steps=3)
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--epochs", "3"], "trainer.max_epochs"),
+        (["--tile", "32"], "data.tile"),
+        (["--device", "cpu"], "trainer.accelerator"),
+        (["--seed", "1"], "seed_everything"),
+        (["--unlabeled", "x.tif"], "data.unlabeled"),
+    ],
+)
+def test_options_a_config_decides_are_refused_with_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], key: str
+) -> None:
+    """With --config these options were silently ignored; now one line names the config key."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: m.safetensors\n")
+    code, _, err = run(capsys, "train", "--config", str(cfg), *args)
+    assert code == 2
+    assert "does not apply with --config" in one_line(err) and f"--set {key}=VALUE" in one_line(err)
+    assert not (tmp_path / "m.safetensors").exists()

@@ -10,6 +10,21 @@ from geovae.choices import SAMPLERS, Sampler
 from geovae.cli.app import cli, is_quiet, quiet_lightning, quiet_native
 from geovae.errors import OptionError
 
+#: Options of ``train`` that a config sets itself: with ``--config`` they were silently
+#: ignored, so they are refused, naming the config key (``data.init_args.X`` where the config's
+#: data section has a ``class_path``).
+CONFIG_KEYS = {
+    "epochs": "trainer.max_epochs",
+    "tile": "data.tile",
+    "batch_size": "data.batch_size",
+    "device": "trainer.accelerator",
+    "seed": "seed_everything",
+    "sampler": "data.sampler",
+    "classes": "data.classes",
+    "unlabeled": "data.unlabeled",
+    "label_field": "data.label_field",
+}
+
 
 @cli.command()
 @click.option("--config", type=click.Path(dir_okay=False), help="LightningCLI-style YAML (see configs/).")
@@ -123,6 +138,13 @@ def train(
                 "--config and --image/--labels/--boundary-width are exclusive; put them in the config "
                 "(data.boundary_width, data.background)"
             )
+        for name, key in CONFIG_KEYS.items():
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT):
+                flag = "--" + name.replace("_", "-")
+                raise OptionError(
+                    f"{flag} does not apply with --config (the config decides it); set {key} in the config "
+                    f"or pass --set {key}=VALUE"
+                )
         if ctx.get_parameter_source("out") is not click.core.ParameterSource.DEFAULT:
             overrides = (*overrides, f"out={out}")
         if adversarial is not None:
