@@ -355,6 +355,9 @@ def run_demo(
         OutputError: ``out_dir`` cannot be written.
     """
     data_dir = check_demo_data(data) if data is not None else check_demo_data(fetch_demo_data())
+    from geovae.device import resolve_device
+
+    resolve_device(device)  # an unusable --device is refused before the output folder is made
     out = check_output_dir(out_dir)
 
     # Imported here so that a bad --data folder is reported before torch loads.

@@ -137,6 +137,22 @@ def test_demo_bad_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path, m
     assert_one_line_error(code, err, 1, "lsat7_2000_10.tif")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_refuses_a_missing_gpu_before_making_its_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nc_demo_data: Path
+) -> None:
+    from geovae.demo import CPU_ENVIRONMENT, CPU_ENVIRONMENT_REMOVED
+
+    for name in (*CPU_ENVIRONMENT, *CPU_ENVIRONMENT_REMOVED):  # restored after the test, as above
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)
+    out = tmp_path / "new" / "o"
+    code, _, err = run(capsys, "demo", "--data", str(nc_demo_data), "--out", str(out), "--device", "cuda")
+    assert_one_line_error(code, err, 2, "no CUDA device")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("data", ["window", pytest.param("real", marks=pytest.mark.slow)])
 def test_demo_end_to_end_on_the_real_scene(tmp_path: Path, request: pytest.FixtureRequest, data: str) -> None:
     """The README's first command, shortened to one epoch: real Landsat-7 bands in the demo's
