@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "SESSION_CONFIG",
     "OnnxModel",
     "describe_check",
     "load_onnx",
@@ -77,6 +78,11 @@ FORMAT_VERSION = 1
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 #: Graph optimisation levels of onnxruntime, by the names geovae takes.
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+#: onnxruntime session configuration a model runs with: its intra-op threads sleep between
+#: operators instead of spin-waiting, which is faster end to end on a small CPU and leaves the
+#: cores to the run's helper threads and to other processes (docs/benchmarks.md; the
+#: ``ort-spin`` side of benchmarks/bench_onnx.py measures the other way).
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
 def missing_onnx(what: str) -> MissingDependencyError:
@@ -264,8 +270,9 @@ class OnnxModel(SegmentationModel):
         optimization: onnxruntime's graph optimisation level, one of
             :data:`OPTIMIZATION_LEVELS` (``all``: constant folding, operator fusions and, on
             the CPU, the NCHWc layout of its convolution kernels).
-        session_config: onnxruntime session configuration entries (e.g.
-            ``{"session.intra_op.allow_spinning": "0"}``), for benchmarks and tuning.
+        session_config: onnxruntime session configuration entries, over
+            :data:`SESSION_CONFIG` (e.g. ``{"session.intra_op.allow_spinning": "1"}``), for
+            benchmarks and tuning.
 
     Raises:
         MissingDependencyError: onnxruntime is not installed.
@@ -299,7 +306,7 @@ class OnnxModel(SegmentationModel):
         self.proto = proto
         self.threads = threads
         self.optimization = optimization
-        self.session_config = dict(session_config or {})
+        self.session_config = {**SESSION_CONFIG, **(session_config or {})}
         self.inputs = [i.name for i in proto.graph.input]
         self.outputs = [o.name for o in proto.graph.output]
         self.latent_channels: int | None = None
