@@ -372,3 +372,14 @@ def test_intra_op_threads_follow_torch(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(n)
     assert OnnxModel(m.proto, m.info, "cpu", threads=3).session_options().intra_op_num_threads == 3
+
+
+def test_session_threads_sleep_between_operators_unless_configured(tmp_path: Path) -> None:
+    """geovae's sessions do not spin-wait (onnxruntime's own default does); a caller's
+    session_config still wins."""
+    key = "session.intra_op.allow_spinning"
+    m = load_onnx(_tiny_onnx(tmp_path), device="cpu")
+    assert m.session_options().get_session_config_entry(key) == "0"
+    spin = OnnxModel(m.proto, m.info, "cpu", session_config={key: "1"})
+    assert spin.session_options().get_session_config_entry(key) == "1"
+    assert m.predict(np.zeros((1, m.info.in_channels, 32, 32), np.float32))["probs"].shape[0] == 1
