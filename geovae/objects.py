@@ -98,7 +98,8 @@ class ObjectSpec:
         classes: class ids turned into objects (in the class raster).
         names: their names, for the polygons' ``class_name``.
         boundary: class id of the boundary class, or None.
-        seed: seeds are the pixels whose interior probability minus boundary probability is
+        seed: seeds are the pixels whose distance to their object's outline (``distance``), else
+            whose interior probability minus boundary probability, is
             at least this (0..1).
         halo: pixels added on every side of a block; objects up to this size are exact.
         distance: seeds from the distance map (a model with object heads: the last band of

@@ -60,7 +60,8 @@ from geovae.errors import OptionError
     type=click.FloatRange(min=0, max=1, min_open=True),
     default=0.5,
     show_default=True,
-    help="With --objects: interior probability at which a pixel seeds an object.",
+    help="With --objects: interior probability (with a distance band in --probabilities: distance to "
+    "the object's outline, 0..1) at which a pixel seeds an object.",
 )
 def vectorize(
     classes: str,

@@ -97,7 +97,8 @@ class SegmentOptions:
             ``<stem>.object-probability.tif`` raster they are split with; None for none.
         object_halo: pixels around each block the object split sees; objects up to this
             size are exact (larger ones are reported).
-        object_seed: interior probability at which a pixel seeds an object; None for the
+        object_seed: interior probability (with a model's object heads: its distance to the
+            object's outline, 0..1) at which a pixel seeds an object; None for the
             value the model learnt on its held-out part (``extra.objects.seed``), else 0.5.
         object_min_area: objects smaller than this (m^2; pixels in pixel coordinates) are
             dropped; None for the minimum the model learnt (``extra.objects.min_area_px``),
@@ -244,7 +245,8 @@ class SegmentOptions:
     object_seed: float | None = field(
         default=None,
         metadata=_cli(
-            "Interior probability at which a pixel seeds an object [default: the value the model "
+            "Interior probability (with a model's object heads: distance to the object's outline, "
+            "0..1) at which a pixel seeds an object [default: the value the model "
             "learnt on its held-out part, else 0.5].",
             kind="float",
             low=0,
