@@ -17,7 +17,10 @@ downloaded inside a test, and the committed NC window is enough for every fast t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,6 +96,41 @@ def config_on_fixtures(name: str, folder: Path) -> Path:
 NC = "nc_landsat7_landclass96"
 #: The committed NC window: columns 136-391, rows 296-439 of the 489 x 443 scene (tests/data/nc_landsat7_landclass96).
 NC_WIDTH, NC_HEIGHT = 256, 144
+
+
+@contextmanager
+def batchnorm_statistics(net: Any) -> Iterator[None]:
+    """An untrained net's BatchNorm statistics from the forward passes inside the block (their
+    cumulative mean, without gradients); the net is in eval mode after it."""
+    import torch
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    net.train()
+    with torch.no_grad():
+        yield
+    net.eval()
+
+
+def register_classes(parcels: Any, profile: dict[str, Any], background_id: int) -> Any:
+    """The parcels as object training rasterises them on the grid of ``profile``: parcel 1, a
+    1-pixel boundary 2 along every outline (on both sides of a shared edge), background
+    ``background_id`` elsewhere; uint8."""
+    import numpy as np
+    import rasterio.features
+
+    from geovae.training.labels import object_mask
+
+    ids = rasterio.features.rasterize(
+        [(g, k + 1) for k, g in enumerate(parcels.geometry)],
+        out_shape=(profile["height"], profile["width"]),
+        transform=profile["transform"],
+        dtype="int32",
+    ).astype(np.int64)
+    background = np.ones(ids.shape, bool)
+    return object_mask(ids, np.array([0] + [1] * len(parcels)), 1, 2, background, background_id).astype(np.uint8)
 
 
 @pytest.fixture

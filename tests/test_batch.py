@@ -252,34 +252,30 @@ def test_batch_never_writes_over_its_scene_list_or_model(
     assert sorted(p.name for p in out.iterdir()) == ["catalog.json", "manifest.csv"]
 
 
+def _unreachable(scene: Path, model: Path, out: Path, port: int) -> None:
+    """A batch whose scheduler (a port nothing listens on) never answers."""
+    with pytest.raises(ClusterError):
+        batch.run_batch(
+            [str(scene)],
+            model,
+            out,
+            scheduler=f"tcp://127.0.0.1:{port}",
+            connect_timeout=2,
+            progress=False,
+            **SEG,
+        )
+
+
 def test_unreachable_scheduler_leaves_no_manifest(scenes: list[Path], tiny_model: Path, tmp_path: Path) -> None:
     """Failing to connect writes nothing: no manifest of "pending" rows, and a previous
     run's manifest is left as it was."""
     port = _free_port()
     out = tmp_path / "out"
-    with pytest.raises(ClusterError):
-        batch.run_batch(
-            [str(scenes[0])],
-            tiny_model,
-            out,
-            scheduler=f"tcp://127.0.0.1:{port}",
-            connect_timeout=2,
-            progress=False,
-            **SEG,
-        )
+    _unreachable(scenes[0], tiny_model, out, port)
     assert not out.exists()  # not even the folder the run made
     out.mkdir()
     (out / batch.MANIFEST_NAME).write_text("previous run\n")
-    with pytest.raises(ClusterError):
-        batch.run_batch(
-            [str(scenes[0])],
-            tiny_model,
-            out,
-            scheduler=f"tcp://127.0.0.1:{port}",
-            connect_timeout=2,
-            progress=False,
-            **SEG,
-        )
+    _unreachable(scenes[0], tiny_model, out, port)
     assert (out / batch.MANIFEST_NAME).read_text() == "previous run\n"
 
 
@@ -297,16 +293,7 @@ def test_a_failed_batch_leaves_no_folder_it_made(
     with pytest.raises(ModelFileError):
         batch.run_batch([str(scenes[0])], tmp_path / "missing.safetensors", out, progress=False, **SEG)
     assert not (tmp_path / "new").exists()
-    with pytest.raises(ClusterError):
-        batch.run_batch(
-            [str(scenes[0])],
-            tiny_model,
-            out,
-            scheduler=f"tcp://127.0.0.1:{_free_port()}",
-            connect_timeout=2,
-            progress=False,
-            **SEG,
-        )
+    _unreachable(scenes[0], tiny_model, out, _free_port())
     assert not (tmp_path / "new").exists()
 
     def full(path: Path, text: str) -> None:

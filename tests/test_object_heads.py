@@ -15,7 +15,7 @@ import pytest
 import rasterio
 import shapely
 import torch
-from conftest import fixture_path
+from conftest import batchnorm_statistics, fixture_path
 from torch import nn
 
 from geovae.cli import main
@@ -184,15 +184,10 @@ def heads_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = VAESegmenter(1, 3, base_channels=8, depth=2, head="lowrank", object_heads=True)
     xt = torch.from_numpy((x - mean) / std)[None, None]
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
+    with batchnorm_statistics(net):
         net(xt)
         net.infer(xt, objects=True)
-        net.eval()
+    with torch.no_grad():
         # Decisive outputs that vary from pixel to pixel: an untrained head's class logits
         # differ by little and are all equal where its ReLU is off, plateaus on which
         # rounding alone would decide classes and watersheds differently in two tilings.

@@ -11,6 +11,7 @@ the real-data folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import geopandas as gpd
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
-from conftest import data_path, fixture_path
+from conftest import data_path, fixture_path, register_classes
 from scipy import ndimage as ndi
 
 from geovae.errors import LabelsError, OptionError
@@ -262,17 +263,10 @@ def register_rasters(ndvi: Path, parcels: gpd.GeoDataFrame, tmp_path: Path) -> t
     (a perfect prediction: background 0, parcel 1, boundary 2 one pixel wide)."""
     from geovae.objects import probability_tags
     from geovae.products import write_class_table
-    from geovae.training.labels import object_mask
 
     with rasterio.open(ndvi) as src:
         profile = src.profile
-    ids = rasterio.features.rasterize(
-        [(g, k + 1) for k, g in enumerate(parcels.geometry)],
-        out_shape=(profile["height"], profile["width"]),
-        transform=profile["transform"],
-        dtype="int32",
-    ).astype(np.int64)
-    cls = object_mask(ids, np.array([0] + [1] * len(parcels)), 1, 2, np.ones(ids.shape, bool), 0).astype(np.uint8)
+    cls = register_classes(parcels, profile, 0)
     profile.update(dtype="uint8", nodata=255, tiled=True, blockxsize=256, blockysize=256)
     classes = tmp_path / "register.classes.tif"
     with rasterio.open(classes, "w", **profile) as dst:
@@ -481,16 +475,21 @@ def test_short_training_on_parcels_objects_beat_class_regions(tmp_path: Path) ->
     info = read_model_info(res.model_path)
     assert info.class_names == ["background", "parcel", "boundary"] and boundary_class(info) == 2
     assert info.extra["objects"]["boundary_class"] == 2
-    out = segment_scene(
-        east,
-        res.model_path,
-        tmp_path / "out",
-        objects=("parcel",),
-        formats=("gpkg",),
-        quicklook=False,
-        progress=False,
-        device="cpu",
-    )
+
+    def segment(folder: str, **tiling: int) -> Any:
+        return segment_scene(
+            east,
+            res.model_path,
+            tmp_path / folder,
+            objects=("parcel",),
+            formats=("gpkg",),
+            quicklook=False,
+            progress=False,
+            device="cpu",
+            **tiling,
+        )
+
+    out = segment("out")
     assert {"objects_gpkg", "object_probability"} <= set(out.outputs)
     assert out.report["objects"]["count"] > 100 and out.report["objects"]["beyond_halo"] == 0
     assert out.report["objects"]["seeds_from"] == "distance"  # object labels give the model object heads
@@ -498,18 +497,7 @@ def test_short_training_on_parcels_objects_beat_class_regions(tmp_path: Path) ->
         assert ds.count == 4 and ds.descriptions[:2] == ("probability of parcel", "probability of boundary")
     # Another tiling whose overlap still covers the model's halo (which covers the object
     # heads too): the same objects.
-    other = segment_scene(
-        east,
-        res.model_path,
-        tmp_path / "other",
-        objects=("parcel",),
-        formats=("gpkg",),
-        quicklook=False,
-        progress=False,
-        device="cpu",
-        tile=256,
-        block_size=256,
-    )
+    other = segment("other", tile=256, block_size=256)
     layer = "east_objects"
     a = gpd.read_file(out.outputs["objects_gpkg"], layer=layer).set_index("object_id").sort_index()
     b = gpd.read_file(other.outputs["objects_gpkg"], layer=layer).set_index("object_id").sort_index()

@@ -15,10 +15,9 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-import rasterio.features
 import shapely
 import torch
-from conftest import fixture_path
+from conftest import fixture_path, register_classes
 from rasterio.transform import from_origin
 
 from geovae.cli import main
@@ -258,19 +257,12 @@ def test_a_label_raster_with_a_boundary_class_is_object_labels_too(tmp_path: Pat
     """Labels as a raster (0 unlabelled, 1 parcel, 2 boundary, 3 background) made from the
     fixture's parcels: the reference objects are the ones the labels themselves make."""
     from geovae.training import SceneDataModule
-    from geovae.training.labels import object_mask
     from geovae.training.thresholds import learn_object_settings, raster_object_classes
 
     parcels = gpd.read_file(fixture_path("ndvi_parcels_amsterdam", "parcels_brp2020.fgb"))
     with rasterio.open(fixture_path(*NDVI)) as src:
         profile = src.profile
-    ids = rasterio.features.rasterize(
-        [(g, k + 1) for k, g in enumerate(parcels.geometry)],
-        out_shape=(profile["height"], profile["width"]),
-        transform=profile["transform"],
-        dtype="int32",
-    ).astype(np.int64)
-    cls = object_mask(ids, np.array([0] + [1] * len(parcels)), 1, 2, np.ones(ids.shape, bool), 3).astype(np.uint8)
+    cls = register_classes(parcels, profile, 3)
     labels = tmp_path / "labels.tif"
     with rasterio.open(labels, "w", **{**profile, "dtype": "uint8", "nodata": 0}) as dst:
         dst.write(cls, 1)

@@ -23,7 +23,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed: pip instal
 import onnx
 import rasterio
 import torch
-from conftest import one_line, run
+from conftest import batchnorm_statistics, one_line, run
 from rasterio.windows import Window
 
 from geovae.cli import main
@@ -61,14 +61,9 @@ def default_vae(path: Path) -> tuple[torch.nn.Module, ModelInfo]:
     net = VAESegmenter(6, 7, **default_architecture())
     s = net.stride
     x = x[None, :, : x.shape[1] // s * s, : x.shape[2] // s * s]
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
+    with batchnorm_statistics(net):
         net(x)
-        net.eval()
+    with torch.no_grad():
         net.head.out.bias[:7] -= net(x).flatten(2).median(-1).values[0]
     info = ModelInfo(
         in_channels=6,

@@ -18,7 +18,7 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
-from conftest import NC, data_path
+from conftest import NC, batchnorm_statistics, data_path
 from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from rasterio.windows import Window
@@ -75,14 +75,9 @@ def vae_model(
     s = open_scene(path)
     d, _ = s.read(Window(0, 0, s.width // 2**depth * 2**depth, s.height // 2**depth * 2**depth))
     x = (torch.from_numpy(d) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
+    with batchnorm_statistics(net):
         net(x[None])
-        net.eval()
+    with torch.no_grad():
         # centre each class's logit on its scene median so the random head uses several classes
         logits = net(x[None])
         bias = net.head.out.bias[:k] if arch.get("head") == "lowrank" else net.head[-1].bias
