@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_HALO",
     "DEFAULT_SEED",
     "MIN_SEED_PIXELS",
+    "OBJECT_MAPS",
     "SEED_DISTANCE",
     "ObjectSpec",
     "boundary_class",
@@ -88,6 +89,10 @@ DEFAULT_SEED = 0.5
 #: The name training gives the boundary class, and the background class.
 BOUNDARY_NAME = "boundary"
 BACKGROUND_NAME = "background"
+#: The object maps of a model with object heads, in the order the model gives them and the
+#: object-probability raster holds them after the probabilities: the object extent and the
+#: distance to the object's outline, both in 0..1.
+OBJECT_MAPS = ("extent", "distance")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,12 @@ class ObjectSpec:
     min_area: float | None = None
     origin: tuple[tuple[str, str], ...] = ()
     distance: bool = False
+
+    @property
+    def maps(self) -> tuple[str, ...]:
+        """The object maps a run predicts and blends for these objects (:data:`OBJECT_MAPS`
+        with ``distance``, else none)."""
+        return OBJECT_MAPS if self.distance else ()
 
     def min_object_area(self, run_min_area: float, pixel_area: float) -> float:
         """The smallest object area a run keeps (its units: m^2, or square pixels).
@@ -513,8 +524,7 @@ def plan_objects(options: Any, info: Any, formats: Sequence[str], *, object_maps
 def stitch_channels(spec: ObjectSpec, info: Any) -> tuple[list[int], dict[str, str]]:
     """The model's output channels the object-probability raster holds, and its tags (the
     object maps follow the channels when ``spec.distance``)."""
-    from geovae.model.vae import OBJECT_MAPS
 
     index = {int(c): i for i, c in enumerate(info.class_ids)}
     channels = [index[c] for c in spec.classes] + ([index[spec.boundary]] if spec.boundary is not None else [])
-    return channels, probability_tags(spec.classes, spec.names, spec.boundary, OBJECT_MAPS if spec.distance else ())
+    return channels, probability_tags(spec.classes, spec.names, spec.boundary, spec.maps)

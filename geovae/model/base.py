@@ -245,7 +245,7 @@ class SegmentationModel:
             with ``reconstruction``, ``reconstruction_error`` (B, H, W), the mean squared error
             over bands in normalised units; with ``objects``, ``object_maps`` (B, 2, H, W), the
             object extent and the distance to the object's outline in 0..1
-            (:data:`~geovae.model.vae.OBJECT_MAPS`). On ``self.device`` (numpy in, numpy out).
+            (:data:`~geovae.objects.OBJECT_MAPS`). On ``self.device`` (numpy in, numpy out).
         """
         as_numpy = isinstance(x, np.ndarray)
         if as_numpy:

@@ -39,6 +39,7 @@ from geovae.model.layers import (
     conv_bn_relu,
     stage_widths,
 )
+from geovae.objects import OBJECT_MAPS
 
 
 class VAEOutput(NamedTuple):
@@ -71,11 +72,6 @@ class VAEOutput(NamedTuple):
     q_mu: Tensor | None = None
     q_logvar: Tensor | None = None
     object_maps: Tensor | None = None
-
-
-#: The object maps' channels (:attr:`VAEOutput.object_maps`, the object-probability raster's
-#: last bands): the object extent and the distance to the object's outline, both in 0..1.
-OBJECT_MAPS = ("extent", "distance")
 
 
 def class_argmax(logits: Tensor) -> Tensor:

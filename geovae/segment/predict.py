@@ -22,7 +22,6 @@ from geovae import signals
 from geovae.blend import Blender
 from geovae.blocks import Block
 from geovae.model.base import SegmentationModel
-from geovae.model.vae import OBJECT_MAPS
 from geovae.segment.progress import Progress
 from geovae.segment.reader import Batch, Reader, read_groups
 from geovae.segment.spec import RunSpec
@@ -176,5 +175,5 @@ def blender(spec: RunSpec) -> Blender:
         uncertainty=spec.samples > 0,
         reconstruction=spec.reconstruction,
         probabilities=spec.probabilities,
-        maps=len(OBJECT_MAPS) if spec.object_maps else 0,
+        maps=len(spec.objects.maps) if spec.objects is not None else 0,
     )

@@ -243,7 +243,6 @@ def resolve(
     trust = trust_findings(sc, info, force=options.force, check=check_trust)
     if reconstruction and threshold is not None:
         trust["anomaly"] = {"threshold": threshold, "quantile": "0.995 of the training pixels' reconstruction error"}
-    from geovae.model.vae import OBJECT_MAPS
     from geovae.objects import plan_objects, stitch_channels
 
     objects = plan_objects(options, info, formats, object_maps=m.supports_object_maps)
@@ -261,7 +260,7 @@ def resolve(
         anomaly_threshold=counted,
         probabilities=channels,
         probability_tags=tags,
-        object_maps=OBJECT_MAPS if objects is not None and objects.distance else (),
+        object_maps=objects.maps if objects is not None else (),
     )
     kinds = run_kinds(rasters.kinds, formats, quicklook=options.quicklook, objects=objects is not None)
     batch_size = options.batch_size if options.batch_size is not None else default_batch_size(tile)

@@ -232,7 +232,7 @@ class RasterSpec:
             probabilities: model channels of ``object_probability``, one band each; empty for none.
             probability_tags: that raster's tags (:func:`geovae.objects.probability_tags`).
             object_maps: the object maps that raster holds after the probabilities
-                (:data:`~geovae.model.vae.OBJECT_MAPS`), one band each.
+                (:data:`~geovae.objects.OBJECT_MAPS`), one band each.
         """
         kinds = ["classes", "confidence"] + ["uncertainty"] * uncertainty + ["reconstruction_error"] * reconstruction
         kinds += ["object_probability"] * bool(probabilities)
