@@ -136,9 +136,9 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
             "--epochs",
             args.epochs,
             "--tile",
-            64,
+            args.tile,
             "--batch-size",
-            16,
+            args.batch_size,
             "--seed",
             args.seed,
             *(["--object-weight", args.object_weight] if args.object_weight is not None else []),
@@ -152,6 +152,8 @@ def parcels(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "epochs": args.epochs,
         "boundary_width": args.boundary_width,
+        "tile": args.tile,
+        "batch_size": args.batch_size,
         "object_weight": args.object_weight,
     }
     # Run b: another tile and block size; the overlap stays the default, which covers the
@@ -295,6 +297,8 @@ def main() -> None:
     ap.add_argument("--model", help="Skip training: segment with this model file.")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--boundary-width", type=int, default=1)
+    ap.add_argument("--tile", type=int, default=64, help="geovae train --tile (the recorded runs use 64).")
+    ap.add_argument("--batch-size", type=int, default=16, help="geovae train --batch-size.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", help="parcels: train one model per seed (e.g. 0,1,2) and print the mean and spread.")
     ap.add_argument(
