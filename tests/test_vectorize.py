@@ -579,3 +579,37 @@ def test_open_polygon_state_stays_bounded_over_a_long_run(tmp_path: Path) -> Non
     assert long.peak_pieces == short.peak_pieces
     assert long.peak_coordinates == short.peak_coordinates
     assert long.pieces == 0
+
+
+def test_block_stats_are_the_pixel_sums_of_each_piece() -> None:
+    """block_pieces labels and sums a block a few rows at a time (trace.STAT_ROWS): each
+    piece's sums and counts equal those of the pixels its own polygon covers, on a block
+    several chunks tall with NaN pockets and invalid pixels, at an offset in the scene."""
+    from geovae.vector import trace
+
+    rng = np.random.default_rng(5)
+    h, w = 2 * trace.STAT_ROWS + 37, 90
+    classes = rng.integers(0, 4, size=(h // 6 + 1, w // 5 + 1)).repeat(6, 0).repeat(5, 1)[:h, :w].astype(np.uint8)
+    valid = np.ones((h, w), dtype=bool)
+    valid[40:60, 10:30] = False
+    conf = rng.random((h, w)).astype(np.float32)
+    conf[100:140, 50:70] = np.nan
+    unc = rng.random((h, w)).astype(np.float32)
+    win = rasterio.windows.Window(1000, 3000, w, h)
+    geoms, cls, stats = trace.block_pieces(classes, valid, win, 4, conf, unc)
+    assert len(geoms) > 50 and stats.shape == (len(geoms), trace.NSTATS)
+    ids = rasterio.features.rasterize(
+        ((g, i + 1) for i, g in enumerate(geoms)),
+        out_shape=(h, w),
+        transform=Affine.translation(1000, 3000),
+        dtype="int32",
+    )
+    assert (ids[valid] > 0).all() and (ids[~valid] == 0).all()
+    for i in range(len(geoms)):
+        inside = ids == i + 1
+        assert (classes[inside] == cls[i]).all()
+        for k, band in ((0, conf), (2, unc)):
+            vals = band[inside][np.isfinite(band[inside])].astype(np.float64)
+            assert stats[i, k + 1] == len(vals)
+            assert stats[i, k] == pytest.approx(vals.sum(), rel=1e-12, abs=1e-12)
+    assert (stats[:, 4:] == 0).all()

@@ -222,7 +222,10 @@ class Reader:
         x = None
         if bufs:
             x = self._new_x(len(bufs), c, bufs[0].shape[-1])
-            x.numpy()[:] = np.stack(bufs)
+            # Tile by tile: np.stack would build a second copy of the batch first.
+            xn = x.numpy()
+            for i, b in enumerate(bufs):
+                xn[i] = b
         return self._put(Batch(entries, x, valids))
 
     def __iter__(self) -> Iterator[Batch]:

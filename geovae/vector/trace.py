@@ -92,21 +92,14 @@ def block_pieces(
     rings = np.asarray(ring_ends, dtype=np.int64)
     polys = np.asarray(poly_ends, dtype=np.int64)
     garr = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (rings, polys))
-    stats = np.zeros((len(garr), NSTATS))
-    if conf is not None or unc is not None or anom is not None:
-        ids = _piece_ids(xy, rings, polys, classes, valid, cls_arr, window)
-        ids_flat = ids.ravel()
-        for k, band in ((0, conf), (2, unc), (4, anom)):
-            if band is None:
-                continue
-            ok = np.isfinite(band).ravel() & (ids_flat > 0)
-            lab = ids_flat[ok]
-            stats[:, k] = np.bincount(lab, weights=band.ravel()[ok].astype(np.float64), minlength=len(garr) + 1)[1:]
-            stats[:, k + 1] = np.bincount(lab, minlength=len(garr) + 1)[1:]
-    return garr, cls_arr, stats
+    bands = [(k, band) for k, band in ((0, conf), (2, unc), (4, anom)) if band is not None]
+    if not bands:
+        return garr, cls_arr, np.zeros((len(garr), NSTATS))
+    marks = _run_starts(xy, rings, polys, classes, valid, cls_arr, window)
+    return garr, cls_arr, _piece_stats(marks, valid, bands, len(garr))
 
 
-def _piece_ids(
+def _run_starts(
     xy: np.ndarray,
     ring_ends: np.ndarray,
     poly_ends: np.ndarray,
@@ -115,14 +108,13 @@ def _piece_ids(
     cls: np.ndarray,
     window: Window,
 ) -> np.ndarray:
-    """Label image of one block: pixel -> 1 + index of the piece holding it (0: nodata).
+    """Where each piece's runs of pixels start in one block: 1 + the piece's index at the
+    first pixel of every run, 0 elsewhere (:func:`_piece_stats` carries them along rows).
 
     Read off the pieces' own rings instead of rasterising them again: in every row, a run
     of one piece's pixels starts at a vertical edge of that piece with the piece on its
     right (pixel (row, x) holds the piece's class; the pixel on the left cannot, or it would
-    be the same region). Marking those run starts and carrying each mark to the right along
-    its row gives every valid pixel its piece, exactly as rasterising the pixel-exact pieces
-    would, at the cost of a few whole-block array passes.
+    be the same region).
     """
     h, w = classes.shape
     n_rings = len(ring_ends) - 1
@@ -145,11 +137,50 @@ def _piece_ids(
     offsets = np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length)
     marks = np.zeros((h, w), dtype=np.int32)
     marks[np.repeat(top, length) + offsets, np.repeat(col, length)] = np.repeat(piece + 1, length)
-    last = np.where(marks > 0, np.arange(w, dtype=np.int32), 0)
-    np.maximum.accumulate(last, axis=1, out=last)
-    ids = np.take_along_axis(marks, last, axis=1)
-    ids[~valid] = 0
-    return ids
+    return marks
+
+
+#: Rows of a block labelled and summed at a time by :func:`_piece_stats`. Whole-block label,
+#: mask and float64 weight arrays would be alive at once in the polygon worker, several times
+#: an output block's size while the model runs beside it (peak memory, issue 29).
+STAT_ROWS = 128
+
+
+def _piece_stats(marks: np.ndarray, valid: np.ndarray, bands: list[tuple[int, np.ndarray]], n: int) -> np.ndarray:
+    """Sum and count of each band's finite values over each of the ``n`` pieces.
+
+    Carrying each run start (:func:`_run_starts`) to the right along its row gives every
+    valid pixel its piece, exactly as rasterising the pixel-exact pieces would; this is done,
+    and the pixels summed, :data:`STAT_ROWS` rows at a time.
+
+    Args:
+        marks: the block's run starts.
+        valid: the block's valid pixels.
+        bands: ``(column, band)``: the band's sum goes to ``column`` of the result and its
+            count to ``column + 1``.
+        n: the number of pieces.
+
+    Returns:
+        ``(n, NSTATS)`` sums and counts (zero in the columns of no band).
+    """
+    h, w = marks.shape
+    out = np.zeros((n + 1, NSTATS))
+    cols = np.arange(w, dtype=np.int32)
+    for r0 in range(0, h, STAT_ROWS):
+        rows = slice(r0, r0 + STAT_ROWS)
+        m = marks[rows]
+        last = np.where(m > 0, cols, 0)
+        np.maximum.accumulate(last, axis=1, out=last)
+        ids = np.take_along_axis(m, last, axis=1)
+        ids[~valid[rows]] = 0
+        ids_flat = ids.ravel()
+        for k, band in bands:
+            values = band[rows].ravel()
+            ok = np.isfinite(values) & (ids_flat > 0)
+            lab = ids_flat[ok]
+            out[:, k] += np.bincount(lab, weights=values[ok], minlength=n + 1)
+            out[:, k + 1] += np.bincount(lab, minlength=n + 1)
+    return out[1:]
 
 
 def mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
