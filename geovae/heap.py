@@ -11,6 +11,14 @@ the scene's area. :func:`cap_mmap_threshold` fixes the threshold at
 :data:`MMAP_THRESHOLD`, so an allocation that large which no free chunk of a heap can serve
 is mapped, and unmapped when freed, instead of growing a heap. ``geovae segment`` and ``geovae
 view`` (whose request threads read overview windows) fix it.
+
+Below the threshold, each thread that allocates while another holds its heap's lock gets a
+heap of its own (up to 8 per core), and what a heap frees stays with it: chunks a thread
+freed serve no other thread. A segment run's threads each hold tens of MiB free that way,
+more as the run goes on, while the model's activations come and go beside them.
+:func:`limit_heaps` lets the run's threads share :data:`MAX_HEAPS` heaps instead. The lock
+they then share is held for the short time an allocation of less than 4 MiB takes; the
+larger ones are mapped and take no heap lock.
 """
 
 from __future__ import annotations
@@ -19,15 +27,59 @@ import ctypes
 import ctypes.util
 import functools
 import os
+from typing import Any
 
-__all__ = ["MMAP_THRESHOLD", "cap_mmap_threshold"]
+__all__ = ["MAX_HEAPS", "MMAP_THRESHOLD", "cap_mmap_threshold", "limit_heaps", "tune_heap"]
 
 #: Allocations from this size on get their own mapping (glibc's ``M_MMAP_THRESHOLD``): an
 #: output block's band (1024² float32 is 4 MiB) and larger. Smaller ones stay on the heaps,
 #: where reusing them costs no system call.
 MMAP_THRESHOLD = 4 * 2**20
-#: ``M_MMAP_THRESHOLD`` in glibc's ``malloc.h``.
+#: Heaps (glibc's arenas) the threads of a run share: the main thread's and one more.
+MAX_HEAPS = 2
+#: ``M_MMAP_THRESHOLD`` and ``M_ARENA_MAX`` in glibc's ``malloc.h``.
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+
+def _mallopt() -> Any:
+    """glibc's ``mallopt``, or None off glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
+def _user_set(env: str, tunable: str) -> bool:
+    return env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def tune_heap() -> None:
+    """What a segment run or the viewer sets up: :func:`cap_mmap_threshold` and
+    :func:`limit_heaps`."""
+    cap_mmap_threshold()
+    limit_heaps()
+
+
+@functools.cache
+def limit_heaps() -> bool:
+    """Let the threads created from now on share :data:`MAX_HEAPS` malloc heaps (once).
+
+    Threads that already have a heap keep it. Process-wide and lasting, like
+    :func:`cap_mmap_threshold`, and never changes what a program computes. Left alone where
+    the user set it (``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``) and off glibc.
+
+    Returns:
+        True when the limit was set.
+    """
+    if _user_set("MALLOC_ARENA_MAX", "arena_max"):
+        return False
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MAX_HEAPS))
 
 
 @functools.cache
@@ -41,13 +93,7 @@ def cap_mmap_threshold() -> bool:
     Returns:
         True when the threshold was set.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+    if _user_set("MALLOC_MMAP_THRESHOLD_", "mmap_threshold"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))

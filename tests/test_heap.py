@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from geovae.heap import cap_mmap_threshold
+from geovae.heap import MAX_HEAPS, cap_mmap_threshold, limit_heaps
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
@@ -48,6 +48,7 @@ MALLOC_SETTINGS = (
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
     "MALLOC_MMAP_MAX_",
+    "MALLOC_ARENA_MAX",
     "GLIBC_TUNABLES",
 )
 
@@ -83,3 +84,61 @@ def test_a_threshold_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> No
         assert not cap_mmap_threshold()
     finally:
         cap_mmap_threshold.cache_clear()
+
+
+# In a fresh interpreter: 8 threads each allocate a small block; prints how many heaps
+# (glibc's arenas, ``malloc_info``'s <heap> elements) the process then has.
+HEAPS = """
+import ctypes, os, sys, tempfile, threading
+import numpy as np
+from geovae.heap import limit_heaps
+
+if sys.argv[1] == "limited":
+    assert limit_heaps()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+held, start = [], threading.Barrier(8)
+
+def work():
+    start.wait()
+    held.append(np.ones(4096))
+
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+fd, path = tempfile.mkstemp()
+os.close(fd)
+fp = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, fp)
+libc.fclose(fp)
+print(open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+
+
+def _heaps(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
+    proc = subprocess.run([sys.executable, "-c", HEAPS, mode], env=env, capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_threads_share_the_limited_heaps() -> None:
+    """By default each new thread that allocates gets a heap of its own (up to 8 per core),
+    keeping what it frees; with the limit the run's threads share MAX_HEAPS of them."""
+    assert _heaps("limited") <= MAX_HEAPS
+    # The control: without the limit the same threads make heaps of their own.
+    assert _heaps("default") > MAX_HEAPS
+
+
+def test_a_heap_limit_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    limit_heaps.cache_clear()
+    try:
+        assert not limit_heaps()
+    finally:
+        limit_heaps.cache_clear()

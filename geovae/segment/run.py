@@ -32,7 +32,7 @@ from geovae import signals
 from geovae.atomic import OutputSet, check_name_lengths, check_not_inputs, check_output_dir, write_text
 from geovae.blocks import Block
 from geovae.errors import OptionError
-from geovae.heap import cap_mmap_threshold
+from geovae.heap import tune_heap
 from geovae.model.base import SegmentationModel
 from geovae.objects import pixel_area
 from geovae.products import RASTER_KINDS, class_table, output_name
@@ -56,7 +56,7 @@ log = logging.getLogger("geovae.segment")
 
 #: Upper bound of GDAL's block cache during a run (bytes). A 512 MiB cache fills while
 #: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
-GDAL_CACHE_BYTES = 64 * 2**20
+GDAL_CACHE_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -386,12 +386,13 @@ def _segment(
     """Resolve the run, open its output set, and run ``source(spec, timings)``'s blocks
     through the skeleton (:func:`_run`); the scene's handle is closed at the end."""
     t_start = time.perf_counter()
+    # Blocks, tiles and batches of a few MiB freed again and again would otherwise stay on
+    # malloc's heaps, a share that grows with the scene's area; and the heaps are shared by
+    # the threads started from here on (torch's among them), not one each (geovae.heap).
+    tune_heap()
     spec = resolve(scene, model, options, rows, check_trust=check_trust)
     timings = {"validate_s": time.perf_counter() - t_start}
     oset = _run_set(spec, out_dir)
-    # Blocks, tiles and batches of a few MiB freed again and again would otherwise stay on
-    # malloc's heaps, a share that grows with the scene's area (geovae.heap).
-    cap_mmap_threshold()
     # GDAL's block cache defaults to 5 % of RAM and would keep written output blocks and
     # read scene blocks up to that: cap it so memory stays bounded on big machines too.
     with capped_gdal_cache(GDAL_CACHE_BYTES), oset:

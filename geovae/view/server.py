@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from geovae.heap import cap_mmap_threshold
+from geovae.heap import tune_heap
 from geovae.view.catalog import RASTER_KINDS, Catalog, SceneEntry
 from geovae.view.polygons import PolygonLayer
 from geovae.view.tiles import TileRenderer
@@ -109,7 +109,7 @@ class ViewServer(ThreadingHTTPServer):
         # Each request thread reads and frees overview windows of a few MiB; with glibc's
         # rising threshold they pile up on the threads' heaps (RSS +100-150 MiB over 250 tiles
         # of a 20k² output, +5 MiB with the threshold fixed: test_view's bounded-memory test).
-        cap_mmap_threshold()
+        tune_heap()
         self.tiles = TileRenderer(self.entries)
         self.polygons: dict[str, PolygonLayer] = {}
         self._poly_lock = threading.Lock()
