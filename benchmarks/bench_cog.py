@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("classes", "confidence", "uncertainty", "reconstruction_error")
 BLOCK = 1024
-CACHE_BYTES = 64 * 2**20  # geovae.segment.run.GDAL_CACHE_BYTES
+CACHE_BYTES = 32 * 2**20  # geovae.segment.run.GDAL_CACHE_BYTES
 
 
 def _values(data, valid):  # type: ignore[no-untyped-def]
