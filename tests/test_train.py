@@ -547,6 +547,11 @@ def test_missing_files_and_bad_options(nc_stack: Path, nc_labels: Path, tmp_path
     with pytest.raises(OptionError) as e:
         train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", tile=60, depth=4)
     assert "multiple of the model stride 16" in _one_line(e)
+    # The 64 px validation strip of the 256 px scene is narrower than the tile: the hint names
+    # the option, which the CLI takes through a config file only.
+    with pytest.raises(OptionError) as e:
+        train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", tile=80, epochs=1)
+    assert "validation part" in _one_line(e) and "data.val_fraction" in _one_line(e) and "--config" in _one_line(e)
     with pytest.raises(OptionError):
         train_model(nc_stack, nc_labels, tmp_path / "m.safetensors", classes="developed,forest")
     with pytest.raises(LabelsError) as e:

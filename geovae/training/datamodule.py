@@ -223,7 +223,7 @@ class SceneDataModule(GeoDataModule):
             if w < tile or h < tile:
                 raise OptionError(
                     f"the {name} part of {self.image_path} is {w}x{h} px, smaller than tile {tile}; "
-                    f"use a smaller tile or change val_fraction"
+                    f"use a smaller --tile, or another data.val_fraction or data.val_side in a train --config file"
                 )
 
         for p in self.unlabeled_paths:
@@ -297,7 +297,7 @@ class SceneDataModule(GeoDataModule):
         if n_train == 0:
             raise LabelsError(
                 f"labels {self.labels_path or self.vector_path}: no labelled pixels in the training part "
-                f"of the scene; check the labels, --classes, or val_fraction/val_side"
+                f"of the scene; check the labels, --classes, or data.val_fraction/data.val_side (train --config)"
             )
         self.n_labelled = {"train": n_train, "val": n_val}
         self.sampler_name = sampler
@@ -485,8 +485,8 @@ class SceneDataModule(GeoDataModule):
                     # TorchGeo would fail later inside torch.multinomial with no hint.
                     raise OptionError(
                         f"the labels cover less than one {self.tile} x {self.tile} px tile of the training part of "
-                        f"{self.image_path}; use a smaller --tile, a smaller val_fraction, or labels that cover "
-                        "more of it"
+                        f"{self.image_path}; use a smaller --tile, a smaller data.val_fraction (train --config), or "
+                        "labels that cover more of it"
                     )
                 self.train_sampler = randoms  # type: ignore[assignment]  # TorchGeo 0.10: derives from samplers.single's GeoSampler, not the one its data module declares
             if self.unlabeled_paths:
