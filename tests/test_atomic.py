@@ -120,11 +120,16 @@ def _python_handlers(signum: int) -> object:
         def raise_terminated(s: int, f: object) -> None:
             raise signals.Terminated()
 
+        # Set, not assumed: a process started in the background by a shell without job
+        # control (nohup ... &, some CI runners) starts with SIGINT ignored, and Python then
+        # leaves it so.
+        prev_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         prev = signal.signal(signal.SIGTERM, raise_terminated)
         try:
             yield
         finally:
             signal.signal(signal.SIGTERM, prev)
+            signal.signal(signal.SIGINT, prev_int)
 
     return cm()
 
