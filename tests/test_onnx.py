@@ -378,3 +378,32 @@ def test_session_threads_sleep_between_operators_unless_configured(tmp_path: Pat
     spin = OnnxModel(m.proto, m.info, "cpu", session_config={key: "1"})
     assert spin.session_options().get_session_config_entry(key) == "1"
     assert m.predict(np.zeros((1, m.info.in_channels, 32, 32), np.float32))["probs"].shape[0] == 1
+
+
+def test_non_finite_weights_are_refused(
+    tmp_path: Path, nc_stack_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ONNX file whose weights hold NaN or infinity (exported from a diverged model, or
+    edited) is refused with one line naming the tensor, as a .safetensors file is."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(_tiny_onnx(tmp_path)))
+    weights = [t for t in proto.graph.initializer if numpy_helper.to_array(t).ndim > 1]
+    assert weights
+    for value, name in ((np.nan, "nan.onnx"), (np.inf, "inf.onnx")):
+        edited = onnx.ModelProto()
+        edited.CopyFrom(proto)
+        t = next(t for t in edited.graph.initializer if t.name == weights[0].name)
+        arr = numpy_helper.to_array(t).copy()
+        arr.flat[0] = value
+        t.CopyFrom(numpy_helper.from_array(arr, t.name))
+        bad = tmp_path / name
+        onnx.save(edited, str(bad))
+        code, _, err = run(capsys, "segment", str(nc_stack_path), "-m", str(bad), "-o", str(tmp_path / "o"))
+        assert code == 1
+        assert f"tensor {t.name} holds non-finite numbers (NaN or infinity)" in one_line(err)
+        assert not (tmp_path / "o").exists()
+    # The unedited file still loads.
+    good = tmp_path / "good.onnx"
+    onnx.save(proto, str(good))
+    load_onnx(good)

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -163,6 +164,30 @@ def _check_graph(path: Path, proto: onnx.ModelProto) -> None:
         raise ModelFileError(f"{path}: the graph lacks geovae's input x or output probs; re-export the model")
 
 
+def _check_weights(path: Path, proto: onnx.ModelProto) -> None:
+    """Refuse floating-point weights (initializers and constants) that are not finite, as
+    :func:`geovae.model.state.check_state` does for the other model files: a graph exported
+    from a diverged model segments every pixel as one class at confidence NaN."""
+    from onnx import numpy_helper
+
+    graphs = [proto.graph, *(g for n in proto.graph.node for a in n.attribute for g in (a.g, *a.graphs))]
+    tensors = [(t.name, t) for g in graphs for t in g.initializer]
+    for g in graphs:
+        for n in g.node:
+            if n.op_type == "Constant":
+                tensors += [(n.output[0] if n.output else n.name, a.t) for a in n.attribute if a.name == "value"]
+    for name, t in tensors:
+        try:
+            values = numpy_helper.to_array(t)
+        except Exception as exc:  # a tensor whose bytes do not fit its shape and type
+            raise ModelFileError(f"{path}: tensor {name} cannot be read ({exc}); re-export the model") from exc
+        if np.issubdtype(values.dtype, np.floating) and not bool(np.isfinite(values).all()):
+            raise ModelFileError(
+                f"{path}: tensor {name} holds non-finite numbers (NaN or infinity): the model was exported from "
+                "a training run whose loss diverged, or the file is damaged; retrain or re-export it"
+            )
+
+
 def describe_check(path: str | os.PathLike[str]) -> str:
     """One line on the export-time check a geovae ONNX file records (its ``check`` metadata).
 
@@ -219,6 +244,7 @@ def load_onnx(
     proto = _load_proto(p)
     info = _info_from_proto(p, proto)
     _check_graph(p, proto)
+    _check_weights(p, proto)
     if overrides:
         try:
             info = ModelInfo.from_dict({**info.to_dict(), **overrides})
