@@ -54,8 +54,13 @@ def _mallopt() -> Any:
     return mallopt
 
 
-def _user_set(env: str, tunable: str) -> bool:
-    return env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+def _set_unless_user_set(param: int, value: int, env: str, tunable: str) -> bool:
+    """``mallopt(param, value)``, unless the user set it (``env``, or ``tunable`` in
+    ``GLIBC_TUNABLES``) or this is not glibc; True when it was set."""
+    if env in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(param, value))
 
 
 def tune_heap() -> None:
@@ -76,10 +81,7 @@ def limit_heaps() -> bool:
     Returns:
         True when the limit was set.
     """
-    if _user_set("MALLOC_ARENA_MAX", "arena_max"):
-        return False
-    mallopt = _mallopt()
-    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MAX_HEAPS))
+    return _set_unless_user_set(_M_ARENA_MAX, MAX_HEAPS, "MALLOC_ARENA_MAX", "arena_max")
 
 
 @functools.cache
@@ -93,7 +95,4 @@ def cap_mmap_threshold() -> bool:
     Returns:
         True when the threshold was set.
     """
-    if _user_set("MALLOC_MMAP_THRESHOLD_", "mmap_threshold"):
-        return False
-    mallopt = _mallopt()
-    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return _set_unless_user_set(_M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "mmap_threshold")

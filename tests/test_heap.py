@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -53,12 +54,18 @@ MALLOC_SETTINGS = (
 )
 
 
-def _mapped_blocks(mode: str) -> tuple[int, int, int]:
-    # glibc's defaults: setting any of these turns its dynamic threshold off, and Dask's nanny
-    # puts MALLOC_TRIM_THRESHOLD_ into the environment of a process that starts a local cluster.
+def _fresh(script: str, mode: str) -> str:
+    """What ``script`` prints in a fresh interpreter started with glibc's malloc defaults."""
+    # Setting any of these turns glibc's dynamic threshold off, and Dask's nanny puts
+    # MALLOC_TRIM_THRESHOLD_ into the environment of a process that starts a local cluster.
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
-    proc = subprocess.run([sys.executable, "-c", STEPS, mode], env=env, capture_output=True, text=True, check=True)
-    before, during, after = (int(v) for v in proc.stdout.split())
+    return subprocess.run(
+        [sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _mapped_blocks(mode: str) -> tuple[int, int, int]:
+    before, during, after = (int(v) for v in _fresh(STEPS, mode).split())
     return before, during, after
 
 
@@ -77,13 +84,19 @@ def test_without_the_fixed_threshold_the_block_comes_from_a_heap() -> None:
     assert during == before
 
 
-def test_a_threshold_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
-    cap_mmap_threshold.cache_clear()
+@pytest.mark.parametrize(
+    "setting, env, value",
+    [(cap_mmap_threshold, "MALLOC_MMAP_THRESHOLD_", "1048576"), (limit_heaps, "MALLOC_ARENA_MAX", "4")],
+)
+def test_a_setting_the_user_made_is_kept(
+    monkeypatch: pytest.MonkeyPatch, setting: functools._lru_cache_wrapper[bool], env: str, value: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    setting.cache_clear()
     try:
-        assert not cap_mmap_threshold()
+        assert not setting()
     finally:
-        cap_mmap_threshold.cache_clear()
+        setting.cache_clear()
 
 
 # In a fresh interpreter: 8 threads each allocate a small block; prints how many heaps
@@ -122,9 +135,7 @@ os.unlink(path)
 
 
 def _heaps(mode: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
-    proc = subprocess.run([sys.executable, "-c", HEAPS, mode], env=env, capture_output=True, text=True, check=True)
-    return int(proc.stdout)
+    return int(_fresh(HEAPS, mode))
 
 
 def test_threads_share_the_limited_heaps() -> None:
@@ -133,12 +144,3 @@ def test_threads_share_the_limited_heaps() -> None:
     assert _heaps("limited") <= MAX_HEAPS
     # The control: without the limit the same threads make heaps of their own.
     assert _heaps("default") > MAX_HEAPS
-
-
-def test_a_heap_limit_the_user_set_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    limit_heaps.cache_clear()
-    try:
-        assert not limit_heaps()
-    finally:
-        limit_heaps.cache_clear()
