@@ -48,6 +48,7 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "check_output_suffix",
+    "clear_abandoned",
     "created_folder",
     "disk_full_error",
     "finish_commits",
@@ -59,6 +60,7 @@ __all__ = [
 
 _JOURNAL = ".commit.json"
 _RUN_TAG = "geovae-run-"
+_LOCK_SUFFIX = ".geovae.lock"
 
 
 #: The rename of a commit (a test replaces it to stop a run between two renames).
@@ -594,7 +596,7 @@ class OutputSet:
     # -- the lock and what killed runs leave ---------------------------------------------------
     @property
     def lock_path(self) -> Path:
-        return self.folder / f".{self.stem}.geovae.lock"
+        return self.folder / f".{self.stem}{_LOCK_SUFFIX}"
 
     def _take_lock(self) -> None:
         import fcntl
@@ -667,14 +669,39 @@ def finish_commits(folder: str | os.PathLike[str]) -> list[str]:
     Raises:
         OSError: the folder cannot be written (the commit stays pending).
     """
+    return _recover_sets(Path(folder), pending_commits(folder))
+
+
+def clear_abandoned(folder: str | os.PathLike[str]) -> list[str]:
+    """Put ``folder`` back in order after runs that were killed (a stopped batch's workers):
+    finish the commits they left half done, remove their staging folders and lock files.
+
+    Without this, what a killed run staged (up to a whole set of rasters) stays on the disk
+    until the next run into the same set. A set whose lock another run holds is left to
+    that run.
+
+    Returns:
+        The stems of the sets put in order.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
     folder = Path(folder)
+    staged = {d.name[1:].rsplit(f".{_RUN_TAG}", 1)[0] for d in folder.glob(f".*.{_RUN_TAG}*.part") if d.is_dir()}
+    locks = {f.name[1:].removesuffix(_LOCK_SUFFIX) for f in folder.glob(f".*{_LOCK_SUFFIX}")}
+    return _recover_sets(folder, sorted(staged | locks))
+
+
+def _recover_sets(folder: Path, stems: Iterable[str]) -> list[str]:
+    """Under each set's lock, :meth:`OutputSet._recover` it; the stems recovered (a set
+    whose lock a live run holds is skipped: that run recovers it itself)."""
     done = []
-    for stem in pending_commits(folder):
+    for stem in stems:
         s = OutputSet(folder, stem)
         try:
             s._take_lock()
         except OutputError:
-            continue  # a run is writing this set: it finishes the commit itself
+            continue
         try:
             s._recover()
         finally:

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import rasterio
 
@@ -685,7 +686,12 @@ def _starting_workers(pid: int) -> list[int]:
 
 @pytest.mark.parametrize(
     ("signame", "to_group", "when"),
-    [("SIGTERM", False, "running"), ("SIGINT", True, "running"), ("SIGINT", True, "starting")],
+    [
+        ("SIGTERM", False, "running"),
+        ("SIGINT", True, "running"),
+        ("SIGINT", True, "starting"),
+        ("SIGTERM", False, "split"),
+    ],
 )
 def test_a_stopped_batch_is_one_line(
     scenes: list[Path], tiny_model: Path, tmp_path: Path, signame: str, to_group: bool, when: str
@@ -694,7 +700,9 @@ def test_a_stopped_batch_is_one_line(
     warnings); Ctrl-C in a terminal, which reaches every process of the batch, printed a
     KeyboardInterrupt traceback from each worker process (70 lines with two), and while the
     workers were starting ended "cannot start a local Dask cluster" (exit 1). Each stops
-    with exit 143/130 and one line."""
+    with exit 143/130 and one line. The killed workers' staging folders (and a split
+    scene's band rasters) stayed in the scene's folder until the next run; now the batch
+    clears them as it stops."""
     import os
     import signal
     import subprocess
@@ -705,8 +713,17 @@ def test_a_stopped_batch_is_one_line(
         pytest.skip("finding the worker processes as they start needs /proc")
     signum = getattr(signal, signame)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geovae", "-q", "batch", str(scenes[0]), "-m", str(tiny_model), "-o", str(out)]
+    scene = scenes[0]
+    if when != "starting":  # a scene the worker is still segmenting when the signal comes
+        scene = tmp_path / "big.tif"
+        with rasterio.open(scenes[0]) as src:
+            data, prof = np.tile(src.read(), (1, 6, 6)), src.profile
+        with rasterio.open(scene, "w", **(prof | {"width": data.shape[2], "height": data.shape[1]})) as dst:
+            dst.write(data)
+    cmd = [sys.executable, "-m", "geovae", "-q", "batch", str(scene), "-m", str(tiny_model), "-o", str(out)]
     cmd += ["--workers", "1", "--tile", "16", "--overlap", "4", "--batch-size", "1", "--samples", "8", "--force"]
+    if when == "split":
+        cmd.append("--split-scene")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=to_group
     )
@@ -715,11 +732,11 @@ def test_a_stopped_batch_is_one_line(
         while time.time() < deadline and not _starting_workers(proc.pid) and proc.poll() is None:
             time.sleep(0.005)
         assert _starting_workers(proc.pid) and not (out / batch.MANIFEST_NAME).exists(), proc.communicate()
-    else:
-        while time.time() < deadline and not (out / batch.MANIFEST_NAME).exists() and proc.poll() is None:
-            time.sleep(0.1)
-        assert (out / batch.MANIFEST_NAME).exists(), proc.communicate()
-        time.sleep(1.0)  # the scene is running on the worker
+    else:  # the scene is running on the worker: it has staged something
+        staged = ".split-*" if when == "split" else ".*.geovae-run-*.part"
+        while time.time() < deadline and not list(out.glob(f"*/{staged}")) and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(out.glob(f"*/{staged}")), proc.communicate()
     if to_group:
         os.killpg(proc.pid, signum)  # what a terminal's Ctrl-C does
     else:
@@ -727,3 +744,5 @@ def test_a_stopped_batch_is_one_line(
     _, err = proc.communicate(timeout=60)
     said = "geovae: terminated" if signum == signal.SIGTERM else "geovae: interrupted"
     assert proc.returncode == (143 if signum == signal.SIGTERM else 130) and err.strip() == said, err
+    if out.exists():
+        assert sorted(p.name for p in out.iterdir()) == [batch.MANIFEST_NAME], list(out.rglob("*"))

@@ -250,6 +250,43 @@ def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path: Path, stem
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {a: "new", b: "new", r: "new"}
 
 
+def _killed(s: OutputSet) -> None:
+    """``s``'s process dies: its lock goes with its file descriptor, the lock file stays."""
+    assert s._lock_fd is not None
+    os.close(s._lock_fd)
+    s._lock_fd = None
+
+
+def test_clear_abandoned_puts_a_folder_in_order_after_killed_runs(tmp_path: Path) -> None:
+    """A stopped batch kills its workers mid-scene; their staging folders (a whole set of
+    rasters) and lock files stayed until the next run into each set. clear_abandoned
+    finishes a commit left half done, removes the rest, and leaves a live run's set alone."""
+    from geovae.atomic import clear_abandoned
+
+    half = OutputSet(tmp_path, "half")  # killed after its journal and first rename
+    half.open()
+    for n in ("half.a", "half.json"):
+        half.path(n).write_text("new")
+    (half.staging / ".commit.json").write_text(json.dumps({"moves": ["half.a", "half.json"], "remove": []}))
+    os.replace(half.staging / "half.a", tmp_path / "half.a")
+    _killed(half)
+    dead = OutputSet(tmp_path, "dead")  # killed while writing
+    dead.open()
+    dead.path("dead.tif").write_bytes(b"x" * 1000)
+    _killed(dead)
+    live = OutputSet(tmp_path, "live")  # still running
+    live.open()
+    live.path("live.tif").write_text("staged")
+    try:
+        assert clear_abandoned(tmp_path) == ["dead", "half"]
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(["half.a", "half.json", live.staging.name, live.lock_path.name]), names
+        assert (live.staging / "live.tif").read_text() == "staged"
+    finally:
+        live.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.a", "half.json"]
+
+
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path: Path, scene: Path, model: Path) -> None:
     """SIGTERM mid-run (what schedulers send): exit 143, nothing under a final name, no staging."""
     out = tmp_path / "out"

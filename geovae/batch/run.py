@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geovae import signals
-from geovae.atomic import check_not_inputs, check_output_dir, created_folder
+from geovae.atomic import check_not_inputs, check_output_dir, clear_abandoned, created_folder
 from geovae.batch.cluster import connect, install_model_cache
 from geovae.batch.manifest import (
     MANIFEST_NAME,
@@ -308,11 +310,12 @@ def _run_on_cluster(
     dashboard = client.dashboard_link if getattr(client, "dashboard_link", None) else None
     dlog = logging.getLogger("distributed")
     dlevel = dlog.level
+    run_id = uuid.uuid4().hex[:8]
+    existed = {i: (out / rows[i].folder).exists() for i in todo}
     try:
         write_manifest(manifest, rows)
         install_model_cache(client)
         log.info("Dask dashboard: %s", dashboard)
-        run_id = uuid.uuid4().hex[:8]
         futures = {}
         parts = sum(client.nthreads().values()) or 1
         for i in todo:
@@ -371,7 +374,29 @@ def _run_on_cluster(
                 cluster.close()
         finally:
             dlog.setLevel(dlevel)
+            _clear_scene_folders(
+                out, [rows[i].folder for i in todo], [rows[i].folder for i in todo if not existed[i]], run_id
+            )
     return dashboard
+
+
+def _clear_scene_folders(out: Path, folders: list[str], new: list[str], run_id: str) -> None:
+    """What this run's tasks left in its scene folders once they are over: the band rasters
+    of split scenes (``.split-<run>``, spent once a scene is assembled, useless once it is
+    not), and what workers killed mid-scene staged (a stopped batch kills its local workers,
+    which cannot clean up; :func:`geovae.atomic.clear_abandoned`). A scene folder this run
+    created and left empty goes too. Sets a live run still holds are left to it."""
+    for name in folders:
+        folder = out / name
+        shutil.rmtree(folder / f".split-{run_id}", ignore_errors=True)
+        try:
+            if folder.is_dir():
+                clear_abandoned(folder)
+        except OSError as exc:
+            log.warning("could not clear what stopped scene runs left in %s: %s", folder, exc)
+    for name in new:
+        with contextlib.suppress(OSError):
+            (out / name).rmdir()  # only when empty
 
 
 def _submit_split(
