@@ -108,8 +108,13 @@ def nc_default_vae(cache: Path = common.CACHE, *, epochs: int = 10, seed: int = 
 
 
 def exported(model: Path) -> Path:
-    """``geovae export --onnx`` of ``model``, checked on the NC scene (cached beside it)."""
-    out = model.with_suffix(".onnx")
+    """``geovae export --onnx`` of ``model``, checked on the NC scene (cached beside it, under
+    a name that changes with the exporter's source: a graph an older exporter wrote is not
+    the one this code writes)."""
+    import geovae.model.onnx_export
+
+    source = Path(geovae.model.onnx_export.__file__).read_bytes()
+    out = model.with_name(f"{model.stem}.{hashlib.sha1(source).hexdigest()[:8]}.onnx")
     if out.exists():
         return out
     from geovae.model.io import export_model
@@ -188,7 +193,7 @@ def quantised(onnx_path: Path, *, tiles: int = 32, seed: int = 0) -> Path:
 # -- one run -----------------------------------------------------------------------------------
 
 
-def run_side(side: str, scene: Path, model: Path, out: Path, threads: int) -> dict[str, Any]:
+def run_side(side: str, scene: Path, model: Path, out: Path, threads: int, samples: int = 0) -> dict[str, Any]:
     """One ``segment_scene`` of ``side`` in this process; its JSON record."""
     import torch
 
@@ -215,6 +220,7 @@ def run_side(side: str, scene: Path, model: Path, out: Path, threads: int) -> di
             force=True,
             formats=["gpkg"],
             reconstruction=True,
+            samples=samples,
         )
         seconds = time.perf_counter() - t0
     rep = res.report
@@ -229,6 +235,7 @@ def run_side(side: str, scene: Path, model: Path, out: Path, threads: int) -> di
         "options": {k: rep["options"].get(k) for k in ("tile", "overlap", "batch_size", "backend")},
         "classes": str(res.outputs["classes"]),
         "threads": threads,
+        "samples": samples,
     }
 
 
@@ -266,7 +273,7 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
         for i, side in enumerate(order):
             out = Path(tmp) / f"{side}_{i}"
             cmd = [sys.executable, "-m", "benchmarks.bench_onnx", "--worker", side, str(scene), str(models[side])]
-            cmd += [str(out), "--threads", str(a.threads)]
+            cmd += [str(out), "--threads", str(a.threads), "--samples", str(a.samples)]
             rec = run_json(cmd, timeout=a.worker_timeout)
             kept = keep / f"{side}_{i}.tif"
             shutil.copy(rec["classes"], kept)
@@ -277,7 +284,13 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
                 f"  {side:12s} {rec['seconds']:7.1f} s  {rec['megapixels'] / rec['seconds']:6.3f} MP/s  "
                 f"model {rec['model_s']:6.1f} s  CPU {rec['cpu_s']:6.1f} s  peak RSS {rec['peak_rss_mib']:5.0f} MiB"
             )
-        res: dict[str, Any] = {"scene": scene.name, "tiles": a.tiles, "model": st.name, "threads": a.threads}
+        res: dict[str, Any] = {
+            "scene": scene.name,
+            "tiles": a.tiles,
+            "model": st.name,
+            "threads": a.threads,
+            "samples": a.samples,
+        }
         res["sides"] = {}
         base = runs.get("torch")
         for side, rs in runs.items():
@@ -302,7 +315,8 @@ def compare(a: argparse.Namespace) -> dict[str, Any]:
 
 def print_summary(res: dict[str, Any]) -> None:
     print(
-        f"\n{res['scene']} ({res['tiles']}x{res['tiles']} NC scene), {res['model']}, {res['threads']} threads; "
+        f"\n{res['scene']} ({res['tiles']}x{res['tiles']} NC scene), {res['model']}, {res['threads']} threads, "
+        f"{res.get('samples', 0)} latent samples; "
         "medians, ratios to torch per repeat"
     )
     print(f"  {'side':12s} {'MP/s':>7s} {'model MP/s':>11s} {'speed':>7s} {'model':>7s} {'CPU':>7s} {'classes':>9s}")
@@ -329,13 +343,14 @@ def main() -> None:
     p.add_argument("--sides", default="torch,onnxruntime,ort-basic,ort-spin", help=f"among {', '.join(SIDES)}")
     p.add_argument("--int8", action="store_true", help="also the INT8-quantised graph (its class agreement)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads on every side")
+    p.add_argument("--samples", type=int, default=0, help="latent samples per tile (default 0, segment's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: the scene once, 1 repeat, 1 training epoch")
     p.add_argument("--worker-timeout", type=float, default=1800.0)
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args()
     if a.worker:
         side, scene, model, out = a.worker
-        print(json.dumps(run_side(side, Path(scene), Path(model), Path(out), a.threads)))
+        print(json.dumps(run_side(side, Path(scene), Path(model), Path(out), a.threads, a.samples)))
         return
     a.tiles = a.tiles or (1 if a.quick else 3)
     a.repeats = a.repeats or (1 if a.quick else 3)
