@@ -387,3 +387,16 @@ def test_low_rank_head_samples_at_once_equal_one_by_one(rank: int) -> None:
     assert torch.equal(many, torch.stack([head.logits(b, factor, n) for n in noise]))
     many.sum().backward()
     assert head.out.weight.grad is not None and head.out.weight.grad.abs().sum() > 0
+
+
+def test_entropy_in_place_equals_entropy_and_keeps_its_input() -> None:
+    """Prediction computes the samples' entropy with one temporary overwritten in place:
+    the same values as ``entropy`` bit for bit, its input unchanged."""
+    from geovae.model.base import _entropy_in_place, entropy
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 2, 5, 9, 9, generator=g).softmax(2)
+    p[0, 0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])  # a zero probability: the clamp
+    kept = p.clone()
+    assert torch.equal(_entropy_in_place(p, 2), entropy(p, 2))
+    assert torch.equal(p, kept)

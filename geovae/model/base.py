@@ -285,12 +285,12 @@ class SegmentationModel:
             if logits.ndim == 5:  # (samples, B, K, H, W)
                 p = logits.softmax(dim=2)
                 out["probs"] = p.mean(0)
-                out["expected_entropy"] = entropy(p, dim=2).mean(0)
+                out["expected_entropy"] = _entropy_in_place(p, dim=2).mean(0)
             else:
                 out["probs"] = logits.softmax(dim=1)
                 if samples > 0:
                     # A deterministic model: every sample is the same, so no mutual information.
-                    out["expected_entropy"] = entropy(out["probs"], dim=1)
+                    out["expected_entropy"] = _entropy_in_place(out["probs"], dim=1)
             if rec is not None:
                 out["reconstruction_error"] = ((rec.float() - xn) ** 2).mean(1)
             if maps is not None:
@@ -301,3 +301,13 @@ class SegmentationModel:
 def entropy(p: Tensor, dim: int = 1) -> Tensor:
     """Shannon entropy in nats along ``dim``."""
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+def _entropy_in_place(p: Tensor, dim: int) -> Tensor:
+    """:func:`entropy` with one temporary, overwritten in place (no autograd): the same values
+    bit for bit. With 8 samples ``p`` is (8, B, K, H, W), 70 MB for one 560² tile of 7
+    classes, and every fresh tensor of that size costs its page faults again."""
+    t = p.clamp_min(1e-12)
+    t.log_()
+    t.mul_(p)
+    return t.sum(dim).neg_()
