@@ -400,3 +400,16 @@ def test_entropy_in_place_equals_entropy_and_keeps_its_input() -> None:
     kept = p.clone()
     assert torch.equal(_entropy_in_place(p, 2), entropy(p, 2))
     assert torch.equal(p, kept)
+
+
+def test_infer_at_the_latent_mean_equals_forward_bit_for_bit() -> None:
+    """Without samples ``infer`` takes the low-rank head's parts in the convolution's layout
+    (no copy into the plain one); its logits, and the softmax of them, are forward's exactly."""
+    torch.manual_seed(0)
+    net = VAESegmenter(3, 4, base_channels=8, depth=2, head="lowrank").eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    net = net.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits, _, _ = net.infer(x)
+        ref = net(x)
+    assert torch.equal(logits, ref) and torch.equal(logits.softmax(1), ref.softmax(1))

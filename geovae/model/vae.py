@@ -423,8 +423,10 @@ class VAESegmenter(nn.Module):
             it, or None; the object maps' logits (B, 2, H, W) (:data:`OBJECT_MAPS`), or None.
         """
         h, mu, logvar = self._encode(x)
-        parts = self.head.parts(h) if isinstance(self.head, LowRankHead) else None
-        mean_logits = self._head(h, mu, parts)
+        parts = self.head.parts(h, contiguous=samples > 0) if isinstance(self.head, LowRankHead) else None
+        # Plain layout for the softmax that follows: its sums over the classes then run in
+        # the same order whatever layout the head's parts had, so the values do not change.
+        mean_logits = self._head(h, mu, parts).contiguous()
         logits = self._head_samples(h, mu, logvar, samples, parts)[1] if samples > 0 else mean_logits
         rec = None
         if reconstruction:
