@@ -348,6 +348,11 @@ class VAESegmenter(nn.Module):
             return zs, torch.stack([self._head(h, z) for z in zs])
         b, factor = parts if parts is not None else head.parts(h)
         noise = self._up(head.noise(zs.flatten(0, 1)), h).unflatten(0, (n, mu.shape[0]))
+        if torch.is_grad_enabled():
+            # Training: one logits tensor per sample, so the gradients reaching the head's
+            # parts add up sample by sample in the order they always did (the broadcast form
+            # sums them in another order: other rounding, another training run).
+            return zs, torch.stack([head.logits(b, factor, noise[i]) for i in range(n)])
         return zs, head.sample_logits(b, factor, noise)
 
     @staticmethod
