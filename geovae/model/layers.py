@@ -199,7 +199,9 @@ class LowRankHead(nn.Module):
 
         The same multiply-adds in the same order (the same values), broadcast over the
         samples into one tensor: a logits tensor per sample stacked afterwards was 12 % of a
-        CPU prediction with 8 samples (560² tile), the copy alone.
+        CPU prediction with 8 samples (560² tile), the copy alone. Prediction only: the
+        gradients it gives the parts are summed over the samples in another order than the
+        stack's (see ``VAESegmenter._head_samples``).
         """
         k = self.num_classes
         if self.rank == 0:
