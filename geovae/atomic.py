@@ -653,7 +653,12 @@ class OutputSet:
 def pending_commits(folder: str | os.PathLike[str]) -> list[str]:
     """The stems of the sets in ``folder`` whose commit a killed run left unfinished."""
     journals = Path(folder).glob(f".*.{_RUN_TAG}*.part/{_JOURNAL}")
-    return sorted({j.parent.name[1:].rsplit(f".{_RUN_TAG}", 1)[0] for j in journals})
+    return sorted({_staging_stem(j.parent.name) for j in journals})
+
+
+def _staging_stem(name: str) -> str:
+    """The set's stem in the name of a staging folder, ``.<stem>.geovae-run-<id>.part``."""
+    return name[1:].rsplit(f".{_RUN_TAG}", 1)[0]
 
 
 def finish_commits(folder: str | os.PathLike[str]) -> list[str]:
@@ -687,7 +692,7 @@ def clear_abandoned(folder: str | os.PathLike[str]) -> list[str]:
         OSError: the folder cannot be written.
     """
     folder = Path(folder)
-    staged = {d.name[1:].rsplit(f".{_RUN_TAG}", 1)[0] for d in folder.glob(f".*.{_RUN_TAG}*.part") if d.is_dir()}
+    staged = {_staging_stem(d.name) for d in folder.glob(f".*.{_RUN_TAG}*.part") if d.is_dir()}
     locks = {f.name[1:].removesuffix(_LOCK_SUFFIX) for f in folder.glob(f".*{_LOCK_SUFFIX}")}
     return _recover_sets(folder, sorted(staged | locks))
 
