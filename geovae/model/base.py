@@ -290,7 +290,7 @@ class SegmentationModel:
                 out["probs"] = logits.softmax(dim=1)
                 if samples > 0:
                     # A deterministic model: every sample is the same, so no mutual information.
-                    out["expected_entropy"] = _entropy_in_place(out["probs"], dim=1)
+                    out["expected_entropy"] = entropy(out["probs"], dim=1)
             if rec is not None:
                 out["reconstruction_error"] = ((rec.float() - xn) ** 2).mean(1)
             if maps is not None:
