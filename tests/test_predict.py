@@ -763,6 +763,7 @@ def test_report_areas_use_the_polygons_convention(tmp_path: Path, rgb_byte: Path
 
 def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
     """Tiles cut from shared read windows (several threads, any window size) equal tiles read alone."""
+    from geovae.segment.predict import buffering
     from geovae.segment.reader import Reader as _Reader
     from geovae.segment.reader import read_groups as _read_groups
     from geovae.tiling import TileGrid
@@ -777,8 +778,12 @@ def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
     ref_x = torch.from_numpy(np.stack(ref))
     whole, small = 2**24, 6 * 4 * 64 * 112  # one window for the scene; windows of two tiles side by side
     assert len(_read_groups([tiles], 6, whole)) == 1 and max(len(g) for g in _read_groups([tiles], 6, small)) == 2
-    for workers, budget in ((1, whole), (3, whole), (3, small)):
-        with _Reader(s, _read_groups([tiles], 6, budget), 5, mean, pin=False, workers=workers) as reader:
+    # A CPU run's queue holds one batch (buffering): the reader still hands out every tile.
+    cpu_prefetch = buffering(torch.device("cpu")).prefetch
+    assert cpu_prefetch < buffering(torch.device("cuda")).prefetch
+    for workers, budget, prefetch in ((1, whole, 3), (3, whole, cpu_prefetch), (3, small, cpu_prefetch)):
+        reader_ = _Reader(s, _read_groups([tiles], 6, budget), 5, mean, pin=False, prefetch=prefetch, workers=workers)
+        with reader_ as reader:
             batches = list(reader)
         entries = [e for b in batches for e in b.entries]
         assert [t for t, _ in entries] == tiles

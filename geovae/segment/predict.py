@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,10 +23,10 @@ from geovae.blend import Blender
 from geovae.blocks import Block
 from geovae.model.base import SegmentationModel
 from geovae.segment.progress import Progress
-from geovae.segment.reader import Batch, Reader, read_groups
+from geovae.segment.reader import READ_WINDOW_BYTES, Batch, Reader, read_groups
 from geovae.segment.spec import RunSpec
 
-__all__ = ["SAMPLE_SEED", "PredictedBlocks", "blender"]
+__all__ = ["SAMPLE_SEED", "Buffering", "PredictedBlocks", "blender", "buffering"]
 
 log = logging.getLogger("geovae.segment")
 
@@ -104,6 +104,38 @@ def _blend(f: _InFlight, blender: Blender) -> Iterator[Block]:
         n += 1
 
 
+class Buffering(NamedTuple):
+    """How much a run keeps in flight around its model (:func:`buffering`).
+
+    Attributes:
+        prefetch: batches the reader keeps ready.
+        window_bytes: most bytes of one read window (:func:`~geovae.segment.reader.read_groups`).
+        polygon_blocks: output blocks that may wait for the polygon worker.
+    """
+
+    prefetch: int
+    window_bytes: int
+    polygon_blocks: int
+
+
+def buffering(device: torch.device) -> Buffering:
+    """What a run on ``device`` keeps in flight before and after its model.
+
+    On a CPU the model is the slow stage by far (reading is about 5 % of a run, on a thread of
+    its own, and the polygon worker keeps up), so anything queued before or after it only
+    holds memory; on a long run those queues are full all the time, so what they hold is
+    memory a small scene never needs. With one batch ready, 8 MiB read windows (a 768-pixel
+    tile of 3 bands is then read alone: its overlap with the next tile is decoded twice),
+    one block waiting for the polygon worker and GDAL's cache at 16 MiB, a 2041 x 14880 mosaic
+    of the Parana scene peaks about 55 MiB lower (1304-1314 against 1341-1396 MiB, 6 runs
+    each), the scene itself the same (docs/benchmarks.md, issue 29). On a GPU the reader and
+    the polygon worker must keep up with a fast model, so they keep more ahead.
+    """
+    if device.type == "cuda":
+        return Buffering(prefetch=3, window_bytes=READ_WINDOW_BYTES, polygon_blocks=2)
+    return Buffering(prefetch=1, window_bytes=8 * 2**20, polygon_blocks=1)
+
+
 class PredictedBlocks:
     """The block source of a scene: its tiles read, run through the model and blended into
     blocks (:class:`~geovae.blend.Blender`), yielded in write order as they complete."""
@@ -125,13 +157,14 @@ class PredictedBlocks:
         pin = model.device.type == "cuda"
         mean = np.asarray(model.info.mean, dtype=np.float32)
         total = blender.blocks.tiles_total
-        groups = read_groups(list(blender.blocks.block_tiles()), spec.scene.count)
+        buf = buffering(model.device)
+        groups = read_groups(list(blender.blocks.block_tiles()), spec.scene.count, buf.window_bytes)
         # Latent samples come from a fixed seed, so the same command gives the same outputs; the
         # caller's own random state is left as it was.
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=devices),
-            Reader(spec.scene, groups, spec.batch_size, mean, pin) as reader,
+            Reader(spec.scene, groups, spec.batch_size, mean, pin, prefetch=buf.prefetch) as reader,
             Progress(total, opts.progress, f"segment {spec.stem}") as bar,
         ):
             torch.manual_seed(SAMPLE_SEED)

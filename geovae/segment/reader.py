@@ -36,7 +36,8 @@ class Batch:
     valid: list[np.ndarray]  # one (T, T) mask per run tile
 
 
-#: Most bytes of one read window (float32, every band): a window holds several tiles.
+#: Most bytes of one read window (float32, every band): a window holds several tiles. A CPU
+#: run reads smaller windows (:func:`geovae.segment.predict.buffering`).
 READ_WINDOW_BYTES = 16 * 2**20
 
 

@@ -39,7 +39,7 @@ from geovae.products import RASTER_KINDS, class_table, output_name
 from geovae.scene import Scene, capped_gdal_cache
 from geovae.segment.assemble import RowBands, split_entry
 from geovae.segment.options import SegmentOptions
-from geovae.segment.predict import PredictedBlocks, blender
+from geovae.segment.predict import PredictedBlocks, blender, buffering
 from geovae.segment.progress import Progress, set_total
 from geovae.segment.report import build_report
 from geovae.segment.spec import RunSpec, resolve
@@ -55,8 +55,10 @@ __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
 log = logging.getLogger("geovae.segment")
 
 #: Upper bound of GDAL's block cache during a run (bytes). A 512 MiB cache fills while
-#: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480².
-GDAL_CACHE_BYTES = 32 * 2**20
+#: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480². A
+#: small scene never fills even 16 MiB; a long one keeps it full for the whole run, so what
+#: it holds is memory that grows with the scene (docs/benchmarks.md, issue 29).
+GDAL_CACHE_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -188,6 +190,7 @@ def _polygon_sink(spec: RunSpec, oset: OutputSet) -> Any:
         confidence=True,
         uncertainty=spec.samples > 0,
         anomaly_threshold=spec.anomaly_threshold,
+        queue_blocks=buffering(spec.model.device).polygon_blocks,
     )
 
 
