@@ -782,8 +782,8 @@ def test_reader_windows_give_the_tiles_read_one_by_one(nc_stack: Path) -> None:
     cpu_prefetch = buffering(torch.device("cpu")).prefetch
     assert cpu_prefetch < buffering(torch.device("cuda")).prefetch
     for workers, budget, prefetch in ((1, whole, 3), (3, whole, cpu_prefetch), (3, small, cpu_prefetch)):
-        reader_ = _Reader(s, _read_groups([tiles], 6, budget), 5, mean, pin=False, prefetch=prefetch, workers=workers)
-        with reader_ as reader:
+        groups = _read_groups([tiles], 6, budget)
+        with _Reader(s, groups, 5, mean, pin=False, prefetch=prefetch, workers=workers) as reader:
             batches = list(reader)
         entries = [e for b in batches for e in b.entries]
         assert [t for t, _ in entries] == tiles

@@ -55,9 +55,9 @@ __all__ = ["SegmentResult", "assemble_rows", "segment_rows", "segment_scene"]
 log = logging.getLogger("geovae.segment")
 
 #: Upper bound of GDAL's block cache during a run (bytes). A 512 MiB cache fills while
-#: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480². A
-#: small scene never fills even 16 MiB; a long one keeps it full for the whole run, so what
-#: it holds is memory that grows with the scene (docs/benchmarks.md, issue 29).
+#: overviews are built: +111 MiB from 2048² to 8192² and most of the growth to 20480². At 16
+#: MiB instead of 32, with the smaller queues of a CPU run (:func:`~geovae.segment.predict.buffering`),
+#: a long scene peaks lower and the 3.8 MP Parana scene the same (docs/benchmarks.md, issue 29).
 GDAL_CACHE_BYTES = 16 * 2**20
 
 
